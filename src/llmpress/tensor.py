@@ -1,0 +1,158 @@
+"""CompressedTensor, the Codec protocol and the codec registry.
+
+Every method in llmpress turns one weight tensor into a :class:`CompressedTensor`:
+named tensors (``data``) plus a small ``meta`` dict, with one honest number, the bits it
+stores (:meth:`CompressedTensor.nbits`). Methods are codecs registered by name; recipes
+and the CLI look them up with :func:`get_codec`, never through if-chains.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
+
+import torch
+from torch import Tensor
+
+META_VERSION = 1
+
+
+@dataclass
+class CompressedTensor:
+    """One compressed weight: stored tensors plus metadata.
+
+    ``data`` holds everything that must be stored to decode (packed integer codes,
+    scales, zero points, factors, coded byte planes). ``meta`` holds small scalars and
+    lists (codec name, original shape and dtype, bits, group size, version).
+    """
+
+    codec: str
+    data: dict[str, Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def nbits(self) -> int:
+        """Bits stored: every element of every tensor in ``data`` plus the JSON meta."""
+        tensor_bits = sum(t.numel() * t.element_size() * 8 for t in self.data.values())
+        return tensor_bits + 8 * len(self.meta_json().encode())
+
+    def numel(self) -> int:
+        """Number of weights this tensor stands for (from the original shape)."""
+        n = 1
+        for d in self.meta["shape"]:
+            n *= int(d)
+        return n
+
+    def bpw(self) -> float:
+        """Bits per weight, everything stored counted."""
+        return self.nbits() / max(1, self.numel())
+
+    def meta_json(self) -> str:
+        return json.dumps({"codec": self.codec, **self.meta}, sort_keys=True, separators=(",", ":"))
+
+    def to_state(self, prefix: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """Flatten to safetensors entries ``{prefix}.{key}`` and one metadata string."""
+        tensors = {f"{prefix}.{k}": v.contiguous() for k, v in self.data.items()}
+        return tensors, {prefix: self.meta_json()}
+
+    @classmethod
+    def from_state(cls, prefix: str, tensors: dict[str, Tensor], meta_json: str) -> "CompressedTensor":
+        meta = json.loads(meta_json)
+        codec = meta.pop("codec")
+        start = prefix + "."
+        data = {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
+        return cls(codec=codec, data=data, meta=meta)
+
+
+@dataclass
+class Stats:
+    """Calibration statistics of one linear layer's input, accumulated over tokens.
+
+    ``gram`` is H = sum_t x_t x_tᵀ (in, in), float64; ``abs_mean`` is mean_t |x_t| (in,);
+    ``sq_mean`` is mean_t x_t² (in,); ``n`` counts tokens.
+    """
+
+    gram: Tensor | None = None
+    abs_mean: Tensor | None = None
+    sq_mean: Tensor | None = None
+    n: int = 0
+
+    def add(self, x: Tensor, gram: bool = True) -> None:
+        """Accumulate a batch of inputs ``x`` of shape (..., in)."""
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (T, in)
+        t = x.shape[0]
+        if t == 0:
+            return
+        if gram:
+            g = x.T @ x  # (in, in)
+            self.gram = g if self.gram is None else self.gram + g
+        a = x.abs().sum(0)
+        s = (x * x).sum(0)
+        if self.abs_mean is None:
+            self.abs_mean, self.sq_mean = a / t, s / t
+        else:
+            tot = self.n + t
+            self.abs_mean = (self.abs_mean * self.n + a) / tot
+            self.sq_mean = (self.sq_mean * self.n + s) / tot
+        self.n += t
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """A method that encodes one weight tensor and decodes it back."""
+
+    name: str
+    needs_stats: bool
+    lossless: bool
+
+    def encode(self, w: Tensor, stats: Stats | None = None, **params: Any) -> CompressedTensor: ...
+
+    def decode(self, ct: CompressedTensor) -> Tensor: ...
+
+
+_REGISTRY: dict[str, Codec] = {}
+C = TypeVar("C")
+
+
+def register(name: str) -> Callable[[type[C]], type[C]]:
+    """Class decorator: instantiate the codec and register it under ``name``."""
+
+    def deco(cls: type[C]) -> type[C]:
+        if name in _REGISTRY:
+            raise ValueError(f"codec {name!r} registered twice")
+        inst = cls()
+        inst.name = name  # type: ignore[attr-defined]
+        _REGISTRY[name] = inst  # type: ignore[assignment]
+        return cls
+
+    return deco
+
+
+def _load_builtin_codecs() -> None:
+    # Importing the method packages registers their codecs.
+    import importlib
+
+    for mod in ("llmpress.quant", "llmpress.lowrank"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a package not written yet
+            if e.name != mod:
+                raise
+
+
+def get_codec(name: str) -> Codec:
+    """Look a codec up by name; a clear error lists the known ones."""
+    if name not in _REGISTRY:
+        _load_builtin_codecs()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(_REGISTRY)) or '(none)'}") from None
+
+
+def codec_names() -> list[str]:
+    _load_builtin_codecs()
+    return sorted(_REGISTRY)
+
+
+def decode(ct: CompressedTensor) -> Tensor:
+    return get_codec(ct.codec).decode(ct)
