@@ -1,0 +1,202 @@
+"""The lossy output folder: what quantize, factorize and compress write, and its loader.
+
+Layout (a folder a Hugging Face user recognises)::
+
+    config.json                  the source config + quantization_config {"quant_method": "llmpress", ...}
+    tokenizer*, generation_config.json, ...   copied verbatim from the source
+    model.safetensors            (or model-0000i-of-0000n.safetensors + index) holding, for each
+                                 compressed parameter P, its CompressedTensor's tensors as "P.<key>",
+                                 and every other tensor as it was
+    llmpress.json                recipe, codec + meta per compressed tensor, bpw, bytes, sha256 of shards
+
+No pickle anywhere; shards are verified against their sha256 on load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..loading import register_loader
+from ..tensor import CompressedTensor, get_codec
+from .checksum import sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "llmpress.json"
+FORMAT = "llmpress-folder"
+FORMAT_VERSION = 1
+_SKIP = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".llmp")
+
+
+class FolderWriter:
+    """Writes tensors into safetensors shards as they come, so memory stays near one shard."""
+
+    def __init__(self, root: Path, shard_bytes: int = 2 << 30):
+        self.root = root
+        self.shard_bytes = shard_bytes
+        self._buf: dict[str, torch.Tensor] = {}
+        self._buf_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []
+        self.compressed: dict[str, dict[str, Any]] = {}
+
+    def add_compressed(self, param: str, ct: CompressedTensor) -> None:
+        tensors, _ = ct.to_state(param)
+        for k, t in tensors.items():
+            self._add(k, t)
+        self.compressed[param] = {"codec": ct.codec, "meta": ct.meta, "keys": sorted(ct.data)}
+
+    def add_tensor(self, name: str, t: torch.Tensor) -> None:
+        self._add(name, t)
+
+    def _add(self, name: str, t: torch.Tensor) -> None:
+        self._buf[name] = t.detach().contiguous().cpu()
+        self._buf_bytes += t.numel() * t.element_size()
+        if self._buf_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        name = f"shard-{len(self._shards):05d}.safetensors"
+        save_file(self._buf, str(self.root / name), metadata={"format": "pt"})
+        self._shards.append((name, list(self._buf)))
+        self._buf, self._buf_bytes = {}, 0
+
+    def finish(self, source_folder: Path | None, config: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Name the shards, write the index, config and manifest; copy tokenizer files."""
+        self._flush()
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        files: list[str] = []
+        for i, (tmp_name, keys) in enumerate(self._shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.root / tmp_name, self.root / final)
+            files.append(final)
+            weight_map.update({k: final for k in keys})
+        if n > 1:
+            (self.root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        if source_folder is not None:
+            for p in sorted(source_folder.rglob("*")):
+                rel = p.relative_to(source_folder)
+                if p.is_file() and not p.name.endswith(_SKIP) and rel.as_posix() not in ("config.json", MANIFEST) and not rel.parts[0].startswith("."):
+                    dst = self.root / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(p, dst)
+        if config is not None:
+            cfg = dict(config)
+            cfg["quantization_config"] = {
+                "quant_method": "llmpress",
+                "format_version": FORMAT_VERSION,
+                "recipe": manifest.get("recipe"),
+                "bpw": manifest.get("bpw"),
+            }
+            (self.root / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            **manifest,
+            "tensors": self.compressed,
+            "files": {f: sha256_file(self.root / f) for f in files},
+            "bytes_out": sum((self.root / f).stat().st_size for f in files),
+        }
+        (self.root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        return manifest
+
+
+def is_folder(p: Path) -> bool:
+    if not (p.is_dir() and (p / MANIFEST).exists()):
+        return False
+    try:
+        return json.loads((p / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def read_manifest(p: Path) -> dict[str, Any]:
+    try:
+        m = json.loads((Path(p) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: unreadable {MANIFEST} ({e})") from None
+    if m.get("format") != FORMAT or m.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{p}: not an llmpress folder of a version this llmpress reads")
+    return m
+
+
+class _Shards:
+    """Lazy tensor access across a folder's verified shards."""
+
+    def __init__(self, root: Path, files: dict[str, str], verify: bool):
+        self.handles = {}
+        self.where: dict[str, str] = {}
+        for f, digest in files.items():
+            path = root / f
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: missing shard")
+            if verify and sha256_file(path) != digest:
+                raise ValueError(f"{path}: checksum mismatch (the file is corrupted or was changed)")
+            h = safe_open(str(path), framework="pt")
+            self.handles[f] = h
+            for k in h.keys():
+                self.where[k] = f
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self.handles[self.where[key]].get_tensor(key)
+        except KeyError:
+            raise KeyError(f"tensor {key!r} is not in the folder's shards") from None
+
+
+def dense_linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out_f, in_f = w.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+def compressed_module(ct: CompressedTensor, bias: torch.Tensor | None) -> nn.Module:
+    """The inference module of one compressed linear: the codec's own (stays compressed in
+    memory) or, for codecs without one, a dense Linear of the decoded weight."""
+    codec = get_codec(ct.codec)
+    make = getattr(codec, "module", None)
+    return make(ct, bias) if make is not None else dense_linear(codec.decode(ct), bias)
+
+
+@register_loader("llmpress-folder", is_folder)
+def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild the transformers model of an llmpress folder, compressed linears replaced by
+    their inference modules."""
+    from ..skeleton import build_meta, folder_config, set_module, tie
+
+    root = Path(path)
+    man = read_manifest(root)
+    shards = _Shards(root, man["files"], verify)
+    model = build_meta(folder_config(root))
+    for param, entry in man["tensors"].items():
+        mod_name = param.rsplit(".", 1)[0]
+        data = {k: shards.get(f"{param}.{k}") for k in entry["keys"]}
+        ct = CompressedTensor(codec=entry["codec"], data=data, meta=entry["meta"])
+        bias_key = f"{mod_name}.bias"
+        bias = shards.get(bias_key).to(dtype) if bias_key in shards.where else None
+        set_module(model, mod_name, compressed_module(ct, bias))
+    sd = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        if t.is_meta and k in shards.where:
+            v = shards.get(k)
+            sd[k] = v.to(dtype) if v.is_floating_point() else v
+    model.load_state_dict(sd, assign=True, strict=False)
+    tie(model)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{root}: tensors missing from the folder: {', '.join(left[:5])}")
+    return model.eval()

@@ -1,0 +1,367 @@
+"""The sequential runner: compress a model block by block with bounded memory.
+
+Without calibration (every rule's codec is calibration-free) tensors are streamed straight
+from the safetensors shards through their codecs. With calibration the runner follows the
+layer-wise scheme of GPTQ's ``llama.py``:
+
+1. capture the inputs of block 0 for the calibration samples (only the embeddings are loaded);
+2. for each block i: load its tensors, hook its linears to accumulate input Stats, run it,
+   encode every linear by its rule, put the decoded weights back, run it again to produce the
+   inputs of block i+1 (so later blocks see the errors of earlier ones), write, release.
+
+Peak memory: one block, plus the calibration activations (samples × seq_len × hidden).
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import skeleton as sk
+from .io.atomic import atomic_dir
+from .io.folder import FolderWriter
+from .models import Source, TensorStore, config as source_config, load_tokenizer, resolve
+from .recipe import KEEP, Recipe
+from .tensor import CompressedTensor, Stats, get_codec
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by the hook on block 0 once its inputs are captured."""
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def calib_ids(tokenizer, text: str, samples: int, seq_len: int) -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens spread evenly over the text: (samples, seq_len)."""
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"need samples ≥ 1 and seq_len ≥ 2 (got {samples}, {seq_len})")
+    need = samples * seq_len
+    ids: list[int] = []
+    chars = need * 6
+    while True:  # tokenize only as much text as the windows need
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= need or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < need:
+        raise ValueError(
+            f"calibration text too short: {len(ids)} tokens for {samples} samples × {seq_len} tokens; "
+            "give a longer text or fewer --samples"
+        )
+    stride = (len(ids) - seq_len) // max(1, samples - 1) if samples > 1 else 0
+    stride = max(stride, seq_len)
+    rows = [ids[i * stride : i * stride + seq_len] for i in range(samples)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _calib_text(calib: str | None) -> str:
+    from .text import CALIB_DEFAULT, load_text
+
+    return load_text(calib or CALIB_DEFAULT)
+
+
+@dataclass
+class _Plan:
+    """Which linear gets which codec, decided before any work starts."""
+
+    rules: dict[str, tuple[str, dict[str, Any]]]  # linear module name -> (codec, params)
+
+    @property
+    def needs_stats(self) -> bool:
+        return any(get_codec(c).needs_stats for c, _ in self.rules.values())
+
+
+def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
+    names = sk.linear_names(model)
+    recipe.validate(names)
+    rules = {}
+    for n in names:
+        r = recipe.rule_for(n)
+        if r is not None and r.method != KEEP:
+            rules[n] = (r.method, r.params)
+    skipped = [
+        n for n, m in model.named_modules()
+        if not sk.is_linear(m) and next(m.children(), None) is None
+        and any(p.ndim == 2 for p in m.parameters(recurse=False))
+        and (r := recipe.rule_for(n)) is not None and r.method != KEEP
+    ]
+    if skipped:
+        log.warning("not linear, left as they are: %s", ", ".join(skipped[:8]) + (" …" if len(skipped) > 8 else ""))
+    return _Plan(rules)
+
+
+def _encode(name: str, w: torch.Tensor, codec_name: str, params: dict[str, Any], stats: Stats | None) -> CompressedTensor:
+    """Encode one (out, in) float32 weight; refuse NaN/Inf naming the tensor."""
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name}.weight has NaN or Inf values; refusing to compress it")
+    codec = get_codec(codec_name)
+    ct = codec.encode(w, stats, **params)
+    ct.meta.setdefault("shape", list(w.shape))
+    return ct
+
+
+def _layer_report(w: torch.Tensor, w_hat: torch.Tensor, ct: CompressedTensor, stats: Stats | None, secs: float) -> dict[str, Any]:
+    d = (w - w_hat).double()
+    rep = {
+        "codec": ct.codec,
+        "bpw": ct.bpw(),
+        "numel": ct.numel(),
+        "bits": ct.nbits(),
+        "rel_err": float(d.norm() / w.double().norm().clamp_min(1e-30)),
+        "seconds": secs,
+    }
+    if stats is not None and stats.gram is not None:
+        # relative output error ‖(W−Ŵ)X‖² / ‖WX‖² = tr(D H Dᵀ) / tr(W H Wᵀ)
+        h = stats.gram
+        rep["rel_out_err"] = float(((d @ h) * d).sum() / ((w.double() @ h) * w.double()).sum().clamp_min(1e-30))
+    return rep
+
+
+def compress(
+    model: str | Path,
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    calib: str | None = None,
+    samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    force: bool = False,
+    progress: bool = True,
+    extra_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``)."""
+    t0 = time.perf_counter()
+    src = resolve(model)
+    store = TensorStore(src)
+    cfg = sk.folder_config(src.folder)
+    skel = sk.build_meta(cfg)
+    plan = _plan(skel, recipe)
+    torch.manual_seed(0)
+    with atomic_dir(out, force=force) as tmp:
+        writer = FolderWriter(tmp)
+        if plan.needs_stats:
+            text = _calib_text(calib)
+            ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), text, samples, seq_len)
+            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress)
+        else:
+            layers = _run_streaming(skel, store, plan, writer, progress)
+        bytes_in = sum(f.stat().st_size for f in store.files)
+        lin_bits = sum(r["bits"] for r in layers.values())
+        lin_n = sum(r["numel"] for r in layers.values())
+        summary = {
+            "source": str(src.name),
+            "recipe": recipe.to_dict(),
+            "calibration": {"text": calib, "samples": samples, "seq_len": seq_len} if plan.needs_stats else None,
+            "bpw": lin_bits / max(1, lin_n),
+            "linear_params": lin_n,
+            "bytes_in": bytes_in,
+            "layers": layers,
+            "versions": _versions(),
+            **(extra_meta or {}),
+        }
+        manifest = writer.finish(src.folder, source_config(src), summary)
+    summary.update(
+        bytes_out=manifest["bytes_out"],
+        ratio=manifest["bytes_out"] / max(1, bytes_in),
+        seconds=time.perf_counter() - t0,
+        peak_rss_bytes=peak_rss_bytes(),
+        out=str(out),
+    )
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"llmpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _linear_bits(m: nn.Module) -> int:
+    return m.weight.numel() * m.weight.element_size() * 8
+
+
+def _run_streaming(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, progress: bool) -> dict[str, Any]:
+    """No calibration: each tensor goes from the shards through its codec to the output."""
+    layers: dict[str, Any] = {}
+    linears = {n: m for n, m in skel.named_modules() if sk.is_linear(m)}
+    for key in tqdm(store.keys(), desc="compress", disable=not progress, unit="tensor"):
+        mod_name, _, leaf = key.rpartition(".")
+        t = store.get(key)
+        if leaf == "weight" and mod_name in plan.rules:
+            codec_name, params = plan.rules[mod_name]
+            tt = time.perf_counter()
+            w = t.float().T if type(linears[mod_name]).__name__ == "Conv1D" else t.float()
+            ct = _encode(mod_name, w, codec_name, params, None)
+            w_hat = get_codec(codec_name).decode(ct)
+            layers[mod_name] = _layer_report(w, w_hat, ct, None, time.perf_counter() - tt)
+            writer.add_compressed(key, ct)
+        else:
+            if leaf == "weight" and mod_name in linears:
+                layers[mod_name] = {"codec": KEEP, "bits": t.numel() * t.element_size() * 8, "numel": t.numel(), "bpw": t.element_size() * 8.0}
+            writer.add_tensor(key, t)
+    return layers
+
+
+def _block_out(block: nn.Module, h: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(h, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, bs: int) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Run the model up to block 0 for each batch; return its hidden inputs and kwargs."""
+    hs: list[torch.Tensor] = []
+    kws: list[dict[str, Any]] = []
+
+    def grab(_mod, args, kwargs):
+        hs.append(args[0] if args else kwargs.pop("hidden_states"))
+        kws.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for i in range(0, ids.shape[0], bs):
+                try:
+                    extra = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
+                    model(input_ids=ids[i : i + bs], **extra)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return hs, kws
+
+
+def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int, progress: bool) -> dict[str, Any]:
+    blocks_name, blocks = sk.blocks_of(skel)
+    prefix = blocks_name + "."
+    # Everything outside the blocks (embeddings, final norm, head): loaded once, written as the rules say.
+    outside = {k for k in skel.state_dict() if not k.startswith(prefix)}
+    sd = {k: store.get(k) for k in outside if k in store.where}
+    skel.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True, strict=False)
+    sk.tie(skel)
+    hs, kws = _capture_inputs(skel, blocks, ids, bs)
+    layers: dict[str, Any] = {}
+    outside_linears = {n: m for n, m in skel.named_modules() if sk.is_linear(m) and not n.startswith(prefix)}
+    for i in tqdm(range(len(blocks)), desc="compress", disable=not progress, unit="block"):
+        bp = f"{prefix}{i}."
+        block = blocks[i]
+        sk.fill(block, bp, store.get, dtype=torch.float32)
+        lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m)}
+        stats = _collect(block, lin, plan, hs, kws)
+        for name, m in lin.items():
+            if name not in plan.rules:
+                layers[name] = {"codec": KEEP, "bits": _linear_bits(m), "numel": m.weight.numel(), "bpw": m.weight.element_size() * 8.0}
+                continue
+            codec_name, params = plan.rules[name]
+            tt = time.perf_counter()
+            w = sk.linear_weight(m)
+            ct = _encode(name, w, codec_name, params, stats.get(name))
+            w_hat = get_codec(codec_name).decode(ct)
+            layers[name] = _layer_report(w, w_hat, ct, stats.get(name), time.perf_counter() - tt)
+            sk.set_linear_weight(m, w_hat)
+            writer.add_compressed(f"{name}.weight", ct)
+        stats.clear()
+        with torch.inference_mode():
+            hs = [_block_out(block, h, kw) for h, kw in zip(hs, kws)]
+        for k in block.state_dict():
+            key = f"{bp}{k}"
+            mod_name = key.rsplit(".", 1)[0]
+            if not (mod_name in plan.rules and key.endswith(".weight")):
+                writer.add_tensor(key, store.get(key))
+        sk.release(block)
+    for key in sorted(outside):
+        if key not in store.where:
+            continue  # tied to another tensor
+        mod_name = key.rsplit(".", 1)[0]
+        t = store.get(key)
+        if key.endswith(".weight") and mod_name in plan.rules:
+            codec_name, params = plan.rules[mod_name]
+            w = t.float().T if type(outside_linears[mod_name]).__name__ == "Conv1D" else t.float()
+            tt = time.perf_counter()
+            ct = _encode(mod_name, w, codec_name, params, None)
+            layers[mod_name] = _layer_report(w, get_codec(codec_name).decode(ct), ct, None, time.perf_counter() - tt)
+            writer.add_compressed(key, ct)
+        else:
+            writer.add_tensor(key, t)
+    return layers
+
+
+def _collect(block: nn.Module, lin: dict[str, nn.Module], plan: _Plan, hs: list[torch.Tensor], kws: list[dict[str, Any]]) -> dict[str, Stats]:
+    """Run the block on every batch, accumulating each hooked linear's input Stats."""
+    stats: dict[str, Stats] = {}
+    handles = []
+    for name, m in lin.items():
+        if name in plan.rules and get_codec(plan.rules[name][0]).needs_stats:
+            codec = get_codec(plan.rules[name][0])
+            st = stats.setdefault(name, Stats())
+            want_gram = bool(getattr(codec, "gram", True))
+            handles.append(m.register_forward_pre_hook(lambda _m, a, st=st, g=want_gram: st.add(a[0], gram=g)))
+    if handles:
+        try:
+            with torch.inference_mode():
+                for h, kw in zip(hs, kws):
+                    _block_out(block, h, kw)
+        finally:
+            for hd in handles:
+                hd.remove()
+    return stats
+
+
+def collect_stats(
+    model: str | Path,
+    *,
+    calib: str | None = None,
+    samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    match: str = ".*",
+    gram: bool = True,
+    progress: bool = True,
+) -> dict[str, Stats]:
+    """Input Stats of every matching linear of the ORIGINAL model (block by block, no change
+    to the weights): for sensitivity measurements and allocation."""
+    import re
+
+    src = resolve(model)
+    store = TensorStore(src)
+    skel = sk.build_meta(sk.folder_config(src.folder))
+    rx = re.compile(match)
+    ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(calib), samples, seq_len)
+    blocks_name, blocks = sk.blocks_of(skel)
+    prefix = blocks_name + "."
+    outside = {k for k in skel.state_dict() if not k.startswith(prefix)}
+    skel.load_state_dict({k: store.get(k) for k in outside if k in store.where}, assign=True, strict=False)
+    sk.tie(skel)
+    hs, kws = _capture_inputs(skel, blocks, ids, batch_size)
+    out: dict[str, Stats] = {}
+    for i in tqdm(range(len(blocks)), desc="stats", disable=not progress, unit="block"):
+        bp = f"{prefix}{i}."
+        block = blocks[i]
+        sk.fill(block, bp, store.get, dtype=torch.float32)
+        handles = []
+        for n, m in block.named_modules():
+            name = f"{bp}{n}"
+            if sk.is_linear(m) and rx.search(name):
+                st = out.setdefault(name, Stats())
+                handles.append(m.register_forward_pre_hook(lambda _m, a, st=st: st.add(a[0], gram=gram)))
+        with torch.inference_mode():
+            new_hs = [_block_out(block, h, kw) for h, kw in zip(hs, kws)]
+        for hd in handles:
+            hd.remove()
+        hs = new_hs
+        sk.release(block)
+    return out

@@ -1,0 +1,126 @@
+"""A model's skeleton on the meta device, filled module by module from safetensors.
+
+Building a transformers model on ``meta`` costs no memory; each module's tensors are then
+assigned from the checkpoint only when that module is needed, and dropped back to ``meta``
+afterwards. This is what lets the sequential runner and the loaders keep peak memory near
+one block instead of the whole model.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _is_causal_config(cfg) -> bool:
+    archs = getattr(cfg, "architectures", None) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def build_meta(config) -> nn.Module:
+    """Instantiate the model class of ``config`` on the meta device, with its non-persistent
+    buffers (rotary frequencies, position ids) computed for real on the CPU."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if _is_causal_config(config) else AutoModel
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    _materialize_nonpersistent(model, config)
+    model.eval()
+    return model
+
+
+def _materialize_nonpersistent(model: nn.Module, config) -> None:
+    """Modules whose buffers are not in the checkpoint (e.g. rotary ``inv_freq``) are rebuilt
+    on the CPU from the config; their parameters, if any, stay to be loaded."""
+    for name, mod in list(model.named_modules()):
+        metas = [b for b, t in mod.named_buffers(recurse=False) if t.is_meta and b in mod._non_persistent_buffers_set]
+        if not metas:
+            continue
+        fresh = None
+        for make in (lambda: type(mod)(config=config), lambda: type(mod)(config)):
+            try:
+                with torch.device("cpu"):
+                    fresh = make()
+                break
+            except TypeError:
+                continue
+        if fresh is None:
+            raise RuntimeError(f"cannot rebuild the buffers {metas} of {name} ({type(mod).__name__}) from the config")
+        for b in metas:
+            setattr(mod, b, getattr(fresh, b))
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(get_module(model, parent), child, new)
+
+
+def fill(module: nn.Module, prefix: str, get: Callable[[str], torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """Assign every parameter and persistent buffer of ``module`` from ``get(prefix + name)``."""
+    sd = {}
+    for k in module.state_dict().keys():
+        t = get(f"{prefix}{k}")
+        sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    module.load_state_dict(sd, assign=True, strict=True)
+
+
+def release(module: nn.Module) -> None:
+    """Drop a module's tensors back to the meta device (frees their memory)."""
+    module.to("meta")
+
+
+def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the ModuleList with ``num_hidden_layers`` entries."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            return name, mod
+    raise ValueError(f"{type(model).__name__}: no list of {n} transformer blocks found")
+
+
+def linear_names(module: nn.Module, prefix: str = "") -> list[str]:
+    """Names of the linear layers (nn.Linear and GPT-2's Conv1D) below ``module``."""
+    return [f"{prefix}{n}" for n, m in module.named_modules() if is_linear(m)]
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def linear_weight(m: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as (out, in) float32 (Conv1D stores (in, out))."""
+    w = m.weight.detach()
+    return (w.T if type(m).__name__ == "Conv1D" else w).float()
+
+
+def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
+    """Set an (out, in) weight back into a linear layer, in its own layout and dtype."""
+    w = w.T if type(m).__name__ == "Conv1D" else w
+    m.weight = nn.Parameter(w.to(m.weight.dtype).contiguous(), requires_grad=False)
+
+
+def tie(model: nn.Module) -> None:
+    """Re-tie output and input embeddings when the config asks for it."""
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and inp is not None:
+            out.weight = inp.weight
+
+
+def folder_config(folder: Path):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(folder))
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # ours, not a transformers quantizer
+    return cfg
