@@ -1,0 +1,126 @@
+"""Truncated SVD, exact and randomized, and the plain low-rank codecs ``svd`` and ``rsvd``.
+
+Eckart–Young: for A (m, n) with singular values σ₁ ≥ σ₂ ≥ …, the best rank-k approximation in
+Frobenius norm is A_k = U_k Σ_k V_kᵀ and ‖A − A_k‖²_F = Σ_{i>k} σ_i². This is the seed's method
+(A = UΣVᵀ, keep rank k). It minimises the error on the *weights*; LLM weight matrices are not
+low-rank, so at a rank that saves memory it loses most of the model (see ``whiten.py`` for the
+error that matters, ‖(W − W')X‖).
+
+Randomized SVD (Halko, Martinsson & Tropp 2011, via ``torch.svd_lowrank``): project onto
+k + p random directions (p = oversampling), sharpen the subspace with q power iterations
+(A Aᵀ)^q A Ω, then an exact SVD of the small projected matrix.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from llmpress.tensor import register
+
+from .allocate import rank_for_energy, rank_for_ratio
+from .base import LowRankCodec
+
+log = logging.getLogger(__name__)
+
+Factors = tuple[Tensor, Tensor, Tensor]  # U (m, q), s (q,), Vh (q, n)
+
+
+def _exact(a: Tensor, q: int, oversample: int, niter: int) -> Factors:
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u[:, :q], s[:q], vh[:q]
+
+
+def _randomized(a: Tensor, q: int, oversample: int, niter: int) -> Factors:
+    m, n = a.shape
+    p = min(q + oversample, m, n)
+    u, s, v = torch.svd_lowrank(a, q=p, niter=niter)  # u (m, p), s (p,), v (n, p)
+    return u[:, :q], s[:q], v[:, :q].T
+
+
+# solver name -> f(A, q, oversample, niter) -> the q leading singular triplets
+SOLVERS: dict[str, Callable[[Tensor, int, int, int], Factors]] = {"exact": _exact, "randomized": _randomized}
+
+
+@dataclass
+class Truncation:
+    """The result of a truncated SVD: A ≈ u diag(s) vh, and how much of ‖A‖²_F it keeps."""
+
+    u: Tensor  # (m, k)
+    s: Tensor  # (k,)
+    vh: Tensor  # (k, n)
+    energy_total: float  # ‖A‖²_F
+    energy_kept: float  # Σ_{i≤k} σ_i²
+
+    @property
+    def rank(self) -> int:
+        return int(self.s.numel())
+
+    @property
+    def tail(self) -> float:
+        """Σ_{i>k} σ_i² = ‖A − A_k‖²_F (Eckart–Young)."""
+        return max(0.0, self.energy_total - self.energy_kept)
+
+
+def truncated_svd(
+    a: Tensor,
+    *,
+    rank: int | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    solver: str = "exact",
+    oversample: int = 10,
+    niter: int = 2,
+) -> Truncation:
+    """Rank-k SVD of ``a`` (m, n), k given directly, by a parameter ratio or by an energy fraction.
+
+    ``ratio``: keep ``ratio`` of the m·n parameters, k = ⌊ratio·mn/(m+n)⌋ (see ``allocate``).
+    ``energy``: the smallest k with Σ_{i≤k} σ_i² ≥ energy · Σ σ_i². With the randomized solver
+    the spectrum is not known in full, so the sketch size doubles until it holds enough energy.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown SVD solver {solver!r}; known: {', '.join(SOLVERS)}")
+    m, n = a.shape
+    total = float((a * a).sum())
+    fn = SOLVERS[solver]
+    if energy is None:
+        k = rank if rank is not None else rank_for_ratio(m, n, ratio if ratio is not None else 0.8)
+        if not 1 <= k <= min(m, n):
+            raise ValueError(f"rank {k} is outside 1..min(m, n) = {min(m, n)} for a ({m}, {n}) matrix")
+        u, s, vh = fn(a, k, oversample, niter)
+    else:
+        q = min(m, n) if solver == "exact" else min(32, m, n)
+        while True:
+            u, s, vh = fn(a, q, oversample, niter)
+            got = float((s.double() ** 2).sum())
+            if q >= min(m, n) or got >= energy * total:
+                break
+            q = min(2 * q, min(m, n))
+            log.debug("randomized SVD held %.4f of the energy; sketching %d directions", got / max(total, 1e-300), q)
+        k = rank_for_energy(s, energy, total=total)
+        u, s, vh = u[:, :k], s[:k], vh[:k]
+    return Truncation(u, s, vh, total, float((s.double() ** 2).sum()))
+
+
+@register("svd")
+class SVD(LowRankCodec):
+    """Plain truncated SVD of W (exact, ``torch.linalg.svd``): minimises ‖W − W'‖_F.
+
+    Params: one of ``rank``, ``ratio`` (fraction of the layer's m·n parameters kept, default 0.8),
+    ``energy`` (fraction of Σσ² kept); ``factor_dtype`` (storage dtype of the factors).
+    """
+
+    solver = "exact"
+
+
+@register("rsvd")
+class RSVD(LowRankCodec):
+    """Plain truncated SVD by randomized sketching (``torch.svd_lowrank``).
+
+    Extra params: ``oversample`` (default 10) and ``niter`` power iterations (default 2).
+    """
+
+    solver = "randomized"
