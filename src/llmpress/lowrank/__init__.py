@@ -5,7 +5,8 @@ Importing this package registers the codecs ``svd``, ``rsvd``, ``whiten``, ``asv
 combinations (see ``combo.py``). "ratio" is the fraction of linear-layer parameters *kept*
 (see ``allocate.py``).
 """
-from . import asvd, svd, whiten  # noqa: F401  (register the codecs)
+from . import asvd, svd, whiten  # noqa: E402,F401
+from . import combo  # noqa: F401  (register the codecs)
 from .linear import LowRankLinear
 
 __all__ = ["LowRankLinear"]

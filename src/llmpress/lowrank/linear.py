@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 class LowRankLinear(nn.Module):
@@ -43,8 +44,16 @@ class LowRankLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (..., in) → (..., out)
         if self.factor_dtype is None or x.dtype == self.factor_dtype:
             return self.up(self.down(x))
-        # Factors stored narrower (e.g. float16) than the activations: compute in theirs.
-        return self.up(self.down(x.to(self.factor_dtype))).to(x.dtype)
+        # Factors stored narrower (e.g. float16) than the activations: widen them per call, as
+        # decode does, so the result equals F.linear(x, decode(ct)) up to summation order.
+        b = self.up.bias
+        z = F.linear(x, self.down.weight.to(x.dtype))
+        return F.linear(z, self.up.weight.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective (out, in) weight U V, for callers that probe ``.weight`` (dtype, device)."""
+        return self.up.weight.float() @ self.down.weight.float()
 
     def stored_weights(self) -> int:
         """k(m + n): the weights this layer holds in place of m·n."""
