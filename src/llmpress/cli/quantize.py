@@ -1,0 +1,47 @@
+"""``llmpress quantize MODEL -o OUT``: RTN / GPTQ / AWQ / HQQ into a loadable folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .app import FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+
+
+def _show(res: dict[str, Any]) -> None:
+    rows = {k: res[k] for k in ("bpw", "bytes_in", "bytes_out", "ratio", "seconds", "peak_rss_bytes", "out") if k in res}
+    console.print(kv_table("quantize", rows))
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument("smollm2-135m", help="Model: a folder, .safetensors, .gguf, hub id or embedded name."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
+    method: str = typer.Option("rtn", "--method", "-m", help="rtn | gptq | awq | hqq"),
+    bits: int = typer.Option(4, "--bits", "-b", help="2, 3, 4, 5, 6 or 8."),
+    group_size: int = typer.Option(128, "--group-size", "-g", help=">0 group of input columns; -1 per channel; 0 per tensor."),
+    sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric grid (scale only) or asymmetric (scale + offset)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Other grids: nf | seed | seed_rtn (overrides --sym)."),
+    range_: str = typer.Option("minmax", "--range", help="Range choice: minmax | mse | percentile."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides method/bits/group options)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: corpus name or file (gptq, awq)."),
+    samples: int = typer.Option(128, "--samples", help="Calibration windows."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Quantize the linear layers of MODEL (embeddings and head kept) into OUT."""
+    from ..io.atomic import OutputExistsError
+    from ..quant.api import quantize as run
+
+    opts: dict[str, Any] = {"sym": sym, "range": range_}
+    if grid is not None:
+        opts["grid"] = grid
+    try:
+        res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
+                  samples=samples, seq_len=seq_len, force=force, **opts)
+    except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
+        fail(str(e).strip("'\""))
+    res.pop("layers", None)
+    emit(res, as_json, _show)

@@ -1,0 +1,9 @@
+"""Quantization: affine/NormalFloat/seed grids, bit-packing, RTN, GPTQ, AWQ, HQQ, QuantLinear.
+
+Importing this package registers the codecs ``rtn``, ``gptq``, ``awq`` and ``hqq``.
+"""
+from . import awq, gptq, hqq, rtn  # noqa: F401  (registration)
+from .grids import GridSpec
+from .linear import QuantLinear
+
+__all__ = ["GridSpec", "QuantLinear"]

@@ -1,0 +1,65 @@
+"""``llmpress.quantize``: quantize a model's linear layers into an llmpress folder.
+
+    import llmpress
+    llmpress.quantize("smollm2-135m", "out/q4", method="gptq", bits=4, group_size=128)
+    model = llmpress.load("out/q4")          # linears are QuantLinear; model.generate works
+
+The work is done by the sequential runner (:func:`llmpress.pipeline.compress`): methods that
+need calibration (gptq, awq) get the Stats of each linear's inputs, block by block.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..recipe import KEEP, Recipe
+from ..tensor import get_codec
+from .codec import QuantCodec
+
+log = logging.getLogger(__name__)
+
+
+def build_recipe(method: str = "rtn", bits: int = 4, group_size: int = 128,
+                 recipe: str | Path | Recipe | dict | None = None, **grid_opts: Any) -> Recipe:
+    """The recipe of a quantize call: a YAML file / dict / Recipe as given, or the uniform
+    recipe (embeddings and head kept, ``method`` everywhere else)."""
+    if recipe is None:
+        r = Recipe.uniform(method, bits=bits, group_size=group_size, **grid_opts)
+    elif isinstance(recipe, Recipe):
+        r = recipe
+    elif isinstance(recipe, dict):
+        r = Recipe.from_dict(recipe)
+    else:
+        p = Path(recipe)
+        if not p.is_file():
+            raise FileNotFoundError(f"no recipe file {p}")
+        r = Recipe.from_yaml(p)
+    check_recipe(r)
+    return r
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Validate every rule's method and parameters before any work starts."""
+    for i, rule in enumerate(recipe.rules):
+        if rule.method == KEEP:
+            continue
+        codec = get_codec(rule.method)  # KeyError lists the known methods
+        if isinstance(codec, QuantCodec):
+            try:
+                codec.parse(rule.params)
+            except ValueError as e:
+                raise ValueError(f"recipe rule {i} ({rule.match!r}): {e}") from None
+
+
+def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: int = 4, group_size: int = 128,
+             recipe: str | Path | Recipe | dict | None = None, calib: str | None = None, samples: int = 128,
+             seq_len: int = 512, force: bool = False, progress: bool = True, **grid_opts: Any) -> dict[str, Any]:
+    """Quantize ``model`` into the folder ``out``; returns the runner's summary (``bpw``,
+    ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``peak_rss_bytes``, ``layers``)."""
+    from ..pipeline import compress
+
+    r = build_recipe(method, bits, group_size, recipe, **grid_opts)
+    log.info("quantize %s → %s with %d rule(s)", model, out, len(r.rules))
+    return compress(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, progress=progress,
+                    extra_meta={"command": "quantize"})

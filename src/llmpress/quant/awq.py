@@ -1,0 +1,103 @@
+"""AWQ (Lin et al., 2023): activation-aware weight quantization.
+
+Weights that meet large activations matter more. AWQ scales input channel j of W by
+s_j = (mean_t |x_tj|)^α (normalised so that √(max·min) = 1), quantizes W·diag(s) and
+divides the input by s at run time:  y = Q(W·diag(s)) · (diag(s)⁻¹ x).  The exponent α is
+searched on a grid in [0, 1) to minimise the layer's output error on calibration data; α = 0
+is plain RTN, so the search never does worse than RTN on that data. A clipping search then
+shrinks each group's range to minimise the same output error.
+
+The output error of a weight error ΔW on inputs X is ‖ΔW X‖² = tr(ΔW H ΔWᵀ) with
+H = Σ x xᵀ (Stats.gram), so both searches are exact on the calibration tokens without keeping
+them. The clipping search uses, per group, the diagonal block of H (AWQ's auto-clip ignores
+cross-group terms too).
+
+Storage: a codec sees one tensor, so the scale s (in,) is **stored** with the tensor as
+``in_scale`` (float16, counted in bits: 16/out extra bits per weight, ≈0.03 bpw on SmolLM2) and
+applied by QuantLinear; ``decode`` returns the effective weight Ŵ·diag(1/s). It is not folded
+into the preceding RMSNorm/linear (that would need the runner to rewrite a neighbour), and
+each linear gets its own s rather than one shared by q/k/v.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from ..tensor import Stats, register
+from . import grids
+from .codec import QuantCodec, QWeight
+from .grids import GridSpec
+
+log = logging.getLogger(__name__)
+
+
+def output_error(dW: Tensor, H: Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) = ‖ΔW X‖² for H = X Xᵀ;  dW (out, in), H (in, in)."""
+    return float(((dW @ H) * dW).sum())
+
+
+def channel_scale(act: Tensor, alpha: float) -> Tensor:
+    """s = act^α, clamped and normalised to √(max·min) = 1, rounded to float16 as stored.  (in,)"""
+    s = act.to(torch.float32).clamp_min(1e-4).pow(alpha)
+    s = s / (s.max() * s.min()).sqrt()
+    return s.to(torch.float16).to(torch.float32)
+
+
+def group_hessian_loss(H: Tensor, group_size: int, s: Tensor) -> grids.GroupLoss:
+    """Loss for errors in the scaled space, group by group: err_g · (D⁻¹HD⁻¹)_gg · err_gᵀ."""
+    inp = H.shape[0]
+    Hs = H / (s[:, None] * s[None, :])  # error e in W·diag(s) space is e/s in W space
+    if group_size <= 0 or group_size >= inp:  # one group per row (or the whole tensor)
+        if group_size == grids.PER_TENSOR:
+            return lambda err: grids.squared_error(err)  # no per-row structure to exploit
+        return lambda err: ((err[:, 0] @ Hs) * err[:, 0]).sum(-1, keepdim=True)
+    g = grids.num_groups(inp, group_size)
+    pad = g * group_size - inp
+    Hp = torch.nn.functional.pad(Hs, (0, pad, 0, pad))
+    idx = torch.arange(g)
+    blocks = Hp.reshape(g, group_size, g, group_size)[idx, :, idx, :]  # (G, S, S) diagonal blocks
+    return lambda err: torch.einsum("rgs,gst,rgt->rg", err, blocks, err)
+
+
+def awq_quantize(W: Tensor, stats: Stats, spec: GridSpec, *, n_grid: int = 20, clip: bool = True) -> QWeight:
+    """Search α for s = act^α, then the clipping ranges; quantize W·diag(s)."""
+    if stats.abs_mean is None or stats.gram is None:
+        raise ValueError("awq needs Stats.abs_mean and Stats.gram of the layer inputs")
+    H = stats.gram.to(torch.float32) / max(1, stats.n)  # (in, in)
+    search = GridSpec(**{**spec.__dict__, "range": "minmax" if spec.range == "mse" else spec.range})
+    best = (float("inf"), 0.0, None)
+    for alpha in (i / n_grid for i in range(n_grid)):
+        s = channel_scale(stats.abs_mean, alpha)
+        dW = W - grids.fake_quantize(W * s, search) / s
+        e = output_error(dW, H)
+        if e < best[0]:
+            best = (e, alpha, s)
+    err, alpha, s = best
+    log.debug("awq: alpha=%.2f output error %.4g", alpha, err)
+    Ws = W * s
+    final = GridSpec(**{**spec.__dict__, "range": "mse"}) if clip else spec
+    loss = group_hessian_loss(H, spec.group_size, s) if clip else None
+    wg = grids.group_weights(Ws, spec.group_size)
+    p = grids.fit(wg, final, loss)
+    codes = grids.ungroup(grids.quantize(wg, p, spec), W.shape)
+    return QWeight(codes=codes, params=p, in_scale=s)
+
+
+@register("awq")
+class AWQ(QuantCodec):
+    """``method: awq`` — params: the grid's plus ``n_grid`` (20 values of α) and ``clip`` (true:
+    Hessian-weighted clipping search after the scale search; it replaces ``range``)."""
+
+    needs_stats = True
+    gram = True
+    options = {"n_grid": 20, "clip": True}
+
+    def quantize(self, w: Tensor, stats: Stats | None, spec: GridSpec, *, n_grid: int, clip: bool) -> QWeight:
+        if int(n_grid) < 1:
+            raise ValueError("awq: n_grid must be ≥ 1")
+        assert stats is not None
+        if stats.abs_mean is not None and stats.abs_mean.shape[0] != w.shape[1]:
+            raise ValueError(f"awq: statistics of {stats.abs_mean.shape[0]} inputs do not fit weight {tuple(w.shape)}")
+        return awq_quantize(w, stats, spec, n_grid=int(n_grid), clip=bool(clip))

@@ -1,0 +1,142 @@
+"""The stored form shared by every quantization codec, and the codec base class.
+
+All methods (RTN, GPTQ, AWQ, HQQ) differ only in *how* they choose codes and group
+parameters; they store the same thing, so they share one decode and one QuantLinear:
+
+=============  ======================  ==================================================
+key            dtype, shape            meaning
+=============  ======================  ==================================================
+``qweight``    uint8 (ceil(n·b/8),)    codes of W (out, in), row-major, bit-packed
+``scale``      scale_dtype (R, G)      per-group scale (R = out, or 1 per tensor)
+``offset``     scale_dtype (R, G)      per-group offset (asym grid only)
+``g_idx``      int16/int32 (in,)       group of each input column (GPTQ act-order only)
+``in_scale``   float16 (in,)           AWQ per-input-channel scale s: W ≈ Ŵ·diag(1/s)
+=============  ======================  ==================================================
+
+Everything listed is counted by ``CompressedTensor.nbits``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..tensor import CompressedTensor, Stats
+from . import grids
+from .grids import GridSpec
+from .pack import pack, unpack
+
+VERSION = 1
+
+
+@dataclass
+class QWeight:
+    """A quantized (out, in) matrix before packing."""
+
+    codes: Tensor  # (out, in) integer-valued
+    params: dict[str, Tensor]  # each (R, G, 1) float32, already rounded to the storage dtype
+    g_idx: Tensor | None = None  # (in,) int64, only when groups are not consecutive columns
+    in_scale: Tensor | None = None  # (in,) float32, AWQ
+
+    def to_ct(self, codec: str, spec: GridSpec, extra_meta: dict[str, Any] | None = None,
+              dtype: str = "float32") -> CompressedTensor:
+        out, inp = self.codes.shape
+        data = {"qweight": pack(self.codes.to(torch.uint8), spec.bits)}
+        for k, v in self.params.items():
+            data[k] = v.squeeze(-1).to(spec.dtype).contiguous()
+        if self.g_idx is not None:
+            data["g_idx"] = self.g_idx.to(torch.int16 if inp <= 32767 else torch.int32)
+        if self.in_scale is not None:
+            data["in_scale"] = self.in_scale.to(torch.float16)
+        meta = {"shape": [out, inp], "dtype": dtype, "version": VERSION, **spec.to_meta(), **(extra_meta or {})}
+        return CompressedTensor(codec=codec, data=data, meta=meta)
+
+
+def column_params(data: dict[str, Tensor], meta: dict[str, Any], g_idx: Tensor | None = None) -> dict[str, Tensor]:
+    """Group parameters expanded to one column each: {name: (R, in) float32}."""
+    inp = int(meta["shape"][1])
+    if g_idx is None:
+        g_idx = data["g_idx"].long() if "g_idx" in data else grids.group_index(inp, int(meta["group_size"]))
+    grid = grids.GRIDS[meta["grid"]]
+    return {k: data[k].to(torch.float32).index_select(1, g_idx) for k in grid.stored}
+
+
+def dequantize_ct(ct: CompressedTensor) -> Tensor:
+    """The effective float32 weight (out, in) a quantized CompressedTensor stands for."""
+    out, inp = (int(d) for d in ct.meta["shape"])
+    bits = int(ct.meta["bits"])
+    codes = unpack(ct.data["qweight"], bits, out * inp).reshape(out, inp).to(torch.float32)
+    w = grids.GRIDS[ct.meta["grid"]].dequantize(codes, column_params(ct.data, ct.meta), bits)
+    if "in_scale" in ct.data:
+        w = w / ct.data["in_scale"].to(torch.float32)
+    return w
+
+
+def check_weight(w: Tensor, name: str | None = None) -> Tensor:
+    """A float32 (out, in) matrix with finite values, or a clear error naming the tensor."""
+    what = f"tensor {name!r}" if name else "weight"
+    if w.dim() != 2:
+        raise ValueError(f"{what}: quantization needs a 2-D (out, in) weight, got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"{what}: expected a floating-point weight, got {w.dtype}")
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        raise ValueError(f"{what} has {int(bad.sum())} NaN/Inf values of {w.numel()}; refusing to quantize it")
+    return w.to(torch.float32)
+
+
+class QuantCodec:
+    """Base of the quantization codecs: parse params, check the weight, quantize, store.
+
+    Subclasses set ``options`` (their own params with defaults) and implement
+    :meth:`quantize`; decode and the inference module are shared.
+    """
+
+    name = ""
+    needs_stats = False
+    gram = False
+    lossless = False
+    options: dict[str, Any] = {}
+
+    def parse(self, params: dict[str, Any]) -> tuple[GridSpec, dict[str, Any], str | None]:
+        params = dict(params)
+        tname = params.pop("name", None)
+        spec, rest = GridSpec.parse(params)
+        unknown = sorted(set(rest) - set(self.options))
+        if unknown:
+            known = sorted({*GridSpec.__dataclass_fields__, *self.options})
+            raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return spec, {**self.options, **rest}, tname
+
+    def encode(self, w: Tensor, stats: Stats | None = None, **params: Any) -> CompressedTensor:
+        spec, opts, tname = self.parse(params)
+        dtype = str(w.dtype).removeprefix("torch.")
+        w = check_weight(w, tname)
+        if self.needs_stats and stats is None:
+            raise ValueError(f"{self.name} needs calibration statistics for {tname or 'this weight'}")
+        qw = self.quantize(w, stats, spec, **opts)
+        return qw.to_ct(self.name, spec, self.meta(opts), dtype=dtype)
+
+    def meta(self, opts: dict[str, Any]) -> dict[str, Any]:
+        return dict(opts)
+
+    def quantize(self, w: Tensor, stats: Stats | None, spec: GridSpec, **opts: Any) -> QWeight:
+        raise NotImplementedError
+
+    def decode(self, ct: CompressedTensor) -> Tensor:
+        return dequantize_ct(ct)
+
+    def module(self, ct: CompressedTensor, bias: Tensor | None) -> torch.nn.Module:
+        from .linear import QuantLinear
+
+        return QuantLinear.from_ct(ct, bias)
+
+
+def rtn_qweight(w: Tensor, spec: GridSpec, loss: grids.GroupLoss | None = None) -> QWeight:
+    """Round to nearest on the grid, groups fitted by ``spec.range``."""
+    wg = grids.group_weights(w, spec.group_size)  # (R, G, S)
+    p = grids.fit(wg, spec, loss)
+    codes = grids.ungroup(grids.quantize(wg, p, spec), w.shape)
+    return QWeight(codes=codes, params=p)

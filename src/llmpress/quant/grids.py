@@ -1,0 +1,375 @@
+"""Quantization grids: where the levels sit, how a range is chosen, how a value is rounded.
+
+A weight matrix W (out, in) is viewed in groups (``group_weights``):
+
+* ``group_size > 0``  groups of that many consecutive input columns per output row; the last
+  group is ragged when ``in % group_size != 0`` (padded with NaN in the grouped view, never stored);
+* ``group_size == -1`` one group per output row (per channel);
+* ``group_size == 0``  one group for the whole tensor (per tensor).
+
+The grouped view has shape (R, G, S): R rows of parameters (out, or 1 per tensor), G groups,
+S values per group. A grid turns a per-group range [lo, hi] into stored parameters and maps
+values to integer codes 0..2^b−1 and back:
+
+=========  ==========================================  ========================
+grid       reconstruction                              stored per group
+=========  ==========================================  ========================
+asym       ŵ = q·s + m,  s = (hi−lo)/(2^b−1), m = lo   scale, offset
+sym        ŵ = (q − 2^(b−1))·s,  s = 2a/(2^b−1)         scale
+nf         ŵ = c[q]·a,  c the NormalFloat codebook     scale (a = absmax)
+seed       ŵ = (2q/(M−1) − 1)·a,  floor rounding        scale (a = absmax)
+seed_rtn   the seed grid with round-to-nearest          scale
+=========  ==========================================  ========================
+
+(a = max(|lo|, |hi|), M = 2^b.) The asym form with a float offset m reproduces GGUF Q4_1
+exactly, which is why SmolLM2's Q4_1-dequantized weights come back bit for bit at 4 bits g32.
+
+**The seed formula.** The seed article quantizes x ∈ [−1, 1] to M levels with
+F(x) = floor((x + 1)(M − 1)/2) + 1 ∈ {1..M} (:func:`seed_level`). We store q = F(x) − 1 and
+reconstruct the grid point −1 + 2q/(M − 1). Floor rounding sends every x to the grid point at
+or below it, so the error is one-sided: E[ŵ − w] ≈ −half a step and the MSE is about 4× that
+of rounding to the nearest point of the same grid (uniform error on [−Δ, 0] vs [−Δ/2, Δ/2]).
+``seed_bias`` measures it. On SmolLM2-135M's real weights (mlp.down_proj of layer 3 and
+self_attn.q_proj of layer 10; asserted in ``tests/test_quant_grids.py``) the floor rule's mean
+error is −0.99 to −1.00 half-steps at 2, 3, 4 and 8 bits (round-to-nearest: |mean| < 0.002
+half-steps) and its MSE is 3.86–4.06× that of round-to-nearest on the same grid.
+
+Range choice (``range=``): ``minmax``; ``percentile`` (clip at the ``percentile``-th percentile
+of each group, both tails); ``mse`` (shrink the min–max range by factors in
+[1 − mse_shrink, 1] and keep, per group, the one with least squared error — or least of a
+caller's loss, e.g. AWQ's Hessian-weighted error).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+BITS = (2, 3, 4, 5, 6, 8)
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PER_TENSOR, PER_CHANNEL = 0, -1
+
+# A loss over a quantization error in grouped form: err (R, G, S) with NaN-padding zeroed → (R, G).
+GroupLoss = Callable[[Tensor], Tensor]
+
+
+# ---------------------------------------------------------------------------- grouping
+def num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size <= 0 or group_size >= in_features else math.ceil(in_features / group_size)
+
+
+def group_index(in_features: int, group_size: int) -> Tensor:
+    """Group of each input column (in,), int64."""
+    if group_size <= 0 or group_size >= in_features:
+        return torch.zeros(in_features, dtype=torch.long)
+    return torch.arange(in_features) // group_size
+
+
+def group_weights(w: Tensor, group_size: int) -> Tensor:
+    """(out, in) → (R, G, S); the ragged last group is padded with NaN."""
+    out, inp = w.shape
+    if group_size == PER_TENSOR:
+        return w.reshape(1, 1, out * inp)
+    if group_size < 0 or group_size >= inp:
+        return w.reshape(out, 1, inp)
+    g = num_groups(inp, group_size)
+    pad = g * group_size - inp
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad), value=float("nan"))
+    return w.reshape(out, g, group_size)
+
+
+def ungroup(wg: Tensor, shape: tuple[int, int] | list[int]) -> Tensor:
+    """(R, G, S) → (out, in), dropping the padding."""
+    out, inp = shape
+    return wg.reshape(out, -1)[:, :inp]
+
+
+# ---------------------------------------------------------------------------- grids
+def _store(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round a parameter to its storage dtype (kept as float32 for arithmetic)."""
+    return x.to(dtype).to(torch.float32)
+
+
+def _safe_scale(s: Tensor, dtype: torch.dtype) -> Tensor:
+    s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+    return _store(s.clamp_min(1e-7), dtype)
+
+
+class Grid:
+    """Maps per-group ranges to stored parameters, and values to codes and back."""
+
+    name: str = ""
+    stored: tuple[str, ...] = ("scale",)
+
+    def params(self, lo: Tensor, hi: Tensor, bits: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def quantize(self, w: Tensor, p: dict[str, Tensor], bits: int) -> Tensor:
+        """Float codes (integers in 0..2^b−1) for w; p broadcasts against w."""
+        raise NotImplementedError
+
+    def dequantize(self, q: Tensor, p: dict[str, Tensor], bits: int) -> Tensor:
+        raise NotImplementedError
+
+
+GRIDS: dict[str, Grid] = {}
+
+
+def _grid(cls: type[Grid]) -> type[Grid]:
+    GRIDS[cls.name] = cls()
+    return cls
+
+
+@_grid
+class Asym(Grid):
+    name, stored = "asym", ("scale", "offset")
+
+    def params(self, lo, hi, bits, dtype):
+        return {"scale": _safe_scale((hi - lo) / (2**bits - 1), dtype), "offset": _store(lo, dtype)}
+
+    def quantize(self, w, p, bits):
+        return torch.round((w - p["offset"]) / p["scale"]).clamp_(0, 2**bits - 1)
+
+    def dequantize(self, q, p, bits):
+        return q * p["scale"] + p["offset"]
+
+
+@_grid
+class Sym(Grid):
+    name = "sym"
+
+    def params(self, lo, hi, bits, dtype):
+        a = torch.maximum(lo.abs(), hi.abs())
+        return {"scale": _safe_scale(2 * a / (2**bits - 1), dtype)}
+
+    def quantize(self, w, p, bits):
+        return (torch.round(w / p["scale"]) + 2 ** (bits - 1)).clamp_(0, 2**bits - 1)
+
+    def dequantize(self, q, p, bits):
+        return (q - 2 ** (bits - 1)) * p["scale"]
+
+
+@lru_cache(maxsize=None)
+def normal_float_codebook(bits: int, offset: float = 0.9677083) -> Tensor:
+    """NormalFloat levels (QLoRA): 2^(b−1) positive and 2^(b−1)−1 negative quantiles of N(0, 1)
+    plus an exact zero, scaled to [−1, 1]. bits=4 gives NF4."""
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 2 ** (bits - 1) + 1, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 2 ** (bits - 1), dtype=torch.float64)[:-1])
+    c = torch.cat([pos, neg, torch.zeros(1, dtype=torch.float64)]).sort().values
+    return (c / c.max()).to(torch.float32)
+
+
+class _AbsmaxGrid(Grid):
+    def params(self, lo, hi, bits, dtype):
+        return {"scale": _safe_scale(torch.maximum(lo.abs(), hi.abs()), dtype)}
+
+
+@_grid
+class NormalFloat(_AbsmaxGrid):
+    name = "nf"
+
+    def quantize(self, w, p, bits):
+        c = normal_float_codebook(bits)
+        mids = (c[1:] + c[:-1]) / 2
+        x = torch.nan_to_num(w / p["scale"])
+        return torch.bucketize(x.contiguous(), mids).to(torch.float32)
+
+    def dequantize(self, q, p, bits):
+        return normal_float_codebook(bits)[q.long()] * p["scale"]
+
+
+def seed_level(x: Tensor, levels: int) -> Tensor:
+    """The seed article's quantizer, exactly: F(x) = floor((x + 1)(M − 1)/2) + 1 for x ∈ [−1, 1]."""
+    x = x.to(torch.float64)
+    return torch.floor((x + 1) * (levels - 1) / 2) + 1
+
+
+def seed_value(level: Tensor, levels: int) -> Tensor:
+    """Grid point of level k ∈ {1..M}: −1 + 2(k − 1)/(M − 1) (k = F(x) inverts to the point ≤ x)."""
+    return -1 + 2 * (level.to(torch.float64) - 1) / (levels - 1)
+
+
+@_grid
+class Seed(_AbsmaxGrid):
+    name = "seed"
+
+    def _level(self, x: Tensor, levels: int) -> Tensor:
+        return seed_level(x, levels)
+
+    def quantize(self, w, p, bits):
+        m = 2**bits
+        x = (w / p["scale"]).clamp(-1, 1)
+        return (self._level(x, m) - 1).clamp_(0, m - 1).to(torch.float32)
+
+    def dequantize(self, q, p, bits):
+        return seed_value(q + 1, 2**bits).to(torch.float32) * p["scale"]
+
+
+@_grid
+class SeedNearest(Seed):
+    """The seed grid with round-to-nearest instead of floor: the fair comparison."""
+
+    name = "seed_rtn"
+
+    def _level(self, x, levels):
+        return torch.round((x.to(torch.float64) + 1) * (levels - 1) / 2) + 1
+
+
+# ---------------------------------------------------------------------------- ranges
+def _nan_min_max(wg: Tensor) -> tuple[Tensor, Tensor]:
+    nan = torch.isnan(wg)
+    lo = torch.where(nan, torch.full_like(wg, float("inf")), wg).amin(-1, keepdim=True)
+    hi = torch.where(nan, torch.full_like(wg, float("-inf")), wg).amax(-1, keepdim=True)
+    return lo, hi
+
+
+def squared_error(err: Tensor) -> Tensor:
+    return (err * err).sum(-1)
+
+
+@dataclass
+class GridSpec:
+    """How to quantize one tensor. Parsed from recipe params (see :meth:`parse`).
+
+    Sample recipe rule::
+
+        - match: ".*"
+          method: rtn
+          bits: 4            # 2, 3, 4, 5, 6, 8
+          group_size: 128    # >0 groups along the input dim; -1 per channel; 0 per tensor
+          sym: false         # asym (scale + offset) or sym (scale only)
+          grid: null         # or nf | seed | seed_rtn (overrides sym)
+          range: minmax      # minmax | mse | percentile
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    grid: str | None = None
+    range: str = "minmax"
+    percentile: float = 99.9
+    mse_steps: int = 32
+    mse_shrink: float = 0.6
+    scale_dtype: str = "float16"
+
+    @property
+    def grid_name(self) -> str:
+        return self.grid or ("sym" if self.sym else "asym")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def validate(self) -> "GridSpec":
+        if isinstance(self.bits, bool) or int(self.bits) != self.bits or self.bits not in BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}; got {self.bits!r}")
+        if isinstance(self.group_size, bool) or int(self.group_size) != self.group_size or self.group_size < -1:
+            raise ValueError(f"group_size must be >0 (groups), -1 (per channel) or 0 (per tensor); got {self.group_size!r}")
+        if self.grid_name not in GRIDS:
+            raise ValueError(f"unknown grid {self.grid!r}; known: {', '.join(GRIDS)}")
+        if self.range not in RANGES:
+            raise ValueError(f"unknown range {self.range!r}; known: {', '.join(RANGES)}")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100]; got {self.percentile!r}")
+        if not (0.0 < float(self.mse_shrink) < 1.0 and int(self.mse_steps) >= 1):
+            raise ValueError("mse_shrink must be in (0, 1) and mse_steps ≥ 1")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+        self.bits, self.group_size = int(self.bits), int(self.group_size)
+        return self
+
+    @classmethod
+    def parse(cls, params: dict[str, Any]) -> tuple["GridSpec", dict[str, Any]]:
+        """Split ``params`` into a validated GridSpec and the remaining (codec-specific) keys."""
+        names = {f.name for f in fields(cls)}
+        spec = cls(**{k: v for k, v in params.items() if k in names}).validate()
+        return spec, {k: v for k, v in params.items() if k not in names}
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "grid": self.grid_name, "scale_dtype": self.scale_dtype}
+
+
+def _range_minmax(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[str, Tensor]:
+    lo, hi = _nan_min_max(wg)
+    return grid.params(lo, hi, spec.bits, spec.dtype)
+
+
+def _range_percentile(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[str, Tensor]:
+    q = float(spec.percentile) / 100.0
+    flat = wg.reshape(-1, wg.shape[-1])
+    qs = torch.nanquantile(flat, torch.tensor([1.0 - q, q], dtype=wg.dtype), dim=-1)  # (2, R*G)
+    lo = qs[0].reshape(*wg.shape[:-1], 1)
+    hi = qs[1].reshape(*wg.shape[:-1], 1)
+    return grid.params(lo, hi, spec.bits, spec.dtype)
+
+
+def _range_mse(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[str, Tensor]:
+    """Shrink [lo, hi] by p ∈ [1 − mse_shrink, 1]; keep per group the p of least loss."""
+    lo, hi = _nan_min_max(wg)
+    pad = torch.isnan(wg)
+    best_p, best_err = None, None
+    for p in torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse_steps)).tolist():
+        cand = grid.params(lo * p, hi * p, spec.bits, spec.dtype)
+        err = grid.dequantize(grid.quantize(wg, cand, spec.bits), cand, spec.bits) - wg
+        e = loss(err.masked_fill(pad, 0.0))  # (R, G)
+        if best_err is None:
+            best_p, best_err = cand, e
+            continue
+        better = (e < best_err).unsqueeze(-1)
+        best_err = torch.minimum(e, best_err)
+        best_p = {k: torch.where(better, cand[k], best_p[k]) for k in cand}
+    return best_p
+
+
+RANGES: dict[str, Callable[[Tensor, GridSpec, Grid, GroupLoss], dict[str, Tensor]]] = {
+    "minmax": _range_minmax,
+    "mse": _range_mse,
+    "percentile": _range_percentile,
+}
+
+
+# ---------------------------------------------------------------------------- verbs
+def fit(wg: Tensor, spec: GridSpec, loss: GroupLoss | None = None) -> dict[str, Tensor]:
+    """Stored parameters for grouped weights wg (R, G, S): each (R, G, 1), float32 values
+    already rounded to ``spec.scale_dtype``."""
+    return RANGES[spec.range](wg.to(torch.float32), spec, GRIDS[spec.grid_name], loss or squared_error)
+
+
+def quantize(w: Tensor, p: dict[str, Tensor], spec: GridSpec) -> Tensor:
+    return GRIDS[spec.grid_name].quantize(w, p, spec.bits)
+
+
+def dequantize(q: Tensor, p: dict[str, Tensor], spec: GridSpec) -> Tensor:
+    return GRIDS[spec.grid_name].dequantize(q, p, spec.bits)
+
+
+def fake_quantize(w: Tensor, spec: GridSpec, loss: GroupLoss | None = None) -> Tensor:
+    """Quantize and dequantize (out, in) weights in one go (for searches and tests)."""
+    wg = group_weights(w.to(torch.float32), spec.group_size)
+    p = fit(wg, spec, loss)
+    return ungroup(dequantize(quantize(wg, p, spec), p, spec), w.shape)
+
+
+def seed_bias(w: Tensor, bits: int = 4, group_size: int = 128) -> dict[str, float]:
+    """How much the seed formula's floor rounding costs against round-to-nearest on the same
+    grid: mean error in half-steps (−1 = always half a step low) and the MSE ratio."""
+    out = {}
+    for name in ("seed", "seed_rtn"):
+        spec = GridSpec(bits=bits, group_size=group_size, grid=name).validate()
+        wg = group_weights(w.to(torch.float32), group_size)
+        p = fit(wg, spec)
+        err = ungroup(dequantize(quantize(wg, p, spec), p, spec) - wg, w.shape)
+        half_step = ungroup((p["scale"] / (2**bits - 1)).expand_as(wg), w.shape)  # Δ/2 = a/(M−1)
+        out[name] = ((err / half_step).mean().item(), err.pow(2).mean().item())
+    return {
+        "mean_err_half_steps_floor": out["seed"][0],
+        "mean_err_half_steps_nearest": out["seed_rtn"][0],
+        "mse_floor": out["seed"][1],
+        "mse_nearest": out["seed_rtn"][1],
+        "mse_ratio": out["seed"][1] / out["seed_rtn"][1],
+    }
