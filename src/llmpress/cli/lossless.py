@@ -1,0 +1,141 @@
+"""Commands of the lossless codec: ``pack``, ``unpack``, ``verify``, ``info``."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+from rich.table import Table
+from tqdm import tqdm
+
+from .app import FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+
+THREADS_OPT = typer.Option(None, "--threads", "-t", help="Worker threads (default: min(4, CPUs)).")
+
+
+@contextlib.contextmanager
+def _bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    # tqdm writes to stderr; it appears only when the job lasts longer than a second
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, delay=1.0, leave=False) as bar:
+        yield bar.update
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    from ..io.atomic import OutputExistsError
+    from ..lossless.reader import CorruptError
+    from ..lossless.segments import HeaderError
+
+    try:
+        yield
+    except (CorruptError, HeaderError, OutputExistsError, FileNotFoundError, KeyError, ValueError, OSError) as e:
+        fail(str(e).strip("'\""))
+
+
+def _source_bytes(src: str) -> int:
+    from ..models import resolve
+
+    p = resolve(src).path
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _show_sizes(title: str) -> Callable[[dict[str, Any]], None]:
+    def show(r: dict[str, Any]) -> None:
+        keys = ("bytes_in", "bytes_out", "ratio", "tensor_bytes_in", "tensor_bytes_out", "bound_bytes", "seconds", "files", "out")
+        console.print(kv_table(title, {k: r[k] for k in keys if k in r}))
+
+    return show
+
+
+@app.command()
+def pack(
+    src: str = typer.Argument(..., help="MODEL: HF folder, .safetensors file, hub id or embedded default."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .llmp file."),
+    policy: str = typer.Option("ans", "--policy", help="Entropy backends: 'ans' (smallest) or 'zstd' (fastest)."),
+    threads: Optional[int] = THREADS_OPT,
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Pack a checkpoint losslessly into one .llmp file (every file restored byte for byte)."""
+    from ..lossless.container import pack as do_pack
+
+    with _errors():
+        with _bar(_source_bytes(src), "pack") as upd:
+            r = do_pack(src, out, force=force, threads=threads, policy=policy, progress=upd)
+        if r["tensor_bytes_in"]:
+            r["tensor_ratio"] = r["tensor_bytes_out"] / r["tensor_bytes_in"]
+            r["over_bound"] = r["tensor_bytes_out"] / max(r["bound_bytes"], 1) - 1
+    emit(r, as_json, _show_sizes(f"packed {src} → {out}"))
+
+
+@app.command()
+def unpack(
+    packed: Path = typer.Argument(..., help="A .llmp file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (or file, if one file was packed)."),
+    threads: Optional[int] = THREADS_OPT,
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Restore the packed files byte for byte; every checksum is verified."""
+    from ..lossless.container import unpack as do_unpack
+    from ..lossless.reader import Packed
+
+    with _errors():
+        with Packed(packed) as p:
+            total = sum(f["size"] for f in p.index["files"])
+        with _bar(total, "unpack") as upd:
+            r = do_unpack(packed, out, force=force, threads=threads, progress=upd)
+    emit(r, as_json, _show_sizes(f"unpacked {packed} → {out}"))
+
+
+@app.command()
+def verify(
+    packed: Path = typer.Argument(..., help="A .llmp file."),
+    threads: Optional[int] = THREADS_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Decode everything in memory and check every chunk, tensor and file checksum."""
+    from ..lossless.container import verify as do_verify
+    from ..lossless.reader import Packed
+
+    with _errors():
+        with Packed(packed) as p:
+            total = sum(f["size"] for f in p.index["files"])
+        with _bar(total, "verify") as upd:
+            r = do_verify(packed, threads=threads, progress=upd)
+    emit(r, as_json, lambda r: console.print(f"[green]ok[/] {packed}: {r['files']} files, {r['tensors']} tensors verified"))
+
+
+def _show_info(r: dict[str, Any]) -> None:
+    t = Table(title="lossless limits (bytes)")
+    for c in ("tensor", "dtype", "params", "bytes", "H(exp) bits", "order-0 bound", "chunk bound", "packed"):
+        t.add_column(c, justify="left" if c in ("tensor", "dtype") else "right")
+    for name, row in r["tensors"].items():
+        h = row["exp_entropy"]
+        t.add_row(name, row["dtype"], f"{row['params']:,}", f"{row['bytes']:,}", "-" if h is None else f"{h:.3f}",
+                  f"{row['bound_order0_bytes']:,.0f}", f"{row['bound_chunk_bytes']:,.0f}",
+                  f"{row['packed_bytes']:,}" if "packed_bytes" in row else "-")
+    h = r["exp_entropy"]
+    t.add_row("TOTAL", "", f"{r['params']:,}", f"{r['bytes']:,}", "-" if h is None else f"{h:.3f}",
+              f"{r['bound_order0_bytes']:,.0f} ({r['ratio_bound_order0']:.4f})",
+              f"{r['bound_chunk_bytes']:,.0f} ({r['ratio_bound_chunk']:.4f})",
+              f"{r['packed_bytes']:,} ({r['ratio']:.4f})" if "packed_bytes" in r else "-", style="bold")
+    console.print(t)
+    if "over_bound" in r:
+        console.print(f"pack is {100 * r['over_bound']:.2f} % above the chunk-adaptive bound")
+
+
+@app.command()
+def info(
+    src: str = typer.Argument(..., help="MODEL or a .llmp file."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Per tensor and in total: params, dtype, bytes, exponent entropy and the lossless bounds."""
+    from ..lossless.bounds import info as do_info
+
+    with _errors():
+        total = 0 if str(src).endswith(".llmp") else _source_bytes(src)
+        with _bar(total, "info") as upd:
+            r = do_info(src, progress=upd)
+    emit(r, as_json, _show_info)

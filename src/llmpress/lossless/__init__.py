@@ -1,0 +1,6 @@
+"""Lossless checkpoint compression: byte-exact ``pack``/``unpack`` of safetensors checkpoints.
+
+planes.py (field split per dtype) → entropy.py (coding backends) → chunk.py (one chunk) →
+segments.py (cut a file) → reader.py (the ``.llmp`` format) → container.py (the verbs);
+bounds.py gives the entropy bounds that ``llmpress info`` reports.
+"""

@@ -1,0 +1,117 @@
+"""Lossless limits of a checkpoint: exponent entropy and two entropy bounds per tensor.
+
+For a float tensor of n words of b bits with an E-bit exponent:
+
+- **order-0 exponent bound**: n·(H0(exponent) + b − E) bits — the exponent coded at its
+  per-tensor order-0 entropy, sign and mantissa stored. This is what an exponent-only coder
+  such as ZipNN aims at.
+- **chunk-adaptive bound**: Σ over ≈1 MiB chunks and over the fields of planes.py of
+  min(n_c·H0_c(field), n_c·width) — the size an ideal coder with a fresh static model per chunk
+  and field reaches (model cost not counted). ``pack --policy ans`` targets this one, so
+  ``info`` on a ``.llmp`` file shows how close it came.
+
+Non-float tensors count at their raw size in both bounds.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .entropy import entropy_bits
+from .planes import ITEMSIZE, FloatLayout, layout
+from .reader import CHUNK_BYTES, Packed
+from .segments import plan_file
+
+
+def _h(hist: np.ndarray | list[int]) -> float:
+    c = np.asarray(hist, dtype=np.float64)
+    c = c[c > 0]
+    return float(-(c / c.sum() * np.log2(c / c.sum())).sum()) if c.size else 0.0
+
+
+def chunk_bound_bits(raw: np.ndarray, dtype: str) -> tuple[float, np.ndarray | None]:
+    """(chunk-adaptive bound in bits, exponent histogram or None) of one chunk's bytes."""
+    lay = layout(dtype)
+    parts = lay.split(raw)
+    bits = sum(min(entropy_bits(s, f.width), float(len(s) * f.width)) for f, s in zip(lay.fields, parts))
+    hist = np.bincount(parts[0] >> lay.k, minlength=1 << lay.E) if isinstance(lay, FloatLayout) else None
+    return bits, hist
+
+
+def tensor_row(dtype: str, shape: list[int], nbytes: int, bound_bits: float, hist: Any) -> dict[str, Any]:
+    lay = layout(dtype)
+    row: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "params": math.prod(shape), "bytes": nbytes}
+    if isinstance(lay, FloatLayout) and hist is not None and row["params"]:
+        h = _h(hist)
+        row["exp_entropy"] = h
+        row["bound_order0_bytes"] = row["params"] * (h + 8 * lay.itemsize - lay.E) / 8
+        row["bound_chunk_bytes"] = bound_bits / 8
+    else:
+        row["exp_entropy"] = None
+        row["bound_order0_bytes"] = row["bound_chunk_bytes"] = float(nbytes)
+    return row
+
+
+def _scan(path: Path, chunk_bytes: int, progress: Callable[[int], None] | None) -> dict[str, dict[str, Any]]:
+    rows = {}
+    with open(path, "rb") as f:
+        for seg in plan_file(path):
+            if seg.kind != "tensor":
+                continue
+            step = max(1, chunk_bytes // ITEMSIZE[seg.dtype]) * ITEMSIZE[seg.dtype]
+            bits, hist = 0.0, None
+            f.seek(seg.offset)
+            for o in range(0, seg.length, step):
+                raw = np.frombuffer(f.read(min(step, seg.length - o)), np.uint8)
+                b, h = chunk_bound_bits(raw, seg.dtype)
+                bits += b
+                hist = h if hist is None else hist + h
+                if progress:
+                    progress(len(raw))
+            rows[seg.name] = tensor_row(seg.dtype, list(seg.shape), seg.length, bits, hist)
+    return rows
+
+
+def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = None,
+         chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+    """Per-tensor and total: params, dtype, bytes, exponent entropy, the two bounds; for a
+    ``.llmp`` file also the packed bytes and how far they are above the chunk-adaptive bound."""
+    p = Path(src)
+    packed: dict[str, int] = {}
+    if p.is_file() and p.suffix == ".llmp":
+        with Packed(p) as pk:
+            rows = {}
+            for _, s in pk.tensors():
+                st = s.get("stats", {})
+                rows[s["name"]] = tensor_row(s["dtype"], s["shape"], s["length"], st.get("bound_bits", 0.0), st.get("exp_hist"))
+                packed[s["name"]] = sum(c[1] for c in s["chunks"])
+            total_in = sum(f["size"] for f in pk.index["files"])
+            total_out = pk.size
+    else:
+        from ..models import resolve, safetensors_files
+
+        rows = {}
+        for f in safetensors_files(resolve(src)):
+            rows.update(_scan(f, chunk_bytes, progress))
+        total_in, total_out = None, None
+    tot = {k: sum(r[k] for r in rows.values()) for k in ("params", "bytes", "bound_order0_bytes", "bound_chunk_bytes")}
+    fl = [r for r in rows.values() if r["exp_entropy"] is not None]
+    nfl = sum(r["params"] for r in fl)
+    out: dict[str, Any] = {
+        "tensors": rows, **tot,
+        "exp_entropy": sum(r["exp_entropy"] * r["params"] for r in fl) / nfl if nfl else None,
+        "ratio_bound_order0": tot["bound_order0_bytes"] / max(tot["bytes"], 1),
+        "ratio_bound_chunk": tot["bound_chunk_bytes"] / max(tot["bytes"], 1),
+    }
+    if packed:
+        for k, r in rows.items():
+            r["packed_bytes"] = packed[k]
+        out["packed_bytes"] = sum(packed.values())
+        out["ratio"] = out["packed_bytes"] / max(tot["bytes"], 1)
+        out["over_bound"] = out["packed_bytes"] / max(tot["bound_chunk_bytes"], 1) - 1
+        out["bytes_in"], out["bytes_out"] = total_in, total_out
+    return out

@@ -1,0 +1,81 @@
+"""One chunk (≈1 MiB of one tensor's bytes): split into fields, code each field's stream.
+
+Chunk payload layout (little-endian)::
+
+    u8 nfields | nfields × (u8 backend id | u32 length | payload)
+
+The chunk knows nothing of its tensor; its dtype and raw length come from the index. Every
+chunk decodes on its own, so tensors decode independently and chunks in parallel.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .entropy import BY_ID, decode_stream, encode_stream, entropy_bits
+from .planes import FloatLayout, layout
+
+# policy name -> entropy backends tried on (head, tail, bytes) streams, besides raw
+POLICIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "ans": {"head": ("ans",), "tail": ("ans",), "bytes": ("zstd",)},
+    "zstd": {"head": ("zstd",), "tail": ("zstd",), "bytes": ("zstd",)},
+}
+
+
+@dataclass
+class ChunkStats:
+    """What the bounds need from one chunk (computed from the fields the coder already has)."""
+
+    exp_hist: np.ndarray | None = None  # (2**E,) exponent counts, floats only
+    bound_bits: float = 0.0  # Σ_fields min(n·H0(field), n·width): the chunk-adaptive bound
+    streams: dict[str, int] = field(default_factory=dict)  # backend name -> bytes, for reports
+
+
+def _kind(name: str) -> str:
+    return "bytes" if name == "bytes" else ("head" if name == "head" else "tail")
+
+
+def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "ans") -> tuple[bytes, ChunkStats]:
+    """raw: (nbytes,) uint8, a whole number of ``dtype`` words (never modified)."""
+    lay = layout(dtype)
+    parts = lay.split(raw)
+    pol = POLICIES[policy]
+    st = ChunkStats()
+    out = [struct.pack("<B", len(parts))]
+    for f, sym in zip(lay.fields, parts):
+        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)])
+        out.append(struct.pack("<BI", bid, len(payload)))
+        out.append(payload)
+        st.bound_bits += min(entropy_bits(sym, f.width), float(len(sym) * f.width))
+        st.streams[BY_ID[bid].name] = st.streams.get(BY_ID[bid].name, 0) + len(payload)
+    if isinstance(lay, FloatLayout):
+        st.exp_hist = np.bincount(parts[0] >> lay.k, minlength=1 << lay.E)
+    return b"".join(out), st
+
+
+def decode_chunk(buf: memoryview, dtype: str, nbytes: int) -> np.ndarray:
+    """Inverse of :func:`encode_chunk`; raises ValueError on any inconsistency."""
+    lay = layout(dtype)
+    if nbytes % lay.itemsize:
+        raise ValueError(f"{nbytes} bytes is not a whole number of {dtype} words")
+    n = nbytes // lay.itemsize
+    if len(buf) < 1 or buf[0] != len(lay.fields):
+        raise ValueError("chunk header: wrong number of fields")
+    pos, parts = 1, []
+    for f in lay.fields:
+        if pos + 5 > len(buf):
+            raise ValueError("chunk truncated")
+        bid, ln = struct.unpack_from("<BI", buf, pos)
+        pos += 5
+        if pos + ln > len(buf):
+            raise ValueError("chunk truncated")
+        sym = decode_stream(bid, buf[pos : pos + ln], n, f.width)
+        if len(sym) != n:
+            raise ValueError("stream decoded to the wrong length")
+        parts.append(sym)
+        pos += ln
+    if pos != len(buf):
+        raise ValueError("chunk has trailing bytes")
+    return lay.merge(parts, n)

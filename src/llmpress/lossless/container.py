@@ -1,0 +1,260 @@
+"""The lossless verbs: ``pack``, ``unpack``, ``verify``, ``open_tensor`` and the ``.llmp`` loader.
+
+The container format is described in reader.py. Packing and unpacking stream chunk by chunk
+through a thread pool with a bounded queue, so peak memory is a few chunks per thread plus,
+for ``load`` and ``open_tensor``, the tensors being returned.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import time
+import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import zstandard
+
+from ..io.atomic import atomic_dir, atomic_file, check_output
+from ..loading import register_loader
+from .chunk import POLICIES, encode_chunk
+from .planes import ITEMSIZE, layout
+from .reader import CHUNK_BYTES, END, FOOTER, MAGIC, MAX_CHUNK_BYTES, VERSION, CorruptError, Packed, crc32
+from .segments import Segment, plan_file
+
+log = logging.getLogger(__name__)
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# ------------------------------------------------------------------------------- pack
+
+
+def _input_files(src: Any) -> tuple[Path, list[Path], str]:
+    """(root, files, root kind) of a model source."""
+    from ..models import resolve
+
+    s = resolve(src)
+    if s.path.is_file():
+        return s.path.parent, [s.path], "file"
+    files = sorted(p for p in s.path.rglob("*") if p.is_file() and not p.name.startswith(".llmp"))
+    return s.path, files, "folder"
+
+
+def _chunks_of(seg: Segment, chunk_bytes: int) -> list[tuple[int, int]]:
+    step = max(ITEMSIZE.get(seg.dtype, 1), chunk_bytes // layout(seg.dtype).itemsize * layout(seg.dtype).itemsize)
+    return [(o, min(step, seg.length - o)) for o in range(0, seg.length, step)]
+
+
+def pack(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    threads: int | None = None,
+    policy: str = "ans",
+    chunk_bytes: int = CHUNK_BYTES,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Pack a model source (see :func:`llmpress.models.resolve`) into one ``.llmp`` file.
+
+    ``progress(n)`` is called with the number of input bytes done after each chunk.
+    Returns ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``bound_bytes`` and per-tensor
+    figures under ``tensors``.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}")
+    root, files, root_kind = _input_files(src)
+    out = Path(out)
+    check_output(out, force)
+    t0 = time.perf_counter()
+    threads = threads or default_threads()
+    index: dict[str, Any] = {"format": "llmpress.lossless", "version": VERSION, "root": root_kind,
+                             "chunk_bytes": chunk_bytes, "policy": policy, "files": []}
+    tensors: dict[str, dict[str, Any]] = {}
+    with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo, ThreadPoolExecutor(threads) as ex:
+        fo.write(MAGIC + struct.pack("<I", VERSION))
+        for path in files:
+            segs = plan_file(path)
+            rel = path.relative_to(root).as_posix()
+            frec: dict[str, Any] = {"path": rel, "size": path.stat().st_size, "segments": []}
+            sha = hashlib.sha256()
+            pending: deque[tuple[dict, int, Future]] = deque()
+
+            def drain(limit: int) -> None:
+                while len(pending) > limit:
+                    rec, ln, fut = pending.popleft()
+                    payload, st = fut.result()
+                    rec["chunks"].append([fo.tell(), len(payload), ln, crc32(payload)])
+                    fo.write(payload)
+                    _account(rec, st)
+                    if progress:
+                        progress(ln)
+
+            with open(path, "rb") as fi:
+                for seg in segs:
+                    srec = _segment_record(seg)
+                    frec["segments"].append(srec)
+                    crc = 0
+                    fi.seek(seg.offset)
+                    for _, ln in _chunks_of(seg, chunk_bytes):
+                        raw = np.frombuffer(fi.read(ln), np.uint8)
+                        if len(raw) != ln:
+                            raise OSError(f"{path}: file shrank while packing")
+                        sha.update(raw)
+                        crc = zlib.crc32(raw, crc)
+                        pending.append((srec, ln, ex.submit(encode_chunk, raw, seg.dtype, policy)))
+                        drain(2 * threads)
+                    srec["crc32"] = crc & 0xFFFFFFFF
+                drain(0)
+            for srec in frec["segments"]:
+                if srec["kind"] == "tensor":
+                    tensors[f"{rel}:{srec['name']}"] = srec.get("stats", {})
+            frec["sha256"] = sha.hexdigest()
+            index["files"].append(frec)
+        blob = zstandard.ZstdCompressor(level=9).compress(json.dumps(index, separators=(",", ":")).encode())
+        off = fo.tell()
+        fo.write(blob)
+        fo.write(FOOTER.pack(off, len(blob), crc32(blob), END))
+    bytes_in = sum(f["size"] for f in index["files"])
+    bytes_out = out.stat().st_size
+    bound = sum(s.get("bound_bits", 0) for s in tensors.values()) / 8
+    return {"bytes_in": bytes_in, "bytes_out": bytes_out, "ratio": bytes_out / max(bytes_in, 1),
+            "seconds": time.perf_counter() - t0, "files": len(index["files"]), "tensors_packed": len(tensors),
+            "tensor_bytes_in": sum(s.get("bytes", 0) for s in tensors.values()),
+            "tensor_bytes_out": sum(s.get("packed", 0) for s in tensors.values()),
+            "bound_bytes": bound, "policy": policy, "threads": threads, "out": str(out)}
+
+
+def _segment_record(seg: Segment) -> dict[str, Any]:
+    rec: dict[str, Any] = {"kind": seg.kind, "offset": seg.offset, "length": seg.length, "dtype": seg.dtype,
+                           "chunks": []}
+    if seg.kind == "tensor":
+        rec.update(name=seg.name, shape=list(seg.shape), stats={"bytes": seg.length, "packed": 0, "bound_bits": 0.0})
+    return rec
+
+
+def _account(rec: dict, st: Any) -> None:
+    stats = rec.get("stats")
+    if stats is None:
+        return
+    stats["packed"] += rec["chunks"][-1][1]
+    stats["bound_bits"] += st.bound_bits
+    if st.exp_hist is not None:
+        h = stats.setdefault("exp_hist", [0] * len(st.exp_hist))
+        stats["exp_hist"] = [a + int(b) for a, b in zip(h, st.exp_hist)]
+
+
+# ------------------------------------------------------------------------------- unpack / verify
+
+
+def _restore(p: Packed, f: dict, sink: Any, ex: ThreadPoolExecutor, progress: Callable[[int], None] | None) -> None:
+    """Decode one stored file into ``sink`` (a binary file or None) and check its sha256."""
+    sha = hashlib.sha256()
+    for s in f["segments"]:
+        for part in p.iter_segment(f, s, ex, ahead=2 * ex._max_workers):
+            sha.update(part)
+            if sink is not None:
+                sink.write(part)
+            if progress:
+                progress(len(part))
+    if sha.hexdigest() != f["sha256"]:
+        raise CorruptError(f"{p.path}: file {f['path']}: sha256 mismatch after decoding")
+
+
+def unpack(
+    packed: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Restore every packed file byte for byte under ``out`` (a folder; a file when a single
+    file was packed). Every chunk, tensor and file checksum is verified."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_output(out, force)
+    with Packed(packed) as p, ThreadPoolExecutor(threads or default_threads()) as ex:
+        if p.index["root"] == "file" and len(p.index["files"]) == 1:
+            with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo:
+                _restore(p, p.index["files"][0], fo, ex, progress)
+        else:
+            with atomic_dir(out, force=force) as tmp:
+                for f in p.index["files"]:
+                    dst = tmp / f["path"]
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    with open(dst, "wb") as fo:
+                        _restore(p, f, fo, ex, progress)
+        n = sum(f["size"] for f in p.index["files"])
+        return {"bytes_in": p.size, "bytes_out": n, "ratio": p.size / max(n, 1), "files": len(p.index["files"]),
+                "seconds": time.perf_counter() - t0, "out": str(out)}
+
+
+def verify(packed: str | os.PathLike, *, threads: int | None = None,
+           progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Decode everything in memory, chunk by chunk, and check every checksum; raises CorruptError."""
+    t0 = time.perf_counter()
+    with Packed(packed) as p, ThreadPoolExecutor(threads or default_threads()) as ex:
+        for f in p.index["files"]:
+            _restore(p, f, None, ex, progress)
+        n = sum(f["size"] for f in p.index["files"])
+        return {"ok": True, "files": len(p.index["files"]), "tensors": sum(1 for _ in p.tensors()),
+                "bytes_in": n, "bytes_out": p.size, "ratio": p.size / max(n, 1), "seconds": time.perf_counter() - t0}
+
+
+def open_tensor(packed: str | os.PathLike, name: str) -> torch.Tensor:
+    """One tensor of a ``.llmp`` file, without decoding the rest."""
+    with Packed(packed) as p:
+        return p.tensor(name)
+
+
+# ------------------------------------------------------------------------------- load
+
+
+def _is_packed(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(8) == MAGIC
+
+
+@register_loader("llmp", _is_packed)
+def load_packed(path: str | os.PathLike, dtype: torch.dtype | None = None, threads: int | None = None,
+                **_: Any) -> torch.nn.Module:
+    """Build the transformers model of a ``.llmp`` file in memory (no temporary files): the
+    stored config.json gives the architecture, the decoded tensors its state dict."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    with Packed(path) as p, ThreadPoolExecutor(threads or default_threads()) as ex:
+        names = [f["path"] for f in p.index["files"]]
+        cfg_name = next((n for n in names if n == "config.json"), None) or next((n for n in names if n.endswith("/config.json")), None)
+        if cfg_name is None:
+            raise CorruptError(f"{p.path}: no config.json was packed; cannot build a model (use unpack)")
+        cfg = json.loads(p.file_bytes(cfg_name))
+        config = AutoConfig.for_model(**cfg)
+        state = {s["name"]: p.tensor(s["name"], ex) for _, s in p.tensors()}
+    archs = cfg.get("architectures") or []
+    cls = AutoModelForCausalLM if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else AutoModel
+    model = cls.from_config(config)
+    if dtype is not None:
+        model.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied:
+        log.warning("%s: tensors missing from the state dict: %s", path, sorted(set(missing) - tied)[:8])
+    if unexpected:
+        log.warning("%s: tensors not used by %s: %s", path, cls.__name__, sorted(unexpected)[:8])
+    model.tie_weights()
+    return model.eval()

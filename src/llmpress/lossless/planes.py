@@ -1,0 +1,110 @@
+"""Field split of a tensor's raw words: where the redundancy of a float checkpoint lives.
+
+A trained weight's exponent carries ~2.6 bits of information in its 8 bits; its sign and
+mantissa are close to uniform, except for the top mantissa bits, whose distribution within an
+octave is skewed (a bell-shaped density falls across the octave [2^e, 2^(e+1))), so they are
+predictable *given* the exponent. A float word is therefore split into
+
+- ``head`` = exponent ‖ top ``k`` mantissa bits: one symbol, entropy-coded jointly, so the
+  coder learns H(exponent) + H(top bits | exponent) from one per-chunk histogram;
+- ``tail`` pieces = sign ‖ remaining mantissa bits, cut into bytes from the least significant
+  end (the top piece may be narrower): coded when that pays, stored bit-packed otherwise.
+
+Types that are not floats (integers, bool, F64...) are one field of raw bytes. ``split`` and
+``merge`` are exact inverses on every bit pattern (NaN payloads, subnormals, -0 included).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    width: int  # bits per symbol (1..16)
+
+
+class Layout:
+    """How the words of one dtype split into fields (each an array of small unsigned ints)."""
+
+    itemsize: int = 1
+    fields: tuple[Field, ...] = (Field("bytes", 8),)
+
+    def split(self, raw: np.ndarray) -> list[np.ndarray]:  # raw: (nbytes,) uint8
+        return [raw]
+
+    def merge(self, parts: list[np.ndarray], n: int) -> np.ndarray:  # -> (n*itemsize,) uint8
+        return parts[0]
+
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+class FloatLayout(Layout):
+    """IEEE-like float with ``E`` exponent bits and ``M`` mantissa bits in an ``itemsize`` word."""
+
+    def __init__(self, itemsize: int, exp_bits: int, man_bits: int, k: int):
+        self.itemsize, self.E, self.M, self.k = itemsize, exp_bits, man_bits, k
+        self.word = _UINT[itemsize]
+        tail = 1 + man_bits - k  # sign + low mantissa bits
+        widths = [8] * (tail // 8) + ([tail % 8] if tail % 8 else [])
+        self.tail_widths = widths  # least significant piece first
+        self.fields = (Field("head", exp_bits + k),) + tuple(Field(f"tail{i}", w) for i, w in enumerate(widths))
+
+    def split(self, raw: np.ndarray) -> list[np.ndarray]:
+        x = raw.view(self.word)  # (n,)
+        E, M, k = self.E, self.M, self.k
+        low = M - k
+        head = ((x >> M) & ((1 << E) - 1)) << k | ((x >> low) & ((1 << k) - 1))
+        tail = (x >> (E + M)) << low | (x & ((1 << low) - 1))
+        parts = [head.astype(np.uint16 if E + k > 8 else np.uint8)]
+        shift = 0
+        for w in self.tail_widths:
+            parts.append(((tail >> shift) & ((1 << w) - 1)).astype(np.uint8))
+            shift += w
+        return parts
+
+    def merge(self, parts: list[np.ndarray], n: int) -> np.ndarray:
+        E, M, k = self.E, self.M, self.k
+        low = M - k
+        head = parts[0].astype(self.word)
+        tail = np.zeros(n, self.word)
+        shift = 0
+        for w, p in zip(self.tail_widths, parts[1:]):
+            tail |= p.astype(self.word) << shift
+            shift += w
+        sign = tail >> low
+        x = sign << (E + M) | (head >> k) << M | (head & ((1 << k) - 1)) << low | (tail & ((1 << low) - 1))
+        return x.astype(self.word).view(np.uint8)
+
+
+# safetensors dtype name -> layout. k (top mantissa bits in the head) is chosen so the head's
+# alphabet stays small (per-chunk model cost) while catching most of the mantissa skew.
+LAYOUTS: dict[str, Layout] = {
+    "BF16": FloatLayout(2, 8, 7, 2),
+    "F16": FloatLayout(2, 5, 10, 3),
+    "F32": FloatLayout(4, 8, 23, 2),
+    "F8_E4M3": FloatLayout(1, 4, 3, 3),
+    "F8_E5M2": FloatLayout(1, 5, 2, 2),
+}
+RAW = Layout()
+
+ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+def layout(dtype: str) -> Layout:
+    return LAYOUTS.get(dtype, RAW)
+
+
+def exponent(raw: np.ndarray, dtype: str) -> np.ndarray | None:
+    """The exponent field of a float tensor's words (None for non-floats)."""
+    lay = LAYOUTS.get(dtype)
+    if not isinstance(lay, FloatLayout):
+        return None
+    x = raw.view(lay.word)
+    return ((x >> lay.M) & ((1 << lay.E) - 1)).astype(np.uint8)

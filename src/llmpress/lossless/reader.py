@@ -1,0 +1,198 @@
+"""The ``.llmp`` container: a whole checkpoint, losslessly, in one indexed, checksummed file.
+
+Layout (little-endian)::
+
+    b"LLMPRESS" u32 version                          12-byte preamble
+    chunk payloads ...                               (see chunk.py), in file order
+    index: zstd-compressed JSON
+    u64 index offset | u64 index length | u32 crc32(index) | b"LLMPIDX1"   28-byte footer
+
+The index lists every input file (relative path, size, sha256) as segments that cover it byte
+for byte (segments.py): the safetensors header verbatim, one typed segment per tensor (name,
+dtype, shape, crc32 of its bytes), gaps. Each segment is a list of chunks ``[offset, length,
+raw bytes, crc32 of the payload]`` of ≈1 MiB of raw bytes. Config, tokenizer and other files
+are ``bytes`` segments, zstd-coded or stored. So one tensor is read by seeking to its chunks;
+chunks decode in parallel; every chunk, tensor and file is checked against its checksum.
+
+``pack`` and ``unpack`` stream: at most a few chunks per thread are in memory at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import zstandard
+
+from .chunk import decode_chunk
+from .planes import ITEMSIZE
+from .segments import MAX_NDIM
+
+MAGIC, VERSION = b"LLMPRESS", 1
+FOOTER = struct.Struct("<QQI8s")
+END = b"LLMPIDX1"
+CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 64 << 20
+MAX_INDEX = 1 << 30
+
+
+class CorruptError(ValueError):
+    """A packed file is truncated, corrupted or not an llmpress container."""
+
+
+def crc32(b: bytes | memoryview | np.ndarray) -> int:
+    return zlib.crc32(b) & 0xFFFFFFFF
+
+
+class Packed:
+    """A ``.llmp`` file opened for reading; the index is checked before anything is decoded."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            pre = f.read(12)
+            if len(pre) < 12 or pre[:8] != MAGIC:
+                raise CorruptError(f"{self.path}: not an llmpress container (bad magic)")
+            (ver,) = struct.unpack("<I", pre[8:])
+            if ver != VERSION:
+                raise CorruptError(f"{self.path}: container version {ver}, this llmpress reads {VERSION}")
+            if self.size < 12 + FOOTER.size:
+                raise CorruptError(f"{self.path}: truncated (no footer)")
+            f.seek(self.size - FOOTER.size)
+            off, ln, crc, end = FOOTER.unpack(f.read(FOOTER.size))
+            if end != END:
+                raise CorruptError(f"{self.path}: truncated or corrupted (footer missing)")
+            self.data_end = self.size - FOOTER.size - ln
+            if ln > MAX_INDEX or off != self.data_end or off < 12:
+                raise CorruptError(f"{self.path}: footer points outside the file")
+            f.seek(off)
+            blob = f.read(ln)
+        if crc32(blob) != crc:
+            raise CorruptError(f"{self.path}: index checksum mismatch")
+        try:
+            self.index = json.loads(zstandard.ZstdDecompressor().decompress(blob, max_output_size=MAX_INDEX))
+        except (zstandard.ZstdError, ValueError) as e:
+            raise CorruptError(f"{self.path}: unreadable index ({e})") from None
+        self._check_index()
+        self._fh = open(self.path, "rb")
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "Packed":
+        return self
+
+    def __exit__(self, *a: Any) -> None:
+        self.close()
+
+    def _check_index(self) -> None:
+        """Refuse a lying index: chunks outside the payload area, sizes that do not add up."""
+        try:
+            for f in self.index["files"]:
+                pos = 0
+                if not isinstance(f["path"], str) or f["path"].startswith("/") or ".." in f["path"].split("/"):
+                    raise CorruptError(f"{self.path}: unsafe file path {f['path']!r}")
+                for s in f["segments"]:
+                    where = f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}")
+                    if s["offset"] != pos or s["dtype"] not in ITEMSIZE and s["dtype"] != "bytes":
+                        raise CorruptError(f"{where}: segment does not follow the previous one")
+                    if s["kind"] == "tensor":
+                        shape = s["shape"]
+                        if len(shape) > MAX_NDIM or any(not isinstance(d, int) or d < 0 for d in shape) or \
+                                int(np.prod(shape, dtype=object)) * ITEMSIZE[s["dtype"]] != s["length"]:
+                            raise CorruptError(f"{where}: shape {shape} does not match {s['length']} bytes")
+                    total = 0
+                    for i, (o, ln, raw, _) in enumerate(s["chunks"]):
+                        if not (12 <= o and o + ln <= self.data_end and 0 < raw <= MAX_CHUNK_BYTES):
+                            raise CorruptError(f"{where}, chunk {i}: lies outside the file or is too large")
+                        total += raw
+                    if total != s["length"]:
+                        raise CorruptError(f"{where}: chunks hold {total} bytes, segment says {s['length']}")
+                    pos += s["length"]
+                if pos != f["size"]:
+                    raise CorruptError(f"{self.path}: file {f['path']}: segments cover {pos} of {f['size']} bytes")
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, CorruptError):
+                raise
+            raise CorruptError(f"{self.path}: malformed index ({type(e).__name__}: {e})") from None
+
+    # -- decoding
+
+    def _decode(self, f: dict, s: dict, i: int, payload: bytes) -> np.ndarray:
+        o, ln, raw, crc = s["chunks"][i]
+        what = f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}") + f", chunk {i}"
+        if len(payload) != ln:
+            raise CorruptError(f"{what}: truncated")
+        if crc32(payload) != crc:
+            raise CorruptError(f"{what}: checksum mismatch (corrupted)")
+        try:
+            return decode_chunk(memoryview(payload), s["dtype"], raw)
+        except ValueError as e:
+            raise CorruptError(f"{what}: cannot decode ({e})") from None
+
+    def _read(self, o: int, ln: int) -> bytes:
+        # pread: safe from several threads on one handle
+        return os.pread(self._fh.fileno(), ln, o)
+
+    def iter_segment(self, f: dict, s: dict, ex: ThreadPoolExecutor | None = None, ahead: int = 4) -> Iterator[np.ndarray]:
+        """Decoded chunks of one segment, in order; the segment's crc32 is checked at the end."""
+        crc = 0
+        chunks = s["chunks"]
+        todo: deque[Future | np.ndarray] = deque()
+        job = lambda i: self._decode(f, s, i, self._read(chunks[i][0], chunks[i][1]))  # noqa: E731
+        for i in range(len(chunks)):
+            todo.append(ex.submit(job, i) if ex else job(i))
+            while len(todo) > ahead or (i == len(chunks) - 1 and todo):
+                r = todo.popleft()
+                out = r.result() if isinstance(r, Future) else r
+                crc = zlib.crc32(out, crc)
+                yield out
+        if (crc & 0xFFFFFFFF) != s["crc32"]:
+            what = f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}"
+            raise CorruptError(f"{self.path}: file {f['path']}, {what}: checksum mismatch")
+
+    def tensors(self) -> Iterator[tuple[dict, dict]]:
+        for f in self.index["files"]:
+            for s in f["segments"]:
+                if s["kind"] == "tensor":
+                    yield f, s
+
+    def tensor(self, name: str, ex: ThreadPoolExecutor | None = None) -> torch.Tensor:
+        """Decode one tensor (only its chunks are read)."""
+        for f, s in self.tensors():
+            if s["name"] == name:
+                buf = bytearray(s["length"])
+                pos = 0
+                for part in self.iter_segment(f, s, ex):
+                    buf[pos : pos + len(part)] = part.tobytes()
+                    pos += len(part)
+                return _to_torch(buf, s["dtype"], s["shape"])
+        raise KeyError(f"{self.path}: no tensor {name!r}")
+
+    def file_bytes(self, rel: str) -> bytes:
+        for f in self.index["files"]:
+            if f["path"] == rel:
+                return b"".join(p.tobytes() for s in f["segments"] for p in self.iter_segment(f, s))
+        raise KeyError(f"{self.path}: no file {rel!r}")
+
+
+_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+          "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+
+
+def _to_torch(buf: bytearray, dtype: str, shape: list[int]) -> torch.Tensor:
+    if not buf:
+        return torch.empty(shape, dtype=_TORCH[dtype])
+    return torch.frombuffer(buf, dtype=_TORCH[dtype]).reshape(shape)
+
+
