@@ -1,0 +1,63 @@
+"""``llmpress limit``: the rate–quality frontier, its knee and the compression limit."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .app import JSON_OPT, app, console, emit, fail
+
+
+@app.command("limit")
+def limit_cmd(
+    model: Optional[str] = typer.Argument(None, help="MODEL (default: the embedded smollm2-135m)."),
+    out: Path = typer.Option(Path("limit-report"), "-o", "--out", help="Report folder (results.jsonl, report.md, frontier.png)."),
+    budget: str = typer.Option("quick", "--budget", help="quick | full"),
+    max_kl: float = typer.Option(0.01, "--max-kl", help="Mean KL (nats) that counts as near-lossless."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="Evaluation text(s); default: two real corpora."),
+    ctx: int = typer.Option(512, "--ctx"),
+    tokens: int = typer.Option(4096, "--tokens", help="Evaluation tokens per point."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (default: the calibration mix)."),
+    samples: int = typer.Option(32, "--samples", help="Calibration windows."),
+    mixed_bpw: float = typer.Option(3.5, "--mixed-bpw", help="Target bits per weight of the mixed-precision point (0: none)."),
+    workers: int = typer.Option(1, "--workers", help="Points in parallel (Ray); 1 runs them in this process."),
+    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per point (fixed, so results repeat)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Sweep lossless, quantization and low-rank configurations; report the frontier and the limit."""
+    from ..limit import limit
+    from ..limit.report import HEADER, table_rows
+    from ..limit.sweep import read_results
+
+    if max_kl <= 0:
+        fail("--max-kl must be positive")
+    try:
+        s = limit(model, out, budget=budget, max_kl=max_kl, texts=text, ctx=ctx, tokens=tokens, calib=calib,
+                  samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=mixed_bpw or None)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        fail(str(e))
+
+    def show(s: dict) -> None:
+        rows = [r for r in read_results(Path(s["results"])) if r["label"] in {*s["frontier"], *_labels(s)}]
+        t = Table(title=f"compression limit of {s['model']}")
+        for h in HEADER:
+            t.add_column(h)
+        seen = set()
+        for r in table_rows(rows, set(s["frontier"])):
+            if r[0] not in seen:
+                seen.add(r[0])
+                t.add_row(*r)
+        console.print(t)
+        rec = s.get("recommendation")
+        if rec:
+            console.print(f"[bold]recommendation:[/] {rec['label']} ({rec['why']})\n  {rec['command']}")
+        console.print(f"report: {s['report']}")
+
+    emit(s, as_json, show)
+
+
+def _labels(s: dict) -> set[str]:
+    return {x for x in (s.get("knee"), s.get("near_lossless_kl"), s.get("near_lossless_ppl")) if x}

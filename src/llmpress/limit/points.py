@@ -1,0 +1,100 @@
+"""The configurations a sweep visits: one rate axis, many methods.
+
+A :class:`Point` is data: a label, the family it belongs to, the recipe (rules, as YAML would
+hold them) and the exact command that reproduces it. Budgets are lists of points.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str                       # e.g. "rtn-w4-g128"
+    family: str                      # lossless | rtn | gptq | awq | whiten | whiten+q | mixed
+    recipe: dict[str, Any] | None    # Recipe.to_dict(); None for the lossless codec
+    command: str                     # the CLI command that reproduces it ({model} and {out} filled later)
+    calib: bool = False              # needs calibration text
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, context: str) -> str:
+        """Identity of this point's result under a model + protocol context."""
+        blob = json.dumps({"ctx": context, "label": self.label, "recipe": self.recipe, "params": self.params}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def lossless() -> Point:
+    return Point("lossless", "lossless", None, "llmpress pack {model} -o {out}.llmp")
+
+
+def quant(method: str, bits: int, group: int, calib: bool = False) -> Point:
+    r = Recipe.uniform(method, bits=bits, group_size=group)
+    return Point(
+        f"{method}-w{bits}-g{group}", method, r.to_dict(),
+        f"llmpress quantize {{model}} -o {{out}} --method {method} --bits {bits} --group-size {group}",
+        calib=calib,
+    )
+
+
+def lowrank(method: str, ratio: float) -> Point:
+    r = Recipe.uniform(method, ratio=ratio)
+    return Point(
+        f"{method}-r{ratio:g}", method, r.to_dict(),
+        f"llmpress factorize {{model}} -o {{out}} --method {method} --ratio {ratio:g}", calib=True,
+    )
+
+
+def lowrank_quant(ratio: float, bits: int, group: int) -> Point:
+    """Whitened factors, then the factors quantized (codec ``whiten+q``)."""
+    r = Recipe.uniform("whiten+q", ratio=ratio, bits=bits, group_size=group)
+    return Point(
+        f"whiten+q-r{ratio:g}-w{bits}-g{group}", "whiten+q", r.to_dict(),
+        "llmpress compress {model} -o {out} --recipe recipe.yaml  # recipe in results.jsonl", calib=True,
+    )
+
+
+def _quick() -> list[Point]:
+    return [
+        lossless(),
+        quant("rtn", 8, 128),
+        quant("rtn", 6, 128),
+        quant("rtn", 5, 128),
+        quant("rtn", 4, 64),
+        quant("rtn", 4, 128),
+        quant("rtn", 3, 64),
+        quant("rtn", 3, 128),
+        quant("rtn", 2, 64),
+        quant("gptq", 4, 128, calib=True),
+        quant("gptq", 3, 128, calib=True),
+        lowrank("whiten", 0.9),
+    ]
+
+
+def _full() -> list[Point]:
+    pts = [lossless()]
+    for bits in (8, 6, 5, 4, 3, 2):
+        for g in (32, 64, 128):
+            pts.append(quant("rtn", bits, g))
+    for method in ("gptq", "awq"):
+        for bits, g in ((4, 128), (4, 64), (3, 128), (3, 64), (2, 64)):
+            pts.append(quant(method, bits, g, calib=True))
+    for ratio in (0.95, 0.9, 0.8, 0.6):
+        pts.append(lowrank("whiten", ratio))
+    pts.append(lowrank_quant(0.9, 4, 64))
+    pts.append(lowrank_quant(0.8, 8, 128))
+    return pts
+
+
+BUDGETS: dict[str, Callable[[], list[Point]]] = {"quick": _quick, "full": _full}
+
+
+def budget(name: str) -> list[Point]:
+    try:
+        return BUDGETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown budget {name!r}; known: {', '.join(BUDGETS)}") from None

@@ -1,0 +1,103 @@
+"""The sweep's report: ``report.md`` (tables, the recommendation, the protocol) and
+``frontier.png`` (KL and PPL on log scales against bits per weight)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..io.atomic import atomic_file
+
+PEERS_FILE = Path("bench/out/quant.json")  # written by bench/quant.py, when it has run
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    return "—" if v is None else (format(v, spec) if isinstance(v, (int, float)) else str(v))
+
+
+def table_rows(rows: list[dict[str, Any]], frontier: set[str]) -> list[list[str]]:
+    out = []
+    for r in sorted(rows, key=lambda r: r["bpw"]):
+        out.append([r["label"] + (" *" if r["label"] in frontier else ""), _fmt(r["bpw"], ".3f"), _fmt(r.get("kl_mean")),
+                    _fmt(r.get("kl_p99")), _fmt(r.get("top1"), ".4f"), _fmt(r.get("ppl"), ".3f"), _fmt(r.get("ratio"), ".3f"),
+                    _fmt(r.get("seconds"), ".0f")])
+    return out
+
+
+HEADER = ["point", "bpw", "KL mean", "KL p99", "top-1", "PPL", "bytes ratio", "s"]
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
+    front = set(s["frontier"])
+    lines = ["# Compression limit", "", f"Model: `{s['model']}`. Budget: {s['budget']}. Points: {len(rows)}.", ""]
+    rec = s.get("recommendation")
+    if rec:
+        lines += ["## Recommendation", "", f"**{rec['label']}**: {rec['why']}: {_fmt(rec['bpw'], '.3f')} bits per weight, "
+                  f"mean KL {_fmt(rec['kl_mean'])} nats, PPL {_fmt(rec['ppl'], '.3f')}.", "", "```sh", rec["command"], "```", ""]
+    ll = s.get("lossless")
+    lines += ["## Limits", ""]
+    if ll:
+        lines.append(f"- **Lossless limit**: `pack` stores {_fmt(ll['bpw'], '.3f')} bits per parameter (ratio {_fmt(ll['ratio'], '.4f')}); "
+                     f"the chunk-adaptive entropy bound is {_fmt(ll['bpw_bound'], '.3f')}; KL {_fmt(ll['kl_mean'])} (bit-exact).")
+    lines.append(f"- **Near-lossless (mean KL ≤ {s['max_kl']:g})**: {s['near_lossless_kl'] or 'none reached'}")
+    lines.append(f"- **Near-lossless (PPL within 1 %)**: {s['near_lossless_ppl'] or 'none reached'}")
+    lines.append(f"- **Knee**: {s['knee'] or 'not enough frontier points'} ({s['knee_method']})")
+    lines += ["", "## All points", "", "`*` marks the Pareto frontier of bits per weight against mean KL.", "",
+              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows, front)]
+    lines += ["", "## Protocol", "",
+              "Bits per weight count every stored byte (codes, scales, zeros, factors, metadata) of the linear "
+              "layers; embeddings and norms are kept as they were and counted in the bytes ratio. The lossless "
+              "point counts all tensors.", "", "```json", json.dumps(s.get("protocol"), indent=1, default=str), "```", ""]
+    with atomic_file(out / "report.md", force=True) as tmp:
+        tmp.write_text("\n".join(lines))
+    plot(out / "frontier.png", rows, s)
+
+
+def _peers() -> list[dict[str, Any]]:
+    try:
+        data = json.loads(PEERS_FILE.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    rows = data.get("rows", data) if isinstance(data, dict) else data
+    return [r for r in rows if isinstance(r, dict) and r.get("peer") and r.get("bpw") and r.get("kl_mean")]
+
+
+def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = [r for r in sorted(rows, key=lambda r: r["bpw"]) if r["label"] in set(s["frontier"])]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, name in ((axes[0], "kl_mean", "mean KL to the original (nats)"), (axes[1], "ppl", "perplexity")):
+        positive = [r[key] for r in rows if r.get(key)]
+        floor = min(positive) / 3 if positive else 1e-6  # where exact zeros (lossless) are drawn on a log axis
+        fams = sorted({r["family"] for r in rows})
+        for fam in fams:
+            pts = [r for r in rows if r["family"] == fam and r.get(key) is not None]
+            ys = [max(r[key], floor) for r in pts]
+            ax.scatter([r["bpw"] for r in pts], ys, label=fam, s=28)
+        fp = [r for r in front if r.get(key) is not None]
+        ax.plot([r["bpw"] for r in fp], [max(r[key], floor) for r in fp], "k--", lw=1, label="frontier (KL)")
+        knee = next((r for r in rows if r["label"] == s.get("knee")), None)
+        if knee and knee.get(key) is not None:
+            ax.scatter([knee["bpw"]], [max(knee[key], floor)], marker="*", s=250, c="red", zorder=5, label="knee")
+        peers = _peers()
+        if peers and key == "kl_mean":
+            ax.scatter([p["bpw"] for p in peers], [p["kl_mean"] for p in peers], marker="x", c="grey", label="peers")
+        if key == "ppl" and rows and rows[0].get("ref_ppl"):
+            ax.axhline(rows[0]["ref_ppl"], color="grey", lw=0.8, ls=":", label="original")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (everything stored)")
+        ax.set_ylabel(name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{s['model']}: rate–quality frontier")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,140 @@
+"""Running one point of a sweep, and running many: in process, or fanned out on Ray.
+
+A point is compressed into a scratch folder, judged against the original with the shared
+(cached) reference log-probabilities, and reduced to one row; the scratch output is removed.
+Executors are a registry, so the sweep does not care where a point runs.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..recipe import Recipe
+from .points import Point
+
+log = logging.getLogger(__name__)
+
+Task = tuple[Point, dict[str, Any]]  # the point and the sweep settings it needs
+
+
+def _judge(path: Path, settings: dict[str, Any], tokenizer: Any = None) -> dict[str, Any]:
+    from ..evaluate import evaluate
+
+    return evaluate(str(path), reference=settings["model"], text=settings["texts"], ctx=settings["ctx"],
+                    tokens=settings["tokens"], tokenizer=tokenizer)
+
+
+_EVAL_KEYS = ("ppl", "ref_ppl", "kl_mean", "kl_median", "kl_p99", "kl_max", "top1", "ln_ppl_ratio", "ln_ppl_ratio_se",
+              "tokens_per_s", "peak_rss_bytes", "protocol", "cos_mean", "cos_min")
+
+
+def _lossless(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]:
+    from ..lossless.container import pack
+    from ..models import TensorStore, load_tokenizer, resolve
+
+    dst = work / "model.llmp"
+    packed = pack(settings["model"], dst, force=True, threads=settings["threads"])
+    params = sum(t.numel() for _, t in TensorStore(resolve(settings["model"])).items())
+    ev = _judge(dst, settings, tokenizer=load_tokenizer(settings["model"]))  # the container holds the same one
+    return {
+        **{k: ev.get(k) for k in _EVAL_KEYS},
+        "bpw": 8 * packed["tensor_bytes_out"] / params,
+        "bpw_bound": 8 * packed["bound_bytes"] / params,
+        "bpw_scope": "all tensors",
+        "bytes_in": packed["bytes_in"],
+        "bytes_out": packed["bytes_out"],
+        "ratio": packed["ratio"],
+    }
+
+
+def _lossy(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]:
+    from ..pipeline import compress
+
+    recipe = Recipe.from_dict(point.recipe) if point.recipe is not None else None
+    extra: dict[str, Any] = {}
+    if point.family == "mixed":
+        from .mixed import mixed_recipe
+
+        recipe, extra = mixed_recipe(settings["model"], point.params["target_bpw"], group=point.params["group"],
+                                     calib=settings["calib"], samples=settings["samples"], seq_len=settings["seq_len"])
+        extra = {"allocation": extra["widths"], "recipe": recipe.to_dict()}
+    assert recipe is not None
+    out = work / "out"
+    summary = compress(settings["model"], recipe, out, calib=settings["calib"], samples=settings["samples"],
+                       seq_len=settings["seq_len"], progress=False)
+    ev = _judge(out, settings)
+    return {
+        **{k: ev.get(k) for k in _EVAL_KEYS},
+        "bpw": summary["bpw"],
+        "bpw_scope": "linear layers",
+        "bytes_in": summary["bytes_in"],
+        "bytes_out": summary["bytes_out"],
+        "ratio": summary["ratio"],
+        "compress_seconds": summary["seconds"],
+        **extra,
+    }
+
+
+def run_point(point: Point, settings: dict[str, Any]) -> dict[str, Any]:
+    """Compress, judge, clean up: one row of results.jsonl (without its key)."""
+    torch.set_num_threads(settings["threads"])
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="llmpress-limit-", dir=settings.get("scratch")))
+    try:
+        fn = _lossless if point.family == "lossless" else _lossy
+        row = fn(point, settings, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    row.update(label=point.label, family=point.family, recipe=row.get("recipe", point.recipe),
+               command=point.command.format(model=settings["model"], out=point.label), seconds=time.perf_counter() - t0)
+    return row
+
+
+Executor = Callable[[list[Task], int, str | None], Iterator[tuple[Point, dict[str, Any]]]]
+EXECUTORS: dict[str, Executor] = {}
+
+
+def executor(name: str) -> Callable[[Executor], Executor]:
+    def deco(fn: Executor) -> Executor:
+        EXECUTORS[name] = fn
+        return fn
+
+    return deco
+
+
+@executor("local")
+def _local(tasks: list[Task], workers: int, address: str | None) -> Iterator[tuple[Point, dict[str, Any]]]:
+    for point, settings in tasks:
+        yield point, run_point(point, settings)
+
+
+@executor("ray")
+def _ray(tasks: list[Task], workers: int, address: str | None) -> Iterator[tuple[Point, dict[str, Any]]]:
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("parallel points need Ray: pip install ray (or use --workers 1)") from None
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        remote = ray.remote(num_cpus=1)(run_point)
+        pending = {remote.remote(p, s): p for p, s in tasks}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                yield pending.pop(ref), ray.get(ref)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,151 @@
+"""``llmpress limit``: sweep configurations over one rate axis and find the compression limit.
+
+Results are appended to ``results.jsonl`` as each point finishes, keyed by the model's
+fingerprint, the evaluation protocol and the point's recipe: a re-run skips finished points,
+and a changed model or text gives new keys (the old rows are ignored, not mixed in).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..models import DEFAULT_CAUSAL, TensorStore, resolve
+from .frontier import KNEE_METHOD, knee, pareto, smallest
+from .points import Point, budget as budget_points
+from .report import write_report
+from .runner import EXECUTORS
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+
+
+def _fingerprint(model: str) -> str:
+    src = resolve(model)
+    h = hashlib.sha256()
+    for f in TensorStore(src).files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _text_digest(texts: list[str]) -> str:
+    from ..text import load_text
+
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(hashlib.sha256(load_text(t).encode()).digest())
+    return h.hexdigest()[:16]
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: skipping a torn line (an interrupted write)", path)
+    return rows
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def limit(
+    model: str | None = None,
+    out: str | Path = "limit-report",
+    *,
+    budget: str = "quick",
+    points: list[Point] | None = None,
+    max_kl: float = 0.01,
+    texts: list[str] | None = None,
+    ctx: int = 512,
+    tokens: int = 4096,
+    calib: str | None = None,
+    samples: int = 32,
+    seq_len: int = 512,
+    workers: int = 1,
+    address: str | None = None,
+    threads: int | None = None,
+    mixed_bpw: float | None = 3.5,
+) -> dict[str, Any]:
+    """Sweep ``points`` (or the named ``budget``) on ``model`` and write the report to ``out``.
+
+    Returns the summary: the frontier, the lossless limit, the near-lossless points, the knee
+    and the recommendation."""
+    from ..text import CALIB_DEFAULT, EVAL_DEFAULTS
+
+    t0 = time.perf_counter()
+    model = model or DEFAULT_CAUSAL
+    texts = texts or list(EVAL_DEFAULTS)
+    threads = threads or max(1, (os.cpu_count() or 2) // max(1, workers))
+    pts = list(points) if points is not None else budget_points(budget)
+    if points is None and mixed_bpw:
+        from .points import Point as P
+
+        pts.append(P(f"mixed-{mixed_bpw:g}bpw-g64", "mixed", None,
+                     f"llmpress limit {{model}} --mixed-bpw {mixed_bpw:g}  # recipe in results.jsonl",
+                     calib=True, params={"target_bpw": mixed_bpw, "group": 64}))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"model": model, "texts": texts, "ctx": ctx, "tokens": tokens, "calib": calib or CALIB_DEFAULT,
+                "samples": samples, "seq_len": seq_len, "threads": threads}
+    context = json.dumps({"model": _fingerprint(model), "text": _text_digest(texts), "ctx": ctx, "tokens": tokens,
+                          "calib": settings["calib"], "samples": samples, "seq_len": seq_len, "threads": threads},
+                         sort_keys=True)
+    results_path = out / RESULTS
+    done = {r["key"]: r for r in read_results(results_path) if "key" in r}
+    todo = [(p, settings) for p in pts if p.key(context) not in done]
+    log.info("%d points, %d already in %s", len(pts), len(pts) - len(todo), results_path)
+    run = EXECUTORS["local" if workers <= 1 and not address else "ray"]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="limit", unit="point")
+    for point, row in run(todo, workers, address):
+        row["key"] = point.key(context)
+        _append(results_path, row)
+        done[row["key"]] = row
+        bar.set_postfix_str(f"{point.label}: bpw {row['bpw']:.2f} KL {row.get('kl_mean') or 0:.4f}")
+        bar.update()
+    bar.close()
+    rows = [done[p.key(context)] for p in pts]
+    summary = summarize(rows, max_kl)
+    summary.update(model=model, budget=budget if points is None else "custom", seconds=time.perf_counter() - t0,
+                   results=str(results_path), report=str(out / "report.md"), plot=str(out / "frontier.png"),
+                   protocol={**(rows[0].get("protocol") or {}), "settings": {k: v for k, v in settings.items()}})
+    write_report(out, rows, summary)
+    return summary
+
+
+def summarize(rows: list[dict[str, Any]], max_kl: float) -> dict[str, Any]:
+    """Frontier, lossless limit, near-lossless points, knee and a recommendation."""
+    lossy = [r for r in rows if r["family"] != "lossless"]
+    front = pareto(rows, "bpw", "kl_mean")
+    k = knee([r for r in front if r["family"] != "lossless"], "bpw", "kl_mean")
+    ll = next((r for r in rows if r["family"] == "lossless"), None)
+    near_kl = smallest(lossy, lambda r: r.get("kl_mean") is not None and r["kl_mean"] <= max_kl)
+    near_ppl = smallest(lossy, lambda r: r.get("ppl") and r.get("ref_ppl") and r["ppl"] <= 1.01 * r["ref_ppl"])
+    rec = near_kl or k
+    why = (f"the smallest configuration with mean KL ≤ {max_kl:g} nats" if near_kl else
+           "the knee of the frontier (no configuration reached the KL threshold)")
+    return {
+        "frontier": [r["label"] for r in front],
+        "lossless": {"bpw": ll["bpw"], "bpw_bound": ll.get("bpw_bound"), "ratio": ll["ratio"], "kl_mean": ll.get("kl_mean")} if ll else None,
+        "near_lossless_kl": near_kl["label"] if near_kl else None,
+        "near_lossless_ppl": near_ppl["label"] if near_ppl else None,
+        "max_kl": max_kl,
+        "knee": k["label"] if k else None,
+        "knee_method": KNEE_METHOD,
+        "recommendation": {"label": rec["label"], "why": why, "command": rec["command"], "bpw": rec["bpw"],
+                           "kl_mean": rec.get("kl_mean"), "ppl": rec.get("ppl")} if rec else None,
+    }
