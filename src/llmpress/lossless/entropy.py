@@ -33,6 +33,8 @@ def pack_bits(sym: np.ndarray, width: int) -> bytes:
     n = len(sym)
     if width in (8, 16):
         return sym.astype(np.uint8 if width == 8 else "<u2").tobytes()
+    if width > 8:  # low bytes, then the high (width - 8)-bit parts
+        return (sym & 0xFF).astype(np.uint8).tobytes() + pack_bits((sym >> 8).astype(np.uint8), width - 8)
     g = 8 // np.gcd(8, width)  # symbols per group; a group is g*width/8 whole bytes
     nb = g * width // 8
     pad = (-n) % g
@@ -51,6 +53,9 @@ def unpack_bits(buf: bytes | memoryview, n: int, width: int) -> np.ndarray:
         raise ValueError(f"raw stream holds {len(buf)} bytes, expected {need}")
     if width in (8, 16):
         return np.frombuffer(buf, np.uint8 if width == 8 else "<u2").astype(dt)
+    if width > 8:
+        low = np.frombuffer(buf, np.uint8, n).astype(np.uint16)
+        return low | unpack_bits(buf[n:], n, width - 8).astype(np.uint16) << 8
     g = 8 // np.gcd(8, width)
     nb = g * width // 8
     groups = -(-n // g)
