@@ -1,0 +1,141 @@
+"""Lossless benchmark: llmpress vs ZipNN vs zstd -3 on all-MiniLM-L6-v2 (FP32 as shipped, and BF16).
+
+    .venv/bin/python bench/lossless.py [--reps 3]
+
+Ratio = compressed size / file size (whole safetensors file, header included); encode and
+decode throughput in MB/s of the original file (best of ``--reps``), at 1 and 2 threads.
+llmpress decode = ``verify`` (decode everything in memory and check every checksum). ZipNN
+runs in its own venv (bench/.venvs/zipnn, created here with the torch pin) in a subprocess,
+on a copy of the bytes (it reorders the buffer it is given). Results: bench/out/lossless.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+VENV = HERE / ".venvs" / "zipnn"
+TORCH_PIN = "torch==2.13.0"
+
+ZIPNN_SCRIPT = r"""
+import json, sys, time, zipnn
+path, dtype, threads, reps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+data = open(path, "rb").read()
+z = zipnn.ZipNN(input_format="byte", bytearray_dtype=dtype, threads=threads)
+enc = dec = float("inf")
+for _ in range(reps):
+    buf = bytearray(data)                      # zipnn reorders the buffer it is given
+    t = time.perf_counter(); c = bytes(z.compress(buf)); enc = min(enc, time.perf_counter() - t)
+    t = time.perf_counter(); d = z.decompress(bytearray(c)); dec = min(dec, time.perf_counter() - t)
+assert bytes(d) == data, "zipnn round trip failed"
+print(json.dumps({"bytes_out": len(c), "enc_s": enc, "dec_s": dec}))
+"""
+
+
+def ensure_zipnn() -> Path:
+    py = VENV / "bin" / "python"
+    if py.exists() and subprocess.run([py, "-c", "import zipnn"], capture_output=True).returncode == 0:
+        return py
+    print("creating", VENV, "(torch pin first, then zipnn)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    pin = VENV / "pin.txt"
+    pin.write_text(TORCH_PIN + "\n")
+    subprocess.run([py, "-m", "pip", "install", "-q", TORCH_PIN], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", "-c", pin, "zipnn"], check=True)
+    return py
+
+
+def inputs() -> dict[str, Path]:
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    from llmpress.models import resolve
+
+    fp32 = resolve("minilm-l6").path / "model.safetensors"
+    bf16 = OUT / "minilm-l6-bf16.safetensors"
+    if not bf16.exists():
+        sd = load_file(str(fp32))
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, str(bf16))
+    return {"FP32": fp32, "BF16": bf16}
+
+
+def run_llmpress(path: Path, threads: int, reps: int, policy: str) -> dict:
+    from llmpress.lossless.container import pack, verify
+
+    enc = dec = float("inf")
+    with tempfile.TemporaryDirectory(dir=OUT) as d:
+        out = Path(d) / "x.llmp"
+        for _ in range(reps):
+            t = time.perf_counter()
+            pack(path, out, force=True, threads=threads, policy=policy)
+            enc = min(enc, time.perf_counter() - t)
+            t = time.perf_counter()
+            verify(out, threads=threads)
+            dec = min(dec, time.perf_counter() - t)
+        return {"bytes_out": out.stat().st_size, "enc_s": enc, "dec_s": dec}
+
+
+def run_zstd(path: Path, threads: int, reps: int) -> dict:
+    import zstandard
+
+    data = path.read_bytes()
+    enc = dec = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        c = zstandard.ZstdCompressor(level=3, threads=threads if threads > 1 else 0).compress(data)
+        enc = min(enc, time.perf_counter() - t)
+        t = time.perf_counter()
+        d = zstandard.ZstdDecompressor().decompress(c)
+        dec = min(dec, time.perf_counter() - t)
+    assert d == data
+    return {"bytes_out": len(c), "enc_s": enc, "dec_s": dec}
+
+
+def run_zipnn(py: Path, path: Path, dtype: str, threads: int, reps: int) -> dict:
+    r = subprocess.run([py, "-c", ZIPNN_SCRIPT, str(path), dtype, str(threads), str(reps)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if r.returncode:
+        raise RuntimeError(f"zipnn failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    zpy = ensure_zipnn()
+    rows = []
+    for label, path in inputs().items():
+        size = path.stat().st_size
+        for th in args.threads:
+            os.environ["OMP_NUM_THREADS"] = str(th)
+            runs = {
+                "llmpress (ans)": lambda: run_llmpress(path, th, args.reps, "ans"),
+                "llmpress (zstd)": lambda: run_llmpress(path, th, args.reps, "zstd"),
+                "zipnn": lambda: run_zipnn(zpy, path, {"FP32": "float32", "BF16": "bfloat16"}[label], th, args.reps),
+                "zstd -3": lambda: run_zstd(path, th, args.reps),
+            }
+            for name, fn in runs.items():
+                r = fn()
+                rows.append({"file": label, "tool": name, "threads": th, "bytes_in": size, "bytes_out": r["bytes_out"],
+                             "ratio": r["bytes_out"] / size, "enc_MBps": size / r["enc_s"] / 1e6,
+                             "dec_MBps": size / r["dec_s"] / 1e6})
+                print(f"{label} {name:16s} t={th} ratio {rows[-1]['ratio']:.4f}", file=sys.stderr)
+    (OUT / "lossless.json").write_text(json.dumps({"rows": rows, "cpus": os.cpu_count()}, indent=1))
+    print(f"\n{'file':5s} {'tool':16s} {'thr':>3s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s}")
+    for r in rows:
+        print(f"{r['file']:5s} {r['tool']:16s} {r['threads']:3d} {r['ratio']:7.4f} {r['enc_MBps']:9.1f} {r['dec_MBps']:9.1f}")
+    print(f"\nwrote {OUT / 'lossless.json'}")
+
+
+if __name__ == "__main__":
+    main()
