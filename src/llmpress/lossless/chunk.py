@@ -45,10 +45,11 @@ def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "ans") -> tuple[byte
     st = ChunkStats()
     out = [struct.pack("<B", len(parts))]
     for f, sym in zip(lay.fields, parts):
-        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)])
+        h = entropy_bits(sym, f.width)
+        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)], h)
         out.append(struct.pack("<BI", bid, len(payload)))
         out.append(payload)
-        st.bound_bits += min(entropy_bits(sym, f.width), float(len(sym) * f.width))
+        st.bound_bits += min(h, float(len(sym) * f.width))
         st.streams[BY_ID[bid].name] = st.streams.get(BY_ID[bid].name, 0) + len(payload)
     if isinstance(lay, FloatLayout):
         st.exp_hist = np.bincount(parts[0] >> lay.k, minlength=1 << lay.E)

@@ -175,23 +175,28 @@ def entropy_bits(sym: np.ndarray, width: int) -> float:
     return float(-(c * np.log2(c / n)).sum())
 
 
-def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...]) -> tuple[int, bytes]:
+def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
+                  est_bits: float | None = None) -> tuple[int, bytes]:
     """Smallest payload among ``raw`` and the candidates worth trying: (backend id, payload).
 
-    A candidate is skipped when the order-0 entropy says it cannot beat raw by 1 %, unless it
-    is zstd (whose LZ stage can beat order-0 on repeats; it is cheap on incompressible data).
+    ``ans`` is skipped when the order-0 entropy (``est_bits``, computed if not given) says it
+    cannot beat raw by 1 %; zstd is always tried (its LZ stage can beat order-0 on repeats).
     """
-    best = (0, pack_bits(sym, width))
-    if len(sym) == 0:
-        return best
-    est = entropy_bits(sym, width) / 8
-    for name in candidates:
-        if name == "ans" and est > 0.99 * len(best[1]):
-            continue
-        payload = BACKENDS[name].encode(sym, width)
-        if len(payload) < len(best[1]):
-            best = (BACKENDS[name].id, payload)
-    return best
+    raw_len = (len(sym) * width + 7) // 8
+    best: tuple[int, bytes | None] = (0, None)
+    size = raw_len
+    if len(sym):
+        for name in candidates:
+            if name == "ans":
+                est = entropy_bits(sym, width) if est_bits is None else est_bits
+                if est / 8 > 0.99 * raw_len:
+                    continue
+            payload = BACKENDS[name].encode(sym, width)
+            if len(payload) < size:
+                best, size = (BACKENDS[name].id, payload), len(payload)
+    if best[1] is None:
+        return 0, pack_bits(sym, width)
+    return best  # type: ignore[return-value]
 
 
 def decode_stream(bid: int, payload: memoryview, n: int, width: int) -> np.ndarray:
