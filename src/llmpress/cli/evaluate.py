@@ -1,0 +1,91 @@
+"""``llmpress eval``: perplexity, fidelity to the original and cost, with the protocol stated."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from .app import JSON_OPT, app, console, emit, fail
+
+_ROWS = [  # (key, label, format)
+    ("ppl", "perplexity", "{:.4f}"),
+    ("ln_ppl_ratio", "ln(PPL ratio)", "{:+.5f}"),
+    ("ln_ppl_ratio_se", "  ± std. error", "{:.5f}"),
+    ("kl_mean", "KL mean (nats/token)", "{:.5f}"),
+    ("kl_median", "KL median", "{:.5f}"),
+    ("kl_p99", "KL p99", "{:.5f}"),
+    ("kl_max", "KL max", "{:.5f}"),
+    ("top1", "top-1 agreement", "{:.2%}"),
+    ("cos_mean", "embedding cosine mean", "{:.6f}"),
+    ("cos_min", "embedding cosine worst", "{:.6f}"),
+    ("bpw", "bits per weight", "{:.3f}"),
+    ("bytes", "bytes on disk", "{:,}"),
+    ("peak_rss_bytes", "peak RSS while running", "{:,}"),
+    ("tokens_per_s", "tokens/s", "{:.1f}"),
+]
+_REF_KEY = {"ppl": "ref_ppl", "bpw": "ref_bpw", "bytes": "bytes_in", "peak_rss_bytes": "ref_peak_rss_bytes",
+            "tokens_per_s": "ref_tokens_per_s"}
+
+
+def _fmt(fmt: str, v: Any) -> str:
+    return "" if v is None else fmt.format(v)
+
+
+def _show(r: dict[str, Any]) -> None:
+    t = Table(title=f"llmpress eval · {r['model']}")
+    t.add_column("metric", style="bold")
+    t.add_column("model", justify="right")
+    has_ref = r.get("reference") is not None
+    if has_ref:
+        t.add_column("reference", justify="right")
+    view = {**r, "bytes": r.get("bytes_out")}
+    for key, label, fmt in _ROWS:
+        if view.get(key) is None:
+            continue
+        row = [label, _fmt(fmt, view[key])]
+        if has_ref:
+            row.append(_fmt(fmt, view.get(_REF_KEY.get(key, ""))))
+        t.add_row(*row)
+    console.print(t)
+    for name, s in (r.get("texts") or {}).items():
+        console.print(f"  {name}: ppl {s['ppl']:.4f} (reference {s['ref_ppl']:.4f}), KL mean {s['kl_mean']:.5f}, top-1 {s['top1']:.2%}")
+    p = r["protocol"]
+    if "ctx" in p:
+        texts = ", ".join(f"{x['name']} ({x['windows']} windows, sha256 {x['sha256'][:12]})" for x in p["texts"])
+        console.print(f"protocol: {p['windows']} windows × {p['ctx']} tokens, {p['scored_tokens']} scored; {texts}; "
+                      f"tokenizer {p['tokenizer']} {p['tokenizer_sha256'][:12]}; {p['threads']} threads")
+    else:
+        texts = ", ".join(f"{x['name']} ({x['sentences']} sentences)" for x in p["texts"])
+        console.print(f"protocol: {p['sentences']} sentences, {p['pooling']}; {texts}; {p['threads']} threads")
+    console.print(f"{r['seconds']:.1f} s")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model: a path, an llmpress folder, a hub id, or smollm2-135m / minilm-l6."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r",
+                                            help="The original to compare with (default: the source an llmpress folder names)."),
+    text: Optional[list[str]] = typer.Option(None, "--text", "-t",
+                                             help="Corpus name, text file or hf:NAME[:CONFIG][:SPLIT]; repeat for several "
+                                                  "(default: debian-handbook and linux-doc)."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per window."),
+    tokens: int = typer.Option(16384, "--tokens", help="Tokens in all (split evenly among the texts)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: OMP_NUM_THREADS or all cores)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference instead of using the disk cache."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Perplexity, KL divergence and top-1 agreement against the original on real text, and the cost."""
+    import torch
+
+    from ..evaluate import evaluate
+
+    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", 0) or os.cpu_count() or 1))
+    try:
+        r = evaluate(model, reference=reference, text=(text if text and len(text) > 1 else (text[0] if text else None)),
+                     ctx=ctx, tokens=tokens, cache=not no_cache)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+        fail(str(e))
+        return
+    emit(r, as_json, _show)

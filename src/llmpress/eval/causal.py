@@ -1,0 +1,240 @@
+"""Perplexity and fidelity of a causal LM to its original, against a cached reference.
+
+The reference is the original model's next-token distribution at every scored position,
+kept compactly: the top-k log-probabilities with their token ids, plus the log of the mass
+left outside those k tokens ("rest"), plus the log-probability of the true next token.
+Against it, the KL divergence of a model is computed on the partition {top-k tokens of the
+reference, everything else}:
+
+    KL_k(p‖q) = Σ_{i ∈ topk(p)} p_i (log p_i − log q_i) + p_rest (log p_rest − log q_rest)
+
+which is exact for a model identical to the reference (every term is x − x = 0) and, for any
+other model, a lower bound of the full KL(p‖q) (merging outcomes never increases a
+divergence); with k = 128 the gap is the divergence inside the reference's tail, whose mass
+is typically < 1 %. Log-probabilities are kept in float32 so that the identity is exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..models import cache_dir
+from .cost import RSSMeter
+from .windows import Protocol, make_windows
+
+log = logging.getLogger(__name__)
+
+TOPK = 128
+
+
+def default_batch(ctx: int) -> int:
+    return max(1, 2048 // ctx)  # (B, ctx, V) float32 logits stay near 400 MB for a 49k vocabulary
+
+
+def _logprob_batches(model: torch.nn.Module, ids: Tensor, batch_size: int):
+    """Yield ``(start, targets (B, T-1), logprobs (B, T-1, V) float32)`` for each batch of windows."""
+    with torch.inference_mode():
+        for s in range(0, ids.shape[0], batch_size):
+            x = ids[s : s + batch_size]
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+            if not torch.isfinite(logits).all():
+                bad = (~torch.isfinite(logits)).any(-1).nonzero()[0].tolist()
+                raise ValueError(f"the model produced non-finite logits (window {s + bad[0]}, position {bad[1]})")
+            yield s, x[:, 1:], torch.log_softmax(logits, dim=-1)
+
+
+def _rest(lp: Tensor, idx: Tensor) -> Tensor:
+    """log of the probability mass outside ``idx``; overwrites ``lp`` (to spare a copy)."""
+    return lp.scatter_(-1, idx, float("-inf")).logsumexp(-1)
+
+
+def _quantile(x: Tensor, q: float) -> float:
+    return float(torch.quantile(x.double(), q)) if x.numel() else float("nan")
+
+
+def _window_se(per_token: Tensor, ctx1: int) -> float:
+    """Standard error of the mean of ``per_token`` (W*(ctx-1),) over windows (tokens within a
+    window are correlated; windows are treated as independent samples)."""
+    w = per_token.double().view(-1, ctx1).mean(1)
+    return float(w.std(unbiased=True) / math.sqrt(w.numel())) if w.numel() > 1 else float("nan")
+
+
+@dataclass
+class Reference:
+    """The original model's next-token distributions on a protocol's windows (N = W·(ctx−1))."""
+
+    protocol: Protocol
+    ids: Tensor  # (W, ctx) int64
+    domain: Tensor  # (W,) int64
+    topk_idx: Tensor  # (N, k) int32, sorted by descending probability
+    topk_lp: Tensor  # (N, k) float32
+    log_rest: Tensor  # (N,) float32
+    target_lp: Tensor  # (N,) float32
+    model_info: dict = field(default_factory=dict)  # model_type, vocab_size, name, fingerprint
+    cost: dict = field(default_factory=dict)  # tokens_per_s, peak_rss_bytes, seconds of the original
+
+    # ------------------------------------------------------------------ building and caching
+    @classmethod
+    def build(cls, model: "torch.nn.Module | Callable[[], torch.nn.Module]", tokenizer, texts: list, *, ctx: int = 512,
+              tokens: int = 16384, k: int = TOPK, batch_size: int | None = None, fingerprint: str | None = None,
+              name: str = "", cache: bool = True, describe: Callable[[torch.nn.Module], dict] | None = None) -> "Reference":
+        """Run the original once over the windows, or load the result from the disk cache
+        (keyed by the model's fingerprint, the texts' hashes and the protocol). ``model`` may be
+        a function that loads it, called only on a cache miss; ``describe(model)`` adds figures
+        about the original (bits per weight, bytes) to ``cost``, cached with the rest."""
+        bs = batch_size or default_batch(ctx)
+        ids, domain, proto = make_windows(tokenizer, texts, ctx, tokens, bs)
+        path = None
+        if cache and fingerprint:
+            key = f"{fingerprint[:16]}-{proto.key()}-k{k}"
+            path = cache_dir() / "reference" / f"{key}.safetensors"
+            if path.exists():
+                ref = cls.load(path)
+                if torch.equal(ref.ids, ids):
+                    log.info("reference loaded from %s", path)
+                    ref.protocol.threads = proto.threads
+                    return ref
+        if not isinstance(model, torch.nn.Module):
+            model = model()
+        vocab = _vocab_of(model)
+        if int(ids.max()) >= vocab:
+            raise ValueError(f"the tokenizer yields token id {int(ids.max())} but the model's vocabulary has {vocab} tokens")
+        k = min(k, vocab)
+        N = ids.shape[0] * (ctx - 1)
+        topk_idx = torch.empty(N, k, dtype=torch.int32)
+        topk_lp = torch.empty(N, k)
+        log_rest, target_lp = torch.empty(N), torch.empty(N)
+        meter = RSSMeter()
+        t0 = time.perf_counter()
+        with meter:
+            for s, tgt, lp in _logprob_batches(model, ids, bs):
+                a, b = s * (ctx - 1), (s + tgt.shape[0]) * (ctx - 1)
+                target_lp[a:b] = lp.gather(-1, tgt.unsqueeze(-1)).reshape(-1)
+                v, i = lp.topk(k, dim=-1)  # (B, T-1, k)
+                topk_lp[a:b], topk_idx[a:b] = v.reshape(-1, k), i.reshape(-1, k).to(torch.int32)
+                log_rest[a:b] = _rest(lp, i).reshape(-1)
+        secs = time.perf_counter() - t0
+        ref = cls(proto, ids, domain, topk_idx, topk_lp, log_rest, target_lp,
+                  model_info={"model_type": _model_type(model), "vocab_size": vocab, "name": name, "fingerprint": fingerprint},
+                  cost={"seconds": secs, "tokens_per_s": ids.numel() / secs, "peak_rss_bytes": meter.peak,
+                        **(describe(model) if describe else {})})
+        if path is not None:
+            ref.save(path)
+        return ref
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tensors = {"ids": self.ids, "domain": self.domain, "topk_idx": self.topk_idx, "topk_lp": self.topk_lp,
+                   "log_rest": self.log_rest, "target_lp": self.target_lp}
+        meta = {"protocol": json.dumps(self.protocol.to_dict()), "model": json.dumps(self.model_info), "cost": json.dumps(self.cost)}
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Reference":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as h:
+            meta = h.metadata()
+        t = load_file(str(path))
+        return cls(Protocol(**json.loads(meta["protocol"])), t["ids"], t["domain"], t["topk_idx"], t["topk_lp"],
+                   t["log_rest"], t["target_lp"], json.loads(meta["model"]), json.loads(meta["cost"]))
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(-float(self.target_lp.double().mean()))
+
+    # ------------------------------------------------------------------ comparing
+    def check(self, model: torch.nn.Module, tokenizer_sha256: str | None) -> None:
+        """Refuse comparisons that would be meaningless: another tokenizer, vocabulary or architecture."""
+        if tokenizer_sha256 is not None and tokenizer_sha256 != self.protocol.tokenizer_sha256:
+            raise ValueError("the model's tokenizer differs from the reference's (vocabulary or special tokens): "
+                             "next-token distributions cannot be compared")
+        vocab, mt = _vocab_of(model), _model_type(model)
+        if vocab != self.model_info.get("vocab_size"):
+            raise ValueError(f"the model's vocabulary has {vocab} tokens, the reference's {self.model_info.get('vocab_size')}")
+        if self.model_info.get("model_type") and mt != self.model_info["model_type"]:
+            raise ValueError(f"the model's architecture {mt!r} differs from the reference's {self.model_info['model_type']!r}")
+
+    def compare(self, model: torch.nn.Module, tokenizer_sha256: str | None = None) -> dict:
+        """Perplexity of ``model`` and its fidelity to the reference, pooled and per text."""
+        self.check(model, tokenizer_sha256)
+        ctx1 = self.protocol.ctx - 1
+        N = self.target_lp.numel()
+        kl, tlp, agree = torch.empty(N, dtype=torch.float64), torch.empty(N), torch.empty(N, dtype=torch.bool)
+        p_ref = self.topk_lp.exp()  # (N, k)
+        p_rest = self.log_rest.exp()
+        meter = RSSMeter()
+        t0 = time.perf_counter()
+        with meter:
+            for s, tgt, lp in _logprob_batches(model, self.ids, self.protocol.batch_size):
+                a, b = s * ctx1, (s + tgt.shape[0]) * ctx1
+                lp = lp.reshape(b - a, -1)  # (n, V)
+                idx = self.topk_idx[a:b].long()
+                tlp[a:b] = lp.gather(-1, tgt.reshape(-1, 1)).squeeze(-1)
+                at = lp.gather(-1, idx)  # (n, k) model log-probs of the reference's top-k tokens
+                agree[a:b] = at[:, 0] >= lp.max(-1).values  # the reference's top token is (one of) the model's top
+                rest_m = _rest(lp, idx)
+                d_top = (p_ref[a:b] * (self.topk_lp[a:b] - at)).double().sum(-1)
+                lr = self.log_rest[a:b]
+                d_rest = torch.where(torch.isneginf(lr), torch.zeros_like(lr), p_rest[a:b] * (lr - rest_m)).double()
+                kl[a:b] = (d_top + d_rest).clamp_min(0.0)  # ≥ 0 up to rounding
+        secs = time.perf_counter() - t0
+        out = _stats(kl, tlp, self.target_lp, agree, ctx1)
+        dom = self.domain.repeat_interleave(ctx1)
+        if len(self.protocol.texts) > 1:
+            out["texts"] = {t["name"]: _stats(kl[dom == i], tlp[dom == i], self.target_lp[dom == i], agree[dom == i], ctx1)
+                            for i, t in enumerate(self.protocol.texts)}
+        out.update(seconds=secs, tokens_per_s=self.ids.numel() / secs, peak_rss_bytes=meter.peak)
+        return out
+
+
+def _stats(kl: Tensor, tlp: Tensor, ref_tlp: Tensor, agree: Tensor, ctx1: int) -> dict:
+    nll, ref_nll = -tlp.double(), -ref_tlp.double()
+    diff = nll - ref_nll
+    lr = float(diff.mean())
+    return {
+        "ppl": math.exp(float(nll.mean())), "ref_ppl": math.exp(float(ref_nll.mean())),
+        "kl_mean": float(kl.mean()), "kl_se": _window_se(kl, ctx1), "kl_median": _quantile(kl, 0.5),
+        "kl_p99": _quantile(kl, 0.99), "kl_max": float(kl.max()), "top1": float(agree.double().mean()),
+        "ln_ppl_ratio": lr, "ln_ppl_ratio_se": _window_se(diff, ctx1), "ppl_ratio": math.exp(lr),
+    }
+
+
+def perplexity(model: torch.nn.Module, tokenizer, texts: list, *, ctx: int = 512, tokens: int = 16384,
+               batch_size: int | None = None) -> dict:
+    """Perplexity of a causal LM alone (no reference), with its protocol and speed."""
+    bs = batch_size or default_batch(ctx)
+    ids, _, proto = make_windows(tokenizer, texts, ctx, tokens, bs)
+    nll = torch.empty(ids.shape[0] * (ctx - 1), dtype=torch.float64)
+    meter = RSSMeter()
+    t0 = time.perf_counter()
+    with meter:
+        for s, tgt, lp in _logprob_batches(model, ids, bs):
+            a = s * (ctx - 1)
+            nll[a : a + tgt.numel()] = -lp.gather(-1, tgt.unsqueeze(-1)).reshape(-1).double()
+    secs = time.perf_counter() - t0
+    return {"ppl": math.exp(float(nll.mean())), "ln_ppl_se": _window_se(nll, ctx - 1), "seconds": secs,
+            "tokens_per_s": ids.numel() / secs, "peak_rss_bytes": meter.peak, "protocol": proto.to_dict()}
+
+
+def _vocab_of(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "out_features"):
+        return int(head.out_features)
+    return int(getattr(model.config, "vocab_size"))
+
+
+def _model_type(model: torch.nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None) or type(model).__name__

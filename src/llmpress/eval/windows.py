@@ -1,0 +1,147 @@
+"""The evaluation protocol: which tokens of which texts a model is scored on.
+
+Perplexities measured under different protocols are not comparable, so every number llmpress
+prints carries the :class:`Protocol` that produced it. Ours: each text is tokenized without
+special tokens into ``n = tokens / (ctx * len(texts))`` windows of ``ctx`` tokens, spread over
+the whole text (window j starts at the first paragraph at or after character j/n) so that a
+book's front matter does not stand for the book; windows never overlap, no BOS is added;
+inside a window every token but the first is scored (predicted from the tokens before it in
+the same window), so ``n_windows * (ctx - 1)`` tokens are scored in all.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import re
+import weakref
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..text import load_text, text_sha256
+
+
+@dataclass
+class Protocol:
+    ctx: int
+    windows: int  # in all, over every text
+    scored_tokens: int
+    texts: list[dict]  # [{"name", "sha256", "windows"}]
+    tokenizer: str  # class name
+    tokenizer_sha256: str
+    batch_size: int
+    threads: int
+    scoring: str = ("per text, windows of ctx tokens, the j-th of n starting at the first paragraph at or after "
+                    "character j/n of the text (non-overlapping, spread over the whole text); no BOS added; "
+                    "every token but each window's first is scored")
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def key(self) -> str:
+        """Hash of what decides the scored numbers (not the thread count)."""
+        d = self.to_dict()
+        d.pop("threads")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_TOK_SHA: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_sha256(tok) -> str:
+    """Identity of a tokenizer: its class, its vocabulary and its special tokens."""
+    if tok in _TOK_SHA:
+        return _TOK_SHA[tok]
+    vocab = sorted(tok.get_vocab().items())
+    payload = json.dumps([type(tok).__name__.replace("Fast", ""), vocab, sorted(map(str, tok.all_special_tokens))])
+    _TOK_SHA[tok] = h = hashlib.sha256(payload.encode()).hexdigest()
+    return h
+
+
+def text_spec(text) -> tuple[str, str]:
+    """``(name, content)`` of a text argument: a spec for :func:`llmpress.text.load_text`, or a
+    ``(name, content)`` pair of raw text."""
+    if isinstance(text, tuple):
+        return str(text[0]), str(text[1])
+    return str(text), load_text(str(text))
+
+
+def _spread_windows(tok, text: str, n: int, ctx: int) -> list[Tensor]:
+    """``n`` windows of ``ctx`` token ids, the j-th starting at the first paragraph at or after
+    character j/n of the text and tokenized from there alone (so windows never overlap).
+    Tokenizes only what it needs, not the whole corpus."""
+    starts = [0] + [m.end() for m in re.finditer(r"\n\n+", text)] + [len(text)]
+    offs = [starts[bisect.bisect_left(starts, j * len(text) // n)] if j else 0 for j in range(n)] + [len(text)]
+    out = []
+    for j in range(n):
+        seg = text[offs[j] : offs[j + 1]]
+        chars = min(len(seg), max(ctx * 8, 2048))
+        while True:
+            ids = tok(seg[:chars], add_special_tokens=False)["input_ids"]
+            if len(ids) >= ctx + 1 or chars >= len(seg):  # +1: the cut may split the last word
+                break
+            chars = min(len(seg), chars * 2)
+        if len(ids) < ctx:
+            return out
+        out.append(torch.tensor(ids[:ctx], dtype=torch.long))
+    return out
+
+
+def make_windows(tok, texts: list, ctx: int, tokens: int, batch_size: int) -> tuple[Tensor, Tensor, Protocol]:
+    """Cut the texts into windows.
+
+    Returns ``ids`` (W, ctx) int64, ``domain`` (W,) int64 (index of the text each window comes
+    from) and the :class:`Protocol`.
+    """
+    if ctx < 2:
+        raise ValueError(f"ctx must be at least 2 tokens (got {ctx})")
+    per_text = tokens // (ctx * len(texts))
+    if per_text < 1:
+        raise ValueError(f"tokens={tokens} is less than one window of ctx={ctx} per text ({len(texts)} texts)")
+    all_ids, domain, meta = [], [], []
+    for i, t in enumerate(texts):
+        name, content = text_spec(t)
+        wins = _spread_windows(tok, content, per_text, ctx) if content.strip() else []
+        if len(wins) < per_text:
+            total = len(tok(content, add_special_tokens=False)["input_ids"]) if len(content) < 10**6 else None
+            raise ValueError(f"text {name!r} is too short for {per_text} windows of ctx={ctx} tokens "
+                             f"({total if total is not None else 'not enough'} tokens; lower --tokens or --ctx)")
+        n = per_text
+        all_ids.append(torch.stack(wins))
+        domain.append(torch.full((n,), i, dtype=torch.long))
+        meta.append({"name": name, "sha256": text_sha256(content), "windows": n})
+    ids = torch.cat(all_ids)
+    proto = Protocol(
+        ctx=ctx, windows=ids.shape[0], scored_tokens=ids.shape[0] * (ctx - 1), texts=meta,
+        tokenizer=type(tok).__name__, tokenizer_sha256=tokenizer_sha256(tok), batch_size=batch_size,
+        threads=torch.get_num_threads(),
+    )
+    return ids, torch.cat(domain), proto
+
+
+_SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“(])")
+
+
+def sentences(texts: list, n: int, min_words: int = 6, max_words: int = 48) -> tuple[list[str], list[dict]]:
+    """The first ``n`` sentences of ``min_words``..``max_words`` words, drawn evenly from the texts."""
+    per = max(1, n // len(texts))
+    out, meta = [], []
+    for t in texts:
+        name, content = text_spec(t)
+        got = []
+        for para in content.split("\n\n"):
+            for s in _SENT.split(para.strip()):
+                if min_words <= len(s.split()) <= max_words and s[-1:] in ".!?":
+                    got.append(s)
+                    if len(got) >= per:
+                        break
+            if len(got) >= per:
+                break
+        if not got:
+            raise ValueError(f"text {name!r} has no sentence of {min_words}..{max_words} words")
+        out += got
+        meta.append({"name": name, "sha256": text_sha256(content), "sentences": len(got)})
+    return out, meta
