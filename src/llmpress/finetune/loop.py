@@ -1,0 +1,195 @@
+"""The CPU training loop: small batches, optional gradient checkpointing, a progress bar with
+the loss, and checkpoints (safetensors + JSON, no pickle) from which an interrupted run resumes.
+
+Determinism: the batch of step i and the dropout seed of step i depend only on the run's seed
+and i, so a run resumed from the checkpoint of step j reproduces the uninterrupted run. A
+checkpoint belongs to one run configuration (its hash is stored); a different configuration
+starts afresh.
+
+The learning rate warms up linearly over ``warmup`` steps, then follows a cosine to 10 % (or
+stays constant with ``schedule="constant"``, for runs bounded by time rather than steps).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..io.atomic import atomic_dir
+from .distill import NEEDS_TEACHER, get_objective, teacher_logits
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+TENSORS = "trainable.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps (the run may stop earlier at max_seconds)
+    lr: float = 1e-5  # Adam learning rate of latent weights and factors
+    qparam_lr: float | None = None  # of scales/offsets (default: lr)
+    batch_size: int = 4  # windows per step
+    seq_len: int = 256  # tokens per window
+    objective: str = "kd"  # kd | nll
+    warmup: int = 10
+    schedule: str = "cosine"  # cosine | constant
+    clip: float = 1.0  # gradient-norm clipping
+    seed: int = 0
+    grad_ckpt: bool = True  # recompute each block's activations in backward (less memory)
+    checkpoint_every: int = 50
+    max_seconds: float | None = None  # stop at this wall time (not part of the run's identity)
+    extra: dict[str, Any] = field(default_factory=dict)  # what else identifies the run (inputs, texts)
+
+    def validate(self) -> "TrainConfig":
+        if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer; got {self.steps!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+        if self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError(f"need batch_size ≥ 1 and seq_len ≥ 2; got {self.batch_size}, {self.seq_len}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant; got {self.schedule!r}")
+        get_objective(self.objective)
+        return self
+
+    def key(self) -> str:
+        d = asdict(self)
+        d.pop("max_seconds")
+        d.pop("checkpoint_every")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimizer(trainables: dict[str, nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with one parameter group per kind (latent weights, quantizer parameters, factors)."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for mod in trainables.values():
+        for kind, ps in mod.param_groups().items():
+            groups.setdefault(kind, []).extend(ps)
+    lrs = {"qparams": cfg.qparam_lr or cfg.lr}
+    return torch.optim.Adam(
+        [{"params": ps, "lr": lrs.get(k, cfg.lr), "base_lr": lrs.get(k, cfg.lr), "name": k} for k, ps in sorted(groups.items())],
+        betas=(0.9, 0.95), eps=1e-10,
+    )
+
+
+def _named_trainable(trainables: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    return {f"{name}.{p}": t for name, mod in trainables.items() for p, t in mod.named_parameters() if p != "bias"}
+
+
+def save_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.optim.Optimizer, cfg: TrainConfig,
+                    step: int, losses: list[float], seconds: float) -> None:
+    """Trainable tensors and Adam moments in safetensors, the rest in JSON; atomically."""
+    params = _named_trainable(trainables)
+    index = {id(p): n for n, p in params.items()}
+    tensors = {f"param/{n}": p.detach().contiguous() for n, p in params.items()}
+    moments: dict[str, int] = {}
+    for p, st in opt.state.items():
+        n = index[id(p)]
+        tensors[f"exp_avg/{n}"] = st["exp_avg"].contiguous()
+        tensors[f"exp_avg_sq/{n}"] = st["exp_avg_sq"].contiguous()
+        moments[n] = int(st["step"])
+    state = {"config_key": cfg.key(), "step": step, "losses": losses, "seconds": seconds, "adam_steps": moments}
+    with atomic_dir(path, force=True) as tmp:
+        save_file(tensors, str(tmp / TENSORS))
+        (tmp / STATE).write_text(json.dumps(state))
+
+
+def load_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict | None:
+    """Restore a checkpoint of this run configuration; None when there is none to resume."""
+    if not (path / STATE).exists():
+        return None
+    state = json.loads((path / STATE).read_text())
+    if state.get("config_key") != cfg.key():
+        log.warning("checkpoint %s belongs to another run configuration; starting afresh", path)
+        return None
+    tensors = load_file(str(path / TENSORS))
+    params = _named_trainable(trainables)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param/{n}"])
+            if n in state["adam_steps"]:
+                opt.state[p] = {"step": torch.tensor(float(state["adam_steps"][n])),
+                                "exp_avg": tensors[f"exp_avg/{n}"].clone(), "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].clone()}
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state
+
+
+def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, nn.Module], batch: Callable[[int], Tensor],
+          cfg: TrainConfig, *, ckpt: Path | None = None, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train ``trainables`` (modules inside ``student``) for ``cfg.steps`` steps; ``batch(i)`` gives
+    step i's ids (B, T). ``on_step(step, loss)`` runs after each step (evaluation curves, tests).
+    Returns the losses, the steps done, the seconds spent and whether a checkpoint was resumed."""
+    cfg.validate()
+    objective = get_objective(cfg.objective)
+    if NEEDS_TEACHER[cfg.objective] and teacher is None:
+        raise ValueError(f"objective {cfg.objective!r} needs the reference model")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in _named_trainable(trainables).values():
+        p.requires_grad_(True)
+    opt = make_optimizer(trainables, cfg)
+    state = load_checkpoint(ckpt, trainables, opt, cfg) if ckpt is not None else None
+    start, losses = (state["step"], list(state["losses"])) if state else (0, [])
+    spent = float(state["seconds"]) if state else 0.0
+    if cfg.grad_ckpt and hasattr(student, "gradient_checkpointing_enable"):
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    t0 = time.perf_counter() - spent
+    bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress, unit="step", initial=start, total=cfg.steps)
+    step = start
+    try:
+        for step in bar:
+            for mod in trainables.values():
+                mod.phase(step / cfg.steps)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * cfg.lr_factor(step)
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            ids = batch(step)  # (B, T)
+            target = teacher_logits(teacher, ids) if NEEDS_TEACHER[cfg.objective] else None
+            logits = student(input_ids=ids, use_cache=False).logits  # (B, T, V)
+            loss = objective(logits, target, ids)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {float(loss)} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None], cfg.clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done = step + 1
+            if on_step is not None:
+                on_step(done, losses[-1])
+            if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save_checkpoint(ckpt, trainables, opt, cfg, done, losses, time.perf_counter() - t0)
+            if cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds:
+                log.info("time budget of %.0f s reached after %d steps", cfg.max_seconds, done)
+                break
+    finally:
+        bar.close()
+        student.eval()
+        if cfg.grad_ckpt and hasattr(student, "gradient_checkpointing_disable"):
+            student.gradient_checkpointing_disable()
+        for p in student.parameters():
+            p.requires_grad_(False)
+    return {"losses": losses, "steps_done": len(losses), "seconds": time.perf_counter() - t0, "resumed_at": start if state else None}

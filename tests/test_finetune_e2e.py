@@ -1,0 +1,112 @@
+"""Recovery training end to end on a tiny Llama compressed by the pipeline with real codecs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llmpress
+from llmpress.finetune import finetune
+from llmpress.finetune.api import make_trainable, read_compressed
+from llmpress.finetune.loop import TrainConfig, train
+from llmpress.io.folder import load_folder, read_manifest
+from llmpress.pipeline import compress
+from llmpress.recipe import Recipe
+
+FAST = dict(seq_len=32, batch_size=2, progress=False, checkpoint_every=2, grad_ckpt=False)
+
+
+@pytest.fixture(scope="module")
+def rtn3(tiny_llama_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ft") / "rtn3"
+    compress(tiny_llama_dir, Recipe.uniform("rtn", bits=3, group_size=32), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def svd60(tiny_llama_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ft") / "svd60"
+    compress(tiny_llama_dir, Recipe.uniform("svd", ratio=0.6), out, progress=False)
+    return out
+
+
+def _ids(tiny_llama_dir, n=2, t=32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 1000, (n, t), generator=g)
+
+
+@pytest.mark.parametrize("which, lr", [("rtn3", 1e-4), ("svd60", 1e-3)])
+def test_loss_goes_down_on_a_fixed_batch(which, lr, request, tiny_llama_dir):
+    folder = request.getfixturevalue(which)
+    student, teacher = load_folder(folder), llmpress.load(tiny_llama_dir)
+    man = read_manifest(folder)
+    trainables, frozen = make_trainable(student, *read_compressed(folder, man))
+    assert not frozen and len(trainables) == 14
+    ids = _ids(tiny_llama_dir)
+    cfg = TrainConfig(steps=6, lr=lr, warmup=1, grad_ckpt=False, checkpoint_every=0)
+    run = train(student, teacher, trainables, lambda i: ids, cfg, progress=False)
+    assert run["losses"][-1] < 0.85 * run["losses"][0], run["losses"]
+    assert max(run["losses"][1:]) <= run["losses"][0]
+
+
+def test_finetune_writes_same_format_same_size(rtn3, tiny_llama_dir, tmp_path):
+    out = tmp_path / "ft"
+    res = finetune(rtn3, out, reference=tiny_llama_dir, steps=3, lr=1e-3, **FAST)
+    a, b = read_manifest(rtn3), read_manifest(out)
+    assert res["bpw"] == a["bpw"] == b["bpw"] and res["bytes_out"] == a["bytes_out"] == b["bytes_out"]
+    assert {k: v["meta"] for k, v in a["tensors"].items()} == {k: v["meta"] for k, v in b["tensors"].items()}
+    assert b["recipe"] == a["recipe"] and b["finetune"]["steps_done"] == 3 and len(b["finetune"]["losses"]) == 3
+    assert b["finetune"]["text"] == "calib-mix" and b["finetune"]["overlap"] == {"debian-handbook": 0.0, "linux-doc": 0.0}
+    ta, tb = load_file(str(rtn3 / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape for k in ta)
+    assert any(not torch.equal(ta[k], tb[k]) for k in ta if k.endswith((".qweight", ".scale")))
+    assert not (tmp_path / ".ft.finetune-ckpt").exists()
+    m = llmpress.load(out)
+    ids = _ids(tiny_llama_dir)
+    assert torch.isfinite(m(input_ids=ids).logits).all()
+    assert type(m.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
+
+
+def test_resume_equals_uninterrupted(svd60, tiny_llama_dir, tmp_path):
+    full = tmp_path / "full"
+    finetune(svd60, full, reference=tiny_llama_dir, steps=4, lr=1e-3, **FAST)
+
+    class Stop(Exception):
+        pass
+
+    def boom(step, loss, model):
+        if step == 3:
+            raise Stop
+
+    part = tmp_path / "part"
+    with pytest.raises(Stop):
+        finetune(svd60, part, reference=tiny_llama_dir, steps=4, lr=1e-3, on_step=boom, **FAST)
+    assert not part.exists() and (tmp_path / ".part.finetune-ckpt" / "state.json").exists()
+    res = finetune(svd60, part, reference=tiny_llama_dir, steps=4, lr=1e-3, **FAST)
+    assert read_manifest(part)["finetune"]["resumed_at"] == 2
+    tf, tp = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(tf[k], tp[k]) for k in tf)
+    assert res["losses"] == read_manifest(full)["finetune"]["losses"]
+
+
+def test_bad_inputs(rtn3, tiny_llama_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with pytest.raises(ValueError, match="steps"):
+        finetune(rtn3, tmp_path / "a", reference=tiny_llama_dir, steps=0)
+    with pytest.raises(ValueError, match="not an llmpress folder"):
+        finetune(tiny_llama_dir, tmp_path / "a", reference=tiny_llama_dir, steps=1)
+    with pytest.raises(ValueError, match="overlaps the evaluation text"):
+        finetune(rtn3, tmp_path / "a", reference=tiny_llama_dir, steps=1, text="linux-doc", **FAST)
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    with pytest.raises(ValueError, match="different architectures.*vocab_size"):
+        finetune(rtn3, tmp_path / "a", reference=other, steps=1)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError):
+        finetune(rtn3, tmp_path / "exists", reference=tiny_llama_dir, steps=1)
+    assert not (tmp_path / "a").exists()
