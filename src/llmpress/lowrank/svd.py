@@ -37,7 +37,9 @@ def _exact(a: Tensor, q: int, oversample: int, niter: int) -> Factors:
 def _randomized(a: Tensor, q: int, oversample: int, niter: int) -> Factors:
     m, n = a.shape
     p = min(q + oversample, m, n)
-    u, s, v = torch.svd_lowrank(a, q=p, niter=niter)  # u (m, p), s (p,), v (n, p)
+    with torch.random.fork_rng(devices=[]):  # a fixed sketch: the codec is deterministic
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(a, q=p, niter=niter)  # u (m, p), s (p,), v (n, p)
     return u[:, :q], s[:q], v[:, :q].T
 
 

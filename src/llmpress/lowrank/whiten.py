@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 DAMP_FEW_TOKENS = 1e-2  # the damping used when the Gram matrix has fewer tokens than features
 
 
-def whitening(gram: Tensor, n_tokens: int, damp: float = 1e-4) -> RightTransform:
+def whitening(gram: Tensor, n_tokens: int, damp: float = 1e-2) -> RightTransform:
     """S with S Sᵀ = H + λI for H = ``gram`` (n, n), float64; never NaN."""
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"a Gram matrix is square; got shape {tuple(gram.shape)}")
@@ -62,12 +62,13 @@ def whitening(gram: Tensor, n_tokens: int, damp: float = 1e-4) -> RightTransform
 class Whiten(LowRankCodec):
     """SVD-LLM whitened truncated SVD: minimises ‖(W − W')X‖ over calibration activations.
 
-    Extra param: ``damp`` (λ relative to the mean diagonal of X Xᵀ / T, default 1e-4).
+    Extra param: ``damp`` (λ relative to the mean diagonal of X Xᵀ / T, default 1e-2: on SmolLM2
+    it lowers the held-out output error slightly, 1e-4..1e-1 measured).
     """
 
     needs_stats = True
     gram = True
-    extra = {"damp": 1e-4}
+    extra = {"damp": 1e-2}
 
     def transform(self, w: Tensor, stats: Stats | None, **extra: Any) -> RightTransform:
         if stats is None or stats.gram is None:

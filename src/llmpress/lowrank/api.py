@@ -1,0 +1,179 @@
+"""``llmpress.factorize``: build a low-rank recipe and run it through the sequential pipeline.
+
+Rank choice, in order of precedence: ``rank`` (every layer), ``energy`` (per layer, the smallest
+k keeping that fraction of Σσ² of the method's own matrix: W, W·S or W·diag(s)), ``ratio`` (the
+fraction of linear-layer parameters *kept*, default 0.8 = 20 % removed). With
+``allocation="budget"`` the same total parameter budget is spread over the layers by their
+measured sensitivity (``allocate.allocate_budget``), each layer keeping at least ``floor``.
+
+Embeddings and the LM head are kept as they are (``KEEP``); "linear-layer parameters" are those
+of the other linear layers, and ``params_kept`` in the result is their stored count over their
+dense count, exact: k(m + n) for a factorized layer, m·n for one left dense.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmpress.recipe import KEEP, Recipe, Rule
+from llmpress.tensor import get_codec
+
+from .allocate import LayerSpectrum, allocate_budget, allocated_params, check_energy, check_ratio, exact_rule
+from .base import LowRankCodec
+
+log = logging.getLogger(__name__)
+
+KEEP_DEFAULT = r"lm_head|embed|wte|wpe|shared"
+ALLOCATIONS = ("uniform", "budget")
+
+
+def uniform_recipe(method: str, *, ratio: float | None = 0.8, energy: float | None = None, rank: int | None = None,
+                   keep: str = KEEP_DEFAULT, **params: Any) -> Recipe:
+    """Keep embeddings and head; every other linear by ``method`` at one rank rule."""
+    if rank is not None:
+        params["rank"] = rank
+    elif energy is not None:
+        params["energy"] = check_energy(energy)
+    else:
+        params["ratio"] = check_ratio(ratio if ratio is not None else 0.8)
+    return Recipe([Rule(keep, KEEP), Rule(".*", method, {k: v for k, v in params.items() if v is not None})])
+
+
+def layer_spectra(model: str | Path, method: str = "whiten", *, keep: str = KEEP_DEFAULT, calib: str | None = None,
+                  samples: int = 128, seq_len: int = 512, progress: bool = True, **params: Any) -> list[LayerSpectrum]:
+    """Each linear's singular values of the method's matrix (W, W·S, W·diag(s)) on the ORIGINAL
+    model: ‖(W − W_k)S‖² = Σ_{i>k} σ_i², the measured sensitivity the budget is spent on."""
+    from llmpress import skeleton as sk
+    from llmpress.models import TensorStore, resolve
+    from llmpress.pipeline import collect_stats
+
+    codec = get_codec(method)
+    if not isinstance(codec, LowRankCodec):
+        raise ValueError(f"budgeted allocation needs one of the low-rank methods svd, rsvd, whiten, asvd; got {method!r}")
+    src = resolve(model)
+    store = TensorStore(src)
+    skel = sk.build_meta(sk.folder_config(src.folder))
+    rx = re.compile(keep)
+    names = [n for n in sk.linear_names(skel) if not rx.search(n)]
+    stats = {}
+    if codec.needs_stats:
+        stats = collect_stats(model, calib=calib, samples=samples, seq_len=seq_len, gram=codec.gram, progress=progress,
+                              match="|".join(exact_rule(n) for n in names))
+    extra = {**codec.extra, **{k: v for k, v in params.items() if k in codec.extra}}
+    out = []
+    for name in names:
+        w = store.get(f"{name}.weight").float()
+        if type(sk.get_module(skel, name)).__name__ == "Conv1D":
+            w = w.T
+        t = codec.transform(w, stats.pop(name, None), **extra)
+        a = w.double() if t is None else t.apply(w.double())  # (m, n)
+        s2 = torch.linalg.svdvals(a) ** 2
+        out.append(LayerSpectrum(name, w.shape[0], w.shape[1], s2, float((a * a).sum())))
+    return out
+
+
+def budget_recipe(spectra: list[LayerSpectrum], method: str, ratio: float, *, floor: float = 0.1,
+                  keep: str = KEEP_DEFAULT, **params: Any) -> tuple[Recipe, dict[str, int | None]]:
+    """One rule per layer with its allocated rank (``keep`` for a layer left dense)."""
+    ranks = allocate_budget(spectra, ratio, floor=floor)
+    rules = [Rule(keep, KEEP)]
+    for sp in spectra:
+        k = ranks[sp.name]
+        rules.append(Rule(exact_rule(sp.name), KEEP) if k is None else Rule(exact_rule(sp.name), method, {**params, "rank": k}))
+    log.info("budget: %d of %d linear parameters", allocated_params(spectra, ranks), sum(s.m * s.n for s in spectra))
+    return Recipe(rules), ranks
+
+
+def summarize(result: dict[str, Any], manifest: dict[str, Any], keep: str = KEEP_DEFAULT) -> dict[str, Any]:
+    """Ranks per layer, the layers left dense, and the exact parameter count kept."""
+    rx = re.compile(keep)
+    ranks: dict[str, int | None] = {}
+    dense: list[str] = []
+    p_in = p_out = 0
+    for name, rep in result["layers"].items():
+        if rx.search(name):
+            continue
+        entry = manifest["tensors"].get(f"{name}.weight")
+        meta = entry["meta"] if entry else {}
+        n_el = int(rep["numel"])
+        p_in += n_el
+        if entry is None or "rank" not in meta:  # kept, or quantized only
+            ranks[name] = None
+            p_out += n_el
+            continue
+        m, n = meta["shape"]
+        k = int(meta["rank"])
+        if meta.get("dense"):
+            ranks[name] = None
+            dense.append(name)
+            p_out += m * n
+        elif entry["codec"] == "lqer":  # dense quantized weight plus a correction
+            ranks[name] = k
+            p_out += m * n + k * (m + n)
+        else:
+            ranks[name] = k
+            p_out += k * (m + n)
+    if dense:
+        log.warning("%d layer(s) left dense (their rank saved nothing): %s", len(dense), ", ".join(dense))
+    return {"ranks": ranks, "dense_layers": dense, "linear_params_in": p_in, "linear_params_out": p_out,
+            "params_kept": p_out / max(1, p_in)}
+
+
+def factorize(
+    model: str | Path,
+    out: str | Path,
+    *,
+    method: str = "whiten",
+    ratio: float | None = 0.8,
+    energy: float | None = None,
+    rank: int | None = None,
+    allocation: str = "uniform",
+    floor: float = 0.1,
+    recipe: Recipe | str | Path | None = None,
+    calib: str | None = None,
+    samples: int = 128,
+    seq_len: int = 512,
+    force: bool = False,
+    progress: bool = True,
+    **params: Any,
+) -> dict[str, Any]:
+    """Factorize ``model``'s linear layers into ``out`` (an llmpress folder; ``llmpress.load`` reads it).
+
+    Returns the pipeline's summary (``bpw``, ``bytes_in``, ``bytes_out``, ``ratio`` = bytes_out /
+    bytes_in, ``seconds``, ``peak_rss_bytes``, ``layers``) plus ``ranks`` per layer, ``dense_layers``
+    and ``params_kept`` (stored / dense linear parameters). Extra ``params`` go to the codec
+    (``damp``, ``alpha``, ``solver``, ``factor_dtype``, or a combo's quant params).
+    """
+    from llmpress.io.folder import read_manifest
+    from llmpress.pipeline import compress
+
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
+    ranks_plan = None
+    if recipe is not None:
+        rec = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
+    else:
+        get_codec(method)  # a clear error for an unknown method, before any work
+        if allocation == "budget":
+            if rank is not None or energy is not None:
+                raise ValueError("budgeted allocation takes a ratio (the total budget), not a rank or energy")
+            r = check_ratio(ratio if ratio is not None else 0.8)
+            spectra = layer_spectra(model, method, calib=calib, samples=samples, seq_len=seq_len, progress=progress,
+                                    **params)
+            rec, ranks_plan = budget_recipe(spectra, method, r, floor=floor, **params)
+        else:
+            rec = uniform_recipe(method, ratio=ratio, energy=energy, rank=rank, **params)
+    meta = {"factorize": {"method": method, "allocation": allocation, "ratio": ratio, "energy": energy, "rank": rank,
+                          "floor": floor if allocation == "budget" else None}}
+    res = compress(model, rec, out, calib=calib, samples=samples, seq_len=seq_len, force=force, progress=progress,
+                   extra_meta=meta)
+    res.update(summarize(res, read_manifest(Path(out))))
+    if ranks_plan is not None:
+        res["allocation"] = ranks_plan
+    for name, k in res["ranks"].items():
+        log.info("%s: %s", name, "dense" if k is None else f"rank {k}")
+    return res
