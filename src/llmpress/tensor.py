@@ -78,12 +78,13 @@ class Stats:
 
     def add(self, x: Tensor, gram: bool = True) -> None:
         """Accumulate a batch of inputs ``x`` of shape (..., in)."""
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (T, in)
+        x32 = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (T, in)
+        x = x32.to(torch.float64)
         t = x.shape[0]
         if t == 0:
             return
         if gram:
-            g = x.T @ x  # (in, in)
+            g = (x32.T @ x32).to(torch.float64)  # (in, in): float32 product (~3× faster), float64 sum
             self.gram = g if self.gram is None else self.gram + g
         a = x.abs().sum(0)
         s = (x * x).sum(0)

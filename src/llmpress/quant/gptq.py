@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean(diag H); float64 in, float32 out.
-    Raises the dampening ×10 (up to 4 times) if H is not positive definite."""
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean(diag H), in float32 (as in the paper's
+    code; 3–4× faster than float64 on CPU). Raises the dampening ×10 (up to 4 times) if H is not
+    numerically positive definite."""
     lam = damp * torch.diag(H).mean()
     eye = torch.eye(H.shape[0], dtype=H.dtype)
     for attempt in range(5):
@@ -44,7 +45,7 @@ def inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
-                return U.to(torch.float32)
+                return U
         log.warning("GPTQ: H + %.3g·I is not positive definite; raising the dampening", float(lam))
         lam = lam * 10 if lam > 0 else torch.tensor(1e-6, dtype=H.dtype)
     raise ValueError("GPTQ: the Hessian stays singular even with strong dampening")
@@ -54,7 +55,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: GridSpec, *, damp: float = 0.01, a
                   static_groups: bool = False, block_size: int = 128) -> QWeight:
     """Quantize W (out, in) against H = Σ x xᵀ (in, in). Returns codes in the original column order."""
     W = W.to(torch.float32).clone()
-    H = H.to(torch.float64).clone()
+    H = H.to(torch.float32).clone()
     out, cols = W.shape
     gs = spec.group_size
     grouped = 0 < gs < cols
