@@ -110,3 +110,19 @@ def test_bad_inputs(rtn3, tiny_llama_dir, tmp_path):
     with pytest.raises(FileExistsError):
         finetune(rtn3, tmp_path / "exists", reference=tiny_llama_dir, steps=1)
     assert not (tmp_path / "a").exists()
+
+
+def test_cli(rtn3, tiny_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmpress.cli import _load_commands, app
+
+    _load_commands()
+    r = CliRunner().invoke(app, ["finetune", str(rtn3), "-o", str(tmp_path / "o"), "--reference", str(tiny_llama_dir),
+                                 "--steps", "1", "--seq-len", "16", "--batch-size", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["steps"] == 1 and res["bpw"] == read_manifest(rtn3)["bpw"]
+    r = CliRunner().invoke(app, ["finetune", str(rtn3), "-o", str(tmp_path / "p"), "--reference", str(tiny_llama_dir),
+                                 "--steps", "0"])
+    assert r.exit_code == 2 and "steps must be a positive integer" in r.output and "Traceback" not in r.output

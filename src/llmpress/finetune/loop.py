@@ -133,6 +133,19 @@ def load_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.opt
     return state
 
 
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each block's activations in backward instead of keeping them (transformers 5
+    names it activation checkpointing; older versions gradient checkpointing)."""
+    for enable, disable, kw in (("activation_checkpointing_enable", "activation_checkpointing_disable", "activation_checkpointing_kwargs"),
+                                ("gradient_checkpointing_enable", "gradient_checkpointing_disable", "gradient_checkpointing_kwargs")):
+        if hasattr(model, enable):
+            if on:
+                getattr(model, enable)(**{kw: {"use_reentrant": False}})
+            else:
+                getattr(model, disable)()
+            return
+
+
 def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, nn.Module], batch: Callable[[int], Tensor],
           cfg: TrainConfig, *, ckpt: Path | None = None, progress: bool = True,
           on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
@@ -151,8 +164,8 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
     state = load_checkpoint(ckpt, trainables, opt, cfg) if ckpt is not None else None
     start, losses = (state["step"], list(state["losses"])) if state else (0, [])
     spent = float(state["seconds"]) if state else 0.0
-    if cfg.grad_ckpt and hasattr(student, "gradient_checkpointing_enable"):
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_ckpt:
+        _checkpointing(student, True)
     student.train()
     t0 = time.perf_counter() - spent
     bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress, unit="step", initial=start, total=cfg.steps)
@@ -188,8 +201,8 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
     finally:
         bar.close()
         student.eval()
-        if cfg.grad_ckpt and hasattr(student, "gradient_checkpointing_disable"):
-            student.gradient_checkpointing_disable()
+        if cfg.grad_ckpt:
+            _checkpointing(student, False)
         for p in student.parameters():
             p.requires_grad_(False)
     return {"losses": losses, "steps_done": len(losses), "seconds": time.perf_counter() - t0, "resumed_at": start if state else None}

@@ -1,0 +1,47 @@
+"""``llmpress finetune COMPRESSED -o OUT --reference ORIGINAL``: recovery training, same size."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .app import FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+
+
+def _show(res: dict[str, Any]) -> None:
+    rows = {k: res[k] for k in ("steps", "loss_first", "loss_last", "bpw", "bytes_before", "bytes_out", "ratio",
+                                "seconds", "peak_rss_bytes", "out") if k in res}
+    console.print(kv_table("finetune", rows))
+
+
+@app.command()
+def finetune(
+    compressed: Path = typer.Argument(..., help="An llmpress folder written by quantize / factorize / compress."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (same format and size as the input)."),
+    reference: str = typer.Option(..., "--reference", "-r", help="The original model (folder, hub id or embedded name)."),
+    text: Optional[str] = typer.Option(None, "--text", help="Training text: corpus name or file (default: the calibration corpus)."),
+    eval_text: Optional[list[str]] = typer.Option(None, "--eval-text", help="Evaluation text(s) the training text must not overlap."),
+    steps: int = typer.Option(200, "--steps", "-n", help="Optimizer steps."),
+    lr: float = typer.Option(1e-5, "--lr", help="Adam learning rate."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training window."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per step."),
+    objective: str = typer.Option("kd", "--objective", help="kd (distil from the reference) | nll (next token)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop after this many minutes of training."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Go on (with a warning) when the texts overlap."),
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Train COMPRESSED towards the original (quantized layers through their quantizer, low-rank
+    layers' factors) and write it to OUT in the same format, bits per weight unchanged."""
+    from ..finetune import finetune as run
+    from ..io.atomic import OutputExistsError
+
+    try:
+        res = run(compressed, out, reference=reference, text=text, steps=steps, lr=lr, seq_len=seq_len,
+                  batch_size=batch_size, objective=objective, eval_text=eval_text or None, force=force,
+                  allow_overlap=allow_overlap, max_seconds=minutes * 60 if minutes else None,
+                  schedule="constant" if minutes else "cosine")
+    except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
+        fail(str(e).strip("'\""))
+    emit(res, as_json, _show)
