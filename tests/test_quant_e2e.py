@@ -97,3 +97,16 @@ def test_recipe_yaml_and_bad_recipes(tiny_llama_dir, tmp_path):
     rec.write_text("rules:\n  - match: '.*'\n    method: rtn\n    bits: 9\n")
     with pytest.raises(ValueError, match="rule 0.*bits must be"):
         llmpress.quantize(tiny_llama_dir, tmp_path / "o3", recipe=rec, progress=False)
+
+
+def test_example_recipes_are_valid():
+    from pathlib import Path
+
+    from llmpress.quant.api import build_recipe
+
+    files = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert files
+    for f in files:
+        r = build_recipe(recipe=f)
+        assert r.rule_for("model.layers.0.mlp.down_proj").method != "keep"
+        assert r.rule_for("model.embed_tokens").method == "keep"

@@ -1,0 +1,243 @@
+"""Quantization benchmark: llmpress RTN / GPTQ / AWQ / HQQ against peers on SmolLM2-135M.
+
+    .venv/bin/python bench/quant.py                      # the full grid (long on 2 cores)
+    .venv/bin/python bench/quant.py --configs 4:128,3:128 --methods rtn,gptq,awq --peers hqq,quanto
+
+For each (bits, group size) and each contender: quantize SmolLM2-135M, then measure with
+``llmpress.evaluate`` (top-128 KL to the original and perplexity, cached reference) on each
+evaluation text separately — by default the two held-out domains ``llmpress.text.EVAL_DEFAULTS``
+(debian-handbook, linux-doc), neither of which is in the calibration mix (python-doc, fortunes,
+wordnet). Wall time is that of the quantization run only (llmpress: the whole sequential
+pipeline incl. calibration forward passes and writing; peers: their quantize call over all
+block linears), all with the same torch thread count (``--threads``, reported).
+
+Peers run in their own virtual environments under ``bench/.venvs/NAME`` (created here: torch
+pinned first, then the peer with a torch pin). This same file is their worker (``--worker``):
+it quantizes every block linear with the peer's own code, dequantizes it and saves the dense
+weights; the main process loads them into the model and evaluates with the same protocol.
+Results: a table on stdout and ``bench/out/quant.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+VENVS = HERE / ".venvs"
+LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+
+# peer name -> (pip packages, how its worker quantizes one nn.Linear into a dense weight)
+PEERS = {"hqq": ["hqq==0.2.8.post1", "safetensors"], "quanto": ["optimum-quanto==0.2.7", "safetensors"]}
+
+
+# ============================================================================ peer workers
+def _hqq_quantizer(bits: int, gs: int):
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=gs, axis=1)
+
+    def q(lin):
+        import torch
+
+        hl = HQQLinear(lin, quant_config=cfg, compute_dtype=torch.float32, device="cpu", del_orig=False)
+        w = hl.dequantize().float().reshape(lin.weight.shape)
+        nbytes = hl.W_q.numel() * hl.W_q.element_size() + sum(
+            v.numel() * v.element_size() for k, v in hl.meta.items() if k in ("scale", "zero") and hasattr(v, "numel"))
+        return w, nbytes
+
+    return q
+
+
+def _quanto_quantizer(bits: int, gs: int):
+    from optimum.quanto import freeze, qint2, qint4, qint8, quantize
+
+    qtype = {2: qint2, 4: qint4, 8: qint8}.get(bits)
+    if qtype is None:
+        raise SystemExit(f"optimum-quanto has no int{bits} weights")
+
+    def q(lin):
+        import torch
+
+        m = torch.nn.Sequential(lin)
+        quantize(m, weights=qtype)
+        freeze(m)
+        qw = m[0].weight
+        w = qw.dequantize().float() if hasattr(qw, "dequantize") else qw.float()
+        nbytes = sum(t.numel() * t.element_size() for t in qw.__tensor_flatten__()[0] and
+                     [getattr(qw, a) for a in qw.__tensor_flatten__()[0]]) if hasattr(qw, "__tensor_flatten__") else 0
+        return w, nbytes
+
+    return q
+
+
+def worker(peer: str, bits: int, gs: int, src: str, dst: str, threads: int) -> None:
+    """Runs inside the peer's venv: quantize every block linear, save the dequantized weights."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(threads)
+    q = {"hqq": _hqq_quantizer, "quanto": _quanto_quantizer}[peer](bits, gs)
+    out, secs, nbytes, n = {}, 0.0, 0, 0
+    for f in sorted(Path(src).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                if not LINEAR.match(k):
+                    continue
+                w = h.get_tensor(k).float()
+                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+                lin.weight.data.copy_(w)
+                t = time.perf_counter()
+                wq, nb = q(lin)
+                secs += time.perf_counter() - t
+                out[k] = wq.contiguous()
+                nbytes += nb
+                n += w.numel()
+    save_file(out, dst)
+    print(json.dumps({"seconds": secs, "bpw": 8 * nbytes / max(1, n) if nbytes else None}))
+
+
+def ensure_venv(peer: str) -> Path:
+    py = VENVS / peer / "bin" / "python"
+    if py.exists():
+        return py
+    VENVS.mkdir(parents=True, exist_ok=True)
+    pin = VENVS / "pin.txt"
+    pin.write_text("torch==2.13.0\n")
+    subprocess.run(["python3", "-m", "venv", str(VENVS / peer)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(pin), *PEERS[peer]], check=True)
+    return py
+
+
+# ============================================================================ main process
+def run_peer(peer: str, bits: int, gs: int, src: Path, threads: int) -> tuple[dict, Path] | None:
+    py = ensure_venv(peer)
+    dst = OUT / "quant" / f"{peer}-{bits}b-g{gs}.safetensors"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    r = subprocess.run([str(py), __file__, "--worker", peer, "--bits", str(bits), "--group-size", str(gs),
+                        "--src", str(src), "--dst", str(dst), "--threads", str(threads)],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        print(f"  {peer} {bits}b g{gs}: failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1]), dst
+
+
+def load_with(src: Path, weights: Path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    sd = load_file(str(weights))
+    with torch.no_grad():
+        for k, w in sd.items():
+            model.get_parameter(k).copy_(w)
+    return model
+
+
+def fidelity(model, texts: list[str], tokens: int, tokenizer=None) -> dict:
+    import llmpress
+
+    out = {}
+    for t in texts:
+        r = llmpress.evaluate(model, "smollm2-135m", t, tokens=tokens, tokenizer=tokenizer)
+        out[t] = {"kl_mean": r["kl_mean"], "ppl": r["ppl"], "ref_ppl": r.get("ref_ppl"), "top1": r.get("top1")}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default="8:128,4:128,3:128,2:64", help="bits:group_size,...")
+    ap.add_argument("--methods", default="rtn,gptq,awq", help="llmpress methods")
+    ap.add_argument("--peers", default="hqq,quanto", help="peers (own venvs): hqq, quanto; '' for none")
+    ap.add_argument("--samples", type=int, default=32, help="calibration windows (gptq, awq)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib", default=None, help="calibration text (default: llmpress.text.CALIB_DEFAULT)")
+    ap.add_argument("--tokens", type=int, default=4096, help="evaluation tokens per text")
+    ap.add_argument("--texts", default=None, help="evaluation texts (default: llmpress.text.EVAL_DEFAULTS)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--seed-grid", action="store_true", help="also the seed formula's grid (RTN, grid=seed / seed_rtn)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--bits", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--group-size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--src", help=argparse.SUPPRESS)
+    ap.add_argument("--dst", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, a.bits, a.group_size, a.src, a.dst, a.threads)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import llmpress
+    from llmpress.models import load_tokenizer, resolve
+    from llmpress.text import EVAL_DEFAULTS
+
+    texts = a.texts.split(",") if a.texts else list(EVAL_DEFAULTS)
+    src = resolve("smollm2-135m").path
+    tok = load_tokenizer(src)
+    configs = [tuple(int(x) for x in c.split(":")) for c in a.configs.split(",")]
+    methods = [m for m in a.methods.split(",") if m]
+    peers = [p for p in a.peers.split(",") if p]
+    OUT.mkdir(parents=True, exist_ok=True)
+    res_path = OUT / "quant.json"
+    rows: list[dict] = json.loads(res_path.read_text()) if res_path.exists() else []
+    done = {(r["who"], r["bits"], r["group_size"]) for r in rows}
+
+    def record(row: dict) -> None:
+        rows[:] = [r for r in rows if (r["who"], r["bits"], r["group_size"]) != (row["who"], row["bits"], row["group_size"])]
+        rows.append(row)
+        res_path.write_text(json.dumps(rows, indent=1))
+        f = " ".join(f"{t}: KL {v['kl_mean']:.4f} PPL {v['ppl']:.2f}" for t, v in row["eval"].items())
+        print(f"  {row['who']:<16} {row['bits']}b g{row['group_size']:<4} bpw {row.get('bpw') or float('nan'):.3f}  "
+              f"{row['seconds']:.1f}s  {f}", flush=True)
+
+    extra = [("rtn", {"grid": "seed"}, "llmpress-seed"), ("rtn", {"grid": "seed_rtn"}, "llmpress-seed_rtn")] if a.seed_grid else []
+    for bits, gs in configs:
+        for m, opts, who in [(m, {}, f"llmpress-{m}") for m in methods] + extra:
+            if (who, bits, gs) in done:
+                continue
+            out = OUT / "quant" / f"{who}-{bits}b-g{gs}"
+            t = time.perf_counter()
+            r = llmpress.quantize(src, out, method=m, bits=bits, group_size=gs, calib=a.calib, samples=a.samples,
+                                  seq_len=a.seq_len, force=True, progress=False, **opts)
+            secs = time.perf_counter() - t
+            record({"who": who, "bits": bits, "group_size": gs, "bpw": r["bpw"], "seconds": secs,
+                    "eval": fidelity(out, texts, a.tokens)})
+        for p in peers:
+            if (p, bits, gs) in done:
+                continue
+            got = run_peer(p, bits, gs, src, a.threads)
+            if got is None:
+                continue
+            info, weights = got
+            model = load_with(src, weights)
+            record({"who": p, "bits": bits, "group_size": gs, "bpw": info.get("bpw"), "seconds": info["seconds"],
+                    "eval": fidelity(model, texts, a.tokens, tok)})
+            del model
+
+    print(f"\nSmolLM2-135M, {a.threads} thread(s); calibration {a.samples}×{a.seq_len} tokens of "
+          f"{a.calib or 'calib-mix'}; eval {a.tokens} tokens per text, top-128 KL to the original")
+    head = f"{'contender':<18}{'bits':>5}{'g':>5}{'bpw':>7}{'secs':>8}" + "".join(f"{'KL ' + t[:10]:>16}{'PPL':>8}" for t in texts)
+    print(head)
+    for r in sorted(rows, key=lambda r: (-r["bits"], r["group_size"], r["who"])):
+        cells = "".join(f"{r['eval'][t]['kl_mean']:>16.4f}{r['eval'][t]['ppl']:>8.2f}" if t in r["eval"] else " " * 24 for t in texts)
+        bpw = f"{r['bpw']:.3f}" if r.get("bpw") else "-"
+        print(f"{r['who']:<18}{r['bits']:>5}{r['group_size']:>5}{bpw:>7}{r['seconds']:>8.1f}{cells}")
+    print(f"\nresults: {res_path}")
+
+
+if __name__ == "__main__":
+    main()
