@@ -45,8 +45,16 @@ class QuantLinear(nn.Module):
         data = self._buffers_dict()
         codes = unpack(data["qweight"], self.bits, self.out_features * self.in_features)
         codes = codes.reshape(self.out_features, self.in_features).to(torch.float32)
-        g = data["g_idx"].long() if "g_idx" in data else self._gidx
-        w = self.grid.dequantize(codes, column_params(data, self.meta, g), self.bits)
+        gs = int(self.meta["group_size"])
+        if "g_idx" not in data and 0 < gs < self.in_features:
+            # consecutive groups: broadcast (out, G, 1) parameters over the grouped view, no gather
+            n_g = grids.num_groups(self.in_features, gs)
+            wg = F.pad(codes, (0, n_g * gs - self.in_features)).view(self.out_features, n_g, gs)  # (out, G, gs)
+            p = {k: data[k].to(torch.float32).unsqueeze(-1) for k in self.grid.stored}
+            w = grids.ungroup(self.grid.dequantize(wg, p, self.bits), codes.shape)
+        else:
+            g = data["g_idx"].long() if "g_idx" in data else self._gidx
+            w = self.grid.dequantize(codes, column_params(data, self.meta, g), self.bits)
         if "in_scale" in data:
             w = w / data["in_scale"].to(torch.float32)
         return w
