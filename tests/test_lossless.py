@@ -29,6 +29,7 @@ def sha(p: Path) -> str:
 
 
 @given(st.integers(1, 16), st.lists(st.integers(0, 65535), max_size=70))
+@settings(deadline=None)  # the first call loads the compiled kernels
 def test_bit_packing_round_trip(width, xs):
     sym = np.array([x % (1 << width) for x in xs], dtype=np.uint16 if width > 8 else np.uint8)
     buf = pack_bits(sym, width)

@@ -52,7 +52,7 @@ def _show_sizes(title: str) -> Callable[[dict[str, Any]], None]:
 def pack(
     src: str = typer.Argument(..., help="MODEL: HF folder, .safetensors file, hub id or embedded default."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .llmp file."),
-    policy: str = typer.Option("ans", "--policy", help="Entropy backends: 'ans' (smallest) or 'zstd' (fastest)."),
+    policy: str = typer.Option("rans", "--policy", help="Entropy backends: 'rans' (default: our rANS), 'ans' (constriction) or 'zstd'."),
     threads: Optional[int] = THREADS_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,

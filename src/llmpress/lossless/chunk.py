@@ -19,6 +19,7 @@ from .planes import FloatLayout, layout
 
 # policy name -> entropy backends tried on (head, tail, bytes) streams, besides raw
 POLICIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "rans": {"head": ("rans",), "tail": ("rans",), "bytes": ("zstd",)},
     "ans": {"head": ("ans",), "tail": ("ans",), "bytes": ("zstd",)},
     "zstd": {"head": ("zstd",), "tail": ("zstd",), "bytes": ("zstd",)},
 }
@@ -37,22 +38,22 @@ def _kind(name: str) -> str:
     return "bytes" if name == "bytes" else ("head" if name == "head" else "tail")
 
 
-def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "ans") -> tuple[bytes, ChunkStats]:
+def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "rans") -> tuple[bytes, ChunkStats]:
     """raw: (nbytes,) uint8, a whole number of ``dtype`` words (never modified)."""
     lay = layout(dtype)
-    parts = lay.split(raw)
+    parts, hists = lay.split_hist(raw)
     pol = POLICIES[policy]
     st = ChunkStats()
     out = [struct.pack("<B", len(parts))]
-    for f, sym in zip(lay.fields, parts):
-        h = entropy_bits(sym, f.width)
-        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)], h)
+    for f, sym, hist in zip(lay.fields, parts, hists):
+        h = entropy_bits(None, f.width, hist)
+        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)], h, hist)
         out.append(struct.pack("<BI", bid, len(payload)))
         out.append(payload)
         st.bound_bits += min(h, float(len(sym) * f.width))
         st.streams[BY_ID[bid].name] = st.streams.get(BY_ID[bid].name, 0) + len(payload)
     if isinstance(lay, FloatLayout):
-        st.exp_hist = np.bincount(parts[0] >> lay.k, minlength=1 << lay.E)
+        st.exp_hist = hists[0].reshape(1 << lay.E, 1 << lay.k).sum(1)
     return b"".join(out), st
 
 

@@ -61,7 +61,7 @@ def pack(
     *,
     force: bool = False,
     threads: int | None = None,
-    policy: str = "ans",
+    policy: str = "rans",
     chunk_bytes: int = CHUNK_BYTES,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:

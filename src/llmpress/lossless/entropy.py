@@ -25,25 +25,18 @@ import constriction
 import numpy as np
 import zstandard
 
+from . import kernels as K
+
 # ---------------------------------------------------------------- bit packing (raw backend)
 
 
 def pack_bits(sym: np.ndarray, width: int) -> bytes:
-    """Pack ``width``-bit symbols little-endian into ceil(n*width/8) bytes."""
-    n = len(sym)
-    if width in (8, 16):
-        return sym.astype(np.uint8 if width == 8 else "<u2").tobytes()
-    if width > 8:  # low bytes, then the high (width - 8)-bit parts
-        return (sym & 0xFF).astype(np.uint8).tobytes() + pack_bits((sym >> 8).astype(np.uint8), width - 8)
-    g = 8 // np.gcd(8, width)  # symbols per group; a group is g*width/8 whole bytes
-    nb = g * width // 8
-    pad = (-n) % g
-    x = np.concatenate([sym.astype(np.uint64), np.zeros(pad, np.uint64)]).reshape(-1, g)
-    acc = np.zeros(len(x), np.uint64)
-    for i in range(g):
-        acc |= x[:, i] << np.uint64(width * i)
-    out = acc.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :nb]
-    return out.tobytes()[: (n * width + 7) // 8]
+    """Pack ``width``-bit symbols into ceil(n*width/8) bytes: one little-endian (LSB-first) bit stream."""
+    if width == 8:
+        return sym.astype(np.uint8, copy=False).tobytes()
+    if width == 16:
+        return sym.astype("<u2", copy=False).tobytes()
+    return K.pack_bits(np.ascontiguousarray(sym), width).tobytes()
 
 
 def unpack_bits(buf: bytes | memoryview, n: int, width: int) -> np.ndarray:
@@ -53,22 +46,9 @@ def unpack_bits(buf: bytes | memoryview, n: int, width: int) -> np.ndarray:
         raise ValueError(f"raw stream holds {len(buf)} bytes, expected {need}")
     if width in (8, 16):
         return np.frombuffer(buf, np.uint8 if width == 8 else "<u2").astype(dt)
-    if width > 8:
-        low = np.frombuffer(buf, np.uint8, n).astype(np.uint16)
-        return low | unpack_bits(buf[n:], n, width - 8).astype(np.uint16) << 8
-    g = 8 // np.gcd(8, width)
-    nb = g * width // 8
-    groups = -(-n // g)
-    b = np.zeros((groups, 8), np.uint8)
-    flat = np.zeros(groups * nb, np.uint8)
-    flat[: len(buf)] = np.frombuffer(buf, np.uint8)
-    b[:, :nb] = flat.reshape(groups, nb)
-    acc = b.view("<u8").reshape(groups)
-    mask = np.uint64((1 << width) - 1)
-    out = np.empty((groups, g), dt)
-    for i in range(g):
-        out[:, i] = (acc >> np.uint64(width * i)) & mask
-    return out.reshape(-1)[:n]
+    out = np.empty(n, dt)
+    K.unpack_bits(np.frombuffer(buf, np.uint8), width, out)
+    return out
 
 
 # ---------------------------------------------------------------- backends
@@ -143,6 +123,59 @@ class Ans:
         return present.astype(dt)[idx]
 
 
+RANS_PB = 12  # model precision: 2**12 slots (decode tables fit L1; ~0.05 % over H0 on weights)
+
+
+def _hist(sym: np.ndarray, width: int, hist: np.ndarray | None) -> np.ndarray:
+    return np.bincount(sym, minlength=1 << width).astype(np.int64) if hist is None else hist.astype(np.int64, copy=False)
+
+
+@backend("rans", 3)
+class Rans:
+    """Our interleaved rANS (kernels.py) with a static model from this stream's histogram.
+
+    Layout: the model (``kernels.write_model``: precision, present symbols, frequencies, ~2
+    bytes a symbol) then the u16 word stack. A single-symbol stream is its model alone.
+    Encode and decode release the GIL, so chunks code in parallel threads.
+    """
+
+    @staticmethod
+    def encode(sym: np.ndarray, width: int, hist: np.ndarray | None = None) -> bytes:
+        h = _hist(sym, width, hist)
+        k = int(np.count_nonzero(h))
+        if k <= 1:
+            f = np.zeros_like(h)
+            f[h > 0] = 1
+            return K.write_model(f, 0).tobytes()
+        pb = max(RANS_PB, (k - 1).bit_length())
+        f = K.normalize_freqs(h, pb)
+        words = K.rans_encode(np.ascontiguousarray(sym), f, pb)
+        return K.write_model(f, pb).tobytes() + words.astype("<u2", copy=False).tobytes()
+
+    @staticmethod
+    def decode(buf: memoryview, n: int, width: int) -> np.ndarray:
+        b = np.frombuffer(buf, np.uint8)
+        f = np.zeros(1 << width, np.int64)
+        pb, used = K.read_model(b, 1 << width, f)
+        if pb < 0:
+            raise ValueError("rans stream: malformed model")
+        dt = np.uint8 if width <= 8 else np.uint16
+        present = np.flatnonzero(f)
+        if len(present) == 1:
+            if used != len(b):
+                raise ValueError("rans stream: trailing bytes after a single-symbol model")
+            return np.full(n, present[0], dt)
+        if (len(b) - used) % 2:
+            raise ValueError("rans stream: odd word stack")
+        words = b[used:].copy().view("<u2")
+        out = np.empty(n, dt)
+        dsym, dinfo = K.decode_table(f, pb)
+        rc = K.rans_decode(words, n, dsym, dinfo, pb, out)
+        if rc:
+            raise ValueError(f"rans stream: corrupted (code {rc})")
+        return out
+
+
 ZSTD_LEVEL = 3
 
 
@@ -165,35 +198,37 @@ class Zstd:
 # ---------------------------------------------------------------- entropy estimates
 
 
-def entropy_bits(sym: np.ndarray, width: int) -> float:
-    """n · H0(sym): the order-0 (static, this-stream) entropy in bits."""
-    if len(sym) == 0:
-        return 0.0
-    c = np.bincount(sym, minlength=1 << width)
+def entropy_bits(sym: np.ndarray | None, width: int, hist: np.ndarray | None = None) -> float:
+    """n · H0(sym): the order-0 (static, this-stream) entropy in bits (from ``hist`` if given)."""
+    c = np.bincount(sym, minlength=1 << width) if hist is None else hist
     c = c[c > 0].astype(np.float64)
+    if c.size == 0:
+        return 0.0
     n = c.sum()
     return float(-(c * np.log2(c / n)).sum())
 
 
 def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
-                  est_bits: float | None = None) -> tuple[int, bytes]:
+                  est_bits: float | None = None, hist: np.ndarray | None = None) -> tuple[int, bytes]:
     """Smallest payload among ``raw`` and the candidates worth trying: (backend id, payload).
 
-    ``ans`` is skipped when the order-0 entropy (``est_bits``, computed if not given) says it
-    cannot beat raw by 1 %; zstd is always tried (its LZ stage can beat order-0 on repeats).
+    ``ans``/``rans`` are skipped when the order-0 entropy (``est_bits``, computed if not given)
+    says they cannot beat raw by 1 %; zstd is always tried (its LZ stage can beat order-0 on
+    repeats). ``hist`` (the stream's symbol counts, if the caller has them) spares a pass.
     """
     raw_len = (len(sym) * width + 7) // 8
     best: tuple[int, bytes | None] = (0, None)
     size = raw_len
     if len(sym):
         for name in candidates:
-            if name == "ans":
+            if name in ("ans", "rans"):
                 est = entropy_bits(sym, width) if est_bits is None else est_bits
                 if est / 8 > 0.99 * raw_len:
                     continue
-            payload = BACKENDS[name].encode(sym, width)
+            cls = BACKENDS[name]
+            payload = cls.encode(sym, width, hist) if name == "rans" else cls.encode(sym, width)
             if len(payload) < size:
-                best, size = (BACKENDS[name].id, payload), len(payload)
+                best, size = (cls.id, payload), len(payload)
     if best[1] is None:
         return 0, pack_bits(sym, width)
     return best  # type: ignore[return-value]

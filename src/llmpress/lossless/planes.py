@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels as K
+
 
 @dataclass(frozen=True)
 class Field:
@@ -38,6 +40,10 @@ class Layout:
     def merge(self, parts: list[np.ndarray], n: int) -> np.ndarray:  # -> (n*itemsize,) uint8
         return parts[0]
 
+    def split_hist(self, raw: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``split`` plus each field's symbol counts ((2**width,) int64 each)."""
+        return [raw], [np.bincount(raw, minlength=256).astype(np.int64)]
+
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
@@ -51,33 +57,26 @@ class FloatLayout(Layout):
         tail = 1 + man_bits - k  # sign + low mantissa bits
         widths = [8] * (tail // 8) + ([tail % 8] if tail % 8 else [])
         self.tail_widths = widths  # least significant piece first
+        self._w = np.array(widths, np.int64)
         self.fields = (Field("head", exp_bits + k),) + tuple(Field(f"tail{i}", w) for i, w in enumerate(widths))
 
-    def split(self, raw: np.ndarray) -> list[np.ndarray]:
+    def split_hist(self, raw: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         x = raw.view(self.word)  # (n,)
-        E, M, k = self.E, self.M, self.k
-        low = M - k
-        head = ((x >> M) & ((1 << E) - 1)) << k | ((x >> low) & ((1 << k) - 1))
-        tail = (x >> (E + M)) << low | (x & ((1 << low) - 1))
-        parts = [head.astype(np.uint16 if E + k > 8 else np.uint8)]
-        shift = 0
-        for w in self.tail_widths:
-            parts.append(((tail >> shift) & ((1 << w) - 1)).astype(np.uint8))
-            shift += w
-        return parts
+        n, p = len(x), len(self.tail_widths)
+        head = np.empty(n, np.uint16 if self.E + self.k > 8 else np.uint8)
+        tails = np.empty((p, n), np.uint8)
+        hh = np.zeros(1 << (self.E + self.k), np.int64)
+        th = np.zeros((p, 256), np.int64)
+        K.split_float(x, self.E, self.M, self.k, self._w, head, tails, hh, th)
+        return [head, *tails], [hh, *(th[j, : 1 << w] for j, w in enumerate(self.tail_widths))]
+
+    def split(self, raw: np.ndarray) -> list[np.ndarray]:
+        return self.split_hist(raw)[0]
 
     def merge(self, parts: list[np.ndarray], n: int) -> np.ndarray:
-        E, M, k = self.E, self.M, self.k
-        low = M - k
-        head = parts[0].astype(self.word)
-        tail = np.zeros(n, self.word)
-        shift = 0
-        for w, p in zip(self.tail_widths, parts[1:]):
-            tail |= p.astype(self.word) << shift
-            shift += w
-        sign = tail >> low
-        x = sign << (E + M) | (head >> k) << M | (head & ((1 << k) - 1)) << low | (tail & ((1 << low) - 1))
-        return x.astype(self.word).view(np.uint8)
+        x = np.empty(n, self.word)
+        K.merge_float(parts[0], tuple(parts[1:]), self.E, self.M, self.k, self._w, x)
+        return x.view(np.uint8)
 
 
 # safetensors dtype name -> layout. k (top mantissa bits in the head) is chosen so the head's

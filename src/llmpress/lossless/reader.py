@@ -35,7 +35,8 @@ from .chunk import decode_chunk
 from .planes import ITEMSIZE
 from .segments import MAX_NDIM
 
-MAGIC, VERSION = b"LLMPRESS", 1
+MAGIC, VERSION = b"LLMPRESS", 2
+READABLE = (1, 2)  # v2 added the ``rans`` backend (id 3); chunk layout unchanged since v1
 FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
 CHUNK_BYTES = 1 << 20
@@ -62,8 +63,9 @@ class Packed:
             if len(pre) < 12 or pre[:8] != MAGIC:
                 raise CorruptError(f"{self.path}: not an llmpress container (bad magic)")
             (ver,) = struct.unpack("<I", pre[8:])
-            if ver != VERSION:
-                raise CorruptError(f"{self.path}: container version {ver}, this llmpress reads {VERSION}")
+            if ver not in READABLE:
+                raise CorruptError(f"{self.path}: container version {ver}; this llmpress reads versions "
+                                   f"{', '.join(map(str, READABLE))} (a newer llmpress wrote it?)")
             if self.size < 12 + FOOTER.size:
                 raise CorruptError(f"{self.path}: truncated (no footer)")
             f.seek(self.size - FOOTER.size)

@@ -1,0 +1,458 @@
+"""Compiled inner loops of the lossless codec (numba, ``nogil`` so chunks run in parallel threads).
+
+- **rANS** (Duda 2013; the word-oriented variant of Giesen's ``ryg_rans``): a static model
+  of ``2**pb`` slots, 32-bit states kept in ``[2**16, 2**32)``, renormalised 16 bits at a time.
+  ``NSTATES`` independent states take symbols round-robin (symbol ``i`` uses state
+  ``i % NSTATES``), so the decoder's dependency chains interleave; all states share one word
+  stack. Encoding runs backwards and fills the stack from its end; the decoder reads it forward,
+  first the ``NSTATES`` final states (two words each), then the renormalisation words. Every
+  state ends at ``2**16`` exactly, which the decoder checks (with the word count): a corrupted
+  stream that happens to decode to the right length is still caught.
+- **frequency normalisation**: counts → integer frequencies summing to ``2**pb``, each present
+  symbol ≥ 1, with the rounding error placed where it costs the fewest bits.
+- **bit packing** (LSB-first bit stream) and the **float field split/merge** of planes.py, one
+  pass each, with the fields' histograms taken during the split.
+
+Every function here checks its input bounds itself: a hostile stream raises (through the
+Python wrappers in entropy.py) rather than reading outside its buffers.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+NSTATES = 4
+RANS_L = 1 << 16  # lower bound of a state; states live in [RANS_L, RANS_L << 16)
+
+_JIT = dict(nogil=True, cache=True, boundscheck=False)
+
+
+# ------------------------------------------------------------------------------ rANS
+
+
+@njit(**_JIT)
+def normalize_freqs(hist, pb):  # hist: (A,) int64 counts -> (A,) int64 freqs summing to 2**pb
+    """Quantise counts to frequencies summing to ``2**pb`` (needs #present ≤ 2**pb).
+
+    Start from ``max(1, floor(c·T/n))``, then hand the missing slots out one by one to the
+    symbol whose code length drops the most per slot (``c·log2((f+1)/f)``), or take surplus slots
+    from the one that loses the least; a max-scan per slot over the present symbols (few hundred).
+    """
+    A = hist.shape[0]
+    T = 1 << pb
+    n = 0
+    for s in range(A):
+        n += hist[s]
+    f = np.zeros(A, np.int64)
+    present = np.empty(A, np.int64)
+    k = 0
+    used = 0
+    for s in range(A):
+        c = hist[s]
+        if c > 0:
+            q = (c * T) // n
+            if q < 1:
+                q = 1
+            f[s] = q
+            used += q
+            present[k] = s
+            k += 1
+    if k > 1024:  # huge alphabets (16-bit fields): cheap fix-up, largest counts first
+        order = present[:k][np.argsort(-hist[present[:k]])]
+        j = 0
+        while used < T:
+            f[order[j % k]] += 1
+            used += 1
+            j += 1
+        j = 0
+        while used > T:
+            s = order[j % k]
+            if f[s] > 1:
+                f[s] -= 1
+                used -= 1
+            j += 1
+        return f
+    while used < T:
+        best, bs = -1.0, -1
+        for j in range(k):
+            s = present[j]
+            gain = hist[s] * np.log2((f[s] + 1.0) / f[s])
+            if gain > best:
+                best, bs = gain, s
+        f[bs] += 1
+        used += 1
+    while used > T:
+        best, bs = np.inf, -1
+        for j in range(k):
+            s = present[j]
+            if f[s] > 1:
+                loss = hist[s] * np.log2(f[s] / (f[s] - 1.0))
+                if loss < best:
+                    best, bs = loss, s
+        f[bs] -= 1
+        used -= 1
+    return f
+
+
+@njit(inline="always", **_JIT)
+def _enc(x, f, c, rf, pb, sh, buf, pos):
+    """One rANS encode step of a symbol (freq f, start c, rf = 1/f) on state x; may push a word."""
+    if x >= (f << sh):
+        pos -= 1
+        buf[pos] = x & 0xFFFF
+        x >>= 16
+    # x // f by a float reciprocal (no integer divide), corrected to the exact quotient
+    q = np.int64(x * rf)
+    r = x - q * f
+    if r < 0:
+        q -= 1
+        r += f
+    elif r >= f:
+        q += 1
+        r -= f
+    return (q << pb) + r + c, pos
+
+
+@njit(**_JIT)
+def rans_encode(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to 2**pb -> (m,) uint16
+    """Encode ``sym`` (every symbol must have ``freq > 0``) into a stack of 16-bit words."""
+    n = sym.shape[0]
+    A = freq.shape[0]
+    start = np.empty(A, np.int64)
+    rcp = np.empty(A, np.float64)
+    acc = 0
+    for s in range(A):
+        start[s] = acc
+        acc += freq[s]
+        rcp[s] = 1.0 / freq[s] if freq[s] > 0 else 0.0
+    buf = np.empty(n + 2 * NSTATES, np.uint16)
+    pos = buf.shape[0]
+    x0 = x1 = x2 = x3 = np.int64(RANS_L)
+    sh = 32 - pb
+    n4 = n & ~3
+    i = n - 1
+    while i >= n4:  # the last n % 4 symbols, one state each
+        s = sym[i]
+        j = i & 3
+        if j == 0:
+            x0, pos = _enc(x0, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        elif j == 1:
+            x1, pos = _enc(x1, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        else:
+            x2, pos = _enc(x2, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        i -= 1
+    while i >= 3:  # groups of four, states 3, 2, 1, 0 (the decoder reads their words 0..3)
+        s = sym[i]
+        x3, pos = _enc(x3, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        s = sym[i - 1]
+        x2, pos = _enc(x2, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        s = sym[i - 2]
+        x1, pos = _enc(x1, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        s = sym[i - 3]
+        x0, pos = _enc(x0, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        i -= 4
+    pos -= 2 * NSTATES
+    for j, x in enumerate((x0, x1, x2, x3)):
+        buf[pos + 2 * j] = x & 0xFFFF
+        buf[pos + 2 * j + 1] = x >> 16
+    return buf[pos:].copy()
+
+
+@njit(**_JIT)
+def decode_table(freq, pb):  # freq: (A,) int64 -> (slot symbol (2**pb,) uint16, slot info (2**pb,) uint32)
+    """Slot → symbol and slot → ``freq | (slot - start) << 16`` (one lookup per decoded symbol)."""
+    T = 1 << pb
+    dsym = np.empty(T, np.uint16)
+    dinfo = np.empty(T, np.uint32)
+    slot = 0
+    for s in range(freq.shape[0]):
+        f = freq[s]
+        for r in range(f):
+            dsym[slot] = s
+            dinfo[slot] = f | (r << 16)
+            slot += 1
+    return dsym, dinfo
+
+
+@njit(**_JIT)
+def rans_decode(words, n, dsym, dinfo, pb, out):  # words: (m,) uint16; out: (n,) uint8/uint16
+    """Decode ``n`` symbols into ``out``; returns 0 on success, a negative code on a bad stream."""
+    m = words.shape[0]
+    if m < 2 * NSTATES:
+        return -1
+    x0 = np.int64(words[0]) | (np.int64(words[1]) << 16)
+    x1 = np.int64(words[2]) | (np.int64(words[3]) << 16)
+    x2 = np.int64(words[4]) | (np.int64(words[5]) << 16)
+    x3 = np.int64(words[6]) | (np.int64(words[7]) << 16)
+    pos = 2 * NSTATES
+    mask = (1 << pb) - 1
+    upb = pb
+    lo = RANS_L
+    for x in (x0, x1, x2, x3):
+        if x < lo:
+            return -2
+    i = 0
+    n4 = n & ~3
+    while i < n4:
+        # four independent chains; the renormalisation reads stay in symbol order
+        sl0 = x0 & mask
+        sl1 = x1 & mask
+        sl2 = x2 & mask
+        sl3 = x3 & mask
+        out[i] = dsym[sl0]
+        out[i + 1] = dsym[sl1]
+        out[i + 2] = dsym[sl2]
+        out[i + 3] = dsym[sl3]
+        d0 = np.int64(dinfo[sl0])
+        d1 = np.int64(dinfo[sl1])
+        d2 = np.int64(dinfo[sl2])
+        d3 = np.int64(dinfo[sl3])
+        x0 = (d0 & 0xFFFF) * (x0 >> upb) + (d0 >> 16)
+        x1 = (d1 & 0xFFFF) * (x1 >> upb) + (d1 >> 16)
+        x2 = (d2 & 0xFFFF) * (x2 >> upb) + (d2 >> 16)
+        x3 = (d3 & 0xFFFF) * (x3 >> upb) + (d3 >> 16)
+        if x0 < lo:
+            if pos >= m:
+                return -3
+            x0 = (x0 << 16) | np.int64(words[pos])
+            pos += 1
+        if x1 < lo:
+            if pos >= m:
+                return -3
+            x1 = (x1 << 16) | np.int64(words[pos])
+            pos += 1
+        if x2 < lo:
+            if pos >= m:
+                return -3
+            x2 = (x2 << 16) | np.int64(words[pos])
+            pos += 1
+        if x3 < lo:
+            if pos >= m:
+                return -3
+            x3 = (x3 << 16) | np.int64(words[pos])
+            pos += 1
+        i += 4
+    while i < n:
+        j = i & 3
+        x = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else x3))
+        sl = x & mask
+        out[i] = dsym[sl]
+        d = np.int64(dinfo[sl])
+        x = (d & 0xFFFF) * (x >> upb) + (d >> 16)
+        if x < lo:
+            if pos >= m:
+                return -3
+            x = (x << 16) | np.int64(words[pos])
+            pos += 1
+        if j == 0:
+            x0 = x
+        elif j == 1:
+            x1 = x
+        elif j == 2:
+            x2 = x
+        else:
+            x3 = x
+        i += 1
+    if pos != m or x0 != lo or x1 != lo or x2 != lo or x3 != lo:
+        return -4
+    return 0
+
+
+# ------------------------------------------------------------------------------ bit packing
+
+
+@njit(**_JIT)
+def pack_bits(sym, width):  # sym: (n,) uint -> (ceil(n*width/8),) uint8, LSB-first bit stream
+    n = sym.shape[0]
+    out = np.empty((n * width + 7) // 8, np.uint8)
+    acc = np.int64(0)
+    nb = 0
+    o = 0
+    mask = (1 << width) - 1
+    for i in range(n):
+        acc |= (np.int64(sym[i]) & mask) << nb
+        nb += width
+        while nb >= 8:
+            out[o] = acc & 0xFF
+            acc >>= 8
+            nb -= 8
+            o += 1
+    if nb > 0:
+        out[o] = acc & 0xFF
+    return out
+
+
+@njit(**_JIT)
+def unpack_bits(buf, width, out):  # buf: (ceil(n*width/8),) uint8 -> out: (n,) uint8/uint16
+    n = out.shape[0]
+    acc = np.int64(0)
+    nb = 0
+    p = 0
+    mask = (1 << width) - 1
+    m = buf.shape[0]
+    for i in range(n):
+        while nb < width:
+            if p < m:
+                acc |= np.int64(buf[p]) << nb
+            p += 1
+            nb += 8
+        out[i] = acc & mask
+        acc >>= width
+        nb -= width
+
+
+# ------------------------------------------------------------------------------ float fields
+
+
+@njit(**_JIT)
+def split_float(x, E, M, k, widths, head, tails, hhist, thist):
+    """x: (n,) uint16/uint32 words → head (n,) = exponent ‖ top k mantissa bits, tails (p, n)
+    uint8 = sign ‖ low mantissa bits cut LSB-first into ``widths``; histograms hhist
+    (2**(E+k),) and thist (p, 256) are accumulated (four partial histograms, so runs of equal
+    symbols do not serialise on one counter)."""
+    n = x.shape[0]
+    p = widths.shape[0]
+    low = M - k
+    emask = (1 << E) - 1
+    kmask = (1 << k) - 1
+    lmask = (1 << low) - 1
+    sshift = E + M
+    A = hhist.shape[0]
+    hh = np.zeros((4, A), np.int64)
+    th = np.zeros((4, p, 256), np.int64)
+    w0 = widths[0]
+    m0 = (1 << w0) - 1
+    for i in range(n):
+        w = np.int64(x[i])
+        h = ((w >> M) & emask) << k | ((w >> low) & kmask)
+        head[i] = h
+        hh[i & 3, h] += 1
+        t = (w >> sshift) << low | (w & lmask)
+        v = t & m0
+        tails[0, i] = v
+        th[i & 3, 0, v] += 1
+        t >>= w0
+        for j in range(1, p):
+            v = t & ((1 << widths[j]) - 1)
+            tails[j, i] = v
+            th[i & 3, j, v] += 1
+            t >>= widths[j]
+    for r in range(4):
+        for a in range(A):
+            hhist[a] += hh[r, a]
+        for j in range(p):
+            for a in range(256):
+                thist[j, a] += th[r, j, a]
+
+
+@njit(**_JIT)
+def merge_float(head, tails, E, M, k, widths, x):  # inverse of split_float; tails: tuple of (n,) uint8 -> x: (n,) uint16/uint32
+    n = x.shape[0]
+    p = widths.shape[0]
+    low = M - k
+    kmask = (1 << k) - 1
+    for i in range(n):
+        t = np.int64(0)
+        sh = 0
+        for j in range(p):
+            t |= np.int64(tails[j][i]) << sh
+            sh += widths[j]
+        h = np.int64(head[i])
+        w = (t >> low) << (E + M) | (h >> k) << M | (h & kmask) << low | (t & ((1 << low) - 1))
+        x[i] = w
+
+
+# ------------------------------------------------------------------------------ model bytes
+
+
+@njit(**_JIT)
+def write_model(freq, pb):  # freq: (A,) int64 -> uint8 bytes of the static model
+    """``u8 pb | varint k | k varint symbol gaps | k-1 varint freqs`` (the last freq is implied by
+    the sum ``2**pb``; a single-symbol model stores no freq). LEB128 varints: gaps are mostly 1
+    and most freqs small, so a model costs ~2 bytes a present symbol."""
+    A = freq.shape[0]
+    out = np.empty(16 + 3 * 2 * A, np.uint8)
+    o = 0
+    out[o] = pb
+    o += 1
+    k = 0
+    for s in range(A):
+        if freq[s] > 0:
+            k += 1
+    vals = np.empty(2 * k, np.int64)
+    v = 0
+    prev = -1
+    for s in range(A):
+        if freq[s] > 0:
+            vals[v] = s - prev if prev >= 0 else s
+            prev = s
+            v += 1
+    for s in range(A):
+        if freq[s] > 0:
+            vals[v] = freq[s]
+            v += 1
+    m = 1 + k + k - 1 if k > 0 else 1
+    x = k
+    for j in range(-1, m - 1):
+        x = k if j < 0 else vals[j]
+        while x >= 0x80:
+            out[o] = (x & 0x7F) | 0x80
+            x >>= 7
+            o += 1
+        out[o] = x
+        o += 1
+    return out[:o].copy()
+
+
+@njit(**_JIT)
+def _varint(buf, o):  # -> (value, next offset) or (-1, -1) past the end / too long
+    x = 0
+    sh = 0
+    m = buf.shape[0]
+    while True:
+        if o >= m or sh > 28:
+            return -1, -1
+        b = np.int64(buf[o])
+        o += 1
+        x |= (b & 0x7F) << sh
+        sh += 7
+        if b < 0x80:
+            return x, o
+
+
+@njit(**_JIT)
+def read_model(buf, A, freq):  # buf: (m,) uint8; freq: (A,) int64 zeros -> (pb, bytes used); pb < 0: malformed
+    """Inverse of :func:`write_model`, checking every field (gaps ≥ 1, symbols < A, freqs ≥ 1
+    summing to ``2**pb``)."""
+    if buf.shape[0] < 2 or buf[0] > 16:
+        return -1, 0
+    pb = np.int64(buf[0])
+    T = 1 << pb
+    k, o = _varint(buf, 1)
+    if k < 1 or k > A or (k > 1 and k > T):
+        return -1, 0
+    syms = np.empty(k, np.int64)
+    prev = -1
+    for j in range(k):
+        x, o = _varint(buf, o)
+        if o < 0 or (j > 0 and x < 1):
+            return -1, 0
+        s = x if j == 0 else prev + x
+        if s >= A:
+            return -1, 0
+        syms[j] = s
+        prev = s
+    if k == 1:
+        freq[syms[0]] = T
+        return pb, o
+    total = 0
+    for j in range(k - 1):
+        x, o = _varint(buf, o)
+        if o < 0 or x < 1:
+            return -1, 0
+        freq[syms[j]] = x
+        total += x
+    if total >= T:
+        return -1, 0
+    freq[syms[k - 1]] = T - total
+    return pb, o
