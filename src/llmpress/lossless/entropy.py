@@ -141,6 +141,8 @@ class Rans:
 
     @staticmethod
     def encode(sym: np.ndarray, width: int, hist: np.ndarray | None = None) -> bytes:
+        if len(sym) == 0:
+            return b""
         h = _hist(sym, width, hist)
         k = int(np.count_nonzero(h))
         if k <= 1:
@@ -154,12 +156,14 @@ class Rans:
 
     @staticmethod
     def decode(buf: memoryview, n: int, width: int) -> np.ndarray:
+        dt = np.uint8 if width <= 8 else np.uint16
+        if n == 0 and len(buf) == 0:
+            return np.empty(0, dt)
         b = np.frombuffer(buf, np.uint8)
         f = np.zeros(1 << width, np.int64)
         pb, used = K.read_model(b, 1 << width, f)
         if pb < 0:
             raise ValueError("rans stream: malformed model")
-        dt = np.uint8 if width <= 8 else np.uint16
         present = np.flatnonzero(f)
         if len(present) == 1:
             if used != len(b):
