@@ -67,6 +67,10 @@ def test_limit_end_to_end_resume_and_report(tiny_llama_dir, tmp_path, monkeypatc
         assert float(cells[1]) == pytest.approx(r["bpw"], abs=6e-4)
         assert float(cells[2]) == pytest.approx(r["kl_mean"], rel=1e-3, abs=1e-12)
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    # every lossy point's recipe is written so the printed command reproduces it
+    from llmpress.recipe import Recipe
+
+    assert Recipe.from_yaml(tmp_path / "recipes" / "rtn-w2-g32.yaml").to_dict() == by["rtn-w2-g32"]["recipe"]
 
     # a re-run (as after a kill) recomputes nothing finished, only the new point
     calls = []

@@ -155,3 +155,20 @@ def test_collect_stats_matches_manual(tiny_llama_dir, calib_file):
     # the Gram matrix of real activations is symmetric positive semi-definite
     assert torch.allclose(s.gram, s.gram.T)
     assert torch.linalg.eigvalsh(s.gram).min() > -1e-6 * s.gram.diagonal().max()
+
+
+def test_compress_cli_with_recipe_yaml(tiny_llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    rec = tmp_path / "r.yaml"
+    rec.write_text(Recipe([Rule("embed|lm_head", "keep"), Rule(".*", "rtn", {"bits": 4, "group_size": 32})]).to_yaml())
+    out = tmp_path / "o"
+    p = subprocess.run([sys.executable, "-m", "llmpress", "compress", str(tiny_llama_dir), "-o", str(out), "--recipe", str(rec), "--json"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert 4 < res["bpw"] < 5.5 and res["bytes_out"] == read_manifest(out)["bytes_out"]
+    p = subprocess.run([sys.executable, "-m", "llmpress", "compress", str(tiny_llama_dir), "-o", str(out), "--recipe", str(rec)],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "exists" in p.stderr and "Traceback" not in p.stderr

@@ -13,6 +13,10 @@ from typing import Any, Callable
 from ..recipe import Recipe
 
 
+# Points without a one-flag command are reproduced from the recipe the report writes beside it.
+RECIPE_COMMAND = "llmpress compress {model} -o {out} --recipe {recipes}/{out}.yaml"
+
+
 @dataclass(frozen=True)
 class Point:
     label: str                       # e.g. "rtn-w4-g128"
@@ -54,7 +58,7 @@ def lowrank_quant(ratio: float, bits: int, group: int) -> Point:
     r = Recipe.uniform("whiten+q", ratio=ratio, bits=bits, group_size=group)
     return Point(
         f"whiten+q-r{ratio:g}-w{bits}-g{group}", "whiten+q", r.to_dict(),
-        "llmpress compress {model} -o {out} --recipe recipe.yaml  # recipe in results.jsonl", calib=True,
+        RECIPE_COMMAND, calib=True,
     )
 
 

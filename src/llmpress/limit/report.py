@@ -50,9 +50,21 @@ def write_report(out: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> No
               "Bits per weight count every stored byte (codes, scales, zeros, factors, metadata) of the linear "
               "layers; embeddings and norms are kept as they were and counted in the bytes ratio. The lossless "
               "point counts all tensors.", "", "```json", json.dumps(s.get("protocol"), indent=1, default=str), "```", ""]
+    _write_recipes(out / "recipes", rows)
     with atomic_file(out / "report.md", force=True) as tmp:
         tmp.write_text("\n".join(lines))
     plot(out / "frontier.png", rows, s)
+
+
+def _write_recipes(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """Each lossy point's recipe as YAML, so every command in the report runs as printed."""
+    from ..recipe import Recipe
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        if r.get("recipe"):
+            with atomic_file(folder / f"{r['label']}.yaml", force=True) as tmp:
+                tmp.write_text(Recipe.from_dict(r["recipe"]).to_yaml())
 
 
 def _peers() -> list[dict[str, Any]]:

@@ -92,8 +92,11 @@ def run_point(point: Point, settings: dict[str, Any]) -> dict[str, Any]:
         row = fn(point, settings, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    row.update(label=point.label, family=point.family, recipe=row.get("recipe", point.recipe),
-               command=point.command.format(model=settings["model"], out=point.label), seconds=time.perf_counter() - t0)
+    command = point.command.format(model=settings["model"], out=point.label, recipes=settings["recipes"])
+    if point.calib:
+        command += f" --calib {settings['calib']} --samples {settings['samples']} --seq-len {settings['seq_len']}"
+    row.update(label=point.label, family=point.family, recipe=row.get("recipe", point.recipe), command=command,
+               seconds=time.perf_counter() - t0)
     return row
 
 

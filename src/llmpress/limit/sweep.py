@@ -16,7 +16,7 @@ from typing import Any
 
 from ..models import DEFAULT_CAUSAL, TensorStore, resolve
 from .frontier import KNEE_METHOD, knee, pareto, smallest
-from .points import Point, budget as budget_points
+from .points import RECIPE_COMMAND, Point, budget as budget_points
 from .report import write_report
 from .runner import EXECUTORS
 
@@ -93,13 +93,12 @@ def limit(
     if points is None and mixed_bpw:
         from .points import Point as P
 
-        pts.append(P(f"mixed-{mixed_bpw:g}bpw-g64", "mixed", None,
-                     f"llmpress limit {{model}} --mixed-bpw {mixed_bpw:g}  # recipe in results.jsonl",
+        pts.append(P(f"mixed-{mixed_bpw:g}bpw-g64", "mixed", None, RECIPE_COMMAND,
                      calib=True, params={"target_bpw": mixed_bpw, "group": 64}))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "texts": texts, "ctx": ctx, "tokens": tokens, "calib": calib or CALIB_DEFAULT,
-                "samples": samples, "seq_len": seq_len, "threads": threads}
+                "samples": samples, "seq_len": seq_len, "threads": threads, "recipes": str(out / "recipes")}
     context = json.dumps({"model": _fingerprint(model), "text": _text_digest(texts), "ctx": ctx, "tokens": tokens,
                           "calib": settings["calib"], "samples": samples, "seq_len": seq_len, "threads": threads},
                          sort_keys=True)

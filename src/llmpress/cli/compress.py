@@ -1,0 +1,38 @@
+"""``llmpress compress MODEL -o OUT --recipe FILE``: any recipe, any mix of codecs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .app import FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument("smollm2-135m", help="Model: a folder, .safetensors, .gguf, hub id or embedded name."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
+    recipe: Path = typer.Option(..., "--recipe", help="YAML recipe: ordered rules {match, method, params}, first match wins."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: corpus name or file."),
+    samples: int = typer.Option(128, "--samples", help="Calibration windows."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Compress MODEL by a recipe (quantization, factorization or both, per layer) into OUT."""
+    from ..io.atomic import OutputExistsError
+    from ..pipeline import compress as run
+    from ..recipe import Recipe
+
+    try:
+        r = Recipe.from_yaml(recipe)
+        res = run(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force)
+    except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
+        fail(str(e).strip("'\""))
+    res.pop("layers", None)
+
+    def show(res: dict[str, Any]) -> None:
+        console.print(kv_table("compress", {k: res[k] for k in ("bpw", "bytes_in", "bytes_out", "ratio", "seconds", "out")}))
+
+    emit(res, as_json, show)
