@@ -141,7 +141,7 @@ def test_flipped_byte_in_a_chunk_names_the_tensor(st_file, tmp_path):
     b = bytearray(out.read_bytes())
     b[off] ^= 0x40
     out.write_bytes(bytes(b))
-    with pytest.raises(CorruptError, match=r"tensor 'big.bf16', chunk 1: checksum"):
+    with pytest.raises(CorruptError, match=r"tensor 'big.bf16', chunk 1: checksum mismatch"):
         verify(out)
     with pytest.raises(CorruptError, match="big.bf16"):
         open_tensor(out, "big.bf16")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from llmpress.lossless import kernels as K
-from llmpress.lossless.container import pack, verify
+from llmpress.lossless.container import open_tensor, pack, verify
 from llmpress.lossless.entropy import BACKENDS, Rans, decode_stream, encode_stream, entropy_bits
 from llmpress.lossless.reader import CorruptError, Packed
 
@@ -132,14 +133,18 @@ def test_rans_is_the_default_and_old_versions(tmp_path):
         bids = {p._read(c[0], c[1])[1] for _, s in p.tensors() for c in s["chunks"]}  # head stream's backend id
     assert bids == {BACKENDS["rans"].id}
     assert verify(out)["ok"]
-    # a v1 file (constriction ANS, same chunk layout) still reads; an unknown version is refused clearly
-    v1 = tmp_path / "v1.llmp"
-    pack(src, v1, policy="ans")
-    data = bytearray(v1.read_bytes())
-    data[8:12] = struct.pack("<I", 1)
-    v1.write_bytes(bytes(data))
+    # a v1 file (written by the v1 code: constriction ANS, payload and segment crc32s) still
+    # reads bit for bit; an unknown version is refused with a clear message
+    v1 = Path(__file__).parent / "data" / "lossless_v1.llmp"
     assert verify(v1)["ok"]
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 64, generator=g) * 0.02).to(torch.bfloat16)
+    f = torch.randn(50, generator=g)
+    assert torch.equal(open_tensor(v1, "w").view(torch.int16), w.view(torch.int16))
+    assert torch.equal(open_tensor(v1, "f").view(torch.int32), f.view(torch.int32))
+    data = bytearray(v1.read_bytes())
     data[8:12] = struct.pack("<I", 99)
-    v1.write_bytes(bytes(data))
+    bad = tmp_path / "v99.llmp"
+    bad.write_bytes(bytes(data))
     with pytest.raises(CorruptError, match="version 99"):
-        verify(v1)
+        verify(bad)

@@ -12,7 +12,6 @@ import logging
 import os
 import struct
 import time
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -95,8 +94,8 @@ def pack(
             def drain(limit: int) -> None:
                 while len(pending) > limit:
                     rec, ln, fut = pending.popleft()
-                    payload, st = fut.result()
-                    rec["chunks"].append([fo.tell(), len(payload), ln, crc32(payload)])
+                    payload, st, crc = fut.result()
+                    rec["chunks"].append([fo.tell(), len(payload), ln, crc])
                     fo.write(payload)
                     _account(rec, st)
                     if progress:
@@ -106,17 +105,14 @@ def pack(
                 for seg in segs:
                     srec = _segment_record(seg)
                     frec["segments"].append(srec)
-                    crc = 0
                     fi.seek(seg.offset)
                     for _, ln in _chunks_of(seg, chunk_bytes):
                         raw = np.frombuffer(fi.read(ln), np.uint8)
                         if len(raw) != ln:
                             raise OSError(f"{path}: file shrank while packing")
                         sha.update(raw)
-                        crc = zlib.crc32(raw, crc)
-                        pending.append((srec, ln, ex.submit(encode_chunk, raw, seg.dtype, policy)))
+                        pending.append((srec, ln, ex.submit(_encode_job, raw, seg.dtype, policy)))
                         drain(2 * threads)
-                    srec["crc32"] = crc & 0xFFFFFFFF
                 drain(0)
             for srec in frec["segments"]:
                 if srec["kind"] == "tensor":
@@ -135,6 +131,12 @@ def pack(
             "tensor_bytes_in": sum(s.get("bytes", 0) for s in tensors.values()),
             "tensor_bytes_out": sum(s.get("packed", 0) for s in tensors.values()),
             "bound_bytes": bound, "policy": policy, "threads": threads, "out": str(out)}
+
+
+def _encode_job(raw: np.ndarray, dtype: str, policy: str) -> tuple[bytes, Any, int]:
+    """One chunk, in a worker thread: (payload, stats, crc32 of the raw bytes)."""
+    payload, st = encode_chunk(raw, dtype, policy)
+    return payload, st, crc32(raw)
 
 
 def _segment_record(seg: Segment) -> dict[str, Any]:
@@ -159,17 +161,20 @@ def _account(rec: dict, st: Any) -> None:
 # ------------------------------------------------------------------------------- unpack / verify
 
 
-def _restore(p: Packed, f: dict, sink: Any, ex: ThreadPoolExecutor, progress: Callable[[int], None] | None) -> None:
-    """Decode one stored file into ``sink`` (a binary file or None) and check its sha256."""
-    sha = hashlib.sha256()
+def _restore(p: Packed, f: dict, sink: Any, ex: ThreadPoolExecutor, progress: Callable[[int], None] | None,
+             sha256: bool = True) -> None:
+    """Decode one stored file into ``sink`` (a binary file or None); every chunk is checked
+    against its crc32 as it is decoded, and with ``sha256`` the whole file against its sha256."""
+    sha = hashlib.sha256() if sha256 else None
     for s in f["segments"]:
         for part in p.iter_segment(f, s, ex, ahead=2 * ex._max_workers):
-            sha.update(part)
+            if sha is not None:
+                sha.update(part)
             if sink is not None:
                 sink.write(part)
             if progress:
                 progress(len(part))
-    if sha.hexdigest() != f["sha256"]:
+    if sha is not None and sha.hexdigest() != f["sha256"]:
         raise CorruptError(f"{p.path}: file {f['path']}: sha256 mismatch after decoding")
 
 
@@ -180,35 +185,37 @@ def unpack(
     force: bool = False,
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    sha256: bool = True,
 ) -> dict[str, Any]:
     """Restore every packed file byte for byte under ``out`` (a folder; a file when a single
-    file was packed). Every chunk, tensor and file checksum is verified."""
+    file was packed). Every chunk's crc32 is verified, and (``sha256``) every file's sha256."""
     t0 = time.perf_counter()
     out = Path(out)
     check_output(out, force)
     with Packed(packed) as p, ThreadPoolExecutor(threads or default_threads()) as ex:
         if p.index["root"] == "file" and len(p.index["files"]) == 1:
             with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo:
-                _restore(p, p.index["files"][0], fo, ex, progress)
+                _restore(p, p.index["files"][0], fo, ex, progress, sha256)
         else:
             with atomic_dir(out, force=force) as tmp:
                 for f in p.index["files"]:
                     dst = tmp / f["path"]
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     with open(dst, "wb") as fo:
-                        _restore(p, f, fo, ex, progress)
+                        _restore(p, f, fo, ex, progress, sha256)
         n = sum(f["size"] for f in p.index["files"])
         return {"bytes_in": p.size, "bytes_out": n, "ratio": p.size / max(n, 1), "files": len(p.index["files"]),
                 "seconds": time.perf_counter() - t0, "out": str(out)}
 
 
 def verify(packed: str | os.PathLike, *, threads: int | None = None,
-           progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Decode everything in memory, chunk by chunk, and check every checksum; raises CorruptError."""
+           progress: Callable[[int], None] | None = None, sha256: bool = True) -> dict[str, Any]:
+    """Decode everything in memory, chunk by chunk, and check every checksum (each chunk's
+    crc32; with ``sha256`` also each file's sha256, a serial pass); raises CorruptError."""
     t0 = time.perf_counter()
     with Packed(packed) as p, ThreadPoolExecutor(threads or default_threads()) as ex:
         for f in p.index["files"]:
-            _restore(p, f, None, ex, progress)
+            _restore(p, f, None, ex, progress, sha256)
         n = sum(f["size"] for f in p.index["files"])
         return {"ok": True, "files": len(p.index["files"]), "tensors": sum(1 for _ in p.tensors()),
                 "bytes_in": n, "bytes_out": p.size, "ratio": p.size / max(n, 1), "seconds": time.perf_counter() - t0}

@@ -31,11 +31,13 @@ from . import kernels as K
 
 
 def pack_bits(sym: np.ndarray, width: int) -> bytes:
-    """Pack ``width``-bit symbols into ceil(n*width/8) bytes: one little-endian (LSB-first) bit stream."""
+    """Pack ``width``-bit symbols into ceil(n*width/8) bytes, LSB-first (wider than 8 bits: low bytes first)."""
     if width == 8:
         return sym.astype(np.uint8, copy=False).tobytes()
     if width == 16:
         return sym.astype("<u2", copy=False).tobytes()
+    if width > 8:  # the low bytes, then the high (width - 8)-bit parts (the v1 layout)
+        return (sym & 0xFF).astype(np.uint8).tobytes() + K.pack_bits((sym >> 8).astype(np.uint8), width - 8).tobytes()
     return K.pack_bits(np.ascontiguousarray(sym), width).tobytes()
 
 
@@ -46,8 +48,13 @@ def unpack_bits(buf: bytes | memoryview, n: int, width: int) -> np.ndarray:
         raise ValueError(f"raw stream holds {len(buf)} bytes, expected {need}")
     if width in (8, 16):
         return np.frombuffer(buf, np.uint8 if width == 8 else "<u2").astype(dt)
+    b = np.frombuffer(buf, np.uint8)
+    if width > 8:
+        high = np.empty(n, np.uint16)
+        K.unpack_bits(b[n:], width - 8, high)
+        return b[:n].astype(np.uint16) | high << 8
     out = np.empty(n, dt)
-    K.unpack_bits(np.frombuffer(buf, np.uint8), width, out)
+    K.unpack_bits(b, width, out)
     return out
 
 

@@ -9,10 +9,14 @@ Layout (little-endian)::
 
 The index lists every input file (relative path, size, sha256) as segments that cover it byte
 for byte (segments.py): the safetensors header verbatim, one typed segment per tensor (name,
-dtype, shape, crc32 of its bytes), gaps. Each segment is a list of chunks ``[offset, length,
-raw bytes, crc32 of the payload]`` of ≈1 MiB of raw bytes. Config, tokenizer and other files
-are ``bytes`` segments, zstd-coded or stored. So one tensor is read by seeking to its chunks;
-chunks decode in parallel; every chunk, tensor and file is checked against its checksum.
+dtype, shape), gaps. Each segment is a list of chunks ``[offset, length, raw bytes, crc32]``
+of ≈1 MiB of raw bytes; since version 2 the crc32 is that of the chunk's *decoded* bytes, so
+each worker thread checks its own chunk right after decoding it (the chunks of a segment cover
+it, so every restored byte is checked without a serial pass; version 1 stored the payload's
+crc32 and one crc32 per segment, both still checked when reading a v1 file). Config, tokenizer
+and other files are ``bytes`` segments, zstd-coded or stored. So one tensor is read by seeking
+to its chunks; chunks decode in parallel; a whole file is checked against its sha256 on
+``unpack``/``verify`` (which can skip it: the chunk checksums already cover every byte).
 
 ``pack`` and ``unpack`` stream: at most a few chunks per thread are in memory at once.
 """
@@ -63,6 +67,7 @@ class Packed:
             if len(pre) < 12 or pre[:8] != MAGIC:
                 raise CorruptError(f"{self.path}: not an llmpress container (bad magic)")
             (ver,) = struct.unpack("<I", pre[8:])
+            self.version = ver
             if ver not in READABLE:
                 raise CorruptError(f"{self.path}: container version {ver}; this llmpress reads versions "
                                    f"{', '.join(map(str, READABLE))} (a newer llmpress wrote it?)")
@@ -133,20 +138,24 @@ class Packed:
         what = f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}") + f", chunk {i}"
         if len(payload) != ln:
             raise CorruptError(f"{what}: truncated")
-        if crc32(payload) != crc:
+        if self.version == 1 and crc32(payload) != crc:
             raise CorruptError(f"{what}: checksum mismatch (corrupted)")
         try:
-            return decode_chunk(memoryview(payload), s["dtype"], raw)
+            out = decode_chunk(memoryview(payload), s["dtype"], raw)
         except ValueError as e:
-            raise CorruptError(f"{what}: cannot decode ({e})") from None
+            raise CorruptError(f"{what}: checksum mismatch or undecodable (corrupted: {e})") from None
+        if self.version >= 2 and crc32(out) != crc:
+            raise CorruptError(f"{what}: checksum mismatch (corrupted)")
+        return out
 
     def _read(self, o: int, ln: int) -> bytes:
         # pread: safe from several threads on one handle
         return os.pread(self._fh.fileno(), ln, o)
 
     def iter_segment(self, f: dict, s: dict, ex: ThreadPoolExecutor | None = None, ahead: int = 4) -> Iterator[np.ndarray]:
-        """Decoded chunks of one segment, in order; the segment's crc32 is checked at the end."""
+        """Decoded chunks of one segment, in order (each checked; a v1 segment's crc32 at the end)."""
         crc = 0
+        seg_crc = s.get("crc32") if self.version == 1 else None
         chunks = s["chunks"]
         todo: deque[Future | np.ndarray] = deque()
         job = lambda i: self._decode(f, s, i, self._read(chunks[i][0], chunks[i][1]))  # noqa: E731
@@ -155,9 +164,10 @@ class Packed:
             while len(todo) > ahead or (i == len(chunks) - 1 and todo):
                 r = todo.popleft()
                 out = r.result() if isinstance(r, Future) else r
-                crc = zlib.crc32(out, crc)
+                if seg_crc is not None:
+                    crc = zlib.crc32(out, crc)
                 yield out
-        if (crc & 0xFFFFFFFF) != s["crc32"]:
+        if seg_crc is not None and (crc & 0xFFFFFFFF) != seg_crc:
             what = f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}"
             raise CorruptError(f"{self.path}: file {f['path']}, {what}: checksum mismatch")
 
@@ -172,9 +182,10 @@ class Packed:
         for f, s in self.tensors():
             if s["name"] == name:
                 buf = bytearray(s["length"])
+                dst = np.frombuffer(buf, np.uint8) if buf else None
                 pos = 0
                 for part in self.iter_segment(f, s, ex):
-                    buf[pos : pos + len(part)] = part.tobytes()
+                    dst[pos : pos + len(part)] = part
                     pos += len(part)
                 return _to_torch(buf, s["dtype"], s["shape"])
         raise KeyError(f"{self.path}: no tensor {name!r}")
