@@ -50,7 +50,10 @@ def _show(r: dict[str, Any]) -> None:
         t.add_row(*row)
     console.print(t)
     for name, s in (r.get("texts") or {}).items():
-        console.print(f"  {name}: ppl {s['ppl']:.4f} (reference {s['ref_ppl']:.4f}), KL mean {s['kl_mean']:.5f}, top-1 {s['top1']:.2%}")
+        line = f"  {name}: ppl {s['ppl']:.4f}"
+        if "kl_mean" in s:
+            line += f" (reference {s['ref_ppl']:.4f}), KL mean {s['kl_mean']:.5f}, top-1 {s['top1']:.2%}"
+        console.print(line)
     p = r["protocol"]
     if "ctx" in p:
         texts = ", ".join(f"{x['name']} ({x['windows']} windows, sha256 {x['sha256'][:12]})" for x in p["texts"])

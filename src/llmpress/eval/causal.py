@@ -215,7 +215,7 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: list, *, ctx: int = 512
                batch_size: int | None = None) -> dict:
     """Perplexity of a causal LM alone (no reference), with its protocol and speed."""
     bs = batch_size or default_batch(ctx)
-    ids, _, proto = make_windows(tokenizer, texts, ctx, tokens, bs)
+    ids, domain, proto = make_windows(tokenizer, texts, ctx, tokens, bs)
     nll = torch.empty(ids.shape[0] * (ctx - 1), dtype=torch.float64)
     meter = RSSMeter()
     t0 = time.perf_counter()
@@ -224,8 +224,13 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: list, *, ctx: int = 512
             a = s * (ctx - 1)
             nll[a : a + tgt.numel()] = -lp.gather(-1, tgt.unsqueeze(-1)).reshape(-1).double()
     secs = time.perf_counter() - t0
-    return {"ppl": math.exp(float(nll.mean())), "ln_ppl_se": _window_se(nll, ctx - 1), "seconds": secs,
-            "tokens_per_s": ids.numel() / secs, "peak_rss_bytes": meter.peak, "protocol": proto.to_dict()}
+    out = {"ppl": math.exp(float(nll.mean())), "ln_ppl_se": _window_se(nll, ctx - 1)}
+    if len(proto.texts) > 1:
+        dom = domain.repeat_interleave(ctx - 1)
+        out["texts"] = {t["name"]: {"ppl": math.exp(float(nll[dom == i].mean())), "ln_ppl_se": _window_se(nll[dom == i], ctx - 1)}
+                        for i, t in enumerate(proto.texts)}
+    out.update(seconds=secs, tokens_per_s=ids.numel() / secs, peak_rss_bytes=meter.peak, protocol=proto.to_dict())
+    return out
 
 
 def _vocab_of(model: torch.nn.Module) -> int:
