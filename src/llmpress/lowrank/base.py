@@ -24,7 +24,7 @@ from .linear import LowRankLinear
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def dtype_name(dt: torch.dtype) -> str:
@@ -97,8 +97,8 @@ class LowRankCodec:
             p["energy"] = check_energy(p["energy"])
         else:
             p["ratio"] = check_ratio(p.get("ratio", 0.8))
-        if "factor_dtype" in p and p["factor_dtype"] not in _DTYPES:
-            raise ValueError(f"{self.name}: factor_dtype must be one of {', '.join(_DTYPES)}; got {p['factor_dtype']!r}")
+        if "factor_dtype" in p and p["factor_dtype"] not in FACTOR_DTYPES:
+            raise ValueError(f"{self.name}: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {p['factor_dtype']!r}")
         p.setdefault("solver", self.solver)
         for k, v in self.extra.items():
             p.setdefault(k, v)
@@ -120,7 +120,7 @@ class LowRankCodec:
         tr = truncated_svd(a, rank=p.get("rank"), ratio=p.get("ratio"), energy=p.get("energy"),
                            solver=p["solver"], oversample=int(p.get("oversample", 10)), niter=int(p.get("niter", 2)))
         k = tr.rank
-        fdt = _DTYPES[p["factor_dtype"]] if "factor_dtype" in p else w.dtype
+        fdt = FACTOR_DTYPES[p["factor_dtype"]] if "factor_dtype" in p else w.dtype
         meta: dict[str, Any] = {"shape": [m, n], "dtype": dtype_name(w.dtype), "rank": k, "method": self.name,
                                 "energy_kept": round(tr.energy_kept / tr.energy_total, 6) if tr.energy_total > 0 else 1.0}
         if not saves(m, n, k):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from llmpress.tensor import CompressedTensor, Stats, get_codec, register
 
 from .allocate import rank_for_ratio
-from .base import _DTYPES, LowRankCodec, dtype_name
+from .base import FACTOR_DTYPES, LowRankCodec, dtype_name
 from .linear import LowRankLinear
 from .svd import truncated_svd
 from .whiten import whitening
@@ -179,8 +179,8 @@ class LQER:
         quant = _quant(qname, "lqer")
         if stats is None or stats.gram is None:
             raise ValueError("lqer needs calibration statistics with a Gram matrix (run it through the pipeline)")
-        if fdt_name not in _DTYPES:
-            raise ValueError(f"lqer: factor_dtype must be one of {', '.join(_DTYPES)}; got {fdt_name!r}")
+        if fdt_name not in FACTOR_DTYPES:
+            raise ValueError(f"lqer: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {fdt_name!r}")
         m, n = w.shape
         if rank is not None and ratio is not None:
             raise ValueError("lqer: give one of rank, ratio")
@@ -194,7 +194,7 @@ class LQER:
         root = tr.s.clamp_min(0).sqrt()
         u = tr.u * root  # (m, k)
         v = t.unapply(root[:, None] * tr.vh)  # (k, n)
-        fdt = _DTYPES[fdt_name]
+        fdt = FACTOR_DTYPES[fdt_name]
         dq, mq = nest("q", qct)
         meta = {"shape": [m, n], "dtype": dtype_name(w.dtype), "rank": k, "q": mq,
                 "err_kept": round(tr.energy_kept / tr.energy_total, 6) if tr.energy_total > 0 else 1.0}
