@@ -178,7 +178,8 @@ class Rans:
             return np.full(n, present[0], dt)
         if (len(b) - used) % 2:
             raise ValueError("rans stream: odd word stack")
-        words = b[used:].copy().view("<u2")
+        words = np.zeros((len(b) - used) // 2 + 1, "<u2")  # + one padding word (see kernels._dec)
+        words[:-1] = b[used:].view("<u2")
         out = np.empty(n, dt)
         dsym, dinfo = K.decode_table(f, pb)
         rc = K.rans_decode(words, n, dsym, dinfo, pb, out)

@@ -96,11 +96,12 @@ def normalize_freqs(hist, pb):  # hist: (A,) int64 counts -> (A,) int64 freqs su
 
 @njit(inline="always", **_JIT)
 def _enc(x, f, c, rf, pb, sh, buf, pos):
-    """One rANS encode step of a symbol (freq f, start c, rf = 1/f) on state x; may push a word."""
-    if x >= (f << sh):
-        pos -= 1
-        buf[pos] = x & 0xFFFF
-        x >>= 16
+    """One rANS encode step of a symbol (freq f, start c, rf = 1/f) on state x; may push a word.
+    Branch-free renormalisation: the word is always written, the stack only grows when needed."""
+    e = np.int64(x >= (f << sh))
+    buf[pos - 1] = x & 0xFFFF
+    pos -= e
+    x >>= e << 4
     # x // f by a float reciprocal (no integer divide), corrected to the exact quotient
     q = np.int64(x * rf)
     r = x - q * f
@@ -174,10 +175,24 @@ def decode_table(freq, pb):  # freq: (A,) int64 -> (slot symbol (2**pb,) uint16,
     return dsym, dinfo
 
 
+@njit(inline="always", **_JIT)
+def _dec(x, dsym, dinfo, mask, pb, words, pos, m, out, i):
+    """One rANS decode step: emit out[i], update x, renormalise branch-free; reads past the
+    stack are clamped to ``words[m]`` (a padding zero) and caught by the final checks."""
+    sl = x & mask
+    out[i] = dsym[sl]
+    d = np.int64(dinfo[sl])
+    x = (d & 0xFFFF) * (x >> pb) + (d >> 16)
+    e = np.int64(x < RANS_L)
+    w = np.int64(words[min(pos, m)])
+    x = (x << (e << 4)) | (w & -e)
+    return x, pos + e
+
+
 @njit(**_JIT)
-def rans_decode(words, n, dsym, dinfo, pb, out):  # words: (m,) uint16; out: (n,) uint8/uint16
+def rans_decode(words, n, dsym, dinfo, pb, out):  # words: (m+1,) uint16, last = padding; out: (n,) uint8/uint16
     """Decode ``n`` symbols into ``out``; returns 0 on success, a negative code on a bad stream."""
-    m = words.shape[0]
+    m = words.shape[0] - 1
     if m < 2 * NSTATES:
         return -1
     x0 = np.int64(words[0]) | (np.int64(words[1]) << 16)
@@ -186,74 +201,24 @@ def rans_decode(words, n, dsym, dinfo, pb, out):  # words: (m,) uint16; out: (n,
     x3 = np.int64(words[6]) | (np.int64(words[7]) << 16)
     pos = 2 * NSTATES
     mask = (1 << pb) - 1
-    upb = pb
-    lo = RANS_L
     for x in (x0, x1, x2, x3):
-        if x < lo:
+        if x < RANS_L:
             return -2
     i = 0
     n4 = n & ~3
-    while i < n4:
-        # four independent chains; the renormalisation reads stay in symbol order
-        sl0 = x0 & mask
-        sl1 = x1 & mask
-        sl2 = x2 & mask
-        sl3 = x3 & mask
-        out[i] = dsym[sl0]
-        out[i + 1] = dsym[sl1]
-        out[i + 2] = dsym[sl2]
-        out[i + 3] = dsym[sl3]
-        d0 = np.int64(dinfo[sl0])
-        d1 = np.int64(dinfo[sl1])
-        d2 = np.int64(dinfo[sl2])
-        d3 = np.int64(dinfo[sl3])
-        x0 = (d0 & 0xFFFF) * (x0 >> upb) + (d0 >> 16)
-        x1 = (d1 & 0xFFFF) * (x1 >> upb) + (d1 >> 16)
-        x2 = (d2 & 0xFFFF) * (x2 >> upb) + (d2 >> 16)
-        x3 = (d3 & 0xFFFF) * (x3 >> upb) + (d3 >> 16)
-        if x0 < lo:
-            if pos >= m:
-                return -3
-            x0 = (x0 << 16) | np.int64(words[pos])
-            pos += 1
-        if x1 < lo:
-            if pos >= m:
-                return -3
-            x1 = (x1 << 16) | np.int64(words[pos])
-            pos += 1
-        if x2 < lo:
-            if pos >= m:
-                return -3
-            x2 = (x2 << 16) | np.int64(words[pos])
-            pos += 1
-        if x3 < lo:
-            if pos >= m:
-                return -3
-            x3 = (x3 << 16) | np.int64(words[pos])
-            pos += 1
+    while i < n4:  # four independent chains; the renormalisation reads stay in symbol order
+        x0, pos = _dec(x0, dsym, dinfo, mask, pb, words, pos, m, out, i)
+        x1, pos = _dec(x1, dsym, dinfo, mask, pb, words, pos, m, out, i + 1)
+        x2, pos = _dec(x2, dsym, dinfo, mask, pb, words, pos, m, out, i + 2)
+        x3, pos = _dec(x3, dsym, dinfo, mask, pb, words, pos, m, out, i + 3)
         i += 4
-    while i < n:
-        j = i & 3
-        x = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else x3))
-        sl = x & mask
-        out[i] = dsym[sl]
-        d = np.int64(dinfo[sl])
-        x = (d & 0xFFFF) * (x >> upb) + (d >> 16)
-        if x < lo:
-            if pos >= m:
-                return -3
-            x = (x << 16) | np.int64(words[pos])
-            pos += 1
-        if j == 0:
-            x0 = x
-        elif j == 1:
-            x1 = x
-        elif j == 2:
-            x2 = x
-        else:
-            x3 = x
-        i += 1
-    if pos != m or x0 != lo or x1 != lo or x2 != lo or x3 != lo:
+    if i < n:
+        x0, pos = _dec(x0, dsym, dinfo, mask, pb, words, pos, m, out, i)
+    if i + 1 < n:
+        x1, pos = _dec(x1, dsym, dinfo, mask, pb, words, pos, m, out, i + 1)
+    if i + 2 < n:
+        x2, pos = _dec(x2, dsym, dinfo, mask, pb, words, pos, m, out, i + 2)
+    if pos != m or x0 != RANS_L or x1 != RANS_L or x2 != RANS_L or x3 != RANS_L:
         return -4
     return 0
 
@@ -262,54 +227,80 @@ def rans_decode(words, n, dsym, dinfo, pb, out):  # words: (m,) uint16; out: (n,
 
 
 @njit(**_JIT)
-def pack_bits(sym, width):  # sym: (n,) uint -> (ceil(n*width/8),) uint8, LSB-first bit stream
+def pack_bits(sym, width):  # sym: (n,) uint, width <= 8 -> (ceil(n*width/8),) uint8, LSB-first bit stream
+    """Whole groups of g = 8/gcd(8, width) symbols fill nb = g·width/8 bytes exactly, so the
+    groups pack independently; the last partial group goes bit by bit."""
     n = sym.shape[0]
-    out = np.empty((n * width + 7) // 8, np.uint8)
-    acc = np.int64(0)
-    nb = 0
-    o = 0
+    out = np.zeros((n * width + 7) // 8, np.uint8)
     mask = (1 << width) - 1
-    for i in range(n):
-        acc |= (np.int64(sym[i]) & mask) << nb
-        nb += width
-        while nb >= 8:
+    g = 8
+    while g % 2 == 0 and (g // 2) * width % 8 == 0:
+        g //= 2
+    nb = g * width // 8
+    ng = n // g
+    for q in range(ng):
+        acc = np.int64(0)
+        for j in range(g):
+            acc |= (np.int64(sym[q * g + j]) & mask) << (j * width)
+        for b in range(nb):
+            out[q * nb + b] = (acc >> (8 * b)) & 0xFF
+    acc = np.int64(0)
+    nbits = 0
+    o = ng * nb
+    for i in range(ng * g, n):
+        acc |= (np.int64(sym[i]) & mask) << nbits
+        nbits += width
+        while nbits >= 8:
             out[o] = acc & 0xFF
             acc >>= 8
-            nb -= 8
+            nbits -= 8
             o += 1
-    if nb > 0:
+    if nbits > 0:
         out[o] = acc & 0xFF
     return out
 
 
 @njit(**_JIT)
-def unpack_bits(buf, width, out):  # buf: (ceil(n*width/8),) uint8 -> out: (n,) uint8/uint16
+def unpack_bits(buf, width, out):  # buf: (ceil(n*width/8),) uint8 -> out: (n,) uint8/uint16; width <= 8
+    """Inverse of :func:`pack_bits`: whole groups first, then symbol i at bit i·width."""
     n = out.shape[0]
-    acc = np.int64(0)
-    nb = 0
-    p = 0
-    mask = (1 << width) - 1
     m = buf.shape[0]
-    for i in range(n):
-        while nb < width:
-            if p < m:
-                acc |= np.int64(buf[p]) << nb
-            p += 1
-            nb += 8
-        out[i] = acc & mask
-        acc >>= width
-        nb -= width
+    mask = (1 << width) - 1
+    g = 8
+    while g % 2 == 0 and (g // 2) * width % 8 == 0:
+        g //= 2
+    nb = g * width // 8
+    ng = min(n // g, m // nb)
+    for q in range(ng):
+        acc = np.int64(0)
+        for b in range(nb):
+            acc |= np.int64(buf[q * nb + b]) << (8 * b)
+        for j in range(g):
+            out[q * g + j] = (acc >> (j * width)) & mask
+    for i in range(ng * g, n):
+        b = i * width
+        j = b >> 3
+        v = np.int64(buf[j]) if j < m else 0
+        if j + 1 < m:
+            v |= np.int64(buf[j + 1]) << 8
+        out[i] = (v >> (b & 7)) & mask
 
 
 # ------------------------------------------------------------------------------ float fields
 
 
 @njit(**_JIT)
+def _hist(sym, h):  # h[v] += count of v in sym
+    for i in range(sym.shape[0]):
+        h[sym[i]] += 1
+
+
+@njit(**_JIT)
 def split_float(x, E, M, k, widths, head, tails, hhist, thist):
     """x: (n,) uint16/uint32 words → head (n,) = exponent ‖ top k mantissa bits, tails (p, n)
     uint8 = sign ‖ low mantissa bits cut LSB-first into ``widths``; histograms hhist
-    (2**(E+k),) and thist (p, 256) are accumulated (four partial histograms, so runs of equal
-    symbols do not serialise on one counter)."""
+    (2**(E+k),) and thist (p, 256) are accumulated. The split is one branch-free pass (it
+    vectorises); the histograms are counted in separate passes."""
     n = x.shape[0]
     p = widths.shape[0]
     low = M - k
@@ -317,49 +308,60 @@ def split_float(x, E, M, k, widths, head, tails, hhist, thist):
     kmask = (1 << k) - 1
     lmask = (1 << low) - 1
     sshift = E + M
-    A = hhist.shape[0]
-    hh = np.zeros((4, A), np.int64)
-    th = np.zeros((4, p, 256), np.int64)
-    w0 = widths[0]
-    m0 = (1 << w0) - 1
-    for i in range(n):
-        w = np.int64(x[i])
-        h = ((w >> M) & emask) << k | ((w >> low) & kmask)
-        head[i] = h
-        hh[i & 3, h] += 1
-        t = (w >> sshift) << low | (w & lmask)
-        v = t & m0
-        tails[0, i] = v
-        th[i & 3, 0, v] += 1
-        t >>= w0
-        for j in range(1, p):
-            v = t & ((1 << widths[j]) - 1)
-            tails[j, i] = v
-            th[i & 3, j, v] += 1
-            t >>= widths[j]
-    for r in range(4):
-        for a in range(A):
-            hhist[a] += hh[r, a]
-        for j in range(p):
-            for a in range(256):
-                thist[j, a] += th[r, j, a]
+    if p == 1:  # 16- and 8-bit floats: one tail piece
+        for i in range(n):
+            w = np.uint32(x[i])
+            head[i] = ((w >> M) & emask) << k | ((w >> low) & kmask)
+            tails[0, i] = (w >> sshift) << low | (w & lmask)
+    elif p == 3:  # 32-bit floats
+        s1 = widths[0]
+        s2 = s1 + widths[1]
+        m0 = (1 << s1) - 1
+        m1 = (1 << widths[1]) - 1
+        for i in range(n):
+            w = np.uint32(x[i])
+            head[i] = ((w >> M) & emask) << k | ((w >> low) & kmask)
+            t = (w >> sshift) << low | (w & lmask)
+            tails[0, i] = t & m0
+            tails[1, i] = (t >> s1) & m1
+            tails[2, i] = t >> s2
+    else:
+        for i in range(n):
+            w = np.uint32(x[i])
+            head[i] = ((w >> M) & emask) << k | ((w >> low) & kmask)
+            t = (w >> sshift) << low | (w & lmask)
+            for j in range(p):
+                tails[j, i] = t & ((1 << widths[j]) - 1)
+                t >>= widths[j]
+    _hist(head, hhist)
+    for j in range(p):
+        _hist(tails[j], thist[j])
 
 
 @njit(**_JIT)
-def merge_float(head, tails, E, M, k, widths, x):  # inverse of split_float; tails: tuple of (n,) uint8 -> x: (n,) uint16/uint32
+def merge_float(head, t0, t1, t2, E, M, k, widths, x):
+    """Inverse of split_float: head (n,), tail pieces t0, t1, t2 (n,) uint8 (as many as
+    ``widths`` has, at most 3; unused ones may be any array) → x: (n,) uint16/uint32 words."""
     n = x.shape[0]
     p = widths.shape[0]
     low = M - k
     kmask = (1 << k) - 1
-    for i in range(n):
-        t = np.int64(0)
-        sh = 0
-        for j in range(p):
-            t |= np.int64(tails[j][i]) << sh
-            sh += widths[j]
-        h = np.int64(head[i])
-        w = (t >> low) << (E + M) | (h >> k) << M | (h & kmask) << low | (t & ((1 << low) - 1))
-        x[i] = w
+    lmask = (1 << low) - 1
+    sE = E + M
+    s1 = widths[0]
+    s2 = s1 + (widths[1] if p > 1 else 0)
+    if p == 1:
+        for i in range(n):
+            t = np.int64(t0[i])
+            h = np.int64(head[i])
+            x[i] = (t >> low) << sE | (h >> k) << M | (h & kmask) << low | (t & lmask)
+    else:
+        for i in range(n):
+            t = np.int64(t0[i]) | np.int64(t1[i]) << s1
+            if p == 3:
+                t |= np.int64(t2[i]) << s2
+            h = np.int64(head[i])
+            x[i] = (t >> low) << sE | (h >> k) << M | (h & kmask) << low | (t & lmask)
 
 
 # ------------------------------------------------------------------------------ model bytes

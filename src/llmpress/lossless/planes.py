@@ -56,6 +56,7 @@ class FloatLayout(Layout):
         self.word = _UINT[itemsize]
         tail = 1 + man_bits - k  # sign + low mantissa bits
         widths = [8] * (tail // 8) + ([tail % 8] if tail % 8 else [])
+        assert len(widths) <= 3, "merge_float takes at most 3 tail pieces"
         self.tail_widths = widths  # least significant piece first
         self._w = np.array(widths, np.int64)
         self.fields = (Field("head", exp_bits + k),) + tuple(Field(f"tail{i}", w) for i, w in enumerate(widths))
@@ -75,7 +76,9 @@ class FloatLayout(Layout):
 
     def merge(self, parts: list[np.ndarray], n: int) -> np.ndarray:
         x = np.empty(n, self.word)
-        K.merge_float(parts[0], tuple(parts[1:]), self.E, self.M, self.k, self._w, x)
+        t = [np.ascontiguousarray(q, np.uint8) for q in parts[1:]]
+        t += [t[0]] * (3 - len(t))
+        K.merge_float(parts[0], t[0], t[1], t[2], self.E, self.M, self.k, self._w, x)
         return x.view(np.uint8)
 
 
