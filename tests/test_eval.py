@@ -60,16 +60,18 @@ def test_rounding_to_fewer_bits_orders_correctly(tiny):
     assert all(math.isfinite(v) for v in (r3["ln_ppl_ratio_se"], r3["kl_se"]))
 
 
-def test_topk_kl_is_a_lower_bound_of_the_full_kl(tiny):
+def test_kl_estimate_matches_the_full_kl(tiny):
+    # k = 16 of 49k tokens on a near-uniform random model: the sampled tail carries almost all of it
     model, tok = tiny
-    ref = Reference.build(model, tok, ["fortunes"], ctx=CTX, tokens=2 * CTX, k=16, cache=False)
+    ref = Reference.build(model, tok, ["fortunes"], ctx=CTX, tokens=4 * CTX, k=16, cache=False)
     bad = _round_linears(model, 2)
-    ours = ref.compare(bad)["kl_mean"]
+    ours = ref.compare(bad)
     with torch.inference_mode():
         p = torch.log_softmax(model(input_ids=ref.ids).logits[:, :-1].double(), -1)
         q = torch.log_softmax(bad(input_ids=ref.ids).logits[:, :-1].double(), -1)
     full = float((p.exp() * (p - q)).sum(-1).mean())
-    assert 0 < ours <= full * (1 + 1e-5)
+    assert full > 0 and abs(ours["kl_mean"] - full) < 0.1 * full + 3 * ours["kl_se"]
+    assert ours["top1"] == float((p.argmax(-1) == q.argmax(-1)).double().mean())
 
 
 def test_in_memory_models_with_a_tokenizer(tiny):
