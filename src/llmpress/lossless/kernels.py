@@ -238,12 +238,22 @@ def pack_bits(sym, width):  # sym: (n,) uint, width <= 8 -> (ceil(n*width/8),) u
         g //= 2
     nb = g * width // 8
     ng = n // g
-    for q in range(ng):
-        acc = np.int64(0)
-        for j in range(g):
-            acc |= (np.int64(sym[q * g + j]) & mask) << (j * width)
-        for b in range(nb):
-            out[q * nb + b] = (acc >> (8 * b)) & 0xFF
+    if width == 6:  # the tail of BF16 and the top tail piece of F32: 4 symbols in 3 bytes
+        for q in range(ng):
+            a = np.int64(sym[4 * q]) & 63
+            b = np.int64(sym[4 * q + 1]) & 63
+            c = np.int64(sym[4 * q + 2]) & 63
+            d = np.int64(sym[4 * q + 3]) & 63
+            out[3 * q] = a | (b << 6) & 0xFF
+            out[3 * q + 1] = (b >> 2) | (c << 4) & 0xFF
+            out[3 * q + 2] = (c >> 4) | (d << 2)
+    else:
+        for q in range(ng):
+            acc = np.int64(0)
+            for j in range(g):
+                acc |= (np.int64(sym[q * g + j]) & mask) << (j * width)
+            for b in range(nb):
+                out[q * nb + b] = (acc >> (8 * b)) & 0xFF
     acc = np.int64(0)
     nbits = 0
     o = ng * nb
@@ -271,12 +281,22 @@ def unpack_bits(buf, width, out):  # buf: (ceil(n*width/8),) uint8 -> out: (n,) 
         g //= 2
     nb = g * width // 8
     ng = min(n // g, m // nb)
-    for q in range(ng):
-        acc = np.int64(0)
-        for b in range(nb):
-            acc |= np.int64(buf[q * nb + b]) << (8 * b)
-        for j in range(g):
-            out[q * g + j] = (acc >> (j * width)) & mask
+    if width == 6:
+        for q in range(ng):
+            a = np.int64(buf[3 * q])
+            b = np.int64(buf[3 * q + 1])
+            c = np.int64(buf[3 * q + 2])
+            out[4 * q] = a & 63
+            out[4 * q + 1] = (a >> 6) | ((b & 15) << 2)
+            out[4 * q + 2] = (b >> 4) | ((c & 3) << 4)
+            out[4 * q + 3] = c >> 2
+    else:
+        for q in range(ng):
+            acc = np.int64(0)
+            for b in range(nb):
+                acc |= np.int64(buf[q * nb + b]) << (8 * b)
+            for j in range(g):
+                out[q * g + j] = (acc >> (j * width)) & mask
     for i in range(ng * g, n):
         b = i * width
         j = b >> 3
