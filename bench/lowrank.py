@@ -90,6 +90,27 @@ def _quant_point(name: str, rule: dict, ref: Path, a: argparse.Namespace) -> dic
     return row
 
 
+def _svd_timing() -> list[dict]:
+    """Exact vs randomized truncated SVD on one real weight (block 4 up_proj, 1536×576), by rank:
+    best-of-3 wall time and the relative truncation error ‖W − W_k‖²/‖W‖² of each."""
+    from llmpress.lowrank.svd import truncated_svd
+    from llmpress.models import TensorStore, resolve
+
+    w = TensorStore(resolve(MODEL)).get("model.layers.4.mlp.up_proj.weight").float()
+    variants = {"exact": {}, "rand p10 q2": {"solver": "randomized", "niter": 2},
+                "rand p10 q4": {"solver": "randomized", "niter": 4}}
+    rows = []
+    for k in (32, 128, 335):
+        for name, kw in variants.items():
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                tr = truncated_svd(w, rank=k, **kw)
+                best = min(best, time.perf_counter() - t0)
+            rows.append({"rank": k, "solver": name, "seconds": best, "err": tr.tail / tr.energy_total})
+    return rows
+
+
 def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -144,8 +165,10 @@ def main() -> None:
     rows: list[dict] = [r for r in prev.get("rows", []) if r["kind"] != "error"] if prev.get("settings") == settings else []
     done = {(r["method"], r["removed"]) for r in rows}
 
+    timing: list[dict] = prev.get("svd_timing", [])
+
     def save() -> None:
-        path.write_text(json.dumps({"model": MODEL, "settings": settings, "rows": rows}, indent=1))
+        path.write_text(json.dumps({"model": MODEL, "settings": settings, "rows": rows, "svd_timing": timing}, indent=1))
 
     points: list[tuple[str, float | None, callable]] = []
     for removed in (float(x) for x in a.removed.split(",")):
@@ -168,6 +191,13 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {method} {removed}: {time.perf_counter() - t0:.0f} s "
               f"{rows[-1].get('error') or ''}", file=sys.stderr, flush=True)
         save()
+    timing[:] = _svd_timing()
+    print("exact vs randomized SVD of model.layers.4.mlp.up_proj (1536×576), best of 3:")
+    exact = {t["rank"]: t for t in timing if t["solver"] == "exact"}
+    for t in timing:
+        e = exact[t["rank"]]
+        print(f"  rank {t['rank']:>4} {t['solver']:<12} {t['seconds']:.3f} s ({t['seconds'] / e['seconds']:.2f}× exact)  "
+              f"‖W−W_k‖²/‖W‖² {t['err']:.5f} ({t['err'] / e['err'] - 1:+.2%})")
     print(f"SmolLM2-135M, {a.threads} threads; calibration {a.samples}×{a.seq_len} tokens (calib-mix); "
           f"evaluation {a.tokens} tokens, ctx {a.ctx} (debian-handbook + linux-doc)")
     print(_table(rows))
