@@ -136,7 +136,7 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
              steps: int = 200, lr: float = 1e-5, seq_len: int = 256, batch_size: int = 4, objective: str = "kd",
              eval_text: str | list[str] | None = None, force: bool = False, allow_overlap: bool = False,
              max_seconds: float | None = None, checkpoint_every: int = 50, seed: int = 0, grad_ckpt: bool = True,
-             schedule: str = "cosine", qparam_lr: float | None = None, progress: bool = True,
+             schedule: str = "cosine", qparam_lr: float | None = None, train_latent: bool = True, progress: bool = True,
              on_step: Callable[[int, float, nn.Module], None] | None = None) -> dict[str, Any]:
     """Recovery training of the llmpress folder ``compressed`` towards ``reference`` (the original),
     on ``text`` (default: the calibration corpus), written to ``out`` in the same format.
@@ -169,11 +169,15 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
     windows = train_windows(tok, train_text, seq_len, steps * batch_size, seed)
     evals = [eval_text] if isinstance(eval_text, str) else list(eval_text or EVAL_DEFAULTS)
     overlap = check_overlap(train_text[: windows.chars], {e: _load_text(e, e)[1] for e in evals}, allow=allow_overlap)
-    cfg.extra = {"input": manifest["files"], "reference": str(reference), "text": text_name, "windows": windows.windows.shape[0]}
+    cfg.extra = {"input": manifest["files"], "reference": str(reference), "text": text_name,
+                 "windows": windows.windows.shape[0], "train_latent": train_latent}
 
     student = load_folder(src)
     cts, rest = read_compressed(src, manifest)
     trainables, frozen = make_trainable(student, cts, rest)
+    for mod in trainables.values():
+        if isinstance(mod, QATLinear):
+            mod.train_latent = train_latent
     teacher = None
     if NEEDS_TEACHER[objective]:
         from ..loading import load
@@ -193,7 +197,7 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
             raise AssertionError(f"{p}: re-packing changed the stored size or meta")
     record = {
         "steps": steps, "steps_done": run["steps_done"], "objective": objective, "lr": lr, "qparam_lr": qparam_lr or lr,
-        "schedule": schedule, "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "max_seconds": max_seconds,
+        "schedule": schedule, "train_latent": train_latent, "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "max_seconds": max_seconds,
         "text": text_name, "text_windows": int(windows.windows.shape[0]), "eval_text": evals, "overlap": overlap,
         "reference": str(reference), "input": str(src), "losses": run["losses"], "seconds": run["seconds"],
         "trained": {k: sum(1 for m in trainables.values() if m.kind == k) for k in ADAPTERS}, "frozen": frozen,

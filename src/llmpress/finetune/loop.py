@@ -92,7 +92,8 @@ def make_optimizer(trainables: dict[str, nn.Module], cfg: TrainConfig) -> torch.
 
 
 def _named_trainable(trainables: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
-    return {f"{name}.{p}": t for name, mod in trainables.items() for p, t in mod.named_parameters() if p != "bias"}
+    mine = {id(p) for mod in trainables.values() for ps in mod.param_groups().values() for p in ps}
+    return {f"{name}.{p}": t for name, mod in trainables.items() for p, t in mod.named_parameters() if id(t) in mine}
 
 
 def save_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.optim.Optimizer, cfg: TrainConfig,
@@ -150,7 +151,8 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
           cfg: TrainConfig, *, ckpt: Path | None = None, progress: bool = True,
           on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train ``trainables`` (modules inside ``student``) for ``cfg.steps`` steps; ``batch(i)`` gives
-    step i's ids (B, T). ``on_step(step, loss)`` runs after each step (evaluation curves, tests).
+    step i's ids (B, T). ``on_step(step, loss)`` runs after each step (evaluation curves, tests);
+    its time does not count against ``cfg.max_seconds`` nor in the seconds returned.
     Returns the losses, the steps done, the seconds spent and whether a checkpoint was resumed."""
     cfg.validate()
     objective = get_objective(cfg.objective)
@@ -191,8 +193,10 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             done = step + 1
-            if on_step is not None:
+            if on_step is not None:  # its time (evaluation curves) is not training time
+                tc = time.perf_counter()
                 on_step(done, losses[-1])
+                t0 += time.perf_counter() - tc
             if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 save_checkpoint(ckpt, trainables, opt, cfg, done, losses, time.perf_counter() - t0)
             if cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds:

@@ -49,10 +49,52 @@ def _ste_round_to(p: Tensor, dtype: torch.dtype) -> Tensor:
     return (p - p.detach()) + p.detach().to(dtype).to(torch.float32)  # exactly the rounded value
 
 
+# Grids whose unit-scale level of round(x) has a closed form: the same arithmetic as their
+# quantize/dequantize at scale 1 and offset 0 (asserted against the codec in the tests), in
+# two passes instead of six. Other grids go through their own functions.
+_FAST_LEVELS = {
+    "asym": lambda x, b: x.round().clamp_(0, 2**b - 1),
+    "sym": lambda x, b: x.round().clamp_(-(2 ** (b - 1)), 2 ** (b - 1) - 1),
+}
+
+
+class _FakeQuant(torch.autograd.Function):
+    """ŵ = s·g(q(x)) + m with x = (W − m)/s, and the LSQ/STE gradients written out:
+    ∂ŵ/∂W = 1[lo ≤ x ≤ hi],  ∂ŵ/∂s = g − x·1[inside],  ∂ŵ/∂m = 1[outside].
+    Nothing but the inputs is saved; x is recomputed in backward (memory of one weight)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, s: Tensor, m: Tensor | None, mod: "QATLinear") -> Tensor:
+        x = (w - m).div_(s) if m is not None else w / s
+        out = mod._levels(x).mul_(s)
+        if m is not None:
+            out.add_(m)
+        ctx.save_for_backward(w, s, m)
+        ctx.mod = mod
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        w, s, m = ctx.saved_tensors
+        mod = ctx.mod
+        x = (w - m).div_(s) if m is not None else w / s
+        inside = (x >= mod.lo) & (x <= mod.hi)
+        need_w, need_s, need_m, _ = ctx.needs_input_grad
+        gw = g * inside if need_w else None
+        if need_s:
+            q = mod._levels(x)
+            gs = torch.where(inside, q - x, q).mul_(g).sum_to_size(s.shape)
+        else:
+            gs = None
+        gm = g.masked_fill(inside, 0.0).sum_to_size(m.shape) if need_m else None
+        return gw, gs, gm, None
+
+
 class QATLinear(nn.Module):
     """A trainable stand-in for a quantized linear (``nn.Linear(in, out)`` semantics)."""
 
     kind = "qat"
+    train_latent = True  # False: codes move only through the scales and offsets (EfficientQAT's E2E-QP)
 
     def __init__(self, ct: CompressedTensor, bias: Tensor | None = None):
         super().__init__()
@@ -68,6 +110,9 @@ class QATLinear(nn.Module):
         self.register_buffer("g_idx", g, persistent=False)  # (in,)
         inv = 1.0 / ct.data["in_scale"].float() if "in_scale" in ct.data else None
         self.register_buffer("inv_in_scale", inv, persistent=False)  # (in,) or None
+        gs = int(ct.meta["group_size"])
+        # whole consecutive groups: work on the (out, G, S) view, no per-column expansion
+        self.group = gs if ("g_idx" not in ct.data and 0 < gs < self.in_features and self.in_features % gs == 0) else 0
         self.scale = nn.Parameter(ct.data["scale"].float().clone())  # (R, G)
         self.offset = nn.Parameter(ct.data["offset"].float().clone()) if self.asym else None  # (R, G)
         unit = self._unit()
@@ -122,13 +167,27 @@ class QATLinear(nn.Module):
                 log.warning("%s: %d of %d codes do not survive re-quantization at init", self.codec, int(bad.sum()), codes.numel())
             return w
 
+    def _levels(self, x: Tensor) -> Tensor:
+        """g(quantize(x)): the unit-scale grid level each value rounds to (no gradient)."""
+        fast = _FAST_LEVELS.get(self.meta["grid"])
+        return fast(x, self.bits) if fast is not None else self.grid.dequantize(self._codes(x), self._unit(), self.bits)
+
+    def _view(self, w: Tensor) -> Tensor:
+        """(out, in) → (out, G, S) for whole consecutive groups, else (out, in) unchanged."""
+        return w.view(self.out_features, -1, self.group) if self.group else w
+
+    def _expand(self, p: Tensor) -> Tensor:
+        """(R, G) group parameters → broadcastable against :meth:`_view`."""
+        if self.group:
+            return p.unsqueeze(-1)  # (R, G, 1)
+        return p if p.shape[1] == 1 else self._columns(p)  # (R, 1) or (R, in)
+
     def fake_weight(self) -> Tensor:
-        """The effective weight (out, in) with straight-through gradients."""
-        s, m = self._params()
-        x = self._to_units(self.latent, s, m)  # (out, in) in grid units
-        xc = x.clamp(self.lo, self.hi)
-        g = self.grid.dequantize(self._codes(x), self._unit(), self.bits)
-        w = s * (g + (xc - xc.detach())) + (m if m is not None else 0.0)  # value: exactly s·g + m
+        """The effective weight (out, in) with straight-through (LSQ) gradients."""
+        s = _ste_round_to(self.scale.clamp_min(MIN_SCALE), self.stored_dtype)
+        m = _ste_round_to(self.offset, self.stored_dtype) if self.asym else None
+        w = _FakeQuant.apply(self._view(self.latent), self._expand(s), None if m is None else self._expand(m), self)
+        w = w.reshape(self.out_features, self.in_features)
         return w * self.inv_in_scale if self.inv_in_scale is not None else w
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) → (..., out)
@@ -136,7 +195,8 @@ class QATLinear(nn.Module):
 
     # ------------------------------------------------------------------ training hooks
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"latent": [self.latent], "qparams": [p for p in (self.scale, self.offset) if p is not None]}
+        qp = [p for p in (self.scale, self.offset) if p is not None]
+        return {"latent": [self.latent], "qparams": qp} if self.train_latent else {"qparams": qp}
 
     def phase(self, progress: float) -> None:
         """All parameters train throughout."""
