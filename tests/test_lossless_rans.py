@@ -132,7 +132,7 @@ def test_rans_is_the_default_and_old_versions(tmp_path):
     with Packed(out) as p:
         bids = {p._read(c[0], c[1])[1] for _, s in p.tensors() for c in s["chunks"]}  # head stream's backend id
     assert bids == {BACKENDS["rans"].id}
-    assert verify(out)["ok"]
+    assert verify(out)["ok"] and verify(out, threads=0, sha256=False)["ok"]  # pool and inline decoding
     # a v1 file (written by the v1 code: constriction ANS, payload and segment crc32s) still
     # reads bit for bit; an unknown version is refused with a clear message
     v1 = Path(__file__).parent / "data" / "lossless_v1.llmp"

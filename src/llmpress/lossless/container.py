@@ -15,7 +15,8 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -161,19 +162,30 @@ def _account(rec: dict, st: Any) -> None:
 # ------------------------------------------------------------------------------- unpack / verify
 
 
-def _restore(p: Packed, f: dict, sink: Any, ex: ThreadPoolExecutor, progress: Callable[[int], None] | None,
+@contextmanager
+def _pool(threads: int | None) -> Iterator[ThreadPoolExecutor | None]:
+    """Decoder threads (the caller only reads, hashes and writes; ``threads=0``: decode in the
+    caller, no hand-off at all)."""
+    n = default_threads() if threads is None else threads
+    if n <= 0:
+        yield None
+        return
+    with ThreadPoolExecutor(n) as ex:
+        yield ex
+
+
+def _restore(p: Packed, f: dict, sink: Any, ex: ThreadPoolExecutor | None, progress: Callable[[int], None] | None,
              sha256: bool = True) -> None:
     """Decode one stored file into ``sink`` (a binary file or None); every chunk is checked
     against its crc32 as it is decoded, and with ``sha256`` the whole file against its sha256."""
     sha = hashlib.sha256() if sha256 else None
-    for s in f["segments"]:
-        for part in p.iter_segment(f, s, ex, ahead=2 * ex._max_workers):
-            if sha is not None:
-                sha.update(part)
-            if sink is not None:
-                sink.write(part)
-            if progress:
-                progress(len(part))
+    for part in p.iter_chunks(f, f["segments"], ex, ahead=2 * ex._max_workers if ex else 0):
+        if sha is not None:
+            sha.update(part)
+        if sink is not None:
+            sink.write(part)
+        if progress:
+            progress(len(part))
     if sha is not None and sha.hexdigest() != f["sha256"]:
         raise CorruptError(f"{p.path}: file {f['path']}: sha256 mismatch after decoding")
 
@@ -192,7 +204,7 @@ def unpack(
     t0 = time.perf_counter()
     out = Path(out)
     check_output(out, force)
-    with Packed(packed) as p, ThreadPoolExecutor(threads or default_threads()) as ex:
+    with Packed(packed) as p, _pool(threads) as ex:
         if p.index["root"] == "file" and len(p.index["files"]) == 1:
             with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo:
                 _restore(p, p.index["files"][0], fo, ex, progress, sha256)
@@ -213,7 +225,7 @@ def verify(packed: str | os.PathLike, *, threads: int | None = None,
     """Decode everything in memory, chunk by chunk, and check every checksum (each chunk's
     crc32; with ``sha256`` also each file's sha256, a serial pass); raises CorruptError."""
     t0 = time.perf_counter()
-    with Packed(packed) as p, ThreadPoolExecutor(threads or default_threads()) as ex:
+    with Packed(packed) as p, _pool(threads) as ex:
         for f in p.index["files"]:
             _restore(p, f, None, ex, progress, sha256)
         n = sum(f["size"] for f in p.index["files"])

@@ -44,6 +44,7 @@ READABLE = (1, 2)  # v2 added the ``rans`` backend (id 3); chunk layout unchange
 FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
 CHUNK_BYTES = 1 << 20
+INLINE_BYTES = 64 << 10  # chunks this small decode in the calling thread
 MAX_CHUNK_BYTES = 64 << 20
 MAX_INDEX = 1 << 30
 
@@ -152,24 +153,46 @@ class Packed:
         # pread: safe from several threads on one handle
         return os.pread(self._fh.fileno(), ln, o)
 
-    def iter_segment(self, f: dict, s: dict, ex: ThreadPoolExecutor | None = None, ahead: int = 4) -> Iterator[np.ndarray]:
-        """Decoded chunks of one segment, in order (each checked; a v1 segment's crc32 at the end)."""
+    def iter_chunks(self, f: dict, segs: list[dict], ex: ThreadPoolExecutor | None = None,
+                    ahead: int = 4) -> Iterator[np.ndarray]:
+        """Decoded chunks of the segments ``segs`` of file ``f``, in order, each checked (a v1
+        segment's crc32 at its end). One pipeline spans the segments, so small tensors do not
+        drain the thread pool; small chunks decode inline (a hand-off costs more than they do)."""
+        todo: deque[tuple[dict, bool, Future | np.ndarray]] = deque()
+
+        def job(s: dict, i: int) -> np.ndarray:
+            c = s["chunks"][i]
+            return self._decode(f, s, i, self._read(c[0], c[1]))
+
+        def emit() -> Iterator[np.ndarray]:
+            nonlocal crc
+            s, last, r = todo.popleft()
+            out = r.result() if isinstance(r, Future) else r
+            if self.version == 1:
+                crc = zlib.crc32(out, crc)
+                if last and (crc & 0xFFFFFFFF) != s["crc32"]:
+                    what = f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}"
+                    raise CorruptError(f"{self.path}: file {f['path']}, {what}: checksum mismatch")
+                if last:
+                    crc = 0
+            yield out
+
         crc = 0
-        seg_crc = s.get("crc32") if self.version == 1 else None
-        chunks = s["chunks"]
-        todo: deque[Future | np.ndarray] = deque()
-        job = lambda i: self._decode(f, s, i, self._read(chunks[i][0], chunks[i][1]))  # noqa: E731
-        for i in range(len(chunks)):
-            todo.append(ex.submit(job, i) if ex else job(i))
-            while len(todo) > ahead or (i == len(chunks) - 1 and todo):
-                r = todo.popleft()
-                out = r.result() if isinstance(r, Future) else r
-                if seg_crc is not None:
-                    crc = zlib.crc32(out, crc)
-                yield out
-        if seg_crc is not None and (crc & 0xFFFFFFFF) != seg_crc:
-            what = f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}"
-            raise CorruptError(f"{self.path}: file {f['path']}, {what}: checksum mismatch")
+        for s in segs:
+            n = len(s["chunks"])
+            if n == 0 and self.version == 1 and s.get("crc32", 0) != 0:
+                raise CorruptError(f"{self.path}: file {f['path']}: empty segment with a checksum")
+            for i in range(n):
+                small = s["chunks"][i][2] < INLINE_BYTES
+                todo.append((s, i == n - 1, ex.submit(job, s, i) if ex is not None and not small else job(s, i)))
+                while len(todo) > ahead:
+                    yield from emit()
+        while todo:
+            yield from emit()
+
+    def iter_segment(self, f: dict, s: dict, ex: ThreadPoolExecutor | None = None, ahead: int = 4) -> Iterator[np.ndarray]:
+        """Decoded chunks of one segment, in order."""
+        return self.iter_chunks(f, [s], ex, ahead)
 
     def tensors(self) -> Iterator[tuple[dict, dict]]:
         for f in self.index["files"]:
