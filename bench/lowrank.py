@@ -39,7 +39,8 @@ KEYS = ("ppl", "ref_ppl", "kl_mean", "kl_median", "kl_p99", "top1", "bpw")
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--removed", default="0.1,0.2,0.4", help="fractions of linear-layer parameters removed")
-    p.add_argument("--methods", default="svd,rsvd,asvd,whiten")
+    p.add_argument("--methods", default="svd,rsvd,asvd,whiten,whiten@budget",
+                   help="low-rank codecs; METHOD@budget = budgeted allocation of the same total")
     p.add_argument("--samples", type=int, default=16, help="calibration windows (whiten, asvd, gptq, lqer)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--tokens", type=int, default=2048, help="evaluation tokens (split over the texts; ≥ ctx per text)")
@@ -60,11 +61,12 @@ def _evaluate(out: Path, ref: Path, a: argparse.Namespace) -> dict:
 def _factorize_point(method: str, removed: float, ref: Path, a: argparse.Namespace) -> dict:
     import llmpress
 
-    out = OUT / "lowrank-work" / f"{method}-{removed}"
+    out = OUT / "lowrank-work" / f"{method.replace('@', '-')}-{removed}"
     t0 = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S')}] factorize {method} {removed}", file=sys.stderr, flush=True)
-    res = llmpress.factorize(MODEL, out, method=method, ratio=round(1 - removed, 6), samples=a.samples,
-                             seq_len=a.seq_len, force=True, progress=False)
+    codec, _, allocation = method.partition("@")  # "whiten@budget": budgeted allocation
+    res = llmpress.factorize(MODEL, out, method=codec, ratio=round(1 - removed, 6), samples=a.samples,
+                             seq_len=a.seq_len, force=True, progress=False, allocation=allocation or "uniform")
     secs = time.perf_counter() - t0
     enc = sum(r.get("seconds", 0.0) for r in res["layers"].values() if r["codec"] != "keep")
     print(f"[{time.strftime('%H:%M:%S')}] factorized in {secs:.0f} s; evaluating", file=sys.stderr, flush=True)
