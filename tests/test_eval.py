@@ -70,7 +70,8 @@ def test_kl_estimate_matches_the_full_kl(tiny):
         p = torch.log_softmax(model(input_ids=ref.ids).logits[:, :-1].double(), -1)
         q = torch.log_softmax(bad(input_ids=ref.ids).logits[:, :-1].double(), -1)
     full = float((p.exp() * (p - q)).sum(-1).mean())
-    assert full > 0 and abs(ours["kl_mean"] - full) < 0.1 * full + 3 * ours["kl_se"]
+    assert full > 0 and abs(ours["kl_mean"] - full) < 0.05 * full  # measured: within 1.3 % at 8, 4 and 2 bits
+    assert ours["kl_median"] >= 0 and ours["kl_p99"] <= ours["kl_max"]
     assert ours["top1"] == float((p.argmax(-1) == q.argmax(-1)).double().mean())
 
 
@@ -79,7 +80,10 @@ def test_in_memory_models_with_a_tokenizer(tiny):
     r = evaluate(_round_linears(model, 4), reference=model, text="python-doc", ctx=CTX, tokens=2 * CTX,
                  tokenizer=tok, ref_tokenizer=tok, cache=False)
     assert r["kl_mean"] > 0 and "texts" not in r and r["protocol"]["texts"][0]["name"] == "python-doc"
-    alone = evaluate(model, text="python-doc", ctx=CTX, tokens=2 * CTX, tokenizer=tok)
+    import llmpress
+    import llmpress.evaluate  # binds the package attribute to the module: the verb must still be callable
+
+    alone = llmpress.evaluate(model, text="python-doc", ctx=CTX, tokens=2 * CTX, tokenizer=tok)
     assert alone["ppl"] == pytest.approx(r["ref_ppl"], rel=1e-6) and "kl_mean" not in alone
     with pytest.raises(ValueError, match="pass its tokenizer"):
         evaluate(torch.nn.Linear(2, 2))

@@ -10,6 +10,8 @@ of every result. The pieces live in :mod:`llmpress.eval`.
 from __future__ import annotations
 
 import gc
+import sys
+import types
 import logging
 import time
 from dataclasses import dataclass
@@ -198,3 +200,15 @@ def _encoder(m: _Model, r: _Model | None, texts: list, n: int, batch_size: int |
         _, cost = embed(m.module(), m.tokenizer, sents, bs)
     out.update(tokens_per_s=cost["tokens_per_s"], peak_rss_bytes=cost["peak_rss_bytes"])
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """``llmpress.evaluate`` is both this module and the verb: once the submodule is imported,
+    Python binds the package attribute ``llmpress.evaluate`` to the module, so the module
+    forwards calls to :func:`evaluate` (``llmpress.evaluate(model, ...)`` keeps working)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
