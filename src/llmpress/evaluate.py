@@ -176,7 +176,8 @@ def _causal(m: _Model, r: _Model | None, texts: list, ctx: int, tokens: int, bat
 
 def _encoder(m: _Model, r: _Model | None, texts: list, n: int, batch_size: int | None) -> dict:
     sents, meta = eval_sentences(texts, n)
-    protocol = {"sentences": len(sents), "texts": meta, "pooling": "mean over tokens (attention mask)", "max_len": 128,
+    protocol = {"sentences": len(sents), "texts": meta, "selection": "sentences of 6-48 words spread evenly over each text",
+                "pooling": "mean over tokens (attention mask)", "max_len": 128,
                 "tokenizer": type(m.tokenizer).__name__, "tokenizer_sha256": tokenizer_sha256(m.tokenizer),
                 "threads": torch.get_num_threads()}
     bs = batch_size or 32

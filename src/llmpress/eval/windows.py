@@ -126,20 +126,22 @@ _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“(])")
 
 
 def sentences(texts: list, n: int, min_words: int = 6, max_words: int = 48) -> tuple[list[str], list[dict]]:
-    """The first ``n`` sentences of ``min_words``..``max_words`` words, drawn evenly from the texts."""
+    """``n`` sentences of ``min_words``..``max_words`` words, ``n / len(texts)`` from each text,
+    spread over it: the j-th is the first such sentence at or after paragraph j/per of the text."""
     per = max(1, n // len(texts))
     out, meta = [], []
     for t in texts:
         name, content = text_spec(t)
-        got = []
-        for para in content.split("\n\n"):
-            for s in _SENT.split(para.strip()):
-                if min_words <= len(s.split()) <= max_words and s[-1:] in ".!?":
-                    got.append(s)
-                    if len(got) >= per:
-                        break
-            if len(got) >= per:
-                break
+        paras = content.split("\n\n")
+        got: list[str] = []
+        nxt = 0  # first paragraph not yet used: sentences stay in order and distinct
+        for j in range(per):
+            for i in range(max(nxt, j * len(paras) // per), len(paras)):
+                ok = [s for s in _SENT.split(paras[i].strip()) if min_words <= len(s.split()) <= max_words and s[-1:] in ".!?"]
+                if ok:
+                    got.append(ok[0])
+                    nxt = i + 1
+                    break
         if not got:
             raise ValueError(f"text {name!r} has no sentence of {min_words}..{max_words} words")
         out += got
