@@ -68,10 +68,11 @@ def _quanto_quantizer(bits: int, gs: int):
         m = torch.nn.Sequential(lin)
         quantize(m, weights=qtype)
         freeze(m)
-        qw = m[0].weight
-        w = qw.dequantize().float() if hasattr(qw, "dequantize") else qw.float()
-        nbytes = sum(t.numel() * t.element_size() for t in qw.__tensor_flatten__()[0] and
-                     [getattr(qw, a) for a in qw.__tensor_flatten__()[0]]) if hasattr(qw, "__tensor_flatten__") else 0
+        qw = m[0].weight  # WeightQBytesTensor (int8) or WeightQBitsTensor (int2/int4: _data, _scale, _shift)
+        w = qw.dequantize().float()
+        # codes at `bits` each (quanto packs int2/int4 two or four to a byte) + its float scales/shifts
+        nbytes = qw._data.numel() * bits / 8 + sum(
+            t.numel() * t.element_size() for t in (qw._scale, getattr(qw, "_shift", None)) if t is not None)
         return w, nbytes
 
     return q
@@ -146,11 +147,11 @@ def load_with(src: Path, weights: Path):
 
 
 def fidelity(model, texts: list[str], tokens: int, tokenizer=None) -> dict:
-    import llmpress
+    from llmpress.evaluate import evaluate  # (the package attribute is shadowed by the submodule)
 
     out = {}
     for t in texts:
-        r = llmpress.evaluate(model, "smollm2-135m", t, tokens=tokens, tokenizer=tokenizer)
+        r = evaluate(model, "smollm2-135m", t, tokens=tokens, tokenizer=tokenizer)
         out[t] = {"kl_mean": r["kl_mean"], "ppl": r["ppl"], "ref_ppl": r.get("ref_ppl"), "top1": r.get("top1")}
     return out
 
@@ -167,6 +168,8 @@ def main() -> None:
     ap.add_argument("--texts", default=None, help="evaluation texts (default: llmpress.text.EVAL_DEFAULTS)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--seed-grid", action="store_true", help="also the seed formula's grid (RTN, grid=seed / seed_rtn)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="extra llmpress contender NAME:METHOD:key=val,... e.g. gptq-ao:gptq:act_order=1,damp=0.05")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--bits", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--group-size", type=int, help=argparse.SUPPRESS)
@@ -197,14 +200,20 @@ def main() -> None:
     done = {(r["who"], r["bits"], r["group_size"]) for r in rows}
 
     def record(row: dict) -> None:
-        rows[:] = [r for r in rows if (r["who"], r["bits"], r["group_size"]) != (row["who"], row["bits"], row["group_size"])]
-        rows.append(row)
+        # re-read before writing: another bench process (e.g. peers only) may share the file
+        fresh = json.loads(res_path.read_text()) if res_path.exists() else []
+        key = (row["who"], row["bits"], row["group_size"])
+        rows[:] = [r for r in fresh if (r["who"], r["bits"], r["group_size"]) != key] + [row]
         res_path.write_text(json.dumps(rows, indent=1))
         f = " ".join(f"{t}: KL {v['kl_mean']:.4f} PPL {v['ppl']:.2f}" for t, v in row["eval"].items())
         print(f"  {row['who']:<16} {row['bits']}b g{row['group_size']:<4} bpw {row.get('bpw') or float('nan'):.3f}  "
               f"{row['seconds']:.1f}s  {f}", flush=True)
 
     extra = [("rtn", {"grid": "seed"}, "llmpress-seed"), ("rtn", {"grid": "seed_rtn"}, "llmpress-seed_rtn")] if a.seed_grid else []
+    for v in a.variant:
+        name, method, kv = (v.split(":", 2) + [""])[:3]
+        opts = {k: (float(x) if "." in x else int(x)) for k, x in (p.split("=") for p in kv.split(",") if p)}
+        extra.append((method, opts, f"llmpress-{name}"))
     for bits, gs in configs:
         for m, opts, who in [(m, {}, f"llmpress-{m}") for m in methods] + extra:
             if (who, bits, gs) in done:
@@ -232,6 +241,7 @@ def main() -> None:
           f"{a.calib or 'calib-mix'}; eval {a.tokens} tokens per text, top-128 KL to the original")
     head = f"{'contender':<18}{'bits':>5}{'g':>5}{'bpw':>7}{'secs':>8}" + "".join(f"{'KL ' + t[:10]:>16}{'PPL':>8}" for t in texts)
     print(head)
+    rows = json.loads(res_path.read_text()) if res_path.exists() else rows
     for r in sorted(rows, key=lambda r: (-r["bits"], r["group_size"], r["who"])):
         cells = "".join(f"{r['eval'][t]['kl_mean']:>16.4f}{r['eval'][t]['ppl']:>8.2f}" if t in r["eval"] else " " * 24 for t in texts)
         bpw = f"{r['bpw']:.3f}" if r.get("bpw") else "-"
