@@ -113,18 +113,23 @@ def _svd_timing() -> list[dict]:
     return rows
 
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+def _fmt(x, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if x is None else format(x, f">{width}{spec}")
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'method':<22}{'removed':>8}{'kept':>8}{'bpw':>8}{'ppl':>10}{'ΔPPL':>10}{'KL mean':>10}{'KL p99':>9}{'top1':>7}{'time s':>9}{'svd s':>8}"
+    cols = [("method", 22), ("removed", 8), ("kept", 7), ("bpw", 7), ("ppl", 11), ("ΔPPL", 11), ("KL mean", 9),
+            ("KL p99", 8), ("top1", 7), ("time s", 8), ("svd s", 7)]
+    head = "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(cols))
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r["kind"] == "error":
+            continue
         d = None if r.get("ppl") is None or r.get("ref_ppl") is None else r["ppl"] - r["ref_ppl"]
-        lines.append(f"{r['method']:<22}{_fmt(r['removed'], '>8.0%')}{_fmt(r['params_kept'], '>8.3f')}{_fmt(r['bpw'], '>8.2f')}"
-                     f"{_fmt(r['ppl'], '>10.2f')}{_fmt(d, '>10.2f')}{_fmt(r['kl_mean'], '>10.4f')}{_fmt(r['kl_p99'], '>9.3f')}"
-                     f"{_fmt(r['top1'], '>7.3f')}{_fmt(r['seconds'], '>9.1f')}{_fmt(r['encode_seconds'], '>8.1f')}")
+        lines.append(f"{r['method']:<22}{_fmt(r['removed'], '.0%', 8)}{_fmt(r['params_kept'], '.3f', 7)}"
+                     f"{_fmt(r['bpw'], '.2f', 7)}{_fmt(r['ppl'], '.5g', 11)}{_fmt(d, '.5g', 11)}"
+                     f"{_fmt(r['kl_mean'], '.4f', 9)}{_fmt(r['kl_p99'], '.3f', 8)}{_fmt(r['top1'], '.3f', 7)}"
+                     f"{_fmt(r['seconds'], '.0f', 8)}{_fmt(r['encode_seconds'], '.0f', 7)}")
     return "\n".join(lines)
 
 
@@ -134,7 +139,7 @@ def _checks(rows: list[dict]) -> list[str]:
     s, w = by.get(("svd", 0.2)), by.get(("whiten", 0.2))
     if s and w:
         ds, dw = s["ppl"] - s["ref_ppl"], w["ppl"] - w["ref_ppl"]
-        out.append(f"whiten ΔPPL at 20 % = {dw:.3f} vs plain SVD {ds:.3f}: ratio {dw / ds:.4f} "
+        out.append(f"whiten ΔPPL at 20 % = {dw:.3f} vs plain SVD {ds:.3f}: ratio {dw / ds:.2e} "
                    f"(target ≤ 0.1) -> {'MET' if dw <= 0.1 * ds else 'MISSED'}")
     for removed in sorted({r["removed"] for r in rows if r["removed"] is not None}):
         s, q = by.get(("svd", removed)), by.get(("rsvd", removed))
