@@ -2,12 +2,13 @@
 
 - **rANS** (Duda 2013; the word-oriented variant of Giesen's ``ryg_rans``): a static model
   of ``2**pb`` slots, 32-bit states kept in ``[2**16, 2**32)``, renormalised 16 bits at a time.
-  ``NSTATES`` independent states take symbols round-robin (symbol ``i`` uses state
-  ``i % NSTATES``), so the decoder's dependency chains interleave; all states share one word
-  stack. Encoding runs backwards and fills the stack from its end; the decoder reads it forward,
-  first the ``NSTATES`` final states (two words each), then the renormalisation words. Every
-  state ends at ``2**16`` exactly, which the decoder checks (with the word count): a corrupted
-  stream that happens to decode to the right length is still caught.
+  ``NSTATES`` independent lanes take symbols round-robin (symbol ``i`` uses lane
+  ``i % NSTATES``), each with its own word stream, so the decoder's dependency chains
+  interleave without meeting (a shared stream couples them through its read position: ~20 %
+  slower, measured). Encoding runs backwards and fills each lane's stack from its end; the
+  decoder reads it forward, first the lane's final state (two words), then its renormalisation
+  words. Every state ends at ``2**16`` exactly and every lane is read to its end, which the
+  decoder checks: a corrupted stream that decodes to the right length is still caught.
 - **frequency normalisation**: counts → integer frequencies summing to ``2**pb``, each present
   symbol ≥ 1, with the rounding error placed where it costs the fewest bits.
 - **bit packing** (LSB-first bit stream) and the **float field split/merge** of planes.py, one
@@ -116,7 +117,10 @@ def _enc(x, f, c, rf, pb, sh, buf, pos):
 
 @njit(**_JIT)
 def rans_encode(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to 2**pb -> (m,) uint16
-    """Encode ``sym`` (every symbol must have ``freq > 0``) into a stack of 16-bit words."""
+    """Encode ``sym`` (every symbol must have ``freq > 0``) into four lanes of 16-bit words.
+
+    Output: ``NSTATES`` lane lengths (u32 each, as two u16, low first), then each lane's words:
+    its final state (two words), then its renormalisation words in decoding order."""
     n = sym.shape[0]
     A = freq.shape[0]
     start = np.empty(A, np.int64)
@@ -126,37 +130,50 @@ def rans_encode(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to 2
         start[s] = acc
         acc += freq[s]
         rcp[s] = 1.0 / freq[s] if freq[s] > 0 else 0.0
-    buf = np.empty(n + 2 * NSTATES, np.uint16)
-    pos = buf.shape[0]
+    cap = n // NSTATES + 3  # a lane codes at most n/4 + 1 symbols, one word each, + its state
+    buf = np.empty((NSTATES, cap), np.uint16)
+    b0, b1, b2, b3 = buf[0], buf[1], buf[2], buf[3]
+    p0 = p1 = p2 = p3 = cap
     x0 = x1 = x2 = x3 = np.int64(RANS_L)
     sh = 32 - pb
     n4 = n & ~3
     i = n - 1
-    while i >= n4:  # the last n % 4 symbols, one state each
+    while i >= n4:  # the last n % 4 symbols, lanes 2, 1, 0
         s = sym[i]
         j = i & 3
         if j == 0:
-            x0, pos = _enc(x0, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+            x0, p0 = _enc(x0, freq[s], start[s], rcp[s], pb, sh, b0, p0)
         elif j == 1:
-            x1, pos = _enc(x1, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+            x1, p1 = _enc(x1, freq[s], start[s], rcp[s], pb, sh, b1, p1)
         else:
-            x2, pos = _enc(x2, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+            x2, p2 = _enc(x2, freq[s], start[s], rcp[s], pb, sh, b2, p2)
         i -= 1
-    while i >= 3:  # groups of four, states 3, 2, 1, 0 (the decoder reads their words 0..3)
+    while i >= 3:  # groups of four, each symbol on its own lane
         s = sym[i]
-        x3, pos = _enc(x3, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        x3, p3 = _enc(x3, freq[s], start[s], rcp[s], pb, sh, b3, p3)
         s = sym[i - 1]
-        x2, pos = _enc(x2, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        x2, p2 = _enc(x2, freq[s], start[s], rcp[s], pb, sh, b2, p2)
         s = sym[i - 2]
-        x1, pos = _enc(x1, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        x1, p1 = _enc(x1, freq[s], start[s], rcp[s], pb, sh, b1, p1)
         s = sym[i - 3]
-        x0, pos = _enc(x0, freq[s], start[s], rcp[s], pb, sh, buf, pos)
+        x0, p0 = _enc(x0, freq[s], start[s], rcp[s], pb, sh, b0, p0)
         i -= 4
-    pos -= 2 * NSTATES
-    for j, x in enumerate((x0, x1, x2, x3)):
-        buf[pos + 2 * j] = x & 0xFFFF
-        buf[pos + 2 * j + 1] = x >> 16
-    return buf[pos:].copy()
+    xs = (x0, x1, x2, x3)
+    ps = (p0, p1, p2, p3)
+    total = 0
+    for j in range(NSTATES):
+        total += cap - ps[j] + 2
+    out = np.empty(2 * NSTATES + total, np.uint16)
+    o = 2 * NSTATES
+    for j in range(NSTATES):
+        ln = cap - ps[j] + 2
+        out[2 * j] = ln & 0xFFFF
+        out[2 * j + 1] = ln >> 16
+        out[o] = xs[j] & 0xFFFF
+        out[o + 1] = xs[j] >> 16
+        out[o + 2 : o + ln] = buf[j, ps[j] :]
+        o += ln
+    return out
 
 
 @njit(**_JIT)
@@ -176,49 +193,63 @@ def decode_table(freq, pb):  # freq: (A,) int64 -> (slot symbol (2**pb,) uint16,
 
 
 @njit(inline="always", **_JIT)
-def _dec(x, dsym, dinfo, mask, pb, words, pos, m, out, i):
-    """One rANS decode step: emit out[i], update x, renormalise branch-free; reads past the
-    stack are clamped to ``words[m]`` (a padding zero) and caught by the final checks."""
+def _dec(x, dsym, dinfo, mask, pb, words, pos, last, out, i):
+    """One rANS decode step on a lane: emit out[i], update x, renormalise branch-free from the
+    lane's own words (reads clamp to the lane's ``last`` word; overruns fail the final check)."""
     sl = x & mask
     out[i] = dsym[sl]
     d = np.int64(dinfo[sl])
     x = (d & 0xFFFF) * (x >> pb) + (d >> 16)
     e = np.int64(x < RANS_L)
-    w = np.int64(words[min(pos, m)])
+    w = np.int64(words[min(pos, last)])
     x = (x << (e << 4)) | (w & -e)
     return x, pos + e
 
 
 @njit(**_JIT)
-def rans_decode(words, n, dsym, dinfo, pb, out):  # words: (m+1,) uint16, last = padding; out: (n,) uint8/uint16
-    """Decode ``n`` symbols into ``out``; returns 0 on success, a negative code on a bad stream."""
-    m = words.shape[0] - 1
+def rans_decode(words, n, dsym, dinfo, pb, out):  # words: (m,) uint16 (see rans_encode); out: (n,) uint8/uint16
+    """Decode ``n`` symbols into ``out``; returns 0 on success, a negative code on a bad stream.
+    The four lanes have their own word streams, so their dependency chains do not meet."""
+    m = words.shape[0]
     if m < 2 * NSTATES:
         return -1
-    x0 = np.int64(words[0]) | (np.int64(words[1]) << 16)
-    x1 = np.int64(words[2]) | (np.int64(words[3]) << 16)
-    x2 = np.int64(words[4]) | (np.int64(words[5]) << 16)
-    x3 = np.int64(words[6]) | (np.int64(words[7]) << 16)
-    pos = 2 * NSTATES
+    lo = np.empty(NSTATES, np.int64)
+    o = 2 * NSTATES
+    for j in range(NSTATES):
+        ln = np.int64(words[2 * j]) | (np.int64(words[2 * j + 1]) << 16)
+        if ln < 2 or o + ln > m:
+            return -1
+        lo[j] = o
+        o += ln
+    if o != m:
+        return -1
+    q0, q1, q2, q3 = lo[1], lo[2], lo[3], m  # lane ends (exclusive): the next lane's start
+    x0 = np.int64(words[lo[0]]) | (np.int64(words[lo[0] + 1]) << 16)
+    x1 = np.int64(words[lo[1]]) | (np.int64(words[lo[1] + 1]) << 16)
+    x2 = np.int64(words[lo[2]]) | (np.int64(words[lo[2] + 1]) << 16)
+    x3 = np.int64(words[lo[3]]) | (np.int64(words[lo[3] + 1]) << 16)
+    p0, p1, p2, p3 = lo[0] + 2, lo[1] + 2, lo[2] + 2, lo[3] + 2
     mask = (1 << pb) - 1
     for x in (x0, x1, x2, x3):
         if x < RANS_L:
             return -2
     i = 0
     n4 = n & ~3
-    while i < n4:  # four independent chains; the renormalisation reads stay in symbol order
-        x0, pos = _dec(x0, dsym, dinfo, mask, pb, words, pos, m, out, i)
-        x1, pos = _dec(x1, dsym, dinfo, mask, pb, words, pos, m, out, i + 1)
-        x2, pos = _dec(x2, dsym, dinfo, mask, pb, words, pos, m, out, i + 2)
-        x3, pos = _dec(x3, dsym, dinfo, mask, pb, words, pos, m, out, i + 3)
+    while i < n4:
+        x0, p0 = _dec(x0, dsym, dinfo, mask, pb, words, p0, q0 - 1, out, i)
+        x1, p1 = _dec(x1, dsym, dinfo, mask, pb, words, p1, q1 - 1, out, i + 1)
+        x2, p2 = _dec(x2, dsym, dinfo, mask, pb, words, p2, q2 - 1, out, i + 2)
+        x3, p3 = _dec(x3, dsym, dinfo, mask, pb, words, p3, q3 - 1, out, i + 3)
         i += 4
     if i < n:
-        x0, pos = _dec(x0, dsym, dinfo, mask, pb, words, pos, m, out, i)
+        x0, p0 = _dec(x0, dsym, dinfo, mask, pb, words, p0, q0 - 1, out, i)
     if i + 1 < n:
-        x1, pos = _dec(x1, dsym, dinfo, mask, pb, words, pos, m, out, i + 1)
+        x1, p1 = _dec(x1, dsym, dinfo, mask, pb, words, p1, q1 - 1, out, i + 1)
     if i + 2 < n:
-        x2, pos = _dec(x2, dsym, dinfo, mask, pb, words, pos, m, out, i + 2)
-    if pos != m or x0 != RANS_L or x1 != RANS_L or x2 != RANS_L or x3 != RANS_L:
+        x2, p2 = _dec(x2, dsym, dinfo, mask, pb, words, p2, q2 - 1, out, i + 2)
+    if p0 != q0 or p1 != q1 or p2 != q2 or p3 != q3:
+        return -4
+    if x0 != RANS_L or x1 != RANS_L or x2 != RANS_L or x3 != RANS_L:
         return -4
     return 0
 
