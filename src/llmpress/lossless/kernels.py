@@ -96,23 +96,16 @@ def normalize_freqs(hist, pb):  # hist: (A,) int64 counts -> (A,) int64 freqs su
 
 
 @njit(inline="always", **_JIT)
-def _enc(x, f, c, rf, pb, sh, buf, pos):
-    """One rANS encode step of a symbol (freq f, start c, rf = 1/f) on state x; may push a word.
-    Branch-free renormalisation: the word is always written, the stack only grows when needed."""
+def _enc(x, f, c, pb, sh, buf, pos):
+    """One rANS encode step of a symbol (freq f, start c) on state x; may push a word.
+    Branch-free renormalisation: the word is always written, the stack only grows when needed.
+    The quotient is a 32-bit unsigned divide (x < 2**32): faster here than a float reciprocal."""
     e = np.int64(x >= (f << sh))
     buf[pos - 1] = x & 0xFFFF
     pos -= e
     x >>= e << 4
-    # x // f by a float reciprocal (no integer divide), corrected to the exact quotient
-    q = np.int64(x * rf)
-    r = x - q * f
-    if r < 0:
-        q -= 1
-        r += f
-    elif r >= f:
-        q += 1
-        r -= f
-    return (q << pb) + r + c, pos
+    q = np.int64(np.uint32(x) // np.uint32(f))
+    return (q << pb) + (x - q * f) + c, pos
 
 
 @njit(**_JIT)
@@ -124,12 +117,10 @@ def rans_encode(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to 2
     n = sym.shape[0]
     A = freq.shape[0]
     start = np.empty(A, np.int64)
-    rcp = np.empty(A, np.float64)
     acc = 0
     for s in range(A):
         start[s] = acc
         acc += freq[s]
-        rcp[s] = 1.0 / freq[s] if freq[s] > 0 else 0.0
     cap = n // NSTATES + 3  # a lane codes at most n/4 + 1 symbols, one word each, + its state
     buf = np.empty((NSTATES, cap), np.uint16)
     b0, b1, b2, b3 = buf[0], buf[1], buf[2], buf[3]
@@ -142,21 +133,21 @@ def rans_encode(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to 2
         s = sym[i]
         j = i & 3
         if j == 0:
-            x0, p0 = _enc(x0, freq[s], start[s], rcp[s], pb, sh, b0, p0)
+            x0, p0 = _enc(x0, freq[s], start[s], pb, sh, b0, p0)
         elif j == 1:
-            x1, p1 = _enc(x1, freq[s], start[s], rcp[s], pb, sh, b1, p1)
+            x1, p1 = _enc(x1, freq[s], start[s], pb, sh, b1, p1)
         else:
-            x2, p2 = _enc(x2, freq[s], start[s], rcp[s], pb, sh, b2, p2)
+            x2, p2 = _enc(x2, freq[s], start[s], pb, sh, b2, p2)
         i -= 1
     while i >= 3:  # groups of four, each symbol on its own lane
         s = sym[i]
-        x3, p3 = _enc(x3, freq[s], start[s], rcp[s], pb, sh, b3, p3)
+        x3, p3 = _enc(x3, freq[s], start[s], pb, sh, b3, p3)
         s = sym[i - 1]
-        x2, p2 = _enc(x2, freq[s], start[s], rcp[s], pb, sh, b2, p2)
+        x2, p2 = _enc(x2, freq[s], start[s], pb, sh, b2, p2)
         s = sym[i - 2]
-        x1, p1 = _enc(x1, freq[s], start[s], rcp[s], pb, sh, b1, p1)
+        x1, p1 = _enc(x1, freq[s], start[s], pb, sh, b1, p1)
         s = sym[i - 3]
-        x0, p0 = _enc(x0, freq[s], start[s], rcp[s], pb, sh, b0, p0)
+        x0, p0 = _enc(x0, freq[s], start[s], pb, sh, b0, p0)
         i -= 4
     xs = (x0, x1, x2, x3)
     ps = (p0, p1, p2, p3)
