@@ -39,10 +39,10 @@ from llmpress.text import CALIB_DEFAULT, EVAL_DEFAULTS  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out"
 MODEL = "smollm2-135m"
 
-# name -> (recipe, lr of latent weights / factors, lr of scales and offsets)
+# name -> (recipe, lr of factors, lr of scales and offsets); QAT codes move at --code-lr steps/step
 CASES = {
-    "rtn3": (Recipe.uniform("rtn", bits=3, group_size=64), 1e-5, 5e-4),
-    "gptq2": (Recipe.uniform("gptq", bits=2, group_size=64), 1e-5, 5e-4),
+    "rtn3": (Recipe.uniform("rtn", bits=3, group_size=64), 1e-5, 2e-4),
+    "gptq2": (Recipe.uniform("gptq", bits=2, group_size=64), 1e-5, 2e-4),
     "whiten40": (Recipe.uniform("whiten", ratio=0.6), 5e-5, None),
 }
 
@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--curve-points", type=int, default=4, help="evaluations during training")
     ap.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens (gptq, whiten)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--code-lr", type=float, default=2e-2, help="QAT latent learning rate, in quantization steps")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps of the learning rate")
     ap.add_argument("--qparams-only", action="store_true", help="QAT trains scales/offsets only (codes move through them)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply every case's learning rates")
     args = ap.parse_args()
@@ -100,15 +102,15 @@ def main() -> None:
 
         ft = work / f"{name}-ft"
         run = llmpress.finetune(comp, ft, reference=MODEL, text=CALIB_DEFAULT, steps=args.max_steps,
-                                lr=lr * args.lr_scale, qparam_lr=qlr * args.lr_scale if qlr else None,
+                                lr=lr * args.lr_scale, qparam_lr=qlr * args.lr_scale if qlr else None, code_lr=args.code_lr,
                                 seq_len=args.seq_len, batch_size=args.batch_size, max_seconds=budget,
                                 schedule="constant", force=True, on_step=on_step, checkpoint_every=0,
-                                grad_ckpt=False, train_latent=not args.qparams_only)
+                                grad_ckpt=False, train_latent=not args.qparams_only, warmup=args.warmup)
         after = ref.compare(llmpress.load(ft), sha)
         curve.append({"step": run["steps"], "train_seconds": budget, "loss": run["loss_last"], "kl_mean": after["kl_mean"], "ppl": after["ppl"]})
         mb, ma = read_manifest(comp), read_manifest(ft)
         res = {
-            "case": name, "recipe": recipe.to_dict(), "lr": lr * args.lr_scale, "qparam_lr": qlr and qlr * args.lr_scale,
+            "case": name, "recipe": recipe.to_dict(), "lr": lr * args.lr_scale, "qparam_lr": qlr and qlr * args.lr_scale, "code_lr": args.code_lr,
             "minutes": args.minutes, "train_latent": not args.qparams_only, "steps": run["steps"], "tokens_trained": run["steps"] * args.batch_size * args.seq_len,
             "kl_before": before["kl_mean"], "kl_after": after["kl_mean"], "ppl_before": before["ppl"], "ppl_after": after["ppl"],
             "ref_ppl": before["ref_ppl"], "top1_before": before["top1"], "top1_after": after["top1"],

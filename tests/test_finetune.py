@@ -34,7 +34,7 @@ def test_qat_starts_at_the_stored_weight_and_repacks_on_grid(params):
     with torch.no_grad():
         assert torch.equal(q.fake_weight(), codec.decode(ct))
         assert torch.equal(q.to_ct().data["qweight"], ct.data["qweight"])
-        q.latent.add_(torch.randn_like(q.latent) * 0.02)  # move the weights across bins
+        q.latent.add_(torch.randn_like(q.latent) * 0.6)  # move the weights across bins (grid units)
         q.scale.mul_(1.1)
         fw = q.fake_weight()
     ct2 = q.to_ct()
@@ -46,21 +46,21 @@ def test_qat_starts_at_the_stored_weight_and_repacks_on_grid(params):
     assert all(torch.equal(again.data[k], ct2.data[k]) for k in ct2.data)
 
 
-def test_qat_gradients_are_lsq():
-    ct = get_codec("rtn").encode(_w(4, 16), bits=3, group_size=16)
+def test_qat_gradients_ste_and_exact_qparams():
+    ct = get_codec("rtn").encode(_w(4, 32), bits=3, group_size=16)
     q = QATLinear(ct)
     with torch.no_grad():
-        q.latent.add_(torch.randn_like(q.latent) * 0.01)
-        q.latent[0, 0] = q.offset[0, 0] - 1.0  # far below the range: clipped
-    q.fake_weight().sum().backward()
-    s, m = q.scale.detach()[:, :1], q.offset.detach()[:, :1]
-    x = (q.latent.detach() - m) / s
-    codes = x.round().clamp(0, 7)
-    inside = (x >= 0) & (x <= 7)
-    assert torch.allclose(q.latent.grad, inside.float())  # straight through inside, zero outside
-    want_s = torch.where(inside, codes - x, codes).sum(1, keepdim=True)  # LSQ: q − x inside, q clipped
-    assert torch.allclose(q.scale.grad, want_s, atol=1e-4)
-    assert torch.allclose(q.offset.grad, (~inside).float().sum(1, keepdim=True))
+        q.latent.add_(torch.randn_like(q.latent) * 0.3)
+        q.latent[0, 0] = -2.0  # below the grid's range [0, 7]: clipped
+    g = torch.randn(4, 32)
+    (q.fake_weight() * g).sum().backward()
+    s = q.scale.detach().half().float().repeat_interleave(16, 1)  # (4, 32) per column
+    u = q.latent.detach()
+    codes = u.round().clamp(0, 7)
+    inside = (u >= 0) & (u <= 7)
+    assert torch.allclose(q.latent.grad, g * s * inside)  # straight through, in grid units
+    assert torch.allclose(q.scale.grad, (g * codes).reshape(4, 2, 16).sum(-1), atol=1e-5)  # ∂ŵ/∂s = q
+    assert torch.allclose(q.offset.grad, g.reshape(4, 2, 16).sum(-1), atol=1e-5)  # ∂ŵ/∂m = 1
 
 
 def test_awq_in_scale_and_gptq_gidx_are_kept():

@@ -37,8 +37,9 @@ TENSORS = "trainable.safetensors"
 @dataclass
 class TrainConfig:
     steps: int = 200  # optimizer steps (the run may stop earlier at max_seconds)
-    lr: float = 1e-5  # Adam learning rate of latent weights and factors
-    qparam_lr: float | None = None  # of scales/offsets (default: lr)
+    lr: float = 1e-5  # Adam learning rate of low-rank factors (weight units)
+    qparam_lr: float | None = None  # of quantization scales/offsets (default: lr)
+    code_lr: float = 1e-2  # of QAT latent weights, in quantization steps per step
     batch_size: int = 4  # windows per step
     seq_len: int = 256  # tokens per window
     objective: str = "kd"  # kd | nll
@@ -58,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number; got {self.lr!r}")
         if self.batch_size < 1 or self.seq_len < 2:
             raise ValueError(f"need batch_size ≥ 1 and seq_len ≥ 2; got {self.batch_size}, {self.seq_len}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be ≥ 0; got {self.warmup}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant; got {self.schedule!r}")
         get_objective(self.objective)
@@ -70,7 +73,7 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def lr_factor(self, step: int) -> float:
-        if step < self.warmup:
+        if step < self.warmup:  # warmup = 0: full rate from the first step
             return (step + 1) / self.warmup
         if self.schedule == "constant":
             return 1.0
@@ -84,7 +87,7 @@ def make_optimizer(trainables: dict[str, nn.Module], cfg: TrainConfig) -> torch.
     for mod in trainables.values():
         for kind, ps in mod.param_groups().items():
             groups.setdefault(kind, []).extend(ps)
-    lrs = {"qparams": cfg.qparam_lr or cfg.lr}
+    lrs = {"qparams": cfg.qparam_lr or cfg.lr, "latent": cfg.code_lr}
     return torch.optim.Adam(
         [{"params": ps, "lr": lrs.get(k, cfg.lr), "base_lr": lrs.get(k, cfg.lr), "name": k} for k, ps in sorted(groups.items())],
         betas=(0.9, 0.95), eps=1e-10,

@@ -4,20 +4,20 @@ A quantized layer stores integer codes q and per-group parameters (scale s, offs
 (``llmpress.quant.grids``). Every grid there reconstructs as ŵ = s·g(q) + m (m = 0 for grids
 without an offset), where g(q) is the grid's level at unit scale. We train, per layer:
 
-* a latent float weight W (out, in), initialised on the stored grid points, so the model starts
-  exactly where the compressed one is;
-* the scales and offsets themselves (LSQ, Esser et al. 2020; LSQ+ for the offset).
+* a latent weight u (out, in) in grid units (u = (W − m)/s), initialised on the stored codes'
+  levels so the model starts exactly where the compressed one is; the code is q = quantize(u)
+  by the grid's own rounding, the function that encoded the layer;
+* the scales and offsets themselves, as in PEQA / EfficientQAT's end-to-end step (Kim et al.
+  2023; Chen et al. 2024), whose derivatives with the codes held are exact: ∂ŵ/∂s = g(q),
+  ∂ŵ/∂m = 1.
 
-Forward: x = (W − m)/s is the weight in grid units; q = quantize(x) by the grid's own rounding
-(the same function that encoded the layer); the weight used is
-
-    ŵ = s · (g(q) + x_c − sg(x_c)) + m,        x_c = clamp(x, g(0), g(2^b − 1)),
-
-sg = stop-gradient. Its value is exactly the dequantized weight; its gradient is the
-straight-through estimator for W inside the grid's range (zero outside), and for s the LSQ
-gradient g(q) − x inside the range (g(q) at the clipped ends); for m it is 1 only where clipped.
-Parameters are also rounded to their storage dtype (float16 …) in the forward pass, with a
-straight-through gradient, so that training sees exactly what will be stored.
+Forward: ŵ = s·(g(q) + u_c − sg(u_c)) + m with u_c = clamp(u, g(0), g(2^b − 1)), sg =
+stop-gradient: the value is the dequantized weight, the gradient for u the straight-through
+estimator (s inside the grid's range, 0 outside). Keeping u in grid units (rather than weight
+units as in LSQ) means a change of scale moves every weight of its group without flipping a
+code, and the learning rate of u reads as "a fraction of a quantization step per step", the
+same for every layer. Parameters are rounded to their storage dtype (float16 …) in the forward
+pass with a straight-through gradient, so that training sees exactly what will be stored.
 
 Re-packing (:meth:`QATLinear.to_ct`) quantizes W with the trained parameters by the same rule and
 stores codes, scales and offsets with the same keys, dtypes, bits and group layout as before:
@@ -59,35 +59,28 @@ _FAST_LEVELS = {
 
 
 class _FakeQuant(torch.autograd.Function):
-    """ŵ = s·g(q(x)) + m with x = (W − m)/s, and the LSQ/STE gradients written out:
-    ∂ŵ/∂W = 1[lo ≤ x ≤ hi],  ∂ŵ/∂s = g − x·1[inside],  ∂ŵ/∂m = 1[outside].
-    Nothing but the inputs is saved; x is recomputed in backward (memory of one weight)."""
+    """ŵ = s·g(q(u)) + m with the gradients written out:
+    ∂ŵ/∂u = s·1[lo ≤ u ≤ hi],  ∂ŵ/∂s = g(q),  ∂ŵ/∂m = 1.
+    Nothing but the inputs is saved; g(q) is recomputed in backward (memory of one weight)."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, s: Tensor, m: Tensor | None, mod: "QATLinear") -> Tensor:
-        x = (w - m).div_(s) if m is not None else w / s
-        out = mod._levels(x).mul_(s)
+    def forward(ctx, u: Tensor, s: Tensor, m: Tensor | None, mod: "QATLinear") -> Tensor:
+        out = mod._levels(u).mul_(s)
         if m is not None:
             out.add_(m)
-        ctx.save_for_backward(w, s, m)
+        ctx.save_for_backward(u, s, m)
         ctx.mod = mod
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        w, s, m = ctx.saved_tensors
+        u, s, m = ctx.saved_tensors
         mod = ctx.mod
-        x = (w - m).div_(s) if m is not None else w / s
-        inside = (x >= mod.lo) & (x <= mod.hi)
-        need_w, need_s, need_m, _ = ctx.needs_input_grad
-        gw = g * inside if need_w else None
-        if need_s:
-            q = mod._levels(x)
-            gs = torch.where(inside, q - x, q).mul_(g).sum_to_size(s.shape)
-        else:
-            gs = None
-        gm = g.masked_fill(inside, 0.0).sum_to_size(m.shape) if need_m else None
-        return gw, gs, gm, None
+        need_u, need_s, need_m, _ = ctx.needs_input_grad
+        gu = (g * s).masked_fill_((u < mod.lo) | (u > mod.hi), 0.0) if need_u else None
+        gs = (mod._levels(u).mul_(g)).sum_to_size(s.shape) if need_s else None
+        gm = g.sum_to_size(m.shape) if need_m else None
+        return gu, gs, gm, None
 
 
 class QATLinear(nn.Module):
@@ -121,7 +114,7 @@ class QATLinear(nn.Module):
         self.hi = float(self.grid.dequantize(top, unit, self.bits))
         codes = unpack(ct.data["qweight"], self.bits, self.out_features * self.in_features)
         codes = codes.reshape(self.out_features, self.in_features).to(torch.float32)
-        self.latent = nn.Parameter(self._init_latent(codes))  # (out, in)
+        self.latent = nn.Parameter(self._init_latent(codes))  # (out, in), grid units
         self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
 
     # ------------------------------------------------------------------ the quantizer
@@ -133,39 +126,22 @@ class QATLinear(nn.Module):
         """(R, G) group parameters → (R, in), one per input column."""
         return p.index_select(1, self.g_idx)
 
-    def _params(self) -> tuple[Tensor, Tensor | None]:
-        """Per-column scale and offset as stored (rounded to the storage dtype), (R, in)."""
-        s = _ste_round_to(self.scale.clamp_min(MIN_SCALE), self.stored_dtype)
-        m = _ste_round_to(self.offset, self.stored_dtype) if self.asym else None
-        return self._columns(s), (self._columns(m) if m is not None else None)
-
-    def _to_units(self, w: Tensor, s: Tensor, m: Tensor | None) -> Tensor:
-        return (w - m) / s if m is not None else w / s
-
     def _codes(self, x: Tensor) -> Tensor:
         return self.grid.quantize(x.detach(), self._unit(), self.bits)
 
     def _init_latent(self, codes: Tensor) -> Tensor:
-        """Latent weights on the stored grid points, nudged a quarter step up inside their bin
-        where rounding would not give the stored code back (the seed grid rounds down, and
-        (s·x + m − m)/s is not always x in floating point)."""
+        """Latent u on the stored codes' levels, nudged a quarter step up inside the bin where
+        the grid rounds down (the seed grid's floor rule), so that quantize(u) gives them back."""
         with torch.no_grad():
-            s, m = self._params()
-            unit = self._unit()
-            top = 2**self.bits - 1
-            xq = self.grid.dequantize(codes, unit, self.bits)
+            unit, top = self._unit(), 2**self.bits - 1
+            u = self.grid.dequantize(codes, unit, self.bits)
             nb = self.grid.dequantize(torch.where(codes < top, codes + 1, codes - 1), unit, self.bits)
-            step = 0.25 * (nb - xq).abs()
-            x = xq.clone()
-            for _ in range(3):
-                w = s * x + (m if m is not None else 0.0)
-                bad = self._codes(self._to_units(w, s, m)) != codes
-                if not bool(bad.any()):
-                    break
-                x = torch.where(bad, x + step, x)
-            else:
-                log.warning("%s: %d of %d codes do not survive re-quantization at init", self.codec, int(bad.sum()), codes.numel())
-            return w
+            bad = self._codes(u) != codes
+            u = torch.where(bad, u + 0.25 * (nb - u).abs(), u)
+            left = int((self._codes(u) != codes).sum())
+            if left:
+                log.warning("%s: %d of %d codes do not survive re-quantization at init", self.codec, left, codes.numel())
+            return u
 
     def _levels(self, x: Tensor) -> Tensor:
         """g(quantize(x)): the unit-scale grid level each value rounds to (no gradient)."""
@@ -205,14 +181,11 @@ class QATLinear(nn.Module):
     @torch.no_grad()
     def to_ct(self) -> CompressedTensor:
         """The trained layer in the stored format it came from: same keys, dtypes, grid, bits."""
-        s_g = self.scale.clamp_min(MIN_SCALE).to(self.stored_dtype)
-        m_g = self.offset.to(self.stored_dtype) if self.asym else None
-        s = self._columns(s_g.float())
-        m = self._columns(m_g.float()) if m_g is not None else None
-        codes = self._codes(self._to_units(self.latent, s, m)).to(torch.uint8)
-        data: dict[str, Any] = {"qweight": pack(codes, self.bits), "scale": s_g.contiguous()}
-        if m_g is not None:
-            data["offset"] = m_g.contiguous()
+        codes = self._codes(self.latent).to(torch.uint8)
+        data: dict[str, Any] = {"qweight": pack(codes, self.bits),
+                                "scale": self.scale.clamp_min(MIN_SCALE).to(self.stored_dtype).contiguous()}
+        if self.asym:
+            data["offset"] = self.offset.to(self.stored_dtype).contiguous()
         data.update(self.fixed)
         return CompressedTensor(self.codec, data, dict(self.meta))
 
