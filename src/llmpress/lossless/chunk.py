@@ -1,4 +1,4 @@
-"""One chunk (≈1 MiB of one tensor's bytes): split into fields, code each field's stream.
+"""One chunk (≈512 KiB of one tensor's bytes): split into fields, code each field's stream.
 
 Chunk payload layout (little-endian)::
 

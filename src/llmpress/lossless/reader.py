@@ -10,7 +10,7 @@ Layout (little-endian)::
 The index lists every input file (relative path, size, sha256) as segments that cover it byte
 for byte (segments.py): the safetensors header verbatim, one typed segment per tensor (name,
 dtype, shape), gaps. Each segment is a list of chunks ``[offset, length, raw bytes, crc32]``
-of ≈1 MiB of raw bytes; since version 2 the crc32 is that of the chunk's *decoded* bytes, so
+of ≈512 KiB of raw bytes; since version 2 the crc32 is that of the chunk's *decoded* bytes, so
 each worker thread checks its own chunk right after decoding it (the chunks of a segment cover
 it, so every restored byte is checked without a serial pass; version 1 stored the payload's
 crc32 and one crc32 per segment, both still checked when reading a v1 file). Config, tokenizer
@@ -43,7 +43,7 @@ MAGIC, VERSION = b"LLMPRESS", 2
 READABLE = (1, 2)  # v2 added the ``rans`` backend (id 3); chunk layout unchanged since v1
 FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 512 << 10  # measured on MiniLM: smaller ratio than 1 MiB (more adaptive models) and no slower
 INLINE_BYTES = 64 << 10  # chunks this small decode in the calling thread
 MAX_CHUNK_BYTES = 64 << 20
 MAX_INDEX = 1 << 30
