@@ -19,7 +19,7 @@ def rank_table(ranks: dict[str, int | None]) -> Table:
     cols: list[str] = []
     for name, k in ranks.items():
         mt = _BLOCK.match(name)
-        row, col = (mt.group(2), mt.group(3)) if mt else (name, "rank")
+        row, col = (mt.group(2), mt.group(3).rsplit(".", 1)[-1]) if mt else (name, "rank")
         if col not in cols:
             cols.append(col)
         rows.setdefault(row, {})[col] = "dense" if k is None else str(k)
