@@ -23,7 +23,9 @@ def finetune(
     text: Optional[str] = typer.Option(None, "--text", help="Training text: corpus name or file (default: the calibration corpus)."),
     eval_text: Optional[list[str]] = typer.Option(None, "--eval-text", help="Evaluation text(s) the training text must not overlap."),
     steps: int = typer.Option(200, "--steps", "-n", help="Optimizer steps."),
-    lr: float = typer.Option(1e-5, "--lr", help="Adam learning rate."),
+    lr: float = typer.Option(1e-5, "--lr", help="Adam learning rate of low-rank factors."),
+    qparam_lr: float = typer.Option(1e-4, "--qparam-lr", help="Adam learning rate of quantization scales/offsets."),
+    code_lr: float = typer.Option(1e-2, "--code-lr", help="Learning rate of QAT latent weights, in quantization steps."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training window."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per step."),
     objective: str = typer.Option("kd", "--objective", help="kd (distil from the reference) | nll (next token)."),
@@ -38,7 +40,8 @@ def finetune(
     from ..io.atomic import OutputExistsError
 
     try:
-        res = run(compressed, out, reference=reference, text=text, steps=steps, lr=lr, seq_len=seq_len,
+        res = run(compressed, out, reference=reference, text=text, steps=steps, lr=lr, qparam_lr=qparam_lr,
+                  code_lr=code_lr, seq_len=seq_len,
                   batch_size=batch_size, objective=objective, eval_text=eval_text or None, force=force,
                   allow_overlap=allow_overlap, max_seconds=minutes * 60 if minutes else None,
                   schedule="constant" if minutes else "cosine")

@@ -136,11 +136,14 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
              steps: int = 200, lr: float = 1e-5, seq_len: int = 256, batch_size: int = 4, objective: str = "kd",
              eval_text: str | list[str] | None = None, force: bool = False, allow_overlap: bool = False,
              max_seconds: float | None = None, checkpoint_every: int = 50, seed: int = 0, grad_ckpt: bool = True,
-             schedule: str = "cosine", warmup: int = 10, qparam_lr: float | None = None, code_lr: float = 1e-2, train_latent: bool = True, progress: bool = True,
+             schedule: str = "cosine", warmup: int = 10, qparam_lr: float | None = 1e-4, code_lr: float = 1e-2, train_latent: bool = True, progress: bool = True,
              on_step: Callable[[int, float, nn.Module], None] | None = None) -> dict[str, Any]:
     """Recovery training of the llmpress folder ``compressed`` towards ``reference`` (the original),
     on ``text`` (default: the calibration corpus), written to ``out`` in the same format.
 
+    Learning rates (Adam): ``lr`` for low-rank factors, ``qparam_lr`` for quantization scales and
+    offsets (None: ``lr``), ``code_lr`` for the QAT latent weights in quantization steps;
+    ``train_latent=False`` moves codes only through their scales (cheaper per step).
     Refuses a training text that overlaps ``eval_text`` (default: the evaluation corpora) unless
     ``allow_overlap``. An interrupted run resumes from its checkpoint (kept beside ``out``).
     Returns ``bpw``, ``bytes_in``, ``bytes_out``, ``ratio``, ``bytes_before``, ``losses``,

@@ -38,7 +38,7 @@ TENSORS = "trainable.safetensors"
 class TrainConfig:
     steps: int = 200  # optimizer steps (the run may stop earlier at max_seconds)
     lr: float = 1e-5  # Adam learning rate of low-rank factors (weight units)
-    qparam_lr: float | None = None  # of quantization scales/offsets (default: lr)
+    qparam_lr: float | None = 1e-4  # of quantization scales/offsets (None: lr)
     code_lr: float = 1e-2  # of QAT latent weights, in quantization steps per step
     batch_size: int = 4  # windows per step
     seq_len: int = 256  # tokens per window
