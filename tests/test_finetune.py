@@ -1,12 +1,8 @@
 """Recovery training: the quantizer's straight-through math, factor phases, the loop, the folder."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from llmpress.finetune.data import TextOverlapError, check_overlap, train_windows
 from llmpress.finetune.distill import kl_loss
