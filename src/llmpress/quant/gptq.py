@@ -116,12 +116,18 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: GridSpec, *, damp: float = 0.01, a
 
 @register("gptq")
 class GPTQ(QuantCodec):
-    """``method: gptq`` — params: the grid's (bits, group_size, sym, ...) plus ``damp`` (0.01),
-    ``act_order`` (false), ``static_groups`` (false), ``block_size`` (128)."""
+    """``method: gptq`` — params: the grid's (bits, group_size, sym, ...) plus ``damp`` (0.1),
+    ``act_order`` (true), ``static_groups`` (true), ``block_size`` (128).
+
+    Defaults differ from the paper's damp 0.01 / natural order on measurement: on SmolLM2-135M
+    (bench/quant.py, 8×512 calibration tokens, KL on two held-out domains) act-order + static
+    groups + damp 0.1 lowered KL at 4 bits g128 from 0.407/0.227 to 0.356/0.165 and at 3 bits
+    from 1.77/1.41 to 1.41/1.05 — the stronger dampening keeps GPTQ from fitting its
+    calibration domain. Static groups keep groups consecutive, so no g_idx is stored."""
 
     needs_stats = True
     gram = True
-    options = {"damp": 0.01, "act_order": False, "static_groups": False, "block_size": 128}
+    options = {"damp": 0.1, "act_order": True, "static_groups": True, "block_size": 128}
 
     def quantize(self, w: Tensor, stats: Stats | None, spec: GridSpec, *, damp: float, act_order: bool,
                  static_groups: bool, block_size: int) -> QWeight:
