@@ -129,6 +129,26 @@ def test_multi_shard_folder_with_index(tmp_path):
     assert tree_sha256(tmp_path / "back") == tree_sha256(src)
 
 
+def test_pack_reports_every_tensor(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    t = _odd_tensors()
+    save_file({k: t[k] for k in ("empty", "scalar", "odd.bf16")}, str(src / "a.safetensors"))
+    save_file({k: t[k] for k in ("big.bf16", "ids")}, str(src / "b.safetensors"))
+    r = pack(src, tmp_path / "s.llmp")
+    ts = r["tensors"]
+    assert set(ts) == {"empty", "scalar", "odd.bf16", "big.bf16", "ids"}
+    assert ts["big.bf16"]["file"] == "b.safetensors" and ts["scalar"]["file"] == "a.safetensors"
+    for name, rec in ts.items():
+        assert rec["bytes"] == t[name].numel() * t[name].element_size()
+        assert 0 <= rec["bound_bits"] <= 8 * rec["bytes"]
+    with Packed(tmp_path / "s.llmp") as p:  # packed = the tensor's chunk payload bytes in the file
+        for f, s in p.tensors():
+            assert ts[s["name"]]["packed"] == sum(c[1] for c in s["chunks"])
+    assert ts["big.bf16"]["packed"] < ts["big.bf16"]["bytes"]
+    assert sum(v["packed"] for v in ts.values()) == r["tensor_bytes_out"]
+
+
 # ------------------------------------------------------------------ bad input
 
 

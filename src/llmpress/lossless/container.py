@@ -68,8 +68,10 @@ def pack(
     """Pack a model source (see :func:`llmpress.models.resolve`) into one ``.llmp`` file.
 
     ``progress(n)`` is called with the number of input bytes done after each chunk.
-    Returns ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``bound_bytes`` and per-tensor
-    figures under ``tensors``.
+    Returns ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``bound_bytes`` and, under
+    ``tensors``, ``{name: {"file", "bytes", "packed", "bound_bits"}}`` for every packed tensor
+    (name as in its safetensors header; ``packed`` = its chunk payload bytes, so the packed size
+    of any subset of tensors is a sum).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
@@ -117,7 +119,7 @@ def pack(
                 drain(0)
             for srec in frec["segments"]:
                 if srec["kind"] == "tensor":
-                    tensors[f"{rel}:{srec['name']}"] = srec.get("stats", {})
+                    tensors[srec["name"]] = {"file": rel, **srec.get("stats", {})}
             frec["sha256"] = sha.hexdigest()
             index["files"].append(frec)
         blob = zstandard.ZstdCompressor(level=9).compress(json.dumps(index, separators=(",", ":")).encode())
@@ -131,7 +133,9 @@ def pack(
             "seconds": time.perf_counter() - t0, "files": len(index["files"]), "tensors_packed": len(tensors),
             "tensor_bytes_in": sum(s.get("bytes", 0) for s in tensors.values()),
             "tensor_bytes_out": sum(s.get("packed", 0) for s in tensors.values()),
-            "bound_bytes": bound, "policy": policy, "threads": threads, "out": str(out)}
+            "bound_bytes": bound, "policy": policy, "threads": threads, "out": str(out),
+            "tensors": {k: {"file": v["file"], "bytes": int(v.get("bytes", 0)), "packed": int(v.get("packed", 0)),
+                            "bound_bits": float(v.get("bound_bits", 0.0))} for k, v in tensors.items()}}
 
 
 def _encode_job(raw: np.ndarray, dtype: str, policy: str) -> tuple[bytes, Any, int]:
