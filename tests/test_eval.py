@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmpress.eval import Reference, cost_of, linear_bpw, make_windows
-from llmpress.evaluate import evaluate
+from llmpress.eval import evaluate
 
 CTX, TOKENS = 32, 256  # 4 windows per default text: fast on the tiny model
 
@@ -81,7 +81,6 @@ def test_in_memory_models_with_a_tokenizer(tiny):
                  tokenizer=tok, ref_tokenizer=tok, cache=False)
     assert r["kl_mean"] > 0 and "texts" not in r and r["protocol"]["texts"][0]["name"] == "python-doc"
     import llmpress
-    import llmpress.evaluate  # binds the package attribute to the module: the verb must still be callable
 
     alone = llmpress.evaluate(model, text="python-doc", ctx=CTX, tokens=2 * CTX, tokenizer=tok)
     assert alone["ppl"] == pytest.approx(r["ref_ppl"], rel=1e-6) and "kl_mean" not in alone

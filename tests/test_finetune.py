@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmpress.finetune.data import TextOverlapError, check_overlap, train_windows
-from llmpress.finetune.distill import kl_loss
-from llmpress.finetune.factors import FactorLinear
-from llmpress.finetune.qat import QATLinear
+from llmpress.recovery.data import TextOverlapError, check_overlap, train_windows
+from llmpress.recovery.distill import kl_loss
+from llmpress.recovery.factors import FactorLinear
+from llmpress.recovery.qat import QATLinear
 from llmpress.tensor import get_codec
 
 

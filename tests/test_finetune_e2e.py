@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import llmpress
-from llmpress.finetune import finetune
-from llmpress.finetune.api import make_trainable, read_compressed
-from llmpress.finetune.loop import TrainConfig, train
+from llmpress.recovery import finetune
+from llmpress.recovery.api import make_trainable, read_compressed
+from llmpress.recovery.loop import TrainConfig, train
 from llmpress.io.folder import load_folder, read_manifest
 from llmpress.pipeline import compress
 from llmpress.recipe import Recipe

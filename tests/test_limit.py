@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from llmpress.limit import frontier as fr
-from llmpress.limit import runner
-from llmpress.limit.mixed import Option, allocate
-from llmpress.limit.points import lossless, quant
-from llmpress.limit.sweep import limit, read_results
+from llmpress.sweep import frontier as fr
+from llmpress.sweep import runner
+from llmpress.sweep.mixed import Option, allocate
+from llmpress.sweep.points import lossless, quant
+from llmpress.sweep.driver import limit, read_results
 
 FAST = dict(ctx=64, tokens=256, samples=2, seq_len=32, threads=1, mixed_bpw=None)
 

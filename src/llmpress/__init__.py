@@ -19,9 +19,9 @@ _VERBS = {
     "compress": "llmpress.pipeline:compress",
     "quantize": "llmpress.quant.api:quantize",
     "factorize": "llmpress.lowrank.api:factorize",
-    "evaluate": "llmpress.evaluate:evaluate",
-    "limit": "llmpress.limit:limit",
-    "finetune": "llmpress.finetune:finetune",
+    "evaluate": "llmpress.eval.api:evaluate",
+    "limit": "llmpress.sweep:limit",
+    "finetune": "llmpress.recovery.api:finetune",
 }
 
 __all__ = sorted(_VERBS) + ["__version__"]

@@ -82,7 +82,7 @@ def eval_cmd(
     """Perplexity, KL divergence and top-1 agreement against the original on real text, and the cost."""
     import torch
 
-    from ..evaluate import evaluate
+    from ..eval import evaluate
 
     torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", 0) or os.cpu_count() or 1))
     try:

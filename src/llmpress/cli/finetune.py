@@ -36,7 +36,7 @@ def finetune(
 ) -> None:
     """Train COMPRESSED towards the original (quantized layers through their quantizer, low-rank
     layers' factors) and write it to OUT in the same format, bits per weight unchanged."""
-    from ..finetune import finetune as run
+    from ..recovery import finetune as run
     from ..io.atomic import OutputExistsError
 
     try:

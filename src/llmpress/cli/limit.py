@@ -28,9 +28,9 @@ def limit_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Sweep lossless, quantization and low-rank configurations; report the frontier and the limit."""
-    from ..limit import limit
-    from ..limit.report import HEADER, table_rows
-    from ..limit.sweep import read_results
+    from ..sweep import limit
+    from ..sweep.report import HEADER, table_rows
+    from ..sweep.driver import read_results
 
     if max_kl <= 0:
         fail("--max-kl must be positive")

@@ -1,11 +1,12 @@
 """The pieces of the judge: the protocol (:mod:`.windows`), perplexity and the cached
 reference of a causal LM (:mod:`.causal`), sentence-embedding fidelity of an encoder
-(:mod:`.encoder`) and the cost side (:mod:`.cost`). :func:`llmpress.evaluate.evaluate`
-puts them together."""
+(:mod:`.encoder`) and the cost side (:mod:`.cost`). :func:`.api.evaluate` puts them
+together."""
+from .api import evaluate
 from .causal import TOPK, Reference, perplexity
 from .cost import RSSMeter, cost_of, linear_bpw
 from .encoder import embed, embedding_fidelity
 from .windows import Protocol, make_windows, sentences, tokenizer_sha256
 
-__all__ = ["TOPK", "Reference", "perplexity", "RSSMeter", "cost_of", "linear_bpw", "embed", "embedding_fidelity",
+__all__ = ["evaluate", "TOPK", "Reference", "perplexity", "RSSMeter", "cost_of", "linear_bpw", "embed", "embedding_fidelity",
            "Protocol", "make_windows", "sentences", "tokenizer_sha256"]

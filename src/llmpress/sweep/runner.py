@@ -24,7 +24,7 @@ Task = tuple[Point, dict[str, Any]]  # the point and the sweep settings it needs
 
 
 def _judge(path: Path, settings: dict[str, Any], tokenizer: Any = None) -> dict[str, Any]:
-    from ..evaluate import evaluate
+    from ..eval import evaluate
 
     return evaluate(str(path), reference=settings["model"], text=settings["texts"], ctx=settings["ctx"],
                     tokens=settings["tokens"], tokenizer=tokenizer)

@@ -1,4 +1,4 @@
 """The compression limit: sweep, Pareto frontier, knee, mixed precision, report."""
-from .sweep import limit, summarize
+from .driver import limit, summarize
 
 __all__ = ["limit", "summarize"]

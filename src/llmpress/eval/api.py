@@ -10,8 +10,6 @@ of every result. The pieces live in :mod:`llmpress.eval`.
 from __future__ import annotations
 
 import gc
-import sys
-import types
 import logging
 import time
 from dataclasses import dataclass
@@ -20,12 +18,12 @@ from typing import Any
 
 import torch
 
-from .eval.causal import TOPK, Reference, perplexity
-from .eval.cost import cost_of, fingerprint_module, fingerprint_path, manifest
-from .eval.encoder import embed, embedding_fidelity
-from .eval.windows import sentences as eval_sentences
-from .eval.windows import tokenizer_sha256
-from .text import EVAL_DEFAULTS
+from .causal import TOPK, Reference, perplexity
+from .cost import cost_of, fingerprint_module, fingerprint_path, manifest
+from .encoder import embed, embedding_fidelity
+from .windows import sentences as eval_sentences
+from .windows import tokenizer_sha256
+from ..text import EVAL_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ class _Model:
 
     def module(self) -> torch.nn.Module:
         if self._module is None:
-            from .loading import load
+            from ..loading import load
 
             log.info("loading %s", self.name)
             self._module = load(self.arg).eval()
@@ -73,7 +71,7 @@ class _Model:
 
 
 def _resolve(x: Any, tokenizer: Any, what: str) -> _Model:
-    from .models import load_tokenizer, resolve
+    from ..models import load_tokenizer, resolve
 
     if isinstance(x, torch.nn.Module):
         x.eval()
@@ -100,7 +98,7 @@ def _default_reference(m: _Model) -> str | None:
     if not src:
         return None
     try:
-        from .models import resolve
+        from ..models import resolve
 
         resolve(src)
         return src
@@ -202,14 +200,3 @@ def _encoder(m: _Model, r: _Model | None, texts: list, n: int, batch_size: int |
     out.update(tokens_per_s=cost["tokens_per_s"], peak_rss_bytes=cost["peak_rss_bytes"])
     return out
 
-
-class _CallableModule(types.ModuleType):
-    """``llmpress.evaluate`` is both this module and the verb: once the submodule is imported,
-    Python binds the package attribute ``llmpress.evaluate`` to the module, so the module
-    forwards calls to :func:`evaluate` (``llmpress.evaluate(model, ...)`` keeps working)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
