@@ -52,7 +52,7 @@ def _args() -> argparse.Namespace:
 
 
 def _evaluate(out: Path, ref: Path, a: argparse.Namespace) -> dict:
-    from llmpress.eval import evaluate  # the module, not the lazy verb: the names collide once imported
+    from llmpress.eval import evaluate
 
     ev = evaluate(str(out), reference=str(ref), tokens=a.tokens, ctx=a.ctx)
     return {k: ev.get(k) for k in KEYS}
