@@ -23,9 +23,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 text:
 	bash scripts/install-text.sh
 
+# The main job: the compression limit of the embedded SmolLM2-135M (quick budget, resumable).
 demo: setup
-	$(VENV)/bin/llmpress info smollm2-135m
-	$(VENV)/bin/llmpress pack smollm2-135m -o out/smollm2-135m.llmp --force
+	$(VENV)/bin/llmpress limit smollm2-135m -o out/limit --budget quick
 
 test: setup
 	$(PY) -m pytest -q -x --durations=15

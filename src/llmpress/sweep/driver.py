@@ -16,7 +16,7 @@ from typing import Any
 
 from ..models import DEFAULT_CAUSAL, TensorStore, resolve
 from .frontier import KNEE_METHOD, knee, pareto, smallest
-from .points import RECIPE_COMMAND, Point, budget as budget_points
+from .points import CALIB_SAMPLES, RECIPE_COMMAND, Point, budget as budget_points
 from .report import write_report
 from .runner import EXECUTORS
 
@@ -72,7 +72,7 @@ def limit(
     ctx: int = 512,
     tokens: int = 4096,
     calib: str | None = None,
-    samples: int = 32,
+    samples: int | None = None,
     seq_len: int = 512,
     workers: int = 1,
     address: str | None = None,
@@ -95,6 +95,7 @@ def limit(
 
         pts.append(P(f"mixed-{mixed_bpw:g}bpw-g64", "mixed", None, RECIPE_COMMAND,
                      calib=True, params={"target_bpw": mixed_bpw, "group": 64}))
+    samples = samples or CALIB_SAMPLES.get(budget, 32)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "texts": texts, "ctx": ctx, "tokens": tokens, "calib": calib or CALIB_DEFAULT,
