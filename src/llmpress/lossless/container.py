@@ -92,12 +92,12 @@ def pack(
             rel = path.relative_to(root).as_posix()
             frec: dict[str, Any] = {"path": rel, "size": path.stat().st_size, "segments": []}
             sha = hashlib.sha256()
-            pending: deque[tuple[dict, int, Future]] = deque()
+            pending: deque[tuple[dict, int, int, Future]] = deque()
 
             def drain(limit: int) -> None:
                 while len(pending) > limit:
-                    rec, ln, fut = pending.popleft()
-                    payload, st, crc = fut.result()
+                    rec, ln, crc, fut = pending.popleft()
+                    payload, st = fut.result()
                     rec["chunks"].append([fo.tell(), len(payload), ln, crc])
                     fo.write(payload)
                     _account(rec, st)
@@ -113,8 +113,11 @@ def pack(
                         raw = np.frombuffer(fi.read(ln), np.uint8)
                         if len(raw) != ln:
                             raise OSError(f"{path}: file shrank while packing")
+                        # the worker codes while this thread hashes (hashlib and zlib release
+                        # the GIL): sha256 and crc32 stay off the workers' critical path
+                        fut = ex.submit(encode_chunk, raw, seg.dtype, policy)
                         sha.update(raw)
-                        pending.append((srec, ln, ex.submit(_encode_job, raw, seg.dtype, policy)))
+                        pending.append((srec, ln, crc32(raw), fut))
                         drain(2 * threads)
                 drain(0)
             for srec in frec["segments"]:
@@ -136,12 +139,6 @@ def pack(
             "bound_bytes": bound, "policy": policy, "threads": threads, "out": str(out),
             "tensors": {k: {"file": v["file"], "bytes": int(v.get("bytes", 0)), "packed": int(v.get("packed", 0)),
                             "bound_bits": float(v.get("bound_bits", 0.0))} for k, v in tensors.items()}}
-
-
-def _encode_job(raw: np.ndarray, dtype: str, policy: str) -> tuple[bytes, Any, int]:
-    """One chunk, in a worker thread: (payload, stats, crc32 of the raw bytes)."""
-    payload, st = encode_chunk(raw, dtype, policy)
-    return payload, st, crc32(raw)
 
 
 def _segment_record(seg: Segment) -> dict[str, Any]:

@@ -134,9 +134,14 @@ class Packed:
 
     # -- decoding
 
-    def _decode(self, f: dict, s: dict, i: int, payload: bytes) -> np.ndarray:
+    def _what(self, f: dict, s: dict, i: int) -> str:
+        return f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}") + f", chunk {i}"
+
+    def _decode(self, f: dict, s: dict, i: int, payload: bytes, check: bool = True) -> np.ndarray:
+        """One chunk's decoded bytes; ``check=False`` leaves the v2 crc32 of the decoded bytes
+        to the caller (:meth:`_check`), so the consuming thread checksums while workers decode."""
         o, ln, raw, crc = s["chunks"][i]
-        what = f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}") + f", chunk {i}"
+        what = self._what(f, s, i)
         if len(payload) != ln:
             raise CorruptError(f"{what}: truncated")
         if self.version == 1 and crc32(payload) != crc:
@@ -145,9 +150,13 @@ class Packed:
             out = decode_chunk(memoryview(payload), s["dtype"], raw)
         except ValueError as e:
             raise CorruptError(f"{what}: checksum mismatch or undecodable (corrupted: {e})") from None
-        if self.version >= 2 and crc32(out) != crc:
-            raise CorruptError(f"{what}: checksum mismatch (corrupted)")
+        if check:
+            self._check(f, s, i, out)
         return out
+
+    def _check(self, f: dict, s: dict, i: int, out: np.ndarray) -> None:
+        if self.version >= 2 and crc32(out) != s["chunks"][i][3]:
+            raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch (corrupted)")
 
     def _read(self, o: int, ln: int) -> bytes:
         # pread: safe from several threads on one handle
@@ -157,17 +166,21 @@ class Packed:
                     ahead: int = 4) -> Iterator[np.ndarray]:
         """Decoded chunks of the segments ``segs`` of file ``f``, in order, each checked (a v1
         segment's crc32 at its end). One pipeline spans the segments, so small tensors do not
-        drain the thread pool; small chunks decode inline (a hand-off costs more than they do)."""
-        todo: deque[tuple[dict, bool, Future | np.ndarray]] = deque()
+        drain the thread pool; small chunks decode inline (a hand-off costs more than they do).
+        Workers only decode: each chunk's crc32 is checked here, in the consuming thread, while
+        the workers decode the chunks ahead (zlib releases the GIL; measured ~0.4 ms/MiB off
+        each worker)."""
+        todo: deque[tuple[dict, int, bool, Future | np.ndarray]] = deque()
 
         def job(s: dict, i: int) -> np.ndarray:
             c = s["chunks"][i]
-            return self._decode(f, s, i, self._read(c[0], c[1]))
+            return self._decode(f, s, i, self._read(c[0], c[1]), check=False)
 
         def emit() -> Iterator[np.ndarray]:
             nonlocal crc
-            s, last, r = todo.popleft()
+            s, i, last, r = todo.popleft()
             out = r.result() if isinstance(r, Future) else r
+            self._check(f, s, i, out)
             if self.version == 1:
                 crc = zlib.crc32(out, crc)
                 if last and (crc & 0xFFFFFFFF) != s["crc32"]:
@@ -184,7 +197,7 @@ class Packed:
                 raise CorruptError(f"{self.path}: file {f['path']}: empty segment with a checksum")
             for i in range(n):
                 small = s["chunks"][i][2] < INLINE_BYTES
-                todo.append((s, i == n - 1, ex.submit(job, s, i) if ex is not None and not small else job(s, i)))
+                todo.append((s, i, i == n - 1, ex.submit(job, s, i) if ex is not None and not small else job(s, i)))
                 while len(todo) > ahead:
                     yield from emit()
         while todo:
