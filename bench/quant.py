@@ -147,7 +147,7 @@ def load_with(src: Path, weights: Path):
 
 
 def fidelity(model, texts: list[str], tokens: int, tokenizer=None) -> dict:
-    from llmpress.evaluate import evaluate  # (the package attribute is shadowed by the submodule)
+    from llmpress.eval import evaluate
 
     out = {}
     for t in texts:
