@@ -383,27 +383,29 @@ def split_float(x, E, M, k, widths, head, tails, hhist, thist):
 @njit(**_JIT)
 def merge_float(head, t0, t1, t2, E, M, k, widths, x):
     """Inverse of split_float: head (n,), tail pieces t0, t1, t2 (n,) uint8 (as many as
-    ``widths`` has, at most 3; unused ones may be any array) → x: (n,) uint16/uint32 words."""
+    ``widths`` has, at most 3; unused ones may be any array) → x: (n,) uint16/uint32 words.
+    Since ``M = low + k``, the head lands at ``head << low`` in one shift. 32-bit unsigned
+    arithmetic throughout and one loop per piece count, so each loop vectorises (int64 with a
+    branch in the loop ran ~7x slower, measured)."""
     n = x.shape[0]
     p = widths.shape[0]
-    low = M - k
-    kmask = (1 << k) - 1
-    lmask = (1 << low) - 1
-    sE = E + M
-    s1 = widths[0]
-    s2 = s1 + (widths[1] if p > 1 else 0)
+    low = np.uint32(M - k)
+    lmask = np.uint32((1 << (M - k)) - 1)
+    sE = np.uint32(E + M)
+    s1 = np.uint32(widths[0])
+    s2 = np.uint32(widths[0] + (widths[1] if p > 1 else 0))
     if p == 1:
         for i in range(n):
-            t = np.int64(t0[i])
-            h = np.int64(head[i])
-            x[i] = (t >> low) << sE | (h >> k) << M | (h & kmask) << low | (t & lmask)
+            t = np.uint32(t0[i])
+            x[i] = (t >> low) << sE | np.uint32(head[i]) << low | (t & lmask)
+    elif p == 2:
+        for i in range(n):
+            t = np.uint32(t0[i]) | np.uint32(t1[i]) << s1
+            x[i] = (t >> low) << sE | np.uint32(head[i]) << low | (t & lmask)
     else:
         for i in range(n):
-            t = np.int64(t0[i]) | np.int64(t1[i]) << s1
-            if p == 3:
-                t |= np.int64(t2[i]) << s2
-            h = np.int64(head[i])
-            x[i] = (t >> low) << sE | (h >> k) << M | (h & kmask) << low | (t & lmask)
+            t = np.uint32(t0[i]) | np.uint32(t1[i]) << s1 | np.uint32(t2[i]) << s2
+            x[i] = (t >> low) << sE | np.uint32(head[i]) << low | (t & lmask)
 
 
 # ------------------------------------------------------------------------------ model bytes
