@@ -172,3 +172,14 @@ def test_compress_cli_with_recipe_yaml(tiny_llama_dir, tmp_path):
     p = subprocess.run([sys.executable, "-m", "llmpress", "compress", str(tiny_llama_dir), "-o", str(out), "--recipe", str(rec)],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "exists" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_siblings_fed_the_same_input_share_their_stats(tiny_llama_dir, calib_file):
+    st = collect_stats(tiny_llama_dir, calib=str(calib_file), samples=3, seq_len=16, batch_size=2, match=r"layers\.1\.", progress=False)
+    p = "model.layers.1."
+    q, k, v, o = (st[p + f"self_attn.{n}_proj"] for n in "qkvo")
+    gate, up, down = (st[p + f"mlp.{n}_proj"] for n in ("gate", "up", "down"))
+    assert q is k is v and gate is up
+    assert len({id(q), id(o), id(gate), id(down)}) == 4
+    assert q.n == gate.n == down.n == 48  # each batch counted once, even when shared
+    assert not torch.equal(q.gram, gate.gram)  # different inputs, different Gram matrices

@@ -245,15 +245,32 @@ def _capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, 
     return hs, kws
 
 
-def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int, progress: bool) -> dict[str, Any]:
+@dataclass
+class _Walk:
+    """The start of a block-by-block walk: the blocks, and the inputs of block 0."""
+
+    prefix: str                        # e.g. "model.layers."
+    blocks: nn.ModuleList
+    outside: set[str]                  # state-dict keys outside the blocks
+    hs: list[torch.Tensor]             # block-0 hidden states, one (B, T, C) per batch
+    kws: list[dict[str, Any]]          # the keyword arguments each block receives, per batch
+
+
+def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int) -> _Walk:
+    """Load everything outside the blocks (embeddings, final norm, head) and capture block 0's inputs."""
     blocks_name, blocks = sk.blocks_of(skel)
     prefix = blocks_name + "."
-    # Everything outside the blocks (embeddings, final norm, head): loaded once, written as the rules say.
     outside = {k for k in skel.state_dict() if not k.startswith(prefix)}
     sd = {k: store.get(k) for k in outside if k in store.where}
     skel.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True, strict=False)
     sk.tie(skel)
     hs, kws = _capture_inputs(skel, blocks, ids, bs)
+    return _Walk(prefix, blocks, outside, hs, kws)
+
+
+def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int, progress: bool) -> dict[str, Any]:
+    walk = _start_walk(skel, store, ids, bs)
+    prefix, blocks, outside, hs, kws = walk.prefix, walk.blocks, walk.outside, walk.hs, walk.kws
     layers: dict[str, Any] = {}
     outside_linears = {n: m for n, m in skel.named_modules() if sk.is_linear(m) and not n.startswith(prefix)}
     for i in tqdm(range(len(blocks)), desc="compress", disable=not progress, unit="block"):
@@ -300,25 +317,51 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
     return layers
 
 
-def _collect(block: nn.Module, lin: dict[str, nn.Module], plan: _Plan, hs: list[torch.Tensor], kws: list[dict[str, Any]]) -> dict[str, Stats]:
-    """Run the block on every batch, accumulating each hooked linear's input Stats."""
-    stats: dict[str, Stats] = {}
-    handles = []
-    for name, m in lin.items():
-        if name in plan.rules and get_codec(plan.rules[name][0]).needs_stats:
-            codec = get_codec(plan.rules[name][0])
-            st = stats.setdefault(name, Stats())
-            want_gram = bool(getattr(codec, "gram", True))
-            handles.append(m.register_forward_pre_hook(lambda _m, a, st=st, g=want_gram: st.add(a[0], gram=g)))
-    if handles:
+class _StatsHooks:
+    """Pre-hooks that accumulate each linear's input Stats. Linears fed the very same input
+    tensor (q/k/v, gate/up) share one Stats object, so its Gram matrix is computed once."""
+
+    def __init__(self, modules: dict[str, nn.Module], gram: dict[str, bool]):
+        self.stats: dict[str, Stats] = {}
+        self._seen: dict[int, tuple[torch.Tensor, Stats, bool]] = {}  # id(input) -> (input, its Stats, has gram)
+        self._handles = [m.register_forward_pre_hook(self._hook(n, gram[n])) for n, m in modules.items()]
+
+    def _hook(self, name: str, want_gram: bool):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0]
+            hit = self._seen.get(id(x))
+            if hit is not None and hit[0] is x and (hit[2] or not want_gram):
+                self.stats[name] = hit[1]
+                return
+            st = self.stats.setdefault(name, Stats())
+            st.add(x, gram=want_gram)
+            self._seen[id(x)] = (x, st, want_gram)  # holding x keeps its id unique for this batch
+
+        return hook
+
+    def run(self, block: nn.Module, hs: list[torch.Tensor], kws: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Run the block on every batch; return its outputs."""
+        outs = []
         try:
             with torch.inference_mode():
                 for h, kw in zip(hs, kws):
-                    _block_out(block, h, kw)
+                    self._seen.clear()
+                    outs.append(_block_out(block, h, kw))
         finally:
-            for hd in handles:
+            self._seen.clear()
+            for hd in self._handles:
                 hd.remove()
-    return stats
+        return outs
+
+
+def _collect(block: nn.Module, lin: dict[str, nn.Module], plan: _Plan, hs: list[torch.Tensor], kws: list[dict[str, Any]]) -> dict[str, Stats]:
+    """Run the block on every batch, accumulating the input Stats of the linears whose codec needs them."""
+    hooked = {n: m for n, m in lin.items() if n in plan.rules and get_codec(plan.rules[n][0]).needs_stats}
+    if not hooked:
+        return {}
+    hooks = _StatsHooks(hooked, {n: bool(getattr(get_codec(plan.rules[n][0]), "gram", True)) for n in hooked})
+    hooks.run(block, hs, kws)
+    return hooks.stats
 
 
 def collect_stats(
@@ -341,27 +384,16 @@ def collect_stats(
     skel = sk.build_meta(sk.folder_config(src.folder))
     rx = re.compile(match)
     ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(calib), samples, seq_len)
-    blocks_name, blocks = sk.blocks_of(skel)
-    prefix = blocks_name + "."
-    outside = {k for k in skel.state_dict() if not k.startswith(prefix)}
-    skel.load_state_dict({k: store.get(k) for k in outside if k in store.where}, assign=True, strict=False)
-    sk.tie(skel)
-    hs, kws = _capture_inputs(skel, blocks, ids, batch_size)
+    walk = _start_walk(skel, store, ids, batch_size)
+    prefix, blocks, hs, kws = walk.prefix, walk.blocks, walk.hs, walk.kws
     out: dict[str, Stats] = {}
     for i in tqdm(range(len(blocks)), desc="stats", disable=not progress, unit="block"):
         bp = f"{prefix}{i}."
         block = blocks[i]
         sk.fill(block, bp, store.get, dtype=torch.float32)
-        handles = []
-        for n, m in block.named_modules():
-            name = f"{bp}{n}"
-            if sk.is_linear(m) and rx.search(name):
-                st = out.setdefault(name, Stats())
-                handles.append(m.register_forward_pre_hook(lambda _m, a, st=st: st.add(a[0], gram=gram)))
-        with torch.inference_mode():
-            new_hs = [_block_out(block, h, kw) for h, kw in zip(hs, kws)]
-        for hd in handles:
-            hd.remove()
-        hs = new_hs
+        lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m) and rx.search(f"{bp}{n}")}
+        hooks = _StatsHooks(lin, {n: gram for n in lin})
+        hs = hooks.run(block, hs, kws)
+        out.update(hooks.stats)
         sk.release(block)
     return out
