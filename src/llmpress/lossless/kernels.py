@@ -341,28 +341,28 @@ def _hist(sym, h):  # h[v] += count of v in sym
 def split_float(x, E, M, k, widths, head, tails, hhist, thist):
     """x: (n,) uint16/uint32 words → head (n,) = exponent ‖ top k mantissa bits, tails (p, n)
     uint8 = sign ‖ low mantissa bits cut LSB-first into ``widths``; histograms hhist
-    (2**(E+k),) and thist (p, 256) are accumulated. The split is one branch-free pass (it
-    vectorises); the histograms are counted in separate passes."""
+    (2**(E+k),) and thist (p, 256) are accumulated. The split is one branch-free pass in 32-bit
+    unsigned arithmetic (it vectorises; the head is one shift and mask, as exponent and top
+    mantissa bits are adjacent); the histograms are counted in separate passes."""
     n = x.shape[0]
     p = widths.shape[0]
-    low = M - k
-    emask = (1 << E) - 1
-    kmask = (1 << k) - 1
-    lmask = (1 << low) - 1
-    sshift = E + M
+    low = np.uint32(M - k)
+    hmask = np.uint32((1 << (E + k)) - 1)
+    lmask = np.uint32((1 << (M - k)) - 1)
+    sshift = np.uint32(E + M)
     if p == 1:  # 16- and 8-bit floats: one tail piece
         for i in range(n):
             w = np.uint32(x[i])
-            head[i] = ((w >> M) & emask) << k | ((w >> low) & kmask)
+            head[i] = (w >> low) & hmask
             tails[0, i] = (w >> sshift) << low | (w & lmask)
     elif p == 3:  # 32-bit floats
-        s1 = widths[0]
-        s2 = s1 + widths[1]
-        m0 = (1 << s1) - 1
-        m1 = (1 << widths[1]) - 1
+        s1 = np.uint32(widths[0])
+        s2 = np.uint32(widths[0] + widths[1])
+        m0 = np.uint32((1 << widths[0]) - 1)
+        m1 = np.uint32((1 << widths[1]) - 1)
         for i in range(n):
             w = np.uint32(x[i])
-            head[i] = ((w >> M) & emask) << k | ((w >> low) & kmask)
+            head[i] = (w >> low) & hmask
             t = (w >> sshift) << low | (w & lmask)
             tails[0, i] = t & m0
             tails[1, i] = (t >> s1) & m1
@@ -370,8 +370,8 @@ def split_float(x, E, M, k, widths, head, tails, hhist, thist):
     else:
         for i in range(n):
             w = np.uint32(x[i])
-            head[i] = ((w >> M) & emask) << k | ((w >> low) & kmask)
-            t = (w >> sshift) << low | (w & lmask)
+            head[i] = (w >> low) & hmask
+            t = np.int64((w >> sshift) << low | (w & lmask))
             for j in range(p):
                 tails[j, i] = t & ((1 << widths[j]) - 1)
                 t >>= widths[j]
