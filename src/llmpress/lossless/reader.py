@@ -11,8 +11,9 @@ The index lists every input file (relative path, size, sha256) as segments that 
 for byte (segments.py): the safetensors header verbatim, one typed segment per tensor (name,
 dtype, shape), gaps. Each segment is a list of chunks ``[offset, length, raw bytes, crc32]``
 of ≈512 KiB of raw bytes; since version 2 the crc32 is that of the chunk's *decoded* bytes, so
-each worker thread checks its own chunk right after decoding it (the chunks of a segment cover
-it, so every restored byte is checked without a serial pass; version 1 stored the payload's
+each chunk is checked as soon as it is decoded, by the consuming thread while the workers decode
+the next ones (the chunks of a segment cover it, so every restored byte is checked without a
+serial pass of its own; version 1 stored the payload's
 crc32 and one crc32 per segment, both still checked when reading a v1 file). Config, tokenizer
 and other files are ``bytes`` segments, zstd-coded or stored. So one tensor is read by seeking
 to its chunks; chunks decode in parallel; a whole file is checked against its sha256 on
