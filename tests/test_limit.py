@@ -10,7 +10,7 @@ import pytest
 from llmpress.sweep import frontier as fr
 from llmpress.sweep import runner
 from llmpress.sweep.mixed import Option, allocate
-from llmpress.sweep.points import lossless, quant
+from llmpress.sweep.points import lossless, quant, quant_pack
 from llmpress.sweep.driver import limit, read_results
 
 FAST = dict(ctx=64, tokens=256, samples=2, seq_len=32, threads=1, mixed_bpw=None)
@@ -76,9 +76,14 @@ def test_limit_end_to_end_resume_and_report(tiny_llama_dir, tmp_path, monkeypatc
     calls = []
     real = runner.run_point
     monkeypatch.setattr(runner, "run_point", lambda p, st: calls.append(p.label) or real(p, st))
-    limit(str(tiny_llama_dir), tmp_path, points=pts + [quant("rtn", 4, 32)], **FAST)
-    assert calls == ["rtn-w4-g32"]
-    assert len(read_results(tmp_path / "results.jsonl")) == 4
+    limit(str(tiny_llama_dir), tmp_path, points=pts + [quant("rtn", 4, 32), quant_pack("rtn", 4, 32)], **FAST)
+    assert calls == ["rtn-w4-g32", "rtn-w4-g32+pack"]
+    rows = {r["label"]: r for r in read_results(tmp_path / "results.jsonl")}
+    assert len(rows) == 5
+    # packing what remains is lossless: same fidelity, fewer bits
+    plain, packed = rows["rtn-w4-g32"], rows["rtn-w4-g32+pack"]
+    assert packed["kl_mean"] == plain["kl_mean"] and packed["bpw_unpacked"] == plain["bpw"]
+    assert packed["bpw"] < plain["bpw"] and packed["bytes_out"] < plain["bytes_out"]
     # a changed protocol invalidates the cached rows
     calls.clear()
     limit(str(tiny_llama_dir), tmp_path, points=pts[1:2], **{**FAST, "tokens": 192})

@@ -45,6 +45,13 @@ def quant(method: str, bits: int, group: int, calib: bool = False) -> Point:
     )
 
 
+def quant_pack(method: str, bits: int, group: int, calib: bool = False) -> Point:
+    """Quantized, then what remains packed losslessly (codes and scales entropy-coded)."""
+    q = quant(method, bits, group, calib)
+    return Point(q.label + "+pack", f"{method}+pack", q.recipe, q.command + " && llmpress pack {out} -o {out}.llmp",
+                 calib=calib, params={"pack": True})
+
+
 def lowrank(method: str, ratio: float) -> Point:
     r = Recipe.uniform(method, ratio=ratio)
     return Point(
@@ -72,6 +79,7 @@ def _quick() -> list[Point]:
         quant("rtn", 4, 64),
         quant("rtn", 4, 128),
         quant("rtn", 3, 64),
+        quant_pack("rtn", 3, 64),
         quant("rtn", 2, 64),
         quant("gptq", 4, 128, calib=True),
         quant("gptq", 3, 64, calib=True),
@@ -87,6 +95,9 @@ def _full() -> list[Point]:
     for method in ("gptq", "awq"):
         for bits, g in ((4, 128), (4, 64), (3, 128), (3, 64), (2, 64)):
             pts.append(quant(method, bits, g, calib=True))
+    for bits, g in ((8, 128), (4, 64), (3, 64), (2, 64)):
+        pts.append(quant_pack("rtn", bits, g))
+    pts.append(quant_pack("gptq", 3, 64, calib=True))
     for ratio in (0.95, 0.9, 0.8, 0.6):
         pts.append(lowrank("whiten", ratio))
     pts.append(lowrank_quant(0.9, 4, 64))

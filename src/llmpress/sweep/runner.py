@@ -69,6 +69,8 @@ def _lossy(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]
     summary = compress(settings["model"], recipe, out, calib=settings["calib"], samples=settings["samples"],
                        seq_len=settings["seq_len"], progress=False)
     ev = _judge(out, settings)
+    if point.params.get("pack"):
+        extra.update(_packed_cost(out, summary, work, settings["threads"]))
     return {
         **{k: ev.get(k) for k in _EVAL_KEYS},
         "bpw": summary["bpw"],
@@ -79,6 +81,29 @@ def _lossy(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]
         "compress_seconds": summary["seconds"],
         **extra,
     }
+
+
+def _packed_cost(folder: Path, summary: dict[str, Any], work: Path, threads: int) -> dict[str, Any]:
+    """Quantization + lossless packing of what remains: pack the lossy folder, verify it
+    restores byte for byte (so fidelity is the folder's), and count the linear layers' bits
+    from the packed size of each of their stored tensors plus their metadata."""
+    from ..io.folder import read_manifest
+    from ..lossless.container import pack, verify
+    from ..tensor import CompressedTensor
+
+    dst = work / "out.llmp"
+    packed = pack(folder, dst, force=True, threads=threads)
+    verify(dst)
+    sizes = {name: t["packed"] for name, t in packed["tensors"].items()}
+    bits = 0
+    for param, entry in read_manifest(folder)["tensors"].items():
+        bits += 8 * sum(sizes[f"{param}.{k}"] for k in entry["keys"])
+        bits += 8 * len(CompressedTensor(entry["codec"], {}, entry["meta"]).meta_json().encode())
+    for name, layer in summary["layers"].items():
+        if layer["codec"] == "keep":
+            bits += 8 * sizes[f"{name}.weight"]
+    return {"bpw": bits / summary["linear_params"], "bpw_unpacked": summary["bpw"], "bytes_out": packed["bytes_out"],
+            "ratio": packed["bytes_out"] / summary["bytes_in"]}
 
 
 def run_point(point: Point, settings: dict[str, Any]) -> dict[str, Any]:
