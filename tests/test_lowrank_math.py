@@ -182,7 +182,6 @@ def test_stats_required():
 
 
 def test_budget_allocation_hits_budget_and_floor():
-    g = torch.Generator().manual_seed(0)
     shapes = {"a": (64, 64), "b": (128, 64), "c": (64, 128), "d": (32, 64)}
     spectra = []
     for i, (name, (m, n)) in enumerate(shapes.items()):

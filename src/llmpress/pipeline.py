@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import skeleton as sk
 from .io.atomic import atomic_dir
 from .io.folder import FolderWriter
-from .models import Source, TensorStore, config as source_config, load_tokenizer, resolve
+from .models import TensorStore, config as source_config, load_tokenizer, resolve
 from .recipe import KEEP, Recipe
 from .tensor import CompressedTensor, Stats, get_codec
 

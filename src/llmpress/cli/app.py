@@ -28,6 +28,10 @@ console = Console(stderr=True)
 
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
+# Calibration options shared by every command that runs the sequential pipeline.
+CALIB_OPT = typer.Option(None, "--calib", help="Calibration text: corpus name or file (default: the calibration mix).")
+SAMPLES_OPT = typer.Option(128, "--samples", help="Calibration windows.")
+SEQ_LEN_OPT = typer.Option(512, "--seq-len", help="Tokens per calibration window.")
 
 
 @app.callback()

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
 
 
 @app.command()
@@ -14,9 +14,9 @@ def compress(
     model: str = typer.Argument("smollm2-135m", help="Model: a folder, .safetensors, .gguf, hub id or embedded name."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
     recipe: Path = typer.Option(..., "--recipe", help="YAML recipe: ordered rules {match, method, params}, first match wins."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: corpus name or file."),
-    samples: int = typer.Option(128, "--samples", help="Calibration windows."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
+    calib: Optional[str] = CALIB_OPT,
+    samples: int = SAMPLES_OPT,
+    seq_len: int = SEQ_LEN_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .app import FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
 
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")  # "model.layers.3.mlp.down_proj" → ("model.layers", "3", "mlp.down_proj")
 
@@ -55,9 +55,9 @@ def factorize(
     allocation: str = typer.Option("uniform", "--allocation", help="uniform | budget (spread --ratio by measured sensitivity)."),
     floor: float = typer.Option(0.1, "--floor", help="Budget allocation: each layer keeps at least this fraction."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides the options above)."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: corpus name or file (whiten, asvd)."),
-    samples: int = typer.Option(128, "--samples", help="Calibration windows."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
+    calib: Optional[str] = CALIB_OPT,
+    samples: int = SAMPLES_OPT,
+    seq_len: int = SEQ_LEN_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:

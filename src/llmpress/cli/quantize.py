@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
 
 
 def _show(res: dict[str, Any]) -> None:
@@ -25,9 +25,9 @@ def quantize(
     grid: Optional[str] = typer.Option(None, "--grid", help="Other grids: nf | seed | seed_rtn (overrides --sym)."),
     range_: str = typer.Option("minmax", "--range", help="Range choice: minmax | mse | percentile."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides method/bits/group options)."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: corpus name or file (gptq, awq)."),
-    samples: int = typer.Option(128, "--samples", help="Calibration windows."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
+    calib: Optional[str] = CALIB_OPT,
+    samples: int = SAMPLES_OPT,
+    seq_len: int = SEQ_LEN_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
