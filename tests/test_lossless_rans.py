@@ -148,3 +148,86 @@ def test_rans_is_the_default_and_old_versions(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(CorruptError, match="version 99"):
         verify(bad)
+
+
+# ---------------------------------------------------------------- v3 compact model bytes (model.py)
+
+from llmpress.lossless import model as M  # noqa: E402
+from llmpress.lossless.entropy import RansV2  # noqa: E402
+
+
+@st.composite
+def _freq_table(draw):
+    """(alphabet size, pb, freqs): a normalised model with 1..A present symbols, dense or sparse."""
+    width = draw(st.integers(1, 12))
+    A = 1 << width
+    pb = draw(st.integers(max(1, width), 16))
+    k = draw(st.integers(1, A))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    present = np.sort(rng.choice(A, k, replace=False))
+    h = np.zeros(A, np.int64)
+    h[present] = rng.geometric(draw(st.floats(0.001, 0.9)), k)
+    f = np.zeros(A, np.int64)
+    if k == 1:
+        f[present] = 1
+        return A, 0, f
+    return A, pb, K.normalize_freqs(h, pb)
+
+
+@given(_freq_table())
+@settings(max_examples=200, deadline=None)
+def test_compact_model_round_trip(t):
+    A, pb, f = t
+    buf = M.write_model2(f, pb)
+    got = np.zeros(A, np.int64)
+    rpb, used = M.read_model2(buf, A, got)
+    assert rpb == pb and used == len(buf) and (got == f).all()
+
+
+def test_compact_model_is_smaller_and_rejects_garbage():
+    rng = np.random.default_rng(3)
+    x = ((torch.randn(1 << 16, generator=torch.Generator().manual_seed(3)) * 0.02)
+         .view(torch.int32).numpy().view(np.uint32) >> 21 & 0x3FF).astype(np.uint16)
+    f = K.normalize_freqs(np.bincount(x, minlength=1024).astype(np.int64), 12)
+    buf = M.write_model2(f, 12)
+    assert len(buf) < 0.6 * len(K.write_model(f, 12))  # the point of v3: half the model bytes
+    for bad in (buf[:-1], buf[:1], np.r_[np.uint8(17), buf[1:]].astype(np.uint8), np.zeros(1, np.uint8)):
+        assert M.read_model2(bad, 1024, np.zeros(1024, np.int64))[0] < 0
+    assert M.read_model2(buf, 256, np.zeros(256, np.int64))[0] < 0  # symbols outside the alphabet
+    caught = 0
+    for _ in range(300):  # random bit flips: a clear error or a valid model, never a crash
+        bad = buf.copy()
+        bad[rng.integers(0, len(bad))] ^= np.uint8(1 << int(rng.integers(0, 8)))
+        got = np.zeros(1024, np.int64)
+        pb, used = M.read_model2(bad, 1024, got)
+        if pb < 0:
+            caught += 1
+        else:
+            assert pb == 0 or got.sum() == 1 << pb
+    assert caught > 100
+    sym = x[:5000]
+    payload = bytearray(Rans.encode(sym, 10))
+    payload[1] ^= 0xFF  # lo of the model: out of the alphabet or inconsistent
+    with pytest.raises(ValueError, match="rans stream"):
+        Rans.decode(memoryview(bytes(payload)), len(sym), 10)
+
+
+@given(_stream(st.integers(1, 12)))
+@settings(max_examples=80, deadline=None)
+def test_v2_backend_still_round_trips(ws):
+    width, sym = ws
+    assert (RansV2.decode(memoryview(RansV2.encode(sym, width)), len(sym), width) == sym).all()
+
+
+def test_v2_file_still_reads(tmp_path):
+    """A container v2 file (rans id 3, varint models), written by the v2 code."""
+    v2 = Path(__file__).parent / "data" / "lossless_v2.llmp"
+    with Packed(v2) as p:
+        assert p.version == 2
+        assert 3 in {p._read(c[0], c[1])[1] for _, s in p.tensors() for c in s["chunks"]}
+    assert verify(v2)["ok"]
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 64, generator=g) * 0.02).to(torch.bfloat16)
+    f = torch.randn(50, generator=g)
+    assert torch.equal(open_tensor(v2, "w").view(torch.int16), w.view(torch.int16))
+    assert torch.equal(open_tensor(v2, "f").view(torch.int32), f.view(torch.int32))

@@ -10,8 +10,10 @@ stored raw, whichever is smaller" holds per stream. Backends, by id (stored in t
   stream). Kept as a measured alternative and to read v1 files; it holds the GIL.
 - ``zstd`` (2): zstandard; on a stream without repeats this is zstd's Huffman literal stage
   (the "entropy stage" ZipNN uses); with repeats its LZ stage helps too.
-- ``rans`` (3, the default): our interleaved rANS (kernels.py), 12-bit static model from this
-  chunk's histogram, stored in ~2 bytes a present symbol; compiled with numba, GIL released.
+- ``rans`` (4, the default): our interleaved rANS (kernels.py), 12-bit static model from this
+  chunk's histogram, stored in ~1.2 bytes a present symbol (model.py); compiled with numba, GIL
+  released. ``rans_v2`` (3): the same coder with the v2 varint model bytes (~2.2 bytes a
+  symbol), read for container v2 files.
 
 Measured on all-MiniLM-L6-v2 (bench/lossless.py): ``rans`` and ``ans`` land within 0.05 % of
 each other (both ~0.1 % above the per-chunk order-0 entropy); ``rans`` decodes ~7x faster than
@@ -27,6 +29,7 @@ import numpy as np
 import zstandard
 
 from . import kernels as K
+from . import model as M
 
 # ---------------------------------------------------------------- bit packing (raw backend)
 
@@ -138,17 +141,20 @@ def _hist(sym: np.ndarray, width: int, hist: np.ndarray | None) -> np.ndarray:
     return np.bincount(sym, minlength=1 << width).astype(np.int64) if hist is None else hist.astype(np.int64, copy=False)
 
 
-@backend("rans", 3)
-class Rans:
-    """Our interleaved rANS (kernels.py) with a static model from this stream's histogram.
+@backend("rans_v2", 3)
+class RansV2:
+    """Container v2's ``rans``: the same coder, model bytes in ``kernels.write_model`` (varints).
 
     Layout: the model (``kernels.write_model``: precision, present symbols, frequencies, ~2
     bytes a symbol) then the u16 word stack. A single-symbol stream is its model alone.
     Encode and decode release the GIL, so chunks code in parallel threads.
     """
 
-    @staticmethod
-    def encode(sym: np.ndarray, width: int, hist: np.ndarray | None = None) -> bytes:
+    write_model = staticmethod(K.write_model)
+    read_model = staticmethod(K.read_model)
+
+    @classmethod
+    def encode(cls, sym: np.ndarray, width: int, hist: np.ndarray | None = None) -> bytes:
         if len(sym) == 0:
             return b""
         h = _hist(sym, width, hist)
@@ -156,20 +162,20 @@ class Rans:
         if k <= 1:
             f = np.zeros_like(h)
             f[h > 0] = 1
-            return K.write_model(f, 0).tobytes()
+            return cls.write_model(f, 0).tobytes()
         pb = max(RANS_PB, (k - 1).bit_length())
         f = K.normalize_freqs(h, pb)
         words = K.rans_encode(np.ascontiguousarray(sym), f, pb)
-        return K.write_model(f, pb).tobytes() + words.astype("<u2", copy=False).tobytes()
+        return cls.write_model(f, pb).tobytes() + words.astype("<u2", copy=False).tobytes()
 
-    @staticmethod
-    def decode(buf: memoryview, n: int, width: int) -> np.ndarray:
+    @classmethod
+    def decode(cls, buf: memoryview, n: int, width: int) -> np.ndarray:
         dt = np.uint8 if width <= 8 else np.uint16
         if n == 0 and len(buf) == 0:
             return np.empty(0, dt)
         b = np.frombuffer(buf, np.uint8)
         f = np.zeros(1 << width, np.int64)
-        pb, used = K.read_model(b, 1 << width, f)
+        pb, used = cls.read_model(b, 1 << width, f)
         if pb < 0:
             raise ValueError("rans stream: malformed model")
         present = np.flatnonzero(f)
@@ -186,6 +192,19 @@ class Rans:
         if rc:
             raise ValueError(f"rans stream: corrupted (code {rc})")
         return out
+
+
+@backend("rans", 4)
+class Rans(RansV2):
+    """Our interleaved rANS (kernels.py) with a static model from this stream's histogram.
+
+    Layout: the model in ``model.write_model2`` (a bit stream, ~1.2 bytes a present symbol,
+    half of the v2 varints), then the u16 word stack. A single-symbol stream is its model alone.
+    Encode and decode release the GIL, so chunks code in parallel threads.
+    """
+
+    write_model = staticmethod(M.write_model2)
+    read_model = staticmethod(M.read_model2)
 
 
 ZSTD_LEVEL = 3

@@ -40,8 +40,9 @@ from .chunk import decode_chunk
 from .planes import ITEMSIZE
 from .segments import MAX_NDIM
 
-MAGIC, VERSION = b"LLMPRESS", 2
-READABLE = (1, 2)  # v2 added the ``rans`` backend (id 3); chunk layout unchanged since v1
+MAGIC, VERSION = b"LLMPRESS", 3
+# v2 added the ``rans`` backend (id 3); v3 its compact model bytes (id 4, model.py); chunk layout unchanged since v1
+READABLE = (1, 2, 3)
 FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
 CHUNK_BYTES = 512 << 10  # measured on MiniLM: smaller ratio than 1 MiB (more adaptive models) and no slower
