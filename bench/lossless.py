@@ -1,6 +1,7 @@
 """Lossless benchmark: llmpress vs ZipNN vs zstd -3 on all-MiniLM-L6-v2 (FP32 as shipped, and BF16).
 
     .venv/bin/python bench/lossless.py [--reps 3]
+    .venv/bin/python bench/lossless.py --kernel   # the head streams' rANS decode alone, ns/symbol
 
 Ratio = compressed size / file size (whole safetensors file, header included); encode and
 decode throughput in MB/s of the original file (best of ``--reps``), at 1 and 2 threads.
@@ -129,11 +130,61 @@ def run_zipnn(py: Path, path: Path, dtype: str, threads: int, reps: int) -> dict
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def kernel_only(reps: int) -> None:
+    """Time stages of one thread's decode on every float chunk's head stream (the rANS part):
+    the model read + decode table, the rANS kernel alone, and the whole ``decode_stream``."""
+    import struct
+
+    import numpy as np
+
+    from llmpress.lossless import kernels as K
+    from llmpress.lossless.chunk import encode_chunk
+    from llmpress.lossless.container import _chunks_of
+    from llmpress.lossless.entropy import BY_ID, decode_stream
+    from llmpress.lossless.segments import plan_file
+
+    def best(fn) -> float:
+        t = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            t = min(t, time.perf_counter() - t0)
+        return t
+
+    for label, path in inputs().items():
+        data = np.fromfile(path, np.uint8)
+        heads = []  # (backend, payload, n)
+        for seg in plan_file(path):
+            if seg.dtype not in ("F32", "BF16"):
+                continue
+            for o, ln in _chunks_of(seg, 512 << 10):
+                c = encode_chunk(data[seg.offset + o : seg.offset + o + ln], seg.dtype)[0]
+                bid, plen = struct.unpack_from("<BI", c, 1)
+                heads.append((bid, c[6 : 6 + plen], ln // (4 if seg.dtype == "F32" else 2)))
+        n = sum(h[2] for h in heads)
+        prep = []
+        for bid, pl, m in heads:
+            b = np.frombuffer(pl, np.uint8)
+            f = np.zeros(1024, np.int64)
+            pb, used = BY_ID[bid].read_model(b, 1024, f)
+            prep.append((b[used:].view("<u2"), m, *K.decode_table(f, pb), pb, np.empty(m, np.uint16)))
+        t_k = best(lambda: [K.rans_decode(w, m, ds, di, pb, o) for w, m, ds, di, pb, o in prep])
+        t_s = best(lambda: [decode_stream(bid, memoryview(pl), m, 10) for bid, pl, m in heads])
+        print(f"{label}: {len(heads)} head streams, {n} symbols: rANS kernel {t_k * 1e9 / n:.2f} ns/symbol, "
+              f"decode_stream {t_s * 1e9 / n:.2f} ns/symbol ({t_s * 1e3 / (n * 2 / 2**20):.2f} ms/MiB of head)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--kernel", action="store_true", help="time the head rANS decode alone (1 thread)")
     args = ap.parse_args()
+    if args.kernel:
+        OUT.mkdir(parents=True, exist_ok=True)
+        warm_up()
+        kernel_only(max(args.reps, 5))
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     zpy = ensure_zipnn()
     warm_up()
