@@ -338,6 +338,26 @@ def _hist(sym, h):  # h[v] += count of v in sym
 
 
 @njit(**_JIT)
+def _hist4(sym, h):  # h[v] += count of v in sym, for skewed streams (the head)
+    """Four partial histograms, one per residue of i mod 4: runs of one symbol no longer chain
+    every increment through one counter (store-to-load forwarding). 0.65 → 0.36 ns/symbol on a
+    weight head; slower on near-uniform streams (the tails), which keep :func:`_hist`."""
+    n = sym.shape[0]
+    A = h.shape[0]
+    t = np.zeros((4, A), np.int64)
+    n4 = n & ~3
+    for i in range(0, n4, 4):
+        t[0, sym[i]] += 1
+        t[1, sym[i + 1]] += 1
+        t[2, sym[i + 2]] += 1
+        t[3, sym[i + 3]] += 1
+    for i in range(n4, n):
+        t[0, sym[i]] += 1
+    for s in range(A):
+        h[s] += t[0, s] + t[1, s] + t[2, s] + t[3, s]
+
+
+@njit(**_JIT)
 def split_float(x, E, M, k, widths, head, tails, hhist, thist):
     """x: (n,) uint16/uint32 words → head (n,) = exponent ‖ top k mantissa bits, tails (p, n)
     uint8 = sign ‖ low mantissa bits cut LSB-first into ``widths``; histograms hhist
@@ -375,7 +395,7 @@ def split_float(x, E, M, k, widths, head, tails, hhist, thist):
             for j in range(p):
                 tails[j, i] = t & ((1 << widths[j]) - 1)
                 t >>= widths[j]
-    _hist(head, hhist)
+    _hist4(head, hhist)
     for j in range(p):
         _hist(tails[j], thist[j])
 
