@@ -171,7 +171,7 @@ def kernel_only(reps: int) -> None:
         t_k = best(lambda: [K.rans_decode(w, m, ds, di, pb, o) for w, m, ds, di, pb, o in prep])
         t_s = best(lambda: [decode_stream(bid, memoryview(pl), m, 10) for bid, pl, m in heads])
         print(f"{label}: {len(heads)} head streams, {n} symbols: rANS kernel {t_k * 1e9 / n:.2f} ns/symbol, "
-              f"decode_stream {t_s * 1e9 / n:.2f} ns/symbol ({t_s * 1e3 / (n * 2 / 2**20):.2f} ms/MiB of head)")
+              f"decode_stream {t_s * 1e9 / n:.2f} ns/symbol ({t_s * 1e3 / (n * 2 / 2**20):.2f} ms per MiB of decoded u16 head)")
 
 
 def main() -> None:

@@ -99,7 +99,8 @@ def normalize_freqs(hist, pb):  # hist: (A,) int64 counts -> (A,) int64 freqs su
 def _enc(x, f, c, pb, sh, buf, pos):
     """One rANS encode step of a symbol (freq f, start c) on state x; may push a word.
     Branch-free renormalisation: the word is always written, the stack only grows when needed.
-    The quotient is a 32-bit unsigned divide (x < 2**32): faster here than a float reciprocal."""
+    The quotient is a 32-bit unsigned divide (x < 2**32): faster here than a float reciprocal,
+    and than an exact integer reciprocal (two 64-bit multiplies: 3.3 vs 2.8 ns/symbol, measured)."""
     e = np.int64(x >= (f << sh))
     buf[pos - 1] = x & 0xFFFF
     pos -= e
@@ -200,7 +201,11 @@ def _dec(x, dsym, dinfo, mask, pb, words, pos, last, out, i):
 @njit(**_JIT)
 def rans_decode(words, n, dsym, dinfo, pb, out):  # words: (m,) uint16 (see rans_encode); out: (n,) uint8/uint16
     """Decode ``n`` symbols into ``out``; returns 0 on success, a negative code on a bad stream.
-    The four lanes have their own word streams, so their dependency chains do not meet."""
+    The four lanes have their own word streams, so their dependency chains do not meet.
+    ~2.2 ns/symbol on a BF16 head; tried and not faster (bench/lossless.py --kernel, same
+    stream): one packed 64-bit slot table (2.10 vs 2.05), eight lanes (two 4-lane streams
+    interleaved), unclamped reads in blocks checked up front: the loop is bound by its
+    ~20 instructions a symbol, not by the table loads or the lanes' latency."""
     m = words.shape[0]
     if m < 2 * NSTATES:
         return -1
