@@ -21,7 +21,7 @@ def limit_cmd(
     tokens: int = typer.Option(4096, "--tokens", help="Evaluation tokens per point."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (default: the calibration mix)."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default: 16 quick, 64 full)."),
-    mixed_bpw: float = typer.Option(3.5, "--mixed-bpw", help="Target bits per weight of the mixed-precision point (0: none)."),
+    mixed_bpw: float = typer.Option(4.0, "--mixed-bpw", help="Target bits per weight of the mixed-precision point (0: none)."),
     workers: int = typer.Option(1, "--workers", help="Points in parallel (Ray); 1 runs them in this process."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per point (fixed, so results repeat)."),

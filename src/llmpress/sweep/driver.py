@@ -77,7 +77,7 @@ def limit(
     workers: int = 1,
     address: str | None = None,
     threads: int | None = None,
-    mixed_bpw: float | None = 3.5,
+    mixed_bpw: float | None = 4.0,
 ) -> dict[str, Any]:
     """Sweep ``points`` (or the named ``budget``) on ``model`` and write the report to ``out``.
 
@@ -91,9 +91,7 @@ def limit(
     threads = threads or max(1, (os.cpu_count() or 2) // max(1, workers))
     pts = list(points) if points is not None else budget_points(budget)
     if points is None and mixed_bpw:
-        from .points import Point as P
-
-        pts.append(P(f"mixed-{mixed_bpw:g}bpw-g64", "mixed", None, RECIPE_COMMAND,
+        pts.append(Point(f"mixed-{mixed_bpw:g}bpw-g64", "mixed", None, RECIPE_COMMAND,
                      calib=True, params={"target_bpw": mixed_bpw, "group": 64}))
     samples = samples or CALIB_SAMPLES.get(budget, 32)
     out = Path(out)

@@ -14,6 +14,7 @@ rule per layer.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -87,7 +88,13 @@ def recipe_for(bits: dict[str, int], group: int, method: str = "rtn", keep: str 
 
 def mixed_recipe(model: str, target_bpw: float, *, group: int = 64, bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8),
                  calib: str | None = None, samples: int = 16, seq_len: int = 256, progress: bool = False) -> tuple[Recipe, dict[str, Any]]:
-    """Measure sensitivities on ``model`` once and return the recipe hitting ``target_bpw``."""
+    """Measure sensitivities on ``model`` once and return the recipe hitting ``target_bpw``.
+
+    Widths below the uniform width that fits the budget (target − 32/group bits of FP16
+    scale and offset) are not offered: a layer pushed to 2 bits to pay for others costs the
+    model far more than its relative output error says."""
+    floor_bits = math.floor(target_bpw - 32 / group)
+    bits = tuple(b for b in bits if b >= floor_bits) or bits
     from .. import skeleton as sk
     from ..models import TensorStore, resolve
     from ..pipeline import collect_stats
