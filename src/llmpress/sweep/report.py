@@ -92,6 +92,10 @@ def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
             pts = [r for r in rows if r["family"] == fam and r.get(key) is not None]
             ys = [max(r[key], floor) for r in pts]
             ax.scatter([r["bpw"] for r in pts], ys, label=fam, s=28)
+        for r in rows:
+            if r.get(key) == 0:  # exact zeros cannot sit on a log axis: drawn at the floor, labelled
+                ax.annotate(f"{r['label']}: {key} = 0 exactly", (r["bpw"], floor), textcoords="offset points",
+                            xytext=(-8, -3), ha="right", va="top", fontsize=7)
         fp = [r for r in front if r.get(key) is not None]
         ax.plot([r["bpw"] for r in fp], [max(r[key], floor) for r in fp], "k--", lw=1, label="frontier (KL)")
         knee = next((r for r in rows if r["label"] == s.get("knee")), None)
