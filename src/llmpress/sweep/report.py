@@ -68,12 +68,18 @@ def _write_recipes(folder: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _peers() -> list[dict[str, Any]]:
+    """Peer points from ``bench/quant.py``'s results, when it has run: mean KL over its texts."""
     try:
-        data = json.loads(PEERS_FILE.read_text())
+        rows = json.loads(PEERS_FILE.read_text())
     except (OSError, json.JSONDecodeError):
         return []
-    rows = data.get("rows", data) if isinstance(data, dict) else data
-    return [r for r in rows if isinstance(r, dict) and r.get("peer") and r.get("bpw") and r.get("kl_mean")]
+    out = []
+    for r in rows if isinstance(rows, list) else []:
+        kls = [t.get("kl_mean") for t in (r.get("eval") or {}).values() if isinstance(t, dict)]
+        if str(r.get("who", "llmpress")).startswith("llmpress") or not r.get("bpw") or not kls or None in kls:
+            continue
+        out.append({"peer": r["who"], "bpw": r["bpw"], "kl_mean": sum(kls) / len(kls)})
+    return out
 
 
 def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
@@ -103,7 +109,8 @@ def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
             ax.scatter([knee["bpw"]], [max(knee[key], floor)], marker="*", s=250, c="red", zorder=5, label="knee")
         peers = _peers()
         if peers and key == "kl_mean":
-            ax.scatter([p["bpw"] for p in peers], [p["kl_mean"] for p in peers], marker="x", c="grey", label="peers")
+            ax.scatter([p["bpw"] for p in peers], [p["kl_mean"] for p in peers], marker="x", c="grey",
+                       label="peers (bench/quant.py, its own protocol)")
         if key == "ppl" and rows and rows[0].get("ref_ppl"):
             ax.axhline(rows[0]["ref_ppl"], color="grey", lw=0.8, ls=":", label="original")
         ax.set_yscale("log")
