@@ -89,7 +89,7 @@ def _full() -> list[Point]:
         for g in (32, 64, 128):
             pts.append(quant("rtn", bits, g))
     for method in ("gptq", "awq"):
-        for bits, g in ((4, 128), (4, 64), (3, 128), (3, 64), (2, 64)):
+        for bits, g in ((8, 128), (6, 128), (5, 128), (4, 128), (4, 64), (3, 128), (3, 64), (2, 64)):
             pts.append(quant(method, bits, g, calib=True))
     for bits, g in ((8, 128), (4, 64), (3, 64), (2, 64)):
         pts.append(quant_pack("rtn", bits, g))
