@@ -190,8 +190,32 @@ def _versions() -> dict[str, str]:
     return {"llmpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _linear_bits(m: nn.Module) -> int:
-    return m.weight.numel() * m.weight.element_size() * 8
+def _keep_report(t: torch.Tensor) -> dict[str, Any]:
+    """A linear weight stored as it was: its own bits count."""
+    return {"codec": KEEP, "bits": t.numel() * t.element_size() * 8, "numel": t.numel(), "bpw": t.element_size() * 8.0}
+
+
+def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | None) -> tuple[CompressedTensor, torch.Tensor, dict[str, Any]]:
+    """Encode one (out, in) weight by its rule; return the stored form, its decoding and its report."""
+    codec_name, params = plan.rules[name]
+    tt = time.perf_counter()
+    ct = _encode(name, w, codec_name, params, stats)
+    w_hat = get_codec(codec_name).decode(ct)
+    return ct, w_hat, _layer_report(w, w_hat, ct, stats, time.perf_counter() - tt)
+
+
+def _stream_tensor(key: str, t: torch.Tensor, linears: dict[str, nn.Module], plan: _Plan, writer: FolderWriter,
+                   layers: dict[str, Any]) -> None:
+    """One checkpoint tensor, straight through its codec (no calibration) or kept as it is."""
+    mod_name, _, leaf = key.rpartition(".")
+    if leaf == "weight" and mod_name in plan.rules:
+        w = t.float().T if type(linears[mod_name]).__name__ == "Conv1D" else t.float()
+        ct, _, layers[mod_name] = _compress_linear(mod_name, w, plan, None)
+        writer.add_compressed(key, ct)
+    else:
+        if leaf == "weight" and mod_name in linears:
+            layers[mod_name] = _keep_report(t)
+        writer.add_tensor(key, t)
 
 
 def _run_streaming(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, progress: bool) -> dict[str, Any]:
@@ -199,20 +223,7 @@ def _run_streaming(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fol
     layers: dict[str, Any] = {}
     linears = {n: m for n, m in skel.named_modules() if sk.is_linear(m)}
     for key in tqdm(store.keys(), desc="compress", disable=not progress, unit="tensor"):
-        mod_name, _, leaf = key.rpartition(".")
-        t = store.get(key)
-        if leaf == "weight" and mod_name in plan.rules:
-            codec_name, params = plan.rules[mod_name]
-            tt = time.perf_counter()
-            w = t.float().T if type(linears[mod_name]).__name__ == "Conv1D" else t.float()
-            ct = _encode(mod_name, w, codec_name, params, None)
-            w_hat = get_codec(codec_name).decode(ct)
-            layers[mod_name] = _layer_report(w, w_hat, ct, None, time.perf_counter() - tt)
-            writer.add_compressed(key, ct)
-        else:
-            if leaf == "weight" and mod_name in linears:
-                layers[mod_name] = {"codec": KEEP, "bits": t.numel() * t.element_size() * 8, "numel": t.numel(), "bpw": t.element_size() * 8.0}
-            writer.add_tensor(key, t)
+        _stream_tensor(key, store.get(key), linears, plan, writer, layers)
     return layers
 
 
@@ -281,14 +292,9 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
         stats = _collect(block, lin, plan, hs, kws)
         for name, m in lin.items():
             if name not in plan.rules:
-                layers[name] = {"codec": KEEP, "bits": _linear_bits(m), "numel": m.weight.numel(), "bpw": m.weight.element_size() * 8.0}
+                layers[name] = _keep_report(m.weight)
                 continue
-            codec_name, params = plan.rules[name]
-            tt = time.perf_counter()
-            w = sk.linear_weight(m)
-            ct = _encode(name, w, codec_name, params, stats.get(name))
-            w_hat = get_codec(codec_name).decode(ct)
-            layers[name] = _layer_report(w, w_hat, ct, stats.get(name), time.perf_counter() - tt)
+            ct, w_hat, layers[name] = _compress_linear(name, sk.linear_weight(m), plan, stats.get(name))
             sk.set_linear_weight(m, w_hat)
             writer.add_compressed(f"{name}.weight", ct)
         stats.clear()
@@ -301,19 +307,8 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
                 writer.add_tensor(key, store.get(key))
         sk.release(block)
     for key in sorted(outside):
-        if key not in store.where:
-            continue  # tied to another tensor
-        mod_name = key.rsplit(".", 1)[0]
-        t = store.get(key)
-        if key.endswith(".weight") and mod_name in plan.rules:
-            codec_name, params = plan.rules[mod_name]
-            w = t.float().T if type(outside_linears[mod_name]).__name__ == "Conv1D" else t.float()
-            tt = time.perf_counter()
-            ct = _encode(mod_name, w, codec_name, params, None)
-            layers[mod_name] = _layer_report(w, get_codec(codec_name).decode(ct), ct, None, time.perf_counter() - tt)
-            writer.add_compressed(key, ct)
-        else:
-            writer.add_tensor(key, t)
+        if key in store.where:  # absent when tied to another tensor
+            _stream_tensor(key, store.get(key), outside_linears, plan, writer, layers)
     return layers
 
 
