@@ -79,14 +79,19 @@ def unpack(
 ) -> None:
     """Restore the packed files byte for byte; every checksum is verified."""
     from ..lossless.container import unpack as do_unpack
-    from ..lossless.reader import Packed
-
     with _errors():
-        with Packed(packed) as p:
-            total = sum(f["size"] for f in p.index["files"])
+        total = _packed_total(packed)
         with _bar(total, "unpack") as upd:
             r = do_unpack(packed, out, force=force, threads=threads, progress=upd)
     emit(r, as_json, _show_sizes(f"unpacked {packed} → {out}"))
+
+
+def _packed_total(packed: Path) -> int:
+    """Bytes the packed file restores (for the progress bar)."""
+    from ..lossless.reader import Packed
+
+    with Packed(packed) as p:
+        return sum(f["size"] for f in p.index["files"])
 
 
 @app.command()
@@ -97,11 +102,8 @@ def verify(
 ) -> None:
     """Decode everything in memory and check every chunk, tensor and file checksum."""
     from ..lossless.container import verify as do_verify
-    from ..lossless.reader import Packed
-
     with _errors():
-        with Packed(packed) as p:
-            total = sum(f["size"] for f in p.index["files"])
+        total = _packed_total(packed)
         with _bar(total, "verify") as upd:
             r = do_verify(packed, threads=threads, progress=upd)
     emit(r, as_json, lambda r: console.print(f"[green]ok[/] {packed}: {r['files']} files, {r['tensors']} tensors verified"))
