@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,6 +360,43 @@ def _collect(block: nn.Module, lin: dict[str, nn.Module], plan: _Plan, hs: list[
     return hooks.stats
 
 
+def iter_stats(
+    model: str | Path,
+    *,
+    calib: str | None = None,
+    samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    match: str = ".*",
+    gram: bool = True,
+    progress: bool = True,
+) -> Iterator[dict[str, Stats]]:
+    """Input Stats of every matching linear of the ORIGINAL model, yielded one block at a time
+    (no change to the weights). A caller that drops each block's dict before asking for the next
+    holds at most one block's Gram matrices."""
+    import re
+
+    src = resolve(model)
+    store = TensorStore(src)
+    skel = sk.build_meta(sk.folder_config(src.folder))
+    rx = re.compile(match)
+    ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(calib), samples, seq_len)
+    walk = _start_walk(skel, store, ids, batch_size)
+    prefix, blocks, hs, kws = walk.prefix, walk.blocks, walk.hs, walk.kws
+    for i in tqdm(range(len(blocks)), desc="stats", disable=not progress, unit="block"):
+        bp = f"{prefix}{i}."
+        block = blocks[i]
+        sk.fill(block, bp, store.get, dtype=torch.float32)
+        lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m) and rx.search(f"{bp}{n}")}
+        hooks = _StatsHooks(lin, {n: gram for n in lin})
+        hs = hooks.run(block, hs, kws)
+        sk.release(block)
+        stats = hooks.stats
+        del hooks
+        yield stats
+        del stats
+
+
 def collect_stats(
     model: str | Path,
     *,
@@ -371,24 +409,10 @@ def collect_stats(
     progress: bool = True,
 ) -> dict[str, Stats]:
     """Input Stats of every matching linear of the ORIGINAL model (block by block, no change
-    to the weights): for sensitivity measurements and allocation."""
-    import re
-
-    src = resolve(model)
-    store = TensorStore(src)
-    skel = sk.build_meta(sk.folder_config(src.folder))
-    rx = re.compile(match)
-    ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(calib), samples, seq_len)
-    walk = _start_walk(skel, store, ids, batch_size)
-    prefix, blocks, hs, kws = walk.prefix, walk.blocks, walk.hs, walk.kws
+    to the weights), all at once: for sensitivity measurements. ``iter_stats`` gives them one
+    block at a time."""
     out: dict[str, Stats] = {}
-    for i in tqdm(range(len(blocks)), desc="stats", disable=not progress, unit="block"):
-        bp = f"{prefix}{i}."
-        block = blocks[i]
-        sk.fill(block, bp, store.get, dtype=torch.float32)
-        lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m) and rx.search(f"{bp}{n}")}
-        hooks = _StatsHooks(lin, {n: gram for n in lin})
-        hs = hooks.run(block, hs, kws)
-        out.update(hooks.stats)
-        sk.release(block)
+    for stats in iter_stats(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, match=match,
+                            gram=gram, progress=progress):
+        out.update(stats)
     return out

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from llmpress.recipe import KEEP, Recipe, Rule
-from llmpress.tensor import get_codec
+from llmpress.tensor import Stats, get_codec
 
 from .allocate import LayerSpectrum, allocate_budget, allocated_params, check_energy, check_ratio, exact_rule
 from .base import LowRankCodec
@@ -46,10 +46,15 @@ def uniform_recipe(method: str, *, ratio: float | None = 0.8, energy: float | No
 def layer_spectra(model: str | Path, method: str = "whiten", *, keep: str = KEEP_DEFAULT, calib: str | None = None,
                   samples: int = 128, seq_len: int = 512, progress: bool = True, **params: Any) -> list[LayerSpectrum]:
     """Each linear's singular values of the method's matrix (W, W·S, W·diag(s)) on the ORIGINAL
-    model: ‖(W − W_k)S‖² = Σ_{i>k} σ_i², the measured sensitivity the budget is spent on."""
+    model: ‖(W − W_k)S‖² = Σ_{i>k} σ_i², the measured sensitivity the budget is spent on.
+
+    The spectrum is the whole error-vs-rank curve of the layer, so it is all that is kept: the
+    calibration statistics arrive one block at a time (``pipeline.iter_stats``), each block's
+    curves are taken while its Gram matrices are in hand, and those are freed before the next
+    block runs. Peak memory: one block's Gram matrices, not every layer's."""
     from llmpress import skeleton as sk
     from llmpress.models import TensorStore, resolve
-    from llmpress.pipeline import collect_stats
+    from llmpress.pipeline import iter_stats
 
     codec = get_codec(method)
     if not isinstance(codec, LowRankCodec):
@@ -59,21 +64,27 @@ def layer_spectra(model: str | Path, method: str = "whiten", *, keep: str = KEEP
     skel = sk.build_meta(sk.folder_config(src.folder))
     rx = re.compile(keep)
     names = [n for n in sk.linear_names(skel) if not rx.search(n)]
-    stats = {}
-    if codec.needs_stats:
-        stats = collect_stats(model, calib=calib, samples=samples, seq_len=seq_len, gram=codec.gram, progress=progress,
-                              match="|".join(exact_rule(n) for n in names))
+    conv1d = {n for n in names if type(sk.get_module(skel, n)).__name__ == "Conv1D"}
     extra = {**codec.extra, **{k: v for k, v in params.items() if k in codec.extra}}
-    out = []
-    for name in names:
+
+    def spectrum(name: str, stats: Stats | None) -> LayerSpectrum:
         w = store.get(f"{name}.weight").float()
-        if type(sk.get_module(skel, name)).__name__ == "Conv1D":
+        if name in conv1d:
             w = w.T
-        t = codec.transform(w, stats.pop(name, None), **extra)
+        t = codec.transform(w, stats, **extra)
         a = w.double() if t is None else t.apply(w.double())  # (m, n)
         s2 = torch.linalg.svdvals(a) ** 2
-        out.append(LayerSpectrum(name, w.shape[0], w.shape[1], s2, float((a * a).sum())))
-    return out
+        return LayerSpectrum(name, w.shape[0], w.shape[1], s2, float((a * a).sum()))
+
+    got: dict[str, LayerSpectrum] = {}
+    if codec.needs_stats:
+        for block in iter_stats(model, calib=calib, samples=samples, seq_len=seq_len, gram=codec.gram,
+                                progress=progress, match="|".join(exact_rule(n) for n in names)):
+            for name in [n for n in names if n in block]:
+                got[name] = spectrum(name, block[name])
+            block.clear()  # the Gram matrices go now, before the next block's are built
+    # Layers outside the blocks (or never reached by calibration) get no stats: the codec says so.
+    return [got[n] if n in got else spectrum(n, None) for n in names]
 
 
 def budget_recipe(spectra: list[LayerSpectrum], method: str, ratio: float, *, floor: float = 0.1,
