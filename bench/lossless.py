@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--kernel", action="store_true", help="time the head rANS decode alone (1 thread)")
+    ap.add_argument("--files", nargs="+", default=["FP32", "BF16"], help="which inputs (FP32, BF16)")
+    ap.add_argument("--tools", nargs="+", default=None, help="only these tools (e.g. 'llmpress (rans)' zipnn)")
     args = ap.parse_args()
     if args.kernel:
         OUT.mkdir(parents=True, exist_ok=True)
@@ -190,6 +192,8 @@ def main() -> None:
     warm_up()
     rows = []
     for label, path in inputs().items():
+        if label not in args.files:
+            continue
         size = path.stat().st_size
         for th in args.threads:
             os.environ["OMP_NUM_THREADS"] = str(th)
@@ -201,6 +205,8 @@ def main() -> None:
                 "zstd -3": lambda: run_zstd(path, th, args.reps),
             }
             for name, fn in runs.items():
+                if args.tools and name not in args.tools:
+                    continue
                 r = fn()
                 rows.append({"file": label, "tool": name, "threads": th, "bytes_in": size, "bytes_out": r["bytes_out"],
                              "ratio": r["bytes_out"] / size, "enc_MBps": size / r["enc_s"] / 1e6,

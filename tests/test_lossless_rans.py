@@ -231,3 +231,17 @@ def test_v2_file_still_reads(tmp_path):
     f = torch.randn(50, generator=g)
     assert torch.equal(open_tensor(v2, "w").view(torch.int16), w.view(torch.int16))
     assert torch.equal(open_tensor(v2, "f").view(torch.int32), f.view(torch.int32))
+
+
+def test_v3_file_still_reads():
+    """A container v3 file (four-lane rans id 4, crc32 chunk checksums), written by the v3 code."""
+    v3 = Path(__file__).parent / "data" / "lossless_v3.llmp"
+    with Packed(v3) as p:
+        assert p.version == 3
+        assert 4 in {p._read(c[0], c[1])[1] for _, s in p.tensors() for c in s["chunks"]}
+    assert verify(v3)["ok"]
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 64, generator=g) * 0.02).to(torch.bfloat16)
+    f = torch.randn(50, generator=g)
+    assert torch.equal(open_tensor(v3, "w").view(torch.int16), w.view(torch.int16))
+    assert torch.equal(open_tensor(v3, "f").view(torch.int32), f.view(torch.int32))

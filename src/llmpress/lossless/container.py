@@ -26,7 +26,7 @@ from ..io.atomic import atomic_dir, atomic_file, check_output
 from ..loading import register_loader
 from .chunk import POLICIES, encode_chunk
 from .planes import ITEMSIZE, layout
-from .reader import CHUNK_BYTES, END, FOOTER, MAGIC, MAX_CHUNK_BYTES, VERSION, CorruptError, Packed, crc32
+from .reader import CHUNK_BYTES, END, FOOTER, MAGIC, MAX_CHUNK_BYTES, VERSION, CorruptError, Packed, chunk_sum, crc32
 from .segments import Segment, plan_file
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,11 @@ def pack(
                         raw = np.frombuffer(fi.read(ln), np.uint8)
                         if len(raw) != ln:
                             raise OSError(f"{path}: file shrank while packing")
-                        # the worker codes while this thread hashes (hashlib and zlib release
-                        # the GIL): sha256 and crc32 stay off the workers' critical path
+                        # the worker codes while this thread hashes (hashlib releases the GIL):
+                        # sha256 and the chunk checksum stay off the workers' critical path
                         fut = ex.submit(encode_chunk, raw, seg.dtype, policy)
                         sha.update(raw)
-                        pending.append((srec, ln, crc32(raw), fut))
+                        pending.append((srec, ln, chunk_sum(raw), fut))
                         drain(2 * threads)
                 drain(0)
             for srec in frec["segments"]:
@@ -178,7 +178,7 @@ def _pool(threads: int | None) -> Iterator[ThreadPoolExecutor | None]:
 def _restore(p: Packed, f: dict, sink: Any, ex: ThreadPoolExecutor | None, progress: Callable[[int], None] | None,
              sha256: bool = True) -> None:
     """Decode one stored file into ``sink`` (a binary file or None); every chunk is checked
-    against its crc32 as it is decoded, and with ``sha256`` the whole file against its sha256."""
+    against its checksum as it is decoded, and with ``sha256`` the whole file against its sha256."""
     sha = hashlib.sha256() if sha256 else None
     for part in p.iter_chunks(f, f["segments"], ex, ahead=2 * ex._max_workers if ex else 0):
         if sha is not None:
@@ -201,7 +201,7 @@ def unpack(
     sha256: bool = True,
 ) -> dict[str, Any]:
     """Restore every packed file byte for byte under ``out`` (a folder; a file when a single
-    file was packed). Every chunk's crc32 is verified, and (``sha256``) every file's sha256."""
+    file was packed). Every chunk's checksum is verified, and (``sha256``) every file's sha256."""
     t0 = time.perf_counter()
     out = Path(out)
     check_output(out, force)
@@ -224,7 +224,7 @@ def unpack(
 def verify(packed: str | os.PathLike, *, threads: int | None = None,
            progress: Callable[[int], None] | None = None, sha256: bool = True) -> dict[str, Any]:
     """Decode everything in memory, chunk by chunk, and check every checksum (each chunk's
-    crc32; with ``sha256`` also each file's sha256, a serial pass); raises CorruptError."""
+    xxh3-64, crc32 before v4; with ``sha256`` also each file's sha256, a serial pass); raises CorruptError."""
     t0 = time.perf_counter()
     with Packed(packed) as p, _pool(threads) as ex:
         for f in p.index["files"]:

@@ -24,6 +24,7 @@ to its chunks; chunks decode in parallel; a whole file is checked against its sh
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import zlib
@@ -34,15 +35,17 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import xxhash
 import zstandard
 
 from .chunk import decode_chunk
 from .planes import ITEMSIZE
 from .segments import MAX_NDIM
 
-MAGIC, VERSION = b"LLMPRESS", 3
-# v2 added the ``rans`` backend (id 3); v3 its compact model bytes (id 4, model.py); chunk layout unchanged since v1
-READABLE = (1, 2, 3)
+MAGIC, VERSION = b"LLMPRESS", 4
+# v2 added the ``rans`` backend (id 3); v3 its compact model bytes (id 4, model.py); v4 the
+# 32-lane rANS (id 5, rans32.py) and xxh3-64 chunk checksums; chunk layout unchanged since v1
+READABLE = (1, 2, 3, 4)
 FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
 CHUNK_BYTES = 512 << 10  # measured on MiniLM: smaller ratio than 1 MiB (more adaptive models) and no slower
@@ -57,6 +60,12 @@ class CorruptError(ValueError):
 
 def crc32(b: bytes | memoryview | np.ndarray) -> int:
     return zlib.crc32(b) & 0xFFFFFFFF
+
+
+def chunk_sum(b: bytes | memoryview | np.ndarray, version: int = VERSION) -> int:
+    """The checksum a container of ``version`` stores for a chunk's decoded bytes: xxh3-64
+    since v4 (~46 GB/s here, vs ~3.8 GB/s for zlib's crc32), crc32 in v2 and v3."""
+    return xxhash.xxh3_64_intdigest(b) if version >= 4 else crc32(b)
 
 
 class Packed:
@@ -93,8 +102,17 @@ class Packed:
             raise CorruptError(f"{self.path}: unreadable index ({e})") from None
         self._check_index()
         self._fh = open(self.path, "rb")
+        # payloads are read as slices of a read-only map: no copy; the index check above keeps
+        # every slice inside the file
+        self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._view = memoryview(self._map)
 
     def close(self) -> None:
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:  # a decoded array still views it: the map closes when that goes
+            pass
         self._fh.close()
 
     def __enter__(self) -> "Packed":
@@ -157,12 +175,11 @@ class Packed:
         return out
 
     def _check(self, f: dict, s: dict, i: int, out: np.ndarray) -> None:
-        if self.version >= 2 and crc32(out) != s["chunks"][i][3]:
+        if self.version >= 2 and chunk_sum(out, self.version) != s["chunks"][i][3]:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch (corrupted)")
 
-    def _read(self, o: int, ln: int) -> bytes:
-        # pread: safe from several threads on one handle
-        return os.pread(self._fh.fileno(), ln, o)
+    def _read(self, o: int, ln: int) -> memoryview:
+        return self._view[o : o + ln]
 
     def iter_chunks(self, f: dict, segs: list[dict], ex: ThreadPoolExecutor | None = None,
                     ahead: int = 4) -> Iterator[np.ndarray]:
