@@ -291,6 +291,7 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
         sk.fill(block, bp, store.get, dtype=torch.float32)
         lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m)}
         stats = _collect(block, lin, plan, hs, kws)
+        changed = _prepare_block(block, bp, lin, plan, stats)  # e.g. AWQ folds its scales into the norms
         for name, m in lin.items():
             if name not in plan.rules:
                 layers[name] = _keep_report(m.weight)
@@ -305,12 +306,25 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
             key = f"{bp}{k}"
             mod_name = key.rsplit(".", 1)[0]
             if not (mod_name in plan.rules and key.endswith(".weight")):
-                writer.add_tensor(key, store.get(key))
+                orig = store.get(key)
+                writer.add_tensor(key, changed[key].to(orig.dtype) if key in changed else orig)
         sk.release(block)
     for key in sorted(outside):
         if key in store.where:  # absent when tied to another tensor
             _stream_tensor(key, store.get(key), outside_linears, plan, writer, layers)
     return layers
+
+
+def _prepare_block(block: nn.Module, bp: str, lin: dict[str, nn.Module], plan: _Plan, stats: dict[str, Stats]) -> dict[str, torch.Tensor]:
+    """Let codecs with a ``prepare_block`` hook rewrite the block before its linears are encoded
+    (they may change weights, other tensors and ``stats`` in place); returns {state key: tensor}
+    of the tensors outside the encoded linear weights that they changed."""
+    changed: dict[str, torch.Tensor] = {}
+    for c in sorted({plan.rules[n][0] for n in lin if n in plan.rules}):
+        hook = getattr(get_codec(c), "prepare_block", None)
+        if hook is not None:
+            changed.update(hook(block, bp, {n: plan.rules[n][1] for n in lin if n in plan.rules and plan.rules[n][0] == c}, stats))
+    return changed
 
 
 class _StatsHooks:

@@ -12,11 +12,14 @@ H = Σ x xᵀ (Stats.gram), so both searches are exact on the calibration tokens
 them. The clipping search uses, per group, the diagonal block of H (AWQ's auto-clip ignores
 cross-group terms too).
 
-Storage: a codec sees one tensor, so the scale s (in,) is **stored** with the tensor as
-``in_scale`` (float16, counted in bits: 16/out extra bits per weight, ≈0.03 bpw on SmolLM2) and
-applied by QuantLinear; ``decode`` returns the effective weight Ŵ·diag(1/s). It is not folded
-into the preceding RMSNorm/linear (that would need the runner to rewrite a neighbour), and
-each linear gets its own s rather than one shared by q/k/v.
+Storage. Inside the sequential runner the scales are **folded** (:mod:`.fold`): where the
+input of a group of linears comes from an RMSNorm/LayerNorm (q/k/v, gate/up) or from another
+linear through a channel-wise op (v→o, up→down), one scale s is searched for the whole group
+(as in the paper's grouped search), diag(1/s) is folded into the preceding op and diag(s) into
+the weights, and nothing extra is stored. A linear that cannot be folded (called alone, e.g.
+``codec.encode``, or whose neighbours are not all AWQ) keeps its own s **stored** with the
+tensor as ``in_scale`` (float16, 16/out extra bits per weight, ≈0.03 bpw on SmolLM2), applied
+by QuantLinear; ``decode`` then returns the effective weight Ŵ·diag(1/s).
 """
 from __future__ import annotations
 
@@ -61,40 +64,71 @@ def group_hessian_loss(H: Tensor, group_size: int, s: Tensor) -> grids.GroupLoss
     return lambda err: torch.einsum("rgs,gst,rgt->rg", err, blocks, err)
 
 
-def awq_quantize(W: Tensor, stats: Stats, spec: GridSpec, *, n_grid: int = 20, clip: bool = True) -> QWeight:
-    """Search α for s = act^α, then the clipping ranges; quantize W·diag(s)."""
-    if stats.abs_mean is None or stats.gram is None:
-        raise ValueError("awq needs Stats.abs_mean and Stats.gram of the layer inputs")
-    H = stats.gram.to(torch.float32) / max(1, stats.n)  # (in, in)
-    search = GridSpec(**{**spec.__dict__, "range": "minmax" if spec.range == "mse" else spec.range})
-    best = (float("inf"), 0.0, None)
+def search_scale(ws: list[Tensor], specs: list[GridSpec], H: Tensor, act: Tensor, n_grid: int,
+                 expand: Tensor | None = None) -> tuple[Tensor, float, float]:
+    """Grid search of α for one scale s = act^α shared by linears that read the same input:
+    minimise Σ_l ‖(W_l − Q(W_l·diag(s))·diag(1/s)) X‖².  ws: each (out_l, in); H (in, in); act
+    (in,) — or (k,) with ``expand`` (in,) mapping each input channel to its entry of act (a
+    scale tied across channels, e.g. GQA heads). α = 0 (s = 1) is RTN. Returns (s (in,), α, error)."""
+    search = [GridSpec(**{**sp.__dict__, "range": "minmax" if sp.range == "mse" else sp.range}) for sp in specs]
+    best = (float("inf"), 0.0, torch.ones(H.shape[0]))
     for alpha in (i / n_grid for i in range(n_grid)):
-        s = channel_scale(stats.abs_mean, alpha)
-        dW = W - grids.fake_quantize(W * s, search) / s
-        e = output_error(dW, H)
+        s = channel_scale(act, alpha)
+        if expand is not None:
+            s = s[expand]
+        e = sum(output_error(w - grids.fake_quantize(w * s, sp) / s, H) for w, sp in zip(ws, search))
         if e < best[0]:
             best = (e, alpha, s)
     err, alpha, s = best
-    log.debug("awq: alpha=%.2f output error %.4g", alpha, err)
-    Ws = W * s
+    return s, alpha, err
+
+
+def clip_quantize(W: Tensor, H: Tensor, spec: GridSpec, s: Tensor | None, clip: bool) -> QWeight:
+    """Quantize W·diag(s) (W itself when s is None: already scaled), groups fitted by the
+    Hessian-weighted clipping search (``clip``) or by ``spec.range``."""
+    ones = torch.ones(W.shape[1])
+    Ws = W if s is None else W * s
     final = GridSpec(**{**spec.__dict__, "range": "mse"}) if clip else spec
-    loss = group_hessian_loss(H, spec.group_size, s) if clip else None
+    loss = group_hessian_loss(H, spec.group_size, ones if s is None else s) if clip else None
     wg = grids.group_weights(Ws, spec.group_size)
     p = grids.fit(wg, final, loss)
     codes = grids.ungroup(grids.quantize(wg, p, spec), W.shape)
     return QWeight(codes=codes, params=p, in_scale=s)
 
 
+def awq_quantize(W: Tensor, stats: Stats, spec: GridSpec, *, n_grid: int = 20, clip: bool = True) -> QWeight:
+    """Search α for s = act^α, then the clipping ranges; quantize W·diag(s). When the runner has
+    folded the scale already (``stats.folded``: W is W·diag(s), the Stats those of x/s) only the
+    clipping search is left and no scale is stored."""
+    if stats.abs_mean is None or stats.gram is None:
+        raise ValueError("awq needs Stats.abs_mean and Stats.gram of the layer inputs")
+    H = stats.gram.to(torch.float32) / max(1, stats.n)  # (in, in)
+    if getattr(stats, "folded", False):
+        return clip_quantize(W, H, spec, None, clip)
+    s, alpha, err = search_scale([W], [spec], H, stats.abs_mean, n_grid)
+    log.debug("awq: alpha=%.2f output error %.4g", alpha, err)
+    return clip_quantize(W, H, spec, s, clip)
+
+
 @register("awq")
 class AWQ(QuantCodec):
-    """``method: awq`` — params: the grid's plus ``n_grid`` (20 values of α) and ``clip`` (true:
-    Hessian-weighted clipping search after the scale search; it replaces ``range``)."""
+    """``method: awq`` — params: the grid's plus ``n_grid`` (20 values of α), ``clip`` (true:
+    Hessian-weighted clipping search after the scale search; it replaces ``range``) and ``fold``
+    (true: fold the scales into the preceding norm/linear where the block allows, see :mod:`.fold`)."""
 
     needs_stats = True
     gram = True
-    options = {"n_grid": 20, "clip": True}
+    options = {"n_grid": 20, "clip": True, "fold": True}
 
-    def quantize(self, w: Tensor, stats: Stats | None, spec: GridSpec, *, n_grid: int, clip: bool) -> QWeight:
+    def prepare_block(self, block: torch.nn.Module, prefix: str, params: dict[str, dict],
+                      stats: dict[str, Stats]) -> dict[str, Tensor]:
+        """Runner hook, before the block's linears are encoded: fold shared scales (:mod:`.fold`)."""
+        from .fold import fold_block
+
+        return fold_block(self, block, prefix, params, stats)
+
+    def quantize(self, w: Tensor, stats: Stats | None, spec: GridSpec, *, n_grid: int, clip: bool,
+                 fold: bool = True) -> QWeight:
         if int(n_grid) < 1:
             raise ValueError("awq: n_grid must be ≥ 1")
         assert stats is not None

@@ -10,7 +10,7 @@ key            dtype, shape            meaning
 ``scale``      scale_dtype (R, G)      per-group scale (R = out, or 1 per tensor)
 ``offset``     scale_dtype (R, G)      per-group offset (asym grid only)
 ``g_idx``      int16/int32 (in,)       group of each input column (GPTQ act-order only)
-``in_scale``   float16 (in,)           AWQ per-input-channel scale s: W ≈ Ŵ·diag(1/s)
+``in_scale``   float16 (in,)           AWQ scale s, W ≈ Ŵ·diag(1/s) (only where not folded)
 =============  ======================  ==================================================
 
 Everything listed is counted by ``CompressedTensor.nbits``.
