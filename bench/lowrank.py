@@ -40,13 +40,15 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--removed", default="0.1,0.2,0.4", help="fractions of linear-layer parameters removed")
     p.add_argument("--methods", default="svd,rsvd,asvd,whiten,whiten@budget",
-                   help="low-rank codecs; METHOD@budget = budgeted allocation of the same total")
+                   help="low-rank codecs; METHOD@budget = budgeted allocation of the same total; METHOD:key=value:… "
+                        "passes codec params (e.g. rsvd:crossover=1 never hands over to exact SVD)")
     p.add_argument("--samples", type=int, default=16, help="calibration windows (whiten, asvd, gptq, lqer)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--tokens", type=int, default=2048, help="evaluation tokens (split over the texts; ≥ ctx per text)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--no-lqer", action="store_true", help="skip the GPTQ ± low-rank correction comparison")
+    p.add_argument("--timing", action="store_true", help="measure the SVD timing table again (else reuse the saved one)")
     p.add_argument("--json", default=str(OUT / "lowrank.json"))
     return p.parse_args()
 
@@ -61,19 +63,32 @@ def _evaluate(out: Path, ref: Path, a: argparse.Namespace) -> dict:
 def _factorize_point(method: str, removed: float, ref: Path, a: argparse.Namespace) -> dict:
     import llmpress
 
-    out = OUT / "lowrank-work" / f"{method.replace('@', '-')}-{removed}"
+    out = OUT / "lowrank-work" / f"{method.replace('@', '-').replace(':', '-')}-{removed}"
     t0 = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S')}] factorize {method} {removed}", file=sys.stderr, flush=True)
-    codec, _, allocation = method.partition("@")  # "whiten@budget": budgeted allocation
+    spec, *kvs = method.split(":")  # "whiten:solver=randomized:crossover=1": codec params
+    codec, _, allocation = spec.partition("@")  # "whiten@budget": budgeted allocation
+    params = {k: _value(v) for k, _, v in (x.partition("=") for x in kvs)}
     res = llmpress.factorize(MODEL, out, method=codec, ratio=round(1 - removed, 6), samples=a.samples,
-                             seq_len=a.seq_len, force=True, progress=False, allocation=allocation or "uniform")
+                             seq_len=a.seq_len, force=True, progress=False, allocation=allocation or "uniform", **params)
     secs = time.perf_counter() - t0
     enc = sum(r.get("seconds", 0.0) for r in res["layers"].values() if r["codec"] != "keep")
     print(f"[{time.strftime('%H:%M:%S')}] factorized in {secs:.0f} s; evaluating", file=sys.stderr, flush=True)
+    solvers = res.get("solvers", {})
     row = {"kind": "lowrank", "method": method, "removed": removed, "params_kept": res["params_kept"],
+           "randomized_layers": solvers.get("randomized", 0), "exact_layers": solvers.get("exact", 0),
            "dense_layers": len(res["dense_layers"]), "seconds": secs, "encode_seconds": enc, **_evaluate(out, ref, a)}
     shutil.rmtree(out, ignore_errors=True)
     return row
+
+
+def _value(v: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 def _quant_point(name: str, rule: dict, ref: Path, a: argparse.Namespace) -> dict:
@@ -93,24 +108,46 @@ def _quant_point(name: str, rule: dict, ref: Path, a: argparse.Namespace) -> dic
 
 
 def _svd_timing() -> list[dict]:
-    """Exact vs randomized truncated SVD on one real weight (block 4 up_proj, 1536×576), by rank:
-    best-of-3 wall time and the relative truncation error ‖W − W_k‖²/‖W‖² of each."""
+    """Exact vs randomized truncated SVD on block 4's four weight shapes, by rank: CPU time
+    (``time.process_time``, best of 3; one thread, so other processes on the machine do not
+    count) and the truncation error ‖W − W_k‖²/‖W‖² of each. Ranks: 32, 64, 128 and those of
+    10 %, 20 %, 40 % removed. Randomized variants: the former default (p = 10, 2 power
+    iterations), the default (p = max(10, ⌈k/2⌉), 2 iterations) forced, and the default as the
+    ``rsvd`` codec runs it (exact SVD past the crossover)."""
+    from llmpress.lowrank.allocate import rank_for_ratio
     from llmpress.lowrank.svd import truncated_svd
     from llmpress.models import TensorStore, resolve
 
-    w = TensorStore(resolve(MODEL)).get("model.layers.4.mlp.up_proj.weight").float()
-    variants = {"exact": {}, "rand p10 q2": {"solver": "randomized", "niter": 2},
-                "rand p10 q4": {"solver": "randomized", "niter": 4}}
+    store = TensorStore(resolve(MODEL))
+    variants = {"exact": {}, "rand p10 q2 (old)": {"solver": "randomized", "oversample": 10, "crossover": 1.0},
+                "rand default forced": {"solver": "randomized", "crossover": 1.0},
+                "rsvd default": {"solver": "randomized"}}
     rows = []
-    for k in (32, 128, 335):
-        for name, kw in variants.items():
-            best = float("inf")
-            for _ in range(3):
-                t0 = time.perf_counter()
-                tr = truncated_svd(w, rank=k, **kw)
-                best = min(best, time.perf_counter() - t0)
-            rows.append({"rank": k, "solver": name, "seconds": best, "err": tr.tail / tr.energy_total})
+    for layer in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj", "mlp.down_proj"):
+        w = store.get(f"model.layers.4.{layer}.weight").float()
+        m, n = w.shape
+        for k in sorted({32, 64, 128} | {rank_for_ratio(m, n, r) for r in (0.9, 0.8, 0.6)}):
+            for name, kw in variants.items():
+                best = float("inf")
+                for _ in range(3):
+                    t0 = time.process_time()
+                    tr = truncated_svd(w, rank=k, **kw)
+                    best = min(best, time.process_time() - t0)
+                rows.append({"layer": layer, "shape": [m, n], "rank": k, "solver": name, "ran": tr.solver,
+                             "seconds": best, "err": tr.tail / tr.energy_total})
     return rows
+
+
+def _print_timing(timing: list[dict]) -> None:
+    print("exact vs randomized truncated SVD, model.layers.4.* of SmolLM2-135M: CPU s (best of 3, 1 thread), "
+          "‖W−W_k‖²/‖W‖² and its excess over exact")
+    exact = {(t["layer"], t["rank"]): t for t in timing if t["solver"] == "exact"}
+    for t in timing:
+        e = exact[(t["layer"], t["rank"])]
+        m, n = t["shape"]
+        print(f"  {t['layer']:<17} {m:>4}×{n:<4} k {t['rank']:>4}  {t['solver']:<20} ran {t['ran']:<10} "
+              f"{t['seconds'] * 1e3:7.1f} ms ({t['seconds'] / e['seconds']:.2f}× exact)  err {t['err']:.5f} "
+              f"({t['err'] / e['err'] - 1:+.2%})")
 
 
 def _fmt(x, spec: str, width: int) -> str:
@@ -141,13 +178,19 @@ def _checks(rows: list[dict]) -> list[str]:
         ds, dw = s["ppl"] - s["ref_ppl"], w["ppl"] - w["ref_ppl"]
         out.append(f"whiten ΔPPL at 20 % = {dw:.3f} vs plain SVD {ds:.3f}: ratio {dw / ds:.2e} "
                    f"(target ≤ 0.1) -> {'MET' if dw <= 0.1 * ds else 'MISSED'}")
+    pairs = [(r["method"].split(":")[0].replace("rsvd", "svd"), r["method"]) for r in rows
+             if r["kind"] == "lowrank" and (r["method"].startswith("rsvd") or "randomized" in r["method"])]
     for removed in sorted({r["removed"] for r in rows if r["removed"] is not None}):
-        s, q = by.get(("svd", removed)), by.get(("rsvd", removed))
-        if s and q:
+        for base, rand in dict.fromkeys(pairs):
+            s, q = by.get((base, removed)), by.get((rand, removed))
+            if not (s and q):
+                continue
             rel = q["kl_mean"] / s["kl_mean"] - 1
-            out.append(f"rsvd vs svd at {removed:.0%}: KL {q['kl_mean']:.4f} vs {s['kl_mean']:.4f} ({rel:+.2%}, target ≤ +2 %) "
-                       f"-> {'MET' if rel <= 0.02 else 'MISSED'}; SVD time {q['encode_seconds']:.1f} s vs {s['encode_seconds']:.1f} s "
-                       f"({q['encode_seconds'] / max(s['encode_seconds'], 1e-9):.2f}×)")
+            ran = f"{q['randomized_layers']} of {q['randomized_layers'] + q['exact_layers']} layers randomized" \
+                if q.get("randomized_layers") is not None else "layers randomized: not recorded"
+            out.append(f"{rand} vs {base} at {removed:.0%}: KL {q['kl_mean']:.4f} vs {s['kl_mean']:.4f} ({rel:+.2%}, "
+                       f"target ≤ +2 %) -> {'MET' if rel <= 0.02 else 'MISSED'}; SVD time {q['encode_seconds']:.1f} s vs "
+                       f"{s['encode_seconds']:.1f} s ({q['encode_seconds'] / max(s['encode_seconds'], 1e-9):.2f}×); {ran}")
     g, c = by.get(("gptq-3b-g64", None)), by.get(("gptq-3b-g128+lqer", None))
     if g and c:
         out.append(f"GPTQ 3-bit {g['bpw']:.3f} bpw KL {g['kl_mean']:.4f} vs GPTQ 3-bit + LQER {c['bpw']:.3f} bpw KL "
@@ -198,13 +241,10 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {method} {removed}: {time.perf_counter() - t0:.0f} s "
               f"{rows[-1].get('error') or ''}", file=sys.stderr, flush=True)
         save()
-    timing[:] = _svd_timing()
-    print("exact vs randomized SVD of model.layers.4.mlp.up_proj (1536×576), best of 3:")
-    exact = {t["rank"]: t for t in timing if t["solver"] == "exact"}
-    for t in timing:
-        e = exact[t["rank"]]
-        print(f"  rank {t['rank']:>4} {t['solver']:<12} {t['seconds']:.3f} s ({t['seconds'] / e['seconds']:.2f}× exact)  "
-              f"‖W−W_k‖²/‖W‖² {t['err']:.5f} ({t['err'] / e['err'] - 1:+.2%})")
+    if a.timing or not timing or "layer" not in timing[0]:
+        timing[:] = _svd_timing()
+        save()
+    _print_timing(timing)
     print(f"SmolLM2-135M, {a.threads} threads; calibration {a.samples}×{a.seq_len} tokens (calib-mix); "
           f"evaluation {a.tokens} tokens, ctx {a.ctx} (debian-handbook + linux-doc)")
     print(_table(rows))

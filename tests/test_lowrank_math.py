@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from llmpress.lowrank import allocate
 from llmpress.lowrank.linear import LowRankLinear
+from llmpress.lowrank import svd as svd_mod
 from llmpress.lowrank.svd import truncated_svd
 from llmpress.lowrank.whiten import whitening
 from llmpress.tensor import Stats, get_codec
@@ -74,18 +75,54 @@ def test_whitened_output_error_is_the_whitened_tail():
     assert math.isclose(err, float((s[8:] ** 2).sum()), rel_tol=1e-3)
 
 
+def _decaying(m=300, n=200, r=120, seed=3):
+    """A matrix with a decaying spectrum, as randomized SVD expects."""
+    g = torch.Generator().manual_seed(seed)
+    q1, _ = torch.linalg.qr(torch.randn(m, r, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(n, r, generator=g))
+    return (q1 * torch.logspace(0, -3, r)) @ q2.T
+
+
 def test_randomized_close_to_exact():
-    # A matrix with a decaying spectrum, as randomized SVD expects.
-    g = torch.Generator().manual_seed(3)
-    q1, _ = torch.linalg.qr(torch.randn(300, 120, generator=g))
-    q2, _ = torch.linalg.qr(torch.randn(200, 120, generator=g))
-    a = (q1 * torch.logspace(0, -3, 120)) @ q2.T
+    a = _decaying()
     ex = truncated_svd(a, rank=20)
-    rs = truncated_svd(a, rank=20, solver="randomized", oversample=10, niter=2)
+    rs = truncated_svd(a, rank=20, solver="randomized", oversample=10, niter=2, crossover=1.0)
+    assert rs.solver == "randomized"
     assert rs.tail <= ex.tail * 1.02 + 1e-12
     assert torch.allclose(rs.s, ex.s, rtol=1e-2)
-    again = truncated_svd(a, rank=20, solver="randomized", oversample=10, niter=2)
+    again = truncated_svd(a, rank=20, solver="randomized", oversample=10, niter=2, crossover=1.0)
     assert torch.equal(again.s, rs.s)  # deterministic
+
+
+def test_randomized_default_oversampling_is_closer_than_p10():
+    # A slowly decaying spectrum, where oversampling matters.
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(400, 200, generator=g) * torch.linspace(1.0, 0.2, 200)
+    ex = truncated_svd(a, rank=40)
+    old = truncated_svd(a, rank=40, solver="randomized", oversample=10, crossover=1.0)
+    new = truncated_svd(a, rank=40, solver="randomized", crossover=1.0)
+    assert svd_mod.sketch_size(400, 200, 40) == 60 and svd_mod.sketch_size(400, 200, 4) == 14
+    assert ex.tail <= new.tail < old.tail
+
+
+def test_randomized_hands_over_to_exact_past_the_crossover():
+    a = _decaying()
+    small = truncated_svd(a, rank=20, solver="randomized")  # sketch 30 of 200: randomized
+    assert small.solver == "randomized"
+    big = truncated_svd(a, rank=80, solver="randomized")  # sketch 120 > 0.45 · 200: exact
+    ex = truncated_svd(a, rank=80)
+    assert big.solver == "exact" and torch.equal(big.s, ex.s)
+    assert truncated_svd(a, rank=80, solver="randomized", crossover=1.0).solver == "randomized"
+    ct = get_codec("rsvd").encode(a, rank=80)
+    assert ct.meta["solver"] == "exact"
+    assert get_codec("rsvd").encode(a, rank=20).meta["solver"] == "randomized"
+    # The energy rule hands over too, and then takes the whole spectrum at once.
+    en = truncated_svd(a, energy=0.999999, solver="randomized")
+    assert en.solver == "exact" and en.rank == truncated_svd(a, energy=0.999999).rank
+    with pytest.raises(ValueError, match="crossover"):
+        truncated_svd(a, rank=4, solver="randomized", crossover=0.0)
+    with pytest.raises(ValueError, match="oversample"):
+        truncated_svd(a, rank=4, solver="randomized", oversample=-1)
 
 
 def test_energy_threshold_rank():

@@ -104,6 +104,7 @@ def summarize(result: dict[str, Any], manifest: dict[str, Any], keep: str = KEEP
     rx = re.compile(keep)
     ranks: dict[str, int | None] = {}
     dense: list[str] = []
+    solvers: dict[str, int] = {}  # which SVD ran, per factorized layer (rsvd hands over to exact past its crossover)
     p_in = p_out = 0
     for name, rep in result["layers"].items():
         if rx.search(name):
@@ -118,6 +119,8 @@ def summarize(result: dict[str, Any], manifest: dict[str, Any], keep: str = KEEP
             continue
         m, n = meta["shape"]
         k = int(meta["rank"])
+        if "solver" in meta:
+            solvers[meta["solver"]] = solvers.get(meta["solver"], 0) + 1
         if meta.get("dense"):
             ranks[name] = None
             dense.append(name)
@@ -131,7 +134,7 @@ def summarize(result: dict[str, Any], manifest: dict[str, Any], keep: str = KEEP
     if dense:
         log.warning("%d layer(s) left dense (their rank saved nothing): %s", len(dense), ", ".join(dense))
     return {"ranks": ranks, "dense_layers": dense, "linear_params_in": p_in, "linear_params_out": p_out,
-            "params_kept": p_out / max(1, p_in)}
+            "params_kept": p_out / max(1, p_in), "solvers": solvers}
 
 
 def factorize(
@@ -185,6 +188,9 @@ def factorize(
     res.update(summarize(res, read_manifest(Path(out))))
     if ranks_plan is not None:
         res["allocation"] = ranks_plan
+    if res["solvers"].get("randomized") is not None or method.startswith("rsvd"):
+        log.info("SVD solvers that ran: %s (randomized requests past the crossover run exact SVD, being no slower)",
+                 ", ".join(f"{k} {v} layers" for k, v in sorted(res["solvers"].items())) or "none")
     for name, k in res["ranks"].items():
         log.info("%s: %s", name, "dense" if k is None else f"rank {k}")
     return res

@@ -62,7 +62,8 @@ class LowRankCodec:
 
     Params (from a recipe rule): at most one of ``rank`` (int), ``ratio`` (fraction of the layer's
     parameters kept, in (0, 1); default 0.8), ``energy`` (fraction of Σσ² kept, in (0, 1]);
-    ``solver`` (``exact`` | ``randomized``), ``oversample``, ``niter`` (randomized only);
+    ``solver`` (``exact`` | ``randomized``), ``oversample``, ``niter``, ``crossover`` (randomized
+    only, see ``svd.truncated_svd``);
     ``factor_dtype`` (``float32`` | ``float16`` | ``bfloat16``; default the weight's dtype);
     plus the subclass's own (``extra``).
     """
@@ -80,7 +81,7 @@ class LowRankCodec:
 
     # -- parameters -----------------------------------------------------------------------
     def parse(self, m: int, n: int, params: dict[str, Any]) -> dict[str, Any]:
-        known = {"rank", "ratio", "energy", "solver", "oversample", "niter", "factor_dtype", *self.extra}
+        known = {"rank", "ratio", "energy", "solver", "oversample", "niter", "crossover", "factor_dtype", *self.extra}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -106,7 +107,7 @@ class LowRankCodec:
 
     # -- the codec verbs ------------------------------------------------------------------
     def encode(self, w: Tensor, stats: Stats | None = None, **params: Any) -> CompressedTensor:
-        from .svd import truncated_svd
+        from .svd import CROSSOVER, NITER, truncated_svd
 
         if w.ndim != 2:
             raise ValueError(f"{self.name}: a low-rank codec needs a 2-D weight, got shape {tuple(w.shape)}")
@@ -118,10 +119,11 @@ class LowRankCodec:
         if t is not None:
             a = t.apply(a)  # (m, n) = W S
         tr = truncated_svd(a, rank=p.get("rank"), ratio=p.get("ratio"), energy=p.get("energy"),
-                           solver=p["solver"], oversample=int(p.get("oversample", 10)), niter=int(p.get("niter", 2)))
+                           solver=p["solver"], oversample=p.get("oversample"), niter=int(p.get("niter", NITER)),
+                           crossover=float(p.get("crossover", CROSSOVER)))
         k = tr.rank
         fdt = FACTOR_DTYPES[p["factor_dtype"]] if "factor_dtype" in p else w.dtype
-        meta: dict[str, Any] = {"shape": [m, n], "dtype": dtype_name(w.dtype), "rank": k, "method": self.name,
+        meta: dict[str, Any] = {"shape": [m, n], "dtype": dtype_name(w.dtype), "rank": k, "method": self.name, "solver": tr.solver,
                                 "energy_kept": round(tr.energy_kept / tr.energy_total, 6) if tr.energy_total > 0 else 1.0}
         if not saves(m, n, k):
             log.warning("%s: rank %d of a (%d, %d) weight stores %d ≥ %d numbers: saves nothing, left dense",

@@ -40,7 +40,7 @@ from .whiten import whitening
 
 log = logging.getLogger(__name__)
 
-LOWRANK_KEYS = {"rank", "ratio", "energy", "solver", "oversample", "niter", "damp", "alpha"}
+LOWRANK_KEYS = {"rank", "ratio", "energy", "solver", "oversample", "niter", "crossover", "damp", "alpha"}
 
 
 def nest(prefix: str, ct: CompressedTensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
