@@ -15,6 +15,11 @@ removes σ_i² / ‖W S‖²_F of that layer's relative output error at a cost o
 These gains fall within each layer, so spending greedily on the best gain per parameter is the
 optimal prefix choice for this separable objective. Every layer keeps at least ``floor`` of its
 parameters.
+
+The spectrum is a layer's whole error-vs-rank curve, so it is all the allocation needs: it is taken
+while the layer's Gram matrix is in hand, one block at a time, and the Gram matrix is freed before
+the next block's is built (``api.layer_spectra``). On SmolLM2-135M (16×256 calibration tokens) the
+live Gram matrices peak at 25.6 MiB instead of 768 MiB when all were held at once.
 """
 from __future__ import annotations
 
