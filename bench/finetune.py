@@ -34,6 +34,7 @@ from llmpress.io.folder import read_manifest  # noqa: E402
 from llmpress.models import load_tokenizer, resolve  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
 from llmpress.recipe import Recipe  # noqa: E402
+from llmpress.recovery.loop import CLOCKS  # noqa: E402
 from llmpress.text import CALIB_DEFAULT, EVAL_DEFAULTS  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -51,6 +52,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--minutes", type=float, default=20.0, help="training time per case (evaluation excluded)")
+    ap.add_argument("--clock", choices=list(CLOCKS), default="cpu",
+                    help="cpu (default): CPU time / threads, the same budget when other jobs share the machine; wall: elapsed")
     ap.add_argument("--max-steps", type=int, default=100000)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -85,25 +88,26 @@ def main() -> None:
         print(f"[{name}] before: KL {before['kl_mean']:.4f}  PPL {before['ppl']:.2f} (original {before['ref_ppl']:.2f})", file=sys.stderr)
         curve = [{"step": 0, "train_seconds": 0.0, "kl_mean": before["kl_mean"], "ppl": before["ppl"]}]
         budget = args.minutes * 60
-        clock = {"start": time.perf_counter(), "eval": 0.0, "next": budget / args.curve_points}
+        now = CLOCKS[args.clock]
+        clock = {"start": now(), "eval": 0.0, "next": budget / args.curve_points, "wall": time.perf_counter()}
 
         def on_step(step: int, loss: float, model: torch.nn.Module) -> None:
-            trained = time.perf_counter() - clock["start"] - clock["eval"]
+            trained = now() - clock["start"] - clock["eval"]
             if trained < clock["next"] or trained >= budget:
                 return
-            te = time.perf_counter()
+            te = now()
             model.eval()
             r = ref.compare(model, sha)
             model.train()
             curve.append({"step": step, "train_seconds": trained, "loss": loss, "kl_mean": r["kl_mean"], "ppl": r["ppl"]})
             print(f"[{name}] step {step} ({trained:.0f} s): loss {loss:.4f}  KL {r['kl_mean']:.4f}  PPL {r['ppl']:.2f}", file=sys.stderr)
             clock["next"] += budget / args.curve_points
-            clock["eval"] += time.perf_counter() - te
+            clock["eval"] += now() - te
 
         ft = work / f"{name}-ft"
         run = llmpress.finetune(comp, ft, reference=MODEL, text=CALIB_DEFAULT, steps=args.max_steps,
                                 lr=lr * args.lr_scale, qparam_lr=qlr * args.lr_scale if qlr else None, code_lr=args.code_lr,
-                                seq_len=args.seq_len, batch_size=args.batch_size, max_seconds=budget,
+                                seq_len=args.seq_len, batch_size=args.batch_size, max_seconds=budget, clock=args.clock,
                                 schedule="constant", force=True, on_step=on_step, checkpoint_every=0,
                                 grad_ckpt=False, train_latent=not args.qparams_only, warmup=args.warmup)
         after = ref.compare(llmpress.load(ft), sha)
@@ -118,7 +122,7 @@ def main() -> None:
             "bpw_before": mb["bpw"], "bpw_after": ma["bpw"], "bytes_before": mb["bytes_out"], "bytes_after": ma["bytes_out"],
             "loss_first": run["loss_first"], "loss_last": run["loss_last"], "curve": curve,
             "train_text": CALIB_DEFAULT, "eval_text": list(EVAL_DEFAULTS), "overlap": run["overlap"],
-            "seconds": time.perf_counter() - t0, "threads": args.threads, "protocol": ref.protocol.to_dict(),
+            "seconds": time.perf_counter() - t0, "threads": args.threads, "clock": args.clock, "protocol": ref.protocol.to_dict(),
         }
         results.append(res)
         (OUT / "finetune.json").write_text(json.dumps({"model": MODEL, "results": results}, indent=1))

@@ -59,6 +59,28 @@ def test_qat_gradients_ste_and_exact_qparams():
     assert torch.allclose(q.offset.grad, g.reshape(4, 2, 16).sum(-1), atol=1e-5)  # ∂ŵ/∂m = 1
 
 
+@pytest.mark.parametrize("params", [dict(bits=3, group_size=16), dict(bits=4, group_size=8, sym=True)])
+def test_fused_kernels_match_the_torch_quantizer(params):
+    """The one-pass numba kernels give the torch path's weight bit for bit and its gradients."""
+    ct = get_codec("rtn").encode(_w(8, 48), **params)
+    runs = []
+    for fused in (True, False):
+        q = QATLinear(ct)
+        assert q.fused  # whole groups on a closed-form grid
+        q.fused = fused
+        with torch.no_grad():
+            q.latent.add_(torch.randn(q.latent.shape, generator=torch.Generator().manual_seed(1)) * 0.8)
+            q.latent[0, :4] = torch.tensor([0.5, 1.5, 2.5, -9.0])  # ties round to even; one clipped
+        g = torch.randn(8, 48, generator=torch.Generator().manual_seed(2))
+        w = q.fake_weight()
+        (w * g).sum().backward()
+        runs.append((w.detach(), q.latent.grad, q.scale.grad, None if q.offset is None else q.offset.grad))
+    (w1, *g1), (w0, *g0) = runs
+    assert torch.equal(w1, w0)
+    for a, b in zip(g1, g0):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
+
+
 def test_awq_in_scale_and_gptq_gidx_are_kept():
     w = _w(16, 32)
     h = torch.eye(32, dtype=torch.float64) * 4 + 0.1

@@ -30,6 +30,7 @@ def finetune(
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per step."),
     objective: str = typer.Option("kd", "--objective", help="kd (distil from the reference) | nll (next token)."),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop after this many minutes of training."),
+    clock: str = typer.Option("wall", "--clock", help="How --minutes is measured: wall | cpu (CPU time / threads: the same work when the machine is shared)."),
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Go on (with a warning) when the texts overlap."),
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
@@ -43,7 +44,7 @@ def finetune(
         res = run(compressed, out, reference=reference, text=text, steps=steps, lr=lr, qparam_lr=qparam_lr,
                   code_lr=code_lr, seq_len=seq_len,
                   batch_size=batch_size, objective=objective, eval_text=eval_text or None, force=force,
-                  allow_overlap=allow_overlap, max_seconds=minutes * 60 if minutes else None,
+                  allow_overlap=allow_overlap, max_seconds=minutes * 60 if minutes else None, clock=clock,
                   schedule="constant" if minutes else "cosine")
     except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
         fail(str(e).strip("'\""))

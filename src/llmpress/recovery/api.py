@@ -135,7 +135,7 @@ def _load_text(spec: str | None, default: str) -> tuple[str, str]:
 def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, text: str | None = None,
              steps: int = 200, lr: float = 1e-5, seq_len: int = 256, batch_size: int = 4, objective: str = "kd",
              eval_text: str | list[str] | None = None, force: bool = False, allow_overlap: bool = False,
-             max_seconds: float | None = None, checkpoint_every: int = 50, seed: int = 0, grad_ckpt: bool = True,
+             max_seconds: float | None = None, clock: str = "wall", checkpoint_every: int = 50, seed: int = 0, grad_ckpt: bool = True,
              schedule: str = "cosine", warmup: int = 10, qparam_lr: float | None = 1e-4, code_lr: float = 1e-2, train_latent: bool = True, progress: bool = True,
              on_step: Callable[[int, float, nn.Module], None] | None = None) -> dict[str, Any]:
     """Recovery training of the llmpress folder ``compressed`` towards ``reference`` (the original),
@@ -155,7 +155,7 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
     t0 = time.perf_counter()
     cfg = TrainConfig(steps=steps, lr=lr, qparam_lr=qparam_lr, code_lr=code_lr, batch_size=batch_size, seq_len=seq_len,
                       objective=objective, seed=seed, grad_ckpt=grad_ckpt, checkpoint_every=checkpoint_every,
-                      max_seconds=max_seconds, schedule=schedule, warmup=warmup).validate()
+                      max_seconds=max_seconds, clock=clock, schedule=schedule, warmup=warmup).validate()
     src, out = Path(compressed), Path(out)
     if not is_folder(src):
         raise ValueError(f"{src}: not an llmpress folder (quantize/factorize/compress output with llmpress.json)")
@@ -200,7 +200,7 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
             raise AssertionError(f"{p}: re-packing changed the stored size or meta")
     record = {
         "steps": steps, "steps_done": run["steps_done"], "objective": objective, "lr": lr, "qparam_lr": qparam_lr or lr, "code_lr": code_lr,
-        "schedule": schedule, "warmup": warmup, "train_latent": train_latent, "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "max_seconds": max_seconds,
+        "schedule": schedule, "warmup": warmup, "train_latent": train_latent, "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "max_seconds": max_seconds, "clock": clock,
         "text": text_name, "text_windows": int(windows.windows.shape[0]), "eval_text": evals, "overlap": overlap,
         "reference": str(reference), "input": str(src), "losses": run["losses"], "seconds": run["seconds"],
         "trained": {k: sum(1 for m in trainables.values() if m.kind == k) for k in ADAPTERS}, "frozen": frozen,
