@@ -24,7 +24,7 @@ import numpy as np
 from .entropy import entropy_bits
 from .planes import ITEMSIZE, FloatLayout, layout
 from .reader import CHUNK_BYTES, Packed
-from .segments import plan_file
+from .segments import chunks_of, plan_file
 
 
 def _h(hist: np.ndarray | list[int]) -> float:
@@ -62,11 +62,10 @@ def _scan(path: Path, chunk_bytes: int, progress: Callable[[int], None] | None) 
         for seg in plan_file(path):
             if seg.kind != "tensor":
                 continue
-            step = max(1, chunk_bytes // ITEMSIZE[seg.dtype]) * ITEMSIZE[seg.dtype]
             bits, hist = 0.0, None
             f.seek(seg.offset)
-            for o in range(0, seg.length, step):
-                raw = np.frombuffer(f.read(min(step, seg.length - o)), np.uint8)
+            for _, ln in chunks_of(seg, chunk_bytes):
+                raw = np.frombuffer(f.read(ln), np.uint8)
                 b, h = chunk_bound_bits(raw, seg.dtype)
                 bits += b
                 hist = h if hist is None else hist + h
@@ -87,7 +86,12 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
             rows = {}
             for _, s in pk.tensors():
                 st = s.get("stats", {})
-                rows[s["name"]] = tensor_row(s["dtype"], s["shape"], s["length"], st.get("bound_bits", 0.0), st.get("exp_hist"))
+                hist = st.get("exp_hist")
+                if hist is not None and "exp_lo" in st:  # v4: the histogram's nonzero span only
+                    full = [0] * (1 << layout(s["dtype"]).E)
+                    full[st["exp_lo"] : st["exp_lo"] + len(hist)] = hist
+                    hist = full
+                rows[s["name"]] = tensor_row(s["dtype"], s["shape"], s["length"], st.get("bound_bits", 0.0), hist)
                 packed[s["name"]] = sum(c[1] for c in s["chunks"])
             total_in = sum(f["size"] for f in pk.index["files"])
             total_out = pk.size

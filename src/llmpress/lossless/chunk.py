@@ -19,7 +19,7 @@ from .planes import FloatLayout, layout
 
 # policy name -> entropy backends tried on (head, tail, bytes) streams, besides raw
 POLICIES: dict[str, dict[str, tuple[str, ...]]] = {
-    "rans": {"head": ("rans",), "tail": ("rans",), "bytes": ("zstd",)},
+    "rans": {"head": ("rans",), "tail": ("rans", "split"), "bytes": ("zstd",)},
     "ans": {"head": ("ans",), "tail": ("ans",), "bytes": ("zstd",)},
     "zstd": {"head": ("zstd",), "tail": ("zstd",), "bytes": ("zstd",)},
 }

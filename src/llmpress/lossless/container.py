@@ -27,7 +27,7 @@ from ..loading import register_loader
 from .chunk import POLICIES, encode_chunk
 from .planes import ITEMSIZE, layout
 from .reader import CHUNK_BYTES, END, FOOTER, MAGIC, MAX_CHUNK_BYTES, VERSION, CorruptError, Packed, chunk_sum, crc32
-from .segments import Segment, plan_file
+from .segments import Segment, chunks_of, plan_file
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def _input_files(src: Any) -> tuple[Path, list[Path], str]:
 
 
 def _chunks_of(seg: Segment, chunk_bytes: int) -> list[tuple[int, int]]:
-    step = max(ITEMSIZE.get(seg.dtype, 1), chunk_bytes // layout(seg.dtype).itemsize * layout(seg.dtype).itemsize)
-    return [(o, min(step, seg.length - o)) for o in range(0, seg.length, step)]
+    return chunks_of(seg, chunk_bytes, MAX_CHUNK_BYTES)
 
 
 def pack(
@@ -122,6 +121,7 @@ def pack(
                 drain(0)
             for srec in frec["segments"]:
                 if srec["kind"] == "tensor":
+                    _compact(srec["stats"])
                     tensors[srec["name"]] = {"file": rel, **srec.get("stats", {})}
             frec["sha256"] = sha.hexdigest()
             index["files"].append(frec)
@@ -147,6 +147,17 @@ def _segment_record(seg: Segment) -> dict[str, Any]:
     if seg.kind == "tensor":
         rec.update(name=seg.name, shape=list(seg.shape), stats={"bytes": seg.length, "packed": 0, "bound_bits": 0.0})
     return rec
+
+
+def _compact(stats: dict) -> None:
+    """Index bytes count in the ratio: the exponent histogram keeps its nonzero span (from
+    ``exp_lo``), the bound a tenth of a bit."""
+    stats["bound_bits"] = round(stats["bound_bits"], 1)
+    h = stats.get("exp_hist")
+    if h:
+        nz = [i for i, c in enumerate(h) if c]
+        lo, hi = (nz[0], nz[-1] + 1) if nz else (0, 0)
+        stats["exp_lo"], stats["exp_hist"] = lo, h[lo:hi]
 
 
 def _account(rec: dict, st: Any) -> None:

@@ -275,30 +275,119 @@ def entropy_bits(sym: np.ndarray | None, width: int, hist: np.ndarray | None = N
     return float(-(c * np.log2(c / n)).sum())
 
 
+# streams shorter than this take the four-lane coder: 32 lanes cost ~150 bytes more (states and
+# lengths), and a short stream is little decoding time
+WIDE_MIN = 1 << 15
+OVERHEAD = {"rans": 4 * 32 + 40, "rans_v3": 32, "rans_v2": 32, "ans": 16}  # bytes beyond the entropy, ~
+
+
 def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
                   est_bits: float | None = None, hist: np.ndarray | None = None) -> tuple[int, bytes]:
     """Smallest payload among ``raw`` and the candidates worth trying: (backend id, payload).
 
     ``ans``/``rans`` are skipped when the order-0 entropy (``est_bits``, computed if not given)
-    says they cannot beat raw by 1 %; zstd is always tried (its LZ stage can beat order-0 on
-    repeats). ``hist`` (the stream's symbol counts, if the caller has them) spares a pass.
+    plus their fixed costs says they cannot beat raw by 1 %; zstd is always tried (its LZ stage
+    can beat order-0 on repeats); ``split`` codes the stream in pieces. ``hist`` (the stream's
+    symbol counts, if the caller has them) spares a pass.
     """
     raw_len = (len(sym) * width + 7) // 8
     best: tuple[int, bytes | None] = (0, None)
     size = raw_len
     if len(sym):
         for name in candidates:
+            if name == "rans" and len(sym) < WIDE_MIN:
+                name = "rans_v3"
             if name == "ans" or name.startswith("rans"):
                 est = entropy_bits(sym, width) if est_bits is None else est_bits
-                if est / 8 > 0.99 * raw_len:
+                if est / 8 + OVERHEAD[name] > 0.99 * raw_len:
                     continue
             cls = BACKENDS[name]
-            payload = cls.encode(sym, width, hist) if name.startswith("rans") else cls.encode(sym, width)
-            if len(payload) < size:
+            if name == "split":
+                payload = cls.encode(sym, width, size)
+            elif name.startswith("rans"):
+                payload = cls.encode(sym, width, hist)
+            else:
+                payload = cls.encode(sym, width)
+            if payload is not None and len(payload) < size:
                 best, size = (cls.id, payload), len(payload)
     if best[1] is None:
         return 0, pack_bits(sym, width)
     return best  # type: ignore[return-value]
+
+
+@backend("split", 6)
+class Split:
+    """A stream cut into ``k`` equal pieces (the last shorter), each coded on its own by
+    :func:`encode_stream` (raw or ``rans``, with its own model). Pays where one part of a chunk
+    differs from the rest: e.g. the low mantissa bytes of all-MiniLM's untrained embedding
+    rows are zero while the trained rows' are uniform; one model for the mixture costs ~1 bit a
+    symbol more than two (on MiniLM FP32: ~60 KB over 14 tail streams).
+
+    Layout: ``u8 k`` then ``k × (u8 backend id | u32 length)``, then the pieces' payloads.
+    """
+
+    PIECES = (32, 16, 8, 4)  # tried from their estimates (the coarser from the finer histograms)
+    MIN_PIECE = 4096
+
+    @staticmethod
+    def _est(h: np.ndarray, n: int, width: int) -> float:
+        """Bytes a piece of ``n`` symbols with counts ``h`` should cost: raw, or its order-0
+        entropy plus the coder's fixed cost and ~1.3 bytes a present symbol of model."""
+        name = "rans" if n >= WIDE_MIN else "rans_v3"
+        return min(entropy_bits(None, width, h) / 8 + OVERHEAD[name] + 1.3 * np.count_nonzero(h), (n * width + 7) / 8)
+
+    @classmethod
+    def encode(cls, sym: np.ndarray, width: int, beat: int) -> bytes | None:
+        """The split payload, or None when no piece count is estimated to beat ``beat`` bytes
+        (from the pieces' histograms, before any coding)."""
+        n = len(sym)
+        k = cls.PIECES[0]
+        while k > 1 and n < k * cls.MIN_PIECE:
+            k //= 2
+        if k < 2:
+            return None
+        step = -(-n // k)
+        hists = [np.bincount(sym[i : i + step], minlength=1 << width).astype(np.int64) for i in range(0, n, step)]
+        lens = [min(step, n - i) for i in range(0, n, step)]
+        best, best_k = beat - 1 - 5 * k, 0
+        while len(hists) >= 2:
+            e = sum(cls._est(h, m, width) for h, m in zip(hists, lens)) + 1 + 5 * len(hists)
+            if e < best:
+                best, best_k = e, len(hists)
+            if len(hists) % 2:
+                break
+            hists = [hists[i] + hists[i + 1] for i in range(0, len(hists), 2)]
+            lens = [lens[i] + lens[i + 1] for i in range(0, len(lens), 2)]
+        if not best_k:
+            return None
+        step = -(-n // best_k)
+        pieces = [sym[i : i + step] for i in range(0, n, step)]
+        coded = [encode_stream(p, width, ("rans",)) for p in pieces]
+        head = struct.pack("<B", len(coded)) + b"".join(struct.pack("<BI", b, len(c)) for b, c in coded)
+        return head + b"".join(c for _, c in coded)
+
+    @staticmethod
+    def decode(buf: memoryview, n: int, width: int) -> np.ndarray:
+        if len(buf) < 1:
+            raise ValueError("split stream: truncated")
+        k = buf[0]
+        if k < 1 or len(buf) < 1 + 5 * k:
+            raise ValueError("split stream: malformed header")
+        step = -(-n // k)
+        if (k - 1) * step >= n:
+            raise ValueError("split stream: more pieces than symbols")
+        out = np.empty(n, np.uint8 if width <= 8 else np.uint16)
+        pos = 1 + 5 * k
+        for i in range(k):
+            bid, ln = struct.unpack_from("<BI", buf, 1 + 5 * i)
+            if bid == Split.id or pos + ln > len(buf):
+                raise ValueError("split stream: bad piece")
+            m = min(step, n - i * step)
+            out[i * step : i * step + m] = decode_stream(bid, buf[pos : pos + ln], m, width)
+            pos += ln
+        if pos != len(buf):
+            raise ValueError("split stream: trailing bytes")
+        return out
 
 
 def decode_stream(bid: int, payload: memoryview, n: int, width: int) -> np.ndarray:

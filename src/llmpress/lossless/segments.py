@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .planes import ITEMSIZE
+from .planes import ITEMSIZE, FloatLayout, layout
 
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 MAX_NDIM = 16
@@ -109,3 +109,16 @@ def plan_file(path: Path) -> list[Segment]:
     if path.suffix == ".safetensors":
         return plan_safetensors(path)
     return [Segment("bytes", 0, path.stat().st_size)]
+
+
+def chunks_of(seg: Segment, chunk_bytes: int, max_bytes: int = 64 << 20) -> list[tuple[int, int]]:
+    """(offset, length) of the chunks of a segment. A float tensor's chunk holds
+    ``chunk_bytes // 2`` words (its head stream's length, where each chunk pays for its models
+    and lanes), so an FP32 chunk is twice ``chunk_bytes``; other segments are cut every
+    ``chunk_bytes``. Measured on MiniLM FP32: 1 MiB chunks with 16-piece tail streams, 0.81518 →
+    0.81508 of 512 KiB ones (fewer models and lane states; the pieces keep the tails adaptive)."""
+    lay = layout(seg.dtype)
+    size = lay.itemsize if isinstance(lay, FloatLayout) else ITEMSIZE.get(seg.dtype, 1)
+    words = chunk_bytes // 2 if isinstance(lay, FloatLayout) else chunk_bytes // size
+    step = max(size, min(words * size, max_bytes // size * size))
+    return [(o, min(step, seg.length - o)) for o in range(0, seg.length, step)]
