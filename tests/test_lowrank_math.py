@@ -109,7 +109,7 @@ def test_randomized_hands_over_to_exact_past_the_crossover():
     a = _decaying()
     small = truncated_svd(a, rank=20, solver="randomized")  # sketch 30 of 200: randomized
     assert small.solver == "randomized"
-    big = truncated_svd(a, rank=80, solver="randomized")  # sketch 120 > 0.45 · 200: exact
+    big = truncated_svd(a, rank=80, solver="randomized")  # sketch 120 > 0.4 · 200: exact
     ex = truncated_svd(a, rank=80)
     assert big.solver == "exact" and torch.equal(big.s, ex.s)
     assert truncated_svd(a, rank=80, solver="randomized", crossover=1.0).solver == "randomized"
