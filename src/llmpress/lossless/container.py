@@ -24,7 +24,7 @@ import zstandard
 
 from ..io.atomic import atomic_dir, atomic_file, check_output
 from ..loading import register_loader
-from .chunk import POLICIES, encode_chunk
+from .chunk import POLICIES, encode_chunk_parts
 from .planes import ITEMSIZE, layout
 from .reader import CHUNK_BYTES, END, FOOTER, MAGIC, MAX_CHUNK_BYTES, VERSION, CorruptError, Packed, chunk_sum, crc32
 from .segments import Segment, chunks_of, plan_file
@@ -96,9 +96,11 @@ def pack(
             def drain(limit: int) -> None:
                 while len(pending) > limit:
                     rec, ln, crc, fut = pending.popleft()
-                    payload, st = fut.result()
-                    rec["chunks"].append([fo.tell(), len(payload), ln, crc])
-                    fo.write(payload)
+                    parts, st = fut.result()
+                    size = sum(len(b) for b in parts)
+                    rec["chunks"].append([fo.tell(), size, ln, crc])
+                    for b in parts:
+                        fo.write(b)
                     _account(rec, st)
                     if progress:
                         progress(ln)
@@ -114,7 +116,7 @@ def pack(
                             raise OSError(f"{path}: file shrank while packing")
                         # the worker codes while this thread hashes (hashlib releases the GIL):
                         # sha256 and the chunk checksum stay off the workers' critical path
-                        fut = ex.submit(encode_chunk, raw, seg.dtype, policy)
+                        fut = ex.submit(encode_chunk_parts, raw, seg.dtype, policy)
                         sha.update(raw)
                         pending.append((srec, ln, chunk_sum(raw), fut))
                         drain(2 * threads)

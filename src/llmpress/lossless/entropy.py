@@ -282,13 +282,15 @@ OVERHEAD = {"rans": 4 * 32 + 40, "rans_v3": 32, "rans_v2": 32, "ans": 16}  # byt
 
 
 def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
-                  est_bits: float | None = None, hist: np.ndarray | None = None) -> tuple[int, bytes]:
+                  est_bits: float | None = None, hist: np.ndarray | None = None,
+                  view: bool = False) -> tuple[int, bytes]:
     """Smallest payload among ``raw`` and the candidates worth trying: (backend id, payload).
 
     ``ans``/``rans`` are skipped when the order-0 entropy (``est_bits``, computed if not given)
     plus their fixed costs says they cannot beat raw by 1 %; zstd is always tried (its LZ stage
     can beat order-0 on repeats); ``split`` codes the stream in pieces. ``hist`` (the stream's
-    symbol counts, if the caller has them) spares a pass.
+    symbol counts, if the caller has them) spares a pass. ``view``: a raw 8-bit stream comes
+    back as a memoryview of ``sym`` (no copy).
     """
     raw_len = (len(sym) * width + 7) // 8
     best: tuple[int, bytes | None] = (0, None)
@@ -303,7 +305,7 @@ def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
                     continue
             cls = BACKENDS[name]
             if name == "split":
-                payload = cls.encode(sym, width, size)
+                payload = cls.encode(sym, width, size, est_bits)
             elif name.startswith("rans"):
                 payload = cls.encode(sym, width, hist)
             else:
@@ -311,6 +313,8 @@ def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
             if payload is not None and len(payload) < size:
                 best, size = (cls.id, payload), len(payload)
     if best[1] is None:
+        if view and width == 8 and sym.dtype == np.uint8 and sym.flags.c_contiguous:
+            return 0, memoryview(sym).cast("B")
         return 0, pack_bits(sym, width)
     return best  # type: ignore[return-value]
 
@@ -330,34 +334,43 @@ class Split:
     MIN_PIECE = 4096
 
     @staticmethod
-    def _est(h: np.ndarray, n: int, width: int) -> float:
-        """Bytes a piece of ``n`` symbols with counts ``h`` should cost: raw, or its order-0
-        entropy plus the coder's fixed cost and ~1.3 bytes a present symbol of model."""
-        name = "rans" if n >= WIDE_MIN else "rans_v3"
-        return min(entropy_bits(None, width, h) / 8 + OVERHEAD[name] + 1.3 * np.count_nonzero(h), (n * width + 7) / 8)
+    def _est(h: np.ndarray, lens: np.ndarray, width: int) -> float:
+        """Bytes pieces of ``lens`` symbols with counts ``h`` (k, 2**width) should cost: each
+        raw, or its order-0 entropy plus the coder's fixed cost and ~1.3 bytes a present symbol
+        of model."""
+        hf = h.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ent = -np.nansum(hf * np.log2(hf / lens[:, None]), axis=1) / 8
+        fixed = np.where(lens >= WIDE_MIN, OVERHEAD["rans"], OVERHEAD["rans_v3"]) + 1.3 * np.count_nonzero(h, axis=1)
+        return float(np.minimum(ent + fixed, (lens * width + 7) / 8).sum())
 
     @classmethod
-    def encode(cls, sym: np.ndarray, width: int, beat: int) -> bytes | None:
+    def encode(cls, sym: np.ndarray, width: int, beat: int, est_bits: float | None = None) -> bytes | None:
         """The split payload, or None when no piece count is estimated to beat ``beat`` bytes
-        (from the pieces' histograms, before any coding)."""
+        (from the pieces' histograms, before any coding). Skipped when the whole stream's
+        order-0 entropy ``est_bits`` is within 0.5 % of raw: a part that differs from the rest
+        lowers the entropy of the mixture, so near-uniform streams (most tails) cost nothing."""
         n = len(sym)
+        if est_bits is not None and est_bits > 0.995 * n * width:
+            return None
         k = cls.PIECES[0]
         while k > 1 and n < k * cls.MIN_PIECE:
             k //= 2
         if k < 2:
             return None
         step = -(-n // k)
-        hists = [np.bincount(sym[i : i + step], minlength=1 << width).astype(np.int64) for i in range(0, n, step)]
-        lens = [min(step, n - i) for i in range(0, n, step)]
+        A = 1 << width
+        hists = np.stack([np.bincount(sym[i : i + step], minlength=A) for i in range(0, n, step)]).astype(np.int64)
+        lens = np.array([min(step, n - i) for i in range(0, n, step)], np.int64)
         best, best_k = beat - 1 - 5 * k, 0
         while len(hists) >= 2:
-            e = sum(cls._est(h, m, width) for h, m in zip(hists, lens)) + 1 + 5 * len(hists)
+            e = cls._est(hists, lens, width) + 1 + 5 * len(hists)
             if e < best:
                 best, best_k = e, len(hists)
             if len(hists) % 2:
                 break
-            hists = [hists[i] + hists[i + 1] for i in range(0, len(hists), 2)]
-            lens = [lens[i] + lens[i + 1] for i in range(0, len(lens), 2)]
+            hists = hists[0::2] + hists[1::2]
+            lens = lens[0::2] + lens[1::2]
         if not best_k:
             return None
         step = -(-n // best_k)
