@@ -73,6 +73,6 @@ def test_split_codes_a_mixed_stream_in_pieces():
     assert (decode_stream(bid, memoryview(p), len(sym), 8) == sym).all()
     assert Split.encode(rng.integers(0, 256, 1 << 18).astype(np.uint8), 8, 1 << 18, 8.0 * (1 << 18)) is None
     bad = bytearray(p)
-    bad[0] = 200  # more pieces than the header holds
-    with pytest.raises(ValueError, match="split stream"):
+    bad[0] = 200  # a wrong piece count: pieces' headers and payloads no longer line up
+    with pytest.raises(ValueError, match="stream"):
         decode_stream(bid, memoryview(bytes(bad)), len(sym), 8)
