@@ -1,21 +1,30 @@
-"""Quantization benchmark: llmpress RTN / GPTQ / AWQ / HQQ against peers on SmolLM2-135M.
+"""Quantization benchmark: llmpress RTN / GPTQ / AWQ against peers on SmolLM2-135M.
 
-    .venv/bin/python bench/quant.py                      # the full grid (long on 2 cores)
-    .venv/bin/python bench/quant.py --configs 4:128,3:128 --methods rtn,gptq,awq --peers hqq,quanto
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quant.py --configs 8:128,4:128,3:128,2:64 --samples 8 --tokens 1024
+    .venv/bin/python bench/quant.py --configs 4:128,3:128 --methods rtn,gptq,awq --peers hqq,llmc-gptq
 
 For each (bits, group size) and each contender: quantize SmolLM2-135M, then measure with
 ``llmpress.evaluate`` (top-128 KL to the original and perplexity, cached reference) on each
 evaluation text separately — by default the two held-out domains ``llmpress.text.EVAL_DEFAULTS``
 (debian-handbook, linux-doc), neither of which is in the calibration mix (python-doc, fortunes,
 wordnet). Wall time is that of the quantization run only (llmpress: the whole sequential
-pipeline incl. calibration forward passes and writing; peers: their quantize call over all
-block linears), all with the same torch thread count (``--threads``, reported).
+pipeline incl. calibration forward passes and writing; per-linear peers: their quantize call
+over all block linears; llm-compressor: its ``oneshot`` call, calibration included), all with
+the same torch thread count (``--threads``, reported).
 
-Peers run in their own virtual environments under ``bench/.venvs/NAME`` (created here: torch
-pinned first, then the peer with a torch pin). This same file is their worker (``--worker``):
-it quantizes every block linear with the peer's own code, dequantizes it and saves the dense
-weights; the main process loads them into the model and evaluates with the same protocol.
-Results: a table on stdout and ``bench/out/quant.json``.
+Peers (``PEERS``), each in its own virtual environment under ``bench/.venvs/`` (created here:
+torch pinned first, then the peer with a torch pin): HQQ, optimum-quanto, torchao
+(``IntxWeightOnlyConfig``, asymmetric, PerGroup), llm-compressor RTN (``QuantizationModifier``)
+and GPTQ (``GPTQModifier``, its defaults otherwise), asymmetric int weights in groups like
+llmpress's default grid. llm-compressor calibrates on the very windows llmpress uses (written
+once to ``bench/out/quant/calib-*.json``); compressed-tensors refuses groups that do not divide
+a layer's width (576 % 128 on SmolLM2), so there it runs with the largest power-of-two group
+that divides every width (64), marked ``*`` in the table. This same file is each peer's worker
+(``--worker``): it quantizes every block linear with the peer's own code, dequantizes and saves
+the dense weights; the main process loads them into the model and evaluates with OUR protocol.
+
+Results are cached in ``bench/out/quant.json`` keyed by contender, bits, group size and the
+protocol (samples, seq_len, calibration text, tokens, texts, threads): a re-run resumes.
 """
 from __future__ import annotations
 
@@ -140,8 +149,8 @@ def _llmc(method: str):
             from datasets import Dataset
 
             ids = json.loads(Path(calib).read_text())
-            kw = dict(dataset=Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]}),
-                      num_calibration_samples=len(ids), max_seq_length=len(ids[0]))
+            kw = {"dataset": Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]}),
+                  "num_calibration_samples": len(ids), "max_seq_length": len(ids[0])}
         t = time.perf_counter()
         oneshot(model=model, recipe=[mod], **kw)
         secs = time.perf_counter() - t
@@ -267,6 +276,10 @@ def fidelity(model, texts: list[str], tokens: int, tokenizer=None) -> dict:
     return out
 
 
+def _num(x: float) -> str:
+    return f"{x:.2f}" if abs(x) < 1e5 else f"{x:.2e}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="8:128,4:128,3:128,2:64", help="bits:group_size,...")
@@ -299,8 +312,7 @@ def main() -> None:
     import llmpress
     from llmpress.models import load_tokenizer, resolve
     from llmpress.pipeline import calib_ids
-    from llmpress.text import CALIB_DEFAULT, load_text
-    from llmpress.text import EVAL_DEFAULTS
+    from llmpress.text import CALIB_DEFAULT, EVAL_DEFAULTS, load_text
 
     texts = a.texts.split(",") if a.texts else list(EVAL_DEFAULTS)
     src = resolve("smollm2-135m").path
@@ -364,13 +376,14 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M, {a.threads} thread(s); calibration {a.samples}×{a.seq_len} tokens of "
           f"{a.calib or 'calib-mix'}; eval {a.tokens} tokens per text, top-128 KL to the original")
-    head = f"{'contender':<18}{'bits':>5}{'g':>5}{'bpw':>7}{'secs':>8}" + "".join(f"{'KL ' + t[:10]:>16}{'PPL':>8}" for t in texts)
+    head = f"{'contender':<18}{'bits':>5}{'g':>5}{'bpw':>7}{'secs':>8}" + "".join(f"{'KL ' + t[:10]:>16}{'PPL':>9}" for t in texts)
     print(head)
     rows = json.loads(res_path.read_text()) if res_path.exists() else rows
     stale = [r for r in rows if r.get("protocol") != protocol]
     rows = [r for r in rows if r.get("protocol") == protocol]
     for r in sorted(rows, key=lambda r: (-r["bits"], r["group_size"], r["who"])):
-        cells = "".join(f"{r['eval'][t]['kl_mean']:>16.4f}{r['eval'][t]['ppl']:>8.2f}" if t in r["eval"] else " " * 24 for t in texts)
+        cells = "".join(f"{r['eval'][t]['kl_mean']:>16.4f}{_num(r['eval'][t]['ppl']):>9}" if t in r["eval"] else " " * 25
+                        for t in texts)
         bpw = f"{r['bpw']:.3f}" if r.get("bpw") else "-"
         g = f"{r['group_size_used']}*" if r.get("group_size_used") else str(r["group_size"])
         print(f"{r['who']:<18}{r['bits']:>5}{g:>5}{bpw:>7}{r['seconds']:>8.1f}{cells}")

@@ -96,7 +96,7 @@ def _stored_keys(folder) -> set[str]:
 
 
 def test_folded_awq_end_to_end_stores_no_scale(tiny_llama_dir, tmp_path):
-    kw = dict(method="awq", bits=4, group_size=16, samples=2, seq_len=32, progress=False)
+    kw = {"method": "awq", "bits": 4, "group_size": 16, "samples": 2, "seq_len": 32, "progress": False}
     awq = llmpress.quantize(tiny_llama_dir, tmp_path / "awq", **kw)
     awq_s = llmpress.quantize(tiny_llama_dir, tmp_path / "awq-s", fold=False, **kw)
     assert not any(k.endswith(".in_scale") for k in _stored_keys(tmp_path / "awq"))  # every scale folded
@@ -107,5 +107,5 @@ def test_folded_awq_end_to_end_stores_no_scale(tiny_llama_dir, tmp_path):
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         lr, lf, ls = (m(input_ids=ids).logits.log_softmax(-1) for m in (ref, model, model_s))
-    kl = lambda a: torch.nn.functional.kl_div(a, lr, log_target=True, reduction="batchmean").item()  # noqa: E731
+    kl = lambda a: torch.nn.functional.kl_div(a, lr, log_target=True, reduction="batchmean").item()
     assert kl(lf) < 0.5 and kl(ls) < 0.5
