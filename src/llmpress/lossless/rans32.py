@@ -169,19 +169,19 @@ def encode_scalar(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to
 
 
 @intrinsic
-def _enc_steps_simd(typingctx, xs, ps, sym, freq, start, rcp, buf, nsteps, pb):
+def _enc_steps_simd(typingctx, xs, ps, sym, fc, rcp, buf, nsteps, pb):
     """Encode steps ``nsteps-1 .. 0`` of all LANES lanes, eight lanes a vector: states xs
     (LANES,) uint32 and stack positions ps (LANES,) int32 (flat indices into buf (L*cap,)
-    uint16; both updated in place), sym (nsteps*LANES,) uint8/uint16, per-symbol freq / start
-    (A,) uint32 and rcp (A,) float64 = 1/freq. The quotient ``x // f`` is ``floor(x·rcp)``
+    uint16; both updated in place), sym (nsteps*LANES,) uint8/uint16, per symbol
+    fc (A,) uint32 = freq | start << 16 and rcp (A,) float64 = 1/freq. The quotient ``x // f`` is ``floor(x·rcp)``
     corrected by one (doubles hold x < 2**32 exactly; the product is low by less than one)."""
-    sig = types.void(xs, ps, sym, freq, start, rcp, buf, nsteps, pb)
+    sig = types.void(xs, ps, sym, fc, rcp, buf, nsteps, pb)
 
     def codegen(context, builder, signature, args):
-        pxs, pps, psym, pf, pc, prc, pbuf = [context.make_array(t)(context, builder, a).data
-                                             for t, a in zip(signature.args[:7], args[:7])]
-        n = builder.sext(args[7], _i64) if args[7].type.width < 64 else args[7]
-        pbv = builder.trunc(args[8], _i32) if args[8].type.width > 32 else args[8]
+        pxs, pps, psym, pf, prc, pbuf = [context.make_array(t)(context, builder, a).data
+                                         for t, a in zip(signature.args[:6], args[:6])]
+        n = builder.sext(args[6], _i64) if args[6].type.width < 64 else args[6]
+        pbv = builder.trunc(args[7], _i32) if args[7].type.width > 32 else args[7]
         undef = ir.Constant(_v32, ir.Undefined)
 
         def splat(v):
@@ -225,8 +225,9 @@ def _enc_steps_simd(typingctx, xs, ps, sym, freq, start, rcp, buf, nsteps, pb):
             x, p = xphi[g], pphi[g]
             sv = builder.load(vptr(psym, builder.add(base, ir.Constant(_i64, g * _V)), st), align=1)
             s = builder.zext(sv, _v32) if st.element.width < 32 else sv
-            f = gat(pf, s, _i32, _v32)
-            c = gat(pc, s, _i32, _v32)
+            fc = gat(pf, s, _i32, _v32)  # freq | start << 16: one load a symbol for both
+            f = builder.and_(fc, _splat(0xFFFF))
+            c = builder.lshr(fc, _splat(16))
             rf = gat(prc, s, None, vd)
             e = builder.sext(builder.icmp_unsigned(">=", x, builder.shl(f, shv)), _v32)  # -1: push a word
             for k in range(_V):  # the word is always written; the stack grows only where e
@@ -235,7 +236,9 @@ def _enc_steps_simd(typingctx, xs, ps, sym, freq, start, rcp, buf, nsteps, pb):
                 builder.store(builder.trunc(xk, _i16), builder.gep(pbuf, [builder.sub(pk, ir.Constant(_i32, 1))]))
             p = builder.add(p, e)
             x = builder.lshr(x, builder.and_(e, _splat(16)))
-            q = builder.fptoui(builder.fmul(builder.uitofp(x, vd), rf), _v32)
+            # after renormalisation x < f << (32 - pb), so x // f < 2**20: a signed conversion
+            # suffices (AVX2 has none from double to unsigned)
+            q = builder.fptosi(builder.fmul(builder.uitofp(x, vd), rf), _v32)
             r = builder.sub(x, builder.mul(q, f))
             ge = builder.sext(builder.icmp_unsigned(">=", r, f), _v32)
             q = builder.sub(q, ge)
@@ -268,13 +271,11 @@ def encode(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to 2**pb 
     A = freq.shape[0]
     start = np.empty(A, np.int64)
     f32 = np.empty(A, np.uint32)
-    c32 = np.empty(A, np.uint32)
     rcp = np.zeros(A, np.float64)
     acc = 0
     for s in range(A):
         start[s] = acc
-        c32[s] = acc
-        f32[s] = freq[s]
+        f32[s] = freq[s] | (acc << 16)
         acc += freq[s]
         if freq[s] > 0:
             rcp[s] = 1.0 / freq[s]
@@ -298,7 +299,7 @@ def encode(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to 2**pb 
         for j in range(L):
             x32[j] = xs[j]
             p32[j] = j * cap + ps[j]
-        _enc_steps_simd(x32, p32, sym, f32, c32, rcp, flat, steps, pb)
+        _enc_steps_simd(x32, p32, sym, f32, rcp, flat, steps, pb)
         for j in range(L):
             xs[j] = x32[j]
             ps[j] = p32[j] - j * cap
