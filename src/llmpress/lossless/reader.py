@@ -9,12 +9,14 @@ Layout (little-endian)::
 
 The index lists every input file (relative path, size, sha256) as segments that cover it byte
 for byte (segments.py): the safetensors header verbatim, one typed segment per tensor (name,
-dtype, shape), gaps. Each segment is a list of chunks ``[offset, length, raw bytes, crc32]``
-of ≈512 KiB of raw bytes; since version 2 the crc32 is that of the chunk's *decoded* bytes, so
-each chunk is checked as soon as it is decoded, by the consuming thread while the workers decode
-the next ones (the chunks of a segment cover it, so every restored byte is checked without a
-serial pass of its own; version 1 stored the payload's
-crc32 and one crc32 per segment, both still checked when reading a v1 file). Config, tokenizer
+dtype, shape), gaps. Each segment is a list of chunks ``[offset, length, raw bytes, checksum]``
+(a float tensor's chunk holds 256 Ki words: 512 KiB of BF16, 1 MiB of FP32; segments.chunks_of).
+Since version 2 the checksum is that of the chunk's *decoded* bytes (crc32 in v2/v3, the low 32
+bits of xxh3-64 since v4), so each chunk is checked as soon as it is decoded, by the consuming
+thread while the workers decode the next ones (the chunks of a segment cover it, so every
+restored byte is checked without a serial pass of its own; version 1 stored the payload's
+crc32 and one crc32 per segment, both still checked when reading a v1 file). Payloads are read
+as slices of a read-only memory map (no copy). Config, tokenizer
 and other files are ``bytes`` segments, zstd-coded or stored. So one tensor is read by seeking
 to its chunks; chunks decode in parallel; a whole file is checked against its sha256 on
 ``unpack``/``verify`` (which can skip it: the chunk checksums already cover every byte).
