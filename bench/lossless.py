@@ -6,7 +6,7 @@
 Ratio = compressed size / file size (whole safetensors file, header included); encode and
 decode throughput in MB/s of the original file (best of ``--reps``), at 1 and 2 threads.
 llmpress decode = ``verify(sha256=False)``: decode everything in memory and check every
-chunk's crc32 (which covers every byte); ``dec+sha`` adds the serial sha256 of each whole file
+chunk's checksum (xxh3 since container v4; the chunks cover every byte); ``dec+sha`` adds the serial sha256 of each whole file
 (what ``unpack``/``verify`` do by default). The compiled kernels are loaded (warm-up) before
 timing. ZipNN
 runs in its own venv (bench/.venvs/zipnn, created here with the torch pin) in a subprocess,
@@ -138,6 +138,7 @@ def kernel_only(reps: int) -> None:
     import numpy as np
 
     from llmpress.lossless import kernels as K
+    from llmpress.lossless import rans32 as R32
     from llmpress.lossless.chunk import encode_chunk
     from llmpress.lossless.container import _chunks_of
     from llmpress.lossless.entropy import BY_ID, decode_stream
@@ -157,18 +158,23 @@ def kernel_only(reps: int) -> None:
         for seg in plan_file(path):
             if seg.dtype not in ("F32", "BF16"):
                 continue
-            for o, ln in _chunks_of(seg, 512 << 10):
+            for o, ln in _chunks_of(seg, 512 << 10):  # as pack cuts them
                 c = encode_chunk(data[seg.offset + o : seg.offset + o + ln], seg.dtype)[0]
                 bid, plen = struct.unpack_from("<BI", c, 1)
                 heads.append((bid, c[6 : 6 + plen], ln // (4 if seg.dtype == "F32" else 2)))
         n = sum(h[2] for h in heads)
-        prep = []
+        prep = []  # (kernel, words, n, decode tables..., pb, out): 32-lane (id 5) or four-lane streams
         for bid, pl, m in heads:
             b = np.frombuffer(pl, np.uint8)
             f = np.zeros(1024, np.int64)
             pb, used = BY_ID[bid].read_model(b, 1024, f)
-            prep.append((b[used:].view("<u2"), m, *K.decode_table(f, pb), pb, np.empty(m, np.uint16)))
-        t_k = best(lambda: [K.rans_decode(w, m, ds, di, pb, o) for w, m, ds, di, pb, o in prep])
+            if pb <= 0:
+                continue
+            if BY_ID[bid].name == "rans":
+                prep.append((R32.decode, b[used:], m, *R32.decode_table(f, pb), pb, np.empty(m, np.uint16)))
+            else:
+                prep.append((K.rans_decode, b[used:].view("<u2"), m, *K.decode_table(f, pb), pb, np.empty(m, np.uint16)))
+        t_k = best(lambda: [k(w, m, ds, di, pb, o) for k, w, m, ds, di, pb, o in prep])
         t_s = best(lambda: [decode_stream(bid, memoryview(pl), m, 10) for bid, pl, m in heads])
         print(f"{label}: {len(heads)} head streams, {n} symbols: rANS kernel {t_k * 1e9 / n:.2f} ns/symbol, "
               f"decode_stream {t_s * 1e9 / n:.2f} ns/symbol ({t_s * 1e3 / (n * 2 / 2**20):.2f} ms per MiB of decoded u16 head)")

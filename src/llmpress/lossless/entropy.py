@@ -10,10 +10,14 @@ stored raw, whichever is smaller" holds per stream. Backends, by id (stored in t
   stream). Kept as a measured alternative and to read v1 files; it holds the GIL.
 - ``zstd`` (2): zstandard; on a stream without repeats this is zstd's Huffman literal stage
   (the "entropy stage" ZipNN uses); with repeats its LZ stage helps too.
-- ``rans`` (4, the default): our interleaved rANS (kernels.py), 12-bit static model from this
-  chunk's histogram, stored in ~1.2 bytes a present symbol (model.py); compiled with numba, GIL
-  released. ``rans_v2`` (3): the same coder with the v2 varint model bytes (~2.2 bytes a
-  symbol), read for container v2 files.
+- ``rans`` (5, the default): our 32-lane interleaved rANS (rans32.py, coded and decoded eight
+  lanes a vector), 12/13-bit static model from this chunk's histogram, stored in ~1.2 bytes a
+  present symbol (model.py); compiled with numba, GIL released. Streams shorter than
+  ``WIDE_MIN`` go to ``rans_v3`` (4): the four-lane coder of kernels.py with the same model
+  bytes (container v3; 32 lanes' states would cost ~150 bytes more). ``rans_v2`` (3): the
+  four-lane coder with the v2 varint model bytes (~2.2 bytes a symbol), read for v2 files.
+- ``split`` (6): the stream in 4–32 pieces, each coded on its own (raw or ``rans``): for chunks
+  whose parts differ (MiniLM's untrained embedding rows have zero low mantissa bytes).
 
 Measured on all-MiniLM-L6-v2 (bench/lossless.py): ``rans`` and ``ans`` land within 0.05 % of
 each other (both ~0.1 % above the per-chunk order-0 entropy); ``rans`` decodes ~7x faster than
