@@ -84,7 +84,8 @@ def pack(
     index: dict[str, Any] = {"format": "llmpress.lossless", "version": VERSION, "root": root_kind,
                              "chunk_bytes": chunk_bytes, "policy": policy, "files": []}
     tensors: dict[str, dict[str, Any]] = {}
-    with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo, _encoders(threads) as ex:
+    with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo, _encoders(threads) as ex, \
+            ThreadPoolExecutor(1) as hasher:
         fo.write(MAGIC + struct.pack("<I", VERSION))
         for path in files:
             segs = plan_file(path)
@@ -114,10 +115,10 @@ def pack(
                         raw = np.frombuffer(fi.read(ln), np.uint8)
                         if len(raw) != ln:
                             raise OSError(f"{path}: file shrank while packing")
-                        # the worker codes while this thread hashes (hashlib releases the GIL):
-                        # sha256 and the chunk checksum stay off the workers' critical path
+                        # the file's sha256 runs in its own thread (one worker keeps the order;
+                        # hashlib releases the GIL), beside the coding (inline with threads=1)
                         fut = ex.submit(encode_chunk_parts, raw, seg.dtype, policy)
-                        sha.update(raw)
+                        hasher.submit(sha.update, raw)
                         pending.append((srec, ln, chunk_sum(raw), fut))
                         drain(2 * threads)
                 drain(0)
@@ -125,7 +126,7 @@ def pack(
                 if srec["kind"] == "tensor":
                     _compact(srec["stats"])
                     tensors[srec["name"]] = {"file": rel, **srec.get("stats", {})}
-            frec["sha256"] = sha.hexdigest()
+            frec["sha256"] = hasher.submit(sha.hexdigest).result()
             index["files"].append(frec)
         blob = zstandard.ZstdCompressor(level=9).compress(json.dumps(index, separators=(",", ":")).encode())
         off = fo.tell()
