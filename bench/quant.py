@@ -276,6 +276,15 @@ def fidelity(model, texts: list[str], tokens: int, tokenizer=None) -> dict:
     return out
 
 
+def _value(x: str) -> int | float | str:
+    for f in (int, float):
+        try:
+            return f(x)
+        except ValueError:
+            pass
+    return x
+
+
 def _num(x: float) -> str:
     return f"{x:.2f}" if abs(x) < 1e5 else f"{x:.2e}"
 
@@ -348,7 +357,7 @@ def main() -> None:
     extra = [("rtn", {"grid": "seed"}, "llmpress-seed"), ("rtn", {"grid": "seed_rtn"}, "llmpress-seed_rtn")] if a.seed_grid else []
     for v in a.variant:
         name, method, kv = (v.split(":", 2) + [""])[:3]
-        opts = {k: (float(x) if "." in x else int(x)) for k, x in (p.split("=") for p in kv.split(",") if p)}
+        opts = {k: _value(x) for k, x in (p.split("=") for p in kv.split(",") if p)}
         extra.append((method, opts, f"llmpress-{name}"))
     for bits, gs in configs:
         for m, opts, who in [(m, {}, f"llmpress-{m}") for m in methods] + extra:

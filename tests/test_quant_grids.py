@@ -116,7 +116,7 @@ def test_ragged_last_group_has_its_own_parameters():
     assert err[:, :512].max() < err[:, 512:].max() / 20
 
 
-@pytest.mark.parametrize("grid", ["asym", "sym", "nf", "seed", "seed_rtn"])
+@pytest.mark.parametrize("grid", ["asym", "asymz", "sym", "nf", "seed", "seed_rtn"])
 @pytest.mark.parametrize("rng", ["minmax", "mse", "percentile"])
 def test_grids_and_ranges_decode_consistently(grid, rng):
     w = torch.randn(6, 200) * 0.1
@@ -125,6 +125,25 @@ def test_grids_and_ranges_decode_consistently(grid, rng):
     assert torch.allclose(get_codec("rtn").decode(ct), grids.fake_quantize(w, spec), atol=1e-6)
     rel = (get_codec("rtn").decode(ct) - w).norm() / w.norm()
     assert rel < (0.25 if grid == "seed" else 0.15)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_asymz_holds_zero_exactly(bits):
+    """The integer zero point puts 0 on the grid: exact zeros stay zero (the float-offset grid's
+    points are lo + k·s, anywhere relative to 0)."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(64, 256, generator=g) * 0.02 + 0.004  # all groups shifted a little off centre
+    w[:, ::7] = 0.0
+    spec_z = GridSpec(bits=bits, group_size=128, grid="asymz").validate()
+    codec = get_codec("rtn")
+    ct = codec.encode(w, bits=bits, group_size=128, grid="asymz")
+    assert sorted(ct.data) == ["qweight", "scale", "zero"]
+    assert torch.equal(ct.data["zero"], ct.data["zero"].round()) and int(ct.data["zero"].max()) <= 2**bits - 1
+    d = codec.decode(ct)
+    assert torch.equal(d[:, ::7], torch.zeros_like(d[:, ::7]))
+    assert torch.equal(d, grids.fake_quantize(w, spec_z))
+    asym = grids.fake_quantize(w, GridSpec(bits=bits, group_size=128).validate())
+    assert not torch.equal(asym[:, ::7], torch.zeros_like(asym[:, ::7]))  # the float-offset grid misses 0
 
 
 def test_mse_range_beats_minmax_on_heavy_tails():
