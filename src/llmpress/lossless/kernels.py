@@ -35,7 +35,7 @@ _JIT = dict(nogil=True, cache=True, boundscheck=False)
 def normalize_freqs(hist, pb):  # hist: (A,) int64 counts -> (A,) int64 freqs summing to 2**pb
     """Quantise counts to frequencies summing to ``2**pb`` (needs #present ≤ 2**pb).
 
-    Start from ``max(1, floor(c·T/n))``, then hand the missing slots out one by one to the
+    Start from ``max(1, round(c·T/n))``, then hand the missing slots out one by one to the
     symbol whose code length drops the most per slot (``c·log2((f+1)/f)``), or take surplus slots
     from the one that loses the least; a max-scan per slot over the present symbols (few hundred).
     """
@@ -51,7 +51,7 @@ def normalize_freqs(hist, pb):  # hist: (A,) int64 counts -> (A,) int64 freqs su
     for s in range(A):
         c = hist[s]
         if c > 0:
-            q = (c * T) // n
+            q = (2 * c * T + n) // (2 * n)  # rounded: the fix-up below moves few slots
             if q < 1:
                 q = 1
             f[s] = q
