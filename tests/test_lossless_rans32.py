@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from llmpress.lossless import kernels as K
 from llmpress.lossless import rans32 as R
-from llmpress.lossless.entropy import BACKENDS, Rans, Split, decode_stream, encode_stream
+from llmpress.lossless.entropy import (
+    BACKENDS,
+    Rans,
+    Split,
+    decode_stream,
+    encode_stream,
+)
 
 
 def _skewed(n: int, width: int, seed: int) -> np.ndarray:

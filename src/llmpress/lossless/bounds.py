@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .entropy import entropy_bits
-from .planes import ITEMSIZE, FloatLayout, layout
+from .planes import FloatLayout, layout
 from .reader import CHUNK_BYTES, Packed
 from .segments import chunks_of, plan_file
 

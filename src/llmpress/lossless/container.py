@@ -14,8 +14,8 @@ import struct
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -25,8 +25,18 @@ import zstandard
 from ..io.atomic import atomic_dir, atomic_file, check_output
 from ..loading import register_loader
 from .chunk import POLICIES, encode_chunk_parts
-from .planes import ITEMSIZE, layout
-from .reader import CHUNK_BYTES, END, FOOTER, MAGIC, MAX_CHUNK_BYTES, VERSION, CorruptError, Packed, chunk_sum, crc32
+from .reader import (
+    CHUNK_BYTES,
+    END,
+    FOOTER,
+    MAGIC,
+    MAX_CHUNK_BYTES,
+    VERSION,
+    CorruptError,
+    Packed,
+    chunk_sum,
+    crc32,
+)
 from .segments import Segment, chunks_of, plan_file
 
 log = logging.getLogger(__name__)
