@@ -82,19 +82,3 @@ def test_split_codes_a_mixed_stream_in_pieces():
     bad[0] = 200  # a wrong piece count: pieces' headers and payloads no longer line up
     with pytest.raises(ValueError, match="stream"):
         decode_stream(bid, memoryview(bytes(bad)), len(sym), 8)
-
-
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 7, 1001])
-def test_bf16_merge_from_packed_tail(n):
-    """The fused merge (planes.merge_packed6) reads the 6-bit tail from its packed bytes and
-    gives the words back exactly, every remainder n % 4 included."""
-    from llmpress.lossless.entropy import pack_bits
-    from llmpress.lossless.planes import layout
-
-    rng = np.random.default_rng(n)
-    raw = rng.integers(0, 256, 2 * n).astype(np.uint8)
-    lay = layout("BF16")
-    head, tail = lay.split(raw)
-    packed = np.frombuffer(pack_bits(tail, 6), np.uint8)
-    assert (lay.merge_packed(head, packed, n) == raw).all()
-    assert lay.merge_packed(head, packed[:-1], n) is None if n else True  # wrong length: not taken

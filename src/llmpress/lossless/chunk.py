@@ -80,11 +80,6 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int) -> np.ndarray:
         pos += 5
         if pos + ln > len(buf):
             raise ValueError("chunk truncated")
-        if bid == 0 and len(parts) == 1 and isinstance(lay, FloatLayout) and len(lay.fields) == 2 \
-                and pos + ln == len(buf):  # a raw last tail piece: merged from its packed bytes
-            x = lay.merge_packed(parts[0], np.frombuffer(buf[pos : pos + ln], np.uint8), n)
-            if x is not None:
-                return x
         sym = decode_stream(bid, buf[pos : pos + ln], n, f.width)
         if len(sym) != n:
             raise ValueError("stream decoded to the wrong length")

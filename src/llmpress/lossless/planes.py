@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 from . import kernels as K
 
@@ -75,51 +74,12 @@ class FloatLayout(Layout):
     def split(self, raw: np.ndarray) -> list[np.ndarray]:
         return self.split_hist(raw)[0]
 
-    def merge_packed(self, head: np.ndarray, buf: np.ndarray, n: int) -> np.ndarray | None:
-        """:meth:`merge` with the tail given as its raw bit-packed bytes, for a single 6-bit
-        tail piece (BF16); None for other layouts (the caller unpacks and merges)."""
-        if self.tail_widths != [6] or len(buf) != (6 * n + 7) // 8:
-            return None
-        x = np.empty(n, self.word)
-        merge_packed6(head, buf, self.E, self.M, self.k, x)
-        return x.view(np.uint8)
-
     def merge(self, parts: list[np.ndarray], n: int) -> np.ndarray:
         x = np.empty(n, self.word)
         t = [np.ascontiguousarray(q, np.uint8) for q in parts[1:]]
         t += [t[0]] * (3 - len(t))
         K.merge_float(parts[0], t[0], t[1], t[2], self.E, self.M, self.k, self._w, x)
         return x.view(np.uint8)
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def merge_packed6(head, buf, E, M, k, x):  # head (n,); buf: the 6-bit tail bit-packed (pack_bits); x (n,) out
-    """:meth:`FloatLayout.merge` of a layout with one 6-bit tail piece (BF16), reading the tail
-    straight from its bit-packed bytes (4 symbols in 3 bytes): one pass instead of unpacking
-    the tail, then merging."""
-    n = x.shape[0]
-    low = np.uint32(M - k)
-    lmask = np.uint32((1 << (M - k)) - 1)
-    sE = np.uint32(E + M)
-    for q in range(n // 4):
-        a = np.uint32(buf[3 * q])
-        b = np.uint32(buf[3 * q + 1])
-        c = np.uint32(buf[3 * q + 2])
-        t0 = a & np.uint32(63)
-        t1 = (a >> np.uint32(6)) | ((b & np.uint32(15)) << np.uint32(2))
-        t2 = (b >> np.uint32(4)) | ((c & np.uint32(3)) << np.uint32(4))
-        t3 = c >> np.uint32(2)
-        i = 4 * q
-        x[i] = (t0 >> low) << sE | np.uint32(head[i]) << low | (t0 & lmask)
-        x[i + 1] = (t1 >> low) << sE | np.uint32(head[i + 1]) << low | (t1 & lmask)
-        x[i + 2] = (t2 >> low) << sE | np.uint32(head[i + 2]) << low | (t2 & lmask)
-        x[i + 3] = (t3 >> low) << sE | np.uint32(head[i + 3]) << low | (t3 & lmask)
-    for i in range(n // 4 * 4, n):
-        bit = 6 * i
-        j = bit >> 3
-        v = np.uint32(buf[j]) | (np.uint32(buf[j + 1]) << np.uint32(8) if j + 1 < buf.shape[0] else np.uint32(0))
-        t = (v >> np.uint32(bit & 7)) & np.uint32(63)
-        x[i] = (t >> low) << sE | np.uint32(head[i]) << low | (t & lmask)
 
 
 # safetensors dtype name -> layout. k (top mantissa bits in the head) is chosen so the head's
