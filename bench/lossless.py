@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/lossless.py [--reps 3]
     .venv/bin/python bench/lossless.py --kernel   # the head streams' rANS decode alone, ns/symbol
+    .venv/bin/python bench/lossless.py --stages   # each encode/decode stage on BF16, ms and ns/word
 
 Ratio = compressed size / file size (whole safetensors file, header included); encode and
 decode throughput in MB/s of the original file (best of ``--reps``, the reps of all tools
@@ -181,18 +182,88 @@ def kernel_only(reps: int) -> None:
               f"decode_stream {t_s * 1e9 / n:.2f} ns/symbol ({t_s * 1e3 / (n * 2 / 2**20):.2f} ms per MiB of decoded u16 head)")
 
 
+def stages(reps: int) -> None:
+    """One thread, per stage, on every BF16 chunk of MiniLM (256 Ki words each): the encode and
+    decode kernels of the head (32-lane vector and scalar, four-lane v3), the tail, the merge
+    and the checksums. Prints ms and ns a word."""
+    import hashlib
+    import zlib
+
+    import numpy as np
+    import xxhash
+
+    from llmpress.lossless import kernels as K
+    from llmpress.lossless import rans32 as R
+    from llmpress.lossless.container import _chunks_of
+    from llmpress.lossless.planes import layout
+    from llmpress.lossless.segments import plan_file
+
+    path = inputs()["BF16"]
+    data = np.fromfile(path, np.uint8)
+    chunks = [data[s.offset + o : s.offset + o + ln] for s in plan_file(path) if s.dtype == "BF16"
+              for o, ln in _chunks_of(s, 512 << 10)]
+    lay = layout("BF16")
+
+    def best(fn, r: int = reps) -> float:
+        t = float("inf")
+        for _ in range(r):
+            t0 = time.perf_counter()
+            fn()
+            t = min(t, time.perf_counter() - t0)
+        return t * 1e3
+
+    prep = []  # (head, freqs, pb, tail)
+    for c in chunks:
+        (head, tail), (h, _) = lay.split_hist(c)
+        k = int(np.count_nonzero(h))
+        if k >= 2:
+            pb = max(13 if len(head) >= 1 << 16 else 12, (k - 1).bit_length())
+            prep.append((head, K.normalize_freqs(h, pb), pb, tail, h))
+    n = sum(len(p[0]) for p in prep)
+    e32 = [R.encode(s, f, pb) for s, f, pb, *_ in prep]
+    e4 = [K.rans_encode(s, f, pb) for s, f, pb, *_ in prep]
+    t32 = [R.decode_table(f, pb) for _, f, pb, *_ in prep]
+    t4 = [K.decode_table(f, pb) for _, f, pb, *_ in prep]
+    outs = [np.empty(len(p[0]), np.uint16) for p in prep]
+    packed = [K.pack_bits(p[3], 6) for p in prep]
+    tails = [np.empty(len(p[0]), np.uint8) for p in prep]
+    rows = {
+        "enc: split fields + histograms": lambda: [lay.split_hist(c) for c in chunks],
+        "enc: normalize frequencies": lambda: [K.normalize_freqs(h, pb) for _, _, pb, _, h in prep],
+        "enc: head rANS 32 lanes, vector": lambda: [R.encode(s, f, pb) for s, f, pb, *_ in prep],
+        "enc: head rANS 32 lanes, scalar": lambda: [R.encode_scalar(s, f, pb) for s, f, pb, *_ in prep],
+        "enc: head rANS 4 lanes (v3)": lambda: [K.rans_encode(s, f, pb) for s, f, pb, *_ in prep],
+        "enc: tail bit-pack (6 bits)": lambda: [K.pack_bits(p[3], 6) for p in prep],
+        "dec: decode tables": lambda: [R.decode_table(f, pb) for _, f, pb, *_ in prep],
+        "dec: head rANS 32 lanes, vector": lambda: [R.decode(b, len(o), ds, di, p[2], o) for b, (ds, di), p, o in zip(e32, t32, prep, outs)],
+        "dec: head rANS 32 lanes, scalar": lambda: [R.decode_scalar(b, len(o), ds, di, p[2], o) for b, (ds, di), p, o in zip(e32, t32, prep, outs)],
+        "dec: head rANS 4 lanes (v3)": lambda: [K.rans_decode(w, len(o), ds, di, p[2], o) for w, (ds, di), p, o in zip(e4, t4, prep, outs)],
+        "dec: tail unpack (6 bits)": lambda: [K.unpack_bits(b, 6, t) for b, t in zip(packed, tails)],
+        "dec: merge head and tail": lambda: [lay.merge([o, t], len(o)) for t, o in zip(tails, outs)],
+        "chunk crc32 (v3)": lambda: [zlib.crc32(c) for c in chunks],
+        "chunk xxh3-64 (v4)": lambda: [xxhash.xxh3_64_intdigest(c) for c in chunks],
+        "file sha256": lambda: hashlib.sha256(data).digest(),
+    }
+    print(f"BF16 MiniLM, {len(chunks)} chunks, {n} head symbols, one thread (best of {reps})")
+    for name, fn in rows.items():
+        t = best(fn)
+        print(f"  {name:38s} {t:8.2f} ms {t * 1e6 / n:6.2f} ns/word")
+    assert all((o == p[0]).all() for o, p in zip(outs, prep))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--kernel", action="store_true", help="time the head rANS decode alone (1 thread)")
+    ap.add_argument("--stages", action="store_true", help="time each encode/decode stage on BF16 (1 thread)")
     ap.add_argument("--files", nargs="+", default=["FP32", "BF16"], help="which inputs (FP32, BF16)")
     ap.add_argument("--tools", nargs="+", default=None, help="only these tools (e.g. 'llmpress (rans)' zipnn)")
     args = ap.parse_args()
-    if args.kernel:
+    if args.kernel or args.stages:
         OUT.mkdir(parents=True, exist_ok=True)
         warm_up()
-        kernel_only(max(args.reps, 5))
+        (kernel_only if args.kernel else stages)(max(args.reps, 5))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     zpy = ensure_zipnn()
