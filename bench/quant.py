@@ -151,9 +151,9 @@ def _llmc(method: str):
             ids = json.loads(Path(calib).read_text())
             kw = {"dataset": Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]}),
                   "num_calibration_samples": len(ids), "max_seq_length": len(ids[0])}
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         oneshot(model=model, recipe=[mod], **kw)
-        secs = time.perf_counter() - t
+        secs, cpu = time.perf_counter() - t, time.process_time() - c
         out, nbytes, n = {}, 0.0, 0
         with torch.no_grad():
             for name, m in model.named_modules():
@@ -165,7 +165,7 @@ def _llmc(method: str):
                 out[k] = w.float().contiguous()
                 n += w.numel()
                 nbytes += w.numel() * bits / 8 + m.weight_scale.numel() * m.weight_scale.element_size() + m.weight_zero_point.numel() * bits / 8
-        return out, secs, nbytes, n, {"group_size_used": g} if g != gs else {}
+        return out, secs, nbytes, n, {"cpu_seconds": cpu, **({"group_size_used": g} if g != gs else {})}
 
     return run
 
@@ -178,7 +178,7 @@ def _per_linear(factory):
         from safetensors import safe_open
 
         q = factory(bits, gs)
-        out, secs, nbytes, n = {}, 0.0, 0.0, 0
+        out, secs, cpu, nbytes, n = {}, 0.0, 0.0, 0.0, 0
         for f in sorted(Path(src).glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as h:
                 for k in h.keys():
@@ -187,13 +187,13 @@ def _per_linear(factory):
                     w = h.get_tensor(k).float()
                     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
                     lin.weight.data.copy_(w)
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     wq, nb = q(lin)
-                    secs += time.perf_counter() - t
+                    secs, cpu = secs + time.perf_counter() - t, cpu + time.process_time() - c
                     out[k] = wq.contiguous()
                     nbytes += nb
                     n += w.numel()
-        return out, secs, nbytes, n, {}
+        return out, secs, nbytes, n, {"cpu_seconds": cpu}
 
     return run
 
@@ -303,6 +303,7 @@ def main() -> None:
     ap.add_argument("--seed-grid", action="store_true", help="also the seed formula's grid (RTN, grid=seed / seed_rtn)")
     ap.add_argument("--variant", action="append", default=[],
                     help="extra llmpress contender NAME:METHOD:key=val,... e.g. gptq-ao:gptq:act_order=1,damp=0.05")
+    ap.add_argument("--redo", default="", help="contenders to measure again although cached, e.g. llmpress-gptq,llmc-gptq")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--bits", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--group-size", type=int, help=argparse.SUPPRESS)
@@ -335,7 +336,8 @@ def main() -> None:
     # a cached row counts only if measured under this protocol (rows without one are re-run)
     protocol = {"samples": a.samples, "seq_len": a.seq_len, "calib": a.calib or CALIB_DEFAULT, "tokens": a.tokens,
                 "texts": texts, "threads": a.threads}
-    done = {(r["who"], r["bits"], r["group_size"]) for r in rows if r.get("protocol") == protocol}
+    redo = set(a.redo.split(","))
+    done = {(r["who"], r["bits"], r["group_size"]) for r in rows if r.get("protocol") == protocol and r["who"] not in redo}
     # the very calibration windows llmpress uses, for the peers that calibrate (llm-compressor GPTQ)
     calib_path = OUT / "quant" / f"calib-{protocol['calib']}-{a.samples}x{a.seq_len}.json"
     calib_path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,11 +366,11 @@ def main() -> None:
             if (who, bits, gs) in done:
                 continue
             out = OUT / "quant" / f"{who}-{bits}b-g{gs}"
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             r = llmpress.quantize(src, out, method=m, bits=bits, group_size=gs, calib=a.calib, samples=a.samples,
                                   seq_len=a.seq_len, force=True, progress=False, **opts)
-            secs = time.perf_counter() - t
-            record({"who": who, "bits": bits, "group_size": gs, "bpw": r["bpw"], "seconds": secs,
+            secs, cpu = time.perf_counter() - t, time.process_time() - c
+            record({"who": who, "bits": bits, "group_size": gs, "bpw": r["bpw"], "seconds": secs, "cpu_seconds": cpu,
                     "eval": fidelity(out, texts, a.tokens)})
         for p in peers:
             if (p, bits, gs) in done:
@@ -379,13 +381,14 @@ def main() -> None:
             info, weights = got
             model = load_with(src, weights)
             record({"who": p, "bits": bits, "group_size": gs, "bpw": info.get("bpw"), "seconds": info["seconds"],
-                    **({"group_size_used": info["group_size_used"]} if "group_size_used" in info else {}),
+                    **{k: info[k] for k in ("group_size_used", "cpu_seconds") if k in info},
                     "eval": fidelity(model, texts, a.tokens, tok)})
             del model
 
-    print(f"\nSmolLM2-135M, {a.threads} thread(s); calibration {a.samples}×{a.seq_len} tokens of "
+    print(f"\nSmolLM2-135M, {a.threads} thread(s) (secs: wall time of the quantization; cpu s: its CPU time, "
+          "less sensitive to a shared machine's load); calibration {a.samples}×{a.seq_len} tokens of "
           f"{a.calib or 'calib-mix'}; eval {a.tokens} tokens per text, top-128 KL to the original")
-    head = f"{'contender':<18}{'bits':>5}{'g':>5}{'bpw':>7}{'secs':>8}" + "".join(f"{'KL ' + t[:10]:>16}{'PPL':>9}" for t in texts)
+    head = f"{'contender':<22}{'bits':>5}{'g':>5}{'bpw':>7}{'secs':>8}{'cpu s':>8}" + "".join(f"{'KL ' + t[:10]:>16}{'PPL':>9}" for t in texts)
     print(head)
     rows = json.loads(res_path.read_text()) if res_path.exists() else rows
     stale = [r for r in rows if r.get("protocol") != protocol]
@@ -395,7 +398,8 @@ def main() -> None:
                         for t in texts)
         bpw = f"{r['bpw']:.3f}" if r.get("bpw") else "-"
         g = f"{r['group_size_used']}*" if r.get("group_size_used") else str(r["group_size"])
-        print(f"{r['who']:<18}{r['bits']:>5}{g:>5}{bpw:>7}{r['seconds']:>8.1f}{cells}")
+        cpu = f"{r['cpu_seconds']:.1f}" if r.get("cpu_seconds") is not None else "-"
+        print(f"{r['who']:<22}{r['bits']:>5}{g:>5}{bpw:>7}{r['seconds']:>8.1f}{cpu:>8}{cells}")
     if any(r.get("group_size_used") for r in rows):
         print("* the peer refused that group size (a width not divisible by it) and ran with the one shown")
     if stale:
