@@ -49,6 +49,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--no-lqer", action="store_true", help="skip the GPTQ ± low-rank correction comparison")
     p.add_argument("--timing", action="store_true", help="measure the SVD timing table again (else reuse the saved one)")
+    p.add_argument("--alloc-mem", choices=("all", "blocks"),
+                   help="only measure the peak memory of the budget's sensitivity pass (all layers at once | block by block)")
     p.add_argument("--json", default=str(OUT / "lowrank.json"))
     return p.parse_args()
 
@@ -199,12 +201,70 @@ def _checks(rows: list[dict]) -> list[str]:
     return out
 
 
+def _alloc_memory(mode: str, a: argparse.Namespace) -> None:
+    """Peak memory of measuring every layer's whitened spectrum for ``--allocation budget``:
+    ``all`` = every layer's Stats collected first (the former way), ``blocks`` = block by block
+    (``api.layer_spectra``). Prints the peak bytes of live Gram matrices (counted at every
+    Stats.add), the process's peak RSS and a checksum of the allocated ranks. Run each mode in
+    its own process (peak RSS is per process)."""
+    import re
+    import resource
+    import weakref
+
+    import torch
+
+    from llmpress import pipeline
+    from llmpress import skeleton as sk
+    from llmpress.lowrank import allocate, api
+    from llmpress.models import TensorStore, resolve
+    from llmpress.tensor import Stats, get_codec
+
+    kw = {"samples": a.samples, "seq_len": a.seq_len, "progress": False}
+    live: list[weakref.ref] = []
+    peak = [0]
+    init, add = Stats.__init__, Stats.add
+
+    def look() -> None:
+        peak[0] = max(peak[0], sum(st.gram.numel() * 8 for r in live if (st := r()) is not None and st.gram is not None))
+
+    def init_(st, *args, **kws):
+        init(st, *args, **kws)
+        live.append(weakref.ref(st))
+
+    def add_(st, *args, **kws):
+        add(st, *args, **kws)
+        look()
+
+    Stats.__init__, Stats.add = init_, add_
+    t0 = time.perf_counter()
+    if mode == "all":
+        src = resolve(MODEL)
+        store, skel = TensorStore(src), sk.build_meta(sk.folder_config(src.folder))
+        names = [n for n in sk.linear_names(skel) if not re.search(api.KEEP_DEFAULT, n)]
+        stats = pipeline.collect_stats(MODEL, match="|".join(allocate.exact_rule(n) for n in names), **kw)
+        look()
+        codec, spectra = get_codec("whiten"), []
+        for n in names:
+            w = store.get(f"{n}.weight").float()
+            x = codec.transform(w, stats.pop(n), **codec.extra).apply(w.double())
+            spectra.append(allocate.LayerSpectrum(n, *w.shape, torch.linalg.svdvals(x) ** 2, float((x * x).sum())))
+    else:
+        spectra = api.layer_spectra(MODEL, "whiten", **kw)
+    ranks = allocate.allocate_budget(spectra, 0.8, floor=0.1)
+    print(f"{mode}: peak live Gram matrices {peak[0] / 2**20:.1f} MiB, peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB, {time.perf_counter() - t0:.0f} s, "
+          f"{len(spectra)} layers, rank sum at 20 % removed {sum(k or 0 for k in ranks.values())}")
+
+
 def main() -> None:
     a = _args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     torch.set_num_threads(a.threads)
+    if a.alloc_mem:
+        _alloc_memory(a.alloc_mem, a)
+        return
     from llmpress.models import resolve
 
     ref = resolve(MODEL).path
