@@ -125,9 +125,19 @@ def main() -> None:
             "seconds": time.perf_counter() - t0, "threads": args.threads, "clock": args.clock, "protocol": ref.protocol.to_dict(),
         }
         results.append(res)
-        (OUT / "finetune.json").write_text(json.dumps({"model": MODEL, "results": results}, indent=1))
+        _save(res)
     _table(results)
     print(f"\nwritten {OUT / 'finetune.json'}")
+
+
+def _save(res: dict) -> None:
+    """Merge one case's result into bench/out/finetune.json (other cases' results stay)."""
+    path = OUT / "finetune.json"
+    old = json.loads(path.read_text())["results"] if path.exists() else []
+    merged = [r for r in old if r["case"] != res["case"]] + [res]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"model": MODEL, "results": merged}, indent=1))
+    tmp.replace(path)
 
 
 def _table(results: list[dict]) -> None:
