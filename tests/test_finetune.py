@@ -81,6 +81,20 @@ def test_fused_kernels_match_the_torch_quantizer(params):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
 
 
+def test_grids_qat_does_not_handle_stay_frozen():
+    """asymz (integer zero point) layers are left as stored, with the rest trained."""
+    from llmpress.recovery.api import make_trainable
+
+    rtn = get_codec("rtn")
+    cts = {"a.weight": rtn.encode(_w(8, 32), bits=3, group_size=16),
+           "b.weight": rtn.encode(_w(8, 32, seed=1), bits=3, group_size=16, grid="asymz")}
+    assert QATLinear.supports(cts["a.weight"]) and not QATLinear.supports(cts["b.weight"])
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(32, 8, bias=False), "b": torch.nn.Linear(32, 8, bias=False)})
+    trainables, frozen = make_trainable(model, cts, {})
+    assert list(trainables) == ["a"] and frozen == ["b"]
+    assert isinstance(model["a"], QATLinear) and isinstance(model["b"], torch.nn.Linear)
+
+
 def test_awq_in_scale_and_gptq_gidx_are_kept():
     w = _w(16, 32)
     h = torch.eye(32, dtype=torch.float64) * 4 + 0.1

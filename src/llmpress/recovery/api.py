@@ -109,6 +109,8 @@ def make_trainable(model: nn.Module, cts: dict[str, CompressedTensor], rest: dic
     for param, ct in cts.items():
         mod_name = param.rsplit(".", 1)[0]
         kind = adapter_for(ct.codec)
+        if kind == "qat" and not QATLinear.supports(ct):  # e.g. the integer-zero-point grid
+            kind = None
         if kind is None:
             frozen.append(mod_name)
             continue
@@ -117,7 +119,7 @@ def make_trainable(model: nn.Module, cts: dict[str, CompressedTensor], rest: dic
         set_module(model, mod_name, mod)
         trainables[mod_name] = mod
     if frozen:
-        log.warning("no recovery training for %d layers of composite codecs (kept as they are): %s",
+        log.warning("no recovery training for %d layers (composite codecs or grids QAT does not handle; kept as they are): %s",
                     len(frozen), ", ".join(frozen[:4]) + (" …" if len(frozen) > 4 else ""))
     if not trainables:
         raise ValueError("nothing to train: the folder has no quantized or low-rank layer that recovery training handles")

@@ -126,6 +126,12 @@ class QATLinear(nn.Module):
         self.fused = bool(self.group) and self.meta["grid"] in _FAST_LEVELS
         self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
 
+    @staticmethod
+    def supports(ct: CompressedTensor) -> bool:
+        """Grids reconstructed as s·g(q) + m (a float offset or none); the integer-zero-point grid
+        ``asymz`` is not handled yet (its layers stay frozen)."""
+        return set(grids.GRIDS[ct.meta["grid"]].stored) <= {"scale", "offset"}
+
     # ------------------------------------------------------------------ the quantizer
     @staticmethod
     def _unit() -> dict[str, Tensor]:
