@@ -476,12 +476,12 @@ def write_model(freq, pb):  # freq: (A,) int64 -> uint8 bytes of the static mode
 
 
 @njit(**_JIT)
-def _varint(buf, o):  # -> (value, next offset) or (-1, -1) past the end / too long
+def _varint(buf, o, max_shift=28):  # LEB128 at buf[o] -> (value, next offset); (-1, -1) past the end or longer than max_shift allows
     x = 0
     sh = 0
     m = buf.shape[0]
     while True:
-        if o >= m or sh > 28:
+        if o >= m or sh > max_shift:
             return -1, -1
         b = np.int64(buf[o])
         o += 1

@@ -31,6 +31,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .model import read_model2
+from .kernels import _varint  # LEB128 reader shared with the 4-lane coder (36-bit values here)
 
 LANES = 32
 RANS_L = 1 << 16
@@ -65,22 +66,6 @@ def _put_varint(buf, o, x):  # LEB128 at buf[o]; -> next offset
         o += 1
     buf[o] = x
     return o + 1
-
-
-@njit(inline="always", **_JIT)
-def _get_varint(buf, o):  # -> (value, next offset); (-1, -1) past the end or too long
-    x = 0
-    sh = 0
-    m = buf.shape[0]
-    while True:
-        if o >= m or sh > 35:
-            return -1, -1
-        b = np.int64(buf[o])
-        o += 1
-        x |= (b & 0x7F) << sh
-        sh += 7
-        if b < 0x80:
-            return x, o
 
 
 @njit(**_JIT)
@@ -451,13 +436,13 @@ def _make_decode(simd: bool):
         m = buf.shape[0]
         L = LANES
         lens = np.empty(L, np.int64)
-        total, o = _get_varint(buf, 0)
+        total, o = _varint(buf, 0, 35)
         if o < 0:
             return -1
         mean = total // L
         rest = total
         for j in range(L - 1):
-            z, o = _get_varint(buf, o)
+            z, o = _varint(buf, o, 35)
             if o < 0:
                 return -1
             lens[j] = mean + (z >> 1 if z % 2 == 0 else -((z + 1) >> 1))
