@@ -89,7 +89,7 @@ def main() -> None:
         curve = [{"step": 0, "train_seconds": 0.0, "kl_mean": before["kl_mean"], "ppl": before["ppl"]}]
         budget = args.minutes * 60
         now = CLOCKS[args.clock]
-        clock = {"start": now(), "eval": 0.0, "next": budget / args.curve_points, "wall": time.perf_counter()}
+        clock = {"start": now(), "eval": 0.0, "next": budget / args.curve_points}
 
         def on_step(step: int, loss: float, model: torch.nn.Module) -> None:
             trained = now() - clock["start"] - clock["eval"]
