@@ -22,6 +22,7 @@ def _w(out=24, inp=40, seed=0):
     dict(bits=4, group_size=0),                  # per tensor
     dict(bits=4, group_size=8, grid="nf"),
     dict(bits=3, group_size=8, grid="seed"),     # floor rounding
+    dict(bits=3, group_size=16, grid="asymz"),   # integer zero point, held
 ])
 def test_qat_starts_at_the_stored_weight_and_repacks_on_grid(params):
     codec = get_codec("rtn")
@@ -81,18 +82,23 @@ def test_fused_kernels_match_the_torch_quantizer(params):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
 
 
-def test_grids_qat_does_not_handle_stay_frozen():
-    """asymz (integer zero point) layers are left as stored, with the rest trained."""
-    from llmpress.recovery.api import make_trainable
-
-    rtn = get_codec("rtn")
-    cts = {"a.weight": rtn.encode(_w(8, 32), bits=3, group_size=16),
-           "b.weight": rtn.encode(_w(8, 32, seed=1), bits=3, group_size=16, grid="asymz")}
-    assert QATLinear.supports(cts["a.weight"]) and not QATLinear.supports(cts["b.weight"])
-    model = torch.nn.ModuleDict({"a": torch.nn.Linear(32, 8, bias=False), "b": torch.nn.Linear(32, 8, bias=False)})
-    trainables, frozen = make_trainable(model, cts, {})
-    assert list(trainables) == ["a"] and frozen == ["b"]
-    assert isinstance(model["a"], QATLinear) and isinstance(model["b"], torch.nn.Linear)
+def test_asymz_trains_its_scale_and_holds_the_integer_zero():
+    """ŵ = (q − z)·s: ∂ŵ/∂s = q − z; z is stored back unchanged and stays an integer."""
+    ct = get_codec("rtn").encode(_w(4, 32), bits=3, group_size=16, grid="asymz")
+    q = QATLinear(ct)
+    assert QATLinear.supports(ct) and q.fused
+    with torch.no_grad():
+        q.latent.add_(torch.randn_like(q.latent) * 0.3)
+    g = torch.randn(4, 32)
+    (q.fake_weight() * g).sum().backward()
+    z = ct.data["zero"].float().repeat_interleave(16, 1)  # (4, 32) per column
+    codes = q.latent.detach().round().clamp(0, 7)
+    assert torch.allclose(q.scale.grad, (g * (codes - z)).reshape(4, 2, 16).sum(-1), atol=1e-5)
+    with torch.no_grad():
+        q.scale.mul_(1.2)
+    ct2 = q.to_ct()
+    assert torch.equal(ct2.data["zero"], ct.data["zero"]) and ct2.nbits() == ct.nbits()
+    assert not torch.equal(ct2.data["scale"], ct.data["scale"])
 
 
 def test_awq_in_scale_and_gptq_gidx_are_kept():

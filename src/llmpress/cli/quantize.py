@@ -21,9 +21,13 @@ def quantize(
     method: str = typer.Option("rtn", "--method", "-m", help="rtn | gptq | awq | hqq"),
     bits: int = typer.Option(4, "--bits", "-b", help="2, 3, 4, 5, 6 or 8."),
     group_size: int = typer.Option(128, "--group-size", "-g", help=">0 group of input columns; -1 per channel; 0 per tensor."),
-    sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric grid (scale only) or asymmetric (scale + offset)."),
-    grid: Optional[str] = typer.Option(None, "--grid", help="Other grids: nf | seed | seed_rtn (overrides --sym)."),
-    range_: str = typer.Option("minmax", "--range", help="Range choice: minmax | mse | percentile."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", show_default=False,
+                                       help="Symmetric grid (scale only) or asymmetric (scale + float offset). "
+                                            "Default: the method's grid (gptq: asymz; others: asym)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="asym | asymz (integer zero point) | sym | nf | seed | seed_rtn "
+                                                             "(overrides --sym)."),
+    range_: Optional[str] = typer.Option(None, "--range", help="Range choice: minmax | mse | percentile. "
+                                                                "Default: the method's (gptq: mse; others: minmax)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides method/bits/group options)."),
     calib: Optional[str] = CALIB_OPT,
     samples: int = SAMPLES_OPT,
@@ -35,9 +39,7 @@ def quantize(
     from ..io.atomic import OutputExistsError
     from ..quant.api import quantize as run
 
-    opts: dict[str, Any] = {"sym": sym, "range": range_}
-    if grid is not None:
-        opts["grid"] = grid
+    opts: dict[str, Any] = {k: v for k, v in (("sym", sym), ("grid", grid), ("range", range_)) if v is not None}
     try:
         res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
                   samples=samples, seq_len=seq_len, force=force, **opts)

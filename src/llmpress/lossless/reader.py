@@ -201,7 +201,11 @@ class Packed:
         def emit() -> Iterator[np.ndarray]:
             nonlocal crc
             s, i, last, r = todo.popleft()
-            out = r.result() if isinstance(r, Future) else r
+            if isinstance(r, Future):
+                # a chunk no worker has started yet is decoded here rather than waited for
+                out = job(s, i) if r.cancel() else r.result()
+            else:
+                out = r
             self._check(f, s, i, out)
             if self.version == 1:
                 crc = zlib.crc32(out, crc)

@@ -51,22 +51,6 @@ def channel_scale(act: Tensor, alpha: float) -> Tensor:
     return s.to(torch.float16).to(torch.float32)
 
 
-def group_hessian_loss(H: Tensor, group_size: int, s: Tensor) -> grids.GroupLoss:
-    """Loss for errors in the scaled space, group by group: err_g · (D⁻¹HD⁻¹)_gg · err_gᵀ."""
-    inp = H.shape[0]
-    Hs = H / (s[:, None] * s[None, :])  # error e in W·diag(s) space is e/s in W space
-    if group_size <= 0 or group_size >= inp:  # one group per row (or the whole tensor)
-        if group_size == grids.PER_TENSOR:
-            return lambda err: grids.squared_error(err)  # no per-row structure to exploit
-        return lambda err: ((err[:, 0] @ Hs) * err[:, 0]).sum(-1, keepdim=True)
-    g = grids.num_groups(inp, group_size)
-    pad = g * group_size - inp
-    Hp = torch.nn.functional.pad(Hs, (0, pad, 0, pad))
-    idx = torch.arange(g)
-    blocks = Hp.reshape(g, group_size, g, group_size)[idx, :, idx, :]  # (G, S, S) diagonal blocks
-    return lambda err: torch.einsum("rgs,gst,rgt->rg", err, blocks, err)
-
-
 def search_scale(ws: list[Tensor], specs: list[GridSpec], H: Tensor, act: Tensor, n_grid: int,
                  expand: Tensor | None = None) -> tuple[Tensor, float, float]:
     """Grid search of α for one scale s = act^α shared by linears that read the same input:
@@ -92,7 +76,7 @@ def clip_quantize(W: Tensor, H: Tensor, spec: GridSpec, s: Tensor | None, clip: 
     ones = torch.ones(W.shape[1])
     Ws = W if s is None else W * s
     final = GridSpec(**{**spec.__dict__, "range": "mse"}) if clip else spec
-    loss = group_hessian_loss(H, spec.group_size, ones if s is None else s) if clip else None
+    loss = grids.group_hessian_loss(H, spec.group_size, ones if s is None else s) if clip else None
     wg = grids.group_weights(Ws, spec.group_size)
     p = grids.fit(wg, final, loss)
     codes = grids.ungroup(grids.quantize(wg, p, spec), W.shape)

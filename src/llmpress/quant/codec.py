@@ -90,7 +90,9 @@ def check_weight(w: Tensor, name: str | None = None) -> Tensor:
 class QuantCodec:
     """Base of the quantization codecs: parse params, check the weight, quantize, store.
 
-    Subclasses set ``options`` (their own params with defaults) and implement
+    Subclasses set ``options`` (their own params with defaults), may set ``grid_defaults``
+    (GridSpec fields the method defaults to otherwise than :class:`GridSpec`, e.g. its grid;
+    a ``grid`` or ``sym`` given by the user replaces the default grid) and implement
     :meth:`quantize`; decode and the inference module are shared.
     """
 
@@ -99,9 +101,13 @@ class QuantCodec:
     gram = False
     lossless = False
     options: dict[str, Any] = {}
+    grid_defaults: dict[str, Any] = {}
 
     def parse(self, params: dict[str, Any]) -> tuple[GridSpec, dict[str, Any], str | None]:
-        params = dict(params)
+        defaults = dict(self.grid_defaults)
+        if "grid" in params or "sym" in params:  # the user chose the grid
+            defaults.pop("grid", None)
+        params = {**defaults, **params}
         tname = params.pop("name", None)
         spec, rest = GridSpec.parse(params)
         unknown = sorted(set(rest) - set(self.options))

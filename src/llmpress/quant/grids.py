@@ -121,6 +121,11 @@ class Grid:
     def dequantize(self, q: Tensor, p: dict[str, Tensor], bits: int) -> Tensor:
         raise NotImplementedError
 
+    def affine(self, p: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(a, s, z) with codes clamp(round((w − a)/s) + z, 0, 2ᵇ−1) and values (q − z)·s + a,
+        for grids of that form (compiled GPTQ); None for the others (codebooks)."""
+        return None
+
 
 GRIDS: dict[str, Grid] = {}
 
@@ -143,6 +148,9 @@ class Asym(Grid):
     def dequantize(self, q, p, bits):
         return q * p["scale"] + p["offset"]
 
+    def affine(self, p, bits):
+        return p["offset"], p["scale"], torch.zeros_like(p["scale"])
+
 
 @_grid
 class AsymZero(Grid):
@@ -164,6 +172,9 @@ class AsymZero(Grid):
     def dequantize(self, q, p, bits):
         return (q - p["zero"]) * p["scale"]
 
+    def affine(self, p, bits):
+        return torch.zeros_like(p["scale"]), p["scale"], p["zero"]
+
 
 @_grid
 class Sym(Grid):
@@ -178,6 +189,9 @@ class Sym(Grid):
 
     def dequantize(self, q, p, bits):
         return (q - 2 ** (bits - 1)) * p["scale"]
+
+    def affine(self, p, bits):
+        return torch.zeros_like(p["scale"]), p["scale"], torch.full_like(p["scale"], 2 ** (bits - 1))
 
 
 @lru_cache(maxsize=None)
@@ -256,6 +270,25 @@ def _nan_min_max(wg: Tensor) -> tuple[Tensor, Tensor]:
 
 def squared_error(err: Tensor) -> Tensor:
     return (err * err).sum(-1)
+
+
+def group_hessian_loss(H: Tensor, group_size: int, s: Tensor | None = None) -> GroupLoss:
+    """The output error of each group's weight error, err_g · H_gg · err_gᵀ (H = Σ x xᵀ, (in, in),
+    the group's diagonal block: the cross-group terms are left out). With ``s`` (in,) the errors
+    are those of W·diag(s) (AWQ's scaled space): err_g · (D⁻¹HD⁻¹)_gg · err_gᵀ, D = diag(s)."""
+    inp = H.shape[0]
+    H = H.to(torch.float32)
+    Hs = H if s is None else H / (s[:, None] * s[None, :])  # error e in W·diag(s) space is e/s in W space
+    if group_size <= 0 or group_size >= inp:  # one group per row (or the whole tensor)
+        if group_size == PER_TENSOR:
+            return lambda err: squared_error(err)  # no per-row structure to exploit
+        return lambda err: ((err[:, 0] @ Hs) * err[:, 0]).sum(-1, keepdim=True)
+    g = num_groups(inp, group_size)
+    pad = g * group_size - inp
+    Hp = torch.nn.functional.pad(Hs, (0, pad, 0, pad))
+    idx = torch.arange(g)
+    blocks = Hp.reshape(g, group_size, g, group_size)[idx, :, idx, :]  # (G, S, S) diagonal blocks
+    return lambda err: torch.einsum("rgs,gst,rgt->rg", err, blocks, err)
 
 
 @dataclass

@@ -109,7 +109,7 @@ def make_trainable(model: nn.Module, cts: dict[str, CompressedTensor], rest: dic
     for param, ct in cts.items():
         mod_name = param.rsplit(".", 1)[0]
         kind = adapter_for(ct.codec)
-        if kind == "qat" and not QATLinear.supports(ct):  # e.g. the integer-zero-point grid
+        if kind == "qat" and not QATLinear.supports(ct):  # a grid whose parameters QAT cannot train
             kind = None
         if kind is None:
             frozen.append(mod_name)

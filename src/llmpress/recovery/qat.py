@@ -2,7 +2,9 @@
 
 A quantized layer stores integer codes q and per-group parameters (scale s, offset m) on a grid
 (``llmpress.quant.grids``). Every grid there reconstructs as ŵ = s·g(q) + m (m = 0 for grids
-without an offset), where g(q) is the grid's level at unit scale. We train, per layer:
+without an offset), where g(q) is the grid's level at unit scale; the integer-zero-point grid
+(``asymz``, ŵ = (q − z)·s) is the case m = −z·s with z held at its stored integer, so only s
+moves and z stays exactly representable. We train, per layer:
 
 * a latent weight u (out, in) in grid units (u = (W − m)/s), initialised on the stored codes'
   levels so the model starts exactly where the compressed one is; the code is q = quantize(u)
@@ -55,6 +57,7 @@ def _ste_round_to(p: Tensor, dtype: torch.dtype) -> Tensor:
 # two passes instead of six. Other grids go through their own functions.
 _FAST_LEVELS = {
     "asym": lambda x, b: x.round().clamp_(0, 2**b - 1),
+    "asymz": lambda x, b: x.round().clamp_(0, 2**b - 1),  # at unit scale and zero 0, as asym
     "sym": lambda x, b: x.round().clamp_(-(2 ** (b - 1)), 2 ** (b - 1) - 1),
 }
 
@@ -115,6 +118,8 @@ class QATLinear(nn.Module):
         self.group = gs if ("g_idx" not in ct.data and 0 < gs < self.in_features and self.in_features % gs == 0) else 0
         self.scale = nn.Parameter(ct.data["scale"].float().clone())  # (R, G)
         self.offset = nn.Parameter(ct.data["offset"].float().clone()) if self.asym else None  # (R, G)
+        zero = ct.data["zero"].float() if "zero" in self.grid.stored else None
+        self.register_buffer("zero", zero, persistent=False)  # (R, G) integers (asymz), held
         unit = self._unit()
         top = torch.tensor(float(2**self.bits - 1))
         self.lo = float(self.grid.dequantize(torch.tensor(0.0), unit, self.bits))
@@ -128,14 +133,13 @@ class QATLinear(nn.Module):
 
     @staticmethod
     def supports(ct: CompressedTensor) -> bool:
-        """Grids reconstructed as s·g(q) + m (a float offset or none); the integer-zero-point grid
-        ``asymz`` is not handled yet (its layers stay frozen)."""
-        return set(grids.GRIDS[ct.meta["grid"]].stored) <= {"scale", "offset"}
+        """Grids reconstructed as s·g(q) + m: a float offset, an integer zero point, or neither."""
+        return set(grids.GRIDS[ct.meta["grid"]].stored) <= {"scale", "offset", "zero"}
 
     # ------------------------------------------------------------------ the quantizer
     @staticmethod
     def _unit() -> dict[str, Tensor]:
-        return {"scale": torch.ones(()), "offset": torch.zeros(())}
+        return {"scale": torch.ones(()), "offset": torch.zeros(()), "zero": torch.zeros(())}
 
     def _columns(self, p: Tensor) -> Tensor:
         """(R, G) group parameters → (R, in), one per input column."""
@@ -176,7 +180,10 @@ class QATLinear(nn.Module):
     def fake_weight(self) -> Tensor:
         """The effective weight (out, in) with straight-through (LSQ) gradients."""
         s = _ste_round_to(self.scale.clamp_min(MIN_SCALE), self.stored_dtype)
-        m = _ste_round_to(self.offset, self.stored_dtype) if self.asym else None
+        if self.asym:
+            m = _ste_round_to(self.offset, self.stored_dtype)
+        else:  # asymz: m = −z·s, exact as z is an integer; its gradient flows to s
+            m = -self.zero * s if self.zero is not None else None
         w = _FakeQuant.apply(self._view(self.latent), self._expand(s), None if m is None else self._expand(m), self)
         w = w.reshape(self.out_features, self.in_features)
         return w * self.inv_in_scale if self.inv_in_scale is not None else w
