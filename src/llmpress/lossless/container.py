@@ -106,8 +106,8 @@ def pack(
 
             def drain(limit: int) -> None:
                 while len(pending) > limit:
-                    rec, ln, crc, fut = pending.popleft()
-                    parts, st = fut.result()
+                    rec, ln, fut = pending.popleft()
+                    parts, st, crc = fut.result()
                     size = sum(len(b) for b in parts)
                     rec["chunks"].append([fo.tell(), size, ln, crc])
                     for b in parts:
@@ -127,9 +127,9 @@ def pack(
                             raise OSError(f"{path}: file shrank while packing")
                         # the file's sha256 runs in its own thread (one worker keeps the order;
                         # hashlib releases the GIL), beside the coding (inline with threads=1)
-                        fut = ex.submit(encode_chunk_parts, raw, seg.dtype, policy)
+                        fut = ex.submit(_encode_job, raw, seg.dtype, policy)
                         hasher.submit(sha.update, raw)
-                        pending.append((srec, ln, chunk_sum(raw), fut))
+                        pending.append((srec, ln, fut))
                         drain(2 * threads)
                 drain(0)
             for srec in frec["segments"]:
@@ -152,6 +152,13 @@ def pack(
             "bound_bytes": bound, "policy": policy, "threads": threads, "out": str(out),
             "tensors": {k: {"file": v["file"], "bytes": int(v.get("bytes", 0)), "packed": int(v.get("packed", 0)),
                             "bound_bits": float(v.get("bound_bits", 0.0))} for k, v in tensors.items()}}
+
+
+def _encode_job(raw: np.ndarray, dtype: str, policy: str) -> tuple[list, Any, int]:
+    """One chunk's payload parts, stats and checksum, all in the worker (the caller only reads,
+    writes and bookkeeps)."""
+    parts, st = encode_chunk_parts(raw, dtype, policy)
+    return parts, st, chunk_sum(raw)
 
 
 class _Inline:
@@ -187,10 +194,10 @@ def _compact(stats: dict) -> None:
     ``exp_lo``), the bound a tenth of a bit."""
     stats["bound_bits"] = round(stats["bound_bits"], 1)
     h = stats.get("exp_hist")
-    if h:
-        nz = [i for i, c in enumerate(h) if c]
-        lo, hi = (nz[0], nz[-1] + 1) if nz else (0, 0)
-        stats["exp_lo"], stats["exp_hist"] = lo, h[lo:hi]
+    if h is not None:
+        nz = np.flatnonzero(h)
+        lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
+        stats["exp_lo"], stats["exp_hist"] = lo, [int(c) for c in h[lo:hi]]
 
 
 def _account(rec: dict, st: Any) -> None:
@@ -199,9 +206,9 @@ def _account(rec: dict, st: Any) -> None:
         return
     stats["packed"] += rec["chunks"][-1][1]
     stats["bound_bits"] += st.bound_bits
-    if st.exp_hist is not None:
-        h = stats.setdefault("exp_hist", [0] * len(st.exp_hist))
-        stats["exp_hist"] = [a + int(b) for a, b in zip(h, st.exp_hist)]
+    if st.exp_hist is not None:  # summed as an array; a list (JSON) from _compact
+        h = stats.get("exp_hist")
+        stats["exp_hist"] = st.exp_hist.astype(np.int64) if h is None else h + st.exp_hist
 
 
 # ------------------------------------------------------------------------------- unpack / verify
