@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..recipe import Recipe
+from ..tensor import codec_names, get_codec
 
 
 # Points without a one-flag command are reproduced from the recipe the report writes beside it.
@@ -27,9 +28,23 @@ class Point:
     params: dict[str, Any] = field(default_factory=dict)
 
     def key(self, context: str) -> str:
-        """Identity of this point's result under a model + protocol context."""
-        blob = json.dumps({"ctx": context, "label": self.label, "recipe": self.recipe, "params": self.params}, sort_keys=True)
+        """Identity of this point's result under a model + protocol context. The defaults of the
+        recipe's methods count too: a result measured before a method changed a default (e.g.
+        GPTQ's grid) is not reused for the new one."""
+        blob = json.dumps({"ctx": context, "label": self.label, "recipe": self.recipe, "params": self.params,
+                           "defaults": method_defaults(self.recipe)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def method_defaults(recipe: dict[str, Any] | None) -> dict[str, Any]:
+    """{method: its default parameters} for the methods a recipe dict names."""
+    out: dict[str, Any] = {}
+    for rule in (recipe or {}).get("rules", []):
+        m = rule.get("method")
+        if m and m not in out and m in codec_names():
+            c = get_codec(m)
+            out[m] = {**getattr(c, "options", {}), **getattr(c, "grid_defaults", {})}
+    return out
 
 
 def lossless() -> Point:
