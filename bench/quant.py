@@ -9,7 +9,8 @@ evaluation text separately — by default the two held-out domains ``llmpress.te
 (debian-handbook, linux-doc), neither of which is in the calibration mix (python-doc, fortunes,
 wordnet). Wall time is that of the quantization run only (llmpress: the whole sequential
 pipeline incl. calibration forward passes and writing; per-linear peers: their quantize call
-over all block linears; llm-compressor: its ``oneshot`` call, calibration included), all with
+over all block linears; llm-compressor: its model load and ``oneshot`` call, calibration included,
+not writing), all with
 the same torch thread count (``--threads``, reported).
 
 Peers (``PEERS``), each in its own virtual environment under ``bench/.venvs/`` (created here:
@@ -47,7 +48,7 @@ LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 # linear (so that OUR judge evaluates it), its quantization wall time, and the bytes it stores.
 # Two kinds: per-linear peers quantize one nn.Linear at a time (timed around their quantize
 # call); whole-model peers (llm-compressor) run their own pipeline on the whole model with OUR
-# calibration windows (timed around their oneshot call, calibration forward passes included).
+# calibration windows (timed from their model load through their oneshot call, calibration included).
 
 
 def _hqq_quantizer(bits: int, gs: int):
@@ -135,6 +136,7 @@ def _llmc(method: str):
         from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
         from transformers import AutoModelForCausalLM
 
+        t, c = time.perf_counter(), time.process_time()  # from the load, as llmpress's time counts its own
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         widths = {m.in_features for n, m in model.named_modules() if LINEAR.match(f"{n}.weight")}
         g = gs
@@ -151,7 +153,6 @@ def _llmc(method: str):
             ids = json.loads(Path(calib).read_text())
             kw = {"dataset": Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]}),
                   "num_calibration_samples": len(ids), "max_seq_length": len(ids[0])}
-        t, c = time.perf_counter(), time.process_time()
         oneshot(model=model, recipe=[mod], **kw)
         secs, cpu = time.perf_counter() - t, time.process_time() - c
         out, nbytes, n = {}, 0.0, 0

@@ -79,15 +79,15 @@ class Stats:
     def add(self, x: Tensor, gram: bool = True) -> None:
         """Accumulate a batch of inputs ``x`` of shape (..., in)."""
         x32 = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (T, in)
-        x = x32.to(torch.float64)
-        t = x.shape[0]
+        t = x32.shape[0]
         if t == 0:
             return
         if gram:
             g = (x32.T @ x32).to(torch.float64)  # (in, in): float32 product (~3× faster), float64 sum
             self.gram = g if self.gram is None else self.gram + g
-        a = x.abs().sum(0)
-        s = (x * x).sum(0)
+        # per-batch sums in float32 (no float64 copy of the batch), accumulated in float64
+        a = x32.abs().sum(0, dtype=torch.float64)
+        s = x32.square().sum(0, dtype=torch.float64)
         if self.abs_mean is None:
             self.abs_mean, self.sq_mean = a / t, s / t
         else:
