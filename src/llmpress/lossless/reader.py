@@ -184,8 +184,7 @@ class Packed:
         segment's crc32 at its end). One pipeline spans the segments, so small tensors do not
         drain the thread pool; small chunks decode inline (a hand-off costs more than they do).
         Each worker checks the chunk it decoded (xxh3-64, v2–v3 crc32); a v1 segment's crc32 is
-        checked here, in order. A chunk that no worker has started when its turn comes is
-        decoded by the caller instead of waited for."""
+        checked here, in order."""
         todo: deque[tuple[dict, int, bool, Future | np.ndarray]] = deque()
 
         def job(s: dict, i: int) -> np.ndarray:
@@ -195,11 +194,7 @@ class Packed:
         def emit() -> Iterator[np.ndarray]:
             nonlocal crc
             s, i, last, r = todo.popleft()
-            if isinstance(r, Future):
-                # a chunk no worker has started yet is decoded here rather than waited for
-                out = job(s, i) if r.cancel() else r.result()
-            else:
-                out = r
+            out = r.result() if isinstance(r, Future) else r
             if self.version == 1:
                 crc = zlib.crc32(out, crc)
                 if last and (crc & 0xFFFFFFFF) != s["crc32"]:
