@@ -86,8 +86,8 @@ class Stats:
             g = (x32.T @ x32).to(torch.float64)  # (in, in): float32 product (~3× faster), float64 sum
             self.gram = g if self.gram is None else self.gram + g
         # per-batch sums in float32 (no float64 copy of the batch), accumulated in float64
-        a = x32.abs().sum(0, dtype=torch.float64)
-        s = x32.square().sum(0, dtype=torch.float64)
+        a = x32.abs().sum(0).double()
+        s = x32.square().sum(0).double()
         if self.abs_mean is None:
             self.abs_mean, self.sq_mean = a / t, s / t
         else:
