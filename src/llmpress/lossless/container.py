@@ -102,12 +102,13 @@ def pack(
             rel = path.relative_to(root).as_posix()
             frec: dict[str, Any] = {"path": rel, "size": path.stat().st_size, "segments": []}
             sha = hashlib.sha256()
-            pending: deque[tuple[dict, int, int, Future]] = deque()
+            # (segment record, length, the worker's future or the raw chunk the caller codes itself)
+            pending: deque[tuple[dict, int, Future | tuple[np.ndarray, str]]] = deque()
 
             def drain(limit: int) -> None:
                 while len(pending) > limit:
-                    rec, ln, fut = pending.popleft()
-                    parts, st, crc = fut.result()
+                    rec, ln, job = pending.popleft()
+                    parts, st, crc = job.result() if isinstance(job, Future) else _encode_job(*job, policy)
                     size = sum(len(b) for b in parts)
                     rec["chunks"].append([fo.tell(), size, ln, crc])
                     for b in parts:
@@ -116,6 +117,7 @@ def pack(
                     if progress:
                         progress(ln)
 
+            k = 0
             with open(path, "rb") as fi:
                 for seg in segs:
                     srec = _segment_record(seg)
@@ -126,11 +128,14 @@ def pack(
                         if len(raw) != ln:
                             raise OSError(f"{path}: file shrank while packing")
                         # the file's sha256 runs in its own thread (one worker keeps the order;
-                        # hashlib releases the GIL), beside the coding (inline with threads=1)
-                        fut = ex.submit(_encode_job, raw, seg.dtype, policy)
+                        # hashlib releases the GIL), beside the coding. The caller codes every
+                        # threads-th chunk itself when its turn to be written comes (as the
+                        # decoders do), the workers the others
+                        mine = ex is None or k % threads == 0
+                        pending.append((srec, ln, (raw, seg.dtype) if mine else ex.submit(_encode_job, raw, seg.dtype, policy)))
                         hasher.submit(sha.update, raw)
-                        pending.append((srec, ln, fut))
-                        drain(2 * threads)
+                        k += 1
+                        drain(2 * threads if ex is not None else 0)
                 drain(0)
             for srec in frec["segments"]:
                 if srec["kind"] == "tensor":
@@ -161,23 +166,13 @@ def _encode_job(raw: np.ndarray, dtype: str, policy: str) -> tuple[list, Any, in
     return parts, st, chunk_sum(raw)
 
 
-class _Inline:
-    """An executor that runs each job at once in the caller (``pack(threads=1)``)."""
-
-    _max_workers = 1
-
-    def submit(self, fn: Callable, *a: Any) -> Future:
-        f: Future = Future()
-        f.set_result(fn(*a))
-        return f
-
-
 @contextmanager
-def _encoders(threads: int) -> Iterator[Any]:
+def _encoders(threads: int) -> Iterator[ThreadPoolExecutor | None]:
+    """The workers that code beside the caller (``threads`` coders in all); None for one."""
     if threads <= 1:
-        yield _Inline()
+        yield None
         return
-    with ThreadPoolExecutor(threads) as ex:
+    with ThreadPoolExecutor(threads - 1) as ex:
         yield ex
 
 
@@ -216,13 +211,13 @@ def _account(rec: dict, st: Any) -> None:
 
 @contextmanager
 def _pool(threads: int | None) -> Iterator[ThreadPoolExecutor | None]:
-    """Decoder threads (the caller only reads, hashes and writes; ``threads`` 0 or 1: decode in
-    the caller, no hand-off at all: measured on BF16 MiniLM, 130 vs 169 ms, best of 6)."""
+    """The workers that decode beside the caller: ``threads`` decoders in all, the caller being
+    one of them (``Packed.iter_chunks``); 0 or 1: the caller alone, no hand-off at all."""
     n = default_threads() if threads is None else threads
-    if n <= 1:  # one thread: the caller's (a hand-off per chunk costs more than it overlaps)
+    if n <= 1:
         yield None
         return
-    with ThreadPoolExecutor(n) as ex:
+    with ThreadPoolExecutor(n - 1) as ex:
         yield ex
 
 
@@ -231,7 +226,7 @@ def _restore(p: Packed, f: dict, sink: Any, ex: ThreadPoolExecutor | None, progr
     """Decode one stored file into ``sink`` (a binary file or None); every chunk is checked
     against its checksum as it is decoded, and with ``sha256`` the whole file against its sha256."""
     sha = hashlib.sha256() if sha256 else None
-    for part in p.iter_chunks(f, f["segments"], ex, ahead=2 * ex._max_workers if ex else 0):
+    for part in p.iter_chunks(f, f["segments"], ex, ahead=4 * (ex._max_workers + 1) if ex else 0):
         if sha is not None:
             sha.update(part)
         if sink is not None:
@@ -308,7 +303,7 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype | None = None, threa
     stored config.json gives the architecture, the decoded tensors its state dict."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    with Packed(path) as p, ThreadPoolExecutor(threads or default_threads()) as ex:
+    with Packed(path) as p, _pool(threads) as ex:
         names = [f["path"] for f in p.index["files"]]
         cfg_name = next((n for n in names if n == "config.json"), None) or next((n for n in names if n.endswith("/config.json")), None)
         if cfg_name is None:

@@ -183,9 +183,16 @@ class Packed:
         """Decoded chunks of the segments ``segs`` of file ``f``, in order, each checked (a v1
         segment's crc32 at its end). One pipeline spans the segments, so small tensors do not
         drain the thread pool; small chunks decode inline (a hand-off costs more than they do).
-        Each worker checks the chunk it decoded (xxh3-64, v2–v3 crc32); a v1 segment's crc32 is
+
+        The caller is one of the decoders: with ``ex`` of w workers, every (w+1)-th chunk is left
+        to the caller, which decodes it when its turn to be yielded comes while the workers decode
+        the chunks queued after it. So n threads decode (w = n − 1), none of them waits idle in
+        the common case, and no thread is added on top of n (on this 2-core machine, BF16
+        MiniLM: ~1.3× the throughput of two workers and a waiting caller, measured). Each
+        decoder checks the chunk it decoded (xxh3-64; v2–v3 crc32); a v1 segment's crc32 is
         checked here, in order."""
-        todo: deque[tuple[dict, int, bool, Future | np.ndarray]] = deque()
+        todo: deque[tuple[dict, int, bool, Future | np.ndarray | None]] = deque()
+        every = ex._max_workers + 1 if ex is not None else 1
 
         def job(s: dict, i: int) -> np.ndarray:
             c = s["chunks"][i]
@@ -194,7 +201,7 @@ class Packed:
         def emit() -> Iterator[np.ndarray]:
             nonlocal crc
             s, i, last, r = todo.popleft()
-            out = r.result() if isinstance(r, Future) else r
+            out = r.result() if isinstance(r, Future) else job(s, i) if r is None else r
             if self.version == 1:
                 crc = zlib.crc32(out, crc)
                 if last and (crc & 0xFFFFFFFF) != s["crc32"]:
@@ -204,14 +211,18 @@ class Packed:
                     crc = 0
             yield out
 
-        crc = 0
+        crc, k = 0, 0
         for s in segs:
             n = len(s["chunks"])
             if n == 0 and self.version == 1 and s.get("crc32", 0) != 0:
                 raise CorruptError(f"{self.path}: file {f['path']}: empty segment with a checksum")
             for i in range(n):
-                small = s["chunks"][i][2] < INLINE_BYTES
-                todo.append((s, i, i == n - 1, ex.submit(job, s, i) if ex is not None and not small else job(s, i)))
+                if ex is None or s["chunks"][i][2] < INLINE_BYTES:
+                    r: Future | np.ndarray | None = job(s, i)  # no pool, or small: at once
+                else:
+                    r = None if k % every == 0 else ex.submit(job, s, i)  # None: the caller's, when yielded
+                    k += 1
+                todo.append((s, i, i == n - 1, r))
                 while len(todo) > ahead:
                     yield from emit()
         while todo:
