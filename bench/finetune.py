@@ -43,7 +43,9 @@ MODEL = "smollm2-135m"
 # name -> (recipe, lr of factors, lr of scales and offsets); QAT codes move at --code-lr steps/step
 CASES = {
     "rtn3": (Recipe.uniform("rtn", bits=3, group_size=64), 1e-5, 2e-4),
-    "gptq2": (Recipe.uniform("gptq", bits=2, group_size=64), 1e-5, 2e-4),
+    "gptq2": (Recipe.uniform("gptq", bits=2, group_size=64), 1e-5, 2e-4),  # GPTQ's default grid (asymz, clipped)
+    # as measured before GPTQ's default grid changed: float offset, min–max ranges
+    "gptq2-asym": (Recipe.uniform("gptq", bits=2, group_size=64, grid="asym", range="minmax"), 1e-5, 2e-4),
     "whiten40": (Recipe.uniform("whiten", ratio=0.6), 5e-5, None),
 }
 

@@ -147,3 +147,17 @@ def test_gptq_compiled_loop_gives_the_torch_loops_codes(grid, group_size, act_or
             for k in (True, False)]
     assert torch.equal(runs[0].codes, runs[1].codes)
     assert all(torch.equal(runs[0].params[k], runs[1].params[k]) for k in runs[0].params)
+
+
+def test_gptq_grid_defaults_yield_to_the_users_grid():
+    """GPTQ defaults to the integer-zero-point grid with a clipping search; a grid, sym or range
+    the user gives wins; other methods keep GridSpec's defaults."""
+    gptq = get_codec("gptq")
+    spec, _, _ = gptq.parse({"bits": 4, "group_size": 64})
+    assert (spec.grid_name, spec.range) == ("asymz", "mse")
+    spec, _, _ = gptq.parse({"bits": 4, "group_size": 64, "sym": False})
+    assert (spec.grid_name, spec.range) == ("asym", "mse")
+    spec, _, _ = gptq.parse({"bits": 4, "sym": True, "range": "minmax"})
+    assert (spec.grid_name, spec.range) == ("sym", "minmax")
+    spec, _, _ = get_codec("rtn").parse({"bits": 4})
+    assert (spec.grid_name, spec.range) == ("asym", "minmax")
