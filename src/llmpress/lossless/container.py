@@ -160,8 +160,8 @@ def pack(
 
 
 def _encode_job(raw: np.ndarray, dtype: str, policy: str) -> tuple[list, Any, int]:
-    """One chunk's payload parts, stats and checksum, all in the worker (the caller only reads,
-    writes and bookkeeps)."""
+    """One chunk's payload parts, stats and checksum, all computed by whichever coder (a worker or
+    the caller) takes the chunk."""
     parts, st = encode_chunk_parts(raw, dtype, policy)
     return parts, st, chunk_sum(raw)
 
