@@ -15,6 +15,7 @@ stored size before and after.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from llmpress.io.folder import read_manifest  # noqa: E402
 from llmpress.models import load_tokenizer, resolve  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
 from llmpress.recipe import Recipe  # noqa: E402
+from llmpress.sweep.points import method_defaults  # noqa: E402
 from llmpress.recovery.loop import CLOCKS  # noqa: E402
 from llmpress.text import CALIB_DEFAULT, EVAL_DEFAULTS  # noqa: E402
 
@@ -81,7 +83,11 @@ def main() -> None:
     results = []
     for name in args.cases:
         recipe, lr, qlr = CASES[name]
-        comp = work / name
+        # the cached compressed model is keyed by the recipe and its methods' defaults, so a changed
+        # default (GPTQ's grid) compresses again instead of reusing the old folder
+        key = json.dumps({"recipe": recipe.to_dict(), "defaults": method_defaults(recipe.to_dict()),
+                          "samples": args.samples}, sort_keys=True, default=str)
+        comp = work / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
         if not comp.exists():
             print(f"[{name}] compressing …", file=sys.stderr)
             compress(MODEL, recipe, comp, samples=args.samples, seq_len=512)
@@ -106,7 +112,7 @@ def main() -> None:
             clock["next"] += budget / args.curve_points
             clock["eval"] += now() - te
 
-        ft = work / f"{name}-ft"
+        ft = work / f"{comp.name}-ft"
         run = llmpress.finetune(comp, ft, reference=MODEL, text=CALIB_DEFAULT, steps=args.max_steps,
                                 lr=lr * args.lr_scale, qparam_lr=qlr * args.lr_scale if qlr else None, code_lr=args.code_lr,
                                 seq_len=args.seq_len, batch_size=args.batch_size, max_seconds=budget, clock=args.clock,
