@@ -73,10 +73,9 @@ def search_scale(ws: list[Tensor], specs: list[GridSpec], H: Tensor, act: Tensor
 def clip_quantize(W: Tensor, H: Tensor, spec: GridSpec, s: Tensor | None, clip: bool) -> QWeight:
     """Quantize W·diag(s) (W itself when s is None: already scaled), groups fitted by the
     Hessian-weighted clipping search (``clip``) or by ``spec.range``."""
-    ones = torch.ones(W.shape[1])
     Ws = W if s is None else W * s
     final = GridSpec(**{**spec.__dict__, "range": "mse"}) if clip else spec
-    loss = grids.group_hessian_loss(H, spec.group_size, ones if s is None else s) if clip else None
+    loss = grids.group_hessian_loss(H, spec.group_size, s) if clip else None
     wg = grids.group_weights(Ws, spec.group_size)
     p = grids.fit(wg, final, loss)
     codes = grids.ungroup(grids.quantize(wg, p, spec), W.shape)
