@@ -54,12 +54,12 @@ def test_fold_block_searches_shares_and_rewrites_stats(tiny_block):
     ref = _run(block, h, pos)
     mods = dict(block.named_modules())
     stats: dict[str, Stats] = {}
-    shared: dict[int, Stats] = {}
+    shared: dict[int, tuple[torch.Tensor, Stats]] = {}  # id(input) -> (input, its Stats)
 
     def hook(name):
         def f(_m, args):
             x = args[0]
-            st = shared.setdefault(id(x), Stats())
+            _, st = shared.setdefault(id(x), (x, Stats()))  # holding x keeps its id from being reused
             if stats.get(name) is not st:
                 st.add(x)
             stats[name] = st
