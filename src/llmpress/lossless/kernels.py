@@ -362,75 +362,55 @@ def _hist4(sym, h):  # h[v] += count of v in sym, for skewed streams (the head)
         h[s] += t[0, s] + t[1, s] + t[2, s] + t[3, s]
 
 
-@njit(**_JIT)
-def split_float(x, E, M, k, widths, head, tails, hhist, thist):
-    """x: (n,) uint16/uint32 words → head (n,) = exponent ‖ top k mantissa bits, tails (p, n)
-    uint8 = sign ‖ low mantissa bits cut LSB-first into ``widths``; histograms hhist
-    (2**(E+k),) and thist (p, 256) are accumulated. The split is one branch-free pass in 32-bit
-    unsigned arithmetic (it vectorises; the head is one shift and mask, as exponent and top
-    mantissa bits are adjacent); the histograms are counted in separate passes."""
-    n = x.shape[0]
-    p = widths.shape[0]
-    low = np.uint32(M - k)
-    hmask = np.uint32((1 << (E + k)) - 1)
-    lmask = np.uint32((1 << (M - k)) - 1)
-    sshift = np.uint32(E + M)
-    if p == 1:  # 16- and 8-bit floats: one tail piece
-        for i in range(n):
-            w = np.uint32(x[i])
-            head[i] = (w >> low) & hmask
-            tails[0, i] = (w >> sshift) << low | (w & lmask)
-    elif p == 3:  # 32-bit floats
-        s1 = np.uint32(widths[0])
-        s2 = np.uint32(widths[0] + widths[1])
-        m0 = np.uint32((1 << widths[0]) - 1)
-        m1 = np.uint32((1 << widths[1]) - 1)
-        for i in range(n):
-            w = np.uint32(x[i])
-            head[i] = (w >> low) & hmask
-            t = (w >> sshift) << low | (w & lmask)
-            tails[0, i] = t & m0
-            tails[1, i] = (t >> s1) & m1
-            tails[2, i] = t >> s2
-    else:
-        for i in range(n):
-            w = np.uint32(x[i])
-            head[i] = (w >> low) & hmask
-            t = np.int64((w >> sshift) << low | (w & lmask))
-            for j in range(p):
-                tails[j, i] = t & ((1 << widths[j]) - 1)
-                t >>= widths[j]
-    _hist4(head, hhist)
-    for j in range(p):
-        _hist(tails[j], thist[j])
+def float_kernels(E: int, M: int, k: int, widths: tuple[int, ...]):
+    """``(split, merge)`` compiled for one float layout (``E`` exponent bits, ``M`` mantissa
+    bits, ``k`` of them in the head, tail pieces of ``widths`` bits, LSB first, at most 3).
 
+    - ``split(x, head, tails, hhist, thist)``: x (n,) uint16/uint32 words → head (n,) = exponent ‖
+      top k mantissa bits, tails (p, n) uint8 = sign ‖ low mantissa bits cut into ``widths``;
+      adds the fields' counts to hhist (2**(E+k),) and thist (p, 256).
+    - ``merge(head, t0, t1, t2, x)``: the inverse, into x (unused pieces may be any array).
 
-@njit(**_JIT)
-def merge_float(head, t0, t1, t2, E, M, k, widths, x):
-    """Inverse of split_float: head (n,), tail pieces t0, t1, t2 (n,) uint8 (as many as
-    ``widths`` has, at most 3; unused ones may be any array) → x: (n,) uint16/uint32 words.
-    Since ``M = low + k``, the head lands at ``head << low`` in one shift. 32-bit unsigned
-    arithmetic throughout and one loop per piece count, so each loop vectorises (int64 with a
-    branch in the loop ran ~7x slower, measured)."""
-    n = x.shape[0]
-    p = widths.shape[0]
-    low = np.uint32(M - k)
-    lmask = np.uint32((1 << (M - k)) - 1)
-    sE = np.uint32(E + M)
-    s1 = np.uint32(widths[0])
-    s2 = np.uint32(widths[0] + (widths[1] if p > 1 else 0))
-    if p == 1:
-        for i in range(n):
+    Since ``M = low + k`` the head sits at ``head << low``: one shift and mask each way. The shifts
+    and masks are constants of the closure, so numba compiles them in and LLVM vectorises the
+    branch-free 32-bit loops; with the same amounts passed as arguments neither loop vectorised
+    (merge 0.37 vs 0.10 ns/word on BF16, measured). Each layout compiles (and caches) its own pair."""
+    P = len(widths)
+    assert 1 <= P <= 3, "at most 3 tail pieces"
+    LOW = np.uint32(M - k)
+    HMASK = np.uint32((1 << (E + k)) - 1)
+    LMASK = np.uint32((1 << (M - k)) - 1)
+    SSHIFT = np.uint32(E + M)
+    W1 = widths[1] if P > 1 else 0
+    S1, S2 = np.uint32(widths[0]), np.uint32(widths[0] + W1)
+    M0, M1 = np.uint32((1 << widths[0]) - 1), np.uint32((1 << W1) - 1)
+
+    @njit(**_JIT)
+    def split(x, head, tails, hhist, thist):
+        for i in range(x.shape[0]):
+            w = np.uint32(x[i])
+            head[i] = (w >> LOW) & HMASK
+            t = (w >> SSHIFT) << LOW | (w & LMASK)
+            tails[0, i] = t & M0
+            if P > 1:
+                tails[1, i] = (t >> S1) & M1
+            if P > 2:
+                tails[2, i] = t >> S2
+        _hist4(head, hhist)  # the counts in separate passes: the split loop stays vectorised
+        for j in range(P):
+            _hist(tails[j], thist[j])
+
+    @njit(**_JIT)
+    def merge(head, t0, t1, t2, x):
+        for i in range(x.shape[0]):
             t = np.uint32(t0[i])
-            x[i] = (t >> low) << sE | np.uint32(head[i]) << low | (t & lmask)
-    elif p == 2:
-        for i in range(n):
-            t = np.uint32(t0[i]) | np.uint32(t1[i]) << s1
-            x[i] = (t >> low) << sE | np.uint32(head[i]) << low | (t & lmask)
-    else:
-        for i in range(n):
-            t = np.uint32(t0[i]) | np.uint32(t1[i]) << s1 | np.uint32(t2[i]) << s2
-            x[i] = (t >> low) << sE | np.uint32(head[i]) << low | (t & lmask)
+            if P > 1:
+                t |= np.uint32(t1[i]) << S1
+            if P > 2:
+                t |= np.uint32(t2[i]) << S2
+            x[i] = (t >> LOW) << SSHIFT | np.uint32(head[i]) << LOW | (t & LMASK)
+
+    return split, merge
 
 
 # ------------------------------------------------------------------------------ model bytes

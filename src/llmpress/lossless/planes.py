@@ -56,9 +56,8 @@ class FloatLayout(Layout):
         self.word = _UINT[itemsize]
         tail = 1 + man_bits - k  # sign + low mantissa bits
         widths = [8] * (tail // 8) + ([tail % 8] if tail % 8 else [])
-        assert len(widths) <= 3, "merge_float takes at most 3 tail pieces"
         self.tail_widths = widths  # least significant piece first
-        self._w = np.array(widths, np.int64)
+        self._split, self._merge = K.float_kernels(exp_bits, man_bits, k, tuple(widths))
         self.fields = (Field("head", exp_bits + k),) + tuple(Field(f"tail{i}", w) for i, w in enumerate(widths))
 
     def split_hist(self, raw: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -68,7 +67,7 @@ class FloatLayout(Layout):
         tails = np.empty((p, n), np.uint8)
         hh = np.zeros(1 << (self.E + self.k), np.int64)
         th = np.zeros((p, 256), np.int64)
-        K.split_float(x, self.E, self.M, self.k, self._w, head, tails, hh, th)
+        self._split(x, head, tails, hh, th)
         return [head, *tails], [hh, *(th[j, : 1 << w] for j, w in enumerate(self.tail_widths))]
 
     def split(self, raw: np.ndarray) -> list[np.ndarray]:
@@ -78,7 +77,7 @@ class FloatLayout(Layout):
         x = np.empty(n, self.word)
         t = [np.ascontiguousarray(q, np.uint8) for q in parts[1:]]
         t += [t[0]] * (3 - len(t))
-        K.merge_float(parts[0], t[0], t[1], t[2], self.E, self.M, self.k, self._w, x)
+        self._merge(parts[0], t[0], t[1], t[2], x)
         return x.view(np.uint8)
 
 
