@@ -272,11 +272,7 @@ class Zstd:
 def entropy_bits(sym: np.ndarray | None, width: int, hist: np.ndarray | None = None) -> float:
     """n · H0(sym): the order-0 (static, this-stream) entropy in bits (from ``hist`` if given)."""
     c = np.bincount(sym, minlength=1 << width) if hist is None else hist
-    c = c[c > 0].astype(np.float64)
-    if c.size == 0:
-        return 0.0
-    n = c.sum()
-    return float(-(c * np.log2(c / n)).sum())
+    return float(K.hist_entropy_bits(c.astype(np.int64, copy=False)))
 
 
 # streams shorter than this take the four-lane coder: 32 lanes cost ~150 bytes more (states and
