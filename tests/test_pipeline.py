@@ -183,3 +183,32 @@ def test_siblings_fed_the_same_input_share_their_stats(tiny_llama_dir, calib_fil
     assert len({id(q), id(o), id(gate), id(down)}) == 4
     assert q.n == gate.n == down.n == 48  # each batch counted once, even when shared
     assert not torch.equal(q.gram, gate.gram)  # different inputs, different Gram matrices
+
+
+def test_statistics_of_a_block_stop_after_its_last_linear_input(tiny_llama_dir):
+    """Collecting the Stats of a block whose output nobody needs stops each batch once every
+    hooked linear has seen its input: the same Stats as a whole forward, without the last linear."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.pipeline import _StatsHooks
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    block = model.model.layers[0]
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        pos = model.model.rotary_emb(h, torch.arange(12)[None])
+    kws = [{"position_embeddings": pos, "attention_mask": None}] * 2
+    lin = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    calls = []
+    hd = lin["mlp.down_proj"].register_forward_hook(lambda *_: calls.append(1))
+    full = _StatsHooks(lin, dict.fromkeys(lin, True))
+    outs = full.run(block, [h, h[:1]], kws)
+    assert len(calls) == 2 and all(o is not None for o in outs)
+    early = _StatsHooks(lin, dict.fromkeys(lin, True), outputs=False)
+    assert early.run(block, [h, h[:1]], kws) == [None, None]
+    assert len(calls) == 2  # down_proj's input was taken, its product never computed
+    hd.remove()
+    for n in lin:
+        a, b = full.stats[n], early.stats[n]
+        assert a.n == b.n == 36 and torch.equal(a.gram, b.gram) and torch.equal(a.sq_mean, b.sq_mean)

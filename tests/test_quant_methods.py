@@ -161,3 +161,27 @@ def test_gptq_grid_defaults_yield_to_the_users_grid():
     assert (spec.grid_name, spec.range) == ("sym", "minmax")
     spec, _, _ = get_codec("rtn").parse({"bits": 4})
     assert (spec.grid_name, spec.range) == ("asym", "minmax")
+
+
+def test_gptq_layers_fed_one_input_share_one_prepared_hessian():
+    """Layers that share their input Stats (q/k/v, gate/up) reuse one inverse-Hessian factor per
+    (damp, act_order); the codes are those of a run that prepares its own; more data drops it."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(600, 96, generator=g) * torch.rand(96, generator=g) * 3
+    x[:, 7] = 0  # a dead input
+    w1, w2 = (torch.randn(32, 96, generator=g) * 0.02 for _ in range(2))
+    st = Stats()
+    st.add(x)
+    gptq = get_codec("gptq")
+    a = gptq.encode(w1, st, bits=3, group_size=32)
+    (key, hs), = st.derived.items()
+    b = gptq.encode(w2, st, bits=3, group_size=32)
+    assert list(st.derived.values()) == [hs]  # reused, not prepared again
+    alone = Stats()
+    alone.add(x)
+    assert torch.equal(gptq.decode(b), gptq.decode(gptq.encode(w2, alone, bits=3, group_size=32)))
+    assert not torch.equal(gptq.decode(a), gptq.decode(b))
+    gptq.encode(w1, st, bits=3, group_size=32, act_order=False)
+    assert len(st.derived) == 2  # another act_order, another factor
+    st.add(x[:10])
+    assert st.derived == {}

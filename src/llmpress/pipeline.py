@@ -303,8 +303,9 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
             sk.set_linear_weight(m, w_hat)
             writer.add_compressed(f"{name}.weight", ct)
         stats.clear()
-        with torch.inference_mode():
-            hs = [_block_out(block, h, kw) for h, kw in zip(hs, kws)]
+        if i + 1 < len(blocks):  # the inputs of the next block, through the compressed one
+            with torch.inference_mode():
+                hs = [_block_out(block, h, kw) for h, kw in zip(hs, kws)]
         for k in block.state_dict():
             key = f"{bp}{k}"
             mod_name = key.rsplit(".", 1)[0]
@@ -330,13 +331,25 @@ def _prepare_block(block: nn.Module, bp: str, lin: dict[str, nn.Module], plan: _
     return changed
 
 
+class _AllInputsSeen(Exception):
+    """Raised by the last pre-hook of a batch whose block output nobody needs."""
+
+
 class _StatsHooks:
     """Pre-hooks that accumulate each linear's input Stats. Linears fed the very same input
-    tensor (q/k/v, gate/up) share one Stats object, so its Gram matrix is computed once."""
+    tensor (q/k/v, gate/up) share one Stats object, so its Gram matrix is computed once.
 
-    def __init__(self, modules: dict[str, nn.Module], gram: dict[str, bool]):
+    With ``outputs=False`` the block's output is not wanted (the statistics of the original
+    block, before its linears are compressed): each batch stops as soon as every hooked linear
+    has seen its input, so the rest of the block (in a Llama block the down projection, a
+    quarter of its linear work) is not computed. This assumes each linear runs once a forward,
+    as in the transformers blocks."""
+
+    def __init__(self, modules: dict[str, nn.Module], gram: dict[str, bool], outputs: bool = True):
         self.stats: dict[str, Stats] = {}
         self._seen: dict[int, tuple[torch.Tensor, Stats, bool]] = {}  # id(input) -> (input, its Stats, has gram)
+        self._fired: set[str] = set()  # hooked linears that saw this batch
+        self._stop_after = None if outputs else len(modules)
         self._handles = [m.register_forward_pre_hook(self._hook(n, gram[n])) for n, m in modules.items()]
 
     def _hook(self, name: str, want_gram: bool):
@@ -345,21 +358,28 @@ class _StatsHooks:
             hit = self._seen.get(id(x))
             if hit is not None and hit[0] is x and (hit[2] or not want_gram):
                 self.stats[name] = hit[1]
-                return
-            st = self.stats.setdefault(name, Stats())
-            st.add(x, gram=want_gram)
-            self._seen[id(x)] = (x, st, want_gram)  # holding x keeps its id unique for this batch
+            else:
+                st = self.stats.setdefault(name, Stats())
+                st.add(x, gram=want_gram)
+                self._seen[id(x)] = (x, st, want_gram)  # holding x keeps its id unique for this batch
+            self._fired.add(name)
+            if len(self._fired) == self._stop_after:
+                raise _AllInputsSeen
 
         return hook
 
-    def run(self, block: nn.Module, hs: list[torch.Tensor], kws: list[dict[str, Any]]) -> list[torch.Tensor]:
-        """Run the block on every batch; return its outputs."""
-        outs = []
+    def run(self, block: nn.Module, hs: list[torch.Tensor], kws: list[dict[str, Any]]) -> list[torch.Tensor | None]:
+        """Run the block on every batch; return its outputs (None for a batch stopped early)."""
+        outs: list[torch.Tensor | None] = []
         try:
             with torch.inference_mode():
                 for h, kw in zip(hs, kws):
                     self._seen.clear()
-                    outs.append(_block_out(block, h, kw))
+                    self._fired.clear()
+                    try:
+                        outs.append(_block_out(block, h, kw))
+                    except _AllInputsSeen:
+                        outs.append(None)
         finally:
             self._seen.clear()
             for hd in self._handles:
@@ -372,7 +392,7 @@ def _collect(block: nn.Module, lin: dict[str, nn.Module], plan: _Plan, hs: list[
     hooked = {n: m for n, m in lin.items() if n in plan.rules and get_codec(plan.rules[n][0]).needs_stats}
     if not hooked:
         return {}
-    hooks = _StatsHooks(hooked, {n: bool(getattr(get_codec(plan.rules[n][0]), "gram", True)) for n in hooked})
+    hooks = _StatsHooks(hooked, {n: bool(getattr(get_codec(plan.rules[n][0]), "gram", True)) for n in hooked}, outputs=False)
     hooks.run(block, hs, kws)
     return hooks.stats
 

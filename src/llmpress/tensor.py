@@ -75,6 +75,9 @@ class Stats:
     abs_mean: Tensor | None = None
     sq_mean: Tensor | None = None
     n: int = 0
+    # what a method derives from these statistics and may reuse for every linear fed this input
+    # (e.g. GPTQ's inverse-Hessian factor), keyed by the method; dropped with the Stats
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, x: Tensor, gram: bool = True) -> None:
         """Accumulate a batch of inputs ``x`` of shape (..., in)."""
@@ -82,6 +85,7 @@ class Stats:
         t = x32.shape[0]
         if t == 0:
             return
+        self.derived.clear()  # derived from the statistics before this batch
         if gram:
             g = (x32.T @ x32).to(torch.float64)  # (in, in): float32 product (~3× faster), float64 sum
             self.gram = g if self.gram is None else self.gram + g

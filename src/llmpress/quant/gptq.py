@@ -21,6 +21,7 @@ permuted order and the group of each column is stored (``g_idx``).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -75,39 +76,60 @@ def _columns(W1: Tensor, Hinv1: Tensor, pcols: dict[str, Tensor], spec: GridSpec
         Err1[:, i : i + 1] = err
 
 
-def gptq_quantize(W: Tensor, H: Tensor, spec: GridSpec, *, damp: float = 0.01, act_order: bool = False,
+@dataclass
+class Hessian:
+    """H made ready for GPTQ. It depends on H, ``damp`` and ``act_order`` only, so the layers
+    fed the same input (q/k/v, gate/up) share one: :meth:`GPTQ.quantize` keeps it in the
+    input's ``Stats.derived`` (SmolLM2: 4 factorisations a block instead of 7)."""
+
+    H: Tensor  # (in, in) float32, original order; inputs that were always zero get H_ii = 1
+    dead: Tensor  # (in,) bool: those inputs (any weight works there; GPTQ zeroes them)
+    perm: Tensor | None  # (in,) act-order column order (decreasing diag H), or None
+    Hinv: Tensor  # (in, in) upper Cholesky factor of (H_perm + λI)⁻¹, float32
+
+    @classmethod
+    def prepare(cls, H: Tensor, damp: float, act_order: bool) -> "Hessian":
+        H = H.to(torch.float32).clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+        Hp = H if perm is None else H[perm][:, perm]
+        return cls(H=H, dead=dead, perm=perm, Hinv=inverse_hessian_factor(Hp, damp))
+
+
+def gptq_quantize(W: Tensor, H: Tensor | Hessian, spec: GridSpec, *, damp: float = 0.01, act_order: bool = False,
                   static_groups: bool = False, block_size: int = 128, kernel: bool = True) -> QWeight:
-    """Quantize W (out, in) against H = Σ x xᵀ (in, in). Returns codes in the original column order.
+    """Quantize W (out, in) against H = Σ x xᵀ (in, in), or against a prepared :class:`Hessian`
+    (made with the same ``damp`` and ``act_order``). Returns codes in the original column order.
     ``kernel``: the compiled column loop for affine grids (False: the torch loop, the reference)."""
+    hs = H if isinstance(H, Hessian) else Hessian.prepare(H, damp, act_order)
+    if (hs.perm is not None) != act_order:
+        raise ValueError("gptq: the prepared Hessian was made for another act_order")
     W = W.to(torch.float32).clone()
-    H = H.to(torch.float32).clone()
     out, cols = W.shape
     gs = spec.group_size
     grouped = 0 < gs < cols
-
-    dead = torch.diag(H) == 0  # inputs that were always zero: any value works, pick 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W[:, hs.dead] = 0.0  # inputs that were always zero: any value works, pick 0
 
     # Parameters fitted up front: per tensor, per channel, or static groups (original order).
     # A clipping search (range: mse) weighs each group's error by its block of H: the output error.
     fixed = None
     if not grouped or static_groups:
-        loss = grids.group_hessian_loss(H, gs) if spec.range == "mse" else None
+        loss = grids.group_hessian_loss(hs.H, gs) if spec.range == "mse" else None
         fixed = grids.fit(grids.group_weights(W, gs), spec, loss)  # (R, G, 1)
 
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+    perm = hs.perm
+    if perm is not None:
+        W = W[:, perm]
     col_group = grids.group_index(cols, gs if grouped else -1)  # group of each original column
     if perm is not None and static_groups:
         col_group = col_group[perm]  # permuted column j keeps its original group
     n_groups = grids.num_groups(cols, gs if grouped else -1)
 
-    Hinv = inverse_hessian_factor(H, damp)  # (in, in) upper, float32
-    Hfit = H if fixed is None and spec.range == "mse" else None  # dynamic groups' clipping search
-    del H
+    Hinv = hs.Hinv  # (in, in) upper, float32
+    Hfit = None  # dynamic groups' clipping search: H in the permuted order
+    if fixed is None and spec.range == "mse":
+        Hfit = hs.H if perm is None else hs.H[perm][:, perm]
 
     codes = torch.zeros(out, cols, dtype=torch.float32)
     dyn = None if fixed is not None else {k: torch.zeros(out, n_groups, 1) for k in grids.GRIDS[spec.grid_name].stored}
@@ -174,5 +196,9 @@ class GPTQ(QuantCodec):
             raise ValueError(f"gptq: damp must be in [0, 1); got {damp!r}")
         if int(block_size) < 1:
             raise ValueError("gptq: block_size must be ≥ 1")
-        return gptq_quantize(w, stats.gram, spec, damp=float(damp), act_order=bool(act_order),
+        key = ("gptq.hessian", float(damp), bool(act_order))
+        hs = stats.derived.get(key)
+        if hs is None:
+            hs = stats.derived[key] = Hessian.prepare(stats.gram, float(damp), bool(act_order))
+        return gptq_quantize(w, hs, spec, damp=float(damp), act_order=bool(act_order),
                              static_groups=bool(static_groups), block_size=int(block_size))
