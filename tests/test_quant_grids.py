@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -201,3 +203,23 @@ def test_bad_weights_named():
         get_codec("rtn").encode(torch.randn(8), None)
     with pytest.raises(ValueError, match="needs calibration"):
         get_codec("gptq").encode(torch.randn(4, 8), None)
+
+
+@pytest.mark.parametrize("grid", ["asym", "asymz", "sym"])
+def test_compiled_search_error_is_the_grids_own(grid):
+    """The clipping search's one-pass error (search_kernel) equals ŵ − w of the grid's torch
+    quantize/dequantize, bit for bit, with 0 on a ragged group's padding."""
+    from llmpress.quant.search_kernel import affine_error
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 100, generator=g) * torch.rand(100, generator=g) * 4
+    wg = grids.group_weights(w, 32)  # (24, 4, 32), the last group padded with NaN
+    gr = grids.GRIDS[grid]
+    lo, hi = grids._nan_min_max(wg)
+    p = gr.params(lo * 0.9, hi * 0.8, 3, torch.float16)
+    ref = gr.dequantize(gr.quantize(wg, p, 3), p, 3).sub_(wg).nan_to_num_(0.0)
+    out = torch.empty(4, 24, 32)
+    a, s, z = (t[..., 0].contiguous().numpy() for t in gr.affine(p, 3))
+    affine_error(wg.contiguous().numpy(), a, s, z, np.float32(7), out.numpy())
+    assert torch.equal(out.transpose(0, 1), ref)
+    assert (out[3, :, 4:] == 0).all()  # 100 = 3·32 + 4: the padding

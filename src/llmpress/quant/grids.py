@@ -51,8 +51,11 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from .search_kernel import affine_error
 
 BITS = (2, 3, 4, 5, 6, 8)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -375,13 +378,23 @@ def _range_percentile(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -
 def _range_mse(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[str, Tensor]:
     """Shrink [lo, hi] by p ∈ [1 − mse_shrink, 1]; keep per group the p of least loss."""
     lo, hi = _nan_min_max(wg)
+    wg = wg.contiguous()
     pad = torch.isnan(wg)
     pad = pad if bool(pad.any()) else None  # a ragged last group's padding
+    R, G, S = wg.shape
+    buf = torch.empty(G, R, S)  # the affine grids' error, group-major (search_kernel)
     best_p, best_err = None, None
     for p in torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse_steps)).tolist():
         cand = grid.params(lo * p, hi * p, spec.bits, spec.dtype)
-        err = grid.dequantize(grid.quantize(wg, cand, spec.bits), cand, spec.bits).sub_(wg)
-        e = loss(err if pad is None else err.masked_fill_(pad, 0.0))  # (R, G)
+        aff = grid.affine(cand, spec.bits)
+        if aff is not None:  # one compiled pass
+            a, s, z = (t[..., 0].to(torch.float32).contiguous().numpy() for t in aff)
+            affine_error(wg.numpy(), a, s, z, np.float32(2**spec.bits - 1), buf.numpy())
+            err = buf.transpose(0, 1)  # (R, G, S) view
+        else:
+            err = grid.dequantize(grid.quantize(wg, cand, spec.bits), cand, spec.bits).sub_(wg)
+            err = err if pad is None else err.masked_fill_(pad, 0.0)
+        e = loss(err)  # (R, G)
         if best_err is None:
             best_p, best_err = cand, e
             continue
