@@ -54,26 +54,39 @@ def inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
     raise ValueError("GPTQ: the Hessian stays singular even with strong dampening")
 
 
+RUN = 16  # columns whose errors are pushed one by one (_columns); 8/16/32/64/whole block: 46/45/60/87/76 ms on a 1536×576 layer
+
+
 def _columns(W1: Tensor, Hinv1: Tensor, pcols: dict[str, Tensor], spec: GridSpec, c0: int, c1: int,
              Q1: Tensor, Err1: Tensor, kernel: bool) -> None:
     """Quantize columns c0..c1−1 of a block in order (OBQ step): code column i, then move its
     error (w − ŵ)/[H⁻¹]_ii onto the block's columns right of it through row i of H⁻¹'s factor.
-    W1, Q1, Err1: (out, B); Hinv1: (B, B); pcols: grid parameters of columns c0..c1−1 (out, c1−c0)."""
+    W1, Q1, Err1: (out, B); Hinv1: (B, B); pcols: grid parameters of columns c0..c1−1 (out, c1−c0).
+
+    The lazy batch update once more, one level down: columns go in runs of ``RUN``; inside a run
+    each error reaches the run's later columns at once, and the block's columns after the run
+    receive the run's errors in one product. The same sums in another order, but most of the
+    work becomes a matrix product (SmolLM2: the column loop's ~7.7 s of rank-1 updates, measured)."""
     grid = grids.GRIDS[spec.grid_name]
     aff = grid.affine(pcols, spec.bits) if kernel else None
-    if aff is not None:
-        a, s, z = (t.to(torch.float32).contiguous() for t in aff)
-        quantize_columns(W1.numpy(), Hinv1.numpy(), a.numpy(), s.numpy(), z.numpy(), np.float32(2**spec.bits - 1),
-                         c0, c1, Q1.numpy(), Err1.numpy())
-        return
-    for i in range(c0, c1):
-        pc = {k: v[:, i - c0 : i - c0 + 1] for k, v in pcols.items()}  # (out, 1)
-        w = W1[:, i : i + 1]  # (out, 1)
-        q = grids.quantize(w, pc, spec)
-        Q1[:, i : i + 1] = q
-        err = (w - grids.dequantize(q, pc, spec)) / Hinv1[i, i]  # (out, 1)
-        W1[:, i:] -= err * Hinv1[i : i + 1, i:]
-        Err1[:, i : i + 1] = err
+    qmax = np.float32(2**spec.bits - 1)
+    B = W1.shape[1]
+    for r0 in range(c0, c1, RUN):
+        r1 = min(r0 + RUN, c1)
+        if aff is not None:
+            a, s, z = (t[:, r0 - c0 : r1 - c0].to(torch.float32).contiguous().numpy() for t in aff)
+            quantize_columns(W1.numpy(), Hinv1.numpy(), a, s, z, qmax, r0, r1, Q1.numpy(), Err1.numpy())
+        else:
+            for i in range(r0, r1):
+                pc = {k: v[:, i - c0 : i - c0 + 1] for k, v in pcols.items()}  # (out, 1)
+                w = W1[:, i : i + 1]  # (out, 1)
+                q = grids.quantize(w, pc, spec)
+                Q1[:, i : i + 1] = q
+                err = (w - grids.dequantize(q, pc, spec)) / Hinv1[i, i]  # (out, 1)
+                W1[:, i:r1] -= err * Hinv1[i : i + 1, i:r1]
+                Err1[:, i : i + 1] = err
+        if r1 < B:
+            W1[:, r1:] -= Err1[:, r0:r1] @ Hinv1[r0:r1, r1:]  # (out, run) @ (run, B − r1)
 
 
 @dataclass

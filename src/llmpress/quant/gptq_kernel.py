@@ -21,13 +21,13 @@ from numba import njit
 def quantize_columns(W1, Hinv1, a, s, z, qmax, c0, c1, Q1, Err1):  # pragma: no cover - compiled
     """Columns c0..c1−1 of a block, in order.
 
-    W1: (out, B) float32, the block's weights, updated in place (columns right of each quantized
-    one receive its error); Hinv1: (B, B) float32, the block of the upper Cholesky factor of H⁻¹;
-    a, s, z: (out, c1 − c0) float32, the grid parameters of columns c0..c1−1; Q1, Err1: (out, B) float32
-    outputs: the codes, and the errors (w − ŵ) / [H⁻¹]_ii that the caller carries to the
-    columns right of the block with one matrix product.
+    W1: (out, B) float32, the block's weights, updated in place (the columns of c0..c1−1 right of
+    each quantized one receive its error); Hinv1: (B, B) float32, the block of the upper Cholesky
+    factor of H⁻¹; a, s, z: (out, c1 − c0) float32, the grid parameters of columns c0..c1−1;
+    Q1, Err1: (out, B) float32 outputs: the codes, and the errors (w − ŵ) / [H⁻¹]_ii that the
+    caller carries to the columns from c1 on with one matrix product.
     """
-    out, B = W1.shape
+    out = W1.shape[0]
     zero = np.float32(0.0)
     for i in range(c0, c1):
         d = Hinv1[i, i]
@@ -39,5 +39,5 @@ def quantize_columns(W1, Hinv1, a, s, z, qmax, c0, c1, Q1, Err1):  # pragma: no 
             Q1[r, i] = q
             e = (w - ((q - z[r, j]) * s[r, j] + a[r, j])) / d
             Err1[r, i] = e
-            for c in range(i + 1, B):
+            for c in range(i + 1, c1):
                 W1[r, c] -= e * Hinv1[i, c]
