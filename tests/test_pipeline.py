@@ -212,3 +212,17 @@ def test_statistics_of_a_block_stop_after_its_last_linear_input(tiny_llama_dir):
     for n in lin:
         a, b = full.stats[n], early.stats[n]
         assert a.n == b.n == 36 and torch.equal(a.gram, b.gram) and torch.equal(a.sq_mean, b.sq_mean)
+
+
+@pytest.mark.parametrize("width", [7, 384, 577])
+def test_gram_matrix_is_the_symmetric_product(width):
+    """Stats' Gram matrix from the upper block triangle equals XᵀX (float64 reference) and is
+    exactly symmetric (the blocks below the diagonal are mirrored, not recomputed)."""
+    from llmpress.tensor import gram_matrix
+
+    x = torch.randn(256, width, generator=torch.Generator().manual_seed(width))
+    g, ref = gram_matrix(x), x.double().T @ x.double()
+    assert g.dtype == torch.float32 and g.shape == (width, width)
+    assert torch.allclose(g.double(), ref, rtol=1e-5, atol=1e-3)
+    if width >= 384:
+        assert torch.equal(g, g.T)
