@@ -48,7 +48,7 @@ def test_fields_round_trip_every_bit_pattern(dtype, data):
     assert lay.merge(parts, len(raw) // lay.itemsize).tobytes() == raw.tobytes()
 
 
-@pytest.mark.parametrize("policy", ["ans", "zstd"])
+@pytest.mark.parametrize("policy", ["rans", "ans", "zstd"])
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_chunk_round_trip_and_no_mutation(dtype, policy):
     g = torch.Generator().manual_seed(0)
@@ -59,6 +59,8 @@ def test_chunk_round_trip_and_no_mutation(dtype, policy):
     payload, st_ = encode_chunk(raw, dtype, policy)
     assert (raw == before).all()  # the caller's buffer is untouched
     assert decode_chunk(memoryview(payload), dtype, len(raw)).tobytes() == raw.tobytes()
+    out = np.full(len(raw), 0xA5, np.uint8)  # into the caller's array, every byte rewritten
+    assert decode_chunk(memoryview(payload), dtype, len(raw), out) is not None and out.tobytes() == raw.tobytes()
     if dtype in ("BF16", "F32"):
         assert len(payload) < (0.85 if dtype == "BF16" else 0.92) * len(raw)  # gaussian weights compress
         assert st_.bound_bits / 8 <= len(payload) * 1.02

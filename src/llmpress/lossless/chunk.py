@@ -10,6 +10,7 @@ chunk decodes on its own, so tensors decode independently and chunks in parallel
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,27 +65,48 @@ def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans") -> tup
     return out, st
 
 
-def decode_chunk(buf: memoryview, dtype: str, nbytes: int) -> np.ndarray:
-    """Inverse of :func:`encode_chunk`; raises ValueError on any inconsistency."""
+_scratch = threading.local()
+
+
+def _scratch_fields(lay: FloatLayout, n: int) -> list[np.ndarray]:
+    """This thread's arrays for one chunk's decoded fields (head, tail pieces), reused chunk
+    after chunk: fresh arrays cost a page fault every 4 KiB on first write (up to ~5,700 a
+    decode of BF16 MiniLM, ~15 % of its time, measured), and reused ones stay in cache."""
+    key = (lay.E, lay.M, lay.k)
+    have = getattr(_scratch, "arrays", {}).get(key)
+    if have is None or have[0].shape[0] < n:
+        have = [np.empty(n, np.uint16 if f.width > 8 else np.uint8) for f in lay.fields]
+        if not hasattr(_scratch, "arrays"):
+            _scratch.arrays = {}
+        _scratch.arrays[key] = have
+    return [a[:n] for a in have]
+
+
+def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`encode_chunk`: the chunk's ``nbytes`` bytes, written into ``out``
+    ((nbytes,) uint8) if given; raises ValueError on any inconsistency."""
     lay = layout(dtype)
     if nbytes % lay.itemsize:
         raise ValueError(f"{nbytes} bytes is not a whole number of {dtype} words")
     n = nbytes // lay.itemsize
+    if out is not None and out.shape != (nbytes,):
+        raise ValueError(f"output holds {out.shape} bytes, the chunk {nbytes}")
     if len(buf) < 1 or buf[0] != len(lay.fields):
         raise ValueError("chunk header: wrong number of fields")
+    fields = _scratch_fields(lay, n) if isinstance(lay, FloatLayout) else [out]
     pos, parts = 1, []
-    for f in lay.fields:
+    for f, dst in zip(lay.fields, fields):
         if pos + 5 > len(buf):
             raise ValueError("chunk truncated")
         bid, ln = struct.unpack_from("<BI", buf, pos)
         pos += 5
         if pos + ln > len(buf):
             raise ValueError("chunk truncated")
-        sym = decode_stream(bid, buf[pos : pos + ln], n, f.width)
+        sym = decode_stream(bid, buf[pos : pos + ln], n, f.width, dst)
         if len(sym) != n:
             raise ValueError("stream decoded to the wrong length")
         parts.append(sym)
         pos += ln
     if pos != len(buf):
         raise ValueError("chunk has trailing bytes")
-    return lay.merge(parts, n)
+    return lay.merge(parts, n, out)

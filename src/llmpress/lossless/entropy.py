@@ -50,20 +50,22 @@ def pack_bits(sym: np.ndarray, width: int) -> bytes:
     return K.pack_bits(np.ascontiguousarray(sym), width).tobytes()
 
 
-def unpack_bits(buf: bytes | memoryview, n: int, width: int) -> np.ndarray:
+def unpack_bits(buf: bytes | memoryview, n: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`pack_bits`, into ``out`` ((n,) uint8, or uint16 past 8 bits) if given."""
     dt = np.uint8 if width <= 8 else np.uint16
+    out = np.empty(n, dt) if out is None else out
     need = (n * width + 7) // 8
-    if len(buf) != need:
+    if len(buf) != need or out.shape != (n,):
         raise ValueError(f"raw stream holds {len(buf)} bytes, expected {need}")
-    if width in (8, 16):
-        return np.frombuffer(buf, np.uint8 if width == 8 else "<u2").astype(dt)
     b = np.frombuffer(buf, np.uint8)
-    if width > 8:
+    if width in (8, 16):
+        out[:] = b if width == 8 else b.view("<u2")
+    elif width > 8:
         high = np.empty(n, np.uint16)
         K.unpack_bits(b[n:], width - 8, high)
-        return b[:n].astype(np.uint16) | high << 8
-    out = np.empty(n, dt)
-    K.unpack_bits(b, width, out)
+        out[:] = b[:n].astype(np.uint16) | high << 8
+    else:
+        K.unpack_bits(b, width, out)
     return out
 
 
@@ -74,7 +76,8 @@ BY_ID: dict[int, type] = {}
 
 
 def backend(name: str, bid: int) -> Callable[[type], type]:
-    """Register a backend class (static ``encode(sym, width)`` / ``decode(buf, n, width)``)."""
+    """Register a backend class (static ``encode(sym, width)`` / ``decode(buf, n, width)``; a
+    backend that can decode into the caller's array also has ``decode_into(buf, n, width, out)``)."""
 
     def deco(cls: type) -> type:
         cls.name, cls.id = name, bid
@@ -84,10 +87,15 @@ def backend(name: str, bid: int) -> Callable[[type], type]:
     return deco
 
 
+def _symbols(n: int, width: int) -> np.ndarray:
+    return np.empty(n, np.uint8 if width <= 8 else np.uint16)
+
+
 @backend("raw", 0)
 class Raw:
     encode = staticmethod(lambda sym, width: pack_bits(sym, width))
     decode = staticmethod(lambda buf, n, width: unpack_bits(buf, n, width))
+    decode_into = staticmethod(unpack_bits)
 
 
 def scaled_counts(sym: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -189,9 +197,12 @@ class RansV2:
 
     @classmethod
     def decode(cls, buf: memoryview, n: int, width: int) -> np.ndarray:
-        dt = np.uint8 if width <= 8 else np.uint16
+        return cls.decode_into(buf, n, width, _symbols(n, width))
+
+    @classmethod
+    def decode_into(cls, buf: memoryview, n: int, width: int, out: np.ndarray) -> np.ndarray:
         if n == 0 and len(buf) == 0:
-            return np.empty(0, dt)
+            return out
         b = np.frombuffer(buf, np.uint8)
         f = np.zeros(1 << width, np.int64)
         pb, used = cls.read_model(b, 1 << width, f)
@@ -201,8 +212,8 @@ class RansV2:
         if len(present) == 1:
             if used != len(b):
                 raise ValueError("rans stream: trailing bytes after a single-symbol model")
-            return np.full(n, present[0], dt)
-        out = np.empty(n, dt)
+            out[:] = present[0]
+            return out
         rc = cls.uncode(b[used:], n, f, pb, out)
         if rc:
             raise ValueError(f"rans stream: corrupted (code {rc})")
@@ -237,8 +248,7 @@ class Rans(RansV3):
         return R32.encode(sym, f, pb).tobytes()
 
     @classmethod
-    def decode(cls, buf: memoryview, n: int, width: int) -> np.ndarray:
-        out = np.empty(n, np.uint8 if width <= 8 else np.uint16)
+    def decode_into(cls, buf: memoryview, n: int, width: int, out: np.ndarray) -> np.ndarray:
         if n == 0 and len(buf) == 0:
             return out
         rc = R32.decode_stream(np.frombuffer(buf, np.uint8), 1 << width, out)
@@ -381,6 +391,10 @@ class Split:
 
     @staticmethod
     def decode(buf: memoryview, n: int, width: int) -> np.ndarray:
+        return Split.decode_into(buf, n, width, _symbols(n, width))
+
+    @staticmethod
+    def decode_into(buf: memoryview, n: int, width: int, out: np.ndarray) -> np.ndarray:
         if len(buf) < 1:
             raise ValueError("split stream: truncated")
         k = buf[0]
@@ -389,21 +403,32 @@ class Split:
         step = -(-n // k)
         if (k - 1) * step >= n:
             raise ValueError("split stream: more pieces than symbols")
-        out = np.empty(n, np.uint8 if width <= 8 else np.uint16)
         pos = 1 + 5 * k
         for i in range(k):
             bid, ln = struct.unpack_from("<BI", buf, 1 + 5 * i)
             if bid == Split.id or pos + ln > len(buf):
                 raise ValueError("split stream: bad piece")
             m = min(step, n - i * step)
-            out[i * step : i * step + m] = decode_stream(bid, buf[pos : pos + ln], m, width)
+            decode_stream(bid, buf[pos : pos + ln], m, width, out[i * step : i * step + m])
             pos += ln
         if pos != len(buf):
             raise ValueError("split stream: trailing bytes")
         return out
 
 
-def decode_stream(bid: int, payload: memoryview, n: int, width: int) -> np.ndarray:
+def decode_stream(bid: int, payload: memoryview, n: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The ``n`` symbols of one stream; into ``out`` ((n,) uint8, or uint16 past 8 bits) if
+    given (decoded in place where the backend can, else copied)."""
     if bid not in BY_ID:
         raise ValueError(f"unknown entropy backend id {bid}")
-    return BY_ID[bid].decode(payload, n, width)
+    cls = BY_ID[bid]
+    if out is None:
+        return cls.decode(payload, n, width)
+    into = getattr(cls, "decode_into", None)
+    if into is not None:
+        return into(payload, n, width, out)
+    sym = cls.decode(payload, n, width)
+    if sym.shape != out.shape:
+        raise ValueError("stream decoded to the wrong length")
+    out[:] = sym
+    return out

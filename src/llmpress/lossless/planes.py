@@ -37,8 +37,12 @@ class Layout:
     def split(self, raw: np.ndarray) -> list[np.ndarray]:  # raw: (nbytes,) uint8
         return [raw]
 
-    def merge(self, parts: list[np.ndarray], n: int) -> np.ndarray:  # -> (n*itemsize,) uint8
-        return parts[0]
+    def merge(self, parts: list[np.ndarray], n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The words of the fields ``parts``: (n*itemsize,) uint8, written into ``out`` if given."""
+        if out is None or out is parts[0]:
+            return parts[0]
+        out[:] = parts[0]
+        return out
 
     def split_hist(self, raw: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """``split`` plus each field's symbol counts ((2**width,) int64 each)."""
@@ -73,8 +77,8 @@ class FloatLayout(Layout):
     def split(self, raw: np.ndarray) -> list[np.ndarray]:
         return self.split_hist(raw)[0]
 
-    def merge(self, parts: list[np.ndarray], n: int) -> np.ndarray:
-        x = np.empty(n, self.word)
+    def merge(self, parts: list[np.ndarray], n: int, out: np.ndarray | None = None) -> np.ndarray:
+        x = np.empty(n, self.word) if out is None else out.view(self.word)
         t = [np.ascontiguousarray(q, np.uint8) for q in parts[1:]]
         t += [t[0]] * (3 - len(t))
         self._merge(parts[0], t[0], t[1], t[2], x)

@@ -160,15 +160,16 @@ class Packed:
     def _what(self, f: dict, s: dict, i: int) -> str:
         return f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}") + f", chunk {i}"
 
-    def _decode(self, f: dict, s: dict, i: int, payload: bytes) -> np.ndarray:
-        """One chunk's decoded bytes, checked against its checksum (v2 on)."""
+    def _decode(self, f: dict, s: dict, i: int, payload: bytes, out: np.ndarray | None = None) -> np.ndarray:
+        """One chunk's decoded bytes (into ``out``, (raw,) uint8, if given), checked against its
+        checksum (v2 on)."""
         o, ln, raw, crc = s["chunks"][i]
         if len(payload) != ln:
             raise CorruptError(f"{self._what(f, s, i)}: truncated")
         if self.version == 1 and crc32(payload) != crc:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch (corrupted)")
         try:
-            out = decode_chunk(memoryview(payload), s["dtype"], raw)
+            out = decode_chunk(memoryview(payload), s["dtype"], raw, out)
         except ValueError as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if self.version >= 2 and chunk_sum(out, self.version) != crc:
@@ -190,18 +191,27 @@ class Packed:
         the common case, and no thread is added on top of n (on this 2-core machine, BF16
         MiniLM: ~1.3× the throughput of two workers and a waiting caller, measured). Each
         decoder checks the chunk it decoded (xxh3-64; v2–v3 crc32); a v1 segment's crc32 is
-        checked here, in order."""
-        todo: deque[tuple[dict, int, bool, Future | np.ndarray | None]] = deque()
-        every = ex._max_workers + 1 if ex is not None else 1
+        checked here, in order.
 
-        def job(s: dict, i: int) -> np.ndarray:
+        Chunks are decoded into a few output arrays that go round: a yielded array is valid
+        until the next one is asked for (every consumer here writes, hashes or copies it at
+        once). Fresh arrays would cost a page fault every 4 KiB on their first write."""
+        todo: deque[tuple[dict, int, bool, Future | np.ndarray | None, np.ndarray]] = deque()
+        every = ex._max_workers + 1 if ex is not None else 1
+        free: list[np.ndarray] = []  # output arrays back from the consumer
+
+        def buffer(raw: int) -> np.ndarray:
+            b = free.pop(0) if free else None  # the longest unused first: out of the consumer's cache
+            return b if b is not None and len(b) >= raw else np.empty(raw, np.uint8)
+
+        def job(s: dict, i: int, buf: np.ndarray) -> np.ndarray:
             c = s["chunks"][i]
-            return self._decode(f, s, i, self._read(c[0], c[1]))
+            return self._decode(f, s, i, self._read(c[0], c[1]), buf[: c[2]])
 
         def emit() -> Iterator[np.ndarray]:
             nonlocal crc
-            s, i, last, r = todo.popleft()
-            out = r.result() if isinstance(r, Future) else job(s, i) if r is None else r
+            s, i, last, r, buf = todo.popleft()
+            out = r.result() if isinstance(r, Future) else job(s, i, buf) if r is None else r
             if self.version == 1:
                 crc = zlib.crc32(out, crc)
                 if last and (crc & 0xFFFFFFFF) != s["crc32"]:
@@ -210,6 +220,7 @@ class Packed:
                 if last:
                     crc = 0
             yield out
+            free.append(buf)  # the consumer asked for the next chunk: done with this one
 
         crc, k = 0, 0
         for s in segs:
@@ -217,12 +228,13 @@ class Packed:
             if n == 0 and self.version == 1 and s.get("crc32", 0) != 0:
                 raise CorruptError(f"{self.path}: file {f['path']}: empty segment with a checksum")
             for i in range(n):
+                buf = buffer(s["chunks"][i][2])
                 if ex is None or s["chunks"][i][2] < INLINE_BYTES:
-                    r: Future | np.ndarray | None = job(s, i)  # no pool, or small: at once
+                    r: Future | np.ndarray | None = job(s, i, buf)  # no pool, or small: at once
                 else:
-                    r = None if k % every == 0 else ex.submit(job, s, i)  # None: the caller's, when yielded
+                    r = None if k % every == 0 else ex.submit(job, s, i, buf)  # None: the caller's, when yielded
                     k += 1
-                todo.append((s, i, i == n - 1, r))
+                todo.append((s, i, i == n - 1, r, buf))
                 while len(todo) > ahead:
                     yield from emit()
         while todo:
