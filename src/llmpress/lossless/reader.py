@@ -52,6 +52,7 @@ FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
 CHUNK_BYTES = 512 << 10  # measured on MiniLM: smaller ratio than 1 MiB (more adaptive models) and no slower
 INLINE_BYTES = 64 << 10  # chunks this small decode in the calling thread
+CHUNK_COST = 64 << 10  # a chunk's fixed cost (Python, checks, hand-off) in bytes of decoding, for sharing work
 MAX_CHUNK_BYTES = 64 << 20
 MAX_INDEX = 1 << 30
 
@@ -185,11 +186,14 @@ class Packed:
         segment's crc32 at its end). One pipeline spans the segments, so small tensors do not
         drain the thread pool; small chunks decode inline (a hand-off costs more than they do).
 
-        The caller is one of the decoders: with ``ex`` of w workers, every (w+1)-th chunk is left
-        to the caller, which decodes it when its turn to be yielded comes while the workers decode
-        the chunks queued after it. So n threads decode (w = n − 1), none of them waits idle in
-        the common case, and no thread is added on top of n (on this 2-core machine, BF16
-        MiniLM: ~1.3× the throughput of two workers and a waiting caller, measured). Each
+        The caller is one of the decoders: with ``ex`` of w workers, it keeps a chunk for itself
+        while its share of the work (the small chunks it decodes inline counted, each chunk
+        costing its bytes plus ``CHUNK_COST``) is below 1/(w+1), and decodes it when its turn to be
+        yielded comes while the workers decode the chunks queued after it. So n threads decode
+        (w = n − 1), none of them waits idle in the common case, and no thread is added on top of
+        n (on this 2-core machine, BF16 MiniLM: ~1.3× the throughput of two workers and a waiting
+        caller, measured; counting the inline chunks keeps the caller, which also runs them and
+        the bookkeeping, from being the one the others wait for). Each
         decoder checks the chunk it decoded (xxh3-64; v2–v3 crc32); a v1 segment's crc32 is
         checked here, in order.
 
@@ -222,18 +226,25 @@ class Packed:
             yield out
             free.append(buf)  # the consumer asked for the next chunk: done with this one
 
-        crc, k = 0, 0
+        crc = 0
+        mine = total = 0  # work given to the caller / to all, in bytes plus a per-chunk cost
         for s in segs:
             n = len(s["chunks"])
             if n == 0 and self.version == 1 and s.get("crc32", 0) != 0:
                 raise CorruptError(f"{self.path}: file {f['path']}: empty segment with a checksum")
             for i in range(n):
-                buf = buffer(s["chunks"][i][2])
-                if ex is None or s["chunks"][i][2] < INLINE_BYTES:
+                raw = s["chunks"][i][2]
+                buf = buffer(raw)
+                cost = raw + CHUNK_COST
+                total += cost
+                if ex is None or raw < INLINE_BYTES:
                     r: Future | np.ndarray | None = job(s, i, buf)  # no pool, or small: at once
+                    mine += cost
+                elif mine * every < total:  # the caller is below its share: its own, decoded when yielded
+                    r = None
+                    mine += cost
                 else:
-                    r = None if k % every == 0 else ex.submit(job, s, i, buf)  # None: the caller's, when yielded
-                    k += 1
+                    r = ex.submit(job, s, i, buf)
                 todo.append((s, i, i == n - 1, r, buf))
                 while len(todo) > ahead:
                     yield from emit()
