@@ -55,8 +55,10 @@ def unpack_bits(buf: bytes | memoryview, n: int, width: int, out: np.ndarray | N
     dt = np.uint8 if width <= 8 else np.uint16
     out = np.empty(n, dt) if out is None else out
     need = (n * width + 7) // 8
-    if len(buf) != need or out.shape != (n,):
+    if len(buf) != need:
         raise ValueError(f"raw stream holds {len(buf)} bytes, expected {need}")
+    if out.shape != (n,):
+        raise ValueError(f"raw stream: {n} symbols into an array of shape {out.shape}")
     b = np.frombuffer(buf, np.uint8)
     if width in (8, 16):
         out[:] = b if width == 8 else b.view("<u2")

@@ -66,7 +66,8 @@ def _columns(W1: Tensor, Hinv1: Tensor, pcols: dict[str, Tensor], spec: GridSpec
     The lazy batch update once more, one level down: columns go in runs of ``RUN``; inside a run
     each error reaches the run's later columns at once, and the block's columns after the run
     receive the run's errors in one product. The same sums in another order, but most of the
-    work becomes a matrix product (SmolLM2: the column loop's ~7.7 s of rank-1 updates, measured)."""
+    work becomes a matrix product (4-bit g64, act-order, one thread: 76 → 45 ms on a 1536×576
+    layer, 93 → 69 ms on a 576×1536 one)."""
     grid = grids.GRIDS[spec.grid_name]
     aff = grid.affine(pcols, spec.bits) if kernel else None
     qmax = np.float32(2**spec.bits - 1)
