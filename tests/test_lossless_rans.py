@@ -245,3 +245,17 @@ def test_v3_file_still_reads():
     f = torch.randn(50, generator=g)
     assert torch.equal(open_tensor(v3, "w").view(torch.int16), w.view(torch.int16))
     assert torch.equal(open_tensor(v3, "f").view(torch.int32), f.view(torch.int32))
+
+
+def test_v4_file_still_reads():
+    """A container v4 file (32 lanes with a word stream each: rans_v4, id 5), written by the v4 code."""
+    v4 = Path(__file__).parent / "data" / "lossless_v4.llmp"
+    with Packed(v4) as p:
+        assert p.version == 4
+        assert 5 in {p._read(c[0], c[1])[1] for _, s in p.tensors() for c in s["chunks"]}
+    assert verify(v4)["ok"]
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(256, 160, generator=g) * 0.02).to(torch.bfloat16)
+    f = torch.randn(50, generator=g)
+    assert torch.equal(open_tensor(v4, "w").view(torch.int16), w.view(torch.int16))
+    assert torch.equal(open_tensor(v4, "f").view(torch.int32), f.view(torch.int32))

@@ -1,5 +1,6 @@
-"""The 32-lane rANS (rans32.py, backend ``rans`` since container v4) and the ``split`` backend:
-exact round trips, the vector and scalar paths agree bit for bit, bad streams are refused."""
+"""The 32-lane rANS coders (rans32s.py, backend ``rans`` since container v5; rans32.py,
+``rans_v4``) and the ``split`` backend: exact round trips, the vector, portable and scalar
+paths agree bit for bit, bad streams are refused."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,9 +10,11 @@ from hypothesis import strategies as st
 
 from llmpress.lossless import kernels as K
 from llmpress.lossless import rans32 as R
+from llmpress.lossless import rans32s as S
 from llmpress.lossless.entropy import (
     BACKENDS,
     Rans,
+    RansV4,
     Split,
     decode_stream,
     encode_stream,
@@ -41,6 +44,51 @@ def test_vector_and_scalar_paths_agree(n, width, seed):
         assert dec(b, n, dsym, dinfo, 12, out) == 0 and (out == sym).all()
 
 
+@given(st.integers(0, 3000), st.sampled_from([3, 6, 8, 10]), st.integers(0, 2**31), st.sampled_from([12, 13]))
+@settings(max_examples=80, deadline=None)
+def test_shared_stream_paths_agree(n, width, seed, pb):
+    """rans32s: the vector encoder (with and without vpermd) writes the scalar reference's
+    bytes; every decoder (vector, portable vector, scalar) gives the symbols back, through
+    the vector loop's hand-over to the checked one-lane tail at every remainder."""
+    sym = _skewed(n, width, seed)
+    h = np.bincount(sym, minlength=1 << width).astype(np.int64)
+    if np.count_nonzero(h) < 2:
+        return
+    f = K.normalize_freqs(h, pb)
+    b = S.encode(sym, f, pb)
+    assert (b == S.encode_portable(sym, f, pb)).all() and (b == S.encode_scalar(sym, f, pb)).all()
+    dsym, dinfo = K.decode_table(f, pb)
+    for dec in (S.decode, S.decode_portable, S.decode_scalar):
+        out = np.empty(n, sym.dtype)
+        assert dec(b, n, dsym, dinfo, pb, out) == 0 and (out == sym).all()
+
+
+def test_shared_stream_hostile_input_never_reads_outside():
+    """Random bytes, truncations and flips of a real stream: the vector decoders give the
+    code and the symbols of the scalar reference, whose every read is checked; so the vector
+    loop hands over to it before reading past the stream, wherever the words run out."""
+    rng = np.random.default_rng(5)
+    sym = _skewed(20_000, 8, 5)
+    f = K.normalize_freqs(np.bincount(sym, minlength=256).astype(np.int64), 12)
+    dsym, dinfo = K.decode_table(f, 12)
+    good = S.encode(sym, f, 12)
+    cases = [rng.integers(0, 256, int(m)).astype(np.uint8) for m in rng.integers(0, 400, 40)]
+    cases += [good[:m].copy() for m in (0, 2, 128, 130, 192, len(good) - 2)]
+    for _ in range(40):
+        bad = good.copy()
+        bad[rng.integers(0, len(bad))] ^= np.uint8(1 << int(rng.integers(0, 8)))
+        cases.append(bad)
+    for b in cases:
+        ref = np.zeros(len(sym), np.uint8)
+        rc = S.decode_scalar(b, len(sym), dsym, dinfo, 12, ref)
+        for dec in (S.decode, S.decode_portable):
+            out = np.zeros(len(sym), np.uint8)
+            assert dec(b, len(sym), dsym, dinfo, 12, out) == rc
+            assert (out == ref).all()
+        assert rc != 0 or not (ref == sym).all() or len(b) == len(good)
+    assert S.decode(good, len(sym), dsym, dinfo, 12, np.empty(len(sym), np.uint8)) == 0
+
+
 def test_rans_backend_round_trip_and_short_streams():
     sym = _skewed(200_000, 10, 1)
     payload = Rans.encode(sym, 10)
@@ -51,21 +99,22 @@ def test_rans_backend_round_trip_and_short_streams():
     assert bid == BACKENDS["rans_v3"].id and (decode_stream(bid, memoryview(p), 1000, 10) == sym[:1000]).all()
 
 
-def test_rans_corruption_is_refused():
+@pytest.mark.parametrize("cls", [Rans, RansV4])
+def test_rans_corruption_is_refused(cls):
     sym = _skewed(50_000, 10, 2)
-    payload = bytearray(Rans.encode(sym, 10))
+    payload = bytearray(cls.encode(sym, 10))
     for pos in (len(payload) // 2, len(payload) - 1):
         bad = bytearray(payload)
         bad[pos] ^= 0x5A
         try:
-            out = Rans.decode(memoryview(bytes(bad)), len(sym), 10)
+            out = cls.decode(memoryview(bytes(bad)), len(sym), 10)
         except ValueError:
             continue
         assert not (out == sym).all()  # a flip that still decodes must not give the input back
     with pytest.raises(ValueError, match="rans stream"):
-        Rans.decode(memoryview(bytes(payload[:-2])), len(sym), 10)  # truncated
+        cls.decode(memoryview(bytes(payload[:-2])), len(sym), 10)  # truncated
     with pytest.raises(ValueError, match="rans stream"):
-        Rans.decode(memoryview(bytes(payload)), len(sym) + 1, 10)  # wrong length
+        cls.decode(memoryview(bytes(payload)), len(sym) + 1, 10)  # wrong length
 
 
 def test_split_codes_a_mixed_stream_in_pieces():

@@ -10,12 +10,13 @@ stored raw, whichever is smaller" holds per stream. Backends, by id (stored in t
   stream). Kept as a measured alternative and to read v1 files; it holds the GIL.
 - ``zstd`` (2): zstandard; on a stream without repeats this is zstd's Huffman literal stage
   (the "entropy stage" ZipNN uses); with repeats its LZ stage helps too.
-- ``rans`` (5, the default): our 32-lane interleaved rANS (rans32.py, coded and decoded eight
-  lanes a vector), 12/13-bit static model from this chunk's histogram, stored in ~1.2 bytes a
-  present symbol (model.py); compiled with numba, GIL released. Streams shorter than
-  ``WIDE_MIN`` go to ``rans_v3`` (4): the four-lane coder of kernels.py with the same model
-  bytes (container v3; 32 lanes' states would cost ~150 bytes more). ``rans_v2`` (3): the
-  four-lane coder with the v2 varint model bytes (~2.2 bytes a symbol), read for v2 files.
+- ``rans`` (7, the default since container v5): our 32-lane rANS with one shared word stream
+  (rans32s.py, coded and decoded eight lanes a vector), 12/13-bit static model from this
+  chunk's histogram, stored in ~1.2 bytes a present symbol (model.py); compiled with numba,
+  GIL released. Streams shorter than ``WIDE_MIN`` go to ``rans_v3`` (4): the four-lane coder
+  of kernels.py with the same model bytes (container v3; 32 lanes' states would cost ~130
+  bytes more). Read for older files: ``rans_v4`` (5), the 32-lane coder with a word stream
+  per lane (rans32.py); ``rans_v2`` (3), the four-lane coder with the v2 varint model bytes.
 - ``split`` (6): the stream in 4–32 pieces, each coded on its own (raw or ``rans``): for chunks
   whose parts differ (MiniLM's untrained embedding rows have zero low mantissa bytes).
 
@@ -35,6 +36,7 @@ import zstandard
 from . import kernels as K
 from . import model as M
 from . import rans32 as R32
+from . import rans32s as R32S
 
 # ---------------------------------------------------------------- bit packing (raw backend)
 
@@ -235,28 +237,43 @@ class RansV3(RansV2):
     read_model = staticmethod(M.read_model2)
 
 
-@backend("rans", 5)
-class Rans(RansV3):
-    """Our 32-lane interleaved rANS (rans32.py: decoded eight lanes a vector, ~1.2 vs ~2.2
-    ns/symbol for the four-lane coder) with a static model from this stream's histogram.
+@backend("rans_v4", 5)
+class RansV4(RansV3):
+    """Container v4's ``rans``: 32 lanes, each with its own word stream (rans32.py).
 
     Layout: the model in ``model.write_model2`` (a bit stream, ~1.2 bytes a present symbol),
     then the lanes (``rans32.encode``). A single-symbol stream is its model alone. Encode and
     decode release the GIL, so chunks code in parallel threads.
     """
 
-    @staticmethod
-    def code(sym: np.ndarray, f: np.ndarray, pb: int) -> bytes:
-        return R32.encode(sym, f, pb).tobytes()
+    kernel = R32
+
+    @classmethod
+    def code(cls, sym: np.ndarray, f: np.ndarray, pb: int) -> bytes:
+        return cls.kernel.encode(sym, f, pb).tobytes()
 
     @classmethod
     def decode_into(cls, buf: memoryview, n: int, width: int, out: np.ndarray) -> np.ndarray:
         if n == 0 and len(buf) == 0:
             return out
-        rc = R32.decode_stream(np.frombuffer(buf, np.uint8), 1 << width, out)
+        rc = cls.kernel.decode_stream(np.frombuffer(buf, np.uint8), 1 << width, out)
         if rc:
             raise ValueError(f"rans stream: {'malformed model' if rc == -8 else 'corrupted'} (code {rc})")
         return out
+
+
+@backend("rans", 7)
+class Rans(RansV4):
+    """Our 32-lane rANS with one shared word stream (rans32s.py: a group of eight lanes takes
+    its renormalisation words with one load and one shuffle; decode ~0.9–1.0 vs ~1.1–1.5
+    ns/symbol for rans32.py), static model from this stream's histogram.
+
+    Layout: the model in ``model.write_model2``, then the 32 final states and the shared words
+    (``rans32s.encode``). A single-symbol stream is its model alone. Encode and decode release
+    the GIL, so chunks code in parallel threads.
+    """
+
+    kernel = R32S
 
 
 ZSTD_LEVEL = 3
@@ -290,7 +307,7 @@ def entropy_bits(sym: np.ndarray | None, width: int, hist: np.ndarray | None = N
 # streams shorter than this take the four-lane coder: 32 lanes cost ~150 bytes more (states and
 # lengths), and a short stream is little decoding time
 WIDE_MIN = 1 << 15
-OVERHEAD = {"rans": 4 * 32 + 40, "rans_v3": 32, "rans_v2": 32, "ans": 16}  # bytes beyond the entropy, ~
+OVERHEAD = {"rans": 4 * 32 + 8, "rans_v4": 4 * 32 + 40, "rans_v3": 32, "rans_v2": 32, "ans": 16}  # bytes beyond the entropy, ~
 
 
 def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],

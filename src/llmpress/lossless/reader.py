@@ -44,10 +44,11 @@ from .chunk import decode_chunk
 from .planes import ITEMSIZE
 from .segments import MAX_NDIM
 
-MAGIC, VERSION = b"LLMPRESS", 4
+MAGIC, VERSION = b"LLMPRESS", 5
 # v2 added the ``rans`` backend (id 3); v3 its compact model bytes (id 4, model.py); v4 the
-# 32-lane rANS (id 5, rans32.py) and xxh3-64 chunk checksums; chunk layout unchanged since v1
-READABLE = (1, 2, 3, 4)
+# 32-lane rANS (id 5, rans32.py) and xxh3-64 chunk checksums; v5 the 32-lane rANS with one
+# shared word stream (id 7, rans32s.py); chunk layout unchanged since v1
+READABLE = (1, 2, 3, 4, 5)
 FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
 CHUNK_BYTES = 512 << 10  # measured on MiniLM: smaller ratio than 1 MiB (more adaptive models) and no slower
