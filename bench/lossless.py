@@ -200,6 +200,7 @@ def stages(reps: int) -> None:
     from llmpress.lossless import rans32 as R
     from llmpress.lossless import rans32s as S
     from llmpress.lossless.container import _chunks_of
+    from llmpress.lossless.entropy import RANS_PB
     from llmpress.lossless.planes import layout
     from llmpress.lossless.segments import plan_file
 
@@ -226,7 +227,7 @@ def stages(reps: int) -> None:
         (head, tail), (h, _) = lay.split_hist(c)
         k = int(np.count_nonzero(h))
         if k >= 2:
-            pb = max(13 if len(head) >= 1 << 16 else 12, (k - 1).bit_length())
+            pb = max(RANS_PB, (k - 1).bit_length())
             prep.append((head, K.normalize_freqs(h, pb), pb, tail, h))
     n = sum(len(p[0]) for p in prep)
     es = [S.encode(s, f, pb) for s, f, pb, *_ in prep]

@@ -151,10 +151,10 @@ class Ans:
         return present.astype(dt)[idx]
 
 
-RANS_PB = 12  # model precision: 2**12 slots (decode tables fit L1; ~0.05 % over H0 on weights)
-# streams this long get 2**13 slots: on MiniLM BF16 heads -10 KB of words+model (0.02 % of the
-# file), decode 2.24 -> 2.27 ns/symbol (noise); 2**14: 2.47 ns/symbol for 3 KB more
-RANS_PB_LONG, LONG_STREAM = 13, 1 << 16
+RANS_PB = 12  # model precision: 2**12 slots (~0.05 % over H0 on weights). The decode tables
+# (6 bytes a slot) then take 24 KiB, inside L1 with room for the streams: on the MiniLM BF16
+# heads 2**13 slots save 10 KB (0.02 % of the file) but decode ~10-15 % slower (rans32s, 1 and
+# 2 threads, interleaved runs); 2**11 costs 26 KB more for no clear further gain
 
 
 def _hist(sym: np.ndarray, width: int, hist: np.ndarray | None) -> np.ndarray:
@@ -183,7 +183,7 @@ class RansV2:
             f = np.zeros_like(h)
             f[h > 0] = 1
             return cls.write_model(f, 0).tobytes()
-        pb = max(RANS_PB_LONG if len(sym) >= LONG_STREAM else RANS_PB, (k - 1).bit_length())
+        pb = max(RANS_PB, (k - 1).bit_length())
         f = K.normalize_freqs(h, pb)
         return cls.write_model(f, pb).tobytes() + cls.code(np.ascontiguousarray(sym), f, pb)
 
