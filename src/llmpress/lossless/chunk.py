@@ -55,7 +55,8 @@ def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans") -> tup
     out = [struct.pack("<B", len(parts))]
     for f, sym, hist in zip(lay.fields, parts, hists):
         h = entropy_bits(None, f.width, hist)
-        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)], h, hist, view=True)
+        kw = {"precision": lay.head_precision} if f.name == "head" else {}
+        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)], h, hist, view=True, **kw)
         out.append(struct.pack("<BI", bid, len(payload)))
         out.append(payload)
         st.bound_bits += min(h, float(len(sym) * f.width))

@@ -151,10 +151,11 @@ class Ans:
         return present.astype(dt)[idx]
 
 
-RANS_PB = 12  # model precision: 2**12 slots (~0.05 % over H0 on weights). The decode tables
-# (6 bytes a slot) then take 24 KiB, inside L1 with room for the streams: on the MiniLM BF16
-# heads 2**13 slots save 10 KB (0.02 % of the file) but decode ~10-15 % slower (rans32s, 1 and
-# 2 threads, interleaved runs); 2**11 costs 26 KB more for no clear further gain
+RANS_PB = 12  # default model precision: 2**12 slots (~0.05 % over H0 on weights). The decode
+# tables (6 bytes a slot) then take 24 KiB, inside L1 with room for the streams: on the MiniLM
+# BF16 heads 2**13 slots save 10 KB (0.02 % of the file) but decode ~10-15 % slower (rans32s,
+# 1 and 2 threads, interleaved runs); 2**11 costs 26 KB more for no clear further gain. A
+# layout may ask for more (planes.FloatLayout.head_precision)
 
 
 def _hist(sym: np.ndarray, width: int, hist: np.ndarray | None) -> np.ndarray:
@@ -174,7 +175,9 @@ class RansV2:
     read_model = staticmethod(K.read_model)
 
     @classmethod
-    def encode(cls, sym: np.ndarray, width: int, hist: np.ndarray | None = None) -> bytes:
+    def encode(cls, sym: np.ndarray, width: int, hist: np.ndarray | None = None, precision: int = RANS_PB) -> bytes:
+        """The stream's payload with a model of ``2**precision`` slots (more if the present
+        symbols need them)."""
         if len(sym) == 0:
             return b""
         h = _hist(sym, width, hist)
@@ -183,7 +186,7 @@ class RansV2:
             f = np.zeros_like(h)
             f[h > 0] = 1
             return cls.write_model(f, 0).tobytes()
-        pb = max(RANS_PB, (k - 1).bit_length())
+        pb = max(precision, (k - 1).bit_length())
         f = K.normalize_freqs(h, pb)
         return cls.write_model(f, pb).tobytes() + cls.code(np.ascontiguousarray(sym), f, pb)
 
@@ -312,13 +315,13 @@ OVERHEAD = {"rans": 4 * 32 + 8, "rans_v4": 4 * 32 + 40, "rans_v3": 32, "rans_v2"
 
 def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
                   est_bits: float | None = None, hist: np.ndarray | None = None,
-                  view: bool = False) -> tuple[int, bytes]:
+                  view: bool = False, precision: int = RANS_PB) -> tuple[int, bytes]:
     """Smallest payload among ``raw`` and the candidates worth trying: (backend id, payload).
 
     ``ans``/``rans`` are skipped when the order-0 entropy (``est_bits``, computed if not given)
     plus their fixed costs says they cannot beat raw by 1 %; zstd is always tried (its LZ stage
     can beat order-0 on repeats); ``split`` codes the stream in pieces. ``hist`` (the stream's
-    symbol counts, if the caller has them) spares a pass. ``view``: a raw 8-bit stream comes
+    symbol counts, if the caller has them) spares a pass; ``precision``: the rANS model's bits. ``view``: a raw 8-bit stream comes
     back as a memoryview of ``sym`` (no copy).
     """
     raw_len = (len(sym) * width + 7) // 8
@@ -336,7 +339,7 @@ def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
             if name == "split":
                 payload = cls.encode(sym, width, size, est_bits)
             elif name.startswith("rans"):
-                payload = cls.encode(sym, width, hist)
+                payload = cls.encode(sym, width, hist, precision)
             else:
                 payload = cls.encode(sym, width)
             if payload is not None and len(payload) < size:

@@ -55,8 +55,9 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 class FloatLayout(Layout):
     """IEEE-like float with ``E`` exponent bits and ``M`` mantissa bits in an ``itemsize`` word."""
 
-    def __init__(self, itemsize: int, exp_bits: int, man_bits: int, k: int):
+    def __init__(self, itemsize: int, exp_bits: int, man_bits: int, k: int, head_precision: int = 12):
         self.itemsize, self.E, self.M, self.k = itemsize, exp_bits, man_bits, k
+        self.head_precision = head_precision  # the head's rANS model: 2**head_precision slots
         self.word = _UINT[itemsize]
         tail = 1 + man_bits - k  # sign + low mantissa bits
         widths = [8] * (tail // 8) + ([tail % 8] if tail % 8 else [])
@@ -86,11 +87,14 @@ class FloatLayout(Layout):
 
 
 # safetensors dtype name -> layout. k (top mantissa bits in the head) is chosen so the head's
-# alphabet stays small (per-chunk model cost) while catching most of the mantissa skew.
+# alphabet stays small (per-chunk model cost) while catching most of the mantissa skew. The
+# head's model takes 2**12 slots (entropy.RANS_PB: decode tables in L1), FP32's 2**13: its head
+# is a quarter of the word's bytes, so the larger tables cost half as much a decoded byte as in
+# BF16, and on MiniLM the finer model saves 11 KB (0.012 % of the file)
 LAYOUTS: dict[str, Layout] = {
     "BF16": FloatLayout(2, 8, 7, 2),
     "F16": FloatLayout(2, 5, 10, 3),
-    "F32": FloatLayout(4, 8, 23, 2),
+    "F32": FloatLayout(4, 8, 23, 2, head_precision=13),
     "F8_E4M3": FloatLayout(1, 4, 3, 3),
     "F8_E5M2": FloatLayout(1, 5, 2, 2),
 }
