@@ -131,3 +131,50 @@ def test_split_codes_a_mixed_stream_in_pieces():
     bad[0] = 200  # a wrong piece count: pieces' headers and payloads no longer line up
     with pytest.raises(ValueError, match="stream"):
         decode_stream(bid, memoryview(bytes(bad)), len(sym), 8)
+
+
+def test_compiled_chunk_decoder_matches_the_generic_path(tmp_path):
+    """chunk_kernel.py: every float chunk of a packed file (BF16, FP32 with split tails, F16)
+    decodes its fields in the one compiled call (code 0), merged to the generic path's bytes; its backend ids
+    are entropy.py's; a corrupted chunk falls back to the generic path's clear error."""
+    import torch
+    from safetensors.torch import save_file
+
+    from llmpress.lossless import chunk_kernel as CK
+    from llmpress.lossless.chunk import _scratch_fields, decode_chunk
+    from llmpress.lossless.container import pack
+    from llmpress.lossless.planes import layout
+    from llmpress.lossless.reader import Packed
+
+    assert (CK.RAW, CK.RANS_V3, CK.RANS_V4, CK.SPLIT, CK.RANS) == tuple(
+        BACKENDS[k].id for k in ("raw", "rans_v3", "rans_v4", "split", "rans"))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(700, 300, generator=g) * 0.02
+    w[:350] = 0.02 * torch.randint(-3, 4, (350, 300), generator=g).float()  # two halves: split tails
+    src = tmp_path / "m.safetensors"
+    save_file({"a": w, "b": w.to(torch.bfloat16), "c": w.half()}, str(src))
+    pack(src, tmp_path / "m.llmp", chunk_bytes=1 << 18)
+    seen = set()
+    with Packed(tmp_path / "m.llmp") as p:
+        for _, s in p.tensors():
+            lay = layout(s["dtype"])
+            for o, ln, raw, _ in s["chunks"]:
+                buf = np.frombuffer(p._read(o, ln), np.uint8)
+                fields = _scratch_fields(lay, raw // lay.itemsize)
+                t = fields[1:] + [fields[1]] * (4 - len(fields))
+                x = np.empty(raw, np.uint8)
+                assert CK.decode_fields(buf, lay.fields[0].width, lay.tail_w, fields[0], *t) == 0
+                lay._merge(fields[0], *t, x.view(lay.word))
+                assert (x == decode_chunk(memoryview(buf), s["dtype"], raw, compiled=False)).all()
+                pos = 1
+                for _ in lay.fields:
+                    seen.add(int(buf[pos]))
+                    pos += 5 + int.from_bytes(buf[pos + 1 : pos + 5].tobytes(), "little")
+                bad = buf.copy()
+                bad[len(bad) // 2] ^= 0x40
+                try:
+                    got = decode_chunk(memoryview(bad), s["dtype"], raw)
+                except ValueError:
+                    continue
+                assert not (got == x).all()  # (the chunk checksum catches what decodes)
+    assert {BACKENDS["rans"].id, BACKENDS["raw"].id, BACKENDS["split"].id} <= seen

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .chunk_kernel import decode_fields
 from .entropy import BY_ID, decode_stream, encode_stream, entropy_bits
 from .planes import FloatLayout, layout
 
@@ -80,9 +81,14 @@ def _scratch_fields(lay: FloatLayout, n: int) -> list[np.ndarray]:
     return [a[:n] for a in have]
 
 
-def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
+def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None,
+                 compiled: bool = True) -> np.ndarray:
     """Inverse of :func:`encode_chunk`: the chunk's ``nbytes`` bytes, written into ``out``
-    ((nbytes,) uint8) if given; raises ValueError on any inconsistency."""
+    ((nbytes,) uint8) if given; raises ValueError on any inconsistency.
+
+    A float chunk's fields first decode in one compiled call (chunk_kernel.py, no GIL); what
+    that does not handle or cannot decode takes the generic path below (``compiled=False``:
+    only that one), which names the problem."""
     lay = layout(dtype)
     if nbytes % lay.itemsize:
         raise ValueError(f"{nbytes} bytes is not a whole number of {dtype} words")
@@ -91,7 +97,14 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
         raise ValueError(f"output holds {out.shape} bytes, the chunk {nbytes}")
     if len(buf) < 1 or buf[0] != len(lay.fields):
         raise ValueError("chunk header: wrong number of fields")
+    if out is None:
+        out = np.empty(nbytes, np.uint8)
     fields = _scratch_fields(lay, n) if isinstance(lay, FloatLayout) else [out]
+    if compiled and isinstance(lay, FloatLayout):
+        t = fields[1:] + [fields[1]] * (4 - len(fields))
+        if decode_fields(np.frombuffer(buf, np.uint8), lay.fields[0].width, lay.tail_w, fields[0], *t) == 0:
+            lay._merge(fields[0], *t, out.view(lay.word))
+            return out
     pos, parts = 1, []
     for f, dst in zip(lay.fields, fields):
         if pos + 5 > len(buf):

@@ -62,6 +62,7 @@ class FloatLayout(Layout):
         tail = 1 + man_bits - k  # sign + low mantissa bits
         widths = [8] * (tail // 8) + ([tail % 8] if tail % 8 else [])
         self.tail_widths = widths  # least significant piece first
+        self.tail_w = np.array(widths, np.int64)  # the same, for compiled callers
         self._split, self._merge = K.float_kernels(exp_bits, man_bits, k, tuple(widths))
         self.fields = (Field("head", exp_bits + k),) + tuple(Field(f"tail{i}", w) for i, w in enumerate(widths))
 
