@@ -63,14 +63,17 @@ class FloatLayout(Layout):
         widths = [8] * (tail // 8) + ([tail % 8] if tail % 8 else [])
         self.tail_widths = widths  # least significant piece first
         self.tail_w = np.array(widths, np.int64)  # the same, for compiled callers
+        self.head_dtype = np.uint16 if exp_bits + k > 8 else np.uint8
         self._split, self._merge = K.float_kernels(exp_bits, man_bits, k, tuple(widths))
         self.fields = (Field("head", exp_bits + k),) + tuple(Field(f"tail{i}", w) for i, w in enumerate(widths))
 
-    def split_hist(self, raw: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def split_hist(self, raw: np.ndarray, head: np.ndarray | None = None,
+                   tails: np.ndarray | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``split`` plus counts; the head (n,) and tails (p, n) go into the given arrays, if any."""
         x = raw.view(self.word)  # (n,)
         n, p = len(x), len(self.tail_widths)
-        head = np.empty(n, np.uint16 if self.E + self.k > 8 else np.uint8)
-        tails = np.empty((p, n), np.uint8)
+        head = np.empty(n, self.head_dtype) if head is None else head
+        tails = np.empty((p, n), np.uint8) if tails is None else tails
         hh = np.zeros(1 << (self.E + self.k), np.int64)
         th = np.zeros((p, 256), np.int64)
         self._split(x, head, tails, hh, th)
