@@ -31,7 +31,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .model import read_model2
-from .kernels import _varint  # LEB128 reader shared with the 4-lane coder (36-bit values here)
+from .kernels import _varint, decode_table  # shared with the 4-lane coder (varints of 36 bits here)
 
 LANES = 32
 RANS_L = 1 << 16
@@ -428,8 +428,8 @@ def _steps_scalar(xs, ps, last, dsym, dinfo, buf, wo, out, nsteps, pb):  # the c
 
 
 def _make_decode(simd: bool):
-    steps = _steps_simd if simd else _steps_scalar
-
+    # only the flag in the closure: numba keys its cache on the closure's values, and a captured
+    # intrinsic or dispatcher pickles differently in every process (a new compile each time)
     @njit(**_JIT)
     def decode(buf, n, dsym, dinfo, pb, out):  # buf: (m,) uint8 (see encode); out: (n,) uint8/uint16
         """Decode ``n`` symbols into ``out``; 0 on success, a negative code on a bad stream."""
@@ -471,7 +471,10 @@ def _make_decode(simd: bool):
             q += lens[j]
         st = n // L
         if st > 0:
-            steps(xs, ps, last, dsym, dinfo, buf, o, out, st, pb)
+            if simd:
+                _steps_simd(xs, ps, last, dsym, dinfo, buf, o, out, st, pb)
+            else:
+                _steps_scalar(xs, ps, last, dsym, dinfo, buf, o, out, st, pb)
         mask = (1 << pb) - 1
         for j in range(n - st * L):
             x, p = _dec1(np.int64(xs[j]), dsym, dinfo, mask, pb, buf, o, np.int64(ps[j]), np.int64(last[j]), out, st * L + j)
@@ -482,42 +485,28 @@ def _make_decode(simd: bool):
                 return -4
         return 0
 
-    @njit(**_JIT)
-    def decode_stream(buf, A, out):  # buf: (m,) uint8 = model bytes ‖ lanes; A = 2**width; out: (n,) uint8/uint16
-        """Model (model.read_model2), decode table and lanes in one call (no per-step Python);
-        0 on success, -8 a malformed model, -9 bytes after a single-symbol model, else decode's code."""
-        f = np.zeros(A, np.int64)
-        pb, used = read_model2(buf, A, f)
-        if pb < 0:
-            return -8
-        if pb == 0:
-            if used != buf.shape[0]:
-                return -9
-            for s in range(A):
-                if f[s]:
-                    out[:] = s
-            return 0
-        dsym, dinfo = decode_table(f, pb)
-        return decode(buf[used:], out.shape[0], dsym, dinfo, pb, out)
+    return decode
 
-    return decode, decode_stream
+
+decode = _make_decode(True)
+decode_scalar = _make_decode(False)
 
 
 @njit(**_JIT)
-def decode_table(freq, pb):  # freq: (A,) int64 -> (slot symbol (2**pb,) uint16, slot info (2**pb,) uint32)
-    """Slot → symbol and slot → ``freq | (slot - start) << 16`` (one load each per decoded symbol)."""
-    T = 1 << pb
-    dsym = np.empty(T, np.uint16)
-    dinfo = np.empty(T, np.uint32)
-    slot = 0
-    for s in range(freq.shape[0]):
-        f = freq[s]
-        for r in range(f):
-            dsym[slot] = s
-            dinfo[slot] = f | (r << 16)
-            slot += 1
-    return dsym, dinfo
+def decode_stream(buf, A, out):  # buf: (m,) uint8 = model bytes ‖ lanes; A = 2**width; out: (n,) uint8/uint16
+    """Model (model.read_model2), decode table and lanes in one call (no per-step Python);
+    0 on success, -8 a malformed model, -9 bytes after a single-symbol model, else decode's code."""
+    f = np.zeros(A, np.int64)
+    pb, used = read_model2(buf, A, f)
+    if pb < 0:
+        return -8
+    if pb == 0:
+        if used != buf.shape[0]:
+            return -9
+        for s in range(A):
+            if f[s]:
+                out[:] = s
+        return 0
+    dsym, dinfo = decode_table(f, pb)
+    return decode(buf[used:], out.shape[0], dsym, dinfo, pb, out)
 
-
-decode, decode_stream = _make_decode(True)
-decode_scalar, decode_stream_scalar = _make_decode(False)

@@ -221,9 +221,14 @@ def _dec1(x, dsym, dinfo, mask, pb, buf, wo, pos, total, out, i):
     return x, pos
 
 
-def _make_decode(vector: bool, permute: bool):
-    steps_v = _make_dec_steps(permute)
+_dec_steps_permd = _make_dec_steps(True)
+_dec_steps_portable = _make_dec_steps(False)
 
+
+def _make_decode(vector: bool, permute: bool):
+    # the closure holds only these flags: numba keys its cache on the closure's values, and a
+    # captured intrinsic or dispatcher pickles differently in every process (a new compile each
+    # time); the branch on a constant flag is pruned, so vpermd is never compiled where absent
     @njit(**_JIT)
     def decode(buf, n, dsym, dinfo, pb, out):  # buf: (m,) uint8 (see encode); out: (n,) uint8/uint16
         """Decode ``n`` symbols into ``out``; 0 on success, a negative code on a bad stream."""
@@ -242,7 +247,10 @@ def _make_decode(vector: bool, permute: bool):
         st = n // LANES
         io = np.zeros(2, np.int64)  # word position, steps done
         if vector and st > 0 and total >= LANES:
-            steps_v(xs, io, buf, wo, EXPAND, dsym, dinfo, out, st, total - LANES, pb)
+            if permute:
+                _dec_steps_permd(xs, io, buf, wo, EXPAND, dsym, dinfo, out, st, total - LANES, pb)
+            else:
+                _dec_steps_portable(xs, io, buf, wo, EXPAND, dsym, dinfo, out, st, total - LANES, pb)
         pos = io[0]
         mask = (1 << pb) - 1
         for i in range(io[1] * LANES, n):
@@ -256,30 +264,31 @@ def _make_decode(vector: bool, permute: bool):
                 return -4
         return 0
 
-    @njit(**_JIT)
-    def decode_stream(buf, A, out):  # buf: (m,) uint8 = model bytes ‖ states ‖ words; A = 2**width
-        """Model (model.read_model2), decode table and stream in one call; 0 on success, -8 a
-        malformed model, -9 bytes after a single-symbol model, else decode's code."""
-        f = np.zeros(A, np.int64)
-        pb, used = read_model2(buf, A, f)
-        if pb < 0:
-            return -8
-        if pb == 0:
-            if used != buf.shape[0]:
-                return -9
-            for s in range(A):
-                if f[s]:
-                    out[:] = s
-            return 0
-        dsym, dinfo = decode_table(f, pb)
-        return decode(buf[used:], out.shape[0], dsym, dinfo, pb, out)
-
-    return decode, decode_stream
+    return decode
 
 
-decode, decode_stream = _make_decode(True, PERMUTE)
-decode_portable, _ = _make_decode(True, False)  # the vector loop without vpermd (tested against)
-decode_scalar, _ = _make_decode(False, False)  # one lane at a time: the reference
+decode = _make_decode(True, PERMUTE)
+decode_portable = _make_decode(True, False)  # the vector loop without vpermd (tested against)
+decode_scalar = _make_decode(False, False)  # one lane at a time: the reference
+
+
+@njit(**_JIT)
+def decode_stream(buf, A, out):  # buf: (m,) uint8 = model bytes ‖ states ‖ words; A = 2**width
+    """Model (model.read_model2), decode table and stream in one call; 0 on success, -8 a
+    malformed model, -9 bytes after a single-symbol model, else decode's code."""
+    f = np.zeros(A, np.int64)
+    pb, used = read_model2(buf, A, f)
+    if pb < 0:
+        return -8
+    if pb == 0:
+        if used != buf.shape[0]:
+            return -9
+        for s in range(A):
+            if f[s]:
+                out[:] = s
+        return 0
+    dsym, dinfo = decode_table(f, pb)
+    return decode(buf[used:], out.shape[0], dsym, dinfo, pb, out)
 
 
 # ------------------------------------------------------------------------------ encoder
@@ -387,9 +396,11 @@ def _enc1(x, f, c, pb, words, top):
     return ((x // f) << pb) + (x % f) + c, top
 
 
-def _make_encode(vector: bool, permute: bool):
-    steps_v = _make_enc_steps(permute)
+_enc_steps_permd = _make_enc_steps(True)
+_enc_steps_portable = _make_enc_steps(False)
 
+
+def _make_encode(vector: bool, permute: bool):  # flags only in the closure (see _make_decode)
     @njit(**_JIT)
     def encode(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to 2**pb -> (m,) uint8
         """Encode ``sym`` (every symbol needs ``freq > 0``): backwards, the partial last step
@@ -418,7 +429,10 @@ def _make_encode(vector: bool, permute: bool):
             xs[j] = x
         if vector and st > 0:
             io = np.array([top], np.int64)
-            steps_v(xs, io, sym, fc, rcp, COMPRESS, words, st, pb)
+            if permute:
+                _enc_steps_permd(xs, io, sym, fc, rcp, COMPRESS, words, st, pb)
+            else:
+                _enc_steps_portable(xs, io, sym, fc, rcp, COMPRESS, words, st, pb)
             top = io[0]
         else:
             for i in range(st * LANES - 1, -1, -1):
