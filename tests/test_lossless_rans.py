@@ -219,43 +219,20 @@ def test_v2_backend_still_round_trips(ws):
     assert (RansV2.decode(memoryview(RansV2.encode(sym, width)), len(sym), width) == sym).all()
 
 
-def test_v2_file_still_reads(tmp_path):
-    """A container v2 file (rans id 3, varint models), written by the v2 code."""
-    v2 = Path(__file__).parent / "data" / "lossless_v2.llmp"
-    with Packed(v2) as p:
-        assert p.version == 2
-        assert 3 in {p._read(c[0], c[1])[1] for _, s in p.tensors() for c in s["chunks"]}
-    assert verify(v2)["ok"]
+@pytest.mark.parametrize("version, bid, rows, what", [
+    (2, 3, 96, "four-lane rans id 3, varint models"),
+    (3, 4, 96, "four-lane rans id 4, compact models, crc32 chunk checksums"),
+    (4, 5, 256, "32 lanes with a word stream each: rans_v4, id 5; xxh3 chunk checksums"),
+])
+def test_older_files_still_read(version, bid, rows, what):
+    """A container v2 / v3 / v4 file (``what``), written by that version's code, reads bit for bit."""
+    path = Path(__file__).parent / "data" / f"lossless_v{version}.llmp"
+    with Packed(path) as p:
+        assert p.version == version
+        assert bid in {p._read(c[0], c[1])[1] for _, s in p.tensors() for c in s["chunks"]}
+    assert verify(path)["ok"]
     g = torch.Generator().manual_seed(0)
-    w = (torch.randn(96, 64, generator=g) * 0.02).to(torch.bfloat16)
+    w = (torch.randn(rows, 64 if version < 4 else 160, generator=g) * 0.02).to(torch.bfloat16)
     f = torch.randn(50, generator=g)
-    assert torch.equal(open_tensor(v2, "w").view(torch.int16), w.view(torch.int16))
-    assert torch.equal(open_tensor(v2, "f").view(torch.int32), f.view(torch.int32))
-
-
-def test_v3_file_still_reads():
-    """A container v3 file (four-lane rans id 4, crc32 chunk checksums), written by the v3 code."""
-    v3 = Path(__file__).parent / "data" / "lossless_v3.llmp"
-    with Packed(v3) as p:
-        assert p.version == 3
-        assert 4 in {p._read(c[0], c[1])[1] for _, s in p.tensors() for c in s["chunks"]}
-    assert verify(v3)["ok"]
-    g = torch.Generator().manual_seed(0)
-    w = (torch.randn(96, 64, generator=g) * 0.02).to(torch.bfloat16)
-    f = torch.randn(50, generator=g)
-    assert torch.equal(open_tensor(v3, "w").view(torch.int16), w.view(torch.int16))
-    assert torch.equal(open_tensor(v3, "f").view(torch.int32), f.view(torch.int32))
-
-
-def test_v4_file_still_reads():
-    """A container v4 file (32 lanes with a word stream each: rans_v4, id 5), written by the v4 code."""
-    v4 = Path(__file__).parent / "data" / "lossless_v4.llmp"
-    with Packed(v4) as p:
-        assert p.version == 4
-        assert 5 in {p._read(c[0], c[1])[1] for _, s in p.tensors() for c in s["chunks"]}
-    assert verify(v4)["ok"]
-    g = torch.Generator().manual_seed(0)
-    w = (torch.randn(256, 160, generator=g) * 0.02).to(torch.bfloat16)
-    f = torch.randn(50, generator=g)
-    assert torch.equal(open_tensor(v4, "w").view(torch.int16), w.view(torch.int16))
-    assert torch.equal(open_tensor(v4, "f").view(torch.int32), f.view(torch.int32))
+    assert torch.equal(open_tensor(path, "w").view(torch.int16), w.view(torch.int16))
+    assert torch.equal(open_tensor(path, "f").view(torch.int32), f.view(torch.int32))

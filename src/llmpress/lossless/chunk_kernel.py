@@ -21,7 +21,7 @@ from numba import njit
 from . import kernels as K
 from . import rans32 as R32
 from . import rans32s as R32S
-from .model import read_model2
+from .model import read_model_or_fill
 
 RAW, RANS_V3, RANS_V4, SPLIT, RANS = 0, 4, 5, 6, 7  # backend ids (entropy.py; checked in tests)
 OTHER = 1  # a backend this module leaves to the generic path
@@ -37,16 +37,9 @@ def _u32(buf, o):
 @njit(**_JIT)
 def _rans_v3(p, A, dst):
     f = np.zeros(A, np.int64)
-    pb, used = read_model2(p, A, f)
-    if pb < 0:
-        return -8
-    if pb == 0:
-        if used != p.shape[0]:
-            return -9
-        for s in range(A):
-            if f[s]:
-                dst[:] = s
-        return 0
+    pb, used = read_model_or_fill(p, A, f, dst)
+    if pb <= 0:
+        return pb
     if (p.shape[0] - used) % 2:
         return -1
     dsym, dinfo = K.decode_table(f, pb)

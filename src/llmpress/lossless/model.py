@@ -244,3 +244,20 @@ def read_model2(buf, A, freq):  # buf: (m,) uint8; freq: (A,) int64 zeros -> (pb
         return -1, 0
     freq[hi] = T - total
     return pb, st[0]
+
+
+@njit(**_JIT)
+def read_model_or_fill(buf, A, freq, out):  # -> (pb, bytes used)
+    """:func:`read_model2` for a stream of model ‖ coded symbols: pb > 0, a model (in freq) to
+    decode the rest with; 0, a single-symbol stream, already written into ``out``; -8, a
+    malformed model; -9, bytes after a single-symbol model."""
+    pb, used = read_model2(buf, A, freq)
+    if pb < 0:
+        return -8, 0
+    if pb == 0:
+        if used != buf.shape[0]:
+            return -9, 0
+        for s in range(A):
+            if freq[s]:
+                out[:] = s
+    return pb, used

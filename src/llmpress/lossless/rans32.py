@@ -30,7 +30,7 @@ from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
-from .model import read_model2
+from .model import read_model_or_fill
 from .kernels import _varint, decode_table  # shared with the 4-lane coder (varints of 36 bits here)
 
 LANES = 32
@@ -102,15 +102,7 @@ def encode_scalar(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to
     """The reference encoder (the bytes of :func:`encode`): lanes are independent, so they are
     coded eight at a time (eight division chains in flight), backwards."""
     n = sym.shape[0]
-    A = freq.shape[0]
-    start = np.empty(A, np.int64)
-    rcp = np.zeros(A, np.float64)
-    acc = 0
-    for s in range(A):
-        start[s] = acc
-        acc += freq[s]
-        if freq[s] > 0:
-            rcp[s] = 1.0 / freq[s]
+    start, _, rcp = encoder_tables(freq)
     L = LANES
     steps = n // L
     rem = n - steps * L
@@ -254,22 +246,30 @@ def _enc_steps_simd(typingctx, xs, ps, sym, fc, rcp, buf, nsteps, pb):
 
 
 @njit(**_JIT)
+def encoder_tables(freq):  # freq: (A,) int64 -> (start (A,) int64, freq | start << 16 (A,) uint32, 1/freq (A,) float64)
+    """Per symbol: its first slot, frequency and first slot in one u32 (one load for both in the
+    vector encoders), and the reciprocal the quotient ``x // f`` is computed from."""
+    A = freq.shape[0]
+    start = np.empty(A, np.int64)
+    fc = np.empty(A, np.uint32)
+    rcp = np.zeros(A, np.float64)
+    acc = 0
+    for s in range(A):
+        start[s] = acc
+        fc[s] = freq[s] | (acc << 16)
+        acc += freq[s]
+        if freq[s] > 0:
+            rcp[s] = 1.0 / freq[s]
+    return start, fc, rcp
+
+
+@njit(**_JIT)
 def encode(sym, freq, pb):  # sym: (n,) uint; freq: (A,) int64 summing to 2**pb -> (m,) uint8
     """Encode ``sym`` on ``LANES`` lanes (every symbol needs ``freq > 0``): the partial last
     step lane by lane, then the full steps backwards, eight lanes a vector (_enc_steps_simd;
     2.2 vs 3.4 ns/symbol for :func:`encode_scalar`, the same bytes)."""
     n = sym.shape[0]
-    A = freq.shape[0]
-    start = np.empty(A, np.int64)
-    f32 = np.empty(A, np.uint32)
-    rcp = np.zeros(A, np.float64)
-    acc = 0
-    for s in range(A):
-        start[s] = acc
-        f32[s] = freq[s] | (acc << 16)
-        acc += freq[s]
-        if freq[s] > 0:
-            rcp[s] = 1.0 / freq[s]
+    start, f32, rcp = encoder_tables(freq)
     L = LANES
     steps = n // L
     rem = n - steps * L
@@ -497,16 +497,9 @@ def decode_stream(buf, A, out):  # buf: (m,) uint8 = model bytes ‖ lanes; A = 
     """Model (model.read_model2), decode table and lanes in one call (no per-step Python);
     0 on success, -8 a malformed model, -9 bytes after a single-symbol model, else decode's code."""
     f = np.zeros(A, np.int64)
-    pb, used = read_model2(buf, A, f)
-    if pb < 0:
-        return -8
-    if pb == 0:
-        if used != buf.shape[0]:
-            return -9
-        for s in range(A):
-            if f[s]:
-                out[:] = s
-        return 0
+    pb, used = read_model_or_fill(buf, A, f, out)
+    if pb <= 0:
+        return pb
     dsym, dinfo = decode_table(f, pb)
     return decode(buf[used:], out.shape[0], dsym, dinfo, pb, out)
 

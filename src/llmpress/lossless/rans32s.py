@@ -33,7 +33,8 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .kernels import decode_table
-from .model import read_model2
+from .model import read_model_or_fill
+from .rans32 import encoder_tables
 
 LANES = 32
 RANS_L = 1 << 16
@@ -113,6 +114,42 @@ def _intrinsics(builder):
     return ctpop, permd
 
 
+def _vptr(builder, p, off, vt):
+    return builder.bitcast(builder.gep(p, [off]), vt.as_pointer())
+
+
+def _open_loop(builder, name, pxs, i0, c0):
+    """Load the states from pxs and open a loop block with phis for the step ``i`` (from i0), a
+    word counter ``c`` (from c0) and the ``_G`` state vectors. -> (loop, done, i, c, states)."""
+    x0 = [builder.load(_vptr(builder, pxs, ir.Constant(_i64, g * _V), _v32), align=4) for g in range(_G)]
+    pre = builder.basic_block
+    loop = builder.append_basic_block(name + "_loop")
+    done = builder.append_basic_block(name + "_done")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    i = builder.phi(_i64)
+    i.add_incoming(i0, pre)
+    c = builder.phi(_i64)
+    c.add_incoming(c0, pre)
+    xs = [builder.phi(_v32) for _ in range(_G)]
+    for g in range(_G):
+        xs[g].add_incoming(x0[g], pre)
+    return loop, done, i, c, xs
+
+
+def _close_loop(builder, blocks, phis, nexts, go, pxs):
+    """Feed the loop's phis their next values, branch back while ``go``, and after the loop
+    store the states to pxs."""
+    loop, done = blocks
+    end = builder.basic_block
+    for phi, v in zip(phis, nexts):
+        phi.add_incoming(v, end)
+    builder.cbranch(go, loop, done)
+    builder.position_at_end(done)
+    for g in range(_G):
+        builder.store(nexts[2 + g], _vptr(builder, pxs, ir.Constant(_i64, g * _V), _v32), align=4)
+
+
 # ------------------------------------------------------------------------------ decoder
 
 
@@ -137,23 +174,11 @@ def _make_dec_steps(permute: bool):
             undef = ir.Constant(_v32, ir.Undefined)
 
             def vptr(p, off, vt):
-                return builder.bitcast(builder.gep(p, [off]), vt.as_pointer())
+                return _vptr(builder, p, off, vt)
 
-            x0 = [builder.load(vptr(pxs, ir.Constant(_i64, g * _V), _v32), align=4) for g in range(_G)]
             pos0 = builder.load(pio)
             i0 = builder.load(builder.gep(pio, [ir.Constant(_i32, 1)]))
-            pre = builder.basic_block
-            loop = builder.append_basic_block("dec_loop")
-            done = builder.append_basic_block("dec_done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            i = builder.phi(_i64)
-            i.add_incoming(i0, pre)
-            pos = builder.phi(_i64)
-            pos.add_incoming(pos0, pre)
-            xphi = [builder.phi(_v32) for _ in range(_G)]
-            for g in range(_G):
-                xphi[g].add_incoming(x0[g], pre)
+            loop, done, i, pos, xphi = _open_loop(builder, "dec", pxs, i0, pos0)
             base = builder.mul(i, ir.Constant(_i64, LANES))
             xn, p = [], pos
             for g in range(_G):
@@ -184,16 +209,8 @@ def _make_dec_steps(permute: bool):
                 p = builder.add(p, builder.zext(builder.call(ctpop, [m8]), _i64))
                 xn.append(x)
             inext = builder.add(i, ir.Constant(_i64, 1))
-            end = builder.basic_block
-            i.add_incoming(inext, end)
-            pos.add_incoming(p, end)
-            for g in range(_G):
-                xphi[g].add_incoming(xn[g], end)
             go = builder.and_(builder.icmp_signed("<", inext, n), builder.icmp_signed("<=", p, limit))
-            builder.cbranch(go, loop, done)
-            builder.position_at_end(done)
-            for g in range(_G):
-                builder.store(xn[g], vptr(pxs, ir.Constant(_i64, g * _V), _v32), align=4)
+            _close_loop(builder, (loop, done), [i, pos, *xphi], [inext, p, *xn], go, pxs)
             builder.store(p, pio)
             builder.store(inext, builder.gep(pio, [ir.Constant(_i32, 1)]))
             return context.get_dummy_value()
@@ -277,16 +294,9 @@ def decode_stream(buf, A, out):  # buf: (m,) uint8 = model bytes ‖ states ‖ 
     """Model (model.read_model2), decode table and stream in one call; 0 on success, -8 a
     malformed model, -9 bytes after a single-symbol model, else decode's code."""
     f = np.zeros(A, np.int64)
-    pb, used = read_model2(buf, A, f)
-    if pb < 0:
-        return -8
-    if pb == 0:
-        if used != buf.shape[0]:
-            return -9
-        for s in range(A):
-            if f[s]:
-                out[:] = s
-        return 0
+    pb, used = read_model_or_fill(buf, A, f, out)
+    if pb <= 0:
+        return pb
     dsym, dinfo = decode_table(f, pb)
     return decode(buf[used:], out.shape[0], dsym, dinfo, pb, out)
 
@@ -314,7 +324,7 @@ def _make_enc_steps(permute: bool):
             st = ir.VectorType(ir.IntType(signature.args[2].dtype.bitwidth), _V)
 
             def vptr(p, off, vt):
-                return builder.bitcast(builder.gep(p, [off]), vt.as_pointer())
+                return _vptr(builder, p, off, vt)
 
             def gather(bp, idx, vt):
                 v = ir.Constant(vt, ir.Undefined)
@@ -323,21 +333,9 @@ def _make_enc_steps(permute: bool):
                     v = builder.insert_element(v, builder.load(builder.gep(bp, [ik])), ir.Constant(_i32, k))
                 return v
 
-            x0 = [builder.load(vptr(pxs, ir.Constant(_i64, g * _V), _v32), align=4) for g in range(_G)]
             top0 = builder.load(pio)
             last = builder.sub(n, ir.Constant(_i64, 1))
-            pre = builder.basic_block
-            loop = builder.append_basic_block("enc_loop")
-            done = builder.append_basic_block("enc_done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            i = builder.phi(_i64)
-            i.add_incoming(last, pre)
-            top = builder.phi(_i64)
-            top.add_incoming(top0, pre)
-            xphi = [builder.phi(_v32) for _ in range(_G)]
-            for g in range(_G):
-                xphi[g].add_incoming(x0[g], pre)
+            loop, done, i, top, xphi = _open_loop(builder, "enc", pxs, last, top0)
             base = builder.mul(i, ir.Constant(_i64, LANES))
             xn, t = [None] * _G, top
             for g in reversed(range(_G)):  # the decoder reads group 0's words first: push them last
@@ -369,15 +367,8 @@ def _make_enc_steps(permute: bool):
                 r = builder.sub(r, builder.and_(f, ge))
                 xn[g] = builder.add(builder.add(builder.shl(q, pbs), r), builder.lshr(fc, _splat(16)))
             inext = builder.sub(i, ir.Constant(_i64, 1))
-            end = builder.basic_block
-            i.add_incoming(inext, end)
-            top.add_incoming(t, end)
-            for g in range(_G):
-                xphi[g].add_incoming(xn[g], end)
-            builder.cbranch(builder.icmp_signed(">=", inext, ir.Constant(_i64, 0)), loop, done)
-            builder.position_at_end(done)
-            for g in range(_G):
-                builder.store(xn[g], vptr(pxs, ir.Constant(_i64, g * _V), _v32), align=4)
+            go = builder.icmp_signed(">=", inext, ir.Constant(_i64, 0))
+            _close_loop(builder, (loop, done), [i, top, *xphi], [inext, t, *xn], go, pxs)
             builder.store(t, pio)
             return context.get_dummy_value()
 
@@ -406,17 +397,7 @@ def _make_encode(vector: bool, permute: bool):  # flags only in the closure (see
         """Encode ``sym`` (every symbol needs ``freq > 0``): backwards, the partial last step
         lane by lane, then the full steps (eight lanes a vector, or one lane at a time)."""
         n = sym.shape[0]
-        A = freq.shape[0]
-        start = np.empty(A, np.int64)
-        fc = np.empty(A, np.uint32)
-        rcp = np.zeros(A, np.float64)
-        acc = 0
-        for s in range(A):
-            start[s] = acc
-            fc[s] = freq[s] | (acc << 16)
-            acc += freq[s]
-            if freq[s] > 0:
-                rcp[s] = 1.0 / freq[s]
+        start, fc, rcp = encoder_tables(freq)
         head = STATE_BYTES // 2 + _V  # room for the states, and the vector store's scratch
         words = np.empty(head + n, np.uint16)
         top = head + n
