@@ -87,6 +87,11 @@ def test_shared_stream_hostile_input_never_reads_outside():
             assert (out == ref).all()
         assert rc != 0 or not (ref == sym).all() or len(b) == len(good)
     assert S.decode(good, len(sym), dsym, dinfo, 12, np.empty(len(sym), np.uint8)) == 0
+    assert S.decode(good, len(sym), dsym, dinfo, 12, np.empty(len(sym) - 1, np.uint8)) == -1  # out too short
+    from numba.core.errors import TypingError
+
+    with pytest.raises(TypingError, match="C-contiguous"):  # the loops address arrays by pointer
+        S.decode(good, len(sym), dsym, dinfo, 12, np.empty(2 * len(sym), np.uint8)[::2])
 
 
 def test_rans_backend_round_trip_and_short_streams():

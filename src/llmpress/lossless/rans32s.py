@@ -106,12 +106,25 @@ def _vsplat(builder, v):
                                   ir.Constant(_v32, [0] * _V))
 
 
-def _intrinsics(builder):
+def _ctpop(builder):
     mod = builder.module
-    ctpop = mod.globals.get("llvm.ctpop.i8") or ir.Function(mod, ir.FunctionType(_i8, [_i8]), "llvm.ctpop.i8")
-    permd = mod.globals.get("llvm.x86.avx2.permd") or ir.Function(
+    return mod.globals.get("llvm.ctpop.i8") or ir.Function(mod, ir.FunctionType(_i8, [_i8]), "llvm.ctpop.i8")
+
+
+def _permd(builder):  # declared only by the builds that call it (AVX2 hosts)
+    mod = builder.module
+    return mod.globals.get("llvm.x86.avx2.permd") or ir.Function(
         mod, ir.FunctionType(_v32, [_v32, _v32]), "llvm.x86.avx2.permd")
-    return ctpop, permd
+
+
+def _contiguous(*arrays) -> None:
+    """The IR loops address arrays by their data pointer alone: refuse, at compile time, any
+    array that is not C-contiguous (a strided ``out`` would be written wrongly, or before it)."""
+    from numba.core.errors import TypingError
+
+    for a in arrays:
+        if getattr(a, "layout", "C") != "C":
+            raise TypingError(f"rans32s: arrays must be C-contiguous, got {a}")
 
 
 def _vptr(builder, p, off, vt):
@@ -161,6 +174,7 @@ def _make_dec_steps(permute: bool):
         states xs (LANES,) uint32 and io (2,) int64 updated in place; words: u16 at byte ``wo``
         of buf (uint8); expand (256, 8) int32; dsym / dinfo (2**pb,); out (nsteps*LANES,)
         uint8/uint16. The caller makes sure the first step may run (steps left, position ≤ limit)."""
+        _contiguous(xs, io, buf, expand, dsym, dinfo, out)
         sig = types.void(xs, io, buf, wo, expand, dsym, dinfo, out, nsteps, limit, pb)
 
         def codegen(context, builder, signature, args):
@@ -169,7 +183,7 @@ def _make_dec_steps(permute: bool):
             n, limit = _as_i64(builder, args[8]), _as_i64(builder, args[9])
             pbs = _vsplat(builder, _as_i32(builder, args[10]))
             mask = builder.sub(builder.shl(_splat(1), pbs), _splat(1))
-            ctpop, permd = _intrinsics(builder)
+            ctpop = _ctpop(builder)
             ot = ir.IntType(signature.args[7].dtype.bitwidth)
             undef = ir.Constant(_v32, ir.Undefined)
 
@@ -197,7 +211,7 @@ def _make_dec_steps(permute: bool):
                 m8 = builder.bitcast(renorm, _i8)
                 perm = builder.load(vptr(plut, builder.mul(builder.zext(m8, _i64), ir.Constant(_i64, _V)), _v32), align=4)
                 if permute:  # one 8-word load, each lane's word by vpermd
-                    w = builder.call(permd, [builder.zext(builder.load(vptr(pwords, p, _v16), align=1), _v32), perm])
+                    w = builder.call(_permd(builder), [builder.zext(builder.load(vptr(pwords, p, _v16), align=1), _v32), perm])
                 else:  # eight scalar loads at p + rank
                     w = undef
                     for k in range(_V):
@@ -250,7 +264,7 @@ def _make_decode(vector: bool, permute: bool):
     def decode(buf, n, dsym, dinfo, pb, out):  # buf: (m,) uint8 (see encode); out: (n,) uint8/uint16
         """Decode ``n`` symbols into ``out``; 0 on success, a negative code on a bad stream."""
         m = buf.shape[0]
-        if m < STATE_BYTES or (m - STATE_BYTES) % 2:
+        if m < STATE_BYTES or (m - STATE_BYTES) % 2 or out.shape[0] < n:
             return -1
         xs = np.empty(LANES, np.uint32)
         for j in range(LANES):
@@ -313,6 +327,7 @@ def _make_enc_steps(permute: bool):
         below the top are scratch); sym (nsteps*LANES,) uint8/uint16; per symbol fc (A,)
         uint32 = freq | start << 16 and rcp (A,) float64 = 1/freq. The quotient ``x // f`` is
         ``floor(x·rcp)`` corrected by one (doubles hold x < 2**32 exactly)."""
+        _contiguous(xs, io, sym, fc, rcp, compress, words)
         sig = types.void(xs, io, sym, fc, rcp, compress, words, nsteps, pb)
 
         def codegen(context, builder, signature, args):
@@ -320,7 +335,7 @@ def _make_enc_steps(permute: bool):
             n = _as_i64(builder, args[7])
             pbs = _vsplat(builder, _as_i32(builder, args[8]))
             shv = builder.sub(_splat(32), pbs)
-            ctpop, permd = _intrinsics(builder)
+            ctpop = _ctpop(builder)
             st = ir.VectorType(ir.IntType(signature.args[2].dtype.bitwidth), _V)
 
             def vptr(p, off, vt):
@@ -348,7 +363,7 @@ def _make_enc_steps(permute: bool):
                 m8 = builder.bitcast(push, _i8)
                 if permute:  # the pushed lanes' words packed to the vector's top, one store below t
                     perm = builder.load(vptr(plut, builder.mul(builder.zext(m8, _i64), ir.Constant(_i64, _V)), _v32), align=4)
-                    wv = builder.trunc(builder.call(permd, [x, perm]), _v16)
+                    wv = builder.trunc(builder.call(_permd(builder), [x, perm]), _v16)
                     builder.store(wv, vptr(pw, builder.sub(t, ir.Constant(_i64, _V)), _v16), align=2)
                     t = builder.sub(t, builder.zext(builder.call(ctpop, [m8]), _i64))
                 else:  # from the last lane down: every word written below t, t moves where pushed
