@@ -169,7 +169,7 @@ def test_compiled_chunk_decoder_matches_the_generic_path(tmp_path):
                 t = fields[1:] + [fields[1]] * (4 - len(fields))
                 x = np.empty(raw, np.uint8)
                 assert CK.decode_fields(buf, lay.fields[0].width, lay.tail_w, fields[0], *t) == 0
-                lay._merge(fields[0], *t, x.view(lay.word))
+                lay.merge_kernel(fields[0], *t, x.view(lay.word))
                 assert (x == decode_chunk(memoryview(buf), s["dtype"], raw, compiled=False)).all()
                 pos = 1
                 for _ in lay.fields:

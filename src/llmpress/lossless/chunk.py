@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .chunk_kernel import decode_fields
-from .entropy import BY_ID, decode_stream, encode_stream, entropy_bits
+from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from .planes import FloatLayout, layout
 
 # policy name -> entropy backends tried on (head, tail, bytes) streams, besides raw
@@ -57,8 +57,8 @@ def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans") -> tup
     out = [struct.pack("<B", len(parts))]
     for f, sym, hist in zip(lay.fields, parts, hists):
         h = entropy_bits(None, f.width, hist)
-        kw = {"precision": lay.head_precision} if f.name == "head" else {}
-        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)], h, hist, view=True, **kw)
+        pb = lay.head_precision if f.name == "head" else RANS_PB
+        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)], h, hist, view=True, precision=pb)
         out.append(struct.pack("<BI", bid, len(payload)))
         out.append(payload)
         st.bound_bits += min(h, float(len(sym) * f.width))
@@ -119,7 +119,7 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     if compiled and isinstance(lay, FloatLayout):
         t = fields[1:] + [fields[1]] * (4 - len(fields))
         if decode_fields(np.frombuffer(buf, np.uint8), lay.fields[0].width, lay.tail_w, fields[0], *t) == 0:
-            lay._merge(fields[0], *t, out.view(lay.word))
+            lay.merge_kernel(fields[0], *t, out.view(lay.word))
             return out
     pos, parts = 1, []
     for f, dst in zip(lay.fields, fields):

@@ -308,8 +308,8 @@ def entropy_bits(sym: np.ndarray | None, width: int, hist: np.ndarray | None = N
     return float(K.hist_entropy_bits(c.astype(np.int64, copy=False)))
 
 
-# streams shorter than this take the four-lane coder: 32 lanes cost ~150 bytes more (states and
-# lengths), and a short stream is little decoding time
+# streams shorter than this take the four-lane coder: 32 lanes' states cost ~130 bytes more, and a
+# short stream is little decoding time
 WIDE_MIN = 1 << 15
 OVERHEAD = {"rans": 4 * 32 + 8, "rans_v4": 4 * 32 + 40, "rans_v3": 32, "rans_v2": 32, "ans": 16}  # bytes beyond the entropy, ~
 
@@ -322,8 +322,8 @@ def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
     ``ans``/``rans`` are skipped when the order-0 entropy (``est_bits``, computed if not given)
     plus their fixed costs says they cannot beat raw by 1 %; zstd is always tried (its LZ stage
     can beat order-0 on repeats); ``split`` codes the stream in pieces. ``hist`` (the stream's
-    symbol counts, if the caller has them) spares a pass; ``precision``: the rANS model's bits. ``view``: a raw 8-bit stream comes
-    back as a memoryview of ``sym`` (no copy).
+    symbol counts, if the caller has them) spares a pass; ``precision``: the rANS model's bits.
+    ``view``: a raw 8-bit stream comes back as a memoryview of ``sym`` (no copy).
     """
     raw_len = (len(sym) * width + 7) // 8
     best: tuple[int, bytes | None] = (0, None)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels as K
+from .entropy import RANS_PB
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 class FloatLayout(Layout):
     """IEEE-like float with ``E`` exponent bits and ``M`` mantissa bits in an ``itemsize`` word."""
 
-    def __init__(self, itemsize: int, exp_bits: int, man_bits: int, k: int, head_precision: int = 12):
+    def __init__(self, itemsize: int, exp_bits: int, man_bits: int, k: int, head_precision: int = RANS_PB):
         self.itemsize, self.E, self.M, self.k = itemsize, exp_bits, man_bits, k
         self.head_precision = head_precision  # the head's rANS model: 2**head_precision slots
         self.word = _UINT[itemsize]
@@ -64,7 +65,8 @@ class FloatLayout(Layout):
         self.tail_widths = widths  # least significant piece first
         self.tail_w = np.array(widths, np.int64)  # the same, for compiled callers
         self.head_dtype = np.uint16 if exp_bits + k > 8 else np.uint8
-        self._split, self._merge = K.float_kernels(exp_bits, man_bits, k, tuple(widths))
+        # merge_kernel(head, t0, t1, t2, x): the compiled merge, for callers that hold the fields
+        self._split, self.merge_kernel = K.float_kernels(exp_bits, man_bits, k, tuple(widths))
         self.fields = (Field("head", exp_bits + k),) + tuple(Field(f"tail{i}", w) for i, w in enumerate(widths))
 
     def split_hist(self, raw: np.ndarray, head: np.ndarray | None = None,
@@ -86,7 +88,7 @@ class FloatLayout(Layout):
         x = np.empty(n, self.word) if out is None else out.view(self.word)
         t = [np.ascontiguousarray(q, np.uint8) for q in parts[1:]]
         t += [t[0]] * (3 - len(t))
-        self._merge(parts[0], t[0], t[1], t[2], x)
+        self.merge_kernel(parts[0], t[0], t[1], t[2], x)
         return x.view(np.uint8)
 
 
