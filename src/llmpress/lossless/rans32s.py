@@ -12,9 +12,9 @@ and the position advances by ``popcount(mask)``. The encoder (backwards, as rANS
 inverse: the words of the lanes that renormalise are packed to the top of an 8-word vector by a
 looked-up shuffle and stored below the stack's top in one store.
 
-Measured on the BF16 MiniLM head streams against rans32.py, one thread, median (best) ns a
-symbol: decode 1.00 (0.87) vs 1.48 (1.13); two threads 0.93 (0.68) vs 1.33 (0.97). The stream
-is ~115 bytes smaller (no lane lengths).
+Measured on the BF16 MiniLM head streams against rans32.py (``bench/lossless.py --stages``,
+one thread, best of 5): decode 0.91 vs 1.17 ns/symbol, encode 1.63 vs 2.47. A stream is ~35
+bytes smaller (no lane lengths).
 
 Where the host has no AVX2 (or numba compiles for a generic CPU), the shuffle becomes eight
 scalar loads (decoder) or eight scalar stores (encoder): same bytes, slower.
@@ -34,19 +34,14 @@ from numba.extending import intrinsic
 
 from .kernels import decode_table
 from .model import read_model_or_fill
-from .rans32 import encoder_tables
+from .rans32 import (  # the coder's constants and IR types, shared with v4's
+    LANES, RANS_L, _V, _i8, _i16, _i32, _i64, _splat, _v16, _v32, encoder_tables)
 
-LANES = 32
-RANS_L = 1 << 16
-_V = 8  # lanes per vector (one AVX2 register of u32)
-_G = LANES // _V
+_G = LANES // _V  # vectors of eight lanes
 STATE_BYTES = 4 * LANES
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
 
-_i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_v32 = ir.VectorType(_i32, _V)
-_v16 = ir.VectorType(_i16, _V)
 _vd = ir.VectorType(ir.DoubleType(), _V)
 
 
@@ -82,10 +77,6 @@ def _shuffles() -> tuple[np.ndarray, np.ndarray]:
 
 
 EXPAND, COMPRESS = _shuffles()
-
-
-def _splat(v: int) -> ir.Constant:
-    return ir.Constant(_v32, [v] * _V)
 
 
 def _ptrs(context, builder, sig, args, which):
