@@ -71,8 +71,9 @@ class FolderWriter:
         self._shards.append((name, list(self._buf)))
         self._buf, self._buf_bytes = {}, 0
 
-    def finish(self, source_folder: Path | None, config: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Name the shards, write the index, config and manifest; copy tokenizer files."""
+    def finish_shards(self) -> list[str]:
+        """Flush, give the shards their Hugging Face names, write the index when there are
+        several; return the file names."""
         self._flush()
         n = len(self._shards)
         weight_map: dict[str, str] = {}
@@ -84,13 +85,14 @@ class FolderWriter:
             weight_map.update({k: final for k in keys})
         if n > 1:
             (self.root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        self._shards = []
+        return files
+
+    def finish(self, source_folder: Path | None, config: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Name the shards, write the index, config and manifest; copy tokenizer files."""
+        files = self.finish_shards()
         if source_folder is not None:
-            for p in sorted(source_folder.rglob("*")):
-                rel = p.relative_to(source_folder)
-                if p.is_file() and not p.name.endswith(_SKIP) and rel.as_posix() not in ("config.json", MANIFEST) and not rel.parts[0].startswith("."):
-                    dst = self.root / rel
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(p, dst)
+            copy_side_files(source_folder, self.root)
         if config is not None:
             cfg = dict(config)
             cfg["quantization_config"] = {
@@ -110,6 +112,20 @@ class FolderWriter:
         }
         (self.root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         return manifest
+
+
+def copy_side_files(source_folder: Path, root: Path) -> list[str]:
+    """Copy what travels with a model besides its weights and config (tokenizer files, chat
+    template, generation config) from ``source_folder`` into ``root``; return their names."""
+    copied = []
+    for p in sorted(source_folder.rglob("*")):
+        rel = p.relative_to(source_folder)
+        if p.is_file() and not p.name.endswith(_SKIP) and rel.as_posix() not in ("config.json", MANIFEST) and not rel.parts[0].startswith("."):
+            dst = root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dst)
+            copied.append(rel.as_posix())
+    return copied
 
 
 def is_folder(p: Path) -> bool:

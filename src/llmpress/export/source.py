@@ -1,0 +1,156 @@
+"""What an export reads: a model, one checkpoint tensor at a time.
+
+The model is an llmpress lossy folder (its compressed linears as CompressedTensors, every other
+tensor as stored; shards verified against their sha256), an original Hugging Face model (any
+MODEL llmpress resolves: folder, hub id, GGUF, embedded name; every tensor kept), or a lossless
+``.llmp`` container (unpacked into a temporary folder first: it *is* the original).
+Nothing is loaded whole: an entry's tensor is read or decoded when a target asks for it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from ..tensor import CompressedTensor, decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    """One tensor of the checkpoint, by its Hugging Face name (``model.layers.0.mlp.up_proj.weight``)."""
+
+    name: str
+    ct: CompressedTensor | None  # the compressed form, or None for a tensor kept as it was
+    transposed: bool  # the checkpoint stores this weight as (in, out) (GPT-2's Conv1D)
+    _read: Callable[[], Tensor] = field(repr=False)
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    def decoded(self) -> Tensor:
+        """A compressed linear's weight as llmpress decodes it: (out, in) float32."""
+        if self.ct is None:
+            raise ValueError(f"{self.name} is not compressed")
+        return decode(self.ct)
+
+    def tensor(self) -> Tensor:
+        """The tensor as the checkpoint holds it: kept tensors as stored, compressed linears
+        decoded (float32) in the checkpoint's own layout."""
+        if self.ct is None:
+            return self._read()
+        w = self.decoded()
+        return w.T.contiguous() if self.transposed else w
+
+
+class ExportSource:
+    """A model opened for export. Use as a context manager (a ``.llmp`` input unpacks into a
+    temporary folder that is removed on exit)."""
+
+    def __init__(self, model: str | Path, verify: bool = True):
+        self.model = str(model)
+        self.verify = verify
+        self._tmp: Path | None = None
+        self._stack = contextlib.ExitStack()
+
+    # ------------------------------------------------------------------ opening
+    def __enter__(self) -> "ExportSource":
+        from ..io.folder import is_folder
+
+        p = Path(self.model).expanduser()
+        if p.is_file() and p.suffix == ".llmp":
+            self._tmp = Path(tempfile.mkdtemp(prefix="llmpress-export-"))
+            self._stack.callback(shutil.rmtree, self._tmp, True)
+            from ..lossless.container import unpack
+
+            log.info("unpacking %s into %s", p, self._tmp)
+            unpack(p, self._tmp / "model", force=True)
+            self._open_original(self._tmp / "model")
+        elif is_folder(p):
+            self._open_folder(p)
+        else:
+            self._open_original(self.model)
+        self._conv1d = self._conv1d_modules()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def _open_folder(self, root: Path) -> None:
+        from ..io.folder import _Shards, read_manifest
+
+        self.kind = "llmpress-folder"
+        self.root = root
+        self.manifest: dict[str, Any] | None = read_manifest(root)
+        self._shards = _Shards(root, self.manifest["files"], self.verify)
+        self.config = json.loads((root / "config.json").read_text())
+        self.config.pop("quantization_config", None)
+        self._compressed = self.manifest["tensors"]
+        owned = {f"{p}.{k}" for p, e in self._compressed.items() for k in e["keys"]}
+        self._kept = [k for k in self._shards.where if k not in owned]
+        self._get = self._shards.get
+
+    def _open_original(self, model: str | Path) -> None:
+        from ..models import TensorStore, resolve
+
+        src = resolve(model)
+        if src.path.is_file():
+            raise ValueError(f"{src.path}: a bare .safetensors file has no config; give its folder")
+        self.kind = "original"
+        self.root = src.folder
+        self.manifest = None
+        cfg = src.folder / "config.json"
+        if not cfg.exists():
+            raise FileNotFoundError(f"{src.folder}: no config.json")
+        self.config = json.loads(cfg.read_text())
+        store = TensorStore(src)
+        self._compressed = {}
+        self._kept = store.keys()
+        self._get = store.get
+
+    def _conv1d_modules(self) -> set[str]:
+        """Linears whose checkpoint weight is (in, out): GPT-2's Conv1D."""
+        from ..skeleton import build_meta, folder_config
+
+        skel = build_meta(folder_config(self.root))
+        return {n for n, m in skel.named_modules() if type(m).__name__ == "Conv1D"}
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def compressed_names(self) -> list[str]:
+        return list(self._compressed)
+
+    def compressed(self, name: str) -> CompressedTensor:
+        e = self._compressed[name]
+        data = {k: self._get(f"{name}.{k}") for k in e["keys"]}
+        return CompressedTensor(codec=e["codec"], data=data, meta=dict(e["meta"]))
+
+    def entries(self) -> Iterator[Entry]:
+        """Every checkpoint tensor: kept ones in stored order, then the compressed linears."""
+        for k in self._kept:
+            yield Entry(k, None, k.rpartition(".")[0] in self._conv1d, (lambda k=k: self._get(k)))
+        for name in self._compressed:
+            ct = self.compressed(name)
+            yield Entry(name, ct, name.rpartition(".")[0] in self._conv1d, (lambda: torch.empty(0)))
+
+    def get(self, name: str) -> Entry:
+        """One entry by its checkpoint name."""
+        mod = name.rpartition(".")[0]
+        if name in self._compressed:
+            return Entry(name, self.compressed(name), mod in self._conv1d, (lambda: torch.empty(0)))
+        if name in self._kept:
+            return Entry(name, None, mod in self._conv1d, (lambda: self._get(name)))
+        raise KeyError(f"{self.model}: no tensor {name!r}")
+
+    def names(self) -> list[str]:
+        return list(self._kept) + list(self._compressed)
