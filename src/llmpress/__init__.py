@@ -22,7 +22,7 @@ _VERBS = {
     "evaluate": "llmpress.eval.api:evaluate",
     "limit": "llmpress.sweep:limit",
     "finetune": "llmpress.recovery.api:finetune",
-    "export": "llmpress.export.api:export",
+    "export": "llmpress.targets.api:export",
 }
 
 __all__ = sorted(_VERBS) + ["__version__"]

@@ -33,7 +33,7 @@ def export_cmd(
 ) -> None:
     """Write MODEL in a format another engine runs: llama.cpp (gguf), transformers/vLLM
     (compressed-tensors), or plain float weights (dense). Exact, or it says which layers are not."""
-    from ..export.api import export
+    from ..targets.api import export
 
     opts: dict[str, Any] = {k: v for k, v in (("type", type_), ("dtype", dtype)) if v is not None}
     try:

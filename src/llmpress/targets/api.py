@@ -36,7 +36,7 @@ def plan_actions(src: ExportSource, target: Any, fallback: str, **opts: Any) -> 
     if fallback not in FALLBACKS:
         raise ValueError(f"unknown fallback {fallback!r}; known: {', '.join(FALLBACKS)}")
     if fallback != "refuse" and fallback not in target.fallbacks:
-        raise ValueError(f"the {target.name} export cannot carry out --fallback {fallback} "
+        raise ValueError(f"the {target.name} export cannot carry out the fallback {fallback!r} "
                          f"(it can: {', '.join(('refuse',) + tuple(target.fallbacks))})")
     actions: dict[str, str] = {}
     reasons: dict[str, str] = {}

@@ -1,10 +1,11 @@
-"""Formats out: a registry of export targets, one module each.
+"""Formats out: a registry of export targets, one module each (the package is not named
+``export``: a submodule named like the verb would replace ``llmpress.export`` once imported).
 
 A target writes a model that another engine loads: ``dense`` (a plain Hugging Face folder of
 float weights), ``gguf`` (llama.cpp), ``compressed-tensors`` (transformers, vLLM). It reads the
-model tensor by tensor from an :class:`~llmpress.export.source.ExportSource` and says, for each
+model tensor by tensor from an :class:`~llmpress.targets.source.ExportSource` and says, for each
 compressed layer, whether the codes llmpress chose transfer exactly (``why_not`` returns None) or
-why not. The driver (:func:`llmpress.export.api.export`) applies the fallback policy to the layers
+why not. The driver (:func:`llmpress.targets.api.export`) applies the fallback policy to the layers
 that do not transfer, so a target never silently changes a layer.
 
 Targets register themselves by name::
