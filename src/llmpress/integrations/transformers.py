@@ -146,11 +146,15 @@ class LlmpressQuantizer(HfQuantizer):
         if not isinstance(entries, dict):
             raise ValueError(f"{root}: quantization_config.modules must map linear names to their layout")
         header = _read_headers(files)
-        stored = _stored_by_module(header, entries)
+        stored = _stored_by_module(header)
+        orphans = sorted(set(stored) - set(entries))
+        if orphans:
+            raise ValueError(f"{root}: the shards hold compressed tensors of {', '.join(orphans[:5])}, which "
+                             f"quantization_config.modules does not list")
         self.layouts = {}
         for name, entry in entries.items():
-            lay, tensors = _layout(root, name, entry, header, stored.get(name, ()))
             old = _linear(root, model, name, entry)
+            lay, tensors = _layout(root, name, entry, header, stored.get(name, ()))
             if f"{name}.bias" in header:
                 shape, _ = header[f"{name}.bias"]
                 tensors["bias"] = torch.empty(shape, dtype=old.weight.dtype, device="meta")
@@ -234,12 +238,12 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def _stored_by_module(header: dict[str, Any], entries: dict[str, Any]) -> dict[str, list[str]]:
-    """The stored keys under each compressed linear's ``<name>.weight.`` (one pass over the names)."""
+def _stored_by_module(header: dict[str, Any]) -> dict[str, list[str]]:
+    """{linear: its stored keys} for every tensor named ``<linear>.weight.<key>`` (one pass)."""
     out: dict[str, list[str]] = {}
     for k in header:
         mod, sep, key = k.partition(".weight.")
-        if sep and mod in entries:
+        if sep:
             out.setdefault(mod, []).append(key)
     return out
 
@@ -282,6 +286,9 @@ def _layout(root: Path, name: str, entry: Any, header: dict[str, tuple[tuple[int
 
 def _linear(root: Path, model: nn.Module, name: str, entry: dict[str, Any]) -> nn.Module:
     """The model's linear a layout entry replaces, checked against the stored shape."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("meta"), dict)):
+        raise ValueError(f"{root}: {name}: malformed layout in quantization_config.modules (needs codec, meta, keys); "
+                         f"got {entry!r}")
     try:
         old = model.get_submodule(name)
     except AttributeError:
