@@ -141,8 +141,12 @@ class LlmpressQuantizer(HfQuantizer):
                              f"{', '.join(map(str, files)) or 'no files'}")
         self.root = root = files[0].parent
         entries = self.quantization_config.modules
-        if entries is None:  # written before the layout went into config.json
-            entries = {p.removesuffix(".weight"): e for p, e in read_manifest(root)["tensors"].items()}
+        if entries is None:  # written before the layout went into config.json: llmpress.json has it
+            try:
+                manifest = read_manifest(root)
+            except ValueError as e:
+                raise ValueError(f"quantization_config has no modules, and {e}") from None
+            entries = {p.removesuffix(".weight"): e for p, e in manifest["tensors"].items()}
         if not isinstance(entries, dict):
             raise ValueError(f"{root}: quantization_config.modules must map linear names to their layout")
         header = _read_headers(files)
@@ -272,12 +276,17 @@ def _layout(root: Path, name: str, entry: Any, header: dict[str, tuple[tuple[int
         if dt not in _DTYPES:
             raise ValueError(f"{where}: {name}.weight.{k} has dtype {dt}, which no llmpress codec stores")
         data[k] = torch.empty(shape, dtype=_DTYPES[dt], device="meta")
+    try:
+        get_codec(entry["codec"])
+    except KeyError as e:
+        raise ValueError(f"{where}: codec {entry['codec']!r}: {e.args[0]}") from None
     ct = CompressedTensor(codec=entry["codec"], data=data, meta=entry["meta"])
     try:
         names, bias = module_state_names(ct)
-    except (KeyError, ValueError, TypeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise ValueError(f"{where}: codec {entry['codec']!r}: {msg}") from None
+    except KeyError as e:  # a nested layout whose meta lacks an inner codec's entry
+        raise ValueError(f"{where}: codec {entry['codec']!r}: the meta lacks {e.args[0]!r}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: codec {entry['codec']!r}: {e}") from None
     if set(names) != set(keys):
         raise ValueError(f"{where}: codec {entry['codec']} stores {sorted(names)}; the layout lists {sorted(keys)}")
     tensors = {f"weight.{k}": t for k, t in data.items()}
