@@ -68,7 +68,8 @@ class LlmpressConfig(QuantizationConfigMixin):
     """``quantization_config`` of an llmpress folder::
 
         {"quant_method": "llmpress", "format_version": 1, "bpw": 4.52,
-         "recipe": {"rules": [{"match": "lm_head|embed", "method": "keep"}, {"match": ".*", "method": "rtn", "bits": 4}]},
+         "recipe": {"rules": [{"match": "lm_head|embed", "method": "keep"},
+                              {"match": ".*", "method": "rtn", "bits": 4, "group_size": 64}]},
          "modules": {"model.layers.0.mlp.up_proj": {"codec": "rtn", "keys": ["offset", "qweight", "scale"],
                                                     "meta": {"bits": 4, "group_size": 64, "grid": "asym", ...}}}}
 
@@ -109,7 +110,7 @@ class StoredLinear(nn.Module):
             owner.register_buffer(leaf, t)
 
     def forward(self, x: Tensor) -> Tensor:
-        raise RuntimeError("a StoredLinear is a loading placeholder; from_pretrained replaces it once its tensors are in")
+        raise RuntimeError("a StoredLinear is a loading placeholder; from_pretrained replaces it once loaded")
 
 
 @dataclass
@@ -181,7 +182,8 @@ class LlmpressQuantizer(HfQuantizer):
             try:
                 module = compressed_module(ct, sd.get("bias"))
             except Exception as e:
-                raise ValueError(f"{self.root}: {name}: the stored tensors do not make a {lay.codec} module ({e})") from e
+                raise ValueError(f"{self.root}: {name}: the stored tensors do not make a {lay.codec} module "
+                                 f"({e})") from e
             set_module(model, name, module.to(next(iter(data.values())).device))
         return model
 
@@ -192,7 +194,8 @@ class LlmpressQuantizer(HfQuantizer):
         out = {}
         for key, state in lay.names.items():
             if state not in own:
-                raise ValueError(f"{name}: its {type(module).__name__} no longer holds {state!r} (stored as weight.{key})")
+                raise ValueError(f"{name}: its {type(module).__name__} no longer holds {state!r} "
+                                 f"(stored as weight.{key})")
             out[f"weight.{key}"] = own.pop(state)
         if lay.bias in own:
             out["bias"] = own.pop(lay.bias)
@@ -216,7 +219,8 @@ class LlmpressQuantizer(HfQuantizer):
         for name, lay in self.layouts.items():
             st = self.stored_tensors(name, model.get_submodule(name))
             bias = st.pop("bias", None)
-            ct = CompressedTensor(codec=lay.codec, data={k.removeprefix("weight."): t for k, t in st.items()}, meta=lay.meta)
+            data = {k.removeprefix("weight."): t for k, t in st.items()}
+            ct = CompressedTensor(codec=lay.codec, data=data, meta=lay.meta)
             w = get_codec(lay.codec).decode(ct)  # (out, in) float32
             w = w.to(dtype) if dtype is not None else w
             set_module(model, name, dense_linear(w, None if bias is None else bias.to(w.dtype)))
@@ -258,7 +262,8 @@ def _layout(root: Path, name: str, entry: Any, header: dict[str, tuple[tuple[int
     where = f"{root}: {name}"
     if not (isinstance(entry, dict) and isinstance(entry.get("codec"), str) and isinstance(entry.get("meta"), dict)
             and isinstance(entry.get("keys"), list) and all(isinstance(k, str) for k in entry["keys"])):
-        raise ValueError(f"{where}: malformed layout in quantization_config.modules (needs codec, meta, keys); got {entry!r}")
+        raise ValueError(f"{where}: malformed layout in quantization_config.modules (needs codec, meta, keys); "
+                         f"got {entry!r}")
     keys = entry["keys"]
     missing = [k for k in keys if f"{name}.weight.{k}" not in header]
     if missing:
