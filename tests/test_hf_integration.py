@@ -97,6 +97,15 @@ def test_from_pretrained_is_llmpress_load_and_round_trips(folder, tmp_path, kind
     assert torch.equal(_logits(llmpress.load(out), ids), logits)  # no manifest: load goes through from_pretrained
 
 
+def test_sharded_save_loads_back(folder, tmp_path):
+    """A layout spread over several shards (and an index) is read from all their headers."""
+    model = _auto().from_pretrained(folder("gptq"))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    ids = _ids()
+    assert torch.equal(_logits(_auto().from_pretrained(tmp_path / "sharded"), ids), _logits(model, ids))
+
+
 def test_bfloat16_keeps_the_packed_tensors(folder):
     src = folder("rtn")
     ref = _auto().from_pretrained(src)
