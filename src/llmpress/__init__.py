@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import integrations as _integrations
+
 __version__ = "0.1.0"
 
 # verb -> "module:attribute"
@@ -26,6 +28,10 @@ _VERBS = {
 }
 
 __all__ = sorted(_VERBS) + ["__version__"]
+
+# transformers' from_pretrained learns the "llmpress" method once its quantizer registry is
+# imported, before or after this line (a one-shot import hook; nothing heavy is imported here)
+_integrations.install()
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,9 @@
 
 Layout (a folder a Hugging Face user recognises)::
 
-    config.json                  the source config + quantization_config {"quant_method": "llmpress", ...}
+    config.json                  the source config + quantization_config {"quant_method": "llmpress",
+                                 "modules": {linear: {codec, meta, keys}}, ...} (what transformers'
+                                 from_pretrained needs, see llmpress.integrations.transformers)
     tokenizer*, generation_config.json, ...   copied verbatim from the source
     model.safetensors            (or model-0000i-of-0000n.safetensors + index) holding, for each
                                  compressed parameter P, its CompressedTensor's tensors as "P.<key>",
@@ -49,6 +51,8 @@ class FolderWriter:
         self.compressed: dict[str, dict[str, Any]] = {}
 
     def add_compressed(self, param: str, ct: CompressedTensor) -> None:
+        if not param.endswith(".weight"):
+            raise ValueError(f"{param}: only a linear's .weight is stored compressed")
         tensors, _ = ct.to_state(param)
         for k, t in tensors.items():
             self._add(k, t)
@@ -100,6 +104,9 @@ class FolderWriter:
                 "format_version": FORMAT_VERSION,
                 "recipe": manifest.get("recipe"),
                 "bpw": manifest.get("bpw"),
+                # what a loader must know before the weights come: each compressed linear's codec,
+                # meta and stored keys (its tensors are "<module>.weight.<key>")
+                "modules": {param.removesuffix(".weight"): entry for param, entry in self.compressed.items()},
             }
             (self.root / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         manifest = {
@@ -186,6 +193,17 @@ def compressed_module(ct: CompressedTensor, bias: torch.Tensor | None) -> nn.Mod
     codec = get_codec(ct.codec)
     make = getattr(codec, "module", None)
     return make(ct, bias) if make is not None else dense_linear(codec.decode(ct), bias)
+
+
+def module_state_names(ct: CompressedTensor) -> tuple[dict[str, str], str]:
+    """Where ``compressed_module(ct, bias)`` keeps each stored tensor: ({data key: state-dict name
+    inside the module}, the bias's name). A loader that fills modules by name (transformers'
+    ``from_pretrained``) and a writer that reads them back (``save_pretrained``) both need it."""
+    codec = get_codec(ct.codec)
+    names = getattr(codec, "state_names", None)
+    if names is None or getattr(codec, "module", None) is None:
+        raise ValueError(f"codec {ct.codec!r} has no inference module whose tensors are the stored ones")
+    return names(ct)
 
 
 @register_loader("llmpress-folder", is_folder)

@@ -153,3 +153,9 @@ class LowRankCodec:
                     lin.bias.copy_(bias)
             return lin
         return LowRankLinear.from_factors(ct.data["U"], ct.data["V"], bias)
+
+    def state_names(self, ct: CompressedTensor) -> tuple[dict[str, str], str]:
+        """Where :meth:`module` keeps each stored tensor: ({data key: state-dict name}, the bias's name)."""
+        if ct.meta.get("dense"):
+            return {"weight": "weight"}, "bias"
+        return {"U": "up.weight", "V": "down.weight"}, "up.bias"

@@ -55,6 +55,15 @@ def unnest(prefix: str, data: dict[str, Tensor], meta: dict[str, Any]) -> Compre
     return CompressedTensor(codec, {k[len(start):]: v for k, v in data.items() if k.startswith(start)}, inner)
 
 
+def nested_names(prefix: str, ct: CompressedTensor, at: str) -> tuple[dict[str, str], str]:
+    """The state-dict names of the inner CompressedTensor ``prefix`` of ``ct`` once its module is
+    the submodule ``at`` (``"up."``, ``""``): ({"prefix.key": "at" + name}, its bias's name)."""
+    from llmpress.io.folder import module_state_names
+
+    names, bias = module_state_names(unnest(prefix, ct.data, ct.meta[prefix]))
+    return {f"{prefix}.{k}": at + v for k, v in names.items()}, at + bias
+
+
 def _quant(name: str, owner: str) -> Any:
     codec = get_codec(name)
     if getattr(codec, "lossless", False) or isinstance(codec, (LowRankCodec, FactorThenQuant, LQER)):
@@ -133,6 +142,15 @@ class FactorThenQuant:
         up = compressed_module(unnest("U", ct.data, ct.meta["U"]), bias)
         return LowRankLinear(down, up, int(ct.meta["rank"]), n, m)
 
+    def state_names(self, ct: CompressedTensor) -> tuple[dict[str, str], str]:
+        """Where :meth:`module` keeps each stored tensor: the factors' modules are ``down`` (V) and
+        ``up`` (U, with the bias); a dense fallback is the inner codec's module itself."""
+        if ct.meta.get("dense"):
+            return nested_names("W", ct, "")
+        down, _ = nested_names("V", ct, "down.")
+        up, bias = nested_names("U", ct, "up.")
+        return {**down, **up}, bias
+
 
 for _base in ("svd", "rsvd", "whiten", "asvd"):
     _cls = type(f"{_base.capitalize()}ThenQuant", (FactorThenQuant,), {
@@ -209,3 +227,9 @@ class LQER:
 
         base = compressed_module(unnest("q", ct.data, ct.meta["q"]), bias)
         return CorrectedLinear(base, LowRankLinear.from_factors(ct.data["U"], ct.data["V"], None))
+
+    def state_names(self, ct: CompressedTensor) -> tuple[dict[str, str], str]:
+        """Where :meth:`module` keeps each stored tensor: Q is ``base`` (with the bias), the
+        correction's factors ``correction.up`` / ``correction.down``."""
+        base, bias = nested_names("q", ct, "base.")
+        return {**base, "U": "correction.up.weight", "V": "correction.down.weight"}, bias

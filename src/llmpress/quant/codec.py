@@ -139,6 +139,11 @@ class QuantCodec:
 
         return QuantLinear.from_ct(ct, bias)
 
+    def state_names(self, ct: CompressedTensor) -> tuple[dict[str, str], str]:
+        """Where :meth:`module` keeps each stored tensor: ({data key: state-dict name}, the bias's
+        name). QuantLinear holds the stored tensors as buffers of the same names."""
+        return {k: k for k in ct.data}, "bias"
+
 
 def rtn_qweight(w: Tensor, spec: GridSpec, loss: grids.GroupLoss | None = None) -> QWeight:
     """Round to nearest on the grid, groups fitted by ``spec.range``."""
