@@ -112,10 +112,29 @@ class CompressedTensorsTarget(Target):
             "dense": dense,
             "requantized": requantized,
             "scale_dtype": str(scale_dtype).removeprefix("torch."),
-            # transformers 5 / compressed-tensors 0.20 load asymmetric packed checkpoints only
-            # with CompressedTensorsConfig(dequantize=True)
-            "needs_dequantize": any(not s.symmetric for s in packed.values()),
+            **transformers_loading(set(schemes.values())),
         }
+
+
+def transformers_loading(schemes: set[Scheme]) -> dict[str, bool]:
+    """How transformers 5.25 with compressed-tensors 0.20 loads the export (measured):
+
+    * ``loads_packed`` (plain ``from_pretrained``; packed until the first forward decompresses
+      it): only symmetric schemes — an asymmetric group's packed zero point does not fit the
+      (out, groups) parameter the loader makes for it (upstream: its own checkpoints fail too);
+    * ``loads_dequantize`` (``CompressedTensorsConfig(dequantize=True)``): only one scheme — that
+      path decodes every layer with the first config group's scheme (upstream), silently wrong
+      for the others.
+
+    vLLM reads each layer's own group either way."""
+    packed = all(s.symmetric for s in schemes)
+    dequantize = len(schemes) == 1
+    if not dequantize:
+        log.warning("%d quantization schemes: transformers' dequantize=True path would decode every layer with the "
+                    "first group's scheme; %s", len(schemes),
+                    "load it packed (plain from_pretrained)" if packed else
+                    "with an asymmetric group too, transformers cannot load it (vLLM can)")
+    return {"loads_packed": packed, "loads_dequantize": dequantize}
 
 
 # ---------------------------------------------------------------------------- requantize
