@@ -85,8 +85,8 @@ def test_layer_decompresses_to_llmpress_decode(grid, bits):
         t = layer_tensors(ct, scheme, torch.float32)
         assert torch.equal(t["weight_packed"], pack_rows(unpack(ct.data["qweight"], bits, 24 * inp).reshape(24, inp), bits))
         assert torch.equal(packed_codes(ct), t["weight_packed"])
-        args = {k: v for k, v in scheme.weights_args().items() if k != "observer"}
-        w = PackedQuantizationCompressor.decompress(t, QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args)))
+        args = QuantizationArgs(**scheme.weights_args())
+        w = PackedQuantizationCompressor.decompress(t, QuantizationScheme(targets=["Linear"], weights=args))
         assert w["weight"].dtype == torch.float32 and torch.equal(w["weight"], decode(ct)), (inp, gs)
 
 
@@ -229,6 +229,20 @@ def test_fallback_dense_and_requantize(tiny_llama_dir, tmp_path):
     lq = _logits(model, ids)
     kl = torch.nn.functional.kl_div(lq.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
     assert 0 < float(kl) < 1e-2
+
+
+def test_gpt2_conv1d_is_not_a_linear(tmp_path):
+    """GPT-2's Conv1D stores (in, out): refused by name; requantize cannot help, it goes dense."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_positions=64, n_embd=64, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0)).save_pretrained(src)
+    q = tmp_path / "q"
+    llmpress.quantize(src, q, bits=4, group_size=32, grid="asymz", progress=False)
+    with pytest.raises(ExportRefused, match="h.0.attn.c_attn.weight is not an nn.Linear weight \\(Conv1D\\)"):
+        export(q, tmp_path / "ct", format="compressed-tensors")
+    with pytest.raises(ValueError, match="no layer would be stored quantized"):
+        export(q, tmp_path / "ct", format="compressed-tensors", fallback="requantize")
 
 
 def test_shards_and_index(tiny_llama_dir, tmp_path):

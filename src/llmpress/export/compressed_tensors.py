@@ -7,6 +7,8 @@ llmpress chose, nothing re-rounded. Layers sharing a scheme (bits, symmetry, gro
 ``config_groups`` entry whose ``targets`` name them; a model with a single scheme gets
 llm-compressor's own ``targets: [Linear]``. ``ignore`` lists every other ``nn.Linear`` (the head,
 layers kept unquantized, ``--fallback dense`` layers), which vLLM requires of unquantized linears.
+vLLM also fuses q/k/v and gate/up into one layer whose parts must share a scheme: a recipe that
+splits them exports and loads in transformers, but not there.
 
 Scales are stored in float32 by default: the fp16 scale llmpress chose, widened exactly, so that
 the loader's ``(q − z)·s``, computed in the scale's dtype, is llmpress's float32 decode bit for bit
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 
 from ..io.folder import FolderWriter, copy_side_files
-from ..quant.grids import PER_TENSOR
+from ..quant.grids import BITS, PER_TENSOR, SCALE_DTYPES
 from ..tensor import CompressedTensor, decode, get_codec
 from . import Entry, ExportSource, Target, register_target
 from .ct_layout import Scheme, layer_tensors, scheme_of
@@ -66,6 +68,9 @@ class CompressedTensorsTarget(Target):
               shard_bytes: int = 2 << 30, **opts: Any) -> dict[str, Any]:
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"compressed-tensors export: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        # no scheme holds a weight that is not a Linear's (a Conv1D's (in, out)): rounding would not help
+        actions = {n: "dense" if a == "requantize" and src.module_types.get(n.rpartition(".")[0]) != "Linear" else a
+                   for n, a in actions.items()}
         if not any(a != "dense" for a in actions.values()):
             raise ValueError(f"{src.model}: no layer would be stored quantized (an original model, or every layer "
                              "dense); quantize it first (llmpress quantize --grid asymz) or use --format dense")
@@ -153,9 +158,11 @@ def _requantize(e: Entry) -> tuple[CompressedTensor, dict[str, Any]]:
     w = e.decoded()  # (out, in) float32
     meta = e.ct.meta if e.ct is not None else {}
     bits = int(meta.get("bits", REQUANT_DEFAULT_BITS))
+    bits = bits if bits in BITS else REQUANT_DEFAULT_BITS
     gs = _dividing_group(w.shape[1], int(meta.get("group_size", -1)))
-    ct = get_codec("rtn").encode(w, bits=bits, group_size=gs, grid="asymz", scale_dtype=meta.get("scale_dtype", "float16"),
-                                 name=e.name)
+    sd = meta.get("scale_dtype", "float16")
+    ct = get_codec("rtn").encode(w, bits=bits, group_size=gs, grid="asymz", name=e.name,
+                                 scale_dtype=sd if sd in SCALE_DTYPES else "float16")
     scheme = scheme_of(ct)
     assert isinstance(scheme, Scheme), scheme
     return ct, {"scheme": scheme.label(), "max_abs_change": float((decode(ct) - w).abs().max())}

@@ -69,10 +69,10 @@ class Scheme:
     group_size: int | None  # groups only
 
     def weights_args(self) -> dict[str, object]:
-        """The ``weights`` entry of a config group, as llm-compressor writes it."""
+        """The ``weights`` entry of a config group, as llm-compressor writes it (no ``observer``:
+        llmpress's method chose the ranges, not one of llm-compressor's observers)."""
         args: dict[str, object] = {"num_bits": self.bits, "type": "int", "symmetric": self.symmetric,
-                                   "group_size": self.group_size, "strategy": self.strategy,
-                                   "dynamic": False, "observer": "minmax"}
+                                   "group_size": self.group_size, "strategy": self.strategy, "dynamic": False}
         if self.strategy == "channel":
             args["group_size"] = -1
         return args
