@@ -185,6 +185,7 @@ def test_mixed_schemes_one_group_each(tiny_llama_dir, tmp_path, attn_grid):
     ({"method": "rtn", "bits": 4, "group_size": 32}, "float zero point"),  # the float-offset asym grid
     ({"method": "rtn", "bits": 4, "group_size": 48, "grid": "asymz"}, "group size 48 does not divide in_features 64"),
     ({"method": "gptq", "bits": 4, "group_size": 32, "static_groups": False}, "act-order g_idx"),
+    ({"method": "awq", "bits": 4, "group_size": 32, "grid": "asymz", "fold": False}, "AWQ input scale"),
 ])
 def test_refusals_name_the_layers(tiny_llama_dir, tmp_path, kw, reason):
     q = tmp_path / "q"
