@@ -39,6 +39,11 @@ class Target:
         else the reason in a few words."""
         raise NotImplementedError
 
+    def why_not_layer(self, src: "ExportSource", name: str, **opts: Any) -> str | None:
+        """``why_not`` for the compressed parameter ``name`` of ``src``. A target that needs more
+        than the CompressedTensor (the module's type, its checkpoint layout) overrides this."""
+        return self.why_not(src.compressed(name), **opts)
+
     def write(self, src: "ExportSource", out: Path, actions: dict[str, str], **opts: Any) -> dict[str, Any]:
         """Write ``src`` into the (empty, temporary) folder ``out``. ``actions`` maps each
         compressed parameter to ``exact``, ``dense`` or ``requantize``. Returns what the report

@@ -41,7 +41,7 @@ def plan_actions(src: ExportSource, target: Any, fallback: str, **opts: Any) -> 
     actions: dict[str, str] = {}
     reasons: dict[str, str] = {}
     for name in src.compressed_names:
-        why = target.why_not(src.compressed(name), **opts)
+        why = target.why_not_layer(src, name, **opts)
         actions[name] = "exact" if why is None else fallback
         if why is not None:
             reasons[name] = why

@@ -80,7 +80,8 @@ class ExportSource:
             self._open_folder(p)
         else:
             self._open_original(self.model)
-        self._conv1d = self._conv1d_modules()
+        self.module_types = self._module_types()
+        self._conv1d = {n for n, t in self.module_types.items() if t == "Conv1D"}
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -118,12 +119,13 @@ class ExportSource:
         self._kept = store.keys()
         self._get = store.get
 
-    def _conv1d_modules(self) -> set[str]:
-        """Linears whose checkpoint weight is (in, out): GPT-2's Conv1D."""
+    def _module_types(self) -> dict[str, str]:
+        """Each module's class name, by module name, from the model built on the meta device
+        (GPT-2's ``Conv1D`` stores its weight as (in, out); a target may store only ``Linear``)."""
         from ..skeleton import build_meta, folder_config
 
         skel = build_meta(folder_config(self.root))
-        return {n for n, m in skel.named_modules() if type(m).__name__ == "Conv1D"}
+        return {n: type(m).__name__ for n, m in skel.named_modules() if n}
 
     # ------------------------------------------------------------------ reading
     @property
