@@ -20,6 +20,7 @@ _VERBS = {
     "quantize": "llmpress.quant.api:quantize",
     "factorize": "llmpress.lowrank.api:factorize",
     "evaluate": "llmpress.eval.api:evaluate",
+    "evaluate_tasks": "llmpress.eval.tasks:evaluate_tasks",
     "limit": "llmpress.sweep:limit",
     "finetune": "llmpress.recovery.api:finetune",
 }

@@ -7,8 +7,9 @@ LowRankLinear model runs as it is held in memory, with no export. What this modu
   given on the list), a YAML file, or a folder (all the tasks its YAML files define). lm-eval
   resolves a local task's relative ``data_files`` against the working directory; here they are
   resolved against the YAML's own folder when they exist there, so a task folder works from
-  anywhere. Built-in names cost lm-eval's index of its ~15 000 YAML files (seconds), so that
-  index is built only when a name is not found among the local tasks.
+  anywhere (the member tasks of a local *group* are loaded by lm-eval itself and resolve them
+  as it does). Built-in names cost lm-eval's index of its ~15 000 YAML files (seconds), so that
+  index is built only when a name is not found among the local tasks, and once per process.
 - **Tasks loaded once, run many times.** :class:`TaskSuite` loads the tasks (and their data)
   once; :meth:`TaskSuite.run` evaluates one model with every seed (Python, NumPy, torch, the
   few-shot sampler) set again before the run, so the original and a compressed copy see the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import logging
 import math
 import random
@@ -42,9 +44,13 @@ try:
     from lm_eval.api.metrics import mean as _lm_mean
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+    # lm-eval's own YAML reader (``include:`` chains, ``!function`` tags); it has no public one
     from lm_eval.tasks._yaml_loader import load_yaml
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(f"lm-evaluation-harness is not installed ({e}): pip install 'llmpress[engines]'") from e
+    raise ImportError(f"lm-evaluation-harness is not installed or too old ({e}): pip install 'llmpress[engines]'") from e
+if not hasattr(TaskManager, "load"):  # pragma: no cover
+    raise ImportError(f"lm-eval {getattr(lm_eval, '__version__', '?')} lacks TaskManager.load: this adapter is written "
+                      "for lm-eval 0.4.13")
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +111,18 @@ class _QuietLM(HFLM):
 
     show_progress: bool = True
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False):  # noqa: ANN001, ANN201 - HFLM's signature
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):  # noqa: ANN001, ANN201
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
         return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):  # noqa: ANN001, ANN202
+    def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
+                              override_bs: int | None = None) -> list[Any]:
         return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or not self.show_progress,
                                              override_bs=override_bs)
 
-    def generate_until(self, requests, disable_tqdm: bool = False):  # noqa: ANN001, ANN201
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
         return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)
 
 
@@ -173,6 +180,22 @@ def _split_specs(specs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str 
     return list(dict.fromkeys(include)), parsed
 
 
+def _yaml_stamp(folders: tuple[Path, ...]) -> tuple[tuple[str, int], ...]:
+    return tuple((str(p), p.stat().st_mtime_ns) for f in folders for p in sorted(f.rglob("*.y*ml")))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_manager(include: tuple[Path, ...], defaults: bool, stamp: tuple) -> Any:  # noqa: ARG001 - stamp keys the cache
+    return TaskManager(include_path=list(include) or None, include_defaults=defaults)
+
+
+def _task_manager(include: tuple[Path, ...], defaults: bool) -> Any:
+    """lm-eval's index of the task YAML files, kept for the process: the built-in one costs
+    seconds and its files do not change; the local folders' files are stamped (path, mtime)
+    so an edited task is indexed again."""
+    return _cached_manager(include, defaults, _yaml_stamp(include))
+
+
 @dataclass
 class TaskSuite:
     """Tasks loaded once (data included) to be run on several models.
@@ -205,10 +228,16 @@ class TaskSuite:
 
     def _load(self) -> None:
         include, parsed = _split_specs(self.specs)
-        tm = TaskManager(include_path=include or None, include_defaults=False)
-        if any(kind == "name" and s not in tm.all_tasks for kind, s in parsed):
+        names = [str(s) for kind, s in parsed if kind == "name"]
+        tm = _task_manager(tuple(include), False)
+        if any(n not in tm.all_tasks for n in names):
             log.info("indexing lm-eval's built-in tasks")
-            tm = TaskManager(include_path=include or None, include_defaults=True)
+            tm = _task_manager(tuple(include), True)
+        for n in names:  # every name is checked before any data set loads
+            if n not in tm.all_tasks:
+                near = difflib.get_close_matches(n, tm.all_tasks, n=3, cutoff=0.75)
+                hint = f" (did you mean {', '.join(near)}?)" if near else ""
+                raise TaskError(f"unknown task {n!r}: not an lm-eval task, group or tag, nor a YAML file or folder{hint}")
         for kind, s in parsed:
             for label, spec in self._expand(tm, kind, s):
                 self._build(tm, label, spec)
@@ -235,10 +264,6 @@ class TaskSuite:
                 return [(str(s), str(s))]  # a group or a Python task: lm-eval's own resolution
             return [(cfg["task"], self._local_config(Path(s)))]
         name = str(s)
-        if name not in tm.all_tasks:
-            near = difflib.get_close_matches(name, tm.all_tasks, n=3, cutoff=0.75)
-            hint = f" (did you mean {', '.join(near)}?)" if near else ""
-            raise TaskError(f"unknown task {name!r}: not an lm-eval task, group or tag, nor a YAML file or folder{hint}")
         e = tm.task_index[name]
         if name in tm.all_subtasks and _is_local(e.yaml_path) and "class" not in (e.cfg or {}):
             return [(name, self._local_config(Path(e.yaml_path)))]
