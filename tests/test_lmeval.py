@@ -64,6 +64,21 @@ def test_quantized_copy_beside_its_original(tiny_q3, tiny_llama_dir, tmp_path, m
             assert (m["reference"], m["reference_stderr"]) == (a["model"], a["model_stderr"])
 
 
+def test_local_group_runs_from_anywhere(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    suite = tmp_path / "suite"
+    shutil.copytree(DATA, suite)
+    (suite / "easy.yaml").write_text("group: llmpress_easy\ntask: [llmpress_facts, llmpress_words]\n"
+                                     "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the members' data files resolve against their YAML
+    res = evaluate_tasks(str(tiny_llama_dir), str(suite / "easy.yaml"), limit=4, threads=1)
+    assert {"llmpress_facts", "llmpress_words", "llmpress_easy"} <= set(res["tasks"])
+    group = res["tasks"]["llmpress_easy"]
+    assert group["group"] is True and group["metrics"]["acc"]["model"] == res["tasks"]["llmpress_facts"]["metrics"]["acc"]["model"]
+
+
 def test_model_against_itself_and_few_shot_is_deterministic(tiny_llama_dir):
     from llmpress.models import load_model, load_tokenizer
 

@@ -7,8 +7,7 @@ LowRankLinear model runs as it is held in memory, with no export. What this modu
   given on the list), a YAML file, or a folder (all the tasks its YAML files define). lm-eval
   resolves a local task's relative ``data_files`` against the working directory; here they are
   resolved against the YAML's own folder when they exist there, so a task folder works from
-  anywhere (the member tasks of a local *group* are loaded by lm-eval itself and resolve them
-  as it does). Built-in names cost lm-eval's index of its ~15 000 YAML files (seconds), so that
+  anywhere, group members included. Built-in names cost lm-eval's index of its ~15 000 YAML files (seconds), so that
   index is built only when a name is not found among the local tasks, and once per process.
 - **Tasks loaded once, run many times.** :class:`TaskSuite` loads the tasks (and their data)
   once; :meth:`TaskSuite.run` evaluates one model with every seed (Python, NumPy, torch, the
@@ -25,6 +24,7 @@ Imported only when tasks are asked for: importing lm-eval costs seconds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import functools
 import logging
@@ -157,12 +157,9 @@ def _with_local_data(cfg: dict[str, Any], base: Path) -> dict[str, Any]:
     return {**cfg, "dataset_kwargs": kw}
 
 
-def _is_local(path: Path | None) -> bool:
-    return path is not None and _BUILTIN_DIR not in Path(path).resolve().parents
-
-
 def _split_specs(specs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str | Path]]]:
-    """The folders lm-eval must index, and each spec as ("name", str) / ("file", path) / ("dir", path)."""
+    """The folders lm-eval must index, and each spec as ("name", str), ("task", YAML path),
+    ("group", its name, from a YAML file) or ("dir", path)."""
     include: list[Path] = []
     parsed: list[tuple[str, str | Path]] = []
     for s in specs:
@@ -173,11 +170,44 @@ def _split_specs(specs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str 
         elif p.suffix in (".yaml", ".yml"):
             if not p.is_file():
                 raise TaskError(f"task file {p} does not exist")
-            include.append(p.resolve().parent)  # a group YAML names tasks defined beside it
-            parsed.append(("file", p.resolve()))
+            cfg = _read_yaml(p, resolve=False)
+            if "group" in cfg or "class" in cfg or "task" not in cfg:
+                # a group or a Python task, loaded by lm-eval by name (0.4.13 mistakes a group YAML's
+                # task list for its name when loading it from a path) with the tasks beside it indexed
+                include.append(p.resolve().parent)
+                parsed.append(("group", cfg.get("group") or cfg.get("task") or str(p)))
+            else:
+                parsed.append(("task", p.resolve()))
         else:
             parsed.append(("name", s))
     return list(dict.fromkeys(include)), parsed
+
+
+def _read_yaml(path: Path, resolve: bool) -> dict[str, Any]:
+    try:
+        return load_yaml(path, resolve_func=resolve)
+    except Exception as e:  # noqa: BLE001 - yaml and lm-eval raise many kinds
+        raise TaskError(f"{path}: not a readable task YAML ({type(e).__name__}: {e})") from e
+
+
+def _local_config(path: Path) -> dict[str, Any]:
+    """A local task's full config (includes merged, ``!function`` resolved), data files made absolute."""
+    return _with_local_data(_read_yaml(path, resolve=True), path.parent)
+
+
+@dataclass
+class _Index:
+    """lm-eval's TaskManager plus where each local task's YAML lives."""
+
+    manager: Any
+    folders: tuple[Path, ...]
+    local: dict[str, Path]  # task name -> its YAML, for the tasks of the folders given
+
+    def is_local(self, name: str) -> bool:
+        """A task or group defined in one of the folders given (not one of lm-eval's)."""
+        e = self.manager.task_index.get(name)
+        p = e.yaml_path if e is not None else None
+        return name in self.local or (p is not None and any(f in Path(p).resolve().parents for f in self.folders))
 
 
 def _yaml_stamp(folders: tuple[Path, ...]) -> tuple[tuple[str, int], ...]:
@@ -185,15 +215,31 @@ def _yaml_stamp(folders: tuple[Path, ...]) -> tuple[tuple[str, int], ...]:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_manager(include: tuple[Path, ...], defaults: bool, stamp: tuple) -> Any:  # noqa: ARG001 - stamp keys the cache
-    return TaskManager(include_path=list(include) or None, include_defaults=defaults)
+def _cached_index(include: tuple[Path, ...], defaults: bool, stamp: tuple) -> _Index:  # noqa: ARG001 - stamp keys the cache
+    tm = TaskManager(include_path=list(include) or None, include_defaults=defaults)
+    local: dict[str, Path] = {}
+    for name in tm.all_subtasks:
+        e = tm.task_index[name]
+        path = Path(e.yaml_path).resolve() if e.yaml_path is not None else None
+        if path is None or not any(f in path.parents for f in include):
+            continue
+        local[name] = path
+        if "class" in (e.cfg or {}):
+            continue
+        # lm-eval builds a task (directly or as a group member) from the YAML when its entry names
+        # one, else from the entry's config: give it the config with the data files made absolute
+        try:
+            tm.task_index[name] = dataclasses.replace(e, yaml_path=None, cfg=_local_config(path))
+        except TaskError as err:  # left as it is: lm-eval reports it if the task is asked for
+            log.debug("%s", err)
+    return _Index(tm, include, local)
 
 
-def _task_manager(include: tuple[Path, ...], defaults: bool) -> Any:
+def _task_index(include: tuple[Path, ...], defaults: bool) -> _Index:
     """lm-eval's index of the task YAML files, kept for the process: the built-in one costs
     seconds and its files do not change; the local folders' files are stamped (path, mtime)
     so an edited task is indexed again."""
-    return _cached_manager(include, defaults, _yaml_stamp(include))
+    return _cached_index(include, defaults, _yaml_stamp(include))
 
 
 @dataclass
@@ -228,60 +274,38 @@ class TaskSuite:
 
     def _load(self) -> None:
         include, parsed = _split_specs(self.specs)
-        names = [str(s) for kind, s in parsed if kind == "name"]
-        tm = _task_manager(tuple(include), False)
-        if any(n not in tm.all_tasks for n in names):
+        names = [str(x) for kind, x in parsed if kind == "name"]
+        idx = _task_index(tuple(include), False)
+        if any(n not in idx.manager.all_tasks for n in names):
             log.info("indexing lm-eval's built-in tasks")
-            tm = _task_manager(tuple(include), True)
+            idx = _task_index(tuple(include), True)
         for n in names:  # every name is checked before any data set loads
-            if n not in tm.all_tasks:
-                near = difflib.get_close_matches(n, tm.all_tasks, n=3, cutoff=0.75)
+            if n not in idx.manager.all_tasks:
+                near = difflib.get_close_matches(n, idx.manager.all_tasks, n=3, cutoff=0.75)
                 hint = f" (did you mean {', '.join(near)}?)" if near else ""
                 raise TaskError(f"unknown task {n!r}: not an lm-eval task, group or tag, nor a YAML file or folder{hint}")
-        for kind, s in parsed:
-            for label, spec in self._expand(tm, kind, s):
-                self._build(tm, label, spec)
+        for kind, x in parsed:
+            if kind == "dir":
+                specs: list[str | dict[str, Any]] = [n for n, p in idx.local.items() if x in p.parents]
+                if not specs:
+                    raise TaskError(f"no lm-eval task YAML in {x}")
+            else:  # a task YAML given alone is not indexed (its folder may hold anything): its config goes as is
+                specs = [_local_config(Path(x))] if kind == "task" else [str(x)]
+            for spec in specs:
+                self._build(idx, spec)
         for task in self.tasks.values():
             if self.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=self.num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
 
-    def _expand(self, tm: Any, kind: str, s: str | Path) -> list[tuple[str, str | dict[str, Any]]]:
-        """(label for errors, what TaskManager.load takes) for one spec."""
-        if kind == "dir":
-            names = [n for n in tm.all_subtasks if (e := tm.task_index[n]).yaml_path is not None
-                     and Path(s) in Path(e.yaml_path).resolve().parents]
-            if not names:
-                raise TaskError(f"no lm-eval task YAML in {s}")
-            return [(n, self._local_config(Path(tm.task_index[n].yaml_path))) for n in names]
-        if kind == "file":
-            try:
-                cfg = load_yaml(s, resolve_func=False)
-            except Exception as e:  # noqa: BLE001 - yaml and lm-eval raise many kinds
-                raise TaskError(f"{s}: not a readable task YAML ({type(e).__name__}: {e})") from e
-            if "group" in cfg or "class" in cfg or "task" not in cfg:
-                return [(str(s), str(s))]  # a group or a Python task: lm-eval's own resolution
-            return [(cfg["task"], self._local_config(Path(s)))]
-        name = str(s)
-        e = tm.task_index[name]
-        if name in tm.all_subtasks and _is_local(e.yaml_path) and "class" not in (e.cfg or {}):
-            return [(name, self._local_config(Path(e.yaml_path)))]
-        return [(name, name)]
-
-    @staticmethod
-    def _local_config(path: Path) -> dict[str, Any]:
+    def _build(self, idx: _Index, spec: str | dict[str, Any]) -> None:
+        label = spec if isinstance(spec, str) else spec.get("task", "?")
         try:
-            cfg = load_yaml(path, resolve_func=True)
-        except Exception as e:  # noqa: BLE001
-            raise TaskError(f"{path}: not a readable task YAML ({type(e).__name__}: {e})") from e
-        return _with_local_data(cfg, path.parent)
-
-    def _build(self, tm: Any, label: str, spec: str | dict[str, Any]) -> None:
-        try:
-            loaded = tm.load([spec])
+            loaded = idx.manager.load([spec])
         except Exception as e:  # noqa: BLE001 - data sets fail in many ways (offline, missing, gated)
-            raise TaskError(_load_failure(label, spec, e)) from e
+            builtin = isinstance(spec, str) and not idx.is_local(spec)
+            raise TaskError(_load_failure(label, e, builtin)) from e
         for name in loaded["tasks"]:
             if name in self.tasks:
                 raise TaskError(f"task {name} is asked for twice (directly or through a group)")
@@ -308,14 +332,13 @@ class TaskSuite:
         return RunResult.from_lm_eval(out, self.tasks)
 
 
-def _load_failure(label: str, spec: str | dict[str, Any], e: BaseException) -> str:
+def _load_failure(label: str, e: BaseException, builtin: bool) -> str:
     msg = (str(e).strip().splitlines() or [""])[0][:300]
-    what = spec.get("dataset_path") if isinstance(spec, dict) else None
-    if isinstance(spec, str) and not Path(spec).exists():
+    if builtin:
         return (f"task {label}: its data could not be loaded ({type(e).__name__}: {msg}). Built-in lm-eval tasks download "
                 "their data sets from the Hugging Face hub when they run: run where the hub is reachable (and "
                 "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE unset), or with the data set already in the datasets cache")
-    return f"task {label}: could not be loaded{f' from {what}' if what else ''} ({type(e).__name__}: {msg})"
+    return f"task {label}: could not be loaded ({type(e).__name__}: {msg})"
 
 
 # ----------------------------------------------------------------------------- results
