@@ -133,6 +133,6 @@ def test_lm_eval_is_imported_only_for_tasks():
     import subprocess
     import sys
 
-    code = ("import sys, llmpress, llmpress.cli as c, llmpress.eval; c._load_commands(); llmpress.evaluate_tasks; "
-            "assert 'lm_eval' not in sys.modules")
+    code = ("import sys, llmpress, llmpress.cli as c, llmpress.eval, llmpress.integrations.lm_eval; c._load_commands(); "
+            "llmpress.evaluate_tasks; assert 'lm_eval' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

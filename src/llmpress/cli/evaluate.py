@@ -95,8 +95,9 @@ def _show_tasks(r: dict[str, Any]) -> None:
     console.print(t)
     p = r["protocol"]
     shots = "each task's own" if p["num_fewshot"] is None else p["num_fewshot"]
+    threads = f"{p['threads']} thread" + ("s" if p["threads"] != 1 else "")
     console.print(f"reference: {r.get('reference') or 'none'}; few-shot: {shots}; limit: {p['limit'] or 'all items'}; "
-                  f"batch {p['batch_size']}; seed {p['seed']}; {p['threads']} thread{'s' if p['threads'] != 1 else ''}; lm-eval {p['lm_eval']}")
+                  f"batch {p['batch_size']}; seed {p['seed']}; {threads}; lm-eval {p['lm_eval']}")
     console.print(f"{r['seconds']:.1f} s")
 
 

@@ -60,7 +60,9 @@ def evaluate_tasks(model: Any, tasks: str | Sequence[str], reference: Any = None
     lm-eval's ``none`` is named ``metric,filter``.
     """
     t0 = time.perf_counter()
-    from ..integrations.lm_eval import TaskSuite, paired_se  # lm-eval costs seconds to import
+    from ..integrations.lm_eval import TaskSuite, paired_se, require
+
+    lm_eval = require()  # a clear error before any model loads when the engines extra is missing
 
     specs = list(tasks.split(",") if isinstance(tasks, str) else tasks)
     m = _resolve(model, tokenizer, "model")
@@ -94,8 +96,6 @@ def evaluate_tasks(model: Any, tasks: str | Sequence[str], reference: Any = None
                            delta_se=paired_se(a, b) if a is not None and b is not None else None)
             rows[key] = row
         out_tasks[name] = {**mine.info[name], "metrics": rows}
-    import lm_eval
-
     protocol = {"tasks": specs, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "seed": seed,
                 "threads": n_threads, "bootstrap_iters": bootstrap_iters, "lm_eval": getattr(lm_eval, "__version__", None),
                 "paired": "delta_se = sd of per-item differences / sqrt(n), for metrics that are means over items"}

@@ -19,7 +19,8 @@ LowRankLinear model runs as it is held in memory, with no export. What this modu
   prints bootstrap notices to stdout; :func:`muted` silences all of it for the duration of a
   run unless logging is at INFO or below (``llmpress -v``).
 
-Imported only when tasks are asked for: importing lm-eval costs seconds.
+lm-eval (the optional ``engines`` extra) is imported on first use, not with this module:
+importing it costs seconds.
 """
 from __future__ import annotations
 
@@ -38,25 +39,23 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-try:
-    import lm_eval
-    from lm_eval import evaluator
-    from lm_eval.api.metrics import mean as _lm_mean
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-    # lm-eval's own YAML reader (``include:`` chains, ``!function`` tags); it has no public one
-    from lm_eval.tasks._yaml_loader import load_yaml
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(f"lm-evaluation-harness is not installed or too old ({e}): pip install 'llmpress[engines]'") from e
-if not hasattr(TaskManager, "load"):  # pragma: no cover
-    raise ImportError(f"lm-eval {getattr(lm_eval, '__version__', '?')} lacks TaskManager.load: this adapter is written "
-                      "for lm-eval 0.4.13")
-
 log = logging.getLogger(__name__)
 
-__all__ = ["TaskError", "TaskSuite", "RunResult", "muted", "paired_se"]
+__all__ = ["TaskError", "TaskSuite", "RunResult", "muted", "paired_se", "require"]
 
-_BUILTIN_DIR = Path(lm_eval.__file__).resolve().parent / "tasks"
+
+def require() -> Any:
+    """lm-eval itself, or a clear ImportError (it is the optional ``engines`` extra). Every
+    function here imports from lm-eval through this, so the module imports without it."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"lm-evaluation-harness is not installed ({e}): pip install 'llmpress[engines]'") from e
+    if not hasattr(TaskManager, "load"):  # pragma: no cover
+        raise ImportError(f"lm-eval {getattr(lm_eval, '__version__', '?')} lacks TaskManager.load: this adapter is "
+                          "written for lm-eval 0.4.13")
+    return lm_eval
 
 
 class TaskError(ValueError):
@@ -76,13 +75,14 @@ def muted(enabled: bool | None = None) -> Iterator[None]:
     progress bars, the per-task progress bar lm-eval draws while building requests (it has no
     switch: the ``tqdm`` name in that module is wrapped with ``disable=True``), and prints to
     stdout (bootstrap notices), which go to stderr so that stdout stays clean for ``--json``.
-    The model's own progress bars are turned off by :class:`_QuietLM`.
+    The model's own progress bars are turned off by :func:`_quiet_lm_class`'s model.
     """
     if enabled is None:
         enabled = not log.isEnabledFor(logging.INFO)
     if not enabled:
         yield
         return
+    require()
     import datasets
     import lm_eval.api.task as task_mod
 
@@ -105,25 +105,32 @@ def muted(enabled: bool | None = None) -> Iterator[None]:
             lg.setLevel(lv)
 
 
-class _QuietLM(HFLM):
+@functools.lru_cache(maxsize=1)
+def _quiet_lm_class() -> type:
     """HFLM whose request loops draw no progress bar when ``show_progress`` is off (lm-eval's
-    evaluator never passes ``disable_tqdm``, and the rolling path forces it on)."""
+    evaluator never passes ``disable_tqdm``, and the rolling path forces it on). Defined on
+    first use: the base class is lm-eval's."""
+    require()
+    from lm_eval.models.huggingface import HFLM
 
-    show_progress: bool = True
+    class QuietLM(HFLM):
+        show_progress: bool = True
 
-    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
 
-    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
 
-    def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
-                              override_bs: int | None = None) -> list[Any]:
-        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or not self.show_progress,
-                                             override_bs=override_bs)
+        def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
+                                  override_bs: int | None = None) -> list[Any]:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or not self.show_progress,
+                                                 override_bs=override_bs)
 
-    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+    return QuietLM
 
 
 # ----------------------------------------------------------------------------- task specs
@@ -184,6 +191,10 @@ def _split_specs(specs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str 
 
 
 def _read_yaml(path: Path, resolve: bool) -> dict[str, Any]:
+    require()
+    # lm-eval's own YAML reader (``include:`` chains, ``!function`` tags); it has no public one
+    from lm_eval.tasks._yaml_loader import load_yaml
+
     try:
         return load_yaml(path, resolve_func=resolve)
     except Exception as e:  # noqa: BLE001 - yaml and lm-eval raise many kinds
@@ -216,6 +227,9 @@ def _yaml_stamp(folders: tuple[Path, ...]) -> tuple[tuple[str, int], ...]:
 
 @functools.lru_cache(maxsize=4)
 def _cached_index(include: tuple[Path, ...], defaults: bool, stamp: tuple) -> _Index:  # noqa: ARG001 - stamp keys the cache
+    require()
+    from lm_eval.tasks import TaskManager
+
     tm = TaskManager(include_path=list(include) or None, include_defaults=defaults)
     local: dict[str, Path] = {}
     for name in tm.all_subtasks:
@@ -321,10 +335,12 @@ class TaskSuite:
         torch.manual_seed(seed)
         for task in self.tasks.values():
             task.set_fewshot_seed(seed=seed)
+        from lm_eval import evaluator
+
         task_dict = {"tasks": self.tasks, "groups": self.groups, "group_map": self.group_map}
         show = not quiet if quiet is not None else log.isEnabledFor(logging.INFO)
         with muted(not show):
-            lm = _QuietLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            lm = _quiet_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             lm.show_progress = show
             with torch.inference_mode():
                 out = evaluator.evaluate(lm=lm, task_dict=task_dict, limit=self.limit,
@@ -356,6 +372,8 @@ class RunResult:
 
     @classmethod
     def from_lm_eval(cls, out: dict[str, Any], tasks: dict[str, Any]) -> "RunResult":
+        from lm_eval.api.metrics import mean as lm_mean
+
         metrics: dict[str, dict[str, dict[str, Any]]] = {}
         info: dict[str, dict[str, Any]] = {}
         hib = out.get("higher_is_better", {})
@@ -381,7 +399,7 @@ class RunResult:
                           "group": name not in tasks}
         per_item: dict[str, dict[str, dict[int, float]]] = {}
         for name, samples in (out.get("samples") or {}).items():
-            means = {k for k, fn in tasks[name].aggregation().items() if fn is _lm_mean} if name in tasks else set()
+            means = {k for k, fn in tasks[name].aggregation().items() if fn is lm_mean} if name in tasks else set()
             d: dict[str, dict[int, float]] = {}
             for s in samples:
                 for metric in s.get("metrics", []):
