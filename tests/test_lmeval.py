@@ -13,7 +13,7 @@ pytest.importorskip("lm_eval")
 import llmpress  # noqa: E402
 import llmpress.cli  # noqa: E402
 from llmpress.cli import app  # noqa: E402
-from llmpress.eval.tasks import evaluate_tasks  # noqa: E402
+from llmpress.eval.tasks import evaluate_tasks, paired_se  # noqa: E402
 from llmpress.integrations.lm_eval import TaskError  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -88,6 +88,8 @@ def test_model_against_itself_and_few_shot_is_deterministic(tiny_llama_dir):
     assert same["tasks"]["llmpress_facts"]["num_fewshot"] == 2
     for m in same["tasks"]["llmpress_facts"]["metrics"].values():
         assert m["delta"] == 0.0 and m["delta_se"] == 0.0
+    assert paired_se({0: 1.0, 1: 0.0, 2: 1.0}, {0: 1.0, 1: 1.0, 2: 0.0}) == pytest.approx(1 / math.sqrt(3))
+    assert paired_se({0: 1.0, 1: 0.0}, {0: 1.0, 2: 0.0}) is None  # not the same items
     again = evaluate_tasks(model, str(FACTS), tokenizer=tok, **kw)
     assert {k: v["model"] for k, v in again["tasks"]["llmpress_facts"]["metrics"].items()} == \
            {k: v["model"] for k, v in same["tasks"]["llmpress_facts"]["metrics"].items()}

@@ -14,7 +14,7 @@ LowRankLinear model runs as it is held in memory, with no export. What this modu
   few-shot sampler) set again before the run, so the original and a compressed copy see the
   same prompts, and a model run twice gives the same numbers.
 - **Per-item scores kept** for metrics that are means over items, so two runs on the same
-  items can be compared pairwise (:func:`paired_se`).
+  items can be compared pairwise (:func:`llmpress.eval.tasks.paired_se`).
 - **Quiet unless asked.** lm-eval logs warnings for a model object, draws progress bars and
   prints bootstrap notices to stdout; :func:`muted` silences all of it for the duration of a
   run unless logging is at INFO or below (``llmpress -v``).
@@ -41,7 +41,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TaskError", "TaskSuite", "RunResult", "muted", "paired_se", "require"]
+__all__ = ["TaskError", "TaskSuite", "RunResult", "muted", "require"]
 
 
 def require() -> Any:
@@ -403,18 +403,8 @@ class RunResult:
             d: dict[str, dict[int, float]] = {}
             for s in samples:
                 for metric in s.get("metrics", []):
-                    if metric in means and isinstance(s.get(metric), (int, float, bool)):
+                    if metric in means and isinstance(s.get(metric), (int, float)):
                         key = metric if s["filter"] == "none" else f"{metric},{s['filter']}"
                         d.setdefault(key, {})[int(s["doc_id"])] = float(s[metric])
             per_item[name] = d
         return cls(metrics, info, per_item)
-
-
-def paired_se(a: dict[int, float], b: dict[int, float]) -> float | None:
-    """Standard error of mean(a) − mean(b) over the same items: sd(aᵢ − bᵢ)/√n. Far smaller
-    than the two stderrs combined when the models agree on most items, which is what a
-    compressed copy and its original do; None when the items differ or n < 2."""
-    if set(a) != set(b) or len(a) < 2:
-        return None
-    d = np.array([a[i] - b[i] for i in sorted(a)], dtype=np.float64)
-    return float(d.std(ddof=1) / math.sqrt(len(d)))
