@@ -22,6 +22,7 @@ _VERBS = {
     "quantize": "llmpress.quant.api:quantize",
     "factorize": "llmpress.lowrank.api:factorize",
     "evaluate": "llmpress.eval.api:evaluate",
+    "evaluate_tasks": "llmpress.eval.tasks:evaluate_tasks",
     "limit": "llmpress.sweep:limit",
     "finetune": "llmpress.recovery.api:finetune",
     "export": "llmpress.targets.api:export",

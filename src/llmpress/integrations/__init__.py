@@ -1,4 +1,8 @@
-"""Engines llmpress plugs into, registered when the engine is imported, never before.
+"""Engines in: one module per engine llmpress plugs into (``transformers.py``: the quantization
+method behind ``from_pretrained``; ``lm_eval.py``: lm-evaluation-harness tasks on any model
+llmpress loads). A module here is imported only by the code that needs its engine.
+
+Plugins are registered when the engine is imported, never before.
 
 ``import llmpress`` must stay cheap (the CLI starts with it) and must not import torch or
 transformers, yet ``AutoModelForCausalLM.from_pretrained(folder)`` should work on an llmpress
