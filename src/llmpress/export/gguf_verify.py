@@ -19,12 +19,13 @@ from .gguf_arch import arch_of
 from .gguf_blocks import why_not_blocks
 
 
-def verify(gguf_path: str | Path, model: str | Path) -> dict[str, Any]:
+def verify(gguf_file: str | Path | gguf.GGUFReader, model: str | Path) -> dict[str, Any]:
     """{"layers": {gguf name: {"max_abs": float, "type": str, "exact_layer": bool}}, "max_abs_exact": the
     largest difference over the compressed layers stored as blocks (0.0 when the export is exact),
     "missing": checkpoint tensors llama.cpp reads that the file lacks, "extra": file tensors with
-    no checkpoint tensor}."""
-    reader = gguf.GGUFReader(str(gguf_path))
+    no checkpoint tensor}. ``gguf_file``: a path or an open reader (reading a GGUF's metadata with
+    gguf-py takes seconds for a 50k-token vocabulary; a caller that reads it anyway passes it)."""
+    reader = gguf_file if isinstance(gguf_file, gguf.GGUFReader) else gguf.GGUFReader(str(gguf_file))
     layers: dict[str, dict[str, Any]] = {}
     with ExportSource(model) as src:
         arch = arch_of(src.config)
