@@ -76,12 +76,11 @@ def test_arch_tables_use_llama_cpp_names():
 
 
 # ----------------------------------------------------------------------------- tiny Llama
-@pytest.fixture(scope="module")
-def small_vocab_llama(tmp_path_factory) -> Path:
-    """A 2-layer Llama like ``tiny_llama_dir`` but with a 300-token byte-level BPE trained here:
-    gguf-py's reader takes seconds to parse a 49k-token vocabulary, this one milliseconds."""
+def _small_tokenizer():
+    """A 300-token byte-level BPE trained here: gguf-py's reader takes seconds to parse a
+    49k-token vocabulary, this one milliseconds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -89,16 +88,34 @@ def small_vocab_llama(tmp_path_factory) -> Path:
     text = ["the quick brown fox jumps over the lazy dog " * 3, "llama.cpp runs GGUF files on laptops"] * 20
     tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>")
+
+
+def _small_model(out: Path, kind: str) -> Path:
+    """A 2-layer random model of architecture ``kind`` with the small tokenizer, saved to ``out``."""
+    import transformers as tf
+
+    tok = _small_tokenizer()
+    common = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    decoder = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512)
+    cfgs = {
+        "llama": lambda: (tf.LlamaConfig(**common, **decoder), tf.LlamaForCausalLM),
+        "qwen3": lambda: (tf.Qwen3Config(**common, **decoder, head_dim=16), tf.Qwen3ForCausalLM),
+        "gpt2": lambda: (tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=128), tf.GPT2LMHeadModel),
+    }
+    cfg, cls = cfgs[kind]()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    out = tmp_path_factory.mktemp("small-vocab-llama")
-    LlamaForCausalLM(cfg).eval().save_pretrained(out, safe_serialization=True)
+    cls(cfg).eval().save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def small_vocab_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama like ``tiny_llama_dir`` with the small tokenizer."""
+    return _small_model(tmp_path_factory.mktemp("small-vocab-llama"), "llama")
 
 
 def _exact(v: dict) -> None:
@@ -237,3 +254,34 @@ def test_smollm2_rtn_q4_1_reproduces_packaged_gguf(smollm_dir, tmp_path):
             continue
         assert k in me.fields, k
         assert me.fields[k].contents() == f.contents(), k
+
+
+def test_qat_keeps_signed_scales():
+    """Recovery training holds each scale on its stored side: a Q4_0 layer's negative scales are
+    not clamped to the positive minimum (which would zero the layer)."""
+    from llmpress.recovery.qat import QATLinear
+
+    ct = llmpress.tensor.get_codec("rtn").encode(torch.randn(32, 64), grid="gguf:q4_0")
+    assert bool((ct.data["scale"] < 0).any())
+    mod = QATLinear(ct)
+    assert torch.equal(mod.fake_weight().detach(), llmpress.tensor.decode(ct))
+    back = mod.to_ct()
+    assert all(torch.equal(back.data[k], ct.data[k]) for k in ct.data)
+
+
+@pytest.mark.parametrize("kind,n_linear", [("qwen3", 14), ("gpt2", 8)])
+def test_other_architectures_export_exactly(tmp_path, kind, n_linear):
+    """Qwen3 (q/k norms, no permutation) and GPT-2 (Conv1D weights stored (in, out), fused qkv):
+    an original in F32 holds every value, a quantized one every block."""
+    m = _small_model(tmp_path / kind, kind)
+    export(m, tmp_path / "o.gguf", format="gguf")
+    v = verify(tmp_path / "o.gguf", m)
+    assert all(x["bitwise"] for x in v["layers"].values()) and not v["missing"] and not v["extra"]
+    q = tmp_path / "q"
+    llmpress.quantize(m, q, method="rtn", grid="gguf:q8_0", progress=False)
+    rep = export(q, tmp_path / "q.gguf", format="gguf")
+    assert rep["exact"] == n_linear and rep["arch"] == kind
+    v = verify(tmp_path / "q.gguf", q)
+    assert sum(x["exact_layer"] and x["bitwise"] for x in v["layers"].values()) == n_linear
+    names = set(v["layers"])
+    assert ("blk.1.attn_q_norm.weight" in names) if kind == "qwen3" else ("blk.1.attn_qkv.bias" in names)

@@ -60,7 +60,7 @@ _GPT2_GLOBAL = {
     "lm_head.weight": "output.weight",
 }
 # checkpoint tensors llama.cpp does not read (recomputed buffers)
-_SKIP = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+_SKIP = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
 
 # --------------------------------------------------------------------------- hyperparameters
