@@ -161,10 +161,12 @@ def test_metadata_and_names(tiny_llama_dir, tmp_path):
     assert len(r.fields["tokenizer.ggml.tokens"].data) == 49152 and len(r.fields["tokenizer.ggml.merges"].data) > 0
 
 
-def test_gptq_q4_0_exports_exactly(small_vocab_llama, tmp_path):
-    """GPTQ (compiled column loop, Hessian clipping search) on the signed-scale grid."""
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_q4_0_exports_exactly(small_vocab_llama, tmp_path, method):
+    """GPTQ (compiled column loop, Hessian clipping search) and AWQ (scales folded into the
+    norms, clipping search) on the signed-scale grid."""
     q = tmp_path / "q"
-    llmpress.quantize(small_vocab_llama, q, method="gptq", grid="gguf:q4_0", samples=4, seq_len=64, progress=False)
+    llmpress.quantize(small_vocab_llama, q, method=method, grid="gguf:q4_0", samples=4, seq_len=64, progress=False)
     man = json.loads((q / "llmpress.json").read_text())
     assert {e["meta"]["grid"] for e in man["tensors"].values()} == {"sym_signed"}
     export(q, tmp_path / "m.gguf", format="gguf")
