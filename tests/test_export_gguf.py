@@ -287,3 +287,20 @@ def test_other_architectures_export_exactly(tmp_path, kind, n_linear):
     assert sum(x["exact_layer"] and x["bitwise"] for x in v["layers"].values()) == n_linear
     names = set(v["layers"])
     assert ("blk.1.attn_q_norm.weight" in names) if kind == "qwen3" else ("blk.1.attn_qkv.bias" in names)
+
+
+def test_cli_quantize_preset_then_export(small_vocab_llama, tmp_path):
+    from llmpress.cli import _load_commands, app
+
+    _load_commands()
+    run = CliRunner().invoke
+    q = tmp_path / "q"
+    r = run(app, ["quantize", str(small_vocab_llama), "-o", str(q), "--grid", "gguf:q5_1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert 6.0 <= json.loads(r.output.strip().splitlines()[-1])["bpw"] < 6.3  # 5 bits + 2 × FP16 per 32, + metadata
+    r = run(app, ["export", str(q), "-o", str(tmp_path / "m"), "--format", "gguf", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["out"].endswith("m.gguf") and rep["types"]["Q5_1"] == 14
+    r = run(app, ["quantize", str(small_vocab_llama), "-o", str(tmp_path / "x"), "--grid", "gguf:q4_0", "-b", "8"])
+    assert r.exit_code != 0 and "gguf:q4_0 fixes bits=4" in r.output
