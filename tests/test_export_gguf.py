@@ -71,8 +71,8 @@ def test_arch_tables_use_llama_cpp_names():
         names = {gguf.TENSOR_NAMES[t].format(bid=0) for t in known}
         for g in [*arch.globals.values(), *(f"blk.0.{v}" for v in arch.block.values())]:
             assert g.rsplit(".", 1)[0] in names, (mt, g)
-    with pytest.raises(ValueError, match="unsupported architecture: phi3"):
-        arch_of({"model_type": "phi3"})
+    with pytest.raises(ValueError, match="unsupported architecture: gemma"):
+        arch_of({"model_type": "gemma"})
 
 
 # ----------------------------------------------------------------------------- tiny Llama
@@ -103,6 +103,7 @@ def _small_model(out: Path, kind: str) -> Path:
     cfgs = {
         "llama": lambda: (tf.LlamaConfig(**common, **decoder), tf.LlamaForCausalLM),
         "qwen3": lambda: (tf.Qwen3Config(**common, **decoder, head_dim=16), tf.Qwen3ForCausalLM),
+        "phi3": lambda: (tf.Phi3Config(**common, **decoder, pad_token_id=0), tf.Phi3ForCausalLM),
         "gpt2": lambda: (tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=128), tf.GPT2LMHeadModel),
     }
     cfg, cls = cfgs[kind]()
@@ -271,9 +272,10 @@ def test_qat_keeps_signed_scales():
     assert all(torch.equal(back.data[k], ct.data[k]) for k in ct.data)
 
 
-@pytest.mark.parametrize("kind,n_linear", [("qwen3", 14), ("gpt2", 8)])
+@pytest.mark.parametrize("kind,n_linear", [("qwen3", 14), ("phi3", 8), ("gpt2", 8)])
 def test_other_architectures_export_exactly(tmp_path, kind, n_linear):
-    """Qwen3 (q/k norms, no permutation) and GPT-2 (Conv1D weights stored (in, out), fused qkv):
+    """Qwen3 (q/k norms, no permutation), Phi-3 (fused qkv and gate_up) and GPT-2 (Conv1D weights
+    stored (in, out), fused qkv with bias):
     an original in F32 holds every value, a quantized one every block."""
     m = _small_model(tmp_path / kind, kind)
     export(m, tmp_path / "o.gguf", format="gguf")
@@ -286,7 +288,8 @@ def test_other_architectures_export_exactly(tmp_path, kind, n_linear):
     v = verify(tmp_path / "q.gguf", q)
     assert sum(x["exact_layer"] and x["bitwise"] for x in v["layers"].values()) == n_linear
     names = set(v["layers"])
-    assert ("blk.1.attn_q_norm.weight" in names) if kind == "qwen3" else ("blk.1.attn_qkv.bias" in names)
+    want = {"qwen3": "blk.1.attn_q_norm.weight", "phi3": "blk.1.attn_qkv.weight", "gpt2": "blk.1.attn_qkv.bias"}
+    assert want[kind] in names
 
 
 def test_cli_quantize_preset_then_export(small_vocab_llama, tmp_path):
@@ -304,3 +307,30 @@ def test_cli_quantize_preset_then_export(small_vocab_llama, tmp_path):
     assert rep["out"].endswith("m.gguf") and rep["types"]["Q5_1"] == 14
     r = run(app, ["quantize", str(small_vocab_llama), "-o", str(tmp_path / "x"), "--grid", "gguf:q4_0", "-b", "8"])
     assert r.exit_code != 0 and "gguf:q4_0 fixes bits=4" in r.output
+
+
+def test_sentencepiece_style_tokenizer_mistral(tmp_path):
+    """A byte-fallback BPE with ▁ spaces (Llama 2 / Mistral style) becomes tokenizer model
+    ``llama`` with byte tokens typed BYTE; ``model_type: mistral`` is written as llama."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    cfg = tf.MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    m = tmp_path / "m"
+    tf.MistralForCausalLM(cfg).save_pretrained(m)
+    tok.save_pretrained(m)
+    rep = export(m, tmp_path / "m.gguf", format="gguf", type="q4_0")
+    assert rep["arch"] == "llama" and rep["tokenizer"] == "llama" and rep["types"]["Q4_0"] == 16  # linears, embedding, head
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert r.fields["tokenizer.ggml.model"].contents() == "llama"
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    assert types[:3] == [int(gguf.TokenType.CONTROL)] * 3 and types[3 + 0x41] == int(gguf.TokenType.BYTE)

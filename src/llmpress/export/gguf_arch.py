@@ -59,6 +59,14 @@ _GPT2_GLOBAL = {
     "transformer.ln_f.bias": "output_norm.bias",
     "lm_head.weight": "output.weight",
 }
+_PHI3_BLOCK = {  # fused projections: qkv in one, gate and up stacked in ffn_up (llama.cpp splits them)
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
 # checkpoint tensors llama.cpp does not read (recomputed buffers)
 _SKIP = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
@@ -127,6 +135,57 @@ def gpt2_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
         "add_head_count": int(cfg["n_head"]),
         "add_layer_norm_eps": float(cfg.get("layer_norm_epsilon", 1e-5)),
     }
+
+
+def _phi3_rope(cfg: dict[str, Any]) -> tuple[dict[str, Any], int, int, int]:
+    rp = rope_params(cfg)
+    n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    dims = int(float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) * n_embd) // n_head
+    ctx = int(cfg["max_position_embeddings"])
+    orig = int(rp.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") or ctx)
+    return rp, dims, ctx, orig
+
+
+def phi3_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3 / Phi-4 as llama.cpp's ``phi3`` architecture; long-context models (``longrope``)
+    also carry an attention factor and two tensors of rotary factors (:func:`phi3_rope_factors`)."""
+    rp, dims, ctx, orig = _phi3_rope(cfg)
+    out = {
+        "add_vocab_size": int(cfg["vocab_size"]),
+        "add_context_length": ctx,
+        "add_rope_scaling_orig_ctx_len": orig,
+        "add_embedding_length": int(cfg["hidden_size"]),
+        "add_feed_forward_length": int(cfg["intermediate_size"]),
+        "add_block_count": int(cfg["num_hidden_layers"]),
+        "add_head_count": int(cfg["num_attention_heads"]),
+        "add_head_count_kv": int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        "add_layer_norm_rms_eps": float(cfg.get("rms_norm_eps", 1e-5)),
+        "add_rope_dimension_count": dims,
+        "add_rope_freq_base": float(rp.get("rope_theta", 10000.0)),
+        "add_sliding_window": int(cfg.get("sliding_window") or 0),
+    }
+    if rp.get("long_factor"):
+        kind = (rp.get("rope_type") or rp.get("type") or "").lower()
+        scale = ctx / orig
+        if kind in ("su", "longrope"):
+            attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+        elif kind == "yarn":
+            attn = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+        else:
+            raise ValueError(f"phi3 rope scaling {kind!r} is not supported by the GGUF export")
+        out["add_rope_scaling_attn_factors"] = attn
+    return out
+
+
+def phi3_rope_factors(cfg: dict[str, Any]) -> dict[str, Tensor]:
+    rp, dims, _, _ = _phi3_rope(cfg)
+    long, short = rp.get("long_factor"), rp.get("short_factor")
+    if not long:
+        return {}
+    if not short or len(long) != len(short) or len(long) != dims // 2:
+        raise ValueError(f"phi3: rope long/short factors must both have {dims // 2} entries")
+    return {"rope_factors_long.weight": torch.tensor(long, dtype=torch.float32),
+            "rope_factors_short.weight": torch.tensor(short, dtype=torch.float32)}
 
 
 def llama3_rope_factors(cfg: dict[str, Any]) -> Tensor | None:
@@ -209,6 +268,7 @@ ARCHS: dict[str, Arch] = {
     "qwen2": Arch("qwen2", "model.layers.{bid}.", {**_LLAMA_BLOCK, **_BIASES}, _LLAMA_GLOBAL, decoder_hparams),
     "qwen3": Arch("qwen3", "model.layers.{bid}.", {**_LLAMA_BLOCK, **_BIASES, **_QK_NORM}, _LLAMA_GLOBAL,
                   decoder_hparams),
+    "phi3": Arch("phi3", "model.layers.{bid}.", _PHI3_BLOCK, _LLAMA_GLOBAL, phi3_hparams, extra=phi3_rope_factors),
     "gpt2": Arch("gpt2", "transformer.h.{bid}.", _GPT2_BLOCK, _GPT2_GLOBAL, gpt2_hparams, alt_prefix="transformer."),
 }
 
