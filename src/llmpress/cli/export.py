@@ -24,11 +24,14 @@ def export_cmd(
     format: str = typer.Option("dense", "--format", "-f", help="gguf | compressed-tensors | dense"),
     fallback: str = typer.Option("refuse", "--fallback",
                                  help="Layers the format cannot store exactly: refuse (default), dense, requantize."),
-    type_: Optional[str] = typer.Option(None, "--type", help="GGUF: the tensor type of an original model's linears "
-                                                               "(f32, f16, bf16, q8_0, q4_0, ...)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="dense: the decoded weights' type, float32 (exact, default) | bfloat16 | float16; "
-                                                            "compressed-tensors: the scales' and other float tensors' type "
-                                                            "(default float32 scales, exact)."),
+    type_: Optional[str] = typer.Option(None, "--type", help="GGUF: the type of the 2-D tensors kept as they were (an "
+                                                               "original model's linears, embeddings, an untied head): "
+                                                               "f32 (exact, default) | f16 | bf16 | q8_0 | q4_0 | q4_1 | "
+                                                               "q5_0 | q5_1 (re-quantized by gguf-py)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="dense, and GGUF's dense fallback: the decoded weights' type, "
+                                                             "float32 (exact, default) | bfloat16 | float16; "
+                                                             "compressed-tensors: the scales' and other float tensors' type "
+                                                             "(default float32 scales, exact)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the sha256 check of the input's shards."),
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,

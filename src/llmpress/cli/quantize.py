@@ -19,13 +19,19 @@ def quantize(
     model: str = typer.Argument("smollm2-135m", help="Model: a folder, .safetensors, .gguf, hub id or embedded name."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
     method: str = typer.Option("rtn", "--method", "-m", help="rtn | gptq | awq | hqq"),
-    bits: int = typer.Option(4, "--bits", "-b", help="2, 3, 4, 5, 6 or 8."),
-    group_size: int = typer.Option(128, "--group-size", "-g", help=">0 group of input columns; -1 per channel; 0 per tensor."),
+    bits: Optional[int] = typer.Option(None, "--bits", "-b", help="2, 3, 4, 5, 6 or 8 (default 4, or the preset's).",
+                                       show_default=False),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", show_default=False,
+                                             help=">0 group of input columns; -1 per channel; 0 per tensor "
+                                                  "(default 128, or the preset's)."),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", show_default=False,
                                        help="Symmetric grid (scale only) or asymmetric (scale + float offset). "
                                             "Default: the method's grid (gptq: asymz; others: asym)."),
-    grid: Optional[str] = typer.Option(None, "--grid", help="asym | asymz (integer zero point) | sym | nf | seed | seed_rtn "
-                                                             "(overrides --sym)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="asym | asymz (integer zero point) | sym | sym_signed | absmax | nf | "
+                                                             "seed | seed_rtn (overrides --sym); or a preset that also fixes "
+                                                             "bits, group size and FP16 parameters: gguf:q4_0 | gguf:q4_1 | "
+                                                             "gguf:q5_0 | gguf:q5_1 | gguf:q8_0 (llama.cpp's block types, "
+                                                             "exported exactly by `export --format gguf`)."),
     range_: Optional[str] = typer.Option(None, "--range", help="Range choice: minmax | mse | percentile. "
                                                                 "Default: the method's (gptq: mse; others: minmax)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides method/bits/group options)."),

@@ -2,6 +2,7 @@
 
     import llmpress
     llmpress.quantize("smollm2-135m", "out/q4", method="gptq", bits=4, group_size=128)
+    llmpress.quantize("smollm2-135m", "out/q4_0", method="gptq", grid="gguf:q4_0")  # llama.cpp's Q4_0
     model = llmpress.load("out/q4")          # linears are QuantLinear; model.generate works
 
 The work is done by the sequential runner (:func:`llmpress.pipeline.compress`): methods that
@@ -20,10 +21,11 @@ from .codec import QuantCodec
 log = logging.getLogger(__name__)
 
 
-def build_recipe(method: str = "rtn", bits: int = 4, group_size: int = 128,
+def build_recipe(method: str = "rtn", bits: int | None = None, group_size: int | None = None,
                  recipe: str | Path | Recipe | dict | None = None, **grid_opts: Any) -> Recipe:
     """The recipe of a quantize call: a YAML file / dict / Recipe as given, or the uniform
-    recipe (embeddings and head kept, ``method`` everywhere else)."""
+    recipe (embeddings and head kept, ``method`` everywhere else). ``bits`` / ``group_size``
+    left None take :class:`GridSpec`'s defaults (4, 128) or a preset grid's (``gguf:q4_0``)."""
     if recipe is None:
         r = Recipe.uniform(method, bits=bits, group_size=group_size, **grid_opts)
     elif isinstance(recipe, Recipe):
@@ -52,7 +54,8 @@ def check_recipe(recipe: Recipe) -> None:
                 raise ValueError(f"recipe rule {i} ({rule.match!r}): {e}") from None
 
 
-def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: int = 4, group_size: int = 128,
+def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: int | None = None,
+             group_size: int | None = None,
              recipe: str | Path | Recipe | dict | None = None, calib: str | None = None, samples: int = 128,
              seq_len: int = 512, force: bool = False, progress: bool = True, **grid_opts: Any) -> dict[str, Any]:
     """Quantize ``model`` into the folder ``out``; returns the runner's summary (``bpw``,

@@ -22,6 +22,10 @@ seed       ŵ = (2q/(M−1) − 1)·a,  floor rounding        scale (a = absmax)
 seed_rtn   the seed grid with round-to-nearest          scale
 =========  ==========================================  ========================
 
+:mod:`.presets` adds llama.cpp's scale rules on the sym form (``sym_signed``: s = x₊/−2^(b−1),
+signed, the extreme on the one-sided level; ``absmax``: s = a/(2^(b−1)−1)) and the presets
+``gguf:q4_0|q4_1|q5_0|q5_1|q8_0`` that fix bits, group 32 and float16 parameters at once.
+
 (a = max(|lo|, |hi|), M = 2^b.) The asym form with a float offset m reproduces GGUF Q4_1
 exactly, which is why SmolLM2's Q4_1-dequantized weights come back bit for bit at 4 bits g32.
 
@@ -131,6 +135,8 @@ class Grid:
 
 
 GRIDS: dict[str, Grid] = {}
+# preset name -> the GridSpec fields it fixes (filled by :mod:`.presets`, e.g. "gguf:q4_0")
+PRESETS: dict[str, dict[str, Any]] = {}
 
 
 def _grid(cls: type[Grid]) -> type[Grid]:
@@ -310,7 +316,8 @@ class GridSpec:
           bits: 4            # 2, 3, 4, 5, 6, 8
           group_size: 128    # >0 groups along the input dim; -1 per channel; 0 per tensor
           sym: false         # asym (scale + offset) or sym (scale only)
-          grid: null         # or asymz | nf | seed | seed_rtn (overrides sym)
+          grid: null         # or asymz | nf | seed | seed_rtn | sym_signed | absmax (overrides sym),
+                             # or a preset fixing bits/group/dtype too: gguf:q4_0 (see quant/presets.py)
           range: minmax      # minmax | mse | percentile
     """
 
@@ -338,7 +345,7 @@ class GridSpec:
         if isinstance(self.group_size, bool) or int(self.group_size) != self.group_size or self.group_size < -1:
             raise ValueError(f"group_size must be >0 (groups), -1 (per channel) or 0 (per tensor); got {self.group_size!r}")
         if self.grid_name not in GRIDS:
-            raise ValueError(f"unknown grid {self.grid!r}; known: {', '.join(GRIDS)}")
+            raise ValueError(f"unknown grid {self.grid!r}; known: {', '.join([*GRIDS, *PRESETS])}")
         if self.range not in RANGES:
             raise ValueError(f"unknown range {self.range!r}; known: {', '.join(RANGES)}")
         if not 50.0 < float(self.percentile) <= 100.0:
@@ -354,11 +361,27 @@ class GridSpec:
     def parse(cls, params: dict[str, Any]) -> tuple["GridSpec", dict[str, Any]]:
         """Split ``params`` into a validated GridSpec and the remaining (codec-specific) keys."""
         names = {f.name for f in fields(cls)}
+        params = expand_preset(params)
         spec = cls(**{k: v for k, v in params.items() if k in names}).validate()
         return spec, {k: v for k, v in params.items() if k not in names}
 
     def to_meta(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "grid": self.grid_name, "scale_dtype": self.scale_dtype}
+
+
+def expand_preset(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with a preset grid (``grid: gguf:q4_0``) replaced by the fields it fixes; a
+    field given with another value than the preset's is an error, not silently overridden."""
+    name = params.get("grid")
+    preset = PRESETS.get(name) if isinstance(name, str) else None
+    if preset is None:
+        return params
+    clash = [k for k, v in preset.items() if k != "grid" and params.get(k, v) != v]
+    if clash:
+        want = ", ".join(f"{k}={preset[k]}" for k in clash)
+        got = ", ".join(f"{k}={params[k]}" for k in clash)
+        raise ValueError(f"grid {name} fixes {want}; got {got}")
+    return {**params, **preset}
 
 
 def _range_minmax(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[str, Tensor]:

@@ -117,6 +117,8 @@ class QATLinear(nn.Module):
         # whole consecutive groups: work on the (out, G, S) view, no per-column expansion
         self.group = gs if ("g_idx" not in ct.data and 0 < gs < self.in_features and self.in_features % gs == 0) else 0
         self.scale = nn.Parameter(ct.data["scale"].float().clone())  # (R, G)
+        # llama.cpp's Q4_0/Q5_0 rule stores signed scales (grid sym_signed): each keeps its sign
+        self.register_buffer("scale_sign", torch.where(self.scale.detach() < 0, -1.0, 1.0), persistent=False)
         self.offset = nn.Parameter(ct.data["offset"].float().clone()) if self.asym else None  # (R, G)
         zero = ct.data["zero"].float() if "zero" in self.grid.stored else None
         self.register_buffer("zero", zero, persistent=False)  # (R, G) integers (asymz), held
@@ -177,9 +179,13 @@ class QATLinear(nn.Module):
             return p.unsqueeze(-1)  # (R, G, 1)
         return p if p.shape[1] == 1 else self._columns(p)  # (R, 1) or (R, in)
 
+    def _scale(self) -> Tensor:
+        """The scales kept at least MIN_SCALE in magnitude, on the side of their stored sign."""
+        return (self.scale * self.scale_sign).clamp_min(MIN_SCALE) * self.scale_sign
+
     def fake_weight(self) -> Tensor:
         """The effective weight (out, in) with straight-through (LSQ) gradients."""
-        s = _ste_round_to(self.scale.clamp_min(MIN_SCALE), self.stored_dtype)
+        s = _ste_round_to(self._scale(), self.stored_dtype)
         if self.asym:
             m = _ste_round_to(self.offset, self.stored_dtype)
         else:  # asymz: m = −z·s, exact as z is an integer; its gradient flows to s
@@ -205,7 +211,7 @@ class QATLinear(nn.Module):
         """The trained layer in the stored format it came from: same keys, dtypes, grid, bits."""
         codes = self._codes(self.latent).to(torch.uint8)
         data: dict[str, Any] = {"qweight": pack(codes, self.bits),
-                                "scale": self.scale.clamp_min(MIN_SCALE).to(self.stored_dtype).contiguous()}
+                                "scale": self._scale().detach().to(self.stored_dtype).contiguous()}
         if self.asym:
             data["offset"] = self.offset.to(self.stored_dtype).contiguous()
         data.update(self.fixed)

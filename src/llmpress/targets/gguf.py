@@ -1,0 +1,187 @@
+"""The ``gguf`` export: one ``.gguf`` file that llama.cpp (and what is built on it) runs.
+
+Quantized layers whose stored form is one of llama.cpp's legacy block types (groups of 32
+consecutive weights, float16 parameters, a grid of the ``_0`` or ``_1`` form: see
+:mod:`.gguf_blocks`; ``quantize --grid gguf:q4_0`` etc. choose codes on exactly these) are
+written as those blocks, byte for byte what llmpress stored: llama.cpp's dequantization equals
+llmpress's decode bit for bit (:func:`llmpress.targets.gguf_verify.verify` checks it).
+
+Every other tensor is kept: 1-D tensors (norms, biases) in F32, 2-D ones (embeddings, an
+untied head, all linears of an original model) in ``type`` — ``f32`` by default, which holds
+the values exactly; ``f16``/``bf16`` round them; ``q8_0``/``q4_0``/``q4_1``/``q5_0``/``q5_1``
+**re-quantize** them with gguf-py's quantizer (llama.cpp's reference rounding). A 2-D tensor
+whose rows are not a multiple of 32 cannot take a block type and is written in F16 instead.
+
+Layers that do not transfer exactly take the export's fallback: ``dense`` writes the decoded
+weight in F32 (``dtype=float16``: F16), ``requantize`` re-quantizes the decoded weight to the
+nearest block type (same bits, the grid's form; 2–3 bits go to 4, 6 to 8).
+
+Architecture metadata and tensor names come from :mod:`.gguf_arch` (a table per
+``model_type``), the tokenizer from :mod:`.gguf_vocab`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from torch import Tensor
+
+from ..tensor import CompressedTensor
+from . import ExportSource, Target, register_target
+from .gguf_arch import Arch, arch_of
+from .gguf_blocks import BLOCK, pack_blocks, why_not_blocks
+from .gguf_vocab import add_tokenizer
+
+log = logging.getLogger(__name__)
+
+TYPES: dict[str, T] = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0,
+                       "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1}
+FILE_TYPES: dict[T, gguf.LlamaFileType] = {
+    T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16, T.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    T.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, T.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
+    T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+DENSE_DTYPES: dict[str, T] = {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16}
+# requantize fallback: (bits, grid has an offset or zero point) → the nearest block type
+_NEAREST = {(2, False): T.Q4_0, (3, False): T.Q4_0, (4, False): T.Q4_0, (5, False): T.Q5_0,
+            (6, False): T.Q8_0, (8, False): T.Q8_0, (2, True): T.Q4_1, (3, True): T.Q4_1,
+            (4, True): T.Q4_1, (5, True): T.Q5_1, (6, True): T.Q8_0, (8, True): T.Q8_0}
+
+
+def parse_type(name: str | None) -> T:
+    if name is None:
+        return T.F32
+    try:
+        return TYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown GGUF tensor type {name!r}; known: {', '.join(TYPES)}") from None
+
+
+def nearest_type(ct: CompressedTensor) -> T:
+    """The block type closest to a layer's own quantization, for the ``requantize`` fallback."""
+    bits = int(ct.meta.get("bits", 8))
+    offset = any(k in ct.data for k in ("offset", "zero"))
+    return _NEAREST.get((bits, offset), T.Q8_0)
+
+
+def encode_float(t: Tensor, qtype: T) -> tuple[np.ndarray, T]:
+    """A float tensor in ``qtype`` through gguf-py (F32 exact; others rounded or re-quantized);
+    rows not a multiple of the block size fall back to F16."""
+    a = t.detach().to(torch.float32).contiguous().numpy()
+    if qtype == T.F32:
+        return a, T.F32
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if a.ndim < 2 or a.shape[-1] % block:
+        qtype = T.F16 if a.ndim >= 2 else T.F32
+        if qtype == T.F32:
+            return a, T.F32
+    return gguf.quants.quantize(a, qtype), qtype
+
+
+def tensor_plan(src: ExportSource, arch: Arch) -> list[tuple[str, str]]:
+    """(GGUF name, checkpoint name) of every tensor llama.cpp reads, globals first, then by block."""
+    plan = []
+    for name in src.names():
+        g = arch.gguf_name(name)
+        if g is not None:
+            plan.append((g, name))
+    seen = Counter(g for g, _ in plan)
+    dup = [g for g, c in seen.items() if c > 1]
+    if dup:
+        raise ValueError(f"tensors map to the same GGUF name: {', '.join(dup)}")
+
+    def key(item: tuple[str, str]) -> tuple[int, str]:
+        m = re.match(r"blk\.(\d+)\.", item[0])
+        return (int(m.group(1)) if m else -1, item[0])
+
+    return sorted(plan, key=key)
+
+
+def _permuted(t: Tensor, perm: Tensor | None) -> Tensor:
+    return t if perm is None else t[perm]
+
+
+@register_target("gguf")
+class GGUF(Target):
+    fallbacks = ("dense", "requantize")
+    output_is_dir = False
+
+    def why_not(self, ct: CompressedTensor, **opts: Any) -> str | None:
+        return why_not_blocks(ct)
+
+    def output_path(self, out: Path) -> Path:
+        return out if out.suffix == ".gguf" else out.with_name(out.name + ".gguf")
+
+    def write(self, src: ExportSource, out: Path, actions: dict[str, str], *, type: str | None = None,
+              dtype: str | None = None, **opts: Any) -> dict[str, Any]:
+        cfg = src.config
+        arch = arch_of(cfg)
+        kept_type = parse_type(type)
+        dense_type = DENSE_DTYPES.get(dtype or "float32")
+        if dense_type is None:
+            raise ValueError(f"gguf export: dtype must be one of {', '.join(DENSE_DTYPES)}; got {dtype!r}")
+        plan = tensor_plan(src, arch)
+
+        w = gguf.GGUFWriter(out, arch.gguf, use_temp_file=True)
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(str(cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or Path(src.model).name))
+        if src.compressed_names:
+            w.add_quantized_by("llmpress")
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for method, value in arch.hparams(cfg).items():
+            getattr(w, method)(value)
+        tok = add_tokenizer(w, src.root, cfg)
+
+        types: dict[str, str] = {}
+        requantized: list[str] = []
+        weights: Counter = Counter()  # weights per type: of the compressed layers, or of all 2-D tensors
+        for gname, name in plan:
+            e = src.get(name)
+            perm = arch.row_perm(gname, cfg)
+            if e.ct is not None:
+                act = actions.get(name, "exact")
+                if act == "exact":
+                    data, qtype = pack_blocks(e.ct, perm)
+                else:
+                    target = dense_type if act == "dense" else nearest_type(e.ct)
+                    data, qtype = encode_float(_permuted(e.decoded(), perm), target)
+                    if act == "requantize":
+                        requantized.append(gname)
+            else:
+                t = e.tensor()
+                if e.transposed and t.dim() == 2:  # GPT-2's Conv1D stores (in, out)
+                    t = t.T
+                t = _permuted(t, perm)
+                data, qtype = encode_float(t, kept_type if t.dim() >= 2 else T.F32)
+                if qtype not in (T.F32, T.F16, T.BF16) and t.dim() >= 2:
+                    requantized.append(gname)
+            w.add_tensor(gname, data, raw_dtype=qtype)
+            types[gname] = qtype.name
+            if e.ct is not None:
+                weights[qtype] += int(np.prod(e.ct.meta["shape"]))
+            elif data.ndim >= 2 and not src.compressed_names:
+                weights[qtype] += int(t.numel())
+        for gname, t in arch.extra(cfg).items():
+            data, qtype = encode_float(t, T.F32)
+            w.add_tensor(gname, data, raw_dtype=qtype)
+            types[gname] = qtype.name
+        main = max(weights, key=weights.get) if weights else T.F32
+        w.add_file_type(FILE_TYPES.get(main, gguf.LlamaFileType.GUESSED))
+        try:
+            w.write_header_to_file(out)
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+        if requantized:
+            log.info("gguf: %d tensors re-quantized by gguf-py (not llmpress's values)", len(requantized))
+        return {"arch": arch.gguf, "file_type": main.name, "tensors": len(types), "types": dict(Counter(types.values())),
+                "requantized": requantized, "block": BLOCK, **tok}
