@@ -22,6 +22,7 @@ _VERBS = {
     "evaluate": "llmpress.eval.api:evaluate",
     "limit": "llmpress.sweep:limit",
     "finetune": "llmpress.recovery.api:finetune",
+    "generate": "llmpress.generation:generate",
 }
 
 __all__ = sorted(_VERBS) + ["__version__"]
