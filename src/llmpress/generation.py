@@ -123,7 +123,7 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temper
         out_ids.append(nxt)
         emit(detok.push(nxt))
         while len(out_ids) < max_new_tokens and nxt not in eos:
-            res = m(input_ids=torch.tensor([[nxt]]), past_key_values=res.past_key_values, use_cache=True)
+            res = m(input_ids=torch.tensor([[nxt]]), cache=res.cache, use_cache=True)
             nxt = sample(res.logits[0, -1], temperature, top_p, gen)
             out_ids.append(nxt)
             emit(detok.push(nxt))
