@@ -35,13 +35,16 @@ FALLBACKS = [
 ]
 
 
-def _layer(bits: int, gs: int, grid: str, out: int = 96, inp: int = 256, bias: bool = True, seed: int = 0) -> QuantLinear:
+def _ct(bits: int, gs: int, grid: str, out: int = 96, inp: int = 256, bias: bool = True, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g) * torch.rand(out, 1, generator=g)  # rows of different scales
     w[:, 5] += 3.0  # an outlier column: asymmetric groups
     spec = GridSpec(bits=bits, group_size=gs, grid=grid).validate()
-    ct = rtn_qweight(w, spec).to_ct("rtn", spec)
-    return QuantLinear(ct, torch.randn(out, generator=g) if bias else None)
+    return rtn_qweight(w, spec).to_ct("rtn", spec), (torch.randn(out, generator=g) if bias else None)
+
+
+def _layer(*args, **kwargs) -> QuantLinear:
+    return QuantLinear(*_ct(*args, **kwargs))
 
 
 def _emulate(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -112,9 +115,10 @@ def test_refusals_by_shape(monkeypatch):
 
 @pytest.mark.parametrize("bits,gs,grid,path", LAYOUTS)
 def test_state_dict_rebuilt_bit_for_bit(bits, gs, grid, path):
-    m = _layer(bits, gs, grid)
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    assert m.prepare() == path
+    ct, bias = _ct(bits, gs, grid)
+    before = {"bias": bias, **{k: v.clone() for k, v in ct.data.items()}}  # the order nn.Module saves in
+    m = QuantLinear(ct, bias)
+    assert m._path == path  # chosen and packed when built
     assert m.qweight is None  # one copy of the codes: the kernel's
     assert "qweight" not in dict(m.named_buffers())
     after = m.state_dict()
@@ -135,11 +139,11 @@ def test_load_state_dict_into_a_packed_layer():
 
 
 def test_cast_and_move_drop_back_to_the_stored_form():
-    m = _layer(4, 64, "asymz")
-    sd = {k: v.clone() for k, v in m.state_dict().items()}
-    m.prepare()
+    ct, bias = _ct(4, 64, "asymz")
+    m = QuantLinear(ct, bias)
+    assert m._path == "int4"
     m.float()  # casts the kernel's bf16 parameters: they no longer fit it
-    assert m._kernel is None and torch.equal(m.qweight, sd["qweight"])
+    assert m._kernel is None and torch.equal(m.qweight, ct.data["qweight"])
     x = torch.randn(2, m.in_features)
     torch.testing.assert_close(m(x), F.linear(x, m.dequantize(), m.bias))
     assert m._path == "int4"  # packed again at the call
@@ -205,17 +209,21 @@ def test_gradients_take_the_dequantize_path():
 def test_int4_layout_inverts_torchs_packing():
     lay = kernels.int4_layout()
     g = torch.Generator().manual_seed(5)
-    for n, k in [(16, 2), (80, 64), (208, 130)]:
+    for n, k in [(16, 2), (80, 64), (208, 130), (592, 64)]:
         q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         assert torch.equal(lay.codes(packed, n, k).to(torch.int32), q)
+        # row blocks are independent: packing kernels.ROWS rows at a time gives the same bytes
+        chunks = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r:r + kernels.ROWS].contiguous(), 1)
+                  for r in range(0, n, kernels.ROWS)]
+        assert torch.equal(torch.cat(chunks), packed)
 
 
-def test_resident_bytes_counts_one_copy():
-    m = _layer(4, 64, "asymz", out=256, inp=512)
-    stored = kernels.resident_bytes(m)
-    m.prepare()
-    packed = kernels.resident_bytes(m)
+def test_resident_bytes_counts_one_copy(monkeypatch):
+    ct, _ = _ct(4, 64, "asymz", out=256, inp=512)
+    packed = kernels.resident_bytes(QuantLinear(ct))
+    monkeypatch.setenv(kernels.ENV, "dequant")
+    stored = kernels.resident_bytes(QuantLinear(ct))
     codes = 256 * 512 // 2
     assert packed - stored == 256 * (512 // 64) * 2 * 2  # the kernel's bf16 (scale, t) pairs; codes not doubled
     assert packed < 1.2 * stored and stored > codes

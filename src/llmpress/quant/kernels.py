@@ -63,10 +63,17 @@ def _aten(name: str) -> Callable[..., Tensor] | None:
 
 
 # ---------------------------------------------------------------------------- the layer's affine form
-def stored_codes(layer: "QuantLinear") -> Tensor:
-    """The codes (out, in) uint8 from the stored ``qweight``."""
-    n = layer.out_features * layer.in_features
-    return unpack(layer.qweight, layer.bits, n).reshape(layer.out_features, layer.in_features)
+ROWS = 256  # rows packed at a time: a multiple of every int4 row block, small transients
+
+
+def stored_codes(layer: "QuantLinear", r0: int = 0, r1: int | None = None) -> Tensor:
+    """The codes of rows r0..r1 (default: all) (rows, in) uint8 from the stored ``qweight``."""
+    k = layer.in_features
+    r1 = layer.out_features if r1 is None else r1
+    if (r0 * k * layer.bits) % 8 or (r1 * k * layer.bits) % 8:  # rows not byte-aligned: unpack from the start
+        return unpack(layer.qweight, layer.bits, r1 * k)[r0 * k:].reshape(r1 - r0, k)
+    lo = r0 * k * layer.bits // 8
+    return unpack(layer.qweight[lo:], layer.bits, (r1 - r0) * k).reshape(r1 - r0, k)
 
 
 def affine_rows(layer: "QuantLinear") -> tuple[Tensor, Tensor, Tensor] | None:
@@ -220,9 +227,12 @@ class Int4(Kernel):
         assert isinstance(gs, int)
         n, k = layer.out_features, layer.in_features
         perm = _group_perm(layer, gs)
-        codes = stored_codes(layer)
-        if perm is not None:
-            codes = codes[:, perm]
+        convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        kq = torch.empty(n, k // 2, dtype=torch.uint8)  # (N, K/2): row blocks are independent, pack a few at a time
+        for r0 in range(0, n, ROWS):
+            r1 = min(n, r0 + ROWS)
+            codes = stored_codes(layer, r0, r1).to(torch.int32)
+            kq[r0:r1] = convert((codes if perm is None else codes[:, perm]).contiguous(), 1)
         a, s, z = affine_rows(layer)  # each (R, G)
         t = (8.0 - z) * s + a
         g_kernel = k // gs
@@ -231,7 +241,7 @@ class Int4(Kernel):
             s, t = (v.expand(n, g_kernel) for v in (s[:, :1], t[:, :1]))
         sz = torch.stack([s, t], -1).transpose(0, 1).to(COMPUTE).contiguous()  # (G, N, 2)
         layer._set_kernel_buffers(self, {
-            "_kq": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1),  # (N, K/2)
+            "_kq": kq,
             "_ksz": sz,
             "_kperm": perm,
         }, {"gs": gs})

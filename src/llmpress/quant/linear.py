@@ -1,7 +1,8 @@
 """QuantLinear: an nn.Linear whose weight stays quantized in memory.
 
 It holds the stored form (``qweight``, the group parameters, ``g_idx``, ``in_scale``: the keys
-of ``codec.py``) as buffers. At its first forward (or :meth:`prepare`) it picks its forward from
+of ``codec.py``) as buffers. When built (or, built on the meta device, at its first forward or
+:meth:`prepare`) it picks its forward from
 ``kernels.KERNELS`` by layout: a packed int4/int8 kernel, which then holds the codes in its own
 layout instead of ``qweight`` (one copy; ``state_dict`` rebuilds ``qweight`` bit for bit), or
 dequantizing the whole weight group-wise at each call (vectorised: unpack → affine map per group).
@@ -46,6 +47,7 @@ class QuantLinear(nn.Module):
         self._kernel: kernels.Kernel | None = None
         self._kinfo: dict[str, Any] = {}
         self._kdtypes: dict[str, torch.dtype] = {}
+        self.prepare()  # pack now, while the stored form is the only copy (a no-op on the meta device)
 
     @classmethod
     def from_ct(cls, ct: CompressedTensor, bias: Tensor | None = None) -> "QuantLinear":
