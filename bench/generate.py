@@ -8,7 +8,8 @@ CPU kernel runs) into a scratch folder, then runs ``llmpress generate`` in a fre
 every case and repeat (so each process's peak RSS is its own), greedy, batch 1, the end-of-sequence
 token ignored so every run makes the same number of tokens. Repeats are interleaved (dense, packed,
 ..., dense, packed, ...) so that load from other jobs on the machine falls on every case alike;
-the table shows the median decode rate. Cases:
+the table shows the median decode rate, by wall time and by the process's CPU time (with one thread,
+the time it actually ran: steadier when other jobs share the cores). Cases:
 
 * ``dense``: the original FP32 model;
 * ``int4``: the quantized folder, packed int4 kernel (computing in bf16), embeddings/head FP32;
@@ -107,6 +108,7 @@ def main() -> None:
         rows[c] = {
             "tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
             "tokens_per_s_all": [x["tokens_per_s"] for x in rs],
+            "tokens_per_cpu_s": statistics.median((x["new_tokens"] - 1) / x["decode_cpu_s"] for x in rs),
             "prefill_s": statistics.median(x["prefill_s"] for x in rs),
             "weight_bytes": rs[0]["weight_bytes"],
             "peak_rss_bytes": max(x["peak_rss_bytes"] for x in rs),
@@ -115,14 +117,17 @@ def main() -> None:
         }
     base = rows.get("dense")
     exact_tokens = rows.get("int4-exact", rows.get("dequant", {})).get("tokens")
-    head = f"| case | tok/s (median of {a.repeats}) | × dense | weight MB | × dense | peak RSS MB | prefill s | same tokens as exact |"
-    lines = [head, "|" + "---|" * 8]
+    head = (f"| case | tok/s (median of {a.repeats}) | × dense | tok per CPU s | × dense | weight MB | × dense | "
+            "peak RSS MB | prefill s | same tokens as exact |")
+    lines = [head, "|" + "---|" * 10]
     for c, row in rows.items():
         sp = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        spc = f"{row['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}" if base else "-"
         wr = f"{row['weight_bytes'] / base['weight_bytes']:.3f}" if base else "-"
         same = "-" if c == "dense" or exact_tokens is None else ("yes" if row["tokens"] == exact_tokens else
                                                                  f"first {_common(row['tokens'], exact_tokens)}")
-        lines.append(f"| {c} | {row['tokens_per_s']:.2f} | {sp} | {_mb(row['weight_bytes'])} | {wr} | "
+        lines.append(f"| {c} | {row['tokens_per_s']:.2f} | {sp} | {row['tokens_per_cpu_s']:.2f} | {spc} | "
+                     f"{_mb(row['weight_bytes'])} | {wr} | "
                      f"{_mb(row['peak_rss_bytes'])} | {row['prefill_s']:.3f} | {same} |")
     table = "\n".join(lines)
     print(table)

@@ -8,7 +8,8 @@ by default float32 activations go through them too, computing in bfloat16 (``exa
 float32 throughout, dequantizing each packed layer per call).
 
 Figures reported: ``tokens_per_s`` is the decode rate (tokens after the first / decode seconds: the
-first token comes out of the prefill); ``weight_bytes`` the resident bytes of parameters and buffers
+first token comes out of the prefill), ``decode_cpu_s`` the CPU time it took (with one thread, the
+time the process actually ran: steadier than wall time where other jobs share the cores); ``weight_bytes`` the resident bytes of parameters and buffers
 (each storage once: a tied embedding counts once); ``peak_rss_bytes`` the process's peak resident
 set, loading included.
 """
@@ -119,7 +120,7 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temper
         t1 = time.perf_counter()
         res = m(input_ids=ids, use_cache=True)
         nxt = sample(res.logits[0, -1], temperature, top_p, gen)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         out_ids.append(nxt)
         emit(detok.push(nxt))
         while len(out_ids) < max_new_tokens and nxt not in eos:
@@ -127,7 +128,7 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temper
             nxt = sample(res.logits[0, -1], temperature, top_p, gen)
             out_ids.append(nxt)
             emit(detok.push(nxt))
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
     decode_tokens = len(out_ids) - 1
     return {
         "model": str(model),
@@ -138,6 +139,7 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temper
         "prefill_s": t2 - t1,
         "decode_s": t3 - t2,
         "tokens_per_s": decode_tokens / (t3 - t2) if decode_tokens else float("nan"),
+        "decode_cpu_s": c3 - c2,  # CPU time of the decode: steadier than wall time on a shared machine
         "load_s": load_s,
         "threads": torch.get_num_threads(),
         "weight_bytes": kernels.resident_bytes(m),

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from . import grids
 from .pack import unpack
 
 if TYPE_CHECKING:
@@ -58,12 +57,14 @@ COMPUTE = torch.bfloat16
 INT4_GROUPS = (256, 128, 64, 32)
 
 
+ROWS = 256  # rows packed at a time: a multiple of every int4 row block, small transients
+
+
 def _aten(name: str) -> Callable[..., Tensor] | None:
-    return getattr(torch.ops.aten, name, None) if hasattr(torch.ops.aten, name) else None
+    return getattr(torch.ops.aten, name, None)
 
 
 # ---------------------------------------------------------------------------- the layer's affine form
-ROWS = 256  # rows packed at a time: a multiple of every int4 row block, small transients
 
 
 def stored_codes(layer: "QuantLinear", r0: int = 0, r1: int | None = None) -> Tensor:
