@@ -243,9 +243,15 @@ def test_loaded_model_logits(tiny_q4, monkeypatch):
     import llmpress
 
     ids = torch.tensor([[1, 50, 200, 7, 9, 300]])
+    from safetensors.torch import load_file
+
     m = llmpress.load(tiny_q4)
     counts = kernels.prepare(m)
     assert counts == {"int4": 14}  # 2 blocks × 7 linears; the tied head stays dense
+    stored = load_file(str(tiny_q4 / "model.safetensors"))
+    sd = m.state_dict()
+    keys = [k for k in stored if k.endswith((".qweight", ".scale", ".zero"))]
+    assert len(keys) == 3 * 14 and all(torch.equal(sd[k], stored[k]) and sd[k].dtype == stored[k].dtype for k in keys)
     with torch.inference_mode():
         fast_exact = m(ids).logits
         kernels.set_bf16_compute(m)

@@ -6,9 +6,9 @@ and runs the product. A layer no entry accepts keeps the dequantize-per-forward 
 
 **The affine form.** Every grid with an ``affine`` form (asym, asymz, sym) reconstructs
 ŵ = (q − z)·s + a per group. Both kernels centre the codes on a constant c and take the rest
-as a per-group term: ŵ = (q − c)·s + t with t = (c − z)·s + a. For asymz (integer z, scale
-stored in fp16) t is exact in float32 ((c − z) has 4–8 bits, s 11); for sym t = 0; for asym
-t = c·s + m, exact whenever s and m are within 2¹³ of each other in magnitude (always, in practice).
+as a per-group term: ŵ = (q − c)·s + t with t = (c − z)·s + a, formed in float32 (exact for
+asymz and sym, whose c − z is a small integer and s an fp16 value; for asym, t = c·s + m is exact
+while s and m are within 2¹³ of each other, else one float32 rounding off).
 
 * ``int4``: ``aten._weight_int4pack_mm_for_cpu`` (tinygemm's convention, c = 8, one (scale, t)
   pair per group of 32/64/128/256 input columns). Per-channel and per-tensor layers use the
@@ -19,14 +19,16 @@ t = c·s + m, exact whenever s and m are within 2¹³ of each other in magnitude
   per-channel and per-tensor layers. c is the row's own zero point where q − z fits int8 (sym,
   most asymz rows), else 128; the remaining t becomes (Σₖ xₖ)·t, added in float32.
 
-**Numerics.** On x86 both kernels are vectorised for bfloat16 activations only (float32 and
-float16 take a scalar loop, ~20× slower than a dense float32 GEMV), so they compute in bf16:
-activations, scales and t rounded to bf16 (relative 2⁻⁹), products summed in float32, the
-output rounded to bf16. For bf16 activations this is the tolerance the dequantize path has
-anyway (it rounds the weight to bf16); for float32 activations it is not float32 tolerance,
-so a layer sends float32 activations through the kernel only when told to
-(``QuantLinear.bf16_compute``, :func:`set_bf16_compute`, ``llmpress generate`` by default) and
-otherwise dequantizes from the kernel's own codes, exactly as before.
+**Numerics.** On x86 both kernels are vectorised for bfloat16 activations only: float32 and
+float16 activations are accepted but take a scalar loop, several times slower than a dense float32
+product (the reason to pack at all is to be faster). So both compute in bf16:
+activations, scales and t rounded to bf16 (relative 2⁻⁹), products summed in float32, the output
+rounded to bf16 (int8's float32 term added after). For bf16 activations that is the tolerance the
+dequantize path has anyway (it rounds the weight to bf16); for float32 activations it is not
+float32's, so a layer sends float32 activations through a kernel only when told to
+(``QuantLinear.bf16_compute``, :func:`set_bf16_compute`; ``llmpress generate`` does unless
+``--exact``) and otherwise dequantizes from the kernel's own codes, the same float32 result as
+before. The tests hold the kernels to an emulation of exactly these roundings.
 
 **One copy.** Once packed, a layer holds the kernel's codes (``_kq``, the same bytes as
 ``qweight``) and drops ``qweight``; ``state_dict`` rebuilds ``qweight`` from ``_kq`` bit for
@@ -55,8 +57,6 @@ log = logging.getLogger(__name__)
 ENV = "LLMPRESS_KERNEL"  # "auto" (default) or "dequant": force the dequantize-per-forward path
 COMPUTE = torch.bfloat16
 INT4_GROUPS = (256, 128, 64, 32)
-
-
 ROWS = 256  # rows packed at a time: a multiple of every int4 row block, small transients
 
 
@@ -65,8 +65,6 @@ def _aten(name: str) -> Callable[..., Tensor] | None:
 
 
 # ---------------------------------------------------------------------------- the layer's affine form
-
-
 def stored_codes(layer: "QuantLinear", r0: int = 0, r1: int | None = None) -> Tensor:
     """The codes of rows r0..r1 (default: all) (rows, in) uint8 from the stored ``qweight``."""
     k = layer.in_features
