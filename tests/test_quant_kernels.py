@@ -250,8 +250,11 @@ def test_loaded_model_logits(tiny_q4, monkeypatch):
     assert counts == {"int4": 14}  # 2 blocks × 7 linears; the tied head stays dense
     stored = load_file(str(tiny_q4 / "model.safetensors"))
     sd = m.state_dict()
-    keys = [k for k in stored if k.endswith((".qweight", ".scale", ".zero"))]
-    assert len(keys) == 3 * 14 and all(torch.equal(sd[k], stored[k]) and sd[k].dtype == stored[k].dtype for k in keys)
+    keys = [k for k in stored if k.endswith((".qweight", ".scale", ".zero"))]  # <module>.weight.<key>
+    assert len(keys) == 3 * 14
+    for k in keys:
+        mk = k.replace(".weight.", ".")
+        assert sd[mk].dtype == stored[k].dtype and torch.equal(sd[mk], stored[k]), k
     with torch.inference_mode():
         fast_exact = m(ids).logits
         kernels.set_bf16_compute(m)
