@@ -13,6 +13,8 @@ the time it actually ran: steadier when other jobs share the cores). Cases:
 
 * ``dense``: the original FP32 model;
 * ``int4``: the quantized folder, packed int4 kernel (computing in bf16), embeddings/head FP32;
+* ``int4-bf16``: the same with the unquantized tensors (embedding/head, norms) in bf16
+  (``--dtype bfloat16``): shows what the FP32 head costs; not the same model as ``dense`` there;
 * ``int4-exact``: the same packed codes, float32 kept (``--exact``: dequantized at each call);
 * ``dequant``: the old path, every layer dequantized at each call (``LLMPRESS_KERNEL=dequant``).
 
@@ -40,6 +42,7 @@ OUT = HERE / "out"
 CASES = {  # name -> (model: "dense" or "quant", extra CLI options, extra environment)
     "dense": ("dense", [], {}),
     "int4": ("quant", [], {}),
+    "int4-bf16": ("quant", ["--dtype", "bfloat16"], {}),
     "int4-exact": ("quant", ["--exact"], {}),
     "dequant": ("quant", [], {"LLMPRESS_KERNEL": "dequant"}),
 }

@@ -15,6 +15,7 @@ set, loading included.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import resource
 import sys
@@ -116,15 +117,17 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temper
     gen = torch.Generator().manual_seed(int(seed))
     detok, out_ids = _Detok(tok), []
     emit = stream or (lambda s: None)
+    # only the last position's logits are needed: skip the head's product for the others
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(m.forward).parameters else {}
     with torch.inference_mode():
         t1 = time.perf_counter()
-        res = m(input_ids=ids, use_cache=True)
+        res = m(input_ids=ids, use_cache=True, **last)
         nxt = sample(res.logits[0, -1], temperature, top_p, gen)
         t2, c2 = time.perf_counter(), time.process_time()
         out_ids.append(nxt)
         emit(detok.push(nxt))
         while len(out_ids) < max_new_tokens and nxt not in eos:
-            res = m(input_ids=torch.tensor([[nxt]]), cache=res.cache, use_cache=True)
+            res = m(input_ids=torch.tensor([[nxt]]), cache=res.cache, use_cache=True, **last)
             nxt = sample(res.logits[0, -1], temperature, top_p, gen)
             out_ids.append(nxt)
             emit(detok.push(nxt))

@@ -252,9 +252,10 @@ class Int4(Kernel):
         return c
 
     def forward(self, layer, x):
-        if layer._kperm is not None:
-            x = x.index_select(-1, layer._kperm)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(COMPUTE).contiguous(), layer._kq, layer._kinfo["gs"], layer._ksz)
+        b = layer._buffers  # the hot path: plain dict lookups, not nn.Module attribute lookups
+        if b["_kperm"] is not None:
+            x = x.index_select(-1, b["_kperm"])
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(COMPUTE).contiguous(), b["_kq"], layer._kinfo["gs"], b["_ksz"])
 
 
 class Int8(Kernel):
@@ -291,9 +292,10 @@ class Int8(Kernel):
         return (layer._kq.to(torch.int16) + layer._kc[:, None]).to(torch.uint8)
 
     def forward(self, layer, x):
-        y = torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE).contiguous(), layer._kq, layer._ks)
-        if layer._kt is not None:
-            y = y.to(torch.float32) + x.to(torch.float32).sum(-1, keepdim=True) * layer._kt
+        b = layer._buffers
+        y = torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE).contiguous(), b["_kq"], b["_ks"])
+        if b["_kt"] is not None:
+            y = y.to(torch.float32) + x.to(torch.float32).sum(-1, keepdim=True) * b["_kt"]
         return y
 
 

@@ -147,15 +147,15 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        self.prepare()
-        k = self._kernel
-        if (k is not None and (x.dtype in k.native or self.bf16_compute) and x.device.type == "cpu"
+        if self._path is None:
+            self.prepare()
+        k, bufs = self._kernel, self._buffers
+        if (k is not None and (self.bf16_compute or x.dtype in k.native)
                 and not (x.requires_grad and torch.is_grad_enabled())):  # the kernels have no backward
-            lead = x.shape[:-1]
             x2 = x.reshape(-1, self.in_features)  # (M, in)
-            if self._buffers.get("in_scale") is not None:  # AWQ: W·diag(1/s) x = W (x / s)
-                x2 = x2.to(torch.float32) / self.in_scale.to(torch.float32)
-            y = k.forward(self, x2).to(x.dtype).reshape(*lead, self.out_features)  # (..., out)
+            if bufs.get("in_scale") is not None:  # AWQ: W·diag(1/s) x = W (x / s)
+                x2 = x2.to(torch.float32) / bufs["in_scale"].to(torch.float32)
+            y = k.forward(self, x2).to(x.dtype).view(*x.shape[:-1], self.out_features)  # (..., out)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         w = self.dequantize().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
