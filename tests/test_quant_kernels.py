@@ -147,6 +147,8 @@ def test_cast_and_move_drop_back_to_the_stored_form():
     x = torch.randn(2, m.in_features)
     torch.testing.assert_close(m(x), F.linear(x, m.dequantize(), m.bias))
     assert m._path == "int4"  # packed again at the call
+    m.to_stored()  # for writers of the stored buffers
+    assert m._kernel is None and torch.equal(m.qweight, ct.data["qweight"]) and m.prepare() == "int4"
 
 
 def test_act_order_groups_permute_the_input():

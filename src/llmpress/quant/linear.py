@@ -77,8 +77,15 @@ class QuantLinear(nn.Module):
         self._kinfo, self._kernel = info, kern
         self._buffers["qweight"] = None  # one copy of the codes: the kernel's
 
+    def to_stored(self) -> None:
+        """Back to the stored form: ``qweight`` rebuilt from the kernel's codes, the kernel's buffers
+        dropped; the next forward (or :meth:`prepare`) chooses again. For code that writes the
+        stored buffers in place (``load_state_dict`` does this by itself)."""
+        if self._kernel is not None:
+            self._unpack()
+        self._path = None
+
     def _unpack(self) -> None:
-        """Back to the stored form: ``qweight`` rebuilt from the kernel's codes, its buffers dropped."""
         self._buffers["qweight"] = self._stored_qweight()
         for k in list(self._kdtypes) + list(self._kernel.buffers if self._kernel else ()):
             self._buffers.pop(k, None)
