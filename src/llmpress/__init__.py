@@ -26,6 +26,7 @@ _VERBS = {
     "limit": "llmpress.sweep:limit",
     "finetune": "llmpress.recovery.api:finetune",
     "export": "llmpress.targets.api:export",
+    "generate": "llmpress.generation:generate",
 }
 
 __all__ = sorted(_VERBS) + ["__version__"]
