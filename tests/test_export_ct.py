@@ -97,18 +97,22 @@ def test_layer_decompresses_to_llmpress_decode(grid, bits):
     ("rtn", "asymz", 2, 16),
     ("rtn", "asymz", 3, 32),
     ("gptq", "asymz", 4, 32),
+    ("rtn", "gguf:q4_0", None, None),  # llama.cpp's signed-scale Q4_0 rule: one model for GGUF and here
+    ("gptq", "gguf:q8_0", None, None),
 ])
 def test_export_loads_in_transformers(tiny_llama_dir, tmp_path, method, grid, bits, gs):
     q = tmp_path / "q"
     llmpress.quantize(tiny_llama_dir, q, method=method, bits=bits, group_size=gs, grid=grid, samples=4, seq_len=64,
                       progress=False)
+    bits = json.loads((q / "llmpress.json").read_text())["tensors"]["model.layers.0.mlp.up_proj.weight"]["meta"]["bits"]
+    sym = grid != "asymz"
     res = export(q, tmp_path / "ct", format="compressed-tensors")
     assert res["exact"] == 14 and not res["fallback"] and res["ignore"] == ["lm_head"]
-    assert res["loads_packed"] == (grid == "sym") and res["loads_dequantize"]
+    assert res["loads_packed"] == sym and res["loads_dequantize"]
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     (group,) = qc["config_groups"].values()
     assert group["targets"] == ["Linear"] and qc["format"] == "pack-quantized"
-    assert group["weights"]["num_bits"] == bits and group["weights"]["symmetric"] == (grid == "sym")
+    assert group["weights"]["num_bits"] == bits and group["weights"]["symmetric"] == sym
     assert (tmp_path / "ct" / "tokenizer.json").exists()
 
     ids = _ids()
@@ -116,7 +120,7 @@ def test_export_loads_in_transformers(tiny_llama_dir, tmp_path, method, grid, bi
     model = _ct_load(tmp_path / "ct", dequantize=True)
     _assert_weights_equal_decode(model, q)
     torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=ATOL)
-    if grid == "sym":  # plain from_pretrained keeps it packed until the first forward
+    if sym:  # plain from_pretrained keeps it packed until the first forward
         packed = _ct_load(tmp_path / "ct", dequantize=None)
         assert packed.model.layers[0].mlp.up_proj.weight_packed.dtype == torch.int32
         torch.testing.assert_close(_logits(packed, ids), ref, rtol=0, atol=ATOL)

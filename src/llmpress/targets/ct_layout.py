@@ -47,8 +47,12 @@ from ..quant.codec import QuantCodec
 from ..quant.pack import pack, unpack
 from ..tensor import CompressedTensor, get_codec
 
-# the grids whose points are (q − z)·s with an integer z (the zero point of sym is 2^(b−1))
-EXACT_GRIDS = ("sym", "asymz")
+# the grids whose points are (q − z)·s with an integer z: asymz, and every grid of sym's form
+# (q − 2^(b−1))·s whatever its scale rule (sym; llama.cpp's sym_signed and absmax presets)
+def _exact(grid: str) -> bool:
+    return grid == "asymz" or isinstance(grids.GRIDS.get(grid), grids.Sym)
+
+
 # why a grid does not transfer, in a few words
 GRID_REASONS = {
     "asym": "float zero point (grid asym stores ŵ = q·s + m; compressed-tensors stores integer zero points: "
@@ -89,7 +93,7 @@ def scheme_of(ct: CompressedTensor) -> Scheme | str:
         return f"method {ct.codec} is not an integer-grid quantization"
     meta = ct.meta
     grid, bits = meta["grid"], int(meta["bits"])
-    if grid not in EXACT_GRIDS:
+    if not _exact(grid):
         return GRID_REASONS.get(grid, f"grid {grid} has no integer zero point")
     if "g_idx" in ct.data:
         return "act-order g_idx (groups of non-consecutive columns): compressed-tensors 0.20 removed actorder=group"
@@ -111,7 +115,7 @@ def scheme_of(ct: CompressedTensor) -> Scheme | str:
         z = ct.data["zero"].to(torch.float32)
         if not bool(((z == z.round()) & (z >= 0) & (z < 2**bits)).all()):
             return "zero points that are not integers in 0..2^b−1"
-    return Scheme(bits, grid == "sym", strategy, size)
+    return Scheme(bits, grid != "asymz", strategy, size)
 
 
 # ---------------------------------------------------------------------------- packing
