@@ -279,12 +279,13 @@ def show(res: dict) -> None:
     print("\nweights read back by each engine's reader, max |Δ| vs llmpress's decode:")
     for k, v in res["weights_max_abs_diff"].items():
         print(f"  {k:20s} {v:.3g}")
+    print(f"  (GGUF: {res['gguf_layers_bitwise']} layers equal bit for bit)")
     print(f"\nKL to the original on llama.cpp's windows ({res['chunks']} chunks × {res['ctx']}, second halves scored):")
-    print(f"  {'text':16s} {'engine':36s} {'mean KL':>9s} {'vs llmpress':>11s} {'same top-1':>10s}")
+    print(f"  {'text':16s} {'engine':50s} {'mean KL':>9s} {'vs llmpress':>11s} {'same top-1':>10s}")
     for name, row in res["texts"].items():
         base = row["llmpress"]["kl_mean"]
         for eng, r in row.items():
-            print(f"  {name:16s} {eng:36s} {r['kl_mean']:9.5f} {r['kl_mean'] / base - 1:+10.2%} {r['same_top']:10.3f}")
+            print(f"  {name:16s} {eng:50s} {r['kl_mean']:9.5f} {r['kl_mean'] / base - 1:+10.2%} {r['same_top']:10.3f}")
     if "llama_completion" in res:
         print(f"\nllama-completion: {res['llama_completion']!r}")
     if "lmeval" in res:
@@ -292,6 +293,14 @@ def show(res: dict) -> None:
         for side, metrics in res["lmeval"].items():
             for m, v in metrics.items():
                 print(f"  {side:32s} {m:28s} {v['model']:.3f} vs {v['reference']:.3f}  Δ {v['delta']:+.3f} ± {v.get('delta_se') or 0:.3f}")
+    if "generate" in res:
+        rows = res["generate"]["rows"]
+        d = rows["dense"]
+        print(f"\nllmpress generate ({res['generate']['settings']['tokens']} tokens, batch 1, "
+              f"{res['generate']['settings']['threads']} thread; bench/generate.py), against the dense FP32 model:")
+        for case, r in rows.items():
+            print(f"  {case:20s} {r['tokens_per_s']:7.2f} tok/s ({r['tokens_per_s'] / d['tokens_per_s']:.2f}×)  "
+                  f"weights {r['weight_bytes'] / 2**20:7.1f} MiB ({r['weight_bytes'] / d['weight_bytes']:.3f}×)")
     print(f"\n{res['seconds']:.0f} s; bench/out/export.json")
 
 
