@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -98,6 +96,7 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temper
     """Generate up to ``max_new_tokens`` tokens after ``prompt`` with MODEL (an llmpress folder or
     ``.llmp``, an original model, an embedded name); ``stream`` receives the text as it comes."""
     from .loading import load
+    from .pipeline import peak_rss_bytes
     from .quant import kernels
 
     if max_new_tokens < 1:
@@ -146,7 +145,7 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temper
         "load_s": load_s,
         "threads": torch.get_num_threads(),
         "weight_bytes": kernels.resident_bytes(m),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+        "peak_rss_bytes": peak_rss_bytes(),
         "forwards": paths,  # QuantLinear layers by forward path: {"int4": 210} / {"dequant": …}
         "exact": exact,
     }
