@@ -156,10 +156,7 @@ class GGUF(Target):
                     if act == "requantize":
                         requantized.append(gname)
             else:
-                t = e.tensor()
-                if e.transposed and t.dim() == 2:  # GPT-2's Conv1D stores (in, out)
-                    t = t.T
-                t = _permuted(t, perm)
+                t = _permuted(e.out_in(), perm)
                 data, qtype = encode_float(t, kept_type if t.dim() >= 2 else T.F32)
                 if qtype not in (T.F32, T.F16, T.BF16) and t.dim() >= 2:
                     requantized.append(gname)

@@ -41,12 +41,7 @@ def verify(gguf_file: str | Path | gguf.GGUFReader, model: str | Path) -> dict[s
                 continue
             t = got[gname]
             e = src.get(name)
-            if e.ct is not None:
-                ref = e.decoded()
-            else:
-                ref = e.tensor().to(torch.float32)
-                if e.transposed and ref.dim() == 2:
-                    ref = ref.T
+            ref = e.out_in().to(torch.float32)
             perm = arch.row_perm(gname, src.config)
             if perm is not None:
                 ref = ref[perm]

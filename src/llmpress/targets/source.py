@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,6 +24,29 @@ from torch import Tensor
 from ..tensor import CompressedTensor, decode
 
 log = logging.getLogger(__name__)
+
+
+class _Stored(Mapping):
+    """A compressed tensor's stored tensors, each read from the shards when first asked for: the
+    export's planning pass looks at keys and small parameters, and must not read every layer's
+    codes only for the write to read them again."""
+
+    def __init__(self, name: str, keys: list[str], get: Callable[[str], Tensor]):
+        self._name, self._keys, self._get = name, list(keys), get
+        self._read: dict[str, Tensor] = {}
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        if key not in self._read:
+            self._read[key] = self._get(f"{self._name}.{key}")
+        return self._read[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 @dataclass
@@ -43,6 +67,14 @@ class Entry:
         if self.ct is None:
             raise ValueError(f"{self.name} is not compressed")
         return decode(self.ct)
+
+    def out_in(self) -> Tensor:
+        """The tensor with a linear's weight as (out, in): compressed linears decoded, kept tensors
+        as stored, a Conv1D's (in, out) weight transposed back."""
+        if self.ct is not None:
+            return self.decoded()
+        t = self._read()
+        return t.T if self.transposed and t.dim() == 2 else t
 
     def tensor(self) -> Tensor:
         """The tensor as the checkpoint holds it: kept tensors as stored, compressed linears
@@ -98,7 +130,7 @@ class ExportSource:
         self.config.pop("quantization_config", None)
         self._compressed = self.manifest["tensors"]
         owned = {f"{p}.{k}" for p, e in self._compressed.items() for k in e["keys"]}
-        self._kept = [k for k in self._shards.where if k not in owned]
+        self._kept = {k: None for k in self._shards.where if k not in owned}  # an ordered set
         self._get = self._shards.get
 
     def _open_original(self, model: str | Path) -> None:
@@ -116,7 +148,7 @@ class ExportSource:
         self.config = json.loads(cfg.read_text())
         store = TensorStore(src)
         self._compressed = {}
-        self._kept = store.keys()
+        self._kept = dict.fromkeys(store.keys())
         self._get = store.get
 
     def _module_types(self) -> dict[str, str]:
@@ -133,17 +165,14 @@ class ExportSource:
         return list(self._compressed)
 
     def compressed(self, name: str) -> CompressedTensor:
+        """The compressed form of ``name``; its tensors are read from the shards when used."""
         e = self._compressed[name]
-        data = {k: self._get(f"{name}.{k}") for k in e["keys"]}
-        return CompressedTensor(codec=e["codec"], data=data, meta=dict(e["meta"]))
+        return CompressedTensor(codec=e["codec"], data=_Stored(name, e["keys"], self._get), meta=dict(e["meta"]))
 
     def entries(self) -> Iterator[Entry]:
         """Every checkpoint tensor: kept ones in stored order, then the compressed linears."""
-        for k in self._kept:
-            yield Entry(k, None, k.rpartition(".")[0] in self._conv1d, (lambda k=k: self._get(k)))
-        for name in self._compressed:
-            ct = self.compressed(name)
-            yield Entry(name, ct, name.rpartition(".")[0] in self._conv1d, (lambda: torch.empty(0)))
+        for name in self.names():
+            yield self.get(name)
 
     def get(self, name: str) -> Entry:
         """One entry by its checkpoint name."""
