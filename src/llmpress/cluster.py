@@ -1,0 +1,99 @@
+"""Ray start-up, shared by everything that fans out (the sweep's points, ``pack``'s shards).
+
+``ray_cluster(workers, address)`` connects to an existing cluster (``address``) or starts a local
+one with ``workers`` CPUs, and shuts down on exit only what it started (a session the caller
+already opened is used as it is). Every task it makes runs with a runtime environment that makes
+its workers import llmpress from the driver's own source: on a local cluster the source folder is
+put first on their ``PYTHONPATH`` (so numba's compiled-function caches are shared too), on an
+existing cluster the package is shipped with the job (``py_modules``), so the nodes need its
+dependencies, not llmpress itself. A missing Ray or an address where nothing answers is refused
+with ``ClusterError`` before anything starts, so a caller can check before it writes any output.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+PROBE_SECONDS = 5.0  # a cluster's head answers a TCP connect at once; ray.init itself retries for a minute
+_NO_PROBE = ("auto", "local")  # addresses Ray resolves itself (auto: the cluster started on this machine)
+
+
+class ClusterError(RuntimeError):
+    """Ray is not installed, or no cluster answers at the address given."""
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent  # .../llmpress
+
+
+def runtime_env(remote_cluster: bool) -> dict[str, Any]:
+    """The runtime environment of every task: llmpress imported from the driver's source."""
+    if remote_cluster:
+        return {"py_modules": [str(_package_dir())]}
+    paths = [str(_package_dir().parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
+
+
+def import_ray(what: str) -> ModuleType:
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError(f"{what} needs Ray: pip install 'llmpress[ray]' (or use --workers 1)") from None
+    return ray
+
+
+def probe(address: str) -> None:
+    """Refuse an address where nothing listens (``host:port``, ``ray://host:port``) within seconds."""
+    if address in _NO_PROBE:
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} is not host:port (or ray://host:port, or auto)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS):
+            pass
+    except OSError as e:
+        raise ClusterError(f"no Ray cluster answers at {address}: {e}") from None
+
+
+@dataclass
+class Cluster:
+    """A connected Ray: ``remote(fn)`` makes a task of ``fn`` that imports llmpress as the driver does."""
+
+    ray: ModuleType
+    env: dict[str, Any]
+
+    def remote(self, fn: Callable, **options: Any) -> Any:
+        options.setdefault("num_cpus", 1)
+        return self.ray.remote(fn).options(runtime_env=self.env, **options)
+
+
+@contextlib.contextmanager
+def ray_cluster(workers: int, address: str | None = None, *, what: str = "parallel work") -> Iterator[Cluster]:
+    """Ray connected to ``address`` or started here with ``workers`` CPUs; see the module doc."""
+    ray = import_ray(what)
+    if address:
+        probe(address)
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": max(1, workers)}
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"Ray did not start{f' at {address}' if address else ''}: {e}") from None
+        started = True
+        log.info("ray: %s", "connected to " + address if address else f"started locally with {workers} CPUs")
+    try:
+        yield Cluster(ray, runtime_env(remote_cluster=bool(address)))
+    finally:
+        if started:
+            ray.shutdown()
