@@ -107,10 +107,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--one", nargs=5, metavar=("MODEL", "OUT", "WORKERS", "THREADS", "REPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--build", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         m, o, w, t, r = args.one
         print(json.dumps(run_one(Path(m), Path(o), int(w), int(t), int(r))))
+        return
+    if args.build:
+        print(build(Path(args.build), args.shards, args.copies, args.dtype))
         return
     configs = [("1 process, 1 thread", 1, 1), (f"1 process, {args.workers} threads", 1, args.workers),
                (f"Ray, {args.workers} workers × 1 thread", args.workers, 1)]
@@ -121,7 +125,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llmpress-packray-") as tmp:
         model = Path(tmp) / "model"
         model.mkdir()
-        res["tensor_bytes"] = build(model, args.shards, args.copies, args.dtype)
+        # built in a process of its own: a child's ru_maxrss starts from its parent's at fork, so the
+        # parent stays small
+        p = subprocess.run([sys.executable, __file__, "--build", str(model), "--shards", str(args.shards), "--copies",
+                            str(args.copies), "--dtype", args.dtype], capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"building the checkpoint failed:\n{p.stderr[-4000:]}")
+        res["tensor_bytes"] = int(p.stdout.strip().splitlines()[-1])
         for label, w, t in configs:
             p = subprocess.run([sys.executable, __file__, "--one", str(model), str(Path(tmp) / "out.llmp"),
                                 str(w), str(t), str(args.reps)], capture_output=True, text=True)
