@@ -7,6 +7,7 @@ import importlib.util
 import json
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,6 +83,30 @@ def test_policy_and_chunk_size_travel_to_the_workers(sharded, cluster, tmp_path)
     pack(sharded, one, policy="zstd", chunk_bytes=64 << 10, threads=1)
     pack(sharded, two, policy="zstd", chunk_bytes=64 << 10, workers=3, threads=2)
     assert _sha(one) == _sha(two)
+
+
+@needs_ray
+def test_workers_import_llmpress_from_the_driver_source(cluster):
+    """Local cluster: the driver's source folder first on the workers' path; an existing cluster
+    (``--address``): the package shipped with the job (its own Ray session, in a subprocess)."""
+    import llmpress
+
+    def where() -> str:  # nested: pickled by value (the workers cannot import this test module)
+        import llmpress
+
+        return llmpress.__file__
+
+    here = Path(llmpress.__file__).resolve()
+    assert Path(cluster.ray.get(cluster.remote(where).remote())).resolve() == here
+    code = ("import ray, llmpress; from llmpress.cluster import runtime_env\n"
+            "ray.init(address='local', num_cpus=1, include_dashboard=False, log_to_driver=False,"
+            " runtime_env=runtime_env(remote_cluster=True))\n"
+            "print(ray.get(ray.remote(lambda: __import__('llmpress').__file__).remote()))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shipped = Path(r.stdout.strip().splitlines()[-1]).resolve()
+    assert shipped != here and shipped.name == "__init__.py" and shipped.parent.name == "llmpress"
+    assert (shipped.parent / "lossless" / "fanout.py").read_bytes() == (here.parent / "lossless" / "fanout.py").read_bytes()
 
 
 def _closed_port() -> int:

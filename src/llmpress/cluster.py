@@ -2,11 +2,11 @@
 
 ``ray_cluster(workers, address)`` connects to an existing cluster (``address``) or starts a local
 one with ``workers`` CPUs, and shuts down on exit only what it started (a session the caller
-already opened is used as it is). Every task it makes runs with a runtime environment that makes
-its workers import llmpress from the driver's own source: on a local cluster the source folder is
-put first on their ``PYTHONPATH`` (so numba's compiled-function caches are shared too), on an
-existing cluster the package is shipped with the job (``py_modules``), so the nodes need its
-dependencies, not llmpress itself. A missing Ray or an address where nothing answers is refused
+already opened is used as it is). A session it opens has a runtime environment (Ray's job-level
+one: a local folder can be shipped only there) that makes every worker import llmpress from the
+driver's own source: on a local cluster the source folder is put first on their ``PYTHONPATH`` (so
+numba's compiled-function caches are shared too), on an existing cluster the package is shipped with
+the job (``py_modules``), so the nodes need its dependencies, not llmpress itself. A missing Ray or an address where nothing answers is refused
 with ``ClusterError`` before anything starts, so a caller can check before it writes any output.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _package_dir() -> Path:
 
 
 def runtime_env(remote_cluster: bool) -> dict[str, Any]:
-    """The runtime environment of every task: llmpress imported from the driver's source."""
+    """The session's runtime environment: llmpress imported from the driver's source."""
     if remote_cluster:
         return {"py_modules": [str(_package_dir())]}
     paths = [str(_package_dir().parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -67,14 +67,13 @@ def probe(address: str) -> None:
 
 @dataclass
 class Cluster:
-    """A connected Ray: ``remote(fn)`` makes a task of ``fn`` that imports llmpress as the driver does."""
+    """A connected Ray: ``remote(fn)`` makes a task of ``fn`` (one CPU unless told)."""
 
     ray: ModuleType
-    env: dict[str, Any]
 
     def remote(self, fn: Callable, **options: Any) -> Any:
         options.setdefault("num_cpus", 1)
-        return self.ray.remote(fn).options(runtime_env=self.env, **options)
+        return self.ray.remote(fn).options(**options)
 
 
 @contextlib.contextmanager
@@ -85,15 +84,16 @@ def ray_cluster(workers: int, address: str | None = None, *, what: str = "parall
         probe(address)
     started = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": max(1, workers)}
+        # "local": a new cluster even where one started by `ray start` is running (ray.init() would join it)
+        kwargs: dict[str, Any] = {"address": address} if address else {"address": "local", "num_cpus": max(1, workers)}
         try:
-            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+            ray.init(include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(bool(address)), **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"Ray did not start{f' at {address}' if address else ''}: {e}") from None
         started = True
         log.info("ray: %s", "connected to " + address if address else f"started locally with {workers} CPUs")
     try:
-        yield Cluster(ray, runtime_env(remote_cluster=bool(address)))
+        yield Cluster(ray)
     finally:
         if started:
             ray.shutdown()
