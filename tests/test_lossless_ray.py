@@ -109,6 +109,20 @@ def test_workers_import_llmpress_from_the_driver_source(cluster):
     assert (shipped.parent / "lossless" / "fanout.py").read_bytes() == (here.parent / "lossless" / "fanout.py").read_bytes()
 
 
+@needs_ray
+def test_a_workers_error_is_the_one_process_error(sharded, cluster, tmp_path):
+    from llmpress.lossless.segments import HeaderError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(sharded, bad)
+    h = json.dumps({"x": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
+    (bad / "zz.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + bytes(100))
+    out = tmp_path / "x.llmp"
+    with pytest.raises(HeaderError, match="zz.safetensors: tensor 'x'"):
+        pack(bad, out, workers=2)
+    assert not out.exists() and not list(tmp_path.glob(".x.llmp*"))
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -78,7 +78,11 @@ def _in_order(ray: Any, task: Any, files: list[Path], root: Path, job: FileJob, 
 
 def _pieces(ray: Any, gen: Any, path: Path, got: dict[str, Any]) -> Iterator[tuple[int, Any]]:
     for ref in gen:
-        item = ray.get(ref)
+        try:
+            item = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:  # the task's own error (a bad header...), as one process raises it
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e) from None
         del ref
         if isinstance(item, dict):
             got["frec"] = item
