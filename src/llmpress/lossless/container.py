@@ -113,13 +113,13 @@ def pack(
             coded = _coded_here(stack, files, root, job)
         with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo:
             fo.write(MAGIC + struct.pack("<I", VERSION))
-            for frec, pieces in coded:
+            for record, pieces in coded:
                 base = fo.tell()
                 for ln, data in pieces:
                     fo.write(data)
                     if progress and ln:
                         progress(ln)
-                frec = frec()  # complete once its pieces are written
+                frec = record()  # complete once its pieces are written
                 _rebase(frec, base)
                 for srec in frec["segments"]:
                     if srec["kind"] == "tensor":
