@@ -77,8 +77,10 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def ray_cluster(workers: int, address: str | None = None, *, what: str = "parallel work") -> Iterator[Cluster]:
-    """Ray connected to ``address`` or started here with ``workers`` CPUs; see the module doc."""
+def ray_cluster(workers: int, address: str | None = None, *, what: str = "parallel work",
+                object_store_bytes: int | None = None) -> Iterator[Cluster]:
+    """Ray connected to ``address`` or started here with ``workers`` CPUs (and, if given, an object
+    store of ``object_store_bytes``: Ray spills what does not fit to disk); see the module doc."""
     ray = import_ray(what)
     if address:
         probe(address)
@@ -86,6 +88,8 @@ def ray_cluster(workers: int, address: str | None = None, *, what: str = "parall
     if not ray.is_initialized():
         # "local": a new cluster even where one started by `ray start` is running (ray.init() would join it)
         kwargs: dict[str, Any] = {"address": address} if address else {"address": "local", "num_cpus": max(1, workers)}
+        if object_store_bytes and not address:
+            kwargs["object_store_memory"] = object_store_bytes
         try:
             ray.init(include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(bool(address)), **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:

@@ -7,8 +7,8 @@ files in their sorted order, writes each batch to the output as it arrives, and 
 record's offsets to where the file landed, so the container, index included, is byte for byte
 the one-process one. Besides the file being written, ``workers`` more are submitted (a local
 cluster runs ``workers`` at a time); a finished file's batches wait in Ray's object store
-(spilled to disk past its size) until their turn, so the driver holds one batch at a time,
-never the model. On a cluster (``--address``) every node must see the input
+(``STORE_BYTES`` on a local cluster, spilled to disk past it) until their turn, so the driver
+holds one batch at a time and the store a bounded amount, never the model. On a cluster (``--address``) every node must see the input
 files at the same path (a shared filesystem); a node that does not is named in the error.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..cluster import ray_cluster
 from .container import Coded, FileJob, _encoders, code_file, file_record
 
 BATCH_BYTES = 16 << 20  # payload bytes per object a task yields: few objects, bounded memory
+STORE_BYTES = 1 << 30  # a local cluster's object store: batches waiting beyond it spill to disk
 
 
 def _code_remote(path: str, rel: str, job: FileJob, batch_bytes: int) -> Iterator[Any]:
@@ -52,7 +53,7 @@ def coded_files(stack: contextlib.ExitStack, files: list[Path], root: Path, job:
                 address: str | None) -> Iterator[Coded]:
     """Every file coded by a Ray task, in ``files``' order. Ray is connected (or refused, with
     ``ClusterError``) here, before the caller opens its output; it stays up while ``stack`` does."""
-    cluster = stack.enter_context(ray_cluster(workers, address, what="pack --workers"))
+    cluster = stack.enter_context(ray_cluster(workers, address, what="pack --workers", object_store_bytes=STORE_BYTES))
     task = cluster.remote(_code_remote)
     return _in_order(cluster.ray, task, files, root, job, workers)
 
