@@ -123,6 +123,16 @@ def test_a_workers_error_is_the_one_process_error(sharded, cluster, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".x.llmp*"))
 
 
+@needs_ray
+def test_a_node_with_other_coding_libraries_is_refused(sharded, cluster, tmp_path, monkeypatch):
+    versions = {**fanout.coder_versions(), "zstd": "0.0.1"}
+    monkeypatch.setattr(fanout, "coder_versions", lambda: versions)  # the driver's view only
+    out = tmp_path / "x.llmp"
+    with pytest.raises(ClusterError, match=r"zstd .* \(driver: 0\.0\.1\)"):
+        pack(sharded, out, workers=2)
+    assert not out.exists()
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,9 @@ the one-process one. Besides the file being written, ``workers`` more are submit
 cluster runs ``workers`` at a time); a finished file's batches wait in Ray's object store
 (``STORE_BYTES`` on a local cluster, spilled to disk past it) until their turn, so the driver
 holds one batch at a time and the store a bounded amount, never the model. On a cluster (``--address``) every node must see the input
-files at the same path (a shared filesystem); a node that does not is named in the error.
+files at the same path (a shared filesystem); a node that does not is named in the error, and so
+is a node whose coding libraries differ from the driver's (zstd's output depends on its version):
+the same bytes or an error, never a silently different file.
 """
 from __future__ import annotations
 
@@ -22,15 +24,31 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..cluster import ray_cluster
+from ..cluster import ClusterError, ray_cluster
 from .container import Coded, FileJob, _encoders, code_file, file_record
 
 BATCH_BYTES = 16 << 20  # payload bytes per object a task yields: few objects, bounded memory
 STORE_BYTES = 1 << 30  # a local cluster's object store: batches waiting beyond it spill to disk
 
 
-def _code_remote(path: str, rel: str, job: FileJob, batch_bytes: int) -> Iterator[Any]:
+def coder_versions() -> dict[str, str]:
+    """The versions of what the coded bytes depend on besides llmpress (shipped with the job)."""
+    from importlib.metadata import version
+
+    import numba
+    import zstandard
+
+    return {"zstd": ".".join(map(str, zstandard.ZSTD_VERSION)), "constriction": version("constriction"),
+            "numba": numba.__version__, "numpy": np.__version__}
+
+
+def _code_remote(path: str, rel: str, job: FileJob, batch_bytes: int, versions: dict[str, str]) -> Iterator[Any]:
     """The Ray task: (input bytes, payload batch) items, then the file's index record."""
+    here = coder_versions()
+    if here != versions:
+        diff = ", ".join(f"{k} {here.get(k)} (driver: {v})" for k, v in versions.items() if here.get(k) != v)
+        raise ClusterError(f"Ray node {socket.gethostname()} codes with other library versions than the driver: "
+                           f"{diff}; its bytes could differ from one process's")
     src = Path(path)
     if not src.is_file():
         raise FileNotFoundError(f"{path}: not found on Ray node {socket.gethostname()} (packing on a cluster "
@@ -61,13 +79,14 @@ def coded_files(stack: contextlib.ExitStack, files: list[Path], root: Path, job:
 def _in_order(ray: Any, task: Any, files: list[Path], root: Path, job: FileJob, workers: int) -> Iterator[Coded]:
     todo = deque(files)
     batch_bytes = BATCH_BYTES  # read here, in the driver: a setting of this process, not the node's
+    versions = coder_versions()
     inflight: deque[tuple[Path, Any]] = deque()
 
     def submit() -> None:
         while todo and len(inflight) < workers:
             path = todo.popleft()
             inflight.append((path, task.remote(str(path.resolve()), path.relative_to(root).as_posix(), job,
-                                                   batch_bytes)))
+                                                   batch_bytes, versions)))
 
     submit()
     while inflight:
