@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .app import JSON_OPT, app, console, emit, fail
+from .app import DEVICE_OPT, JSON_OPT, app, console, emit, fail
 
 _ROWS = [  # (key, label, format)
     ("ppl", "perplexity", "{:.4f}"),
@@ -133,6 +133,7 @@ def eval_cmd(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="With --tasks: few-shot examples (default: each task's)."),
     batch_size: int = typer.Option(8, "--batch-size", help="With --tasks: sequences per forward pass (the same for both models)."),
     seed: int = typer.Option(0, "--seed", help="With --tasks: seed of Python, NumPy, torch and the few-shot sampler."),
+    device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Perplexity, KL divergence and top-1 agreement against the original on real text, and the cost;
@@ -148,7 +149,7 @@ def eval_cmd(
     torch.set_num_threads(n_threads)
     try:
         r = evaluate(model, reference=reference, text=(text if text and len(text) > 1 else (text[0] if text else None)),
-                     ctx=ctx, tokens=tokens, cache=not no_cache)
+                     ctx=ctx, tokens=tokens, cache=not no_cache, device=device)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         fail(str(e))
         return
