@@ -66,6 +66,14 @@ def on_cpu(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights are (the CPU for a model without any, or one still on meta)."""
+    t = next(model.parameters(), None)
+    if t is None:
+        t = next(model.buffers(), None)
+    return t.device if t is not None and not t.is_meta else torch.device("cpu")
+
+
 def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each tensor of a dict in host memory (for writing)."""
     return {k: v.cpu() for k, v in tensors.items()}

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..device import model_device
 from ..models import cache_dir
 from .cost import RSSMeter
 from .windows import Protocol, make_windows
@@ -43,14 +44,6 @@ TAIL_SAMPLES = 64
 
 def default_batch(ctx: int) -> int:
     return max(1, 2048 // ctx)  # (B, ctx, V) float32 logits stay near 400 MB for a 49k vocabulary
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where a model's weights are (the CPU for a model without any)."""
-    t = next(model.parameters(), None)
-    if t is None:
-        t = next(model.buffers(), None)
-    return t.device if t is not None and not t.is_meta else torch.device("cpu")
 
 
 def _logprob_batches(model: torch.nn.Module, ids: Tensor, batch_size: int):

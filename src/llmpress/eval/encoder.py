@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .causal import model_device
+from ..device import model_device
 from .cost import RSSMeter
 
 
