@@ -8,9 +8,15 @@ its compiled CPU kernels apply).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 NAMES = ("cpu", "cuda", "auto")
+# LLMPRESS_TORCH_PATHS=1: take the torch paths (those CUDA runs) on the CPU too, instead of the
+# compiled numba kernels (GPTQ's column loop, the clipping search's error pass, fused QAT): how the
+# CUDA code paths are exercised, and compared with the kernels, on a machine without a GPU.
+TORCH_PATHS_ENV = "LLMPRESS_TORCH_PATHS"
 
 
 class DeviceError(ValueError):
@@ -61,9 +67,11 @@ def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
     return resolver(key)
 
 
-def on_cpu(t: torch.Tensor) -> bool:
-    """Whether ``t`` lives in host memory (where the numba kernels can read it)."""
-    return t.device.type == "cpu"
+def host_kernels(t: torch.Tensor | torch.device) -> bool:
+    """Whether the compiled (numba) kernels may run on ``t``: it lives in host memory and the
+    torch paths are not forced (``LLMPRESS_TORCH_PATHS=1``)."""
+    dev = t if isinstance(t, torch.device) else t.device
+    return dev.type == "cpu" and os.environ.get(TORCH_PATHS_ENV, "") in ("", "0")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

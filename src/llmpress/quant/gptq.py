@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..device import host_kernels
 from ..tensor import Stats, register
 from . import grids
 from .codec import QuantCodec, QWeight
@@ -116,10 +117,11 @@ LOOPS: dict[str, tuple[ColumnLoop, bool, bool]] = {
 
 
 def choose_loop(loop: str, affine: bool, device: torch.device) -> str:
-    """The column loop to run: ``auto`` → numba on the CPU / torch elsewhere for affine grids,
+    """The column loop to run: ``auto`` → numba on the CPU / torch elsewhere (or where
+    ``LLMPRESS_TORCH_PATHS=1``) for affine grids,
     grid for codebook grids; a named loop that cannot serve this grid or device is refused."""
     if loop == "auto":
-        return ("numba" if device.type == "cpu" else "torch") if affine else "grid"
+        return ("numba" if host_kernels(device) else "torch") if affine else "grid"
     if loop not in LOOPS:
         raise ValueError(f"gptq: unknown column loop {loop!r}; known: auto, {', '.join(LOOPS)}")
     _, needs_affine, needs_host = LOOPS[loop]

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..device import host_kernels
 from .search_kernel import affine_error
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -410,7 +411,7 @@ def _range_mse(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[
     pad = torch.isnan(wg)
     pad = pad if bool(pad.any()) else None  # a ragged last group's padding
     R, G, S = wg.shape
-    compiled = grid.is_affine and wg.device.type == "cpu"  # the compiled pass reads host memory
+    compiled = grid.is_affine and host_kernels(wg)  # the compiled pass reads host memory
     buf = torch.empty(G, R, S) if compiled else None  # the affine grids' error, group-major (search_kernel)
     best_p, best_err = None, None
     for p in torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse_steps)).tolist():
