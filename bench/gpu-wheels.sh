@@ -28,7 +28,7 @@ OURS=(constriction==0.5.0 zstandard==0.25.0 gguf==0.19.0)
 # llm-compressor 0.14.0.1 (it accepts transformers ≤ 5.17, the image's) and what it imports that is missing there
 LLMC=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 auto-round==0.15.1 loguru==0.7.3
       datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-      pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.7.0 typing-inspection==0.4.2)
+      pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.7.0 typing-inspection==0.4.5 typing-extensions==4.16.0)
 "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST" "${OURS[@]}" "${LLMC[@]}"
 
 # the tokenizer and the texts, from this machine's llmpress (offline: cached model, Debian corpora)
