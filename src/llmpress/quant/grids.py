@@ -229,13 +229,13 @@ class NormalFloat(_AbsmaxGrid):
     name = "nf"
 
     def quantize(self, w, p, bits):
-        c = normal_float_codebook(bits)
+        c = normal_float_codebook(bits).to(w.device)  # the cached codebook lives on the CPU
         mids = (c[1:] + c[:-1]) / 2
         x = torch.nan_to_num(w / p["scale"])
         return torch.bucketize(x.contiguous(), mids).to(torch.float32)
 
     def dequantize(self, q, p, bits):
-        return normal_float_codebook(bits)[q.long()] * p["scale"]
+        return normal_float_codebook(bits).to(q.device)[q.long()] * p["scale"]
 
 
 def seed_level(x: Tensor, levels: int) -> Tensor:
