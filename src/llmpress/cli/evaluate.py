@@ -102,13 +102,13 @@ def _show_tasks(r: dict[str, Any]) -> None:
 
 
 def _run_tasks(model: str, reference: Optional[str], tasks: str, limit: Optional[float], num_fewshot: Optional[int],
-               batch_size: int, seed: int, threads: int, as_json: bool) -> None:
+               batch_size: int, seed: int, threads: int, as_json: bool, device: str = "cpu") -> None:
     from ..eval.tasks import evaluate_tasks
 
     n = None if limit is None else (int(limit) if limit >= 1 and float(limit).is_integer() else limit)
     try:
         r = evaluate_tasks(model, tasks, reference=reference, limit=n, num_fewshot=num_fewshot, batch_size=batch_size,
-                           threads=threads, seed=seed)
+                           threads=threads, seed=seed, device=device)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         fail(str(e))
         return
@@ -140,7 +140,7 @@ def eval_cmd(
     or, with --tasks, lm-eval task scores of the model and the original side by side."""
     n_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or os.cpu_count() or 1)
     if tasks is not None:
-        _run_tasks(model, reference, tasks, limit, num_fewshot, batch_size, seed, n_threads, as_json)
+        _run_tasks(model, reference, tasks, limit, num_fewshot, batch_size, seed, n_threads, as_json, device)
         return
     import torch
 
