@@ -238,16 +238,23 @@ def test_cuda_quantize_eval_finetune(tiny_dir, gptq_default, tmp_path):
 
 @pytest.mark.cuda
 @requires_cuda
-def test_cuda_quant_linear_dequantizes(gptq_default):
-    """A loaded QuantLinear moved to CUDA leaves the CPU int4 kernel for the dequantize path."""
+def test_cuda_quant_linear_leaves_the_cpu_kernel(tiny_dir, tmp_path):
+    """A loaded 4-bit QuantLinear (torch's int4 CPU kernel where it applies) moved to CUDA takes the
+    dequantize path there, with the CPU's logits; moved back, it chooses again."""
     import llmpress
+    from llmpress.pipeline import compress
     from llmpress.quant.linear import QuantLinear
 
-    model = llmpress.load(gptq_default)
+    out = tmp_path / "rtn4"
+    compress(tiny_dir, Recipe.uniform("rtn", bits=4, group_size=32), out, progress=False)
+    model = llmpress.load(out)
     ids = torch.randint(0, 1000, (1, 16))
     with torch.inference_mode():
         ref = model(input_ids=ids).logits
         model.to("cuda")
         got = model(input_ids=ids.cuda()).logits.cpu()
-    assert all(m.prepare() == "dequant" for m in model.modules() if isinstance(m, QuantLinear))
+        assert all(m.prepare() == "dequant" for m in model.modules() if isinstance(m, QuantLinear))
+        model.to("cpu")
+        back = model(input_ids=ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(back, ref)
