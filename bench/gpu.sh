@@ -45,7 +45,7 @@ echo "-- setup done at $(elapsed) s"
 # 2. the CUDA-marked tests
 export LLMPRESS_TEST_TOKENIZER="$PWD/.whl/tokenizer" LLMPRESS_TEST_TEXT="$PWD/.whl/text/calib.txt"
 [ -d "$LLMPRESS_TEST_TOKENIZER" ] || unset LLMPRESS_TEST_TOKENIZER LLMPRESS_TEST_TEXT
-timeout 150 "$PY" -m pytest -q -m cuda tests/test_device.py -p no:cacheprovider -o addopts="" -rA 2>&1 \
+timeout 180 "$PY" -m pytest -q -m cuda tests/test_device.py -p no:cacheprovider -o addopts="" -rA 2>&1 \
   | tee "$LOGDIR/cuda-tests.log" | tail -25
 echo "-- tests done at $(elapsed) s"
 

@@ -127,7 +127,7 @@ def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 
     ``device``: cpu | cuda | auto, where both models run (None: a loaded model on the CPU, an
     in-memory one where it is). The reference's cached log-probabilities do not depend on it.
     """
-    from ..device import resolve_device
+    from ..device import model_device, resolve_device
 
     dev = resolve_device(device) if device is not None else None
     t0 = time.perf_counter()
@@ -143,14 +143,13 @@ def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 
     if r is not None and r.is_causal() != causal:
         kinds = {True: "a causal LM", False: "an encoder"}
         raise ValueError(f"the model is {kinds[causal]} but the reference is {kinds[not causal]}")
-    res: dict[str, Any] = {"model": m.name, "reference": r.name if r else None, "kind": "causal" if causal else "encoder",
-                           "device": str(dev or "cpu")}
+    res: dict[str, Any] = {"model": m.name, "reference": r.name if r else None, "kind": "causal" if causal else "encoder"}
     if causal:
         res.update(_causal(m, r, texts, ctx, tokens, batch_size, k, cache))
     else:
         res.update(_encoder(m, r, texts, sentences, batch_size))
     mc = cost_of(m.module(), m.path)
-    res.update(bpw=mc["bpw"], bytes_out=mc["bytes"])
+    res.update(bpw=mc["bpw"], bytes_out=mc["bytes"], device=str(model_device(m.module())))
     if res.get("ref_bytes") is not None:
         res["bytes_in"] = res.pop("ref_bytes")
     elif mc["bytes_in"] is not None:
