@@ -86,10 +86,8 @@ def _run_torch(W1: Tensor, Hinv1: Tensor, aff: AffineCols, pc: dict[str, Tensor]
     for i in range(r0, r1):
         j = i - r0
         w = W1[:, i]  # (out,)
-        q = torch.round((w - a[:, j]) / s[:, j]).add_(z[:, j]).clamp_(0.0, qmax)
-        Q1[:, i] = q
-        e = (w - ((q - z[:, j]) * s[:, j] + a[:, j])) / Hinv1[i, i]
-        Err1[:, i] = e
+        q = torch.round((w - a[:, j]) / s[:, j], out=Q1[:, i]).add_(z[:, j]).clamp_(0.0, qmax)  # written in place
+        e = torch.div(w - ((q - z[:, j]) * s[:, j] + a[:, j]), Hinv1[i, i], out=Err1[:, i])
         if i + 1 < r1:
             W1[:, i + 1 : r1] -= e.unsqueeze(1) * Hinv1[i, i + 1 : r1]  # (out, 1) · (r1 − i − 1,)
 
