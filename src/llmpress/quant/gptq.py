@@ -115,9 +115,9 @@ LOOPS: dict[str, tuple[ColumnLoop, bool, bool]] = {
 
 
 def choose_loop(loop: str, affine: bool, device: torch.device) -> str:
-    """The column loop to run: ``auto`` → numba on the CPU / torch elsewhere (or where
-    ``LLMPRESS_TORCH_PATHS=1``) for affine grids,
-    grid for codebook grids; a named loop that cannot serve this grid or device is refused."""
+    """The column loop to run: ``auto`` → for affine grids numba on the CPU, torch elsewhere (and
+    where ``LLMPRESS_TORCH_PATHS=1``); grid for codebook grids. A named loop that cannot serve this
+    grid or device is refused."""
     if loop == "auto":
         return ("numba" if host_kernels(device) else "torch") if affine else "grid"
     if loop not in LOOPS:
