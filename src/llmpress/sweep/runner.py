@@ -27,7 +27,7 @@ def _judge(path: Path, settings: dict[str, Any], tokenizer: Any = None) -> dict[
     from ..eval import evaluate
 
     return evaluate(str(path), reference=settings["model"], text=settings["texts"], ctx=settings["ctx"],
-                    tokens=settings["tokens"], tokenizer=tokenizer)
+                    tokens=settings["tokens"], tokenizer=tokenizer, device=settings.get("device", "cpu"))
 
 
 _EVAL_KEYS = ("ppl", "ref_ppl", "kl_mean", "kl_median", "kl_p99", "kl_max", "top1", "ln_ppl_ratio", "ln_ppl_ratio_se",
@@ -67,7 +67,7 @@ def _lossy(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]
     assert recipe is not None
     out = work / "out"
     summary = compress(settings["model"], recipe, out, calib=settings["calib"], samples=settings["samples"],
-                       seq_len=settings["seq_len"], progress=False)
+                       seq_len=settings["seq_len"], progress=False, device=settings.get("device", "cpu"))
     ev = _judge(out, settings)
     if point.params.get("pack"):
         extra.update(_packed_cost(out, summary, work, settings["threads"]))
