@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import skeleton as sk
+from . import moe, skeleton as sk
 from .io.atomic import atomic_dir
 from .io.folder import FolderWriter
 from .models import TensorStore, config as source_config, load_tokenizer, resolve
@@ -88,8 +88,11 @@ class _Plan:
 def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
     names = sk.linear_names(model)
     recipe.validate(names)
+    dense = moe.dense_names(model.config, names)  # an MoE's gates stay as they are
+    if dense:
+        log.info("kept dense (MoE gates): %s", ", ".join(sorted(dense)[:4]) + (" …" if len(dense) > 4 else ""))
     rules = {}
-    for n in names:
+    for n in (n for n in names if n not in dense):
         r = recipe.rule_for(n)
         if r is not None and r.method != KEEP:
             rules[n] = (r.method, r.params)
@@ -204,6 +207,9 @@ def _keep_report(t: torch.Tensor) -> dict[str, Any]:
 def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | None) -> tuple[CompressedTensor, torch.Tensor, dict[str, Any]]:
     """Encode one (out, in) weight by its rule; return the stored form, its decoding and its report."""
     codec_name, params = plan.rules[name]
+    codec = get_codec(codec_name)
+    if stats is None and codec.needs_stats:  # an expert the router sent no calibration token
+        stats = moe.no_input_stats(name, w.shape[1], bool(getattr(codec, "gram", True)))
     tt = time.perf_counter()
     ct = _encode(name, w, codec_name, params, stats)
     w_hat = get_codec(codec_name).decode(ct)
