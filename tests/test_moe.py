@@ -133,7 +133,7 @@ def test_quantize_per_expert_load_equals_dequantized(moe_dir, tmp_path, calib_fi
         keys = set(f.keys())
     assert "model.layers.0.mlp.gate.weight" in keys
     assert not any("gate_up_proj" in k for k in keys)
-    assert res["bpw"] < 6
+    assert all(r["bpw"] < 6 for n, r in res["layers"].items() if ".experts." in n)
 
     # loaded logits == the dense model with the dequantized expert weights
     loaded = llmpress.load(out)
@@ -159,7 +159,7 @@ def test_expert_stats_come_from_routed_tokens(moe_dir, calib_file):
     # routing of block 0, recomputed from the original model
     ref = _hf(moe_dir)
     seen: dict[str, torch.Tensor] = {}
-    h = ref.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, o: seen.setdefault("idx", o[2]))
+    h = ref.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, o: seen.update(idx=o[2]) or None)
     from llmpress.models import load_tokenizer
     from llmpress.pipeline import calib_ids
 
@@ -196,7 +196,8 @@ def test_expert_without_tokens_falls_back(tmp_path, tokenizer_dir, calib_file, c
         res = llmpress.quantize(src, tmp_path / "g", method="gptq", bits=4, group_size=32, calib=str(calib_file),
                                 samples=2, seq_len=32, progress=False)
     warned = {r.getMessage().split(":")[0] for r in caplog.records if "no calibration token" in r.getMessage()}
-    assert warned == {f"model.layers.0.mlp.experts.3.{n}" for n in ("w1", "w2", "w3")}
+    layer0 = {w for w in warned if w.startswith("model.layers.0.")}  # (layer 1 sees the constant channel too)
+    assert layer0 == {f"model.layers.0.mlp.experts.3.{n}" for n in ("w1", "w2", "w3")}
     for n in ("w1", "w2", "w3"):
         rep = res["layers"][f"model.layers.0.mlp.experts.3.{n}"]
         assert rep["codec"] == "gptq" and rep["rel_err"] < 0.2
