@@ -27,6 +27,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,14 @@ class MoEFamily:
     names: tuple[str, str, str]        # one expert's (gate, up, down) linears, as the hub stores them
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint name fragment → skeleton's
     dense: tuple[str, ...] = ()        # regexes (searched in full names) of linears kept dense: gates
+    folds: tuple[tuple[str, str], ...] = ()  # (producer, consumer) linears inside a block AWQ may fold between
 
 
 FAMILIES: dict[str, MoEFamily] = {
     "mixtral": MoEFamily("MixtralExperts", ("w1", "w3", "w2"), renames=((".block_sparse_moe.", ".mlp."),)),
     "qwen2_moe": MoEFamily("Qwen2MoeExperts", ("gate_proj", "up_proj", "down_proj"),
-                           dense=(r"\.mlp\.shared_expert_gate$",)),
+                           dense=(r"\.mlp\.shared_expert_gate$",),
+                           folds=(("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),)),
     "qwen3_moe": MoEFamily("Qwen3MoeExperts", ("gate_proj", "up_proj", "down_proj")),
 }
 
@@ -168,3 +171,31 @@ def no_input_stats(name: str, in_features: int, gram: bool = True) -> Stats:
     eye = torch.eye(in_features, dtype=torch.float64)
     one = torch.ones(in_features, dtype=torch.float64)
     return Stats(gram=eye if gram else None, abs_mean=one, sq_mean=one.clone(), n=1)
+
+
+@lru_cache(maxsize=None)
+def _say_no_norm_fold(model_type: str) -> None:
+    log.info("awq on %s: each expert's gate/up keep their own input scale (stored, applied to x): the norm "
+             "before them also feeds the router and every other expert, so no per-expert scale folds into it; "
+             "up → down folds inside each expert", model_type)
+
+
+def fold_patterns(block: nn.Module) -> list:
+    """AWQ fold patterns (``quant.fold.FoldPattern``) inside one block of an MoE: each expert's up
+    → down (act(gate) ⊙ up is channel-wise within the expert), and the family's own (a shared
+    expert's up → down). Empty for a block without experts."""
+    from .quant.fold import FoldPattern
+
+    cfg = next((m.config for m in block.modules() if hasattr(m, "config")), None)  # e.g. self_attn's
+    lists = [(n, m) for n, m in block.named_modules() if isinstance(m, ExpertList)]
+    if not lists:
+        return []
+    pats = []
+    for name, experts in lists:
+        _, up, down = experts[0]._names
+        pats += [FoldPattern(f"{name}.{e}.{up}", (f"{name}.{e}.{down}",), "linear") for e in range(len(experts))]
+    fam = family(cfg) if cfg is not None else None
+    if fam is not None:
+        _say_no_norm_fold(cfg.model_type)
+        pats += [FoldPattern(p, (c,), "linear") for p, c in fam.folds]
+    return pats
