@@ -209,3 +209,26 @@ def test_expert_without_tokens_falls_back(tmp_path, tokenizer_dir, calib_file, c
         rep = res["layers"][f"model.layers.0.mlp.experts.3.{n}"]
         assert rep["codec"] == "gptq" and rep["rel_err"] < 0.2
     assert torch.isfinite(_logits(llmpress.load(tmp_path / "g"), _ids())).all()
+
+
+def test_from_pretrained_per_expert(moe_dir, tmp_path):
+    """transformers' from_pretrained on an MoE folder (expert 1 kept dense by the recipe) gives
+    llmpress.load's modules and logits, and save_pretrained writes a folder that loads the same."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.quant.linear import QuantLinear
+
+    out = tmp_path / "q"
+    rules = [{"match": r"lm_head|embed|experts\.1\.", "method": "keep"},
+             {"match": ".*", "method": "rtn", "bits": 4, "group_size": 32}]
+    llmpress.quantize(moe_dir, out, recipe={"rules": rules}, progress=False)
+    ids = _ids()
+    want = _logits(llmpress.load(out), ids)
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    experts = hf.model.layers[0].mlp.experts
+    assert isinstance(experts, moe.ExpertList)
+    assert isinstance(experts[0].down_proj if hasattr(experts[0], "down_proj") else experts[0].w2, QuantLinear)
+    assert isinstance(experts[1].down_proj if hasattr(experts[1], "down_proj") else experts[1].w2, torch.nn.Linear)
+    torch.testing.assert_close(_logits(hf, ids), want, rtol=0, atol=0)
+    hf.save_pretrained(tmp_path / "re")
+    torch.testing.assert_close(_logits(llmpress.load(tmp_path / "re"), ids), want, rtol=0, atol=0)
