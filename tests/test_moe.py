@@ -232,3 +232,21 @@ def test_from_pretrained_per_expert(moe_dir, tmp_path):
     torch.testing.assert_close(_logits(hf, ids), want, rtol=0, atol=0)
     hf.save_pretrained(tmp_path / "re")
     torch.testing.assert_close(_logits(llmpress.load(tmp_path / "re"), ids), want, rtol=0, atol=0)
+
+
+def test_exports_compressed_tensors_and_gguf_refusal(moe_dir, tmp_path):
+    """compressed-tensors: per-expert packed layers that transformers decompresses and fuses into
+    the same logits; GGUF: refused before anything is written, naming why."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    llmpress.quantize(moe_dir, out, method="rtn", grid="gguf:q4_0", progress=False)
+    ct = tmp_path / "ct"
+    rep = llmpress.export(out, ct, format="compressed-tensors")
+    assert rep["exact"] == 2 * (4 + 3 * 4 + (3 if (moe_dir / "config.json").read_text().count("shared_expert") else 0))
+    ids = _ids()
+    hf = AutoModelForCausalLM.from_pretrained(str(ct)).eval()
+    torch.testing.assert_close(_logits(hf, ids), _logits(llmpress.load(out), ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mixture of experts.*stacked"):
+        llmpress.export(out, tmp_path / "m.gguf", format="gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -276,5 +276,10 @@ ARCHS: dict[str, Arch] = {
 def arch_of(cfg: dict[str, Any]) -> Arch:
     mt = cfg.get("model_type")
     if mt not in ARCHS:
-        raise ValueError(f"unsupported architecture: {mt} (the GGUF export knows {', '.join(sorted(ARCHS))})")
+        from ..moe import family
+
+        why = (": a mixture of experts, whose experts llama.cpp reads stacked in one 3-D tensor per layer "
+               "(ffn_*_exps), which this writer does not build; export dense or compressed-tensors"
+               if family(cfg) is not None else "")
+        raise ValueError(f"unsupported architecture: {mt}{why} (the GGUF export knows {', '.join(sorted(ARCHS))})")
     return ARCHS[mt]
