@@ -250,3 +250,25 @@ def test_exports_compressed_tensors_and_gguf_refusal(moe_dir, tmp_path):
     with pytest.raises(ValueError, match="mixture of experts.*stacked"):
         llmpress.export(out, tmp_path / "m.gguf", format="gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_factorize_and_finetune(moe_dir, tmp_path, calib_file):
+    """Whitened low-rank per expert (its whitening from its routed tokens), and recovery training
+    of a 3-bit folder whose experts train through their own quantizers."""
+    from llmpress.lowrank.linear import LowRankLinear
+
+    f = tmp_path / "f"
+    llmpress.factorize(moe_dir, f, method="whiten", ratio=0.5, calib=str(calib_file), samples=4, seq_len=64,
+                       progress=False)
+    lo = llmpress.load(f)
+    assert any(isinstance(m, LowRankLinear) for n, m in lo.named_modules() if ".experts." in n)
+    assert torch.isfinite(_logits(lo, _ids())).all()
+
+    q, ft = tmp_path / "q", tmp_path / "ft"
+    llmpress.quantize(moe_dir, q, method="rtn", bits=3, group_size=32, progress=False)
+    res = llmpress.finetune(q, ft, reference=moe_dir, text=str(calib_file), steps=3, lr=1e-3, seq_len=32,
+                            batch_size=2, progress=False, checkpoint_every=2, grad_ckpt=False)
+    assert res["steps"] == 3 and res["loss_last"] < res["loss_first"]
+    before, after = read_manifest(q)["tensors"], read_manifest(ft)["tensors"]
+    assert before.keys() == after.keys() and any(".experts." in k for k in after)
+    assert torch.isfinite(_logits(llmpress.load(ft), _ids())).all()
