@@ -130,13 +130,21 @@ def unfuse(model: nn.Module) -> int:
     return len(found)
 
 
-def dense_names(config: Any, names: list[str]) -> set[str]:
-    """Of ``names`` (linears), those the family keeps dense (a shared expert's gate)."""
-    fam = family(config)
-    if fam is None or not fam.dense:
+def kept_dense(model: nn.Module) -> set[str]:
+    """Modules of an MoE that stay as they are, on purpose: each router (the weight-holding sibling
+    of an ``ExpertList``, not an ``nn.Linear``) and the family's gates (a shared expert's gate)."""
+    fam = family(getattr(model, "config", None))
+    if fam is None:
         return set()
+    out = set()
+    for name, mod in model.named_modules():
+        kids = dict(mod.named_children())
+        if any(isinstance(k, ExpertList) for k in kids.values()):
+            out |= {f"{name}.{k}" for k, m in kids.items()
+                    if not isinstance(m, (ExpertList, nn.Linear)) and any(p.ndim == 2 for p in m.parameters(recurse=False))}
     rx = [re.compile(p) for p in fam.dense]
-    return {n for n in names if any(r.search(n) for r in rx)}
+    out |= {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(r.search(n) for r in rx)}
+    return out
 
 
 def checkpoint_renames(folder: Path, keys: list[str]) -> dict[str, str]:

@@ -88,9 +88,9 @@ class _Plan:
 def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
     names = sk.linear_names(model)
     recipe.validate(names)
-    dense = moe.dense_names(model.config, names)  # an MoE's gates stay as they are
+    dense = moe.kept_dense(model)  # an MoE's routers and gates stay as they are
     if dense:
-        log.info("kept dense (MoE gates): %s", ", ".join(sorted(dense)[:4]) + (" …" if len(dense) > 4 else ""))
+        log.info("kept dense (MoE routers, gates): %s", ", ".join(sorted(dense)[:4]) + (" …" if len(dense) > 4 else ""))
     rules = {}
     for n in (n for n in names if n not in dense):
         r = recipe.rule_for(n)
@@ -98,7 +98,7 @@ def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
             rules[n] = (r.method, r.params)
     skipped = [
         n for n, m in model.named_modules()
-        if not sk.is_linear(m) and next(m.children(), None) is None
+        if not sk.is_linear(m) and next(m.children(), None) is None and n not in dense
         and any(p.ndim == 2 for p in m.parameters(recurse=False))
         and (r := recipe.rule_for(n)) is not None and r.method != KEEP
     ]
