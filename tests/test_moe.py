@@ -30,19 +30,21 @@ def _text(n_words: int, seed: int) -> str:
 
 
 def _config(model_type: str, vocab: int):
-    """The real configs' values that shape the model, shrunk (hidden 64, 2 layers, 4 experts, top-2)."""
+    """The real configs' values, shrunk (hidden 64, 2 layers, 4 experts, top-2); every structural
+    trait kept: Mixtral's GQA ratio 4 and no biases, Qwen-MoE's full-width kv heads, q/k/v biases,
+    shared expert with its sigmoid gate and un-normalised top-k weights."""
     from transformers import MixtralConfig, Qwen2MoeConfig
 
-    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=256, hidden_act="silu", rms_norm_eps=1e-5, num_experts_per_tok=2,
-                  tie_word_embeddings=False)
-    if model_type == "mixtral":  # mistralai/Mixtral-8x7B-v0.1: 8 experts top-2, GQA 32/8, rope 1e6, no bias
-        return MixtralConfig(**common, intermediate_size=96, num_local_experts=4, rope_theta=1e6,
-                             router_jitter_noise=0.0, sliding_window=None)
-    if model_type == "qwen2_moe":  # Qwen/Qwen1.5-MoE-A2.7B: 60 experts top-4, shared expert + gate, qkv bias
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, max_position_embeddings=256,
+                  hidden_act="silu", num_experts_per_tok=2, tie_word_embeddings=False, rope_theta=1e6)
+    if model_type == "mixtral":  # mistralai/Mixtral-8x7B-v0.1: 4096/14336, 32 heads / 8 kv, 8 experts top-2
+        return MixtralConfig(**common, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2,
+                             num_local_experts=4, rms_norm_eps=1e-5, router_jitter_noise=0.0, sliding_window=None)
+    if model_type == "qwen2_moe":  # Qwen/Qwen1.5-MoE-A2.7B: 2048, experts 1408 wide, shared 5632, 16/16 heads
         return Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32,
-                              shared_expert_intermediate_size=128, num_experts=4, norm_topk_prob=False,
-                              decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1e6)
+                              shared_expert_intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                              num_experts=4, norm_topk_prob=False, rms_norm_eps=1e-6, decoder_sparse_step=1,
+                              mlp_only_layers=[], qkv_bias=True)
     raise KeyError(model_type)
 
 
@@ -201,6 +203,7 @@ def test_expert_without_tokens_falls_back(tmp_path, tokenizer_dir, calib_file, c
     sd["model.embed_tokens.weight"][:, 0] = 5.0
     sd["model.layers.0.self_attn.o_proj.weight"][0] = 0.0
     g = sd["model.layers.0.block_sparse_moe.gate.weight"]  # (E, H)
+    g[:, 0] = 0.0  # only expert 3 reads the constant channel
     g[3] = 0.0
     g[3, 0] = -10.0
     save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
@@ -208,8 +211,19 @@ def test_expert_without_tokens_falls_back(tmp_path, tokenizer_dir, calib_file, c
         res = llmpress.quantize(src, tmp_path / "g", method="gptq", bits=4, group_size=32, calib=str(calib_file),
                                 samples=2, seq_len=32, progress=False)
     warned = {r.getMessage().split(":")[0] for r in caplog.records if "no calibration token" in r.getMessage()}
-    layer0 = {w for w in warned if w.startswith("model.layers.0.")}  # (layer 1 sees the constant channel too)
-    assert layer0 == {f"model.layers.0.mlp.experts.3.{n}" for n in ("w1", "w2", "w3")}
+    # exactly the experts of layer 0 that its router (run in transformers) gives no token
+    from llmpress.models import load_tokenizer
+    from llmpress.pipeline import calib_ids
+
+    ref, seen = _hf(src), {}
+    h = ref.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, o: seen.update(idx=o[2]) or None)
+    with torch.inference_mode():
+        ref(input_ids=calib_ids(load_tokenizer(src), calib_file.read_text(), 2, 32))
+    h.remove()
+    idle = [e for e in range(4) if not (seen["idx"] == e).any()]
+    assert 3 in idle
+    layer0 = {w for w in warned if w.startswith("model.layers.0.")}
+    assert layer0 == {f"model.layers.0.mlp.experts.{e}.{n}" for e in idle for n in ("w1", "w2", "w3")}
     for n in ("w1", "w2", "w3"):
         rep = res["layers"][f"model.layers.0.mlp.experts.3.{n}"]
         assert rep["codec"] == "gptq" and rep["rel_err"] < 0.2
@@ -277,3 +291,15 @@ def test_factorize_and_finetune(moe_dir, tmp_path, calib_file):
     before, after = read_manifest(q)["tensors"], read_manifest(ft)["tensors"]
     assert before.keys() == after.keys() and any(".experts." in k for k in after)
     assert torch.isfinite(_logits(llmpress.load(ft), _ids())).all()
+
+
+def test_fused_checkpoint_refused(tmp_path):
+    """Fused expert tensors on disk (a raw state_dict dump) are refused by name before any work."""
+    from safetensors.torch import save_file
+
+    from llmpress.models import TensorStore, resolve
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 4, 3)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="fused expert tensors on disk"):
+        TensorStore(resolve(tmp_path))
