@@ -86,6 +86,10 @@ def moe_dir(request, tmp_path_factory, tokenizer_dir) -> Path:
     return _build(request.param, tmp_path_factory.mktemp(request.param), tokenizer_dir)
 
 
+# the clipping searches cost most of a tiny model's time and are not what these tests check
+FAST = {"gptq": {"range": "minmax"}, "awq": {"n_grid": 5, "clip": False}}
+
+
 def _ids(n: int = 2, t: int = 24) -> torch.Tensor:
     return torch.randint(0, 300, (n, t), generator=torch.Generator().manual_seed(3))
 
@@ -122,7 +126,7 @@ def test_quantize_per_expert_load_equals_dequantized(moe_dir, tmp_path, calib_fi
     out = tmp_path / "q"
     with caplog.at_level(logging.INFO, logger="llmpress.pipeline"):
         res = llmpress.quantize(moe_dir, out, method=method, bits=4, group_size=32, calib=str(calib_file),
-                                samples=4, seq_len=64, progress=False)
+                                samples=4, seq_len=64, progress=False, **FAST.get(method, {}))
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "kept dense (MoE routers" in said and "mlp.gate" in said and "not linear" not in said
     man = read_manifest(out)
@@ -209,7 +213,7 @@ def test_expert_without_tokens_falls_back(tmp_path, tokenizer_dir, calib_file, c
     save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
     with caplog.at_level(logging.WARNING, logger="llmpress.moe"):
         res = llmpress.quantize(src, tmp_path / "g", method="gptq", bits=4, group_size=32, calib=str(calib_file),
-                                samples=2, seq_len=32, progress=False)
+                                samples=2, seq_len=32, progress=False, **FAST["gptq"])
     warned = {r.getMessage().split(":")[0] for r in caplog.records if "no calibration token" in r.getMessage()}
     # exactly the experts of layer 0 that its router (run in transformers) gives no token
     from llmpress.models import load_tokenizer
