@@ -45,6 +45,12 @@ def _config(model_type: str, vocab: int):
                               shared_expert_intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
                               num_experts=4, norm_topk_prob=False, rms_norm_eps=1e-6, decoder_sparse_step=1,
                               mlp_only_layers=[], qkv_bias=True)
+    if model_type == "qwen3_moe":  # Qwen/Qwen3-30B-A3B: 2048, experts 768 wide, 128 top-8, 32/4 heads of 128, q/k norm
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, num_experts=4, norm_topk_prob=True,
+                              rms_norm_eps=1e-6, decoder_sparse_step=1, mlp_only_layers=[])
     raise KeyError(model_type)
 
 
@@ -307,3 +313,17 @@ def test_fused_checkpoint_refused(tmp_path):
     save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 4, 3)}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="fused expert tensors on disk"):
         TensorStore(resolve(tmp_path))
+
+
+def test_qwen3_moe_rtn_and_generate(tmp_path, tokenizer_dir):
+    """Qwen3-MoE (q/k norm, normalised top-k, no shared expert): split, quantized per expert
+    without calibration (streamed), loaded equal to transformers' dense export, and generating."""
+    src = _build("qwen3_moe", tmp_path / "src", tokenizer_dir)
+    out = tmp_path / "q"
+    llmpress.quantize(src, out, method="rtn", bits=4, group_size=32, progress=False)
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in read_manifest(out)["tensors"]
+    llmpress.export(out, tmp_path / "d", format="dense")
+    ids = _ids()
+    torch.testing.assert_close(_logits(llmpress.load(out), ids), _logits(_hf(tmp_path / "d"), ids), rtol=1e-4, atol=1e-4)
+    res = llmpress.generate(out, "the model routes", max_new_tokens=5, ignore_eos=True)
+    assert res["new_tokens"] == 5
