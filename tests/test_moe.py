@@ -263,22 +263,45 @@ def test_from_pretrained_per_expert(moe_dir, tmp_path):
     torch.testing.assert_close(_logits(llmpress.load(tmp_path / "re"), ids), want, rtol=0, atol=0)
 
 
-def test_exports_compressed_tensors_and_gguf_refusal(moe_dir, tmp_path):
+def test_exports_compressed_tensors_and_gguf(moe_dir, tmp_path):
     """compressed-tensors: per-expert packed layers that transformers decompresses and fuses into
-    the same logits; GGUF: refused before anything is written, naming why."""
+    the same logits. GGUF: each layer's experts packed into llama.cpp's stacked ffn_*_exps tensors,
+    block for block, read back by gguf-py equal to llmpress's decode; routers in F32."""
+    import gguf
     from transformers import AutoModelForCausalLM
+
+    from llmpress.targets.gguf_verify import verify
 
     out = tmp_path / "q"
     llmpress.quantize(moe_dir, out, method="rtn", grid="gguf:q4_0", progress=False)
     ct = tmp_path / "ct"
     rep = llmpress.export(out, ct, format="compressed-tensors")
-    assert rep["exact"] == 2 * (4 + 3 * 4 + (3 if (moe_dir / "config.json").read_text().count("shared_expert") else 0))
+    shared = "shared_expert" in (moe_dir / "config.json").read_text()
+    assert rep["exact"] == 2 * (4 + 3 * 4 + (3 if shared else 0))
     ids = _ids()
     hf = AutoModelForCausalLM.from_pretrained(str(ct)).eval()
     torch.testing.assert_close(_logits(hf, ids), _logits(llmpress.load(out), ids), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="mixture of experts.*stacked"):
-        llmpress.export(out, tmp_path / "m.gguf", format="gguf")
-    assert not (tmp_path / "m.gguf").exists()
+
+    g = tmp_path / "m.gguf"
+    llmpress.export(out, g, format="gguf")
+    reader = gguf.GGUFReader(str(g))
+    v = verify(reader, out)
+    assert v["max_abs_exact"] == 0.0 and not v["missing"] and not v["extra"]
+    t = {x.name: x for x in reader.tensors}
+    arch = reader.fields["general.architecture"].contents()
+    assert arch == ("qwen2moe" if shared else "llama")
+    assert reader.fields[f"{arch}.expert_count"].contents() == 4
+    assert reader.fields[f"{arch}.expert_used_count"].contents() == 2
+    for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        assert t[f"blk.1.{name}.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+        assert v["layers"][f"blk.1.{name}.weight"]["exact_layer"] and v["layers"][f"blk.1.{name}.weight"]["bitwise"]
+    inter = 32 if shared else 96
+    assert list(t["blk.0.ffn_gate_exps.weight"].shape) == [64, inter, 4]  # ggml order: (in, out, experts)
+    assert list(t["blk.0.ffn_down_exps.weight"].shape) == [inter, 64, 4]
+    assert t["blk.0.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    known = gguf.MODEL_TENSORS[next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)]
+    names = {gguf.TENSOR_NAMES[k].format(bid=b) for k in known for b in range(2)}
+    assert {n.rsplit(".", 1)[0] for n in t} <= names
 
 
 def test_factorize_and_finetune(moe_dir, tmp_path, calib_file):
