@@ -289,6 +289,7 @@ def _llama_extra(cfg: dict[str, Any]) -> dict[str, Tensor]:
 _LLAMA = Arch("llama", "model.layers.{bid}.", {**_LLAMA_BLOCK, **_BIASES}, _LLAMA_GLOBAL, decoder_hparams,
               permute_qk=True, extra=_llama_extra)
 _ROUTER = {"mlp.gate.weight": "ffn_gate_inp.weight"}
+_MOE_BLOCK = {k: v for k, v in {**_LLAMA_BLOCK, **_BIASES}.items() if not k.startswith("mlp.")}  # + experts
 _QWEN_SHARED = {
     "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
     "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
@@ -312,9 +313,9 @@ ARCHS: dict[str, Arch] = {
                   decoder_hparams),
     "phi3": Arch("phi3", "model.layers.{bid}.", _PHI3_BLOCK, _LLAMA_GLOBAL, phi3_hparams, extra=phi3_rope_factors),
     # llama.cpp runs Mixtral as llama with experts (its converter does the same)
-    "mixtral": Arch("llama", "model.layers.{bid}.", {**_LLAMA_BLOCK, **_ROUTER}, _LLAMA_GLOBAL, moe_hparams,
+    "mixtral": Arch("llama", "model.layers.{bid}.", {**_MOE_BLOCK, **_ROUTER}, _LLAMA_GLOBAL, moe_hparams,
                     permute_qk=True, stacked=_experts("w1", "w3", "w2")),
-    "qwen2_moe": Arch("qwen2moe", "model.layers.{bid}.", {**_LLAMA_BLOCK, **_BIASES, **_ROUTER, **_QWEN_SHARED},
+    "qwen2_moe": Arch("qwen2moe", "model.layers.{bid}.", {**_MOE_BLOCK, **_ROUTER, **_QWEN_SHARED},
                       _LLAMA_GLOBAL, moe_hparams, stacked=_experts("gate_proj", "up_proj", "down_proj")),
     "gpt2": Arch("gpt2", "transformer.h.{bid}.", _GPT2_BLOCK, _GPT2_GLOBAL, gpt2_hparams, alt_prefix="transformer."),
 }
