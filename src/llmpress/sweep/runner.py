@@ -145,24 +145,12 @@ def _local(tasks: list[Task], workers: int, address: str | None) -> Iterator[tup
 
 @executor("ray")
 def _ray(tasks: list[Task], workers: int, address: str | None) -> Iterator[tuple[Point, dict[str, Any]]]:
-    try:
-        import ray
-    except ImportError:
-        raise RuntimeError("parallel points need Ray: pip install ray (or use --workers 1)") from None
-    started = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
-        remote = ray.remote(num_cpus=1)(run_point)
+    from ..cluster import ray_cluster
+
+    with ray_cluster(workers, address, what="parallel points") as cluster:
+        remote = cluster.remote(run_point)
         pending = {remote.remote(p, s): p for p, s in tasks}
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = cluster.ray.wait(list(pending), num_returns=1)
             for ref in done:
-                yield pending.pop(ref), ray.get(ref)
-    finally:
-        if started:
-            ray.shutdown()
+                yield pending.pop(ref), cluster.ray.get(ref)
