@@ -350,3 +350,19 @@ def test_qwen3_moe_rtn_and_generate(tmp_path, tokenizer_dir):
     torch.testing.assert_close(_logits(llmpress.load(out), ids), _logits(_hf(tmp_path / "d"), ids), rtol=1e-4, atol=1e-4)
     res = llmpress.generate(out, "the model routes", max_new_tokens=5, ignore_eos=True)
     assert res["new_tokens"] == 5
+
+
+def test_experts_fan_out_on_ray(tmp_path, tokenizer_dir, calib_file, caplog, monkeypatch):
+    """GPTQ with the experts encoded in Ray tasks on a local cluster writes the same bytes as one process."""
+    pytest.importorskip("ray")
+    sent: list[int] = []
+    fan_out = moe.fan_out
+    monkeypatch.setattr(moe, "fan_out", lambda fn, jobs, cluster: sent.append(len(jobs)) or fan_out(fn, jobs, cluster))
+    src = _build("mixtral", tmp_path / "m", tokenizer_dir)
+    kw = dict(method="gptq", bits=4, group_size=32, calib=str(calib_file), samples=2, seq_len=32, progress=False,
+              **FAST["gptq"])
+    llmpress.quantize(src, tmp_path / "one", **kw)
+    with caplog.at_level(logging.INFO, logger="llmpress.cluster"):
+        llmpress.quantize(src, tmp_path / "ray", workers=2, **kw)
+    assert sent == [12, 12] and any("started locally" in r.getMessage() for r in caplog.records)  # 4 experts × 3, per block
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "ray" / "model.safetensors").read_bytes()

@@ -207,3 +207,26 @@ def fold_patterns(block: nn.Module) -> list:
         _say_no_norm_fold(cfg.model_type)
         pats += [FoldPattern(p, (c,), "linear") for p, c in fam.folds]
     return pats
+
+
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def is_expert(name: str) -> bool:
+    """A linear inside an ``ExpertList`` (``….mlp.experts.N.w1``)."""
+    return _EXPERT.search(name) is not None
+
+
+def _with_threads(fn: Any, threads: int, *args: Any) -> Any:
+    torch.set_num_threads(threads)  # the driver's count: the same arithmetic, so the same bits
+    return fn(*args)
+
+
+def fan_out(fn: Any, jobs: dict[str, tuple], cluster: Any) -> dict[str, Any]:
+    """{name: fn(*args)} for a block's expert linears, one Ray task each on ``cluster``
+    (``llmpress.cluster.Cluster``). Each encoding depends only on its weight, its Stats and its
+    rule, and runs with the driver's torch thread count, so the results are those of one process."""
+    threads = torch.get_num_threads()
+    task = cluster.remote(_with_threads)
+    refs = {name: task.remote(fn, threads, *args) for name, args in jobs.items()}
+    return {name: cluster.ray.get(ref) for name, ref in refs.items()}

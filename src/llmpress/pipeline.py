@@ -13,6 +13,7 @@ Peak memory: one block, plus the calibration activations (samples × seq_len × 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import sys
@@ -149,8 +150,12 @@ def compress(
     force: bool = False,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    workers: int = 1,
+    address: str | None = None,
 ) -> dict[str, Any]:
-    """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``)."""
+    """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``).
+    ``workers`` > 1 or ``address``: a mixture of experts' calibrated expert linears are encoded
+    in Ray tasks (``llmpress.cluster``), with the same results as in one process."""
     t0 = time.perf_counter()
     src = resolve(model)
     store = TensorStore(src)
@@ -158,12 +163,17 @@ def compress(
     skel = sk.build_meta(cfg)
     plan = _plan(skel, recipe)
     torch.manual_seed(0)
-    with atomic_dir(out, force=force) as tmp:
+    with contextlib.ExitStack() as stack, atomic_dir(out, force=force) as tmp:
         writer = FolderWriter(tmp)
         if plan.needs_stats:
             text = _calib_text(calib)
             ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), text, samples, seq_len)
-            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress)
+            cluster = None
+            if (workers > 1 or address) and any(moe.is_expert(n) for n in plan.rules):
+                from .cluster import ray_cluster
+
+                cluster = stack.enter_context(ray_cluster(workers, address, what="per-expert encoding"))
+            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress, cluster)
         else:
             layers = _run_streaming(skel, store, plan, writer, progress)
         bytes_in = sum(f.stat().st_size for f in store.files)
@@ -291,7 +301,8 @@ def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int)
     return _Walk(prefix, blocks, outside, hs, kws)
 
 
-def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int, progress: bool) -> dict[str, Any]:
+def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int, progress: bool,
+                    cluster: Any = None) -> dict[str, Any]:
     walk = _start_walk(skel, store, ids, bs)
     prefix, blocks, outside, hs, kws = walk.prefix, walk.blocks, walk.outside, walk.hs, walk.kws
     layers: dict[str, Any] = {}
@@ -303,11 +314,14 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
         lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m)}
         stats = _collect(block, lin, plan, hs, kws)
         changed = _prepare_block(block, bp, lin, plan, stats)  # e.g. AWQ folds its scales into the norms
+        done = {} if cluster is None else moe.fan_out(_compress_linear, {  # an MoE's experts, in Ray tasks
+            n: (n, sk.linear_weight(m), plan, stats.get(n)) for n, m in lin.items() if n in plan.rules and moe.is_expert(n)
+        }, cluster)
         for name, m in lin.items():
             if name not in plan.rules:
                 layers[name] = _keep_report(m.weight)
                 continue
-            ct, w_hat, layers[name] = _compress_linear(name, sk.linear_weight(m), plan, stats.get(name))
+            ct, w_hat, layers[name] = done.pop(name) if name in done else _compress_linear(name, sk.linear_weight(m), plan, stats.get(name))
             sk.set_linear_weight(m, w_hat)
             writer.add_compressed(f"{name}.weight", ct)
         stats.clear()
