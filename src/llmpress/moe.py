@@ -13,13 +13,18 @@ MoE case anywhere else in the pipeline:
 - calibration is routed: a pre-hook on an expert's linear sees only the tokens the router sent
   to that expert, so its Stats (Gram matrix) come from those tokens alone; an expert that got
   none is encoded with ``no_input_stats`` (identity Hessian: RTN-like) and a warning;
-- the router (``mlp.gate``, not an ``nn.Linear``) and the gates listed in ``dense`` stay dense;
+- the routers (``mlp.gate``, not an ``nn.Linear``) and the gates listed in ``dense`` stay dense
+  (``kept_dense``);
 - an output folder holds per-expert tensors, which transformers itself loads (its checkpoint
   conversion fuses ``.experts.*.w1.weight`` and friends), so a dense export is an ordinary
-  checkpoint.
+  checkpoint; the GGUF writer stacks them into llama.cpp's ``ffn_*_exps`` tensors.
+
+The Gram matrices are not weighted by the routing weights (an expert's output is scaled by its
+token's weight before the sum): each routed token counts once, as in a dense layer.
 
 ``checkpoint_renames`` maps a checkpoint's names to the skeleton's (Mixtral's hub checkpoints say
-``block_sparse_moe`` where the module is ``mlp``); ``TensorStore`` applies it.
+``block_sparse_moe`` where the module is ``mlp``); ``TensorStore`` applies it. ``fold_patterns``
+gives AWQ the folds that hold inside an expert; ``fan_out`` encodes a block's experts in Ray tasks.
 """
 from __future__ import annotations
 
