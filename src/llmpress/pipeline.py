@@ -15,6 +15,7 @@ the device; the codecs compute there and their stored tensors come back to the C
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import sys
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import skeleton as sk
+from . import moe, skeleton as sk
 from .io.atomic import atomic_dir
 from .io.folder import FolderWriter
 from .device import resolve_device, to_cpu
@@ -91,14 +92,17 @@ class _Plan:
 def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
     names = sk.linear_names(model)
     recipe.validate(names)
+    dense = moe.kept_dense(model)  # an MoE's routers and gates stay as they are
+    if dense:
+        log.info("kept dense (MoE routers, gates): %s", ", ".join(sorted(dense)[:4]) + (" …" if len(dense) > 4 else ""))
     rules = {}
-    for n in names:
+    for n in (n for n in names if n not in dense):
         r = recipe.rule_for(n)
         if r is not None and r.method != KEEP:
             rules[n] = (r.method, r.params)
     skipped = [
         n for n, m in model.named_modules()
-        if not sk.is_linear(m) and next(m.children(), None) is None
+        if not sk.is_linear(m) and next(m.children(), None) is None and n not in dense
         and any(p.ndim == 2 for p in m.parameters(recurse=False))
         and (r := recipe.rule_for(n)) is not None and r.method != KEEP
     ]
@@ -150,23 +154,35 @@ def compress(
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
     device: str | torch.device | None = "cpu",
+    workers: int = 1,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``).
-    ``device``: cpu | cuda | auto, where blocks, activations and the codecs' work go."""
+    ``device``: cpu | cuda | auto, where blocks, activations and the codecs' work go.
+    ``workers`` > 1 or ``address``: a mixture of experts' calibrated expert linears are encoded
+    in Ray tasks (``llmpress.cluster``), with the same results as in one process."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
+    if (workers > 1 or address) and dev.type != "cpu":
+        raise ValueError(f"--workers/--address fan an MoE's expert encoding out to CPU workers; with --device {dev} "
+                         "the experts are encoded on that device in this process: drop --workers or use --device cpu")
     src = resolve(model)
     store = TensorStore(src)
     cfg = sk.folder_config(src.folder)
     skel = sk.build_meta(cfg)
     plan = _plan(skel, recipe)
     torch.manual_seed(0)
-    with atomic_dir(out, force=force) as tmp:
+    with contextlib.ExitStack() as stack, atomic_dir(out, force=force) as tmp:
         writer = FolderWriter(tmp)
         if plan.needs_stats:
             text = _calib_text(calib)
             ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), text, samples, seq_len)
-            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress, dev)
+            cluster = None
+            if (workers > 1 or address) and any(moe.is_expert(n) for n in plan.rules):
+                from .cluster import ray_cluster
+
+                cluster = stack.enter_context(ray_cluster(workers, address, what="per-expert encoding"))
+            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress, dev, cluster)
         else:
             layers = _run_streaming(skel, store, plan, writer, progress, dev)
         bytes_in = sum(f.stat().st_size for f in store.files)
@@ -211,6 +227,9 @@ def _keep_report(t: torch.Tensor) -> dict[str, Any]:
 def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | None) -> tuple[CompressedTensor, torch.Tensor, dict[str, Any]]:
     """Encode one (out, in) weight by its rule; return the stored form, its decoding and its report."""
     codec_name, params = plan.rules[name]
+    codec = get_codec(codec_name)
+    if stats is None and codec.needs_stats:  # an expert the router sent no calibration token
+        stats = moe.no_input_stats(name, w.shape[1], bool(getattr(codec, "gram", True)))
     tt = time.perf_counter()
     ct = _encode(name, w, codec_name, params, stats)
     w_hat = get_codec(codec_name).decode(ct)  # where w is
@@ -299,7 +318,7 @@ def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int,
 
 
 def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int,
-                    progress: bool, dev: torch.device) -> dict[str, Any]:
+                    progress: bool, dev: torch.device, cluster: Any = None) -> dict[str, Any]:
     walk = _start_walk(skel, store, ids, bs, dev)
     prefix, blocks, outside, hs, kws = walk.prefix, walk.blocks, walk.outside, walk.hs, walk.kws
     layers: dict[str, Any] = {}
@@ -312,11 +331,14 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
         lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m)}
         stats = _collect(block, lin, plan, hs, kws)
         changed = _prepare_block(block, bp, lin, plan, stats)  # e.g. AWQ folds its scales into the norms
+        done = {} if cluster is None else moe.fan_out(_compress_linear, {  # an MoE's experts, in Ray tasks
+            n: (n, sk.linear_weight(m), plan, stats.get(n)) for n, m in lin.items() if n in plan.rules and moe.is_expert(n)
+        }, cluster)
         for name, m in lin.items():
             if name not in plan.rules:
                 layers[name] = _keep_report(m.weight)
                 continue
-            ct, w_hat, layers[name] = _compress_linear(name, sk.linear_weight(m), plan, stats.get(name))
+            ct, w_hat, layers[name] = done.pop(name) if name in done else _compress_linear(name, sk.linear_weight(m), plan, stats.get(name))
             sk.set_linear_weight(m, w_hat)
             writer.add_compressed(f"{name}.weight", ct)
         stats.clear()

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import moe
+
 log = logging.getLogger(__name__)
 
 
@@ -24,12 +26,14 @@ def _is_causal_config(cfg) -> bool:
 
 def build_meta(config) -> nn.Module:
     """Instantiate the model class of ``config`` on the meta device, with its non-persistent
-    buffers (rotary frequencies, position ids) computed for real on the CPU."""
+    buffers (rotary frequencies, position ids) computed for real on the CPU, and the fused
+    experts of a mixture-of-experts split into one module per expert (``moe.unfuse``)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if _is_causal_config(config) else AutoModel
     with torch.device("meta"):
         model = cls.from_config(config)
+        moe.unfuse(model)  # fused experts → one linear per expert matrix (moe.py)
     _materialize_nonpersistent(model, config)
     model.eval()
     return model

@@ -58,7 +58,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: i
              group_size: int | None = None,
              recipe: str | Path | Recipe | dict | None = None, calib: str | None = None, samples: int = 128,
              seq_len: int = 512, force: bool = False, progress: bool = True, device: str | None = "cpu",
-             **grid_opts: Any) -> dict[str, Any]:
+             workers: int = 1, address: str | None = None, **grid_opts: Any) -> dict[str, Any]:
     """Quantize ``model`` into the folder ``out``; returns the runner's summary (``bpw``,
     ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``peak_rss_bytes``, ``layers``).
     ``device``: cpu | cuda | auto (see :mod:`llmpress.device`)."""
@@ -67,4 +67,4 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: i
     r = build_recipe(method, bits, group_size, recipe, **grid_opts)
     log.info("quantize %s → %s with %d rule(s)", model, out, len(r.rules))
     return compress(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, progress=progress,
-                    extra_meta={"command": "quantize"}, device=device)
+                    extra_meta={"command": "quantize"}, device=device, workers=workers, address=address)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..moe import fold_patterns
 from ..tensor import Stats
 from .awq import search_scale
 
@@ -145,7 +146,7 @@ def fold_block(codec: Any, block: nn.Module, prefix: str, params: dict[str, dict
     changed: dict[str, Tensor] = {}
     parsed = {n: codec.parse(p) for n, p in params.items()}  # name -> (spec, opts, tname)
     mods = dict(block.named_modules())
-    for pat in PATTERNS:
+    for pat in PATTERNS + fold_patterns(block):  # an MoE block adds its per-expert ones
         names = [prefix + c for c in pat.consumers]
         if pat.producer not in mods or not all(c in mods for c in pat.consumers):
             continue
