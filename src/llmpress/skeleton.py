@@ -88,6 +88,29 @@ def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"{type(model).__name__}: no list of {n} transformer blocks found")
 
 
+def why_not_walkable(model: nn.Module) -> str | None:
+    """Why the sequential runner cannot walk ``model`` block by block (None when it can): it
+    follows one stack of blocks fed one after the other, so an encoder-decoder (two stacks, the
+    decoder's blocks reading the encoder's output) or a model without a list of
+    ``num_hidden_layers`` blocks is out of its reach."""
+    cfg = model.config
+    mt = getattr(cfg, "model_type", type(model).__name__)
+    if getattr(cfg, "is_encoder_decoder", False):
+        return f"{mt} is an encoder-decoder; the sequential runner walks one stack of blocks"
+    try:
+        blocks_of(model)
+    except ValueError as e:
+        return f"{mt} has no known block structure ({e})"
+    return None
+
+
+def check_walkable(model: nn.Module) -> None:
+    """Raise ``ValueError("unsupported: …")`` before any work when ``model`` cannot be walked."""
+    why = why_not_walkable(model)
+    if why is not None:
+        raise ValueError(f"unsupported: {why}")
+
+
 def linear_names(module: nn.Module, prefix: str = "") -> list[str]:
     """Names of the linear layers (nn.Linear and GPT-2's Conv1D) below ``module``."""
     return [f"{prefix}{n}" for n, m in module.named_modules() if is_linear(m)]

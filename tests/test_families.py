@@ -1,0 +1,159 @@
+"""The architecture matrix: every verb on small random models of nine dense families (tests/families.py).
+
+For each family: quantize (RTN, GPTQ, AWQ with the family's fold patterns) and factorize
+(whitened) → llmpress.load computes what the dense model holding the decoded weights computes
+(the dense export, loaded by transformers); at 8 bits the result stays next to the original (a
+wrong fold would not); evaluate gives finite figures; finetune runs; gguf and
+compressed-tensors export where the format holds the family and refuse by name where not.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmpress
+from llmpress.quant.linear import QuantLinear
+
+sys.path.insert(0, str(Path(__file__).parent))
+from families import FAMILIES, build  # noqa: E402
+
+CALIB = dict(samples=4, seq_len=32, progress=False)
+IDS = torch.randint(0, 2000, (2, 40), generator=torch.Generator().manual_seed(3))  # longer than the sliding windows
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def fam(request, smollm_dir, tmp_path_factory) -> tuple[str, Path]:
+    name = request.param
+    return name, build(name, tmp_path_factory.mktemp(name) / "orig", smollm_dir)
+
+
+def _logits(model, ids=IDS) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float()
+
+
+def _kl(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return torch.nn.functional.kl_div(a.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                      reduction="batchmean").item()
+
+
+def _hf(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def _block_linears(folder: Path) -> list[str]:
+    from llmpress import skeleton as sk
+
+    skel = sk.build_meta(sk.folder_config(folder))
+    prefix = sk.blocks_of(skel)[0] + "."
+    return [n for n in sk.linear_names(skel) if n.startswith(prefix)]
+
+
+def _stored_keys(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    return {k for f in folder.glob("*.safetensors") for k in safe_open(str(f), "pt").keys()}
+
+
+def _loads_as_dense(out: Path, tmp: Path) -> torch.Tensor:
+    """llmpress.load(out)'s logits equal those of the dense export (decoded linears) in transformers."""
+    model = llmpress.load(out)
+    got = _logits(model)
+    rep = llmpress.export(out, tmp / f"{out.name}-dense", format="dense")
+    assert rep["fallback"] == {}
+    want = _logits(_hf(tmp / f"{out.name}-dense"))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+    return got
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_quantize_load_equals_dequantized_dense(fam, method, tmp_path):
+    name, orig = fam
+    out = tmp_path / method
+    llmpress.quantize(orig, out, method=method, bits=8, group_size=16, **CALIB)
+    model = llmpress.load(out)
+    lin = _block_linears(orig)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(lin)
+    got = _loads_as_dense(out, tmp_path)
+    assert _kl(got, _logits(_hf(orig))) < 2e-3  # 8 bits: next to the original, folds included
+    if method == "awq":  # the family's folds applied: no stored input scale on its folded layers
+        keys = _stored_keys(out)
+        want = {f"{n}.in_scale" for n in lin if n.split(".", 3)[-1] in FAMILIES[name].awq_folded}
+        assert len(want) == 2 * len(FAMILIES[name].awq_folded)
+        assert not want & keys, sorted(want & keys)
+
+
+def test_factorize_whitened_loads(fam, tmp_path):
+    _, orig = fam
+    out = tmp_path / "lr"
+    llmpress.factorize(orig, out, method="whiten", ratio=0.5, samples=8, seq_len=32, progress=False)
+    got = _loads_as_dense(out, tmp_path)
+    assert torch.isfinite(got).all()
+    assert 0 < _kl(got, _logits(_hf(orig))) < 5.0
+
+
+def test_evaluate_and_finetune(fam, tmp_path):
+    _, orig = fam
+    q = tmp_path / "q"
+    llmpress.quantize(orig, q, method="rtn", bits=4, group_size=16, progress=False)
+    res = llmpress.evaluate(q, orig, text="python-doc", ctx=32, tokens=128, cache=False)
+    for k in ("ppl", "ref_ppl", "kl_mean", "top1"):
+        assert res[k] == res[k] and abs(res[k]) != float("inf"), (k, res[k])
+    assert res["kl_mean"] > 0
+    ft = tmp_path / "ft"
+    rep = llmpress.finetune(q, ft, reference=orig, steps=2, seq_len=32, batch_size=2, warmup=0, grad_ckpt=False,
+                            checkpoint_every=100, progress=False, allow_overlap=True)
+    assert rep is not None
+    assert torch.isfinite(_logits(llmpress.load(ft))).all()
+
+
+def test_export_where_the_format_holds_the_family(fam, tmp_path):
+    from llmpress.targets.api import ExportRefused
+
+    name, orig = fam
+    fam_ = FAMILIES[name]
+    q = tmp_path / "q8"
+    llmpress.quantize(orig, q, method="rtn", grid="gguf:q8_0", progress=False)  # a grid both formats take
+    n = len(_block_linears(orig))
+    if fam_.gguf:
+        rep = llmpress.export(q, tmp_path / "m.gguf", format="gguf")
+        assert rep["exact"] == n and (tmp_path / "m.gguf").stat().st_size > 0
+    else:
+        with pytest.raises(ValueError, match=f"unsupported architecture: {_hf_type(orig)}"):
+            llmpress.export(q, tmp_path / "m.gguf", format="gguf")
+        assert not (tmp_path / "m.gguf").exists()
+    if fam_.ct:
+        rep = llmpress.export(q, tmp_path / "ct", format="compressed-tensors")
+        assert rep["exact"] == n
+    else:
+        with pytest.raises(ExportRefused, match="not an nn.Linear weight \\(Conv1D\\)"):
+            llmpress.export(q, tmp_path / "ct", format="compressed-tensors")
+        assert not (tmp_path / "ct").exists()
+
+
+def _hf_type(folder: Path) -> str:
+    import json
+
+    return json.loads((folder / "config.json").read_text())["model_type"]
+
+
+def test_encoder_decoder_is_unsupported_before_any_work(smollm_dir, tmp_path):
+    """T5 has two stacks of blocks: calibrated methods refuse it by name, nothing is written."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    src = tmp_path / "t5"
+    tok = AutoTokenizer.from_pretrained(str(smollm_dir))
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                        num_heads=4, decoder_start_token_id=0)).save_pretrained(src)
+    tok.save_pretrained(src)
+    with pytest.raises(ValueError, match="unsupported: t5 is an encoder-decoder"):
+        llmpress.quantize(src, tmp_path / "q", method="gptq", bits=4, group_size=16, **CALIB)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="unsupported: t5 is an encoder-decoder"):
+        llmpress.factorize(src, tmp_path / "f", method="whiten", ratio=0.5, **CALIB)
+    assert not (tmp_path / "f").exists()
