@@ -53,8 +53,9 @@ FAMILIES: dict[str, Family] = {
              num_hidden_layers=24, num_key_value_heads=2, rms_norm_eps=1e-06, rope_theta=1000000.0,
              sliding_window=32768, tie_word_embeddings=True, torch_dtype="bfloat16", use_cache=True,
              use_sliding_window=False, vocab_size=151936),
-        # 7 query heads per kv head, as the original; head_dim 32 = hidden / heads
-        dict(hidden_size=224, intermediate_size=256, num_hidden_layers=2, num_attention_heads=7,
+        # 7 query heads per kv head, as the original; head_dim 32 (given, 7 × 32 ≠ 64) keeps every width a
+        # multiple of 32 (GGUF blocks)
+        dict(hidden_size=64, head_dim=32, intermediate_size=256, num_hidden_layers=2, num_attention_heads=7,
              num_key_value_heads=1, max_window_layers=2),
         awq_folded=_LLAMA_FOLDS,
     ),

@@ -46,12 +46,13 @@ def _hf(folder: Path):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
-def _block_linears(folder: Path) -> list[str]:
+def _block_linears(folder: Path) -> dict[str, str]:
+    """Every linear inside the blocks: full name -> name within its block."""
     from llmpress import skeleton as sk
 
     skel = sk.build_meta(sk.folder_config(folder))
     prefix = sk.blocks_of(skel)[0] + "."
-    return [n for n in sk.linear_names(skel) if n.startswith(prefix)]
+    return {n: n[len(prefix):].split(".", 1)[1] for n in sk.linear_names(skel) if n.startswith(prefix)}
 
 
 def _stored_keys(folder: Path) -> set[str]:
@@ -60,13 +61,23 @@ def _stored_keys(folder: Path) -> set[str]:
     return {k for f in folder.glob("*.safetensors") for k in safe_open(str(f), "pt").keys()}
 
 
-def _loads_as_dense(out: Path, tmp: Path) -> torch.Tensor:
-    """llmpress.load(out)'s logits equal those of the dense export (decoded linears) in transformers."""
-    model = llmpress.load(out)
-    got = _logits(model)
-    rep = llmpress.export(out, tmp / f"{out.name}-dense", format="dense")
-    assert rep["fallback"] == {}
-    want = _logits(_hf(tmp / f"{out.name}-dense"))
+def _dequantized_dense(out: Path, orig: Path):
+    """The original transformers model holding every tensor of ``out`` as llmpress decodes it
+    (linears decoded, norms as AWQ left them)."""
+    from llmpress.targets.source import ExportSource
+
+    model = _hf(orig)
+    with ExportSource(out) as src:
+        sd = {n: src.get(n).tensor().float() for n in src.names()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)  # a tied head
+    return model
+
+
+def _loads_as_dense(out: Path, orig: Path) -> torch.Tensor:
+    """llmpress.load(out)'s logits equal those of the dense model holding the decoded weights."""
+    got = _logits(llmpress.load(out))
+    want = _logits(_dequantized_dense(out, orig))
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
     return got
 
@@ -79,11 +90,11 @@ def test_quantize_load_equals_dequantized_dense(fam, method, tmp_path):
     model = llmpress.load(out)
     lin = _block_linears(orig)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(lin)
-    got = _loads_as_dense(out, tmp_path)
+    got = _loads_as_dense(out, orig)
     assert _kl(got, _logits(_hf(orig))) < 2e-3  # 8 bits: next to the original, folds included
     if method == "awq":  # the family's folds applied: no stored input scale on its folded layers
         keys = _stored_keys(out)
-        want = {f"{n}.in_scale" for n in lin if n.split(".", 3)[-1] in FAMILIES[name].awq_folded}
+        want = {f"{n}.in_scale" for n, rel in lin.items() if rel in FAMILIES[name].awq_folded}
         assert len(want) == 2 * len(FAMILIES[name].awq_folded)
         assert not want & keys, sorted(want & keys)
 
@@ -92,7 +103,7 @@ def test_factorize_whitened_loads(fam, tmp_path):
     _, orig = fam
     out = tmp_path / "lr"
     llmpress.factorize(orig, out, method="whiten", ratio=0.5, samples=8, seq_len=32, progress=False)
-    got = _loads_as_dense(out, tmp_path)
+    got = _loads_as_dense(out, orig)
     assert torch.isfinite(got).all()
     assert 0 < _kl(got, _logits(_hf(orig))) < 5.0
 
@@ -120,6 +131,9 @@ def test_export_where_the_format_holds_the_family(fam, tmp_path):
     q = tmp_path / "q8"
     llmpress.quantize(orig, q, method="rtn", grid="gguf:q8_0", progress=False)  # a grid both formats take
     n = len(_block_linears(orig))
+    rep = llmpress.export(q, tmp_path / "dense", format="dense")  # every family: the decoded model
+    assert rep["exact"] == n and rep["fallback"] == {}
+    assert torch.allclose(_logits(_hf(tmp_path / "dense")), _logits(llmpress.load(q)), rtol=1e-4, atol=1e-4)
     if fam_.gguf:
         rep = llmpress.export(q, tmp_path / "m.gguf", format="gguf")
         assert rep["exact"] == n and (tmp_path / "m.gguf").stat().st_size > 0

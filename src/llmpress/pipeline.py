@@ -4,7 +4,9 @@ Without calibration (every rule's codec is calibration-free) tensors are streame
 from the safetensors shards through their codecs. With calibration the runner follows the
 layer-wise scheme of GPTQ's ``llama.py``:
 
-1. capture the inputs of block 0 for the calibration samples (only the embeddings are loaded);
+1. capture the inputs of block 0 for the calibration samples, and what the model passes every
+   block (masks, rotary tables: they differ between a model's sliding and global layers), with
+   the blocks replaced by the identity (only the embeddings are loaded);
 2. for each block i: load its tensors, hook its linears to accumulate input Stats, run it,
    encode every linear by its rule, put the decoded weights back, run it again to produce the
    inputs of block i+1 (so later blocks see the errors of earlier ones), write, release.

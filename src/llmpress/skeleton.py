@@ -51,9 +51,26 @@ def _materialize_nonpersistent(model: nn.Module, config) -> None:
             except TypeError:
                 continue
         if fresh is None:
-            raise RuntimeError(f"cannot rebuild the buffers {metas} of {name} ({type(mod).__name__}) from the config")
+            _init_buffers(model, name, mod, metas)
+            continue
         for b in metas:
             setattr(mod, b, getattr(fresh, b))
+
+
+def _init_buffers(model: nn.Module, name: str, mod: nn.Module, metas: list[str]) -> None:
+    """Buffers of a module not built from the config alone (Gemma's ``embed_scale``, made from
+    constructor arguments): CPU tensors filled by the model's own ``_init_weights``, which
+    transformers 5 uses to set such buffers; NaN left in one means it did not."""
+    for b in metas:
+        t = mod._buffers[b]
+        mod._buffers[b] = torch.full(t.shape, float("nan"), dtype=t.dtype) if t.is_floating_point() else torch.zeros(t.shape, dtype=t.dtype)
+    init = getattr(model, "_init_weights", None)
+    if init is not None:
+        with torch.no_grad():
+            init(mod)
+    bad = [b for b in metas if mod._buffers[b].is_floating_point() and torch.isnan(mod._buffers[b]).any()]
+    if init is None or bad:
+        raise RuntimeError(f"cannot rebuild the buffers {bad or metas} of {name} ({type(mod).__name__}) from the config")
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
