@@ -18,10 +18,10 @@ import llmpress
 from llmpress.quant.linear import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
-from families import FAMILIES, build  # noqa: E402
+from families import FAMILIES, VOCAB, build  # noqa: E402
 
 CALIB = dict(samples=4, seq_len=32, progress=False)
-IDS = torch.randint(0, 2000, (2, 40), generator=torch.Generator().manual_seed(3))  # longer than the sliding windows
+IDS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))  # longer than the sliding windows
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
