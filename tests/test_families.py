@@ -102,6 +102,34 @@ def test_quantize_load_equals_dequantized_dense(fam, method, tmp_path):
         assert not want & keys, sorted(want & keys)
 
 
+def test_the_walk_reproduces_every_block_output(fam):
+    """The sequential runner's walk (block 0's input, then each block with what the model passes
+    it: Gemma's sliding and global masks and rotary tables, GPT-2's positional mask) gives every
+    block's output as the model's own forward does."""
+    from llmpress import skeleton as sk
+    from llmpress.models import TensorStore, resolve
+    from llmpress.pipeline import _block_out, _start_walk
+
+    _, orig = fam
+    model = _hf(orig)
+    seen: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+             for b in sk.blocks_of(model)[1]]
+    _logits(model, IDS[:1])
+    for hd in hooks:
+        hd.remove()
+    src = resolve(orig)
+    store = TensorStore(src)
+    skel = sk.build_meta(sk.folder_config(src.folder))
+    walk = _start_walk(skel, store, IDS[:1], 1)
+    hs = walk.hs
+    for i, block in enumerate(walk.blocks):
+        sk.fill(block, f"{walk.prefix}{i}.", store.get, dtype=torch.float32)
+        with torch.inference_mode():
+            hs = [_block_out(block, h, c) for h, c in zip(hs, walk.calls[i])]
+        assert torch.allclose(hs[0], seen[i], rtol=1e-4, atol=1e-4), (i, (hs[0] - seen[i]).abs().max())
+
+
 def test_every_fold_pattern_keeps_the_model_function(fam):
     """Each of the family's fold patterns, applied with random scales in every block (Gemma's
     1 + γ, Phi-3's fused rows, GPT-2's Conv1D, GQA-tied v → o), leaves the logits unchanged."""
