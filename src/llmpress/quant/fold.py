@@ -17,9 +17,12 @@ kv channel once per query head of its group, so its s is tied across those heads
 The Stats of the consumers are rewritten for the scaled input (H' = D⁻¹HD⁻¹, |x|/s), marked
 ``folded``, and the AWQ codec then only runs its clipping search on the scaled weights.
 
-Patterns (``PATTERNS``) are data: producer → consumers, by module name inside a block. A
-pattern applies when its modules exist, every consumer is quantized by AWQ with ``fold``
-on, the shapes fit, and (for a norm) the norm's output is checked to scale as γ does.
+Patterns are data, one tuple per family keyed by ``model_type`` (``FOLDS``; Llama's by
+default): producer → consumers, by module name inside a block, with a norm's offset (Gemma's
+x̂·(1 + γ)), the rows of a fused producer (Phi-3's qkv_proj and gate_up_proj, GPT-2's c_attn)
+and the config values a pattern needs (OPT: pre-norm, relu). A pattern applies when its modules
+exist, every consumer is quantized by AWQ with ``fold`` on, the shapes fit, and (for a norm)
+the norm's output is checked to scale as the fold assumes.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ class FoldPattern:
     kind: str  # "norm" | "linear" | "attn_v" (v → o through attention, GQA-tied)
     offset: float = 0.0
     rows: str | None = None
-    when: str | None = None  # a config flag the pattern needs (OPT's norms feed q/k/v only when pre-norm)
+    when: tuple[tuple[str, Any], ...] = ()  # config values the pattern needs: (attribute, value) pairs
 
 
 def _v_of_qkv(p_out: int, c_in: int) -> slice:
@@ -97,16 +100,16 @@ _GPT2 = (
 # OPT: LayerNorms with β; fc1 → relu → fc2 folds because relu(x/s) = relu(x)/s for s > 0
 _OPT = (
     FoldPattern("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm",
-                when="do_layer_norm_before"),
-    FoldPattern("final_layer_norm", ("fc1",), "norm", when="do_layer_norm_before"),
+                when=(("do_layer_norm_before", True),)),  # post-norm OPT (350m): the norm follows attention
+    FoldPattern("final_layer_norm", ("fc1",), "norm", when=(("do_layer_norm_before", True),)),
     FoldPattern("self_attn.v_proj", ("self_attn.out_proj",), "attn_v"),
-    FoldPattern("fc1", ("fc2",), "linear"),
+    FoldPattern("fc1", ("fc2",), "linear", when=(("activation_function", "relu"),)),
 )
 # per ``model_type``; a model type not listed gets Llama's (a pattern applies only where its
 # modules exist and its checks pass, so it never folds wrongly, at worst not at all)
 FOLDS: dict[str, tuple[FoldPattern, ...]] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "gemma": _GEMMA, "gemma2": _GEMMA, "gemma3_text": _GEMMA,
+    "gemma2": _GEMMA, "gemma3_text": _GEMMA,
     "phi3": _PHI3, "gpt2": _GPT2, "opt": _OPT,
 }
 PATTERNS = _LLAMA  # the default
@@ -115,7 +118,7 @@ PATTERNS = _LLAMA  # the default
 def patterns_for(config: Any) -> tuple[FoldPattern, ...]:
     """The fold patterns of a model's family (``config.model_type``) that its config allows."""
     pats = FOLDS.get(getattr(config, "model_type", None), PATTERNS)
-    return tuple(p for p in pats if p.when is None or getattr(config, p.when, False))
+    return tuple(p for p in pats if all(getattr(config, k, None) == v for k, v in p.when))
 
 
 @dataclass
