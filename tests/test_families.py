@@ -1,10 +1,13 @@
 """The architecture matrix: every verb on small random models of nine dense families (tests/families.py).
 
-For each family: quantize (RTN, GPTQ, AWQ with the family's fold patterns) and factorize
-(whitened) → llmpress.load computes what the dense model holding the decoded weights computes
-(the dense export, loaded by transformers); at 8 bits the result stays next to the original (a
-wrong fold would not); evaluate gives finite figures; finetune runs; gguf and
-compressed-tensors export where the format holds the family and refuse by name where not.
+For each family: the runner's walk reproduces every block's output; each fold pattern keeps
+the logits; quantize (RTN, GPTQ, AWQ with the family's fold patterns) and factorize (whitened)
+→ llmpress.load computes what the original transformers model holding the decoded tensors
+computes; at 8 bits the result stays next to the original and AWQ's scales fold where the
+family allows; evaluate gives finite figures; finetune runs; the dense export loads in
+transformers and computes what llmpress.load does; gguf and compressed-tensors export where the
+format holds the family and refuse by name where not. Calibrated methods refuse an
+encoder-decoder before any work.
 """
 from __future__ import annotations
 
