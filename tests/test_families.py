@@ -124,7 +124,7 @@ def test_the_walk_reproduces_every_block_output(fam):
     src = resolve(orig)
     store = TensorStore(src)
     skel = sk.build_meta(sk.folder_config(src.folder))
-    walk = _start_walk(skel, store, IDS[:1], 1)
+    walk = _start_walk(skel, store, IDS[:1], 1, torch.device("cpu"))
     hs = walk.hs
     for i, block in enumerate(walk.blocks):
         sk.fill(block, f"{walk.prefix}{i}.", store.get, dtype=torch.float32)

@@ -91,6 +91,13 @@ def fill(module: nn.Module, prefix: str, get: Callable[[str], torch.Tensor], dty
     module.load_state_dict(sd, assign=True, strict=True)
 
 
+def move(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Move every tensor of ``module`` that holds data to ``device``; tensors still on ``meta``
+    (the parts of a skeleton not loaded yet) stay there."""
+    dev = torch.device(device)
+    return module._apply(lambda t: t if t.is_meta or t.device == dev else t.to(dev))
+
+
 def release(module: nn.Module) -> None:
     """Drop a module's tensors back to the meta device (frees their memory)."""
     module.to("meta")

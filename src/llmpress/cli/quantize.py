@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import CALIB_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
 
 
 def _show(res: dict[str, Any]) -> None:
@@ -38,6 +38,7 @@ def quantize(
     calib: Optional[str] = CALIB_OPT,
     samples: int = SAMPLES_OPT,
     seq_len: int = SEQ_LEN_OPT,
+    device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -48,7 +49,7 @@ def quantize(
     opts: dict[str, Any] = {k: v for k, v in (("sym", sym), ("grid", grid), ("range", range_)) if v is not None}
     try:
         res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
-                  samples=samples, seq_len=seq_len, force=force, **opts)
+                  samples=samples, seq_len=seq_len, force=force, device=device, **opts)
     except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
         fail(str(e).strip("'\""))
     res.pop("layers", None)

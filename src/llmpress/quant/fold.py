@@ -156,8 +156,8 @@ def _norm_scales(norm: nn.Module, width: int, offset: float) -> bool:
     w = getattr(norm, "weight", None)
     if not isinstance(w, Tensor) or w.shape != (width,):
         return False
-    x = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
-    s = torch.linspace(0.5, 2.0, width)
+    x = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(device=w.device, dtype=w.dtype)
+    s = torch.linspace(0.5, 2.0, width, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         ref = norm(x)
         saved = {k: p.detach().clone() for k, p in norm.named_parameters(recurse=False)}
@@ -213,8 +213,8 @@ def apply_fold(mods: dict[str, nn.Module], prefix: str, pat: FoldPattern, s: Ten
     else:
         p_out = linear_weight(prod).shape[0]
         rows = _producer_rows(pat, p_out, width)
-        part = s if expand is None else torch.ones(rows.stop - rows.start).index_copy_(0, expand, s)
-        s_prod = torch.ones(p_out)
+        part = s if expand is None else torch.ones(rows.stop - rows.start, device=s.device).index_copy_(0, expand, s)
+        s_prod = torch.ones(p_out, device=s.device)
         s_prod[rows] = part
         _scale_rows(prod, s_prod)
         if getattr(prod, "bias", None) is not None:
@@ -260,8 +260,9 @@ def fold_block(codec: Any, block: nn.Module, prefix: str, params: dict[str, dict
                 expand = _gqa_expand(mods[pat.producer.rsplit(".", 1)[0]], p_out, width)
                 if expand is None:
                     continue
+                expand = expand.to(act.device)
                 # one scale per v channel: the mean |x| over the query heads that read it
-                act = torch.zeros(p_out).index_add_(0, expand, act) / torch.bincount(expand, minlength=p_out)
+                act = torch.zeros(p_out, device=act.device).index_add_(0, expand, act) / torch.bincount(expand, minlength=p_out)
             elif p_out != width:
                 continue
         H = st.gram.to(torch.float32) / max(1, st.n)
