@@ -4,7 +4,9 @@ Without calibration (every rule's codec is calibration-free) tensors are streame
 from the safetensors shards through their codecs. With calibration the runner follows the
 layer-wise scheme of GPTQ's ``llama.py``:
 
-1. capture the inputs of block 0 for the calibration samples (only the embeddings are loaded);
+1. capture the inputs of block 0 for the calibration samples, and what the model passes every
+   block (masks, rotary tables: they differ between a model's sliding and global layers), with
+   the blocks replaced by the identity (only the embeddings are loaded);
 2. for each block i: load its tensors, hook its linears to accumulate input Stats, run it,
    encode every linear by its rule, put the decoded weights back, run it again to produce the
    inputs of block i+1 (so later blocks see the errors of earlier ones), write, release.
@@ -171,6 +173,8 @@ def compress(
     cfg = sk.folder_config(src.folder)
     skel = sk.build_meta(cfg)
     plan = _plan(skel, recipe)
+    if plan.needs_stats:
+        sk.check_walkable(skel)
     torch.manual_seed(0)
     with contextlib.ExitStack() as stack, atomic_dir(out, force=force) as tmp:
         writer = FolderWriter(tmp)
@@ -263,22 +267,48 @@ def _run_streaming(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fol
     return layers
 
 
-def _block_out(block: nn.Module, h: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = block(h, **kwargs)
+@dataclass
+class BlockCall:
+    """What the model passes one block besides its hidden states: positional arguments after
+    them (GPT-2 passes its cache and mask so) and keyword arguments (masks, rotary tables)."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+def _block_out(block: nn.Module, h: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    out = block(h, *call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, bs: int) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Run the model up to block 0 for each batch; return its hidden inputs and kwargs."""
+def _identity_forward(*args: Any, **kwargs: Any) -> Any:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, bs: int) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
+    """Run the model through its blocks, each replaced by the identity (their weights are not
+    loaded), for each batch; return block 0's hidden inputs (one per batch) and every block's
+    call (``calls[block][batch]``). Blocks differ in what they are passed: Gemma's sliding
+    layers get a banded mask and local rotary tables, its global layers others. The forward
+    stops before the last block's output reaches the final norm and head."""
     hs: list[torch.Tensor] = []
-    kws: list[dict[str, Any]] = []
+    calls: list[list[BlockCall]] = [[] for _ in blocks]
+    last = len(blocks) - 1
 
-    def grab(_mod, args, kwargs):
-        hs.append(args[0] if args else kwargs.pop("hidden_states"))
-        kws.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Stop
+    def grab(i: int):
+        def hook(_mod, args, kwargs):
+            kw = dict(kwargs)
+            h = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                hs.append(h)
+            calls[i].append(BlockCall(tuple(args[1:]), kw))
+            if i == last:
+                raise _Stop
+        return hook
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    for b in blocks:
+        b.forward = _identity_forward  # an instance attribute: nn.Module.__call__ finds it first
     try:
         with torch.inference_mode():
             for i in range(0, ids.shape[0], bs):
@@ -288,8 +318,14 @@ def _capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, 
                 except _Stop:
                     pass
     finally:
-        handle.remove()
-    return hs, kws
+        for b in blocks:
+            del b.forward
+        for hd in handles:
+            hd.remove()
+    if any(len(c) != len(hs) for c in calls):
+        raise RuntimeError(f"{type(model).__name__}: not every block was called once per batch; the sequential runner "
+                           "cannot walk this model")
+    return hs, calls
 
 
 @dataclass
@@ -300,12 +336,12 @@ class _Walk:
     blocks: nn.ModuleList
     outside: set[str]                  # state-dict keys outside the blocks
     hs: list[torch.Tensor]             # block-0 hidden states, one (B, T, C) per batch
-    kws: list[dict[str, Any]]          # the keyword arguments each block receives, per batch
+    calls: list[list[BlockCall]]       # calls[block][batch]: what each block is passed besides them
 
 
 def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int, dev: torch.device) -> _Walk:
     """Load everything outside the blocks (embeddings, final norm, head) onto ``dev`` and capture
-    block 0's inputs there."""
+    the blocks' inputs there."""
     blocks_name, blocks = sk.blocks_of(skel)
     prefix = blocks_name + "."
     outside = {k for k in skel.state_dict() if not k.startswith(prefix)}
@@ -313,24 +349,24 @@ def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int,
     skel.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True, strict=False)
     sk.tie(skel)
     sk.move(skel, dev)  # what is loaded (and the rebuilt rotary buffers); the blocks stay on meta
-    hs, kws = _capture_inputs(skel, blocks, ids.to(dev), bs)
-    return _Walk(prefix, blocks, outside, hs, kws)
+    hs, calls = _capture_inputs(skel, blocks, ids.to(dev), bs)
+    return _Walk(prefix, blocks, outside, hs, calls)
 
 
 def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int,
                     progress: bool, dev: torch.device, cluster: Any = None) -> dict[str, Any]:
     walk = _start_walk(skel, store, ids, bs, dev)
-    prefix, blocks, outside, hs, kws = walk.prefix, walk.blocks, walk.outside, walk.hs, walk.kws
+    prefix, blocks, outside, hs = walk.prefix, walk.blocks, walk.outside, walk.hs
     layers: dict[str, Any] = {}
     outside_linears = {n: m for n, m in skel.named_modules() if sk.is_linear(m) and not n.startswith(prefix)}
     for i in tqdm(range(len(blocks)), desc="compress", disable=not progress, unit="block"):
         bp = f"{prefix}{i}."
-        block = blocks[i]
+        block, kws = blocks[i], walk.calls[i]
         sk.fill(block, bp, store.get, dtype=torch.float32)
         sk.move(block, dev)
         lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m)}
         stats = _collect(block, lin, plan, hs, kws)
-        changed = _prepare_block(block, bp, lin, plan, stats)  # e.g. AWQ folds its scales into the norms
+        changed = _prepare_block(block, bp, lin, plan, stats, skel.config)  # e.g. AWQ folds its scales into the norms
         done = {} if cluster is None else moe.fan_out(_compress_linear, {  # an MoE's experts, in Ray tasks
             n: (n, sk.linear_weight(m), plan, stats.get(n)) for n, m in lin.items() if n in plan.rules and moe.is_expert(n)
         }, cluster)
@@ -358,15 +394,18 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
     return layers
 
 
-def _prepare_block(block: nn.Module, bp: str, lin: dict[str, nn.Module], plan: _Plan, stats: dict[str, Stats]) -> dict[str, torch.Tensor]:
+def _prepare_block(block: nn.Module, bp: str, lin: dict[str, nn.Module], plan: _Plan, stats: dict[str, Stats],
+                   config: Any = None) -> dict[str, torch.Tensor]:
     """Let codecs with a ``prepare_block`` hook rewrite the block before its linears are encoded
     (they may change weights, other tensors and ``stats`` in place); returns {state key: tensor}
-    of the tensors outside the encoded linear weights that they changed."""
+    of the tensors outside the encoded linear weights that they changed. ``config``: the model's
+    (a hook may key its knowledge of the block by ``model_type``)."""
     changed: dict[str, torch.Tensor] = {}
     for c in sorted({plan.rules[n][0] for n in lin if n in plan.rules}):
         hook = getattr(get_codec(c), "prepare_block", None)
         if hook is not None:
-            changed.update(hook(block, bp, {n: plan.rules[n][1] for n in lin if n in plan.rules and plan.rules[n][0] == c}, stats))
+            changed.update(hook(block, bp, {n: plan.rules[n][1] for n in lin if n in plan.rules and plan.rules[n][0] == c}, stats,
+                                config=config))
     return changed
 
 
@@ -407,7 +446,7 @@ class _StatsHooks:
 
         return hook
 
-    def run(self, block: nn.Module, hs: list[torch.Tensor], kws: list[dict[str, Any]]) -> list[torch.Tensor | None]:
+    def run(self, block: nn.Module, hs: list[torch.Tensor], kws: list[BlockCall]) -> list[torch.Tensor | None]:
         """Run the block on every batch; return its outputs (None for a batch stopped early)."""
         outs: list[torch.Tensor | None] = []
         try:
@@ -426,7 +465,7 @@ class _StatsHooks:
         return outs
 
 
-def _collect(block: nn.Module, lin: dict[str, nn.Module], plan: _Plan, hs: list[torch.Tensor], kws: list[dict[str, Any]]) -> dict[str, Stats]:
+def _collect(block: nn.Module, lin: dict[str, nn.Module], plan: _Plan, hs: list[torch.Tensor], kws: list[BlockCall]) -> dict[str, Stats]:
     """Run the block on every batch, accumulating the input Stats of the linears whose codec needs them."""
     hooked = {n: m for n, m in lin.items() if n in plan.rules and get_codec(plan.rules[n][0]).needs_stats}
     if not hooked:
@@ -457,13 +496,14 @@ def iter_stats(
     src = resolve(model)
     store = TensorStore(src)
     skel = sk.build_meta(sk.folder_config(src.folder))
+    sk.check_walkable(skel)
     rx = re.compile(match)
     ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(calib), samples, seq_len)
     walk = _start_walk(skel, store, ids, batch_size, dev)
-    prefix, blocks, hs, kws = walk.prefix, walk.blocks, walk.hs, walk.kws
+    prefix, blocks, hs = walk.prefix, walk.blocks, walk.hs
     for i in tqdm(range(len(blocks)), desc="stats", disable=not progress, unit="block"):
         bp = f"{prefix}{i}."
-        block = blocks[i]
+        block, kws = blocks[i], walk.calls[i]
         sk.fill(block, bp, store.get, dtype=torch.float32)
         sk.move(block, dev)
         lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m) and rx.search(f"{bp}{n}")}
