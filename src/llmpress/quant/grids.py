@@ -133,6 +133,26 @@ class Grid:
         for grids of that form (compiled GPTQ); None for the others (codebooks)."""
         return None
 
+    # A grid whose parameters are fitted for whole rows at once (K-quant super-blocks) sets this:
+    # GPTQ then fits them before its column loop whatever ``static_groups`` says.
+    static: bool = False
+
+    def fit(self, wg: Tensor, spec: "GridSpec", loss: GroupLoss) -> dict[str, Tensor]:
+        """Parameters (R, G, 1) float32 for grouped weights wg (R, G, S) by ``spec.range``."""
+        return RANGES[spec.range](wg, spec, self, loss)
+
+    def check_shape(self, shape: tuple[int, int] | list[int], spec: "GridSpec") -> str | None:
+        """Why an (out, in) weight cannot take this grid, or None."""
+        return None
+
+    def to_data(self, params: dict[str, Tensor], spec: "GridSpec") -> dict[str, Tensor]:
+        """The stored tensors for fitted parameters: each (R, G) in the spec's dtype."""
+        return {k: v.squeeze(-1).to(spec.dtype).contiguous() for k, v in params.items()}
+
+    def group_params(self, data: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
+        """The parameters :meth:`dequantize` reads, (R, G) float32 each, from the stored tensors."""
+        return {k: data[k].to(torch.float32) for k in self.stored}
+
 
 GRIDS: dict[str, Grid] = {}
 # preset name -> the GridSpec fields it fixes (filled by :mod:`.presets`, e.g. "gguf:q4_0")
@@ -438,7 +458,7 @@ RANGES: dict[str, Callable[[Tensor, GridSpec, Grid, GroupLoss], dict[str, Tensor
 def fit(wg: Tensor, spec: GridSpec, loss: GroupLoss | None = None) -> dict[str, Tensor]:
     """Stored parameters for grouped weights wg (R, G, S): each (R, G, 1), float32 values
     already rounded to ``spec.scale_dtype``."""
-    return RANGES[spec.range](wg.to(torch.float32), spec, GRIDS[spec.grid_name], loss or squared_error)
+    return GRIDS[spec.grid_name].fit(wg.to(torch.float32), spec, loss or squared_error)
 
 
 def quantize(w: Tensor, p: dict[str, Tensor], spec: GridSpec) -> Tensor:
