@@ -22,8 +22,9 @@ scales and mins packed exactly as in ggml's ``block_q*_K`` (so the GGUF writer c
 ``CompressedTensor.nbits`` counts llama.cpp's bits per weight).
 
 Fitting (:meth:`KGrid.fit`, before any code is chosen; GPTQ fits the whole row this way up front):
-each sub-block's float scale/min by a shrink search of its range under the caller's loss (the
-Hessian-weighted output error for GPTQ/AWQ, squared error for RTN), the super-block's ``d``
+each sub-block's float scale/min by a shrink search of its range (``range: mse``; ``minmax``: the
+full range only), each candidate also refitted by least squares on its codes as llama.cpp does,
+the one of least loss kept (the Hessian-weighted output error for GPTQ/AWQ, squared error for RTN), the super-block's ``d``
 (``dmin``) from the largest sub-block scale (min) as llama.cpp does, the integers by rounding,
 then each sub-block's integers moved by ±1 where that lowers the loss with the quantized d.
 Rows whose width is not a multiple of 256 are refused: llama.cpp itself stores such tensors in
@@ -231,17 +232,40 @@ class KGrid(Grid):
     def _err(self, wg: Tensor, p: dict[str, Tensor]) -> Tensor:
         return self.dequantize(self.quantize(wg, p, self.layout.bits), p, self.layout.bits) - wg
 
+    def _least_squares(self, wg: Tensor, s: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+        """The scale (and min ≤ 0) of least squared error for the codes (s, m) give, as llama.cpp's
+        make_qkx2_quants refits after each candidate; groups where it is undefined keep (s, m)."""
+        L = self.layout
+        x = self.quantize(wg, {"scale": s, "offset": m}, L.bits) - L.code_zero  # (R, G, S)
+        n = float(wg.shape[-1])
+        sx, sw = x.sum(-1, keepdim=True), wg.sum(-1, keepdim=True)
+        sxx, sxw = (x * x).sum(-1, keepdim=True), (x * wg).sum(-1, keepdim=True)
+        if L.mins:
+            det = n * sxx - sx * sx
+            s2 = (n * sxw - sx * sw) / det.clamp_min(1e-30)
+            m2 = (sw - s2 * sx) / n
+            pos = m2 > 0  # llama.cpp's mins are ≤ 0: fit the scale alone through 0
+            s2 = torch.where(pos, sxw / sxx.clamp_min(1e-30), s2)
+            m2 = torch.where(pos, torch.zeros_like(m2), m2)
+            ok = (det > 0) & (s2 > 0)
+            return torch.where(ok, s2, s), torch.where(ok, m2, m)
+        s2 = sxw / sxx.clamp_min(1e-30)
+        ok = (sxx > 0) & (s2 != 0)
+        return torch.where(ok, s2, s), m
+
     def _fit_float(self, wg: Tensor, loss: GroupLoss, steps: list[float]) -> tuple[Tensor, Tensor]:
+        """Per sub-block: each shrunk range and its least-squares refit, the one of least loss."""
         lo, hi = _nan_min_max(wg)  # (R, G, 1)
         best = None
         for f in steps:
-            s, m = self._float_params(lo * f, hi * f)
-            e = loss(self._err(wg, {"scale": s, "offset": m}))  # (R, G)
-            if best is None:
-                best = (e, s, m)
-                continue
-            better = (e < best[0]).unsqueeze(-1)
-            best = (torch.minimum(e, best[0]), torch.where(better, s, best[1]), torch.where(better, m, best[2]))
+            s0, m0 = self._float_params(lo * f, hi * f)
+            for s, m in ((s0, m0), self._least_squares(wg, s0, m0)):
+                e = loss(self._err(wg, {"scale": s, "offset": m}))  # (R, G)
+                if best is None:
+                    best = (e, s, m)
+                    continue
+                better = (e < best[0]).unsqueeze(-1)
+                best = (torch.minimum(e, best[0]), torch.where(better, s, best[1]), torch.where(better, m, best[2]))
         return best[1], best[2]
 
     def _quantize_scales(self, s: Tensor, m: Tensor) -> dict[str, Tensor]:
