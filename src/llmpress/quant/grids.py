@@ -24,7 +24,9 @@ seed_rtn   the seed grid with round-to-nearest          scale
 
 :mod:`.presets` adds llama.cpp's scale rules on the sym form (``sym_signed``: s = x₊/−2^(b−1),
 signed, the extreme on the one-sided level; ``absmax``: s = a/(2^(b−1)−1)) and the presets
-``gguf:q4_0|q4_1|q5_0|q5_1|q8_0`` that fix bits, group 32 and float16 parameters at once.
+``gguf:q4_0|q4_1|q5_0|q5_1|q8_0`` that fix bits, group 32 and float16 parameters at once;
+:mod:`.kquant` the K-quant grids and presets ``gguf:q2_k..q6_k`` (a grid that fits, stores and
+reads back its own parameters: :meth:`Grid.fit`, :meth:`Grid.to_data`, :meth:`Grid.group_params`).
 
 (a = max(|lo|, |hi|), M = 2^b.) The asym form with a float offset m reproduces GGUF Q4_1
 exactly, which is why SmolLM2's Q4_1-dequantized weights come back bit for bit at 4 bits g32.
