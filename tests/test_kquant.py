@@ -127,6 +127,22 @@ def test_awq_scale_search_on_k_grid():
 def test_rows_not_multiple_of_256_refused():
     with pytest.raises(ValueError, match=r"576 weights are not a multiple of 256.*Q5_0/Q5_1/Q8_0"):
         get_codec("rtn").encode(torch.randn(8, 576), grid="gguf:q4_k")
+    with pytest.raises(ValueError, match="range 'percentile'"):
+        get_codec("rtn").encode(torch.randn(8, 256), grid="gguf:q6_k", range="percentile")
+
+
+def test_quant_linear_int4_kernel_on_q4_k():
+    """Q4_K's effective (scale, offset) per 32 is an affine 4-bit layout: torch's int4 kernel runs it."""
+    w = _weights(32)
+    ct = get_codec("rtn").encode(w, grid="gguf:q4_k")
+    m = QuantLinear.from_ct(ct)
+    assert m.prepare() == "int4"
+    x = torch.randn(3, w.shape[1])
+    ref = x @ get_codec("rtn").decode(ct).T
+    assert torch.allclose(m(x), ref, atol=1e-5)  # float32 activations: the exact path
+    m.bf16_compute = True
+    assert float((m(x) - ref).norm() / ref.norm()) < 0.01  # the kernel, in bf16
+    assert torch.equal(m.state_dict()["qweight"], ct.data["qweight"]) and m.state_dict()["scales"].shape == (32, 2, 12)
 
 
 def test_runner_refuses_before_any_work(tiny_llama_dir, tmp_path):
@@ -163,7 +179,7 @@ def test_gptq_q4_k_llama_exports_exactly(llama256, tmp_path):
     _load_commands()
     q = tmp_path / "q"
     r = CliRunner().invoke(app, ["quantize", str(llama256), "-o", str(q), "-m", "gptq", "--grid", "gguf:q4_k",
-                                 "--samples", "4", "--seq-len", "64", "--json"])
+                                 "--samples", "2", "--seq-len", "48", "--json"])
     assert r.exit_code == 0, r.output
     assert 4.5 <= json.loads(r.output.strip().splitlines()[-1])["bpw"] < 4.6
     rep = export(q, tmp_path / "m.gguf", format="gguf")

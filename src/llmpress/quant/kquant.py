@@ -178,6 +178,8 @@ class KGrid(Grid):
 
     # -- storage
     def check_shape(self, shape: tuple[int, int] | list[int], spec: GridSpec) -> str | None:
+        if spec.range not in ("minmax", "mse"):
+            return f"range {spec.range!r}: the {self.layout.name.upper()} fit takes minmax or mse"
         return why_not_shape(self.layout, int(shape[1]))
 
     def to_data(self, params: dict[str, Tensor], spec: GridSpec) -> dict[str, Tensor]:
