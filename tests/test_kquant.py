@@ -189,6 +189,8 @@ def test_gptq_q4_k_llama_exports_exactly(llama256, tmp_path):
     ex = [x for x in v["layers"].values() if x["exact_layer"]]
     assert len(ex) == 14 and all(x["bitwise"] and x["type"] == "Q4_K" for x in ex) and v["max_abs_exact"] == 0.0
     assert reader.fields["general.file_type"].parts[-1][0] == int(gguf.LlamaFileType.MOSTLY_Q4_K_S)
+    with pytest.raises(Exception, match="K-quant grid"):  # compressed-tensors has no two-level scales
+        export(q, tmp_path / "ct", format="compressed-tensors")
 
     # the GGUF's dequantized weights in the original model ≡ llmpress's quantized model
     import transformers as tf
