@@ -26,7 +26,10 @@ each sub-block's float scale/min by a shrink search of its range (``range: mse``
 full range only), the best one also refitted by least squares on its codes (llama.cpp's make_qkx2 step),
 the one of least loss kept (the Hessian-weighted output error for GPTQ/AWQ, squared error for RTN), the super-block's ``d``
 (``dmin``) from the largest sub-block scale (min) as llama.cpp does, the integers by rounding,
-then each sub-block's integers moved by ±1 where that lowers the loss with the quantized d.
+then each sub-block's integers moved by ±1 where that lowers the loss with the quantized d (scale
+and min together with ``mse``; one at a time with ``minmax``, the cheap form AWQ's scale search
+calls 20 times a layer). GPTQ and AWQ's final fit use ``mse``; ``quantize -m rtn --range mse``
+gives RTN the whole search.
 Rows whose width is not a multiple of 256 are refused: llama.cpp itself stores such tensors in
 Q5_0/Q5_1/Q8_0 instead (its ``llama-quantize`` fallback), which the ``gguf:q5_0|q5_1|q8_0`` presets give.
 """
@@ -219,7 +222,7 @@ class KGrid(Grid):
                  if spec.range == "mse" else [1.0])
         s, m = self._fit_float(wg, loss, steps)  # (R, G, 1) each
         p = self._quantize_scales(s, m)
-        return self._refine(wg, loss, p)
+        return self._refine(wg, loss, p, joint=spec.range == "mse")
 
     def _float_params(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         """Unquantized sub-block scale and min for the range [lo, hi]: mins types ŵ = q·s + m with
@@ -319,13 +322,17 @@ class KGrid(Grid):
             p["offset"] = -(p["dmin"] * p["mn"])
         return p
 
-    def _refine(self, wg: Tensor, loss: GroupLoss, p: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Move each sub-block's integers by −1, 0 or +1 (scale and min together) where the loss with
-        the quantized d/dmin is lower: rounding them one by one ignores how scale and min interact."""
+    def _refine(self, wg: Tensor, loss: GroupLoss, p: dict[str, Tensor], joint: bool) -> dict[str, Tensor]:
+        """Move each sub-block's integers by −1, 0 or +1 (``joint``: scale and min together, else one
+        then the other) where the loss with the quantized d/dmin is lower: rounding them one by one
+        ignores how scale and min interact."""
         L = self.layout
         lo_sc = 1 if L.mins else 0
         best_e = self._score(loss, self._err(wg, p))
-        moves = [(a, b) for a in (-1, 0, 1) for b in ((-1, 0, 1) if L.mins else (0,)) if (a, b) != (0, 0)]
+        if joint:
+            moves = [(a, b) for a in (-1, 0, 1) for b in ((-1, 0, 1) if L.mins else (0,)) if (a, b) != (0, 0)]
+        else:
+            moves = [(-1, 0), (1, 0)] + ([(0, -1), (0, 1)] if L.mins else [])
         for a, b in moves:
             sc = (p["sc"] + a).clamp(lo_sc, L.sc_max)
             if not L.mins:
