@@ -10,9 +10,12 @@ layer-wise scheme of GPTQ's ``llama.py``:
    inputs of block i+1 (so later blocks see the errors of earlier ones), write, release.
 
 Peak memory: one block, plus the calibration activations (samples × seq_len × hidden).
+With ``device`` (``--device cuda``) the embeddings, each block in turn and the activations live on
+the device; the codecs compute there and their stored tensors come back to the CPU for writing.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import sys
@@ -26,9 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import skeleton as sk
+from . import moe, skeleton as sk
 from .io.atomic import atomic_dir
 from .io.folder import FolderWriter
+from .device import resolve_device, to_cpu
 from .models import TensorStore, config as source_config, load_tokenizer, resolve
 from .recipe import KEEP, Recipe
 from .tensor import CompressedTensor, Stats, get_codec
@@ -88,14 +92,17 @@ class _Plan:
 def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
     names = sk.linear_names(model)
     recipe.validate(names)
+    dense = moe.kept_dense(model)  # an MoE's routers and gates stay as they are
+    if dense:
+        log.info("kept dense (MoE routers, gates): %s", ", ".join(sorted(dense)[:4]) + (" …" if len(dense) > 4 else ""))
     rules = {}
-    for n in names:
+    for n in (n for n in names if n not in dense):
         r = recipe.rule_for(n)
         if r is not None and r.method != KEEP:
             rules[n] = (r.method, r.params)
     skipped = [
         n for n, m in model.named_modules()
-        if not sk.is_linear(m) and next(m.children(), None) is None
+        if not sk.is_linear(m) and next(m.children(), None) is None and n not in dense
         and any(p.ndim == 2 for p in m.parameters(recurse=False))
         and (r := recipe.rule_for(n)) is not None and r.method != KEEP
     ]
@@ -156,23 +163,38 @@ def compress(
     force: bool = False,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    device: str | torch.device | None = "cpu",
+    workers: int = 1,
+    address: str | None = None,
 ) -> dict[str, Any]:
-    """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``)."""
+    """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``).
+    ``device``: cpu | cuda | auto, where blocks, activations and the codecs' work go.
+    ``workers`` > 1 or ``address``: a mixture of experts' calibrated expert linears are encoded
+    in Ray tasks (``llmpress.cluster``), with the same results as in one process."""
     t0 = time.perf_counter()
+    dev = resolve_device(device)
+    if (workers > 1 or address) and dev.type != "cpu":
+        raise ValueError(f"--workers/--address fan an MoE's expert encoding out to CPU workers; with --device {dev} "
+                         "the experts are encoded on that device in this process: drop --workers or use --device cpu")
     src = resolve(model)
     store = TensorStore(src)
     cfg = sk.folder_config(src.folder)
     skel = sk.build_meta(cfg)
     plan = _plan(skel, recipe)
     torch.manual_seed(0)
-    with atomic_dir(out, force=force) as tmp:
+    with contextlib.ExitStack() as stack, atomic_dir(out, force=force) as tmp:
         writer = FolderWriter(tmp)
         if plan.needs_stats:
             text = _calib_text(calib)
             ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), text, samples, seq_len)
-            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress)
+            cluster = None
+            if (workers > 1 or address) and any(moe.is_expert(n) for n in plan.rules):
+                from .cluster import ray_cluster
+
+                cluster = stack.enter_context(ray_cluster(workers, address, what="per-expert encoding"))
+            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress, dev, cluster)
         else:
-            layers = _run_streaming(skel, store, plan, writer, progress)
+            layers = _run_streaming(skel, store, plan, writer, progress, dev)
         bytes_in = sum(f.stat().st_size for f in store.files)
         lin_bits = sum(r["bits"] for r in layers.values())
         lin_n = sum(r["numel"] for r in layers.values())
@@ -193,6 +215,7 @@ def compress(
         ratio=manifest["bytes_out"] / max(1, bytes_in),
         seconds=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss_bytes(),
+        device=str(dev),
         out=str(out),
     )
     return summary
@@ -214,17 +237,23 @@ def _keep_report(t: torch.Tensor) -> dict[str, Any]:
 def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | None) -> tuple[CompressedTensor, torch.Tensor, dict[str, Any]]:
     """Encode one (out, in) weight by its rule; return the stored form, its decoding and its report."""
     codec_name, params = plan.rules[name]
+    codec = get_codec(codec_name)
+    if stats is None and codec.needs_stats:  # an expert the router sent no calibration token
+        stats = moe.no_input_stats(name, w.shape[1], bool(getattr(codec, "gram", True)))
     tt = time.perf_counter()
     ct = _encode(name, w, codec_name, params, stats)
-    w_hat = get_codec(codec_name).decode(ct)
-    return ct, w_hat, _layer_report(w, w_hat, ct, stats, time.perf_counter() - tt)
+    w_hat = get_codec(codec_name).decode(ct)  # where w is
+    rep = _layer_report(w, w_hat, ct, stats, time.perf_counter() - tt)
+    ct.data = to_cpu(ct.data)  # stored from host memory
+    return ct, w_hat, rep
 
 
 def _stream_tensor(key: str, t: torch.Tensor, linears: dict[str, nn.Module], plan: _Plan, writer: FolderWriter,
-                   layers: dict[str, Any]) -> None:
+                   layers: dict[str, Any], dev: torch.device) -> None:
     """One checkpoint tensor, straight through its codec (no calibration) or kept as it is."""
     mod_name, _, leaf = key.rpartition(".")
     if leaf == "weight" and mod_name in plan.rules:
+        t = t.to(dev)
         w = t.float().T if type(linears[mod_name]).__name__ == "Conv1D" else t.float()
         ct, _, layers[mod_name] = _compress_linear(mod_name, w, plan, None)
         writer.add_compressed(key, ct)
@@ -234,12 +263,13 @@ def _stream_tensor(key: str, t: torch.Tensor, linears: dict[str, nn.Module], pla
         writer.add_tensor(key, t)
 
 
-def _run_streaming(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, progress: bool) -> dict[str, Any]:
+def _run_streaming(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, progress: bool,
+                   dev: torch.device) -> dict[str, Any]:
     """No calibration: each tensor goes from the shards through its codec to the output."""
     layers: dict[str, Any] = {}
     linears = {n: m for n, m in skel.named_modules() if sk.is_linear(m)}
     for key in tqdm(store.keys(), desc="compress", disable=not progress, unit="tensor"):
-        _stream_tensor(key, store.get(key), linears, plan, writer, layers)
+        _stream_tensor(key, store.get(key), linears, plan, writer, layers, dev)
     return layers
 
 
@@ -283,20 +313,23 @@ class _Walk:
     kws: list[dict[str, Any]]          # the keyword arguments each block receives, per batch
 
 
-def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int) -> _Walk:
-    """Load everything outside the blocks (embeddings, final norm, head) and capture block 0's inputs."""
+def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int, dev: torch.device) -> _Walk:
+    """Load everything outside the blocks (embeddings, final norm, head) onto ``dev`` and capture
+    block 0's inputs there."""
     blocks_name, blocks = sk.blocks_of(skel)
     prefix = blocks_name + "."
     outside = {k for k in skel.state_dict() if not k.startswith(prefix)}
     sd = {k: store.get(k) for k in outside if k in store.where}
     skel.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True, strict=False)
     sk.tie(skel)
-    hs, kws = _capture_inputs(skel, blocks, ids, bs)
+    sk.move(skel, dev)  # what is loaded (and the rebuilt rotary buffers); the blocks stay on meta
+    hs, kws = _capture_inputs(skel, blocks, ids.to(dev), bs)
     return _Walk(prefix, blocks, outside, hs, kws)
 
 
-def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int, progress: bool) -> dict[str, Any]:
-    walk = _start_walk(skel, store, ids, bs)
+def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int,
+                    progress: bool, dev: torch.device, cluster: Any = None) -> dict[str, Any]:
+    walk = _start_walk(skel, store, ids, bs, dev)
     prefix, blocks, outside, hs, kws = walk.prefix, walk.blocks, walk.outside, walk.hs, walk.kws
     layers: dict[str, Any] = {}
     outside_linears = {n: m for n, m in skel.named_modules() if sk.is_linear(m) and not n.startswith(prefix)}
@@ -304,14 +337,18 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
         bp = f"{prefix}{i}."
         block = blocks[i]
         sk.fill(block, bp, store.get, dtype=torch.float32)
+        sk.move(block, dev)
         lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m)}
         stats = _collect(block, lin, plan, hs, kws)
         changed = _prepare_block(block, bp, lin, plan, stats)  # e.g. AWQ folds its scales into the norms
+        done = {} if cluster is None else moe.fan_out(_compress_linear, {  # an MoE's experts, in Ray tasks
+            n: (n, sk.linear_weight(m), plan, stats.get(n)) for n, m in lin.items() if n in plan.rules and moe.is_expert(n)
+        }, cluster)
         for name, m in lin.items():
             if name not in plan.rules:
                 layers[name] = _keep_report(m.weight)
                 continue
-            ct, w_hat, layers[name] = _compress_linear(name, sk.linear_weight(m), plan, stats.get(name))
+            ct, w_hat, layers[name] = done.pop(name) if name in done else _compress_linear(name, sk.linear_weight(m), plan, stats.get(name))
             sk.set_linear_weight(m, w_hat)
             writer.add_compressed(f"{name}.weight", ct)
         stats.clear()
@@ -323,11 +360,11 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
             mod_name = key.rsplit(".", 1)[0]
             if not (mod_name in plan.rules and key.endswith(".weight")):
                 orig = store.get(key)
-                writer.add_tensor(key, changed[key].to(orig.dtype) if key in changed else orig)
+                writer.add_tensor(key, changed[key].to(device="cpu", dtype=orig.dtype) if key in changed else orig)
         sk.release(block)
     for key in sorted(outside):
         if key in store.where:  # absent when tied to another tensor
-            _stream_tensor(key, store.get(key), outside_linears, plan, writer, layers)
+            _stream_tensor(key, store.get(key), outside_linears, plan, writer, layers, dev)
     return layers
 
 
@@ -419,23 +456,26 @@ def iter_stats(
     match: str = ".*",
     gram: bool = True,
     progress: bool = True,
+    device: str | torch.device | None = "cpu",
 ) -> Iterator[dict[str, Stats]]:
     """Input Stats of every matching linear of the ORIGINAL model, yielded one block at a time
     (no change to the weights). A caller that drops each block's dict before asking for the next
-    holds at most one block's Gram matrices."""
+    holds at most one block's Gram matrices. The Stats live on ``device``."""
     import re
 
+    dev = resolve_device(device)
     src = resolve(model)
     store = TensorStore(src)
     skel = sk.build_meta(sk.folder_config(src.folder))
     rx = re.compile(match)
     ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(calib), samples, seq_len)
-    walk = _start_walk(skel, store, ids, batch_size)
+    walk = _start_walk(skel, store, ids, batch_size, dev)
     prefix, blocks, hs, kws = walk.prefix, walk.blocks, walk.hs, walk.kws
     for i in tqdm(range(len(blocks)), desc="stats", disable=not progress, unit="block"):
         bp = f"{prefix}{i}."
         block = blocks[i]
         sk.fill(block, bp, store.get, dtype=torch.float32)
+        sk.move(block, dev)
         lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m) and rx.search(f"{bp}{n}")}
         hooks = _StatsHooks(lin, {n: gram for n in lin})
         hs = hooks.run(block, hs, kws)
@@ -456,12 +496,13 @@ def collect_stats(
     match: str = ".*",
     gram: bool = True,
     progress: bool = True,
+    device: str | torch.device | None = "cpu",
 ) -> dict[str, Stats]:
     """Input Stats of every matching linear of the ORIGINAL model (block by block, no change
     to the weights), all at once: for sensitivity measurements. ``iter_stats`` gives them one
     block at a time."""
     out: dict[str, Stats] = {}
     for stats in iter_stats(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, match=match,
-                            gram=gram, progress=progress):
+                            gram=gram, progress=progress, device=device):
         out.update(stats)
     return out

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import moe
+
 log = logging.getLogger(__name__)
 
 
@@ -24,12 +26,14 @@ def _is_causal_config(cfg) -> bool:
 
 def build_meta(config) -> nn.Module:
     """Instantiate the model class of ``config`` on the meta device, with its non-persistent
-    buffers (rotary frequencies, position ids) computed for real on the CPU."""
+    buffers (rotary frequencies, position ids) computed for real on the CPU, and the fused
+    experts of a mixture-of-experts split into one module per expert (``moe.unfuse``)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if _is_causal_config(config) else AutoModel
     with torch.device("meta"):
         model = cls.from_config(config)
+        moe.unfuse(model)  # fused experts → one linear per expert matrix (moe.py)
     _materialize_nonpersistent(model, config)
     model.eval()
     return model
@@ -72,6 +76,13 @@ def fill(module: nn.Module, prefix: str, get: Callable[[str], torch.Tensor], dty
         t = get(f"{prefix}{k}")
         sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     module.load_state_dict(sd, assign=True, strict=True)
+
+
+def move(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Move every tensor of ``module`` that holds data to ``device``; tensors still on ``meta``
+    (the parts of a skeleton not loaded yet) stay there."""
+    dev = torch.device(device)
+    return module._apply(lambda t: t if t.is_meta or t.device == dev else t.to(dev))
 
 
 def release(module: nn.Module) -> None:

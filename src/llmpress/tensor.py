@@ -73,7 +73,7 @@ def gram_matrix(x: Tensor, parts: int = 3) -> Tensor:
         return x.T @ x
     b = -(-n // parts)
     cols = [slice(i, min(i + b, n)) for i in range(0, n, b)]
-    g = torch.empty(n, n, dtype=x.dtype)
+    g = torch.empty(n, n, dtype=x.dtype, device=x.device)
     for i, ci in enumerate(cols):
         for cj in cols[i:]:
             blk = x[:, ci].T @ x[:, cj]  # (|ci|, |cj|)

@@ -58,7 +58,7 @@ def search_scale(ws: list[Tensor], specs: list[GridSpec], H: Tensor, act: Tensor
     (in,) — or (k,) with ``expand`` (in,) mapping each input channel to its entry of act (a
     scale tied across channels, e.g. GQA heads). α = 0 (s = 1) is RTN. Returns (s (in,), α, error)."""
     search = [GridSpec(**{**sp.__dict__, "range": "minmax" if sp.range == "mse" else sp.range}) for sp in specs]
-    best = (float("inf"), 0.0, torch.ones(H.shape[0]))
+    best = (float("inf"), 0.0, torch.ones(H.shape[0], device=H.device))
     for alpha in (i / n_grid for i in range(n_grid)):
         s = channel_scale(act, alpha)
         if expand is not None:

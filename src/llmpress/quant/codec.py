@@ -59,7 +59,7 @@ def column_params(data: dict[str, Tensor], meta: dict[str, Any], g_idx: Tensor |
     if g_idx is None:
         g_idx = data["g_idx"].long() if "g_idx" in data else grids.group_index(inp, int(meta["group_size"]))
     grid = grids.GRIDS[meta["grid"]]
-    return {k: v.index_select(1, g_idx) for k, v in grid.group_params(data, meta).items()}
+    return {k: v.index_select(1, g_idx.to(v.device)) for k, v in grid.group_params(data, meta).items()}
 
 
 def dequantize_ct(ct: CompressedTensor) -> Tensor:

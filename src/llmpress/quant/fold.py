@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..moe import fold_patterns
 from ..tensor import Stats
 from .awq import search_scale
 
@@ -77,8 +78,8 @@ def _norm_scales(norm: nn.Module, width: int) -> bool:
     w = getattr(norm, "weight", None)
     if not isinstance(w, Tensor) or w.shape != (width,):
         return False
-    x = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
-    s = torch.linspace(0.5, 2.0, width)
+    x = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(device=w.device, dtype=w.dtype)
+    s = torch.linspace(0.5, 2.0, width, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         ref = norm(x)
         saved = {k: p.detach().clone() for k, p in norm.named_parameters(recurse=False)}
@@ -128,7 +129,7 @@ def apply_fold(mods: dict[str, nn.Module], prefix: str, pat: FoldPattern, s: Ten
                 p.div_(s.to(p.dtype))
                 changed[f"{prefix}{pat.producer}.{k}"] = p.detach().clone()
     else:
-        s_prod = s if expand is None else torch.ones(linear_weight(prod).shape[0]).index_copy_(0, expand, s)
+        s_prod = s if expand is None else torch.ones(linear_weight(prod).shape[0], device=s.device).index_copy_(0, expand, s)
         _scale_rows(prod, s_prod)
         if getattr(prod, "bias", None) is not None:
             changed[f"{prefix}{pat.producer}.bias"] = prod.bias.detach().clone()
@@ -145,7 +146,7 @@ def fold_block(codec: Any, block: nn.Module, prefix: str, params: dict[str, dict
     changed: dict[str, Tensor] = {}
     parsed = {n: codec.parse(p) for n, p in params.items()}  # name -> (spec, opts, tname)
     mods = dict(block.named_modules())
-    for pat in PATTERNS:
+    for pat in PATTERNS + fold_patterns(block):  # an MoE block adds its per-expert ones
         names = [prefix + c for c in pat.consumers]
         if pat.producer not in mods or not all(c in mods for c in pat.consumers):
             continue
@@ -170,8 +171,9 @@ def fold_block(codec: Any, block: nn.Module, prefix: str, params: dict[str, dict
                 expand = _gqa_expand(mods[pat.producer.rsplit(".", 1)[0]], p_out, width)
                 if expand is None:
                     continue
+                expand = expand.to(act.device)
                 # one scale per v channel: the mean |x| over the query heads that read it
-                act = torch.zeros(p_out).index_add_(0, expand, act) / torch.bincount(expand, minlength=p_out)
+                act = torch.zeros(p_out, device=act.device).index_add_(0, expand, act) / torch.bincount(expand, minlength=p_out)
             elif p_out != width:
                 continue
         H = st.gram.to(torch.float32) / max(1, st.n)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..device import host_kernels
 from .search_kernel import affine_error
 from .grids import GRIDS, PRESETS, Grid, GridSpec, GroupLoss, _nan_min_max, squared_error
 
@@ -238,8 +239,12 @@ class KGrid(Grid):
         return torch.where(s != 0, s, torch.full_like(s, _TINY)), torch.zeros_like(s)
 
     def _err(self, wg: Tensor, p: dict[str, Tensor]) -> Tensor:
-        """ŵ − w (R, G, S) for parameters p, in one compiled pass (a view of a group-major buffer)."""
+        """ŵ − w (R, G, S) for parameters p, in one compiled pass (a view of a group-major buffer);
+        in torch where the weights are not in host memory."""
         R, G, S = wg.shape
+        if not host_kernels(wg):
+            return (self.dequantize(self.quantize(wg, p, self.layout.bits), p, self.layout.bits) - wg).transpose(0, 1) \
+                .contiguous().transpose(0, 1)  # group-major like the compiled buffer (``_score`` reads it so)
         buf = torch.empty(G, R, S)
         a, s, z = (t.expand(R, G, 1)[..., 0].to(torch.float32).contiguous().numpy() for t in self.affine(p, self.layout.bits))
         affine_error(wg.numpy(), a, s, z, np.float32(2**self.layout.bits - 1), buf.numpy())
