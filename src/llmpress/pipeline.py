@@ -110,6 +110,16 @@ def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
     ]
     if skipped:
         log.warning("not linear, left as they are: %s", ", ".join(skipped[:8]) + (" …" if len(skipped) > 8 else ""))
+    refused = []
+    for n, (method, params) in rules.items():
+        check = getattr(get_codec(method), "why_not_shape", None)
+        shape = tuple(sk.linear_weight(sk.get_module(model, n)).shape)
+        why = check(shape, params) if check is not None else None
+        if why is not None:
+            refused.append(f"{n} {shape}: {why}")
+    if refused:
+        raise ValueError(f"{len(refused)} layer(s) cannot take their rule's grid: " + "; ".join(refused[:4])
+                         + (" …" if len(refused) > 4 else ""))
     return _Plan(rules)
 
 

@@ -30,8 +30,10 @@ def quantize(
     grid: Optional[str] = typer.Option(None, "--grid", help="asym | asymz (integer zero point) | sym | sym_signed | absmax | nf | "
                                                              "seed | seed_rtn (overrides --sym); or a preset that also fixes "
                                                              "bits, group size and FP16 parameters: gguf:q4_0 | gguf:q4_1 | "
-                                                             "gguf:q5_0 | gguf:q5_1 | gguf:q8_0 (llama.cpp's block types, "
-                                                             "exported exactly by `export --format gguf`)."),
+                                                             "gguf:q5_0 | gguf:q5_1 | gguf:q8_0 (llama.cpp's block types), "
+                                                             "gguf:q2_k | gguf:q3_k | gguf:q4_k | gguf:q5_k | gguf:q6_k "
+                                                             "(its K-quants: rows a multiple of 256), all exported "
+                                                             "exactly by `export --format gguf`."),
     range_: Optional[str] = typer.Option(None, "--range", help="Range choice: minmax | mse | percentile. "
                                                                 "Default: the method's (gptq: mse; others: minmax)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides method/bits/group options)."),

@@ -1,8 +1,8 @@
-"""Quantization: affine/NormalFloat/seed grids, presets (llama.cpp's block types), bit-packing, RTN, GPTQ, AWQ, HQQ, QuantLinear.
+"""Quantization: affine/NormalFloat/seed grids, presets (llama.cpp's block types and K-quants), bit-packing, RTN, GPTQ, AWQ, HQQ, QuantLinear.
 
 Importing this package registers the codecs ``rtn``, ``gptq``, ``awq`` and ``hqq``.
 """
-from . import awq, gptq, hqq, presets, rtn  # noqa: F401  (registration)
+from . import awq, gptq, hqq, kquant, presets, rtn  # noqa: F401  (registration)
 from .grids import GridSpec
 from .linear import QuantLinear
 

@@ -44,8 +44,7 @@ class QWeight:
               dtype: str = "float32") -> CompressedTensor:
         out, inp = self.codes.shape
         data = {"qweight": pack(self.codes.to(torch.uint8), spec.bits)}
-        for k, v in self.params.items():
-            data[k] = v.squeeze(-1).to(spec.dtype).contiguous()
+        data.update(grids.GRIDS[spec.grid_name].to_data(self.params, spec))
         if self.g_idx is not None:
             data["g_idx"] = self.g_idx.to(torch.int16 if inp <= 32767 else torch.int32)
         if self.in_scale is not None:
@@ -60,7 +59,7 @@ def column_params(data: dict[str, Tensor], meta: dict[str, Any], g_idx: Tensor |
     if g_idx is None:
         g_idx = data["g_idx"].long() if "g_idx" in data else grids.group_index(inp, int(meta["group_size"]))
     grid = grids.GRIDS[meta["grid"]]
-    return {k: data[k].to(torch.float32).index_select(1, g_idx.to(data[k].device)) for k in grid.stored}
+    return {k: v.index_select(1, g_idx.to(v.device)) for k, v in grid.group_params(data, meta).items()}
 
 
 def dequantize_ct(ct: CompressedTensor) -> Tensor:
@@ -116,10 +115,19 @@ class QuantCodec:
             raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return spec, {**self.options, **rest}, tname
 
+    def why_not_shape(self, shape: tuple[int, int], params: dict[str, Any]) -> str | None:
+        """Why an (out, in) weight cannot be quantized with ``params`` (e.g. a K-quant grid on rows
+        not a multiple of 256), or None; the runner asks before any work."""
+        spec, _, _ = self.parse(dict(params))
+        return grids.GRIDS[spec.grid_name].check_shape(shape, spec)
+
     def encode(self, w: Tensor, stats: Stats | None = None, **params: Any) -> CompressedTensor:
         spec, opts, tname = self.parse(params)
         dtype = str(w.dtype).removeprefix("torch.")
         w = check_weight(w, tname)
+        why = grids.GRIDS[spec.grid_name].check_shape(tuple(w.shape), spec)
+        if why is not None:
+            raise ValueError(f"{tname or 'weight'} {tuple(w.shape)}: {why}")
         if self.needs_stats and stats is None:
             raise ValueError(f"{self.name} needs calibration statistics for {tname or 'this weight'}")
         qw = self.quantize(w, stats, spec, **opts)

@@ -197,6 +197,7 @@ def gptq_quantize(W: Tensor, H: Tensor | Hessian, spec: GridSpec, *, damp: float
     out, cols = W.shape
     gs = spec.group_size
     grouped = 0 < gs < cols
+    static_groups = static_groups or grids.GRIDS[spec.grid_name].static  # K-quants: super-blocks fitted up front
     W[:, hs.dead] = 0.0  # inputs that were always zero: any value works, pick 0
 
     # Parameters fitted up front: per tensor, per channel, or static groups (original order).

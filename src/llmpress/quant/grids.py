@@ -24,7 +24,9 @@ seed_rtn   the seed grid with round-to-nearest          scale
 
 :mod:`.presets` adds llama.cpp's scale rules on the sym form (``sym_signed``: s = x₊/−2^(b−1),
 signed, the extreme on the one-sided level; ``absmax``: s = a/(2^(b−1)−1)) and the presets
-``gguf:q4_0|q4_1|q5_0|q5_1|q8_0`` that fix bits, group 32 and float16 parameters at once.
+``gguf:q4_0|q4_1|q5_0|q5_1|q8_0`` that fix bits, group 32 and float16 parameters at once;
+:mod:`.kquant` the K-quant grids and presets ``gguf:q2_k..q6_k`` (a grid that fits, stores and
+reads back its own parameters: :meth:`Grid.fit`, :meth:`Grid.to_data`, :meth:`Grid.group_params`).
 
 (a = max(|lo|, |hi|), M = 2^b.) The asym form with a float offset m reproduces GGUF Q4_1
 exactly, which is why SmolLM2's Q4_1-dequantized weights come back bit for bit at 4 bits g32.
@@ -138,6 +140,26 @@ class Grid:
     def is_affine(self) -> bool:
         """Whether this grid states an affine form (:meth:`affine` is overridden)."""
         return type(self).affine is not Grid.affine
+
+    # A grid whose parameters are fitted for whole rows at once (K-quant super-blocks) sets this:
+    # GPTQ then fits them before its column loop whatever ``static_groups`` says.
+    static: bool = False
+
+    def fit(self, wg: Tensor, spec: "GridSpec", loss: GroupLoss) -> dict[str, Tensor]:
+        """Parameters (R, G, 1) float32 for grouped weights wg (R, G, S) by ``spec.range``."""
+        return RANGES[spec.range](wg, spec, self, loss)
+
+    def check_shape(self, shape: tuple[int, int] | list[int], spec: "GridSpec") -> str | None:
+        """Why an (out, in) weight cannot take this grid, or None."""
+        return None
+
+    def to_data(self, params: dict[str, Tensor], spec: "GridSpec") -> dict[str, Tensor]:
+        """The stored tensors for fitted parameters: each (R, G) in the spec's dtype."""
+        return {k: v.squeeze(-1).to(spec.dtype).contiguous() for k, v in params.items()}
+
+    def group_params(self, data: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
+        """The parameters :meth:`dequantize` reads, (R, G) float32 each, from the stored tensors."""
+        return {k: data[k].to(torch.float32) for k in self.stored}
 
 
 GRIDS: dict[str, Grid] = {}
@@ -445,7 +467,7 @@ RANGES: dict[str, Callable[[Tensor, GridSpec, Grid, GroupLoss], dict[str, Tensor
 def fit(wg: Tensor, spec: GridSpec, loss: GroupLoss | None = None) -> dict[str, Tensor]:
     """Stored parameters for grouped weights wg (R, G, S): each (R, G, 1), float32 values
     already rounded to ``spec.scale_dtype``."""
-    return RANGES[spec.range](wg.to(torch.float32), spec, GRIDS[spec.grid_name], loss or squared_error)
+    return GRIDS[spec.grid_name].fit(wg.to(torch.float32), spec, loss or squared_error)
 
 
 def quantize(w: Tensor, p: dict[str, Tensor], spec: GridSpec) -> Tensor:

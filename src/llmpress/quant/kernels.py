@@ -77,7 +77,7 @@ def stored_codes(layer: "QuantLinear", r0: int = 0, r1: int | None = None) -> Te
 
 def affine_rows(layer: "QuantLinear") -> tuple[Tensor, Tensor, Tensor] | None:
     """(a, s, z) each (R, G) float32 with ŵ = (q − z)·s + a, or None for codebook grids."""
-    p = {k: getattr(layer, k).to(torch.float32) for k in layer.grid.stored}
+    p = layer.grid.group_params({k: getattr(layer, k) for k in layer.grid.stored}, layer.meta)
     aff = layer.grid.affine(p, layer.bits)
     if aff is None:
         return None

@@ -138,7 +138,7 @@ class QuantLinear(nn.Module):
             # consecutive groups: broadcast (out, G, 1) parameters over the grouped view, no gather
             n_g = grids.num_groups(self.in_features, gs)
             wg = F.pad(codes, (0, n_g * gs - self.in_features)).view(self.out_features, n_g, gs)  # (out, G, gs)
-            p = {k: data[k].to(torch.float32).unsqueeze(-1) for k in self.grid.stored}
+            p = {k: v.unsqueeze(-1) for k, v in self.grid.group_params(data, self.meta).items()}
             w = grids.ungroup(self.grid.dequantize(wg, p, self.bits), codes.shape)
         else:
             g = data["g_idx"].long() if "g_idx" in data else grids.group_index(self.in_features, gs)

@@ -27,6 +27,9 @@ gguf:q8_0    (q − 128)·d = int8·d    d = max|x| / 127                  absma
 * ``absmax`` — s = max|x| / (2^(b−1) − 1): the largest magnitude lands on level ±(2^(b−1) − 1),
   symmetric about 0 (Q8_0's rule; level −2^(b−1) stays reachable by a clipping search or GPTQ).
 
+The K-quant presets ``gguf:q2_k|q3_k|q4_k|q5_k|q6_k`` (two-level scales per super-block of 256)
+are registered by :mod:`.kquant`.
+
 The presets know nothing of the GGUF writer: an export target recognises the stored form (grid,
 bits, group size, parameter dtype) whichever way it was asked for.
 """

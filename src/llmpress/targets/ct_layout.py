@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ..quant import grids
 from ..quant.codec import QuantCodec
+from ..quant.kquant import LAYOUTS as K_LAYOUTS
 from ..quant.pack import pack, unpack
 from ..tensor import CompressedTensor, get_codec
 
@@ -60,6 +61,8 @@ GRID_REASONS = {
     "nf": "NormalFloat codebook, not an affine integer grid",
     "seed": "the seed grid's levels are not (q − z)·s with an integer z",
     "seed_rtn": "the seed grid's levels are not (q − z)·s with an integer z",
+    **{k: "llama.cpp K-quant grid (scales quantized per super-block of 256): export it with --format gguf"
+       for k in K_LAYOUTS},
 }
 
 

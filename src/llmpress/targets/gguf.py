@@ -2,7 +2,8 @@
 
 Quantized layers whose stored form is one of llama.cpp's legacy block types (groups of 32
 consecutive weights, float16 parameters, a grid of the ``_0`` or ``_1`` form: see
-:mod:`.gguf_blocks`; ``quantize --grid gguf:q4_0`` etc. choose codes on exactly these) are
+:mod:`.gguf_blocks`; ``quantize --grid gguf:q4_0`` etc. choose codes on exactly these) or one of
+its K-quants (``--grid gguf:q2_k`` .. ``gguf:q6_k``, :mod:`llmpress.quant.kquant`) are
 written as those blocks, byte for byte what llmpress stored: llama.cpp's dequantization equals
 llmpress's decode bit for bit (:func:`llmpress.targets.gguf_verify.verify` checks it).
 
@@ -48,6 +49,10 @@ FILE_TYPES: dict[T, gguf.LlamaFileType] = {
     T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
     T.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, T.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
     T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    # one K type throughout: llama.cpp's nearest file types (its _S mixes are mostly that type)
+    T.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K, T.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S,
+    T.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S, T.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S,
+    T.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
 }
 DENSE_DTYPES: dict[str, T] = {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16}
 # requantize fallback: (bits, grid has an offset or zero point) → the nearest block type

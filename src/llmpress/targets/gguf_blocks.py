@@ -15,10 +15,27 @@ Q5_1   24     d · m · qh · qs                                               (
 Q8_0   34     d · qs[32] int8 = q − 128                                     (int8·d)
 =====  =====  ==============================================================================
 
+The K-quants (:mod:`llmpress.quant.kquant`; super-blocks of 256 = 16 groups of 16 or 8 of 32)
+store float16 ``d`` (``dmin``) per super-block and the sub-block scales already packed as ggml
+packs them; their codes are laid out as ggml's ``block_q*_K`` (l: 0..31, h: each 128-weight half):
+
+=====  =====  ==============================================================================
+type   bytes  layout of one super-block of 256 weights
+=====  =====  ==============================================================================
+Q2_K   84     scales[16] · qs[64]: byte 32h + l = Σⱼ q[128h + 32j + l] << 2j · d · dmin
+Q3_K   110    hmask[32]: bit i of byte l = bit 2 of q[32i + l] · qs[64] (low 2 bits, as Q2_K)
+              · scales[12] · d
+Q4_K   144    d · dmin · scales[12] · qs[128]: byte 32c + l = q[64c + l] | q[64c + 32 + l] << 4
+Q5_K   176    d · dmin · scales[12] · qh[32] (bit 4 of q, as Q3_K's hmask) · qs[128] (low nibbles)
+Q6_K   210    ql[128]: byte 64h + l = q[128h + l] | q[128h + 64 + l] << 4 (low nibbles) ·
+              qh[64]: byte 32h + l = Σⱼ (q[128h + 32j + l] >> 4) << 2j · scales[16] int8 · d
+=====  =====  ==============================================================================
+
 Which stored forms are which type is :data:`BLOCK_TYPES` (grid, bits): every grid whose value is
 (q − 2^(b−1))·s (``sym``, ``sym_signed``, ``absmax``) is a ``_0`` type, ``asym`` (q·s + m) a
-``_1`` type. Nothing is re-rounded: the float16 parameters are copied bit for bit, the codes
-moved, so llama.cpp's dequantization of the bytes is llmpress's decode (tested with gguf-py's).
+``_1`` type, the K-quant grids their own type. Nothing is re-rounded: the float16 parameters are
+copied bit for bit, the codes moved, so llama.cpp's dequantization of the bytes is llmpress's
+decode (tested with gguf-py's).
 """
 from __future__ import annotations
 
@@ -27,10 +44,12 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import Tensor
 
+from ..quant.kquant import LAYOUTS, QK_K
 from ..quant.pack import unpack
 from ..tensor import CompressedTensor
 
 BLOCK = 32
+K_TYPES: dict[str, T] = {"q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K}
 # (grid, bits) → the llama.cpp type that stores it exactly
 BLOCK_TYPES: dict[tuple[str, int], T] = {
     **{(g, 4): T.Q4_0 for g in ("sym", "sym_signed", "absmax")},
@@ -38,7 +57,11 @@ BLOCK_TYPES: dict[tuple[str, int], T] = {
     **{(g, 8): T.Q8_0 for g in ("sym", "sym_signed", "absmax")},
     ("asym", 4): T.Q4_1,
     ("asym", 5): T.Q5_1,
+    **{(g, LAYOUTS[g].bits): t for g, t in K_TYPES.items()},
 }
+# consecutive weights a group (sub-block) holds, and weights a block (super-block) holds
+GROUP = {t: BLOCK for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)} | {t: LAYOUTS[g].sub for g, t in K_TYPES.items()}
+SUPER = {t: BLOCK for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)} | {t: QK_K for t in K_TYPES.values()}
 
 
 def why_not_blocks(ct: CompressedTensor) -> str | None:
@@ -53,13 +76,14 @@ def why_not_blocks(ct: CompressedTensor) -> str | None:
     key = (str(m["grid"]), int(m["bits"]))
     if key not in BLOCK_TYPES:
         return (f"grid {key[0]} at {key[1]} bits has no GGUF block type (Q4_0/Q5_0/Q8_0: sym, sym_signed, "
-                f"absmax; Q4_1/Q5_1: asym)")
-    if int(m["group_size"]) != BLOCK:
-        return f"group size {m['group_size']}; GGUF blocks are 32 consecutive weights"
+                f"absmax; Q4_1/Q5_1: asym; Q2_K..Q6_K: the gguf:q*_k grids)")
+    qtype = BLOCK_TYPES[key]
+    if int(m["group_size"]) != GROUP[qtype]:
+        return f"group size {m['group_size']}; GGUF {qtype.name} groups are {GROUP[qtype]} consecutive weights"
     if m.get("scale_dtype", "float16") != "float16":
         return f"group parameters in {m['scale_dtype']}; GGUF blocks store float16"
-    if int(m["shape"][1]) % BLOCK:
-        return f"rows of {m['shape'][1]} weights, not a multiple of 32"
+    if int(m["shape"][1]) % SUPER[qtype]:
+        return f"rows of {m['shape'][1]} weights, not a multiple of {SUPER[qtype]}"
     return None
 
 
@@ -91,8 +115,35 @@ _PACK = {
 }
 
 
+def _low2(q: np.ndarray) -> np.ndarray:
+    """(…, 256) codes → (…, 64): byte 32h + l = Σⱼ (q[128h + 32j + l] & 3) << 2j."""
+    q = (q & 3).reshape(*q.shape[:-1], 2, 4, 32)  # [h, j, l]
+    return (q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)).reshape(*q.shape[:-3], 64)
+
+
+def _bit_of(q: np.ndarray, bit: int) -> np.ndarray:
+    """(…, 256) codes → (…, 32): bit i of byte l = bit ``bit`` of q[32i + l]."""
+    b = ((q >> bit) & 1).reshape(*q.shape[:-1], 8, 32)  # [i, l]
+    return np.packbits(np.swapaxes(b, -1, -2), axis=-1, bitorder="little")[..., 0]
+
+
+def _nibbles_k(q: np.ndarray, span: int) -> np.ndarray:
+    """(…, 256) codes → (…, 128): byte span·c + l = low nibble of q[2span·c + l] | of q[2span·c + span + l] << 4."""
+    q = (q & 0x0F).reshape(*q.shape[:-1], 256 // (2 * span), 2, span)
+    return (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(*q.shape[:-3], 128)
+
+
+_PACK_K = {  # (codes (R, N, 256), d, dmin (R, N, 2) bytes, scales (R, N, k)) → the parts in block order
+    T.Q2_K: lambda q, d, m, s: [s, _low2(q), d, m],
+    T.Q3_K: lambda q, d, m, s: [_bit_of(q, 2), _low2(q), s, d],
+    T.Q4_K: lambda q, d, m, s: [d, m, s, _nibbles_k(q, 32)],
+    T.Q5_K: lambda q, d, m, s: [d, m, s, _bit_of(q, 4), _nibbles_k(q, 32)],
+    T.Q6_K: lambda q, d, m, s: [_nibbles_k(q, 64), _low2(q >> 4), s, d],
+}
+
+
 def pack_blocks(ct: CompressedTensor, row_perm: Tensor | None = None) -> tuple[np.ndarray, T]:
-    """The layer's llama.cpp bytes: (out, in/32 · block bytes) uint8 and the type. ``row_perm``
+    """The layer's llama.cpp bytes: (out, in/block · block bytes) uint8 and the type. ``row_perm``
     reorders whole output rows (codes and parameters together), e.g. Llama's q/k rotary order."""
     why = why_not_blocks(ct)
     if why is not None:
@@ -100,6 +151,12 @@ def pack_blocks(ct: CompressedTensor, row_perm: Tensor | None = None) -> tuple[n
     qtype = block_type(ct)
     out, inp = (int(x) for x in ct.meta["shape"])
     codes = unpack(ct.data["qweight"], int(ct.meta["bits"]), out * inp).reshape(out, inp)
+    if qtype in _PACK_K:
+        data = {k: v if row_perm is None else v[row_perm] for k, v in ct.data.items() if k != "qweight"}
+        q = (codes if row_perm is None else codes[row_perm]).numpy().reshape(out, inp // QK_K, QK_K)  # (R, N, 256)
+        m = _f16_bytes(data["dmin"]) if "dmin" in data else None
+        parts = _PACK_K[qtype](q, _f16_bytes(data["d"]), m, data["scales"].numpy())
+        return np.concatenate(parts, axis=-1).reshape(out, -1), qtype
     scale, offset = ct.data["scale"], ct.data.get("offset")
     if row_perm is not None:
         codes, scale = codes[row_perm], scale[row_perm]
