@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import logging
 import resource
+import shutil
+import tempfile
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,21 +149,31 @@ def compress(
     force: bool = False,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    trial_blocks: int | None = None,
 ) -> dict[str, Any]:
-    """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``)."""
+    """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``).
+
+    ``trial_blocks=N`` sizes a long run instead: only the first N blocks are compressed (then the
+    tensors outside the blocks, so their cost is measured too), into a temporary folder beside
+    ``out`` that is deleted; nothing is written to ``out``. The summary's ``trial`` gives the
+    seconds of each block and the whole run's time extrapolated from their mean."""
     t0 = time.perf_counter()
     src = resolve(model)
     store = TensorStore(src)
     cfg = sk.folder_config(src.folder)
     skel = sk.build_meta(cfg)
     plan = _plan(skel, recipe)
+    if trial_blocks is not None and (trial_blocks < 1 or not plan.needs_stats):
+        raise ValueError("trial blocks: give N ≥ 1, with a method that calibrates block by block (gptq, awq); "
+                         "the others stream tensor by tensor")
     torch.manual_seed(0)
-    with atomic_dir(out, force=force) as tmp:
+    timing: dict[str, Any] = {}
+    with (_discarded_dir(out) if trial_blocks is not None else atomic_dir(out, force=force)) as tmp:
         writer = FolderWriter(tmp)
         if plan.needs_stats:
             text = _calib_text(calib)
             ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), text, samples, seq_len)
-            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress)
+            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress, trial_blocks, timing)
         else:
             layers = _run_streaming(skel, store, plan, writer, progress)
         bytes_in = sum(f.stat().st_size for f in store.files)
@@ -178,14 +191,36 @@ def compress(
             **(extra_meta or {}),
         }
         manifest = writer.finish(src.folder, source_config(src), summary)
+    seconds = time.perf_counter() - t0
     summary.update(
         bytes_out=manifest["bytes_out"],
         ratio=manifest["bytes_out"] / max(1, bytes_in),
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         peak_rss_bytes=peak_rss_bytes(),
         out=str(out),
     )
+    if timing:
+        summary["timing"] = timing
+    if trial_blocks is not None:
+        done, total = len(timing["block_seconds"]), timing["blocks_total"]
+        per = sum(timing["block_seconds"]) / max(1, done)
+        summary.update(out=None, bytes_out=None, ratio=None, bpw=None, trial={
+            "blocks_done": done, "blocks_total": total, "seconds_per_block": per,
+            "extrapolated_seconds": seconds + (total - done) * per,
+            "note": "trial run: nothing written; extrapolated = this run + the remaining blocks at the mean seconds per block"})
     return summary
+
+
+@contextmanager
+def _discarded_dir(out: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` (the same disk), deleted afterwards whatever happens."""
+    parent = Path(out).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.trial.", dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:
@@ -274,38 +309,95 @@ class _Walk:
 
 
 def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int) -> _Walk:
-    """Load everything outside the blocks (embeddings, final norm, head) and capture block 0's inputs."""
+    """Capture block 0's inputs. Only the modules outside the blocks that the forward actually
+    calls before block 0 (embeddings, position embeddings, an input projection) are loaded, each
+    when it is called, and all are released afterwards: the head and final norm never are (an 8B
+    model's untied head would be 2 GiB of float32). An embedding table stays in its stored dtype,
+    its rows cast to float32 as they are looked up (the same values as a float32 table)."""
     blocks_name, blocks = sk.blocks_of(skel)
     prefix = blocks_name + "."
     outside = {k for k in skel.state_dict() if not k.startswith(prefix)}
-    sd = {k: store.get(k) for k in outside if k in store.where}
-    skel.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True, strict=False)
-    sk.tie(skel)
-    hs, kws = _capture_inputs(skel, blocks, ids, bs)
+    handles, loaded = _load_when_called(skel, prefix, store)
+    try:
+        hs, kws = _capture_inputs(skel, blocks, ids, bs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in loaded:
+            sk.release(m)
     return _Walk(prefix, blocks, outside, hs, kws)
 
 
-def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int, progress: bool) -> dict[str, Any]:
+def _load_when_called(skel: nn.Module, prefix: str, store: TensorStore) -> tuple[list, list[nn.Module]]:
+    """Pre-hooks that fill each module outside the blocks with its own tensors when it is first
+    called; returns (hook handles, the list the loaded modules are appended to)."""
+    handles: list = []
+    loaded: list[nn.Module] = []
+
+    def cast_out(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out.float()
+
+    def make(name: str, keep_dtype: bool):
+        def pre(m: nn.Module, _args: tuple) -> None:
+            if m in loaded:
+                return
+            own = [k for k in m.state_dict() if "." not in k]
+            sd = {}
+            for k in own:
+                key = f"{name}.{k}" if name else k
+                if key in store.where:
+                    t = store.get(key)
+                    sd[k] = t if keep_dtype or not t.is_floating_point() else t.float()
+            m.load_state_dict(sd, assign=True, strict=False)
+            loaded.append(m)
+            if keep_dtype:
+                handles.append(m.register_forward_hook(cast_out))
+
+        return pre
+
+    for name, m in skel.named_modules():
+        if name.startswith(prefix) or f"{name}." == prefix or not any("." not in k for k in m.state_dict()):
+            continue
+        handles.append(m.register_forward_pre_hook(make(name, isinstance(m, nn.Embedding))))
+    return handles, loaded
+
+
+def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int,
+                    progress: bool, max_blocks: int | None = None, timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compress block by block (the first ``max_blocks`` only, if given); ``timing`` receives the
+    set-up seconds, each block's seconds and the peak RSS after each block."""
+    t0 = time.perf_counter()
     walk = _start_walk(skel, store, ids, bs)
     prefix, blocks, outside, hs, kws = walk.prefix, walk.blocks, walk.outside, walk.hs, walk.kws
+    n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+    timing = {} if timing is None else timing
+    timing.update(setup_seconds=time.perf_counter() - t0, block_seconds=[], block_peak_rss_bytes=[],
+                  blocks_total=len(blocks))
     layers: dict[str, Any] = {}
     outside_linears = {n: m for n, m in skel.named_modules() if sk.is_linear(m) and not n.startswith(prefix)}
-    for i in tqdm(range(len(blocks)), desc="compress", disable=not progress, unit="block"):
+    for i in tqdm(range(n_blocks), desc="compress", disable=not progress, unit="block"):
+        tb = time.perf_counter()
         bp = f"{prefix}{i}."
         block = blocks[i]
         sk.fill(block, bp, store.get, dtype=torch.float32)
         lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m)}
         stats = _collect(block, lin, plan, hs, kws)
         changed = _prepare_block(block, bp, lin, plan, stats)  # e.g. AWQ folds its scales into the norms
-        for name, m in lin.items():
+        order = list(lin)
+        for j, (name, m) in enumerate(lin.items()):
             if name not in plan.rules:
                 layers[name] = _keep_report(m.weight)
                 continue
-            ct, w_hat, layers[name] = _compress_linear(name, sk.linear_weight(m), plan, stats.get(name))
+            st = stats.get(name)
+            ct, w_hat, layers[name] = _compress_linear(name, sk.linear_weight(m), plan, st)
             sk.set_linear_weight(m, w_hat)
             writer.add_compressed(f"{name}.weight", ct)
+            del ct, w_hat
+            if st is not None and not any(stats.get(n) is st for n in order[j + 1:]):
+                st.gram = None  # its last reader is done: free the Gram matrix and what was derived from it
+                st.derived.clear()
         stats.clear()
-        if i + 1 < len(blocks):  # the inputs of the next block, through the compressed one
+        if i + 1 < n_blocks:  # the inputs of the next block, through the compressed one
             with torch.inference_mode():
                 hs = [_block_out(block, h, kw) for h, kw in zip(hs, kws)]
         for k in block.state_dict():
@@ -315,9 +407,14 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
                 orig = store.get(key)
                 writer.add_tensor(key, changed[key].to(orig.dtype) if key in changed else orig)
         sk.release(block)
+        timing["block_seconds"].append(time.perf_counter() - tb)
+        timing["block_peak_rss_bytes"].append(peak_rss_bytes())
+    del hs
+    t1 = time.perf_counter()
     for key in sorted(outside):
         if key in store.where:  # absent when tied to another tensor
             _stream_tensor(key, store.get(key), outside_linears, plan, writer, layers)
+    timing["outside_seconds"] = time.perf_counter() - t1
     return layers
 
 

@@ -41,12 +41,16 @@ def inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
     code; 3–4× faster than float64 on CPU). Raises the dampening ×10 (up to 4 times) if H is not
     numerically positive definite."""
     lam = damp * torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
     for attempt in range(5):
-        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        A = H.clone()  # H + λI without an identity matrix: at most two (in, in) copies alive at once
+        A.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0:
                 return U
         log.warning("GPTQ: H + %.3g·I is not positive definite; raising the dampening", float(lam))
