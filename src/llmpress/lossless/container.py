@@ -103,11 +103,12 @@ def pack(
             frec: dict[str, Any] = {"path": rel, "size": path.stat().st_size, "segments": []}
             sha = hashlib.sha256()
             # (segment record, length, the worker's future or the raw chunk the caller codes itself)
-            pending: deque[tuple[dict, int, Future | tuple[np.ndarray, str]]] = deque()
+            pending: deque[tuple[dict, int, Future | tuple[np.ndarray, str], Future]] = deque()
 
             def drain(limit: int) -> None:
                 while len(pending) > limit:
-                    rec, ln, job = pending.popleft()
+                    rec, ln, job, hashed = pending.popleft()
+                    hashed.result()  # the hash thread keeps up: no queue of raw chunks behind it
                     parts, st, crc = job.result() if isinstance(job, Future) else _encode_job(*job, policy)
                     size = sum(len(b) for b in parts)
                     rec["chunks"].append([fo.tell(), size, ln, crc])
@@ -132,8 +133,8 @@ def pack(
                         # threads-th chunk itself when its turn to be written comes (as the
                         # decoders do), the workers the others
                         mine = ex is None or k % threads == 0
-                        pending.append((srec, ln, (raw, seg.dtype) if mine else ex.submit(_encode_job, raw, seg.dtype, policy)))
-                        hasher.submit(sha.update, raw)
+                        pending.append((srec, ln, (raw, seg.dtype) if mine else ex.submit(_encode_job, raw, seg.dtype, policy),
+                                        hasher.submit(sha.update, raw)))
                         k += 1
                         drain(2 * threads if ex is not None else 0)
                 drain(0)
