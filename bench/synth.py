@@ -5,8 +5,9 @@ and Llama-3.2-1B's shapes whose lossless figures mean something (a BF16 file of 
 compresses differently from a trained one: the exponent histogram is what the entropy coder
 sees). So every tensor is drawn from the empirical distribution of the matching tensor of a
 real model (SmolLM2-135M, the ``source``): the same kind (q_proj, down_proj, norm, ...) at the
-same relative depth, through its quantile function (``QUANTILES`` quantiles, linear between
-them, so the source's 4-bit grid does not show through), scaled by sqrt(fan-in ratio) for the
+same relative depth, through its quantile function (``QUANTILES`` quantiles at the midpoints of
+equal probability steps, one drawn uniformly per value; SmolLM2's Q4_1 grid does not show
+through, as every group of 32 has its own scale and offset), scaled by sqrt(fan-in ratio) for the
 linear layers (a wider layer's weights are smaller by that factor in trained models, which is
 what keeps the exponent histogram realistic rather than merely copied).
 
@@ -29,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
-QUANTILES = 4097
-SLICE = 1 << 22  # values drawn at a time (~100 MiB of temporaries)
+QUANTILES = 1 << 16  # table entries: as fine as BF16's own spacing over a tensor's range
+SLICE = 1 << 22  # values drawn at a time (~16 MiB of temporaries)
 
 
 @dataclass(frozen=True)
@@ -122,33 +124,33 @@ class Quantiles:
         self._get = get
         self.source_layers = source_layers
         self._cache: dict[str, tuple[torch.Tensor, int]] = {}
-        self.gen = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
     def table(self, kind: str, layer: int | None, layers: int) -> tuple[torch.Tensor, int]:
-        """(QUANTILES float32 quantiles of the source tensor, its fan-in)."""
+        """(QUANTILES float32 quantiles of the source tensor at the midpoints (k + ½)/QUANTILES, its fan-in)."""
         pattern, _ = _SOURCE_OF[kind]
         src_layer = 0 if layer is None else round(layer * (self.source_layers - 1) / max(1, layers - 1))
         name = pattern.format(i=src_layer)
         if name not in self._cache:
-            t = self._get(name).float().flatten()
-            fan_in = self._get(name).shape[-1]
+            src = self._get(name)
+            t = src.float().flatten()
             if t.numel() > (1 << 24):  # quantiles of a sample: torch.quantile refuses more than 2^24 values
                 t = t[torch.randperm(t.numel(), generator=torch.Generator().manual_seed(1))[: 1 << 24]]
-            q = torch.quantile(t, torch.linspace(0, 1, QUANTILES))
-            self._cache[name] = (q, fan_in)
+            q = torch.quantile(t, (torch.arange(QUANTILES, dtype=torch.float64) + 0.5).div_(QUANTILES).float())
+            self._cache[name] = (q, src.shape[-1])
         return self._cache[name]
 
-    def draw(self, kind: str, layer: int | None, layers: int, shape: tuple[int, ...], n: int) -> torch.Tensor:
-        """n values (float32) of a tensor of ``kind`` and ``shape``: the source's quantile function
-        at uniform draws, scaled by sqrt(source fan-in / fan-in) for linear weights."""
+    def bf16_table(self, kind: str, layer: int | None, layers: int, shape: tuple[int, ...]) -> np.ndarray:
+        """The quantile table of a tensor of ``kind`` and ``shape`` as BF16 bit patterns (uint16),
+        scaled by sqrt(source fan-in / fan-in) for linear weights."""
         q, src_fan_in = self.table(kind, layer, layers)
-        u = torch.rand(n, generator=self.gen) * (QUANTILES - 1)
-        i = u.long().clamp_(max=QUANTILES - 2)
-        frac = u.sub_(i)
-        v = q[i].add_(frac.mul_(q[i + 1] - q[i]))
         if _SOURCE_OF[kind][1] and len(shape) == 2:
-            v.mul_(math.sqrt(src_fan_in / shape[1]))
-        return v
+            q = q * math.sqrt(src_fan_in / shape[1])
+        return q.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+    def draw(self, table: np.ndarray, n: int) -> np.ndarray:
+        """n values: the quantile function at uniform draws (an index into the table each), (n,) uint16."""
+        return table.take(self.rng.integers(0, QUANTILES, n, dtype=np.uint16 if QUANTILES <= 1 << 16 else np.int64))
 
 
 def _header(entries: list[tuple[str, tuple[int, ...]]]) -> bytes:
@@ -177,13 +179,11 @@ def _shards(tensors: list, n: int) -> list[list]:
 
 
 def _values(q: Quantiles, shape: Shape, kind: str, layer: int | None, dims: tuple[int, ...]) -> Iterator[bytes]:
-    """The tensor's BF16 bytes, slice by slice (whole rows)."""
+    """The tensor's BF16 bytes, slice by slice."""
+    table = q.bf16_table(kind, layer, shape.layers, dims)
     numel = math.prod(dims)
-    row = dims[-1] if len(dims) == 2 else numel
-    step = max(row, SLICE // row * row)
-    for start in range(0, numel, step):
-        n = min(step, numel - start)
-        yield q.draw(kind, layer, shape.layers, dims, n).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    for start in range(0, numel, SLICE):
+        yield q.draw(table, min(SLICE, numel - start)).tobytes()
 
 
 def source_getter(folder: Path) -> tuple[Callable[[str], torch.Tensor], int]:
