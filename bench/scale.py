@@ -68,8 +68,10 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "extra"}
-        d["mb_per_s"] = self.mb_s
-        d["mb_per_s_per_thread"] = self.mb_s / self.threads if self.mb_s and self.threads else None
+        d["mb_per_s"] = self.mb_s  # of the wall time, process start-up included
+        work = self.extra.get("work_seconds")
+        d["work_mb_per_s"] = self.bytes / MB / work if self.bytes and work else None
+        d["work_mb_per_s_per_thread"] = d["work_mb_per_s"] / self.threads if d["work_mb_per_s"] and self.threads else None
         return {**d, **self.extra}
 
 
@@ -83,11 +85,12 @@ class Plan:
     samples: int
     seq_len: int
     eval_tokens: int
+    eval_ctx: int
 
 
 PLANS = {
-    "full": Plan(big="llama3-8b", small="llama3.2-1b", trial_blocks=2, samples=16, seq_len=512, eval_tokens=2048),
-    "quick": Plan(big="quick-8b", small="quick-1b", trial_blocks=1, samples=16, seq_len=128, eval_tokens=512),
+    "full": Plan(big="llama3-8b", small="llama3.2-1b", trial_blocks=2, samples=16, seq_len=512, eval_tokens=2048, eval_ctx=512),
+    "quick": Plan(big="quick-8b", small="quick-1b", trial_blocks=1, samples=16, seq_len=128, eval_tokens=512, eval_ctx=128),
 }
 
 
@@ -115,6 +118,8 @@ class Bench:
             note = f"{why}: {r.stderr.strip().splitlines()[-1][:160] if r.stderr.strip() else ''}"
             self.log(f"  FAILED {note}\n{r.stderr[-3000:]}")
         row = Row(step, model, nbytes, r.seconds, r.peak_rss_bytes, threads, r.rc, note)
+        if isinstance(out.get("seconds"), (int, float)):
+            row.extra["work_seconds"] = out["seconds"]  # the command's own timing: no interpreter start-up
         self.rows.append(row)
         self.log(f"  {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / GiB:.2f} GiB")
         return row, out
@@ -154,7 +159,8 @@ class Bench:
         row.extra.update(bpw=res.get("bpw"), block_seconds=(res.get("timing") or {}).get("block_seconds"))
         row, res = self.cli("load+generate", model, ["generate", str(q), "The capital of France is", "-n", "8",
                                                     "--threads", str(self.threads)], None, note="load, 8 tokens")
-        row, res = self.cli("eval", model, ["eval", str(q), "--tokens", str(plan.eval_tokens), "--threads", str(self.threads)],
+        row, res = self.cli("eval", model, ["eval", str(q), "--tokens", str(plan.eval_tokens), "--ctx", str(plan.eval_ctx),
+                                                 "--threads", str(self.threads)],
                             None, note=f"KL/PPL vs the original, {plan.eval_tokens} tokens")
         if row.rc == 0:
             row.extra.update(kl_mean=res.get("kl_mean"), top1=res.get("top1"), ppl=res.get("ppl"), ref_ppl=res.get("ref_ppl"))
@@ -183,10 +189,13 @@ def _fmt(v: Any, f: str) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = f"{'step':<14} {'model':<12} {'size GB':>8} {'seconds':>9} {'MB/s':>8} {'MB/s/thr':>9} {'peak RSS GiB':>12}  note"
+    head = (f"{'step':<14} {'model':<12} {'size GB':>8} {'seconds':>9} {'work s':>8} {'MB/s':>8} {'MB/s/thr':>9} "
+            f"{'peak RSS GiB':>12}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         d = r.to_dict()
+        work = d.get("work_seconds")
+        mbs = r.bytes / MB / work if r.bytes and work else r.mb_s  # throughput of the work itself when reported
         note = r.note
         if "seconds_per_block" in d:
             note = (f"{d['seconds_per_block']:.1f} s/block ({d['blocks']} blocks), whole model ≈ "
@@ -197,8 +206,9 @@ def table(rows: list[Row]) -> str:
         if d.get("identical") is not None:
             note += " files identical" if d["identical"] else " FILES DIFFER"
         lines.append(f"{r.step:<14} {r.model:<12} {_fmt(r.bytes and r.bytes / 1e9, '{:.2f}'):>8} "
-                     f"{_fmt(r.seconds, '{:.1f}'):>9} {_fmt(r.mb_s, '{:.1f}'):>8} "
-                     f"{_fmt(d['mb_per_s_per_thread'], '{:.1f}'):>9} {_fmt(r.peak_rss_bytes and r.peak_rss_bytes / GiB, '{:.2f}'):>12}  "
+                     f"{_fmt(r.seconds, '{:.1f}'):>9} {_fmt(work, '{:.1f}'):>8} {_fmt(mbs, '{:.1f}'):>8} "
+                     f"{_fmt(mbs and r.threads and mbs / r.threads, '{:.1f}'):>9} "
+                     f"{_fmt(r.peak_rss_bytes and r.peak_rss_bytes / GiB, '{:.2f}'):>12}  "
                      f"{note.strip()}")
     return "\n".join(lines)
 
@@ -264,6 +274,8 @@ def main() -> int:
             f"cap: {cap.name} {a.cap_gib:g} GiB   threads: {a.threads}   cpus: {os.cpu_count()}")
     print(head)
     print(table(b.rows))
+    print("seconds: wall time of the step's process (start-up included); work s: the command's own timing; "
+          "MB/s: original bytes / work s (wall when the command reports none); peak RSS: the process's ru_maxrss")
     result = {"command": cmd, "commit": _commit(), "date": started.isoformat(), "cap": cap.name,
               "cap_bytes": int(a.cap_gib * GiB), "threads": a.threads, "quick": a.quick,
               "rows": [r.to_dict() for r in b.rows]}

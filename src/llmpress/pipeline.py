@@ -132,7 +132,10 @@ def _layer_report(w: torch.Tensor, w_hat: torch.Tensor, ct: CompressedTensor, st
         # relative output error ‖(W−Ŵ)X‖² / ‖WX‖² = tr(D H Dᵀ) / tr(W H Wᵀ): one float32 product
         # for both traces (a report, not an input to any method; float64 cost ~9 % of a GPTQ run)
         dw = torch.cat([d, w])  # (2·out, in)
-        t = ((dw @ stats.gram.to(torch.float32)) * dw).double().sum(1)  # (2·out,)
+        t = torch.zeros(len(dw), dtype=torch.float64)  # (2·out,), over column blocks of H: no whole float32 copy
+        step = max(1, (64 << 20) // (4 * max(1, len(dw))))
+        for c in range(0, dw.shape[1], step):
+            t += ((dw @ stats.gram[:, c : c + step].to(torch.float32)) * dw[:, c : c + step]).double().sum(1)
         rep["rel_out_err"] = float(t[: len(d)].sum() / t[len(d):].sum().clamp_min(1e-30))
     return rep
 
@@ -236,13 +239,18 @@ def _keep_report(t: torch.Tensor) -> dict[str, Any]:
     return {"codec": KEEP, "bits": t.numel() * t.element_size() * 8, "numel": t.numel(), "bpw": t.element_size() * 8.0}
 
 
-def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | None) -> tuple[CompressedTensor, torch.Tensor, dict[str, Any]]:
-    """Encode one (out, in) weight by its rule; return the stored form, its decoding and its report."""
+def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | None,
+                     last: bool = False) -> tuple[CompressedTensor, torch.Tensor, dict[str, Any]]:
+    """Encode one (out, in) weight by its rule; return the stored form, its decoding and its report.
+    ``last``: no other linear reads ``stats``: what a method derived from it goes before the report."""
     codec_name, params = plan.rules[name]
     tt = time.perf_counter()
     ct = _encode(name, w, codec_name, params, stats)
     w_hat = get_codec(codec_name).decode(ct)
-    return ct, w_hat, _layer_report(w, w_hat, ct, stats, time.perf_counter() - tt)
+    secs = time.perf_counter() - tt
+    if last and stats is not None:
+        stats.derived.clear()
+    return ct, w_hat, _layer_report(w, w_hat, ct, stats, secs)
 
 
 def _stream_tensor(key: str, t: torch.Tensor, linears: dict[str, nn.Module], plan: _Plan, writer: FolderWriter,
@@ -389,13 +397,13 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
                 layers[name] = _keep_report(m.weight)
                 continue
             st = stats.get(name)
-            ct, w_hat, layers[name] = _compress_linear(name, sk.linear_weight(m), plan, st)
+            last = st is not None and not any(stats.get(n) is st for n in order[j + 1:])
+            ct, w_hat, layers[name] = _compress_linear(name, sk.linear_weight(m), plan, st, last)
             sk.set_linear_weight(m, w_hat)
             writer.add_compressed(f"{name}.weight", ct)
             del ct, w_hat
-            if st is not None and not any(stats.get(n) is st for n in order[j + 1:]):
-                st.gram = None  # its last reader is done: free the Gram matrix and what was derived from it
-                st.derived.clear()
+            if last:
+                st.gram = None  # its last reader is done: free the Gram matrix
         stats.clear()
         if i + 1 < n_blocks:  # the inputs of the next block, through the compressed one
             with torch.inference_mode():

@@ -107,7 +107,7 @@ class Hessian:
 
     @classmethod
     def prepare(cls, H: Tensor, damp: float, act_order: bool) -> "Hessian":
-        H = H.to(torch.float32).clone()
+        H = H.to(torch.float32, copy=True)  # one copy, whatever H's dtype
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
