@@ -89,7 +89,7 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(big="llama3-8b", small="llama3.2-1b", trial_blocks=2, samples=16, seq_len=512, eval_tokens=2048, eval_ctx=512),
+    "full": Plan(big="llama3-8b", small="llama3.2-1b", trial_blocks=1, samples=16, seq_len=512, eval_tokens=2048, eval_ctx=512),
     "quick": Plan(big="quick-8b", small="quick-1b", trial_blocks=1, samples=16, seq_len=128, eval_tokens=512, eval_ctx=128),
 }
 
@@ -227,11 +227,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="Threads of every step (lossless workers, torch).")
     ap.add_argument("--trial-blocks", type=int, default=None, help="GPTQ blocks timed on the big shapes (default 2; quick 1).")
     ap.add_argument("--only", default="lossless,gptq,e2e", help="Parts to run: lossless, gptq, e2e (comma-separated).")
+    ap.add_argument("--small", default=None, choices=sorted(synth.SHAPES),
+                    help="Shapes of the end-to-end model (default llama3.2-1b; llama3.2-1b-4l: its first 4 blocks, "
+                         "when 16 GPTQ blocks do not fit the time there is).")
     ap.add_argument("--json", action="store_true", help="Print one JSON object as the last line of stdout.")
     a = ap.parse_args()
     plan = PLANS["quick" if a.quick else "full"]
     if a.trial_blocks:
         plan.trial_blocks = a.trial_blocks
+    if a.small:
+        plan.small = a.small
     parts = set(a.only.split(","))
     if parts - {"lossless", "gptq", "e2e"}:
         ap.error(f"unknown part(s) {parts - {'lossless', 'gptq', 'e2e'}}")
