@@ -122,6 +122,8 @@ class Bench:
             row.extra["work_seconds"] = out["seconds"]  # the command's own timing: no interpreter start-up
         self.rows.append(row)
         self.log(f"  {r.seconds:.1f} s, peak RSS {r.peak_rss_bytes / GiB:.2f} GiB")
+        (HERE / "out").mkdir(exist_ok=True)  # the rows so far, in case the run is cut short
+        (HERE / "out" / "scale-partial.json").write_text(json.dumps([x.to_dict() for x in self.rows], indent=1))
         return row, out
 
     def lossless(self, model: str, src: Path, keep_packed: bool = False) -> None:
@@ -228,7 +230,7 @@ def main() -> int:
     ap.add_argument("--trial-blocks", type=int, default=None, help="GPTQ blocks timed on the big shapes (default 2; quick 1).")
     ap.add_argument("--only", default="lossless,gptq,e2e", help="Parts to run: lossless, gptq, e2e (comma-separated).")
     ap.add_argument("--small", default=None, choices=sorted(synth.SHAPES),
-                    help="Shapes of the end-to-end model (default llama3.2-1b; llama3.2-1b-4l: its first 4 blocks, "
+                    help="Shapes of the end-to-end model (default llama3.2-1b; llama3.2-1b-2l: 2 of its blocks, "
                          "when 16 GPTQ blocks do not fit the time there is).")
     ap.add_argument("--json", action="store_true", help="Print one JSON object as the last line of stdout.")
     a = ap.parse_args()

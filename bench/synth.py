@@ -100,7 +100,7 @@ class Shape:
 SHAPES: dict[str, Shape] = {
     "llama3-8b": Shape(4096, 32, 14336, 32, 8, 128256, tied=False, shards=4),
     "llama3.2-1b": Shape(2048, 16, 8192, 32, 8, 128256, tied=True, shards=1),
-    "llama3.2-1b-4l": Shape(2048, 4, 8192, 32, 8, 128256, tied=True, shards=1),  # its first 4 of 16 blocks
+    "llama3.2-1b-2l": Shape(2048, 2, 8192, 32, 8, 128256, tied=True, shards=1),  # 2 of its 16 blocks
     "quick-8b": Shape(1024, 2, 3584, 8, 2, 128256, tied=False, shards=2),
     "quick-1b": Shape(512, 2, 2048, 8, 2, 128256, tied=True, shards=1),
     "toy": Shape(64, 2, 160, 4, 2, 512, tied=False, shards=2),
