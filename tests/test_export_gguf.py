@@ -70,7 +70,7 @@ def test_arch_tables_use_llama_cpp_names():
     for mt, arch in ARCHS.items():
         known = gguf.MODEL_TENSORS[next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.gguf)]
         names = {gguf.TENSOR_NAMES[t].format(bid=0) for t in known}
-        for g in [*arch.globals.values(), *(f"blk.0.{v}" for v in arch.block.values())]:
+        for g in [*arch.globals.values(), *(f"blk.0.{v}" for v in [*arch.block.values(), *arch.stacked.values()])]:
             assert g.rsplit(".", 1)[0] in names, (mt, g)
     with pytest.raises(ValueError, match="unsupported architecture: gemma"):
         arch_of({"model_type": "gemma"})

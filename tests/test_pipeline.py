@@ -190,7 +190,7 @@ def test_statistics_of_a_block_stop_after_its_last_linear_input(tiny_llama_dir):
     hooked linear has seen its input: the same Stats as a whole forward, without the last linear."""
     from transformers import AutoModelForCausalLM
 
-    from llmpress.pipeline import _StatsHooks
+    from llmpress.pipeline import BlockCall, _StatsHooks
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
     block = model.model.layers[0]
@@ -198,7 +198,7 @@ def test_statistics_of_a_block_stop_after_its_last_linear_input(tiny_llama_dir):
     with torch.no_grad():
         h = model.model.embed_tokens(ids)
         pos = model.model.rotary_emb(h, torch.arange(12)[None])
-    kws = [{"position_embeddings": pos, "attention_mask": None}] * 2
+    kws = [BlockCall((), {"position_embeddings": pos, "attention_mask": None})] * 2
     lin = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     calls = []
     hd = lin["mlp.down_proj"].register_forward_hook(lambda *_: calls.append(1))

@@ -109,3 +109,19 @@ def test_folded_awq_end_to_end_stores_no_scale(tiny_llama_dir, tmp_path):
         lr, lf, ls = (m(input_ids=ids).logits.log_softmax(-1) for m in (ref, model, model_s))
     kl = lambda a: torch.nn.functional.kl_div(a, lr, log_target=True, reduction="batchmean").item()
     assert kl(lf) < 0.5 and kl(ls) < 0.5
+
+
+def test_family_patterns_follow_the_config():
+    """Patterns are chosen by model_type and kept only where the config allows them."""
+    from types import SimpleNamespace
+
+    from llmpress.quant.fold import FOLDS, patterns_for
+
+    opt = dict(model_type="opt", do_layer_norm_before=True, activation_function="relu")
+    assert patterns_for(SimpleNamespace(**opt)) == FOLDS["opt"]
+    post = patterns_for(SimpleNamespace(**{**opt, "do_layer_norm_before": False}))  # OPT-350m: post-norm
+    assert [p.producer for p in post] == ["self_attn.v_proj", "fc1"]
+    gelu = patterns_for(SimpleNamespace(**{**opt, "activation_function": "gelu"}))  # gelu(x/s) ≠ gelu(x)/s
+    assert "fc1" not in [p.producer for p in gelu]
+    assert patterns_for(SimpleNamespace(model_type="something-new")) == PATTERNS
+    assert all(p.offset == 1.0 for p in patterns_for(SimpleNamespace(model_type="gemma2")) if p.kind == "norm")

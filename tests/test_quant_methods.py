@@ -143,8 +143,8 @@ def test_gptq_compiled_loop_gives_the_torch_loops_codes(grid, group_size, act_or
     w = torch.randn(48, 200, generator=g) * 0.02
     h = (x.T @ x).double()
     spec = GridSpec(bits=3, group_size=group_size, grid=grid).validate()
-    runs = [gptq_quantize(w, h, spec, damp=0.1, act_order=act_order, static_groups=static_groups, kernel=k)
-            for k in (True, False)]
+    runs = [gptq_quantize(w, h, spec, damp=0.1, act_order=act_order, static_groups=static_groups, loop=k)
+            for k in ("auto", "grid")]
     assert torch.equal(runs[0].codes, runs[1].codes)
     assert all(torch.equal(runs[0].params[k], runs[1].params[k]) for k in runs[0].params)
 

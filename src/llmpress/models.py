@@ -156,25 +156,32 @@ class TensorStore:
     """Lazy access to the tensors of a model's safetensors shards (no full load)."""
 
     def __init__(self, src: Source):
+        from .moe import checkpoint_renames
+
         self.files = safetensors_files(src)
         self.where: dict[str, Path] = {}
         for f in self.files:
             with safe_open(str(f), framework="pt") as h:
                 for k in h.keys():
                     self.where[k] = f
+        # names as the skeleton has them (an MoE family's checkpoint may name a module otherwise)
+        self._stored = checkpoint_renames(src.folder, list(self.where))  # skeleton name -> stored name
+        for new_name, old_name in self._stored.items():
+            self.where[new_name] = self.where.pop(old_name)
 
     def keys(self) -> list[str]:
         return list(self.where)
 
     def get(self, name: str) -> torch.Tensor:
         with safe_open(str(self.where[name]), framework="pt") as h:
-            return h.get_tensor(name)
+            return h.get_tensor(self._stored.get(name, name))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        renamed = {v: k for k, v in self._stored.items()}
         for f in self.files:
             with safe_open(str(f), framework="pt") as h:
                 for k in h.keys():
-                    yield k, h.get_tensor(k)
+                    yield renamed.get(k, k), h.get_tensor(k)
 
 
 def config(src: Source) -> dict:

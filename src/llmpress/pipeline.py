@@ -4,15 +4,20 @@ Without calibration (every rule's codec is calibration-free) tensors are streame
 from the safetensors shards through their codecs. With calibration the runner follows the
 layer-wise scheme of GPTQ's ``llama.py``:
 
-1. capture the inputs of block 0 for the calibration samples (only the embeddings are loaded);
+1. capture the inputs of block 0 for the calibration samples, and what the model passes every
+   block (masks, rotary tables: they differ between a model's sliding and global layers), with
+   the blocks replaced by the identity (only the embeddings are loaded);
 2. for each block i: load its tensors, hook its linears to accumulate input Stats, run it,
    encode every linear by its rule, put the decoded weights back, run it again to produce the
    inputs of block i+1 (so later blocks see the errors of earlier ones), write, release.
 
 Peak memory: one block, plus the calibration activations (samples × seq_len × hidden).
+With ``device`` (``--device cuda``) the embeddings, each block in turn and the activations live on
+the device; the codecs compute there and their stored tensors come back to the CPU for writing.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import shutil
@@ -29,9 +34,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import skeleton as sk
+from . import moe, skeleton as sk
 from .io.atomic import atomic_dir
 from .io.folder import FolderWriter
+from .device import resolve_device, to_cpu
 from .models import TensorStore, config as source_config, load_tokenizer, resolve
 from .recipe import KEEP, Recipe
 from .tensor import CompressedTensor, Stats, get_codec
@@ -91,14 +97,17 @@ class _Plan:
 def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
     names = sk.linear_names(model)
     recipe.validate(names)
+    dense = moe.kept_dense(model)  # an MoE's routers and gates stay as they are
+    if dense:
+        log.info("kept dense (MoE routers, gates): %s", ", ".join(sorted(dense)[:4]) + (" …" if len(dense) > 4 else ""))
     rules = {}
-    for n in names:
+    for n in (n for n in names if n not in dense):
         r = recipe.rule_for(n)
         if r is not None and r.method != KEEP:
             rules[n] = (r.method, r.params)
     skipped = [
         n for n, m in model.named_modules()
-        if not sk.is_linear(m) and next(m.children(), None) is None
+        if not sk.is_linear(m) and next(m.children(), None) is None and n not in dense
         and any(p.ndim == 2 for p in m.parameters(recurse=False))
         and (r := recipe.rule_for(n)) is not None and r.method != KEEP
     ]
@@ -132,7 +141,7 @@ def _layer_report(w: torch.Tensor, w_hat: torch.Tensor, ct: CompressedTensor, st
         # relative output error ‖(W−Ŵ)X‖² / ‖WX‖² = tr(D H Dᵀ) / tr(W H Wᵀ): one float32 product
         # for both traces (a report, not an input to any method; float64 cost ~9 % of a GPTQ run)
         dw = torch.cat([d, w])  # (2·out, in)
-        t = torch.zeros(len(dw), dtype=torch.float64)  # (2·out,), over column blocks of H: no whole float32 copy
+        t = torch.zeros(len(dw), dtype=torch.float64, device=dw.device)  # (2·out,), over column blocks of H: no whole float32 copy
         step = max(1, (64 << 20) // (4 * max(1, len(dw))))
         for c in range(0, dw.shape[1], step):
             t += ((dw @ stats.gram[:, c : c + step].to(torch.float32)) * dw[:, c : c + step]).double().sum(1)
@@ -153,14 +162,24 @@ def compress(
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
     trial_blocks: int | None = None,
+    device: str | torch.device | None = "cpu",
+    workers: int = 1,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``).
+    ``device``: cpu | cuda | auto, where blocks, activations and the codecs' work go.
+    ``workers`` > 1 or ``address``: a mixture of experts' calibrated expert linears are encoded
+    in Ray tasks (``llmpress.cluster``), with the same results as in one process.
 
     ``trial_blocks=N`` sizes a long run instead: only the first N blocks are compressed (then the
     tensors outside the blocks, so their cost is measured too), into a temporary folder beside
     ``out`` that is deleted; nothing is written to ``out``. The summary's ``trial`` gives the
     seconds of each block and the whole run's time extrapolated from their mean."""
     t0 = time.perf_counter()
+    dev = resolve_device(device)
+    if (workers > 1 or address) and dev.type != "cpu":
+        raise ValueError(f"--workers/--address fan an MoE's expert encoding out to CPU workers; with --device {dev} "
+                         "the experts are encoded on that device in this process: drop --workers or use --device cpu")
     src = resolve(model)
     store = TensorStore(src)
     cfg = sk.folder_config(src.folder)
@@ -169,16 +188,25 @@ def compress(
     if trial_blocks is not None and (trial_blocks < 1 or not plan.needs_stats):
         raise ValueError("trial blocks: give N ≥ 1, with a method that calibrates block by block (gptq, awq); "
                          "the others stream tensor by tensor")
+    if plan.needs_stats:
+        sk.check_walkable(skel)
     torch.manual_seed(0)
     timing: dict[str, Any] = {}
-    with (_discarded_dir(out) if trial_blocks is not None else atomic_dir(out, force=force)) as tmp:
+    with contextlib.ExitStack() as stack, \
+            (_discarded_dir(out) if trial_blocks is not None else atomic_dir(out, force=force)) as tmp:
         writer = FolderWriter(tmp)
         if plan.needs_stats:
             text = _calib_text(calib)
             ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), text, samples, seq_len)
-            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress, trial_blocks, timing)
+            cluster = None
+            if (workers > 1 or address) and any(moe.is_expert(n) for n in plan.rules):
+                from .cluster import ray_cluster
+
+                cluster = stack.enter_context(ray_cluster(workers, address, what="per-expert encoding"))
+            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress, dev, cluster,
+                                     trial_blocks, timing)
         else:
-            layers = _run_streaming(skel, store, plan, writer, progress)
+            layers = _run_streaming(skel, store, plan, writer, progress, dev)
         bytes_in = sum(f.stat().st_size for f in store.files)
         lin_bits = sum(r["bits"] for r in layers.values())
         lin_n = sum(r["numel"] for r in layers.values())
@@ -200,6 +228,7 @@ def compress(
         ratio=manifest["bytes_out"] / max(1, bytes_in),
         seconds=seconds,
         peak_rss_bytes=peak_rss_bytes(),
+        device=str(dev),
         out=str(out),
     )
     if timing:
@@ -244,20 +273,26 @@ def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | Non
     """Encode one (out, in) weight by its rule; return the stored form, its decoding and its report.
     ``last``: no other linear reads ``stats``: what a method derived from it goes before the report."""
     codec_name, params = plan.rules[name]
+    codec = get_codec(codec_name)
+    if stats is None and codec.needs_stats:  # an expert the router sent no calibration token
+        stats = moe.no_input_stats(name, w.shape[1], bool(getattr(codec, "gram", True)))
     tt = time.perf_counter()
     ct = _encode(name, w, codec_name, params, stats)
-    w_hat = get_codec(codec_name).decode(ct)
+    w_hat = get_codec(codec_name).decode(ct)  # where w is
     secs = time.perf_counter() - tt
     if last and stats is not None:
         stats.derived.clear()
-    return ct, w_hat, _layer_report(w, w_hat, ct, stats, secs)
+    rep = _layer_report(w, w_hat, ct, stats, secs)
+    ct.data = to_cpu(ct.data)  # stored from host memory
+    return ct, w_hat, rep
 
 
 def _stream_tensor(key: str, t: torch.Tensor, linears: dict[str, nn.Module], plan: _Plan, writer: FolderWriter,
-                   layers: dict[str, Any]) -> None:
+                   layers: dict[str, Any], dev: torch.device) -> None:
     """One checkpoint tensor, straight through its codec (no calibration) or kept as it is."""
     mod_name, _, leaf = key.rpartition(".")
     if leaf == "weight" and mod_name in plan.rules:
+        t = t.to(dev)
         w = t.float().T if type(linears[mod_name]).__name__ == "Conv1D" else t.float()
         ct, _, layers[mod_name] = _compress_linear(mod_name, w, plan, None)
         writer.add_compressed(key, ct)
@@ -267,31 +302,58 @@ def _stream_tensor(key: str, t: torch.Tensor, linears: dict[str, nn.Module], pla
         writer.add_tensor(key, t)
 
 
-def _run_streaming(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, progress: bool) -> dict[str, Any]:
+def _run_streaming(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, progress: bool,
+                   dev: torch.device) -> dict[str, Any]:
     """No calibration: each tensor goes from the shards through its codec to the output."""
     layers: dict[str, Any] = {}
     linears = {n: m for n, m in skel.named_modules() if sk.is_linear(m)}
     for key in tqdm(store.keys(), desc="compress", disable=not progress, unit="tensor"):
-        _stream_tensor(key, store.get(key), linears, plan, writer, layers)
+        _stream_tensor(key, store.get(key), linears, plan, writer, layers, dev)
     return layers
 
 
-def _block_out(block: nn.Module, h: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = block(h, **kwargs)
+@dataclass
+class BlockCall:
+    """What the model passes one block besides its hidden states: positional arguments after
+    them (GPT-2 passes its cache and mask so) and keyword arguments (masks, rotary tables)."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+def _block_out(block: nn.Module, h: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    out = block(h, *call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, bs: int) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Run the model up to block 0 for each batch; return its hidden inputs and kwargs."""
+def _identity_forward(*args: Any, **kwargs: Any) -> Any:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, bs: int) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
+    """Run the model through its blocks, each replaced by the identity (their weights are not
+    loaded), for each batch; return block 0's hidden inputs (one per batch) and every block's
+    call (``calls[block][batch]``). Blocks differ in what they are passed: Gemma's sliding
+    layers get a banded mask and local rotary tables, its global layers others. The forward
+    stops before the last block's output reaches the final norm and head."""
     hs: list[torch.Tensor] = []
-    kws: list[dict[str, Any]] = []
+    calls: list[list[BlockCall]] = [[] for _ in blocks]
+    last = len(blocks) - 1
 
-    def grab(_mod, args, kwargs):
-        hs.append(args[0] if args else kwargs.pop("hidden_states"))
-        kws.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Stop
+    def grab(i: int):
+        def hook(_mod, args, kwargs):
+            kw = dict(kwargs)
+            h = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                hs.append(h)
+            calls[i].append(BlockCall(tuple(args[1:]), kw))
+            if i == last:
+                raise _Stop
+        return hook
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    for b in blocks:
+        b.forward = _identity_forward  # an instance attribute: nn.Module.__call__ finds it first
     try:
         with torch.inference_mode():
             for i in range(0, ids.shape[0], bs):
@@ -301,8 +363,14 @@ def _capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, 
                 except _Stop:
                     pass
     finally:
-        handle.remove()
-    return hs, kws
+        for b in blocks:
+            del b.forward
+        for hd in handles:
+            hd.remove()
+    if any(len(c) != len(hs) for c in calls):
+        raise RuntimeError(f"{type(model).__name__}: not every block was called once per batch; the sequential runner "
+                           "cannot walk this model")
+    return hs, calls
 
 
 @dataclass
@@ -313,34 +381,52 @@ class _Walk:
     blocks: nn.ModuleList
     outside: set[str]                  # state-dict keys outside the blocks
     hs: list[torch.Tensor]             # block-0 hidden states, one (B, T, C) per batch
-    kws: list[dict[str, Any]]          # the keyword arguments each block receives, per batch
+    calls: list[list[BlockCall]]       # calls[block][batch]: what each block is passed besides them
 
 
-def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int) -> _Walk:
-    """Capture block 0's inputs. Only the modules outside the blocks that the forward actually
-    calls before block 0 (embeddings, position embeddings, an input projection) are loaded, each
-    when it is called, and all are released afterwards: the head and final norm never are (an 8B
-    model's untied head would be 2 GiB of float32). An embedding table stays in its stored dtype,
-    its rows cast to float32 as they are looked up (the same values as a float32 table)."""
+def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int, dev: torch.device) -> _Walk:
+    """Capture every block's inputs on ``dev``. Only the modules outside the blocks that the
+    forward actually calls before block 0 (embeddings, position embeddings, an input projection)
+    are loaded, each when it is called, onto ``dev``, and all are released afterwards: the head
+    and final norm never are (an 8B model's untied head would be 2 GiB of float32). A plain
+    embedding table stays in its stored dtype, its rows cast to float32 as they are looked up
+    (the same values as a float32 table)."""
     blocks_name, blocks = sk.blocks_of(skel)
     prefix = blocks_name + "."
     outside = {k for k in skel.state_dict() if not k.startswith(prefix)}
-    handles, loaded = _load_when_called(skel, prefix, store)
+    sk.move(skel, dev)  # the rebuilt rotary buffers; everything else is still on meta
+    handles, loaded = _load_when_called(skel, prefix, store, dev)
     try:
-        hs, kws = _capture_inputs(skel, blocks, ids, bs)
+        hs, calls = _capture_inputs(skel, blocks, ids.to(dev), bs)
     finally:
         for h in handles:
             h.remove()
         for m in loaded:
             sk.release(m)
-    return _Walk(prefix, blocks, outside, hs, kws)
+    return _Walk(prefix, blocks, outside, hs, calls)
 
 
-def _load_when_called(skel: nn.Module, prefix: str, store: TensorStore) -> tuple[list, list[nn.Module]]:
-    """Pre-hooks that fill each module outside the blocks with its own tensors when it is first
-    called; returns (hook handles, the list the loaded modules are appended to)."""
+def _tied_sources(skel: nn.Module) -> dict[str, str]:
+    """{input embedding's weight key: output embedding's weight key} when the config ties them
+    (a checkpoint may store only one of the two)."""
+    if not getattr(skel.config, "tie_word_embeddings", False) or not hasattr(skel, "get_output_embeddings"):
+        return {}
+    out, inp = skel.get_output_embeddings(), skel.get_input_embeddings()
+    if out is None or inp is None:
+        return {}
+    names = {m: n for n, m in skel.named_modules()}
+    if out not in names or inp not in names:
+        return {}
+    return {f"{names[inp]}.weight": f"{names[out]}.weight"}
+
+
+def _load_when_called(skel: nn.Module, prefix: str, store: TensorStore,
+                      dev: torch.device) -> tuple[list, list[nn.Module]]:
+    """Pre-hooks that fill each module outside the blocks with its own tensors on ``dev`` when it
+    is first called; returns (hook handles, the list the loaded modules are appended to)."""
     handles: list = []
     loaded: list[nn.Module] = []
+    tied = _tied_sources(skel)
 
     def cast_out(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
         return out.float()
@@ -353,9 +439,10 @@ def _load_when_called(skel: nn.Module, prefix: str, store: TensorStore) -> tuple
             sd = {}
             for k in own:
                 key = f"{name}.{k}" if name else k
+                key = key if key in store.where else tied.get(key, key)
                 if key in store.where:
                     t = store.get(key)
-                    sd[k] = t if keep_dtype or not t.is_floating_point() else t.float()
+                    sd[k] = (t if keep_dtype or not t.is_floating_point() else t.float()).to(dev)
             m.load_state_dict(sd, assign=True, strict=False)
             loaded.append(m)
             if keep_dtype:
@@ -366,17 +453,20 @@ def _load_when_called(skel: nn.Module, prefix: str, store: TensorStore) -> tuple
     for name, m in skel.named_modules():
         if name.startswith(prefix) or f"{name}." == prefix or not any("." not in k for k in m.state_dict()):
             continue
-        handles.append(m.register_forward_pre_hook(make(name, isinstance(m, nn.Embedding))))
+        # only a plain lookup keeps the stored dtype (a subclass may compute in the table's dtype,
+        # e.g. Gemma's scaled embedding multiplies in it)
+        handles.append(m.register_forward_pre_hook(make(name, type(m).forward is nn.Embedding.forward)))
     return handles, loaded
 
 
 def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int,
-                    progress: bool, max_blocks: int | None = None, timing: dict[str, Any] | None = None) -> dict[str, Any]:
+                    progress: bool, dev: torch.device, cluster: Any = None, max_blocks: int | None = None,
+                    timing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compress block by block (the first ``max_blocks`` only, if given); ``timing`` receives the
     set-up seconds, each block's seconds and the peak RSS after each block."""
     t0 = time.perf_counter()
-    walk = _start_walk(skel, store, ids, bs)
-    prefix, blocks, outside, hs, kws = walk.prefix, walk.blocks, walk.outside, walk.hs, walk.kws
+    walk = _start_walk(skel, store, ids, bs, dev)
+    prefix, blocks, outside, hs = walk.prefix, walk.blocks, walk.outside, walk.hs
     n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
     timing = {} if timing is None else timing
     timing.update(setup_seconds=time.perf_counter() - t0, block_seconds=[], block_peak_rss_bytes=[],
@@ -386,11 +476,15 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
     for i in tqdm(range(n_blocks), desc="compress", disable=not progress, unit="block"):
         tb = time.perf_counter()
         bp = f"{prefix}{i}."
-        block = blocks[i]
+        block, kws = blocks[i], walk.calls[i]
         sk.fill(block, bp, store.get, dtype=torch.float32)
+        sk.move(block, dev)
         lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m)}
         stats = _collect(block, lin, plan, hs, kws)
-        changed = _prepare_block(block, bp, lin, plan, stats)  # e.g. AWQ folds its scales into the norms
+        changed = _prepare_block(block, bp, lin, plan, stats, skel.config)  # e.g. AWQ folds its scales into the norms
+        done = {} if cluster is None else moe.fan_out(_compress_linear, {  # an MoE's experts, in Ray tasks
+            n: (n, sk.linear_weight(m), plan, stats.get(n)) for n, m in lin.items() if n in plan.rules and moe.is_expert(n)
+        }, cluster)
         order = list(lin)
         for j, (name, m) in enumerate(lin.items()):
             if name not in plan.rules:
@@ -398,7 +492,8 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
                 continue
             st = stats.get(name)
             last = st is not None and not any(stats.get(n) is st for n in order[j + 1:])
-            ct, w_hat, layers[name] = _compress_linear(name, sk.linear_weight(m), plan, st, last)
+            ct, w_hat, layers[name] = done.pop(name) if name in done else \
+                _compress_linear(name, sk.linear_weight(m), plan, st, last)
             sk.set_linear_weight(m, w_hat)
             writer.add_compressed(f"{name}.weight", ct)
             del ct, w_hat
@@ -413,7 +508,7 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
             mod_name = key.rsplit(".", 1)[0]
             if not (mod_name in plan.rules and key.endswith(".weight")):
                 orig = store.get(key)
-                writer.add_tensor(key, changed[key].to(orig.dtype) if key in changed else orig)
+                writer.add_tensor(key, changed[key].to(device="cpu", dtype=orig.dtype) if key in changed else orig)
         sk.release(block)
         timing["block_seconds"].append(time.perf_counter() - tb)
         timing["block_peak_rss_bytes"].append(peak_rss_bytes())
@@ -421,20 +516,23 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
     t1 = time.perf_counter()
     for key in sorted(outside):
         if key in store.where:  # absent when tied to another tensor
-            _stream_tensor(key, store.get(key), outside_linears, plan, writer, layers)
+            _stream_tensor(key, store.get(key), outside_linears, plan, writer, layers, dev)
     timing["outside_seconds"] = time.perf_counter() - t1
     return layers
 
 
-def _prepare_block(block: nn.Module, bp: str, lin: dict[str, nn.Module], plan: _Plan, stats: dict[str, Stats]) -> dict[str, torch.Tensor]:
+def _prepare_block(block: nn.Module, bp: str, lin: dict[str, nn.Module], plan: _Plan, stats: dict[str, Stats],
+                   config: Any = None) -> dict[str, torch.Tensor]:
     """Let codecs with a ``prepare_block`` hook rewrite the block before its linears are encoded
     (they may change weights, other tensors and ``stats`` in place); returns {state key: tensor}
-    of the tensors outside the encoded linear weights that they changed."""
+    of the tensors outside the encoded linear weights that they changed. ``config``: the model's
+    (a hook may key its knowledge of the block by ``model_type``)."""
     changed: dict[str, torch.Tensor] = {}
     for c in sorted({plan.rules[n][0] for n in lin if n in plan.rules}):
         hook = getattr(get_codec(c), "prepare_block", None)
         if hook is not None:
-            changed.update(hook(block, bp, {n: plan.rules[n][1] for n in lin if n in plan.rules and plan.rules[n][0] == c}, stats))
+            changed.update(hook(block, bp, {n: plan.rules[n][1] for n in lin if n in plan.rules and plan.rules[n][0] == c}, stats,
+                                config=config))
     return changed
 
 
@@ -475,7 +573,7 @@ class _StatsHooks:
 
         return hook
 
-    def run(self, block: nn.Module, hs: list[torch.Tensor], kws: list[dict[str, Any]]) -> list[torch.Tensor | None]:
+    def run(self, block: nn.Module, hs: list[torch.Tensor], kws: list[BlockCall]) -> list[torch.Tensor | None]:
         """Run the block on every batch; return its outputs (None for a batch stopped early)."""
         outs: list[torch.Tensor | None] = []
         try:
@@ -494,7 +592,7 @@ class _StatsHooks:
         return outs
 
 
-def _collect(block: nn.Module, lin: dict[str, nn.Module], plan: _Plan, hs: list[torch.Tensor], kws: list[dict[str, Any]]) -> dict[str, Stats]:
+def _collect(block: nn.Module, lin: dict[str, nn.Module], plan: _Plan, hs: list[torch.Tensor], kws: list[BlockCall]) -> dict[str, Stats]:
     """Run the block on every batch, accumulating the input Stats of the linears whose codec needs them."""
     hooked = {n: m for n, m in lin.items() if n in plan.rules and get_codec(plan.rules[n][0]).needs_stats}
     if not hooked:
@@ -514,23 +612,27 @@ def iter_stats(
     match: str = ".*",
     gram: bool = True,
     progress: bool = True,
+    device: str | torch.device | None = "cpu",
 ) -> Iterator[dict[str, Stats]]:
     """Input Stats of every matching linear of the ORIGINAL model, yielded one block at a time
     (no change to the weights). A caller that drops each block's dict before asking for the next
-    holds at most one block's Gram matrices."""
+    holds at most one block's Gram matrices. The Stats live on ``device``."""
     import re
 
+    dev = resolve_device(device)
     src = resolve(model)
     store = TensorStore(src)
     skel = sk.build_meta(sk.folder_config(src.folder))
+    sk.check_walkable(skel)
     rx = re.compile(match)
     ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(calib), samples, seq_len)
-    walk = _start_walk(skel, store, ids, batch_size)
-    prefix, blocks, hs, kws = walk.prefix, walk.blocks, walk.hs, walk.kws
+    walk = _start_walk(skel, store, ids, batch_size, dev)
+    prefix, blocks, hs = walk.prefix, walk.blocks, walk.hs
     for i in tqdm(range(len(blocks)), desc="stats", disable=not progress, unit="block"):
         bp = f"{prefix}{i}."
-        block = blocks[i]
+        block, kws = blocks[i], walk.calls[i]
         sk.fill(block, bp, store.get, dtype=torch.float32)
+        sk.move(block, dev)
         lin = {f"{bp}{n}": m for n, m in block.named_modules() if sk.is_linear(m) and rx.search(f"{bp}{n}")}
         hooks = _StatsHooks(lin, {n: gram for n in lin})
         hs = hooks.run(block, hs, kws)
@@ -551,12 +653,13 @@ def collect_stats(
     match: str = ".*",
     gram: bool = True,
     progress: bool = True,
+    device: str | torch.device | None = "cpu",
 ) -> dict[str, Stats]:
     """Input Stats of every matching linear of the ORIGINAL model (block by block, no change
     to the weights), all at once: for sensitivity measurements. ``iter_stats`` gives them one
     block at a time."""
     out: dict[str, Stats] = {}
     for stats in iter_stats(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, match=match,
-                            gram=gram, progress=progress):
+                            gram=gram, progress=progress, device=device):
         out.update(stats)
     return out

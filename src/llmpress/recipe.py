@@ -93,6 +93,6 @@ class Recipe:
         return cls.from_dict(yaml.safe_load(Path(path).read_text()))
 
     @classmethod
-    def uniform(cls, method: str, keep: str = r"lm_head|embed|wte|wpe|shared", **params: Any) -> "Recipe":
+    def uniform(cls, method: str, keep: str = r"lm_head|embed|wte|wpe|(^|\.)shared($|\.)", **params: Any) -> "Recipe":
         """The recipe behind ``--method M --bits B ...``: keep embeddings and head, M elsewhere."""
         return cls([Rule(keep, KEEP), Rule(".*", method, {k: v for k, v in params.items() if v is not None})])

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import moe
+
 log = logging.getLogger(__name__)
 
 
@@ -24,12 +26,14 @@ def _is_causal_config(cfg) -> bool:
 
 def build_meta(config) -> nn.Module:
     """Instantiate the model class of ``config`` on the meta device, with its non-persistent
-    buffers (rotary frequencies, position ids) computed for real on the CPU."""
+    buffers (rotary frequencies, position ids) computed for real on the CPU, and the fused
+    experts of a mixture-of-experts split into one module per expert (``moe.unfuse``)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if _is_causal_config(config) else AutoModel
     with torch.device("meta"):
         model = cls.from_config(config)
+        moe.unfuse(model)  # fused experts → one linear per expert matrix (moe.py)
     _materialize_nonpersistent(model, config)
     model.eval()
     return model
@@ -51,9 +55,26 @@ def _materialize_nonpersistent(model: nn.Module, config) -> None:
             except TypeError:
                 continue
         if fresh is None:
-            raise RuntimeError(f"cannot rebuild the buffers {metas} of {name} ({type(mod).__name__}) from the config")
+            _init_buffers(model, name, mod, metas)
+            continue
         for b in metas:
             setattr(mod, b, getattr(fresh, b))
+
+
+def _init_buffers(model: nn.Module, name: str, mod: nn.Module, metas: list[str]) -> None:
+    """Buffers of a module not built from the config alone (Gemma's ``embed_scale``, made from
+    constructor arguments): CPU tensors filled by the model's own ``_init_weights``, which
+    transformers 5 uses to set such buffers; NaN left in one means it did not."""
+    for b in metas:
+        t = mod._buffers[b]
+        mod._buffers[b] = torch.full(t.shape, float("nan"), dtype=t.dtype) if t.is_floating_point() else torch.zeros(t.shape, dtype=t.dtype)
+    init = getattr(model, "_init_weights", None)
+    if init is not None:
+        with torch.no_grad():
+            init(mod)
+    bad = [b for b in metas if mod._buffers[b].is_floating_point() and torch.isnan(mod._buffers[b]).any()]
+    if init is None or bad:
+        raise RuntimeError(f"cannot rebuild the buffers {bad or metas} of {name} ({type(mod).__name__}) from the config")
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -74,6 +95,13 @@ def fill(module: nn.Module, prefix: str, get: Callable[[str], torch.Tensor], dty
     module.load_state_dict(sd, assign=True, strict=True)
 
 
+def move(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Move every tensor of ``module`` that holds data to ``device``; tensors still on ``meta``
+    (the parts of a skeleton not loaded yet) stay there."""
+    dev = torch.device(device)
+    return module._apply(lambda t: t if t.is_meta or t.device == dev else t.to(dev))
+
+
 def release(module: nn.Module) -> None:
     """Drop a module's tensors back to the meta device (frees their memory)."""
     module.to("meta")
@@ -86,6 +114,29 @@ def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
             return name, mod
     raise ValueError(f"{type(model).__name__}: no list of {n} transformer blocks found")
+
+
+def why_not_walkable(model: nn.Module) -> str | None:
+    """Why the sequential runner cannot walk ``model`` block by block (None when it can): it
+    follows one stack of blocks fed one after the other, so an encoder-decoder (two stacks, the
+    decoder's blocks reading the encoder's output) or a model without a list of
+    ``num_hidden_layers`` blocks is out of its reach."""
+    cfg = model.config
+    mt = getattr(cfg, "model_type", type(model).__name__)
+    if getattr(cfg, "is_encoder_decoder", False):
+        return f"{mt} is an encoder-decoder; the sequential runner walks one stack of blocks"
+    try:
+        blocks_of(model)
+    except ValueError as e:
+        return f"{mt} has no known block structure ({e})"
+    return None
+
+
+def check_walkable(model: nn.Module) -> None:
+    """Raise ``ValueError("unsupported: …")`` before any work when ``model`` cannot be walked."""
+    why = why_not_walkable(model)
+    if why is not None:
+        raise ValueError(f"unsupported: {why}")
 
 
 def linear_names(module: nn.Module, prefix: str = "") -> list[str]:

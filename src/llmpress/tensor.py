@@ -76,7 +76,7 @@ def gram_matrix(x: Tensor, parts: int = 3, out: Tensor | None = None) -> Tensor:
         return g if out is None else out.add_(g)
     b = -(-n // parts)
     cols = [slice(i, min(i + b, n)) for i in range(0, n, b)]
-    g = torch.empty(n, n, dtype=x.dtype) if out is None else out
+    g = torch.empty(n, n, dtype=x.dtype, device=x.device) if out is None else out
     for i, ci in enumerate(cols):
         for cj in cols[i:]:
             blk = x[:, ci].T @ x[:, cj]  # (|ci|, |cj|)
@@ -118,7 +118,7 @@ class Stats:
         if gram:
             # (in, in): float32 products (~3× faster), summed in place into the float64 accumulator
             if self.gram is None:
-                self.gram = torch.zeros(x32.shape[1], x32.shape[1], dtype=torch.float64)
+                self.gram = torch.zeros(x32.shape[1], x32.shape[1], dtype=torch.float64, device=x32.device)
             gram_matrix(x32, out=self.gram)
         # per-batch sums in float32 (no float64 copy of the batch), accumulated in float64
         a = x32.abs().sum(0).double()

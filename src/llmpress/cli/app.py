@@ -32,6 +32,8 @@ FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
 CALIB_OPT = typer.Option(None, "--calib", help="Calibration text: corpus name or file (default: the calibration mix).")
 SAMPLES_OPT = typer.Option(128, "--samples", help="Calibration windows.")
 SEQ_LEN_OPT = typer.Option(512, "--seq-len", help="Tokens per calibration window.")
+# Where every command that computes runs (llmpress.device.resolve_device checks it before any work).
+DEVICE_OPT = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (cuda when available, else cpu).")
 
 
 @app.callback()

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import CALIB_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
 
 
 @app.command()
@@ -17,6 +17,7 @@ def compress(
     calib: Optional[str] = CALIB_OPT,
     samples: int = SAMPLES_OPT,
     seq_len: int = SEQ_LEN_OPT,
+    device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -27,7 +28,7 @@ def compress(
 
     try:
         r = Recipe.from_yaml(recipe)
-        res = run(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force)
+        res = run(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, device=device)
     except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
         fail(str(e).strip("'\""))
     res.pop("layers", None)

@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .app import JSON_OPT, app, console, emit, fail
+from .app import DEVICE_OPT, JSON_OPT, app, console, emit, fail
 
 _ROWS = [  # (key, label, format)
     ("ppl", "perplexity", "{:.4f}"),
@@ -102,13 +102,13 @@ def _show_tasks(r: dict[str, Any]) -> None:
 
 
 def _run_tasks(model: str, reference: Optional[str], tasks: str, limit: Optional[float], num_fewshot: Optional[int],
-               batch_size: int, seed: int, threads: int, as_json: bool) -> None:
+               batch_size: int, seed: int, threads: int, as_json: bool, device: str = "cpu") -> None:
     from ..eval.tasks import evaluate_tasks
 
     n = None if limit is None else (int(limit) if limit >= 1 and float(limit).is_integer() else limit)
     try:
         r = evaluate_tasks(model, tasks, reference=reference, limit=n, num_fewshot=num_fewshot, batch_size=batch_size,
-                           threads=threads, seed=seed)
+                           threads=threads, seed=seed, device=device)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         fail(str(e))
         return
@@ -133,13 +133,14 @@ def eval_cmd(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="With --tasks: few-shot examples (default: each task's)."),
     batch_size: int = typer.Option(8, "--batch-size", help="With --tasks: sequences per forward pass (the same for both models)."),
     seed: int = typer.Option(0, "--seed", help="With --tasks: seed of Python, NumPy, torch and the few-shot sampler."),
+    device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Perplexity, KL divergence and top-1 agreement against the original on real text, and the cost;
     or, with --tasks, lm-eval task scores of the model and the original side by side."""
     n_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or os.cpu_count() or 1)
     if tasks is not None:
-        _run_tasks(model, reference, tasks, limit, num_fewshot, batch_size, seed, n_threads, as_json)
+        _run_tasks(model, reference, tasks, limit, num_fewshot, batch_size, seed, n_threads, as_json, device)
         return
     import torch
 
@@ -148,7 +149,7 @@ def eval_cmd(
     torch.set_num_threads(n_threads)
     try:
         r = evaluate(model, reference=reference, text=(text if text and len(text) > 1 else (text[0] if text else None)),
-                     ctx=ctx, tokens=tokens, cache=not no_cache)
+                     ctx=ctx, tokens=tokens, cache=not no_cache, device=device)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         fail(str(e))
         return

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from .app import CALIB_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
 
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")  # "model.layers.3.mlp.down_proj" → ("model.layers", "3", "mlp.down_proj")
 
@@ -58,6 +58,7 @@ def factorize(
     calib: Optional[str] = CALIB_OPT,
     samples: int = SAMPLES_OPT,
     seq_len: int = SEQ_LEN_OPT,
+    device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -69,7 +70,7 @@ def factorize(
         fail(f"recipe file not found: {recipe}")
     try:
         res = run(model, out, method=method, ratio=ratio, energy=energy, rank=rank, allocation=allocation, floor=floor,
-                  recipe=recipe, calib=calib, samples=samples, seq_len=seq_len, force=force)
+                  recipe=recipe, calib=calib, samples=samples, seq_len=seq_len, force=force, device=device)
     except (OutputExistsError, FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
         fail(str(e).strip("'\""))
     res.pop("layers", None)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+from .app import DEVICE_OPT, FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
 
 
 def _show(res: dict[str, Any]) -> None:
@@ -32,6 +32,7 @@ def finetune(
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop after this many minutes of training."),
     clock: str = typer.Option("wall", "--clock", help="How --minutes is measured: wall | cpu (CPU time / threads: the same work when the machine is shared)."),
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Go on (with a warning) when the texts overlap."),
+    device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -45,7 +46,7 @@ def finetune(
                   code_lr=code_lr, seq_len=seq_len,
                   batch_size=batch_size, objective=objective, eval_text=eval_text or None, force=force,
                   allow_overlap=allow_overlap, max_seconds=minutes * 60 if minutes else None, clock=clock,
-                  schedule="constant" if minutes else "cosine")
+                  schedule="constant" if minutes else "cosine", device=device)
     except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
         fail(str(e).strip("'\""))
     emit(res, as_json, _show)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import JSON_OPT, app, console, emit, fail
+from .app import DEVICE_OPT, JSON_OPT, app, console, emit, fail
 
 
 @app.command("limit")
@@ -25,6 +25,7 @@ def limit_cmd(
     workers: int = typer.Option(1, "--workers", help="Points in parallel (Ray); 1 runs them in this process."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per point (fixed, so results repeat)."),
+    device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Sweep lossless, quantization and low-rank configurations; report the frontier and the limit."""
@@ -36,7 +37,8 @@ def limit_cmd(
         fail("--max-kl must be positive")
     try:
         s = limit(model, out, budget=budget, max_kl=max_kl, texts=text, ctx=ctx, tokens=tokens, calib=calib,
-                  samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=mixed_bpw or None)
+                  samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=mixed_bpw or None,
+                  device=device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         fail(str(e))
 

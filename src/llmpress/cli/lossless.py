@@ -23,13 +23,14 @@ def _bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
+    from ..cluster import ClusterError
     from ..io.atomic import OutputExistsError
     from ..lossless.reader import CorruptError
     from ..lossless.segments import HeaderError
 
     try:
         yield
-    except (CorruptError, HeaderError, OutputExistsError, FileNotFoundError, KeyError, ValueError, OSError) as e:
+    except (ClusterError, CorruptError, HeaderError, OutputExistsError, FileNotFoundError, KeyError, ValueError, OSError) as e:
         fail(str(e).strip("'\""))
 
 
@@ -53,7 +54,9 @@ def pack(
     src: str = typer.Argument(..., help="MODEL: HF folder, .safetensors file, hub id or embedded default."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .llmp file."),
     policy: str = typer.Option("rans", "--policy", help="Entropy backends: 'rans' (default: our rANS), 'ans' (constriction) or 'zstd'."),
-    threads: Optional[int] = THREADS_OPT,
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Coder threads (default: min(4, CPUs); with --workers: per worker, CPUs / workers)."),
+    workers: int = typer.Option(1, "--workers", help="Code each input file in a Ray task, N at a time (the same bytes as one process)."),
+    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster (host:port, ray://host:port or auto); default: a local one."),
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -62,7 +65,8 @@ def pack(
 
     with _errors():
         with _bar(_source_bytes(src), "pack") as upd:
-            r = do_pack(src, out, force=force, threads=threads, policy=policy, progress=upd)
+            r = do_pack(src, out, force=force, threads=threads, policy=policy, progress=upd, workers=workers,
+                        address=address)
         if r["tensor_bytes_in"]:
             r["tensor_ratio"] = r["tensor_bytes_out"] / r["tensor_bytes_in"]
             r["over_bound"] = r["tensor_bytes_out"] / max(r["bound_bytes"], 1) - 1

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import CALIB_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
 
 
 def _show(res: dict[str, Any]) -> None:
@@ -41,22 +41,29 @@ def quantize(
     calib: Optional[str] = CALIB_OPT,
     samples: int = SAMPLES_OPT,
     seq_len: int = SEQ_LEN_OPT,
+    device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
     trial_blocks: Optional[int] = typer.Option(None, "--trial-blocks", show_default=False,
                                                help="gptq/awq: quantize only the first N blocks to time them and "
                                                     "write NOTHING to OUT; prints seconds per block and the whole "
                                                     "run's time extrapolated (to size a long run)."),
     as_json: bool = JSON_OPT,
+    workers: int = typer.Option(1, "--workers", help="A mixture of experts: encode its experts in Ray tasks, N CPUs "
+                                                     "(the same output as one process)."),
+    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster for --workers (host:port, "
+                                                                  "ray://host:port or auto); default: a local one."),
 ) -> None:
     """Quantize the linear layers of MODEL (embeddings and head kept) into OUT."""
+    from ..cluster import ClusterError
     from ..io.atomic import OutputExistsError
     from ..quant.api import quantize as run
 
     opts: dict[str, Any] = {k: v for k, v in (("sym", sym), ("grid", grid), ("range", range_)) if v is not None}
     try:
         res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
-                  samples=samples, seq_len=seq_len, force=force, trial_blocks=trial_blocks, **opts)
-    except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
+                  samples=samples, seq_len=seq_len, force=force, trial_blocks=trial_blocks, device=device,
+                  workers=workers, address=address, **opts)
+    except (OutputExistsError, FileNotFoundError, ValueError, KeyError, ClusterError) as e:
         fail(str(e).strip("'\""))
     res.pop("layers", None)
     emit(res, as_json, _show)

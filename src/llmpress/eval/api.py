@@ -39,6 +39,7 @@ class _Model:
     path: Path | None  # folder or file holding the weights, None for an in-memory module
     tokenizer: Any
     _module: torch.nn.Module | None = None
+    device: torch.device | None = None  # where the model runs (None: where it is; a loaded one: the CPU)
 
     def module(self) -> torch.nn.Module:
         if self._module is None:
@@ -46,6 +47,8 @@ class _Model:
 
             log.info("loading %s", self.name)
             self._module = load(self.arg).eval()
+        if self.device is not None:
+            self._module.to(self.device)  # in place; a no-op once it is there
         return self._module
 
     def release(self) -> None:
@@ -109,7 +112,7 @@ def _default_reference(m: _Model) -> str | None:
 
 def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 512, tokens: int = 16384,
              tokenizer: Any = None, ref_tokenizer: Any = None, batch_size: int | None = None, sentences: int = 256,
-             k: int = TOPK, cache: bool = True) -> dict[str, Any]:
+             k: int = TOPK, cache: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
     """Evaluate ``model`` (a path, a model name or a loaded ``nn.Module``), against ``reference``
     (the same kinds; by default the source an llmpress folder names) on ``text`` (a corpus
     name, a file, ``hf:NAME``, a ``(name, content)`` pair, or a list of those; by default
@@ -120,13 +123,22 @@ def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 
     ``bytes_in`` (the reference's bytes), ``bytes_out`` (the model's), ``ratio``, ``seconds``,
     ``peak_rss_bytes``, ``tokens_per_s`` (and ``ref_`` twins), ``protocol``; for an encoder
     ``cos_mean``/``cos_min`` instead of the next-token keys.
+
+    ``device``: cpu | cuda | auto, where both models run (None: a loaded model on the CPU, an
+    in-memory one where it is). The reference's cached log-probabilities do not depend on it.
     """
+    from ..device import model_device, resolve_device
+
+    dev = resolve_device(device) if device is not None else None
     t0 = time.perf_counter()
     texts = list(EVAL_DEFAULTS) if text is None else (list(text) if isinstance(text, list) else [text])
     m = _resolve(model, tokenizer, "model")
     if reference is None and not isinstance(model, torch.nn.Module):
         reference = _default_reference(m)
     r = _resolve(reference, ref_tokenizer, "reference") if reference is not None else None
+    for x in (m, r):
+        if x is not None:
+            x.device = dev
     causal = m.is_causal()
     if r is not None and r.is_causal() != causal:
         kinds = {True: "a causal LM", False: "an encoder"}
@@ -137,7 +149,7 @@ def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 
     else:
         res.update(_encoder(m, r, texts, sentences, batch_size))
     mc = cost_of(m.module(), m.path)
-    res.update(bpw=mc["bpw"], bytes_out=mc["bytes"])
+    res.update(bpw=mc["bpw"], bytes_out=mc["bytes"], device=str(model_device(m.module())))
     if res.get("ref_bytes") is not None:
         res["bytes_in"] = res.pop("ref_bytes")
     elif mc["bytes_in"] is not None:

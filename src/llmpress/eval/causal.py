@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..device import model_device
 from ..models import cache_dir
 from .cost import RSSMeter
 from .windows import Protocol, make_windows
@@ -46,10 +47,12 @@ def default_batch(ctx: int) -> int:
 
 
 def _logprob_batches(model: torch.nn.Module, ids: Tensor, batch_size: int):
-    """Yield ``(start, targets (B, T-1), logprobs (B, T-1, V) float32)`` for each batch of windows."""
+    """Yield ``(start, targets (B, T-1), logprobs (B, T-1, V) float32)`` for each batch of windows,
+    computed where the model is (both on its device)."""
+    dev = model_device(model)
     with torch.inference_mode():
         for s in range(0, ids.shape[0], batch_size):
-            x = ids[s : s + batch_size]
+            x = ids[s : s + batch_size].to(dev)
             logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
             if not torch.isfinite(logits).all():
                 bad = (~torch.isfinite(logits)).any(-1).nonzero()[0].tolist()
@@ -152,12 +155,13 @@ class Reference:
         with meter:
             for s, tgt, lp in _logprob_batches(model, ids, bs):
                 a, b = s * (ctx - 1), (s + tgt.shape[0]) * (ctx - 1)
-                target_lp[a:b] = lp.gather(-1, tgt.unsqueeze(-1)).reshape(-1)
+                target_lp[a:b] = lp.gather(-1, tgt.unsqueeze(-1)).reshape(-1).cpu()
                 v, i = lp.topk(k, dim=-1)  # (B, T-1, k)
-                topk_lp[a:b], topk_idx[a:b] = v.reshape(-1, k), i.reshape(-1, k).to(torch.int32)
-                ti, tl = _sample_tail(lp.reshape(b - a, -1), i.reshape(-1, k), samples, gen)
+                topk_lp[a:b], topk_idx[a:b] = v.reshape(-1, k).cpu(), i.reshape(-1, k).to(torch.int32).cpu()
+                # the tail draws from the CPU generator, wherever the model ran: the same draws
+                ti, tl = _sample_tail(lp.reshape(b - a, -1).cpu(), i.reshape(-1, k).cpu(), samples, gen)
                 tail_idx[a:b], tail_lp[a:b] = ti.to(torch.int32), tl
-                log_rest[a:b] = _rest(lp, i).reshape(-1)
+                log_rest[a:b] = _rest(lp, i).reshape(-1).cpu()
         secs = time.perf_counter() - t0
         ref = cls(proto, ids, domain, topk_idx, topk_lp, log_rest, tail_idx, tail_lp, target_lp,
                   model_info={"model_type": _model_type(model), "vocab_size": vocab, "name": name, "fingerprint": fingerprint},
@@ -215,15 +219,16 @@ class Reference:
         with meter:
             for s, tgt, lp in _logprob_batches(model, self.ids, self.protocol.batch_size):
                 a, b = s * ctx1, (s + tgt.shape[0]) * ctx1
+                dev = lp.device  # the reference's slices go where the model's log-probs are
                 lp = lp.reshape(b - a, -1)  # (n, V)
-                idx = self.topk_idx[a:b].long()
-                tlp[a:b] = lp.gather(-1, tgt.reshape(-1, 1)).squeeze(-1)
+                idx = self.topk_idx[a:b].long().to(dev)
+                tlp[a:b] = lp.gather(-1, tgt.reshape(-1, 1)).squeeze(-1).cpu()
                 at = lp.gather(-1, idx)  # (n, k) model log-probs of the reference's top-k tokens
-                agree[a:b] = at[:, 0] >= lp.max(-1).values  # the reference's top token is (one of) the model's top
-                tail = lp.gather(-1, self.tail_idx[a:b].long())  # (n, S)
-                kl_top = (p_ref[a:b].double() * _f(at, self.topk_lp[a:b])).sum(-1)
-                kl_tail = p_rest[a:b].double() * _f(tail, self.tail_lp[a:b]).mean(-1)
-                kl[a:b] = kl_top + kl_tail
+                agree[a:b] = (at[:, 0] >= lp.max(-1).values).cpu()  # the reference's top token is (one of) the model's top
+                tail = lp.gather(-1, self.tail_idx[a:b].long().to(dev))  # (n, S)
+                kl_top = (p_ref[a:b].to(dev).double() * _f(at, self.topk_lp[a:b].to(dev))).sum(-1)
+                kl_tail = p_rest[a:b].to(dev).double() * _f(tail, self.tail_lp[a:b].to(dev)).mean(-1)
+                kl[a:b] = (kl_top + kl_tail).cpu()
         secs = time.perf_counter() - t0
         out = _stats(kl, tlp, self.target_lp, agree, ctx1)
         dom = self.domain.repeat_interleave(ctx1)
@@ -257,7 +262,7 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: list, *, ctx: int = 512
     with meter:
         for s, tgt, lp in _logprob_batches(model, ids, bs):
             a = s * (ctx - 1)
-            nll[a : a + tgt.numel()] = -lp.gather(-1, tgt.unsqueeze(-1)).reshape(-1).double()
+            nll[a : a + tgt.numel()] = -lp.gather(-1, tgt.unsqueeze(-1)).reshape(-1).double().cpu()
     secs = time.perf_counter() - t0
     out = {"ppl": math.exp(float(nll.mean())), "ln_ppl_se": _window_se(nll, ctx - 1)}
     if len(proto.texts) > 1:

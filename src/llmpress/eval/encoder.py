@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..device import model_device
 from .cost import RSSMeter
 
 
@@ -20,16 +21,18 @@ def embed(model: torch.nn.Module, tokenizer, sents: list[str], batch_size: int =
     """Mean-pooled sentence embeddings (S, H) float32 and the run's cost."""
     out, n_tok = [], 0
     meter = RSSMeter()
+    dev = model_device(model)
     t0 = time.perf_counter()
     with meter, torch.inference_mode():
         for s in range(0, len(sents), batch_size):
             enc = tokenizer(sents[s : s + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            enc = {k: v.to(dev) for k, v in enc.items()}
             h = model(**enc).last_hidden_state.float()  # (B, T, H)
             mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
             e = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
             if not torch.isfinite(e).all():
                 raise ValueError(f"the encoder produced non-finite hidden states (sentences {s}..{s + batch_size})")
-            out.append(e)
+            out.append(e.cpu())
             n_tok += int(enc["attention_mask"].sum())
     secs = time.perf_counter() - t0
     return torch.cat(out), {"seconds": secs, "tokens_per_s": n_tok / secs, "peak_rss_bytes": meter.peak}

@@ -55,7 +55,7 @@ def _torch_threads(n: int | None) -> Iterator[int]:
 def evaluate_tasks(model: Any, tasks: str | Sequence[str], reference: Any = None, *, limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 8, threads: int | None = None, seed: int = 0,
                    tokenizer: Any = None, ref_tokenizer: Any = None, bootstrap_iters: int = 1000,
-                   quiet: bool | None = None) -> dict[str, Any]:
+                   quiet: bool | None = None, device: str | torch.device | None = None) -> dict[str, Any]:
     """Run lm-eval ``tasks`` (names, YAML files or folders; a comma-separated string or a list)
     on ``model`` and on ``reference`` (default: the source an llmpress folder names; none for
     an in-memory model).
@@ -63,7 +63,8 @@ def evaluate_tasks(model: Any, tasks: str | Sequence[str], reference: Any = None
     ``limit`` keeps the first N items of each task (a fraction when below 1); ``num_fewshot``
     overrides the tasks' own; ``seed`` seeds Python, NumPy, torch and the few-shot sampler
     before each model's run; ``threads`` sets torch's threads for the run. ``quiet=None``
-    silences lm-eval unless llmpress logs at INFO.
+    silences lm-eval unless llmpress logs at INFO. ``device``: cpu | cuda | auto, where both
+    models run (None: a loaded model on the CPU, an in-memory one where it is).
 
     Returns ``{"model", "reference", "tasks": {task: {"n", "num_fewshot", "version",
     "output_type", "group", "metrics": {metric: {"model", "model_stderr", "reference",
@@ -72,8 +73,10 @@ def evaluate_tasks(model: Any, tasks: str | Sequence[str], reference: Any = None
     lm-eval's ``none`` is named ``metric,filter``.
     """
     t0 = time.perf_counter()
+    from ..device import resolve_device
     from ..integrations.lm_eval import TaskSuite, require
 
+    dev = resolve_device(device) if device is not None else None
     lm_eval = require()  # a clear error before any model loads when the engines extra is missing
 
     specs = list(tasks.split(",") if isinstance(tasks, str) else tasks)
@@ -82,6 +85,8 @@ def evaluate_tasks(model: Any, tasks: str | Sequence[str], reference: Any = None
         reference = _default_reference(m)
     r = _resolve(reference, ref_tokenizer, "reference") if reference is not None else None
     for side in (m, r):
+        if side is not None:
+            side.device = dev  # lm-eval's HFLM runs a module given to it where the module is
         if side is not None and not side.is_causal():
             raise ValueError(f"lm-eval tasks need a causal LM; {side.name} is not one")
     # tasks (and their data) load before any model: an unknown task or unreachable data fails fast

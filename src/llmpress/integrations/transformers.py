@@ -49,6 +49,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..io.folder import FORMAT_VERSION, compressed_module, dense_linear, module_state_names, read_manifest
+from ..moe import unfuse
 from ..skeleton import is_linear, set_module
 from ..tensor import CompressedTensor, get_codec
 
@@ -156,6 +157,7 @@ class LlmpressQuantizer(HfQuantizer):
         if orphans:
             raise ValueError(f"{root}: the shards hold compressed tensors of {', '.join(orphans[:5])}, which "
                              f"quantization_config.modules does not list")
+        unfuse(model)  # an MoE's experts as the folder stores them: one linear per expert matrix
         self.layouts = {}
         for name, entry in entries.items():
             old = _linear(root, model, name, entry)

@@ -6,6 +6,7 @@ for ``load`` and ``open_tensor``, the tensors being returned.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -73,11 +75,15 @@ def pack(
     policy: str = "rans",
     chunk_bytes: int = CHUNK_BYTES,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Pack a model source (see :func:`llmpress.models.resolve`) into one ``.llmp`` file.
 
-    ``progress(n)`` is called with the number of input bytes done after each chunk.
-    Returns ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``bound_bytes`` and, under
+    ``progress(n)`` is called with the number of input bytes done after each chunk (after each
+    batch of chunks on Ray). ``workers`` > 1 or an ``address`` codes each input file in a Ray task
+    (fanout.py), ``threads`` coders per task; the file is byte for byte the one a single process
+    writes. Returns ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``bound_bytes`` and, under
     ``tensors``, ``{name: {"file", "bytes", "packed", "bound_bits"}}`` for every packed tensor
     (name as in its safetensors header; ``packed`` = its chunk payload bytes, so the packed size
     of any subset of tensors is a sum).
@@ -86,68 +92,43 @@ def pack(
         raise ValueError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}")
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     root, files, root_kind = _input_files(src)
     out = Path(out)
     check_output(out, force)
     t0 = time.perf_counter()
-    threads = threads or default_threads()
+    fan = workers > 1 or address is not None
+    threads = threads or (max(1, min(4, (os.cpu_count() or 1) // workers)) if fan else default_threads())
     index: dict[str, Any] = {"format": "llmpress.lossless", "version": VERSION, "root": root_kind,
                              "chunk_bytes": chunk_bytes, "policy": policy, "files": []}
     tensors: dict[str, dict[str, Any]] = {}
-    with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo, _encoders(threads) as ex, \
-            ThreadPoolExecutor(1) as hasher:
-        fo.write(MAGIC + struct.pack("<I", VERSION))
-        for path in files:
-            segs = plan_file(path)
-            rel = path.relative_to(root).as_posix()
-            frec: dict[str, Any] = {"path": rel, "size": path.stat().st_size, "segments": []}
-            sha = hashlib.sha256()
-            # (segment record, length, the worker's future or the raw chunk the caller codes itself)
-            pending: deque[tuple[dict, int, Future | tuple[np.ndarray, str], Future]] = deque()
+    job = FileJob(threads, policy, chunk_bytes)
+    with contextlib.ExitStack() as stack:
+        if fan:  # Ray is connected (or refused) before the output exists
+            from .fanout import coded_files
 
-            def drain(limit: int) -> None:
-                while len(pending) > limit:
-                    rec, ln, job, hashed = pending.popleft()
-                    hashed.result()  # the hash thread keeps up: no queue of raw chunks behind it
-                    parts, st, crc = job.result() if isinstance(job, Future) else _encode_job(*job, policy)
-                    size = sum(len(b) for b in parts)
-                    rec["chunks"].append([fo.tell(), size, ln, crc])
-                    for b in parts:
-                        fo.write(b)
-                    _account(rec, st)
-                    if progress:
+            coded = coded_files(stack, files, root, job, workers, address)
+        else:
+            coded = _coded_here(stack, files, root, job)
+        with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo:
+            fo.write(MAGIC + struct.pack("<I", VERSION))
+            for record, pieces in coded:
+                base = fo.tell()
+                for ln, data in pieces:
+                    fo.write(data)
+                    if progress and ln:
                         progress(ln)
-
-            k = 0
-            with open(path, "rb") as fi:
-                for seg in segs:
-                    srec = _segment_record(seg)
-                    frec["segments"].append(srec)
-                    fi.seek(seg.offset)
-                    for _, ln in _chunks_of(seg, chunk_bytes):
-                        raw = np.frombuffer(fi.read(ln), np.uint8)
-                        if len(raw) != ln:
-                            raise OSError(f"{path}: file shrank while packing")
-                        # the file's sha256 runs in its own thread (one worker keeps the order;
-                        # hashlib releases the GIL), beside the coding. The caller codes every
-                        # threads-th chunk itself when its turn to be written comes (as the
-                        # decoders do), the workers the others
-                        mine = ex is None or k % threads == 0
-                        pending.append((srec, ln, (raw, seg.dtype) if mine else ex.submit(_encode_job, raw, seg.dtype, policy),
-                                        hasher.submit(sha.update, raw)))
-                        k += 1
-                        drain(2 * threads if ex is not None else 0)
-                drain(0)
-            for srec in frec["segments"]:
-                if srec["kind"] == "tensor":
-                    _compact(srec["stats"])
-                    tensors[srec["name"]] = {"file": rel, **srec.get("stats", {})}
-            frec["sha256"] = hasher.submit(sha.hexdigest).result()
-            index["files"].append(frec)
-        blob = zstandard.ZstdCompressor(level=9).compress(json.dumps(index, separators=(",", ":")).encode())
-        off = fo.tell()
-        fo.write(blob)
-        fo.write(FOOTER.pack(off, len(blob), crc32(blob), END))
+                frec = record()  # complete once its pieces are written
+                _rebase(frec, base)
+                for srec in frec["segments"]:
+                    if srec["kind"] == "tensor":
+                        tensors[srec["name"]] = {"file": frec["path"], **srec.get("stats", {})}
+                index["files"].append(frec)
+            blob = zstandard.ZstdCompressor(level=9).compress(json.dumps(index, separators=(",", ":")).encode())
+            off = fo.tell()
+            fo.write(blob)
+            fo.write(FOOTER.pack(off, len(blob), crc32(blob), END))
     bytes_in = sum(f["size"] for f in index["files"])
     bytes_out = out.stat().st_size
     bound = sum(s.get("bound_bits", 0) for s in tensors.values()) / 8
@@ -155,9 +136,97 @@ def pack(
             "seconds": time.perf_counter() - t0, "files": len(index["files"]), "tensors_packed": len(tensors),
             "tensor_bytes_in": sum(s.get("bytes", 0) for s in tensors.values()),
             "tensor_bytes_out": sum(s.get("packed", 0) for s in tensors.values()),
-            "bound_bytes": bound, "policy": policy, "threads": threads, "out": str(out),
+            "bound_bytes": bound, "policy": policy, "threads": threads, "workers": workers if fan else 1,
+            "out": str(out),
             "tensors": {k: {"file": v["file"], "bytes": int(v.get("bytes", 0)), "packed": int(v.get("packed", 0)),
                             "bound_bits": float(v.get("bound_bits", 0.0))} for k, v in tensors.items()}}
+
+
+# (the file's index record, once its pieces are consumed; its pieces: (input bytes done, payload bytes))
+Coded = tuple[Callable[[], dict[str, Any]], Iterator[tuple[int, Any]]]
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """How every file of one pack is coded: the same settings in this process or a Ray task."""
+
+    threads: int
+    policy: str
+    chunk_bytes: int
+
+
+def _coded_here(stack: contextlib.ExitStack, files: list[Path], root: Path, job: FileJob) -> Iterator[Coded]:
+    """Every file coded in this process, one after the other, by one set of coder threads."""
+    ex = stack.enter_context(_encoders(job.threads))
+    hasher = stack.enter_context(ThreadPoolExecutor(1))
+    for path in files:
+        frec = file_record(path, path.relative_to(root).as_posix())
+        yield (lambda frec=frec: frec), code_file(path, frec, job, ex, hasher)
+
+
+def file_record(path: Path, rel: str) -> dict[str, Any]:
+    """A file's index record before coding: its path in the container and its size."""
+    return {"path": rel, "size": path.stat().st_size, "segments": []}
+
+
+def _rebase(frec: dict[str, Any], base: int) -> None:
+    """Chunk offsets of one file, recorded from its first payload byte, made offsets in the container."""
+    for srec in frec["segments"]:
+        for c in srec["chunks"]:
+            c[0] += base
+
+
+def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExecutor | None,
+              hasher: ThreadPoolExecutor) -> Iterator[tuple[int, Any]]:
+    """Code one file chunk by chunk: yields (input bytes, payload part) in the order they are
+    written, and fills ``frec`` (its segments with chunk offsets counted from the file's first
+    payload byte, tensor stats, sha256) as it goes; complete when the generator is exhausted.
+    The bytes depend on nothing but the file and ``job.policy``/``chunk_bytes``: each chunk is
+    coded on its own, whichever thread takes it."""
+    threads = job.threads if ex is not None else 1
+    sha = hashlib.sha256()
+    pos = 0
+    # (segment record, length, the worker's future or the raw chunk the caller codes itself,
+    # the chunk's hash future)
+    pending: deque[tuple[dict, int, Future | tuple[np.ndarray, str], Future]] = deque()
+
+    def drain(limit: int) -> Iterator[tuple[int, Any]]:
+        nonlocal pos
+        while len(pending) > limit:
+            rec, ln, work, hashed = pending.popleft()
+            hashed.result()  # the hash thread keeps up: no queue of raw chunks behind it
+            parts, st, crc = work.result() if isinstance(work, Future) else _encode_job(*work, job.policy)
+            size = sum(len(b) for b in parts)
+            rec["chunks"].append([pos, size, ln, crc])
+            pos += size
+            _account(rec, st)
+            for i, b in enumerate(parts):
+                yield (ln if i == 0 else 0), b
+
+    k = 0
+    with open(path, "rb") as fi:
+        for seg in plan_file(path):
+            srec = _segment_record(seg)
+            frec["segments"].append(srec)
+            fi.seek(seg.offset)
+            for _, ln in _chunks_of(seg, job.chunk_bytes):
+                raw = np.frombuffer(fi.read(ln), np.uint8)
+                if len(raw) != ln:
+                    raise OSError(f"{path}: file shrank while packing")
+                # the file's sha256 runs in its own thread (one worker keeps the order;
+                # hashlib releases the GIL), beside the coding. The caller codes every
+                # threads-th chunk itself when its turn to be written comes (as the
+                # decoders do), the workers the others
+                mine = ex is None or k % threads == 0
+                pending.append((srec, ln, (raw, seg.dtype) if mine else ex.submit(_encode_job, raw, seg.dtype, job.policy),
+                                hasher.submit(sha.update, raw)))
+                k += 1
+                yield from drain(2 * threads if ex is not None else 0)
+        yield from drain(0)
+    for srec in frec["segments"]:
+        if srec["kind"] == "tensor":
+            _compact(srec["stats"])
+    frec["sha256"] = hasher.submit(sha.hexdigest).result()
 
 
 def _encode_job(raw: np.ndarray, dtype: str, policy: str) -> tuple[list, Any, int]:

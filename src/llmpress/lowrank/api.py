@@ -44,7 +44,8 @@ def uniform_recipe(method: str, *, ratio: float | None = 0.8, energy: float | No
 
 
 def layer_spectra(model: str | Path, method: str = "whiten", *, keep: str = KEEP_DEFAULT, calib: str | None = None,
-                  samples: int = 128, seq_len: int = 512, progress: bool = True, **params: Any) -> list[LayerSpectrum]:
+                  samples: int = 128, seq_len: int = 512, progress: bool = True, device: str | None = "cpu",
+                  **params: Any) -> list[LayerSpectrum]:
     """Each linear's singular values of the method's matrix (W, W·S, W·diag(s)) on the ORIGINAL
     model: ‖(W − W_k)S‖² = Σ_{i>k} σ_i², the measured sensitivity the budget is spent on.
 
@@ -53,9 +54,11 @@ def layer_spectra(model: str | Path, method: str = "whiten", *, keep: str = KEEP
     curves are taken while its Gram matrices are in hand, and those are freed before the next
     block runs. Peak memory: one block's Gram matrices, not every layer's."""
     from llmpress import skeleton as sk
+    from llmpress.device import resolve_device
     from llmpress.models import TensorStore, resolve
     from llmpress.pipeline import iter_stats
 
+    dev = resolve_device(device)
     codec = get_codec(method)
     if not isinstance(codec, LowRankCodec):
         raise ValueError(f"budgeted allocation needs one of the low-rank methods svd, rsvd, whiten, asvd; got {method!r}")
@@ -68,18 +71,18 @@ def layer_spectra(model: str | Path, method: str = "whiten", *, keep: str = KEEP
     extra = {**codec.extra, **{k: v for k, v in params.items() if k in codec.extra}}
 
     def spectrum(name: str, stats: Stats | None) -> LayerSpectrum:
-        w = store.get(f"{name}.weight").float()
+        w = store.get(f"{name}.weight").to(dev).float()
         if name in conv1d:
             w = w.T
         t = codec.transform(w, stats, **extra)
         a = w.double() if t is None else t.apply(w.double())  # (m, n)
-        s2 = torch.linalg.svdvals(a) ** 2
+        s2 = (torch.linalg.svdvals(a) ** 2).cpu()
         return LayerSpectrum(name, w.shape[0], w.shape[1], s2, float((a * a).sum()))
 
     got: dict[str, LayerSpectrum] = {}
     if codec.needs_stats:
         for block in iter_stats(model, calib=calib, samples=samples, seq_len=seq_len, gram=codec.gram,
-                                progress=progress, match="|".join(exact_rule(n) for n in names)):
+                                progress=progress, match="|".join(exact_rule(n) for n in names), device=dev):
             for name in [n for n in names if n in block]:
                 got[name] = spectrum(name, block[name])
             block.clear()  # the Gram matrices go now, before the next block's are built
@@ -153,6 +156,7 @@ def factorize(
     seq_len: int = 512,
     force: bool = False,
     progress: bool = True,
+    device: str | None = "cpu",
     **params: Any,
 ) -> dict[str, Any]:
     """Factorize ``model``'s linear layers into ``out`` (an llmpress folder; ``llmpress.load`` reads it).
@@ -160,11 +164,14 @@ def factorize(
     Returns the pipeline's summary (``bpw``, ``bytes_in``, ``bytes_out``, ``ratio`` = bytes_out /
     bytes_in, ``seconds``, ``peak_rss_bytes``, ``layers``) plus ``ranks`` per layer, ``dense_layers``
     and ``params_kept`` (stored / dense linear parameters). Extra ``params`` go to the codec
-    (``damp``, ``alpha``, ``solver``, ``factor_dtype``, or a combo's quant params).
+    (``damp``, ``alpha``, ``solver``, ``factor_dtype``, or a combo's quant params). ``device``:
+    cpu | cuda | auto, where calibration, Gram matrices and the SVDs run.
     """
+    from llmpress.device import resolve_device
     from llmpress.io.folder import read_manifest
     from llmpress.pipeline import compress
 
+    resolve_device(device)  # a device that cannot be used fails before any work
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
     ranks_plan = None
@@ -177,14 +184,14 @@ def factorize(
                 raise ValueError("budgeted allocation takes a ratio (the total budget), not a rank or energy")
             r = check_ratio(ratio if ratio is not None else 0.8)
             spectra = layer_spectra(model, method, calib=calib, samples=samples, seq_len=seq_len, progress=progress,
-                                    **params)
+                                    device=device, **params)
             rec, ranks_plan = budget_recipe(spectra, method, r, floor=floor, **params)
         else:
             rec = uniform_recipe(method, ratio=ratio, energy=energy, rank=rank, **params)
     meta = {"factorize": {"method": method, "allocation": allocation, "ratio": ratio, "energy": energy, "rank": rank,
                           "floor": floor if allocation == "budget" else None}}
     res = compress(model, rec, out, calib=calib, samples=samples, seq_len=seq_len, force=force, progress=progress,
-                   extra_meta=meta)
+                   extra_meta=meta, device=device)
     res.update(summarize(res, read_manifest(Path(out))))
     if ranks_plan is not None:
         res["allocation"] = ranks_plan

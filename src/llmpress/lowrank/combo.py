@@ -83,7 +83,7 @@ def refit_left(w: Tensor, v_hat: Tensor, gram: Tensor, damp: float = 1e-6) -> Te
     """argmin_U ‖(W − U V̂)X‖_F = W H V̂ᵀ (V̂ H V̂ᵀ + λI)⁻¹, (m, k)."""
     v, h = v_hat.double(), gram.double()
     a = v @ h @ v.T  # (k, k)
-    a = a + damp * float(torch.diagonal(a).mean().clamp_min(1e-30)) * torch.eye(a.shape[0], dtype=a.dtype)
+    a = a + damp * float(torch.diagonal(a).mean().clamp_min(1e-30)) * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     b = w.double() @ h @ v.T  # (m, k)
     return torch.linalg.solve(a, b.T).T  # a symmetric: U = b a⁻¹
 

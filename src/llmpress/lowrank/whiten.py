@@ -47,9 +47,9 @@ def whitening(gram: Tensor, n_tokens: int, damp: float = 1e-2) -> RightTransform
     scale = float(torch.diagonal(h).mean())
     if scale <= 0.0:
         log.warning("the layer's calibration inputs are all zero: whitening is the identity (plain SVD)")
-        return RightTransform("diag", torch.ones(d, dtype=torch.float64))
+        return RightTransform("diag", torch.ones(d, dtype=torch.float64, device=h.device))
     lam = max(damp, 1e-10) * scale
-    eye = torch.eye(d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64, device=h.device)
     s, info = torch.linalg.cholesky_ex(h + lam * eye)
     if int(info) == 0 and torch.isfinite(s).all():
         return RightTransform("cholesky", s)

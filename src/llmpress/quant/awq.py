@@ -27,6 +27,7 @@ bpw — the shared scale of q/k/v and gate/up is a little less free than one per
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,7 +59,7 @@ def search_scale(ws: list[Tensor], specs: list[GridSpec], H: Tensor, act: Tensor
     (in,) — or (k,) with ``expand`` (in,) mapping each input channel to its entry of act (a
     scale tied across channels, e.g. GQA heads). α = 0 (s = 1) is RTN. Returns (s (in,), α, error)."""
     search = [GridSpec(**{**sp.__dict__, "range": "minmax" if sp.range == "mse" else sp.range}) for sp in specs]
-    best = (float("inf"), 0.0, torch.ones(H.shape[0]))
+    best = (float("inf"), 0.0, torch.ones(H.shape[0], device=H.device))
     for alpha in (i / n_grid for i in range(n_grid)):
         s = channel_scale(act, alpha)
         if expand is not None:
@@ -107,11 +108,12 @@ class AWQ(QuantCodec):
     options = {"n_grid": 20, "clip": True, "fold": True}
 
     def prepare_block(self, block: torch.nn.Module, prefix: str, params: dict[str, dict],
-                      stats: dict[str, Stats]) -> dict[str, Tensor]:
-        """Runner hook, before the block's linears are encoded: fold shared scales (:mod:`.fold`)."""
-        from .fold import fold_block
+                      stats: dict[str, Stats], config: Any = None) -> dict[str, Tensor]:
+        """Runner hook, before the block's linears are encoded: fold shared scales by the
+        patterns of the model's family (:mod:`.fold`)."""
+        from .fold import fold_block, patterns_for
 
-        return fold_block(self, block, prefix, params, stats)
+        return fold_block(self, block, prefix, params, stats, patterns_for(config))
 
     def quantize(self, w: Tensor, stats: Stats | None, spec: GridSpec, *, n_grid: int, clip: bool,
                  fold: bool = True) -> QWeight:

@@ -60,7 +60,7 @@ def column_params(data: dict[str, Tensor], meta: dict[str, Any], g_idx: Tensor |
     if g_idx is None:
         g_idx = data["g_idx"].long() if "g_idx" in data else grids.group_index(inp, int(meta["group_size"]))
     grid = grids.GRIDS[meta["grid"]]
-    return {k: data[k].to(torch.float32).index_select(1, g_idx) for k in grid.stored}
+    return {k: data[k].to(torch.float32).index_select(1, g_idx.to(data[k].device)) for k in grid.stored}
 
 
 def dequantize_ct(ct: CompressedTensor) -> Tensor:

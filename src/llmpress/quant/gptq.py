@@ -17,6 +17,12 @@ reached, from the weights as updated so far (blocks are aligned to whole groups)
 ``static_groups`` all group parameters are fitted up front from the original W, so that with
 act-order the groups stay consecutive columns; without it, act-order groups follow the
 permuted order and the group of each column is stored (``g_idx``).
+
+Everything runs where W and H are (CPU or CUDA). The column loop has three forms, a table by
+name (``LOOPS``): ``numba`` (compiled, affine grids, CPU only), ``torch`` (the same arithmetic
+as the compiled loop in torch ops, affine grids, any device: CUDA's loop) and ``grid`` (through
+the grid's own quantize/dequantize: codebook grids, and the reference). ``auto`` picks numba on
+the CPU and torch elsewhere for affine grids, grid for the others; all give the same codes (tested).
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..device import host_kernels
 from ..tensor import Stats, register
 from . import grids
 from .codec import QuantCodec, QWeight
@@ -44,7 +51,7 @@ def inverse_hessian_factor(H: Tensor, damp: float, fresh: Callable[[], Tensor] |
     ``H.clone()``) in place — Cholesky, inverse and Cholesky again in the one (in, in) array, so an
     8B model's down_proj needs one 822 MB array beside H, not four."""
     fresh = fresh or H.clone
-    info = torch.empty((), dtype=torch.int32)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     lam = None
     for attempt in range(5):
         A = fresh()
@@ -59,42 +66,98 @@ def inverse_hessian_factor(H: Tensor, damp: float, fresh: Callable[[], Tensor] |
                 return A
         del A
         log.warning("GPTQ: H + %.3g·I is not positive definite; raising the dampening", float(lam))
-        lam = lam * 10 if lam > 0 else torch.tensor(1e-6, dtype=H.dtype)
+        lam = lam * 10 if lam > 0 else torch.tensor(1e-6, dtype=H.dtype, device=H.device)
     raise ValueError("GPTQ: the Hessian stays singular even with strong dampening")
 
 
 RUN = 16  # columns whose errors are pushed one by one (_columns); 8/16/32/64/whole block: 46/45/60/87/76 ms on a 1536×576 layer
 
 
+AffineCols = tuple[Tensor, Tensor, Tensor]  # (a, s, z), each (out, run): ŵ = (q − z)·s + a
+
+
+def _run_numba(W1: Tensor, Hinv1: Tensor, aff: AffineCols, pc: dict[str, Tensor], spec: GridSpec, r0: int, r1: int,
+               Q1: Tensor, Err1: Tensor) -> None:
+    """Columns r0..r1−1 through the compiled loop (host memory only)."""
+    a, s, z = (t.to(torch.float32).contiguous().numpy() for t in aff)
+    quantize_columns(W1.numpy(), Hinv1.numpy(), a, s, z, np.float32(2**spec.bits - 1), r0, r1, Q1.numpy(), Err1.numpy())
+
+
+def _run_torch(W1: Tensor, Hinv1: Tensor, aff: AffineCols, pc: dict[str, Tensor], spec: GridSpec, r0: int, r1: int,
+               Q1: Tensor, Err1: Tensor) -> None:
+    """Columns r0..r1−1 in torch ops on W1's device, in the compiled loop's order of float32
+    operations (so the codes are the same): q = clamp(round((w − a)/s) + z, 0, qmax),
+    e = (w − ((q − z)·s + a)) / [H⁻¹]_ii, then e·[H⁻¹]_{i, i+1..r1−1} off the run's later columns.
+    No value leaves the device (no host synchronisation inside the loop)."""
+    a, s, z = (t.to(torch.float32) for t in aff)  # (out, run)
+    qmax = float(2**spec.bits - 1)
+    for i in range(r0, r1):
+        j = i - r0
+        w = W1[:, i]  # (out,)
+        q = torch.round((w - a[:, j]) / s[:, j], out=Q1[:, i]).add_(z[:, j]).clamp_(0.0, qmax)  # written in place
+        e = torch.div(w - ((q - z[:, j]) * s[:, j] + a[:, j]), Hinv1[i, i], out=Err1[:, i])
+        if i + 1 < r1:
+            W1[:, i + 1 : r1] -= e.unsqueeze(1) * Hinv1[i, i + 1 : r1]  # (out, 1) · (r1 − i − 1,)
+
+
+def _run_grid(W1: Tensor, Hinv1: Tensor, aff: AffineCols | None, pc: dict[str, Tensor], spec: GridSpec, r0: int,
+              r1: int, Q1: Tensor, Err1: Tensor) -> None:
+    """Columns r0..r1−1 through the grid's own quantize/dequantize (any grid; the reference)."""
+    for i in range(r0, r1):
+        p = {k: v[:, i - r0 : i - r0 + 1] for k, v in pc.items()}  # (out, 1)
+        w = W1[:, i : i + 1]  # (out, 1)
+        q = grids.quantize(w, p, spec)
+        Q1[:, i : i + 1] = q
+        err = (w - grids.dequantize(q, p, spec)) / Hinv1[i, i]  # (out, 1)
+        W1[:, i:r1] -= err * Hinv1[i : i + 1, i:r1]
+        Err1[:, i : i + 1] = err
+
+
+ColumnLoop = Callable[[Tensor, Tensor, "AffineCols | None", dict, GridSpec, int, int, Tensor, Tensor], None]
+# name -> (the loop, whether it needs the grid's affine form, whether it needs host memory)
+LOOPS: dict[str, tuple[ColumnLoop, bool, bool]] = {
+    "numba": (_run_numba, True, True),
+    "torch": (_run_torch, True, False),
+    "grid": (_run_grid, False, False),
+}
+
+
+def choose_loop(loop: str, affine: bool, device: torch.device) -> str:
+    """The column loop to run: ``auto`` → for affine grids numba on the CPU, torch elsewhere (and
+    where ``LLMPRESS_TORCH_PATHS=1``); grid for codebook grids. A named loop that cannot serve this
+    grid or device is refused."""
+    if loop == "auto":
+        return ("numba" if host_kernels(device) else "torch") if affine else "grid"
+    if loop not in LOOPS:
+        raise ValueError(f"gptq: unknown column loop {loop!r}; known: auto, {', '.join(LOOPS)}")
+    _, needs_affine, needs_host = LOOPS[loop]
+    if needs_affine and not affine:
+        raise ValueError(f"gptq: the {loop} column loop serves affine grids only")
+    if needs_host and device.type != "cpu":
+        raise ValueError(f"gptq: the {loop} column loop runs on the CPU only (weights are on {device})")
+    return loop
+
+
 def _columns(W1: Tensor, Hinv1: Tensor, pcols: dict[str, Tensor], spec: GridSpec, c0: int, c1: int,
-             Q1: Tensor, Err1: Tensor, kernel: bool) -> None:
+             Q1: Tensor, Err1: Tensor, loop: str) -> None:
     """Quantize columns c0..c1−1 of a block in order (OBQ step): code column i, then move its
     error (w − ŵ)/[H⁻¹]_ii onto the block's columns right of it through row i of H⁻¹'s factor.
-    W1, Q1, Err1: (out, B); Hinv1: (B, B); pcols: grid parameters of columns c0..c1−1 (out, c1−c0).
+    W1, Q1, Err1: (out, B); Hinv1: (B, B); pcols: grid parameters of columns c0..c1−1 (out, c1−c0);
+    ``loop``: a name in ``LOOPS`` (see :func:`choose_loop`).
 
     The lazy batch update once more, one level down: columns go in runs of ``RUN``; inside a run
     each error reaches the run's later columns at once, and the block's columns after the run
     receive the run's errors in one product. The same sums in another order, but most of the
     work becomes a matrix product (4-bit g64, act-order, one thread: 76 → 45 ms on a 1536×576
     layer, 93 → 69 ms on a 576×1536 one)."""
-    grid = grids.GRIDS[spec.grid_name]
-    aff = grid.affine(pcols, spec.bits) if kernel else None
-    qmax = np.float32(2**spec.bits - 1)
+    run, needs_affine, _ = LOOPS[loop]
+    aff = grids.GRIDS[spec.grid_name].affine(pcols, spec.bits) if needs_affine else None
     B = W1.shape[1]
     for r0 in range(c0, c1, RUN):
         r1 = min(r0 + RUN, c1)
-        if aff is not None:
-            a, s, z = (t[:, r0 - c0 : r1 - c0].to(torch.float32).contiguous().numpy() for t in aff)
-            quantize_columns(W1.numpy(), Hinv1.numpy(), a, s, z, qmax, r0, r1, Q1.numpy(), Err1.numpy())
-        else:
-            for i in range(r0, r1):
-                pc = {k: v[:, i - c0 : i - c0 + 1] for k, v in pcols.items()}  # (out, 1)
-                w = W1[:, i : i + 1]  # (out, 1)
-                q = grids.quantize(w, pc, spec)
-                Q1[:, i : i + 1] = q
-                err = (w - grids.dequantize(q, pc, spec)) / Hinv1[i, i]  # (out, 1)
-                W1[:, i:r1] -= err * Hinv1[i : i + 1, i:r1]
-                Err1[:, i : i + 1] = err
+        sl = slice(r0 - c0, r1 - c0)
+        run(W1, Hinv1, None if aff is None else tuple(t[:, sl] for t in aff), {k: v[:, sl] for k, v in pcols.items()},
+            spec, r0, r1, Q1, Err1)
         if r1 < B:
             W1[:, r1:] -= Err1[:, r0:r1] @ Hinv1[r0:r1, r1:]  # (out, run) @ (run, B − r1)
 
@@ -110,6 +173,13 @@ class Hessian:
     perm: Tensor | None  # (in,) act-order column order (decreasing diag H), or None
     Hinv: Tensor  # (in, in) upper Cholesky factor of (H_perm + λI)⁻¹, float32
 
+    def to(self, device: torch.device) -> "Hessian":
+        """This Hessian on ``device`` (itself when it is there already)."""
+        if self.H.device == device:
+            return self
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Hessian(H=mv(self.H), dead=mv(self.dead), perm=mv(self.perm), Hinv=mv(self.Hinv))
+
     @classmethod
     def prepare(cls, H: Tensor, damp: float, act_order: bool) -> "Hessian":
         H = H.to(torch.float32, copy=True)  # one copy, whatever H's dtype
@@ -122,13 +192,16 @@ class Hessian:
 
 
 def gptq_quantize(W: Tensor, H: Tensor | Hessian, spec: GridSpec, *, damp: float = 0.01, act_order: bool = False,
-                  static_groups: bool = False, block_size: int = 128, kernel: bool = True) -> QWeight:
+                  static_groups: bool = False, block_size: int = 128, loop: str = "auto") -> QWeight:
     """Quantize W (out, in) against H = Σ x xᵀ (in, in), or against a prepared :class:`Hessian`
-    (made with the same ``damp`` and ``act_order``). Returns codes in the original column order.
-    ``kernel``: the compiled column loop for affine grids (False: the torch loop, the reference)."""
-    hs = H if isinstance(H, Hessian) else Hessian.prepare(H, damp, act_order)
+    (made with the same ``damp`` and ``act_order``). Returns codes in the original column order,
+    on W's device. ``loop``: the column loop (``auto``, or a name in ``LOOPS``)."""
+    hs = H if isinstance(H, Hessian) else Hessian.prepare(H.to(W.device), damp, act_order)
     if (hs.perm is not None) != act_order:
         raise ValueError("gptq: the prepared Hessian was made for another act_order")
+    dev = W.device
+    loop = choose_loop(loop, grids.GRIDS[spec.grid_name].is_affine, dev)
+    hs = hs.to(dev)
     W = W.to(torch.float32).clone()
     out, cols = W.shape
     gs = spec.group_size
@@ -145,9 +218,10 @@ def gptq_quantize(W: Tensor, H: Tensor | Hessian, spec: GridSpec, *, damp: float
     perm = hs.perm
     if perm is not None:
         W = W[:, perm]
-    col_group = grids.group_index(cols, gs if grouped else -1)  # group of each original column
+    col_group = grids.group_index(cols, gs if grouped else -1)  # group of each original column (host)
     if perm is not None and static_groups:
-        col_group = col_group[perm]  # permuted column j keeps its original group
+        col_group = col_group[perm.cpu()]  # permuted column j keeps its original group
+    col_group_dev = col_group.to(dev)
     n_groups = grids.num_groups(cols, gs if grouped else -1)
 
     Hinv = hs.Hinv  # (in, in) upper, float32
@@ -155,8 +229,8 @@ def gptq_quantize(W: Tensor, H: Tensor | Hessian, spec: GridSpec, *, damp: float
     if fixed is None and spec.range == "mse":
         Hfit = hs.H if perm is None else hs.H[perm][:, perm]
 
-    codes = torch.zeros(out, cols, dtype=torch.float32)
-    dyn = None if fixed is not None else {k: torch.zeros(out, n_groups, 1) for k in grids.GRIDS[spec.grid_name].stored}
+    codes = torch.zeros(out, cols, dtype=torch.float32, device=dev)
+    dyn = None if fixed is not None else {k: torch.zeros(out, n_groups, 1, device=dev) for k in grids.GRIDS[spec.grid_name].stored}
     params = fixed if fixed is not None else dyn
     B = max(gs, (block_size // gs) * gs) if grouped else block_size  # blocks hold whole groups
 
@@ -174,8 +248,8 @@ def gptq_quantize(W: Tensor, H: Tensor | Hessian, spec: GridSpec, *, damp: float
                 p = grids.fit(W1[:, c0 - i1 : c1 - i1].unsqueeze(1), spec, loss)  # (out, 1, 1)
                 for k in dyn:
                     dyn[k][:, int(col_group[c0])] = p[k][:, 0]
-            pcols = {k: v[:, col_group[c0:c1], 0].expand(out, c1 - c0) for k, v in params.items()}  # (out, c1-c0)
-            _columns(W1, Hinv1, pcols, spec, c0 - i1, c1 - i1, Q1, Err1, kernel)
+            pcols = {k: v[:, col_group_dev[c0:c1], 0].expand(out, c1 - c0) for k, v in params.items()}  # (out, c1-c0)
+            _columns(W1, Hinv1, pcols, spec, c0 - i1, c1 - i1, Q1, Err1, loop)
         codes[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
@@ -184,7 +258,7 @@ def gptq_quantize(W: Tensor, H: Tensor | Hessian, spec: GridSpec, *, damp: float
         inv = torch.argsort(perm)
         codes = codes[:, inv]
         if dyn is not None:
-            g_idx = col_group[inv]  # original column → its permuted-order group
+            g_idx = col_group_dev[inv]  # original column → its permuted-order group
     return QWeight(codes=codes, params=params, g_idx=g_idx)
 
 

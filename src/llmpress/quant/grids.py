@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..device import host_kernels
 from .search_kernel import affine_error
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -78,7 +79,7 @@ def group_index(in_features: int, group_size: int) -> Tensor:
     """Group of each input column (in,), int64."""
     if group_size <= 0 or group_size >= in_features:
         return torch.zeros(in_features, dtype=torch.long)
-    return torch.arange(in_features) // group_size
+    return torch.arange(in_features) // group_size  # host memory: callers move it where they index
 
 
 def group_weights(w: Tensor, group_size: int) -> Tensor:
@@ -132,6 +133,11 @@ class Grid:
         """(a, s, z) with codes clamp(round((w − a)/s) + z, 0, 2ᵇ−1) and values (q − z)·s + a,
         for grids of that form (compiled GPTQ); None for the others (codebooks)."""
         return None
+
+    @property
+    def is_affine(self) -> bool:
+        """Whether this grid states an affine form (:meth:`affine` is overridden)."""
+        return type(self).affine is not Grid.affine
 
 
 GRIDS: dict[str, Grid] = {}
@@ -223,13 +229,13 @@ class NormalFloat(_AbsmaxGrid):
     name = "nf"
 
     def quantize(self, w, p, bits):
-        c = normal_float_codebook(bits)
+        c = normal_float_codebook(bits).to(w.device)  # the cached codebook lives on the CPU
         mids = (c[1:] + c[:-1]) / 2
         x = torch.nan_to_num(w / p["scale"])
         return torch.bucketize(x.contiguous(), mids).to(torch.float32)
 
     def dequantize(self, q, p, bits):
-        return normal_float_codebook(bits)[q.long()] * p["scale"]
+        return normal_float_codebook(bits).to(q.device)[q.long()] * p["scale"]
 
 
 def seed_level(x: Tensor, levels: int) -> Tensor:
@@ -295,7 +301,7 @@ def group_hessian_loss(H: Tensor, group_size: int, s: Tensor | None = None) -> G
     g = num_groups(inp, group_size)
     pad = g * group_size - inp
     Hp = torch.nn.functional.pad(Hs, (0, pad, 0, pad)) if pad else Hs  # no (in, in) copy when groups fit
-    idx = torch.arange(g)
+    idx = torch.arange(g, device=H.device)
     blocks = Hp.reshape(g, group_size, g, group_size)[idx, :, idx, :].contiguous()  # (G, S, S) diagonal blocks
 
     def loss(err: Tensor) -> Tensor:  # (R, G, S) -> (R, G)
@@ -392,7 +398,7 @@ def _range_minmax(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> di
 def _range_percentile(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[str, Tensor]:
     q = float(spec.percentile) / 100.0
     flat = wg.reshape(-1, wg.shape[-1])
-    qs = torch.nanquantile(flat, torch.tensor([1.0 - q, q], dtype=wg.dtype), dim=-1)  # (2, R*G)
+    qs = torch.nanquantile(flat, torch.tensor([1.0 - q, q], dtype=wg.dtype, device=wg.device), dim=-1)  # (2, R*G)
     lo = qs[0].reshape(*wg.shape[:-1], 1)
     hi = qs[1].reshape(*wg.shape[:-1], 1)
     return grid.params(lo, hi, spec.bits, spec.dtype)
@@ -405,11 +411,12 @@ def _range_mse(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[
     pad = torch.isnan(wg)
     pad = pad if bool(pad.any()) else None  # a ragged last group's padding
     R, G, S = wg.shape
-    buf = torch.empty(G, R, S)  # the affine grids' error, group-major (search_kernel)
+    compiled = grid.is_affine and host_kernels(wg)  # the compiled pass reads host memory
+    buf = torch.empty(G, R, S) if compiled else None  # the affine grids' error, group-major (search_kernel)
     best_p, best_err = None, None
     for p in torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse_steps)).tolist():
         cand = grid.params(lo * p, hi * p, spec.bits, spec.dtype)
-        aff = grid.affine(cand, spec.bits)
+        aff = grid.affine(cand, spec.bits) if compiled else None
         if aff is not None:  # one compiled pass
             a, s, z = (t[..., 0].to(torch.float32).contiguous().numpy() for t in aff)
             affine_error(wg.numpy(), a, s, z, np.float32(2**spec.bits - 1), buf.numpy())

@@ -22,7 +22,7 @@ def _pack_whole(codes: Tensor, bits: int) -> Tensor:
     per = 8 // bits
     n = codes.numel()
     c = torch.nn.functional.pad(codes.reshape(-1), (0, (-n) % per)).reshape(-1, per)  # (N, per)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
     return (c << shifts).sum(-1, dtype=torch.uint8) if per > 1 else c.reshape(-1).clone()
 
 
@@ -30,23 +30,23 @@ def _unpack_whole(packed: Tensor, bits: int, n: int) -> Tensor:
     per = 8 // bits
     if per == 1:
         return packed[:n]
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(-1)[:n]
 
 
 def _pack_planes(codes: Tensor, bits: int) -> Tensor:
     n = codes.numel()
     c = torch.nn.functional.pad(codes.reshape(-1), (0, (-n) % 8)).reshape(-1, 8)  # (N, 8) codes
-    planes = (c.unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8)) & 1  # (N, 8, b) bits
+    planes = (c.unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8, device=c.device)) & 1  # (N, 8, b) bits
     planes = planes.reshape(-1, bits, 8)  # (N, b, 8): the 8b-bit stream cut into b bytes
-    return (planes << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8).reshape(-1)[: packed_bytes(n, bits)]
+    return (planes << torch.arange(8, dtype=torch.uint8, device=planes.device)).sum(-1, dtype=torch.uint8).reshape(-1)[: packed_bytes(n, bits)]
 
 
 def _unpack_planes(packed: Tensor, bits: int, n: int) -> Tensor:
     p = torch.nn.functional.pad(packed, (0, (-packed.numel()) % bits)).reshape(-1, bits)  # (N, b) bytes
-    planes = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # (N, b, 8)
+    planes = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=p.device)) & 1  # (N, b, 8)
     planes = planes.reshape(-1, 8, bits)  # (N, 8, b): bits of each code
-    return (planes << torch.arange(bits, dtype=torch.uint8)).sum(-1, dtype=torch.uint8).reshape(-1)[:n]
+    return (planes << torch.arange(bits, dtype=torch.uint8, device=planes.device)).sum(-1, dtype=torch.uint8).reshape(-1)[:n]
 
 
 # bits -> (pack, unpack): a dispatch table, no if-chain.

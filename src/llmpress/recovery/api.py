@@ -139,7 +139,8 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
              eval_text: str | list[str] | None = None, force: bool = False, allow_overlap: bool = False,
              max_seconds: float | None = None, clock: str = "wall", checkpoint_every: int = 50, seed: int = 0, grad_ckpt: bool = True,
              schedule: str = "cosine", warmup: int = 10, qparam_lr: float | None = 1e-4, code_lr: float = 1e-2, train_latent: bool = True, progress: bool = True,
-             on_step: Callable[[int, float, nn.Module], None] | None = None) -> dict[str, Any]:
+             on_step: Callable[[int, float, nn.Module], None] | None = None,
+             device: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Recovery training of the llmpress folder ``compressed`` towards ``reference`` (the original),
     on ``text`` (default: the calibration corpus), written to ``out`` in the same format.
 
@@ -150,8 +151,12 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
     ``allow_overlap``. An interrupted run resumes from its checkpoint (kept beside ``out``).
     Returns ``bpw``, ``bytes_in``, ``bytes_out``, ``ratio``, ``bytes_before``, ``losses``,
     ``loss_first``, ``loss_last``, ``steps``, ``seconds``, ``peak_rss_bytes``, ``out``.
+    ``device``: cpu | cuda | auto, where the student and the teacher run and train.
     """
+    from ..device import resolve_device, to_cpu
     from ..pipeline import peak_rss_bytes
+
+    dev = resolve_device(device)
     from ..text import CALIB_DEFAULT, EVAL_DEFAULTS
 
     t0 = time.perf_counter()
@@ -180,6 +185,7 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
     student = load_folder(src)
     cts, rest = read_compressed(src, manifest)
     trainables, frozen = make_trainable(student, cts, rest)
+    student.to(dev)
     for mod in trainables.values():
         if isinstance(mod, QATLinear):
             mod.train_latent = train_latent
@@ -187,7 +193,7 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
     if NEEDS_TEACHER[objective]:
         from ..loading import load
 
-        teacher = load(ref_folder).eval()
+        teacher = load(ref_folder).eval().to(dev)
         for p in teacher.parameters():
             p.requires_grad_(False)
     ckpt = out.parent / f".{out.name}.finetune-ckpt"
@@ -197,6 +203,7 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
     del teacher
 
     new_cts = {p: trainables[p.rsplit(".", 1)[0]].to_ct() if p.rsplit(".", 1)[0] in trainables else ct for p, ct in cts.items()}
+    new_cts = {p: CompressedTensor(ct.codec, to_cpu(ct.data), ct.meta) for p, ct in new_cts.items()}  # written from the host
     for p, ct in new_cts.items():
         if ct.nbits() != cts[p].nbits() or ct.meta != cts[p].meta:
             raise AssertionError(f"{p}: re-packing changed the stored size or meta")

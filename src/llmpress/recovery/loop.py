@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..device import model_device
 from ..io.atomic import atomic_dir
 from .distill import NEEDS_TEACHER, get_objective, teacher_logits
 
@@ -116,12 +117,12 @@ def save_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.opt
     """Trainable tensors and Adam moments in safetensors, the rest in JSON; atomically."""
     params = _named_trainable(trainables)
     index = {id(p): n for n, p in params.items()}
-    tensors = {f"param/{n}": p.detach().contiguous() for n, p in params.items()}
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     moments: dict[str, int] = {}
     for p, st in opt.state.items():
         n = index[id(p)]
-        tensors[f"exp_avg/{n}"] = st["exp_avg"].contiguous()
-        tensors[f"exp_avg_sq/{n}"] = st["exp_avg_sq"].contiguous()
+        tensors[f"exp_avg/{n}"] = st["exp_avg"].cpu().contiguous()
+        tensors[f"exp_avg_sq/{n}"] = st["exp_avg_sq"].cpu().contiguous()
         moments[n] = int(st["step"])
     state = {"config_key": cfg.key(), "step": step, "losses": losses, "seconds": seconds, "adam_steps": moments}
     with atomic_dir(path, force=True) as tmp:
@@ -143,8 +144,10 @@ def load_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.opt
         for n, p in params.items():
             p.copy_(tensors[f"param/{n}"])
             if n in state["adam_steps"]:
-                opt.state[p] = {"step": torch.tensor(float(state["adam_steps"][n])),
-                                "exp_avg": tensors[f"exp_avg/{n}"].clone(), "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].clone()}
+                # fused Adam keeps its step counts where the parameter is
+                opt.state[p] = {"step": torch.tensor(float(state["adam_steps"][n]), device=p.device),
+                                "exp_avg": tensors[f"exp_avg/{n}"].to(p.device, copy=True),
+                                "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device, copy=True)}
     log.info("resumed from %s at step %d", path, state["step"])
     return state
 
@@ -179,6 +182,7 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
         p.requires_grad_(True)
     opt = make_optimizer(trainables, cfg)
     clock = CLOCKS[cfg.clock]
+    dev = model_device(student)  # the batches go where the student is
     state = load_checkpoint(ckpt, trainables, opt, cfg) if ckpt is not None else None
     start, losses = (state["step"], list(state["losses"])) if state else (0, [])
     spent = float(state["seconds"]) if state else 0.0
@@ -195,7 +199,7 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * cfg.lr_factor(step)
             torch.manual_seed(cfg.seed * 1_000_003 + step)
-            ids = batch(step)  # (B, T)
+            ids = batch(step).to(dev)  # (B, T)
             target = teacher_logits(teacher, ids) if NEEDS_TEACHER[cfg.objective] else None
             logits = student(input_ids=ids, use_cache=False).logits  # (B, T, V)
             loss = objective(logits, target, ids)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..device import host_kernels
 from ..quant import grids
 from ..quant.pack import pack, unpack
 from ..tensor import CompressedTensor
@@ -71,7 +72,7 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, u: Tensor, s: Tensor, m: Tensor | None, mod: "QATLinear") -> Tensor:
         ctx.save_for_backward(u, s, m)
         ctx.mod = mod
-        if mod.fused:  # one pass (qat_kernels), same values
+        if mod.fused and host_kernels(u):  # one pass (qat_kernels, host memory), same values
             return qat_kernels.fake_quant_forward(u, s, m, mod.lo, mod.hi)
         out = mod._levels(u).mul_(s)
         if m is not None:
@@ -83,7 +84,7 @@ class _FakeQuant(torch.autograd.Function):
         u, s, m = ctx.saved_tensors
         mod = ctx.mod
         need_u, need_s, need_m, _ = ctx.needs_input_grad
-        if mod.fused:
+        if mod.fused and host_kernels(u):
             gu, gs, gm = qat_kernels.fake_quant_backward(u, g, s, mod.lo, mod.hi)
             return (gu if need_u else None, gs.view(s.shape) if need_s else None,
                     gm.view(m.shape) if need_m and m is not None else None, None)
@@ -129,7 +130,8 @@ class QATLinear(nn.Module):
         codes = unpack(ct.data["qweight"], self.bits, self.out_features * self.in_features)
         codes = codes.reshape(self.out_features, self.in_features).to(torch.float32)
         self.latent = nn.Parameter(self._init_latent(codes))  # (out, in), grid units
-        # the fused one-pass kernels serve closed-form grids on whole consecutive groups
+        # the fused one-pass kernels serve closed-form grids on whole consecutive groups, on the CPU
+        # (elsewhere the torch path runs: the same values)
         self.fused = bool(self.group) and self.meta["grid"] in _FAST_LEVELS
         self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
 

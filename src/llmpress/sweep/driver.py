@@ -78,13 +78,17 @@ def limit(
     address: str | None = None,
     threads: int | None = None,
     mixed_bpw: float | None = 4.0,
+    device: str | None = "cpu",
 ) -> dict[str, Any]:
     """Sweep ``points`` (or the named ``budget``) on ``model`` and write the report to ``out``.
 
     Returns the summary: the frontier, the lossless limit, the near-lossless points, the knee
-    and the recommendation."""
+    and the recommendation. ``device``: cpu | cuda | auto, where each point is compressed and judged
+    (a point's key names the device unless it is the CPU: figures differ within float tolerance)."""
+    from ..device import resolve_device
     from ..text import CALIB_DEFAULT, EVAL_DEFAULTS
 
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     model = model or DEFAULT_CAUSAL
     texts = texts or list(EVAL_DEFAULTS)
@@ -97,9 +101,11 @@ def limit(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "texts": texts, "ctx": ctx, "tokens": tokens, "calib": calib or CALIB_DEFAULT,
-                "samples": samples, "seq_len": seq_len, "threads": threads, "recipes": str(out / "recipes")}
+                "samples": samples, "seq_len": seq_len, "threads": threads, "recipes": str(out / "recipes"),
+                "device": str(dev)}
     context = json.dumps({"model": _fingerprint(model), "text": _text_digest(texts), "ctx": ctx, "tokens": tokens,
-                          "calib": settings["calib"], "samples": samples, "seq_len": seq_len, "threads": threads},
+                          "calib": settings["calib"], "samples": samples, "seq_len": seq_len, "threads": threads,
+                          **({"device": str(dev)} if dev.type != "cpu" else {})},
                          sort_keys=True)
     results_path = out / RESULTS
     done = {r["key"]: r for r in read_results(results_path) if "key" in r}

@@ -27,7 +27,7 @@ def _judge(path: Path, settings: dict[str, Any], tokenizer: Any = None) -> dict[
     from ..eval import evaluate
 
     return evaluate(str(path), reference=settings["model"], text=settings["texts"], ctx=settings["ctx"],
-                    tokens=settings["tokens"], tokenizer=tokenizer)
+                    tokens=settings["tokens"], tokenizer=tokenizer, device=settings.get("device", "cpu"))
 
 
 _EVAL_KEYS = ("ppl", "ref_ppl", "kl_mean", "kl_median", "kl_p99", "kl_max", "top1", "ln_ppl_ratio", "ln_ppl_ratio_se",
@@ -67,7 +67,7 @@ def _lossy(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]
     assert recipe is not None
     out = work / "out"
     summary = compress(settings["model"], recipe, out, calib=settings["calib"], samples=settings["samples"],
-                       seq_len=settings["seq_len"], progress=False)
+                       seq_len=settings["seq_len"], progress=False, device=settings.get("device", "cpu"))
     ev = _judge(out, settings)
     if point.params.get("pack"):
         extra.update(_packed_cost(out, summary, work, settings["threads"]))
@@ -145,24 +145,12 @@ def _local(tasks: list[Task], workers: int, address: str | None) -> Iterator[tup
 
 @executor("ray")
 def _ray(tasks: list[Task], workers: int, address: str | None) -> Iterator[tuple[Point, dict[str, Any]]]:
-    try:
-        import ray
-    except ImportError:
-        raise RuntimeError("parallel points need Ray: pip install ray (or use --workers 1)") from None
-    started = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
-        remote = ray.remote(num_cpus=1)(run_point)
+    from ..cluster import ray_cluster
+
+    with ray_cluster(workers, address, what="parallel points") as cluster:
+        remote = cluster.remote(run_point)
         pending = {remote.remote(p, s): p for p, s in tasks}
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = cluster.ray.wait(list(pending), num_returns=1)
             for ref in done:
-                yield pending.pop(ref), ray.get(ref)
-    finally:
-        if started:
-            ray.shutdown()
+                yield pending.pop(ref), cluster.ray.get(ref)

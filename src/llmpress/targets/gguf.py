@@ -86,23 +86,32 @@ def encode_float(t: Tensor, qtype: T) -> tuple[np.ndarray, T]:
     return gguf.quants.quantize(a, qtype), qtype
 
 
-def tensor_plan(src: ExportSource, arch: Arch) -> list[tuple[str, str]]:
-    """(GGUF name, checkpoint name) of every tensor llama.cpp reads, globals first, then by block."""
-    plan = []
+def tensor_plan(src: ExportSource, arch: Arch) -> list[tuple[str, list[str]]]:
+    """(GGUF name, its checkpoint names) of every tensor llama.cpp reads, globals first, then by
+    block; one name each, except a mixture of experts' stacked tensors (their experts in order)."""
+    groups: dict[str, list[tuple[int, str]]] = {}
     for name in src.names():
         g = arch.gguf_name(name)
         if g is not None:
-            plan.append((g, name))
-    seen = Counter(g for g, _ in plan)
-    dup = [g for g, c in seen.items() if c > 1]
+            e = arch.expert_of(name)
+            groups.setdefault(g, []).append((-1 if e is None else e, name))
+    dup = [g for g, parts in groups.items() if len(parts) > 1 and any(e < 0 for e, _ in parts)]
     if dup:
         raise ValueError(f"tensors map to the same GGUF name: {', '.join(dup)}")
+    for g, parts in groups.items():
+        experts = sorted(e for e, _ in parts)
+        if experts[0] >= 0 and experts != list(range(len(experts))):
+            raise ValueError(f"{g}: experts {experts} are not 0..{len(experts) - 1}")
 
-    def key(item: tuple[str, str]) -> tuple[int, str]:
-        m = re.match(r"blk\.(\d+)\.", item[0])
-        return (int(m.group(1)) if m else -1, item[0])
+    def key(g: str) -> tuple[int, str]:
+        m = re.match(r"blk\.(\d+)\.", g)
+        return (int(m.group(1)) if m else -1, g)
 
-    return sorted(plan, key=key)
+    return [(g, [n for _, n in sorted(groups[g])]) for g in sorted(groups, key=key)]
+
+
+# tensors llama.cpp's converter always writes in F32 (MoE routers)
+_ALWAYS_F32 = re.compile(r"\.ffn_gate_inp(_shexp)?\.weight$")
 
 
 def _permuted(t: Tensor, perm: Tensor | None) -> Tensor:
@@ -116,6 +125,26 @@ class GGUF(Target):
 
     def why_not(self, ct: CompressedTensor, **opts: Any) -> str | None:
         return why_not_blocks(ct)
+
+    @staticmethod
+    def _encode(src: ExportSource, name: str, gname: str, arch: Arch, actions: dict[str, str], kept_type: T,
+                dense_type: T) -> tuple[np.ndarray, T, bool, int]:
+        """One checkpoint tensor as written: (data, type, re-quantized, weights it counts for the file type)."""
+        e = src.get(name)
+        perm = arch.row_perm(gname, src.config)
+        if e.ct is not None:
+            act = actions.get(name, "exact")
+            if act == "exact":
+                data, qtype = pack_blocks(e.ct, perm)
+            else:
+                target = dense_type if act == "dense" else nearest_type(e.ct)
+                data, qtype = encode_float(_permuted(e.decoded(), perm), target)
+            return data, qtype, act == "requantize", int(np.prod(e.ct.meta["shape"]))
+        t = _permuted(e.out_in(), perm)
+        want = kept_type if t.dim() >= 2 and not _ALWAYS_F32.search(gname) else T.F32
+        data, qtype = encode_float(t, want)
+        counted = int(t.numel()) if data.ndim >= 2 and not src.compressed_names else 0
+        return data, qtype, qtype not in (T.F32, T.F16, T.BF16) and t.dim() >= 2, counted
 
     def output_path(self, out: Path) -> Path:
         return out if out.suffix == ".gguf" else out.with_name(out.name + ".gguf")
@@ -143,29 +172,19 @@ class GGUF(Target):
         types: dict[str, str] = {}
         requantized: list[str] = []
         weights: Counter = Counter()  # weights per type: of the compressed layers, or of all 2-D tensors
-        for gname, name in plan:
-            e = src.get(name)
-            perm = arch.row_perm(gname, cfg)
-            if e.ct is not None:
-                act = actions.get(name, "exact")
-                if act == "exact":
-                    data, qtype = pack_blocks(e.ct, perm)
-                else:
-                    target = dense_type if act == "dense" else nearest_type(e.ct)
-                    data, qtype = encode_float(_permuted(e.decoded(), perm), target)
-                    if act == "requantize":
-                        requantized.append(gname)
-            else:
-                t = _permuted(e.out_in(), perm)
-                data, qtype = encode_float(t, kept_type if t.dim() >= 2 else T.F32)
-                if qtype not in (T.F32, T.F16, T.BF16) and t.dim() >= 2:
-                    requantized.append(gname)
+        for gname, names in plan:
+            parts = [self._encode(src, name, gname, arch, actions, kept_type, dense_type) for name in names]
+            if len({q for _, q, _, _ in parts}) > 1:  # experts stored in different types: one float type for all
+                log.warning("gguf: %s: its experts are stored in %s; written as %s", gname,
+                            sorted({q.name for _, q, _, _ in parts}), dense_type.name)
+                parts = [self._encode(src, name, gname, arch, {name: "dense"}, dense_type, dense_type) for name in names]
+            data = parts[0][0] if len(parts) == 1 else np.stack([d for d, _, _, _ in parts])  # (E, out, row bytes)
+            qtype = parts[0][1]
+            if any(r for _, _, r, _ in parts):
+                requantized.append(gname)
             w.add_tensor(gname, data, raw_dtype=qtype)
             types[gname] = qtype.name
-            if e.ct is not None:
-                weights[qtype] += int(np.prod(e.ct.meta["shape"]))
-            elif data.ndim >= 2 and not src.compressed_names:
-                weights[qtype] += int(t.numel())
+            weights[qtype] += sum(n for _, _, _, n in parts)
         for gname, t in arch.extra(cfg).items():
             data, qtype = encode_float(t, T.F32)
             w.add_tensor(gname, data, raw_dtype=qtype)

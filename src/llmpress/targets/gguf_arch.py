@@ -125,6 +125,18 @@ def decoder_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def moe_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A Llama-like decoder's, plus the experts' (count, used per token, widths where they differ)."""
+    out = decoder_hparams(cfg)
+    out["add_expert_count"] = int(cfg.get("num_local_experts") or cfg["num_experts"])
+    out["add_expert_used_count"] = int(cfg["num_experts_per_tok"])
+    if cfg.get("moe_intermediate_size"):
+        out["add_expert_feed_forward_length"] = int(cfg["moe_intermediate_size"])
+    if cfg.get("shared_expert_intermediate_size"):
+        out["add_expert_shared_feed_forward_length"] = int(cfg["shared_expert_intermediate_size"])
+    return out
+
+
 def gpt2_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "add_vocab_size": int(cfg["vocab_size"]),
@@ -224,6 +236,9 @@ class Arch:
     permute_qk: bool = False  # Llama's rotary row order (see the module docstring)
     extra: Callable[[dict[str, Any]], dict[str, Tensor]] = field(default=lambda cfg: {})
     alt_prefix: str = ""  # checkpoints saved without the base model's prefix (GPT-2's "h.0...")
+    # a mixture of experts: block suffix regex (group 1: the expert) → the GGUF suffix of the
+    # (E, out, in) tensor llama.cpp reads all of a layer's experts from (``ffn_*_exps``)
+    stacked: dict[str, str] = field(default_factory=dict)
 
     def gguf_name(self, name: str) -> str | None:
         """The GGUF name of a checkpoint tensor; None for one llama.cpp does not read."""
@@ -236,7 +251,18 @@ class Arch:
             m = re.fullmatch(block, n)
             if m and m.group(2) in self.block:
                 return f"blk.{m.group(1)}.{self.block[m.group(2)]}"
+            for pat, g in self.stacked.items():
+                if m and re.fullmatch(pat, m.group(2)):
+                    return f"blk.{m.group(1)}.{g}"
         raise ValueError(f"no GGUF name for tensor {name!r} of architecture {self.gguf!r}")
+
+    def expert_of(self, name: str) -> int | None:
+        """The expert number of a checkpoint tensor that goes into a stacked GGUF tensor, or None."""
+        for pat in self.stacked:
+            m = re.search(r"\.(?:" + pat + r")$", name)
+            if m:
+                return int(m.group(1))
+        return None
 
     def row_perm(self, gguf_name: str, cfg: dict[str, Any]) -> Tensor | None:
         """The output-row order llama.cpp wants for this tensor (rows[perm]), or None."""
@@ -262,6 +288,23 @@ def _llama_extra(cfg: dict[str, Any]) -> dict[str, Tensor]:
 
 _LLAMA = Arch("llama", "model.layers.{bid}.", {**_LLAMA_BLOCK, **_BIASES}, _LLAMA_GLOBAL, decoder_hparams,
               permute_qk=True, extra=_llama_extra)
+_ROUTER = {"mlp.gate.weight": "ffn_gate_inp.weight"}
+_MOE_BLOCK = {k: v for k, v in {**_LLAMA_BLOCK, **_BIASES}.items() if not k.startswith("mlp.")}  # + experts
+_QWEN_SHARED = {
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+}
+
+
+def _experts(gate: str, up: str, down: str) -> dict[str, str]:
+    """llmpress's per-expert linears (``mlp.experts.N.<name>``, see ``llmpress.moe``) → stacked."""
+    return {rf"mlp\.experts\.(\d+)\.{gate}\.weight": "ffn_gate_exps.weight",
+            rf"mlp\.experts\.(\d+)\.{up}\.weight": "ffn_up_exps.weight",
+            rf"mlp\.experts\.(\d+)\.{down}\.weight": "ffn_down_exps.weight"}
+
+
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,  # llama.cpp runs Mistral as llama (its converter does the same)
@@ -269,6 +312,11 @@ ARCHS: dict[str, Arch] = {
     "qwen3": Arch("qwen3", "model.layers.{bid}.", {**_LLAMA_BLOCK, **_BIASES, **_QK_NORM}, _LLAMA_GLOBAL,
                   decoder_hparams),
     "phi3": Arch("phi3", "model.layers.{bid}.", _PHI3_BLOCK, _LLAMA_GLOBAL, phi3_hparams, extra=phi3_rope_factors),
+    # llama.cpp runs Mixtral as llama with experts (its converter does the same)
+    "mixtral": Arch("llama", "model.layers.{bid}.", {**_MOE_BLOCK, **_ROUTER}, _LLAMA_GLOBAL, moe_hparams,
+                    permute_qk=True, stacked=_experts("w1", "w3", "w2")),
+    "qwen2_moe": Arch("qwen2moe", "model.layers.{bid}.", {**_MOE_BLOCK, **_ROUTER, **_QWEN_SHARED},
+                      _LLAMA_GLOBAL, moe_hparams, stacked=_experts("gate_proj", "up_proj", "down_proj")),
     "gpt2": Arch("gpt2", "transformer.h.{bid}.", _GPT2_BLOCK, _GPT2_GLOBAL, gpt2_hparams, alt_prefix="transformer."),
 }
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import ExportSource
+from .gguf import tensor_plan
 from .gguf_arch import arch_of
 from .gguf_blocks import why_not_blocks
 
@@ -29,26 +30,24 @@ def verify(gguf_file: str | Path | gguf.GGUFReader, model: str | Path) -> dict[s
     layers: dict[str, dict[str, Any]] = {}
     with ExportSource(model) as src:
         arch = arch_of(src.config)
-        wanted = {}
-        for name in src.names():
-            g = arch.gguf_name(name)
-            if g is not None:
-                wanted[g] = name
+        wanted = dict(tensor_plan(src, arch))  # gguf name -> its checkpoint names (an MoE's experts: several)
         got = {t.name: t for t in reader.tensors}
         worst = 0.0
-        for gname, name in wanted.items():
+        for gname, names in wanted.items():
             if gname not in got:
                 continue
             t = got[gname]
-            e = src.get(name)
-            ref = e.out_in().to(torch.float32)
             perm = arch.row_perm(gname, src.config)
-            if perm is not None:
-                ref = ref[perm]
+            refs, exact_layer = [], True
+            for name in names:
+                e = src.get(name)
+                r = e.out_in().to(torch.float32)
+                refs.append(r if perm is None else r[perm])
+                exact_layer = exact_layer and e.ct is not None and why_not_blocks(e.ct) is None
+            ref = refs[0] if len(refs) == 1 else torch.stack(refs)  # (E, out, in) for stacked experts
             deq = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
             deq = deq.reshape(ref.shape)
             diff = float((deq - ref).abs().max()) if ref.numel() else 0.0
-            exact_layer = e.ct is not None and why_not_blocks(e.ct) is None
             if exact_layer:
                 worst = max(worst, diff)
             layers[gname] = {"max_abs": diff, "type": t.tensor_type.name, "exact_layer": exact_layer,
