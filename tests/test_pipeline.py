@@ -226,3 +226,17 @@ def test_gram_matrix_is_the_symmetric_product(width):
     assert torch.allclose(g.double(), ref, rtol=1e-5, atol=1e-3)
     if width >= 384:
         assert torch.equal(g, g.T)
+
+
+def test_trial_blocks_times_the_first_blocks_and_writes_nothing(tiny_llama_dir, tmp_path, calib_file):
+    out = tmp_path / "trial"
+    res = compress(tiny_llama_dir, Recipe.uniform("t-round-cal"), out, calib=str(calib_file), samples=2, seq_len=16,
+                   progress=False, trial_blocks=1)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing written, the temporary folder gone
+    tr = res["trial"]
+    assert (tr["blocks_done"], tr["blocks_total"]) == (1, 2) and res["out"] is None and res["bpw"] is None
+    assert len(res["timing"]["block_seconds"]) == 1
+    assert tr["extrapolated_seconds"] == pytest.approx(res["seconds"] + tr["seconds_per_block"])
+    assert any(".layers.0." in k for k in res["layers"]) and not any(".layers.1." in k for k in res["layers"])
+    with pytest.raises(ValueError, match="trial blocks"):
+        compress(tiny_llama_dir, Recipe.uniform("t-round"), out, progress=False, trial_blocks=1)  # streams: no blocks

@@ -20,9 +20,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import shutil
+import tempfile
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +151,10 @@ def _layer_report(w: torch.Tensor, w_hat: torch.Tensor, ct: CompressedTensor, st
         # relative output error ‖(W−Ŵ)X‖² / ‖WX‖² = tr(D H Dᵀ) / tr(W H Wᵀ): one float32 product
         # for both traces (a report, not an input to any method; float64 cost ~9 % of a GPTQ run)
         dw = torch.cat([d, w])  # (2·out, in)
-        t = ((dw @ stats.gram.to(torch.float32)) * dw).double().sum(1)  # (2·out,)
+        t = torch.zeros(len(dw), dtype=torch.float64, device=dw.device)  # (2·out,), over column blocks of H: no whole float32 copy
+        step = max(1, (64 << 20) // (4 * max(1, len(dw))))
+        for c in range(0, dw.shape[1], step):
+            t += ((dw @ stats.gram[:, c : c + step].to(torch.float32)) * dw[:, c : c + step]).double().sum(1)
         rep["rel_out_err"] = float(t[: len(d)].sum() / t[len(d):].sum().clamp_min(1e-30))
     return rep
 
@@ -165,6 +171,7 @@ def compress(
     force: bool = False,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    trial_blocks: int | None = None,
     device: str | torch.device | None = "cpu",
     workers: int = 1,
     address: str | None = None,
@@ -172,7 +179,12 @@ def compress(
     """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``).
     ``device``: cpu | cuda | auto, where blocks, activations and the codecs' work go.
     ``workers`` > 1 or ``address``: a mixture of experts' calibrated expert linears are encoded
-    in Ray tasks (``llmpress.cluster``), with the same results as in one process."""
+    in Ray tasks (``llmpress.cluster``), with the same results as in one process.
+
+    ``trial_blocks=N`` sizes a long run instead: only the first N blocks are compressed (then the
+    tensors outside the blocks, so their cost is measured too), into a temporary folder beside
+    ``out`` that is deleted; nothing is written to ``out``. The summary's ``trial`` gives the
+    seconds of each block and the whole run's time extrapolated from their mean."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     if (workers > 1 or address) and dev.type != "cpu":
@@ -183,10 +195,15 @@ def compress(
     cfg = sk.folder_config(src.folder)
     skel = sk.build_meta(cfg)
     plan = _plan(skel, recipe)
+    if trial_blocks is not None and (trial_blocks < 1 or not plan.needs_stats):
+        raise ValueError("trial blocks: give N ≥ 1, with a method that calibrates block by block (gptq, awq); "
+                         "the others stream tensor by tensor")
     if plan.needs_stats:
         sk.check_walkable(skel)
     torch.manual_seed(0)
-    with contextlib.ExitStack() as stack, atomic_dir(out, force=force) as tmp:
+    timing: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack, \
+            (_discarded_dir(out) if trial_blocks is not None else atomic_dir(out, force=force)) as tmp:
         writer = FolderWriter(tmp)
         if plan.needs_stats:
             text = _calib_text(calib)
@@ -196,7 +213,8 @@ def compress(
                 from .cluster import ray_cluster
 
                 cluster = stack.enter_context(ray_cluster(workers, address, what="per-expert encoding"))
-            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress, dev, cluster)
+            layers = _run_sequential(skel, store, plan, writer, ids, batch_size, progress, dev, cluster,
+                                     trial_blocks, timing)
         else:
             layers = _run_streaming(skel, store, plan, writer, progress, dev)
         bytes_in = sum(f.stat().st_size for f in store.files)
@@ -214,15 +232,37 @@ def compress(
             **(extra_meta or {}),
         }
         manifest = writer.finish(src.folder, source_config(src), summary)
+    seconds = time.perf_counter() - t0
     summary.update(
         bytes_out=manifest["bytes_out"],
         ratio=manifest["bytes_out"] / max(1, bytes_in),
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         peak_rss_bytes=peak_rss_bytes(),
         device=str(dev),
         out=str(out),
     )
+    if timing:
+        summary["timing"] = timing
+    if trial_blocks is not None:
+        done, total = len(timing["block_seconds"]), timing["blocks_total"]
+        per = sum(timing["block_seconds"]) / max(1, done)
+        summary.update(out=None, bytes_out=None, ratio=None, bpw=None, trial={
+            "blocks_done": done, "blocks_total": total, "seconds_per_block": per,
+            "extrapolated_seconds": seconds + (total - done) * per,
+            "note": "trial run: nothing written; extrapolated = this run + the remaining blocks at the mean seconds per block"})
     return summary
+
+
+@contextmanager
+def _discarded_dir(out: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` (the same disk), deleted afterwards whatever happens."""
+    parent = Path(out).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.trial.", dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:
@@ -238,8 +278,10 @@ def _keep_report(t: torch.Tensor) -> dict[str, Any]:
     return {"codec": KEEP, "bits": t.numel() * t.element_size() * 8, "numel": t.numel(), "bpw": t.element_size() * 8.0}
 
 
-def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | None) -> tuple[CompressedTensor, torch.Tensor, dict[str, Any]]:
-    """Encode one (out, in) weight by its rule; return the stored form, its decoding and its report."""
+def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | None,
+                     last: bool = False) -> tuple[CompressedTensor, torch.Tensor, dict[str, Any]]:
+    """Encode one (out, in) weight by its rule; return the stored form, its decoding and its report.
+    ``last``: no other linear reads ``stats``: what a method derived from it goes before the report."""
     codec_name, params = plan.rules[name]
     codec = get_codec(codec_name)
     if stats is None and codec.needs_stats:  # an expert the router sent no calibration token
@@ -247,7 +289,10 @@ def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | Non
     tt = time.perf_counter()
     ct = _encode(name, w, codec_name, params, stats)
     w_hat = get_codec(codec_name).decode(ct)  # where w is
-    rep = _layer_report(w, w_hat, ct, stats, time.perf_counter() - tt)
+    secs = time.perf_counter() - tt
+    if last and stats is not None:
+        stats.derived.clear()
+    rep = _layer_report(w, w_hat, ct, stats, secs)
     ct.data = to_cpu(ct.data)  # stored from host memory
     return ct, w_hat, rep
 
@@ -350,26 +395,96 @@ class _Walk:
 
 
 def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int, dev: torch.device) -> _Walk:
-    """Load everything outside the blocks (embeddings, final norm, head) onto ``dev`` and capture
-    the blocks' inputs there."""
+    """Capture every block's inputs on ``dev``. Only the modules outside the blocks that the
+    forward actually calls before block 0 (embeddings, position embeddings, an input projection)
+    are loaded, each when it is called, onto ``dev``, and all are released afterwards: the head
+    and final norm never are (an 8B model's untied head would be 2 GiB of float32). A plain
+    embedding table stays in its stored dtype, its rows cast to float32 as they are looked up
+    (the same values as a float32 table)."""
     blocks_name, blocks = sk.blocks_of(skel)
     prefix = blocks_name + "."
     outside = {k for k in skel.state_dict() if not k.startswith(prefix)}
-    sd = {k: store.get(k) for k in outside if k in store.where}
-    skel.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True, strict=False)
-    sk.tie(skel)
-    sk.move(skel, dev)  # what is loaded (and the rebuilt rotary buffers); the blocks stay on meta
-    hs, calls = _capture_inputs(skel, blocks, ids.to(dev), bs)
+    sk.move(skel, dev)  # the rebuilt rotary buffers; everything else is still on meta
+    handles, loaded = _load_when_called(skel, prefix, store, dev)
+    try:
+        hs, calls = _capture_inputs(skel, blocks, ids.to(dev), bs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in loaded:
+            sk.release(m)
     return _Walk(prefix, blocks, outside, hs, calls)
 
 
+def _tied_sources(skel: nn.Module) -> dict[str, str]:
+    """{input embedding's weight key: output embedding's weight key} when the config ties them
+    (a checkpoint may store only one of the two)."""
+    if not getattr(skel.config, "tie_word_embeddings", False) or not hasattr(skel, "get_output_embeddings"):
+        return {}
+    out, inp = skel.get_output_embeddings(), skel.get_input_embeddings()
+    if out is None or inp is None:
+        return {}
+    names = {m: n for n, m in skel.named_modules()}
+    if out not in names or inp not in names:
+        return {}
+    return {f"{names[inp]}.weight": f"{names[out]}.weight"}
+
+
+def _load_when_called(skel: nn.Module, prefix: str, store: TensorStore,
+                      dev: torch.device) -> tuple[list, list[nn.Module]]:
+    """Pre-hooks that fill each module outside the blocks with its own tensors on ``dev`` when it
+    is first called; returns (hook handles, the list the loaded modules are appended to)."""
+    handles: list = []
+    loaded: list[nn.Module] = []
+    tied = _tied_sources(skel)
+
+    def cast_out(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out.float()
+
+    def make(name: str, keep_dtype: bool):
+        def pre(m: nn.Module, _args: tuple) -> None:
+            if m in loaded:
+                return
+            own = [k for k in m.state_dict() if "." not in k]
+            sd = {}
+            for k in own:
+                key = f"{name}.{k}" if name else k
+                key = key if key in store.where else tied.get(key, key)
+                if key in store.where:
+                    t = store.get(key)
+                    sd[k] = (t if keep_dtype or not t.is_floating_point() else t.float()).to(dev)
+            m.load_state_dict(sd, assign=True, strict=False)
+            loaded.append(m)
+            if keep_dtype:
+                handles.append(m.register_forward_hook(cast_out))
+
+        return pre
+
+    for name, m in skel.named_modules():
+        if name.startswith(prefix) or f"{name}." == prefix or not any("." not in k for k in m.state_dict()):
+            continue
+        # only a plain lookup keeps the stored dtype (a subclass may compute in the table's dtype,
+        # e.g. Gemma's scaled embedding multiplies in it)
+        handles.append(m.register_forward_pre_hook(make(name, type(m).forward is nn.Embedding.forward)))
+    return handles, loaded
+
+
 def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: FolderWriter, ids: torch.Tensor, bs: int,
-                    progress: bool, dev: torch.device, cluster: Any = None) -> dict[str, Any]:
+                    progress: bool, dev: torch.device, cluster: Any = None, max_blocks: int | None = None,
+                    timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compress block by block (the first ``max_blocks`` only, if given); ``timing`` receives the
+    set-up seconds, each block's seconds and the peak RSS after each block."""
+    t0 = time.perf_counter()
     walk = _start_walk(skel, store, ids, bs, dev)
     prefix, blocks, outside, hs = walk.prefix, walk.blocks, walk.outside, walk.hs
+    n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+    timing = {} if timing is None else timing
+    timing.update(setup_seconds=time.perf_counter() - t0, block_seconds=[], block_peak_rss_bytes=[],
+                  blocks_total=len(blocks))
     layers: dict[str, Any] = {}
     outside_linears = {n: m for n, m in skel.named_modules() if sk.is_linear(m) and not n.startswith(prefix)}
-    for i in tqdm(range(len(blocks)), desc="compress", disable=not progress, unit="block"):
+    for i in tqdm(range(n_blocks), desc="compress", disable=not progress, unit="block"):
+        tb = time.perf_counter()
         bp = f"{prefix}{i}."
         block, kws = blocks[i], walk.calls[i]
         sk.fill(block, bp, store.get, dtype=torch.float32)
@@ -380,15 +495,22 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
         done = {} if cluster is None else moe.fan_out(_compress_linear, {  # an MoE's experts, in Ray tasks
             n: (n, sk.linear_weight(m), plan, stats.get(n)) for n, m in lin.items() if n in plan.rules and moe.is_expert(n)
         }, cluster)
-        for name, m in lin.items():
+        order = list(lin)
+        for j, (name, m) in enumerate(lin.items()):
             if name not in plan.rules:
                 layers[name] = _keep_report(m.weight)
                 continue
-            ct, w_hat, layers[name] = done.pop(name) if name in done else _compress_linear(name, sk.linear_weight(m), plan, stats.get(name))
+            st = stats.get(name)
+            last = st is not None and not any(stats.get(n) is st for n in order[j + 1:])
+            ct, w_hat, layers[name] = done.pop(name) if name in done else \
+                _compress_linear(name, sk.linear_weight(m), plan, st, last)
             sk.set_linear_weight(m, w_hat)
             writer.add_compressed(f"{name}.weight", ct)
+            del ct, w_hat
+            if last:
+                st.gram = None  # its last reader is done: free the Gram matrix
         stats.clear()
-        if i + 1 < len(blocks):  # the inputs of the next block, through the compressed one
+        if i + 1 < n_blocks:  # the inputs of the next block, through the compressed one
             with torch.inference_mode():
                 hs = [_block_out(block, h, kw) for h, kw in zip(hs, kws)]
         for k in block.state_dict():
@@ -398,9 +520,14 @@ def _run_sequential(skel: nn.Module, store: TensorStore, plan: _Plan, writer: Fo
                 orig = store.get(key)
                 writer.add_tensor(key, changed[key].to(device="cpu", dtype=orig.dtype) if key in changed else orig)
         sk.release(block)
+        timing["block_seconds"].append(time.perf_counter() - tb)
+        timing["block_peak_rss_bytes"].append(peak_rss_bytes())
+    del hs
+    t1 = time.perf_counter()
     for key in sorted(outside):
         if key in store.where:  # absent when tied to another tensor
             _stream_tensor(key, store.get(key), outside_linears, plan, writer, layers, dev)
+    timing["outside_seconds"] = time.perf_counter() - t1
     return layers
 
 

@@ -10,7 +10,10 @@ from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LE
 
 
 def _show(res: dict[str, Any]) -> None:
-    rows = {k: res[k] for k in ("bpw", "bytes_in", "bytes_out", "ratio", "seconds", "peak_rss_bytes", "out") if k in res}
+    rows = {k: res[k] for k in ("bpw", "bytes_in", "bytes_out", "ratio", "seconds", "peak_rss_bytes", "out") if res.get(k) is not None}
+    trial = res.get("trial")
+    if trial:
+        rows.update({f"trial {k}": v for k, v in trial.items()})
     console.print(kv_table("quantize", rows))
 
 
@@ -42,6 +45,10 @@ def quantize(
     seq_len: int = SEQ_LEN_OPT,
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
+    trial_blocks: Optional[int] = typer.Option(None, "--trial-blocks", show_default=False,
+                                               help="gptq/awq: quantize only the first N blocks to time them and "
+                                                    "write NOTHING to OUT; prints seconds per block and the whole "
+                                                    "run's time extrapolated (to size a long run)."),
     as_json: bool = JSON_OPT,
     workers: int = typer.Option(1, "--workers", help="A mixture of experts: encode its experts in Ray tasks, N CPUs "
                                                      "(the same output as one process)."),
@@ -56,8 +63,8 @@ def quantize(
     opts: dict[str, Any] = {k: v for k, v in (("sym", sym), ("grid", grid), ("range", range_)) if v is not None}
     try:
         res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
-                  samples=samples, seq_len=seq_len, force=force, device=device, workers=workers, address=address,
-                  **opts)
+                  samples=samples, seq_len=seq_len, force=force, trial_blocks=trial_blocks, device=device,
+                  workers=workers, address=address, **opts)
     except (OutputExistsError, FileNotFoundError, ValueError, KeyError, ClusterError) as e:
         fail(str(e).strip("'\""))
     res.pop("layers", None)

@@ -19,12 +19,12 @@ import json
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..loading import register_loader
@@ -36,16 +36,24 @@ log = logging.getLogger(__name__)
 MANIFEST = "llmpress.json"
 FORMAT = "llmpress-folder"
 FORMAT_VERSION = 1
+# torch dtype -> safetensors dtype name
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 _SKIP = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".llmp")
 
 
 class FolderWriter:
-    """Writes tensors into safetensors shards as they come, so memory stays near one shard."""
+    """Writes tensors into safetensors shards as they come. Each tensor's bytes go at once to the
+    open shard's data file and only its header entry is kept, so memory stays near one tensor
+    whatever the shard size; a full shard is assembled as header + data (one copy on disk)."""
 
     def __init__(self, root: Path, shard_bytes: int = 2 << 30):
         self.root = root
         self.shard_bytes = shard_bytes
-        self._buf: dict[str, torch.Tensor] = {}
+        self._entries: dict[str, dict[str, Any]] = {}  # the open shard's header entries
+        self._data = None  # its data file, opened at the first tensor
         self._buf_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []
         self.compressed: dict[str, dict[str, Any]] = {}
@@ -62,18 +70,35 @@ class FolderWriter:
         self._add(name, t)
 
     def _add(self, name: str, t: torch.Tensor) -> None:
-        self._buf[name] = t.detach().contiguous().cpu()
-        self._buf_bytes += t.numel() * t.element_size()
+        if name in self._entries or any(name in keys for _, keys in self._shards):
+            raise ValueError(f"tensor {name!r} written twice")
+        t = t.detach().contiguous().cpu()
+        if self._data is None:
+            self._data = open(self.root / f".shard-{len(self._shards):05d}.data", "wb")
+        n = t.numel() * t.element_size()
+        self._entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [self._buf_bytes, self._buf_bytes + n]}
+        if n:
+            self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.dtype != torch.bool
+                             else t.numpy().tobytes())
+        self._buf_bytes += n
         if self._buf_bytes >= self.shard_bytes:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._buf:
+        if self._data is None:
             return
+        data_path = Path(self._data.name)
+        self._data.close()
         name = f"shard-{len(self._shards):05d}.safetensors"
-        save_file(self._buf, str(self.root / name), metadata={"format": "pt"})
-        self._shards.append((name, list(self._buf)))
-        self._buf, self._buf_bytes = {}, 0
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self.root / name, "wb") as fo, open(data_path, "rb") as fi:
+            fo.write(struct.pack("<Q", len(header)) + header)
+            shutil.copyfileobj(fi, fo, 16 << 20)
+        data_path.unlink()
+        self._shards.append((name, list(self._entries)))
+        self._entries, self._data, self._buf_bytes = {}, None, 0
 
     def finish_shards(self) -> list[str]:
         """Flush, give the shards their Hugging Face names, write the index when there are

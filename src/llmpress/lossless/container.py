@@ -186,13 +186,15 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     threads = job.threads if ex is not None else 1
     sha = hashlib.sha256()
     pos = 0
-    # (segment record, length, the worker's future or the raw chunk the caller codes itself)
-    pending: deque[tuple[dict, int, Future | tuple[np.ndarray, str]]] = deque()
+    # (segment record, length, the worker's future or the raw chunk the caller codes itself,
+    # the chunk's hash future)
+    pending: deque[tuple[dict, int, Future | tuple[np.ndarray, str], Future]] = deque()
 
     def drain(limit: int) -> Iterator[tuple[int, Any]]:
         nonlocal pos
         while len(pending) > limit:
-            rec, ln, work = pending.popleft()
+            rec, ln, work, hashed = pending.popleft()
+            hashed.result()  # the hash thread keeps up: no queue of raw chunks behind it
             parts, st, crc = work.result() if isinstance(work, Future) else _encode_job(*work, job.policy)
             size = sum(len(b) for b in parts)
             rec["chunks"].append([pos, size, ln, crc])
@@ -216,8 +218,8 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
                 # threads-th chunk itself when its turn to be written comes (as the
                 # decoders do), the workers the others
                 mine = ex is None or k % threads == 0
-                pending.append((srec, ln, (raw, seg.dtype) if mine else ex.submit(_encode_job, raw, seg.dtype, job.policy)))
-                hasher.submit(sha.update, raw)
+                pending.append((srec, ln, (raw, seg.dtype) if mine else ex.submit(_encode_job, raw, seg.dtype, job.policy),
+                                hasher.submit(sha.update, raw)))
                 k += 1
                 yield from drain(2 * threads if ex is not None else 0)
         yield from drain(0)

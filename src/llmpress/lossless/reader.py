@@ -56,6 +56,7 @@ INLINE_BYTES = 64 << 10  # chunks this small decode in the calling thread
 CHUNK_COST = 64 << 10  # a chunk's fixed cost (Python, checks, hand-off) in bytes of decoding, for sharing work
 MAX_CHUNK_BYTES = 64 << 20
 MAX_INDEX = 1 << 30
+RELEASE_BYTES = 64 << 20  # a streamed read gives back the map's pages behind it every this many bytes
 
 
 class CorruptError(ValueError):
@@ -111,6 +112,7 @@ class Packed:
         # every slice inside the file
         self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._view = memoryview(self._map)
+        self._released = 0  # the map's pages below this offset were given back (_release_before)
 
     def close(self) -> None:
         self._view.release()
@@ -181,6 +183,20 @@ class Packed:
     def _read(self, o: int, ln: int) -> memoryview:
         return self._view[o : o + ln]
 
+    def _release_before(self, offset: int) -> None:
+        """Drop the map's pages below ``offset`` from this process once ``RELEASE_BYTES`` have been
+        read past the last drop: a streamed read of a large file would otherwise keep every page
+        it touched resident in the process (they stay in the page cache; a later read faults them
+        back in). Payloads are read in file order, so everything below the chunk being handed out
+        has been decoded."""
+        if offset - self._released < RELEASE_BYTES or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        end = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        start = self._released // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+            self._released = end
+
     def iter_chunks(self, f: dict, segs: list[dict], ex: ThreadPoolExecutor | None = None,
                     ahead: int = 4) -> Iterator[np.ndarray]:
         """Decoded chunks of the segments ``segs`` of file ``f``, in order, each checked (a v1
@@ -216,6 +232,7 @@ class Packed:
         def emit() -> Iterator[np.ndarray]:
             nonlocal crc
             s, i, last, r, buf = todo.popleft()
+            self._release_before(s["chunks"][i][0])
             out = r.result() if isinstance(r, Future) else job(s, i, buf) if r is None else r
             if self.version == 1:
                 crc = zlib.crc32(out, crc)

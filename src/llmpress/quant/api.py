@@ -57,14 +57,17 @@ def check_recipe(recipe: Recipe) -> None:
 def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: int | None = None,
              group_size: int | None = None,
              recipe: str | Path | Recipe | dict | None = None, calib: str | None = None, samples: int = 128,
-             seq_len: int = 512, force: bool = False, progress: bool = True, device: str | None = "cpu",
-             workers: int = 1, address: str | None = None, **grid_opts: Any) -> dict[str, Any]:
+             seq_len: int = 512, force: bool = False, progress: bool = True, trial_blocks: int | None = None,
+             device: str | None = "cpu", workers: int = 1, address: str | None = None,
+             **grid_opts: Any) -> dict[str, Any]:
     """Quantize ``model`` into the folder ``out``; returns the runner's summary (``bpw``,
     ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``peak_rss_bytes``, ``layers``).
-    ``device``: cpu | cuda | auto (see :mod:`llmpress.device`)."""
+    ``trial_blocks=N`` (gptq, awq): time the first N blocks and write nothing (see
+    :func:`llmpress.pipeline.compress`). ``device``: cpu | cuda | auto (see :mod:`llmpress.device`)."""
     from ..pipeline import compress
 
     r = build_recipe(method, bits, group_size, recipe, **grid_opts)
     log.info("quantize %s → %s with %d rule(s)", model, out, len(r.rules))
     return compress(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, progress=progress,
-                    extra_meta={"command": "quantize"}, device=device, workers=workers, address=address)
+                    extra_meta={"command": "quantize"}, trial_blocks=trial_blocks, device=device, workers=workers,
+                    address=address)

@@ -322,7 +322,7 @@ def group_hessian_loss(H: Tensor, group_size: int, s: Tensor | None = None) -> G
         return lambda err: ((err[:, 0] @ Hs) * err[:, 0]).sum(-1, keepdim=True)
     g = num_groups(inp, group_size)
     pad = g * group_size - inp
-    Hp = torch.nn.functional.pad(Hs, (0, pad, 0, pad))
+    Hp = torch.nn.functional.pad(Hs, (0, pad, 0, pad)) if pad else Hs  # no (in, in) copy when groups fit
     idx = torch.arange(g, device=H.device)
     blocks = Hp.reshape(g, group_size, g, group_size)[idx, :, idx, :].contiguous()  # (G, S, S) diagonal blocks
 
