@@ -44,10 +44,21 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
 _SKIP = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".llmp")
 
 
+def _copy_bytes(fi: Any, fo: Any, n: int, chunk: int = 16 << 20) -> None:
+    """Copy ``n`` bytes from ``fi``'s position to ``fo``."""
+    while n > 0:
+        b = fi.read(min(n, chunk))
+        if not b:
+            raise OSError(f"{fi.name}: ended {n} bytes early")
+        fo.write(b)
+        n -= len(b)
+
+
 class FolderWriter:
     """Writes tensors into safetensors shards as they come. Each tensor's bytes go at once to the
     open shard's data file and only its header entry is kept, so memory stays near one tensor
-    whatever the shard size; a full shard is assembled as header + data (one copy on disk)."""
+    whatever the shard size; a full shard is assembled as header + data in name order (one copy
+    on disk), so its bytes do not depend on the order the tensors came in."""
 
     def __init__(self, root: Path, shard_bytes: int = 2 << 30):
         self.root = root
@@ -91,11 +102,21 @@ class FolderWriter:
         data_path = Path(self._data.name)
         self._data.close()
         name = f"shard-{len(self._shards):05d}.safetensors"
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        # laid out in name order, whatever order the tensors came in: the same tensors give the same file
+        layout, at = {}, 0
+        for k in sorted(self._entries):
+            e = self._entries[k]
+            n = e["data_offsets"][1] - e["data_offsets"][0]
+            layout[k] = {**e, "data_offsets": [at, at + n]}
+            at += n
+        header = json.dumps({"__metadata__": {"format": "pt"}, **layout}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)
         with open(self.root / name, "wb") as fo, open(data_path, "rb") as fi:
             fo.write(struct.pack("<Q", len(header)) + header)
-            shutil.copyfileobj(fi, fo, 16 << 20)
+            for k in layout:
+                start, end = self._entries[k]["data_offsets"]
+                fi.seek(start)
+                _copy_bytes(fi, fo, end - start)
         data_path.unlink()
         self._shards.append((name, list(self._entries)))
         self._entries, self._data, self._buf_bytes = {}, None, 0
