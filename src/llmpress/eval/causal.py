@@ -132,7 +132,7 @@ def _rest(lp: Tensor, idx: Tensor) -> Tensor:
     return lp.scatter_(-1, idx, float("-inf")).logsumexp(-1)
 
 
-def _sample_tail(lp: Tensor, top: Tensor, samples: int, gen: torch.Generator, rows: int = 256) -> tuple[Tensor, Tensor]:
+def _sample_tail(lp: Tensor, top: Tensor, samples: int, gen: torch.Generator, rows: int = ROW_GROUP) -> tuple[Tensor, Tensor]:
     """Draw ``samples`` tokens per row from p restricted to the tokens outside ``top``.
 
     ``lp`` (n, V) log-probabilities, ``top`` (n, k). Returns token ids (n, S) and their
