@@ -6,7 +6,7 @@ and a perturbed copy of it; then runs ``python -m llmpress eval COPY -r ORIGINAL
 in a child process and prints its peak RSS (ru_maxrss of the child) with the figures.
 Optionally the same for ``smollm2-135m`` against itself (--smollm).
 
-    PYTHONPATH=src python bench/evalmem.py [--tokens 4096] [--smollm]
+    PYTHONPATH=src python bench/evalmem.py [--tokens 4096] [--hidden 256 --layers 2] [--smollm]
 """
 from __future__ import annotations
 
@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--dir", default=str(Path.home() / ".cache/llmpress/bench-evalmem"))
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=256, help="2048 with --layers 2: Llama-3.2-1B's shape, two blocks")
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--smollm", action="store_true", help="measure smollm2-135m against itself instead")
     a = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -73,8 +75,8 @@ def main() -> None:
     if a.smollm:
         name, (m, r) = "smollm2-135m vs itself", ("smollm2-135m", "smollm2-135m")
     else:
-        orig, pert = build(Path(a.dir), 128256, 256, 2)
-        name, (m, r) = "llama-vocab h256 L2 (perturbed vs orig)", (str(pert), str(orig))
+        orig, pert = build(Path(a.dir) / f"h{a.hidden}-L{a.layers}", 128256, a.hidden, a.layers)
+        name, (m, r) = f"llama-vocab h{a.hidden} L{a.layers} (perturbed vs orig)", (str(pert), str(orig))
     res, peak = run_eval(m, r, a.tokens, a.ctx)
     print(f"| model | tokens | ctx | peak RSS GiB | ppl | kl_mean | top1 |")
     print(f"| {name} | {a.tokens} | {a.ctx} | {peak / 2**30:.3f} | {res['ppl']!r} | {res['kl_mean']!r} | {res['top1']!r} |")
