@@ -14,22 +14,27 @@ import argparse
 import datetime
 import json
 import os
-import resource
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 
 def build(out: Path, vocab: int, hidden: int, layers: int) -> tuple[Path, Path]:
+    """The two model folders, made in a child process (the parent stays small: see run_eval)."""
+    orig, pert = out / "orig", out / "perturbed"
+    if not (pert / "config.json").exists():
+        subprocess.run([sys.executable, __file__, "--_build", str(out), str(vocab), str(hidden), str(layers)], check=True)
+    return orig, pert
+
+
+def _build(out: Path, vocab: int, hidden: int, layers: int) -> None:
+    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from llmpress.models import resolve
 
     orig, pert = out / "orig", out / "perturbed"
-    if (pert / "config.json").exists():
-        return orig, pert
     tok = AutoTokenizer.from_pretrained(str(resolve("smollm2-135m").path))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
@@ -43,24 +48,27 @@ def build(out: Path, vocab: int, hidden: int, layers: int) -> tuple[Path, Path]:
             p.add_(torch.randn_like(p) * 0.05 * p.std())
     model.save_pretrained(pert, safe_serialization=True)
     tok.save_pretrained(pert)
-    return orig, pert
 
 
 def run_eval(model: str, ref: str, tokens: int, ctx: int) -> tuple[dict, int]:
-    """The eval's JSON result and the child's peak RSS in bytes (a fresh process each time)."""
+    """The eval's JSON result and that child's own peak RSS in bytes (os.wait4's rusage of it alone:
+    the parent imports nothing heavy, so nothing it holds is counted in the forked child)."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    p = subprocess.run([sys.executable, "-m", "llmpress", "eval", model, "-r", ref, "--no-cache", "--json",
-                        "--tokens", str(tokens), "--ctx", str(ctx)], capture_output=True, text=True, env=env)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if p.returncode:
-        raise SystemExit(p.stderr[-3000:])
-    if peak <= before:
-        print("warning: peak not above an earlier child's; run one case per invocation", file=sys.stderr)
-    return json.loads(p.stdout), peak * 1024
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "-m", "llmpress", "eval", model, "-r", ref, "--no-cache", "--json",
+                              "--tokens", str(tokens), "--ctx", str(ctx)], stdout=out, stderr=err, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if p.returncode:
+            raise SystemExit(err.read()[-3000:])
+        return json.loads(out.read()), ru.ru_maxrss * 1024
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--_build"]:
+        _build(Path(sys.argv[2]), *map(int, sys.argv[3:6]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=str(Path.home() / ".cache/llmpress/bench-evalmem"))
     ap.add_argument("--tokens", type=int, default=4096)
@@ -71,7 +79,7 @@ def main() -> None:
     a = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# {' '.join(sys.argv)} · commit {commit} · {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
-          f"· OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+          f"· OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} · PYTHONPATH={os.environ.get('PYTHONPATH')}")
     if a.smollm:
         name, (m, r) = "smollm2-135m vs itself", ("smollm2-135m", "smollm2-135m")
     else:
