@@ -99,14 +99,14 @@ def _hidden(model: torch.nn.Module, x: Tensor) -> tuple[Tensor | None, torch.nn.
     return h, head, logits
 
 
-def _logprob_batches(model: torch.nn.Module, ids: Tensor, batch_size: int, rows: int | None = None):
+def _logprob_batches(model: torch.nn.Module, ids: Tensor, batch_size: int):
     """Yield ``(start, targets (n,), logprobs (n, V) float32)`` for each chunk of scored rows, in
-    order: row ``start + j`` is window ``start // (T-1)``'s position ``start % (T-1)`` (rows run over
-    the windows of a batch, then their positions). Chunks never straddle two batches and hold
-    ``rows`` rows (default :func:`chunk_rows`), so only one chunk's full-vocabulary log-probs exist
-    at a time. Computed where the model is (both on its device)."""
+    order: scored row ``r = start + j`` is window ``r // (T-1)``'s position ``r % (T-1)``. Chunks
+    never straddle two batches of windows and hold :func:`chunk_rows` rows (the last of a batch
+    fewer), so only one chunk's full-vocabulary log-probs exist at a time; every row's values are
+    those the whole batch's logits gave. Computed where the model is (both on its device)."""
     dev = model_device(model)
-    T1 = ids.shape[1] - 1
+    T1, n_rows = ids.shape[1] - 1, chunk_rows(_vocab_of(model))
     with torch.inference_mode():
         for s in range(0, ids.shape[0], batch_size):
             x = ids[s : s + batch_size].to(dev)
@@ -116,7 +116,6 @@ def _logprob_batches(model: torch.nn.Module, ids: Tensor, batch_size: int, rows:
                 h = h[:, :-1].reshape(tgt.numel(), -1)  # (B*(T-1), H)
             else:
                 logits = logits[:, :-1].reshape(tgt.numel(), -1)  # (B*(T-1), V)
-            n_rows = rows or chunk_rows(_vocab_of(model))
             for a in range(0, tgt.numel(), n_rows):
                 b = min(a + n_rows, tgt.numel())
                 lg = (head(h[a:b]) if h is not None else logits[a:b]).float()  # (n, V)
