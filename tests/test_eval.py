@@ -190,3 +190,50 @@ def test_smollm2_perplexity_is_pinned_and_3bit_hurts(smollm_dir):
     assert ref.ppl == pytest.approx(SMOLLM_PPL, rel=0.01)
     bad = ref.compare(_round_linears(model, 3))
     assert bad["kl_mean"] > 0.1 and bad["top1"] < 0.9 and bad["ln_ppl_ratio"] > 3 * bad["ln_ppl_ratio_se"]
+
+
+def test_chunked_logits_change_no_figure(tiny, monkeypatch):
+    """The head's logits are made a chunk of rows at a time: any chunk size gives the same bits."""
+    from llmpress.eval import causal
+
+    model, tok = tiny
+    bad = _round_linears(model, 4)
+    vocab = model.config.vocab_size
+    runs, orig = [], causal._logprob_batches
+    for chunk_bytes in (1, 1 << 40):  # 256 rows (4 chunks per batch of 32 windows × 31) vs one chunk per batch
+        monkeypatch.setattr(causal, "LOGITS_CHUNK_BYTES", chunk_bytes)
+        seen: list[int] = []
+        monkeypatch.setattr(causal, "_logprob_batches", lambda *a, **k: (seen.append(x[0]) or x for x in orig(*a, **k)))
+        ref = Reference.build(model, tok, ["python-doc"], ctx=CTX, tokens=32 * CTX, cache=False)
+        runs.append((ref, ref.compare(bad), causal.perplexity(bad, tok, ["python-doc"], ctx=CTX, tokens=32 * CTX), seen))
+    (ra, ca, pa, sa), (rb, cb, pb, sb) = runs
+    assert causal.chunk_rows(vocab) > 32 * (CTX - 1) and sa[:4] == [0, 256, 512, 768] and sb[:1] == [0] and len(sb) < len(sa)
+    for name in ("topk_idx", "topk_lp", "log_rest", "tail_idx", "tail_lp", "target_lp"):
+        assert torch.equal(getattr(ra, name), getattr(rb, name)), name
+    for key in ("ppl", "ref_ppl", "kl_mean", "kl_median", "kl_p99", "kl_max", "top1", "ln_ppl_ratio", "ln_ppl_ratio_se"):
+        assert ca[key] == cb[key], key
+    assert pa["ppl"] == pb["ppl"] and ca["kl_mean"] > 0
+
+
+def test_logits_after_the_head_are_not_skipped(tiny):
+    """A model whose logits are more than its head's output (here: scaled after it) is scored
+    on what it outputs: the chunked head is checked and left for the full logits."""
+    from llmpress.eval.causal import perplexity
+
+    model, tok = tiny
+    m = copy.deepcopy(model)
+
+    def double(_mod, _inp, out) -> None:
+        out.logits.mul_(10)
+
+    handle = m.register_forward_hook(double)
+    try:
+        ids, _, _ = make_windows(tok, ["python-doc"], CTX, 4 * CTX, 64)
+        with torch.inference_mode():
+            lp = torch.log_softmax(m(input_ids=ids).logits[:, :-1].float(), -1)
+        want = math.exp(float(-lp.gather(-1, ids[:, 1:, None]).double().mean()))
+        got = perplexity(m, tok, ["python-doc"], ctx=CTX, tokens=4 * CTX)["ppl"]
+    finally:
+        handle.remove()
+    assert abs(got - want) < 1e-9 * want
+    assert abs(perplexity(model, tok, ["python-doc"], ctx=CTX, tokens=4 * CTX)["ppl"] - want) > 1e-3 * want

@@ -42,22 +42,88 @@ TOPK = 128
 TAIL_SAMPLES = 64
 
 
+LOGITS_CHUNK_BYTES = 128 << 20  # one (rows, V) float32 block of logits; log-probs and the tail's weights are its size too
+ROW_GROUP = 256  # rows are chunked in multiples of this (the tail is drawn this many rows per call)
+
+
 def default_batch(ctx: int) -> int:
-    return max(1, 2048 // ctx)  # (B, ctx, V) float32 logits stay near 400 MB for a 49k vocabulary
+    return max(1, 2048 // ctx)  # windows per forward pass; the head's logits are made a chunk of rows at a time
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows of (rows, V) logits made and reduced at once: a multiple of :data:`ROW_GROUP` near
+    :data:`LOGITS_CHUNK_BYTES` (chunking changes no figure: every row is computed alone)."""
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab * ROW_GROUP)) * ROW_GROUP
+
+
+def _post_head_free(model: torch.nn.Module) -> bool:
+    """Whether the model's logits are its output embeddings applied to the last hidden states,
+    with nothing after (no soft-capping or scaling, which a chunked head would skip)."""
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", lambda: cfg)
+    tc = get() if cfg is not None else None
+    for c in (cfg, tc):
+        if c is None:
+            continue
+        if getattr(c, "final_logit_softcapping", None) or getattr(c, "logit_scale", 1.0) not in (None, 1, 1.0) \
+                or getattr(c, "logits_scaling", 1.0) not in (None, 1, 1.0):
+            return False
+    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+
+
+def _hidden(model: torch.nn.Module, x: Tensor) -> tuple[Tensor | None, torch.nn.Module | None, Tensor]:
+    """One forward pass of ``x`` (B, T) that stops short of the full-vocabulary logits: returns
+    ``(h (B, T, H) the head's input, head, logits (B, T, V))`` where ``logits`` covers only the last
+    position when ``h`` was caught (the head ran on that position alone) and every position when not."""
+    head = model.get_output_embeddings() if _post_head_free(model) else None
+    caught: dict[str, Tensor] = {}
+
+    def pre(_mod, args):
+        if args and isinstance(args[0], Tensor) and args[0].dim() == 3 and "h" not in caught:
+            caught["h"] = args[0]
+            return (args[0][:, -1:],)
+        return None
+
+    handle = head.register_forward_pre_hook(pre) if head is not None else None
+    try:
+        logits = model(input_ids=x, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    h = caught.get("h")
+    if h is not None and (logits.shape[1] != 1 or not torch.equal(head(h[:, -1:]).float(), logits.float())):
+        # the logits are not head(h): something ran after the head; run again, whole
+        log.warning("%s: its logits are not its output embeddings' alone; full-vocabulary logits of every "
+                    "position are kept at once", type(model).__name__)
+        logits, h = model(input_ids=x, use_cache=False).logits, None
+    return h, head, logits
 
 
 def _logprob_batches(model: torch.nn.Module, ids: Tensor, batch_size: int):
-    """Yield ``(start, targets (B, T-1), logprobs (B, T-1, V) float32)`` for each batch of windows,
-    computed where the model is (both on its device)."""
+    """Yield ``(start, targets (n,), logprobs (n, V) float32)`` for each chunk of scored rows, in
+    order: scored row ``r = start + j`` is window ``r // (T-1)``'s position ``r % (T-1)``. Chunks
+    never straddle two batches of windows and hold :func:`chunk_rows` rows (the last of a batch
+    fewer), so only one chunk's full-vocabulary log-probs exist at a time; every row's values are
+    those the whole batch's logits gave. Computed where the model is (both on its device)."""
     dev = model_device(model)
+    T1, n_rows = ids.shape[1] - 1, chunk_rows(_vocab_of(model))
     with torch.inference_mode():
         for s in range(0, ids.shape[0], batch_size):
             x = ids[s : s + batch_size].to(dev)
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-            if not torch.isfinite(logits).all():
-                bad = (~torch.isfinite(logits)).any(-1).nonzero()[0].tolist()
-                raise ValueError(f"the model produced non-finite logits (window {s + bad[0]}, position {bad[1]})")
-            yield s, x[:, 1:], torch.log_softmax(logits, dim=-1)
+            tgt = x[:, 1:].reshape(-1)  # (B*(T-1),)
+            h, head, logits = _hidden(model, x)
+            if h is not None:
+                h = h[:, :-1].reshape(tgt.numel(), -1)  # (B*(T-1), H)
+            else:
+                logits = logits[:, :-1].reshape(tgt.numel(), -1)  # (B*(T-1), V)
+            for a in range(0, tgt.numel(), n_rows):
+                b = min(a + n_rows, tgt.numel())
+                lg = (head(h[a:b]) if h is not None else logits[a:b]).float()  # (n, V)
+                if not torch.isfinite(lg).all():
+                    r = a + int((~torch.isfinite(lg)).any(-1).nonzero()[0])
+                    raise ValueError(f"the model produced non-finite logits (window {s + r // T1}, position {r % T1})")
+                yield s * T1 + a, tgt[a:b], torch.log_softmax(lg, dim=-1)
+                del lg
 
 
 def _rest(lp: Tensor, idx: Tensor) -> Tensor:
@@ -65,7 +131,7 @@ def _rest(lp: Tensor, idx: Tensor) -> Tensor:
     return lp.scatter_(-1, idx, float("-inf")).logsumexp(-1)
 
 
-def _sample_tail(lp: Tensor, top: Tensor, samples: int, gen: torch.Generator, rows: int = 256) -> tuple[Tensor, Tensor]:
+def _sample_tail(lp: Tensor, top: Tensor, samples: int, gen: torch.Generator, rows: int = ROW_GROUP) -> tuple[Tensor, Tensor]:
     """Draw ``samples`` tokens per row from p restricted to the tokens outside ``top``.
 
     ``lp`` (n, V) log-probabilities, ``top`` (n, k). Returns token ids (n, S) and their
@@ -153,15 +219,15 @@ class Reference:
         meter = RSSMeter()
         t0 = time.perf_counter()
         with meter:
-            for s, tgt, lp in _logprob_batches(model, ids, bs):
-                a, b = s * (ctx - 1), (s + tgt.shape[0]) * (ctx - 1)
+            for a, tgt, lp in _logprob_batches(model, ids, bs):  # lp (n, V)
+                b = a + tgt.numel()
                 target_lp[a:b] = lp.gather(-1, tgt.unsqueeze(-1)).reshape(-1).cpu()
-                v, i = lp.topk(k, dim=-1)  # (B, T-1, k)
-                topk_lp[a:b], topk_idx[a:b] = v.reshape(-1, k).cpu(), i.reshape(-1, k).to(torch.int32).cpu()
+                v, i = lp.topk(k, dim=-1)  # (n, k)
+                topk_lp[a:b], topk_idx[a:b] = v.cpu(), i.to(torch.int32).cpu()
                 # the tail draws from the CPU generator, wherever the model ran: the same draws
-                ti, tl = _sample_tail(lp.reshape(b - a, -1).cpu(), i.reshape(-1, k).cpu(), samples, gen)
+                ti, tl = _sample_tail(lp.cpu(), i.cpu(), samples, gen)
                 tail_idx[a:b], tail_lp[a:b] = ti.to(torch.int32), tl
-                log_rest[a:b] = _rest(lp, i).reshape(-1).cpu()
+                log_rest[a:b] = _rest(lp, i).cpu()
         secs = time.perf_counter() - t0
         ref = cls(proto, ids, domain, topk_idx, topk_lp, log_rest, tail_idx, tail_lp, target_lp,
                   model_info={"model_type": _model_type(model), "vocab_size": vocab, "name": name, "fingerprint": fingerprint},
@@ -217,10 +283,9 @@ class Reference:
         meter = RSSMeter()
         t0 = time.perf_counter()
         with meter:
-            for s, tgt, lp in _logprob_batches(model, self.ids, self.protocol.batch_size):
-                a, b = s * ctx1, (s + tgt.shape[0]) * ctx1
+            for a, tgt, lp in _logprob_batches(model, self.ids, self.protocol.batch_size):  # lp (n, V)
+                b = a + tgt.numel()
                 dev = lp.device  # the reference's slices go where the model's log-probs are
-                lp = lp.reshape(b - a, -1)  # (n, V)
                 idx = self.topk_idx[a:b].long().to(dev)
                 tlp[a:b] = lp.gather(-1, tgt.reshape(-1, 1)).squeeze(-1).cpu()
                 at = lp.gather(-1, idx)  # (n, k) model log-probs of the reference's top-k tokens
@@ -260,8 +325,7 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: list, *, ctx: int = 512
     meter = RSSMeter()
     t0 = time.perf_counter()
     with meter:
-        for s, tgt, lp in _logprob_batches(model, ids, bs):
-            a = s * (ctx - 1)
+        for a, tgt, lp in _logprob_batches(model, ids, bs):  # lp (n, V)
             nll[a : a + tgt.numel()] = -lp.gather(-1, tgt.unsqueeze(-1)).reshape(-1).double().cpu()
     secs = time.perf_counter() - t0
     out = {"ppl": math.exp(float(nll.mean())), "ln_ppl_se": _window_se(nll, ctx - 1)}
