@@ -86,6 +86,7 @@ class Plan:
     seq_len: int
     eval_tokens: int
     eval_ctx: int
+    method: str = "gptq"  # of the end-to-end quantize
 
 
 PLANS = {
@@ -153,9 +154,12 @@ class Bench:
                              setup_seconds=tm.get("setup_seconds"), outside_seconds=tm.get("outside_seconds"))
 
     def end_to_end(self, model: str, src: Path, plan: Plan) -> None:
-        q = self.scratch / f"{model}-gptq"
-        row, res = self.cli("quantize gptq", model, ["quantize", str(src), "-o", str(q), "--method", "gptq",
-                                                    "--samples", str(plan.samples), "--seq-len", str(plan.seq_len)], None)
+        if plan.method != "gptq":  # GPTQ's time on these shapes, block by block
+            self.gptq_trial(model, src, plan)
+        q = self.scratch / f"{model}-{plan.method}"
+        calib = [] if plan.method == "rtn" else ["--samples", str(plan.samples), "--seq-len", str(plan.seq_len)]
+        row, res = self.cli(f"quantize {plan.method}", model, ["quantize", str(src), "-o", str(q), "--method", plan.method,
+                                                              *calib], None)
         if row.rc != 0:
             return
         row.extra.update(bpw=res.get("bpw"), block_seconds=(res.get("timing") or {}).get("block_seconds"))
@@ -232,6 +236,9 @@ def main() -> int:
     ap.add_argument("--small", default=None, choices=sorted(synth.SHAPES),
                     help="Shapes of the end-to-end model (default llama3.2-1b; llama3.2-1b-2l: 2 of its blocks, "
                          "when 16 GPTQ blocks do not fit the time there is).")
+    ap.add_argument("--e2e-method", default="gptq", choices=("gptq", "awq", "rtn"),
+                    help="Method of the end-to-end quantize (rtn: the whole 1B in minutes; its GPTQ time per block "
+                         "comes from --trial-blocks).")
     ap.add_argument("--json", action="store_true", help="Print one JSON object as the last line of stdout.")
     a = ap.parse_args()
     plan = PLANS["quick" if a.quick else "full"]
@@ -239,6 +246,7 @@ def main() -> int:
         plan.trial_blocks = a.trial_blocks
     if a.small:
         plan.small = a.small
+    plan.method = a.e2e_method
     parts = set(a.only.split(","))
     if parts - {"lossless", "gptq", "e2e"}:
         ap.error(f"unknown part(s) {parts - {'lossless', 'gptq', 'e2e'}}")
