@@ -335,3 +335,17 @@ def test_sentencepiece_style_tokenizer_mistral(tmp_path):
     assert r.fields["tokenizer.ggml.model"].contents() == "llama"
     types = r.fields["tokenizer.ggml.token_type"].contents()
     assert types[:3] == [int(gguf.TokenType.CONTROL)] * 3 and types[3 + 0x41] == int(gguf.TokenType.BYTE)
+
+
+def test_phi3_name_without_its_tokens_is_not_written(tmp_path, caplog):
+    """llama.cpp looks up </s>, <unk>, <s>, <|endoftext|> in a model whose general.name says Phi-3
+    (and fails to load one without them): a Phi-3 with another vocabulary is written unnamed."""
+    from llmpress.targets.gguf_vocab import model_name
+
+    assert model_name("microsoft/Phi-3-mini", ["<unk>", "<s>", "</s>", "<|endoftext|>", "a"]) == "microsoft/Phi-3-mini"
+    assert model_name("my-llama", ["a"]) == "my-llama"
+    m = _small_model(tmp_path / "phi3", "phi3")  # the folder's name becomes general.name
+    with caplog.at_level("WARNING"):
+        export(m, tmp_path / "o.gguf", format="gguf")
+    assert "general.name" not in gguf.GGUFReader(str(tmp_path / "o.gguf")).fields
+    assert "lacks </s>, <unk>, <s>" in caplog.text

@@ -166,13 +166,13 @@ class GGUF(Target):
 
         w = gguf.GGUFWriter(out, arch.gguf, use_temp_file=True)
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(str(cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or Path(src.model).name))
         if src.compressed_names:
             w.add_quantized_by("llmpress")
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for method, value in arch.hparams(cfg).items():
             getattr(w, method)(value)
-        tok = add_tokenizer(w, src.root, cfg)
+        name = str(cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or Path(src.model).name)
+        tok = add_tokenizer(w, src.root, cfg, name)
 
         types: dict[str, str] = {}
         requantized: list[str] = []
