@@ -76,6 +76,18 @@ def test_arch_tables_use_llama_cpp_names():
         arch_of({"model_type": "gemma"})
 
 
+def test_qwen2_with_its_own_head_dim_is_written_as_llama():
+    """llama.cpp's qwen2 sizes q and o as hidden × hidden; a Qwen2 whose heads × head_dim differs
+    goes to its llama (head_dim read, rotary rows and the q/k biases permuted)."""
+    cfg = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1}
+    assert arch_of(cfg).gguf == "qwen2"
+    cfg = {**cfg, "num_attention_heads": 7, "head_dim": 32}
+    arch = arch_of(cfg)
+    assert arch.gguf == "llama" and "self_attn.q_proj.bias" in arch.block
+    assert torch.equal(arch.row_perm("blk.0.attn_q.bias", cfg), rotary_row_perm(7, 32))
+    assert torch.equal(arch.row_perm("blk.0.attn_k.bias", cfg), rotary_row_perm(1, 32))
+
+
 # ----------------------------------------------------------------------------- tiny Llama
 def _small_tokenizer():
     """A 300-token byte-level BPE trained here: gguf-py's reader takes seconds to parse a
