@@ -88,6 +88,19 @@ def test_qwen2_with_its_own_head_dim_is_written_as_llama():
     assert torch.equal(arch.row_perm("blk.0.attn_k.bias", cfg), rotary_row_perm(1, 32))
 
 
+def test_sliding_window_llama_cpp_does_not_apply():
+    """Mistral's and Phi-3's windows act within their context (llama.cpp attends to all of it: warned);
+    Qwen2's only with use_sliding_window; a window as long as the context is none."""
+    from llmpress.targets.gguf_arch import sliding_window
+
+    assert sliding_window({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 32768}) == 4096
+    assert sliding_window({"model_type": "phi3", "sliding_window": 2047, "max_position_embeddings": 4096}) == 2047
+    assert sliding_window({"model_type": "qwen2", "sliding_window": 16, "use_sliding_window": False,
+                           "max_position_embeddings": 32768}) is None
+    assert sliding_window({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 4096}) is None
+    assert sliding_window({"model_type": "llama", "max_position_embeddings": 4096}) is None
+
+
 # ----------------------------------------------------------------------------- tiny Llama
 def _small_tokenizer():
     """A 300-token byte-level BPE trained here: gguf-py's reader takes seconds to parse a
@@ -358,6 +371,7 @@ def test_phi3_name_without_its_tokens_is_not_written(tmp_path, caplog):
     assert model_name("my-llama", ["a"]) == "my-llama"
     m = _small_model(tmp_path / "phi3", "phi3")  # the folder's name becomes general.name
     with caplog.at_level("WARNING"):
-        export(m, tmp_path / "o.gguf", format="gguf")
+        rep = export(m, tmp_path / "o.gguf", format="gguf")
+    assert rep["sliding_window_ignored"] is None
     assert "general.name" not in gguf.GGUFReader(str(tmp_path / "o.gguf")).fields
     assert "lacks </s>, <unk>, <s>" in caplog.text

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..tensor import CompressedTensor
 from . import ExportSource, Target, register_target
-from .gguf_arch import Arch, arch_of
+from .gguf_arch import Arch, arch_of, sliding_window
 from .gguf_blocks import BLOCK, pack_blocks, why_not_blocks
 from .gguf_vocab import add_tokenizer
 
@@ -163,6 +163,11 @@ class GGUF(Target):
         if dense_type is None:
             raise ValueError(f"gguf export: dtype must be one of {', '.join(DENSE_DTYPES)}; got {dtype!r}")
         plan = tensor_plan(src, arch)
+        window = sliding_window(cfg)
+        if window is not None:
+            log.warning("gguf: %s attends to a sliding window of %d tokens; llama.cpp's %r attends to the whole "
+                        "context: its outputs differ from the model's past %d tokens", cfg.get("model_type"), window,
+                        arch.gguf, window)
 
         w = gguf.GGUFWriter(out, arch.gguf, use_temp_file=True)
         w.add_type(gguf.GGUFType.MODEL)
@@ -205,4 +210,4 @@ class GGUF(Target):
         if requantized:
             log.info("gguf: %d tensors re-quantized by gguf-py (not llmpress's values)", len(requantized))
         return {"arch": arch.gguf, "file_type": main.name, "tensors": len(types), "types": dict(Counter(types.values())),
-                "requantized": requantized, "block": BLOCK, **tok}
+                "requantized": requantized, "block": BLOCK, "sliding_window_ignored": window, **tok}

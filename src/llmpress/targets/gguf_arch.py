@@ -330,6 +330,18 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+def sliding_window(cfg: dict[str, Any]) -> int | None:
+    """The attention window the model uses within its context, or None (full attention). llama.cpp's
+    builders for the architectures of this table attend to the whole context (its ``llama`` has no
+    window, as its converter writes Mistral; its ``phi3`` turns Phi-3's off): past ``window`` tokens
+    llama.cpp's outputs differ from the model's. Qwen2/3 use one only with ``use_sliding_window``."""
+    window = cfg.get("sliding_window")
+    if not window or cfg.get("use_sliding_window") is False:
+        return None
+    ctx = int(cfg.get("max_position_embeddings") or 0)
+    return int(window) if not ctx or int(window) < ctx else None
+
+
 def arch_of(cfg: dict[str, Any]) -> Arch:
     mt = cfg.get("model_type")
     if mt not in ARCHS:
