@@ -6,7 +6,9 @@
 The architecture matrix (``tests/families.py``, plus the two mixtures of experts of
 ``tests/test_moe.py``) checks GGUF exports with gguf-py's reader only; this runs them in the engine.
 For each family: the shrunk model is built with random weights scaled up (so its predictions are
-far from uniform and a wrong RoPE, norm or tensor layout moves the perplexity), then
+far from uniform and a wrong RoPE, norm or tensor layout moves the perplexity), a sliding window
+shorter than the context widened to it (llama.cpp's llama and phi3 have none: the export warns;
+the table's last column says so), then
 
 1. ``export --type f32`` of the original: ``llama-perplexity`` against the same model in
    transformers on the very tokens llama.cpp scored (read from its ``--kl-divergence-base``
@@ -51,8 +53,24 @@ def _moe_config(model_type: str, vocab: int):
     return _config(model_type, vocab)
 
 
-def build(name: str, out: Path, tok_src: Path) -> Path:
-    """The shrunk family ``name`` (tests/families.py, or an MoE of tests/test_moe.py), scaled."""
+def widen_window(folder: Path, ctx: int) -> int | None:
+    """A sliding window shorter than the bench's context widened to it (config.json rewritten; the
+    weights do not depend on it): llama.cpp's llama and phi3 attend to the whole context (the
+    export warns), so past the window the two engines compute different models. The old window, or None."""
+    from llmpress.targets.gguf_arch import sliding_window
+
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    window = sliding_window({**cfg, "max_position_embeddings": ctx})
+    if window is None:
+        return None
+    path.write_text(json.dumps({**cfg, "sliding_window": ctx}, indent=2))
+    return window
+
+
+def build(name: str, out: Path, tok_src: Path, ctx: int = 0) -> str:
+    """The shrunk family ``name`` (tests/families.py, or an MoE of tests/test_moe.py), scaled; a
+    sliding window shorter than ``ctx`` widened to it (:func:`widen_window`). A note for the table."""
     import families
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,13 +80,14 @@ def build(name: str, out: Path, tok_src: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(families.small_tokenizer(tok_src, out)))
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(_moe_config(name, len(tok))).save_pretrained(out)
+    old = widen_window(out, ctx) if ctx else None
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
                 p.mul_(SCALE)
     model.save_pretrained(out)
-    return out
+    return "" if old is None else f"window {old}->{ctx}"
 
 
 def wide_llama(out: Path, tok_src: Path) -> Path:
@@ -79,15 +98,18 @@ def wide_llama(out: Path, tok_src: Path) -> Path:
     families.FAMILIES["llama3-256"] = type(fam)(fam.hub, fam.config, {**fam.shrink, "hidden_size": 256,
                                                                        "head_dim": 64, "intermediate_size": 512})
     try:
-        return build("llama3-256", out, tok_src)
+        build("llama3-256", out, tok_src)
+        return out
     finally:
         del families.FAMILIES["llama3-256"]
 
 
-def llama_ppl(bin_dir: Path, gguf: Path, text: Path, base: Path, ctx: int, chunks: int, tries: int = 4) -> float:
+def llama_ppl(bin_dir: Path, gguf: Path, text: Path, base: Path, ctx: int, chunks: int, tries: int = 12) -> float:
     """llama-perplexity's final estimate. ``--no-repack``: the CPU repacking of quantized weights
-    crashes this build on AVX-512 hosts (SmolLM2's packaged Q4_1 file too). Its log is written by a thread that an exiting process
-    sometimes does not let finish (the last lines missing, exit status 0), so it is run again."""
+    crashes this build on AVX-512 hosts (SmolLM2's packaged Q4_1 file too). Its log is written by a
+    worker thread of a logger llama.cpp leaks on purpose (common/log.cpp, ``common_log_main``; its
+    issue 22142): a process that exits before the thread has caught up loses the last lines, exit
+    status 0 (a third of the runs of the ~1 s Mixtral one on a busy 2-core host), so it is run again."""
     for _ in range(tries):
         r = sh([bin_dir / "llama-perplexity", "-m", gguf, "-f", text, "-c", ctx, "--chunks", chunks, "-b", ctx,
                 "-t", 2, "--no-repack", "--kl-divergence-base", base])
@@ -125,7 +147,8 @@ def gguf_bos(path: Path) -> int | None:
     return int(field("tokenizer.ggml.bos_token_id")) if bool(field("tokenizer.ggml.add_bos_token")) else None
 
 
-def check(bin_dir: Path, work: Path, name: str, folder: Path, grids: list[str], ctx: int, chunks: int) -> list[dict]:
+def check(bin_dir: Path, work: Path, name: str, folder: Path, grids: list[str], ctx: int, chunks: int,
+          note: str = "") -> list[dict]:
     import llmpress
     from transformers import AutoModelForCausalLM
 
@@ -155,7 +178,7 @@ def check(bin_dir: Path, work: Path, name: str, folder: Path, grids: list[str], 
             for h in hooks:
                 h.remove()
         rows.append({"family": name, "weights": label, "ppl_llama_cpp": ppl_cpp, "ppl_torch": ppl_torch,
-                     "ratio": ppl_cpp / ppl_torch})
+                     "ratio": ppl_cpp / ppl_torch, "note": note})
         print(f"{name:10s} {label:12s} llama.cpp {ppl_cpp:10.3f}  torch {ppl_torch:10.3f}  ratio {ppl_cpp / ppl_torch:.4f}",
               file=sys.stderr, flush=True)
     return rows
@@ -168,7 +191,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma list of families (default: every one GGUF knows)")
-    ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=64, help="llama-perplexity's context; shorter sliding windows "
+                    "are widened to it (llama.cpp has none for these architectures)")
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -183,16 +207,17 @@ def main() -> None:
     try:
         for name in names:
             folder = work / name
+            note = ""
             if name == "llama3-256":
                 wide_llama(folder, tok_src)
                 grids = ["gguf:q8_0", "gguf:q4_k"]
             else:
-                build(name, folder, tok_src)
+                note = build(name, folder, tok_src, args.ctx)
                 mt = json.loads((folder / "config.json").read_text())["model_type"]
                 assert mt in ARCHS, mt
                 grids = []  # quantized layers: the 256-wide Llama below
             try:
-                res["rows"] += check(bin_dir, work, name, folder, grids, args.ctx, args.chunks)
+                res["rows"] += check(bin_dir, work, name, folder, grids, args.ctx, args.chunks, note)
             except Exception as e:  # a family that fails is a row, not the end of the run
                 res["rows"].append({"family": name, "error": f"{type(e).__name__}: {str(e)[-400:]}"})
                 print(f"{name}: {e}", file=sys.stderr)
@@ -207,7 +232,7 @@ def main() -> None:
         if "error" in r:
             print(f"{r['family']:12s} ERROR {r['error']}")
         else:
-            print(f"{r['family']:12s} {r['weights']:10s} {r['ppl_llama_cpp']:14.3f} {r['ppl_torch']:10.3f} {r['ratio']:7.4f}")
+            print(f"{r['family']:12s} {r['weights']:10s} {r['ppl_llama_cpp']:14.3f} {r['ppl_torch']:10.3f} {r['ratio']:7.4f}  {r['note']}")
 
 
 if __name__ == "__main__":

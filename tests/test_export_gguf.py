@@ -76,6 +76,31 @@ def test_arch_tables_use_llama_cpp_names():
         arch_of({"model_type": "gemma"})
 
 
+def test_qwen2_with_its_own_head_dim_is_written_as_llama():
+    """llama.cpp's qwen2 sizes q and o as hidden × hidden; a Qwen2 whose heads × head_dim differs
+    goes to its llama (head_dim read, rotary rows and the q/k biases permuted)."""
+    cfg = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1}
+    assert arch_of(cfg).gguf == "qwen2"
+    cfg = {**cfg, "num_attention_heads": 7, "head_dim": 32}
+    arch = arch_of(cfg)
+    assert arch.gguf == "llama" and "self_attn.q_proj.bias" in arch.block
+    assert torch.equal(arch.row_perm("blk.0.attn_q.bias", cfg), rotary_row_perm(7, 32))
+    assert torch.equal(arch.row_perm("blk.0.attn_k.bias", cfg), rotary_row_perm(1, 32))
+
+
+def test_sliding_window_llama_cpp_does_not_apply():
+    """Mistral's and Phi-3's windows act within their context (llama.cpp attends to all of it: warned);
+    Qwen2's only with use_sliding_window; a window as long as the context is none."""
+    from llmpress.targets.gguf_arch import sliding_window
+
+    assert sliding_window({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 32768}) == 4096
+    assert sliding_window({"model_type": "phi3", "sliding_window": 2047, "max_position_embeddings": 4096}) == 2047
+    assert sliding_window({"model_type": "qwen2", "sliding_window": 16, "use_sliding_window": False,
+                           "max_position_embeddings": 32768}) is None
+    assert sliding_window({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 4096}) is None
+    assert sliding_window({"model_type": "llama", "max_position_embeddings": 4096}) is None
+
+
 # ----------------------------------------------------------------------------- tiny Llama
 def _small_tokenizer():
     """A 300-token byte-level BPE trained here: gguf-py's reader takes seconds to parse a
@@ -335,3 +360,18 @@ def test_sentencepiece_style_tokenizer_mistral(tmp_path):
     assert r.fields["tokenizer.ggml.model"].contents() == "llama"
     types = r.fields["tokenizer.ggml.token_type"].contents()
     assert types[:3] == [int(gguf.TokenType.CONTROL)] * 3 and types[3 + 0x41] == int(gguf.TokenType.BYTE)
+
+
+def test_phi3_name_without_its_tokens_is_not_written(tmp_path, caplog):
+    """llama.cpp looks up </s>, <unk>, <s>, <|endoftext|> in a model whose general.name says Phi-3
+    (and fails to load one without them): a Phi-3 with another vocabulary is written unnamed."""
+    from llmpress.targets.gguf_vocab import model_name
+
+    assert model_name("microsoft/Phi-3-mini", ["<unk>", "<s>", "</s>", "<|endoftext|>", "a"]) == "microsoft/Phi-3-mini"
+    assert model_name("my-llama", ["a"]) == "my-llama"
+    m = _small_model(tmp_path / "phi3", "phi3")  # the folder's name becomes general.name
+    with caplog.at_level("WARNING"):
+        rep = export(m, tmp_path / "o.gguf", format="gguf")
+    assert rep["sliding_window_ignored"] is None
+    assert "general.name" not in gguf.GGUFReader(str(tmp_path / "o.gguf")).fields
+    assert "lacks </s>, <unk>, <s>" in caplog.text

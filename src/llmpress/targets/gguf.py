@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..tensor import CompressedTensor
 from . import ExportSource, Target, register_target
-from .gguf_arch import Arch, arch_of
+from .gguf_arch import Arch, arch_of, sliding_window
 from .gguf_blocks import BLOCK, pack_blocks, why_not_blocks
 from .gguf_vocab import add_tokenizer
 
@@ -163,16 +163,21 @@ class GGUF(Target):
         if dense_type is None:
             raise ValueError(f"gguf export: dtype must be one of {', '.join(DENSE_DTYPES)}; got {dtype!r}")
         plan = tensor_plan(src, arch)
+        window = sliding_window(cfg)
+        if window is not None:
+            log.warning("gguf: %s attends to a sliding window of %d tokens; llama.cpp's %r attends to the whole "
+                        "context: its outputs differ from the model's past %d tokens", cfg.get("model_type"), window,
+                        arch.gguf, window)
 
         w = gguf.GGUFWriter(out, arch.gguf, use_temp_file=True)
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(str(cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or Path(src.model).name))
         if src.compressed_names:
             w.add_quantized_by("llmpress")
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for method, value in arch.hparams(cfg).items():
             getattr(w, method)(value)
-        tok = add_tokenizer(w, src.root, cfg)
+        name = str(cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or Path(src.model).name)
+        tok = add_tokenizer(w, src.root, cfg, name)
 
         types: dict[str, str] = {}
         requantized: list[str] = []
@@ -205,4 +210,4 @@ class GGUF(Target):
         if requantized:
             log.info("gguf: %d tensors re-quantized by gguf-py (not llmpress's values)", len(requantized))
         return {"arch": arch.gguf, "file_type": main.name, "tensors": len(types), "types": dict(Counter(types.values())),
-                "requantized": requantized, "block": BLOCK, **tok}
+                "requantized": requantized, "block": BLOCK, "sliding_window_ignored": window, **tok}

@@ -14,6 +14,7 @@ so quantized blocks (which lie along rows) move with their parameters and stay e
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- tensor names
 _LLAMA_BLOCK = {
@@ -239,6 +242,9 @@ class Arch:
     # a mixture of experts: block suffix regex (group 1: the expert) → the GGUF suffix of the
     # (E, out, in) tensor llama.cpp reads all of a layer's experts from (``ffn_*_exps``)
     stacked: dict[str, str] = field(default_factory=dict)
+    # llama.cpp's builder for this architecture sizes q and o as hidden × hidden: a model whose
+    # heads × head_dim differs is written as this ARCHS entry instead (one that takes head_dim)
+    square_heads_else: str | None = None
 
     def gguf_name(self, name: str) -> str | None:
         """The GGUF name of a checkpoint tensor; None for one llama.cpp does not read."""
@@ -308,7 +314,10 @@ def _experts(gate: str, up: str, down: str) -> dict[str, str]:
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,  # llama.cpp runs Mistral as llama (its converter does the same)
-    "qwen2": Arch("qwen2", "model.layers.{bid}.", {**_LLAMA_BLOCK, **_BIASES}, _LLAMA_GLOBAL, decoder_hparams),
+    # llama.cpp's qwen2 takes no head_dim (q, o: hidden × hidden); llama (rotary rows permuted, its
+    # optional q/k/v biases) computes the same model with any head_dim
+    "qwen2": Arch("qwen2", "model.layers.{bid}.", {**_LLAMA_BLOCK, **_BIASES}, _LLAMA_GLOBAL, decoder_hparams,
+                  square_heads_else="llama"),
     "qwen3": Arch("qwen3", "model.layers.{bid}.", {**_LLAMA_BLOCK, **_BIASES, **_QK_NORM}, _LLAMA_GLOBAL,
                   decoder_hparams),
     "phi3": Arch("phi3", "model.layers.{bid}.", _PHI3_BLOCK, _LLAMA_GLOBAL, phi3_hparams, extra=phi3_rope_factors),
@@ -321,8 +330,27 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+def sliding_window(cfg: dict[str, Any]) -> int | None:
+    """The attention window the model uses within its context, or None (full attention). llama.cpp's
+    builders for the architectures of this table attend to the whole context (its ``llama`` has no
+    window, as its converter writes Mistral; its ``phi3`` turns Phi-3's off): past ``window`` tokens
+    llama.cpp's outputs differ from the model's. Qwen2/3 use one only with ``use_sliding_window``."""
+    window = cfg.get("sliding_window")
+    if not window or cfg.get("use_sliding_window") is False:
+        return None
+    ctx = int(cfg.get("max_position_embeddings") or 0)
+    return int(window) if not ctx or int(window) < ctx else None
+
+
 def arch_of(cfg: dict[str, Any]) -> Arch:
     mt = cfg.get("model_type")
     if mt not in ARCHS:
         raise ValueError(f"unsupported architecture: {mt} (the GGUF export knows {', '.join(sorted(ARCHS))})")
-    return ARCHS[mt]
+    arch = ARCHS[mt]
+    heads = int(cfg.get("num_attention_heads") or 0)
+    if arch.square_heads_else and heads and heads * head_dim(cfg) != int(cfg["hidden_size"]):
+        log.info("gguf: %s with %d heads × head_dim %d ≠ hidden %d: written as llama.cpp's %r (its %r assumes "
+                 "hidden / heads)", mt, heads, head_dim(cfg), cfg["hidden_size"],
+                 ARCHS[arch.square_heads_else].gguf, arch.gguf)
+        return ARCHS[arch.square_heads_else]
+    return arch

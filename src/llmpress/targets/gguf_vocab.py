@@ -42,6 +42,12 @@ PRE_TOKENIZERS = {
     "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # GPT-2
 }
+# llama.cpp's vocabulary loader sets token attributes by *model name* (``general.name``, lower-cased):
+# a name containing one of these words → the tokens it looks up (``token_to_id.at``: one missing
+# and the model does not load, "unordered_map::at"). llama-vocab.cpp, llama_vocab::impl::load.
+NAME_TOKENS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>"),
+}
 
 
 def _looks_special(tok: str) -> bool:
@@ -94,8 +100,23 @@ def _adds(tok: Any) -> tuple[bool, bool]:
     return bos, eos
 
 
-def add_tokenizer(w: gguf.GGUFWriter, folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Write the tokenizer keys of the model in ``folder``; returns a summary for the report."""
+def model_name(name: str, tokens: list[str]) -> str | None:
+    """``name`` as ``general.name``, or None (not written) where llama.cpp would look up tokens by
+    that name that this vocabulary does not have (:data:`NAME_TOKENS`; a Phi-3 with another tokenizer)."""
+    have = set(tokens)
+    for words, needed in NAME_TOKENS.items():
+        missing = [t for t in needed if t not in have]
+        if missing and any(word in name.lower() for word in words):
+            log.warning("gguf: general.name %r not written: llama.cpp looks up %s in a model so named and "
+                        "this vocabulary lacks %s (the model would not load)", name, ", ".join(needed),
+                        ", ".join(missing))
+            return None
+    return name
+
+
+def add_tokenizer(w: gguf.GGUFWriter, folder: Path, cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """Write the tokenizer keys of the model in ``folder`` and its ``general.name`` (:func:`model_name`);
+    returns a summary for the report."""
     vocab_size = int(cfg.get("vocab_size") or 0)
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"{folder}: no tokenizer.json; llama.cpp needs the vocabulary (a SentencePiece "
@@ -131,4 +152,6 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path, cfg: dict[str, Any]) -> dict
     if prefix is not None:
         w.add_add_space_prefix(bool(prefix))
     special.add_to_gguf(w, quiet=True)
+    if (written := model_name(name, tokens)) is not None:
+        w.add_name(written)
     return {"tokenizer": model, "pre_tokenizer": pre, "vocab": len(tokens), "merges": len(special.merges)}
