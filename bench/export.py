@@ -96,7 +96,7 @@ _STAT = {"ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "ppl_base": r"Mean PPL\(base\)\
 def llama_kl(bin_dir: Path, ref_gguf: Path, gguf: Path, text: Path, ctx: int, chunks: int, threads: int) -> dict:
     """llama-perplexity's KL divergence of ``gguf`` against ``ref_gguf`` on ``text``."""
     base = WORK / f"{text.stem}-c{ctx}-n{chunks}.kld"
-    common = ["-f", text, "-c", ctx, "--chunks", chunks, "-t", threads, "-b", ctx]
+    common = ["-f", text, "-c", ctx, "--chunks", chunks, "-t", threads, "-b", ctx, "--no-repack"]  # repacking crashes on some AVX-512 hosts
     if not base.exists():
         sh([bin_dir / "llama-perplexity", "-m", ref_gguf, *common, "--kl-divergence-base", base])
     r = sh([bin_dir / "llama-perplexity", "-m", gguf, *common, "--kl-divergence-base", base, "--kl-divergence"])
@@ -245,7 +245,7 @@ def main() -> None:
         print(json.dumps({name: row}, indent=1), file=sys.stderr)
 
     if "completion" not in skip:
-        r = sh([bin_dir / "llama-completion", "-m", paths["gguf"], "-p", "The capital of France is", "-n", "12",
+        r = sh([bin_dir / "llama-completion", "-m", paths["gguf"], "--no-repack", "-p", "The capital of France is", "-n", "12",
                 "--temp", "0", "-t", str(args.threads), "-no-cnv"])
         res["llama_completion"] = r.stdout.strip()[-300:]
     if "lmeval" not in skip:
