@@ -39,6 +39,10 @@ def quantize(
                                                              "exactly by `export --format gguf`."),
     range_: Optional[str] = typer.Option(None, "--range", help="Range choice: minmax | mse | percentile. "
                                                                 "Default: the method's (gptq: mse; others: minmax)."),
+    gguf_mix: Optional[str] = typer.Option(None, "--gguf-mix", help="q4_k_m | q3_k_m | q2_k: llama.cpp's llama-quantize "
+                                                                    "type for each linear (K-quants, its fallbacks for "
+                                                                    "row widths not a multiple of 256), the chosen "
+                                                                    "--method on each (excludes --grid/--bits/--recipe)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (overrides method/bits/group options)."),
     calib: Optional[str] = CALIB_OPT,
     samples: int = SAMPLES_OPT,
@@ -64,7 +68,7 @@ def quantize(
     try:
         res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
                   samples=samples, seq_len=seq_len, force=force, trial_blocks=trial_blocks, device=device,
-                  workers=workers, address=address, **opts)
+                  workers=workers, address=address, gguf_mix=gguf_mix, **opts)
     except (OutputExistsError, FileNotFoundError, ValueError, KeyError, ClusterError) as e:
         fail(str(e).strip("'\""))
     res.pop("layers", None)

@@ -58,14 +58,24 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: i
              group_size: int | None = None,
              recipe: str | Path | Recipe | dict | None = None, calib: str | None = None, samples: int = 128,
              seq_len: int = 512, force: bool = False, progress: bool = True, trial_blocks: int | None = None,
-             device: str | None = "cpu", workers: int = 1, address: str | None = None,
+             device: str | None = "cpu", workers: int = 1, address: str | None = None, gguf_mix: str | None = None,
              **grid_opts: Any) -> dict[str, Any]:
     """Quantize ``model`` into the folder ``out``; returns the runner's summary (``bpw``,
     ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``peak_rss_bytes``, ``layers``).
     ``trial_blocks=N`` (gptq, awq): time the first N blocks and write nothing (see
-    :func:`llmpress.pipeline.compress`). ``device``: cpu | cuda | auto (see :mod:`llmpress.device`)."""
+    :func:`llmpress.pipeline.compress`). ``device``: cpu | cuda | auto (see :mod:`llmpress.device`).
+    ``gguf_mix=q4_k_m|q3_k_m|q2_k``: llama.cpp's type per linear for that mix (see
+    :mod:`llmpress.quant.gguf_mix`), ``method`` on each; excludes ``recipe``, ``bits``, ``group_size``, ``grid``."""
     from ..pipeline import compress
 
+    if gguf_mix is not None:
+        from .gguf_mix import mix_recipe, model_shapes
+
+        clash = [k for k, v in (("recipe", recipe), ("bits", bits), ("group_size", group_size),
+                                ("grid", grid_opts.get("grid"))) if v is not None]
+        if clash:
+            raise ValueError(f"gguf_mix fixes each linear's grid: drop {', '.join(clash)}")
+        recipe = mix_recipe(gguf_mix, *model_shapes(str(model)), method=method, **grid_opts)
     r = build_recipe(method, bits, group_size, recipe, **grid_opts)
     log.info("quantize %s → %s with %d rule(s)", model, out, len(r.rules))
     return compress(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, progress=progress,
