@@ -127,9 +127,39 @@ def test_same_types_as_llama_quantize(mix_llama, tmp_path, mix):
     assert len({t for _, t in ours.values()}) >= 3  # the rules are visible, not one type everywhere
 
 
-def test_api_and_cli_refuse_clashes(mix_llama, tmp_path):
+def test_cli_quantize_mix_then_export_has_the_mix_types(mix_llama, tmp_path):
+    """``quantize --gguf-mix`` then ``export --format gguf``: every linear stored exactly, as the type
+    the mix names (so, where llama.cpp is built, as llama-quantize's)."""
+    import json
+
+    from gguf import GGUFReader
+    from typer.testing import CliRunner
+
+    from llmpress.cli import _load_commands, app
+    from llmpress.quant.gguf_mix import model_shapes
+
+    _load_commands()
+    run = CliRunner().invoke
+    q, g = tmp_path / "q", tmp_path / "m.gguf"
+    r = run(app, ["quantize", str(mix_llama), "-o", str(q), "--gguf-mix", "q4_k_m", "--json"])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["export", str(q), "-o", str(g), "--format", "gguf", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["exact"] == 8 * 7
+    got = {t.name: t.tensor_type.name.lower() for t in GGUFReader(g).tensors}
+    want = mix_types("q4_k_m", *model_shapes(str(mix_llama)))
+    assert {gn: got[gn] for gn, t in want.values() if gn.startswith("blk.")} == \
+        {gn: t for gn, t in want.values() if gn.startswith("blk.")}
+    assert got["output.weight"] == got["token_embd.weight"] == "f32"  # kept (llama.cpp: Q6_K and Q4_K)
+    r = run(app, ["quantize", str(mix_llama), "-o", str(tmp_path / "x"), "--gguf-mix", "q4_k_m", "--grid", "gguf:q4_0"])
+    assert r.exit_code != 0 and "drop grid" in r.output and not (tmp_path / "x").exists()
+
+
+def test_api_refuses_clashes_and_unknown_mix(mix_llama, tmp_path):
     import llmpress
 
-    with pytest.raises(ValueError, match="drop grid"):
-        llmpress.quantize(str(mix_llama), str(tmp_path / "o"), gguf_mix="q4_k_m", grid="gguf:q4_0")
+    with pytest.raises(ValueError, match="drop bits"):
+        llmpress.quantize(str(mix_llama), str(tmp_path / "o"), gguf_mix="q4_k_m", bits=4)
+    with pytest.raises(ValueError, match="unknown GGUF mix"):
+        llmpress.quantize(str(mix_llama), str(tmp_path / "o"), gguf_mix="q5_k_m")
     assert not (tmp_path / "o").exists()
