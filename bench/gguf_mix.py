@@ -36,7 +36,7 @@ def main() -> int:
 
     import llmpress
     from gguf import GGUFReader
-    from llmpress.quant.gguf_mix import mix_types, model_shapes
+    from llmpress.quant.gguf_mix import mix_types, model_shapes, row_width
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print(f"# {' '.join(sys.argv)}\n# commit {commit}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}")
@@ -50,8 +50,7 @@ def main() -> int:
             subprocess.run([str(quantize), str(f32), str(out), mix.upper()], check=True, capture_output=True)
             theirs = {t.name: t.tensor_type.name.lower() for t in GGUFReader(out).tensors}
             ours = mix_types(mix, cfg, shapes)
-            conv1d = cfg.get("model_type") == "gpt2"
-            rows = sorted(((g, shapes[n][0 if conv1d else 1], t, theirs.get(g, "—")) for n, (g, t) in ours.items()),
+            rows = sorted(((g, row_width(cfg, g, shapes[n]), t, theirs.get(g, "—")) for n, (g, t) in ours.items()),
                           key=lambda r: (int(r[0].split(".")[1]) if r[0].startswith("blk.") else -1, r[0]))
             same = sum(r[2] == r[3] for r in rows)
             bad += len(rows) - same

@@ -127,6 +127,39 @@ def test_same_types_as_llama_quantize(mix_llama, tmp_path, mix):
     assert len({t for _, t in ours.values()}) >= 3  # the rules are visible, not one type everywhere
 
 
+@pytest.mark.skipif(not (LLAMA_BIN / "llama-quantize").exists(), reason="llama.cpp's llama-quantize is not built")
+@pytest.mark.parametrize("kind", ["gpt2", "phi3"])
+def test_fused_qkv_and_conv1d_same_types_as_llama_quantize(tmp_path, kind):
+    """attn_qkv (counted as attn_v by llama.cpp), GPT-2's Conv1D (rows stored transposed), tied head."""
+    import torch
+    import transformers as tf
+
+    import llmpress
+    from llmpress.quant.gguf_mix import model_shapes
+    from test_export_gguf import _small_tokenizer
+
+    tok = _small_tokenizer()
+    common = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    cfg, cls = {
+        "gpt2": lambda: (tf.GPT2Config(**common, n_embd=256, n_layer=8, n_head=4, n_positions=128, n_inner=640),
+                         tf.GPT2LMHeadModel),
+        "phi3": lambda: (tf.Phi3Config(**common, hidden_size=256, intermediate_size=640, num_hidden_layers=8,
+                                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
+                                       pad_token_id=0), tf.Phi3ForCausalLM),
+    }[kind]()
+    torch.manual_seed(0)
+    src = tmp_path / kind
+    cls(cfg).eval().save_pretrained(src, safe_serialization=True)
+    tok.save_pretrained(src)
+    f32 = tmp_path / "f32.gguf"
+    llmpress.export(str(src), str(f32), format="gguf", type="f32")
+    theirs = quantize_with_llama_cpp(f32, tmp_path / "q.gguf", "q4_k_m")
+    ours = mix_types("q4_k_m", *model_shapes(str(src)))
+    diff = {g: (t, theirs.get(g)) for g, t in ours.values() if theirs.get(g) != t}
+    assert not diff, diff
+    assert {t for g, t in ours.values() if g.endswith("attn_qkv.weight")} == {"q4_k", "q6_k"}
+
+
 def test_cli_quantize_mix_then_export_has_the_mix_types(mix_llama, tmp_path):
     """``quantize --gguf-mix`` then ``export --format gguf``: every linear stored exactly, as the type
     the mix names (so, where llama.cpp is built, as llama-quantize's)."""

@@ -126,6 +126,11 @@ def _n_gqa(cfg: dict[str, Any]) -> int:
     return max(1, heads // kv)
 
 
+def row_width(cfg: dict[str, Any], gguf_name: str, shape: tuple[int, ...]) -> int:
+    """A stored weight's input features: GPT-2's block linears are Conv1D, stored (in, out)."""
+    return int(shape[0] if cfg.get("model_type") == "gpt2" and gguf_name.startswith("blk.") else shape[1])
+
+
 def mix_types(mix: str, cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, str]]:
     """``{checkpoint weight name: (GGUF name, llama.cpp's type)}`` for every 2-D weight llama.cpp
     quantizes. ``shapes``: checkpoint weight name → shape as stored ((out, in); GPT-2's Conv1D
@@ -139,7 +144,6 @@ def mix_types(mix: str, cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]])
         raise ValueError("--gguf-mix does not know llama.cpp's rules for mixtures of experts")
     arch = arch_of(cfg)
     n_layer = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
-    conv1d = arch.gguf == "gpt2"
     named = {}
     for name, shape in shapes.items():
         if len(shape) != 2 or not name.endswith(".weight"):
@@ -161,7 +165,7 @@ def mix_types(mix: str, cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]])
             layer, n = int(blk.group(1)), n_layer
         else:
             layer, n = (-2 if kind == "token_embd" and tied else -1), n_layer
-        cols = shapes[name][0 if conv1d else 1]
+        cols = row_width(cfg, g, shapes[name])
         out[name] = (g, pick(mix, Site(kind, layer, n, _n_gqa(cfg), cols, is_70b)))
     return out
 
