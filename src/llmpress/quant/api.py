@@ -79,5 +79,5 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: i
     r = build_recipe(method, bits, group_size, recipe, **grid_opts)
     log.info("quantize %s → %s with %d rule(s)", model, out, len(r.rules))
     return compress(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, progress=progress,
-                    extra_meta={"command": "quantize"}, trial_blocks=trial_blocks, device=device, workers=workers,
+                    extra_meta={"command": "quantize", **({"gguf_mix": gguf_mix.lower()} if gguf_mix else {})}, trial_blocks=trial_blocks, device=device, workers=workers,
                     address=address)

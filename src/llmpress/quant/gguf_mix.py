@@ -110,7 +110,7 @@ def fallback(t: str, cols: int) -> str:
 def pick(mix: str, s: Site) -> str:
     """llama.cpp's type for one tensor under ``mix``."""
     m = MIXES[mix]
-    if s.kind == "output" or (s.kind == "token_embd" and s.layer == -2):  # -2: a tied embedding
+    if s.kind == "output":
         t = "q8_0" if s.cols % BLOCK[m.base] else "q6_k"
     else:
         t = next((ty for when, ty in m.picks.get(s.kind, ()) if WHEN[when](s)), m.base)
@@ -158,13 +158,15 @@ def mix_types(mix: str, cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]])
     out: dict[str, tuple[str, str]] = {}
     for name, g in named.items():
         kind = kind_of(g)
+        if kind == "token_embd" and tied:
+            kind = "output"  # llama.cpp quantizes a tied embedding as the head it also is
         blk = re.search(r"blk\.(\d+)\.", g)
         if kind == "attn_v":
             layer, n = wv.index(name), len(wv)
         elif blk:
             layer, n = int(blk.group(1)), n_layer
         else:
-            layer, n = (-2 if kind == "token_embd" and tied else -1), n_layer
+            layer, n = -1, n_layer
         cols = row_width(cfg, g, shapes[name])
         out[name] = (g, pick(mix, Site(kind, layer, n, _n_gqa(cfg), cols, is_70b)))
     return out
