@@ -118,23 +118,24 @@ def _small_tokenizer():
                                    unk_token="<|endoftext|>")
 
 
-def _small_model(out: Path, kind: str) -> Path:
-    """A 2-layer random model of architecture ``kind`` with the small tokenizer, saved to ``out``."""
+def _small_model(out: Path, kind: str, **sizes) -> Path:
+    """A random model of architecture ``kind`` with the small tokenizer, saved to ``out``: 2 layers,
+    64 wide, tied, unless ``sizes`` (config values) say otherwise."""
     import transformers as tf
 
     tok = _small_tokenizer()
     common = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
     decoder = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512)
-    cfgs = {
-        "llama": lambda: (tf.LlamaConfig(**common, **decoder), tf.LlamaForCausalLM),
-        "qwen3": lambda: (tf.Qwen3Config(**common, **decoder, head_dim=16), tf.Qwen3ForCausalLM),
-        "phi3": lambda: (tf.Phi3Config(**common, **decoder, pad_token_id=0), tf.Phi3ForCausalLM),
-        "gpt2": lambda: (tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=128), tf.GPT2LMHeadModel),
+    kinds = {  # kind -> (config class, model class, its default sizes)
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, decoder),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**decoder, "head_dim": 16}),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {**decoder, "pad_token_id": 0}),
+        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, dict(n_embd=64, n_layer=2, n_head=4, n_positions=128)),
     }
-    cfg, cls = cfgs[kind]()
+    cfg_cls, cls, defaults = kinds[kind]
     torch.manual_seed(0)
-    cls(cfg).eval().save_pretrained(out, safe_serialization=True)
+    cls(cfg_cls(**{**common, **defaults, **sizes})).eval().save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
 

@@ -95,20 +95,11 @@ def quantize_with_llama_cpp(f32_gguf: Path, out: Path, mix: str) -> dict[str, st
 def mix_llama(tmp_path_factory) -> Path:
     """8 layers (use_more_bits picks some), hidden 256 (K-quants fit), intermediate 640 (ffn_down
     falls back), 8 heads over 2 KV heads (n_gqa 4), untied head."""
-    import transformers as tf
-    import torch
+    from test_export_gguf import _small_model
 
-    from test_export_gguf import _small_tokenizer
-
-    tok = _small_tokenizer()
-    cfg = tf.LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                         hidden_size=256, intermediate_size=640, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("mix-llama")
-    tf.LlamaForCausalLM(cfg).eval().save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return _small_model(tmp_path_factory.mktemp("mix-llama"), "llama", tie_word_embeddings=False, hidden_size=256,
+                        intermediate_size=640, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                        max_position_embeddings=128)
 
 
 @pytest.mark.skipif(not (LLAMA_BIN / "llama-quantize").exists(), reason="llama.cpp's llama-quantize is not built")
@@ -131,26 +122,14 @@ def test_same_types_as_llama_quantize(mix_llama, tmp_path, mix):
 @pytest.mark.parametrize("kind", ["gpt2", "phi3"])
 def test_fused_qkv_and_conv1d_same_types_as_llama_quantize(tmp_path, kind):
     """attn_qkv (counted as attn_v by llama.cpp), GPT-2's Conv1D (rows stored transposed), tied head."""
-    import torch
-    import transformers as tf
-
     import llmpress
     from llmpress.quant.gguf_mix import model_shapes
-    from test_export_gguf import _small_tokenizer
+    from test_export_gguf import _small_model
 
-    tok = _small_tokenizer()
-    common = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    cfg, cls = {
-        "gpt2": lambda: (tf.GPT2Config(**common, n_embd=256, n_layer=8, n_head=4, n_positions=128, n_inner=640),
-                         tf.GPT2LMHeadModel),
-        "phi3": lambda: (tf.Phi3Config(**common, hidden_size=256, intermediate_size=640, num_hidden_layers=8,
-                                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
-                                       pad_token_id=0), tf.Phi3ForCausalLM),
-    }[kind]()
-    torch.manual_seed(0)
-    src = tmp_path / kind
-    cls(cfg).eval().save_pretrained(src, safe_serialization=True)
-    tok.save_pretrained(src)
+    sizes = {"gpt2": dict(n_embd=256, n_layer=8, n_inner=640),
+             "phi3": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=8, num_attention_heads=8,
+                          num_key_value_heads=8, max_position_embeddings=128)}[kind]
+    src = _small_model(tmp_path / kind, kind, **sizes)
     f32 = tmp_path / "f32.gguf"
     llmpress.export(str(src), str(f32), format="gguf", type="f32")
     theirs = quantize_with_llama_cpp(f32, tmp_path / "q.gguf", "q4_k_m")

@@ -156,18 +156,9 @@ def test_runner_refuses_before_any_work(tiny_llama_dir, tmp_path):
 @pytest.fixture(scope="module")
 def llama256(tmp_path_factory) -> Path:
     """A 2-layer Llama 256 wide (MLP 512), small tokenizer, as ``test_export_gguf``'s models."""
-    import transformers as tf
-    from test_export_gguf import _small_tokenizer
+    from test_export_gguf import _small_model
 
-    tok = _small_tokenizer()
-    cfg = tf.LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
-                         hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("llama256")
-    tf.LlamaForCausalLM(cfg).eval().save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return _small_model(tmp_path_factory.mktemp("llama256"), "llama", hidden_size=256, intermediate_size=512)
 
 
 def test_gptq_q4_k_llama_exports_exactly(llama256, tmp_path):
