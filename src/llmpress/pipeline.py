@@ -21,11 +21,10 @@ import contextlib
 import logging
 import resource
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,7 +252,7 @@ def compress(
     return summary
 
 
-@contextmanager
+@contextlib.contextmanager
 def _discarded_dir(out: str | Path) -> Iterator[Path]:
     """A temporary folder beside ``out`` (the same disk), deleted afterwards whatever happens."""
     parent = Path(out).parent
@@ -288,7 +287,7 @@ def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | Non
         stats = moe.no_input_stats(name, w.shape[1], bool(getattr(codec, "gram", True)))
     tt = time.perf_counter()
     ct = _encode(name, w, codec_name, params, stats)
-    w_hat = get_codec(codec_name).decode(ct)  # where w is
+    w_hat = codec.decode(ct)  # where w is
     secs = time.perf_counter() - tt
     if last and stats is not None:
         stats.derived.clear()
