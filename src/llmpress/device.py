@@ -12,7 +12,6 @@ import os
 
 import torch
 
-NAMES = ("cpu", "cuda", "auto")
 # LLMPRESS_TORCH_PATHS=1: take the torch paths (those CUDA runs) on the CPU too, instead of the
 # compiled numba kernels (GPTQ's column loop, the clipping search's error pass, fused QAT): how the
 # CUDA code paths are exercised, and compared with the kernels, on a machine without a GPU.
