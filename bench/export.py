@@ -66,7 +66,7 @@ def llama_bin() -> Path:
     return Path(r.stdout.strip().splitlines()[-1])
 
 
-def eval_text_file(name: str, n_chars: int) -> Path:
+def eval_text_file(name: str, n_chars: int, work: Path = WORK) -> Path:
     """A slice of an evaluation corpus as a text file, taken from its middle (front matter is
     not representative): llama-perplexity reads the file from its start."""
     from llmpress.text import load_text
@@ -74,7 +74,7 @@ def eval_text_file(name: str, n_chars: int) -> Path:
     text = load_text(name)
     start = len(text) // 3
     start = text.find("\n\n", start) + 2
-    p = WORK / f"{name}.txt"
+    p = work / f"{name}.txt"
     p.write_text(text[start:start + n_chars])
     return p
 
@@ -94,17 +94,21 @@ _STAT = {"ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "ppl_base": r"Mean PPL\(base\)\
 
 
 def llama_kl(bin_dir: Path, ref_gguf: Path, gguf: Path, text: Path, ctx: int, chunks: int, threads: int) -> dict:
-    """llama-perplexity's KL divergence of ``gguf`` against ``ref_gguf`` on ``text``."""
-    base = WORK / f"{text.stem}-c{ctx}-n{chunks}.kld"
+    """llama-perplexity's KL divergence of ``gguf`` against ``ref_gguf`` on ``text`` (the reference's
+    logits are kept beside ``text``, one file per text, context and chunk count)."""
+    base = text.parent / f"{text.stem}-c{ctx}-n{chunks}.kld"
     common = ["-f", text, "-c", ctx, "--chunks", chunks, "-t", threads, "-b", ctx, "--no-repack"]  # repacking crashes on some AVX-512 hosts
     if not base.exists():
         sh([bin_dir / "llama-perplexity", "-m", ref_gguf, *common, "--kl-divergence-base", base])
-    r = sh([bin_dir / "llama-perplexity", "-m", gguf, *common, "--kl-divergence-base", base, "--kl-divergence"])
-    log = r.stdout + r.stderr
-    out = {"kld_file": str(base)}
-    for k, pat in _STAT.items():
-        m = re.search(pat, log)
-        out[k] = float(m.group(1)) if m else None
+    for _ in range(3):  # llama-perplexity's last log lines are sometimes lost at exit: retry
+        r = sh([bin_dir / "llama-perplexity", "-m", gguf, *common, "--kl-divergence-base", base, "--kl-divergence"])
+        log = r.stdout + r.stderr
+        out = {"kld_file": str(base)}
+        for k, pat in _STAT.items():
+            m = re.search(pat, log)
+            out[k] = float(m.group(1)) if m else None
+        if out["kl_mean"] is not None:
+            break
     if out["same_top"] is not None:
         out["same_top"] /= 100.0
     return out

@@ -1,0 +1,229 @@
+"""Better GGUFs than llama.cpp makes? llmpress's K-quant mixes against llama-quantize + imatrix,
+judged by llama.cpp's own KL tool.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/gguf.py                    # Q4_K_M, Q3_K_M, Q2_K; ~1 h on 2 cores
+    .venv/bin/python bench/gguf.py --mixes q4_k_m --methods gptq --chunks 4   # quicker
+
+On SmolLM2-135M, side by side in one run:
+
+1. The reference is the original as an F32 GGUF (``llmpress export --type f32``).
+2. The calibration text is the one llmpress calibrates on: the very windows ``quantize`` takes
+   (``--samples`` × ``--seq-len`` tokens of the calibration mix), decoded and written one after
+   another to a text file; ``llama-imatrix`` reads it in chunks of ``--seq-len`` tokens.
+3. For each mix: ``llama-quantize`` of the F32 GGUF without and with that importance matrix, and
+   ``llmpress quantize --gguf-mix MIX --method M`` for each method, exported with
+   ``export --format gguf --type q8_0`` (the tied embedding as Q8_0: llama.cpp's own pick for
+   SmolLM2). Every tensor then has the same type in both files, so the sizes match to the metadata.
+   Each quantization is one fresh process: wall time and peak RSS (of llama-imatrix plus
+   llama-quantize for llama.cpp; of quantize plus export for llmpress).
+4. KL of every file against the reference by ``llama-perplexity --kl-divergence`` on the evaluation
+   texts (debian-handbook, linux-doc; neither is in the calibration mix), ``--chunks`` chunks of
+   ``--ctx`` tokens each.
+5. ``llama-bench`` prompt and generation tokens/s of llmpress's Q4_K_M file against llama.cpp's.
+
+Prints one table per mix (size, bpw, KL per text, KL relative to llama.cpp + imatrix, time, peak
+memory) with command, commit and date, and writes ``bench/out/gguf.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "src")]
+
+from capped import make_cap, run as run_capped  # noqa: E402
+from export import eval_text_file, git_commit, llama_bin, llama_kl  # noqa: E402
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # this file is not gguf-py
+
+OUT = HERE / "out"
+WORK = OUT / "gguf"
+MODEL = "smollm2-135m"
+MIX_FTYPE = {"q4_k_m": "Q4_K_M", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K"}
+GiB = 1 << 30
+
+
+def timed(argv: list, what: str) -> tuple[float, int, str]:
+    """Run ``argv`` as a fresh process: (seconds, peak RSS bytes, stdout)."""
+    argv = [str(a) for a in argv]
+    print("$", " ".join(argv), file=sys.stderr, flush=True)
+    r = run_capped(argv, make_cap("none", 0))
+    if r.rc != 0:
+        raise RuntimeError(f"{what} failed ({r.rc}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return r.seconds, r.peak_rss_bytes, r.stdout
+
+
+def calibration_text(path: Path, samples: int, seq_len: int) -> int:
+    """The windows ``llmpress quantize`` calibrates on, decoded into one text file; their token count."""
+    from transformers import AutoTokenizer
+
+    from llmpress.models import resolve
+    from llmpress.pipeline import _calib_text, calib_ids
+
+    tok = AutoTokenizer.from_pretrained(str(resolve(MODEL).folder))
+    ids = calib_ids(tok, _calib_text(None), samples, seq_len)  # (samples, seq_len)
+    path.write_text("".join(tok.decode(row) for row in ids.tolist()))
+    return ids.numel()
+
+
+class Case:
+    """One quantized GGUF: how it was made, its size, what it cost to make."""
+
+    def __init__(self, name: str, path: Path):
+        self.name, self.path = name, path
+        self.seconds = 0.0
+        self.peak = 0
+        self.kl: dict[str, dict] = {}
+
+    def add(self, secs: float, peak: int) -> None:
+        self.seconds += secs
+        self.peak = max(self.peak, peak)
+
+    def row(self, n_weights: int) -> dict:
+        size = self.path.stat().st_size
+        return {"case": self.name, "file": str(self.path), "bytes": size, "bpw": 8 * size / n_weights,
+                "seconds": self.seconds, "peak_rss_bytes": self.peak, "kl": self.kl}
+
+
+def n_params(gguf_path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(gguf_path).tensors)
+
+
+def llama_bench(bin_dir: Path, files: dict[str, Path], threads: int, reps: int) -> dict:
+    """Prompt (pp128) and generation (tg32) tokens/s of each file, interleaved in one llama-bench run."""
+    argv = [bin_dir / "llama-bench", "-p", "128", "-n", "32", "-t", threads, "-r", reps, "--repack", "0", "-o", "json"]
+    for p in files.values():
+        argv += ["-m", p]
+    _, _, out = timed(argv, "llama-bench")
+    rows = json.loads(out)
+    names = {str(p): n for n, p in files.items()}
+    res: dict[str, dict] = {}
+    for r in rows:
+        kind = "pp" if r["n_prompt"] else "tg"
+        res.setdefault(names[r["model_filename"]], {})[f"{kind}_tok_s"] = r["avg_ts"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mixes", default="q4_k_m,q3_k_m,q2_k")
+    ap.add_argument("--methods", default="gptq,awq", help="llmpress methods per mix")
+    ap.add_argument("--samples", type=int, default=64, help="calibration windows (both tools)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=16, help="llama-perplexity chunks per text")
+    ap.add_argument("--texts", default="debian-handbook,linux-doc")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--bench-reps", type=int, default=3, help="llama-bench repetitions (0: skip)")
+    ap.add_argument("--redo", action="store_true", help="remake every file")
+    args = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    res: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git_commit(),
+                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": MODEL,
+                 "threads": args.threads, "samples": args.samples, "seq_len": args.seq_len,
+                 "ctx": args.ctx, "chunks": args.chunks, "mixes": {}}
+    bin_dir = llama_bin()
+    py = [sys.executable, "-m", "llmpress"]
+    ref = WORK / "ref-f32.gguf"
+    if args.redo or not ref.exists():
+        timed([*py, "export", MODEL, "-o", ref, "--format", "gguf", "--type", "f32", "--force"], "reference export")
+    n_weights = n_params(ref)
+
+    calib = WORK / f"calib-{args.samples}x{args.seq_len}.txt"
+    imatrix = WORK / f"imatrix-{args.samples}x{args.seq_len}.gguf"
+    res["calib_tokens"] = calibration_text(calib, args.samples, args.seq_len)
+    imat_cost = (0.0, 0)
+    if args.redo or not imatrix.exists():
+        imat_cost = timed([bin_dir / "llama-imatrix", "-m", ref, "-f", calib, "-o", imatrix, "-c", args.seq_len,
+                           "--chunks", args.samples, "-b", args.seq_len, "-t", args.threads, "--no-repack",
+                           "--no-ppl"], "llama-imatrix")[:2]
+        res["imatrix_seconds"], res["imatrix_peak_rss_bytes"] = imat_cost
+    texts = {name: eval_text_file(name, args.ctx * args.chunks * 6, WORK) for name in args.texts.split(",")}
+
+    env_threads = ["--device", "cpu"]
+    for mix in args.mixes.split(","):
+        cases: list[Case] = []
+        for imat in (False, True):
+            c = Case(f"llama.cpp {MIX_FTYPE[mix]}" + (" + imatrix" if imat else ""),
+                     WORK / f"llamacpp-{mix}{'-imat' if imat else ''}.gguf")
+            if args.redo or not c.path.exists():
+                if imat:
+                    c.add(*imat_cost)
+                extra = ["--imatrix", imatrix] if imat else []
+                c.add(*timed([bin_dir / "llama-quantize", *extra, ref, c.path, MIX_FTYPE[mix], args.threads],
+                             "llama-quantize")[:2])
+            cases.append(c)
+        for method in args.methods.split(","):
+            folder = WORK / f"llmpress-{mix}-{method}"
+            c = Case(f"llmpress {MIX_FTYPE[mix]}-mix, {method}", WORK / f"llmpress-{mix}-{method}.gguf")
+            if args.redo or not c.path.exists():
+                c.add(*timed([*py, "quantize", MODEL, "-o", folder, "--method", method, "--gguf-mix", mix,
+                              "--samples", args.samples, "--seq-len", args.seq_len, *env_threads, "--force"],
+                             "llmpress quantize")[:2])
+                c.add(*timed([*py, "export", folder, "-o", c.path, "--format", "gguf", "--type", "q8_0", "--force"],
+                             "llmpress export")[:2])
+            cases.append(c)
+        for c in cases:
+            for name, text in texts.items():
+                c.kl[name] = llama_kl(bin_dir, ref, c.path, text, args.ctx, args.chunks, args.threads)
+        res["mixes"][mix] = [c.row(n_weights) for c in cases]
+        _save(res)
+        show_mix(mix, res["mixes"][mix], list(texts), file=sys.stderr)
+    if args.bench_reps and "q4_k_m" in res["mixes"]:
+        rows = res["mixes"]["q4_k_m"]
+        files = {r["case"]: Path(r["file"]) for r in rows if r["case"].endswith("imatrix") or "llmpress" in r["case"]}
+        res["llama_bench"] = llama_bench(bin_dir, files, args.threads, args.bench_reps)
+    res["seconds"] = time.time() - t0
+    _save(res)
+    show(res, list(texts))
+
+
+def _save(res: dict) -> None:
+    tmp = OUT / "gguf.json.tmp"
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(OUT / "gguf.json")
+
+
+def _kl(row: dict, text: str) -> float | None:
+    return row["kl"][text]["kl_mean"]
+
+
+def show_mix(mix: str, rows: list[dict], texts: list[str], file=sys.stdout) -> None:
+    base = next(r for r in rows if r["case"].endswith("imatrix"))
+    print(f"\n## {MIX_FTYPE[mix]} (KL by llama-perplexity against the F32 GGUF; ratio to llama.cpp + imatrix)", file=file)
+    head = "| case | MB | bpw | size ratio | " + " | ".join(f"KL {t} | ratio" for t in texts) + " | make s | peak GiB |"
+    print(head, file=file)
+    print("|" + "---|" * (head.count("|") - 1), file=file)
+    for r in rows:
+        cells = [r["case"], f"{r['bytes'] / 1e6:.2f}", f"{r['bpw']:.3f}", f"{r['bytes'] / base['bytes']:.4f}"]
+        for t in texts:
+            k, kb = _kl(r, t), _kl(base, t)
+            cells += [f"{k:.4f}" if k is not None else "—", f"{k / kb:.3f}" if k and kb else "—"]
+        cells += [f"{r['seconds']:.0f}" if r["seconds"] else "(kept)",
+                  f"{r['peak_rss_bytes'] / GiB:.2f}" if r["peak_rss_bytes"] else "—"]
+        print("| " + " | ".join(cells) + " |", file=file)
+
+
+def show(res: dict, texts: list[str]) -> None:
+    print(f"# {res['command']}\n# commit {res['commit']}, {res['date']}, {res['threads']} threads, "
+          f"{res['calib_tokens']} calibration tokens, {res['chunks']}×{res['ctx']} tokens per text")
+    for mix, rows in res["mixes"].items():
+        show_mix(mix, rows, texts)
+    if "llama_bench" in res:
+        print("\n## llama-bench (tokens/s)\n| file | pp128 | tg32 |\n|---|---|---|")
+        for n, v in res["llama_bench"].items():
+            print(f"| {n} | {v.get('pp_tok_s', 0):.1f} | {v.get('tg_tok_s', 0):.1f} |")
+    print(f"\n{res['seconds']:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
