@@ -82,9 +82,10 @@ def _file_fingerprint(p: Path) -> str:
     return hashlib.sha256(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def gguf_to_folder(gguf: Path) -> Path:
-    """Dequantize a GGUF checkpoint through transformers once; cache it as an HF folder."""
-    out = cache_dir() / "gguf" / f"{gguf.stem}-{_file_fingerprint(gguf)}"
+def gguf_to_folder(gguf: Path, out: Path | None = None) -> Path:
+    """Dequantize a GGUF checkpoint through transformers once; cache it as an HF folder (in ``out``
+    when given, else in the cache)."""
+    out = out or cache_dir() / "gguf" / f"{gguf.stem}-{_file_fingerprint(gguf)}"
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -25,6 +25,8 @@ def limit_cmd(
     workers: int = typer.Option(1, "--workers", help="Points in parallel (Ray); 1 runs them in this process."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per point (fixed, so results repeat)."),
+    formats: Optional[list[str]] = typer.Option(None, "--formats", help="Export formats whose own types join the sweep: "
+                                                 "gguf (llama.cpp's Q4_K_M/Q3_K_M/Q2_K by llama-quantize + imatrix and by llmpress)."),
     device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -38,7 +40,7 @@ def limit_cmd(
     try:
         s = limit(model, out, budget=budget, max_kl=max_kl, texts=text, ctx=ctx, tokens=tokens, calib=calib,
                   samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=mixed_bpw or None,
-                  device=device)
+                  device=device, formats=[f for x in formats or () for f in x.split(",") if f])
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         fail(str(e))
 

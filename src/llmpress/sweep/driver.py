@@ -16,7 +16,7 @@ from typing import Any
 
 from ..models import DEFAULT_CAUSAL, TensorStore, resolve
 from .frontier import KNEE_METHOD, knee, pareto, smallest
-from .points import CALIB_SAMPLES, RECIPE_COMMAND, Point, budget as budget_points
+from .points import CALIB_SAMPLES, RECIPE_COMMAND, Point, budget as budget_points, format_points
 from .report import write_report
 from .runner import EXECUTORS
 
@@ -79,12 +79,16 @@ def limit(
     threads: int | None = None,
     mixed_bpw: float | None = 4.0,
     device: str | None = "cpu",
+    formats: list[str] | None = None,
 ) -> dict[str, Any]:
     """Sweep ``points`` (or the named ``budget``) on ``model`` and write the report to ``out``.
 
     Returns the summary: the frontier, the lossless limit, the near-lossless points, the knee
     and the recommendation. ``device``: cpu | cuda | auto, where each point is compressed and judged
-    (a point's key names the device unless it is the CPU: figures differ within float tolerance)."""
+    (a point's key names the device unless it is the CPU: figures differ within float tolerance).
+    ``formats``: export formats whose own types join the sweep (``gguf``: llama.cpp's K-quant mixes as
+    llama-quantize makes them and as llmpress makes them; the llama.cpp points are left out, with a
+    warning, where its tools are not found)."""
     from ..device import resolve_device
     from ..text import CALIB_DEFAULT, EVAL_DEFAULTS
 
@@ -97,6 +101,14 @@ def limit(
     if points is None and mixed_bpw:
         pts.append(Point(f"mixed-{mixed_bpw:g}bpw-g64", "mixed", None, RECIPE_COMMAND,
                      calib=True, params={"target_bpw": mixed_bpw, "group": 64}))
+    for f in formats or ():
+        pts += format_points(f, budget)
+    if any(p.family == "llama.cpp" for p in pts):
+        from ..integrations.llama_cpp import find_tools, where_to_look
+
+        if find_tools() is None:
+            log.warning("llama.cpp's tools not found (looked in: %s): its points are left out", where_to_look())
+            pts = [p for p in pts if p.family != "llama.cpp"]
     samples = samples or CALIB_SAMPLES.get(budget, 32)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

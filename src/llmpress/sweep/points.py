@@ -21,7 +21,7 @@ RECIPE_COMMAND = "llmpress compress {model} -o {out} --recipe {recipes}/{out}.ya
 @dataclass(frozen=True)
 class Point:
     label: str                       # e.g. "rtn-w4-g128"
-    family: str                      # lossless | rtn | gptq | awq | whiten | whiten+q | mixed
+    family: str                      # lossless | rtn | gptq | awq | whiten | whiten+q | mixed | gguf-mix | llama.cpp
     recipe: dict[str, Any] | None    # Recipe.to_dict(); None for the lossless codec
     command: str                     # the CLI command that reproduces it ({model} and {out} filled later)
     calib: bool = False              # needs calibration text
@@ -80,6 +80,56 @@ def lowrank_quant(ratio: float, bits: int, group: int) -> Point:
         f"whiten+q-r{ratio:g}-w{bits}-g{group}", "whiten+q", r.to_dict(),
         RECIPE_COMMAND, calib=True,
     )
+
+
+def gguf_mix(mix: str, method: str = "gptq") -> Point:
+    """llmpress's codes on llama.cpp's types of ``mix``, tensor by tensor (``quantize --gguf-mix``)."""
+    return Point(f"{method}-{mix}", "gguf-mix", None,
+                 f"llmpress quantize {{model}} -o {{out}} --method {method} --gguf-mix {mix}",
+                 calib=method != "rtn", params={"gguf_mix": mix, "method": method})
+
+
+# llama.cpp's own quantization, reproduced with its tools (the calibration windows are written beside the recipes)
+LLAMA_CPP_COMMAND = (
+    "llmpress export {model} -o {out}-f32.gguf --format gguf --type f32 && "
+    "{imatrix}llama-quantize {imatrix_flag}{out}-f32.gguf {out}.gguf {ftype}")
+IMATRIX_COMMAND = ("llama-imatrix -m {out}-f32.gguf -f {recipes}/{calib_file} -c {seq_len} -b {seq_len} "
+                   "--chunks {samples} -o {out}.imatrix --no-ppl && ")
+
+
+def llama_cpp(mix: str, imatrix: bool = True) -> Point:
+    """``llama-quantize`` of the F32 GGUF to ``mix``, with an importance matrix from ``llama-imatrix``
+    on llmpress's calibration windows when ``imatrix``."""
+    from ..integrations.llama_cpp import FTYPES
+
+    cmd = LLAMA_CPP_COMMAND.format(model="{model}", out="{out}", ftype=FTYPES[mix],
+                                   imatrix=IMATRIX_COMMAND if imatrix else "",
+                                   imatrix_flag="--imatrix {out}.imatrix " if imatrix else "")
+    return Point(f"llama.cpp-{mix}" + ("+imatrix" if imatrix else ""), "llama.cpp", None, cmd, calib=imatrix,
+                 params={"mix": mix, "imatrix": imatrix})
+
+
+def _gguf(budget: str) -> list[Point]:
+    """llama.cpp's K-quant mixes as llama.cpp makes them (with an importance matrix; in the full
+    budget also without) and as llmpress makes them (GPTQ on the same types; AWQ in the full budget)."""
+    full = budget == "full"
+    pts = []
+    for mix in ("q4_k_m", "q3_k_m", "q2_k"):
+        pts += [gguf_mix(mix, "gptq"), llama_cpp(mix, imatrix=True)]
+        if full:
+            pts += [gguf_mix(mix, "awq"), llama_cpp(mix, imatrix=False)]
+    return pts
+
+
+# --formats NAME: points of an export format's own types, added to the budget's
+FORMATS: dict[str, Callable[[str], list[Point]]] = {"gguf": _gguf}
+
+
+def format_points(name: str, budget: str) -> list[Point]:
+    try:
+        return FORMATS[name](budget)
+    except KeyError:
+        raise ValueError(f"unknown format {name!r} for the sweep; known: {', '.join(FORMATS)}") from None
 
 
 def _quick() -> list[Point]:

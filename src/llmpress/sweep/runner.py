@@ -64,6 +64,10 @@ def _lossy(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]
         recipe, extra = mixed_recipe(settings["model"], point.params["target_bpw"], group=point.params["group"],
                                      calib=settings["calib"], samples=settings["samples"], seq_len=settings["seq_len"])
         extra = {"allocation": extra["widths"], "recipe": recipe.to_dict()}
+    elif point.family == "gguf-mix":
+        from ..quant.gguf_mix import mix_recipe, model_shapes
+
+        recipe = mix_recipe(point.params["gguf_mix"], *model_shapes(settings["model"]), method=point.params["method"])
     assert recipe is not None
     out = work / "out"
     summary = compress(settings["model"], recipe, out, calib=settings["calib"], samples=settings["samples"],
@@ -106,6 +110,55 @@ def _packed_cost(folder: Path, summary: dict[str, Any], work: Path, threads: int
             "ratio": packed["bytes_out"] / summary["bytes_in"]}
 
 
+def calib_file(settings: dict[str, Any]) -> str:
+    """The name of the calibration windows' text file written beside the recipes (llama.cpp points)."""
+    return f"calib-{settings['samples']}x{settings['seq_len']}.txt"
+
+
+def _llama_cpp(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]:
+    """llama.cpp's quantizer on the original (exported as F32 GGUF), judged like every other point
+    (the GGUF dequantized by transformers' reader). bpw counts the linear layers as stored."""
+    from ..integrations import llama_cpp as lc
+    from ..models import gguf_to_folder, load_tokenizer
+    from ..targets.api import export
+
+    tools = lc.find_tools()
+    if tools is None:
+        raise RuntimeError(f"llama.cpp's tools not found; looked in: {lc.where_to_look()}")
+    t0 = time.perf_counter()
+    f32 = work / "f32.gguf"
+    export(settings["model"], str(f32), format="gguf", type="f32")
+    imat = None
+    if point.params["imatrix"]:
+        text = Path(settings["recipes"]) / calib_file(settings)
+        text.parent.mkdir(parents=True, exist_ok=True)
+        lc.calibration_text(settings["model"], settings["calib"], settings["samples"], settings["seq_len"], text)
+        imat = work / "imatrix.gguf"
+        lc.imatrix(tools, f32, text, imat, settings["seq_len"], settings["samples"], settings["threads"])
+    q = work / "model.gguf"
+    lc.quantize(tools, f32, q, point.params["mix"], settings["threads"], imat)
+    secs = time.perf_counter() - t0
+    bits, n = lc.linear_bits(q)
+    dense = gguf_to_folder(q, work / "dense")
+    ev = _judge(dense, settings, tokenizer=load_tokenizer(settings["model"]))
+    return {
+        **{k: ev.get(k) for k in _EVAL_KEYS},
+        "bpw": bits / n,
+        "bpw_scope": "linear layers",
+        "bytes_out": q.stat().st_size,
+        "bytes_in": f32.stat().st_size,
+        "ratio": q.stat().st_size / f32.stat().st_size,
+        "compress_seconds": secs,
+    }
+
+
+# how a point of each family is made; the others are lossy recipes
+MAKERS: dict[str, Callable[[Point, dict[str, Any], Path], dict[str, Any]]] = {
+    "lossless": _lossless,
+    "llama.cpp": _llama_cpp,
+}
+
+
 def run_point(point: Point, settings: dict[str, Any]) -> dict[str, Any]:
     """Compress, judge, clean up: one row of results.jsonl (without its key)."""
     torch.set_num_threads(settings["threads"])
@@ -113,12 +166,13 @@ def run_point(point: Point, settings: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="llmpress-limit-", dir=settings.get("scratch")))
     try:
-        fn = _lossless if point.family == "lossless" else _lossy
-        row = fn(point, settings, work)
+        row = MAKERS.get(point.family, _lossy)(point, settings, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    command = point.command.format(model=settings["model"], out=point.label, recipes=settings["recipes"])
-    if point.calib:
+    command = point.command.format(model=settings["model"], out=point.label, recipes=settings["recipes"],
+                                   samples=settings["samples"], seq_len=settings["seq_len"],
+                                   calib_file=calib_file(settings))
+    if point.calib and "{samples}" not in point.command:  # a command that names its calibration itself keeps it
         command += f" --calib {settings['calib']} --samples {settings['samples']} --seq-len {settings['seq_len']}"
     row.update(label=point.label, family=point.family, recipe=row.get("recipe", point.recipe), command=command,
                seconds=time.perf_counter() - t0)
