@@ -42,6 +42,8 @@ from export import eval_text_file, git_commit, llama_bin, llama_kl  # noqa: E402
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # this file is not gguf-py
 
+from llmpress.integrations.llama_cpp import calibration_text  # noqa: E402
+
 OUT = HERE / "out"
 WORK = OUT / "gguf"
 MODEL = "smollm2-135m"
@@ -57,19 +59,6 @@ def timed(argv: list, what: str) -> tuple[float, int, str]:
     if r.rc != 0:
         raise RuntimeError(f"{what} failed ({r.rc}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     return r.seconds, r.peak_rss_bytes, r.stdout
-
-
-def calibration_text(path: Path, samples: int, seq_len: int) -> int:
-    """The windows ``llmpress quantize`` calibrates on, decoded into one text file; their token count."""
-    from transformers import AutoTokenizer
-
-    from llmpress.models import resolve
-    from llmpress.pipeline import _calib_text, calib_ids
-
-    tok = AutoTokenizer.from_pretrained(str(resolve(MODEL).folder))
-    ids = calib_ids(tok, _calib_text(None), samples, seq_len)  # (samples, seq_len)
-    path.write_text("".join(tok.decode(row) for row in ids.tolist()))
-    return ids.numel()
 
 
 class Case:
@@ -140,7 +129,7 @@ def main() -> None:
 
     calib = WORK / f"calib-{args.samples}x{args.seq_len}.txt"
     imatrix = WORK / f"imatrix-{args.samples}x{args.seq_len}.gguf"
-    res["calib_tokens"] = calibration_text(calib, args.samples, args.seq_len)
+    res["calib_tokens"] = calibration_text(MODEL, None, args.samples, args.seq_len, calib)
     imat_cost = (0.0, 0)
     if args.redo or not imatrix.exists():
         imat_cost = timed([bin_dir / "llama-imatrix", "-m", ref, "-f", calib, "-o", imatrix, "-c", args.seq_len,
