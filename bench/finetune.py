@@ -67,6 +67,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--code-lr", type=float, default=2e-2, help="QAT latent learning rate, in quantization steps")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps of the learning rate")
+    ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                    help="cosine: decays over --minutes (llmpress's default); constant: the rate of the earlier runs")
+    ap.add_argument("--holdout", type=int, default=8, help="training-text windows held out to keep the best state (0: none)")
+    ap.add_argument("--patience", type=int, default=4, help="validations without a better held-out loss before stopping (0: never)")
+    ap.add_argument("--keep-last", action="store_true", help="end with the last state, not the best held-out one")
     ap.add_argument("--qparams-only", action="store_true", help="QAT trains scales/offsets only (codes move through them)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply every case's learning rates")
     args = ap.parse_args()
@@ -116,7 +121,8 @@ def main() -> None:
         run = llmpress.finetune(comp, ft, reference=MODEL, text=CALIB_DEFAULT, steps=args.max_steps,
                                 lr=lr * args.lr_scale, qparam_lr=qlr * args.lr_scale if qlr else None, code_lr=args.code_lr,
                                 seq_len=args.seq_len, batch_size=args.batch_size, max_seconds=budget, clock=args.clock,
-                                schedule="constant", force=True, on_step=on_step, checkpoint_every=0,
+                                schedule=args.schedule, force=True, on_step=on_step, checkpoint_every=0,
+                                holdout=args.holdout, patience=args.patience, keep_best=not args.keep_last,
                                 grad_ckpt=False, train_latent=not args.qparams_only, warmup=args.warmup)
         after = ref.compare(llmpress.load(ft), sha)
         curve.append({"step": run["steps"], "train_seconds": budget, "loss": run["loss_last"], "kl_mean": after["kl_mean"], "ppl": after["ppl"]})
@@ -129,6 +135,9 @@ def main() -> None:
             "recovered": (before["kl_mean"] - after["kl_mean"]) / before["kl_mean"],
             "bpw_before": mb["bpw"], "bpw_after": ma["bpw"], "bytes_before": mb["bytes_out"], "bytes_after": ma["bytes_out"],
             "loss_first": run["loss_first"], "loss_last": run["loss_last"], "curve": curve,
+            "schedule": args.schedule, "held_out": run.get("held_out"), "best_step": run.get("best_step"),
+            "kept_best": run.get("kept_best"), "stopped_early": run.get("stopped_early"),
+            "final_over_curve_min": after["kl_mean"] / min(c["kl_mean"] for c in curve[:-1]),
             "train_text": CALIB_DEFAULT, "eval_text": list(EVAL_DEFAULTS), "overlap": run["overlap"],
             "seconds": time.perf_counter() - t0, "threads": args.threads, "clock": args.clock, "protocol": ref.protocol.to_dict(),
         }
@@ -157,6 +166,10 @@ def _table(results: list[dict]) -> None:
               f"{r['kl_before']:7.4f}→{r['kl_after']:<7.4f} {100 * r['recovered']:5.1f}% "
               f"{r['ppl_before']:8.2f}→{r['ppl_after']:<7.2f} ({r['ref_ppl']:.2f}) {r['steps']:6d}")
         print("  curve (step: KL): " + ", ".join(f"{c['step']}: {c['kl_mean']:.4f}" for c in r["curve"]))
+        if r.get("final_over_curve_min") is not None:
+            print(f"  final KL / the curve's minimum before it: {r['final_over_curve_min']:.3f} "
+                  f"({r.get('schedule')} schedule; best held-out step {r.get('best_step')}, kept: {r.get('kept_best')}, "
+                  f"stopped early: {r.get('stopped_early')})")
 
 
 if __name__ == "__main__":

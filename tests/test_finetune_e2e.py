@@ -126,3 +126,52 @@ def test_cli(rtn3, tiny_llama_dir, tmp_path):
     r = CliRunner().invoke(app, ["finetune", str(rtn3), "-o", str(tmp_path / "p"), "--reference", str(tiny_llama_dir),
                                  "--steps", "0"])
     assert r.exit_code == 2 and "steps must be a positive integer" in r.output and "Traceback" not in r.output
+
+
+def test_cosine_decays_over_the_time_budget():
+    cfg = TrainConfig(steps=100000, warmup=0, max_seconds=100.0)
+    assert cfg.lr_factor(10, 0.0) == pytest.approx(1.0, abs=1e-6)
+    assert cfg.lr_factor(10, 50.0) == pytest.approx(0.55)
+    assert cfg.lr_factor(10, 100.0) == pytest.approx(0.1) == cfg.lr_factor(10, 500.0)
+    assert TrainConfig(steps=100, warmup=0).lr_factor(100) == pytest.approx(0.1)
+    assert TrainConfig(steps=100, warmup=0, schedule="constant", max_seconds=1.0).lr_factor(50, 5.0) == 1.0
+
+
+def test_keeps_the_best_held_out_state_and_stops_early(rtn3, tiny_llama_dir):
+    """Held-out losses 5, 3, 4, 4.5, 6, …: the best is the second validation (step 4); three
+    validations without a better one stop the run at step 10, which ends with step 4's tensors."""
+    from llmpress.recovery.loop import _named_trainable
+
+    student, teacher = load_folder(rtn3), llmpress.load(tiny_llama_dir)
+    trainables, _ = make_trainable(student, *read_compressed(rtn3, read_manifest(rtn3)))
+    params = _named_trainable(trainables)
+    ids = _ids(tiny_llama_dir)
+    script = iter([5.0, 3.0, 4.0, 4.5, 6.0, 7.0, 8.0])
+    snap = {}
+
+    def on_step(step: int, loss: float) -> None:
+        snap[step] = {n: p.detach().clone() for n, p in params.items()}
+
+    cfg = TrainConfig(steps=40, lr=1e-3, warmup=0, grad_ckpt=False, checkpoint_every=0, eval_every=2, patience=3)
+    run = train(student, teacher, trainables, lambda i: ids, cfg, progress=False, on_step=on_step,
+                validate=lambda: next(script))
+    assert run["held_out"] == [(2, 5.0), (4, 3.0), (6, 4.0), (8, 4.5), (10, 6.0)]
+    assert run["stopped_early"] and run["steps_done"] == 10 and run["best_step"] == 4 and run["kept_best"]
+    assert any(not torch.equal(snap[4][n], snap[10][n]) for n in params)
+    for n, p in params.items():
+        assert torch.equal(p.detach(), snap[4][n]), n
+    # keep_best off: the last state stays; patience 0: no early stop
+    script = iter([5.0, 3.0] + [9.0] * 10)
+    cfg = TrainConfig(steps=8, lr=1e-3, warmup=0, grad_ckpt=False, checkpoint_every=0, eval_every=2, patience=0,
+                      keep_best=False)
+    run = train(student, teacher, trainables, lambda i: ids, cfg, progress=False, on_step=on_step,
+                validate=lambda: next(script))
+    assert run["steps_done"] == 8 and not run["stopped_early"] and not run["kept_best"]
+    assert all(torch.equal(p.detach(), snap[8][n]) for n, p in params.items())
+
+
+def test_finetune_records_held_out_curve(rtn3, tiny_llama_dir, tmp_path):
+    res = finetune(rtn3, tmp_path / "ft", reference=tiny_llama_dir, steps=4, lr=1e-3, eval_every=2, holdout=2, **FAST)
+    assert [s for s, _ in res["held_out"]] == [2, 4] and res["best_step"] in (2, 4)
+    rec = read_manifest(tmp_path / "ft")["finetune"]
+    assert rec["holdout"] == 2 and rec["held_out"] == [list(x) for x in res["held_out"]] or rec["held_out"] == res["held_out"]

@@ -10,7 +10,7 @@ from .app import DEVICE_OPT, FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_t
 
 
 def _show(res: dict[str, Any]) -> None:
-    rows = {k: res[k] for k in ("steps", "loss_first", "loss_last", "bpw", "bytes_before", "bytes_out", "ratio",
+    rows = {k: res[k] for k in ("steps", "loss_first", "loss_last", "best_step", "best_loss", "bpw", "bytes_before", "bytes_out", "ratio",
                                 "seconds", "peak_rss_bytes", "out") if k in res}
     console.print(kv_table("finetune", rows))
 
@@ -31,6 +31,12 @@ def finetune(
     objective: str = typer.Option("kd", "--objective", help="kd (distil from the reference) | nll (next token)."),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop after this many minutes of training."),
     clock: str = typer.Option("wall", "--clock", help="How --minutes is measured: wall | cpu (CPU time / threads: the same work when the machine is shared)."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine (decays over the steps, or over --minutes when that ends "
+                                 "the run first) | constant."),
+    holdout: int = typer.Option(8, "--holdout", help="Windows of the training text held out to choose the best state (0: none)."),
+    eval_every: int = typer.Option(25, "--eval-every", help="Steps between held-out validations."),
+    patience: int = typer.Option(4, "--patience", help="Stop after this many validations without a better held-out loss (0: never)."),
+    keep_best: bool = typer.Option(True, "--keep-best/--keep-last", help="End with the best held-out state, or the last one."),
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Go on (with a warning) when the texts overlap."),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
@@ -46,7 +52,8 @@ def finetune(
                   code_lr=code_lr, seq_len=seq_len,
                   batch_size=batch_size, objective=objective, eval_text=eval_text or None, force=force,
                   allow_overlap=allow_overlap, max_seconds=minutes * 60 if minutes else None, clock=clock,
-                  schedule="constant" if minutes else "cosine", device=device)
+                  schedule=schedule, holdout=holdout, eval_every=eval_every, patience=patience, keep_best=keep_best,
+                  device=device)
     except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
         fail(str(e).strip("'\""))
     emit(res, as_json, _show)

@@ -138,7 +138,8 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
              steps: int = 200, lr: float = 1e-5, seq_len: int = 256, batch_size: int = 4, objective: str = "kd",
              eval_text: str | list[str] | None = None, force: bool = False, allow_overlap: bool = False,
              max_seconds: float | None = None, clock: str = "wall", checkpoint_every: int = 50, seed: int = 0, grad_ckpt: bool = True,
-             schedule: str = "cosine", warmup: int = 10, qparam_lr: float | None = 1e-4, code_lr: float = 1e-2, train_latent: bool = True, progress: bool = True,
+             schedule: str = "cosine", warmup: int = 10, qparam_lr: float | None = 1e-4, code_lr: float = 1e-2, train_latent: bool = True,
+             holdout: int = 8, eval_every: int = 25, patience: int = 4, keep_best: bool = True, progress: bool = True,
              on_step: Callable[[int, float, nn.Module], None] | None = None,
              device: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Recovery training of the llmpress folder ``compressed`` towards ``reference`` (the original),
@@ -147,6 +148,10 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
     Learning rates (Adam): ``lr`` for low-rank factors, ``qparam_lr`` for quantization scales and
     offsets (None: ``lr``), ``code_lr`` for the QAT latent weights in quantization steps;
     ``train_latent=False`` moves codes only through their scales (cheaper per step).
+    The learning rate decays (cosine, over the steps or the ``max_seconds`` budget, whichever ends the
+    run) unless ``schedule="constant"``. ``holdout`` windows of the training text, after those trained
+    on, are held out: every ``eval_every`` steps the objective is measured on them, the best state is
+    kept (``keep_best``) and the run stops after ``patience`` validations without a better one (0: never).
     Refuses a training text that overlaps ``eval_text`` (default: the evaluation corpora) unless
     ``allow_overlap``. An interrupted run resumes from its checkpoint (kept beside ``out``).
     Returns ``bpw``, ``bytes_in``, ``bytes_out``, ``ratio``, ``bytes_before``, ``losses``,
@@ -162,7 +167,8 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
     t0 = time.perf_counter()
     cfg = TrainConfig(steps=steps, lr=lr, qparam_lr=qparam_lr, code_lr=code_lr, batch_size=batch_size, seq_len=seq_len,
                       objective=objective, seed=seed, grad_ckpt=grad_ckpt, checkpoint_every=checkpoint_every,
-                      max_seconds=max_seconds, clock=clock, schedule=schedule, warmup=warmup).validate()
+                      max_seconds=max_seconds, clock=clock, schedule=schedule, warmup=warmup,
+                      eval_every=eval_every if holdout else 0, patience=patience, keep_best=keep_best).validate()
     src, out = Path(compressed), Path(out)
     if not is_folder(src):
         raise ValueError(f"{src}: not an llmpress folder (quantize/factorize/compress output with llmpress.json)")
@@ -176,11 +182,12 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
     from ..models import load_tokenizer
 
     tok = load_tokenizer(src)
-    windows = train_windows(tok, train_text, seq_len, steps * batch_size, seed)
+    windows = train_windows(tok, train_text, seq_len, steps * batch_size, seed, holdout=holdout)
     evals = [eval_text] if isinstance(eval_text, str) else list(eval_text or EVAL_DEFAULTS)
     overlap = check_overlap(train_text[: windows.chars], {e: _load_text(e, e)[1] for e in evals}, allow=allow_overlap)
     cfg.extra = {"input": manifest["files"], "reference": str(reference), "text": text_name,
-                 "windows": windows.windows.shape[0], "train_latent": train_latent}
+                 "windows": windows.windows.shape[0], "train_latent": train_latent,
+                 "held_out": 0 if windows.held is None else int(windows.held.shape[0])}
 
     student = load_folder(src)
     cts, rest = read_compressed(src, manifest)
@@ -198,8 +205,11 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
             p.requires_grad_(False)
     ckpt = out.parent / f".{out.name}.finetune-ckpt"
     hook = (lambda i, loss: on_step(i, loss, student)) if on_step is not None else None
+    validate = None
+    if windows.held is not None and cfg.eval_every:
+        validate = _held_out_loss(student, teacher, windows.held.to(dev), objective, batch_size)
     run = train(student, teacher, trainables, lambda i: windows.batch(i, batch_size), cfg, ckpt=ckpt,
-                progress=progress, on_step=hook)
+                progress=progress, on_step=hook, validate=validate)
     del teacher
 
     new_cts = {p: trainables[p.rsplit(".", 1)[0]].to_ct() if p.rsplit(".", 1)[0] in trainables else ct for p, ct in cts.items()}
@@ -213,7 +223,9 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
         "text": text_name, "text_windows": int(windows.windows.shape[0]), "eval_text": evals, "overlap": overlap,
         "reference": str(reference), "input": str(src), "losses": run["losses"], "seconds": run["seconds"],
         "trained": {k: sum(1 for m in trainables.values() if m.kind == k) for k in ADAPTERS}, "frozen": frozen,
-        "resumed_at": run["resumed_at"],
+        "resumed_at": run["resumed_at"], "holdout": 0 if windows.held is None else int(windows.held.shape[0]),
+        "eval_every": cfg.eval_every, "patience": patience, "keep_best": keep_best,
+        **{k: run[k] for k in ("held_out", "best_step", "best_loss", "kept_best", "stopped_early") if k in run},
     }
     man = _write(src, out, manifest, new_cts, rest, record, force)
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -224,8 +236,28 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
         "bytes_before": manifest["bytes_out"], "bpw_before": manifest["bpw"],
         "steps": run["steps_done"], "losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
         "objective": objective, "text": text_name, "overlap": overlap, "frozen": len(frozen),
+        **{k: run[k] for k in ("held_out", "best_step", "best_loss", "kept_best", "stopped_early") if k in run},
         "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(), "out": str(out),
     }
+
+
+def _held_out_loss(student: nn.Module, teacher: nn.Module | None, held: torch.Tensor, objective: str,
+                   batch_size: int) -> Callable[[], float]:
+    """The training objective on the held-out windows (H, T), averaged over windows."""
+    from .distill import get_objective, teacher_logits
+
+    fn = get_objective(objective)
+
+    def loss() -> float:
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, held.shape[0], batch_size):
+                ids = held[i:i + batch_size]
+                logits = student(input_ids=ids, use_cache=False).logits
+                total += float(fn(logits, teacher_logits(teacher, ids), ids)) * ids.shape[0]
+        return total / held.shape[0]
+
+    return loss
 
 
 _WRITER_KEYS = ("format", "version", "tensors", "files", "bytes_out")

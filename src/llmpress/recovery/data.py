@@ -4,7 +4,9 @@ evaluation text.
 The windows are consecutive, non-overlapping ``seq_len``-token pieces of the training text,
 shuffled once by a seeded generator; step i uses windows i·B … i·B + B − 1 (cycling through the
 text again when a run needs more windows than it has). A step's batch depends only on the seed
-and the step number, so an interrupted run that resumes sees the same batches.
+and the step number, so an interrupted run that resumes sees the same batches. The last
+``holdout`` windows of the text are never trained on: they are the held-out slice on which the
+run's best state is chosen.
 
 Overlap: a model trained on the very text it is evaluated on would look better than it is.
 We compare word n-grams (n = 13, the window GPT-3's decontamination used) of the training text
@@ -34,9 +36,10 @@ class TextOverlapError(ValueError):
 
 @dataclass
 class TrainWindows:
-    windows: Tensor  # (N, seq_len) int64
+    windows: Tensor  # (N, seq_len) int64: the training windows
     seed: int
     chars: int = 0  # characters of the text the windows were cut from
+    held: Tensor | None = None  # (H, seq_len) int64: the held-out windows, after the training ones in the text
 
     def __post_init__(self) -> None:
         g = torch.Generator().manual_seed(self.seed)
@@ -49,24 +52,30 @@ class TrainWindows:
         return self.windows[self.order[idx]]
 
 
-def train_windows(tokenizer, text: str, seq_len: int, needed: int, seed: int = 0) -> TrainWindows:
-    """Cut ``text`` into up to ``needed`` windows of ``seq_len`` tokens (tokenizing only what
-    they need); at least one window, or a clear error."""
+def train_windows(tokenizer, text: str, seq_len: int, needed: int, seed: int = 0, holdout: int = 0) -> TrainWindows:
+    """Cut ``text`` into up to ``needed`` training windows of ``seq_len`` tokens and, after them in
+    the text, ``holdout`` held-out windows (tokenizing only what they need); at least one training
+    window, or a clear error. A text too short for both gives the held-out slice at most a quarter of it."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be ≥ 2; got {seq_len}")
-    chars = max(needed * seq_len * 6, 20000)
+    want = needed + holdout
+    chars = max(want * seq_len * 6, 20000)
     while True:
         ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) >= needed * seq_len or chars >= len(text):
+        if len(ids) >= want * seq_len or chars >= len(text):
             break
         chars *= 2
-    n = min(len(ids) // seq_len, needed)
+    total = len(ids) // seq_len
+    held = min(holdout, total // 4) if total < want else holdout
+    n = min(total - held, needed)
     if n < 1:
         raise ValueError(f"the training text is too short: {len(ids)} tokens for one window of {seq_len}")
+    if held < holdout:
+        log.warning("the training text holds %d windows: %d of them held out (asked for %d)", total, held, holdout)
     if n < needed:
         log.info("training text holds %d windows of %d tokens; the run cycles through it %.1f times", n, seq_len, needed / n)
-    w = torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
-    return TrainWindows(w, seed, min(chars, len(text)))
+    w = torch.tensor(ids[: (n + held) * seq_len], dtype=torch.long).reshape(n + held, seq_len)
+    return TrainWindows(w[:n], seed, min(chars, len(text)), w[n:] if held else None)
 
 
 def _ngram_hashes(text: str, n: int = NGRAM) -> set[bytes]:

@@ -6,8 +6,14 @@ and i, so a run resumed from the checkpoint of step j reproduces the uninterrupt
 checkpoint belongs to one run configuration (its hash is stored); a different configuration
 starts afresh.
 
-The learning rate warms up linearly over ``warmup`` steps, then follows a cosine to 10 % (or
-stays constant with ``schedule="constant"``, for runs bounded by time rather than steps).
+The learning rate warms up linearly over ``warmup`` steps, then follows a cosine to 10 % over the
+run: over its steps, or over its time budget when ``max_seconds`` ends it first (the further along
+of the two), so a run bounded by time still ends at a low rate; ``schedule="constant"`` keeps it flat.
+
+Keeping the best: with a ``validate`` function (the objective on held-out windows), every
+``eval_every`` steps the held-out loss is measured; the trainable tensors of the best so far are
+kept (in memory and in each checkpoint), restored at the end if the last state is worse, and the
+run stops early after ``patience`` validations without a new best.
 """
 from __future__ import annotations
 
@@ -53,7 +59,10 @@ class TrainConfig:
     seq_len: int = 256  # tokens per window
     objective: str = "kd"  # kd | nll
     warmup: int = 10
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine (over the steps, or the time budget if it ends the run first) | constant
+    eval_every: int = 25  # held-out validation every this many steps (0: none)
+    patience: int = 4  # stop after this many validations without a new best (0: never)
+    keep_best: bool = True  # end with the tensors of the best validation
     clip: float = 1.0  # gradient-norm clipping
     seed: int = 0
     grad_ckpt: bool = True  # recompute each block's activations in backward (less memory)
@@ -73,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be ≥ 0; got {self.warmup}")
         if self.clock not in CLOCKS:
             raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {self.clock!r}")
+        if self.eval_every < 0 or self.patience < 0:
+            raise ValueError(f"eval_every and patience must be ≥ 0; got {self.eval_every}, {self.patience}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant; got {self.schedule!r}")
         get_objective(self.objective)
@@ -85,12 +96,15 @@ class TrainConfig:
         d.pop("checkpoint_every")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def lr_factor(self, step: int) -> float:
+    def lr_factor(self, step: int, seconds: float = 0.0) -> float:
+        """The learning rate's factor at ``step``, ``seconds`` of training into the run."""
         if step < self.warmup:  # warmup = 0: full rate from the first step
             return (step + 1) / self.warmup
         if self.schedule == "constant":
             return 1.0
         t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        if self.max_seconds:  # a time budget that ends the run before its steps: decay over the time
+            t = max(t, seconds / self.max_seconds)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
@@ -112,26 +126,53 @@ def _named_trainable(trainables: dict[str, nn.Module]) -> dict[str, nn.Parameter
     return {f"{name}.{p}": t for name, mod in trainables.items() for p, t in mod.named_parameters() if id(t) in mine}
 
 
+@dataclass
+class Best:
+    """The held-out losses so far and the trainable tensors (host copies) of the best of them."""
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
+    step: int | None = None
+    loss: float = math.inf
+    since: int = 0  # validations since the best
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    def see(self, step: int, loss: float, params: dict[str, nn.Parameter], keep: bool) -> None:
+        self.curve.append((step, loss))
+        if loss < self.loss:
+            self.step, self.loss, self.since = step, loss, 0
+            if keep:
+                self.tensors = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        else:
+            self.since += 1
+
+    def state(self) -> dict[str, Any]:
+        return {"curve": self.curve, "step": self.step, "loss": self.loss if self.step is not None else None,
+                "since": self.since}
+
+
 def save_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    step: int, losses: list[float], seconds: float) -> None:
-    """Trainable tensors and Adam moments in safetensors, the rest in JSON; atomically."""
+                    step: int, losses: list[float], seconds: float, best: Best | None = None) -> None:
+    """Trainable tensors, Adam moments and the best tensors in safetensors, the rest in JSON; atomically."""
     params = _named_trainable(trainables)
     index = {id(p): n for n, p in params.items()}
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+    if best is not None:
+        tensors.update({f"best/{n}": t.contiguous() for n, t in best.tensors.items()})
     moments: dict[str, int] = {}
     for p, st in opt.state.items():
         n = index[id(p)]
         tensors[f"exp_avg/{n}"] = st["exp_avg"].cpu().contiguous()
         tensors[f"exp_avg_sq/{n}"] = st["exp_avg_sq"].cpu().contiguous()
         moments[n] = int(st["step"])
-    state = {"config_key": cfg.key(), "step": step, "losses": losses, "seconds": seconds, "adam_steps": moments}
+    state = {"config_key": cfg.key(), "step": step, "losses": losses, "seconds": seconds, "adam_steps": moments,
+             "best": best.state() if best is not None else None}
     with atomic_dir(path, force=True) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         (tmp / STATE).write_text(json.dumps(state))
 
 
-def load_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict | None:
-    """Restore a checkpoint of this run configuration; None when there is none to resume."""
+def load_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.optim.Optimizer, cfg: TrainConfig,
+                    best: Best | None = None) -> dict | None:
+    """Restore a checkpoint of this run configuration (and ``best``'s record); None when there is none to resume."""
     if not (path / STATE).exists():
         return None
     state = json.loads((path / STATE).read_text())
@@ -148,6 +189,12 @@ def load_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.opt
                 opt.state[p] = {"step": torch.tensor(float(state["adam_steps"][n]), device=p.device),
                                 "exp_avg": tensors[f"exp_avg/{n}"].to(p.device, copy=True),
                                 "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device, copy=True)}
+    b = state.get("best")
+    if best is not None and b:
+        best.curve = [tuple(x) for x in b["curve"]]
+        best.step, best.since = b["step"], b["since"]
+        best.loss = b["loss"] if b["loss"] is not None else math.inf
+        best.tensors = {k[len("best/"):]: t for k, t in tensors.items() if k.startswith("best/")}
     log.info("resumed from %s at step %d", path, state["step"])
     return state
 
@@ -167,11 +214,14 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
 
 def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, nn.Module], batch: Callable[[int], Tensor],
           cfg: TrainConfig, *, ckpt: Path | None = None, progress: bool = True,
-          on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[int, float], None] | None = None,
+          validate: Callable[[], float] | None = None) -> dict[str, Any]:
     """Train ``trainables`` (modules inside ``student``) for ``cfg.steps`` steps; ``batch(i)`` gives
     step i's ids (B, T). ``on_step(step, loss)`` runs after each step (evaluation curves, tests);
-    its time does not count against ``cfg.max_seconds`` nor in the seconds returned.
-    Returns the losses, the steps done, the seconds spent and whether a checkpoint was resumed."""
+    ``validate()`` gives the held-out loss (every ``cfg.eval_every`` steps and at the end; see the
+    module's note on keeping the best). Neither's time counts against ``cfg.max_seconds`` nor in the
+    seconds returned. Returns the losses, the steps done, the seconds spent, whether a checkpoint was
+    resumed, and with ``validate`` the held-out curve, the best step and whether the run ended on it."""
     cfg.validate()
     objective = get_objective(cfg.objective)
     if NEEDS_TEACHER[cfg.objective] and teacher is None:
@@ -183,7 +233,8 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
     opt = make_optimizer(trainables, cfg)
     clock = CLOCKS[cfg.clock]
     dev = model_device(student)  # the batches go where the student is
-    state = load_checkpoint(ckpt, trainables, opt, cfg) if ckpt is not None else None
+    best = Best() if validate is not None and cfg.eval_every else None
+    state = load_checkpoint(ckpt, trainables, opt, cfg, best) if ckpt is not None else None
     start, losses = (state["step"], list(state["losses"])) if state else (0, [])
     spent = float(state["seconds"]) if state else 0.0
     if cfg.grad_ckpt:
@@ -192,12 +243,24 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
     t0 = clock() - spent
     bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress, unit="step", initial=start, total=cfg.steps)
     step = start
+    params = _named_trainable(trainables)
+    stopped_early = False
+
+    def held_out(done: int) -> None:  # its time is not training time
+        nonlocal t0
+        tc = clock()
+        student.eval()
+        loss = float(validate())  # type: ignore[misc]
+        student.train()
+        best.see(done, loss, params, cfg.keep_best)  # type: ignore[union-attr]
+        t0 += clock() - tc
+
     try:
         for step in bar:
             for mod in trainables.values():
                 mod.phase(step / cfg.steps)
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * cfg.lr_factor(step)
+                g["lr"] = g["base_lr"] * cfg.lr_factor(step, clock() - t0)
             torch.manual_seed(cfg.seed * 1_000_003 + step)
             ids = batch(step).to(dev)  # (B, T)
             target = teacher_logits(teacher, ids) if NEEDS_TEACHER[cfg.objective] else None
@@ -217,11 +280,27 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
                 tc = clock()
                 on_step(done, losses[-1])
                 t0 += clock() - tc
+            if best is not None and done % cfg.eval_every == 0:
+                held_out(done)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", held_out=f"{best.curve[-1][1]:.4f}")
+                if cfg.patience and best.since >= cfg.patience:
+                    log.info("no better held-out loss in %d validations: stopping at step %d (best: step %d)",
+                             best.since, done, best.step)
+                    stopped_early = True
+                    break
             if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                save_checkpoint(ckpt, trainables, opt, cfg, done, losses, clock() - t0)
+                save_checkpoint(ckpt, trainables, opt, cfg, done, losses, clock() - t0, best)
             if cfg.max_seconds is not None and clock() - t0 >= cfg.max_seconds:
                 log.info("time budget of %.0f s reached after %d steps", cfg.max_seconds, done)
                 break
+        if best is not None and losses and (not best.curve or best.curve[-1][0] != len(losses)):
+            held_out(len(losses))  # the state the run ends in
+        if best is not None and cfg.keep_best and best.step is not None and best.step != len(losses):
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(best.tensors[n])
+            log.info("kept step %d's tensors: held-out loss %.5f (the last step's: %.5f)", best.step, best.loss,
+                     best.curve[-1][1])
     finally:
         bar.close()
         student.eval()
@@ -229,4 +308,9 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
             _checkpointing(student, False)
         for p in student.parameters():
             p.requires_grad_(False)
-    return {"losses": losses, "steps_done": len(losses), "seconds": clock() - t0, "resumed_at": start if state else None}
+    out = {"losses": losses, "steps_done": len(losses), "seconds": clock() - t0, "resumed_at": start if state else None}
+    if best is not None:
+        out.update(held_out=best.curve, best_step=best.step, best_loss=best.loss if best.step is not None else None,
+                   kept_best=bool(cfg.keep_best and best.step is not None and best.step != len(losses)),
+                   stopped_early=stopped_early)
+    return out
