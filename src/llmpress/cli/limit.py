@@ -27,6 +27,8 @@ def limit_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per point (fixed, so results repeat)."),
     formats: Optional[list[str]] = typer.Option(None, "--formats", help="Export formats whose own types join the sweep: "
                                                  "gguf (llama.cpp's Q4_K_M/Q3_K_M/Q2_K by llama-quantize + imatrix and by llmpress)."),
+    search: bool = typer.Option(True, "--search/--no-search", help="After the budget's points, search bits, group size, "
+                                "method and lossless packing for the smallest point within --max-kl."),
     device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -40,7 +42,7 @@ def limit_cmd(
     try:
         s = limit(model, out, budget=budget, max_kl=max_kl, texts=text, ctx=ctx, tokens=tokens, calib=calib,
                   samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=mixed_bpw or None,
-                  device=device, formats=[f for x in formats or () for f in x.split(",") if f])
+                  device=device, search=search, formats=[f for x in formats or () for f in x.split(",") if f])
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         fail(str(e))
 

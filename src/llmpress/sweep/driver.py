@@ -80,6 +80,7 @@ def limit(
     mixed_bpw: float | None = 4.0,
     device: str | None = "cpu",
     formats: list[str] | None = None,
+    search: bool = True,
 ) -> dict[str, Any]:
     """Sweep ``points`` (or the named ``budget``) on ``model`` and write the report to ``out``.
 
@@ -88,7 +89,9 @@ def limit(
     (a point's key names the device unless it is the CPU: figures differ within float tolerance).
     ``formats``: export formats whose own types join the sweep (``gguf``: llama.cpp's K-quant mixes as
     llama-quantize makes them and as llmpress makes them; the llama.cpp points are left out, with a
-    warning, where its tools are not found)."""
+    warning, where its tools are not found). ``search``: after a budget's points, search for the
+    smallest configuration with mean KL ≤ ``max_kl`` (:mod:`llmpress.sweep.search`; its points join
+    the report)."""
     from ..device import resolve_device
     from ..text import CALIB_DEFAULT, EVAL_DEFAULTS
 
@@ -121,20 +124,34 @@ def limit(
                          sort_keys=True)
     results_path = out / RESULTS
     done = {r["key"]: r for r in read_results(results_path) if "key" in r}
-    todo = [(p, settings) for p in pts if p.key(context) not in done]
-    log.info("%d points, %d already in %s", len(pts), len(pts) - len(todo), results_path)
-    run = EXECUTORS["local" if workers <= 1 and not address else "ray"]
-    from tqdm.auto import tqdm
+    log.info("%d points, %d already in %s", len(pts), sum(p.key(context) in done for p in pts), results_path)
+    execute = EXECUTORS["local" if workers <= 1 and not address else "ray"]
 
-    bar = tqdm(total=len(todo), desc="limit", unit="point")
-    for point, row in run(todo, workers, address):
-        row["key"] = point.key(context)
-        _append(results_path, row)
-        done[row["key"]] = row
-        bar.set_postfix_str(f"{point.label}: bpw {row['bpw']:.2f} KL {row.get('kl_mean') or 0:.4f}")
-        bar.update()
-    bar.close()
-    rows = [done[p.key(context)] for p in pts]
+    def run(points: list[Point], desc: str = "limit") -> list[dict[str, Any]]:
+        """Rows of ``points``: measured now, or read from results.jsonl when already there."""
+        from tqdm.auto import tqdm
+
+        todo = [(p, settings) for p in points if p.key(context) not in done]
+        bar = tqdm(total=len(todo), desc=desc, unit="point", disable=not todo)
+        for point, row in execute(todo, workers, address):
+            row["key"] = point.key(context)
+            _append(results_path, row)
+            done[row["key"]] = row
+            bar.set_postfix_str(f"{point.label}: bpw {row['bpw']:.2f} KL {row.get('kl_mean') or 0:.4f}")
+            bar.update()
+        bar.close()
+        return [done[p.key(context)] for p in points]
+
+    rows = run(pts)
+    if search and points is None:
+        from .search import SEARCH_SECONDS, near_lossless
+
+        found = near_lossless(lambda p: run(p, "near-lossless search"), max_kl, SEARCH_SECONDS.get(budget, 0), rows)
+        seen = {r["key"] for r in rows}
+        for r in found:
+            if r["key"] not in seen:
+                seen.add(r["key"])
+                rows.append(r)
     summary = summarize(rows, max_kl)
     summary.update(model=model, budget=budget if points is None else "custom", seconds=time.perf_counter() - t0,
                    results=str(results_path), report=str(out / "report.md"), plot=str(out / "frontier.png"),
