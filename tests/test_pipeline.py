@@ -240,3 +240,29 @@ def test_trial_blocks_times_the_first_blocks_and_writes_nothing(tiny_llama_dir, 
     assert any(".layers.0." in k for k in res["layers"]) and not any(".layers.1." in k for k in res["layers"])
     with pytest.raises(ValueError, match="trial blocks"):
         compress(tiny_llama_dir, Recipe.uniform("t-round"), out, progress=False, trial_blocks=1)  # streams: no blocks
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_float32_grams_give_the_same_folder(tiny_llama_dir, tmp_path, calib_file, monkeypatch, method):
+    """GPTQ and AWQ read the Gram matrix in float32 only: narrowing it after the statistics pass
+    changes no stored byte; a whitened factorization (float64 Cholesky) keeps its float64 Gram."""
+    import llmpress.pipeline as pl
+    from safetensors.torch import load_file
+
+    seen: dict[str, set] = {"dtypes": set()}
+    real = pl._narrow_grams
+
+    def spy(stats, plan):
+        real(stats, plan)
+        seen["dtypes"] |= {st.gram.dtype for st in stats.values() if st.gram is not None}
+
+    recipe = Recipe([Rule(r"lm_head|embed", "keep"), Rule(r"mlp\.down_proj", "whiten", {"ratio": 0.5}),
+                     Rule(".*", method, {"bits": 3, "group_size": 32})])
+    kw = dict(calib=str(calib_file), samples=2, seq_len=32, progress=False)
+    monkeypatch.setattr(pl, "_narrow_grams", spy)
+    compress(tiny_llama_dir, recipe, tmp_path / "narrow", **kw)
+    assert seen["dtypes"] == {torch.float32, torch.float64}  # down_proj's (whiten) stays float64
+    monkeypatch.setattr(pl, "_narrow_grams", lambda stats, plan: None)
+    compress(tiny_llama_dir, recipe, tmp_path / "wide", **kw)
+    a, b = load_file(str(tmp_path / "narrow" / "model.safetensors")), load_file(str(tmp_path / "wide" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -105,6 +105,7 @@ class AWQ(QuantCodec):
 
     needs_stats = True
     gram = True
+    gram_float32 = True  # reads the Gram matrix in float32 only, once its scales are folded (prepare_block)
     options = {"n_grid": 20, "clip": True, "fold": True}
 
     def prepare_block(self, block: torch.nn.Module, prefix: str, params: dict[str, dict],

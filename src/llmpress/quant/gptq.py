@@ -282,6 +282,7 @@ class GPTQ(QuantCodec):
 
     needs_stats = True
     gram = True
+    gram_float32 = True  # reads the Gram matrix in float32 only (Hessian.prepare)
     options = {"damp": 0.1, "act_order": True, "static_groups": True, "block_size": 128}
     grid_defaults = {"grid": "asymz", "range": "mse"}
 
