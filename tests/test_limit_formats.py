@@ -26,10 +26,10 @@ def k_llama(tmp_path_factory):
 
 def test_gguf_points():
     quick = {p.label: p for p in format_points("gguf", "quick")}
-    assert set(quick) == {"gptq-q4_k_m", "llama.cpp-q4_k_m+imatrix", "gptq-q3_k_m", "llama.cpp-q3_k_m+imatrix",
-                          "gptq-q2_k", "llama.cpp-q2_k+imatrix"}
+    assert set(quick) == {"awq+gptq-q4_k_m", "llama.cpp-q4_k_m+imatrix", "awq+gptq-q3_k_m", "llama.cpp-q3_k_m+imatrix",
+                          "awq+gptq-q2_k", "llama.cpp-q2_k+imatrix"}
     full = {p.label for p in format_points("gguf", "full")}
-    assert {"awq-q2_k", "llama.cpp-q2_k"} <= full and set(quick) <= full
+    assert {"awq-q2_k", "gptq-q2_k", "llama.cpp-q2_k"} <= full and set(quick) <= full
     cmd = quick["llama.cpp-q3_k_m+imatrix"].command
     assert "llama-imatrix" in cmd and "llama-quantize --imatrix {out}.imatrix {out}-f32.gguf {out}.gguf Q3_K_M" in cmd
     assert "llama-imatrix" not in llama_cpp("q2_k", imatrix=False).command

@@ -16,7 +16,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-@pytest.mark.parametrize("method,bits,gs", [("rtn", 8, 32), ("gptq", 4, 32), ("awq", 3, 16), ("hqq", 4, -1)])
+@pytest.mark.parametrize("method,bits,gs", [("rtn", 8, 32), ("gptq", 4, 32), ("awq", 3, 16), ("awq+gptq", 3, 16), ("hqq", 4, -1)])
 def test_quantize_load_generate_tiny(tiny_llama_dir, tmp_path, method, bits, gs):
     out = tmp_path / method
     res = llmpress.quantize(tiny_llama_dir, out, method=method, bits=bits, group_size=gs, samples=4, seq_len=64,

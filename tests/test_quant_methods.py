@@ -50,14 +50,15 @@ def test_gptq_and_awq_beat_rtn_in_and_out_of_domain(real_layers, layer, bits, gs
     weights, cal, held = real_layers
     w = weights[layer]
     err = {}
-    for method, opts in [("rtn", {}), ("gptq", {}), ("gptq", {"act_order": False, "damp": 0.01}), ("awq", {})]:
+    for method, opts in [("rtn", {}), ("gptq", {}), ("gptq", {"act_order": False, "damp": 0.01}), ("awq", {}), ("awq+gptq", {})]:
         codec = get_codec(method)
         w_hat = codec.decode(codec.encode(w, cal[layer], bits=bits, group_size=gs, **opts))
         err[method + "+" * bool(opts)] = (rel_out_err(w, w_hat, cal[layer]), rel_out_err(w, w_hat, held[layer]))
     rtn_cal, rtn_held = err["rtn"]
-    for m in ("gptq", "gptq+", "awq"):
+    for m in ("gptq", "gptq+", "awq", "awq+gptq"):
         assert err[m][0] < 0.6 * rtn_cal, (m, err)  # on the calibration tokens
         assert err[m][1] < 0.8 * rtn_held, (m, err)  # on held-out text of another domain
+    assert err["awq+gptq"][0] < err["awq"][0]  # GPTQ's codes beat rounding under the same scales
 
 
 def test_gptq_with_identity_hessian_is_rtn():
@@ -102,6 +103,7 @@ def test_hqq_lowers_lp_error_without_calibration(real_layers):
     ("rtn", {"bits": 5, "group_size": 0}),
     ("gptq", {"bits": 3, "group_size": 32, "static_groups": False}),
     ("awq", {"bits": 4, "group_size": 64}),
+    ("awq+gptq", {"bits": 3, "group_size": 20}),
     ("hqq", {"bits": 2, "group_size": 16}),
 ])
 def test_quantlinear_matches_decoded_linear(method, opts):
@@ -185,3 +187,24 @@ def test_gptq_layers_fed_one_input_share_one_prepared_hessian():
     assert len(st.derived) == 2  # another act_order, another factor
     st.add(x[:10])
     assert st.derived == {}
+
+
+def test_awq_gptq_keeps_awqs_scale_and_chooses_codes_by_gptq():
+    """awq+gptq stores AWQ's input scale (the same α search) and codes that lower the output error
+    below AWQ's rounded ones; ``awq`` with ``gptq: true`` is the same codec."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 128, generator=g)
+    st = Stats()
+    mix = torch.randn(24, 128, generator=g)  # correlated inputs (as a model's are): error feedback has work to do
+    st.add((torch.randn(2000, 24, generator=g) @ mix + 0.1 * torch.randn(2000, 128, generator=g)) * torch.linspace(0.05, 5, 128))
+    a = get_codec("awq").encode(w, st, bits=3, group_size=32)
+    b = get_codec("awq+gptq").encode(w, st, bits=3, group_size=32)
+    c = get_codec("awq").encode(w, st, bits=3, group_size=32, gptq=True)
+    assert torch.equal(a.data["in_scale"], b.data["in_scale"]) and torch.equal(b.data["qweight"], c.data["qweight"])
+    h = st.gram
+
+    def err(ct, codec):
+        d = (w - get_codec(codec).decode(ct)).double()
+        return float(((d @ h) * d).sum())
+
+    assert err(b, "awq+gptq") < 0.9 * err(a, "awq")

@@ -21,7 +21,7 @@ def _show(res: dict[str, Any]) -> None:
 def quantize(
     model: str = typer.Argument("smollm2-135m", help="Model: a folder, .safetensors, .gguf, hub id or embedded name."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
-    method: str = typer.Option("rtn", "--method", "-m", help="rtn | gptq | awq | hqq"),
+    method: str = typer.Option("rtn", "--method", "-m", help="rtn | gptq | awq | awq+gptq (AWQ scales, GPTQ codes) | hqq"),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="2, 3, 4, 5, 6 or 8 (default 4, or the preset's).",
                                        show_default=False),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", show_default=False,

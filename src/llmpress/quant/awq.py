@@ -83,30 +83,56 @@ def clip_quantize(W: Tensor, H: Tensor, spec: GridSpec, s: Tensor | None, clip: 
     return QWeight(codes=codes, params=p, in_scale=s)
 
 
-def awq_quantize(W: Tensor, stats: Stats, spec: GridSpec, *, n_grid: int = 20, clip: bool = True) -> QWeight:
-    """Search α for s = act^α, then the clipping ranges; quantize W·diag(s). When the runner has
-    folded the scale already (``stats.folded``: W is W·diag(s), the Stats those of x/s) only the
-    clipping search is left and no scale is stored."""
+def gptq_codes(W: Tensor, stats: Stats, spec: GridSpec, s: Tensor | None, clip: bool) -> QWeight:
+    """Codes of W·diag(s) (W itself when s is None: already scaled) chosen by GPTQ against the
+    Gram matrix of x/s, with GPTQ's own options; groups fitted by the Hessian-weighted clipping
+    search (``clip``) or by ``spec.range``. The Hessian is prepared once per shared input."""
+    from .gptq import GPTQ, Hessian, gptq_quantize
+
+    o = GPTQ.options
+    final = GridSpec(**{**spec.__dict__, "range": "mse"}) if clip else spec
+    if s is None:
+        key = ("gptq.hessian", float(o["damp"]), bool(o["act_order"]))
+        hs = stats.derived.get(key)
+        if hs is None:
+            hs = stats.derived[key] = Hessian.prepare(stats.gram, float(o["damp"]), bool(o["act_order"]))
+        return gptq_quantize(W, hs, final, damp=o["damp"], act_order=o["act_order"], static_groups=o["static_groups"],
+                             block_size=o["block_size"])
+    s64 = s.to(torch.float64)
+    Hs = stats.gram.to(torch.float64) / (s64[:, None] * s64[None, :])  # the Gram matrix of x/s
+    q = gptq_quantize(W * s, Hs, final, damp=o["damp"], act_order=o["act_order"], static_groups=o["static_groups"],
+                      block_size=o["block_size"])
+    q.in_scale = s
+    return q
+
+
+def awq_quantize(W: Tensor, stats: Stats, spec: GridSpec, *, n_grid: int = 20, clip: bool = True,
+                 gptq: bool = False) -> QWeight:
+    """Search α for s = act^α, then the clipping ranges; quantize W·diag(s) (its codes rounded, or
+    chosen by GPTQ with ``gptq``). When the runner has folded the scale already (``stats.folded``:
+    W is W·diag(s), the Stats those of x/s) only the codes are left and no scale is stored."""
     if stats.abs_mean is None or stats.gram is None:
         raise ValueError("awq needs Stats.abs_mean and Stats.gram of the layer inputs")
     H = stats.gram.to(torch.float32) / max(1, stats.n)  # (in, in)
     if getattr(stats, "folded", False):
-        return clip_quantize(W, H, spec, None, clip)
+        return gptq_codes(W, stats, spec, None, clip) if gptq else clip_quantize(W, H, spec, None, clip)
     s, alpha, err = search_scale([W], [spec], H, stats.abs_mean, n_grid)
     log.debug("awq: alpha=%.2f output error %.4g", alpha, err)
-    return clip_quantize(W, H, spec, s, clip)
+    return gptq_codes(W, stats, spec, s, clip) if gptq else clip_quantize(W, H, spec, s, clip)
 
 
 @register("awq")
 class AWQ(QuantCodec):
     """``method: awq`` — params: the grid's plus ``n_grid`` (20 values of α), ``clip`` (true:
-    Hessian-weighted clipping search after the scale search; it replaces ``range``) and ``fold``
-    (true: fold the scales into the preceding norm/linear where the block allows, see :mod:`.fold`)."""
+    Hessian-weighted clipping search after the scale search; it replaces ``range``), ``fold``
+    (true: fold the scales into the preceding norm/linear where the block allows, see :mod:`.fold`)
+    and ``gptq`` (true: after the scales, the codes are chosen by GPTQ's column loop with its error
+    feedback, on the scaled weights against the Gram matrix of x/s, instead of rounded)."""
 
     needs_stats = True
     gram = True
     gram_float32 = True  # reads the Gram matrix in float32 only, once its scales are folded (prepare_block)
-    options = {"n_grid": 20, "clip": True, "fold": True}
+    options = {"n_grid": 20, "clip": True, "fold": True, "gptq": False}
 
     def prepare_block(self, block: torch.nn.Module, prefix: str, params: dict[str, dict],
                       stats: dict[str, Stats], config: Any = None) -> dict[str, Tensor]:
@@ -117,10 +143,18 @@ class AWQ(QuantCodec):
         return fold_block(self, block, prefix, params, stats, patterns_for(config))
 
     def quantize(self, w: Tensor, stats: Stats | None, spec: GridSpec, *, n_grid: int, clip: bool,
-                 fold: bool = True) -> QWeight:
+                 fold: bool = True, gptq: bool = False) -> QWeight:
         if int(n_grid) < 1:
             raise ValueError("awq: n_grid must be ≥ 1")
         assert stats is not None
         if stats.abs_mean is not None and stats.abs_mean.shape[0] != w.shape[1]:
             raise ValueError(f"awq: statistics of {stats.abs_mean.shape[0]} inputs do not fit weight {tuple(w.shape)}")
-        return awq_quantize(w, stats, spec, n_grid=int(n_grid), clip=bool(clip))
+        return awq_quantize(w, stats, spec, n_grid=int(n_grid), clip=bool(clip), gptq=bool(gptq))
+
+
+@register("awq+gptq")
+class AWQGPTQ(AWQ):
+    """``method: awq+gptq`` — AWQ's scales (searched and folded as for ``awq``), then GPTQ's column
+    loop choosing the codes of the scaled weights: ``awq`` with ``gptq: true``."""
+
+    options = {**AWQ.options, "gptq": True}

@@ -111,13 +111,14 @@ def llama_cpp(mix: str, imatrix: bool = True) -> Point:
 
 def _gguf(budget: str) -> list[Point]:
     """llama.cpp's K-quant mixes as llama.cpp makes them (with an importance matrix; in the full
-    budget also without) and as llmpress makes them (GPTQ on the same types; AWQ in the full budget)."""
+    budget also without) and as llmpress makes them (AWQ's scales with GPTQ's codes on the same
+    types; GPTQ and AWQ alone too in the full budget)."""
     full = budget == "full"
     pts = []
     for mix in ("q4_k_m", "q3_k_m", "q2_k"):
-        pts += [gguf_mix(mix, "gptq"), llama_cpp(mix, imatrix=True)]
+        pts += [gguf_mix(mix, "awq+gptq"), llama_cpp(mix, imatrix=True)]
         if full:
-            pts += [gguf_mix(mix, "awq"), llama_cpp(mix, imatrix=False)]
+            pts += [gguf_mix(mix, "gptq"), gguf_mix(mix, "awq"), llama_cpp(mix, imatrix=False)]
     return pts
 
 
