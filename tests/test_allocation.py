@@ -51,3 +51,79 @@ def test_units_round_up_within_tolerance():
     pick = solve(c, [[3.0, 2.0, 1.0]] * 10, cap)
     spent = sum(costs[i][o] for i, o in enumerate(pick))
     assert spent <= budget and spent >= budget - 10 * 1000 - 10 * u  # within one step + rounding
+
+
+# --------------------------------------------------------------------------- menus and the real pipeline
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from llmpress.sweep.menu import GGUF_TYPES, Option, gguf_tensor_bytes, options_for
+
+FAST = ["--samples", "4", "--seq-len", "32"]
+
+
+@pytest.fixture(scope="module")
+def llama256(tmp_path_factory) -> Path:
+    """A 2-layer Llama whose 256-wide rows take the K-quants and whose 320-wide down_proj rows fall back."""
+    from test_export_gguf import _small_model
+
+    return _small_model(tmp_path_factory.mktemp("alloc256"), "llama", hidden_size=256, intermediate_size=320)
+
+
+def test_gguf_menu_falls_back_and_collapses():
+    assert [o.gguf_type for o in options_for("gguf", (512, 256))] == list(GGUF_TYPES)
+    # 576-wide rows: q2_k and q3_k both fall back to q4_0 → one option; q4_k → q5_0, q5_k → q5_1, q6_k and q8_0 → q8_0
+    assert [o.gguf_type for o in options_for("gguf", (576, 576), "awq")] == ["q4_0", "q5_0", "q5_1", "q8_0"]
+    assert {o.method for o in options_for("gguf", (576, 576), "awq")} == {"awq"}
+    assert gguf_tensor_bytes("q4_k", (576, 1536)) == 576 * 6 * 144 and gguf_tensor_bytes("q8_0", (3, 32)) == 32 * 4
+    with pytest.raises(ValueError, match="unknown menu"):
+        options_for("nope", (4, 4))
+    with pytest.raises(ValueError, match="--method applies"):
+        options_for("gptq", (64, 64), "awq")
+
+
+def test_option_costs_are_the_stored_bits():
+    import torch
+
+    from llmpress.tensor import get_codec
+
+    w = torch.randn(64, 256)
+    for o in options_for("rtn", (64, 256)) + options_for("gguf", (64, 256), "rtn"):
+        ct = get_codec(o.method).encode(w, None, **o.params)
+        if o.gguf_type:  # the GGUF blocks (what export writes), not the CompressedTensor's metadata
+            assert o.cost_bits((64, 256), ct) == 8 * gguf_tensor_bytes(o.gguf_type, (64, 256))
+            assert abs(ct.nbits() - o.cost_bits((64, 256), ct)) < 8 * 400  # the same blocks, plus metadata
+        else:
+            assert o.cost_bits((64, 256), ct) == ct.nbits()
+
+
+def test_gguf_target_bytes_is_the_exported_file_size(llama256, tmp_path):
+    from llmpress.cli import _load_commands, app
+    from llmpress.targets.gguf_size import fixed_bytes
+
+    from llmpress.quant.gguf_mix import model_shapes
+
+    _, shapes = model_shapes(str(llama256))
+    lin = {n: s for n, s in shapes.items() if ".layers." in n and n.endswith("proj.weight")}
+    fixed = fixed_bytes(str(llama256), set(lin), "q8_0")
+    lo = sum(min(gguf_tensor_bytes(o.gguf_type, s) for o in options_for("gguf", s)) for s in lin.values())
+    hi = sum(max(gguf_tensor_bytes(o.gguf_type, s) for o in options_for("gguf", s)) for s in lin.values())
+    target = fixed + (lo + hi) // 2
+    _load_commands()
+    runner = CliRunner()
+    out = tmp_path / "alloc"
+    r = runner.invoke(app, ["compress", str(llama256), "-o", str(out), "--menu", "gguf", "--method", "rtn",
+                            "--target-bytes", str(target), "--json", *FAST])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    a = res["allocation"]
+    assert a["fixed_bytes"] == fixed and a["predicted_bytes"] <= target
+    assert len(set(a["options"])) > 1  # a real mix at a budget between the extremes
+    assert (out / "recipe.yaml").exists()
+    r = runner.invoke(app, ["export", str(out), "-o", str(tmp_path / "m.gguf"), "--format", "gguf", "--type", "q8_0"])
+    assert r.exit_code == 0, r.output
+    size = (tmp_path / "m.gguf").stat().st_size
+    assert abs(size - target) <= 0.01 * target
+    assert abs(size - a["predicted_bytes"]) <= 64  # the file's name in its metadata aside, exact
