@@ -127,3 +127,48 @@ def test_gguf_target_bytes_is_the_exported_file_size(llama256, tmp_path):
     size = (tmp_path / "m.gguf").stat().st_size
     assert abs(size - target) <= 0.01 * target
     assert abs(size - a["predicted_bytes"]) <= 64  # the file's name in its metadata aside, exact
+
+
+def _table(layers: dict[str, float]) -> "Table":
+    from llmpress.sweep.sensitivity import Choice, Table
+
+    opts = {b: Option.of("rtn", bits=b, group_size=64) for b in (2, 3, 4, 8)}
+    return Table({n: [Choice(opts[b], 1000 * b + 64, s * 4.0 ** -b) for b in opts] for n, s in layers.items()},
+                 {n: 1000 for n in layers}, {n: (10, 100) for n in layers}, {"menu": "rtn"})
+
+
+def test_allocate_hits_budget_and_favours_sensitive_layers():
+    from llmpress.sweep.mixed import allocate, recipe_for
+
+    table = _table({"a": 100.0, "b": 1.0})  # a is 100× more sensitive
+    choice = allocate(table, 4.0 * 2000)
+    assert sum(c.bits for c in choice.values()) <= 4.0 * 2000
+    assert choice["a"].option.params["bits"] > choice["b"].option.params["bits"]
+    r = recipe_for(choice)
+    assert r.rule_for("a").params == {"bits": choice["a"].option.params["bits"], "group_size": 64}
+    assert r.rule_for("lm_head").method == "keep" and r.rule_for("ab") is None
+    with pytest.raises(ValueError, match="below the cheapest"):
+        allocate(table, 1.0 * 2000)
+    # the table survives its JSON cache
+    from llmpress.sweep.sensitivity import Table
+
+    back = Table.from_json(table.to_json())
+    assert back.layers == table.layers and back.shapes == table.shapes
+
+
+def test_sweep_mixed_points_share_one_measurement(tiny_llama_dir, tmp_path, monkeypatch):
+    from llmpress.sweep import sensitivity
+    from llmpress.sweep.driver import limit, read_results
+    from llmpress.sweep.points import mixed
+
+    calls = []
+    real = sensitivity.measure
+    monkeypatch.setattr(sensitivity, "measure", lambda *a, **k: calls.append(a) or real(*a, **k))
+    limit(str(tiny_llama_dir), tmp_path, points=[mixed(3.0, "rtn"), mixed(5.0, "rtn")], ctx=64, tokens=256,
+          samples=2, seq_len=32, threads=1)
+    rows = {r["label"]: r for r in read_results(tmp_path / "results.jsonl")}
+    assert len(calls) == 1 and len(list((tmp_path / "sensitivity").glob("*-rtn.json"))) == 1
+    lo, hi = rows["mixed-rtn-3bpw"], rows["mixed-rtn-5bpw"]
+    assert lo["bpw"] <= 3.0 and hi["bpw"] <= 5.0 and lo["bpw"] < hi["bpw"]
+    assert hi["allocation"]["predicted_dkl"] < lo["allocation"]["predicted_dkl"]
+    assert "--target-bpw 3" in lo["command"]
