@@ -202,3 +202,38 @@ def test_fisher_proxy_predicts_the_true_kl_of_one_layer(tmp_path):
     assert all(0.5 < p / t < 2 for p, t in pairs), pairs
     assert max(t for _, t in pairs) > 1000 * min(t for _, t in pairs)
     assert torch.equal(torch.tensor([p for p, _ in pairs]).argsort(), torch.tensor([t for _, t in pairs]).argsort())
+
+
+def test_target_bytes_of_a_folder_and_refusals(tiny_llama_dir, tmp_path):
+    from llmpress.cli import _load_commands, app
+
+    _load_commands()
+    runner = CliRunner()
+    out = tmp_path / "o"
+    bad = [
+        (["--target-bpw", "3", "--recipe", "x.yaml"], "exactly one"),
+        (["--target-bpw", "3", "--menu", "nope"], "unknown menu"),
+        (["--target-bpw", "3", "--method", "awq"], "--method applies"),
+        (["--target-bpw", "0.5", "--menu", "rtn"], "below the cheapest"),
+    ]
+    for extra, msg in bad:
+        r = runner.invoke(app, ["compress", str(tiny_llama_dir), "-o", str(out), *extra, *FAST])
+        assert r.exit_code != 0 and msg in r.output, r.output
+        assert not out.exists()
+    from llmpress.models import TensorStore, resolve
+
+    store = TensorStore(resolve(str(tiny_llama_dir)))
+    kept = sum(t.numel() * t.element_size() for k, t in store.items() if "proj" not in k)
+    lin = sum(t.numel() for k, t in store.items() if "proj" in k)
+    target = kept + int(lin * 4.2 / 8)
+    r = runner.invoke(app, ["compress", str(tiny_llama_dir), "-o", str(out), "--menu", "rtn", "--target-bytes", str(target),
+                            "--json", *FAST])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert res["allocation"]["fixed_bytes"] == kept and res["allocation"]["predicted_bytes"] <= target
+    assert 3.9 < res["bpw"] <= 4.2 + 1e-9
+    from llmpress.recipe import Recipe
+
+    assert Recipe.from_yaml(out / "recipe.yaml").to_dict() == res["recipe"]
+    r = runner.invoke(app, ["compress", str(tiny_llama_dir), "-o", str(out), "--target-bpw", "4", *FAST])
+    assert r.exit_code != 0 and "exists" in r.output  # refused before any measurement

@@ -72,11 +72,26 @@ def fixed_bytes(model: str, table: Table, kept_type: str = "q8_0") -> int:
         from ..targets.gguf_size import fixed_bytes as gguf_fixed
 
         return gguf_fixed(model, {f"{n}.weight" for n in table.layers}, kept_type)
-    from ..models import TensorStore, resolve
+    from safetensors import safe_open
 
-    store = TensorStore(resolve(model))
+    from ..models import resolve, safetensors_files
+
     allocated = {f"{n}.weight" for n in table.layers}
-    return sum(t.numel() * t.element_size() for k, t in store.items() if k not in allocated)
+    total = 0
+    for f in safetensors_files(resolve(model)):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                if k not in allocated:
+                    sl = h.get_slice(k)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= int(d)
+                    total += n * _DTYPE_BYTES[sl.get_dtype()]
+    return total
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def mixed_recipe(model: str, *, target_bpw: float | None = None, target_bytes: int | None = None, menu: str = "gptq",
