@@ -141,7 +141,8 @@ def test_allocate_hits_budget_and_favours_sensitive_layers():
     from llmpress.sweep.mixed import allocate, recipe_for
 
     table = _table({"a": 100.0, "b": 1.0})  # a is 100× more sensitive
-    choice = allocate(table, 4.0 * 2000)
+    choice, unit = allocate(table, 4.0 * 2000)
+    assert unit == int(1e-3 * 4.0 * 2000 / 2)
     assert sum(c.bits for c in choice.values()) <= 4.0 * 2000
     assert choice["a"].option.params["bits"] > choice["b"].option.params["bits"]
     r = recipe_for(choice)

@@ -27,8 +27,9 @@ from .sensitivity import KEEP as KEEP_RX, Choice, Table, load_or_measure
 log = logging.getLogger(__name__)
 
 
-def allocate(table: Table, budget_bits: float, tol: float = TOL) -> dict[str, Choice]:
-    """The choice per layer minimizing the summed predicted ΔKL with stored bits ≤ ``budget_bits``."""
+def allocate(table: Table, budget_bits: float, tol: float = TOL) -> tuple[dict[str, Choice], int]:
+    """The choice per layer minimizing the summed predicted ΔKL with stored bits ≤ ``budget_bits``,
+    and the cost unit (bits) the solver rounded to."""
     names = sorted(table.layers)
     costs, cap, unit = units([[c.bits for c in table.layers[n]] for n in names], budget_bits, tol)
     pick = solve(costs, [[c.dkl for c in table.layers[n]] for n in names], cap)
@@ -37,7 +38,7 @@ def allocate(table: Table, budget_bits: float, tol: float = TOL) -> dict[str, Ch
         raise ValueError(f"the budget ({budget_bits / 8:,.0f} bytes for the allocated layers) is below the cheapest "
                          f"choice of the menu ({least / 8:,.0f} bytes, {least / sum(table.numel.values()):.3f} bpw)")
     log.debug("knapsack: %d layers, capacity %d units of %d bits", len(names), cap, unit)
-    return {n: table.layers[n][o] for n, o in zip(names, pick)}
+    return {n: table.layers[n][o] for n, o in zip(names, pick)}, unit
 
 
 def recipe_for(choice: dict[str, Choice], keep: str = KEEP_RX) -> Recipe:
@@ -46,7 +47,7 @@ def recipe_for(choice: dict[str, Choice], keep: str = KEEP_RX) -> Recipe:
     return Recipe(rules)
 
 
-def summary(table: Table, choice: dict[str, Choice], budget_bits: float, fixed_bytes: int | None) -> dict[str, Any]:
+def summary(table: Table, choice: dict[str, Choice], budget_bits: float, unit: int, fixed_bytes: int | None) -> dict[str, Any]:
     bits = sum(c.bits for c in choice.values())
     n = sum(table.numel.values())
     out = {
@@ -58,7 +59,7 @@ def summary(table: Table, choice: dict[str, Choice], budget_bits: float, fixed_b
         "budget_layer_bytes": budget_bits / 8,
         "options": dict(sorted(Counter(c.option.label for c in choice.values()).items())),
         "layers": len(choice),
-        "unit_bits": max(1, int(TOL * budget_bits / max(1, len(choice)))),
+        "unit_bits": unit,
         "sensitivity_seconds": table.meta.get("seconds"),
     }
     if fixed_bytes is not None:
@@ -118,8 +119,8 @@ def mixed_recipe(model: str, *, target_bpw: float | None = None, target_bytes: i
             raise ValueError(f"target {target_bytes:,} bytes: the parts not allocated already take {fixed:,} bytes")
     else:
         budget = target_bpw * sum(table.numel.values())
-    choice = allocate(table, budget)
-    s = summary(table, choice, budget, fixed)
+    choice, unit = allocate(table, budget)
+    s = summary(table, choice, budget, unit, fixed)
     s.update(target_bpw=target_bpw, target_bytes=target_bytes)
     if menu == "gguf":
         s["kept_type"] = kept_type
