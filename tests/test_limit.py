@@ -11,7 +11,7 @@ from llmpress.sweep import runner
 from llmpress.sweep.points import lossless, quant, quant_pack
 from llmpress.sweep.driver import limit, read_results
 
-FAST = dict(ctx=64, tokens=256, samples=2, seq_len=32, threads=1, mixed_bpw=())
+FAST = dict(ctx=64, tokens=256, samples=2, seq_len=32, threads=1, mixed_bpw=None)
 
 
 def test_pareto_has_no_dominated_point():

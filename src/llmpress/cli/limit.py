@@ -41,7 +41,7 @@ def limit_cmd(
     if max_kl <= 0:
         fail("--max-kl must be positive")
     try:
-        targets = None if not mixed_bpw else tuple(b for b in mixed_bpw if b > 0)
+        targets = "budget" if not mixed_bpw else tuple(b for b in mixed_bpw if b > 0)
         s = limit(model, out, budget=budget, max_kl=max_kl, texts=text, ctx=ctx, tokens=tokens, calib=calib,
                   samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=targets,
                   mixed_menu=mixed_menu, device=device, search=search,

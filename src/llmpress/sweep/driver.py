@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..models import DEFAULT_CAUSAL, TensorStore, resolve
 from .frontier import KNEE_METHOD, knee, pareto, smallest
@@ -77,7 +77,7 @@ def limit(
     workers: int = 1,
     address: str | None = None,
     threads: int | None = None,
-    mixed_bpw: tuple[float, ...] | None = None,
+    mixed_bpw: float | tuple[float, ...] | None | Literal["budget"] = "budget",
     mixed_menu: str = "gptq",
     device: str | None = "cpu",
     formats: list[str] | None = None,
@@ -93,9 +93,9 @@ def limit(
     warning, where its tools are not found). ``search``: after a budget's points, search for the
     smallest configuration with mean KL ≤ ``max_kl`` (:mod:`llmpress.sweep.search`; its points join
     the report).
-    ``mixed_bpw``: targets of the mixed-precision points (allocation over ``mixed_menu``; default: the
-    budget's ``MIXED_BPW``; () for none); their sensitivity table is measured once and kept in
-    ``out/sensitivity/``."""
+    ``mixed_bpw``: target(s) of the mixed-precision points (allocation over ``mixed_menu``; "budget":
+    the budget's ``MIXED_BPW``; None or () for none); their sensitivity table is measured once and
+    kept in ``out/sensitivity/``."""
     from ..device import resolve_device
     from ..text import CALIB_DEFAULT, EVAL_DEFAULTS
 
@@ -106,8 +106,9 @@ def limit(
     threads = threads or max(1, (os.cpu_count() or 2) // max(1, workers))
     pts = list(points) if points is not None else budget_points(budget)
     if points is None:
-        targets = MIXED_BPW.get(budget, ()) if mixed_bpw is None else mixed_bpw
-        pts += [mixed(t, mixed_menu) for t in targets]
+        targets = MIXED_BPW.get(budget, ()) if mixed_bpw == "budget" else \
+            (mixed_bpw,) if isinstance(mixed_bpw, (int, float)) else tuple(mixed_bpw or ())
+        pts += [mixed(float(t), mixed_menu) for t in targets]
     for f in formats or ():
         pts += format_points(f, budget)
     if any(p.family == "llama.cpp" for p in pts):
