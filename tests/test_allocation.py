@@ -238,3 +238,12 @@ def test_target_bytes_of_a_folder_and_refusals(tiny_llama_dir, tmp_path):
     assert Recipe.from_yaml(out / "recipe.yaml").to_dict() == res["recipe"]
     r = runner.invoke(app, ["compress", str(tiny_llama_dir), "-o", str(out), "--target-bpw", "4", *FAST])
     assert r.exit_code != 0 and "exists" in r.output  # refused before any measurement
+
+
+def test_limit_refuses_an_unknown_menu_before_any_point(tiny_llama_dir, tmp_path):
+    from llmpress.sweep.driver import limit
+
+    with pytest.raises(ValueError, match="unknown menu"):
+        limit(str(tiny_llama_dir), tmp_path, mixed_bpw=3.0, mixed_menu="nope", search=False)
+    assert not (tmp_path / "results.jsonl").exists()
+    assert [o.label for o in options_for("gptq-quick", (64, 64))] == ["gptq-w2-g64", "gptq-w3-g64", "gptq-w4-g64", "rtn-w8-g128"]

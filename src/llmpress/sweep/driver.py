@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from ..models import DEFAULT_CAUSAL, TensorStore, resolve
 from .frontier import KNEE_METHOD, knee, pareto, smallest
-from .points import CALIB_SAMPLES, MIXED_BPW, Point, budget as budget_points, format_points, mixed
+from .points import CALIB_SAMPLES, MIXED_BPW, MIXED_MENU, Point, budget as budget_points, format_points, mixed
 from .report import write_report
 from .runner import EXECUTORS
 
@@ -78,7 +78,7 @@ def limit(
     address: str | None = None,
     threads: int | None = None,
     mixed_bpw: float | tuple[float, ...] | None | Literal["budget"] = "budget",
-    mixed_menu: str = "gptq",
+    mixed_menu: str | None = None,
     device: str | None = "cpu",
     formats: list[str] | None = None,
     search: bool = True,
@@ -93,7 +93,8 @@ def limit(
     warning, where its tools are not found). ``search``: after a budget's points, search for the
     smallest configuration with mean KL ≤ ``max_kl`` (:mod:`llmpress.sweep.search`; its points join
     the report).
-    ``mixed_bpw``: target(s) of the mixed-precision points (allocation over ``mixed_menu``; "budget":
+    ``mixed_bpw``: target(s) of the mixed-precision points (allocation over ``mixed_menu``, by default
+    the budget's ``MIXED_MENU``; "budget":
     the budget's ``MIXED_BPW``; None or () for none); their sensitivity table is measured once and
     kept in ``out/sensitivity/``."""
     from ..device import resolve_device
@@ -108,7 +109,12 @@ def limit(
     if points is None:
         targets = MIXED_BPW.get(budget, ()) if mixed_bpw == "budget" else \
             (mixed_bpw,) if isinstance(mixed_bpw, (int, float)) else tuple(mixed_bpw or ())
-        pts += [mixed(float(t), mixed_menu) for t in targets]
+        menu = mixed_menu or MIXED_MENU.get(budget, "gptq")
+        if targets:
+            from .menu import check_menu
+
+            check_menu(menu, None)  # before any point runs
+        pts += [mixed(float(t), menu) for t in targets]
     for f in formats or ():
         pts += format_points(f, budget)
     if any(p.family == "llama.cpp" for p in pts):

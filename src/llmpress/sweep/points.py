@@ -179,6 +179,8 @@ BUDGETS: dict[str, Callable[[], list[Point]]] = {"quick": _quick, "full": _full}
 CALIB_SAMPLES = {"quick": 16, "full": 64}
 # targets (bpw) of each budget's mixed-precision points: one sensitivity table serves them all
 MIXED_BPW: dict[str, tuple[float, ...]] = {"quick": (4.0,), "full": (2.5, 3.0, 3.5, 4.0, 4.5)}
+# and the menu they allocate from (the quick one measures a third of the gptq menu's encodings)
+MIXED_MENU: dict[str, str] = {"quick": "gptq-quick", "full": "gptq"}
 
 
 def budget(name: str) -> list[Point]:
