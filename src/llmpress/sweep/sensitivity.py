@@ -153,8 +153,11 @@ def measure(model: str, menu: str, method: str | None = None, *, calib: str | No
     for stats in iter_stats(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size,
                             progress=progress, device=dev):
         for name, st in stats.items():
-            if rx.search(name) or name not in fisher:
+            if rx.search(name):
                 continue
+            if name not in fisher:  # e.g. a mixture of experts: transformers fuses what the runner splits
+                raise ValueError(f"{name}: no Fisher weight (the loaded model has no such linear); allocation "
+                                 "does not support this model's layout (mixtures of experts)")
             t = store.get(f"{name}.weight").float().to(dev)
             w = t.T.contiguous() if name in conv else t  # (out, in)
             shape = (int(w.shape[0]), int(w.shape[1]))
