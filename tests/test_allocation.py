@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from llmpress.sweep.knapsack import solve, units
+from llmpress.sweep.menu import GGUF_TYPES, Option, gguf_tensor_bytes, options_for
 
 
 def _brute(costs, values, cap):
@@ -54,13 +58,6 @@ def test_units_round_up_within_tolerance():
 
 
 # --------------------------------------------------------------------------- menus and the real pipeline
-import json
-from pathlib import Path
-
-from typer.testing import CliRunner
-
-from llmpress.sweep.menu import GGUF_TYPES, Option, gguf_tensor_bytes, options_for
-
 FAST = ["--samples", "4", "--seq-len", "32"]
 
 
@@ -101,9 +98,8 @@ def test_option_costs_are_the_stored_bits():
 
 def test_gguf_target_bytes_is_the_exported_file_size(llama256, tmp_path):
     from llmpress.cli import _load_commands, app
-    from llmpress.targets.gguf_size import fixed_bytes
-
     from llmpress.quant.gguf_mix import model_shapes
+    from llmpress.targets.gguf_size import fixed_bytes
 
     _, shapes = model_shapes(str(llama256))
     lin = {n: s for n, s in shapes.items() if ".layers." in n and n.endswith("proj.weight")}

@@ -44,7 +44,7 @@ def fixed_bytes(model: str | Path, linears: set[str], kept_type: str | None = "q
             data = 0
             for gname, names in tensor_plan(src, arch):
                 shape = stored[names[0]]
-                if names[0].rpartition(".")[0] in src._conv1d and len(shape) == 2:
+                if src.module_types.get(names[0].rpartition(".")[0]) == "Conv1D" and len(shape) == 2:
                     shape = shape[::-1]  # written as (out, in)
                 if len(names) > 1:
                     shape = (len(names), *shape)
