@@ -8,7 +8,6 @@ import pytest
 
 from llmpress.sweep import frontier as fr
 from llmpress.sweep import runner
-from llmpress.sweep.mixed import Option, allocate
 from llmpress.sweep.points import lossless, quant, quant_pack
 from llmpress.sweep.driver import limit, read_results
 
@@ -30,18 +29,6 @@ def test_knee_of_a_sharp_bend():
     rows = [{"label": str(b), "bpw": b, "kl_mean": k} for b, k in [(2, 3.0), (3, 0.3), (4, 0.02), (5, 0.015), (6, 0.012), (8, 0.01)]]
     assert fr.knee(fr.pareto(rows))["label"] == "4"
     assert fr.knee(rows[:2]) is None
-
-
-def test_allocate_hits_budget_and_favours_sensitive_layers():
-    n = {"a": 1000, "b": 1000}
-    mk = lambda scale: [Option(b, 1000 * b + 64, scale * 4.0 ** -b) for b in (2, 3, 4, 8)]
-    table = {"a": mk(100.0), "b": mk(1.0)}  # a is 100× more sensitive
-    bits = allocate(table, 4.0, n)
-    spent = sum(next(o.cost for o in table[k] if o.bits == v) for k, v in bits.items())
-    assert spent <= 4.0 * 2000
-    assert bits["a"] > bits["b"]
-    with pytest.raises(ValueError, match="below the cheapest"):
-        allocate(table, 1.0, n)
 
 
 def test_limit_end_to_end_resume_and_report(tiny_llama_dir, tmp_path, monkeypatch):

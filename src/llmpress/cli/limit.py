@@ -21,7 +21,8 @@ def limit_cmd(
     tokens: int = typer.Option(4096, "--tokens", help="Evaluation tokens per point."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (default: the calibration mix)."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default: 16 quick, 64 full)."),
-    mixed_bpw: float = typer.Option(4.0, "--mixed-bpw", help="Target bits per weight of the mixed-precision point (0: none)."),
+    mixed_bpw: Optional[list[float]] = typer.Option(None, "--mixed-bpw", help="Target bpw of a mixed-precision point (repeat for several; 0: none; default: the budget's)."),
+    mixed_menu: Optional[str] = typer.Option(None, "--mixed-menu", help="Menu the mixed points allocate from: gptq | gptq-quick | awq | rtn | gguf (default: gptq-quick in quick, gptq in full)."),
     workers: int = typer.Option(1, "--workers", help="Points in parallel (Ray); 1 runs them in this process."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per point (fixed, so results repeat)."),
@@ -40,9 +41,11 @@ def limit_cmd(
     if max_kl <= 0:
         fail("--max-kl must be positive")
     try:
+        targets = "budget" if not mixed_bpw else tuple(b for b in mixed_bpw if b > 0)
         s = limit(model, out, budget=budget, max_kl=max_kl, texts=text, ctx=ctx, tokens=tokens, calib=calib,
-                  samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=mixed_bpw or None,
-                  device=device, search=search, formats=[f for x in formats or () for f in x.split(",") if f])
+                  samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=targets,
+                  mixed_menu=mixed_menu, device=device, search=search,
+                  formats=[f for x in formats or () for f in x.split(",") if f])
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         fail(str(e))
 

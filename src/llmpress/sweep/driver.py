@@ -12,11 +12,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..models import DEFAULT_CAUSAL, TensorStore, resolve
 from .frontier import KNEE_METHOD, knee, pareto, smallest
-from .points import CALIB_SAMPLES, RECIPE_COMMAND, Point, budget as budget_points, format_points
+from .points import CALIB_SAMPLES, MIXED_BPW, MIXED_MENU, Point, budget as budget_points, format_points, mixed
 from .report import write_report
 from .runner import EXECUTORS
 
@@ -77,7 +77,8 @@ def limit(
     workers: int = 1,
     address: str | None = None,
     threads: int | None = None,
-    mixed_bpw: float | None = 4.0,
+    mixed_bpw: float | tuple[float, ...] | None | Literal["budget"] = "budget",
+    mixed_menu: str | None = None,
     device: str | None = "cpu",
     formats: list[str] | None = None,
     search: bool = True,
@@ -91,7 +92,11 @@ def limit(
     llama-quantize makes them and as llmpress makes them; the llama.cpp points are left out, with a
     warning, where its tools are not found). ``search``: after a budget's points, search for the
     smallest configuration with mean KL ≤ ``max_kl`` (:mod:`llmpress.sweep.search`; its points join
-    the report)."""
+    the report).
+    ``mixed_bpw``: target(s) of the mixed-precision points (allocation over ``mixed_menu``, by default
+    the budget's ``MIXED_MENU``; "budget":
+    the budget's ``MIXED_BPW``; None or () for none); their sensitivity table is measured once and
+    kept in ``out/sensitivity/``."""
     from ..device import resolve_device
     from ..text import CALIB_DEFAULT, EVAL_DEFAULTS
 
@@ -101,9 +106,15 @@ def limit(
     texts = texts or list(EVAL_DEFAULTS)
     threads = threads or max(1, (os.cpu_count() or 2) // max(1, workers))
     pts = list(points) if points is not None else budget_points(budget)
-    if points is None and mixed_bpw:
-        pts.append(Point(f"mixed-{mixed_bpw:g}bpw-g64", "mixed", None, RECIPE_COMMAND,
-                     calib=True, params={"target_bpw": mixed_bpw, "group": 64}))
+    if points is None:
+        targets = MIXED_BPW.get(budget, ()) if mixed_bpw == "budget" else \
+            (mixed_bpw,) if isinstance(mixed_bpw, (int, float)) else tuple(mixed_bpw or ())
+        menu = mixed_menu or MIXED_MENU.get(budget, "gptq")
+        if targets:
+            from .menu import check_menu
+
+            check_menu(menu, None)  # before any point runs
+        pts += [mixed(float(t), menu) for t in targets]
     for f in formats or ():
         pts += format_points(f, budget)
     if any(p.family == "llama.cpp" for p in pts):
@@ -122,6 +133,7 @@ def limit(
                           "calib": settings["calib"], "samples": samples, "seq_len": seq_len, "threads": threads,
                           **({"device": str(dev)} if dev.type != "cpu" else {})},
                          sort_keys=True)
+    settings["sensitivity"] = str(out / "sensitivity" / hashlib.sha256(context.encode()).hexdigest()[:16])
     results_path = out / RESULTS
     done = {r["key"]: r for r in read_results(results_path) if "key" in r}
     log.info("%d points, %d already in %s", len(pts), sum(p.key(context) in done for p in pts), results_path)

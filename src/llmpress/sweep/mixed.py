@@ -1,115 +1,152 @@
-"""Mixed precision under a budget: per-layer bit widths that hit a target bits per weight.
+"""Mixed precision under a budget: one option of a menu per linear layer, chosen exactly.
 
-Sensitivity is measured once: for every linear layer l and candidate bit width b, the
-relative output error of RTN at b bits on calibration activations,
+The menu (:mod:`.menu`) gives each layer its options and their exact stored cost; the
+sensitivity table (:mod:`.sensitivity`) each option's predicted ΔKL on calibration tokens; the
+solver (:mod:`.knapsack`) the choice minimizing Σ ΔKL under the byte budget. The result is a
+recipe with one exact-name rule per layer (embeddings and head kept) and a summary.
 
-    e_l(b) = tr(D H Dᵀ) / tr(W H Wᵀ),   D = W − Q_b(W),   H = Σ_t x_t x_tᵀ,
-
-and the exact stored bits c_l(b) of that encoding. The allocation starts every layer at the
-lowest width and, greedily, upgrades the layer with the largest error decrease per extra bit
-stored until the next upgrade would exceed the budget (a Lagrangian walk along each layer's
-convex hull of (c, e)). Like llama.cpp's ``--target-bpw``, the result is a recipe with one
-rule per layer.
+Budgets: ``target_bpw`` counts the allocated layers' stored bits per weight (what ``compress``
+reports as ``bpw``); ``target_bytes`` is the whole output — for the ``gguf`` menu the file that
+``llmpress export OUT --format gguf --type <kept_type>`` writes (header, metadata, the kept
+tensors in ``kept_type``, norms in F32: :func:`llmpress.targets.gguf_size.fixed_bytes`), for the
+others the tensor data of the output folder (the kept tensors as stored, safetensors headers
+not counted).
 """
 from __future__ import annotations
 
 import logging
-import math
 import re
-from dataclasses import dataclass
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..recipe import KEEP, Recipe, Rule
-from ..tensor import Stats, get_codec
+from .knapsack import TOL, solve, units
+from .sensitivity import KEEP as KEEP_RX, Choice, Table, load_or_measure
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Option:
-    bits: int
-    cost: int      # bits stored
-    err: float     # relative output error
+def allocate(table: Table, budget_bits: float, tol: float = TOL) -> tuple[dict[str, Choice], int]:
+    """The choice per layer minimizing the summed predicted ΔKL with stored bits ≤ ``budget_bits``,
+    and the cost unit (bits) the solver rounded to."""
+    names = sorted(table.layers)
+    costs, cap, unit = units([[c.bits for c in table.layers[n]] for n in names], budget_bits, tol)
+    pick = solve(costs, [[c.dkl for c in table.layers[n]] for n in names], cap)
+    if pick is None:
+        least = sum(min(c.bits for c in table.layers[n]) for n in names)
+        raise ValueError(f"the budget ({budget_bits / 8:,.0f} bytes for the allocated layers) is below the cheapest "
+                         f"choice of the menu ({least / 8:,.0f} bytes, {least / sum(table.numel.values()):.3f} bpw)")
+    log.debug("knapsack: %d layers, capacity %d units of %d bits", len(names), cap, unit)
+    return {n: table.layers[n][o] for n, o in zip(names, pick)}, unit
 
 
-def sensitivity(weights: dict[str, torch.Tensor], stats: dict[str, Stats], bits: tuple[int, ...], group: int,
-                method: str = "rtn") -> dict[str, list[Option]]:
-    """Options per layer: (bits, stored bits, relative output error) for each width."""
-    codec = get_codec(method)
-    table: dict[str, list[Option]] = {}
-    for name, w in weights.items():
-        h = stats[name].gram
-        w64 = w.double()
-        denom = float(((w64 @ h) * w64).sum().clamp_min(1e-30))
-        opts = []
-        for b in bits:
-            ct = codec.encode(w, None, bits=b, group_size=group)
-            d = w64 - codec.decode(ct).double()
-            opts.append(Option(b, ct.nbits(), float(((d @ h) * d).sum()) / denom))
-        table[name] = sorted(opts, key=lambda o: o.cost)
-    return table
-
-
-def allocate(table: dict[str, list[Option]], target_bpw: float, numel: dict[str, int]) -> dict[str, int]:
-    """Greedy allocation of bit widths whose total stored bits stay within target_bpw·N."""
-    budget = target_bpw * sum(numel.values())
-    choice = {n: 0 for n in table}  # index into each layer's options, cheapest first
-    spent = sum(opts[0].cost for opts in table.values())
-    if spent > budget:
-        raise ValueError(f"target {target_bpw} bpw is below the cheapest configuration ({spent / sum(numel.values()):.3f} bpw)")
-    while True:
-        best, best_gain = None, 0.0
-        for n, opts in table.items():
-            i = choice[n]
-            if i + 1 >= len(opts):
-                continue
-            nxt, cur = opts[i + 1], opts[i]
-            extra = nxt.cost - cur.cost
-            if spent + extra > budget:
-                continue
-            gain = (cur.err - nxt.err) / max(extra, 1)
-            if gain > best_gain:
-                best, best_gain = n, gain
-        if best is None:
-            break
-        opts = table[best]
-        spent += opts[choice[best] + 1].cost - opts[choice[best]].cost
-        choice[best] += 1
-    return {n: table[n][i].bits for n, i in choice.items()}
-
-
-def recipe_for(bits: dict[str, int], group: int, method: str = "rtn", keep: str = r"lm_head|embed|wte|wpe|shared") -> Recipe:
+def recipe_for(choice: dict[str, Choice], keep: str = KEEP_RX) -> Recipe:
     rules = [Rule(keep, KEEP)]
-    rules += [Rule(f"^{re.escape(n)}$", method, {"bits": b, "group_size": group}) for n, b in sorted(bits.items())]
+    rules += [Rule(f"^{re.escape(n)}$", c.option.method, c.option.params) for n, c in sorted(choice.items())]
     return Recipe(rules)
 
 
-def mixed_recipe(model: str, target_bpw: float, *, group: int = 64, bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8),
-                 calib: str | None = None, samples: int = 16, seq_len: int = 256, progress: bool = False) -> tuple[Recipe, dict[str, Any]]:
-    """Measure sensitivities on ``model`` once and return the recipe hitting ``target_bpw``.
+def summary(table: Table, choice: dict[str, Choice], budget_bits: float, unit: int, fixed_bytes: int | None) -> dict[str, Any]:
+    bits = sum(c.bits for c in choice.values())
+    n = sum(table.numel.values())
+    out = {
+        "menu": table.meta.get("menu"),
+        "method": table.meta.get("method"),
+        "predicted_dkl": sum(c.dkl for c in choice.values()),
+        "bpw": bits / n,
+        "layer_bytes": bits / 8,
+        "budget_layer_bytes": budget_bits / 8,
+        "options": dict(sorted(Counter(c.option.label for c in choice.values()).items())),
+        "layers": len(choice),
+        "unit_bits": unit,
+        "sensitivity_seconds": table.meta.get("seconds"),
+    }
+    if fixed_bytes is not None:
+        out.update(fixed_bytes=fixed_bytes, predicted_bytes=fixed_bytes + bits // 8)
+    return out
 
-    Widths below the uniform width that fits the budget (target − 32/group bits of FP16
-    scale and offset) are not offered: a layer pushed to 2 bits to pay for others costs the
-    model far more than its relative output error says."""
-    floor_bits = math.floor(target_bpw - 32 / group)
-    bits = tuple(b for b in bits if b >= floor_bits) or bits
-    from .. import skeleton as sk
-    from ..models import TensorStore, resolve
-    from ..pipeline import collect_stats
 
-    stats = collect_stats(model, calib=calib, samples=samples, seq_len=seq_len, progress=progress)
-    src = resolve(model)
-    store = TensorStore(src)
-    skel = sk.build_meta(sk.folder_config(src.folder))
-    conv = {n for n, m in skel.named_modules() if type(m).__name__ == "Conv1D"}
-    weights = {}
-    for n in stats:
-        t = store.get(f"{n}.weight").float()
-        weights[n] = t.T if n in conv else t
-    table = sensitivity(weights, stats, bits, group)
-    alloc = allocate(table, target_bpw, {n: w.numel() for n, w in weights.items()})
-    hist = {b: sum(1 for v in alloc.values() if v == b) for b in bits}
-    log.info("mixed precision at %.2f bpw: layers per width %s", target_bpw, hist)
-    return recipe_for(alloc, group), {"target_bpw": target_bpw, "widths": hist, "bits": alloc}
+def fixed_bytes(model: str, table: Table, kept_type: str = "q8_0") -> int:
+    """What the output holds besides the allocated layers (see the module's docstring)."""
+    if table.meta.get("menu") == "gguf":
+        from ..targets.gguf_size import fixed_bytes as gguf_fixed
+
+        return gguf_fixed(model, {f"{n}.weight" for n in table.layers}, kept_type)
+    from safetensors import safe_open
+
+    from ..models import resolve, safetensors_files
+
+    allocated = {f"{n}.weight" for n in table.layers}
+    total = 0
+    for f in safetensors_files(resolve(model)):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                if k not in allocated:
+                    sl = h.get_slice(k)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= int(d)
+                    total += n * _DTYPE_BYTES[sl.get_dtype()]
+    return total
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def mixed_recipe(model: str, *, target_bpw: float | None = None, target_bytes: int | None = None, menu: str = "gptq",
+                 method: str | None = None, kept_type: str = "q8_0", calib: str | None = None, samples: int = 32,
+                 seq_len: int = 512, cache: Path | None = None, progress: bool = False,
+                 device: str | None = "cpu") -> tuple[Recipe, dict[str, Any]]:
+    """The recipe of ``menu`` options that minimizes the predicted ΔKL within ``target_bpw`` (stored
+    bits per allocated weight) or ``target_bytes`` (the whole output); and its summary. ``cache``:
+    a JSON file keeping the sensitivity table for further targets."""
+    from .menu import check_menu
+
+    if (target_bpw is None) == (target_bytes is None):
+        raise ValueError("give one of target bpw or target bytes")
+    if (target_bpw is not None and target_bpw <= 0) or (target_bytes is not None and target_bytes <= 0):
+        raise ValueError("the target must be positive")
+    check_menu(menu, method)
+    table = load_or_measure(cache, model, menu, method, calib=calib, samples=samples, seq_len=seq_len,
+                            progress=progress, device=device)
+    fixed = None
+    if target_bytes is not None:
+        fixed = fixed_bytes(model, table, kept_type)
+        budget = 8 * (target_bytes - fixed)
+        if budget <= 0:
+            raise ValueError(f"target {target_bytes:,} bytes: the parts not allocated already take {fixed:,} bytes")
+    else:
+        budget = target_bpw * sum(table.numel.values())
+    choice, unit = allocate(table, budget)
+    s = summary(table, choice, budget, unit, fixed)
+    s.update(target_bpw=target_bpw, target_bytes=target_bytes)
+    if menu == "gguf":
+        s["kept_type"] = kept_type
+    log.info("allocation (%s menu): %.3f bpw, predicted ΔKL %.4f, options %s", menu, s["bpw"], s["predicted_dkl"], s["options"])
+    return recipe_for(choice), s
+
+
+def compress_to_target(model: str, out: str | Path, *, target_bpw: float | None = None, target_bytes: int | None = None,
+                       menu: str = "gptq", method: str | None = None, kept_type: str = "q8_0", calib: str | None = None,
+                       samples: int = 128, seq_len: int = 512, force: bool = False, progress: bool = True,
+                       device: str | None = "cpu") -> dict[str, Any]:
+    """Allocate ``menu``'s options to the target, compress ``model`` by the chosen recipe into
+    ``out`` and write the recipe beside it (``out/recipe.yaml``); the summary has ``allocation``."""
+    from ..io.atomic import atomic_file, check_output
+    from ..pipeline import compress
+    from .menu import check_menu
+
+    out = Path(out)
+    check_output(out, force)  # before minutes of measurement
+    check_menu(menu, method)
+    recipe, alloc = mixed_recipe(model, target_bpw=target_bpw, target_bytes=target_bytes, menu=menu, method=method,
+                                 kept_type=kept_type, calib=calib, samples=samples, seq_len=seq_len, progress=progress,
+                                 device=device)
+    res = compress(model, recipe, out, calib=calib, samples=samples, seq_len=seq_len, force=force, progress=progress,
+                   device=device, extra_meta={"allocation": alloc})
+    with atomic_file(out / "recipe.yaml", force=True) as tmp:
+        tmp.write_text(recipe.to_yaml())
+    res["recipe_file"] = str(out / "recipe.yaml")
+    return res

@@ -133,9 +133,17 @@ def format_points(name: str, budget: str) -> list[Point]:
         raise ValueError(f"unknown format {name!r} for the sweep; known: {', '.join(FORMATS)}") from None
 
 
+def mixed(target_bpw: float, menu: str = "gptq") -> Point:
+    """Per-layer options of ``menu`` allocated to ``target_bpw`` (``llmpress.sweep.mixed``)."""
+    return Point(f"mixed-{menu}-{target_bpw:g}bpw", "mixed", None,
+                 f"llmpress compress {{model}} -o {{out}} --menu {menu} --target-bpw {target_bpw:g}", calib=True,
+                 params={"target_bpw": target_bpw, "menu": menu})
+
+
 def _quick() -> list[Point]:
     """About ten minutes for a 135M model on 2 cores: the lossless limit, RTN across the range,
-    GPTQ where RTN starts to hurt, one whitened factorization (the mixed point is added by the driver)."""
+    GPTQ where RTN starts to hurt, one whitened factorization (the mixed points, ``MIXED_BPW``, are
+    added by the driver)."""
     return [
         lossless(),
         quant("rtn", 8, 128),
@@ -170,6 +178,10 @@ def _full() -> list[Point]:
 BUDGETS: dict[str, Callable[[], list[Point]]] = {"quick": _quick, "full": _full}
 # calibration windows (of seq_len tokens) each budget uses unless told otherwise
 CALIB_SAMPLES = {"quick": 16, "full": 64}
+# targets (bpw) of each budget's mixed-precision points: one sensitivity table serves them all
+MIXED_BPW: dict[str, tuple[float, ...]] = {"quick": (4.0,), "full": (2.5, 3.0, 3.5, 4.0, 4.5)}
+# and the menu they allocate from (the quick one measures a third of the gptq menu's encodings)
+MIXED_MENU: dict[str, str] = {"quick": "gptq-quick", "full": "gptq"}
 
 
 def budget(name: str) -> list[Point]:

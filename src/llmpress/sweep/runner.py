@@ -61,9 +61,12 @@ def _lossy(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]
     if point.family == "mixed":
         from .mixed import mixed_recipe
 
-        recipe, extra = mixed_recipe(settings["model"], point.params["target_bpw"], group=point.params["group"],
-                                     calib=settings["calib"], samples=settings["samples"], seq_len=settings["seq_len"])
-        extra = {"allocation": extra["widths"], "recipe": recipe.to_dict()}
+        menu = point.params["menu"]
+        cache = Path(f"{settings['sensitivity']}-{menu}.json") if settings.get("sensitivity") else None
+        recipe, alloc = mixed_recipe(settings["model"], target_bpw=point.params["target_bpw"], menu=menu,
+                                     calib=settings["calib"], samples=settings["samples"], seq_len=settings["seq_len"],
+                                     cache=cache, device=settings.get("device", "cpu"))
+        extra = {"allocation": alloc, "recipe": recipe.to_dict()}
     elif point.family == "gguf-mix":
         from ..quant.gguf_mix import mix_recipe, model_shapes
 

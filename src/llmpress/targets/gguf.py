@@ -123,6 +123,28 @@ def _permuted(t: Tensor, perm: Tensor | None) -> Tensor:
     return t if perm is None else t[perm]
 
 
+def add_metadata(w: gguf.GGUFWriter, src: ExportSource, arch: Arch, quantized: bool) -> dict[str, Any]:
+    """The key-value metadata every export writes (the file type aside): type, hyperparameters,
+    tokenizer; returns the tokenizer's summary. (``gguf_size`` sizes a file by the same calls.)"""
+    cfg = src.config
+    w.add_type(gguf.GGUFType.MODEL)
+    if quantized:
+        w.add_quantized_by("llmpress")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for method, value in arch.hparams(cfg).items():
+        getattr(w, method)(value)
+    name = str(cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or Path(src.model).name)
+    return add_tokenizer(w, src.root, cfg, name)
+
+
+def kept_type_of(gname: str, shape: tuple[int, ...], kept_type: T) -> T:
+    """The type a kept tensor is written in (as ``encode_float`` decides): 2-D ones in
+    ``kept_type`` (F16 where the rows are not a multiple of its block), the rest F32."""
+    if len(shape) < 2 or _ALWAYS_F32.search(gname) or kept_type == T.F32:
+        return T.F32
+    return T.F16 if shape[-1] % gguf.GGML_QUANT_SIZES[kept_type][0] else kept_type
+
+
 @register_target("gguf")
 class GGUF(Target):
     fallbacks = ("dense", "requantize")
@@ -170,14 +192,7 @@ class GGUF(Target):
                         arch.gguf, window)
 
         w = gguf.GGUFWriter(out, arch.gguf, use_temp_file=True)
-        w.add_type(gguf.GGUFType.MODEL)
-        if src.compressed_names:
-            w.add_quantized_by("llmpress")
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for method, value in arch.hparams(cfg).items():
-            getattr(w, method)(value)
-        name = str(cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or Path(src.model).name)
-        tok = add_tokenizer(w, src.root, cfg, name)
+        tok = add_metadata(w, src, arch, bool(src.compressed_names))
 
         types: dict[str, str] = {}
         requantized: list[str] = []

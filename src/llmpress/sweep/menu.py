@@ -1,0 +1,134 @@
+"""What an allocation may choose for each linear layer: named menus of options.
+
+An :class:`Option` is one recipe rule's method and parameters. A menu (``MENUS``, by name) lists
+the options it offers for a layer of a given shape and method:
+
+* ``gptq`` / ``awq`` / ``rtn``: the method at 2, 3, 4 bits with groups of 64 and 128, 5 and 6 bits
+  with groups of 128, and RTN at 8 bits, groups of 128 (the cheap fallback where the methods no
+  longer differ); ``gptq-quick`` (the quick sweep's): GPTQ at 2, 3, 4 bits, groups of 64, and RTN 8-bit;
+* ``gguf``: llama.cpp's types q2_k … q6_k and q8_0 as ``grid: gguf:<type>`` with the chosen
+  method (GPTQ by default), each replaced by llama.cpp's fallback where the row width is not a
+  multiple of its block (:mod:`llmpress.quant.gguf_mix`); fallbacks that make two options the
+  same type leave one.
+
+An option's **cost** is the bits its layer takes as stored: for a ``gguf`` type the bytes the
+GGUF export writes for the tensor (its blocks, padded to the file's 32-byte alignment), for the
+others the CompressedTensor's own count (codes, group parameters, metadata).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..tensor import CompressedTensor, get_codec
+
+GGUF_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
+GGUF_ALIGN = 32  # gguf-py's default data alignment
+
+
+@dataclass(frozen=True)
+class Option:
+    method: str
+    params_json: str  # the rule's parameters, as sorted JSON (hashable)
+
+    @classmethod
+    def of(cls, method: str, **params: Any) -> "Option":
+        return cls(method, json.dumps(params, sort_keys=True))
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.params_json)
+
+    @property
+    def gguf_type(self) -> str | None:
+        g = str(self.params.get("grid", ""))
+        return g.removeprefix("gguf:") if g.startswith("gguf:") else None
+
+    @property
+    def label(self) -> str:
+        p = self.params
+        if self.gguf_type:
+            return f"{self.method}-{self.gguf_type}"
+        return f"{self.method}-w{p['bits']}-g{p['group_size']}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **self.params}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Option":
+        d = dict(d)
+        return cls.of(d.pop("method"), **d)
+
+    def cost_bits(self, shape: tuple[int, int], ct: CompressedTensor) -> int:
+        """Bits the layer takes as stored with this option (``ct``: its encoding)."""
+        t = self.gguf_type
+        if t is None:
+            return int(ct.nbits())
+        return 8 * gguf_tensor_bytes(t, shape)
+
+
+def gguf_tensor_bytes(gguf_type: str, shape: tuple[int, int]) -> int:
+    """Bytes a GGUF file holds for an (out, in) tensor of ``gguf_type``: its blocks, padded to the alignment."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[gguf_type.upper()]]
+    out, inp = shape
+    if inp % block:
+        raise ValueError(f"{gguf_type}: rows of {inp} are not a multiple of its block of {block}")
+    n = out * (inp // block) * size
+    return -(-n // GGUF_ALIGN) * GGUF_ALIGN
+
+
+def _grid_menu(method: str, groups: tuple[int, ...] = (64, 128), high: tuple[int, ...] = (5, 6)
+               ) -> Callable[[tuple[int, int], str | None], list[Option]]:
+    def options(shape: tuple[int, int], _method: str | None) -> list[Option]:
+        opts = [Option.of(method, bits=b, group_size=g) for b in (2, 3, 4) for g in groups]
+        opts += [Option.of(method, bits=b, group_size=128) for b in high]
+        opts.append(Option.of("rtn", bits=8, group_size=128))
+        return opts
+
+    return options
+
+
+def _gguf_menu(shape: tuple[int, int], method: str | None) -> list[Option]:
+    from ..quant.gguf_mix import fallback
+
+    seen: dict[str, Option] = {}
+    for t in GGUF_TYPES:
+        ft = fallback(t, shape[1])
+        if ft != "f16" and ft not in seen:
+            seen[ft] = Option.of(method or "gptq", grid=f"gguf:{ft}")
+    return list(seen.values())
+
+
+MENUS: dict[str, Callable[[tuple[int, int], str | None], list[Option]]] = {
+    "gptq": _grid_menu("gptq"),
+    "awq": _grid_menu("awq"),
+    "rtn": _grid_menu("rtn"),
+    "gptq-quick": _grid_menu("gptq", groups=(64,), high=()),  # the quick sweep's: a third of the encodings
+    "gguf": _gguf_menu,
+}
+# menus whose options carry the method the user picks (--method)
+TAKES_METHOD = {"gguf"}
+
+
+def check_menu(menu: str, method: str | None) -> None:
+    """Refuse an unknown menu or method before any work."""
+    if menu not in MENUS:
+        raise ValueError(f"unknown menu {menu!r}; known: {', '.join(MENUS)}")
+    if method is not None:
+        if menu not in TAKES_METHOD:
+            raise ValueError(f"--method applies to the {', '.join(sorted(TAKES_METHOD))} menu; the {menu} menu names its own")
+        get_codec(method)
+
+
+def options_for(menu: str, shape: tuple[int, int], method: str | None = None) -> list[Option]:
+    """The options of ``menu`` an (out, in) layer can take (those its codec accepts for the shape)."""
+    check_menu(menu, method)
+    out = []
+    for o in MENUS[menu](shape, method):
+        why = getattr(get_codec(o.method), "why_not_shape", None)
+        if why is None or why(shape, o.params) is None:
+            out.append(o)
+    return out
