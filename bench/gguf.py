@@ -14,6 +14,8 @@ On SmolLM2-135M, side by side in one run:
    ``llmpress quantize --gguf-mix MIX --method M`` for each method, exported with
    ``export --format gguf --type q8_0`` (the tied embedding as Q8_0: llama.cpp's own pick for
    SmolLM2). Every tensor then has the same type in both files, so the sizes match to the metadata.
+   For the mixes of ``--alloc-mixes``, also ``llmpress compress --target-bytes`` (the size of
+   llama.cpp's file) ``--menu gguf --method gptq``: llmpress's allocator choosing each linear's type.
    Each quantization is one fresh process: wall time and peak RSS (of llama-imatrix plus
    llama-quantize for llama.cpp; of quantize plus export for llmpress).
 4. KL of every file against the reference by ``llama-perplexity --kl-divergence`` on the evaluation
@@ -74,10 +76,34 @@ class Case:
         self.seconds += secs
         self.peak = max(self.peak, peak)
 
+    @property
+    def _cost_file(self) -> Path:
+        return self.path.with_suffix(".cost.json")
+
+    def save_cost(self) -> None:
+        """What making the file cost, kept beside it (a later run that reuses the file reports it)."""
+        self._cost_file.write_text(json.dumps({"seconds": self.seconds, "peak_rss_bytes": self.peak}))
+
+    def load_cost(self) -> None:
+        if self._cost_file.exists():
+            c = json.loads(self._cost_file.read_text())
+            self.seconds, self.peak = c["seconds"], c["peak_rss_bytes"]
+
     def row(self, n_weights: int) -> dict:
         size = self.path.stat().st_size
         return {"case": self.name, "file": str(self.path), "bytes": size, "bpw": 8 * size / n_weights,
                 "seconds": self.seconds, "peak_rss_bytes": self.peak, "kl": self.kl}
+
+
+def cached_kl(bin_dir: Path, ref: Path, gguf: Path, text: Path, ctx: int, chunks: int, threads: int, redo: bool) -> dict:
+    """llama_kl, kept beside the file (keyed by the text, the windows and the file's own mtime)."""
+    side = gguf.with_suffix(".kl.json")
+    key = f"{text.name}:{ctx}:{chunks}:{gguf.stat().st_mtime_ns}:{ref.stat().st_mtime_ns}"
+    known = json.loads(side.read_text()) if side.exists() else {}
+    if redo or key not in known:
+        known[key] = llama_kl(bin_dir, ref, gguf, text, ctx, chunks, threads)
+        side.write_text(json.dumps(known))
+    return known[key]
 
 
 def n_params(gguf_path: Path) -> int:
@@ -105,6 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mixes", default="q4_k_m,q3_k_m,q2_k")
     ap.add_argument("--methods", default="gptq,awq", help="llmpress methods per mix")
+    ap.add_argument("--alloc-mixes", default="q4_k_m", help="mixes at whose file size llmpress's allocator runs too ('': none)")
     ap.add_argument("--samples", type=int, default=64, help="calibration windows (both tools)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=512)
@@ -130,12 +157,14 @@ def main() -> None:
     calib = WORK / f"calib-{args.samples}x{args.seq_len}.txt"
     imatrix = WORK / f"imatrix-{args.samples}x{args.seq_len}.gguf"
     res["calib_tokens"] = calibration_text(MODEL, None, args.samples, args.seq_len, calib)
-    imat_cost = (0.0, 0)
+    imat_cost_file = imatrix.with_suffix(".cost.json")
     if args.redo or not imatrix.exists():
         imat_cost = timed([bin_dir / "llama-imatrix", "-m", ref, "-f", calib, "-o", imatrix, "-c", args.seq_len,
                            "--chunks", args.samples, "-b", args.seq_len, "-t", args.threads, "--no-repack",
                            "--no-ppl"], "llama-imatrix")[:2]
-        res["imatrix_seconds"], res["imatrix_peak_rss_bytes"] = imat_cost
+        imat_cost_file.write_text(json.dumps(imat_cost))
+    imat_cost = tuple(json.loads(imat_cost_file.read_text())) if imat_cost_file.exists() else (0.0, 0)
+    res["imatrix_seconds"], res["imatrix_peak_rss_bytes"] = imat_cost
     texts = {name: eval_text_file(name, args.ctx * args.chunks * 6, WORK) for name in args.texts.split(",")}
 
     env_threads = ["--device", "cpu"]
@@ -145,11 +174,13 @@ def main() -> None:
             c = Case(f"llama.cpp {MIX_FTYPE[mix]}" + (" + imatrix" if imat else ""),
                      WORK / f"llamacpp-{mix}{'-imat' if imat else ''}.gguf")
             if args.redo or not c.path.exists():
-                if imat:
+                if imat:  # the importance matrix is part of what this file cost
                     c.add(*imat_cost)
                 extra = ["--imatrix", imatrix] if imat else []
                 c.add(*timed([bin_dir / "llama-quantize", *extra, ref, c.path, MIX_FTYPE[mix], args.threads],
                              "llama-quantize")[:2])
+                c.save_cost()
+            c.load_cost()
             cases.append(c)
         for method in args.methods.split(","):
             folder = WORK / f"llmpress-{mix}-{method}"
@@ -160,10 +191,25 @@ def main() -> None:
                              "llmpress quantize")[:2])
                 c.add(*timed([*py, "export", folder, "-o", c.path, "--format", "gguf", "--type", "q8_0", "--force"],
                              "llmpress export")[:2])
+                c.save_cost()
+            c.load_cost()
+            cases.append(c)
+        if mix in args.alloc_mixes.split(","):  # the allocator, its menu llama.cpp's types, at the mix's file size
+            base = next(c for c in cases if c.name.endswith("imatrix"))
+            folder = WORK / f"llmpress-alloc-{mix}"
+            c = Case(f"llmpress allocation at {MIX_FTYPE[mix]}'s size, gptq", WORK / f"llmpress-alloc-{mix}.gguf")
+            if args.redo or not c.path.exists():
+                c.add(*timed([*py, "compress", MODEL, "-o", folder, "--target-bytes", base.path.stat().st_size,
+                              "--menu", "gguf", "--method", "gptq", "--kept-type", "q8_0", "--samples", args.samples,
+                              "--seq-len", args.seq_len, *env_threads, "--force"], "llmpress compress")[:2])
+                c.add(*timed([*py, "export", folder, "-o", c.path, "--format", "gguf", "--type", "q8_0", "--force"],
+                             "llmpress export")[:2])
+                c.save_cost()
+            c.load_cost()
             cases.append(c)
         for c in cases:
             for name, text in texts.items():
-                c.kl[name] = llama_kl(bin_dir, ref, c.path, text, args.ctx, args.chunks, args.threads)
+                c.kl[name] = cached_kl(bin_dir, ref, c.path, text, args.ctx, args.chunks, args.threads, args.redo)
         res["mixes"][mix] = [c.row(n_weights) for c in cases]
         _save(res)
         show_mix(mix, res["mixes"][mix], list(texts), file=sys.stderr)
