@@ -20,6 +20,7 @@ def compress(
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
+    rotate: bool = typer.Option(False, "--rotate", help="Rotate the residual stream by a fused orthogonal matrix first."),
 ) -> None:
     """Compress MODEL by a recipe (quantization, factorization or both, per layer) into OUT."""
     from ..io.atomic import OutputExistsError
@@ -28,7 +29,7 @@ def compress(
 
     try:
         r = Recipe.from_yaml(recipe)
-        res = run(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, device=device)
+        res = run(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, device=device, rotate=rotate)
     except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
         fail(str(e).strip("'\""))
     res.pop("layers", None)
