@@ -183,3 +183,20 @@ def test_rotated_gptq_exports_to_gguf(models, tmp_path) -> None:
     check = verify(g, out)
     assert check["max_abs_exact"] == 0.0 and not check["missing"]
     assert "output.weight" in check["layers"]  # the untied head
+
+
+def test_cli_rotate(models, tmp_path) -> None:
+    """``quantize --rotate`` and ``compress --rotate`` pass the rotation through (RTN streams the rotated tensors)."""
+    from typer.testing import CliRunner
+
+    from llmpress.cli import _load_commands, app
+
+    _load_commands()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(Recipe.uniform("rtn", bits=8, group_size=32).to_yaml())
+    for argv in (["quantize", str(models["qwen3"]), "-o", str(tmp_path / "a"), "--bits", "8", "--group-size", "32"],
+                 ["compress", str(models["qwen3"]), "-o", str(tmp_path / "b"), "--recipe", str(recipe)]):
+        res = CliRunner().invoke(app, [*argv, "--rotate"])
+        assert res.exit_code == 0, res.output
+        manifest = json.loads((Path(argv[3]) / "llmpress.json").read_text())
+        assert manifest["rotation"]["residual"]["construction"] == "sylvester(64)"
