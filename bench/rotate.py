@@ -78,12 +78,16 @@ def main() -> int:
                 res = llmpress.quantize(a.model, out, samples=a.samples, seq_len=a.seq_len, rotate=rot, progress=False,
                                         **CASES[c])
                 kl = {t: llmpress.evaluate(out, a.model, t, tokens=a.tokens)["kl_mean"] for t in texts}
-            cache[key] = {"bpw": res["bpw"], "seconds": res["seconds"], "kl": kl, "command": _command(a.model, CASES[c], v),
-                          "rotation": res.get("rotation")}
-            cache_file.parent.mkdir(exist_ok=True)
-            cache_file.write_text(json.dumps(cache, indent=1))
+            row = {"bpw": res["bpw"], "seconds": res["seconds"], "kl": kl, "command": _command(a.model, CASES[c], v),
+                   "rotation": res.get("rotation")}
+            cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}  # another run may have added rows
+            cache[key] = row
+            tmp_file = cache_file.with_suffix(".tmp")
+            tmp_file.write_text(json.dumps(cache, indent=1))
+            tmp_file.replace(cache_file)
             print(f"# done {c} {v}: {kl}", flush=True)
 
+    cache = json.loads(cache_file.read_text())
     print(f"\n| case | rotation | bpw | {' | '.join(f'KL {t}' for t in texts)} | KL mean | × unrotated | seconds |")
     print(f"|---|---|---|{'---|' * len(texts)}---|---|---|")
     for c in cases:
