@@ -1,6 +1,6 @@
 """Fused rotation before quantizing: KL to the original with and without ``--rotate``, side by side.
 
-    nice -n 19 .venv/bin/python bench/rotate.py                      # SmolLM2-135M: GPTQ 3-bit g64, 2-bit g64, Q3_K_M mix
+    nice -n 19 .venv/bin/python bench/rotate.py                      # SmolLM2-135M: GPTQ 3-bit g64, 2-bit g64, Q3_K_M mix (8×512 calibration)
     nice -n 19 .venv/bin/python bench/rotate.py --cases gptq3 --variants none,residual,full
 
 Each case is quantized once per variant — ``none`` (no rotation), ``residual`` (the residual
@@ -47,7 +47,7 @@ def main() -> int:
     ap.add_argument("--variants", default="none,residual,full")
     ap.add_argument("--texts", default="debian-handbook,linux-doc")
     ap.add_argument("--tokens", type=int, default=8192, help="scored tokens per text")
-    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=8, help="calibration windows (bench/quant.py's protocol)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0, help="the rotation's seed")
     a = ap.parse_args()
