@@ -78,7 +78,9 @@ def main() -> int:
                 res = llmpress.quantize(a.model, out, samples=a.samples, seq_len=a.seq_len, rotate=rot, progress=False,
                                         **CASES[c])
                 kl = {t: llmpress.evaluate(out, a.model, t, tokens=a.tokens)["kl_mean"] for t in texts}
-            row = {"bpw": res["bpw"], "seconds": res["seconds"], "kl": kl, "command": _command(a.model, CASES[c], v),
+            quant = [r for r in res["layers"].values() if r["codec"] != "keep"]
+            row = {"bpw": res["bpw"], "bpw_quantized": sum(r["bits"] for r in quant) / sum(r["numel"] for r in quant),
+                   "bytes_out": res["bytes_out"], "seconds": res["seconds"], "kl": kl, "command": _command(a.model, CASES[c], v),
                    "rotation": res.get("rotation")}
             cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}  # another run may have added rows
             cache[key] = row
@@ -100,6 +102,8 @@ def main() -> int:
             kls = " | ".join(f"{r['kl'][t]:.4f}" for t in texts)
             print(f"| {c} | {v} | {r['bpw']:.3f} | {kls} | {mean:.4f} "
                   f"| {ratio} | {r['seconds']:.0f} |")
+    print("\nbpw counts every linear kept as stored: a rotated tied model whose final norm is not the identity "
+          "stores an untied head (vocab × hidden, the source's dtype), which the unrotated tied model does not.")
     print("\ncommands:")
     for c in cases:
         for v in variants:
