@@ -93,9 +93,15 @@ class _Plan:
         return any(get_codec(c).needs_stats for c, _ in self.rules.values())
 
 
-def _plan(model: nn.Module, recipe: Recipe) -> _Plan:
+def _plan(model: nn.Module, recipe: Recipe, keep_all_ok: bool = False) -> _Plan:
+    """``keep_all_ok``: a recipe that keeps every layer is accepted (a rotation alone changes the model)."""
     names = sk.linear_names(model)
-    recipe.validate(names)
+    if keep_all_ok:
+        for r in recipe.rules:
+            if r.method != KEEP:
+                get_codec(r.method)
+    else:
+        recipe.validate(names)
     dense = moe.kept_dense(model)  # an MoE's routers and gates stay as they are
     if dense:
         log.info("kept dense (MoE routers, gates): %s", ", ".join(sorted(dense)[:4]) + (" …" if len(dense) > 4 else ""))
@@ -174,8 +180,12 @@ def compress(
     device: str | torch.device | None = "cpu",
     workers: int = 1,
     address: str | None = None,
+    rotate: Any = None,
 ) -> dict[str, Any]:
     """Compress ``model`` by ``recipe`` into the folder ``out`` (see ``llmpress.io.folder``).
+    ``rotate`` (True, a dict or a :class:`llmpress.quant.rotate.RotateSpec`): an orthogonal rotation
+    of the residual stream fused into the weights as they are read (statistics are gathered on the
+    rotated model; the folder holds the rotated weights and records the rotation).
     ``device``: cpu | cuda | auto, where blocks, activations and the codecs' work go.
     ``workers`` > 1 or ``address``: a mixture of experts' calibrated expert linears are encoded
     in Ray tasks (``llmpress.cluster``), with the same results as in one process.
@@ -193,7 +203,14 @@ def compress(
     store = TensorStore(src)
     cfg = sk.folder_config(src.folder)
     skel = sk.build_meta(cfg)
-    plan = _plan(skel, recipe)
+    out_config = source_config(src)
+    rotation = _rotation(skel, store, rotate)
+    if rotation is not None:
+        store = rotation.wrap(store)
+        if rotation.untie:  # the head gets its own tensor
+            cfg.tie_word_embeddings = out_config["tie_word_embeddings"] = False
+            skel = sk.build_meta(cfg)
+    plan = _plan(skel, recipe, keep_all_ok=rotation is not None)
     if trial_blocks is not None and (trial_blocks < 1 or not plan.needs_stats):
         raise ValueError("trial blocks: give N ≥ 1, with a method that calibrates block by block (gptq, awq); "
                          "the others stream tensor by tensor")
@@ -228,9 +245,10 @@ def compress(
             "bytes_in": bytes_in,
             "layers": layers,
             "versions": _versions(),
+            **({"rotation": rotation.record()} if rotation is not None else {}),
             **(extra_meta or {}),
         }
-        manifest = writer.finish(src.folder, source_config(src), summary)
+        manifest = writer.finish(src.folder, out_config, summary)
     seconds = time.perf_counter() - t0
     summary.update(
         bytes_out=manifest["bytes_out"],
@@ -250,6 +268,14 @@ def compress(
             "extrapolated_seconds": seconds + (total - done) * per,
             "note": "trial run: nothing written; extrapolated = this run + the remaining blocks at the mean seconds per block"})
     return summary
+
+
+def _rotation(skel: nn.Module, store: TensorStore, rotate: Any) -> Any:
+    """The planned rotation (``quant/rotate.py``) or None; refuses an unsupported family before any work."""
+    from .quant.rotate import RotateSpec, plan
+
+    spec = RotateSpec.of(rotate)
+    return None if spec is None else plan(skel, store, spec)
 
 
 @contextlib.contextmanager

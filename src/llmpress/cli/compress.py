@@ -26,6 +26,7 @@ def compress(
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
+    rotate: bool = typer.Option(False, "--rotate", help="Rotate the residual stream by a fused orthogonal matrix first."),
 ) -> None:
     """Compress MODEL by a recipe, or by the per-layer allocation that fits a target size, into OUT."""
     from ..io.atomic import OutputExistsError
@@ -35,10 +36,12 @@ def compress(
     given = [x for x in (recipe, target_bpw, target_bytes) if x is not None]
     if len(given) != 1:
         fail("give exactly one of --recipe, --target-bpw, --target-bytes")
+    if rotate and recipe is None:
+        fail("--rotate goes with --recipe (the allocation measures its sensitivities on the model as stored)")
     try:
         if recipe is not None:
             res = run(model, Recipe.from_yaml(recipe), out, calib=calib, samples=samples, seq_len=seq_len, force=force,
-                      device=device)
+                      device=device, rotate=rotate)
         else:
             from ..sweep.mixed import compress_to_target
 

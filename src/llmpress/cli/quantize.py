@@ -53,6 +53,9 @@ def quantize(
                                                help="gptq/awq: quantize only the first N blocks to time them and "
                                                     "write NOTHING to OUT; prints seconds per block and the whole "
                                                     "run's time extrapolated (to size a long run)."),
+    rotate: bool = typer.Option(False, "--rotate", help="Rotate the residual stream (and each head's V→O path) by a "
+                                                       "seeded randomized Hadamard fused into the weights first: "
+                                                       "the same architecture, outliers spread before quantizing."),
     as_json: bool = JSON_OPT,
     workers: int = typer.Option(1, "--workers", help="A mixture of experts: encode its experts in Ray tasks, N CPUs "
                                                      "(the same output as one process)."),
@@ -68,7 +71,7 @@ def quantize(
     try:
         res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
                   samples=samples, seq_len=seq_len, force=force, trial_blocks=trial_blocks, device=device,
-                  workers=workers, address=address, gguf_mix=gguf_mix, **opts)
+                  workers=workers, address=address, gguf_mix=gguf_mix, rotate=rotate, **opts)
     except (OutputExistsError, FileNotFoundError, ValueError, KeyError, ClusterError) as e:
         fail(str(e).strip("'\""))
     res.pop("layers", None)

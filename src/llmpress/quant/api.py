@@ -59,13 +59,15 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: i
              recipe: str | Path | Recipe | dict | None = None, calib: str | None = None, samples: int = 128,
              seq_len: int = 512, force: bool = False, progress: bool = True, trial_blocks: int | None = None,
              device: str | None = "cpu", workers: int = 1, address: str | None = None, gguf_mix: str | None = None,
-             **grid_opts: Any) -> dict[str, Any]:
+             rotate: Any = False, **grid_opts: Any) -> dict[str, Any]:
     """Quantize ``model`` into the folder ``out``; returns the runner's summary (``bpw``,
     ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``peak_rss_bytes``, ``layers``).
     ``trial_blocks=N`` (gptq, awq): time the first N blocks and write nothing (see
     :func:`llmpress.pipeline.compress`). ``device``: cpu | cuda | auto (see :mod:`llmpress.device`).
     ``gguf_mix=q4_k_m|q3_k_m|q2_k``: llama.cpp's type per linear for that mix (see
-    :mod:`llmpress.quant.gguf_mix`), ``method`` on each; excludes ``recipe``, ``bits``, ``group_size``, ``grid``."""
+    :mod:`llmpress.quant.gguf_mix`), ``method`` on each; excludes ``recipe``, ``bits``, ``group_size``, ``grid``.
+    ``rotate=True`` (or ``{"seed": 0, "kind": "auto", "heads": True}``): rotate the residual stream
+    (and each attention head's V→O path) by a fused orthogonal matrix first (:mod:`llmpress.quant.rotate`)."""
     from ..pipeline import compress
 
     if gguf_mix is not None:
@@ -80,4 +82,4 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: i
     log.info("quantize %s → %s with %d rule(s)", model, out, len(r.rules))
     return compress(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, progress=progress,
                     extra_meta={"command": "quantize", **({"gguf_mix": gguf_mix.lower()} if gguf_mix else {})}, trial_blocks=trial_blocks, device=device, workers=workers,
-                    address=address)
+                    address=address, rotate=rotate)

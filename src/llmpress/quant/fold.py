@@ -84,6 +84,13 @@ _GEMMA = (
     FoldPattern("self_attn.v_proj", ("self_attn.o_proj",), "attn_v"),
     FoldPattern("mlp.up_proj", ("mlp.down_proj",), "linear"),
 )
+# Gemma (1): (1 + γ) norms like Gemma 2/3, but Llama's block (the MLP reads post_attention_layernorm)
+_GEMMA1 = (
+    FoldPattern("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm", offset=1.0),
+    FoldPattern("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm", offset=1.0),
+    FoldPattern("self_attn.v_proj", ("self_attn.o_proj",), "attn_v"),
+    FoldPattern("mlp.up_proj", ("mlp.down_proj",), "linear"),
+)
 # Phi-3: fused qkv_proj and gate_up_proj (gate rows first, up rows second)
 _PHI3 = (
     FoldPattern("input_layernorm", ("self_attn.qkv_proj",), "norm"),
@@ -110,7 +117,7 @@ _OPT = (
 # modules exist and its checks pass, so it never folds wrongly, at worst not at all)
 FOLDS: dict[str, tuple[FoldPattern, ...]] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "gemma2": _GEMMA, "gemma3_text": _GEMMA,
+    "gemma": _GEMMA1, "gemma2": _GEMMA, "gemma3_text": _GEMMA,
     "phi3": _PHI3, "gpt2": _GPT2, "opt": _OPT,
 }
 PATTERNS = _LLAMA  # the default

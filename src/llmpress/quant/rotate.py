@@ -1,0 +1,329 @@
+"""Rotations that stay a plain model: an orthogonal Q fused into the weights (QuaRot's residual rotation).
+
+In a pre-norm transformer with RMSNorm every block reads the residual stream h through a norm
+and adds its output back. With row vectors (a linear computes y = x Wᵀ + b) and Q orthogonal:
+
+- RMSNorm commutes with Q once its scale is folded out: rms(h Q) = rms(h), so with γ = 1 the norm
+  of the rotated stream h Q is x̂ Q. The scale goes into every linear reading the norm's output:
+  x̂ diag(γ) Wᵀ = (x̂ Q)(W diag(γ) Q)ᵀ, so a **reader** W ← W diag(γ) Q (q/k/v, gate/up, the head
+  after the final norm; Gemma's x̂ (1 + γ): diag(1 + γ), γ ← 0);
+- a **writer** (o_proj, down_proj) adds y = z Wᵀ + b to the stream, which must become y Q:
+  W ← Qᵀ W, b ← b Q;
+- the **embedding** writes the stream: E ← E Q (Gemma's √hidden scale is a scalar, it commutes).
+
+Nothing else sees the residual, so the logits are unchanged (up to rounding), and the model is
+the same architecture with new weights: GPTQ, exports, loading and recovery need no change.
+The readers' outputs (q, k, v, gate, up) are in their original basis, so Qwen3's q/k norms and
+the biases of readers are untouched. A tied embedding and head share E: the head needs
+E diag(γ_final) Q and the embedding E Q, equal only when the final norm's scale is 1 — otherwise
+the head is **untied** (its own tensor, ``tie_word_embeddings`` false in the written config).
+
+Optionally (``heads``) a second rotation R (head_dim × head_dim) per attention head between
+v_proj and o_proj: attention mixes tokens, not channels, so v_h ← v_h R (v_proj's rows of head h:
+W ← Rᵀ W, b ← b R) and o_proj's input columns of every query head ← W R (grouped-query heads
+read the same R). The MLP's hidden width cannot be rotated this way (act(gate) ⊙ up is not
+rotation-equivariant: QuaRot puts an online Hadamard before down_proj), nor can a LayerNorm
+stream (GPT-2, OPT: the mean subtraction needs QuaRot's centering), nor Gemma 2/3's norms on the
+blocks' outputs (they scale o_proj's and down_proj's outputs per channel before the residual
+add): those families are refused before any work.
+
+Every transform runs in float64 and is cast back to the stored dtype, one tensor at a time as the
+runner reads it (:class:`RotatedStore` wraps a ``TensorStore``): the rotated model is never
+materialized whole. Per-family knowledge is data: the norms and their readers come from
+``fold.FOLDS`` (its ``norm`` patterns, their offsets; the ``attn_v`` pattern for heads), what
+writes the residual and which norms stay from :data:`RESIDUAL`.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .fold import PRODUCER_ROWS, patterns_for
+from .hadamard import Orthogonal, orthogonal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Residual:
+    """Who else touches a family's residual stream, by module name inside a block (readers and
+    their norms are ``fold.FOLDS``' ``norm`` patterns)."""
+
+    writers: tuple[str, ...]             # block linears whose output is added to the stream
+    final_norm: str = "model.norm"       # the norm before the head (full name)
+    inner_norms: tuple[str, ...] = ()    # norms that act inside a block, not on the stream
+
+
+_LLAMA = Residual(("self_attn.o_proj", "mlp.down_proj"))
+RESIDUAL: dict[str, Residual] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA,
+    "qwen3": Residual(("self_attn.o_proj", "mlp.down_proj"), inner_norms=("self_attn.q_norm", "self_attn.k_norm")),
+    "phi3": Residual(("self_attn.o_proj", "mlp.down_proj")),
+}
+_LAYERNORM = "its LayerNorm subtracts the mean, which a fused rotation does not commute with (QuaRot's centering is not done here)"
+_SANDWICH = ("its norms on the blocks' outputs (post_attention_layernorm, post_feedforward_layernorm) scale o_proj's "
+             "and down_proj's outputs per channel before the residual add; no fused rotation passes them")
+REFUSED: dict[str, str] = {"gpt2": _LAYERNORM, "opt": _LAYERNORM, "gemma2": _SANDWICH, "gemma3_text": _SANDWICH}
+
+
+@dataclass(frozen=True)
+class RotateSpec:
+    """What ``--rotate`` asks for: the residual rotation, and with ``heads`` the per-head V→O one."""
+
+    seed: int = 0
+    kind: str = "auto"   # auto (Hadamard where a construction exists) | hadamard | random
+    heads: bool = True
+
+    @classmethod
+    def of(cls, value: bool | dict | RotateSpec | None) -> RotateSpec | None:
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, RotateSpec):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {"seed", "kind", "heads"}
+            if unknown:
+                raise ValueError(f"rotate: unknown option(s) {sorted(unknown)} (seed, kind, heads)")
+            return cls(**value)
+        raise ValueError(f"rotate: give True, a dict or a RotateSpec, got {value!r}")
+
+
+class UnsupportedRotation(ValueError):
+    pass
+
+
+def _unsupported(why: str) -> UnsupportedRotation:
+    return UnsupportedRotation(f"unsupported: rotate: {why}")
+
+
+# ---- the transforms (float64, on a tensor as stored) -------------------------------------------
+
+Step = tuple[str, dict[str, Any]]  # (name in STEPS, arguments)
+
+
+def _right(t: Tensor, m: Tensor) -> Tensor:
+    return t @ m
+
+
+def _reader(t: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """(out, in) W ← W diag(scale) Q."""
+    return (t * scale) @ q
+
+
+def _writer(t: Tensor, q: Tensor) -> Tensor:
+    """(out=hidden, in) W ← Qᵀ W; a bias (hidden,) ← b Q."""
+    return q.T @ t if t.dim() == 2 else t @ q
+
+
+def _per_head_rows(t: Tensor, r: Tensor, rows: slice) -> Tensor:
+    """The rows ``rows`` (heads × hd of them) of a weight (each head's block ← Rᵀ W_h) or a bias (b_h ← b_h R)."""
+    hd = r.shape[0]
+    out = t.clone()
+    part = t[rows]
+    if t.dim() == 2:
+        out[rows] = torch.einsum("ji,hjc->hic", r, part.reshape(-1, hd, part.shape[1])).reshape(part.shape)
+    else:
+        out[rows] = (part.reshape(-1, hd) @ r).reshape(part.shape)
+    return out
+
+
+def _per_head_cols(t: Tensor, r: Tensor) -> Tensor:
+    """(out, heads·hd) W: each head's columns ← W_h R."""
+    hd = r.shape[0]
+    return (t.reshape(t.shape[0], -1, hd) @ r).reshape(t.shape)
+
+
+def _constant(t: Tensor, value: float) -> Tensor:
+    return torch.full_like(t, value)
+
+
+STEPS: dict[str, Callable[..., Tensor]] = {
+    "right": _right, "reader": _reader, "writer": _writer, "head_rows": _per_head_rows,
+    "head_cols": _per_head_cols, "constant": _constant,
+}
+ROW_WISE = {"right", "reader", "head_cols", "constant"}  # steps acting on each row alone: run in row chunks
+_CHUNK = 1 << 22  # float64 elements per row chunk (32 MiB)
+
+
+def apply_steps(t: Tensor, steps: list[Step]) -> Tensor:
+    """The steps applied in float64, cast back to ``t``'s dtype; row by row chunks when every
+    step acts on rows alone (an embedding of 128k × 4096 never exists whole in float64)."""
+    def run(x: Tensor) -> Tensor:
+        x = x.to(torch.float64)
+        for name, kw in steps:
+            x = STEPS[name](x, **kw)
+        return x.to(t.dtype)
+
+    if t.dim() == 2 and all(n in ROW_WISE for n, _ in steps) and t.numel() > _CHUNK:
+        rows = max(1, _CHUNK // t.shape[1])
+        return torch.cat([run(t[i : i + rows]) for i in range(0, t.shape[0], rows)])
+    return run(t)
+
+
+# ---- the plan --------------------------------------------------------------------------------
+
+@dataclass
+class Rotation:
+    """The rotation of one model: the steps of each stored tensor it changes."""
+
+    q: Orthogonal
+    r: Orthogonal | None
+    steps: dict[str, list[Step]] = field(default_factory=dict)  # state key -> steps
+    sources: dict[str, str] = field(default_factory=dict)       # key not stored -> the stored key it comes from
+    untie: bool = False
+
+    def record(self) -> dict[str, Any]:
+        return {"residual": self.q.record(), "heads": None if self.r is None else self.r.record(),
+                "untied_head": self.untie}
+
+    def wrap(self, store: Any) -> RotatedStore:
+        return RotatedStore(store, self)
+
+
+class RotatedStore:
+    """A ``TensorStore`` whose tensors come out rotated (each one as it is read)."""
+
+    def __init__(self, base: Any, rotation: Rotation):
+        self.base, self.rotation = base, rotation
+        self.files = base.files
+        self.where = dict(base.where)
+        for k, src in rotation.sources.items():
+            self.where[k] = base.where[src]
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> Tensor:
+        t = self.base.get(self.rotation.sources.get(name, name))
+        steps = self.rotation.steps.get(name)
+        return t if not steps else apply_steps(t, steps)
+
+    def items(self) -> Iterator[tuple[str, Tensor]]:
+        for k in self.keys():
+            yield k, self.get(k)
+
+
+def _is_rms(norm: nn.Module) -> bool:
+    return type(norm).__name__.endswith("RMSNorm") and [n for n, _ in norm.named_parameters(recurse=False)] == ["weight"]
+
+
+def why_not(skel: nn.Module) -> str | None:
+    """Why ``skel``'s family cannot be rotated here (None when it can); from the config and the
+    module tree alone."""
+    from .. import skeleton as sk
+
+    mt = getattr(skel.config, "model_type", None)
+    if mt in REFUSED:
+        return f"{mt}: {REFUSED[mt]}"
+    if mt not in RESIDUAL:
+        return f"{mt}: no residual-stream table for this family (quant/rotate.py RESIDUAL)"
+    fam = RESIDUAL[mt]
+    try:
+        _, blocks = sk.blocks_of(skel)
+    except ValueError as e:
+        return str(e)
+    norms = [p for p in patterns_for(skel.config) if p.kind == "norm"]
+    for block in blocks:
+        mods = dict(block.named_modules())
+        known = {*fam.writers, *(c for p in norms for c in p.consumers)}
+        for n, m in mods.items():
+            if sk.is_linear(m) and n not in known:
+                return f"{mt}: block linear {n} is neither a reader nor a writer of the residual stream in the tables"
+            if "norm" in type(m).__name__.lower() and next(m.children(), None) is None \
+                    and n not in {p.producer for p in norms} and n not in fam.inner_norms:
+                return f"{mt}: block norm {n} is not one the tables fold"
+        for p in norms:
+            if p.producer not in mods or not all(c in mods for c in p.consumers):
+                return f"{mt}: block lacks {p.producer} → {p.consumers}"
+            if not _is_rms(mods[p.producer]):
+                return f"{mt}: {p.producer} is {type(mods[p.producer]).__name__}, not an RMSNorm with a scale alone"
+        if not all(w in mods for w in fam.writers):
+            return f"{mt}: block lacks a writer of {fam.writers}"
+    names = dict(skel.named_modules())
+    if fam.final_norm not in names or not _is_rms(names[fam.final_norm]):
+        return f"{mt}: no RMSNorm {fam.final_norm} before the head"
+    if skel.get_input_embeddings() is None or skel.get_output_embeddings() is None:
+        return f"{mt}: no input or output embedding"
+    return None
+
+
+def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
+    """The rotation of the model ``skel`` (on meta) whose tensors ``store`` holds. Refuses, as
+    ``unsupported: rotate: <why>``, a family it does not handle, before any work. Reads the
+    final norm's scale (to decide whether a tied head must be untied)."""
+    from .. import skeleton as sk
+
+    why = why_not(skel)
+    if why is not None:
+        raise _unsupported(why)
+    cfg = skel.config
+    fam = RESIDUAL[cfg.model_type]
+    names = {m: n for n, m in skel.named_modules()}
+    emb, head = names[skel.get_input_embeddings()], names[skel.get_output_embeddings()]
+    hidden = skel.get_input_embeddings().weight.shape[1]
+    q = orthogonal(hidden, spec.seed, spec.kind)
+    Q = q.matrix
+    pats = patterns_for(cfg)
+    norms = [p for p in pats if p.kind == "norm"]
+    attn_v = next((p for p in pats if p.kind == "attn_v"), None)
+    blocks_name, blocks = sk.blocks_of(skel)
+    r = None
+    if spec.heads:
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if attn_v is None:
+            raise _unsupported(f"{cfg.model_type}: no v → o pattern for the head rotation (give heads=False)")
+        r = orthogonal(int(hd), spec.seed + 1, spec.kind)
+    rot = Rotation(q, r)
+    steps = rot.steps
+
+    def add(key: str, step: Step) -> None:
+        steps.setdefault(key, []).append(step)
+
+    def scale_of(key: str, offset: float) -> Tensor:
+        return store.get(key).to(torch.float64) + offset
+
+    add(f"{emb}.weight", ("right", {"m": Q}))
+    for i, block in enumerate(blocks):
+        bp = f"{blocks_name}.{i}."
+        mods = dict(block.named_modules())
+        for p in norms:
+            gamma = scale_of(f"{bp}{p.producer}.weight", p.offset)
+            add(f"{bp}{p.producer}.weight", ("constant", {"value": 1.0 - p.offset}))
+            for c in p.consumers:
+                add(f"{bp}{c}.weight", ("reader", {"q": Q, "scale": gamma}))
+        for w in fam.writers:
+            add(f"{bp}{w}.weight", ("writer", {"q": Q}))
+            if getattr(mods[w], "bias", None) is not None:
+                add(f"{bp}{w}.bias", ("writer", {"q": Q}))
+        if r is not None and attn_v is not None:
+            R = r.matrix
+            o = attn_v.consumers[0]
+            o_in = sk.linear_weight(mods[o]).shape[1]
+            p_out = sk.linear_weight(mods[attn_v.producer]).shape[0]
+            rows = PRODUCER_ROWS[attn_v.rows](p_out, o_in) if attn_v.rows else slice(0, p_out)
+            add(f"{bp}{attn_v.producer}.weight", ("head_rows", {"r": R, "rows": rows}))
+            if getattr(mods[attn_v.producer], "bias", None) is not None:
+                add(f"{bp}{attn_v.producer}.bias", ("head_rows", {"r": R, "rows": rows}))
+            add(f"{bp}{o}.weight", ("head_cols", {"r": R}))
+    offset = next((p.offset for p in norms), 0.0)
+    g_final = scale_of(f"{fam.final_norm}.weight", offset)
+    add(f"{fam.final_norm}.weight", ("constant", {"value": 1.0 - offset}))
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    if tied and bool((g_final == 1).all()):
+        log.info("rotate: the final norm's scale is 1: the tied embedding E Q serves the head too")
+    else:
+        if tied:
+            rot.untie = True
+            log.info("rotate: the head reads E diag(γ_final) Q, the embedding E Q: the head is untied (its own tensor)")
+        if f"{head}.weight" not in store.where:
+            rot.sources[f"{head}.weight"] = f"{emb}.weight"
+        add(f"{head}.weight", ("reader", {"q": Q, "scale": g_final}))
+    log.info("rotate: residual %s%s", q.record(), "" if r is None else f", heads {r.record()}")
+    return rot

@@ -1,0 +1,202 @@
+"""Fused rotations (quant/rotate.py, quant/hadamard.py): the Hadamard constructions, the exactness of
+the residual (and V→O head) rotation on every family it handles, tied heads, refusals before any
+work, and a rotated GPTQ model through the ordinary loader and the GGUF export."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmpress
+from llmpress.quant import hadamard as hd
+from llmpress.recipe import Recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from families import FAMILIES, VOCAB, build  # noqa: E402
+
+IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+KEEP_ALL = Recipe.from_dict({"rules": [{"match": ".*", "method": "keep"}]})
+
+
+# ---- Hadamard matrices -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 8, 12, 20, 24, 28, 36, 44, 60, 64, 96, 576])
+def test_hadamard_orders(n: int) -> None:
+    h = hd.hadamard(n)
+    assert h is not None and h.shape == (n, n)
+    assert bool(((h == 1) | (h == -1)).all())
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+
+
+def test_hadamard_constructions() -> None:
+    assert hd.construction(576) == ("paley2", 17, 16)  # SmolLM2's hidden: 36 × 16
+    assert hd.construction(896) == ("paley2", 13, 32)  # Qwen2.5-0.5B's: 28 × 32
+    assert hd.construction(52) is None and hd.hadamard(52) is None  # 52: 25 and 51 are not prime
+    with pytest.raises(ValueError, match="prime"):
+        hd.paley1(15)
+    with pytest.raises(ValueError, match="prime"):
+        hd.paley2(11)  # 11 ≡ 3 (mod 4): Paley I's
+
+
+def test_orthogonal_seeded_and_fallback() -> None:
+    a, b, c = hd.orthogonal(36, seed=1), hd.orthogonal(36, seed=1), hd.orthogonal(36, seed=2)
+    assert a.kind == "hadamard" and torch.equal(a.matrix, b.matrix) and not torch.equal(a.matrix, c.matrix)
+    assert torch.allclose(a.matrix.abs(), torch.full((36, 36), 1 / 6, dtype=torch.float64))
+    r = hd.orthogonal(52, seed=0)
+    assert r.kind == "random" and r.record()["construction"] == "qr(gaussian)"
+    assert torch.allclose(r.matrix @ r.matrix.T, torch.eye(52, dtype=torch.float64), atol=1e-12)
+    assert hd.orthogonal(64, kind="random").kind == "random"
+    with pytest.raises(ValueError, match="no Hadamard"):
+        hd.orthogonal(52, kind="hadamard")
+
+
+# ---- exactness on the families -------------------------------------------------------------------
+
+def _logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.double()
+
+
+def _hf(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def _gemma1(out: Path, tokenizer_dir: Path) -> Path:
+    """Gemma (1): (1 + γ) norms, √hidden embedding scale, tied head; no norms on the blocks' outputs."""
+    from transformers import AutoTokenizer, GemmaConfig, GemmaForCausalLM
+
+    from families import small_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(small_tokenizer(tokenizer_dir, out)))
+    cfg = GemmaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    return _save_with_spread_norms(GemmaForCausalLM(cfg), out)
+
+
+def _llama(out: Path, tokenizer_dir: Path, hidden: int, tied: bool) -> Path:
+    """A Llama whose hidden width is not a power of two (48 = Paley I(11) × 4; 52: no construction)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from families import small_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(small_tokenizer(tokenizer_dir, out)))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=tied,
+                      attention_bias=True, mlp_bias=True)  # writer biases (o, down) rotate too
+    return _save_with_spread_norms(LlamaForCausalLM(cfg), out)
+
+
+def _save_with_spread_norms(model, out: Path) -> Path:
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval().save_pretrained(out, safe_serialization=True)
+    return out
+
+
+ROTATABLE = ["llama3", "qwen2.5", "qwen3", "phi3", "mistral"]
+
+
+@pytest.fixture(scope="module")
+def models(smollm_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rot")
+    made = {n: build(n, root / n, smollm_dir) for n in ROTATABLE}
+    made["gemma"] = _gemma1(root / "gemma", smollm_dir)
+    made["llama48"] = _llama(root / "llama48", smollm_dir, 48, tied=False)
+    made["llama52"] = _llama(root / "llama52", smollm_dir, 52, tied=True)
+    return made
+
+
+@pytest.mark.parametrize("name", [*ROTATABLE, "gemma", "llama48", "llama52"])
+def test_rotation_is_exact(models, name: str, tmp_path) -> None:
+    """A rotated model kept unquantized computes the original's logits, through llmpress.load and
+    from_pretrained; norms are the identity, the rotation is recorded, a tied head with a final
+    norm ≠ 1 is untied."""
+    orig = models[name]
+    out = tmp_path / "rot"
+    res = llmpress.compress(orig, KEEP_ALL, out, rotate=True, progress=False)
+    rec = res["rotation"]
+    assert rec["residual"]["kind"] == ("random" if name == "llama52" else "hadamard")
+    assert rec["heads"]["kind"] == "hadamard" if name not in ("llama48", "llama52") else rec["heads"]["order"] == 12
+    ref = _logits(_hf(orig))
+    for model in (llmpress.load(out), _hf(out)):
+        got = _logits(model)
+        assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    cfg_in, cfg_out = (json.loads((p / "config.json").read_text()) for p in (orig, out))
+    assert rec["untied_head"] == bool(cfg_in.get("tie_word_embeddings", False))  # every norm here has spread
+    assert not cfg_out.get("tie_word_embeddings", False)
+    manifest = json.loads((out / "llmpress.json").read_text())
+    assert manifest["rotation"] == rec
+    from safetensors import safe_open
+
+    offset = 1.0 if name == "gemma" else 0.0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        norms = [k for k in f.keys() if k.endswith("norm.weight") and "q_norm" not in k and "k_norm" not in k]
+        assert norms and all(torch.equal(f.get_tensor(k), torch.full_like(f.get_tensor(k), 1 - offset)) for k in norms)
+
+
+def test_rotation_without_heads_and_a_tied_identity_norm(tiny_llama_dir, tmp_path) -> None:
+    """A tied model whose final norm is 1 stays tied (E Q serves embedding and head); heads=False
+    leaves v_proj's rows in the residual rotation alone."""
+    out = tmp_path / "rot"
+    res = llmpress.compress(tiny_llama_dir, KEEP_ALL, out, rotate={"heads": False, "seed": 5}, progress=False)
+    assert res["rotation"]["heads"] is None and not res["rotation"]["untied_head"]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"]
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref, got = _logits(_hf(tiny_llama_dir), ids), _logits(llmpress.load(out), ids)
+    assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "gemma2"])
+def test_refused_before_any_work(smollm_dir, tmp_path, name: str) -> None:
+    orig = build(name, tmp_path / name, smollm_dir)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"^unsupported: rotate: "):
+        llmpress.quantize(orig, out, method="gptq", bits=4, group_size=32, rotate=True, samples=2, seq_len=16,
+                          progress=False)
+    assert not out.exists()
+
+
+def test_rotated_gptq_exports_to_gguf(models, tmp_path) -> None:
+    """GPTQ on the rotated model (its statistics gathered on it): an ordinary folder that loads and
+    exports to GGUF exactly (gguf-py reads every tensor back equal to llmpress's decode); 8-bit
+    codes stay next to the original."""
+    from llmpress.targets.gguf_verify import verify
+
+    orig, out = models["llama3"], tmp_path / "q"
+    res = llmpress.quantize(orig, out, method="gptq", grid="gguf:q8_0", rotate=True, samples=4, seq_len=32,
+                            progress=False)
+    assert res["rotation"]["untied_head"]
+    ref, got = _logits(_hf(orig)), _logits(llmpress.load(out))
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl.item() < 1e-3
+    g = tmp_path / "m.gguf"
+    llmpress.export(out, str(g), format="gguf")
+    check = verify(g, out)
+    assert check["max_abs_exact"] == 0.0 and not check["missing"]
+    assert "output.weight" in check["layers"]  # the untied head
+
+
+def test_cli_rotate(models, tmp_path) -> None:
+    """``quantize --rotate`` and ``compress --rotate`` pass the rotation through (RTN streams the rotated tensors)."""
+    from typer.testing import CliRunner
+
+    from llmpress.cli import _load_commands, app
+
+    _load_commands()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(Recipe.uniform("rtn", bits=8, group_size=32).to_yaml())
+    for argv in (["quantize", str(models["qwen3"]), "-o", str(tmp_path / "a"), "--bits", "8", "--group-size", "32"],
+                 ["compress", str(models["qwen3"]), "-o", str(tmp_path / "b"), "--recipe", str(recipe)]):
+        res = CliRunner().invoke(app, [*argv, "--rotate"])
+        assert res.exit_code == 0, res.output
+        manifest = json.loads((Path(argv[3]) / "llmpress.json").read_text())
+        assert manifest["rotation"]["residual"]["construction"] == "sylvester(64)"
