@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, kv_table
 
 
 @app.command()
@@ -22,15 +22,11 @@ def compress(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Compress MODEL by a recipe (quantization, factorization or both, per layer) into OUT."""
-    from ..io.atomic import OutputExistsError
     from ..pipeline import compress as run
     from ..recipe import Recipe
 
-    try:
-        r = Recipe.from_yaml(recipe)
-        res = run(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, device=device)
-    except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
-        fail(str(e).strip("'\""))
+    r = Recipe.from_yaml(recipe)
+    res = run(model, r, out, calib=calib, samples=samples, seq_len=seq_len, force=force, device=device)
     res.pop("layers", None)
 
     def show(res: dict[str, Any]) -> None:

@@ -37,12 +37,9 @@ def limit_cmd(
 
     if max_kl <= 0:
         fail("--max-kl must be positive")
-    try:
-        s = limit(model, out, budget=budget, max_kl=max_kl, texts=text, ctx=ctx, tokens=tokens, calib=calib,
-                  samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=mixed_bpw or None,
-                  device=device, formats=[f for x in formats or () for f in x.split(",") if f])
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        fail(str(e))
+    s = limit(model, out, budget=budget, max_kl=max_kl, texts=text, ctx=ctx, tokens=tokens, calib=calib,
+              samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=mixed_bpw or None,
+              device=device, formats=[f for x in formats or () for f in x.split(",") if f])
 
     def show(s: dict) -> None:
         rows = [r for r in read_results(Path(s["results"])) if r["label"] in {*s["frontier"], *_labels(s)}]

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..errors import CorruptFileError, InputError, MissingInputError, NotFoundError
 from ..loading import register_loader
 from ..tensor import CompressedTensor, get_codec
 from .checksum import sha256_file
@@ -49,7 +50,7 @@ def _copy_bytes(fi: Any, fo: Any, n: int, chunk: int = 16 << 20) -> None:
     while n > 0:
         b = fi.read(min(n, chunk))
         if not b:
-            raise OSError(f"{fi.name}: ended {n} bytes early")
+            raise CorruptFileError(f"{fi.name}: ended {n} bytes early")
         fo.write(b)
         n -= len(b)
 
@@ -71,7 +72,7 @@ class FolderWriter:
 
     def add_compressed(self, param: str, ct: CompressedTensor) -> None:
         if not param.endswith(".weight"):
-            raise ValueError(f"{param}: only a linear's .weight is stored compressed")
+            raise InputError(f"{param}: only a linear's .weight is stored compressed")
         tensors, _ = ct.to_state(param)
         for k, t in tensors.items():
             self._add(k, t)
@@ -82,7 +83,7 @@ class FolderWriter:
 
     def _add(self, name: str, t: torch.Tensor) -> None:
         if name in self._entries or any(name in keys for _, keys in self._shards):
-            raise ValueError(f"tensor {name!r} written twice")
+            raise InputError(f"tensor {name!r} written twice")
         t = t.detach().contiguous().cpu()
         if self._data is None:
             self._data = open(self.root / f".shard-{len(self._shards):05d}.data", "wb")
@@ -194,9 +195,9 @@ def read_manifest(p: Path) -> dict[str, Any]:
     try:
         m = json.loads((Path(p) / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: unreadable {MANIFEST} ({e})") from None
+        raise InputError(f"{p}: unreadable {MANIFEST} ({e})") from None
     if m.get("format") != FORMAT or m.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{p}: not an llmpress folder of a version this llmpress reads")
+        raise InputError(f"{p}: not an llmpress folder of a version this llmpress reads")
     return m
 
 
@@ -209,9 +210,9 @@ class _Shards:
         for f, digest in files.items():
             path = root / f
             if not path.exists():
-                raise FileNotFoundError(f"{path}: missing shard")
+                raise MissingInputError(f"{path}: missing shard")
             if verify and sha256_file(path) != digest:
-                raise ValueError(f"{path}: checksum mismatch (the file is corrupted or was changed)")
+                raise CorruptFileError(f"{path}: checksum mismatch (the file is corrupted or was changed)")
             h = safe_open(str(path), framework="pt")
             self.handles[f] = h
             for k in h.keys():
@@ -221,7 +222,7 @@ class _Shards:
         try:
             return self.handles[self.where[key]].get_tensor(key)
         except KeyError:
-            raise KeyError(f"tensor {key!r} is not in the folder's shards") from None
+            raise NotFoundError(f"tensor {key!r} is not in the folder's shards") from None
 
 
 def dense_linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -248,7 +249,7 @@ def module_state_names(ct: CompressedTensor) -> tuple[dict[str, str], str]:
     codec = get_codec(ct.codec)
     names = getattr(codec, "state_names", None)
     if names is None or getattr(codec, "module", None) is None:
-        raise ValueError(f"codec {ct.codec!r} has no inference module whose tensors are the stored ones")
+        raise InputError(f"codec {ct.codec!r} has no inference module whose tensors are the stored ones")
     return names(ct)
 
 
@@ -278,5 +279,5 @@ def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torc
     tie(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise ValueError(f"{root}: tensors missing from the folder: {', '.join(left[:5])}")
+        raise InputError(f"{root}: tensors missing from the folder: {', '.join(left[:5])}")
     return model.eval()

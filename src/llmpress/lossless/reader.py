@@ -40,6 +40,7 @@ import torch
 import xxhash
 import zstandard
 
+from ..errors import CorruptFileError, NotFoundError
 from .chunk import decode_chunk
 from .planes import ITEMSIZE
 from .segments import MAX_NDIM
@@ -59,7 +60,7 @@ MAX_INDEX = 1 << 30
 RELEASE_BYTES = 64 << 20  # a streamed read gives back the map's pages behind it every this many bytes
 
 
-class CorruptError(ValueError):
+class CorruptError(CorruptFileError):
     """A packed file is truncated, corrupted or not an llmpress container."""
 
 
@@ -290,13 +291,13 @@ class Packed:
                     dst[pos : pos + len(part)] = part
                     pos += len(part)
                 return _to_torch(buf, s["dtype"], s["shape"])
-        raise KeyError(f"{self.path}: no tensor {name!r}")
+        raise NotFoundError(f"{self.path}: no tensor {name!r}")
 
     def file_bytes(self, rel: str) -> bytes:
         for f in self.index["files"]:
             if f["path"] == rel:
                 return b"".join(p.tobytes() for s in f["segments"] for p in self.iter_segment(f, s))
-        raise KeyError(f"{self.path}: no file {rel!r}")
+        raise NotFoundError(f"{self.path}: no file {rel!r}")
 
 
 _TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from llmpress.tensor import CompressedTensor, Stats
 
+from ..errors import DivergedError, InputError
 from .allocate import check_energy, check_ratio, saves
 from .linear import LowRankLinear
 
@@ -84,22 +85,22 @@ class LowRankCodec:
         known = {"rank", "ratio", "energy", "solver", "oversample", "niter", "crossover", "factor_dtype", *self.extra}
         unknown = sorted(set(params) - known)
         if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise InputError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         p = {k: v for k, v in params.items() if v is not None}
         given = [k for k in ("rank", "ratio", "energy") if k in p]
         if len(given) > 1:
-            raise ValueError(f"{self.name}: give one of rank, ratio, energy (got {', '.join(given)})")
+            raise InputError(f"{self.name}: give one of rank, ratio, energy (got {', '.join(given)})")
         if "rank" in p:
             k = p["rank"]
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
-                raise ValueError(f"{self.name}: rank {k!r} must be an integer in 1..min(m, n) = {min(m, n)} "
+                raise InputError(f"{self.name}: rank {k!r} must be an integer in 1..min(m, n) = {min(m, n)} "
                                  f"for a ({m}, {n}) weight")
         elif "energy" in p:
             p["energy"] = check_energy(p["energy"])
         else:
             p["ratio"] = check_ratio(p.get("ratio", 0.8))
         if "factor_dtype" in p and p["factor_dtype"] not in FACTOR_DTYPES:
-            raise ValueError(f"{self.name}: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {p['factor_dtype']!r}")
+            raise InputError(f"{self.name}: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {p['factor_dtype']!r}")
         p.setdefault("solver", self.solver)
         for k, v in self.extra.items():
             p.setdefault(k, v)
@@ -110,7 +111,7 @@ class LowRankCodec:
         from .svd import CROSSOVER, NITER, truncated_svd
 
         if w.ndim != 2:
-            raise ValueError(f"{self.name}: a low-rank codec needs a 2-D weight, got shape {tuple(w.shape)}")
+            raise InputError(f"{self.name}: a low-rank codec needs a 2-D weight, got shape {tuple(w.shape)}")
         m, n = w.shape
         p = self.parse(m, n, params)
         extra = {k: p[k] for k in self.extra}
@@ -135,7 +136,7 @@ class LowRankCodec:
         if t is not None:
             v = t.unapply(v)  # (k, n) = Σ^½ V_kᵀ S⁻¹
         if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
-            raise FloatingPointError(f"{self.name}: non-finite factors for a ({m}, {n}) weight")
+            raise DivergedError(f"{self.name}: non-finite factors for a ({m}, {n}) weight")
         return CompressedTensor(self.name, {"U": u.to(fdt).contiguous(), "V": v.to(fdt).contiguous()}, meta)
 
     def decode(self, ct: CompressedTensor) -> Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from llmpress.tensor import CompressedTensor, Stats, get_codec, register
 
+from ..errors import InputError
 from .allocate import rank_for_ratio
 from .base import FACTOR_DTYPES, LowRankCodec, dtype_name
 from .linear import LowRankLinear
@@ -67,7 +68,7 @@ def nested_names(prefix: str, ct: CompressedTensor, at: str) -> tuple[dict[str, 
 def _quant(name: str, owner: str) -> Any:
     codec = get_codec(name)
     if getattr(codec, "lossless", False) or isinstance(codec, (LowRankCodec, FactorThenQuant, LQER)):
-        raise ValueError(f"{owner}: quant must name a quantization codec; got {name!r}")
+        raise InputError(f"{owner}: quant must name a quantization codec; got {name!r}")
     return codec
 
 
@@ -102,9 +103,9 @@ class FactorThenQuant:
         qname = params.get("quant", "rtn")
         quant = _quant(qname, self.name)
         if quant.needs_stats and stats is None:
-            raise ValueError(f"{self.name}: quant codec {qname!r} needs calibration statistics; use whiten+q")
+            raise InputError(f"{self.name}: quant codec {qname!r} needs calibration statistics; use whiten+q")
         if getattr(quant, "gram", False) and (stats is None or stats.gram is None):
-            raise ValueError(f"{self.name}: quant codec {qname!r} needs the Gram matrix; use whiten+q")
+            raise InputError(f"{self.name}: quant codec {qname!r} needs the Gram matrix; use whiten+q")
         base = get_codec(self.base)
         lct = base.encode(w, stats, **lr, factor_dtype="float32")
         m, n = w.shape
@@ -196,15 +197,15 @@ class LQER:
         damp = float(p.pop("damp", 1e-4))
         quant = _quant(qname, "lqer")
         if stats is None or stats.gram is None:
-            raise ValueError("lqer needs calibration statistics with a Gram matrix (run it through the pipeline)")
+            raise InputError("lqer needs calibration statistics with a Gram matrix (run it through the pipeline)")
         if fdt_name not in FACTOR_DTYPES:
-            raise ValueError(f"lqer: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {fdt_name!r}")
+            raise InputError(f"lqer: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {fdt_name!r}")
         m, n = w.shape
         if rank is not None and ratio is not None:
-            raise ValueError("lqer: give one of rank, ratio")
+            raise InputError("lqer: give one of rank, ratio")
         k = rank_for_ratio(m, n, ratio) if ratio is not None else (16 if rank is None else rank)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
-            raise ValueError(f"lqer: rank {k!r} must be an integer in 1..min(m, n) = {min(m, n)} for a ({m}, {n}) weight")
+            raise InputError(f"lqer: rank {k!r} must be an integer in 1..min(m, n) = {min(m, n)} for a ({m}, {n}) weight")
         qct = quant.encode(w, stats, **p)
         e = w.double() - quant.decode(qct).double()  # (m, n) quantization error
         t = whitening(stats.gram, stats.n, damp)

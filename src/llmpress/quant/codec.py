@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..tensor import CompressedTensor, Stats
 from . import grids
 from .grids import GridSpec
@@ -77,12 +78,12 @@ def check_weight(w: Tensor, name: str | None = None) -> Tensor:
     """A float32 (out, in) matrix with finite values, or a clear error naming the tensor."""
     what = f"tensor {name!r}" if name else "weight"
     if w.dim() != 2:
-        raise ValueError(f"{what}: quantization needs a 2-D (out, in) weight, got shape {tuple(w.shape)}")
+        raise InputError(f"{what}: quantization needs a 2-D (out, in) weight, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
-        raise ValueError(f"{what}: expected a floating-point weight, got {w.dtype}")
+        raise InputError(f"{what}: expected a floating-point weight, got {w.dtype}")
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
-        raise ValueError(f"{what} has {int(bad.sum())} NaN/Inf values of {w.numel()}; refusing to quantize it")
+        raise InputError(f"{what} has {int(bad.sum())} NaN/Inf values of {w.numel()}; refusing to quantize it")
     return w.to(torch.float32)
 
 
@@ -112,7 +113,7 @@ class QuantCodec:
         unknown = sorted(set(rest) - set(self.options))
         if unknown:
             known = sorted({*GridSpec.__dataclass_fields__, *self.options})
-            raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+            raise InputError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return spec, {**self.options, **rest}, tname
 
     def why_not_shape(self, shape: tuple[int, int], params: dict[str, Any]) -> str | None:
@@ -127,9 +128,9 @@ class QuantCodec:
         w = check_weight(w, tname)
         why = grids.GRIDS[spec.grid_name].check_shape(tuple(w.shape), spec)
         if why is not None:
-            raise ValueError(f"{tname or 'weight'} {tuple(w.shape)}: {why}")
+            raise InputError(f"{tname or 'weight'} {tuple(w.shape)}: {why}")
         if self.needs_stats and stats is None:
-            raise ValueError(f"{self.name} needs calibration statistics for {tname or 'this weight'}")
+            raise InputError(f"{self.name} needs calibration statistics for {tname or 'this weight'}")
         qw = self.quantize(w, stats, spec, **opts)
         return qw.to_ct(self.name, spec, self.meta(opts), dtype=dtype)
 

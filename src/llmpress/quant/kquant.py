@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..device import host_kernels
 from .search_kernel import affine_error
 from .grids import GRIDS, PRESETS, Grid, GridSpec, GroupLoss, _nan_min_max, squared_error
@@ -217,7 +218,7 @@ class KGrid(Grid):
         wg = wg.contiguous()
         R, G, S = wg.shape
         if S != L.sub or G % L.per_super or bool(torch.isnan(wg).any()):
-            raise ValueError(f"{L.name}: groups of {L.sub} filling whole super-blocks of {QK_K} expected; "
+            raise InputError(f"{L.name}: groups of {L.sub} filling whole super-blocks of {QK_K} expected; "
                              f"got {G} groups of {S}")
         steps = (torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse_steps)).tolist()
                  if spec.range == "mse" else [1.0])

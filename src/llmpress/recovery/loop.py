@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import DivergedError, InputError
 from ..device import model_device
 from ..io.atomic import atomic_dir
 from .distill import NEEDS_TEACHER, get_objective, teacher_logits
@@ -73,19 +74,19 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer; got {self.steps!r}")
+            raise InputError(f"steps must be a positive integer; got {self.steps!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+            raise InputError(f"lr must be a positive number; got {self.lr!r}")
         if self.batch_size < 1 or self.seq_len < 2:
-            raise ValueError(f"need batch_size ≥ 1 and seq_len ≥ 2; got {self.batch_size}, {self.seq_len}")
+            raise InputError(f"need batch_size ≥ 1 and seq_len ≥ 2; got {self.batch_size}, {self.seq_len}")
         if self.warmup < 0:
-            raise ValueError(f"warmup must be ≥ 0; got {self.warmup}")
+            raise InputError(f"warmup must be ≥ 0; got {self.warmup}")
         if self.clock not in CLOCKS:
-            raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {self.clock!r}")
+            raise InputError(f"clock must be one of {', '.join(CLOCKS)}; got {self.clock!r}")
         if self.eval_every < 0 or self.patience < 0:
-            raise ValueError(f"eval_every and patience must be ≥ 0; got {self.eval_every}, {self.patience}")
+            raise InputError(f"eval_every and patience must be ≥ 0; got {self.eval_every}, {self.patience}")
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be cosine or constant; got {self.schedule!r}")
+            raise InputError(f"schedule must be cosine or constant; got {self.schedule!r}")
         get_objective(self.objective)
         return self
 
@@ -225,7 +226,7 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
     cfg.validate()
     objective = get_objective(cfg.objective)
     if NEEDS_TEACHER[cfg.objective] and teacher is None:
-        raise ValueError(f"objective {cfg.objective!r} needs the reference model")
+        raise InputError(f"objective {cfg.objective!r} needs the reference model")
     for p in student.parameters():
         p.requires_grad_(False)
     for p in _named_trainable(trainables).values():
@@ -267,7 +268,7 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
             logits = student(input_ids=ids, use_cache=False).logits  # (B, T, V)
             loss = objective(logits, target, ids)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {float(loss)} at step {step}; lower the learning rate")
+                raise DivergedError(f"the loss became {float(loss.detach())} at step {step}; lower the learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..recipe import KEEP, Recipe, Rule
 from ..tensor import Stats, get_codec
 
@@ -58,7 +59,7 @@ def allocate(table: dict[str, list[Option]], target_bpw: float, numel: dict[str,
     choice = {n: 0 for n in table}  # index into each layer's options, cheapest first
     spent = sum(opts[0].cost for opts in table.values())
     if spent > budget:
-        raise ValueError(f"target {target_bpw} bpw is below the cheapest configuration ({spent / sum(numel.values()):.3f} bpw)")
+        raise InputError(f"target {target_bpw} bpw is below the cheapest configuration ({spent / sum(numel.values()):.3f} bpw)")
     while True:
         best, best_gain = None, 0.0
         for n, opts in table.items():

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import InputError
 from ..recipe import Recipe
 from ..tensor import codec_names, get_codec
 
@@ -129,7 +130,7 @@ def format_points(name: str, budget: str) -> list[Point]:
     try:
         return FORMATS[name](budget)
     except KeyError:
-        raise ValueError(f"unknown format {name!r} for the sweep; known: {', '.join(FORMATS)}") from None
+        raise InputError(f"unknown format {name!r} for the sweep; known: {', '.join(FORMATS)}") from None
 
 
 def _quick() -> list[Point]:
@@ -175,4 +176,4 @@ def budget(name: str) -> list[Point]:
     try:
         return BUDGETS[name]()
     except KeyError:
-        raise ValueError(f"unknown budget {name!r}; known: {', '.join(BUDGETS)}") from None
+        raise InputError(f"unknown budget {name!r}; known: {', '.join(BUDGETS)}") from None
