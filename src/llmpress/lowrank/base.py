@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from llmpress.tensor import CompressedTensor, Stats
 
 from ..errors import DivergedError, InputError
+from ..stored import FLOATS, Layout, check_ct, meta_int, meta_shape
 from .allocate import check_energy, check_ratio, saves
 from .linear import LowRankLinear
 
@@ -139,12 +140,22 @@ class LowRankCodec:
             raise DivergedError(f"{self.name}: non-finite factors for a ({m}, {n}) weight")
         return CompressedTensor(self.name, {"U": u.to(fdt).contiguous(), "V": v.to(fdt).contiguous()}, meta)
 
+    def stored_shapes(self, meta: dict[str, Any]) -> tuple[Layout, Layout]:
+        """The factors U (m, k) and V (k, n) of the meta's rank, or the dense (m, n) weight."""
+        m, n = meta_shape(meta)
+        if meta.get("dense"):
+            return {"weight": ((m, n), FLOATS)}, {}
+        k = meta_int(meta, "rank", 1, min(m, n))
+        return {"U": ((m, k), FLOATS), "V": ((k, n), FLOATS)}, {}
+
     def decode(self, ct: CompressedTensor) -> Tensor:
+        check_ct(ct)
         if ct.meta.get("dense"):
             return ct.data["weight"].float()
         return ct.data["U"].float() @ ct.data["V"].float()  # (m, k) @ (k, n)
 
     def module(self, ct: CompressedTensor, bias: Tensor | None) -> nn.Module:
+        check_ct(ct)  # sizes below come from the meta: it must agree with the stored tensors
         if ct.meta.get("dense"):
             m, n = ct.meta["shape"]
             lin = nn.Linear(n, m, bias=bias is not None, dtype=ct.data["weight"].dtype)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from llmpress.tensor import CompressedTensor, Stats, get_codec, register
 
 from ..errors import InputError
+from ..stored import FLOATS, Layout, check_ct, meta_dict, meta_int, meta_shape, nested_layout
 from .allocate import rank_for_ratio
 from .base import FACTOR_DTYPES, LowRankCodec, dtype_name
 from .linear import LowRankLinear
@@ -126,7 +127,18 @@ class FactorThenQuant:
         dv, mv = nest("V", vct)
         return CompressedTensor(self.name, {**du, **dv}, {**meta, "U": mu, "V": mv})
 
+    def stored_shapes(self, meta: dict[str, Any]) -> tuple[Layout, Layout]:
+        """The nested quantized factors: U (m, k) as ``U.*``, V (k, n) as ``V.*``; or W (m, n) as ``W.*``."""
+        m, n = meta_shape(meta)
+        if meta.get("dense"):
+            return nested_layout("W", meta_dict(meta, "W"), (m, n))
+        k = meta_int(meta, "rank", 1, min(m, n))
+        (ru, ou), (rv, ov) = (nested_layout("U", meta_dict(meta, "U"), (m, k)),
+                              nested_layout("V", meta_dict(meta, "V"), (k, n)))
+        return {**ru, **rv}, {**ou, **ov}
+
     def decode(self, ct: CompressedTensor) -> Tensor:
+        check_ct(ct)
         if ct.meta.get("dense"):
             return get_codec(ct.meta["W"]["codec"]).decode(unnest("W", ct.data, ct.meta["W"]))
         u = unnest("U", ct.data, ct.meta["U"])
@@ -136,6 +148,7 @@ class FactorThenQuant:
     def module(self, ct: CompressedTensor, bias: Tensor | None) -> nn.Module:
         from llmpress.io.folder import compressed_module
 
+        check_ct(ct)
         if ct.meta.get("dense"):
             return compressed_module(unnest("W", ct.data, ct.meta["W"]), bias)
         m, n = ct.meta["shape"]
@@ -219,13 +232,22 @@ class LQER:
                 "err_kept": round(tr.energy_kept / tr.energy_total, 6) if tr.energy_total > 0 else 1.0}
         return CompressedTensor("lqer", {**dq, "U": u.to(fdt).contiguous(), "V": v.to(fdt).contiguous()}, meta)
 
+    def stored_shapes(self, meta: dict[str, Any]) -> tuple[Layout, Layout]:
+        """The nested quantized weight (m, n) as ``q.*`` and the correction's U (m, k), V (k, n)."""
+        m, n = meta_shape(meta)
+        k = meta_int(meta, "rank", 1, min(m, n))
+        rq, oq = nested_layout("q", meta_dict(meta, "q"), (m, n))
+        return {**rq, "U": ((m, k), FLOATS), "V": ((k, n), FLOATS)}, oq
+
     def decode(self, ct: CompressedTensor) -> Tensor:
+        check_ct(ct)
         q = unnest("q", ct.data, ct.meta["q"])
         return get_codec(q.codec).decode(q) + ct.data["U"].float() @ ct.data["V"].float()
 
     def module(self, ct: CompressedTensor, bias: Tensor | None) -> nn.Module:
         from llmpress.io.folder import compressed_module
 
+        check_ct(ct)
         base = compressed_module(unnest("q", ct.data, ct.meta["q"]), bias)
         return CorrectedLinear(base, LowRankLinear.from_factors(ct.data["U"], ct.data["V"], None))
 

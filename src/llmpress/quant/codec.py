@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..stored import Layout, check_ct, meta_choice, meta_int, meta_shape
 from ..tensor import CompressedTensor, Stats
 from . import grids
 from .grids import GridSpec
-from .pack import pack, unpack
+from .pack import PACKERS, pack, packed_bytes, unpack
 
 VERSION = 1
 
@@ -65,6 +66,7 @@ def column_params(data: dict[str, Tensor], meta: dict[str, Any], g_idx: Tensor |
 
 def dequantize_ct(ct: CompressedTensor) -> Tensor:
     """The effective float32 weight (out, in) a quantized CompressedTensor stands for."""
+    check_ct(ct)
     out, inp = (int(d) for d in ct.meta["shape"])
     bits = int(ct.meta["bits"])
     codes = unpack(ct.data["qweight"], bits, out * inp).reshape(out, inp).to(torch.float32)
@@ -142,6 +144,27 @@ class QuantCodec:
 
     def decode(self, ct: CompressedTensor) -> Tensor:
         return dequantize_ct(ct)
+
+    def stored_shapes(self, meta: dict[str, Any]) -> tuple[Layout, Layout]:
+        """The tensors ``meta`` implies (required, optional): see the table at the top."""
+        out, inp = meta_shape(meta)
+        if "version" in meta and meta_int(meta, "version", 1, 1 << 30) > VERSION:
+            raise InputError(f"meta version {meta['version']}: this llmpress reads quantized tensors up to version {VERSION}")
+        bits = meta_choice(meta, "bits", PACKERS)
+        gs = meta_int(meta, "group_size", -1)
+        grid = grids.GRIDS[meta_choice(meta, "grid", grids.GRIDS)]
+        dtype = grids.SCALE_DTYPES[meta_choice(meta, "scale_dtype", grids.SCALE_DTYPES, "float16")]
+        req: Layout = {"qweight": ((packed_bytes(out * inp, bits),), (torch.uint8,))}
+        req.update(grid.stored_shapes(out, inp, bits, gs, dtype))
+        opt: Layout = {"g_idx": ((inp,), (torch.int16, torch.int32)), "in_scale": ((inp,), (torch.float16,))}
+        return req, opt
+
+    def check_values(self, ct: CompressedTensor) -> None:
+        """The stored values an index is read with: every column's group exists."""
+        if "g_idx" in ct.data:
+            g, n = ct.data["g_idx"], grids.num_groups(int(ct.meta["shape"][1]), int(ct.meta["group_size"]))
+            if g.numel() and (int(g.min()) < 0 or int(g.max()) >= n):
+                raise InputError(f"stored 'g_idx' names groups outside 0..{n - 1}")
 
     def module(self, ct: CompressedTensor, bias: Tensor | None) -> torch.nn.Module:
         from .linear import QuantLinear

@@ -162,6 +162,12 @@ class Grid:
         """The parameters :meth:`dequantize` reads, (R, G) float32 each, from the stored tensors."""
         return {k: data[k].to(torch.float32) for k in self.stored}
 
+    def stored_shapes(self, out: int, inp: int, bits: int, group_size: int,
+                      dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        """The tensors :meth:`to_data` stores for an (out, in) weight: {key: ((R, G), dtypes)}."""
+        rows = 1 if group_size == PER_TENSOR else out
+        return {k: ((rows, num_groups(inp, group_size)), (dtype,)) for k in self.stored}
+
 
 GRIDS: dict[str, Grid] = {}
 # preset name -> the GridSpec fields it fixes (filled by :mod:`.presets`, e.g. "gguf:q4_0")

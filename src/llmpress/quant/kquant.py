@@ -201,6 +201,19 @@ class KGrid(Grid):
         data["scales"] = L.pack(ints("sc"), ints("mn") if L.mins else None).contiguous()
         return data
 
+    def stored_shapes(self, out: int, inp: int, bits: int, group_size: int,
+                      dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        """d (and dmin) (out, N) float16 and the packed scales (out, N, bytes) uint8, N super-blocks a row."""
+        L = self.layout
+        if bits != L.bits or group_size != L.sub or inp % QK_K:
+            raise InputError(f"meta: grid {L.name} needs bits={L.bits}, group_size={L.sub} and rows of a multiple of "
+                             f"{QK_K}; got bits={bits}, group_size={group_size}, rows of {inp}")
+        n = inp // QK_K
+        shapes = {"d": ((out, n), (torch.float16,)), "scales": ((out, n, L.scale_bytes), (torch.uint8,))}
+        if L.mins:
+            shapes["dmin"] = ((out, n), (torch.float16,))
+        return shapes
+
     def group_params(self, data: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
         """{"scale", "offset"}: (R, G) float32, as gguf-py computes them (d·sc, dmin·mn in float32)."""
         L = self.layout
