@@ -126,7 +126,7 @@ class ExportSource:
         self.kind = "llmpress-folder"
         self.root = root
         self.manifest: dict[str, Any] | None = read_manifest(root)
-        self._shards = _Shards(root, self.manifest["files"], self.verify)
+        self._shards = _Shards(root, self.manifest["files"], self.verify, self.manifest["tensors"])
         self.config = json.loads((root / "config.json").read_text())
         self.config.pop("quantization_config", None)
         self._compressed = self.manifest["tensors"]
