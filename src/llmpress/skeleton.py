@@ -25,7 +25,7 @@ def _is_causal_config(cfg) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def build_meta(config) -> nn.Module:
+def build_meta(config, nonpersistent: bool = True) -> nn.Module:
     """Instantiate the model class of ``config`` on the meta device, with its non-persistent
     buffers (rotary frequencies, position ids) computed for real on the CPU, and the fused
     experts of a mixture-of-experts split into one module per expert (``moe.unfuse``)."""
@@ -35,9 +35,15 @@ def build_meta(config) -> nn.Module:
     with torch.device("meta"):
         model = cls.from_config(config)
         moe.unfuse(model)  # fused experts → one linear per expert matrix (moe.py)
-    _materialize_nonpersistent(model, config)
+    if nonpersistent:  # a loader that checks the config first materializes them after (materialize_nonpersistent)
+        _materialize_nonpersistent(model, config)
     model.eval()
     return model
+
+
+def materialize_nonpersistent(model: nn.Module, config) -> None:
+    """The buffers no checkpoint holds, computed from the config (for ``build_meta(..., False)``)."""
+    _materialize_nonpersistent(model, config)
 
 
 def _materialize_nonpersistent(model: nn.Module, config) -> None:

@@ -278,18 +278,25 @@ def module_state_names(ct: CompressedTensor) -> tuple[dict[str, str], str]:
 def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild the transformers model of an llmpress folder, compressed linears replaced by
     their inference modules."""
-    from ..skeleton import build_meta, folder_config, set_module, tie
+    from ..skeleton import build_meta, folder_config, materialize_nonpersistent, set_module, tie
 
     root = Path(path)
     man = read_manifest(root)
     shards = _Shards(root, man["files"], verify, man["tensors"])
     try:
-        model = build_meta(folder_config(root))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # transformers' own refusals
-        if isinstance(e, LlmpressError):
-            raise
+        cfg = folder_config(root)
+        model = build_meta(cfg, nonpersistent=False)  # on meta: nothing allocated from the config yet
+    except LlmpressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers parsing our config.json: any refusal of its is ours to name
         raise CorruptFileError(f"{root / 'config.json'}: no model can be built from it ({type(e).__name__}: {e})") from None
     check_against_model(root, man["tensors"], shards.header, shards.where, model)
+    try:  # the config now agrees with every stored tensor: its other buffers may be computed
+        materialize_nonpersistent(model, cfg)
+    except LlmpressError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CorruptFileError(f"{root / 'config.json'}: its buffers cannot be built ({type(e).__name__}: {e})") from None
     for param, entry in man["tensors"].items():
         mod_name = param.rsplit(".", 1)[0]
         data = {k: shards.get(f"{param}.{k}") for k in entry["keys"]}

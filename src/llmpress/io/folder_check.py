@@ -126,6 +126,10 @@ def check_against_model(root: Path, tensors: Mapping[str, dict[str, Any]], heade
             raise CorruptFileError(f"{root / where_is[name + '.bias']}: tensor {name + '.bias'!r} has shape "
                                    f"{list(bias[0])}; the layer needs {want[:1]}")
     for k, t in model.state_dict(keep_vars=True).items():
-        if k in header and tuple(header[k][0]) != tuple(t.shape):
-            raise CorruptFileError(f"{root / where_is[k]}: tensor {k!r} has shape {list(header[k][0])}; the model "
-                                   f"needs {list(t.shape)}")
+        if k not in header:
+            continue
+        shape, dtype = header[k]
+        if tuple(shape) != tuple(t.shape) or dtype.is_floating_point != t.dtype.is_floating_point \
+                or (dtype == torch.bool) != (t.dtype == torch.bool):
+            raise CorruptFileError(f"{root / where_is[k]}: tensor {k!r} is {str(dtype).removeprefix('torch.')} "
+                                   f"{list(shape)}; the model needs {str(t.dtype).removeprefix('torch.')} {list(t.shape)}")

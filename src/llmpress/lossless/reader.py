@@ -138,6 +138,8 @@ class Packed:
                     raise CorruptError(f"{self.path}: unsafe file path {f['path']!r}")
                 for s in f["segments"]:
                     where = f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}")
+                    if type(s["offset"]) is not int or type(s["length"]) is not int or not isinstance(s["dtype"], str):
+                        raise CorruptError(f"{where}: offset, length and dtype must be integers and a name")
                     if s["offset"] != pos or s["dtype"] not in ITEMSIZE and s["dtype"] != "bytes":
                         raise CorruptError(f"{where}: segment does not follow the previous one")
                     if s["kind"] == "tensor":
@@ -146,8 +148,10 @@ class Packed:
                                 int(np.prod(shape, dtype=object)) * ITEMSIZE[s["dtype"]] != s["length"]:
                             raise CorruptError(f"{where}: shape {shape} does not match {s['length']} bytes")
                     total = 0
-                    for i, (o, ln, raw, _) in enumerate(s["chunks"]):
-                        if not (12 <= o and o + ln <= self.data_end and 0 < raw <= MAX_CHUNK_BYTES):
+                    for i, (o, ln, raw, crc) in enumerate(s["chunks"]):
+                        if not all(type(v) is int for v in (o, ln, raw, crc)):
+                            raise CorruptError(f"{where}, chunk {i}: offsets, sizes and checksum must be integers")
+                        if not (12 <= o and 0 <= ln and o + ln <= self.data_end and 0 < raw <= MAX_CHUNK_BYTES):
                             raise CorruptError(f"{where}, chunk {i}: lies outside the file or is too large")
                         total += raw
                     if total != s["length"]:
@@ -175,7 +179,7 @@ class Packed:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch (corrupted)")
         try:
             out = decode_chunk(memoryview(payload), s["dtype"], raw, out)
-        except ValueError as e:
+        except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if self.version >= 2 and chunk_sum(out, self.version) != crc:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch (corrupted)")
