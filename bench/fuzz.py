@@ -8,7 +8,7 @@ runs until ``--inputs`` inputs or ``--seconds`` seconds, whichever comes first. 
 prints inputs tried, refused (an LlmpressError), accepted (and checked by the oracle), wrong
 (accepted but not what the files hold), crashes (any other exception), hangs (> 1 s), the slowest
 input, the largest peak resident memory above the clean input's and the inputs whose peak
-exceeded it by more than 2× their size; then the first failures in full. The process runs
+exceeded it by more than 2× their size (+ 4 MiB of interpreter noise, harness.SLACK_BYTES); then the first failures in full. The process runs
 under an address-space limit (``--max-gib``) so an allocation a lying input asks for fails
 instead of exhausting the machine. Exit code 1 if anything but refused/accepted happened.
 """

@@ -78,23 +78,27 @@ def _state(edit):
     return f
 
 
-DAMAGES = {
+# each run end to end (a finetune each: kept to the kinds of damage that reach different code)
+RUN_DAMAGES = {
     "wrong shape": _wrong_shape,
+    "torn tensors": _torn,
+    "step past the run": _state(lambda s: s.update(step=10**9)),
+}
+# the rest: the check alone, on the real checkpoint (no run)
+CHECK_DAMAGES = {
     "missing tensor": _missing,
     "missing moment": _missing_moment,
-    "torn tensors": _torn,
-    "torn state": lambda d: (d / "state.json").write_text('{"config_key": "'),
-    "step past the run": _state(lambda s: s.update(step=10**9)),
     "losses of another length": _state(lambda s: s.update(losses=[1.0])),
     "adam step of a stranger": _state(lambda s: s["adam_steps"].update({"nope.weight": 1})),
+    "best of a stranger": _state(lambda s: s.update(best={"curve": "x"})),
 }
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGES))
+@pytest.mark.parametrize("damage", sorted(RUN_DAMAGES))
 def test_a_damaged_checkpoint_starts_afresh_with_a_warning(runs, tiny_llama_dir, tmp_path, caplog, damage):
     ckpt = tmp_path / ".out.finetune-ckpt"
     shutil.copytree(runs["ckpt"], ckpt)
-    DAMAGES[damage](ckpt)
+    RUN_DAMAGES[damage](ckpt)
     with caplog.at_level(logging.WARNING, logger="llmpress.recovery.loop"):
         res = finetune(runs["svd"], tmp_path / "out", reference=tiny_llama_dir, **FAST)
     assert any("starting afresh" in r.getMessage() for r in caplog.records), caplog.text
@@ -102,6 +106,34 @@ def test_a_damaged_checkpoint_starts_afresh_with_a_warning(runs, tiny_llama_dir,
     assert res["losses"] == read_manifest(runs["full"])["finetune"]["losses"]  # the uninterrupted run's
     a, b = load_file(str(runs["full"] / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_damage_is_seen_before_anything_is_restored(runs, tmp_path):
+    """The check reads the state and the safetensors header only; each damage is named."""
+    from safetensors import safe_open
+
+    from llmpress.recovery.loop import TrainConfig, _checkpoint_problem
+
+    def header_of(d: Path) -> dict:
+        with safe_open(str(d / "trainable.safetensors"), framework="pt") as f:
+            return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    # the run's trainable parameters: those the sound checkpoint holds
+    params = {k[len("param/"):]: torch.nn.Parameter(torch.empty(shape))
+              for k, (shape, _) in header_of(runs["ckpt"]).items() if k.startswith("param/")}
+    cfg = TrainConfig(steps=FAST["steps"])
+
+    def problem(d: Path) -> str | None:
+        state = json.loads((d / "state.json").read_text())
+        state["config_key"] = cfg.key()  # the key is the run's: here only the contents are judged
+        return _checkpoint_problem(state, header_of(d), params, cfg)
+
+    assert problem(runs["ckpt"]) is None
+    for name, damage in CHECK_DAMAGES.items():
+        d = tmp_path / name.replace(" ", "-")
+        shutil.copytree(runs["ckpt"], d)
+        damage(d)
+        assert problem(d), name
 
 
 def test_a_sound_checkpoint_still_resumes(runs, tiny_llama_dir, tmp_path):

@@ -40,6 +40,9 @@ import torch
 import zstandard
 
 HANG_SECONDS = 1.0
+# the interpreter's own noise in a peak (a first-time import, an exception's traceback): an input's
+# peak counts as over its bound when it exceeds the clean input's by more than 2× its size + this
+SLACK_BYTES = 4 << 20
 POLICIES = ("rans", "ans", "zstd")
 INTERESTING_INTS = [0, 1, -1, 2, 3, 7, 8, 16, 31, 32, 33, 64, 255, 256, 1 << 20, 1 << 31, (1 << 31) - 1, 1 << 32,
                     1 << 40, 1 << 62, 1 << 64, -(1 << 63), 10**30]
@@ -90,26 +93,45 @@ def _get(x: Any, path: tuple) -> Any:
     return x
 
 
+LAST_EDIT = [""]  # the last JSON edit, for the failure report
+
+
 def mutate_json(x: Any, rng: Rng, paths: list[tuple] | None = None) -> Any:
     """One structure-aware edit of a JSON value: a node replaced by an interesting or nearby value,
     deleted, or given a new key."""
     x = json.loads(json.dumps(x))
     paths = paths or _nodes(x)
     path = rng.choice(paths)
-    old = _get(x, path)
+    old = _get(x, path) if _has(x, path) else None
     op = rng.randint(0, 5)
-    if op == 0 and path:
-        return _set(x, path, None, delete=True)
-    if op == 1 and isinstance(old, int) and not isinstance(old, bool):
-        return _set(x, path, old + rng.choice([-2, -1, 1, 2, old, -old]))
-    if op == 2 and isinstance(old, list) and old:
-        return _set(x, path, old[:-1] if rng.random() < 0.5 else old + [rng.choice(old)])
-    if op == 3 and isinstance(old, dict):
-        old[rng.choice(["extra", "shape", "rank", "bits", "codec", "dense", "g_idx", "version"])] = rng.choice(INTERESTING)
-        return x
-    if op == 4 and isinstance(old, str):
-        return _set(x, path, rng.choice([old[:-1], old + "x", old.upper(), "../" + old, old * 2]))
-    return _set(x, path, rng.choice(INTERESTING))
+    if op == 0 and path and _has(x, path):
+        new, x = "<deleted>", _set(x, path, None, delete=True)
+    elif op == 1 and isinstance(old, int) and not isinstance(old, bool):
+        new = old + rng.choice([-2, -1, 1, 2, old, -old])
+        x = _set(x, path, new)
+    elif op == 2 and isinstance(old, list) and old:
+        new = old[:-1] if rng.random() < 0.5 else old + [rng.choice(old)]
+        x = _set(x, path, new)
+    elif op == 3 and isinstance(old, dict):
+        k = rng.choice(["extra", "shape", "rank", "bits", "codec", "dense", "g_idx", "version"])
+        new = old[k] = rng.choice(INTERESTING)
+        path = path + (k,)
+    elif op == 4 and isinstance(old, str):
+        new = rng.choice([old[:-1], old + "x", old.upper(), "../" + old, old * 2])
+        x = _set(x, path, new)
+    else:
+        new = rng.choice(INTERESTING)
+        x = _set(x, path, new)
+    LAST_EDIT[0] = f"{'.'.join(map(str, path))} := {new!r}"[:200]
+    return x
+
+
+def _has(x: Any, path: tuple) -> bool:
+    try:
+        _get(x, path)
+        return True
+    except (KeyError, IndexError, TypeError):
+        return False
 
 
 # ---------------------------------------------------------------------------- safetensors
@@ -218,12 +240,12 @@ def mutate_folder(files: dict[str, bytes], rng: Rng) -> tuple[dict[str, bytes], 
     params = sorted(man["tensors"])
     if op == 0:  # any manifest field
         man = mutate_json(man, rng)
-        what = "manifest field"
+        what = f"manifest {LAST_EDIT[0]}"
     elif op == 1:  # a codec meta field
         p = rng.choice(params)
         paths = [("tensors", p, "meta") + q for q in _nodes(man["tensors"][p]["meta"])] + [("tensors", p, "codec"), ("tensors", p, "keys")]
         man = mutate_json(man, rng, paths)
-        what = f"meta of {p}"
+        what = f"manifest {LAST_EDIT[0]}"
     elif op in (2, 3):  # the safetensors header
         header, data = split_safetensors(files[shard])
         k = rng.choice(sorted(k for k in header if k != "__metadata__"))
@@ -266,7 +288,7 @@ def mutate_folder(files: dict[str, bytes], rng: Rng) -> tuple[dict[str, bytes], 
                                                     "num_attention_heads", "num_key_value_heads", "model_type",
                                                     "max_position_embeddings", "head_dim", "quantization_config")])
         files["config.json"] = json.dumps(cfg).encode()
-        what = "config field"
+        what = f"config {LAST_EDIT[0]}"
     else:  # raw damage: truncation or a flipped byte in any file
         name = rng.choice(sorted(files))
         raw = bytearray(files[name])
@@ -306,13 +328,18 @@ def folder_oracle(root: Path, model: torch.nn.Module) -> str | None:
         owned |= {f"{param}.{k}" for k in e["keys"]}
         names, _ = module_state_names(CompressedTensor(e["codec"], data, e["meta"]))
         for k, n in names.items():
-            got = sd.get(f"{mod}.{n}")
-            if got is None or got.dtype != data[k].dtype or not torch.equal(got, data[k]):
+            if not _same(sd.get(f"{mod}.{n}"), data[k]):
                 return f"{param}.{k}: the model holds another tensor than the shard"
     for k, t in stored.items():
-        if k not in owned and k in sd and not torch.equal(sd[k], t.to(sd[k].dtype)):
+        if k not in owned and k in sd and not _same(sd[k], t.to(sd[k].dtype)):
             return f"{k}: the model holds another tensor than the shard"
     return None
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    """Bit for bit (a NaN equals itself)."""
+    return (a is not None and a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
 
 
 def load_folder_input(files: dict[str, bytes], links: list[tuple[str, str]], work: Path) -> str | None:
@@ -358,13 +385,11 @@ def mutate_llmp(raw: bytes, rng: Rng) -> tuple[bytes, str]:
         segs = [("files", i, "segments", j) for i, f in enumerate(index["files"]) for j in range(len(f["segments"]))]
         if op == 0 or not segs:
             paths = None
-            what = "index field"
         else:
             s = rng.choice(segs)
-            seg = _get(index, s)
-            paths = [s + q for q in _nodes(seg)]
-            what = f"segment {seg.get('name', seg.get('offset'))!r}"
-        return join_llmp(body, mutate_json(index, rng, paths), end), what
+            paths = [s + q for q in _nodes(_get(index, s))]
+        index = mutate_json(index, rng, paths)
+        return join_llmp(body, index, end), f"index {LAST_EDIT[0]}"
     if op == 3:  # payload bytes
         b = bytearray(body)
         for _ in range(rng.randint(1, 4)):
@@ -403,7 +428,7 @@ class Tally:
     hangs: int = 0
     slowest: float = 0.0
     peak_over: int = 0  # the largest peak memory above the clean input's, in bytes
-    over_2x: int = 0  # inputs whose peak exceeded the clean input's by more than 2× their size
+    over_2x: int = 0  # inputs whose peak exceeded the clean input's by more than 2× their size + SLACK_BYTES
     failures: list[Outcome] = field(default_factory=list)
 
     def add(self, o: Outcome, clean_peak: int) -> None:
@@ -412,8 +437,8 @@ class Tally:
         self.hangs += o.seconds > HANG_SECONDS
         over = o.peak_bytes - clean_peak
         self.peak_over = max(self.peak_over, over)
-        self.over_2x += over > 2 * o.size
-        if o.kind in ("wrong", "crash") or over > 2 * o.size:
+        self.over_2x += over > 2 * o.size + SLACK_BYTES
+        if o.kind in ("wrong", "crash") or over > 2 * o.size + SLACK_BYTES:
             self.failures.append(o)
 
     @property

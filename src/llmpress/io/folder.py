@@ -33,7 +33,7 @@ from ..loading import register_loader
 from ..tensor import CompressedTensor, get_codec
 from .checksum import sha256_file
 from .folder_check import (FORMAT, FORMAT_VERSION, MANIFEST, Header, check_against_model, check_compressed,
-                           check_manifest, shard_path)
+                           check_config_counts, check_manifest, shard_path)
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +184,9 @@ def copy_side_files(source_folder: Path, root: Path) -> list[str]:
 
 
 def is_folder(p: Path) -> bool:
-    """A folder with an ``llmpress.json`` of ours, or one too damaged to say otherwise (its loader
-    then names the damage rather than reading the folder as something else)."""
-    if not (p.is_dir() and (p / MANIFEST).is_file()):
-        return False
-    try:
-        m = json.loads((p / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return True
-    return not isinstance(m, dict) or m.get("format") == FORMAT
+    """A folder with an ``llmpress.json``: ours, even when damaged (its loader then names the
+    damage; read as a plain checkpoint, its compressed layers would load as random weights)."""
+    return p.is_dir() and (p / MANIFEST).is_file()
 
 
 def read_manifest(p: Path) -> dict[str, Any]:
@@ -284,6 +278,13 @@ def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torc
     man = read_manifest(root)
     shards = _Shards(root, man["files"], verify, man["tensors"])
     try:
+        raw_cfg = json.loads((root / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CorruptFileError(f"{root / 'config.json'}: unreadable ({e})") from None
+    if not isinstance(raw_cfg, dict):
+        raise CorruptFileError(f"{root / 'config.json'}: a JSON object expected")
+    check_config_counts(root, raw_cfg, shards.header)
+    try:
         cfg = folder_config(root)
         model = build_meta(cfg, nonpersistent=False)  # on meta: nothing allocated from the config yet
     except LlmpressError:
@@ -313,5 +314,5 @@ def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torc
     tie(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise InputError(f"{root}: tensors missing from the folder: {', '.join(left[:5])}")
+        raise CorruptFileError(f"{root}: tensors missing from the folder: {', '.join(left[:5])}")
     return model.eval()

@@ -105,6 +105,26 @@ def check_compressed(root: Path, tensors: Mapping[str, dict[str, Any]], header: 
             raise CorruptFileError(f"{root / MANIFEST}: tensor {param!r} (in {root / shard}): {err}") from None
 
 
+# config fields that count modules to build (blocks, experts): building a model on the meta device
+# costs Python objects per module, so a lying count is refused before anything is built
+_LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer")  # blocks: each has stored tensors named by its index
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")  # may be stored fused (no index in names)
+MAX_EXPERTS = 4096  # the largest mixtures have a few hundred
+_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def check_config_counts(root: Path, config: dict[str, Any], header: Header) -> None:
+    """Each count of modules ``config.json`` asks for (layers, experts) is at most what the stored
+    tensor names can index (the largest number in a name, plus one)."""
+    most = max((int(m) for k in header for m in _INDEX.findall(k) if len(m) < 10), default=-1) + 1
+    for cfg in (config, *(v for v in config.values() if isinstance(v, dict))):
+        for keys, bound in ((_LAYER_COUNTS, max(most, 1)), (_EXPERT_COUNTS, max(most, MAX_EXPERTS))):
+            for k in keys:
+                v = cfg.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= bound):
+                    raise CorruptFileError(f"{root / 'config.json'}: {k}={v!r}; the stored tensors allow at most {bound}")
+
+
 def check_against_model(root: Path, tensors: Mapping[str, dict[str, Any]], header: Header,
                         where_is: Mapping[str, str], model: nn.Module) -> None:
     """The model ``config.json`` describes (on the meta device) has every compressed linear with

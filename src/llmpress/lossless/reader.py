@@ -136,6 +136,8 @@ class Packed:
                 pos = 0
                 if not isinstance(f["path"], str) or f["path"].startswith("/") or ".." in f["path"].split("/"):
                     raise CorruptError(f"{self.path}: unsafe file path {f['path']!r}")
+                if type(f["size"]) is not int or not isinstance(f["sha256"], str):
+                    raise CorruptError(f"{self.path}: file {f['path']}: size and sha256 must be an integer and a digest")
                 for s in f["segments"]:
                     where = f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}")
                     if type(s["offset"]) is not int or type(s["length"]) is not int or not isinstance(s["dtype"], str):
