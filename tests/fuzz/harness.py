@@ -438,7 +438,7 @@ class Tally:
         over = o.peak_bytes - clean_peak
         self.peak_over = max(self.peak_over, over)
         self.over_2x += over > 2 * o.size + SLACK_BYTES
-        if o.kind in ("wrong", "crash") or over > 2 * o.size + SLACK_BYTES:
+        if o.kind in ("wrong", "crash") or over > 2 * o.size + SLACK_BYTES or o.seconds > HANG_SECONDS:
             self.failures.append(o)
 
     @property
