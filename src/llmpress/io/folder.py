@@ -286,6 +286,7 @@ def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torc
     check_config_counts(root, raw_cfg, shards.header)
     try:
         cfg = folder_config(root)
+        check_config_counts(root, cfg.to_dict(), shards.header)  # with transformers' defaults for what is absent
         model = build_meta(cfg, nonpersistent=False)  # on meta: nothing allocated from the config yet
     except LlmpressError:
         raise
