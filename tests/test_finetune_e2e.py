@@ -128,6 +128,21 @@ def test_cli(rtn3, tiny_llama_dir, tmp_path):
     assert r.exit_code == 2 and "steps must be a positive integer" in r.output and "Traceback" not in r.output
 
 
+def test_cli_diverging_run_is_one_line(rtn3, tiny_llama_dir, tmp_path):
+    """A learning rate that sends the loss to inf/NaN ends with one line and exit 1, not a traceback."""
+    from typer.testing import CliRunner
+
+    from llmpress.cli import _load_commands, app
+
+    _load_commands()
+    r = CliRunner().invoke(app, ["finetune", str(rtn3), "-o", str(tmp_path / "o"), "--reference", str(tiny_llama_dir),
+                                 "--steps", "4", "--seq-len", "16", "--batch-size", "1", "--holdout", "0",
+                                 "--lr", "1e38", "--qparam-lr", "1e38", "--code-lr", "1e38"])
+    lines = [ln for ln in r.output.splitlines() if ln.strip().startswith("error:")]
+    assert r.exit_code == 1 and len(lines) == 1 and "the loss became" in lines[0], r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
 def test_cosine_decays_over_the_time_budget():
     cfg = TrainConfig(steps=100000, warmup=0, max_seconds=100.0)
     assert cfg.lr_factor(10, 0.0) == pytest.approx(1.0, abs=1e-6)

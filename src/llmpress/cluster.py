@@ -20,13 +20,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
+from .errors import ResourceLimitError
+
 log = logging.getLogger(__name__)
 
 PROBE_SECONDS = 5.0  # a cluster's head answers a TCP connect at once; ray.init itself retries for a minute
 _NO_PROBE = ("auto", "local")  # addresses Ray resolves itself (auto: the cluster started on this machine)
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ResourceLimitError):
     """Ray is not installed, or no cluster answers at the address given."""
 
 
@@ -46,7 +48,7 @@ def import_ray(what: str) -> ModuleType:
     try:
         import ray
     except ImportError:
-        raise ClusterError(f"{what} needs Ray: pip install 'llmpress[ray]' (or use --workers 1)") from None
+        raise ClusterError(f"{what} needs Ray: pip install 'llmpress[ray]' (or use one worker)") from None
     return ray
 
 

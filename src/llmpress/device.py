@@ -12,13 +12,15 @@ import os
 
 import torch
 
+from .errors import InputError
+
 # LLMPRESS_TORCH_PATHS=1: take the torch paths (those CUDA runs) on the CPU too, instead of the
 # compiled numba kernels (GPTQ's column loop, the clipping search's error pass, fused QAT): how the
 # CUDA code paths are exercised, and compared with the kernels, on a machine without a GPU.
 TORCH_PATHS_ENV = "LLMPRESS_TORCH_PATHS"
 
 
-class DeviceError(ValueError):
+class DeviceError(InputError):
     """A device that was asked for and cannot be used."""
 
 
@@ -35,7 +37,7 @@ def _resolve_cuda(name: str) -> torch.device:
         raise DeviceError(
             f"device {name!r} asked for, but torch {torch.__version__} sees no CUDA device "
             f"(torch.cuda.is_available() is False; this torch {'has' if torch.version.cuda else 'has no'} CUDA support); "
-            "use --device cpu or --device auto"
+            "use device cpu or auto"
         )
     dev = torch.device(name)
     if dev.index is not None and dev.index >= torch.cuda.device_count():

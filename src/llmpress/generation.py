@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 Stream = Callable[[str], None]
@@ -36,7 +38,7 @@ def _tokenizer_for(model: Any) -> Any:
     try:
         return load_tokenizer(folder)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
-        raise ValueError(f"no tokenizer found for {model} in {folder} ({type(e).__name__}: {e})") from e
+        raise InputError(f"no tokenizer found for {model} in {folder} ({type(e).__name__}: {e})") from e
 
 
 def _prompt_ids(tok: Any, prompt: str, chat: bool) -> torch.Tensor:
@@ -49,7 +51,7 @@ def _prompt_ids(tok: Any, prompt: str, chat: bool) -> torch.Tensor:
         log.warning("the tokenizer has no chat template; using the prompt as it is")
     ids = tok(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
-        raise ValueError("the prompt is empty after tokenization")
+        raise InputError("the prompt is empty after tokenization")
     return ids
 
 
@@ -100,9 +102,9 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, temper
     from .quant import kernels
 
     if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be ≥ 1")
+        raise InputError("max_new_tokens must be ≥ 1")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError("top_p must be in (0, 1]")
+        raise InputError("top_p must be in (0, 1]")
     if threads:
         torch.set_num_threads(int(threads))
     t0 = time.perf_counter()

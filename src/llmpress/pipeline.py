@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import InputError, UnsupportedModelError
 from . import moe, skeleton as sk
 from .io.atomic import atomic_dir
 from .io.folder import FolderWriter
@@ -56,7 +57,7 @@ def peak_rss_bytes() -> int:
 def calib_ids(tokenizer, text: str, samples: int, seq_len: int) -> torch.Tensor:
     """``samples`` windows of ``seq_len`` tokens spread evenly over the text: (samples, seq_len)."""
     if samples < 1 or seq_len < 2:
-        raise ValueError(f"need samples ≥ 1 and seq_len ≥ 2 (got {samples}, {seq_len})")
+        raise InputError(f"need samples ≥ 1 and seq_len ≥ 2 (got {samples}, {seq_len})")
     need = samples * seq_len
     ids: list[int] = []
     chars = need * 6
@@ -66,9 +67,9 @@ def calib_ids(tokenizer, text: str, samples: int, seq_len: int) -> torch.Tensor:
             break
         chars *= 2
     if len(ids) < need:
-        raise ValueError(
+        raise InputError(
             f"calibration text too short: {len(ids)} tokens for {samples} samples × {seq_len} tokens; "
-            "give a longer text or fewer --samples"
+            "give a longer text or fewer samples"
         )
     stride = (len(ids) - seq_len) // max(1, samples - 1) if samples > 1 else 0
     stride = max(stride, seq_len)
@@ -126,7 +127,7 @@ def _plan(model: nn.Module, recipe: Recipe, keep_all_ok: bool = False) -> _Plan:
         if why is not None:
             refused.append(f"{n} {shape}: {why}")
     if refused:
-        raise ValueError(f"{len(refused)} layer(s) cannot take their rule's grid: " + "; ".join(refused[:4])
+        raise InputError(f"{len(refused)} layer(s) cannot take their rule's grid: " + "; ".join(refused[:4])
                          + (" …" if len(refused) > 4 else ""))
     return _Plan(rules)
 
@@ -134,7 +135,7 @@ def _plan(model: nn.Module, recipe: Recipe, keep_all_ok: bool = False) -> _Plan:
 def _encode(name: str, w: torch.Tensor, codec_name: str, params: dict[str, Any], stats: Stats | None) -> CompressedTensor:
     """Encode one (out, in) float32 weight; refuse NaN/Inf naming the tensor."""
     if not torch.isfinite(w).all():
-        raise ValueError(f"{name}.weight has NaN or Inf values; refusing to compress it")
+        raise InputError(f"{name}.weight has NaN or Inf values; refusing to compress it")
     codec = get_codec(codec_name)
     ct = codec.encode(w, stats, **params)
     ct.meta.setdefault("shape", list(w.shape))
@@ -197,8 +198,8 @@ def compress(
     t0 = time.perf_counter()
     dev = resolve_device(device)
     if (workers > 1 or address) and dev.type != "cpu":
-        raise ValueError(f"--workers/--address fan an MoE's expert encoding out to CPU workers; with --device {dev} "
-                         "the experts are encoded on that device in this process: drop --workers or use --device cpu")
+        raise InputError(f"workers fan an MoE's expert encoding out to CPU processes; on device {dev} "
+                         "the experts are encoded on that device in this process: use one worker or the cpu device")
     src = resolve(model)
     store = TensorStore(src)
     cfg = sk.folder_config(src.folder)
@@ -212,7 +213,7 @@ def compress(
             skel = sk.build_meta(cfg)
     plan = _plan(skel, recipe, keep_all_ok=rotation is not None)
     if trial_blocks is not None and (trial_blocks < 1 or not plan.needs_stats):
-        raise ValueError("trial blocks: give N ≥ 1, with a method that calibrates block by block (gptq, awq); "
+        raise InputError("trial blocks: give N ≥ 1, with a method that calibrates block by block (gptq, awq); "
                          "the others stream tensor by tensor")
     if plan.needs_stats:
         sk.check_walkable(skel)
@@ -403,7 +404,7 @@ def _capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, 
         for hd in handles:
             hd.remove()
     if any(len(c) != len(hs) for c in calls):
-        raise RuntimeError(f"{type(model).__name__}: not every block was called once per batch; the sequential runner "
+        raise UnsupportedModelError(f"{type(model).__name__}: not every block was called once per batch; the sequential runner "
                            "cannot walk this model")
     return hs, calls
 

@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from .errors import InputError
+
 KEEP = "keep"
 
 
@@ -40,7 +42,7 @@ class Rule:
         try:
             self._rx = re.compile(self.match)
         except re.error as e:
-            raise ValueError(f"recipe rule has a bad regex {self.match!r}: {e}") from None
+            raise InputError(f"recipe rule has a bad regex {self.match!r}: {e}") from None
 
     def matches(self, name: str) -> bool:
         return self._rx.search(name) is not None
@@ -68,7 +70,7 @@ class Recipe:
                 get_codec(r.method)
         names = list(names)
         if not any((rule := self.rule_for(n)) is not None and rule.method != KEEP for n in names):
-            raise ValueError("the recipe matches no compressible layer: " + ", ".join(r.match for r in self.rules))
+            raise InputError("the recipe matches no compressible layer: " + ", ".join(r.match for r in self.rules))
 
     def to_dict(self) -> dict[str, Any]:
         return {"rules": [r.to_dict() for r in self.rules]}
@@ -79,11 +81,11 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
         if not isinstance(d, dict) or not isinstance(d.get("rules"), list):
-            raise ValueError("a recipe is a mapping with a list under 'rules'")
+            raise InputError("a recipe is a mapping with a list under 'rules'")
         rules = []
         for i, r in enumerate(d["rules"]):
             if not isinstance(r, dict) or "match" not in r or "method" not in r:
-                raise ValueError(f"recipe rule {i} needs 'match' and 'method': {r!r}")
+                raise InputError(f"recipe rule {i} needs 'match' and 'method': {r!r}")
             r = dict(r)
             rules.append(Rule(match=str(r.pop("match")), method=str(r.pop("method")), params=r))
         return cls(rules)

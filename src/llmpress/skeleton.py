@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import InputError, UnsupportedModelError
 from . import moe
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def _is_causal_config(cfg) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def build_meta(config) -> nn.Module:
+def build_meta(config, nonpersistent: bool = True) -> nn.Module:
     """Instantiate the model class of ``config`` on the meta device, with its non-persistent
     buffers (rotary frequencies, position ids) computed for real on the CPU, and the fused
     experts of a mixture-of-experts split into one module per expert (``moe.unfuse``)."""
@@ -34,9 +35,15 @@ def build_meta(config) -> nn.Module:
     with torch.device("meta"):
         model = cls.from_config(config)
         moe.unfuse(model)  # fused experts → one linear per expert matrix (moe.py)
-    _materialize_nonpersistent(model, config)
+    if nonpersistent:  # a loader that checks the config first materializes them after (materialize_nonpersistent)
+        _materialize_nonpersistent(model, config)
     model.eval()
     return model
+
+
+def materialize_nonpersistent(model: nn.Module, config) -> None:
+    """The buffers no checkpoint holds, computed from the config (for ``build_meta(..., False)``)."""
+    _materialize_nonpersistent(model, config)
 
 
 def _materialize_nonpersistent(model: nn.Module, config) -> None:
@@ -74,7 +81,7 @@ def _init_buffers(model: nn.Module, name: str, mod: nn.Module, metas: list[str])
             init(mod)
     bad = [b for b in metas if mod._buffers[b].is_floating_point() and torch.isnan(mod._buffers[b]).any()]
     if init is None or bad:
-        raise RuntimeError(f"cannot rebuild the buffers {bad or metas} of {name} ({type(mod).__name__}) from the config")
+        raise UnsupportedModelError(f"cannot rebuild the buffers {bad or metas} of {name} ({type(mod).__name__}) from the config")
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -113,7 +120,7 @@ def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
             return name, mod
-    raise ValueError(f"{type(model).__name__}: no list of {n} transformer blocks found")
+    raise InputError(f"{type(model).__name__}: no list of {n} transformer blocks found")
 
 
 def why_not_walkable(model: nn.Module) -> str | None:
@@ -136,7 +143,7 @@ def check_walkable(model: nn.Module) -> None:
     """Raise ``ValueError("unsupported: …")`` before any work when ``model`` cannot be walked."""
     why = why_not_walkable(model)
     if why is not None:
-        raise ValueError(f"unsupported: {why}")
+        raise InputError(f"unsupported: {why}")
 
 
 def linear_names(module: nn.Module, prefix: str = "") -> list[str]:

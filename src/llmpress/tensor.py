@@ -14,6 +14,8 @@ from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor
 
+from .errors import InputError, NotFoundError
+
 META_VERSION = 1
 
 
@@ -154,7 +156,7 @@ def register(name: str) -> Callable[[type[C]], type[C]]:
 
     def deco(cls: type[C]) -> type[C]:
         if name in _REGISTRY:
-            raise ValueError(f"codec {name!r} registered twice")
+            raise InputError(f"codec {name!r} registered twice")
         inst = cls()
         inst.name = name  # type: ignore[attr-defined]
         _REGISTRY[name] = inst  # type: ignore[assignment]
@@ -182,7 +184,7 @@ def get_codec(name: str) -> Codec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(_REGISTRY)) or '(none)'}") from None
+        raise NotFoundError(f"unknown method {name!r}; known: {', '.join(sorted(_REGISTRY)) or '(none)'}") from None
 
 
 def codec_names() -> list[str]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import InputError, MissingInputError, ResourceLimitError
 from .models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -337,14 +338,14 @@ def _hf_text(spec: str) -> str:
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"text {spec!r} needs the `datasets` package: pip install datasets") from e
+        raise ResourceLimitError(f"text {spec!r} needs the `datasets` package: pip install datasets") from e
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 - offline, unknown name, bad config all land here
-        raise FileNotFoundError(f"could not load Hugging Face dataset {spec!r} ({type(e).__name__}: {e})") from e
+        raise MissingInputError(f"could not load Hugging Face dataset {spec!r} ({type(e).__name__}: {e})") from e
     cols = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     if not cols:
-        raise ValueError(f"dataset {spec!r} has no text column (columns: {list(ds.features)})")
+        raise InputError(f"dataset {spec!r} has no text column (columns: {list(ds.features)})")
     col = "text" if "text" in cols else cols[0]
     return "\n\n".join(t for t in ds[col] if t and t.strip()) + "\n"
 
@@ -374,7 +375,7 @@ def load_text(spec: str) -> str:
     p = Path(spec).expanduser()
     if p.is_file():
         return _read(p)
-    raise FileNotFoundError(f"no text {spec!r}: not a corpus ({', '.join(corpus_names())}), a file, nor hf:NAME")
+    raise MissingInputError(f"no text {spec!r}: not a corpus ({', '.join(corpus_names())}), a file, nor hf:NAME")
 
 
 def text_sha256(text: str) -> str:

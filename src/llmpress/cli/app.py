@@ -2,29 +2,86 @@
 
 ``--json`` prints one JSON object as the last line of stdout; everything else a command
 shows (tables, progress) goes to stderr or before that line.
+
+Errors: every command runs inside :func:`_one_line_errors` (attached by ``app.command``), which
+catches the library's :class:`~llmpress.errors.LlmpressError` family, and the OS's own refusals
+(``OSError``: a missing file, a full disk), and prints one line: exit code 2 for bad input, 1
+otherwise; the traceback only with ``-vv``. The library names no flag; :data:`HINTS` adds the
+flag a user can reach for.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(
+from ..errors import LlmpressError, OutputExistsError
+
+F = TypeVar("F", bound=Callable[..., Any])
+# Human output goes to stderr so that stdout stays clean for --json.
+console = Console(stderr=True)
+_verbosity = {"level": 0}  # set by the root callback: -v count
+# The CLI's own wording added to a library error of this type (the library never names flags).
+HINTS: dict[type[BaseException], str] = {OutputExistsError: "--force overwrites it"}
+# OS errors that mean the user's input is bad (exit 2); any other OSError (a full disk) exits 1.
+_BAD_INPUT_OS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def exit_code(e: BaseException) -> int:
+    """2 for bad input (an argument, a missing or corrupt file, an existing output), 1 otherwise."""
+    if isinstance(e, LlmpressError):
+        return e.exit_code
+    return 2 if isinstance(e, _BAD_INPUT_OS) else 1
+
+
+def error_line(e: BaseException) -> str:
+    """The one line shown for ``e``: its message plus the CLI's hint for its type."""
+    msg = str(e) if isinstance(e, LlmpressError) else (f"{e.filename}: {e.strerror}" if getattr(e, "filename", None)
+                                                       and getattr(e, "strerror", None) else str(e))
+    hint = next((h for t, h in HINTS.items() if isinstance(e, t)), None)
+    return f"{msg} ({hint})" if hint else msg
+
+
+def _one_line_errors(f: F) -> F:
+    """Run a command; an LlmpressError or OSError becomes one line on stderr and an exit code."""
+
+    @functools.wraps(f)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except (LlmpressError, OSError) as e:
+            if _verbosity["level"] >= 2:
+                console.print_exception()
+            console.print(f"[bold red]error:[/] {escape(error_line(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exit_code(e)) from None
+
+    return run  # type: ignore[return-value]
+
+
+class _App(typer.Typer):
+    """A Typer app whose every command runs inside :func:`_one_line_errors`."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[F], F]:
+        register = super().command(*args, **kwargs)
+        return lambda f: register(_one_line_errors(f))
+
+
+app = _App(
     name="llmpress",
     help="Compress large language models and find how far each one can be compressed.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Human output goes to stderr so that stdout stays clean for --json.
-console = Console(stderr=True)
 
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite an existing output.")
@@ -38,6 +95,7 @@ DEVICE_OPT = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (c
 
 @app.callback()
 def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging (-v, -vv).")) -> None:
+    _verbosity["level"] = verbose
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
 

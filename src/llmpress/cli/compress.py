@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, kv_table
 
 
 @app.command()
@@ -29,7 +29,6 @@ def compress(
     rotate: bool = typer.Option(False, "--rotate", help="Rotate the residual stream by a fused orthogonal matrix first."),
 ) -> None:
     """Compress MODEL by a recipe, or by the per-layer allocation that fits a target size, into OUT."""
-    from ..io.atomic import OutputExistsError
     from ..pipeline import compress as run
     from ..recipe import Recipe
 
@@ -38,18 +37,15 @@ def compress(
         fail("give exactly one of --recipe, --target-bpw, --target-bytes")
     if rotate and recipe is None:
         fail("--rotate goes with --recipe (the allocation measures its sensitivities on the model as stored)")
-    try:
-        if recipe is not None:
-            res = run(model, Recipe.from_yaml(recipe), out, calib=calib, samples=samples, seq_len=seq_len, force=force,
-                      device=device, rotate=rotate)
-        else:
-            from ..sweep.mixed import compress_to_target
+    if recipe is not None:
+        res = run(model, Recipe.from_yaml(recipe), out, calib=calib, samples=samples, seq_len=seq_len, force=force,
+                  device=device, rotate=rotate)
+    else:
+        from ..sweep.mixed import compress_to_target
 
-            res = compress_to_target(model, out, target_bpw=target_bpw, target_bytes=target_bytes, menu=menu,
-                                     method=method, kept_type=kept_type, calib=calib, samples=samples, seq_len=seq_len,
-                                     force=force, device=device)
-    except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
-        fail(str(e).strip("'\""))
+        res = compress_to_target(model, out, target_bpw=target_bpw, target_bytes=target_bytes, menu=menu,
+                                 method=method, kept_type=kept_type, calib=calib, samples=samples, seq_len=seq_len,
+                                 force=force, device=device)
     res.pop("layers", None)
 
     def show(res: dict[str, Any]) -> None:

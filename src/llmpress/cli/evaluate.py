@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .app import DEVICE_OPT, JSON_OPT, app, console, emit, fail
+from .app import DEVICE_OPT, JSON_OPT, app, console, emit
 
 _ROWS = [  # (key, label, format)
     ("ppl", "perplexity", "{:.4f}"),
@@ -106,12 +106,8 @@ def _run_tasks(model: str, reference: Optional[str], tasks: str, limit: Optional
     from ..eval.tasks import evaluate_tasks
 
     n = None if limit is None else (int(limit) if limit >= 1 and float(limit).is_integer() else limit)
-    try:
-        r = evaluate_tasks(model, tasks, reference=reference, limit=n, num_fewshot=num_fewshot, batch_size=batch_size,
-                           threads=threads, seed=seed, device=device)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
-        fail(str(e))
-        return
+    r = evaluate_tasks(model, tasks, reference=reference, limit=n, num_fewshot=num_fewshot, batch_size=batch_size,
+                       threads=threads, seed=seed, device=device)
     emit(r, as_json, _show_tasks)
 
 
@@ -147,10 +143,6 @@ def eval_cmd(
     from ..eval import evaluate
 
     torch.set_num_threads(n_threads)
-    try:
-        r = evaluate(model, reference=reference, text=(text if text and len(text) > 1 else (text[0] if text else None)),
-                     ctx=ctx, tokens=tokens, cache=not no_cache, device=device)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
-        fail(str(e))
-        return
+    r = evaluate(model, reference=reference, text=(text if text and len(text) > 1 else (text[0] if text else None)),
+                 ctx=ctx, tokens=tokens, cache=not no_cache, device=device)
     emit(r, as_json, _show)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+from .app import FORCE_OPT, JSON_OPT, app, console, emit, kv_table
 
 
 def _show(res: dict[str, Any]) -> None:
@@ -41,9 +41,5 @@ def export_cmd(
     from ..targets.api import export
 
     opts: dict[str, Any] = {k: v for k, v in (("type", type_), ("dtype", dtype)) if v is not None}
-    try:
-        res = export(model, out, format=format, fallback=fallback, force=force, verify=not no_verify, **opts)
-    except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
-        fail(str(e).strip("'\""))
-        return
+    res = export(model, out, format=format, fallback=fallback, force=force, verify=not no_verify, **opts)
     emit(res, as_json, _show)

@@ -63,15 +63,11 @@ def factorize(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Factorize the linear layers of MODEL (embeddings and head kept) into OUT; prints the ranks chosen."""
-    from ..io.atomic import OutputExistsError
     from ..lowrank.api import factorize as run
 
     if recipe is not None and not recipe.exists():
         fail(f"recipe file not found: {recipe}")
-    try:
-        res = run(model, out, method=method, ratio=ratio, energy=energy, rank=rank, allocation=allocation, floor=floor,
-                  recipe=recipe, calib=calib, samples=samples, seq_len=seq_len, force=force, device=device)
-    except (OutputExistsError, FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
-        fail(str(e).strip("'\""))
+    res = run(model, out, method=method, ratio=ratio, energy=energy, rank=rank, allocation=allocation, floor=floor,
+              recipe=recipe, calib=calib, samples=samples, seq_len=seq_len, force=force, device=device)
     res.pop("layers", None)
     emit(res, as_json, _show)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import DEVICE_OPT, FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+from .app import DEVICE_OPT, FORCE_OPT, JSON_OPT, app, console, emit, kv_table
 
 
 def _show(res: dict[str, Any]) -> None:
@@ -45,15 +45,11 @@ def finetune(
     """Train COMPRESSED towards the original (quantized layers through their quantizer, low-rank
     layers' factors) and write it to OUT in the same format, bits per weight unchanged."""
     from ..recovery import finetune as run
-    from ..io.atomic import OutputExistsError
 
-    try:
-        res = run(compressed, out, reference=reference, text=text, steps=steps, lr=lr, qparam_lr=qparam_lr,
-                  code_lr=code_lr, seq_len=seq_len,
-                  batch_size=batch_size, objective=objective, eval_text=eval_text or None, force=force,
-                  allow_overlap=allow_overlap, max_seconds=minutes * 60 if minutes else None, clock=clock,
-                  schedule=schedule, holdout=holdout, eval_every=eval_every, patience=patience, keep_best=keep_best,
-                  device=device)
-    except (OutputExistsError, FileNotFoundError, ValueError, KeyError) as e:
-        fail(str(e).strip("'\""))
+    res = run(compressed, out, reference=reference, text=text, steps=steps, lr=lr, qparam_lr=qparam_lr,
+              code_lr=code_lr, seq_len=seq_len,
+              batch_size=batch_size, objective=objective, eval_text=eval_text or None, force=force,
+              allow_overlap=allow_overlap, max_seconds=minutes * 60 if minutes else None, clock=clock,
+              schedule=schedule, holdout=holdout, eval_every=eval_every, patience=patience, keep_best=keep_best,
+              device=device)
     emit(res, as_json, _show)

@@ -45,10 +45,7 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    try:
-        res = run(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                  threads=threads, chat=chat, exact=exact, ignore_eos=ignore_eos, dtype=getattr(torch, dtype), stream=stream)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        fail(str(e).strip("'\""))
+    res = run(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+              threads=threads, chat=chat, exact=exact, ignore_eos=ignore_eos, dtype=getattr(torch, dtype), stream=stream)
     sys.stdout.write("\n")
     emit(res, as_json, _show)

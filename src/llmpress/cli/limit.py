@@ -36,21 +36,17 @@ def limit_cmd(
     """Sweep lossless, quantization and low-rank configurations; report the frontier and the limit."""
     from ..sweep import limit
     from ..sweep.report import HEADER, table_rows
-    from ..sweep.driver import read_results
 
     if max_kl <= 0:
         fail("--max-kl must be positive")
-    try:
-        targets = "budget" if not mixed_bpw else tuple(b for b in mixed_bpw if b > 0)
-        s = limit(model, out, budget=budget, max_kl=max_kl, texts=text, ctx=ctx, tokens=tokens, calib=calib,
-                  samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=targets,
-                  mixed_menu=mixed_menu, device=device, search=search,
-                  formats=[f for x in formats or () for f in x.split(",") if f])
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        fail(str(e))
+    targets = "budget" if not mixed_bpw else tuple(b for b in mixed_bpw if b > 0)
+    s = limit(model, out, budget=budget, max_kl=max_kl, texts=text, ctx=ctx, tokens=tokens, calib=calib,
+              samples=samples, workers=workers, address=address, threads=threads, mixed_bpw=targets,
+              mixed_menu=mixed_menu, device=device, search=search,
+              formats=[f for x in formats or () for f in x.split(",") if f])
 
     def show(s: dict) -> None:
-        rows = [r for r in read_results(Path(s["results"])) if r["label"] in {*s["frontier"], *_labels(s)}]
+        rows = shown_rows(s)
         t = Table(title=f"compression limit of {s['model']}")
         for h in HEADER:
             t.add_column(h)
@@ -66,6 +62,15 @@ def limit_cmd(
         console.print(f"report: {s['report']}")
 
     emit(s, as_json, show)
+
+
+def shown_rows(s: dict) -> list[dict]:
+    """The rows of this run (its model and protocol: ``s["keys"]``) the table shows; results.jsonl
+    may hold other models' rows under the same labels."""
+    from ..sweep.driver import read_results
+
+    keys, labels = set(s["keys"]), {*s["frontier"], *_labels(s)}
+    return [r for r in read_results(Path(s["results"])) if r.get("key") in keys and r.get("label") in labels]
 
 
 def _labels(s: dict) -> set[str]:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from tqdm import tqdm
 
-from .app import FORCE_OPT, JSON_OPT, app, console, emit, fail, kv_table
+from .app import FORCE_OPT, JSON_OPT, app, console, emit, kv_table
 
 THREADS_OPT = typer.Option(None, "--threads", "-t", help="Worker threads (default: min(4, CPUs)).")
 
@@ -19,19 +19,6 @@ def _bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
     # tqdm writes to stderr; it appears only when the job lasts longer than a second
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, delay=1.0, leave=False) as bar:
         yield bar.update
-
-
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    from ..cluster import ClusterError
-    from ..io.atomic import OutputExistsError
-    from ..lossless.reader import CorruptError
-    from ..lossless.segments import HeaderError
-
-    try:
-        yield
-    except (ClusterError, CorruptError, HeaderError, OutputExistsError, FileNotFoundError, KeyError, ValueError, OSError) as e:
-        fail(str(e).strip("'\""))
 
 
 def _source_bytes(src: str) -> int:
@@ -63,13 +50,12 @@ def pack(
     """Pack a checkpoint losslessly into one .llmp file (every file restored byte for byte)."""
     from ..lossless.container import pack as do_pack
 
-    with _errors():
-        with _bar(_source_bytes(src), "pack") as upd:
-            r = do_pack(src, out, force=force, threads=threads, policy=policy, progress=upd, workers=workers,
-                        address=address)
-        if r["tensor_bytes_in"]:
-            r["tensor_ratio"] = r["tensor_bytes_out"] / r["tensor_bytes_in"]
-            r["over_bound"] = r["tensor_bytes_out"] / max(r["bound_bytes"], 1) - 1
+    with _bar(_source_bytes(src), "pack") as upd:
+        r = do_pack(src, out, force=force, threads=threads, policy=policy, progress=upd, workers=workers,
+                    address=address)
+    if r["tensor_bytes_in"]:
+        r["tensor_ratio"] = r["tensor_bytes_out"] / r["tensor_bytes_in"]
+        r["over_bound"] = r["tensor_bytes_out"] / max(r["bound_bytes"], 1) - 1
     emit(r, as_json, _show_sizes(f"packed {src} → {out}"))
 
 
@@ -83,10 +69,9 @@ def unpack(
 ) -> None:
     """Restore the packed files byte for byte; every checksum is verified."""
     from ..lossless.container import unpack as do_unpack
-    with _errors():
-        total = _packed_total(packed)
-        with _bar(total, "unpack") as upd:
-            r = do_unpack(packed, out, force=force, threads=threads, progress=upd)
+    total = _packed_total(packed)
+    with _bar(total, "unpack") as upd:
+        r = do_unpack(packed, out, force=force, threads=threads, progress=upd)
     emit(r, as_json, _show_sizes(f"unpacked {packed} → {out}"))
 
 
@@ -106,10 +91,9 @@ def verify(
 ) -> None:
     """Decode everything in memory and check every chunk, tensor and file checksum."""
     from ..lossless.container import verify as do_verify
-    with _errors():
-        total = _packed_total(packed)
-        with _bar(total, "verify") as upd:
-            r = do_verify(packed, threads=threads, progress=upd)
+    total = _packed_total(packed)
+    with _bar(total, "verify") as upd:
+        r = do_verify(packed, threads=threads, progress=upd)
     emit(r, as_json, lambda r: console.print(f"[green]ok[/] {packed}: {r['files']} files, {r['tensors']} tensors verified"))
 
 
@@ -140,8 +124,7 @@ def info(
     """Per tensor and in total: params, dtype, bytes, exponent entropy and the lossless bounds."""
     from ..lossless.bounds import info as do_info
 
-    with _errors():
-        total = 0 if str(src).endswith(".llmp") else _source_bytes(src)
-        with _bar(total, "info") as upd:
-            r = do_info(src, progress=upd)
+    total = 0 if str(src).endswith(".llmp") else _source_bytes(src)
+    with _bar(total, "info") as upd:
+        r = do_info(src, progress=upd)
     emit(r, as_json, _show_info)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, kv_table
 
 
 def _show(res: dict[str, Any]) -> None:
@@ -63,16 +63,11 @@ def quantize(
                                                                   "ray://host:port or auto); default: a local one."),
 ) -> None:
     """Quantize the linear layers of MODEL (embeddings and head kept) into OUT."""
-    from ..cluster import ClusterError
-    from ..io.atomic import OutputExistsError
     from ..quant.api import quantize as run
 
     opts: dict[str, Any] = {k: v for k, v in (("sym", sym), ("grid", grid), ("range", range_)) if v is not None}
-    try:
-        res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
-                  samples=samples, seq_len=seq_len, force=force, trial_blocks=trial_blocks, device=device,
-                  workers=workers, address=address, gguf_mix=gguf_mix, rotate=rotate, **opts)
-    except (OutputExistsError, FileNotFoundError, ValueError, KeyError, ClusterError) as e:
-        fail(str(e).strip("'\""))
+    res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
+              samples=samples, seq_len=seq_len, force=force, trial_blocks=trial_blocks, device=device,
+              workers=workers, address=address, gguf_mix=gguf_mix, rotate=rotate, **opts)
     res.pop("layers", None)
     emit(res, as_json, _show)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from .causal import TOPK, Reference, perplexity
 from .cost import cost_of, fingerprint_module, fingerprint_path, manifest
 from .encoder import embed, embedding_fidelity
@@ -81,7 +82,7 @@ def _resolve(x: Any, tokenizer: Any, what: str) -> _Model:
         if tokenizer is None:
             src = getattr(getattr(x, "config", None), "_name_or_path", "")
             if not src or not Path(src).is_dir():
-                raise ValueError(f"the {what} is an in-memory model: pass its tokenizer (tokenizer=/ref_tokenizer=)")
+                raise InputError(f"the {what} is an in-memory model: pass its tokenizer (tokenizer=/ref_tokenizer=)")
             tokenizer = load_tokenizer(src)
         return _Model(x, type(x).__name__, None, tokenizer, x)
     p = Path(str(x)).expanduser()
@@ -91,7 +92,7 @@ def _resolve(x: Any, tokenizer: Any, what: str) -> _Model:
         try:
             tokenizer = load_tokenizer(folder)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
-            raise ValueError(f"no tokenizer found for the {what} {x} in {folder} ({type(e).__name__}: {e})") from e
+            raise InputError(f"no tokenizer found for the {what} {x} in {folder} ({type(e).__name__}: {e})") from e
     return _Model(x, str(x), path, tokenizer)
 
 
@@ -142,7 +143,7 @@ def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 
     causal = m.is_causal()
     if r is not None and r.is_causal() != causal:
         kinds = {True: "a causal LM", False: "an encoder"}
-        raise ValueError(f"the model is {kinds[causal]} but the reference is {kinds[not causal]}")
+        raise InputError(f"the model is {kinds[causal]} but the reference is {kinds[not causal]}")
     res: dict[str, Any] = {"model": m.name, "reference": r.name if r else None, "kind": "causal" if causal else "encoder"}
     if causal:
         res.update(_causal(m, r, texts, ctx, tokens, batch_size, k, cache))
@@ -166,12 +167,12 @@ def _causal(m: _Model, r: _Model | None, texts: list, ctx: int, tokens: int, bat
         out = perplexity(m.module(), m.tokenizer, texts, ctx=ctx, tokens=tokens, batch_size=batch_size)
         return out
     if tokenizer_sha256(m.tokenizer) != tokenizer_sha256(r.tokenizer):
-        raise ValueError(f"tokenizer mismatch: {m.name} and the reference {r.name} do not share a tokenizer")
+        raise InputError(f"tokenizer mismatch: {m.name} and the reference {r.name} do not share a tokenizer")
     mc, rc = m.config(), r.config()  # fail before any forward pass
     if mc.get("vocab_size") != rc.get("vocab_size"):
-        raise ValueError(f"the model's vocabulary has {mc.get('vocab_size')} tokens, the reference's {rc.get('vocab_size')}")
+        raise InputError(f"the model's vocabulary has {mc.get('vocab_size')} tokens, the reference's {rc.get('vocab_size')}")
     if mc.get("model_type") != rc.get("model_type"):
-        raise ValueError(f"the model's architecture {mc.get('model_type')!r} differs from the reference's {rc.get('model_type')!r}")
+        raise InputError(f"the model's architecture {mc.get('model_type')!r} differs from the reference's {rc.get('model_type')!r}")
     ref = Reference.build(r.module, r.tokenizer, texts, ctx=ctx, tokens=tokens, k=k, batch_size=batch_size,
                           fingerprint=r.fingerprint() if cache else None, name=r.name, cache=cache,
                           describe=lambda mod: {k2: v for k2, v in cost_of(mod, r.path).items() if k2 != "bytes_in"})
@@ -194,7 +195,7 @@ def _encoder(m: _Model, r: _Model | None, texts: list, n: int, batch_size: int |
     out: dict[str, Any] = {"protocol": protocol}
     if r is not None:
         if tokenizer_sha256(m.tokenizer) != tokenizer_sha256(r.tokenizer):
-            raise ValueError(f"tokenizer mismatch: {m.name} and the reference {r.name} do not share a tokenizer")
+            raise InputError(f"tokenizer mismatch: {m.name} and the reference {r.name} do not share a tokenizer")
         rm = r.module()
         ref_emb, rcost = embed(rm, r.tokenizer, sents, bs)
         rc = cost_of(rm, r.path)
@@ -202,7 +203,7 @@ def _encoder(m: _Model, r: _Model | None, texts: list, n: int, batch_size: int |
         r.release()
         mm = m.module()
         if getattr(mm.config, "hidden_size", None) != getattr(rm.config, "hidden_size", None) or mm.config.model_type != rm.config.model_type:
-            raise ValueError(f"the model ({mm.config.model_type}, hidden {mm.config.hidden_size}) and the reference "
+            raise InputError(f"the model ({mm.config.model_type}, hidden {mm.config.hidden_size}) and the reference "
                              f"({rm.config.model_type}, hidden {rm.config.hidden_size}) are different architectures")
         del rm
         emb, cost = embed(mm, m.tokenizer, sents, bs)

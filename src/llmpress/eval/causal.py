@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..errors import InputError
 from ..device import model_device
 from ..models import cache_dir
 from .cost import RSSMeter
@@ -121,7 +122,7 @@ def _logprob_batches(model: torch.nn.Module, ids: Tensor, batch_size: int):
                 lg = (head(h[a:b]) if h is not None else logits[a:b]).float()  # (n, V)
                 if not torch.isfinite(lg).all():
                     r = a + int((~torch.isfinite(lg)).any(-1).nonzero()[0])
-                    raise ValueError(f"the model produced non-finite logits (window {s + r // T1}, position {r % T1})")
+                    raise InputError(f"the model produced non-finite logits (window {s + r // T1}, position {r % T1})")
                 yield s * T1 + a, tgt[a:b], torch.log_softmax(lg, dim=-1)
                 del lg
 
@@ -208,7 +209,7 @@ class Reference:
             model = model()
         vocab = _vocab_of(model)
         if int(ids.max()) >= vocab:
-            raise ValueError(f"the tokenizer yields token id {int(ids.max())} but the model's vocabulary has {vocab} tokens")
+            raise InputError(f"the tokenizer yields token id {int(ids.max())} but the model's vocabulary has {vocab} tokens")
         k = min(k, vocab)
         N = ids.shape[0] * (ctx - 1)
         topk_idx = torch.empty(N, k, dtype=torch.int32)
@@ -264,13 +265,13 @@ class Reference:
     def check(self, model: torch.nn.Module, tokenizer_sha256: str | None) -> None:
         """Refuse comparisons that would be meaningless: another tokenizer, vocabulary or architecture."""
         if tokenizer_sha256 is not None and tokenizer_sha256 != self.protocol.tokenizer_sha256:
-            raise ValueError("the model's tokenizer differs from the reference's (vocabulary or special tokens): "
+            raise InputError("the model's tokenizer differs from the reference's (vocabulary or special tokens): "
                              "next-token distributions cannot be compared")
         vocab, mt = _vocab_of(model), _model_type(model)
         if vocab != self.model_info.get("vocab_size"):
-            raise ValueError(f"the model's vocabulary has {vocab} tokens, the reference's {self.model_info.get('vocab_size')}")
+            raise InputError(f"the model's vocabulary has {vocab} tokens, the reference's {self.model_info.get('vocab_size')}")
         if self.model_info.get("model_type") and mt != self.model_info["model_type"]:
-            raise ValueError(f"the model's architecture {mt!r} differs from the reference's {self.model_info['model_type']!r}")
+            raise InputError(f"the model's architecture {mt!r} differs from the reference's {self.model_info['model_type']!r}")
 
     def compare(self, model: torch.nn.Module, tokenizer_sha256: str | None = None) -> dict:
         """Perplexity of ``model`` and its fidelity to the reference, pooled and per text."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
 from ..device import model_device
 from .cost import RSSMeter
 
@@ -31,7 +32,7 @@ def embed(model: torch.nn.Module, tokenizer, sents: list[str], batch_size: int =
             mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
             e = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
             if not torch.isfinite(e).all():
-                raise ValueError(f"the encoder produced non-finite hidden states (sentences {s}..{s + batch_size})")
+                raise InputError(f"the encoder produced non-finite hidden states (sentences {s}..{s + batch_size})")
             out.append(e.cpu())
             n_tok += int(enc["attention_mask"].sum())
     secs = time.perf_counter() - t0
@@ -41,7 +42,7 @@ def embed(model: torch.nn.Module, tokenizer, sents: list[str], batch_size: int =
 def embedding_fidelity(emb: Tensor, ref_emb: Tensor) -> dict:
     """Cosine similarity per sentence between two embedding sets (S, H): mean, worst, median."""
     if emb.shape != ref_emb.shape:
-        raise ValueError(f"embeddings of shape {tuple(emb.shape)} vs the reference's {tuple(ref_emb.shape)}")
+        raise InputError(f"embeddings of shape {tuple(emb.shape)} vs the reference's {tuple(ref_emb.shape)}")
     cos = F.cosine_similarity(emb.double(), ref_emb.double(), dim=-1).clamp(-1.0, 1.0)
     return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "cos_median": float(cos.median()),
             "sentences": int(cos.numel())}

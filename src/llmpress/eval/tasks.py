@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .api import _default_reference, _resolve
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def evaluate_tasks(model: Any, tasks: str | Sequence[str], reference: Any = None
         if side is not None:
             side.device = dev  # lm-eval's HFLM runs a module given to it where the module is
         if side is not None and not side.is_causal():
-            raise ValueError(f"lm-eval tasks need a causal LM; {side.name} is not one")
+            raise InputError(f"lm-eval tasks need a causal LM; {side.name} is not one")
     # tasks (and their data) load before any model: an unknown task or unreachable data fails fast
     suite = TaskSuite.load(specs, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, quiet=quiet)
     with _torch_threads(threads) as n_threads:

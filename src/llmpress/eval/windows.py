@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..text import load_text, text_sha256
 
 
@@ -97,18 +98,18 @@ def make_windows(tok, texts: list, ctx: int, tokens: int, batch_size: int) -> tu
     from) and the :class:`Protocol`.
     """
     if ctx < 2:
-        raise ValueError(f"ctx must be at least 2 tokens (got {ctx})")
+        raise InputError(f"ctx must be at least 2 tokens (got {ctx})")
     per_text = tokens // (ctx * len(texts))
     if per_text < 1:
-        raise ValueError(f"tokens={tokens} is less than one window of ctx={ctx} per text ({len(texts)} texts)")
+        raise InputError(f"tokens={tokens} is less than one window of ctx={ctx} per text ({len(texts)} texts)")
     all_ids, domain, meta = [], [], []
     for i, t in enumerate(texts):
         name, content = text_spec(t)
         wins = _spread_windows(tok, content, per_text, ctx) if content.strip() else []
         if len(wins) < per_text:
             total = len(tok(content, add_special_tokens=False)["input_ids"]) if len(content) < 10**6 else None
-            raise ValueError(f"text {name!r} is too short for {per_text} windows of ctx={ctx} tokens "
-                             f"({total if total is not None else 'not enough'} tokens; lower --tokens or --ctx)")
+            raise InputError(f"text {name!r} is too short for {per_text} windows of ctx={ctx} tokens "
+                             f"({total if total is not None else 'not enough'} tokens; ask for fewer tokens or a shorter ctx)")
         n = per_text
         all_ids.append(torch.stack(wins))
         domain.append(torch.full((n,), i, dtype=torch.long))
@@ -143,7 +144,7 @@ def sentences(texts: list, n: int, min_words: int = 6, max_words: int = 48) -> t
                     nxt = i + 1
                     break
         if not got:
-            raise ValueError(f"text {name!r} has no sentence of {min_words}..{max_words} words")
+            raise InputError(f"text {name!r} has no sentence of {min_words}..{max_words} words")
         out += got
         meta.append({"name": name, "sha256": text_sha256(content), "sentences": len(got)})
     return out, meta

@@ -18,6 +18,8 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
+from ..errors import InputError, ResourceLimitError
+
 log = logging.getLogger(__name__)
 
 TOOLS = ("llama-imatrix", "llama-quantize")
@@ -66,7 +68,7 @@ def _run(argv: list[str | Path]) -> None:
     r = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
     if r.returncode != 0:
         tail = (r.stdout + r.stderr)[-2000:]
-        raise RuntimeError(f"{Path(str(argv[0])).name} failed ({r.returncode}):\n{tail}")
+        raise ResourceLimitError(f"{Path(str(argv[0])).name} failed ({r.returncode}):\n{tail}")
 
 
 def calibration_text(model: str, calib: str | None, samples: int, seq_len: int, path: Path) -> int:
@@ -93,7 +95,7 @@ def imatrix(tools: Path, f32_gguf: Path, text: Path, out: Path, seq_len: int, ch
 def quantize(tools: Path, f32_gguf: Path, out: Path, mix: str, threads: int, imatrix_file: Path | None = None) -> None:
     """llama-quantize of ``f32_gguf`` to ``mix`` (a key of :data:`FTYPES`)."""
     if mix not in FTYPES:
-        raise ValueError(f"unknown llama.cpp mix {mix!r}; known: {', '.join(FTYPES)}")
+        raise InputError(f"unknown llama.cpp mix {mix!r}; known: {', '.join(FTYPES)}")
     extra = ["--imatrix", imatrix_file] if imatrix_file is not None else []
     _run([tools / "llama-quantize", *extra, f32_gguf, out, FTYPES[mix], threads])
 

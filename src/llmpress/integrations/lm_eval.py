@@ -39,6 +39,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..errors import InputError, ResourceLimitError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["TaskError", "TaskSuite", "RunResult", "muted", "require"]
@@ -51,14 +53,14 @@ def require() -> Any:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"lm-evaluation-harness is not installed ({e}): pip install 'llmpress[engines]'") from e
+        raise ResourceLimitError(f"lm-evaluation-harness is not installed ({e}): pip install 'llmpress[engines]'") from e
     if not hasattr(TaskManager, "load"):  # pragma: no cover
-        raise ImportError(f"lm-eval {getattr(lm_eval, '__version__', '?')} lacks TaskManager.load: this adapter is "
+        raise ResourceLimitError(f"lm-eval {getattr(lm_eval, '__version__', '?')} lacks TaskManager.load: this adapter is "
                           "written for lm-eval 0.4.13")
     return lm_eval
 
 
-class TaskError(ValueError):
+class TaskError(InputError):
     """A task that cannot be found or loaded (its data set unreachable, a bad YAML)."""
 
 

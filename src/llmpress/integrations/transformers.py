@@ -48,6 +48,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..errors import InputError
 from ..io.folder import FORMAT_VERSION, compressed_module, dense_linear, module_state_names, read_manifest
 from ..moe import unfuse
 from ..skeleton import is_linear, set_module
@@ -82,9 +83,9 @@ class LlmpressConfig(QuantizationConfigMixin):
                  recipe: dict[str, Any] | None = None, bpw: float | None = None, quant_method: str = METHOD,
                  **kwargs: Any):
         if quant_method != METHOD:
-            raise ValueError(f"LlmpressConfig is for quant_method {METHOD!r}, not {quant_method!r}")
+            raise InputError(f"LlmpressConfig is for quant_method {METHOD!r}, not {quant_method!r}")
         if int(format_version) > FORMAT_VERSION:
-            raise ValueError(f"this llmpress folder has format version {format_version}; this llmpress reads up to "
+            raise InputError(f"this llmpress folder has format version {format_version}; this llmpress reads up to "
                              f"{FORMAT_VERSION}: upgrade llmpress")
         self.quant_method = METHOD
         self.format_version = int(format_version)
@@ -139,7 +140,7 @@ class LlmpressQuantizer(HfQuantizer):
                                              **kwargs: Any) -> nn.Module:
         files = [Path(f) for f in checkpoint_files or ()]
         if not files or any(f.suffix != ".safetensors" for f in files):
-            raise ValueError(f"llmpress: from_pretrained reads an llmpress folder's safetensors shards; got "
+            raise InputError(f"llmpress: from_pretrained reads an llmpress folder's safetensors shards; got "
                              f"{', '.join(map(str, files)) or 'no files'}")
         self.root = root = files[0].parent
         entries = self.quantization_config.modules
@@ -147,15 +148,15 @@ class LlmpressQuantizer(HfQuantizer):
             try:
                 manifest = read_manifest(root)
             except ValueError as e:
-                raise ValueError(f"quantization_config has no modules, and {e}") from None
+                raise InputError(f"quantization_config has no modules, and {e}") from None
             entries = {p.removesuffix(".weight"): e for p, e in manifest["tensors"].items()}
         if not isinstance(entries, dict):
-            raise ValueError(f"{root}: quantization_config.modules must map linear names to their layout")
+            raise InputError(f"{root}: quantization_config.modules must map linear names to their layout")
         header = _read_headers(files)
         stored = _stored_by_module(header)
         orphans = sorted(set(stored) - set(entries))
         if orphans:
-            raise ValueError(f"{root}: the shards hold compressed tensors of {', '.join(orphans[:5])}, which "
+            raise InputError(f"{root}: the shards hold compressed tensors of {', '.join(orphans[:5])}, which "
                              f"quantization_config.modules does not list")
         unfuse(model)  # an MoE's experts as the folder stores them: one linear per expert matrix
         self.layouts = {}
@@ -174,7 +175,7 @@ class LlmpressQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         devices = set((getattr(model, "hf_device_map", None) or {}).values())
         if len(devices) > 1:
-            raise ValueError(f"{self.root}: llmpress modules are built after loading, which accelerate's dispatch over "
+            raise InputError(f"{self.root}: llmpress modules are built after loading, which accelerate's dispatch over "
                              f"{sorted(map(str, devices))} does not follow; load the model on one device")
         for name, lay in self.layouts.items():
             holder = model.get_submodule(name)
@@ -184,7 +185,7 @@ class LlmpressQuantizer(HfQuantizer):
             try:
                 module = compressed_module(ct, sd.get("bias"))
             except Exception as e:
-                raise ValueError(f"{self.root}: {name}: the stored tensors do not make a {lay.codec} module "
+                raise InputError(f"{self.root}: {name}: the stored tensors do not make a {lay.codec} module "
                                  f"({e})") from e
             set_module(model, name, module.to(next(iter(data.values())).device))
         return model
@@ -196,13 +197,13 @@ class LlmpressQuantizer(HfQuantizer):
         out = {}
         for key, state in lay.names.items():
             if state not in own:
-                raise ValueError(f"{name}: its {type(module).__name__} no longer holds {state!r} "
+                raise InputError(f"{name}: its {type(module).__name__} no longer holds {state!r} "
                                  f"(stored as weight.{key})")
             out[f"weight.{key}"] = own.pop(state)
         if lay.bias in own:
             out["bias"] = own.pop(lay.bias)
         if own:
-            raise ValueError(f"{name}: its {type(module).__name__} holds {', '.join(sorted(own))}, which the llmpress "
+            raise InputError(f"{name}: its {type(module).__name__} holds {', '.join(sorted(own))}, which the llmpress "
                              f"layout of codec {lay.codec} does not describe")
         return out
 
@@ -264,38 +265,38 @@ def _layout(root: Path, name: str, entry: Any, header: dict[str, tuple[tuple[int
     where = f"{root}: {name}"
     if not (isinstance(entry, dict) and isinstance(entry.get("codec"), str) and isinstance(entry.get("meta"), dict)
             and isinstance(entry.get("keys"), list) and all(isinstance(k, str) for k in entry["keys"])):
-        raise ValueError(f"{where}: malformed layout in quantization_config.modules (needs codec, meta, keys); "
+        raise InputError(f"{where}: malformed layout in quantization_config.modules (needs codec, meta, keys); "
                          f"got {entry!r}")
     keys = entry["keys"]
     missing = [k for k in keys if f"{name}.weight.{k}" not in header]
     if missing:
-        raise ValueError(f"{where}: stored tensor(s) {', '.join(f'{name}.weight.{k}' for k in missing)} "
+        raise InputError(f"{where}: stored tensor(s) {', '.join(f'{name}.weight.{k}' for k in missing)} "
                          f"missing from the shards")
     extra = sorted(set(stored) - set(keys))
     if extra:
-        raise ValueError(f"{where}: the shards hold {', '.join(f'{name}.weight.{k}' for k in extra)}, "
+        raise InputError(f"{where}: the shards hold {', '.join(f'{name}.weight.{k}' for k in extra)}, "
                          f"which the layout does not list")
     if f"{name}.weight" in header:
-        raise ValueError(f"{where}: stored both dense ({name}.weight) and compressed")
+        raise InputError(f"{where}: stored both dense ({name}.weight) and compressed")
     data = {}
     for k in keys:
         shape, dt = header[f"{name}.weight.{k}"]
         if dt not in _DTYPES:
-            raise ValueError(f"{where}: {name}.weight.{k} has dtype {dt}, which no llmpress codec stores")
+            raise InputError(f"{where}: {name}.weight.{k} has dtype {dt}, which no llmpress codec stores")
         data[k] = torch.empty(shape, dtype=_DTYPES[dt], device="meta")
     try:
         get_codec(entry["codec"])
     except KeyError as e:
-        raise ValueError(f"{where}: codec {entry['codec']!r}: {e.args[0]}") from None
+        raise InputError(f"{where}: codec {entry['codec']!r}: {e.args[0]}") from None
     ct = CompressedTensor(codec=entry["codec"], data=data, meta=entry["meta"])
     try:
         names, bias = module_state_names(ct)
     except KeyError as e:  # a nested layout whose meta lacks an inner codec's entry
-        raise ValueError(f"{where}: codec {entry['codec']!r}: the meta lacks {e.args[0]!r}") from None
+        raise InputError(f"{where}: codec {entry['codec']!r}: the meta lacks {e.args[0]!r}") from None
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{where}: codec {entry['codec']!r}: {e}") from None
+        raise InputError(f"{where}: codec {entry['codec']!r}: {e}") from None
     if set(names) != set(keys):
-        raise ValueError(f"{where}: codec {entry['codec']} stores {sorted(names)}; the layout lists {sorted(keys)}")
+        raise InputError(f"{where}: codec {entry['codec']} stores {sorted(names)}; the layout lists {sorted(keys)}")
     tensors = {f"weight.{k}": t for k, t in data.items()}
     return Layout(codec=entry["codec"], meta=entry["meta"], names=names, bias=bias), tensors
 
@@ -303,17 +304,17 @@ def _layout(root: Path, name: str, entry: Any, header: dict[str, tuple[tuple[int
 def _linear(root: Path, model: nn.Module, name: str, entry: dict[str, Any]) -> nn.Module:
     """The model's linear a layout entry replaces, checked against the stored shape."""
     if not (isinstance(entry, dict) and isinstance(entry.get("meta"), dict)):
-        raise ValueError(f"{root}: {name}: malformed layout in quantization_config.modules (needs codec, meta, keys); "
+        raise InputError(f"{root}: {name}: malformed layout in quantization_config.modules (needs codec, meta, keys); "
                          f"got {entry!r}")
     try:
         old = model.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"{root}: the layout names {name}, which {type(model).__name__} does not have") from None
+        raise InputError(f"{root}: the layout names {name}, which {type(model).__name__} does not have") from None
     if not is_linear(old):
-        raise ValueError(f"{root}: {name} is a {type(old).__name__} in {type(model).__name__}, not a linear layer")
+        raise InputError(f"{root}: {name} is a {type(old).__name__} in {type(model).__name__}, not a linear layer")
     w = old.weight
     out_in = list(w.shape[::-1] if type(old).__name__ == "Conv1D" else w.shape)
     shape = entry["meta"].get("shape")
     if shape is not None and [int(d) for d in shape] != out_in:
-        raise ValueError(f"{root}: {name}: stored for a {shape} weight; the model's linear is {out_in}")
+        raise InputError(f"{root}: {name}: stored for a {shape} weight; the model's linear is {out_in}")
     return old

@@ -12,14 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-
-class OutputExistsError(FileExistsError):
-    pass
+from ..errors import OutputExistsError  # re-exported: callers import it from here
 
 
 def check_output(path: Path, force: bool) -> None:
     if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{path} exists")
 
 
 def _replace(tmp: Path, dst: Path) -> None:

@@ -11,7 +11,8 @@ Layout (a folder a Hugging Face user recognises)::
                                  and every other tensor as it was
     llmpress.json                recipe, codec + meta per compressed tensor, bpw, bytes, sha256 of shards
 
-No pickle anywhere; shards are verified against their sha256 on load.
+No pickle anywhere; shards are verified against their sha256 on load, and nothing in the
+folder is trusted before ``folder_check`` has vouched for it (names, header, meta, shapes).
 """
 from __future__ import annotations
 
@@ -24,23 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..errors import CorruptFileError, InputError, LlmpressError, MissingInputError, NotFoundError
 from ..loading import register_loader
 from ..tensor import CompressedTensor, get_codec
 from .checksum import sha256_file
+from .folder_check import (FORMAT, FORMAT_VERSION, MANIFEST, Header, check_against_model, check_compressed,
+                           check_config_counts, check_manifest, shard_path)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "llmpress.json"
-FORMAT = "llmpress-folder"
-FORMAT_VERSION = 1
 # torch dtype -> safetensors dtype name
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
               torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 _SKIP = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".llmp")
 
 
@@ -49,7 +51,7 @@ def _copy_bytes(fi: Any, fo: Any, n: int, chunk: int = 16 << 20) -> None:
     while n > 0:
         b = fi.read(min(n, chunk))
         if not b:
-            raise OSError(f"{fi.name}: ended {n} bytes early")
+            raise CorruptFileError(f"{fi.name}: ended {n} bytes early")
         fo.write(b)
         n -= len(b)
 
@@ -71,7 +73,7 @@ class FolderWriter:
 
     def add_compressed(self, param: str, ct: CompressedTensor) -> None:
         if not param.endswith(".weight"):
-            raise ValueError(f"{param}: only a linear's .weight is stored compressed")
+            raise InputError(f"{param}: only a linear's .weight is stored compressed")
         tensors, _ = ct.to_state(param)
         for k, t in tensors.items():
             self._add(k, t)
@@ -82,7 +84,7 @@ class FolderWriter:
 
     def _add(self, name: str, t: torch.Tensor) -> None:
         if name in self._entries or any(name in keys for _, keys in self._shards):
-            raise ValueError(f"tensor {name!r} written twice")
+            raise InputError(f"tensor {name!r} written twice")
         t = t.detach().contiguous().cpu()
         if self._data is None:
             self._data = open(self.root / f".shard-{len(self._shards):05d}.data", "wb")
@@ -182,46 +184,60 @@ def copy_side_files(source_folder: Path, root: Path) -> list[str]:
 
 
 def is_folder(p: Path) -> bool:
-    if not (p.is_dir() and (p / MANIFEST).exists()):
-        return False
-    try:
-        return json.loads((p / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError):
-        return False
+    """A folder with an ``llmpress.json``: ours, even when damaged (its loader then names the
+    damage; read as a plain checkpoint, its compressed layers would load as random weights)."""
+    return p.is_dir() and (p / MANIFEST).is_file()
 
 
 def read_manifest(p: Path) -> dict[str, Any]:
+    """The folder's ``llmpress.json``, refused unless its fields and version are ones this llmpress
+    writes (``folder_check.check_manifest``)."""
     try:
         m = json.loads((Path(p) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: unreadable {MANIFEST} ({e})") from None
-    if m.get("format") != FORMAT or m.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{p}: not an llmpress folder of a version this llmpress reads")
-    return m
+    except FileNotFoundError:
+        raise MissingInputError(f"{Path(p) / MANIFEST}: not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptFileError(f"{Path(p) / MANIFEST}: unreadable ({e})") from None
+    return check_manifest(Path(p), m)
 
 
 class _Shards:
-    """Lazy tensor access across a folder's verified shards."""
+    """Lazy tensor access across a folder's verified shards: each shard's name is checked, its
+    sha256 verified (``verify``), its header read (``header``: shapes and dtypes, no data); with
+    ``tensors`` (the manifest's), each compressed tensor's meta is checked against the header."""
 
-    def __init__(self, root: Path, files: dict[str, str], verify: bool):
+    def __init__(self, root: Path, files: dict[str, str], verify: bool,
+                 tensors: dict[str, dict[str, Any]] | None = None):
         self.handles = {}
         self.where: dict[str, str] = {}
+        self.header: Header = {}
         for f, digest in files.items():
-            path = root / f
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: missing shard")
+            path = shard_path(root, f)
+            if not path.is_file():
+                raise MissingInputError(f"{path}: missing shard")
             if verify and sha256_file(path) != digest:
-                raise ValueError(f"{path}: checksum mismatch (the file is corrupted or was changed)")
-            h = safe_open(str(path), framework="pt")
-            self.handles[f] = h
-            for k in h.keys():
+                raise CorruptFileError(f"{path}: checksum mismatch (the file is corrupted or was changed)")
+            try:
+                h = safe_open(str(path), framework="pt")
+                header = {k: (tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype()) for k in h.keys()}
+            except (SafetensorError, OSError, ValueError) as e:  # safetensors bounds and checks the header
+                raise CorruptFileError(f"{path}: not a readable safetensors file ({e})") from None
+            for k, (shape, dt) in header.items():
+                if k in self.where:
+                    raise CorruptFileError(f"{path}: tensor {k!r} is also in {root / self.where[k]}")
+                if dt not in _TORCH_DTYPES:
+                    raise CorruptFileError(f"{path}: tensor {k!r} has dtype {dt}, which no llmpress folder holds")
+                self.header[k] = (shape, _TORCH_DTYPES[dt])
                 self.where[k] = f
+            self.handles[f] = h
+        if tensors is not None:
+            check_compressed(root, tensors, self.header, self.where)
 
     def get(self, key: str) -> torch.Tensor:
         try:
             return self.handles[self.where[key]].get_tensor(key)
         except KeyError:
-            raise KeyError(f"tensor {key!r} is not in the folder's shards") from None
+            raise NotFoundError(f"tensor {key!r} is not in the folder's shards") from None
 
 
 def dense_linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -248,7 +264,7 @@ def module_state_names(ct: CompressedTensor) -> tuple[dict[str, str], str]:
     codec = get_codec(ct.codec)
     names = getattr(codec, "state_names", None)
     if names is None or getattr(codec, "module", None) is None:
-        raise ValueError(f"codec {ct.codec!r} has no inference module whose tensors are the stored ones")
+        raise InputError(f"codec {ct.codec!r} has no inference module whose tensors are the stored ones")
     return names(ct)
 
 
@@ -256,12 +272,33 @@ def module_state_names(ct: CompressedTensor) -> tuple[dict[str, str], str]:
 def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild the transformers model of an llmpress folder, compressed linears replaced by
     their inference modules."""
-    from ..skeleton import build_meta, folder_config, set_module, tie
+    from ..skeleton import build_meta, folder_config, materialize_nonpersistent, set_module, tie
 
     root = Path(path)
     man = read_manifest(root)
-    shards = _Shards(root, man["files"], verify)
-    model = build_meta(folder_config(root))
+    shards = _Shards(root, man["files"], verify, man["tensors"])
+    try:
+        raw_cfg = json.loads((root / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CorruptFileError(f"{root / 'config.json'}: unreadable ({e})") from None
+    if not isinstance(raw_cfg, dict):
+        raise CorruptFileError(f"{root / 'config.json'}: a JSON object expected")
+    check_config_counts(root, raw_cfg, shards.header)
+    try:
+        cfg = folder_config(root)
+        check_config_counts(root, cfg.to_dict(), shards.header)  # with transformers' defaults for what is absent
+        model = build_meta(cfg, nonpersistent=False)  # on meta: nothing allocated from the config yet
+    except LlmpressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers parsing our config.json: any refusal of its is ours to name
+        raise CorruptFileError(f"{root / 'config.json'}: no model can be built from it ({type(e).__name__}: {e})") from None
+    check_against_model(root, man["tensors"], shards.header, shards.where, model)
+    try:  # the config now agrees with every stored tensor: its other buffers may be computed
+        materialize_nonpersistent(model, cfg)
+    except LlmpressError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CorruptFileError(f"{root / 'config.json'}: its buffers cannot be built ({type(e).__name__}: {e})") from None
     for param, entry in man["tensors"].items():
         mod_name = param.rsplit(".", 1)[0]
         data = {k: shards.get(f"{param}.{k}") for k in entry["keys"]}
@@ -278,5 +315,5 @@ def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torc
     tie(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise ValueError(f"{root}: tensors missing from the folder: {', '.join(left[:5])}")
+        raise CorruptFileError(f"{root}: tensors missing from the folder: {', '.join(left[:5])}")
     return model.eval()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import InputError
 from .chunk_kernel import decode_fields
 from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from .planes import FloatLayout, layout
@@ -107,12 +108,12 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     only that one), which names the problem."""
     lay = layout(dtype)
     if nbytes % lay.itemsize:
-        raise ValueError(f"{nbytes} bytes is not a whole number of {dtype} words")
+        raise InputError(f"{nbytes} bytes is not a whole number of {dtype} words")
     n = nbytes // lay.itemsize
     if out is not None and out.shape != (nbytes,):
-        raise ValueError(f"output holds {out.shape} bytes, the chunk {nbytes}")
+        raise InputError(f"output holds {out.shape} bytes, the chunk {nbytes}")
     if len(buf) < 1 or buf[0] != len(lay.fields):
-        raise ValueError("chunk header: wrong number of fields")
+        raise InputError("chunk header: wrong number of fields")
     if out is None:
         out = np.empty(nbytes, np.uint8)
     fields = _scratch_fields(lay, n) if isinstance(lay, FloatLayout) else [out]
@@ -124,16 +125,16 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     pos, parts = 1, []
     for f, dst in zip(lay.fields, fields):
         if pos + 5 > len(buf):
-            raise ValueError("chunk truncated")
+            raise InputError("chunk truncated")
         bid, ln = struct.unpack_from("<BI", buf, pos)
         pos += 5
         if pos + ln > len(buf):
-            raise ValueError("chunk truncated")
+            raise InputError("chunk truncated")
         sym = decode_stream(bid, buf[pos : pos + ln], n, f.width, dst)
         if len(sym) != n:
-            raise ValueError("stream decoded to the wrong length")
+            raise InputError("stream decoded to the wrong length")
         parts.append(sym)
         pos += ln
     if pos != len(buf):
-        raise ValueError("chunk has trailing bytes")
+        raise InputError("chunk has trailing bytes")
     return lay.merge(parts, n, out)

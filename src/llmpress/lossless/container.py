@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import zstandard
 
+from ..errors import InputError
 from ..io.atomic import atomic_dir, atomic_file, check_output
 from ..loading import register_loader
 from .chunk import POLICIES, encode_chunk_parts
@@ -89,11 +90,11 @@ def pack(
     of any subset of tensors is a sum).
     """
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
+        raise InputError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}")
+        raise InputError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}")
     if workers < 1:
-        raise ValueError("workers must be at least 1")
+        raise InputError("workers must be at least 1")
     root, files, root_kind = _input_files(src)
     out = Path(out)
     check_output(out, force)
@@ -212,7 +213,7 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
             for _, ln in _chunks_of(seg, job.chunk_bytes):
                 raw = np.frombuffer(fi.read(ln), np.uint8)
                 if len(raw) != ln:
-                    raise OSError(f"{path}: file shrank while packing")
+                    raise InputError(f"{path}: file shrank while packing")
                 # the file's sha256 runs in its own thread (one worker keeps the order;
                 # hashlib releases the GIL), beside the coding. The caller codes every
                 # threads-th chunk itself when its turn to be written comes (as the

@@ -34,6 +34,7 @@ import constriction
 import numpy as np
 import zstandard
 
+from ..errors import InputError
 from . import kernels as K
 from . import model as M
 from . import rans32 as R32
@@ -59,9 +60,9 @@ def unpack_bits(buf: bytes | memoryview, n: int, width: int, out: np.ndarray | N
     out = np.empty(n, dt) if out is None else out
     need = (n * width + 7) // 8
     if len(buf) != need:
-        raise ValueError(f"raw stream holds {len(buf)} bytes, expected {need}")
+        raise InputError(f"raw stream holds {len(buf)} bytes, expected {need}")
     if out.shape != (n,):
-        raise ValueError(f"raw stream: {n} symbols into an array of shape {out.shape}")
+        raise InputError(f"raw stream: {n} symbols into an array of shape {out.shape}")
     b = np.frombuffer(buf, np.uint8)
     if width in (8, 16):
         out[:] = b if width == 8 else b.view("<u2")
@@ -136,15 +137,15 @@ class Ans:
     @staticmethod
     def decode(buf: memoryview, n: int, width: int) -> np.ndarray:
         if len(buf) < 2:
-            raise ValueError("ans stream: truncated model")
+            raise InputError("ans stream: truncated model")
         (k,) = struct.unpack_from("<H", buf, 0)
         if k == 0 or 2 + 4 * k > len(buf) or (len(buf) - 2 - 4 * k) % 4:
-            raise ValueError("ans stream: malformed model")
+            raise InputError("ans stream: malformed model")
         present = np.frombuffer(buf, "<u2", k, 2)
         q = np.frombuffer(buf, "<u2", k, 2 + 2 * k)
         dt = np.uint8 if width <= 8 else np.uint16
         if int(present.max()) >= 1 << width or q.min() == 0:
-            raise ValueError("ans stream: malformed model")
+            raise InputError("ans stream: malformed model")
         if k == 1:
             return np.full(n, present[0], dt)
         words = np.frombuffer(buf, "<u4", offset=2 + 4 * k).copy()
@@ -215,16 +216,16 @@ class RansV2:
         f = np.zeros(1 << width, np.int64)
         pb, used = cls.read_model(b, 1 << width, f)
         if pb < 0:
-            raise ValueError("rans stream: malformed model")
+            raise InputError("rans stream: malformed model")
         present = np.flatnonzero(f)
         if len(present) == 1:
             if used != len(b):
-                raise ValueError("rans stream: trailing bytes after a single-symbol model")
+                raise InputError("rans stream: trailing bytes after a single-symbol model")
             out[:] = present[0]
             return out
         rc = cls.uncode(b[used:], n, f, pb, out)
         if rc:
-            raise ValueError(f"rans stream: corrupted (code {rc})")
+            raise InputError(f"rans stream: corrupted (code {rc})")
         return out
 
 
@@ -262,7 +263,7 @@ class RansV4(RansV3):
             return out
         rc = cls.kernel.decode_stream(np.frombuffer(buf, np.uint8), 1 << width, out)
         if rc:
-            raise ValueError(f"rans stream: {'malformed model' if rc == -8 else 'corrupted'} (code {rc})")
+            raise InputError(f"rans stream: {'malformed model' if rc == -8 else 'corrupted'} (code {rc})")
         return out
 
 
@@ -295,7 +296,7 @@ class Zstd:
         nbytes = n * (1 if width <= 8 else 2)
         out = zstandard.ZstdDecompressor().decompress(bytes(buf), max_output_size=nbytes)
         if len(out) != nbytes:
-            raise ValueError(f"zstd stream: {len(out)} bytes, expected {nbytes}")
+            raise InputError(f"zstd stream: {len(out)} bytes, expected {nbytes}")
         return np.frombuffer(out, np.uint8 if width <= 8 else "<u2").astype(np.uint8 if width <= 8 else np.uint16)
 
 
@@ -419,23 +420,23 @@ class Split:
     @staticmethod
     def decode_into(buf: memoryview, n: int, width: int, out: np.ndarray) -> np.ndarray:
         if len(buf) < 1:
-            raise ValueError("split stream: truncated")
+            raise InputError("split stream: truncated")
         k = buf[0]
         if k < 1 or len(buf) < 1 + 5 * k:
-            raise ValueError("split stream: malformed header")
+            raise InputError("split stream: malformed header")
         step = -(-n // k)
         if (k - 1) * step >= n:
-            raise ValueError("split stream: more pieces than symbols")
+            raise InputError("split stream: more pieces than symbols")
         pos = 1 + 5 * k
         for i in range(k):
             bid, ln = struct.unpack_from("<BI", buf, 1 + 5 * i)
             if bid == Split.id or pos + ln > len(buf):
-                raise ValueError("split stream: bad piece")
+                raise InputError("split stream: bad piece")
             m = min(step, n - i * step)
             decode_stream(bid, buf[pos : pos + ln], m, width, out[i * step : i * step + m])
             pos += ln
         if pos != len(buf):
-            raise ValueError("split stream: trailing bytes")
+            raise InputError("split stream: trailing bytes")
         return out
 
 
@@ -443,7 +444,7 @@ def decode_stream(bid: int, payload: memoryview, n: int, width: int, out: np.nda
     """The ``n`` symbols of one stream; into ``out`` ((n,) uint8, or uint16 past 8 bits) if
     given (decoded in place where the backend can, else copied)."""
     if bid not in BY_ID:
-        raise ValueError(f"unknown entropy backend id {bid}")
+        raise InputError(f"unknown entropy backend id {bid}")
     cls = BY_ID[bid]
     if out is None:
         return cls.decode(payload, n, width)
@@ -452,6 +453,6 @@ def decode_stream(bid: int, payload: memoryview, n: int, width: int, out: np.nda
         return into(payload, n, width, out)
     sym = cls.decode(payload, n, width)
     if sym.shape != out.shape:
-        raise ValueError("stream decoded to the wrong length")
+        raise InputError("stream decoded to the wrong length")
     out[:] = sym
     return out

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..errors import MissingInputError
 from ..cluster import ClusterError, ray_cluster
 from .container import Coded, FileJob, _encoders, code_file, file_record
 
@@ -51,7 +52,7 @@ def _code_remote(path: str, rel: str, job: FileJob, batch_bytes: int, versions: 
                            f"{diff}; its bytes could differ from one process's")
     src = Path(path)
     if not src.is_file():
-        raise FileNotFoundError(f"{path}: not found on Ray node {socket.gethostname()} (packing on a cluster "
+        raise MissingInputError(f"{path}: not found on Ray node {socket.gethostname()} (packing on a cluster "
                                 "needs the checkpoint on a filesystem every node mounts at the same path)")
     frec = file_record(src, rel)
     batch, done = bytearray(), 0
@@ -109,6 +110,6 @@ def _pieces(ray: Any, gen: Any, path: Path, got: dict[str, Any]) -> Iterator[tup
         else:
             yield item
     if "frec" not in got:
-        raise RuntimeError(f"{path}: the Ray task ended without its index record")
+        raise ClusterError(f"{path}: the Ray task ended without its index record")
     if got["frec"]["size"] != path.stat().st_size:
-        raise OSError(f"{path}: the Ray node read {got['frec']['size']} bytes, this machine sees {path.stat().st_size}")
+        raise ClusterError(f"{path}: the Ray node read {got['frec']['size']} bytes, this machine sees {path.stat().st_size}")

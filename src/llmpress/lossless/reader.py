@@ -40,6 +40,7 @@ import torch
 import xxhash
 import zstandard
 
+from ..errors import CorruptFileError, NotFoundError
 from .chunk import decode_chunk
 from .planes import ITEMSIZE
 from .segments import MAX_NDIM
@@ -59,7 +60,7 @@ MAX_INDEX = 1 << 30
 RELEASE_BYTES = 64 << 20  # a streamed read gives back the map's pages behind it every this many bytes
 
 
-class CorruptError(ValueError):
+class CorruptError(CorruptFileError):
     """A packed file is truncated, corrupted or not an llmpress container."""
 
 
@@ -135,8 +136,12 @@ class Packed:
                 pos = 0
                 if not isinstance(f["path"], str) or f["path"].startswith("/") or ".." in f["path"].split("/"):
                     raise CorruptError(f"{self.path}: unsafe file path {f['path']!r}")
+                if type(f["size"]) is not int or not isinstance(f["sha256"], str):
+                    raise CorruptError(f"{self.path}: file {f['path']}: size and sha256 must be an integer and a digest")
                 for s in f["segments"]:
                     where = f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}")
+                    if type(s["offset"]) is not int or type(s["length"]) is not int or not isinstance(s["dtype"], str):
+                        raise CorruptError(f"{where}: offset, length and dtype must be integers and a name")
                     if s["offset"] != pos or s["dtype"] not in ITEMSIZE and s["dtype"] != "bytes":
                         raise CorruptError(f"{where}: segment does not follow the previous one")
                     if s["kind"] == "tensor":
@@ -145,8 +150,10 @@ class Packed:
                                 int(np.prod(shape, dtype=object)) * ITEMSIZE[s["dtype"]] != s["length"]:
                             raise CorruptError(f"{where}: shape {shape} does not match {s['length']} bytes")
                     total = 0
-                    for i, (o, ln, raw, _) in enumerate(s["chunks"]):
-                        if not (12 <= o and o + ln <= self.data_end and 0 < raw <= MAX_CHUNK_BYTES):
+                    for i, (o, ln, raw, crc) in enumerate(s["chunks"]):
+                        if not all(type(v) is int for v in (o, ln, raw, crc)):
+                            raise CorruptError(f"{where}, chunk {i}: offsets, sizes and checksum must be integers")
+                        if not (12 <= o and 0 <= ln and o + ln <= self.data_end and 0 < raw <= MAX_CHUNK_BYTES):
                             raise CorruptError(f"{where}, chunk {i}: lies outside the file or is too large")
                         total += raw
                     if total != s["length"]:
@@ -174,7 +181,7 @@ class Packed:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch (corrupted)")
         try:
             out = decode_chunk(memoryview(payload), s["dtype"], raw, out)
-        except ValueError as e:
+        except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if self.version >= 2 and chunk_sum(out, self.version) != crc:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch (corrupted)")
@@ -290,13 +297,13 @@ class Packed:
                     dst[pos : pos + len(part)] = part
                     pos += len(part)
                 return _to_torch(buf, s["dtype"], s["shape"])
-        raise KeyError(f"{self.path}: no tensor {name!r}")
+        raise NotFoundError(f"{self.path}: no tensor {name!r}")
 
     def file_bytes(self, rel: str) -> bytes:
         for f in self.index["files"]:
             if f["path"] == rel:
                 return b"".join(p.tobytes() for s in f["segments"] for p in self.iter_segment(f, s))
-        raise KeyError(f"{self.path}: no file {rel!r}")
+        raise NotFoundError(f"{self.path}: no file {rel!r}")
 
 
 _TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,

@@ -15,13 +15,14 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import CorruptFileError
 from .planes import ITEMSIZE, FloatLayout, layout
 
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 MAX_NDIM = 16
 
 
-class HeaderError(ValueError):
+class HeaderError(CorruptFileError):
     pass
 
 

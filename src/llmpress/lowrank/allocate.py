@@ -32,20 +32,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 log = logging.getLogger(__name__)
 
 
 def check_ratio(ratio: float) -> float:
     r = float(ratio)
     if not 0.0 < r < 1.0 or math.isnan(r):
-        raise ValueError(f"ratio must be in (0, 1): the fraction of linear-layer parameters kept; got {ratio}")
+        raise InputError(f"ratio must be in (0, 1): the fraction of linear-layer parameters kept; got {ratio}")
     return r
 
 
 def check_energy(energy: float) -> float:
     e = float(energy)
     if not 0.0 < e <= 1.0 or math.isnan(e):
-        raise ValueError(f"energy must be in (0, 1]: the fraction of Σσ² kept; got {energy}")
+        raise InputError(f"energy must be in (0, 1]: the fraction of Σσ² kept; got {energy}")
     return e
 
 
@@ -102,13 +104,13 @@ def allocate_budget(
     """
     check_ratio(ratio)
     if not 0.0 < floor < ratio:
-        raise ValueError(f"floor must be in (0, ratio={ratio}); got {floor}")
+        raise InputError(f"floor must be in (0, ratio={ratio}); got {floor}")
     weights = weights or {}
     budget = ratio * sum(sp.m * sp.n for sp in spectra)
     ranks = {sp.name: min(rank_for_ratio(sp.m, sp.n, floor), max_useful_rank(sp.m, sp.n)) for sp in spectra}
     spent = sum(ranks[sp.name] * (sp.m + sp.n) for sp in spectra)
     if spent > budget:
-        raise ValueError(f"the floor alone ({spent} parameters) exceeds the budget ({budget:.0f})")
+        raise InputError(f"the floor alone ({spent} parameters) exceeds the budget ({budget:.0f})")
     # One frontier item per layer: the gain of its next rank. A heap keeps the best on top.
     heap: list[tuple[float, str]] = []
     by_name = {sp.name: sp for sp in spectra}

@@ -22,6 +22,7 @@ import torch
 from llmpress.recipe import KEEP, Recipe, Rule
 from llmpress.tensor import Stats, get_codec
 
+from ..errors import InputError
 from .allocate import LayerSpectrum, allocate_budget, allocated_params, check_energy, check_ratio, exact_rule
 from .base import LowRankCodec
 
@@ -61,7 +62,7 @@ def layer_spectra(model: str | Path, method: str = "whiten", *, keep: str = KEEP
     dev = resolve_device(device)
     codec = get_codec(method)
     if not isinstance(codec, LowRankCodec):
-        raise ValueError(f"budgeted allocation needs one of the low-rank methods svd, rsvd, whiten, asvd; got {method!r}")
+        raise InputError(f"budgeted allocation needs one of the low-rank methods svd, rsvd, whiten, asvd; got {method!r}")
     src = resolve(model)
     store = TensorStore(src)
     skel = sk.build_meta(sk.folder_config(src.folder))
@@ -173,7 +174,7 @@ def factorize(
 
     resolve_device(device)  # a device that cannot be used fails before any work
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
+        raise InputError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
     ranks_plan = None
     if recipe is not None:
         rec = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
@@ -181,7 +182,7 @@ def factorize(
         get_codec(method)  # a clear error for an unknown method, before any work
         if allocation == "budget":
             if rank is not None or energy is not None:
-                raise ValueError("budgeted allocation takes a ratio (the total budget), not a rank or energy")
+                raise InputError("budgeted allocation takes a ratio (the total budget), not a rank or energy")
             r = check_ratio(ratio if ratio is not None else 0.8)
             spectra = layer_spectra(model, method, calib=calib, samples=samples, seq_len=seq_len, progress=progress,
                                     device=device, **params)

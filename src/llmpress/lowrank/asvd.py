@@ -15,16 +15,17 @@ from torch import Tensor
 
 from llmpress.tensor import Stats, register
 
+from ..errors import DivergedError, InputError
 from .base import LowRankCodec, RightTransform
 
 
 def channel_scale(abs_mean: Tensor, alpha: float = 0.5) -> RightTransform:
     """S = diag((mean |x|)^α), floored so that dead channels keep a finite inverse."""
     if not 0.0 <= alpha <= 2.0:
-        raise ValueError(f"alpha must be in [0, 2]; got {alpha}")
+        raise InputError(f"alpha must be in [0, 2]; got {alpha}")
     a = abs_mean.to(torch.float64)
     if not torch.isfinite(a).all():
-        raise FloatingPointError("mean |x| holds inf/NaN: the calibration activations overflowed")
+        raise DivergedError("mean |x| holds inf/NaN: the calibration activations overflowed")
     s = a.clamp_min(0).pow(alpha)
     top = float(s.max()) if s.numel() else 0.0
     if top <= 0.0:
@@ -43,7 +44,7 @@ class ASVD(LowRankCodec):
 
     def transform(self, w: Tensor, stats: Stats | None, **extra: Any) -> RightTransform:
         if stats is None or stats.abs_mean is None:
-            raise ValueError("asvd needs calibration statistics (mean |x| per input channel)")
+            raise InputError("asvd needs calibration statistics (mean |x| per input channel)")
         if stats.abs_mean.numel() != w.shape[1]:
-            raise ValueError(f"mean |x| has {stats.abs_mean.numel()} channels; the weight has {w.shape[1]} inputs")
+            raise InputError(f"mean |x| has {stats.abs_mean.numel()} channels; the weight has {w.shape[1]} inputs")
         return channel_scale(stats.abs_mean, float(extra["alpha"]))

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from llmpress.tensor import CompressedTensor, Stats
 
+from ..errors import DivergedError, InputError
+from ..stored import FLOATS, Layout, check_ct, meta_int, meta_shape
 from .allocate import check_energy, check_ratio, saves
 from .linear import LowRankLinear
 
@@ -84,22 +86,22 @@ class LowRankCodec:
         known = {"rank", "ratio", "energy", "solver", "oversample", "niter", "crossover", "factor_dtype", *self.extra}
         unknown = sorted(set(params) - known)
         if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise InputError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         p = {k: v for k, v in params.items() if v is not None}
         given = [k for k in ("rank", "ratio", "energy") if k in p]
         if len(given) > 1:
-            raise ValueError(f"{self.name}: give one of rank, ratio, energy (got {', '.join(given)})")
+            raise InputError(f"{self.name}: give one of rank, ratio, energy (got {', '.join(given)})")
         if "rank" in p:
             k = p["rank"]
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
-                raise ValueError(f"{self.name}: rank {k!r} must be an integer in 1..min(m, n) = {min(m, n)} "
+                raise InputError(f"{self.name}: rank {k!r} must be an integer in 1..min(m, n) = {min(m, n)} "
                                  f"for a ({m}, {n}) weight")
         elif "energy" in p:
             p["energy"] = check_energy(p["energy"])
         else:
             p["ratio"] = check_ratio(p.get("ratio", 0.8))
         if "factor_dtype" in p and p["factor_dtype"] not in FACTOR_DTYPES:
-            raise ValueError(f"{self.name}: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {p['factor_dtype']!r}")
+            raise InputError(f"{self.name}: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {p['factor_dtype']!r}")
         p.setdefault("solver", self.solver)
         for k, v in self.extra.items():
             p.setdefault(k, v)
@@ -110,7 +112,7 @@ class LowRankCodec:
         from .svd import CROSSOVER, NITER, truncated_svd
 
         if w.ndim != 2:
-            raise ValueError(f"{self.name}: a low-rank codec needs a 2-D weight, got shape {tuple(w.shape)}")
+            raise InputError(f"{self.name}: a low-rank codec needs a 2-D weight, got shape {tuple(w.shape)}")
         m, n = w.shape
         p = self.parse(m, n, params)
         extra = {k: p[k] for k in self.extra}
@@ -135,15 +137,25 @@ class LowRankCodec:
         if t is not None:
             v = t.unapply(v)  # (k, n) = Σ^½ V_kᵀ S⁻¹
         if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
-            raise FloatingPointError(f"{self.name}: non-finite factors for a ({m}, {n}) weight")
+            raise DivergedError(f"{self.name}: non-finite factors for a ({m}, {n}) weight")
         return CompressedTensor(self.name, {"U": u.to(fdt).contiguous(), "V": v.to(fdt).contiguous()}, meta)
 
+    def stored_shapes(self, meta: dict[str, Any]) -> tuple[Layout, Layout]:
+        """The factors U (m, k) and V (k, n) of the meta's rank, or the dense (m, n) weight."""
+        m, n = meta_shape(meta)
+        if meta.get("dense"):
+            return {"weight": ((m, n), FLOATS)}, {}
+        k = meta_int(meta, "rank", 1, min(m, n))
+        return {"U": ((m, k), FLOATS), "V": ((k, n), FLOATS)}, {}
+
     def decode(self, ct: CompressedTensor) -> Tensor:
+        check_ct(ct)
         if ct.meta.get("dense"):
             return ct.data["weight"].float()
         return ct.data["U"].float() @ ct.data["V"].float()  # (m, k) @ (k, n)
 
     def module(self, ct: CompressedTensor, bias: Tensor | None) -> nn.Module:
+        check_ct(ct)  # sizes below come from the meta: it must agree with the stored tensors
         if ct.meta.get("dense"):
             m, n = ct.meta["shape"]
             lin = nn.Linear(n, m, bias=bias is not None, dtype=ct.data["weight"].dtype)

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from llmpress.tensor import CompressedTensor, Stats, get_codec, register
 
+from ..errors import InputError
+from ..stored import FLOATS, Layout, check_ct, meta_dict, meta_int, meta_shape, nested_layout
 from .allocate import rank_for_ratio
 from .base import FACTOR_DTYPES, LowRankCodec, dtype_name
 from .linear import LowRankLinear
@@ -67,7 +69,7 @@ def nested_names(prefix: str, ct: CompressedTensor, at: str) -> tuple[dict[str, 
 def _quant(name: str, owner: str) -> Any:
     codec = get_codec(name)
     if getattr(codec, "lossless", False) or isinstance(codec, (LowRankCodec, FactorThenQuant, LQER)):
-        raise ValueError(f"{owner}: quant must name a quantization codec; got {name!r}")
+        raise InputError(f"{owner}: quant must name a quantization codec; got {name!r}")
     return codec
 
 
@@ -102,9 +104,9 @@ class FactorThenQuant:
         qname = params.get("quant", "rtn")
         quant = _quant(qname, self.name)
         if quant.needs_stats and stats is None:
-            raise ValueError(f"{self.name}: quant codec {qname!r} needs calibration statistics; use whiten+q")
+            raise InputError(f"{self.name}: quant codec {qname!r} needs calibration statistics; use whiten+q")
         if getattr(quant, "gram", False) and (stats is None or stats.gram is None):
-            raise ValueError(f"{self.name}: quant codec {qname!r} needs the Gram matrix; use whiten+q")
+            raise InputError(f"{self.name}: quant codec {qname!r} needs the Gram matrix; use whiten+q")
         base = get_codec(self.base)
         lct = base.encode(w, stats, **lr, factor_dtype="float32")
         m, n = w.shape
@@ -125,7 +127,18 @@ class FactorThenQuant:
         dv, mv = nest("V", vct)
         return CompressedTensor(self.name, {**du, **dv}, {**meta, "U": mu, "V": mv})
 
+    def stored_shapes(self, meta: dict[str, Any]) -> tuple[Layout, Layout]:
+        """The nested quantized factors: U (m, k) as ``U.*``, V (k, n) as ``V.*``; or W (m, n) as ``W.*``."""
+        m, n = meta_shape(meta)
+        if meta.get("dense"):
+            return nested_layout("W", meta_dict(meta, "W"), (m, n))
+        k = meta_int(meta, "rank", 1, min(m, n))
+        (ru, ou), (rv, ov) = (nested_layout("U", meta_dict(meta, "U"), (m, k)),
+                              nested_layout("V", meta_dict(meta, "V"), (k, n)))
+        return {**ru, **rv}, {**ou, **ov}
+
     def decode(self, ct: CompressedTensor) -> Tensor:
+        check_ct(ct)
         if ct.meta.get("dense"):
             return get_codec(ct.meta["W"]["codec"]).decode(unnest("W", ct.data, ct.meta["W"]))
         u = unnest("U", ct.data, ct.meta["U"])
@@ -135,6 +148,7 @@ class FactorThenQuant:
     def module(self, ct: CompressedTensor, bias: Tensor | None) -> nn.Module:
         from llmpress.io.folder import compressed_module
 
+        check_ct(ct)
         if ct.meta.get("dense"):
             return compressed_module(unnest("W", ct.data, ct.meta["W"]), bias)
         m, n = ct.meta["shape"]
@@ -196,15 +210,15 @@ class LQER:
         damp = float(p.pop("damp", 1e-4))
         quant = _quant(qname, "lqer")
         if stats is None or stats.gram is None:
-            raise ValueError("lqer needs calibration statistics with a Gram matrix (run it through the pipeline)")
+            raise InputError("lqer needs calibration statistics with a Gram matrix (run it through the pipeline)")
         if fdt_name not in FACTOR_DTYPES:
-            raise ValueError(f"lqer: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {fdt_name!r}")
+            raise InputError(f"lqer: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {fdt_name!r}")
         m, n = w.shape
         if rank is not None and ratio is not None:
-            raise ValueError("lqer: give one of rank, ratio")
+            raise InputError("lqer: give one of rank, ratio")
         k = rank_for_ratio(m, n, ratio) if ratio is not None else (16 if rank is None else rank)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
-            raise ValueError(f"lqer: rank {k!r} must be an integer in 1..min(m, n) = {min(m, n)} for a ({m}, {n}) weight")
+            raise InputError(f"lqer: rank {k!r} must be an integer in 1..min(m, n) = {min(m, n)} for a ({m}, {n}) weight")
         qct = quant.encode(w, stats, **p)
         e = w.double() - quant.decode(qct).double()  # (m, n) quantization error
         t = whitening(stats.gram, stats.n, damp)
@@ -218,13 +232,22 @@ class LQER:
                 "err_kept": round(tr.energy_kept / tr.energy_total, 6) if tr.energy_total > 0 else 1.0}
         return CompressedTensor("lqer", {**dq, "U": u.to(fdt).contiguous(), "V": v.to(fdt).contiguous()}, meta)
 
+    def stored_shapes(self, meta: dict[str, Any]) -> tuple[Layout, Layout]:
+        """The nested quantized weight (m, n) as ``q.*`` and the correction's U (m, k), V (k, n)."""
+        m, n = meta_shape(meta)
+        k = meta_int(meta, "rank", 1, min(m, n))
+        rq, oq = nested_layout("q", meta_dict(meta, "q"), (m, n))
+        return {**rq, "U": ((m, k), FLOATS), "V": ((k, n), FLOATS)}, oq
+
     def decode(self, ct: CompressedTensor) -> Tensor:
+        check_ct(ct)
         q = unnest("q", ct.data, ct.meta["q"])
         return get_codec(q.codec).decode(q) + ct.data["U"].float() @ ct.data["V"].float()
 
     def module(self, ct: CompressedTensor, bias: Tensor | None) -> nn.Module:
         from llmpress.io.folder import compressed_module
 
+        check_ct(ct)
         base = compressed_module(unnest("q", ct.data, ct.meta["q"]), bias)
         return CorrectedLinear(base, LowRankLinear.from_factors(ct.data["U"], ct.data["V"], None))
 

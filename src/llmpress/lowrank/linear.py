@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..errors import InputError
+
 
 class LowRankLinear(nn.Module):
     """Behaves like ``nn.Linear(in_features, out_features)``; holds ``down`` (V: in → k) and
@@ -29,7 +31,7 @@ class LowRankLinear(nn.Module):
         """u (out, k), v (k, in): W ≈ u @ v."""
         (m, k), (k2, n) = u.shape, v.shape
         if k != k2:
-            raise ValueError(f"factor shapes do not chain: U {tuple(u.shape)}, V {tuple(v.shape)}")
+            raise InputError(f"factor shapes do not chain: U {tuple(u.shape)}, V {tuple(v.shape)}")
         down = nn.Linear(n, k, bias=False, dtype=v.dtype)
         up = nn.Linear(k, m, bias=bias is not None, dtype=u.dtype)
         with torch.no_grad():

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from llmpress.tensor import register
 
+from ..errors import InputError
 from .allocate import rank_for_energy, rank_for_ratio
 from .base import LowRankCodec
 
@@ -51,7 +52,7 @@ def sketch_size(m: int, n: int, k: int, oversample: int | None = None) -> int:
     """l = k + p directions for a rank-k sketch: p = ``oversample``, or max(10, ⌈k/2⌉) by default."""
     p = max(OVERSAMPLE_MIN, math.ceil(OVERSAMPLE_FRACTION * k)) if oversample is None else int(oversample)
     if p < 0:
-        raise ValueError(f"oversample must be ≥ 0; got {oversample}")
+        raise InputError(f"oversample must be ≥ 0; got {oversample}")
     return min(k + p, m, n)
 
 
@@ -114,9 +115,9 @@ def truncated_svd(
     (logged; ``crossover`` ≥ 1 never hands over).
     """
     if solver not in SOLVERS:
-        raise ValueError(f"unknown SVD solver {solver!r}; known: {', '.join(SOLVERS)}")
+        raise InputError(f"unknown SVD solver {solver!r}; known: {', '.join(SOLVERS)}")
     if not crossover > 0.0:
-        raise ValueError(f"crossover must be > 0 (a fraction of min(m, n)); got {crossover}")
+        raise InputError(f"crossover must be > 0 (a fraction of min(m, n)); got {crossover}")
     m, n = a.shape
     total = float((a * a).sum())
 
@@ -133,7 +134,7 @@ def truncated_svd(
     if energy is None:
         k = rank if rank is not None else rank_for_ratio(m, n, ratio if ratio is not None else 0.8)
         if not 1 <= k <= min(m, n):
-            raise ValueError(f"rank {k} is outside 1..min(m, n) = {min(m, n)} for a ({m}, {n}) matrix")
+            raise InputError(f"rank {k} is outside 1..min(m, n) = {min(m, n)} for a ({m}, {n}) matrix")
         (u, s, vh), used = run(k)
     else:
         q = min(m, n) if solver == "exact" else min(32, m, n)

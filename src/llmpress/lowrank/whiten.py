@@ -22,6 +22,7 @@ from torch import Tensor
 
 from llmpress.tensor import Stats, register
 
+from ..errors import DivergedError, InputError
 from .base import LowRankCodec, RightTransform
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,12 @@ DAMP_FEW_TOKENS = 1e-2  # the damping used when the Gram matrix has fewer tokens
 def whitening(gram: Tensor, n_tokens: int, damp: float = 1e-2) -> RightTransform:
     """S with S Sᵀ = H + λI for H = ``gram`` (n, n), float64; never NaN."""
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-        raise ValueError(f"a Gram matrix is square; got shape {tuple(gram.shape)}")
+        raise InputError(f"a Gram matrix is square; got shape {tuple(gram.shape)}")
     if not 0.0 <= damp < 1.0:
-        raise ValueError(f"damp must be in [0, 1); got {damp}")
+        raise InputError(f"damp must be in [0, 1); got {damp}")
     h = gram.to(torch.float64)
     if not torch.isfinite(h).all():
-        raise FloatingPointError("the Gram matrix holds inf/NaN: the calibration activations overflowed")
+        raise DivergedError("the Gram matrix holds inf/NaN: the calibration activations overflowed")
     d = h.shape[0]
     h = 0.5 * (h + h.T) / max(n_tokens, 1)  # symmetric; per token, so λ and the eigenvalues read as mean x²
     if n_tokens < d:
@@ -72,7 +73,7 @@ class Whiten(LowRankCodec):
 
     def transform(self, w: Tensor, stats: Stats | None, **extra: Any) -> RightTransform:
         if stats is None or stats.gram is None:
-            raise ValueError("whiten needs calibration statistics with a Gram matrix (run it through the pipeline)")
+            raise InputError("whiten needs calibration statistics with a Gram matrix (run it through the pipeline)")
         if stats.gram.shape[0] != w.shape[1]:
-            raise ValueError(f"Gram matrix {tuple(stats.gram.shape)} does not fit a weight of {w.shape[1]} inputs")
+            raise InputError(f"Gram matrix {tuple(stats.gram.shape)} does not fit a weight of {w.shape[1]} inputs")
         return whitening(stats.gram, stats.n, float(extra["damp"]))

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError, MissingInputError
 from ..recipe import KEEP, Recipe
 from ..tensor import get_codec
 from .codec import QuantCodec
@@ -35,7 +36,7 @@ def build_recipe(method: str = "rtn", bits: int | None = None, group_size: int |
     else:
         p = Path(recipe)
         if not p.is_file():
-            raise FileNotFoundError(f"no recipe file {p}")
+            raise MissingInputError(f"no recipe file {p}")
         r = Recipe.from_yaml(p)
     check_recipe(r)
     return r
@@ -51,7 +52,7 @@ def check_recipe(recipe: Recipe) -> None:
             try:
                 codec.parse(rule.params)
             except ValueError as e:
-                raise ValueError(f"recipe rule {i} ({rule.match!r}): {e}") from None
+                raise InputError(f"recipe rule {i} ({rule.match!r}): {e}") from None
 
 
 def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: int | None = None,
@@ -76,7 +77,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: i
         clash = [k for k, v in (("recipe", recipe), ("bits", bits), ("group_size", group_size),
                                 ("grid", grid_opts.get("grid"))) if v is not None]
         if clash:
-            raise ValueError(f"gguf_mix fixes each linear's grid: drop {', '.join(clash)}")
+            raise InputError(f"gguf_mix fixes each linear's grid: drop {', '.join(clash)}")
         recipe = mix_recipe(gguf_mix, *model_shapes(str(model)), method=method, **grid_opts)
     r = build_recipe(method, bits, group_size, recipe, **grid_opts)
     log.info("quantize %s → %s with %d rule(s)", model, out, len(r.rules))

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..tensor import Stats, register
 from . import grids
 from .codec import QuantCodec, QWeight
@@ -112,7 +113,7 @@ def awq_quantize(W: Tensor, stats: Stats, spec: GridSpec, *, n_grid: int = 20, c
     chosen by GPTQ with ``gptq``). When the runner has folded the scale already (``stats.folded``:
     W is W·diag(s), the Stats those of x/s) only the codes are left and no scale is stored."""
     if stats.abs_mean is None or stats.gram is None:
-        raise ValueError("awq needs Stats.abs_mean and Stats.gram of the layer inputs")
+        raise InputError("awq needs Stats.abs_mean and Stats.gram of the layer inputs")
     H = stats.gram.to(torch.float32) / max(1, stats.n)  # (in, in)
     if getattr(stats, "folded", False):
         return gptq_codes(W, stats, spec, None, clip) if gptq else clip_quantize(W, H, spec, None, clip)
@@ -145,10 +146,10 @@ class AWQ(QuantCodec):
     def quantize(self, w: Tensor, stats: Stats | None, spec: GridSpec, *, n_grid: int, clip: bool,
                  fold: bool = True, gptq: bool = False) -> QWeight:
         if int(n_grid) < 1:
-            raise ValueError("awq: n_grid must be ≥ 1")
+            raise InputError("awq: n_grid must be ≥ 1")
         assert stats is not None
         if stats.abs_mean is not None and stats.abs_mean.shape[0] != w.shape[1]:
-            raise ValueError(f"awq: statistics of {stats.abs_mean.shape[0]} inputs do not fit weight {tuple(w.shape)}")
+            raise InputError(f"awq: statistics of {stats.abs_mean.shape[0]} inputs do not fit weight {tuple(w.shape)}")
         return awq_quantize(w, stats, spec, n_grid=int(n_grid), clip=bool(clip), gptq=bool(gptq))
 
 

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+from ..stored import Layout, check_ct, meta_choice, meta_int, meta_shape
 from ..tensor import CompressedTensor, Stats
 from . import grids
 from .grids import GridSpec
-from .pack import pack, unpack
+from .pack import PACKERS, pack, packed_bytes, unpack
 
 VERSION = 1
 
@@ -64,6 +66,7 @@ def column_params(data: dict[str, Tensor], meta: dict[str, Any], g_idx: Tensor |
 
 def dequantize_ct(ct: CompressedTensor) -> Tensor:
     """The effective float32 weight (out, in) a quantized CompressedTensor stands for."""
+    check_ct(ct)
     out, inp = (int(d) for d in ct.meta["shape"])
     bits = int(ct.meta["bits"])
     codes = unpack(ct.data["qweight"], bits, out * inp).reshape(out, inp).to(torch.float32)
@@ -77,12 +80,12 @@ def check_weight(w: Tensor, name: str | None = None) -> Tensor:
     """A float32 (out, in) matrix with finite values, or a clear error naming the tensor."""
     what = f"tensor {name!r}" if name else "weight"
     if w.dim() != 2:
-        raise ValueError(f"{what}: quantization needs a 2-D (out, in) weight, got shape {tuple(w.shape)}")
+        raise InputError(f"{what}: quantization needs a 2-D (out, in) weight, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
-        raise ValueError(f"{what}: expected a floating-point weight, got {w.dtype}")
+        raise InputError(f"{what}: expected a floating-point weight, got {w.dtype}")
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
-        raise ValueError(f"{what} has {int(bad.sum())} NaN/Inf values of {w.numel()}; refusing to quantize it")
+        raise InputError(f"{what} has {int(bad.sum())} NaN/Inf values of {w.numel()}; refusing to quantize it")
     return w.to(torch.float32)
 
 
@@ -112,7 +115,7 @@ class QuantCodec:
         unknown = sorted(set(rest) - set(self.options))
         if unknown:
             known = sorted({*GridSpec.__dataclass_fields__, *self.options})
-            raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+            raise InputError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return spec, {**self.options, **rest}, tname
 
     def why_not_shape(self, shape: tuple[int, int], params: dict[str, Any]) -> str | None:
@@ -127,9 +130,9 @@ class QuantCodec:
         w = check_weight(w, tname)
         why = grids.GRIDS[spec.grid_name].check_shape(tuple(w.shape), spec)
         if why is not None:
-            raise ValueError(f"{tname or 'weight'} {tuple(w.shape)}: {why}")
+            raise InputError(f"{tname or 'weight'} {tuple(w.shape)}: {why}")
         if self.needs_stats and stats is None:
-            raise ValueError(f"{self.name} needs calibration statistics for {tname or 'this weight'}")
+            raise InputError(f"{self.name} needs calibration statistics for {tname or 'this weight'}")
         qw = self.quantize(w, stats, spec, **opts)
         return qw.to_ct(self.name, spec, self.meta(opts), dtype=dtype)
 
@@ -141,6 +144,27 @@ class QuantCodec:
 
     def decode(self, ct: CompressedTensor) -> Tensor:
         return dequantize_ct(ct)
+
+    def stored_shapes(self, meta: dict[str, Any]) -> tuple[Layout, Layout]:
+        """The tensors ``meta`` implies (required, optional): see the table at the top."""
+        out, inp = meta_shape(meta)
+        if "version" in meta and meta_int(meta, "version", 1, 1 << 30) > VERSION:
+            raise InputError(f"meta version {meta['version']}: this llmpress reads quantized tensors up to version {VERSION}")
+        bits = meta_choice(meta, "bits", PACKERS)
+        gs = meta_int(meta, "group_size", -1)
+        grid = grids.GRIDS[meta_choice(meta, "grid", grids.GRIDS)]
+        dtype = grids.SCALE_DTYPES[meta_choice(meta, "scale_dtype", grids.SCALE_DTYPES, "float16")]
+        req: Layout = {"qweight": ((packed_bytes(out * inp, bits),), (torch.uint8,))}
+        req.update(grid.stored_shapes(out, inp, bits, gs, dtype))
+        opt: Layout = {"g_idx": ((inp,), (torch.int16, torch.int32)), "in_scale": ((inp,), (torch.float16,))}
+        return req, opt
+
+    def check_values(self, ct: CompressedTensor) -> None:
+        """The stored values an index is read with: every column's group exists."""
+        if "g_idx" in ct.data:
+            g, n = ct.data["g_idx"], grids.num_groups(int(ct.meta["shape"][1]), int(ct.meta["group_size"]))
+            if g.numel() and (int(g.min()) < 0 or int(g.max()) >= n):
+                raise InputError(f"stored 'g_idx' names groups outside 0..{n - 1}")
 
     def module(self, ct: CompressedTensor, bias: Tensor | None) -> torch.nn.Module:
         from .linear import QuantLinear

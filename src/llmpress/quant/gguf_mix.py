@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..errors import InputError, UnsupportedModelError
 from ..recipe import KEEP, Recipe, Rule
 
 # --------------------------------------------------------------------------- ggml block sizes
@@ -139,9 +140,9 @@ def mix_types(mix: str, cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]])
 
     mix = mix.lower()
     if mix not in MIXES:
-        raise ValueError(f"unknown GGUF mix {mix!r}: choose one of {', '.join(MIXES)}")
+        raise InputError(f"unknown GGUF mix {mix!r}: choose one of {', '.join(MIXES)}")
     if int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0) > 1:
-        raise ValueError("--gguf-mix does not know llama.cpp's rules for mixtures of experts")
+        raise UnsupportedModelError("a gguf mix does not know llama.cpp's rules for mixtures of experts")
     arch = arch_of(cfg)
     n_layer = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
     named = {}

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..device import host_kernels
 from ..tensor import Stats, register
 from . import grids
@@ -67,7 +68,7 @@ def inverse_hessian_factor(H: Tensor, damp: float, fresh: Callable[[], Tensor] |
         del A
         log.warning("GPTQ: H + %.3g·I is not positive definite; raising the dampening", float(lam))
         lam = lam * 10 if lam > 0 else torch.tensor(1e-6, dtype=H.dtype, device=H.device)
-    raise ValueError("GPTQ: the Hessian stays singular even with strong dampening")
+    raise InputError("GPTQ: the Hessian stays singular even with strong dampening")
 
 
 RUN = 16  # columns whose errors are pushed one by one (_columns); 8/16/32/64/whole block: 46/45/60/87/76 ms on a 1536×576 layer
@@ -129,12 +130,12 @@ def choose_loop(loop: str, affine: bool, device: torch.device) -> str:
     if loop == "auto":
         return ("numba" if host_kernels(device) else "torch") if affine else "grid"
     if loop not in LOOPS:
-        raise ValueError(f"gptq: unknown column loop {loop!r}; known: auto, {', '.join(LOOPS)}")
+        raise InputError(f"gptq: unknown column loop {loop!r}; known: auto, {', '.join(LOOPS)}")
     _, needs_affine, needs_host = LOOPS[loop]
     if needs_affine and not affine:
-        raise ValueError(f"gptq: the {loop} column loop serves affine grids only")
+        raise InputError(f"gptq: the {loop} column loop serves affine grids only")
     if needs_host and device.type != "cpu":
-        raise ValueError(f"gptq: the {loop} column loop runs on the CPU only (weights are on {device})")
+        raise InputError(f"gptq: the {loop} column loop runs on the CPU only (weights are on {device})")
     return loop
 
 
@@ -198,7 +199,7 @@ def gptq_quantize(W: Tensor, H: Tensor | Hessian, spec: GridSpec, *, damp: float
     on W's device. ``loop``: the column loop (``auto``, or a name in ``LOOPS``)."""
     hs = H if isinstance(H, Hessian) else Hessian.prepare(H.to(W.device), damp, act_order)
     if (hs.perm is not None) != act_order:
-        raise ValueError("gptq: the prepared Hessian was made for another act_order")
+        raise InputError("gptq: the prepared Hessian was made for another act_order")
     dev = W.device
     loop = choose_loop(loop, grids.GRIDS[spec.grid_name].is_affine, dev)
     hs = hs.to(dev)
@@ -289,13 +290,13 @@ class GPTQ(QuantCodec):
     def quantize(self, w: Tensor, stats: Stats | None, spec: GridSpec, *, damp: float, act_order: bool,
                  static_groups: bool, block_size: int) -> QWeight:
         if stats is None or stats.gram is None:
-            raise ValueError("gptq needs the Gram matrix of the layer inputs (Stats.gram)")
+            raise InputError("gptq needs the Gram matrix of the layer inputs (Stats.gram)")
         if stats.gram.shape != (w.shape[1], w.shape[1]):
-            raise ValueError(f"gptq: Gram matrix {tuple(stats.gram.shape)} does not fit weight {tuple(w.shape)}")
+            raise InputError(f"gptq: Gram matrix {tuple(stats.gram.shape)} does not fit weight {tuple(w.shape)}")
         if not 0 <= float(damp) < 1:
-            raise ValueError(f"gptq: damp must be in [0, 1); got {damp!r}")
+            raise InputError(f"gptq: damp must be in [0, 1); got {damp!r}")
         if int(block_size) < 1:
-            raise ValueError("gptq: block_size must be ≥ 1")
+            raise InputError("gptq: block_size must be ≥ 1")
         key = ("gptq.hessian", float(damp), bool(act_order))
         hs = stats.derived.get(key)
         if hs is None:

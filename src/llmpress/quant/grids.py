@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..device import host_kernels
 from .search_kernel import affine_error
 
@@ -160,6 +161,12 @@ class Grid:
     def group_params(self, data: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
         """The parameters :meth:`dequantize` reads, (R, G) float32 each, from the stored tensors."""
         return {k: data[k].to(torch.float32) for k in self.stored}
+
+    def stored_shapes(self, out: int, inp: int, bits: int, group_size: int,
+                      dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        """The tensors :meth:`to_data` stores for an (out, in) weight: {key: ((R, G), dtypes)}."""
+        rows = 1 if group_size == PER_TENSOR else out
+        return {k: ((rows, num_groups(inp, group_size)), (dtype,)) for k in self.stored}
 
 
 GRIDS: dict[str, Grid] = {}
@@ -369,19 +376,19 @@ class GridSpec:
 
     def validate(self) -> "GridSpec":
         if isinstance(self.bits, bool) or int(self.bits) != self.bits or self.bits not in BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}; got {self.bits!r}")
+            raise InputError(f"bits must be one of {', '.join(map(str, BITS))}; got {self.bits!r}")
         if isinstance(self.group_size, bool) or int(self.group_size) != self.group_size or self.group_size < -1:
-            raise ValueError(f"group_size must be >0 (groups), -1 (per channel) or 0 (per tensor); got {self.group_size!r}")
+            raise InputError(f"group_size must be >0 (groups), -1 (per channel) or 0 (per tensor); got {self.group_size!r}")
         if self.grid_name not in GRIDS:
-            raise ValueError(f"unknown grid {self.grid!r}; known: {', '.join([*GRIDS, *PRESETS])}")
+            raise InputError(f"unknown grid {self.grid!r}; known: {', '.join([*GRIDS, *PRESETS])}")
         if self.range not in RANGES:
-            raise ValueError(f"unknown range {self.range!r}; known: {', '.join(RANGES)}")
+            raise InputError(f"unknown range {self.range!r}; known: {', '.join(RANGES)}")
         if not 50.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100]; got {self.percentile!r}")
+            raise InputError(f"percentile must be in (50, 100]; got {self.percentile!r}")
         if not (0.0 < float(self.mse_shrink) < 1.0 and int(self.mse_steps) >= 1):
-            raise ValueError("mse_shrink must be in (0, 1) and mse_steps ≥ 1")
+            raise InputError("mse_shrink must be in (0, 1) and mse_steps ≥ 1")
         if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+            raise InputError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
         self.bits, self.group_size = int(self.bits), int(self.group_size)
         return self
 
@@ -408,7 +415,7 @@ def expand_preset(params: dict[str, Any]) -> dict[str, Any]:
     if clash:
         want = ", ".join(f"{k}={preset[k]}" for k in clash)
         got = ", ".join(f"{k}={params[k]}" for k in clash)
-        raise ValueError(f"grid {name} fixes {want}; got {got}")
+        raise InputError(f"grid {name} fixes {want}; got {got}")
     return {**params, **preset}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..tensor import Stats, register
 from . import grids
 from .codec import QuantCodec, QWeight
@@ -30,7 +31,7 @@ def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
 def hqq_quantize(W: Tensor, spec: GridSpec, *, lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
                  iters: int = 20) -> QWeight:
     if spec.grid_name != "asym":
-        raise ValueError(f"hqq optimises the offset of the asym grid; got grid {spec.grid_name!r}")
+        raise InputError(f"hqq optimises the offset of the asym grid; got grid {spec.grid_name!r}")
     wg = grids.group_weights(W, spec.group_size)  # (R, G, S)
     pad = torch.isnan(wg)
     n = (~pad).sum(-1, keepdim=True).clamp_min(1)
@@ -68,5 +69,5 @@ class HQQ(QuantCodec):
 
     def quantize(self, w: Tensor, stats: Stats | None, spec: GridSpec, **opts: float) -> QWeight:
         if not 0 < float(opts["lp_norm"]) <= 1:
-            raise ValueError("hqq: lp_norm must be in (0, 1]")
+            raise InputError("hqq: lp_norm must be in (0, 1]")
         return hqq_quantize(w, spec, **{k: float(v) for k, v in opts.items()})

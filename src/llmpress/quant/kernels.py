@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .pack import unpack
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def _group_perm(layer: "QuantLinear", gs: int) -> Tensor | None:
     g = layer.g_idx.long()
     counts = torch.bincount(g, minlength=int(g.max()) + 1)
     if not bool((counts == gs).all()):
-        raise ValueError("act-order groups of unequal width")
+        raise InputError("act-order groups of unequal width")
     return torch.argsort(g, stable=True)
 
 

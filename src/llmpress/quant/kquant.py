@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..device import host_kernels
 from .search_kernel import affine_error
 from .grids import GRIDS, PRESETS, Grid, GridSpec, GroupLoss, _nan_min_max, squared_error
@@ -200,6 +201,19 @@ class KGrid(Grid):
         data["scales"] = L.pack(ints("sc"), ints("mn") if L.mins else None).contiguous()
         return data
 
+    def stored_shapes(self, out: int, inp: int, bits: int, group_size: int,
+                      dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        """d (and dmin) (out, N) float16 and the packed scales (out, N, bytes) uint8, N super-blocks a row."""
+        L = self.layout
+        if bits != L.bits or group_size != L.sub or inp % QK_K:
+            raise InputError(f"meta: grid {L.name} needs bits={L.bits}, group_size={L.sub} and rows of a multiple of "
+                             f"{QK_K}; got bits={bits}, group_size={group_size}, rows of {inp}")
+        n = inp // QK_K
+        shapes = {"d": ((out, n), (torch.float16,)), "scales": ((out, n, L.scale_bytes), (torch.uint8,))}
+        if L.mins:
+            shapes["dmin"] = ((out, n), (torch.float16,))
+        return shapes
+
     def group_params(self, data: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
         """{"scale", "offset"}: (R, G) float32, as gguf-py computes them (d·sc, dmin·mn in float32)."""
         L = self.layout
@@ -217,7 +231,7 @@ class KGrid(Grid):
         wg = wg.contiguous()
         R, G, S = wg.shape
         if S != L.sub or G % L.per_super or bool(torch.isnan(wg).any()):
-            raise ValueError(f"{L.name}: groups of {L.sub} filling whole super-blocks of {QK_K} expected; "
+            raise InputError(f"{L.name}: groups of {L.sub} filling whole super-blocks of {QK_K} expected; "
                              f"got {G} groups of {S}")
         steps = (torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse_steps)).tolist()
                  if spec.range == "mse" else [1.0])

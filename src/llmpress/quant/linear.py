@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..stored import check_ct
 from ..tensor import CompressedTensor
 from . import grids, kernels
 from .codec import column_params
@@ -35,6 +36,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, ct: CompressedTensor, bias: Tensor | None = None):
         super().__init__()
+        check_ct(ct)  # the meta agrees with the stored tensors before anything is sized from it
         self.out_features, self.in_features = (int(d) for d in ct.meta["shape"])
         self.bits = int(ct.meta["bits"])
         self.meta: dict[str, Any] = dict(ct.meta)

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 
 def packed_bytes(n: int, bits: int) -> int:
     return math.ceil(n * bits / 8)
@@ -63,17 +65,17 @@ PACKERS: dict[int, tuple[Callable[[Tensor, int], Tensor], Callable[[Tensor, int,
 def pack(codes: Tensor, bits: int) -> Tensor:
     """Integer codes (any shape, values 0..2^b−1) → uint8 (ceil(n·b/8),)."""
     if bits not in PACKERS:
-        raise ValueError(f"cannot pack {bits}-bit codes; supported: {sorted(PACKERS)}")
+        raise InputError(f"cannot pack {bits}-bit codes; supported: {sorted(PACKERS)}")
     c = codes.reshape(-1)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
-        raise ValueError(f"codes out of range for {bits} bits: [{int(c.min())}, {int(c.max())}]")
+        raise InputError(f"codes out of range for {bits} bits: [{int(c.min())}, {int(c.max())}]")
     return PACKERS[bits][0](c.to(torch.uint8), bits)
 
 
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     """uint8 bytes → the first ``n`` codes, uint8 (n,)."""
     if bits not in PACKERS:
-        raise ValueError(f"cannot unpack {bits}-bit codes; supported: {sorted(PACKERS)}")
+        raise InputError(f"cannot unpack {bits}-bit codes; supported: {sorted(PACKERS)}")
     if packed.numel() < packed_bytes(n, bits):
-        raise ValueError(f"{packed.numel()} bytes cannot hold {n} codes of {bits} bits")
+        raise InputError(f"{packed.numel()} bytes cannot hold {n} codes of {bits} bits")
     return PACKERS[bits][1](packed.reshape(-1), bits, n)

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..errors import InputError, MissingInputError
 from ..io.atomic import atomic_dir, check_output
 from ..io.folder import FolderWriter, is_folder, load_folder, read_manifest
 from ..skeleton import set_module
@@ -67,7 +68,7 @@ def adapter_for(codec_name: str) -> str | None:
 def _config(folder: Path) -> dict:
     p = folder / "config.json"
     if not p.exists():
-        raise FileNotFoundError(f"{folder}: no config.json")
+        raise MissingInputError(f"{folder}: no config.json")
     return json.loads(p.read_text())
 
 
@@ -83,9 +84,9 @@ def check_compatible(compressed: Path, reference: str | Path) -> Path:
     a, b = _config(compressed), _config(ref.folder)
     diff = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in ARCH_KEYS if a.get(k) != b.get(k)]
     if diff:
-        raise ValueError(f"{compressed} and the reference {reference} are different architectures ({'; '.join(diff)})")
+        raise InputError(f"{compressed} and the reference {reference} are different architectures ({'; '.join(diff)})")
     if tokenizer_sha256(load_tokenizer(compressed)) != tokenizer_sha256(load_tokenizer(ref.folder)):
-        raise ValueError(f"{compressed} and the reference {reference} do not share a tokenizer")
+        raise InputError(f"{compressed} and the reference {reference} do not share a tokenizer")
     return ref.folder
 
 
@@ -122,7 +123,7 @@ def make_trainable(model: nn.Module, cts: dict[str, CompressedTensor], rest: dic
         log.warning("no recovery training for %d layers (composite codecs or grids QAT does not handle; kept as they are): %s",
                     len(frozen), ", ".join(frozen[:4]) + (" …" if len(frozen) > 4 else ""))
     if not trainables:
-        raise ValueError("nothing to train: the folder has no quantized or low-rank layer that recovery training handles")
+        raise InputError("nothing to train: the folder has no quantized or low-rank layer that recovery training handles")
     return trainables, frozen
 
 
@@ -171,9 +172,9 @@ def finetune(compressed: str | Path, out: str | Path, *, reference: str | Path, 
                       eval_every=eval_every if holdout else 0, patience=patience, keep_best=keep_best).validate()
     src, out = Path(compressed), Path(out)
     if not is_folder(src):
-        raise ValueError(f"{src}: not an llmpress folder (quantize/factorize/compress output with llmpress.json)")
+        raise InputError(f"{src}: not an llmpress folder (quantize/factorize/compress output with llmpress.json)")
     if src.resolve() == out.resolve():
-        raise ValueError("the output must be a new folder, not the input")
+        raise InputError("the output must be a new folder, not the input")
     check_output(out, force)
     manifest = read_manifest(src)
     ref_folder = check_compatible(src, reference)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 log = logging.getLogger(__name__)
 
 NGRAM = 13
@@ -30,7 +32,7 @@ MAX_OVERLAP = 0.01  # refuse above this fraction of shared training n-grams
 _WORD = re.compile(r"\w+")
 
 
-class TextOverlapError(ValueError):
+class TextOverlapError(InputError):
     pass
 
 
@@ -57,7 +59,7 @@ def train_windows(tokenizer, text: str, seq_len: int, needed: int, seed: int = 0
     the text, ``holdout`` held-out windows (tokenizing only what they need); at least one training
     window, or a clear error. A text too short for both gives the held-out slice at most a quarter of it."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be ≥ 2; got {seq_len}")
+        raise InputError(f"seq_len must be ≥ 2; got {seq_len}")
     want = needed + holdout
     chars = max(want * seq_len * 6, 20000)
     while True:
@@ -69,7 +71,7 @@ def train_windows(tokenizer, text: str, seq_len: int, needed: int, seed: int = 0
     held = min(holdout, total // 4) if total < want else holdout
     n = min(total - held, needed)
     if n < 1:
-        raise ValueError(f"the training text is too short: {len(ids)} tokens for one window of {seq_len}")
+        raise InputError(f"the training text is too short: {len(ids)} tokens for one window of {seq_len}")
     if held < holdout:
         log.warning("the training text holds %d windows: %d of them held out (asked for %d)", total, held, holdout)
     if n < needed:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
+
 Objective = Callable[[Tensor, Tensor | None, Tensor], Tensor]
 OBJECTIVES: dict[str, Objective] = {}
 NEEDS_TEACHER: dict[str, bool] = {}
@@ -42,7 +44,7 @@ def kl_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tenso
 @objective("kd", needs_teacher=True)
 def _kd(student: Tensor, teacher: Tensor | None, ids: Tensor) -> Tensor:
     if teacher is None:
-        raise ValueError("the kd objective needs the reference model's logits")
+        raise InputError("the kd objective needs the reference model's logits")
     return kl_loss(student, teacher)
 
 
@@ -56,7 +58,7 @@ def get_objective(name: str) -> Objective:
     try:
         return OBJECTIVES[name]
     except KeyError:
-        raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}") from None
+        raise InputError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}") from None
 
 
 def teacher_logits(teacher: torch.nn.Module | None, ids: Tensor) -> Tensor | None:

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import DivergedError, InputError
 from ..device import model_device
 from ..io.atomic import atomic_dir
 from .distill import NEEDS_TEACHER, get_objective, teacher_logits
@@ -73,19 +75,19 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer; got {self.steps!r}")
+            raise InputError(f"steps must be a positive integer; got {self.steps!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+            raise InputError(f"lr must be a positive number; got {self.lr!r}")
         if self.batch_size < 1 or self.seq_len < 2:
-            raise ValueError(f"need batch_size ≥ 1 and seq_len ≥ 2; got {self.batch_size}, {self.seq_len}")
+            raise InputError(f"need batch_size ≥ 1 and seq_len ≥ 2; got {self.batch_size}, {self.seq_len}")
         if self.warmup < 0:
-            raise ValueError(f"warmup must be ≥ 0; got {self.warmup}")
+            raise InputError(f"warmup must be ≥ 0; got {self.warmup}")
         if self.clock not in CLOCKS:
-            raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {self.clock!r}")
+            raise InputError(f"clock must be one of {', '.join(CLOCKS)}; got {self.clock!r}")
         if self.eval_every < 0 or self.patience < 0:
-            raise ValueError(f"eval_every and patience must be ≥ 0; got {self.eval_every}, {self.patience}")
+            raise InputError(f"eval_every and patience must be ≥ 0; got {self.eval_every}, {self.patience}")
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be cosine or constant; got {self.schedule!r}")
+            raise InputError(f"schedule must be cosine or constant; got {self.schedule!r}")
         get_objective(self.objective)
         return self
 
@@ -170,25 +172,76 @@ def save_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.opt
         (tmp / STATE).write_text(json.dumps(state))
 
 
+def _checkpoint_problem(state: Any, header: dict[str, tuple[list[int], str]], params: dict[str, nn.Parameter],
+                        cfg: TrainConfig) -> str | None:
+    """Why a checkpoint cannot resume this run (its state or tensors do not fit the trainables), or
+    None; reads shapes and dtypes from the safetensors header, no data."""
+    if not isinstance(state, dict):
+        return "its state is not an object"
+    if state.get("config_key") != cfg.key():
+        return "it belongs to another run configuration"
+    step, losses, seconds, moments = (state.get(k) for k in ("step", "losses", "seconds", "adam_steps"))
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= cfg.steps:
+        return f"step {step!r} is not a step of this run"
+    if not (isinstance(losses, list) and len(losses) == step and all(isinstance(x, (int, float)) for x in losses)):
+        return "its losses do not match its step"
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+        return f"seconds {seconds!r} is not a duration"
+    if not isinstance(moments, dict) or not all(n in params and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                for n, v in moments.items()):
+        return "its Adam step counts do not name this run's parameters"
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    for n, p in params.items():
+        for kind in ("param", *(("exp_avg", "exp_avg_sq") if n in moments else ())):
+            h = header.get(f"{kind}/{n}")
+            if h is None:
+                return f"tensor {kind}/{n} is missing"
+            if tuple(h[0]) != tuple(p.shape) or dtypes.get(h[1]) is None:
+                return f"tensor {kind}/{n} is {h[1]} {list(h[0])}; the run trains {list(p.shape)}"
+    for k, (shape, _) in header.items():
+        if k.startswith("best/") and (k[5:] not in params or tuple(shape) != tuple(params[k[5:]].shape)):
+            return f"tensor {k} is not a state of this run's parameters"
+    b = state.get("best")
+    if b is not None and not (isinstance(b, dict) and isinstance(b.get("curve"), list)
+                              and all(isinstance(x, list) and len(x) == 2 for x in b["curve"])
+                              and isinstance(b.get("since"), int) and (b.get("step") is None or isinstance(b.get("step"), int))
+                              and (b.get("loss") is None or isinstance(b.get("loss"), (int, float)))):
+        return "its held-out record is malformed"
+    return None
+
+
 def load_checkpoint(path: Path, trainables: dict[str, nn.Module], opt: torch.optim.Optimizer, cfg: TrainConfig,
                     best: Best | None = None) -> dict | None:
-    """Restore a checkpoint of this run configuration (and ``best``'s record); None when there is none to resume."""
+    """Restore a checkpoint of this run configuration (and ``best``'s record); None when there is
+    none to resume. A checkpoint that is unreadable, torn, or whose tensors are missing or of another
+    shape is left alone with a warning and the run starts afresh: nothing is restored from it."""
     if not (path / STATE).exists():
         return None
-    state = json.loads((path / STATE).read_text())
-    if state.get("config_key") != cfg.key():
-        log.warning("checkpoint %s belongs to another run configuration; starting afresh", path)
-        return None
-    tensors = load_file(str(path / TENSORS))
     params = _named_trainable(trainables)
+    try:
+        state = json.loads((path / STATE).read_text())
+        with safe_open(str(path / TENSORS), framework="pt") as f:
+            header = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, SafetensorError) as e:
+        log.warning("checkpoint %s is unreadable (%s); starting afresh", path, e)
+        return None
+    why = _checkpoint_problem(state, header, params, cfg)
+    if why is not None:
+        log.warning("checkpoint %s cannot resume this run: %s; starting afresh", path, why)
+        return None
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except (OSError, SafetensorError) as e:
+        log.warning("checkpoint %s is unreadable (%s); starting afresh", path, e)
+        return None
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param/{n}"])
             if n in state["adam_steps"]:
                 # fused Adam keeps its step counts where the parameter is
                 opt.state[p] = {"step": torch.tensor(float(state["adam_steps"][n]), device=p.device),
-                                "exp_avg": tensors[f"exp_avg/{n}"].to(p.device, copy=True),
-                                "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device, copy=True)}
+                                "exp_avg": tensors[f"exp_avg/{n}"].to(p.device, p.dtype, copy=True),
+                                "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device, p.dtype, copy=True)}
     b = state.get("best")
     if best is not None and b:
         best.curve = [tuple(x) for x in b["curve"]]
@@ -225,7 +278,7 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
     cfg.validate()
     objective = get_objective(cfg.objective)
     if NEEDS_TEACHER[cfg.objective] and teacher is None:
-        raise ValueError(f"objective {cfg.objective!r} needs the reference model")
+        raise InputError(f"objective {cfg.objective!r} needs the reference model")
     for p in student.parameters():
         p.requires_grad_(False)
     for p in _named_trainable(trainables).values():
@@ -267,7 +320,7 @@ def train(student: nn.Module, teacher: nn.Module | None, trainables: dict[str, n
             logits = student(input_ids=ids, use_cache=False).logits  # (B, T, V)
             loss = objective(logits, target, ids)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {float(loss)} at step {step}; lower the learning rate")
+                raise DivergedError(f"the loss became {float(loss.detach())} at step {step}; lower the learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip:

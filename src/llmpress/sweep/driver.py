@@ -44,19 +44,32 @@ def _text_digest(texts: list[str]) -> str:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``results.jsonl``; a torn line (an interrupted write) or one that is not a row
+    is skipped with a warning. Rows of other models and protocols are here too: callers pick
+    theirs by key."""
     rows = []
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            elif line.strip():
                 log.warning("%s: skipping a torn line (an interrupted write)", path)
     return rows
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"  # a torn last line: end it, so this row starts a line of its own
+        else:
+            torn = False
+        f.write((("\n" if torn else "") + json.dumps(row, sort_keys=True) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
@@ -165,6 +178,7 @@ def limit(
                 seen.add(r["key"])
                 rows.append(r)
     summary = summarize(rows, max_kl)
+    summary["keys"] = [r["key"] for r in rows]
     summary.update(model=model, budget=budget if points is None else "custom", seconds=time.perf_counter() - t0,
                    results=str(results_path), report=str(out / "report.md"), plot=str(out / "frontier.png"),
                    protocol={**(rows[0].get("protocol") or {}), "settings": {k: v for k, v in settings.items()}})

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import InputError
 from ..recipe import Recipe
 from ..tensor import codec_names, get_codec
 
@@ -130,7 +131,7 @@ def format_points(name: str, budget: str) -> list[Point]:
     try:
         return FORMATS[name](budget)
     except KeyError:
-        raise ValueError(f"unknown format {name!r} for the sweep; known: {', '.join(FORMATS)}") from None
+        raise InputError(f"unknown format {name!r} for the sweep; known: {', '.join(FORMATS)}") from None
 
 
 def mixed(target_bpw: float, menu: str = "gptq") -> Point:
@@ -188,4 +189,4 @@ def budget(name: str) -> list[Point]:
     try:
         return BUDGETS[name]()
     except KeyError:
-        raise ValueError(f"unknown budget {name!r}; known: {', '.join(BUDGETS)}") from None
+        raise InputError(f"unknown budget {name!r}; known: {', '.join(BUDGETS)}") from None

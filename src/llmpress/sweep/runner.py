@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..errors import ResourceLimitError
 from ..recipe import Recipe
 from .points import Point
 
@@ -127,7 +128,7 @@ def _llama_cpp(point: Point, settings: dict[str, Any], work: Path) -> dict[str, 
 
     tools = lc.find_tools()
     if tools is None:
-        raise RuntimeError(f"llama.cpp's tools not found; looked in: {lc.where_to_look()}")
+        raise ResourceLimitError(f"llama.cpp's tools not found; looked in: {lc.where_to_look()}")
     t0 = time.perf_counter()
     f32 = work / "f32.gguf"
     export(settings["model"], str(f32), format="gguf", type="f32")

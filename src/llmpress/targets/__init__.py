@@ -19,6 +19,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from ..errors import InputError
 from ..tensor import CompressedTensor
 
 # What a target may do with a layer whose codes do not transfer exactly.
@@ -63,7 +64,7 @@ T = TypeVar("T", bound=type)
 def register_target(name: str) -> Callable[[T], T]:
     def deco(cls: T) -> T:
         if name in _TARGETS:
-            raise ValueError(f"export target {name!r} registered twice")
+            raise InputError(f"export target {name!r} registered twice")
         inst = cls()
         inst.name = name
         _TARGETS[name] = inst
@@ -86,7 +87,7 @@ def get_target(name: str) -> Target:
     try:
         return _TARGETS[name]
     except KeyError:
-        raise ValueError(f"unknown export format {name!r}; known: {', '.join(sorted(_TARGETS))}") from None
+        raise InputError(f"unknown export format {name!r}; known: {', '.join(sorted(_TARGETS))}") from None
 
 
 def target_names() -> list[str]:

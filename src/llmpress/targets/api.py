@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError, UnsupportedModelError
 from ..io.atomic import atomic_dir, atomic_file
 from . import FALLBACKS, ExportSource, get_target
 
 log = logging.getLogger(__name__)
 
 
-class ExportRefused(ValueError):
+class ExportRefused(UnsupportedModelError):
     """Some layers cannot be stored exactly in the target format and the fallback is ``refuse``."""
 
 
@@ -34,9 +35,9 @@ def plan_actions(src: ExportSource, target: Any, fallback: str, **opts: Any) -> 
     """Each compressed parameter's action (``exact`` or the fallback) and, for the inexact ones,
     the reason."""
     if fallback not in FALLBACKS:
-        raise ValueError(f"unknown fallback {fallback!r}; known: {', '.join(FALLBACKS)}")
+        raise InputError(f"unknown fallback {fallback!r}; known: {', '.join(FALLBACKS)}")
     if fallback != "refuse" and fallback not in target.fallbacks:
-        raise ValueError(f"the {target.name} export cannot carry out the fallback {fallback!r} "
+        raise InputError(f"the {target.name} export cannot carry out the fallback {fallback!r} "
                          f"(it can: {', '.join(('refuse',) + tuple(target.fallbacks))})")
     actions: dict[str, str] = {}
     reasons: dict[str, str] = {}

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..io.folder import FolderWriter, copy_side_files
 from ..quant.grids import BITS, PER_TENSOR, SCALE_DTYPES
 from ..tensor import CompressedTensor, decode, get_codec
@@ -67,13 +68,13 @@ class CompressedTensorsTarget(Target):
     def write(self, src: ExportSource, out: Path, actions: dict[str, str], *, dtype: str | None = None,
               shard_bytes: int = 2 << 30, **opts: Any) -> dict[str, Any]:
         if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"compressed-tensors export: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+            raise InputError(f"compressed-tensors export: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         # no scheme holds a weight that is not a Linear's (a Conv1D's (in, out)): rounding would not help
         actions = {n: "dense" if a == "requantize" and src.module_types.get(n.rpartition(".")[0]) != "Linear" else a
                    for n, a in actions.items()}
         if not any(a != "dense" for a in actions.values()):
-            raise ValueError(f"{src.model}: no layer would be stored quantized (an original model, or every layer "
-                             "dense); quantize it first (llmpress quantize --grid asymz) or use --format dense")
+            raise InputError(f"{src.model}: no layer would be stored quantized (an original model, or every layer "
+                             "dense); quantize it first (grid asymz) or export it dense")
         to = DTYPES[dtype] if dtype else None
         scale_dtype = to or torch.float32
         writer = FolderWriter(out, shard_bytes=shard_bytes)
@@ -95,7 +96,7 @@ class CompressedTensorsTarget(Target):
                 ct, requantized[e.name] = _requantize(e)
             scheme = scheme_of(ct)
             if isinstance(scheme, str):  # the planner let through a layer the layout cannot hold
-                raise ValueError(f"{e.name}: {scheme}")
+                raise InputError(f"{e.name}: {scheme}")
             for key, t in layer_tensors(ct, scheme, scale_dtype).items():
                 writer.add_tensor(f"{e.module}.{key}", t)
             packed[e.module] = scheme

@@ -61,7 +61,7 @@ GRID_REASONS = {
     "nf": "NormalFloat codebook, not an affine integer grid",
     "seed": "the seed grid's levels are not (q − z)·s with an integer z",
     "seed_rtn": "the seed grid's levels are not (q − z)·s with an integer z",
-    **{k: "llama.cpp K-quant grid (scales quantized per super-block of 256): export it with --format gguf"
+    **{k: "llama.cpp K-quant grid (scales quantized per super-block of 256): export it as gguf"
        for k in K_LAYOUTS},
 }
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..io.folder import FolderWriter, copy_side_files
 from ..tensor import CompressedTensor
 from . import ExportSource, Target, register_target
@@ -32,7 +33,7 @@ class Dense(Target):
     def write(self, src: ExportSource, out: Path, actions: dict[str, str], *, dtype: str = "float32",
               shard_bytes: int = 2 << 30, **opts: Any) -> dict[str, Any]:
         if dtype not in DTYPES:
-            raise ValueError(f"dense export: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+            raise InputError(f"dense export: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         to = DTYPES[dtype]
         writer = FolderWriter(out, shard_bytes=shard_bytes)
         max_err = 0.0

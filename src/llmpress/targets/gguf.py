@@ -34,6 +34,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import Tensor
 
+from ..errors import InputError
 from ..tensor import CompressedTensor
 from . import ExportSource, Target, register_target
 from .gguf_arch import Arch, arch_of, sliding_window
@@ -67,7 +68,7 @@ def parse_type(name: str | None) -> T:
     try:
         return TYPES[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown GGUF tensor type {name!r}; known: {', '.join(TYPES)}") from None
+        raise InputError(f"unknown GGUF tensor type {name!r}; known: {', '.join(TYPES)}") from None
 
 
 def nearest_type(ct: CompressedTensor) -> T:
@@ -102,11 +103,11 @@ def tensor_plan(src: ExportSource, arch: Arch) -> list[tuple[str, list[str]]]:
             groups.setdefault(g, []).append((-1 if e is None else e, name))
     dup = [g for g, parts in groups.items() if len(parts) > 1 and any(e < 0 for e, _ in parts)]
     if dup:
-        raise ValueError(f"tensors map to the same GGUF name: {', '.join(dup)}")
+        raise InputError(f"tensors map to the same GGUF name: {', '.join(dup)}")
     for g, parts in groups.items():
         experts = sorted(e for e, _ in parts)
         if experts[0] >= 0 and experts != list(range(len(experts))):
-            raise ValueError(f"{g}: experts {experts} are not 0..{len(experts) - 1}")
+            raise InputError(f"{g}: experts {experts} are not 0..{len(experts) - 1}")
 
     def key(g: str) -> tuple[int, str]:
         m = re.match(r"blk\.(\d+)\.", g)
@@ -183,7 +184,7 @@ class GGUF(Target):
         kept_type = parse_type(type)
         dense_type = DENSE_DTYPES.get(dtype or "float32")
         if dense_type is None:
-            raise ValueError(f"gguf export: dtype must be one of {', '.join(DENSE_DTYPES)}; got {dtype!r}")
+            raise InputError(f"gguf export: dtype must be one of {', '.join(DENSE_DTYPES)}; got {dtype!r}")
         plan = tensor_plan(src, arch)
         window = sliding_window(cfg)
         if window is not None:

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- tensor names
@@ -102,7 +104,7 @@ def _rope_scaling(rp: dict[str, Any]) -> dict[str, Any]:
         if rp.get("original_max_position_embeddings"):
             out["add_rope_scaling_orig_ctx_len"] = int(rp["original_max_position_embeddings"])
         return out
-    raise ValueError(f"rope scaling {kind!r} is not supported by the GGUF export")
+    raise InputError(f"rope scaling {kind!r} is not supported by the GGUF export")
 
 
 def decoder_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +189,7 @@ def phi3_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
         elif kind == "yarn":
             attn = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
         else:
-            raise ValueError(f"phi3 rope scaling {kind!r} is not supported by the GGUF export")
+            raise InputError(f"phi3 rope scaling {kind!r} is not supported by the GGUF export")
         out["add_rope_scaling_attn_factors"] = attn
     return out
 
@@ -198,7 +200,7 @@ def phi3_rope_factors(cfg: dict[str, Any]) -> dict[str, Tensor]:
     if not long:
         return {}
     if not short or len(long) != len(short) or len(long) != dims // 2:
-        raise ValueError(f"phi3: rope long/short factors must both have {dims // 2} entries")
+        raise InputError(f"phi3: rope long/short factors must both have {dims // 2} entries")
     return {"rope_factors_long.weight": torch.tensor(long, dtype=torch.float32),
             "rope_factors_short.weight": torch.tensor(short, dtype=torch.float32)}
 
@@ -260,7 +262,7 @@ class Arch:
             for pat, g in self.stacked.items():
                 if m and re.fullmatch(pat, m.group(2)):
                     return f"blk.{m.group(1)}.{g}"
-        raise ValueError(f"no GGUF name for tensor {name!r} of architecture {self.gguf!r}")
+        raise InputError(f"no GGUF name for tensor {name!r} of architecture {self.gguf!r}")
 
     def expert_of(self, name: str) -> int | None:
         """The expert number of a checkpoint tensor that goes into a stacked GGUF tensor, or None."""
@@ -345,7 +347,7 @@ def sliding_window(cfg: dict[str, Any]) -> int | None:
 def arch_of(cfg: dict[str, Any]) -> Arch:
     mt = cfg.get("model_type")
     if mt not in ARCHS:
-        raise ValueError(f"unsupported architecture: {mt} (the GGUF export knows {', '.join(sorted(ARCHS))})")
+        raise InputError(f"unsupported architecture: {mt} (the GGUF export knows {', '.join(sorted(ARCHS))})")
     arch = ARCHS[mt]
     heads = int(cfg.get("num_attention_heads") or 0)
     if arch.square_heads_else and heads and heads * head_dim(cfg) != int(cfg["hidden_size"]):

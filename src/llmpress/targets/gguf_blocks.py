@@ -44,6 +44,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import Tensor
 
+from ..errors import InputError
 from ..quant.kquant import LAYOUTS, QK_K
 from ..quant.pack import unpack
 from ..tensor import CompressedTensor
@@ -147,7 +148,7 @@ def pack_blocks(ct: CompressedTensor, row_perm: Tensor | None = None) -> tuple[n
     reorders whole output rows (codes and parameters together), e.g. Llama's q/k rotary order."""
     why = why_not_blocks(ct)
     if why is not None:
-        raise ValueError(why)
+        raise InputError(why)
     qtype = block_type(ct)
     out, inp = (int(x) for x in ct.meta["shape"])
     codes = unpack(ct.data["qweight"], int(ct.meta["bits"]), out * inp).reshape(out, inp)

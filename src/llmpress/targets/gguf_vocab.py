@@ -25,6 +25,8 @@ from typing import Any
 
 import gguf
 
+from ..errors import InputError
+
 log = logging.getLogger(__name__)
 
 # the text llama.cpp's converter hashes (convert_hf_to_gguf.py, get_vocab_base_pre)
@@ -66,7 +68,7 @@ def _bpe_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int], str
     tok = AutoTokenizer.from_pretrained(str(folder))
     vocab: dict[str, int] = tok.get_vocab()
     if vocab and max(vocab.values()) >= vocab_size:
-        raise ValueError(f"{folder}: tokenizer ids reach {max(vocab.values())}, beyond vocab_size {vocab_size}")
+        raise InputError(f"{folder}: tokenizer ids reach {max(vocab.values())}, beyond vocab_size {vocab_size}")
     by_id = {i: t for t, i in vocab.items()}
     added = tok.get_added_vocab()
     decoder = tok.added_tokens_decoder
@@ -119,7 +121,7 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path, cfg: dict[str, Any], name: s
     returns a summary for the report."""
     vocab_size = int(cfg.get("vocab_size") or 0)
     if not (folder / "tokenizer.json").is_file():
-        raise ValueError(f"{folder}: no tokenizer.json; llama.cpp needs the vocabulary (a SentencePiece "
+        raise InputError(f"{folder}: no tokenizer.json; llama.cpp needs the vocabulary (a SentencePiece "
                          f"tokenizer.model alone is not read by the GGUF export)")
     if _is_sentencepiece_bpe(folder):
         hf = gguf.vocab.LlamaHfVocab(folder)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from ..errors import InputError, MissingInputError, NotFoundError
 from ..tensor import CompressedTensor, decode
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Entry:
     def decoded(self) -> Tensor:
         """A compressed linear's weight as llmpress decodes it: (out, in) float32."""
         if self.ct is None:
-            raise ValueError(f"{self.name} is not compressed")
+            raise InputError(f"{self.name} is not compressed")
         return decode(self.ct)
 
     def out_in(self) -> Tensor:
@@ -125,7 +126,7 @@ class ExportSource:
         self.kind = "llmpress-folder"
         self.root = root
         self.manifest: dict[str, Any] | None = read_manifest(root)
-        self._shards = _Shards(root, self.manifest["files"], self.verify)
+        self._shards = _Shards(root, self.manifest["files"], self.verify, self.manifest["tensors"])
         self.config = json.loads((root / "config.json").read_text())
         self.config.pop("quantization_config", None)
         self._compressed = self.manifest["tensors"]
@@ -138,13 +139,13 @@ class ExportSource:
 
         src = resolve(model)
         if src.path.is_file():
-            raise ValueError(f"{src.path}: a bare .safetensors file has no config; give its folder")
+            raise InputError(f"{src.path}: a bare .safetensors file has no config; give its folder")
         self.kind = "original"
         self.root = src.folder
         self.manifest = None
         cfg = src.folder / "config.json"
         if not cfg.exists():
-            raise FileNotFoundError(f"{src.folder}: no config.json")
+            raise MissingInputError(f"{src.folder}: no config.json")
         self.config = json.loads(cfg.read_text())
         store = TensorStore(src)
         self._compressed = {}
@@ -181,7 +182,7 @@ class ExportSource:
             return Entry(name, self.compressed(name), mod in self._conv1d, (lambda: torch.empty(0)))
         if name in self._kept:
             return Entry(name, None, mod in self._conv1d, (lambda: self._get(name)))
-        raise KeyError(f"{self.model}: no tensor {name!r}")
+        raise NotFoundError(f"{self.model}: no tensor {name!r}")
 
     def names(self) -> list[str]:
         return list(self._kept) + list(self._compressed)

@@ -1,0 +1,74 @@
+"""The CI-sized fuzz run of both readers (the long run: ``python bench/fuzz.py``).
+
+Hypothesis draws every choice of the structure-aware mutators in ``harness.py`` (so a failure
+shrinks to a small mutation and prints it); each input must be refused with an LlmpressError or
+load to exactly what its files hold, within the time and memory bounds.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import SLACK_BYTES, Fuzzer  # noqa: E402
+
+# a busy 2-core CI machine: the long run counts > 1 s as a hang; here only a real hang fails
+SECONDS = 5.0
+CASES = {"folder": 500, "llmp": 1200}
+
+
+class DrawRng:
+    """The mutators' Rng, drawing from hypothesis."""
+
+    def __init__(self, data: Any):
+        self.data = data
+
+    def randint(self, a: int, b: int) -> int:
+        return self.data.draw(st.integers(a, b))
+
+    def choice(self, seq: list[Any]) -> Any:
+        return seq[self.data.draw(st.integers(0, len(seq) - 1))]
+
+    def random(self) -> float:
+        return self.data.draw(st.floats(0, 1, exclude_max=True))
+
+
+@pytest.fixture(scope="module")
+def fuzzer():
+    logging.disable(logging.WARNING)  # every refused checkpoint and torn line would log
+    fz = Fuzzer()
+    yield fz
+    fz.close()
+    logging.disable(logging.NOTSET)
+
+
+def _check(fz: Fuzzer, target: str, data: Any) -> None:
+    o = getattr(fz, target)(DrawRng(data))
+    assert o.kind in ("refused", "accepted"), f"{o.what}: {o.kind}\n{o.detail}"
+    assert o.seconds < SECONDS, f"{o.what}: {o.seconds:.2f} s"
+    over = o.peak_bytes - fz.clean_peak[target]
+    assert over <= 2 * o.size + SLACK_BYTES, f"{o.what}: peak {over} bytes above the clean input's, input {o.size} bytes"
+
+
+_SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@settings(max_examples=CASES["folder"], **_SETTINGS)
+@given(data=st.data())
+def test_fuzz_folder_reader(fuzzer, data):
+    _check(fuzzer, "folder", data)
+
+
+@settings(max_examples=CASES["llmp"], **_SETTINGS)
+@given(data=st.data())
+def test_fuzz_llmp_reader(fuzzer, data):
+    _check(fuzzer, "llmp", data)
