@@ -1,8 +1,8 @@
 """Better GGUFs than llama.cpp makes? llmpress's K-quant mixes against llama-quantize + imatrix,
 judged by llama.cpp's own KL tool.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/gguf.py                    # Q4_K_M, Q3_K_M, Q2_K; ~1 h on 2 cores
-    .venv/bin/python bench/gguf.py --mixes q4_k_m --methods gptq --chunks 4   # quicker
+    OMP_NUM_THREADS=2 .venv/bin/python bench/gguf_llamacpp.py                    # Q4_K_M, Q3_K_M, Q2_K; ~1 h on 2 cores
+    .venv/bin/python bench/gguf_llamacpp.py --mixes q4_k_m --methods gptq --chunks 4   # quicker
 
 On SmolLM2-135M, side by side in one run:
 
@@ -24,7 +24,9 @@ On SmolLM2-135M, side by side in one run:
 5. ``llama-bench`` prompt and generation tokens/s of llmpress's Q4_K_M file against llama.cpp's.
 
 Prints one table per mix (size, bpw, KL per text, KL relative to llama.cpp + imatrix, time, peak
-memory) with command, commit and date, and writes ``bench/out/gguf.json``.
+memory) with command, commit and date, and writes ``bench/out/gguf.json``. (Issue 15 asked for
+``bench/gguf.py``; a module of that name in bench/ would shadow gguf-py for anything that puts
+bench/ on ``sys.path``, as the tests do.)
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "src")]
 from capped import make_cap, run as run_capped  # noqa: E402
 from export import eval_text_file, git_commit, llama_bin, llama_kl  # noqa: E402
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # this file is not gguf-py
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # bench/ holds no package of its own
 
 from llmpress.integrations.llama_cpp import calibration_text  # noqa: E402
 
