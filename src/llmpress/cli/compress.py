@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
 
 
 @app.command()
