@@ -77,7 +77,7 @@ def test_gguf_menu_falls_back_and_collapses():
     assert gguf_tensor_bytes("q4_k", (576, 1536)) == 576 * 6 * 144 and gguf_tensor_bytes("q8_0", (3, 32)) == 32 * 4
     with pytest.raises(ValueError, match="unknown menu"):
         options_for("nope", (4, 4))
-    with pytest.raises(ValueError, match="--method applies"):
+    with pytest.raises(ValueError, match="a method applies"):
         options_for("gptq", (64, 64), "awq")
 
 
@@ -210,7 +210,7 @@ def test_target_bytes_of_a_folder_and_refusals(tiny_llama_dir, tmp_path):
     bad = [
         (["--target-bpw", "3", "--recipe", "x.yaml"], "exactly one"),
         (["--target-bpw", "3", "--menu", "nope"], "unknown menu"),
-        (["--target-bpw", "3", "--method", "awq"], "--method applies"),
+        (["--target-bpw", "3", "--method", "awq"], "a method applies"),
         (["--target-bpw", "0.5", "--menu", "rtn"], "below the cheapest"),
     ]
     for extra, msg in bad:

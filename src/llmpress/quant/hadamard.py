@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ def _jacobsthal(q: int) -> torch.Tensor:
 def paley1(q: int) -> torch.Tensor:
     """Order q + 1, q prime ≡ 3 (mod 4): H = I + S with S = [[0, 1ᵀ], [−1, Q]] skew."""
     if not (_is_prime(q) and q % 4 == 3):
-        raise ValueError(f"Paley I needs a prime q ≡ 3 (mod 4), got {q}")
+        raise InputError(f"Paley I needs a prime q ≡ 3 (mod 4), got {q}")
     n = q + 1
     s = torch.zeros(n, n, dtype=torch.float64)
     s[0, 1:] = 1
@@ -52,7 +54,7 @@ def paley2(q: int) -> torch.Tensor:
     """Order 2(q + 1), q prime ≡ 1 (mod 4): the symmetric C = [[0, 1ᵀ], [1, Q]] with each 0 → [[1, −1], [−1, −1]]
     and each ±1 → ±[[1, 1], [1, −1]]."""
     if not (_is_prime(q) and q % 4 == 1):
-        raise ValueError(f"Paley II needs a prime q ≡ 1 (mod 4), got {q}")
+        raise InputError(f"Paley II needs a prime q ≡ 1 (mod 4), got {q}")
     n = q + 1
     c = torch.zeros(n, n, dtype=torch.float64)
     c[0, 1:] = 1
@@ -65,7 +67,7 @@ def paley2(q: int) -> torch.Tensor:
 
 def sylvester(n: int) -> torch.Tensor:
     if n < 1 or n & (n - 1):
-        raise ValueError(f"Sylvester's construction needs a power of two, got {n}")
+        raise InputError(f"Sylvester's construction needs a power of two, got {n}")
     h = torch.ones(1, 1, dtype=torch.float64)
     step = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
     while h.shape[0] < n:
@@ -138,11 +140,11 @@ def orthogonal(n: int, seed: int = 0, kind: str = "auto") -> Orthogonal:
     (``kind`` "auto" or "hadamard"; "hadamard" refuses an order without one), else (or with
     ``kind="random"``) a random orthogonal matrix."""
     if kind not in ("auto", "hadamard", "random"):
-        raise ValueError(f"rotation kind: auto | hadamard | random, got {kind!r}")
+        raise InputError(f"rotation kind: auto | hadamard | random, got {kind!r}")
     how = construction(n) if kind != "random" else None
     if how is None:
         if kind == "hadamard":
-            raise ValueError(f"no Hadamard construction here for order {n} (2^k, or 2^k × a Paley order)")
+            raise InputError(f"no Hadamard construction here for order {n} (2^k, or 2^k × a Paley order)")
         log.info("rotation of order %d: random orthogonal (seed %d)%s", n, seed,
                  "" if kind == "random" else ": no Hadamard construction for this order")
         return Orthogonal(random_orthogonal(n, seed), "random", "qr(gaussian)", seed)

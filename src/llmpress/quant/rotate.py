@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .fold import PRODUCER_ROWS, patterns_for
 from .hadamard import Orthogonal, orthogonal
+from ..errors import InputError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,12 @@ class RotateSpec:
         if isinstance(value, dict):
             unknown = set(value) - {"seed", "kind", "heads"}
             if unknown:
-                raise ValueError(f"rotate: unknown option(s) {sorted(unknown)} (seed, kind, heads)")
+                raise InputError(f"rotate: unknown option(s) {sorted(unknown)} (seed, kind, heads)")
             return cls(**value)
-        raise ValueError(f"rotate: give True, a dict or a RotateSpec, got {value!r}")
+        raise InputError(f"rotate: give True, a dict or a RotateSpec, got {value!r}")
 
 
-class UnsupportedRotation(ValueError):
+class UnsupportedRotation(UnsupportedModelError):
     pass
 
 

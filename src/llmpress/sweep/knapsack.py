@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import InputError
+
 TOL = 1e-3  # budget fraction the cost rounding may give up
 
 
@@ -31,15 +33,15 @@ def solve(costs: Sequence[Sequence[int]], values: Sequence[Sequence[float]], cap
     picks: list[np.ndarray] = []
     for c_l, v_l in zip(costs, values):
         if len(c_l) == 0 or len(c_l) != len(v_l):
-            raise ValueError("every item needs at least one option, with as many costs as values")
+            raise InputError("every item needs at least one option, with as many costs as values")
         if len(c_l) > 32767:
-            raise ValueError("too many options for one item")
+            raise InputError("too many options for one item")
         new = np.full(capacity + 1, inf)
         arg = np.zeros(capacity + 1, dtype=np.int16)
         for o, (c, v) in enumerate(zip(c_l, v_l)):
             c = int(c)
             if c < 0:
-                raise ValueError(f"negative cost {c}")
+                raise InputError(f"negative cost {c}")
             if c > capacity:
                 continue
             cand = dp[: capacity + 1 - c] + float(v)  # (capacity + 1 − c,)

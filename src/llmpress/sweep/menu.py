@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..tensor import CompressedTensor, get_codec
+from ..errors import InputError
 
 GGUF_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
 GGUF_ALIGN = 32  # gguf-py's default data alignment
@@ -75,7 +76,7 @@ def gguf_tensor_bytes(gguf_type: str, shape: tuple[int, int]) -> int:
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[gguf_type.upper()]]
     out, inp = shape
     if inp % block:
-        raise ValueError(f"{gguf_type}: rows of {inp} are not a multiple of its block of {block}")
+        raise InputError(f"{gguf_type}: rows of {inp} are not a multiple of its block of {block}")
     n = out * (inp // block) * size
     return -(-n // GGUF_ALIGN) * GGUF_ALIGN
 
@@ -116,10 +117,10 @@ TAKES_METHOD = {"gguf"}
 def check_menu(menu: str, method: str | None) -> None:
     """Refuse an unknown menu or method before any work."""
     if menu not in MENUS:
-        raise ValueError(f"unknown menu {menu!r}; known: {', '.join(MENUS)}")
+        raise InputError(f"unknown menu {menu!r}; known: {', '.join(MENUS)}")
     if method is not None:
         if menu not in TAKES_METHOD:
-            raise ValueError(f"--method applies to the {', '.join(sorted(TAKES_METHOD))} menu; the {menu} menu names its own")
+            raise InputError(f"a method applies to the {', '.join(sorted(TAKES_METHOD))} menu only; the {menu} menu names its own")
         get_codec(method)
 
 

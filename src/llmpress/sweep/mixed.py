@@ -23,6 +23,7 @@ from typing import Any
 from ..recipe import KEEP, Recipe, Rule
 from .knapsack import TOL, solve, units
 from .sensitivity import KEEP as KEEP_RX, Choice, Table, load_or_measure
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def allocate(table: Table, budget_bits: float, tol: float = TOL) -> tuple[dict[s
     pick = solve(costs, [[c.dkl for c in table.layers[n]] for n in names], cap)
     if pick is None:
         least = sum(min(c.bits for c in table.layers[n]) for n in names)
-        raise ValueError(f"the budget ({budget_bits / 8:,.0f} bytes for the allocated layers) is below the cheapest "
+        raise InputError(f"the budget ({budget_bits / 8:,.0f} bytes for the allocated layers) is below the cheapest "
                          f"choice of the menu ({least / 8:,.0f} bytes, {least / sum(table.numel.values()):.3f} bpw)")
     log.debug("knapsack: %d layers, capacity %d units of %d bits", len(names), cap, unit)
     return {n: table.layers[n][o] for n, o in zip(names, pick)}, unit
@@ -105,9 +106,9 @@ def mixed_recipe(model: str, *, target_bpw: float | None = None, target_bytes: i
     from .menu import check_menu
 
     if (target_bpw is None) == (target_bytes is None):
-        raise ValueError("give one of target bpw or target bytes")
+        raise InputError("give one of target bpw or target bytes")
     if (target_bpw is not None and target_bpw <= 0) or (target_bytes is not None and target_bytes <= 0):
-        raise ValueError("the target must be positive")
+        raise InputError("the target must be positive")
     check_menu(menu, method)
     table = load_or_measure(cache, model, menu, method, calib=calib, samples=samples, seq_len=seq_len,
                             progress=progress, device=device)
@@ -116,7 +117,7 @@ def mixed_recipe(model: str, *, target_bpw: float | None = None, target_bytes: i
         fixed = fixed_bytes(model, table, kept_type)
         budget = 8 * (target_bytes - fixed)
         if budget <= 0:
-            raise ValueError(f"target {target_bytes:,} bytes: the parts not allocated already take {fixed:,} bytes")
+            raise InputError(f"target {target_bytes:,} bytes: the parts not allocated already take {fixed:,} bytes")
     else:
         budget = target_bpw * sum(table.numel.values())
     choice, unit = allocate(table, budget)

@@ -30,6 +30,7 @@ import torch
 
 from ..tensor import get_codec
 from .menu import Option, options_for
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +156,14 @@ def measure(model: str, menu: str, method: str | None = None, *, calib: str | No
             if rx.search(name):
                 continue
             if name not in fisher:  # e.g. a mixture of experts: transformers fuses what the runner splits
-                raise ValueError(f"{name}: no Fisher weight (the loaded model has no such linear); allocation "
+                raise InputError(f"{name}: no Fisher weight (the loaded model has no such linear); allocation "
                                  "does not support this model's layout (mixtures of experts)")
             t = store.get(f"{name}.weight").float().to(dev)
             w = t.T.contiguous() if name in conv else t  # (out, in)
             shape = (int(w.shape[0]), int(w.shape[1]))
             opts = options_for(menu, shape, method)
             if not opts:
-                raise ValueError(f"{name} {shape}: the {menu} menu has no option for this shape")
+                raise InputError(f"{name} {shape}: the {menu} menu has no option for this shape")
             f = fisher[name].to(dev)
             g32 = st.gram.float()  # (in, in), once for every option
             row = []
