@@ -203,3 +203,16 @@ def test_sha256_is_checked_by_default(folders, tmp_path):
     (f / "model.safetensors").write_bytes(bytes(raw))
     _refused(f, "model.safetensors", "checksum")
     llmpress.load(f, verify=False)  # asked for: the bytes are the user's to trust
+
+
+@pytest.mark.parametrize("value", [-1, 0, 2.5, True])
+def test_a_size_in_config_that_is_not_a_positive_integer_is_refused(folders, tmp_path, value):
+    """Found by the fuzzer: num_key_value_heads = -1 failed inside transformers after it had allocated."""
+    from llmpress.errors import CorruptFileError
+
+    bad = _copy(folders, "rtn", tmp_path)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_key_value_heads"] = value
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptFileError, match="num_key_value_heads"):
+        llmpress.load(bad)

@@ -110,12 +110,18 @@ def check_compressed(root: Path, tensors: Mapping[str, dict[str, Any]], header: 
 _LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer")  # blocks: each has stored tensors named by its index
 _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")  # may be stored fused (no index in names)
 MAX_EXPERTS = 4096  # the largest mixtures have a few hundred
+# sizes a model is built from: each a positive integer (a negative or zero one fails inside transformers,
+# after it has allocated)
+_DIMS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+         "n_embd", "n_head")
+MAX_DIM = 1 << 24
 _INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
 
 def check_config_counts(root: Path, config: dict[str, Any], header: Header) -> None:
     """Each count of modules ``config.json`` asks for (layers, experts) is at most what the stored
-    tensor names can index (the largest number in a name, plus one)."""
+    tensor names can index (the largest number in a name, plus one); each size it builds from is a
+    positive integer."""
     most = max((int(m) for k in header for m in _INDEX.findall(k) if len(m) < 10), default=-1) + 1
     for cfg in (config, *(v for v in config.values() if isinstance(v, dict))):
         for keys, bound in ((_LAYER_COUNTS, max(most, 1)), (_EXPERT_COUNTS, max(most, MAX_EXPERTS))):
@@ -123,6 +129,10 @@ def check_config_counts(root: Path, config: dict[str, Any], header: Header) -> N
                 v = cfg.get(k)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= bound):
                     raise CorruptFileError(f"{root / 'config.json'}: {k}={v!r}; the stored tensors allow at most {bound}")
+        for k in _DIMS:
+            v = cfg.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_DIM):
+                raise CorruptFileError(f"{root / 'config.json'}: {k}={v!r} is not a size (a positive integer)")
 
 
 def check_against_model(root: Path, tensors: Mapping[str, dict[str, Any]], header: Header,
