@@ -114,19 +114,22 @@ def n_params(gguf_path: Path) -> int:
     return sum(int(t.n_elements) for t in GGUFReader(gguf_path).tensors)
 
 
-def llama_bench(bin_dir: Path, files: dict[str, Path], threads: int, reps: int) -> dict:
-    """Prompt (pp128) and generation (tg32) tokens/s of each file, interleaved in one llama-bench run."""
-    argv = [bin_dir / "llama-bench", "-p", "128", "-n", "32", "-t", threads, "-r", reps, "--repack", "0", "-o", "json"]
-    for p in files.values():
-        argv += ["-m", p]
+def llama_bench(bin_dir: Path, files: dict[str, Path], threads: int, reps: int, passes: int = 2) -> dict:
+    """Prompt (pp256) and generation (tg128) tokens/s of each file: one llama-bench run over the files
+    listed ``passes`` times in turn (so a drift of the shared machine falls on every file alike), each
+    figure the mean of its passes' means, with the spread of those means."""
+    argv = [bin_dir / "llama-bench", "-p", "256", "-n", "128", "-t", threads, "-r", reps, "--repack", "0", "-o", "json"]
+    for _ in range(passes):
+        for p in files.values():
+            argv += ["-m", p]
     _, _, out = timed(argv, "llama-bench")
-    rows = json.loads(out)
     names = {str(p): n for n, p in files.items()}
-    res: dict[str, dict] = {}
-    for r in rows:
+    seen: dict[str, dict[str, list[float]]] = {}
+    for r in json.loads(out):
         kind = "pp" if r["n_prompt"] else "tg"
-        res.setdefault(names[r["model_filename"]], {})[f"{kind}_tok_s"] = r["avg_ts"]
-    return res
+        seen.setdefault(names[r["model_filename"]], {}).setdefault(kind, []).append(r["avg_ts"])
+    return {n: {f"{k}_tok_s": sum(v) / len(v) for k, v in d.items()} | {f"{k}_passes": v for k, v in d.items()}
+            for n, d in seen.items()}
 
 
 def main() -> None:
@@ -256,9 +259,12 @@ def show(res: dict, texts: list[str]) -> None:
     for mix, rows in res["mixes"].items():
         show_mix(mix, rows, texts)
     if "llama_bench" in res:
-        print("\n## llama-bench (tokens/s)\n| file | pp128 | tg32 |\n|---|---|---|")
+        print("\n## llama-bench (tokens/s: mean over interleaved passes, each pass's mean in brackets)\n"
+              "| file | pp256 | tg128 |\n|---|---|---|")
         for n, v in res["llama_bench"].items():
-            print(f"| {n} | {v.get('pp_tok_s', 0):.1f} | {v.get('tg_tok_s', 0):.1f} |")
+            cells = [f"{v.get(k + '_tok_s', 0):.1f} ({', '.join(f'{x:.1f}' for x in v.get(k + '_passes', []))})"
+                     for k in ("pp", "tg")]
+            print(f"| {n} | {cells[0]} | {cells[1]} |")
     print(f"\n{res['seconds']:.0f} s in all")
 
 
