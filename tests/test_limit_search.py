@@ -95,3 +95,13 @@ def test_cli_has_the_switch(flag):
     _load_commands()
     r = CliRunner().invoke(app, ["limit", "--help"])
     assert flag in r.output
+
+
+def test_a_packed_points_calibration_flags_go_to_quantize():
+    from llmpress.sweep.points import quant_pack
+    from llmpress.sweep.runner import point_command
+
+    settings = {"model": "m", "recipes": "r", "samples": 16, "seq_len": 512, "calib": "calib-mix"}
+    cmd = point_command(quant_pack("gptq", 6, 64, calib=True), settings)
+    assert cmd == ("llmpress quantize m -o gptq-w6-g64+pack --method gptq --bits 6 --group-size 64 --calib calib-mix "
+                   "--samples 16 --seq-len 512 && llmpress pack gptq-w6-g64+pack -o gptq-w6-g64+pack.llmp")

@@ -163,6 +163,18 @@ MAKERS: dict[str, Callable[[Point, dict[str, Any], Path], dict[str, Any]]] = {
 }
 
 
+def point_command(point: Point, settings: dict[str, Any]) -> str:
+    """The shell command that reproduces ``point`` under ``settings``."""
+    command = point.command.format(model=settings["model"], out=point.label, recipes=settings["recipes"],
+                                   samples=settings["samples"], seq_len=settings["seq_len"],
+                                   calib_file=calib_file(settings))
+    if point.calib and "{samples}" not in point.command:  # a command that names its calibration itself keeps it
+        first, sep, rest = command.partition(" && ")  # the flags belong to the command that compresses
+        flags = f" --calib {settings['calib']} --samples {settings['samples']} --seq-len {settings['seq_len']}"
+        command = first + flags + sep + rest
+    return command
+
+
 def run_point(point: Point, settings: dict[str, Any]) -> dict[str, Any]:
     """Compress, judge, clean up: one row of results.jsonl (without its key)."""
     torch.set_num_threads(settings["threads"])
@@ -173,11 +185,7 @@ def run_point(point: Point, settings: dict[str, Any]) -> dict[str, Any]:
         row = MAKERS.get(point.family, _lossy)(point, settings, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    command = point.command.format(model=settings["model"], out=point.label, recipes=settings["recipes"],
-                                   samples=settings["samples"], seq_len=settings["seq_len"],
-                                   calib_file=calib_file(settings))
-    if point.calib and "{samples}" not in point.command:  # a command that names its calibration itself keeps it
-        command += f" --calib {settings['calib']} --samples {settings['samples']} --seq-len {settings['seq_len']}"
+    command = point_command(point, settings)
     row.update(label=point.label, family=point.family, recipe=row.get("recipe", point.recipe), command=command,
                seconds=time.perf_counter() - t0)
     return row
