@@ -85,24 +85,19 @@ def clip_quantize(W: Tensor, H: Tensor, spec: GridSpec, s: Tensor | None, clip: 
 
 
 def gptq_codes(W: Tensor, stats: Stats, spec: GridSpec, s: Tensor | None, clip: bool) -> QWeight:
-    """Codes of W·diag(s) (W itself when s is None: already scaled) chosen by GPTQ against the
-    Gram matrix of x/s, with GPTQ's own options; groups fitted by the Hessian-weighted clipping
-    search (``clip``) or by ``spec.range``. The Hessian is prepared once per shared input."""
+    """Codes of W·diag(s) (W itself when s is None: already scaled, ``stats`` those of x/s) chosen by
+    GPTQ against the Gram matrix of x/s, with GPTQ's own options; groups fitted by the
+    Hessian-weighted clipping search (``clip``) or by ``spec.range``. The Hessian is prepared once
+    per shared input."""
+    from .fold import scaled_stats
     from .gptq import GPTQ, Hessian, gptq_quantize
 
     o = GPTQ.options
     final = GridSpec(**{**spec.__dict__, "range": "mse"}) if clip else spec
-    if s is None:
-        key = ("gptq.hessian", float(o["damp"]), bool(o["act_order"]))
-        hs = stats.derived.get(key)
-        if hs is None:
-            hs = stats.derived[key] = Hessian.prepare(stats.gram, float(o["damp"]), bool(o["act_order"]))
-        return gptq_quantize(W, hs, final, damp=o["damp"], act_order=o["act_order"], static_groups=o["static_groups"],
-                             block_size=o["block_size"])
-    s64 = s.to(torch.float64)
-    Hs = stats.gram.to(torch.float64) / (s64[:, None] * s64[None, :])  # the Gram matrix of x/s
-    q = gptq_quantize(W * s, Hs, final, damp=o["damp"], act_order=o["act_order"], static_groups=o["static_groups"],
-                      block_size=o["block_size"])
+    st = stats if s is None else scaled_stats(stats, s)
+    hs = Hessian.of(st, float(o["damp"]), bool(o["act_order"]))
+    q = gptq_quantize(W if s is None else W * s, hs, final, damp=o["damp"], act_order=o["act_order"],
+                      static_groups=o["static_groups"], block_size=o["block_size"])
     q.in_scale = s
     return q
 

@@ -182,6 +182,16 @@ class Hessian:
         return Hessian(H=mv(self.H), dead=mv(self.dead), perm=mv(self.perm), Hinv=mv(self.Hinv))
 
     @classmethod
+    def of(cls, stats: Stats, damp: float, act_order: bool) -> "Hessian":
+        """The Hessian of ``stats``' Gram matrix, prepared once and kept in ``stats.derived`` for every
+        linear that reads the same input."""
+        key = ("gptq.hessian", float(damp), bool(act_order))
+        hs = stats.derived.get(key)
+        if hs is None:
+            hs = stats.derived[key] = cls.prepare(stats.gram, float(damp), bool(act_order))
+        return hs
+
+    @classmethod
     def prepare(cls, H: Tensor, damp: float, act_order: bool) -> "Hessian":
         H = H.to(torch.float32, copy=True)  # one copy, whatever H's dtype
         dead = torch.diag(H) == 0
@@ -297,9 +307,6 @@ class GPTQ(QuantCodec):
             raise InputError(f"gptq: damp must be in [0, 1); got {damp!r}")
         if int(block_size) < 1:
             raise InputError("gptq: block_size must be ≥ 1")
-        key = ("gptq.hessian", float(damp), bool(act_order))
-        hs = stats.derived.get(key)
-        if hs is None:
-            hs = stats.derived[key] = Hessian.prepare(stats.gram, float(damp), bool(act_order))
+        hs = Hessian.of(stats, float(damp), bool(act_order))
         return gptq_quantize(w, hs, spec, damp=float(damp), act_order=bool(act_order),
                              static_groups=bool(static_groups), block_size=int(block_size))
