@@ -57,61 +57,20 @@ class _Cap:
         pass
 
 
-class _Cgroup2(_Cap):
-    name = "cgroup2"
-    root = Path("/sys/fs/cgroup")
+class _CgroupCap(_Cap):
+    """A child cgroup of this process's own, made by ``usable`` with its limit file written."""
 
-    def _own(self) -> Path | None:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                base = self.root if (self.root / "cgroup.controllers").exists() else self.root / "unified"
-                return base / line[3:].lstrip("/")
-        return None
+    limit_file = ""
 
-    def usable(self) -> bool:
-        own = self._own()
-        if own is None or not (own / "cgroup.subtree_control").exists():
-            return False
-        if "memory" not in (own / "cgroup.controllers").read_text().split():
-            return False
+    def _make(self, own: Path, optional: dict[str, str] | None = None) -> bool:
+        """The child cgroup with its limit (and each ``optional`` file that exists) written."""
         try:
             self.dir = own / f"llmpress-bench-{os.getpid()}"
             self.dir.mkdir()
-            (self.dir / "memory.max").write_text(str(self.limit))
-            (self.dir / "memory.swap.max").exists() and (self.dir / "memory.swap.max").write_text("0")
-            return True
-        except OSError:
-            self.cleanup()
-            return False
-
-    def preexec(self) -> None:
-        (self.dir / "cgroup.procs").write_text(str(os.getpid()))
-
-    def cleanup(self) -> None:
-        d = getattr(self, "dir", None)
-        if d is not None and d.exists():
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-
-
-class _Cgroup1(_Cap):
-    name = "cgroup1"
-    root = Path("/sys/fs/cgroup/memory")
-
-    def usable(self) -> bool:
-        own = None
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, ctl, path = line.split(":", 2)
-            if "memory" in ctl.split(","):
-                own = self.root / path.lstrip("/")
-        if own is None or not (own / "memory.limit_in_bytes").exists():
-            return False
-        try:
-            self.dir = own / f"llmpress-bench-{os.getpid()}"
-            self.dir.mkdir()
-            (self.dir / "memory.limit_in_bytes").write_text(str(self.limit))
+            (self.dir / self.limit_file).write_text(str(self.limit))
+            for name, value in (optional or {}).items():
+                if (self.dir / name).exists():
+                    (self.dir / name).write_text(value)
             return True
         except OSError:
             self.cleanup()
@@ -131,9 +90,42 @@ class _Cgroup1(_Cap):
             except OSError:
                 time.sleep(0.1)
 
-    def peak(self) -> int | None:
-        p = self.dir / "memory.max_usage_in_bytes"
-        return int(p.read_text()) if p.exists() else None
+
+class _Cgroup2(_CgroupCap):
+    name = "cgroup2"
+    root = Path("/sys/fs/cgroup")
+    limit_file = "memory.max"
+
+    def _own(self) -> Path | None:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                base = self.root if (self.root / "cgroup.controllers").exists() else self.root / "unified"
+                return base / line[3:].lstrip("/")
+        return None
+
+    def usable(self) -> bool:
+        own = self._own()
+        if own is None or not (own / "cgroup.subtree_control").exists():
+            return False
+        if "memory" not in (own / "cgroup.controllers").read_text().split():
+            return False
+        return self._make(own, {"memory.swap.max": "0"})
+
+
+class _Cgroup1(_CgroupCap):
+    name = "cgroup1"
+    root = Path("/sys/fs/cgroup/memory")
+    limit_file = "memory.limit_in_bytes"
+
+    def usable(self) -> bool:
+        own = None
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, ctl, path = line.split(":", 2)
+            if "memory" in ctl.split(","):
+                own = self.root / path.lstrip("/")
+        if own is None or not (own / "memory.limit_in_bytes").exists():
+            return False
+        return self._make(own)
 
 
 class _RlimitData(_Cap):
