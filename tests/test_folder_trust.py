@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,17 +22,10 @@ import llmpress
 from llmpress.errors import CorruptFileError, InputError, LlmpressError
 from llmpress.io.checksum import sha256_file
 
+sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
+from harness import tiny_source  # noqa: E402  (the fuzz harness's source model: the same folders)
+
 P = "model.layers.0.mlp.up_proj.weight"  # a compressed linear of the tiny model: (out, in) = (96, 64)
-
-
-def _tiny_source(root: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(root, safe_serialization=True)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     from llmpress.recipe import Recipe
 
     base = tmp_path_factory.mktemp("trust")
-    src = _tiny_source(base / "src")
+    src = tiny_source(base / "src")
     out = {}
     for name, recipe in {"rtn": Recipe.uniform("rtn", bits=4, group_size=32),
                          "svd": Recipe.uniform("svd", rank=8),

@@ -198,7 +198,8 @@ def run_input(fn: Callable[[], str | None], size: int, what: str) -> Outcome:
 
 
 # ---------------------------------------------------------------------------- the folder target
-def _tiny_source(root: Path) -> Path:
+def tiny_source(root: Path) -> Path:
+    """A one-block Llama with random weights, saved as a checkpoint folder (the source every base is made from)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
@@ -215,7 +216,7 @@ def build_bases(root: Path) -> dict[str, Any]:
     from llmpress.pipeline import compress
     from llmpress.recipe import Recipe
 
-    src = _tiny_source(root / "src")
+    src = tiny_source(root / "src")
     folders = {}
     for name, recipe in {"rtn": Recipe.uniform("rtn", bits=4, group_size=32),
                          "svdq": Recipe.uniform("svd+q", rank=8, bits=4, group_size=32)}.items():
