@@ -87,7 +87,7 @@ def gguf_mix(mix: str, method: str = "gptq") -> Point:
     """llmpress's codes on llama.cpp's types of ``mix``, tensor by tensor (``quantize --gguf-mix``)."""
     return Point(f"{method}-{mix}", "gguf-mix", None,
                  f"llmpress quantize {{model}} -o {{out}} --method {method} --gguf-mix {mix}",
-                 calib=method != "rtn", params={"gguf_mix": mix, "method": method})
+                 calib=get_codec(method).needs_stats, params={"gguf_mix": mix, "method": method})
 
 
 # llama.cpp's own quantization, reproduced with its tools (the calibration windows are written beside the recipes)

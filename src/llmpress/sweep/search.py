@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..tensor import get_codec
 from .points import Point, quant, quant_pack
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class Ladder:
 
     @property
     def calib(self) -> bool:
-        return self.method != "rtn"
+        return get_codec(self.method).needs_stats
 
     def point(self, bits: int) -> Point:
         return quant(self.method, bits, self.group, calib=self.calib)
