@@ -162,6 +162,24 @@ def test_every_fold_pattern_keeps_the_model_function(fam):
     assert torch.allclose(got, ref, rtol=1e-3, atol=1e-3), (got - ref).abs().max()
 
 
+def test_streamed_reference_equals_the_loaded_model(fam):
+    """The reference walked block by block (the original never whole in memory) holds the loaded
+    model's log-probabilities bit for bit."""
+    from llmpress.eval.causal import Reference
+    from llmpress.eval.streamed import StreamedOriginal, streamable
+    from llmpress.models import load_tokenizer
+
+    _, orig = fam
+    assert streamable(orig)
+    tok = load_tokenizer(orig)
+    kw = dict(ctx=32, tokens=192, batch_size=2, cache=False)
+    a = Reference.build(lambda: llmpress.load(orig), tok, ["python-doc"], **kw)
+    b = Reference.build(lambda: StreamedOriginal(orig), tok, ["python-doc"], **kw)
+    for key in ("topk_idx", "topk_lp", "log_rest", "tail_idx", "tail_lp", "target_lp"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    assert a.model_info == b.model_info
+
+
 def test_factorize_whitened_loads(fam, tmp_path):
     _, orig = fam
     out = tmp_path / "lr"

@@ -37,6 +37,13 @@ def _import_formats() -> None:
                 raise
 
 
+def is_llmpress_output(path: str | os.PathLike) -> bool:
+    """Whether one of the registered formats (an llmpress output) recognises ``path``."""
+    _import_formats()
+    p = Path(path)
+    return p.exists() and any(detect(p) for detect, _ in _LOADERS.values())
+
+
 def load(path: str | os.PathLike, **kwargs: Any) -> torch.nn.Module:
     """Load an llmpress output (packed container, quantized or factorized folder), or any
     model source (see :func:`llmpress.models.resolve`), as a transformers model."""

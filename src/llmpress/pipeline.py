@@ -463,6 +463,7 @@ def _load_when_called(skel: nn.Module, prefix: str, store: TensorStore,
     handles: list = []
     loaded: list[nn.Module] = []
     tied = _tied_sources(skel)
+    tied.update({v: k for k, v in tied.items()})  # a tied head reads the embedding's table, and the other way round
 
     def cast_out(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
         return out.float()

@@ -110,8 +110,19 @@ def move(module: nn.Module, device: torch.device | str) -> nn.Module:
 
 
 def release(module: nn.Module) -> None:
-    """Drop a module's tensors back to the meta device (frees their memory)."""
-    module.to("meta")
+    """Drop a module's parameters and persistent buffers back to the meta device (frees their
+    memory). Non-persistent buffers (rotary tables, Gemma's ``embed_scale``) are no checkpoint's:
+    they were computed from the config and stay, so the module can be filled and called again."""
+    moved: dict[int, nn.Parameter] = {}  # a parameter shared by two modules stays one parameter
+    for m in module.modules():
+        for n, p in m._parameters.items():
+            if p is not None and not p.is_meta:
+                if id(p) not in moved:
+                    moved[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+                m._parameters[n] = moved[id(p)]
+        for n, b in m._buffers.items():
+            if b is not None and n not in m._non_persistent_buffers_set:
+                m._buffers[n] = b.to("meta")
 
 
 def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -52,6 +52,16 @@ class _Model:
             self._module.to(self.device)  # in place; a no-op once it is there
         return self._module
 
+    def reference_model(self) -> torch.nn.Module:
+        """The model a reference is built from: an original checkpoint is walked block by block
+        (``streamed.StreamedOriginal``: its float32 whole never sits in memory), anything else loaded."""
+        from .streamed import StreamedOriginal, streamable
+
+        if self._module is None and not isinstance(self.arg, torch.nn.Module) and streamable(self.path):
+            log.info("reference %s: streamed block by block", self.name)
+            return StreamedOriginal(self.path, self.device)
+        return self.module()
+
     def release(self) -> None:
         if not isinstance(self.arg, torch.nn.Module):
             self._module = None
@@ -173,7 +183,7 @@ def _causal(m: _Model, r: _Model | None, texts: list, ctx: int, tokens: int, bat
         raise InputError(f"the model's vocabulary has {mc.get('vocab_size')} tokens, the reference's {rc.get('vocab_size')}")
     if mc.get("model_type") != rc.get("model_type"):
         raise InputError(f"the model's architecture {mc.get('model_type')!r} differs from the reference's {rc.get('model_type')!r}")
-    ref = Reference.build(r.module, r.tokenizer, texts, ctx=ctx, tokens=tokens, k=k, batch_size=batch_size,
+    ref = Reference.build(r.reference_model, r.tokenizer, texts, ctx=ctx, tokens=tokens, k=k, batch_size=batch_size,
                           fingerprint=r.fingerprint() if cache else None, name=r.name, cache=cache,
                           describe=lambda mod: {k2: v for k2, v in cost_of(mod, r.path).items() if k2 != "bytes_in"})
     r.release()  # the original leaves memory before the model runs: peak RSS is the model's own

@@ -100,13 +100,17 @@ def _hidden(model: torch.nn.Module, x: Tensor) -> tuple[Tensor | None, torch.nn.
     return h, head, logits
 
 
-def _logprob_batches(model: torch.nn.Module, ids: Tensor, batch_size: int):
+def _logprob_batches(model: torch.nn.Module, ids: Tensor, batch_size: int, device: torch.device | None = None):
     """Yield ``(start, targets (n,), logprobs (n, V) float32)`` for each chunk of scored rows, in
     order: scored row ``r = start + j`` is window ``r // (T-1)``'s position ``r % (T-1)``. Chunks
     never straddle two batches of windows and hold :func:`chunk_rows` rows (the last of a batch
     fewer), so only one chunk's full-vocabulary log-probs exist at a time; every row's values are
-    those the whole batch's logits gave. Computed where the model is (both on its device)."""
-    dev = model_device(model)
+    those the whole batch's logits gave. Computed where the model is (both on its device), or on
+    ``device``; a model with its own ``logprob_batches`` (``streamed.StreamedOriginal``) makes them."""
+    if hasattr(model, "logprob_batches"):
+        yield from model.logprob_batches(ids, batch_size)
+        return
+    dev = device or model_device(model)
     T1, n_rows = ids.shape[1] - 1, chunk_rows(_vocab_of(model))
     with torch.inference_mode():
         for s in range(0, ids.shape[0], batch_size):
