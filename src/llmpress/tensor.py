@@ -68,10 +68,10 @@ class CompressedTensor:
 def gram_matrix(x: Tensor, parts: int = 3, out: Tensor | None = None) -> Tensor:
     """XᵀX of x (T, in), float32, exactly symmetric. From ``in ≥ 384`` the columns are cut into
     ``parts`` blocks and only the products on and above the block diagonal are computed, then
-    mirrored (6 of 9: 0.6–0.7× the time of one XᵀX at T = 4096, in = 576 and 1536, one thread;
-    a third of a GPTQ run's statistics pass). With ``out`` (in, in) each block's float32 product
+    mirrored (6 products of 9 instead of 9). With ``out`` (in, in) each block's float32 product
     is added into it in place (a float64 accumulator: no whole float32 (in, in) copy is made,
-    822 MB for an 8B model's down_proj) and ``out`` is returned."""
+    which for an 8B model's down_proj would be as large as the accumulator's half) and ``out`` is
+    returned."""
     n = x.shape[1]
     if n < 384:
         g = x.T @ x

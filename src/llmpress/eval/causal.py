@@ -14,8 +14,9 @@ is never negative, is exactly 0 for a model identical to the reference (every r_
 same float32 log-probabilities from the same code), is unbiased for the full-vocabulary KL,
 and its sampling noise is second order in the perturbation (f(r) ≈ (log r)²/2), so it stays
 small next to the KL itself even for near-lossless models. A top-k-only KL would underestimate:
-on SmolLM2-135M the reference keeps ~7 % of its mass outside its top 128 tokens, and a
-"top-128 + rest bucket" KL missed 16 % of the divergence at 4 bits.
+a small model's next-token distribution keeps a few per cent of its mass outside its top 128
+tokens, and a "top-k + rest bucket" KL, which treats that mass as one token, misses the part of
+the divergence spread over it.
 """
 from __future__ import annotations
 

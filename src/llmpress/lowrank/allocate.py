@@ -18,8 +18,8 @@ parameters.
 
 The spectrum is a layer's whole error-vs-rank curve, so it is all the allocation needs: it is taken
 while the layer's Gram matrix is in hand, one block at a time, and the Gram matrix is freed before
-the next block's is built (``api.layer_spectra``). On SmolLM2-135M (16×256 calibration tokens) the
-live Gram matrices peak at 25.6 MiB instead of 768 MiB when all were held at once.
+the next block's is built (``api.layer_spectra``): the live Gram matrices are one block's, not
+the model's.
 """
 from __future__ import annotations
 

@@ -31,17 +31,14 @@ log = logging.getLogger(__name__)
 Factors = tuple[Tensor, Tensor, Tensor]  # U (m, q), s (q,), Vh (q, n)
 
 
-# Randomized defaults, measured on SmolLM2-135M's weight shapes (576×576, 192×576, 1536×576,
-# 576×1536; ``bench/lowrank.py``'s SVD table, CPU time, 1 thread). Sketching l = k + p directions
-# with p = max(10, ⌈k/2⌉) and 2 power iterations keeps ‖A − A_k‖² within 0.5–2.7 % of exact SVD's
-# at k ≤ 128 and < 1 % above, where the former p = 10 lost 2–9 % (up to 24 % with 1 iteration).
-# Its cost grows with l (≈ (2·niter + 2)·m·n·l flops plus QRs of l columns) while LAPACK's full
-# SVD does not: measured 0.04–0.3× exact time at l ≤ 0.25·min(m, n), 0.55–0.6× at 0.33, 0.8–0.9×
-# at 0.45–0.5 and 1.2–2.2× past 0.6. So where l > CROSSOVER · min(m, n) the rsvd codec runs the
-# exact SVD instead: it would be at best slightly faster there, and at 40 % removed the 576×576
-# layers sketched at l = 0.45·min (weight error +0.44 %) took the model's KL from 12.49 to 14.25.
-# Ranks that remove 10–40 % of a layer's parameters lie past the crossover (k ≈ 0.3–0.65·min(m, n)):
-# there rsvd is exact SVD; it pays at small ranks.
+# Randomized defaults, chosen from ``bench/lowrank.py``'s SVD table (SmolLM2-135M's weight shapes,
+# CPU time, 1 thread). Oversampling by half the rank (at least 10) with 2 power iterations keeps
+# the truncation error close to exact SVD's, where a fixed oversampling of 10 fell visibly short at
+# larger ranks. The sketch's cost grows with l = k + p (≈ (2·niter + 2)·m·n·l flops plus QRs of l
+# columns) while LAPACK's full SVD does not, so past a fraction CROSSOVER of min(m, n) the sketch
+# stops paying and its small extra error shows in the model's KL: there the rsvd codec runs the
+# exact SVD. Ranks that remove 10–40 % of a layer's parameters lie past the crossover; rsvd pays
+# at small ranks.
 OVERSAMPLE_MIN = 10
 OVERSAMPLE_FRACTION = 0.5
 NITER = 2

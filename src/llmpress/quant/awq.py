@@ -18,11 +18,10 @@ linear through a channel-wise op (v→o, up→down), one scale s is searched for
 (as in the paper's grouped search), diag(1/s) is folded into the preceding op and diag(s) into
 the weights, and nothing extra is stored. A linear that cannot be folded (called alone, e.g.
 ``codec.encode``, or whose neighbours are not all AWQ) keeps its own s **stored** with the
-tensor as ``in_scale`` (float16, 16/out extra bits per weight, ≈0.03 bpw on SmolLM2), applied
-by QuantLinear; ``decode`` then returns the effective weight Ŵ·diag(1/s). Measured on
-SmolLM2-135M at 4 bits g128 (bench/quant.py, 8×512 calibration tokens, KL on debian-handbook /
-linux-doc): folded 0.228 / 0.110 at 4.273 bpw, per-layer stored scales 0.208 / 0.108 at 4.296
-bpw — the shared scale of q/k/v and gate/up is a little less free than one per layer.
+tensor as ``in_scale`` (float16, 16/out extra bits per weight), applied by QuantLinear;
+``decode`` then returns the effective weight Ŵ·diag(1/s). Folding costs a little fidelity (the
+shared scale of q/k/v and gate/up is less free than one per layer) and saves the stored scales;
+``bench/quant.py`` measures both.
 """
 from __future__ import annotations
 

@@ -279,17 +279,16 @@ class GPTQ(QuantCodec):
     """``method: gptq`` — params: the grid's (bits, group_size, sym, ...) plus ``damp`` (0.1),
     ``act_order`` (true), ``static_groups`` (true), ``block_size`` (128).
 
-    Defaults differ from the paper's damp 0.01 / natural order on measurement: on SmolLM2-135M
-    (bench/quant.py, 8×512 calibration tokens, KL on two held-out domains) act-order + static
-    groups + damp 0.1 lowered KL at 4 bits g128 from 0.407/0.227 to 0.356/0.165 and at 3 bits
-    from 1.77/1.41 to 1.41/1.05 — the stronger dampening keeps GPTQ from fitting its
-    calibration domain. Static groups keep groups consecutive, so no g_idx is stored.
+    Defaults differ from the paper's damp 0.01 / natural order on measurement (``bench/quant.py``,
+    KL on two held-out domains): act-order + static groups + damp 0.1 lowered KL at 3 and 4 bits —
+    the stronger dampening keeps GPTQ from fitting its calibration domain. Static groups keep
+    groups consecutive, so no g_idx is stored.
 
     The grid defaults to ``asymz`` (an integer zero point, 0 exactly on the grid) with each
     group's range chosen by a clipping search (``range: mse``) whose loss is the group's output
-    error err·H_gg·errᵀ, not its weight error (``grid``/``sym``/``range`` given by the user win). On SmolLM2-135M (same protocol, g64) against the float-offset
-    min–max grid: 3 bits KL 1.20/0.87 → 0.75/0.48, 2 bits 7.30/7.14 → 2.46/2.00; llm-compressor's
-    GPTQ (integer zero point, min–max): 0.97/0.59 and 6.60/7.47."""
+    error err·H_gg·errᵀ, not its weight error (``grid``/``sym``/``range`` given by the user win).
+    Against the float-offset min–max grid it lowers KL most at 2 and 3 bits, where a group's
+    range decides most of its error (``bench/quant.py``, beside llm-compressor's GPTQ)."""
 
     needs_stats = True
     gram = True

@@ -36,13 +36,10 @@ F(x) = floor((x + 1)(M − 1)/2) + 1 ∈ {1..M} (:func:`seed_level`). We store q
 reconstruct the grid point −1 + 2q/(M − 1). Floor rounding sends every x to the grid point at
 or below it, so the error is one-sided: E[ŵ − w] ≈ −half a step and the MSE is about 4× that
 of rounding to the nearest point of the same grid (uniform error on [−Δ, 0] vs [−Δ/2, Δ/2]).
-``seed_bias`` measures it. On SmolLM2-135M's real weights (mlp.down_proj of layer 3 and
-self_attn.q_proj of layer 10; asserted in ``tests/test_quant_grids.py``) the floor rule's mean
-error is −0.99 to −1.00 half-steps at 2, 3, 4 and 8 bits (round-to-nearest: |mean| < 0.002
-half-steps) and its MSE is 3.86–4.06× that of round-to-nearest on the same grid. Because the
-errors all share one sign they add up along every dot product instead of cancelling: the
-whole model quantized with ``grid=seed`` at 4 bits g128 has a KL of 15.6 nats to the original
-(debian-handbook; PPL 8.5 → 8·10⁷), against 0.43 for asymmetric round-to-nearest
+``seed_bias`` measures it, and ``tests/test_quant_grids.py`` asserts it on real weights (a mean
+error of about minus one half-step, an MSE about 4× round-to-nearest's). Because the errors all
+share one sign they add up along every dot product instead of cancelling, and the whole model
+quantized with ``grid=seed`` is far worse than asymmetric round-to-nearest at the same bits
 (``bench/quant.py --configs 4:128 --seed-grid``).
 
 Range choice (``range=``): ``minmax``; ``percentile`` (clip at the ``percentile``-th percentile

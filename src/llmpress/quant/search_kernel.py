@@ -2,8 +2,8 @@
 
 A range search (``range: mse``) tries ~32 shrunk ranges per group and scores each by its
 quantization error. In torch each try is five passes over the weights (scale, round, clamp,
-dequantize, subtract) plus a transposed copy for the batched Hessian loss; on SmolLM2's GPTQ
-those passes were ~8 of the search's ~23 s. Here one pass computes the error of every weight
+dequantize, subtract) plus a transposed copy for the batched Hessian loss, a large share of
+GPTQ's search time. Here one pass computes the error of every weight
 under an affine grid, q = clamp(round((w − a)/s) + z, 0, 2ᵇ − 1) and ŵ = (q − z)·s + a (the
 form of :meth:`grids.Grid.affine`), in float32 and in the torch path's order of operations.
 """
