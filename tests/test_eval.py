@@ -88,6 +88,26 @@ def test_in_memory_models_with_a_tokenizer(tiny):
         evaluate(torch.nn.Linear(2, 2))
 
 
+def test_a_text_without_paragraph_breaks_is_cut_at_lines_then_words(tiny, tmp_path):
+    """A user's text written one paragraph per line, or as one long line, still gives the
+    default windows; the protocol names the boundary used, and paragraph-cut texts keep their
+    protocol as before (no boundary key)."""
+    from llmpress.text import load_text
+
+    _, tok = tiny
+    prose = load_text("python-doc").split("\n\n")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(prose[:400]) + "\n")
+    one = tmp_path / "one.txt"
+    one.write_text(" ".join(prose[:400]))
+    for f, boundary in ((lines, "line"), (one, "word")):
+        ids, _, proto = make_windows(tok, [str(f)], ctx=CTX, tokens=TOKENS, batch_size=2)
+        assert ids.shape == (TOKENS // CTX, CTX) and proto.texts[0]["boundary"] == boundary
+        assert len({tuple(r.tolist()) for r in ids}) == ids.shape[0]  # distinct windows
+    _, _, proto = make_windows(tok, ["python-doc"], ctx=CTX, tokens=TOKENS, batch_size=2)
+    assert "boundary" not in proto.texts[0]
+
+
 def test_empty_and_short_text_fail_clearly(tiny, tmp_path):
     model, tok = tiny
     empty = tmp_path / "empty.txt"

@@ -91,7 +91,7 @@ def test_file_path_and_errors(tmp_path, monkeypatch):
     c = T.CORPORA["linux-doc"]
     monkeypatch.setitem(T.CORPORA, "linux-doc", T.Corpus(c.name, c.package, c.license, c.description, lambda: [], c.extract))
     T.load_text.cache_clear()
-    with pytest.raises(FileNotFoundError, match="apt-get install linux-doc-6.1"):
+    with pytest.raises(FileNotFoundError, match="apt-get install linux-doc`.*elsewhere give a UTF-8 text file"):
         T.load_text("linux-doc")
     T.load_text.cache_clear()
 
@@ -100,3 +100,40 @@ def test_hf_spec_fails_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises((ImportError, FileNotFoundError), match="datasets|could not load"):
         T.load_text("hf:surely-not-a-dataset-xyz:cfg:test")
+
+
+def test_corpus_roots_take_any_release(tmp_path, monkeypatch):
+    """A corpus folder is found whatever release's version its path holds; the newest wins, and no
+    release path is written outside ROOTS."""
+    for v in ("6.1", "6.12", "6.9"):
+        (tmp_path / f"linux-doc-{v}" / "Documentation").mkdir(parents=True)
+    monkeypatch.setitem(T.ROOTS, "linux-doc", (str(tmp_path / "linux-doc-*" / "Documentation"),))
+    assert T.root("linux-doc") == tmp_path / "linux-doc-6.12" / "Documentation"
+    monkeypatch.setitem(T.ROOTS, "linux-doc", (str(tmp_path / "nothing-*"),))
+    assert not T.root("linux-doc").exists() and T.CORPORA["linux-doc"].files() == []
+    import inspect
+
+    src = inspect.getsource(T)
+    table = src[src.index("ROOTS: dict"):src.index("def _version_key")]
+    assert "linux-doc-*" in table and src.count("/usr/share/") == table.count("/usr/share/")
+
+
+def test_a_local_dataset_in_wikitext_form(tmp_path, monkeypatch):
+    """``hf:FOLDER`` reads a dataset folder the way the field reads WikiText-2 (rows of lines,
+    headings and blank rows; the non-blank rows become paragraphs), with no network."""
+    pytest.importorskip("datasets")
+    import json as _json
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = ["", " = Valkyria Chronicles III = \n", "", " Senjō no Valkyria 3 is a tactical role @-@ playing game . \n",
+            " It was released in January 2011 in Japan . \n", ""]
+    folder = tmp_path / "wikitext-local"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text("".join(_json.dumps({"text": r}) + "\n" for r in rows), encoding="utf-8")
+    T.load_text.cache_clear()
+    text = T.load_text(f"hf:{folder}")
+    T.load_text.cache_clear()
+    assert text.split("\n\n")[0].strip() == "= Valkyria Chronicles III ="
+    paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+    assert len(paras) == 3 and paras[1].startswith("Senjō no Valkyria 3 is a tactical role @-@ playing game")

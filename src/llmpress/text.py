@@ -199,20 +199,41 @@ def rest_to_text(src: str) -> str:
 
 # ---------------------------------------------------------------------------- corpora
 
-_HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
-_LINUX = Path("/usr/share/doc/linux-doc-6.1/Documentation")
-_PYDOC = Path("/usr/share/doc/python3.11/html/_sources")
-_FORTUNES = Path("/usr/share/games/fortunes")
-_WORDNET = Path("/usr/share/wordnet")
+# Where the packages put each corpus's files: the one table of release-dependent paths. A ``*``
+# takes any version (linux-doc-6.1 or -6.12, python3.11 or 3.13); where several are installed the
+# newest wins. The text's sha256 goes into every protocol, so figures from two versions are never
+# taken for the same protocol.
+ROOTS: dict[str, tuple[str, ...]] = {
+    "debian-handbook": ("/usr/share/doc/debian-handbook/html/en-US",),
+    "linux-doc": ("/usr/share/doc/linux-doc-*/Documentation",),
+    "python-doc": ("/usr/share/doc/python3.*/html/_sources", "/usr/share/doc/python3-doc/html/_sources"),
+    "fortunes": ("/usr/share/games/fortunes",),
+    "wordnet": ("/usr/share/wordnet",),
+}
+
+
+def _version_key(p: Path) -> tuple:
+    return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", str(p)))
+
+
+def root(name: str) -> Path:
+    """The folder ``ROOTS[name]`` finds on this machine (the newest version), or a path that does
+    not exist when none is installed."""
+    for pattern in ROOTS[name]:
+        found = sorted((p for p in Path("/").glob(pattern.lstrip("/")) if p.is_dir()), key=_version_key)
+        if found:
+            return found[-1]
+    return Path(ROOTS[name][0])
 
 
 def _handbook_files() -> list[Path]:
     """The book's pages in reading order: follow each page's ``rel="next"`` link from index.html."""
+    base = root("debian-handbook")
     order, page, seen = [], "index.html", set()
-    while page and page not in seen and (_HANDBOOK / page).exists():
+    while page and page not in seen and (base / page).exists():
         seen.add(page)
-        order.append(_HANDBOOK / page)
-        m = re.search(r'<link rel="next" href="([^"#]+)"', (_HANDBOOK / page).read_text(errors="replace"))
+        order.append(base / page)
+        m = re.search(r'<link rel="next" href="([^"#]+)"', (base / page).read_text(errors="replace"))
         page = m.group(1) if m else ""
     return order
 
@@ -225,23 +246,25 @@ def _handbook(files: list[Path]) -> str:
 
 
 def _linux_files() -> list[Path]:
-    return [f for sub in ("process", "admin-guide") for f in sorted((_LINUX / sub).rglob("*.rst.gz"))
-            if "kernel-parameters" not in f.name]
+    base = root("linux-doc")
+    return [f for sub in ("process", "admin-guide") for f in sorted((base / sub).rglob("*.rst*"))
+            if "kernel-parameters" not in f.name and f.name.endswith((".rst", ".rst.gz"))]
 
 
-@corpus("linux-doc", "linux-doc-6.1", "GPL-2.0",
-        "Linux 6.1 kernel documentation, Documentation/process then admin-guide, reST cleaned to prose",
+@corpus("linux-doc", "linux-doc", "GPL-2.0",
+        "Linux kernel documentation, Documentation/process then admin-guide, reST cleaned to prose",
         _linux_files)
 def _linux(files: list[Path]) -> str:
     return "".join(rest_to_text(_read(f)) for f in files)
 
 
 def _pydoc_files() -> list[Path]:
-    return [f for sub in ("tutorial", "howto", "faq") for f in sorted((_PYDOC / sub).glob("*.rst.txt"))]
+    base = root("python-doc")
+    return [f for sub in ("tutorial", "howto", "faq") for f in sorted((base / sub).glob("*.rst.txt"))]
 
 
-@corpus("python-doc", "python3.11-doc", "PSF-2.0",
-        "Python 3.11 tutorial, HOWTOs and FAQ (reST sources), cleaned to prose",
+@corpus("python-doc", "python3-doc", "PSF-2.0",
+        "Python 3 tutorial, HOWTOs and FAQ (reST sources), cleaned to prose",
         _pydoc_files)
 def _pydoc(files: list[Path]) -> str:
     return "".join(rest_to_text(_read(f)) for f in files)
@@ -251,7 +274,10 @@ _FORTUNE_SKIP = {"art", "ascii-art", "translate-me", "perl", "linuxcookie"}
 
 
 def _fortune_files() -> list[Path]:
-    return [f for f in sorted(_FORTUNES.iterdir()) if f.is_file() and "." not in f.name and f.name not in _FORTUNE_SKIP]
+    base = root("fortunes")
+    if not base.is_dir():
+        return []
+    return [f for f in sorted(base.iterdir()) if f.is_file() and "." not in f.name and f.name not in _FORTUNE_SKIP]
 
 
 @corpus("fortunes", "fortunes", "BSD-3-Clause (fortune-mod; quotations belong to their authors)",
@@ -262,7 +288,8 @@ def _fortunes(files: list[Path]) -> str:
 
 
 def _wordnet_files() -> list[Path]:
-    return [_WORDNET / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv") if (_WORDNET / f"data.{pos}").exists()]
+    base = root("wordnet")
+    return [base / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv") if (base / f"data.{pos}").exists()]
 
 
 @corpus("wordnet", "wordnet-base", "WordNet 3.0 license (BSD-like, Princeton University)",
@@ -304,10 +331,12 @@ def _calib_mix() -> str:
 # ---------------------------------------------------------------------------- loading
 
 
-def _missing(c: Corpus) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"corpus {c.name!r} needs the Debian package {c.package}: run `sudo apt-get install {c.package}` "
-        f"(or `bash scripts/install-text.sh` for all of them)")
+def _missing(c: Corpus) -> MissingInputError:
+    where = " or ".join(ROOTS.get(c.name, ()))
+    return MissingInputError(
+        f"corpus {c.name!r} is not on this machine (looked in {where}): on Debian or Ubuntu install the package "
+        f"with `sudo apt-get install {c.package}` (or `bash scripts/install-text.sh` for every corpus); "
+        "elsewhere give a UTF-8 text file or a Hugging Face dataset (hf:NAME[:CONFIG][:SPLIT]) as the text instead")
 
 
 def _content_key(name: str, files: list[Path]) -> str:

@@ -4,7 +4,9 @@ Perplexities measured under different protocols are not comparable, so every num
 prints carries the :class:`Protocol` that produced it. Ours: each text is tokenized without
 special tokens into ``n = tokens / (ctx * len(texts))`` windows of ``ctx`` tokens, spread over
 the whole text (window j starts at the first paragraph at or after character j/n) so that a
-book's front matter does not stand for the book; windows never overlap, no BOS is added;
+book's front matter does not stand for the book; a text with too few paragraph breaks for its
+windows (a user's file written one paragraph per line, or none) is cut at line starts instead,
+then at word starts, and the protocol names the boundary used; windows never overlap, no BOS is added;
 inside a window every token but the first is scored (predicted from the tokens before it in
 the same window), so ``n_windows * (ctx - 1)`` tokens are scored in all.
 """
@@ -70,11 +72,15 @@ def text_spec(text) -> tuple[str, str]:
     return str(text), load_text(str(text))
 
 
-def _spread_windows(tok, text: str, n: int, ctx: int) -> list[Tensor]:
-    """``n`` windows of ``ctx`` token ids, the j-th starting at the first paragraph at or after
-    character j/n of the text and tokenized from there alone (so windows never overlap).
-    Tokenizes only what it needs, not the whole corpus."""
-    starts = [0] + [m.end() for m in re.finditer(r"\n\n+", text)] + [len(text)]
+# Where a window may start, finest last: the first that gives every window room is used.
+BOUNDARIES: dict[str, str] = {"paragraph": r"\n\n+", "line": r"\n+", "word": r"\s+"}
+
+
+def _spread_windows(tok, text: str, n: int, ctx: int, boundary: str = "paragraph") -> list[Tensor]:
+    """``n`` windows of ``ctx`` token ids, the j-th starting at the first ``boundary`` (a key of
+    :data:`BOUNDARIES`) at or after character j/n of the text and tokenized from there alone (so
+    windows never overlap). Tokenizes only what it needs, not the whole corpus."""
+    starts = [0] + [m.end() for m in re.finditer(BOUNDARIES[boundary], text)] + [len(text)]
     offs = [starts[bisect.bisect_left(starts, j * len(text) // n)] if j else 0 for j in range(n)] + [len(text)]
     out = []
     for j in range(n):
@@ -105,7 +111,11 @@ def make_windows(tok, texts: list, ctx: int, tokens: int, batch_size: int) -> tu
     all_ids, domain, meta = [], [], []
     for i, t in enumerate(texts):
         name, content = text_spec(t)
-        wins = _spread_windows(tok, content, per_text, ctx) if content.strip() else []
+        wins: list[Tensor] = []
+        for boundary in BOUNDARIES if content.strip() else ():
+            wins = _spread_windows(tok, content, per_text, ctx, boundary)
+            if len(wins) == per_text:
+                break
         if len(wins) < per_text:
             total = len(tok(content, add_special_tokens=False)["input_ids"]) if len(content) < 10**6 else None
             raise InputError(f"text {name!r} is too short for {per_text} windows of ctx={ctx} tokens "
@@ -113,7 +123,8 @@ def make_windows(tok, texts: list, ctx: int, tokens: int, batch_size: int) -> tu
         n = per_text
         all_ids.append(torch.stack(wins))
         domain.append(torch.full((n,), i, dtype=torch.long))
-        meta.append({"name": name, "sha256": text_sha256(content), "windows": n})
+        meta.append({"name": name, "sha256": text_sha256(content), "windows": n,
+                     **({"boundary": boundary} if boundary != "paragraph" else {})})
     ids = torch.cat(all_ids)
     proto = Protocol(
         ctx=ctx, windows=ids.shape[0], scored_tokens=ids.shape[0] * (ctx - 1), texts=meta,
