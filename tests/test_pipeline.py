@@ -10,15 +10,22 @@ import llmpress
 from llmpress.io.folder import read_manifest
 from llmpress.pipeline import calib_ids, collect_stats, compress
 from llmpress.recipe import Recipe, Rule
-from llmpress.tensor import CompressedTensor, Stats, register
+from llmpress.errors import InputError
+from llmpress.tensor import Codec, CompressedTensor, Stats, register
 
 
-class _Round:
+class _Round(Codec):
     """Per-row 8-bit symmetric rounding; records how many tokens of Stats it saw."""
 
-    needs_stats = False
     gram = True
-    lossless = False
+
+    def check_params(self, shape, params):
+        if set(params) - {"bits"}:
+            raise InputError(f"{self.name}: unknown parameter(s) {sorted(set(params) - {'bits'})}")
+
+    def stored_shapes(self, meta):
+        out, _ = meta["shape"]
+        return {"q": (tuple(meta["shape"]), (torch.int8,)), "scale": ((out, 1), (torch.float16,))}, {}
 
     def encode(self, w, stats=None, bits=8, **_):
         qmax = 2 ** (bits - 1) - 1
@@ -97,6 +104,38 @@ def test_recipe_rules_first_match_wins(tiny_llama_dir, tmp_path):
     res = compress(tiny_llama_dir, r, tmp_path / "o", progress=False)
     assert res["layers"]["model.layers.0.mlp.down_proj"]["codec"] == "keep"
     assert res["layers"]["model.layers.0.mlp.up_proj"]["codec"] == "t-round"
+
+
+def test_every_codec_derives_from_the_base_and_checks_its_params():
+    from llmpress.tensor import codec_names, get_codec
+
+    for name in codec_names():
+        codec = get_codec(name)
+        assert isinstance(codec, Codec), name
+        codec.check_params((64, 64), {})  # its defaults are valid
+        with pytest.raises(InputError, match="unknown|must|give"):
+            codec.check_params((64, 64), {"no_such_parameter": 1})
+
+    class NotACodec:
+        pass
+
+    with pytest.raises(TypeError, match="does not derive"):
+        register("t-not-a-codec")(NotACodec)
+
+
+@pytest.mark.parametrize("method,params", [("whiten", {"ratoi": 0.5}), ("whiten+q", {"ratio": 0.5, "bitz": 4}),
+                                           ("lqer", {"rank": 4, "grup_size": 32}), ("gptq", {"bits": 4, "gruop_size": 32})])
+def test_a_misspelt_parameter_fails_before_calibration(tiny_llama_dir, tmp_path, monkeypatch, method, params):
+    """Every method's parameters are checked before any statistics are collected."""
+    import llmpress.pipeline as P
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration ran before the recipe was checked")
+
+    monkeypatch.setattr(P, "calib_ids", no_calibration)
+    with pytest.raises(InputError, match="unknown parameter"):
+        compress(tiny_llama_dir, Recipe.uniform(method, **params), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_recipes(tiny_llama_dir, tmp_path):

@@ -121,9 +121,13 @@ def _plan(model: nn.Module, recipe: Recipe, keep_all_ok: bool = False) -> _Plan:
         log.warning("not linear, left as they are: %s", ", ".join(skipped[:8]) + (" …" if len(skipped) > 8 else ""))
     refused = []
     for n, (method, params) in rules.items():
-        check = getattr(get_codec(method), "why_not_shape", None)
+        codec = get_codec(method)
         shape = tuple(sk.linear_weight(sk.get_module(model, n)).shape)
-        why = check(shape, params) if check is not None else None
+        try:
+            codec.check_params(shape, params)
+        except InputError as e:
+            raise InputError(f"{n}: {e}") from None
+        why = codec.why_not_shape(shape, params)
         if why is not None:
             refused.append(f"{n} {shape}: {why}")
     if refused:
@@ -311,7 +315,7 @@ def _compress_linear(name: str, w: torch.Tensor, plan: _Plan, stats: Stats | Non
     codec_name, params = plan.rules[name]
     codec = get_codec(codec_name)
     if stats is None and codec.needs_stats:  # an expert the router sent no calibration token
-        stats = moe.no_input_stats(name, w.shape[1], bool(getattr(codec, "gram", True)))
+        stats = moe.no_input_stats(name, w.shape[1], codec.gram)
     tt = time.perf_counter()
     ct = _encode(name, w, codec_name, params, stats)
     w_hat = codec.decode(ct)  # where w is
@@ -569,22 +573,20 @@ def _narrow_grams(stats: dict[str, Stats], plan: _Plan) -> None:
     for n, st in stats.items():
         if st.gram is None or st.gram.dtype != torch.float64:
             continue
-        if all(m in plan.rules and getattr(get_codec(plan.rules[m][0]), "gram_float32", False) for m in readers[id(st)]):
+        if all(m in plan.rules and get_codec(plan.rules[m][0]).gram_float32 for m in readers[id(st)]):
             st.gram = st.gram.to(torch.float32)
 
 
 def _prepare_block(block: nn.Module, bp: str, lin: dict[str, nn.Module], plan: _Plan, stats: dict[str, Stats],
                    config: Any = None) -> dict[str, torch.Tensor]:
-    """Let codecs with a ``prepare_block`` hook rewrite the block before its linears are encoded
+    """Let the codecs' ``prepare_block`` hooks rewrite the block before its linears are encoded
     (they may change weights, other tensors and ``stats`` in place); returns {state key: tensor}
     of the tensors outside the encoded linear weights that they changed. ``config``: the model's
     (a hook may key its knowledge of the block by ``model_type``)."""
     changed: dict[str, torch.Tensor] = {}
     for c in sorted({plan.rules[n][0] for n in lin if n in plan.rules}):
-        hook = getattr(get_codec(c), "prepare_block", None)
-        if hook is not None:
-            changed.update(hook(block, bp, {n: plan.rules[n][1] for n in lin if n in plan.rules and plan.rules[n][0] == c}, stats,
-                                config=config))
+        changed.update(get_codec(c).prepare_block(
+            block, bp, {n: plan.rules[n][1] for n in lin if n in plan.rules and plan.rules[n][0] == c}, stats, config=config))
     return changed
 
 
@@ -649,7 +651,7 @@ def _collect(block: nn.Module, lin: dict[str, nn.Module], plan: _Plan, hs: list[
     hooked = {n: m for n, m in lin.items() if n in plan.rules and get_codec(plan.rules[n][0]).needs_stats}
     if not hooked:
         return {}
-    hooks = _StatsHooks(hooked, {n: bool(getattr(get_codec(plan.rules[n][0]), "gram", True)) for n in hooked}, outputs=False)
+    hooks = _StatsHooks(hooked, {n: get_codec(plan.rules[n][0]).gram for n in hooked}, outputs=False)
     hooks.run(block, hs, kws)
     return hooks.stats
 

@@ -16,7 +16,7 @@ import torch
 from .errors import InputError
 
 # key -> (shape, the dtypes it may be stored in)
-Layout = dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]
+from .tensor import Layout  # noqa: E402  {key: (shape, allowed dtypes)}
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_DIM = 1 << 31  # no weight dimension of any model comes near
 
@@ -60,11 +60,7 @@ def nested_layout(prefix: str, inner: dict[str, Any], shape: tuple[int, int]) ->
     meta = {k: v for k, v in inner.items() if k != "codec"}
     if meta_shape(meta) != shape:
         raise InputError(f"meta {prefix}.shape={meta.get('shape')!r}: {list(shape)} expected")
-    codec = get_codec(inner["codec"])
-    layout = getattr(codec, "stored_shapes", None)
-    if layout is None:
-        raise InputError(f"meta {prefix}.codec={inner['codec']!r} cannot be nested")
-    req, opt = layout(meta)
+    req, opt = get_codec(inner["codec"]).stored_shapes(meta)
     return ({f"{prefix}.{k}": v for k, v in req.items()}, {f"{prefix}.{k}": v for k, v in opt.items()})
 
 
@@ -75,11 +71,7 @@ def check_stored(codec_name: str, meta: Mapping[str, Any], stored: Mapping[str, 
 
     if not isinstance(meta, Mapping):
         raise InputError(f"meta: an object expected, got {type(meta).__name__}")
-    codec = get_codec(codec_name)
-    layout = getattr(codec, "stored_shapes", None)
-    if layout is None:
-        return
-    req, opt = layout(meta)
+    req, opt = get_codec(codec_name).stored_shapes(meta)
     missing = sorted(set(req) - set(stored))
     unknown = sorted(set(stored) - set(req) - set(opt))
     if missing or unknown:
@@ -99,6 +91,5 @@ def check_ct(ct: Any) -> None:
     from .tensor import get_codec
 
     check_stored(ct.codec, ct.meta, {k: (tuple(v.shape), v.dtype) for k, v in ct.data.items()})
-    check_values = getattr(get_codec(ct.codec), "check_values", None)
-    if check_values is not None and not any(v.is_meta for v in ct.data.values()):
-        check_values(ct)
+    if not any(v.is_meta for v in ct.data.values()):
+        get_codec(ct.codec).check_values(ct)

@@ -1,4 +1,4 @@
-"""CompressedTensor, the Codec protocol and the codec registry.
+"""CompressedTensor, the Codec base class and the codec registry.
 
 Every method in llmpress turns one weight tensor into a :class:`CompressedTensor`:
 named tensors (``data``) plus a small ``meta`` dict, with one honest number, the bits it
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -134,17 +134,70 @@ class Stats:
         self.n += t
 
 
-@runtime_checkable
-class Codec(Protocol):
-    """A method that encodes one weight tensor and decodes it back."""
+Layout = dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]  # {key: (shape, allowed dtypes)}
 
-    name: str
-    needs_stats: bool
-    lossless: bool
 
-    def encode(self, w: Tensor, stats: Stats | None = None, **params: Any) -> CompressedTensor: ...
+class Codec:
+    """A method that encodes one weight tensor and decodes it back: the base every registered
+    codec derives from. It declares everything the runner, the loaders and the checks call, with
+    the defaults of a codec that needs none of it; a codec overrides what it provides.
 
-    def decode(self, ct: CompressedTensor) -> Tensor: ...
+    The runner reads ``needs_stats`` (collect calibration statistics for its layers), ``gram``
+    (the Gram matrix XᵀX among them) and ``gram_float32`` (it reads the Gram matrix in float32
+    only, so the runner may narrow it once the statistics pass is over), asks
+    :meth:`check_params` and :meth:`why_not_shape` of every rule before any work, and calls
+    :meth:`prepare_block` once a block's statistics are in. Loaders call :meth:`module` and
+    :meth:`state_names`; the folder checks call :meth:`stored_shapes` and :meth:`check_values`.
+    ``options`` and ``grid_defaults`` are the parameters it defaults to (recorded beside sweep
+    results, so a changed default is never mistaken for the same point)."""
+
+    name: str = ""
+    needs_stats: bool = False
+    gram: bool = False
+    gram_float32: bool = False
+    lossless: bool = False
+    options: dict[str, Any] = {}
+    grid_defaults: dict[str, Any] = {}
+
+    def check_params(self, shape: tuple[int, int], params: dict[str, Any]) -> None:
+        """Raise an InputError for a parameter this codec does not know or cannot use on an
+        (out, in) weight; called before any calibration runs."""
+        raise NotImplementedError
+
+    def why_not_shape(self, shape: tuple[int, int], params: dict[str, Any]) -> str | None:
+        """Why an (out, in) weight cannot take ``params`` (a refusal collected over all layers), or None."""
+        return None
+
+    def encode(self, w: Tensor, stats: "Stats | None" = None, **params: Any) -> "CompressedTensor":
+        raise NotImplementedError
+
+    def decode(self, ct: "CompressedTensor") -> Tensor:
+        raise NotImplementedError
+
+    def prepare_block(self, block: torch.nn.Module, prefix: str, params: dict[str, dict[str, Any]],
+                      stats: dict[str, "Stats"], config: Any = None) -> dict[str, Tensor]:
+        """Rewrite a block before its linears are encoded (AWQ folds its scales here); returns
+        {state key: tensor} of what it changed outside the encoded weights. Default: nothing."""
+        return {}
+
+    def stored_shapes(self, meta: dict[str, Any]) -> tuple[Layout, Layout]:
+        """The tensors ``meta`` implies: (required, optional) {key: (shape, dtypes)}."""
+        raise NotImplementedError
+
+    def check_values(self, ct: "CompressedTensor") -> None:
+        """Refuse stored values an index would be read with out of range. Default: none to check."""
+
+    def module(self, ct: "CompressedTensor", bias: Tensor | None) -> torch.nn.Module:
+        """The inference module of one compressed linear. Default: a dense Linear of the decoded
+        weight (a codec whose modules stay compressed in memory overrides it)."""
+        from .io.folder import dense_linear
+
+        return dense_linear(self.decode(ct), bias)
+
+    def state_names(self, ct: "CompressedTensor") -> tuple[dict[str, str], str]:
+        """Where :meth:`module` keeps each stored tensor: ({data key: state-dict name}, the bias's
+        name). Default: none (the default module holds the decoded weight, not the stored tensors)."""
+        raise InputError(f"codec {ct.codec!r} has no inference module whose tensors are the stored ones")
 
 
 _REGISTRY: dict[str, Codec] = {}
@@ -155,6 +208,8 @@ def register(name: str) -> Callable[[type[C]], type[C]]:
     """Class decorator: instantiate the codec and register it under ``name``."""
 
     def deco(cls: type[C]) -> type[C]:
+        if not issubclass(cls, Codec):
+            raise TypeError(f"codec {name!r}: {cls.__name__} does not derive from tensor.Codec")
         if name in _REGISTRY:
             raise InputError(f"codec {name!r} registered twice")
         inst = cls()

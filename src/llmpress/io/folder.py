@@ -250,22 +250,15 @@ def dense_linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def compressed_module(ct: CompressedTensor, bias: torch.Tensor | None) -> nn.Module:
-    """The inference module of one compressed linear: the codec's own (stays compressed in
-    memory) or, for codecs without one, a dense Linear of the decoded weight."""
-    codec = get_codec(ct.codec)
-    make = getattr(codec, "module", None)
-    return make(ct, bias) if make is not None else dense_linear(codec.decode(ct), bias)
+    """The inference module of one compressed linear: the codec's own (stays compressed in memory)."""
+    return get_codec(ct.codec).module(ct, bias)
 
 
 def module_state_names(ct: CompressedTensor) -> tuple[dict[str, str], str]:
     """Where ``compressed_module(ct, bias)`` keeps each stored tensor: ({data key: state-dict name
     inside the module}, the bias's name). A loader that fills modules by name (transformers'
     ``from_pretrained``) and a writer that reads them back (``save_pretrained``) both need it."""
-    codec = get_codec(ct.codec)
-    names = getattr(codec, "state_names", None)
-    if names is None or getattr(codec, "module", None) is None:
-        raise InputError(f"codec {ct.codec!r} has no inference module whose tensors are the stored ones")
-    return names(ct)
+    return get_codec(ct.codec).state_names(ct)
 
 
 @register_loader("llmpress-folder", is_folder)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmpress.tensor import CompressedTensor, Stats
+from llmpress.tensor import Codec, CompressedTensor, Stats
 
 from ..errors import DivergedError, InputError
 from ..stored import FLOATS, Layout, check_ct, meta_int, meta_shape
@@ -59,7 +59,7 @@ class RightTransform:
         return b / self.r
 
 
-class LowRankCodec:
+class LowRankCodec(Codec):
     """Base of ``svd``, ``rsvd``, ``whiten``, ``asvd``: subclasses give ``transform``.
 
     Params (from a recipe rule): at most one of ``rank`` (int), ``ratio`` (fraction of the layer's
@@ -71,9 +71,6 @@ class LowRankCodec:
     """
 
     name = "lowrank"
-    needs_stats = False
-    gram = False
-    lossless = False
     solver = "exact"
     compute_dtype = torch.float32
     extra: dict[str, Any] = {}
@@ -106,6 +103,9 @@ class LowRankCodec:
         for k, v in self.extra.items():
             p.setdefault(k, v)
         return p
+
+    def check_params(self, shape: tuple[int, int], params: dict[str, Any]) -> None:
+        self.parse(*shape, dict(params))
 
     # -- the codec verbs ------------------------------------------------------------------
     def encode(self, w: Tensor, stats: Stats | None = None, **params: Any) -> CompressedTensor:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmpress.tensor import CompressedTensor, Stats, get_codec, register
+from llmpress.tensor import Codec, CompressedTensor, Stats, get_codec, register
 
 from ..errors import InputError
 from ..stored import FLOATS, Layout, check_ct, meta_dict, meta_int, meta_shape, nested_layout
@@ -68,7 +68,7 @@ def nested_names(prefix: str, ct: CompressedTensor, at: str) -> tuple[dict[str, 
 
 def _quant(name: str, owner: str) -> Any:
     codec = get_codec(name)
-    if getattr(codec, "lossless", False) or isinstance(codec, (LowRankCodec, FactorThenQuant, LQER)):
+    if codec.lossless or isinstance(codec, (LowRankCodec, FactorThenQuant, LQER)):
         raise InputError(f"{owner}: quant must name a quantization codec; got {name!r}")
     return codec
 
@@ -90,22 +90,28 @@ def refit_left(w: Tensor, v_hat: Tensor, gram: Tensor, damp: float = 1e-6) -> Te
     return torch.linalg.solve(a, b.T).T  # a symmetric: U = b a⁻¹
 
 
-class FactorThenQuant:
+class FactorThenQuant(Codec):
     """``<base>+q``: a low-rank codec's factors, each quantized by a quant codec."""
 
-    needs_stats = False
-    gram = False
-    lossless = False
     base = "svd"
 
-    def encode(self, w: Tensor, stats: Stats | None = None, **params: Any) -> CompressedTensor:
+    def _split(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str, Codec]:
+        """(the base's params, the quant codec's, its name, the quant codec)."""
         lr = {k: v for k, v in params.items() if k in LOWRANK_KEYS}
         qp = {k: v for k, v in params.items() if k not in LOWRANK_KEYS and k != "quant"}
         qname = params.get("quant", "rtn")
-        quant = _quant(qname, self.name)
+        return lr, qp, qname, _quant(qname, self.name)
+
+    def check_params(self, shape: tuple[int, int], params: dict[str, Any]) -> None:
+        lr, qp, _, quant = self._split(params)
+        get_codec(self.base).check_params(shape, lr)
+        quant.check_params(shape, qp)
+
+    def encode(self, w: Tensor, stats: Stats | None = None, **params: Any) -> CompressedTensor:
+        lr, qp, qname, quant = self._split(params)
         if quant.needs_stats and stats is None:
             raise InputError(f"{self.name}: quant codec {qname!r} needs calibration statistics; use whiten+q")
-        if getattr(quant, "gram", False) and (stats is None or stats.gram is None):
+        if quant.gram and (stats is None or stats.gram is None):
             raise InputError(f"{self.name}: quant codec {qname!r} needs the Gram matrix; use whiten+q")
         base = get_codec(self.base)
         lct = base.encode(w, stats, **lr, factor_dtype="float32")
@@ -195,30 +201,39 @@ class CorrectedLinear(nn.Module):
 
 
 @register("lqer")
-class LQER:
+class LQER(Codec):
     """Quantize (default ``gptq``), then add a whitened low-rank correction of the error."""
 
     needs_stats = True
     gram = True
-    lossless = False
 
-    def encode(self, w: Tensor, stats: Stats | None = None, **params: Any) -> CompressedTensor:
+    @staticmethod
+    def _parse(shape: tuple[int, int], params: dict[str, Any]) -> tuple[Codec, dict[str, Any], int, str, float]:
+        """(the quant codec, its params, the correction's rank, factor dtype name, damp), checked."""
         p = dict(params)
-        qname = p.pop("quant", "gptq")
+        quant = _quant(p.pop("quant", "gptq"), "lqer")
         rank, ratio = p.pop("rank", None), p.pop("ratio", None)
         fdt_name = p.pop("factor_dtype", "float16")
         damp = float(p.pop("damp", 1e-4))
-        quant = _quant(qname, "lqer")
-        if stats is None or stats.gram is None:
-            raise InputError("lqer needs calibration statistics with a Gram matrix (run it through the pipeline)")
         if fdt_name not in FACTOR_DTYPES:
             raise InputError(f"lqer: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}; got {fdt_name!r}")
-        m, n = w.shape
+        m, n = shape
         if rank is not None and ratio is not None:
             raise InputError("lqer: give one of rank, ratio")
         k = rank_for_ratio(m, n, ratio) if ratio is not None else (16 if rank is None else rank)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
             raise InputError(f"lqer: rank {k!r} must be an integer in 1..min(m, n) = {min(m, n)} for a ({m}, {n}) weight")
+        quant.check_params(shape, p)
+        return quant, p, k, fdt_name, damp
+
+    def check_params(self, shape: tuple[int, int], params: dict[str, Any]) -> None:
+        self._parse(shape, params)
+
+    def encode(self, w: Tensor, stats: Stats | None = None, **params: Any) -> CompressedTensor:
+        quant, p, k, fdt_name, damp = self._parse(tuple(w.shape), params)
+        if stats is None or stats.gram is None:
+            raise InputError("lqer needs calibration statistics with a Gram matrix (run it through the pipeline)")
+        m, n = w.shape
         qct = quant.encode(w, stats, **p)
         e = w.double() - quant.decode(qct).double()  # (m, n) quantization error
         t = whitening(stats.gram, stats.n, damp)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..stored import Layout, check_ct, meta_choice, meta_int, meta_shape
-from ..tensor import CompressedTensor, Stats
+from ..tensor import Codec, CompressedTensor, Stats
 from . import grids
 from .grids import GridSpec
 from .pack import PACKERS, pack, packed_bytes, unpack
@@ -89,7 +89,7 @@ def check_weight(w: Tensor, name: str | None = None) -> Tensor:
     return w.to(torch.float32)
 
 
-class QuantCodec:
+class QuantCodec(Codec):
     """Base of the quantization codecs: parse params, check the weight, quantize, store.
 
     Subclasses set ``options`` (their own params with defaults), may set ``grid_defaults``
@@ -97,13 +97,6 @@ class QuantCodec:
     a ``grid`` or ``sym`` given by the user replaces the default grid) and implement
     :meth:`quantize`; decode and the inference module are shared.
     """
-
-    name = ""
-    needs_stats = False
-    gram = False
-    lossless = False
-    options: dict[str, Any] = {}
-    grid_defaults: dict[str, Any] = {}
 
     def parse(self, params: dict[str, Any]) -> tuple[GridSpec, dict[str, Any], str | None]:
         defaults = dict(self.grid_defaults)
@@ -117,6 +110,9 @@ class QuantCodec:
             known = sorted({*GridSpec.__dataclass_fields__, *self.options})
             raise InputError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return spec, {**self.options, **rest}, tname
+
+    def check_params(self, shape: tuple[int, int], params: dict[str, Any]) -> None:
+        self.parse(dict(params))
 
     def why_not_shape(self, shape: tuple[int, int], params: dict[str, Any]) -> str | None:
         """Why an (out, in) weight cannot be quantized with ``params`` (e.g. a K-quant grid on rows

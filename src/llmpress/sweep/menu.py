@@ -129,7 +129,6 @@ def options_for(menu: str, shape: tuple[int, int], method: str | None = None) ->
     check_menu(menu, method)
     out = []
     for o in MENUS[menu](shape, method):
-        why = getattr(get_codec(o.method), "why_not_shape", None)
-        if why is None or why(shape, o.params) is None:
+        if get_codec(o.method).why_not_shape(shape, o.params) is None:
             out.append(o)
     return out

@@ -44,7 +44,7 @@ def method_defaults(recipe: dict[str, Any] | None) -> dict[str, Any]:
         m = rule.get("method")
         if m and m not in out and m in codec_names():
             c = get_codec(m)
-            out[m] = {**getattr(c, "options", {}), **getattr(c, "grid_defaults", {})}
+            out[m] = {**c.options, **c.grid_defaults}
     return out
 
 
