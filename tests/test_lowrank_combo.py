@@ -7,8 +7,6 @@ import torch.nn.functional as F
 
 from llmpress.tensor import CompressedTensor, Stats, get_codec
 
-pytest.importorskip("llmpress.quant.rtn", reason="the quantization codecs are not in this tree")
-
 
 def _setup(m=96, n=64, t=600, seed=0):
     g = torch.Generator().manual_seed(seed)
