@@ -43,6 +43,9 @@ def test_model_against_itself_is_exactly_zero(tiny_llama_dir, tmp_path, monkeypa
     assert p["ctx"] == CTX and p["windows"] == 8 and p["scored_tokens"] == 8 * (CTX - 1)
     assert [t["name"] for t in p["texts"]] == ["debian-handbook", "linux-doc"] and all(len(t["sha256"]) == 64 for t in p["texts"])
     assert set(r["texts"]) == {"debian-handbook", "linux-doc"}
+    assert r["protocol_label"].startswith(f"debian-handbook+linux-doc 8×{CTX} #")
+    assert evaluate(str(tiny_llama_dir), ctx=CTX, tokens=TOKENS)["protocol_label"] == r["protocol_label"]  # no reference: same protocol
+    assert evaluate(str(tiny_llama_dir), ctx=CTX, tokens=2 * TOKENS)["protocol_label"] != r["protocol_label"]
     assert r["bpw"] == 32.0 and r["ratio"] == 1.0 and r["peak_rss_bytes"] > 0 and r["tokens_per_s"] > 0
     # the reference was cached; a second run reuses it and is still exact
     assert len(list((tmp_path / "reference").glob("*.safetensors"))) == 1

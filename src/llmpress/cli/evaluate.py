@@ -36,7 +36,8 @@ def _fmt(fmt: str, v: Any) -> str:
 
 
 def _show(r: dict[str, Any]) -> None:
-    t = Table(title=f"llmpress eval · {r['model']}")
+    label = f" · protocol {r['protocol_label']}" if r.get("protocol_label") else ""
+    t = Table(title=f"llmpress eval · {r['model']}{label}")
     t.add_column("metric", style="bold")
     t.add_column("model", justify="right")
     has_ref = r.get("reference") is not None

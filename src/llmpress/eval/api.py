@@ -188,6 +188,7 @@ def _causal(m: _Model, r: _Model | None, texts: list, ctx: int, tokens: int, bat
                           describe=lambda mod: {k2: v for k2, v in cost_of(mod, r.path).items() if k2 != "bytes_in"})
     r.release()  # the original leaves memory before the model runs: peak RSS is the model's own
     out = ref.compare(m.module(), tokenizer_sha256(m.tokenizer))
+    out["protocol_label"] = ref.protocol.label()
     out["protocol"] = {**ref.protocol.to_dict(), "kl": (f"KL(reference‖model) per scored token: exact over the reference's top-{k} "
                                                         f"tokens + the rest estimated from {ref.tail_idx.shape[1]} draws of the "
                                                         "reference's tail (unbiased; exactly 0 for the reference itself)")}

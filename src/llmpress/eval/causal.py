@@ -339,7 +339,8 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: list, *, ctx: int = 512
         dom = domain.repeat_interleave(ctx - 1)
         out["texts"] = {t["name"]: {"ppl": math.exp(float(nll[dom == i].mean())), "ln_ppl_se": _window_se(nll[dom == i], ctx - 1)}
                         for i, t in enumerate(proto.texts)}
-    out.update(seconds=secs, tokens_per_s=ids.numel() / secs, peak_rss_bytes=meter.peak, protocol=proto.to_dict())
+    out.update(seconds=secs, tokens_per_s=ids.numel() / secs, peak_rss_bytes=meter.peak, protocol=proto.to_dict(),
+               protocol_label=proto.label())
     return out
 
 

@@ -18,6 +18,7 @@ import json
 import re
 import weakref
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -49,6 +50,13 @@ class Protocol:
         d = self.to_dict()
         d.pop("threads")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        """The protocol in one short string, printed beside every PPL and KL: the texts, windows ×
+        ctx, and a hash of everything that decides the figures (texts' contents, tokenizer,
+        scoring). Two figures are comparable only when their labels are equal."""
+        names = "+".join(Path(t["name"]).name for t in self.texts)
+        return f"{names} {self.windows}×{self.ctx} #{self.key()[:8]}"
 
 
 _TOK_SHA: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
