@@ -137,7 +137,7 @@ def _contiguous(*arrays) -> None:
 
     for a in arrays:
         if getattr(a, "layout", "C") != "C":
-            raise TypingError(f"rans32s: arrays must be C-contiguous, got {a}")
+            raise TypingError(f"rans32: arrays must be C-contiguous, got {a}")
 
 
 def _vptr(builder, p, off, vt):
