@@ -87,9 +87,10 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
             for _, s in pk.tensors():
                 st = s.get("stats", {})
                 hist = st.get("exp_hist")
-                if hist is not None and "exp_lo" in st:  # v4: the histogram's nonzero span only
+                if hist is not None:  # stored: the histogram's nonzero span, from exp_lo
                     full = [0] * (1 << layout(s["dtype"]).E)
-                    full[st["exp_lo"] : st["exp_lo"] + len(hist)] = hist
+                    lo = int(st.get("exp_lo", 0))
+                    full[lo : lo + len(hist)] = hist
                     hist = full
                 rows[s["name"]] = tensor_row(s["dtype"], s["shape"], s["length"], st.get("bound_bits", 0.0), hist)
                 packed[s["name"]] = sum(c[1] for c in s["chunks"])
