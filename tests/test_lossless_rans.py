@@ -229,6 +229,24 @@ def test_format1_test_vector_reads_bit_for_bit():
         assert torch.equal(open_tensor(FIXTURE, name).view(torch.uint8), t.view(torch.uint8)), name
 
 
+def test_the_writer_still_writes_the_test_vectors_streams(tmp_path):
+    """Format 1 is frozen: packing the test vector's tensors again gives the same chunk payloads
+    for every float tensor (our own coders' bytes; zstd's and the safetensors header's bytes
+    may move with those libraries' versions, so they are left out)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(fixture_tensors(), str(src / "model.safetensors"), metadata={"format": "pt"})
+    pack(src, tmp_path / "again.llmp", threads=1)
+
+    def payloads(path: Path) -> dict[str, list[bytes]]:
+        with Packed(path) as p:
+            return {s["name"]: [bytes(p._read(o, ln)) for o, ln, _, _ in s["chunks"]]
+                    for _, s in p.tensors() if s["dtype"] in ("BF16", "F16", "F32")}
+
+    old, new = payloads(FIXTURE), payloads(tmp_path / "again.llmp")
+    assert sorted(old) == ["f", "g", "h", "small", "w"] and old == new
+
+
 @pytest.mark.parametrize("version", [1, 2, 3, 4, 6, 99])
 def test_other_container_versions_are_refused(tmp_path, version):
     """Versions 1-4 (before format 1 was frozen) are no longer read; a newer one is not either:

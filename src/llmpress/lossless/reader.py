@@ -133,6 +133,8 @@ class Packed:
     def _check_index(self) -> None:
         """Refuse a lying index: chunks outside the payload area, sizes that do not add up."""
         try:
+            if self.index["format"] != "llmpress.lossless" or self.index["version"] != VERSION:
+                raise CorruptError(f"{self.path}: the index is not a version {VERSION} llmpress index")
             for f in self.index["files"]:
                 pos = 0
                 if not isinstance(f["path"], str) or f["path"].startswith("/") or ".." in f["path"].split("/"):
