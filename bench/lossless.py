@@ -142,8 +142,8 @@ def kernel_only(reps: int) -> None:
     import numpy as np
 
     from llmpress.lossless import kernels as K
+    from llmpress.lossless import freq_model as FM
     from llmpress.lossless import rans32 as R32
-    from llmpress.lossless import rans32s as R32S
     from llmpress.lossless.chunk import encode_chunk
     from llmpress.lossless.container import _chunks_of
     from llmpress.lossless.entropy import BY_ID, decode_stream
@@ -168,16 +168,15 @@ def kernel_only(reps: int) -> None:
                 bid, plen = struct.unpack_from("<BI", c, 1)
                 heads.append((bid, c[6 : 6 + plen], ln // (4 if seg.dtype == "F32" else 2)))
         n = sum(h[2] for h in heads)
-        prep = []  # (kernel, words, n, decode tables..., pb, out): 32-lane (ids 7, 5) or four-lane streams
+        prep = []  # (kernel, words, n, decode tables..., pb, out): 32-lane (rans) or four-lane (rans4) streams
         for bid, pl, m in heads:
             b = np.frombuffer(pl, np.uint8)
             f = np.zeros(1024, np.int64)
-            pb, used = BY_ID[bid].read_model(b, 1024, f)
+            pb, used = FM.read_model(b, 1024, f)
             if pb <= 0:
                 continue
-            wide = {"rans": R32S, "rans_v4": R32}.get(BY_ID[bid].name)
-            if wide is not None:
-                prep.append((wide.decode, b[used:], m, *K.decode_table(f, pb), pb, np.empty(m, np.uint16)))
+            if BY_ID[bid].name == "rans":
+                prep.append((R32.decode, b[used:], m, *K.decode_table(f, pb), pb, np.empty(m, np.uint16)))
             else:
                 prep.append((K.rans_decode, b[used:].view("<u2"), m, *K.decode_table(f, pb), pb, np.empty(m, np.uint16)))
         t_k = best(lambda: [k(w, m, ds, di, pb, o) for k, w, m, ds, di, pb, o in prep])
@@ -188,7 +187,7 @@ def kernel_only(reps: int) -> None:
 
 def stages(reps: int) -> None:
     """One thread, per stage, on every BF16 chunk of MiniLM (256 Ki words each): the encode and
-    decode kernels of the head (32-lane vector and scalar, four-lane v3), the tail, the merge
+    decode kernels of the head (32-lane vector and scalar, four-lane rans4), the tail, the merge
     and the checksums. Prints ms and ns a word."""
     import hashlib
     import zlib
@@ -197,11 +196,10 @@ def stages(reps: int) -> None:
     import xxhash
 
     from llmpress.lossless import kernels as K
-    from llmpress.lossless import rans32 as R
-    from llmpress.lossless import rans32s as S
+    from llmpress.lossless import rans32 as S
     from llmpress.lossless.container import _chunks_of
     from llmpress.lossless.entropy import RANS_PB
-    from llmpress.lossless.planes import layout
+    from llmpress.lossless.fields import layout
     from llmpress.lossless.segments import plan_file
 
     path = inputs()["BF16"]
@@ -231,30 +229,26 @@ def stages(reps: int) -> None:
             prep.append((head, K.normalize_freqs(h, pb), pb, tail, h))
     n = sum(len(p[0]) for p in prep)
     es = [S.encode(s, f, pb) for s, f, pb, *_ in prep]
-    e32 = [R.encode(s, f, pb) for s, f, pb, *_ in prep]
     e4 = [K.rans_encode(s, f, pb) for s, f, pb, *_ in prep]
-    t32 = [R.decode_table(f, pb) for _, f, pb, *_ in prep]
-    t4 = [K.decode_table(f, pb) for _, f, pb, *_ in prep]
+    t32 = [K.decode_table(f, pb) for _, f, pb, *_ in prep]
     outs = [np.empty(len(p[0]), np.uint16) for p in prep]
     packed = [K.pack_bits(p[3], 6) for p in prep]
     tails = [np.empty(len(p[0]), np.uint8) for p in prep]
     rows = {
         "enc: split fields + histograms": lambda: each(lay.split_hist, chunks),
         "enc: normalize frequencies": lambda: [K.normalize_freqs(h, pb) for _, _, pb, _, h in prep],
-        "enc: head rANS shared stream (v5)": lambda: [S.encode(s, f, pb) for s, f, pb, *_ in prep],
-        "enc: head rANS shared, portable": lambda: [S.encode_portable(s, f, pb) for s, f, pb, *_ in prep],
-        "enc: head rANS 32 streams (v4)": lambda: [R.encode(s, f, pb) for s, f, pb, *_ in prep],
-        "enc: head rANS 4 lanes (v3)": lambda: [K.rans_encode(s, f, pb) for s, f, pb, *_ in prep],
+        "enc: head rANS 32 lanes (rans)": lambda: [S.encode(s, f, pb) for s, f, pb, *_ in prep],
+        "enc: head rANS 32 lanes, portable": lambda: [S.encode_portable(s, f, pb) for s, f, pb, *_ in prep],
+        "enc: head rANS 4 lanes (rans4)": lambda: [K.rans_encode(s, f, pb) for s, f, pb, *_ in prep],
         "enc: tail bit-pack (6 bits)": lambda: [K.pack_bits(p[3], 6) for p in prep],
-        "dec: decode tables": lambda: [R.decode_table(f, pb) for _, f, pb, *_ in prep],
-        "dec: head rANS shared stream (v5)": lambda: [S.decode(b, len(o), ds, di, p[2], o) for b, (ds, di), p, o in zip(es, t32, prep, outs)],
-        "dec: head rANS shared, portable": lambda: [S.decode_portable(b, len(o), ds, di, p[2], o) for b, (ds, di), p, o in zip(es, t32, prep, outs)],
-        "dec: head rANS 32 streams (v4)": lambda: [R.decode(b, len(o), ds, di, p[2], o) for b, (ds, di), p, o in zip(e32, t32, prep, outs)],
-        "dec: head rANS 4 lanes (v3)": lambda: [K.rans_decode(w, len(o), ds, di, p[2], o) for w, (ds, di), p, o in zip(e4, t4, prep, outs)],
+        "dec: decode tables": lambda: [K.decode_table(f, pb) for _, f, pb, *_ in prep],
+        "dec: head rANS 32 lanes (rans)": lambda: [S.decode(b, len(o), ds, di, p[2], o) for b, (ds, di), p, o in zip(es, t32, prep, outs)],
+        "dec: head rANS 32 lanes, portable": lambda: [S.decode_portable(b, len(o), ds, di, p[2], o) for b, (ds, di), p, o in zip(es, t32, prep, outs)],
+        "dec: head rANS 4 lanes (rans4)": lambda: [K.rans_decode(w, len(o), ds, di, p[2], o) for w, (ds, di), p, o in zip(e4, t32, prep, outs)],
         "dec: tail unpack (6 bits)": lambda: [K.unpack_bits(b, 6, t) for b, t in zip(packed, tails)],
         "dec: merge head and tail": lambda: each(lambda ot: lay.merge(list(ot), len(ot[0])), zip(outs, tails)),
-        "chunk crc32 (v3)": lambda: [zlib.crc32(c) for c in chunks],
-        "chunk xxh3-64 (v4)": lambda: [xxhash.xxh3_64_intdigest(c) for c in chunks],
+        "chunk crc32 (zlib, for comparison)": lambda: [zlib.crc32(c) for c in chunks],
+        "chunk xxh3-64 (stored)": lambda: [xxhash.xxh3_64_intdigest(c) for c in chunks],
         "file sha256": lambda: hashlib.sha256(data).digest(),
     }
     print(f"BF16 MiniLM, {len(chunks)} chunks, {n} head symbols, one thread (best of {reps})")

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from llmpress.lossless.chunk import decode_chunk, encode_chunk
 from llmpress.lossless.container import load_packed, open_tensor, pack, unpack, verify
 from llmpress.lossless.entropy import pack_bits, unpack_bits
-from llmpress.lossless.planes import LAYOUTS
+from llmpress.lossless.fields import LAYOUTS
 from llmpress.lossless.reader import CorruptError, Packed
 from llmpress.lossless.segments import HeaderError
 

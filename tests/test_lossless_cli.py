@@ -60,3 +60,19 @@ def test_cli_round_trip_and_errors(tmp_path):
     (tmp_path / "junk.llmp").write_bytes(b"hello world" * 9)
     r = runner.invoke(app, ["unpack", str(tmp_path / "junk.llmp"), "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "not an llmpress container" in r.output
+
+
+def test_cli_refuses_a_retired_container_version(tmp_path):
+    """A pre-format-1 file (container version 3 here) gets one clear line and exit code 2."""
+    import struct
+    from pathlib import Path
+
+    data = bytearray((Path(__file__).parent / "data" / "lossless_v5.llmp").read_bytes())
+    data[8:12] = struct.pack("<I", 3)
+    old = tmp_path / "old.llmp"
+    old.write_bytes(bytes(data))
+    for cmd in (["verify", str(old)], ["unpack", str(old), "-o", str(tmp_path / "out")]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2, r.output
+        assert "container version 3 is no longer read" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()

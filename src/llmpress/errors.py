@@ -11,6 +11,7 @@ command-line flag (the CLI adds its own wording, see ``cli/app.py``)::
     ├── InputError (ValueError)        exit 2  bad input: an argument, a text, a recipe
     │   ├── CorruptFileError           exit 2  a file that fails its own checks (truncated, lying)
     │   ├── UnsupportedModelError      exit 2  a model llmpress cannot handle
+    │   ├── UnsupportedFormatError     exit 2  a file format version this llmpress does not read
     │   └── NotFoundError (KeyError)   exit 2  a name (tensor, task, method) that is not there
     ├── MissingInputError (FileNotFoundError)  exit 2
     ├── OutputExistsError (FileExistsError)    exit 2
@@ -38,6 +39,10 @@ class CorruptFileError(InputError):
 
 class UnsupportedModelError(InputError):
     """A model (architecture, layer type, dtype) that llmpress cannot handle."""
+
+
+class UnsupportedFormatError(InputError):
+    """A file in a format version this llmpress does not read (retired, or newer than it)."""
 
 
 class NotFoundError(InputError, KeyError):

@@ -5,7 +5,7 @@ For a float tensor of n words of b bits with an E-bit exponent:
 - **order-0 exponent bound**: n·(H0(exponent) + b − E) bits — the exponent coded at its
   per-tensor order-0 entropy, sign and mantissa stored. This is what an exponent-only coder
   such as ZipNN aims at.
-- **chunk-adaptive bound**: Σ over ≈512 KiB chunks and over the fields of planes.py of
+- **chunk-adaptive bound**: Σ over ≈512 KiB chunks and over the fields of fields.py of
   min(n_c·H0_c(field), n_c·width) — the size an ideal coder with a fresh static model per chunk
   and field reaches (model cost not counted). ``pack --policy ans`` targets this one, so
   ``info`` on a ``.llmp`` file shows how close it came.
@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .entropy import entropy_bits
-from .planes import FloatLayout, layout
+from .fields import FloatLayout, layout
 from .reader import CHUNK_BYTES, Packed
 from .segments import chunks_of, plan_file
 
@@ -87,9 +87,10 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
             for _, s in pk.tensors():
                 st = s.get("stats", {})
                 hist = st.get("exp_hist")
-                if hist is not None and "exp_lo" in st:  # v4: the histogram's nonzero span only
+                if hist is not None:  # stored: the histogram's nonzero span, from exp_lo
                     full = [0] * (1 << layout(s["dtype"]).E)
-                    full[st["exp_lo"] : st["exp_lo"] + len(hist)] = hist
+                    lo = int(st.get("exp_lo", 0))
+                    full[lo : lo + len(hist)] = hist
                     hist = full
                 rows[s["name"]] = tensor_row(s["dtype"], s["shape"], s["length"], st.get("bound_bits", 0.0), hist)
                 packed[s["name"]] = sum(c[1] for c in s["chunks"])

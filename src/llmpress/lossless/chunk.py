@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InputError
 from .chunk_kernel import decode_fields
 from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
-from .planes import FloatLayout, layout
+from .fields import FloatLayout, layout
 
 # policy name -> entropy backends tried on (head, tail, bytes) streams, besides raw
 POLICIES: dict[str, dict[str, tuple[str, ...]]] = {

@@ -8,8 +8,8 @@ and the caller merges them with the layout's compiled merge (a second call: a me
 would make this a closure over the layout's kernel, which numba's cache cannot key, so every
 process would compile it again).
 
-Handled: the backends a float chunk is written with (``raw`` up to 8 bits, ``rans`` (rans32s),
-``rans_v4`` (rans32), ``rans_v3`` (the four-lane coder), ``split`` of those). Anything else, and
+Handled: the backends a float chunk is written with (``raw`` up to 8 bits, ``rans`` (rans32.py),
+``rans4`` (the four-lane coder of kernels.py), ``split`` of those). Anything else, and
 any stream that does not decode, returns a nonzero code: the caller then takes the generic
 path, which decodes what this does not and raises the error that names the problem.
 """
@@ -20,10 +20,9 @@ from numba import njit
 
 from . import kernels as K
 from . import rans32 as R32
-from . import rans32s as R32S
-from .model import read_model_or_fill
+from .freq_model import read_model_or_fill
 
-RAW, RANS_V3, RANS_V4, SPLIT, RANS = 0, 4, 5, 6, 7  # backend ids (entropy.py; checked in tests)
+RAW, RANS4, SPLIT, RANS = 0, 4, 6, 7  # backend ids (entropy.py; checked in tests)
 OTHER = 1  # a backend this module leaves to the generic path
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
@@ -35,7 +34,7 @@ def _u32(buf, o):
 
 
 @njit(**_JIT)
-def _rans_v3(p, A, dst):
+def _rans4(p, A, dst):
     f = np.zeros(A, np.int64)
     pb, used = read_model_or_fill(p, A, f, dst)
     if pb <= 0:
@@ -59,14 +58,12 @@ def _stream(bid, p, width, dst):  # p: (m,) uint8 payload; dst: (n,) -> 0, OTHER
         else:
             K.unpack_bits(p, width, dst)
         return 0
-    if n == 0 and p.shape[0] == 0 and (bid == RANS or bid == RANS_V4 or bid == RANS_V3):
+    if n == 0 and p.shape[0] == 0 and (bid == RANS or bid == RANS4):
         return 0
     if bid == RANS:
-        return R32S.decode_stream(p, 1 << width, dst)
-    if bid == RANS_V4:
         return R32.decode_stream(p, 1 << width, dst)
-    if bid == RANS_V3:
-        return _rans_v3(p, 1 << width, dst)
+    if bid == RANS4:
+        return _rans4(p, 1 << width, dst)
     return OTHER
 
 

@@ -1,6 +1,6 @@
 """The lossless verbs: ``pack``, ``unpack``, ``verify``, ``open_tensor`` and the ``.llmp`` loader.
 
-The container format is described in reader.py. Packing and unpacking stream chunk by chunk
+The container format is specified in docs/FORMAT.md (summary in reader.py). Packing and unpacking stream chunk by chunk
 through a thread pool with a bounded queue, so peak memory is a few chunks per thread plus,
 for ``load`` and ``open_tensor``, the tensors being returned.
 """
@@ -341,7 +341,7 @@ def unpack(
 def verify(packed: str | os.PathLike, *, threads: int | None = None,
            progress: Callable[[int], None] | None = None, sha256: bool = True) -> dict[str, Any]:
     """Decode everything in memory, chunk by chunk, and check every checksum (each chunk's
-    xxh3-64, crc32 before v4; with ``sha256`` also each file's sha256, a serial pass); raises CorruptError."""
+    xxh3-64; with ``sha256`` also each file's sha256, a serial pass); raises CorruptError."""
     t0 = time.perf_counter()
     with Packed(packed) as p, _pool(threads) as ex:
         for f in p.index["files"]:

@@ -2,23 +2,25 @@
 
 Each backend turns ``sym`` ((n,) uint8/uint16, values < 2**width) into bytes and back. The
 chunk coder tries the candidates a policy names and keeps the smallest payload, so "coded or
-stored raw, whichever is smaller" holds per stream. Backends, by id (stored in the file):
+stored raw, whichever is smaller" holds per stream. Backends, by id (stored in the file; their
+bytes are specified in docs/FORMAT.md):
 
 - ``raw`` (0): bit-packed, ``width`` bits a symbol, no model.
 - ``ans`` (1): rANS (constriction's ``stack.AnsCoder``) with a static categorical model built
   from this chunk's histogram (present symbols and counts scaled to 16 bits, stored with the
-  stream). Kept as a measured alternative and to read v1 files; it holds the GIL.
+  stream): the ``ans`` policy, kept as a measured alternative; it holds the GIL.
 - ``zstd`` (2): zstandard; on a stream without repeats this is zstd's Huffman literal stage
   (the "entropy stage" ZipNN uses); with repeats its LZ stage helps too.
-- ``rans`` (7, the default since container v5): our 32-lane rANS with one shared word stream
-  (rans32s.py, coded and decoded eight lanes a vector), 12/13-bit static model from this
-  chunk's histogram, stored in ~1.2 bytes a present symbol (model.py); compiled with numba,
-  GIL released. Streams shorter than ``WIDE_MIN`` go to ``rans_v3`` (4): the four-lane coder
-  of kernels.py with the same model bytes (container v3; 32 lanes' states would cost ~130
-  bytes more). Read for older files: ``rans_v4`` (5), the 32-lane coder with a word stream
-  per lane (rans32.py); ``rans_v2`` (3), the four-lane coder with the v2 varint model bytes.
+- ``rans`` (7, the default): our 32-lane rANS with one shared word stream (rans32.py, coded and
+  decoded eight lanes a vector), 12/13-bit static model from this chunk's histogram, stored in
+  ~1.2 bytes a present symbol (freq_model.py); compiled with numba, GIL released. Streams shorter
+  than ``WIDE_MIN`` go to ``rans4`` (4): the four-lane coder of kernels.py with the same model
+  bytes (32 lanes' states would cost ~130 bytes more).
 - ``split`` (6): the stream in 4–32 pieces, each coded on its own (raw or ``rans``): for chunks
   whose parts differ (MiniLM's untrained embedding rows have zero low mantissa bytes).
+
+Ids 3 and 5 belonged to coders of container versions that are no longer read; they are not
+reused.
 
 Measured on all-MiniLM-L6-v2 (bench/lossless.py): ``rans`` and ``ans`` land within 0.3 % of
 each other (both ~0.1 % above the per-chunk order-0 entropy); whole files decode ~12-25x faster
@@ -36,9 +38,8 @@ import zstandard
 
 from ..errors import InputError
 from . import kernels as K
-from . import model as M
+from . import freq_model as M
 from . import rans32 as R32
-from . import rans32s as R32S
 
 # ---------------------------------------------------------------- bit packing (raw backend)
 
@@ -49,7 +50,7 @@ def pack_bits(sym: np.ndarray, width: int) -> bytes:
         return sym.astype(np.uint8, copy=False).tobytes()
     if width == 16:
         return sym.astype("<u2", copy=False).tobytes()
-    if width > 8:  # the low bytes, then the high (width - 8)-bit parts (the v1 layout)
+    if width > 8:  # the low bytes, then the high (width - 8)-bit parts (docs/FORMAT.md)
         return (sym & 0xFF).astype(np.uint8).tobytes() + K.pack_bits((sym >> 8).astype(np.uint8), width - 8).tobytes()
     return K.pack_bits(np.ascontiguousarray(sym), width).tobytes()
 
@@ -155,26 +156,24 @@ class Ans:
 
 RANS_PB = 12  # default model precision: 2**12 slots (~0.05 % over H0 on weights). The decode
 # tables (6 bytes a slot) then take 24 KiB, inside L1 with room for the streams: on the MiniLM
-# BF16 heads 2**13 slots save 10 KB (0.02 % of the file) but decode ~10-15 % slower (rans32s,
+# BF16 heads 2**13 slots save 10 KB (0.02 % of the file) but decode ~10-15 % slower (rans32,
 # 1 and 2 threads, interleaved runs); 2**11 costs 26 KB more for no clear further gain. A
-# layout may ask for more (planes.FloatLayout.head_precision)
+# layout may ask for more (fields.FloatLayout.head_precision)
 
 
 def _hist(sym: np.ndarray, width: int, hist: np.ndarray | None) -> np.ndarray:
     return np.bincount(sym, minlength=1 << width).astype(np.int64) if hist is None else hist.astype(np.int64, copy=False)
 
 
-@backend("rans_v2", 3)
-class RansV2:
-    """Container v2's ``rans``: the same coder, model bytes in ``kernels.write_model`` (varints).
+@backend("rans4", 4)
+class Rans4:
+    """Our four-lane rANS (kernels.py) for streams shorter than ``WIDE_MIN``: 32 lanes' states
+    would cost more than a short stream's decoding time saves.
 
-    Layout: the model (``kernels.write_model``: precision, present symbols, frequencies, ~2
-    bytes a symbol) then the u16 word stack. A single-symbol stream is its model alone.
-    Encode and decode release the GIL, so chunks code in parallel threads.
+    Layout: the model in ``freq_model.write_model`` (a bit stream, ~1.2 bytes a present symbol),
+    then the u16 word stack (``kernels.rans_encode``). A single-symbol stream is its model
+    alone. Encode and decode release the GIL, so chunks code in parallel threads.
     """
-
-    write_model = staticmethod(K.write_model)
-    read_model = staticmethod(K.read_model)
 
     @classmethod
     def encode(cls, sym: np.ndarray, width: int, hist: np.ndarray | None = None, precision: int = RANS_PB) -> bytes:
@@ -187,22 +186,14 @@ class RansV2:
         if k <= 1:
             f = np.zeros_like(h)
             f[h > 0] = 1
-            return cls.write_model(f, 0).tobytes()
+            return M.write_model(f, 0).tobytes()
         pb = max(precision, (k - 1).bit_length())
         f = K.normalize_freqs(h, pb)
-        return cls.write_model(f, pb).tobytes() + cls.code(np.ascontiguousarray(sym), f, pb)
+        return M.write_model(f, pb).tobytes() + cls.code(np.ascontiguousarray(sym), f, pb)
 
     @staticmethod
     def code(sym: np.ndarray, f: np.ndarray, pb: int) -> bytes:
         return K.rans_encode(sym, f, pb).astype("<u2", copy=False).tobytes()
-
-    @staticmethod
-    def uncode(b: np.ndarray, n: int, f: np.ndarray, pb: int, out: np.ndarray) -> int:
-        """Decode the word stack ``b`` (uint8, after the model) into ``out``; 0 or an error code."""
-        if len(b) % 2:
-            return -1
-        dsym, dinfo = K.decode_table(f, pb)
-        return K.rans_decode(b.view("<u2"), n, dsym, dinfo, pb, out)
 
     @classmethod
     def decode(cls, buf: memoryview, n: int, width: int) -> np.ndarray:
@@ -214,7 +205,7 @@ class RansV2:
             return out
         b = np.frombuffer(buf, np.uint8)
         f = np.zeros(1 << width, np.int64)
-        pb, used = cls.read_model(b, 1 << width, f)
+        pb, used = M.read_model(b, 1 << width, f)
         if pb < 0:
             raise InputError("rans stream: malformed model")
         present = np.flatnonzero(f)
@@ -223,62 +214,39 @@ class RansV2:
                 raise InputError("rans stream: trailing bytes after a single-symbol model")
             out[:] = present[0]
             return out
-        rc = cls.uncode(b[used:], n, f, pb, out)
+        rest = b[used:]
+        if len(rest) % 2:
+            raise InputError("rans stream: odd number of word bytes")
+        dsym, dinfo = K.decode_table(f, pb)
+        rc = K.rans_decode(rest.view("<u2"), n, dsym, dinfo, pb, out)
         if rc:
             raise InputError(f"rans stream: corrupted (code {rc})")
         return out
 
 
-@backend("rans_v3", 4)
-class RansV3(RansV2):
-    """Container v3's ``rans``: the four-lane coder of kernels.py, compact model bytes.
+@backend("rans", 7)
+class Rans(Rans4):
+    """Our 32-lane rANS with one shared word stream (rans32.py: a group of eight lanes takes
+    its renormalisation words with one load and one shuffle), static model from this stream's
+    histogram.
 
-    Layout: the model in ``model.write_model2`` (a bit stream, ~1.2 bytes a present symbol,
-    half of the v2 varints), then the u16 word stack. A single-symbol stream is its model alone.
-    Encode and decode release the GIL, so chunks code in parallel threads.
+    Layout: the model in ``freq_model.write_model``, then the 32 final states and the shared words
+    (``rans32.encode``). A single-symbol stream is its model alone. Encode and decode release
+    the GIL, so chunks code in parallel threads.
     """
 
-    write_model = staticmethod(M.write_model2)
-    read_model = staticmethod(M.read_model2)
-
-
-@backend("rans_v4", 5)
-class RansV4(RansV3):
-    """Container v4's ``rans``: 32 lanes, each with its own word stream (rans32.py).
-
-    Layout: the model in ``model.write_model2`` (a bit stream, ~1.2 bytes a present symbol),
-    then the lanes (``rans32.encode``). A single-symbol stream is its model alone. Encode and
-    decode release the GIL, so chunks code in parallel threads.
-    """
-
-    kernel = R32
-
-    @classmethod
-    def code(cls, sym: np.ndarray, f: np.ndarray, pb: int) -> bytes:
-        return cls.kernel.encode(sym, f, pb).tobytes()
+    @staticmethod
+    def code(sym: np.ndarray, f: np.ndarray, pb: int) -> bytes:
+        return R32.encode(sym, f, pb).tobytes()
 
     @classmethod
     def decode_into(cls, buf: memoryview, n: int, width: int, out: np.ndarray) -> np.ndarray:
         if n == 0 and len(buf) == 0:
             return out
-        rc = cls.kernel.decode_stream(np.frombuffer(buf, np.uint8), 1 << width, out)
+        rc = R32.decode_stream(np.frombuffer(buf, np.uint8), 1 << width, out)
         if rc:
             raise InputError(f"rans stream: {'malformed model' if rc == -8 else 'corrupted'} (code {rc})")
         return out
-
-
-@backend("rans", 7)
-class Rans(RansV4):
-    """Our 32-lane rANS with one shared word stream (rans32s.py: a group of eight lanes takes
-    its renormalisation words with one load and one shuffle; decode ~0.9–1.0 vs ~1.1–1.5
-    ns/symbol for rans32.py), static model from this stream's histogram.
-
-    Layout: the model in ``model.write_model2``, then the 32 final states and the shared words
-    (``rans32s.encode``). A single-symbol stream is its model alone. Encode and decode release
-    the GIL, so chunks code in parallel threads.
-    """
-
-    kernel = R32S
 
 
 ZSTD_LEVEL = 3
@@ -312,7 +280,7 @@ def entropy_bits(sym: np.ndarray | None, width: int, hist: np.ndarray | None = N
 # streams shorter than this take the four-lane coder: 32 lanes' states cost ~130 bytes more, and a
 # short stream is little decoding time
 WIDE_MIN = 1 << 15
-OVERHEAD = {"rans": 4 * 32 + 8, "rans_v4": 4 * 32 + 40, "rans_v3": 32, "rans_v2": 32, "ans": 16}  # bytes beyond the entropy, ~
+OVERHEAD = {"rans": 4 * 32 + 8, "rans4": 32, "ans": 16}  # bytes beyond the entropy, ~
 
 
 def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
@@ -332,7 +300,7 @@ def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
     if len(sym):
         for name in candidates:
             if name == "rans" and len(sym) < WIDE_MIN:
-                name = "rans_v3"
+                name = "rans4"
             if name == "ans" or name.startswith("rans"):
                 est = entropy_bits(sym, width) if est_bits is None else est_bits
                 if est / 8 + OVERHEAD[name] > 0.99 * raw_len:
@@ -375,7 +343,7 @@ class Split:
         hf = h.astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             ent = -np.nansum(hf * np.log2(hf / lens[:, None]), axis=1) / 8
-        fixed = np.where(lens >= WIDE_MIN, OVERHEAD["rans"], OVERHEAD["rans_v3"]) + 1.3 * np.count_nonzero(h, axis=1)
+        fixed = np.where(lens >= WIDE_MIN, OVERHEAD["rans"], OVERHEAD["rans4"]) + 1.3 * np.count_nonzero(h, axis=1)
         return float(np.minimum(ent + fixed, (lens * width + 7) / 8).sum())
 
     @classmethod

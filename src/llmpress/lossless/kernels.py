@@ -11,7 +11,7 @@
   decoder checks: a corrupted stream that decodes to the right length is still caught.
 - **frequency normalisation**: counts → integer frequencies summing to ``2**pb``, each present
   symbol ≥ 1, with the rounding error placed where it costs the fewest bits.
-- **bit packing** (LSB-first bit stream) and the **float field split/merge** of planes.py, one
+- **bit packing** (LSB-first bit stream) and the **float field split/merge** of fields.py, one
   pass each, with the fields' histograms taken during the split.
 
 Every function here checks its input bounds itself: a hostile stream raises (through the
@@ -425,99 +425,3 @@ def float_kernels(E: int, M: int, k: int, widths: tuple[int, ...]):
             x[i] = (t >> LOW) << SSHIFT | np.uint32(head[i]) << LOW | (t & LMASK)
 
     return split, merge
-
-
-# ------------------------------------------------------------------------------ model bytes
-
-
-@njit(**_JIT)
-def write_model(freq, pb):  # freq: (A,) int64 -> uint8 bytes of the static model
-    """``u8 pb | varint k | k varint symbol gaps | k-1 varint freqs`` (the last freq is implied by
-    the sum ``2**pb``; a single-symbol model stores no freq). LEB128 varints: gaps are mostly 1
-    and most freqs small, so a model costs ~2 bytes a present symbol."""
-    A = freq.shape[0]
-    out = np.empty(16 + 3 * 2 * A, np.uint8)
-    o = 0
-    out[o] = pb
-    o += 1
-    k = 0
-    for s in range(A):
-        if freq[s] > 0:
-            k += 1
-    vals = np.empty(2 * k, np.int64)
-    v = 0
-    prev = -1
-    for s in range(A):
-        if freq[s] > 0:
-            vals[v] = s - prev if prev >= 0 else s
-            prev = s
-            v += 1
-    for s in range(A):
-        if freq[s] > 0:
-            vals[v] = freq[s]
-            v += 1
-    m = 1 + k + k - 1 if k > 0 else 1
-    x = k
-    for j in range(-1, m - 1):
-        x = k if j < 0 else vals[j]
-        while x >= 0x80:
-            out[o] = (x & 0x7F) | 0x80
-            x >>= 7
-            o += 1
-        out[o] = x
-        o += 1
-    return out[:o].copy()
-
-
-@njit(**_JIT)
-def _varint(buf, o, max_shift=28):  # LEB128 at buf[o] -> (value, next offset); (-1, -1) past the end or longer than max_shift allows
-    x = 0
-    sh = 0
-    m = buf.shape[0]
-    while True:
-        if o >= m or sh > max_shift:
-            return -1, -1
-        b = np.int64(buf[o])
-        o += 1
-        x |= (b & 0x7F) << sh
-        sh += 7
-        if b < 0x80:
-            return x, o
-
-
-@njit(**_JIT)
-def read_model(buf, A, freq):  # buf: (m,) uint8; freq: (A,) int64 zeros -> (pb, bytes used); pb < 0: malformed
-    """Inverse of :func:`write_model`, checking every field (gaps ≥ 1, symbols < A, freqs ≥ 1
-    summing to ``2**pb``)."""
-    if buf.shape[0] < 2 or buf[0] > 16:
-        return -1, 0
-    pb = np.int64(buf[0])
-    T = 1 << pb
-    k, o = _varint(buf, 1)
-    if k < 1 or k > A or (k > 1 and k > T):
-        return -1, 0
-    syms = np.empty(k, np.int64)
-    prev = -1
-    for j in range(k):
-        x, o = _varint(buf, o)
-        if o < 0 or (j > 0 and x < 1):
-            return -1, 0
-        s = x if j == 0 else prev + x
-        if s >= A:
-            return -1, 0
-        syms[j] = s
-        prev = s
-    if k == 1:
-        freq[syms[0]] = T
-        return pb, o
-    total = 0
-    for j in range(k - 1):
-        x, o = _varint(buf, o)
-        if o < 0 or x < 1:
-            return -1, 0
-        freq[syms[j]] = x
-        total += x
-    if total >= T:
-        return -1, 0
-    freq[syms[k - 1]] = T - total
-    return pb, o

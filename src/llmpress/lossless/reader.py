@@ -1,8 +1,9 @@
 """The ``.llmp`` container: a whole checkpoint, losslessly, in one indexed, checksummed file.
 
-Layout (little-endian)::
+docs/FORMAT.md specifies the bytes (format 1, stored as version 5 in the preamble) and
+docs/llmp-index.schema.json the index. Layout (little-endian)::
 
-    b"LLMPRESS" u32 version                          12-byte preamble
+    b"LLMPRESS" u32 version (5)                      12-byte preamble
     chunk payloads ...                               (see chunk.py), in file order
     index: zstd-compressed JSON
     u64 index offset | u64 index length | u32 crc32(index) | b"LLMPIDX1"   28-byte footer
@@ -11,15 +12,13 @@ The index lists every input file (relative path, size, sha256) as segments that 
 for byte (segments.py): the safetensors header verbatim, one typed segment per tensor (name,
 dtype, shape), gaps. Each segment is a list of chunks ``[offset, length, raw bytes, checksum]``
 (a float tensor's chunk holds 256 Ki words: 512 KiB of BF16, 1 MiB of FP32; segments.chunks_of).
-Since version 2 the checksum is that of the chunk's *decoded* bytes (crc32 in v2/v3, the low 32
-bits of xxh3-64 since v4), so each chunk is checked as soon as it is decoded, by the consuming
-thread while the workers decode the next ones (the chunks of a segment cover it, so every
-restored byte is checked without a serial pass of its own; version 1 stored the payload's
-crc32 and one crc32 per segment, both still checked when reading a v1 file). Payloads are read
-as slices of a read-only memory map (no copy). Config, tokenizer
-and other files are ``bytes`` segments, zstd-coded or stored. So one tensor is read by seeking
-to its chunks; chunks decode in parallel; a whole file is checked against its sha256 on
-``unpack``/``verify`` (which can skip it: the chunk checksums already cover every byte).
+The checksum is the low 32 bits of xxh3-64 of the chunk's *decoded* bytes, so each chunk is
+checked as soon as it is decoded, by the consuming thread while the workers decode the next
+ones (the chunks of a segment cover it, so every restored byte is checked without a serial
+pass of its own). Payloads are read as slices of a read-only memory map (no copy). Config,
+tokenizer and other files are ``bytes`` segments, zstd-coded or stored. So one tensor is read
+by seeking to its chunks; chunks decode in parallel; a whole file is checked against its sha256
+on ``unpack``/``verify`` (which can skip it: the chunk checksums already cover every byte).
 
 ``pack`` and ``unpack`` stream: at most a few chunks per thread are in memory at once.
 """
@@ -40,16 +39,15 @@ import torch
 import xxhash
 import zstandard
 
-from ..errors import CorruptFileError, NotFoundError
+from ..errors import CorruptFileError, NotFoundError, UnsupportedFormatError
 from .chunk import decode_chunk
-from .planes import ITEMSIZE
+from .fields import ITEMSIZE
 from .segments import MAX_NDIM
 
 MAGIC, VERSION = b"LLMPRESS", 5
-# v2 added the ``rans`` backend (id 3); v3 its compact model bytes (id 4, model.py); v4 the
-# 32-lane rANS (id 5, rans32.py) and xxh3-64 chunk checksums; v5 the 32-lane rANS with one
-# shared word stream (id 7, rans32s.py); chunk layout unchanged since v1
-READABLE = (1, 2, 3, 4, 5)
+# the version field holds 5 for format 1 (docs/FORMAT.md); versions 1-4 came before the format
+# was frozen, were written only while llmpress was developed, and are no longer read
+RETIRED = (1, 2, 3, 4)
 FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
 CHUNK_BYTES = 512 << 10  # measured on MiniLM: smaller ratio than 1 MiB (more adaptive models) and no slower
@@ -68,11 +66,10 @@ def crc32(b: bytes | memoryview | np.ndarray) -> int:
     return zlib.crc32(b) & 0xFFFFFFFF
 
 
-def chunk_sum(b: bytes | memoryview | np.ndarray, version: int = VERSION) -> int:
-    """The checksum a container of ``version`` stores for a chunk's decoded bytes: since v4 the
-    low 32 bits of xxh3-64 (~46 GB/s here, vs ~3.8 GB/s for zlib's crc32; 32 bits, as crc32,
-    keep the index small), crc32 in v2 and v3."""
-    return xxhash.xxh3_64_intdigest(b) & 0xFFFFFFFF if version >= 4 else crc32(b)
+def chunk_sum(b: bytes | memoryview | np.ndarray) -> int:
+    """The checksum stored for a chunk's decoded bytes: the low 32 bits of xxh3-64 (far faster
+    than zlib's crc32; 32 bits keep the index small)."""
+    return xxhash.xxh3_64_intdigest(b) & 0xFFFFFFFF
 
 
 class Packed:
@@ -87,9 +84,13 @@ class Packed:
                 raise CorruptError(f"{self.path}: not an llmpress container (bad magic)")
             (ver,) = struct.unpack("<I", pre[8:])
             self.version = ver
-            if ver not in READABLE:
-                raise CorruptError(f"{self.path}: container version {ver}; this llmpress reads versions "
-                                   f"{', '.join(map(str, READABLE))} (a newer llmpress wrote it?)")
+            if ver in RETIRED:
+                raise UnsupportedFormatError(
+                    f"{self.path}: container version {ver} is no longer read: it predates .llmp format 1 (version "
+                    f"{VERSION}); unpack it with the llmpress that wrote it and pack it again")
+            if ver != VERSION:
+                raise UnsupportedFormatError(f"{self.path}: container version {ver}; this llmpress reads version "
+                                             f"{VERSION} (.llmp format 1) only (a newer llmpress wrote it?)")
             if self.size < 12 + FOOTER.size:
                 raise CorruptError(f"{self.path}: truncated (no footer)")
             f.seek(self.size - FOOTER.size)
@@ -132,6 +133,8 @@ class Packed:
     def _check_index(self) -> None:
         """Refuse a lying index: chunks outside the payload area, sizes that do not add up."""
         try:
+            if self.index["format"] != "llmpress.lossless" or self.index["version"] != VERSION:
+                raise CorruptError(f"{self.path}: the index is not a version {VERSION} llmpress index")
             for f in self.index["files"]:
                 pos = 0
                 if not isinstance(f["path"], str) or f["path"].startswith("/") or ".." in f["path"].split("/"):
@@ -173,17 +176,15 @@ class Packed:
 
     def _decode(self, f: dict, s: dict, i: int, payload: bytes, out: np.ndarray | None = None) -> np.ndarray:
         """One chunk's decoded bytes (into ``out``, (raw,) uint8, if given), checked against its
-        checksum (v2 on)."""
+        checksum."""
         o, ln, raw, crc = s["chunks"][i]
         if len(payload) != ln:
             raise CorruptError(f"{self._what(f, s, i)}: truncated")
-        if self.version == 1 and crc32(payload) != crc:
-            raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch (corrupted)")
         try:
             out = decode_chunk(memoryview(payload), s["dtype"], raw, out)
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
-        if self.version >= 2 and chunk_sum(out, self.version) != crc:
+        if chunk_sum(out) != crc:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch (corrupted)")
         return out
 
@@ -206,8 +207,7 @@ class Packed:
 
     def iter_chunks(self, f: dict, segs: list[dict], ex: ThreadPoolExecutor | None = None,
                     ahead: int = 4) -> Iterator[np.ndarray]:
-        """Decoded chunks of the segments ``segs`` of file ``f``, in order, each checked (a v1
-        segment's crc32 at its end). One pipeline spans the segments, so small tensors do not
+        """Decoded chunks of the segments ``segs`` of file ``f``, in order, each checked. One pipeline spans the segments, so small tensors do not
         drain the thread pool; small chunks decode inline (a hand-off costs more than they do).
 
         The caller is one of the decoders: with ``ex`` of w workers, it keeps a chunk for itself
@@ -218,13 +218,12 @@ class Packed:
         n (on this 2-core machine, BF16 MiniLM: ~1.3× the throughput of two workers and a waiting
         caller, measured; counting the inline chunks keeps the caller, which also runs them and
         the bookkeeping, from being the one the others wait for). Each
-        decoder checks the chunk it decoded (xxh3-64; v2–v3 crc32); a v1 segment's crc32 is
-        checked here, in order.
+        decoder checks the chunk it decoded (xxh3-64).
 
         Chunks are decoded into a few output arrays that go round: a yielded array is valid
         until the next one is asked for (every consumer here writes, hashes or copies it at
         once). Fresh arrays would cost a page fault every 4 KiB on their first write."""
-        todo: deque[tuple[dict, int, bool, Future | np.ndarray | None, np.ndarray]] = deque()
+        todo: deque[tuple[dict, int, Future | np.ndarray | None, np.ndarray]] = deque()
         every = ex._max_workers + 1 if ex is not None else 1
         free: list[np.ndarray] = []  # output arrays back from the consumer
 
@@ -237,27 +236,15 @@ class Packed:
             return self._decode(f, s, i, self._read(c[0], c[1]), buf[: c[2]])
 
         def emit() -> Iterator[np.ndarray]:
-            nonlocal crc
-            s, i, last, r, buf = todo.popleft()
+            s, i, r, buf = todo.popleft()
             self._release_before(s["chunks"][i][0])
             out = r.result() if isinstance(r, Future) else job(s, i, buf) if r is None else r
-            if self.version == 1:
-                crc = zlib.crc32(out, crc)
-                if last and (crc & 0xFFFFFFFF) != s["crc32"]:
-                    what = f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}"
-                    raise CorruptError(f"{self.path}: file {f['path']}, {what}: checksum mismatch")
-                if last:
-                    crc = 0
             yield out
             free.append(buf)  # the consumer asked for the next chunk: done with this one
 
-        crc = 0
         mine = total = 0  # work given to the caller / to all, in bytes plus a per-chunk cost
         for s in segs:
-            n = len(s["chunks"])
-            if n == 0 and self.version == 1 and s.get("crc32", 0) != 0:
-                raise CorruptError(f"{self.path}: file {f['path']}: empty segment with a checksum")
-            for i in range(n):
+            for i in range(len(s["chunks"])):
                 raw = s["chunks"][i][2]
                 buf = buffer(raw)
                 cost = raw + CHUNK_COST
@@ -270,7 +257,7 @@ class Packed:
                     mine += cost
                 else:
                     r = ex.submit(job, s, i, buf)
-                todo.append((s, i, i == n - 1, r, buf))
+                todo.append((s, i, r, buf))
                 while len(todo) > ahead:
                     yield from emit()
         while todo:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptFileError
-from .planes import ITEMSIZE, FloatLayout, layout
+from .fields import ITEMSIZE, FloatLayout, layout
 
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 MAX_NDIM = 16

@@ -1,8 +1,7 @@
-"""Compact bytes of a static rANS model (the ``rans`` backend since container version 3).
+"""Compact bytes of a static rANS model (the ``rans`` and ``rans4`` backends).
 
-A chunk's model is a handful of present symbols with smooth frequencies; the v2 layout
-(``kernels.write_model``: a varint gap and a varint frequency per symbol, ~2.2 bytes a symbol
-on weight heads) cost ~135 bytes per head stream. This one is a bit stream (LSB-first):
+A chunk's model is a handful of present symbols with smooth frequencies, stored as a bit
+stream (LSB-first; docs/FORMAT.md gives it in full):
 
 - ``u8 pb`` (byte-aligned); ``pb = 0``: a single-symbol model, then ``varint symbol``, done;
 - ``varint lo``, ``varint hi - lo`` (both present, ``hi > lo``);
@@ -13,7 +12,7 @@ on weight heads) cost ~135 bytes per head stream. This one is a bit stream (LSB-
   have similar lengths, so this is mostly 1–3 bits), then the ``L - 1`` bits below its top bit.
 
 The frequencies are exact (the model is unchanged; only its bytes shrink, ~1.2 bytes a symbol).
-``read_model2`` checks every field and every read against the buffer's end.
+``read_model`` checks every field and every read against the buffer's end.
 """
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ def _gamma(out, st, v):  # v >= 1: (L-1) zero bits, then v's L bits from its top
 
 
 @njit(**_JIT)
-def write_model2(freq, pb):  # freq: (A,) int64, present symbols > 0 (sum 2**pb unless one symbol) -> uint8
+def write_model(freq, pb):  # freq: (A,) int64, present symbols > 0 (sum 2**pb unless one symbol) -> uint8
     A = freq.shape[0]
     out = np.zeros(32 + 8 * A, np.uint8)
     k = 0
@@ -174,8 +173,8 @@ def _uvarint(buf, st):  # byte-aligned varint at st[0]; -> value or -1
 
 
 @njit(**_JIT)
-def read_model2(buf, A, freq):  # buf: (m,) uint8; freq: (A,) int64 zeros -> (pb, bytes used); pb < 0: malformed
-    """Inverse of :func:`write_model2` (pb = 0 returned for a single-symbol model)."""
+def read_model(buf, A, freq):  # buf: (m,) uint8; freq: (A,) int64 zeros -> (pb, bytes used); pb < 0: malformed
+    """Inverse of :func:`write_model` (pb = 0 returned for a single-symbol model)."""
     if buf.shape[0] < 2 or buf[0] > 16:
         return -1, 0
     pb = np.int64(buf[0])
@@ -248,10 +247,10 @@ def read_model2(buf, A, freq):  # buf: (m,) uint8; freq: (A,) int64 zeros -> (pb
 
 @njit(**_JIT)
 def read_model_or_fill(buf, A, freq, out):  # -> (pb, bytes used)
-    """:func:`read_model2` for a stream of model ‖ coded symbols: pb > 0, a model (in freq) to
+    """:func:`read_model` for a stream of model ‖ coded symbols: pb > 0, a model (in freq) to
     decode the rest with; 0, a single-symbol stream, already written into ``out``; -8, a
     malformed model; -9, bytes after a single-symbol model."""
-    pb, used = read_model2(buf, A, freq)
+    pb, used = read_model(buf, A, freq)
     if pb < 0:
         return -8, 0
     if pb == 0:

@@ -1,0 +1,436 @@
+"""docs/FORMAT.md is enough to read a ``.llmp`` file: a second reader, written from that document
+alone (numpy, json, hashlib, zlib, zstandard, xxhash; constriction for the ``ans`` backend, as
+the document says), decodes files llmpress writes and the format-1 test vector, byte for byte.
+
+Nothing below imports llmpress's lossless modules: the reader knows the format only as the
+document states it. llmpress is used only to write files (its public ``llmpress.pack``), and the
+index is validated against docs/llmp-index.schema.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+import xxhash
+import zstandard
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads((ROOT / "docs" / "llmp-index.schema.json").read_text())
+VECTOR = Path(__file__).parent / "data" / "lossless_v5.llmp"
+
+
+class FormatError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- section 1: byte layout, section 2: index
+
+
+def read_index(buf: bytes) -> dict:
+    if buf[:8] != b"LLMPRESS":
+        raise FormatError("magic")
+    (version,) = struct.unpack_from("<I", buf, 8)
+    if version != 5:
+        raise FormatError(f"version {version}")
+    off, ln, crc, end = struct.unpack_from("<QQI8s", buf, len(buf) - 28)
+    if end != b"LLMPIDX1" or off < 12 or off + ln + 28 != len(buf):
+        raise FormatError("footer")
+    blob = buf[off : off + ln]
+    if zlib.crc32(blob) != crc:
+        raise FormatError("index crc32")
+    index = json.loads(zstandard.ZstdDecompressor().decompress(blob))
+    index["_payload_end"] = off
+    return index
+
+
+# ---------------------------------------------------------------- section 3: fields
+
+FLOATS = {  # dtype: (itemsize, E, M, k, tail piece widths)
+    "BF16": (2, 8, 7, 2, [6]),
+    "F16": (2, 5, 10, 3, [8]),
+    "F32": (4, 8, 23, 2, [8, 8, 6]),
+    "F8_E4M3": (1, 4, 3, 3, [1]),
+    "F8_E5M2": (1, 5, 2, 2, [1]),
+}
+
+
+def field_widths(dtype: str) -> list[int]:
+    if dtype in FLOATS:
+        _, E, _, k, tails = FLOATS[dtype]
+        return [E + k] + tails
+    return [8]
+
+
+def merge(dtype: str, fields: list[np.ndarray]) -> bytes:
+    itemsize, E, M, k, tails = FLOATS[dtype]
+    low = M - k
+    t = np.zeros(len(fields[0]), np.uint64)
+    shift = 0
+    for piece, w in zip(fields[1:], tails):
+        t |= piece.astype(np.uint64) << np.uint64(shift)
+        shift += w
+    head = fields[0].astype(np.uint64)
+    w = (t >> np.uint64(low)) << np.uint64(E + M) | head << np.uint64(low) | (t & np.uint64((1 << low) - 1))
+    return w.astype(f"<u{itemsize}").tobytes()
+
+
+# ---------------------------------------------------------------- section 4.2: backends
+
+
+def raw_stream(p: bytes, n: int, W: int) -> np.ndarray:
+    if len(p) != (n * W + 7) // 8:
+        raise FormatError("raw length")
+    b = np.frombuffer(p, np.uint8)
+    if W == 8:
+        return b.astype(np.int64)
+    if W == 16:
+        return b.view("<u2").astype(np.int64)
+    if W > 8:
+        return b[:n].astype(np.int64) | raw_stream(p[n:], n, W - 8) << 8
+    bits = np.unpackbits(b, bitorder="little")[: n * W].reshape(n, W).astype(np.int64)
+    return (bits << np.arange(W)).sum(1)
+
+
+def zstd_stream(p: bytes, n: int, W: int) -> np.ndarray:
+    out = zstandard.ZstdDecompressor().decompress(p)
+    if len(out) != n * (1 if W <= 8 else 2):
+        raise FormatError("zstd length")
+    return np.frombuffer(out, np.uint8 if W <= 8 else "<u2").astype(np.int64)
+
+
+def split_stream(p: bytes, n: int, W: int) -> np.ndarray:
+    k = p[0]
+    step = -(-n // k)
+    if k < 1 or (k - 1) * step >= n:
+        raise FormatError("split pieces")
+    pos = 1 + 5 * k
+    out = []
+    for i in range(k):
+        bid, ln = struct.unpack_from("<BI", p, 1 + 5 * i)
+        if bid == 6:
+            raise FormatError("split in split")
+        out.append(stream(bid, p[pos : pos + ln], min(step, n - i * step), W))
+        pos += ln
+    if pos != len(p):
+        raise FormatError("split length")
+    return np.concatenate(out)
+
+
+def ans_stream(p: bytes, n: int, W: int) -> np.ndarray:
+    import constriction
+
+    (K,) = struct.unpack_from("<H", p, 0)
+    present = np.frombuffer(p, "<u2", K, 2).astype(np.int64)
+    q = np.frombuffer(p, "<u2", K, 2 + 2 * K).astype(np.float64)
+    if K == 1:
+        return np.full(n, present[0], np.int64)
+    words = np.frombuffer(p, "<u4", offset=2 + 4 * K).copy()
+    model = constriction.stream.model.Categorical(q / q.sum(), perfect=False)
+    return present[constriction.stream.stack.AnsCoder(words).decode(model, n)]
+
+
+# ---------------------------------------------------------------- section 5: rANS
+
+
+class Bits:
+    """Section 5.1 step 3: bits from each byte's least significant bit up."""
+
+    def __init__(self, p: bytes, pos: int):
+        self.p, self.pos, self.acc, self.nacc = p, pos, 0, 0
+
+    def get(self, m: int) -> int:
+        while self.nacc < m:
+            if self.pos >= len(self.p):
+                raise FormatError("model truncated")
+            self.acc |= self.p[self.pos] << self.nacc
+            self.pos += 1
+            self.nacc += 8
+        v = self.acc & ((1 << m) - 1)
+        self.acc >>= m
+        self.nacc -= m
+        return v
+
+    def gamma(self) -> int:
+        z = 0
+        while self.get(1) == 0:
+            z += 1
+            if z > 24:
+                raise FormatError("gamma")
+        v = 1
+        for _ in range(z):
+            v = 2 * v + self.get(1)
+        return v
+
+
+def varint(p: bytes, pos: int) -> tuple[int, int]:
+    x = sh = 0
+    while True:
+        b = p[pos]
+        pos += 1
+        x |= (b & 0x7F) << sh
+        sh += 7
+        if b < 0x80:
+            return x, pos
+
+
+def read_model(p: bytes, A: int) -> tuple[int, list[int] | int, int]:
+    """(pb, frequencies, first coder byte); pb = 0: (0, the one symbol, end)."""
+    pb = p[0]
+    if pb == 0:
+        s, pos = varint(p, 1)
+        return 0, s, pos
+    lo, pos = varint(p, 1)
+    span, pos = varint(p, pos)
+    hi = lo + span
+    if span < 1 or hi >= A or pb > 16:
+        raise FormatError("model range")
+    bits = Bits(p, pos)
+    present = [lo]
+    if bits.get(1) == 0:
+        present += [s for s in range(lo + 1, hi) if bits.get(1)]
+    else:
+        s = lo
+        while True:
+            s += bits.gamma()
+            if s > hi:
+                raise FormatError("model gap")
+            if s == hi:
+                break
+            present.append(s)
+    f = [0] * A
+    Lp = 7
+    for s in present:
+        z = bits.gamma() - 1
+        L = Lp + (z // 2 if z % 2 == 0 else -(z + 1) // 2)
+        if not 1 <= L <= pb:
+            raise FormatError("model length")
+        f[s] = (1 << (L - 1)) + bits.get(L - 1)
+        Lp = L
+    f[hi] = (1 << pb) - sum(f)
+    if f[hi] < 1:
+        raise FormatError("model sum")
+    return pb, f, bits.pos
+
+
+def rans_decode(n: int, pb: int, f: list[int], states: list[int], next_word) -> list[int]:
+    """Section 5.2: symbol i on lane i mod len(states); next_word(lane) gives a lane's next word."""
+    start, acc = [], 0
+    for v in f:
+        start.append(acc)
+        acc += v
+    slot_sym = np.repeat(np.arange(len(f)), f).tolist()  # slot -> symbol
+    mask, lanes, x = (1 << pb) - 1, len(states), list(states)
+    out = [0] * n
+    for i in range(n):
+        j = i % lanes
+        slot = x[j] & mask
+        s = slot_sym[slot]
+        out[i] = s
+        v = f[s] * (x[j] >> pb) + slot - start[s]
+        if v < 1 << 16:
+            v = (v << 16) | next_word(j)
+        x[j] = v
+    if any(v != 1 << 16 for v in x):
+        raise FormatError("final states")
+    return out
+
+
+def rans_stream(p: bytes, n: int, W: int, lanes: int) -> np.ndarray:
+    if n == 0 and not p:
+        return np.zeros(0, np.int64)
+    pb, f, pos = read_model(p, 1 << W)
+    if pb == 0:
+        if pos != len(p):
+            raise FormatError("bytes after a single-symbol model")
+        return np.full(n, f, np.int64)
+    if lanes == 32:
+        states = list(struct.unpack_from("<32I", p, pos))
+        words = np.frombuffer(p, "<u2", offset=pos + 128).tolist()
+        at = [0]
+
+        def next_word(_lane: int) -> int:
+            at[0] += 1
+            return words[at[0] - 1]
+
+        out = rans_decode(n, pb, f, states, next_word)
+        if at[0] != len(words):
+            raise FormatError("words left over")
+    else:
+        w = np.frombuffer(p, "<u2", offset=pos).tolist()
+        lens = [w[2 * j] | w[2 * j + 1] << 16 for j in range(4)]
+        if sum(lens) != len(w) - 8:
+            raise FormatError("lane lengths")
+        begin = [8 + sum(lens[:j]) for j in range(4)]
+        states = [w[b] | w[b + 1] << 16 for b in begin]
+        at = [b + 2 for b in begin]
+
+        def next_word(lane: int) -> int:
+            at[lane] += 1
+            return w[at[lane] - 1]
+
+        out = rans_decode(n, pb, f, states, next_word)
+        if at != [b + ln for b, ln in zip(begin, lens)]:
+            raise FormatError("words left over")
+    return np.array(out, np.int64)
+
+
+def stream(bid: int, p: bytes, n: int, W: int) -> np.ndarray:
+    backends = {
+        0: raw_stream,
+        1: ans_stream,
+        2: zstd_stream,
+        4: lambda p, n, W: rans_stream(p, n, W, 4),
+        6: split_stream,
+        7: lambda p, n, W: rans_stream(p, n, W, 32),
+    }
+    if bid not in backends:
+        raise FormatError(f"backend id {bid}")
+    out = backends[bid](p, n, W)
+    if len(out) != n or (n and out.max() >= 1 << W):
+        raise FormatError("stream length")
+    return out
+
+
+# ---------------------------------------------------------------- section 4.1: chunks; section 6: checksums
+
+
+def decode_chunk(p: bytes, dtype: str, raw: int) -> bytes:
+    widths = field_widths(dtype)
+    n = raw // FLOATS[dtype][0] if dtype in FLOATS else raw
+    if p[0] != len(widths):
+        raise FormatError("field count")
+    pos, fields = 1, []
+    for W in widths:
+        bid, ln = struct.unpack_from("<BI", p, pos)
+        fields.append(stream(bid, p[pos + 5 : pos + 5 + ln], n, W))
+        pos += 5 + ln
+    if pos != len(p):
+        raise FormatError("chunk length")
+    return merge(dtype, fields) if dtype in FLOATS else fields[0].astype(np.uint8).tobytes()
+
+
+def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
+    """(index, {path: decoded bytes}, backend ids seen), every checksum checked."""
+    buf = path.read_bytes()
+    index = read_index(buf)
+    end = index.pop("_payload_end")
+    jsonschema.Draft202012Validator(SCHEMA).validate(index)
+    files, seen = {}, set()
+    for f in index["files"]:
+        parts, pos = [], 0
+        for s in f["segments"]:
+            assert s["offset"] == pos
+            for off, ln, raw, check in s["chunks"]:
+                assert 12 <= off and off + ln <= end
+                p = buf[off : off + ln]
+                q = 1
+                for _ in range(p[0]):
+                    seen.add(p[q])
+                    q += 5 + struct.unpack_from("<I", p, q + 1)[0]
+                data = decode_chunk(p, s["dtype"], raw)
+                assert len(data) == raw and xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF == check
+                parts.append(data)
+            pos += s["length"]
+        out = b"".join(parts)
+        assert len(out) == f["size"] == pos and hashlib.sha256(out).hexdigest() == f["sha256"]
+        files[f["path"]] = out
+    return index, files, seen
+
+
+# ---------------------------------------------------------------- the checks
+
+
+def _source(d: Path) -> Path:
+    """A small model folder with every float layout, integers, a bool and a config."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(200, 200, generator=g) * 0.02
+    w[:100] = w[:100].to(torch.bfloat16).float()  # zero low mantissa bytes in half the rows: split tails
+    d.mkdir()
+    save_file({
+        "w.bf16": (torch.randn(160, 256, generator=g) * 0.02).to(torch.bfloat16),  # 40960 heads: rans
+        "small.bf16": (torch.randn(30, 64, generator=g) * 0.02).to(torch.bfloat16),  # rans4
+        "w.f32": w,
+        "w.f16": (torch.randn(64, 96, generator=g) * 0.1).half(),
+        "w.f8": (torch.randn(40, 64, generator=g)).to(torch.float8_e4m3fn),
+        "ids": torch.arange(300, dtype=torch.int32) % 17,
+        "mask": torch.rand(100, generator=g) > 0.5,
+        "empty": torch.zeros(0, 4),
+    }, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps({"model_type": "test", "hidden_size": 200}))
+    (d / "empty.txt").write_bytes(b"")
+    return d
+
+
+@pytest.mark.parametrize("policy", ["rans", "zstd", "ans"])
+def test_second_reader_decodes_what_llmpress_writes(tmp_path, policy):
+    import llmpress
+
+    src = _source(tmp_path / "src")
+    out = tmp_path / "m.llmp"
+    llmpress.pack(src, out, policy=policy, chunk_bytes=1 << 16, threads=1)  # BF16: a 32768-word chunk and a short one
+    index, files, seen = read_llmp(out)
+    assert index["policy"] == policy and index["root"] == "folder"
+    assert sorted(files) == sorted(p.name for p in src.iterdir())
+    for name, data in files.items():
+        assert data == (src / name).read_bytes(), name
+    expect = {"rans": {0, 2, 4, 6, 7}, "zstd": {0, 2}, "ans": {0, 1, 2}}[policy]
+    assert seen <= {0, 1, 2, 4, 6, 7} and expect <= seen, seen
+
+
+def test_second_reader_decodes_the_test_vector():
+    """tests/data/lossless_v5.llmp (format 1): its tensors, generated again from their seeds,
+    equal what the second reader decodes."""
+    _, files, seen = read_llmp(VECTOR)
+    assert seen == {0, 2, 4, 6, 7}
+    data = files["model.safetensors"]
+    (n,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + n])
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(128, 256, generator=g) * 0.02).to(torch.bfloat16)
+    small = (torch.randn(96, 64, generator=g) * 0.02).to(torch.bfloat16)
+    f = torch.randn(50, generator=g)
+    gg = torch.randn(64, 256, generator=g) * 0.05
+    gg[:32] = gg[:32].to(torch.bfloat16).float()
+    h = (torch.randn(64, 64, generator=g) * 0.1).to(torch.float16)
+    i = torch.arange(100, dtype=torch.int64) * 3
+    for name, t in {"w": w, "small": small, "f": f, "g": gg, "h": h, "i": i}.items():
+        b, e = header[name]["data_offsets"]
+        assert data[8 + n + b : 8 + n + e] == t.contiguous().view(torch.uint8).numpy().tobytes(), name
+    assert json.loads(files["config.json"]) == {"model_type": "fixture", "hidden_size": 160}
+
+
+def test_schema_refuses_a_bad_index():
+    index = read_index(VECTOR.read_bytes())
+    index.pop("_payload_end")
+    v = jsonschema.Draft202012Validator(SCHEMA)
+    assert v.is_valid(index)
+    for path, value in ((("version",), 4), (("files", 0, "path"), "../x"), (("files", 0, "sha256"), "00"),
+                        (("files", 1, "segments", 1, "dtype"), "bytes"),
+                        (("files", 1, "segments", 1, "chunks", 0), [12, 1, 0, 0])):
+        bad = json.loads(json.dumps(index))
+        at = bad
+        for k in path[:-1]:
+            at = at[k]
+        at[path[-1]] = value
+        assert not v.is_valid(bad), path
+
+
+def test_second_reader_catches_a_flipped_bit(tmp_path):
+    """The reader is no rubber stamp: a flipped bit in a chunk fails its decoding or its checksum."""
+    buf = bytearray(VECTOR.read_bytes())
+    index = read_index(bytes(buf))
+    seg = next(s for s in index["files"][1]["segments"] if s.get("name") == "w")  # BF16, rans (7)
+    off, ln, _, _ = seg["chunks"][0]
+    buf[off + ln // 2] ^= 0x10
+    bad = tmp_path / "bad.llmp"
+    bad.write_bytes(bytes(buf))
+    with pytest.raises((FormatError, AssertionError)):
+        read_llmp(bad)
