@@ -119,7 +119,7 @@ def _fill_head(skel: nn.Module, store: Any, dev: torch.device) -> nn.Module:
     return head
 
 
-def _head_grads(skel: nn.Module, store: Any, ids: Tensor, last: list[Tensor], bs: int, blocks: nn.ModuleList,
+def _head_grads(skel: nn.Module, store: Any, last: list[Tensor], blocks: nn.ModuleList,
                 prefix: str, dev: torch.device, gen: torch.Generator) -> list[Tensor]:
     """∂ Σ_t log p(y_t) / ∂ (the last block's output), one (B, T, H) per batch, y_t sampled from p."""
     from ..pipeline import _load_when_called
@@ -141,14 +141,18 @@ def _head_grads(skel: nn.Module, store: Any, ids: Tensor, last: list[Tensor], bs
     for b in blocks:
         b.forward = lambda *a, **k: a[0] if a else k["hidden_states"]  # an instance attribute: called first
     blocks[-1].forward = lambda *a, **k: cur["h"]
+    width = skel.get_input_embeddings().weight.shape[-1]  # its shape, known on meta
     extra = {"use_cache": False} if hasattr(skel.config, "use_cache") else {}
     grads = []
     try:
-        for j, h in enumerate(last):
+        for h in last:
             cur["h"] = h.detach().requires_grad_()
             caught["armed"] = True
             with torch.enable_grad():
-                logits = skel(input_ids=ids[j * bs : (j + 1) * bs].to(dev), **extra).logits  # (B, 1, V)
+                # zeros for the embeddings (the blocks are skipped, their output is ``h``): the input
+                # embeddings are neither loaded nor called (the walk left their rebuilt buffers on meta)
+                embeds = torch.zeros(*h.shape[:2], width, dtype=h.dtype, device=dev)  # (B, T, E)
+                logits = skel(inputs_embeds=embeds, **extra).logits  # (B, 1, V)
                 x = caught.pop("x")
                 caught.clear()
                 with torch.no_grad():
@@ -205,7 +209,7 @@ def fisher_weights(model: str | Path, ids: Tensor, batch_size: int = 4, keep: st
             bounds.append([_block_out(block, h, kw) for h, kw in zip(bounds[i], calls[i])])
         sk.release(block)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    grads = _head_grads(skel, store, ids, bounds.pop(), batch_size, blocks, prefix, dev, gen)
+    grads = _head_grads(skel, store, bounds.pop(), blocks, prefix, dev, gen)
     acc: dict[str, Tensor] = {}
     for i in tqdm(reversed(range(len(blocks))), total=len(blocks), desc="fisher bwd", disable=not progress, unit="block"):
         block, bp = blocks[i], f"{prefix}{i}."
