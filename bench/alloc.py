@@ -55,7 +55,8 @@ def main() -> None:
     from llmpress.models import load_model, load_tokenizer
     from llmpress.pipeline import _calib_text, calib_ids, iter_stats
     from llmpress.sweep.menu import Option
-    from llmpress.sweep.sensitivity import fisher_weights, log_probs, measured_dkl, predicted_dkl
+    from llmpress.sweep.fisher import fisher_weights
+    from llmpress.sweep.sensitivity import log_probs, measured_dkl, predicted_dkl
     from llmpress.tensor import get_codec
 
     t0 = time.perf_counter()
@@ -67,7 +68,7 @@ def main() -> None:
         opts.append(Option.of(m, bits=int(b), group_size=int(g)))
     ids = calib_ids(load_tokenizer(args.model), _calib_text(None), args.samples, args.seq_len)
     model = load_model(args.model).eval()
-    fisher = fisher_weights(model, ids)
+    fisher = fisher_weights(args.model, ids)
     t_fisher = time.perf_counter() - t0
     ref = log_probs(model, ids)
     rows, decoded = [], {}
