@@ -205,9 +205,11 @@ def fisher_weights(model: str | Path, ids: Tensor, batch_size: int = 4, keep: st
         block = blocks[i]
         sk.fill(block, f"{prefix}{i}.", store.get, dtype=torch.float32)
         sk.move(block, dev)
-        with torch.no_grad():
-            bounds.append([_block_out(block, h, kw) for h, kw in zip(bounds[i], calls[i])])
-        sk.release(block)
+        try:
+            with torch.no_grad():
+                bounds.append([_block_out(block, h, kw) for h, kw in zip(bounds[i], calls[i])])
+        finally:
+            sk.release(block)
     gen = torch.Generator(device=dev).manual_seed(seed)
     grads = _head_grads(skel, store, bounds.pop(), blocks, prefix, dev, gen)
     acc: dict[str, Tensor] = {}
@@ -233,8 +235,8 @@ def fisher_weights(model: str | Path, ids: Tensor, batch_size: int = 4, keep: st
         finally:
             for hd in handles:
                 hd.remove()
+            sk.release(block)
         grads, bounds[i] = down, None
-        sk.release(block)
     tokens = ids.numel()
     return {n: (a / max(1, tokens)).cpu() for n, a in acc.items()}
 
