@@ -9,15 +9,28 @@ is measured on the calibration windows; beside it the Fisher proxy the allocator
 relative output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) the previous allocator used. Reported: each pair,
 the Pearson and Spearman correlations of log values, the ratio proxy/true (median, range), and
 one additivity row (every measured layer changed at once: Σ proxy against the true ΔKL).
+
+With ``--memory`` it measures the allocation's cost instead: ``llmpress compress MODEL --target-bpw T
+--menu M`` as a child process (``bench/capped.py``, no cap), its wall time, peak RSS and the recipe it
+chose (its sha256 and how many layers took each option); ``--src`` runs another checkout's ``src``
+(e.g. main's, for a before/after):
+
+    nice -n 19 env OMP_NUM_THREADS=2 .venv/bin/python bench/alloc.py --memory --menu rtn --target-bpw 3.5
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import hashlib
+import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,14 +61,21 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory", action="store_true", help="time and peak RSS of `compress --target-bpw` instead")
+    ap.add_argument("--menu", default="gptq-quick")
+    ap.add_argument("--target-bpw", type=float, default=3.5)
+    ap.add_argument("--src", default=str(Path(__file__).resolve().parent.parent / "src"))
     args = ap.parse_args()
+    if args.memory:
+        return memory(args)
     torch.set_num_threads(args.threads)
 
     from llmpress import skeleton as sk
     from llmpress.models import load_model, load_tokenizer
     from llmpress.pipeline import _calib_text, calib_ids, iter_stats
     from llmpress.sweep.menu import Option
-    from llmpress.sweep.sensitivity import fisher_weights, log_probs, measured_dkl, predicted_dkl
+    from llmpress.sweep.fisher import fisher_weights
+    from llmpress.sweep.sensitivity import log_probs, measured_dkl, predicted_dkl
     from llmpress.tensor import get_codec
 
     t0 = time.perf_counter()
@@ -67,7 +87,7 @@ def main() -> None:
         opts.append(Option.of(m, bits=int(b), group_size=int(g)))
     ids = calib_ids(load_tokenizer(args.model), _calib_text(None), args.samples, args.seq_len)
     model = load_model(args.model).eval()
-    fisher = fisher_weights(model, ids)
+    fisher = fisher_weights(args.model, ids)
     t_fisher = time.perf_counter() - t0
     ref = log_probs(model, ids)
     rows, decoded = [], {}
@@ -108,6 +128,34 @@ def main() -> None:
     print(f"proxy/true over {len(rows)} pairs: median {ratios[len(ratios) // 2]:.2f}, range {ratios[0]:.2f}–{ratios[-1]:.2f}")
     print(f"additivity ({len(decoded[first])} layers at {first} together): true {together:.4f}, Σ true alone "
           f"{summed_true:.4f}, Σ proxy {summed:.4f}")
+
+
+def memory(args: argparse.Namespace) -> None:
+    """One allocation run as a child process: its seconds, peak RSS and the recipe it chose."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from capped import make_cap, run
+
+    src = Path(args.src).resolve()
+    with tempfile.TemporaryDirectory(prefix="alloc-mem.") as tmp:
+        out = Path(tmp) / "out"
+        argv = [sys.executable, "-m", "llmpress", "compress", args.model, "-o", str(out), "--target-bpw",
+                str(args.target_bpw), "--menu", args.menu, "--json"]
+        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(args.threads)}
+        res = run(argv, make_cap("none", 0), env=env)
+        if res.rc != 0:
+            sys.exit(f"compress failed ({res.rc}): {res.stderr[-2000:]}")
+        rules = json.loads((out / "llmpress.json").read_text())["recipe"]["rules"]
+    recipe = json.dumps(rules, sort_keys=True)
+    counts = collections.Counter(
+        f"{r['method']}:{r.get('bits', '')}:{r.get('group_size', '')}" for r in rules if r["method"] != "keep")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=src).stdout.strip()
+    print(f"# llmpress {' '.join(argv[3:])}  (PYTHONPATH={src}, OMP_NUM_THREADS={args.threads})")
+    print(f"# commit {commit} of {src}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print("| seconds | peak RSS GiB | recipe sha256 | layers per option |")
+    print("|---|---|---|---|")
+    print(f"| {res.seconds:.0f} | {res.peak_rss_bytes / (1 << 30):.2f} | {hashlib.sha256(recipe.encode()).hexdigest()[:12]} | "
+          f"{', '.join(f'{k} {v}' for k, v in sorted(counts.items()))} |")
 
 
 if __name__ == "__main__":

@@ -179,14 +179,15 @@ def test_fisher_proxy_predicts_the_true_kl_of_one_layer(tmp_path):
     from llmpress import skeleton as sk
     from llmpress.models import load_model, load_tokenizer
     from llmpress.pipeline import _calib_text, calib_ids, collect_stats
-    from llmpress.sweep.sensitivity import fisher_weights, log_probs, measured_dkl, predicted_dkl
+    from llmpress.sweep.fisher import fisher_weights
+    from llmpress.sweep.sensitivity import log_probs, measured_dkl, predicted_dkl
     from llmpress.tensor import get_codec
     from test_export_gguf import _small_model
 
     p = _small_model(tmp_path / "m", "llama", hidden_size=128, intermediate_size=256)
     ids = calib_ids(load_tokenizer(str(p)), _calib_text(None), 8, 64)
     m = load_model(str(p)).eval()
-    f = fisher_weights(m, ids)
+    f = fisher_weights(str(p), ids)
     st = collect_stats(str(p), samples=8, seq_len=64, progress=False)
     ref = log_probs(m, ids)
     rtn = get_codec("rtn")

@@ -12,8 +12,9 @@ and H = Σ_t x_t x_tᵀ / n the input Gram matrix per token,
 
 (the Fisher's cross terms between channels and between tokens dropped, g and x taken as
 independent). Layers add up (HIGGS's linearity theorem), so the allocation minimizes Σ_l ΔKL_l.
-The Stats are the original model's, walked block by block (``iter_stats``); the Fisher pass holds
-the whole model (known limit). :func:`measured_dkl` gives the true ΔKL of a change, to check the
+The Stats are the original model's, walked block by block (``iter_stats``), and so are the Fisher
+weights (``fisher.py``: forward keeping the block-boundary states, then backward a block at a time);
+the table holds one block's Stats at a time. :func:`measured_dkl` gives the true ΔKL of a change, to check the
 model against (``bench/alloc.py``).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from ..tensor import get_codec
+from .fisher import fisher_weights
 from .menu import Option, options_for
 from ..errors import InputError
 
@@ -70,53 +72,6 @@ class Table:
                    {n: (int(s[0]), int(s[1])) for n, s in d["shapes"].items()}, d.get("meta", {}))
 
 
-def _hooked_linears(model: torch.nn.Module, keep: str) -> dict[str, torch.nn.Module]:
-    from .. import skeleton as sk
-
-    rx = re.compile(keep)
-    return {n: m for n, m in model.named_modules() if sk.is_linear(m) and not rx.search(n)}
-
-
-def fisher_weights(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, keep: str = KEEP,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """f_i = mean over calibration tokens of g_{t,i}², per linear (out,), g the gradient of the
-    sampled-label log-likelihood at the linear's output. ``ids``: (samples, seq_len)."""
-    from .. import skeleton as sk
-
-    lin = _hooked_linears(model, keep)
-    acc = {n: torch.zeros(sk.linear_weight(m).shape[0], dtype=torch.float64) for n, m in lin.items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-    def grab(name: str):
-        def on_grad(g: torch.Tensor) -> None:  # (B, T, out)
-            acc[name].add_(g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu())
-
-        def fwd(_m: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
-            if out.requires_grad:
-                out.register_hook(on_grad)
-        return fwd
-
-    handles = [m.register_forward_hook(grab(n)) for n, m in lin.items()]
-    emb = model.get_input_embeddings()
-    handles.append(emb.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_()))
-    gen = torch.Generator().manual_seed(seed)
-    tokens = 0
-    try:
-        for i in range(0, ids.shape[0], batch_size):
-            b = ids[i : i + batch_size]
-            logits = model(input_ids=b, use_cache=False).logits.float()  # (B, T, V)
-            logp = torch.log_softmax(logits, -1)
-            y = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1, generator=gen)  # (B·T, 1)
-            loss = logp.reshape(-1, logp.shape[-1]).gather(1, y).sum()
-            loss.backward()
-            tokens += b.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: a / max(1, tokens) for n, a in acc.items()}
-
-
 def predicted_dkl(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor, n: int, f: torch.Tensor) -> float:
     """½ Σ_i f_i ΔW_i (H/n) ΔW_iᵀ for an (out, in) weight and its decoding (the product in
     float32, as many times faster than float64 as it matters: it runs for every layer and option)."""
@@ -129,19 +84,20 @@ def predicted_dkl(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor, n: i
 def measure(model: str, menu: str, method: str | None = None, *, calib: str | None = None, samples: int = 32,
             seq_len: int = 512, batch_size: int = 4, keep: str = KEEP, progress: bool = True,
             device: str | None = "cpu") -> Table:
-    """Predicted ΔKL and stored bits of every option of ``menu`` for every linear of ``model``."""
+    """Predicted ΔKL and stored bits of every option of ``menu`` for every linear of ``model``: the
+    Fisher weights block by block, then each block's Stats in turn (each Gram matrix freed once its
+    last linear is measured), each linear read from the checkpoint alone."""
     from .. import skeleton as sk
     from ..device import resolve_device
-    from ..models import TensorStore, load_model, load_tokenizer, resolve
+    from ..models import TensorStore, load_tokenizer, resolve
     from ..pipeline import _calib_text, calib_ids, iter_stats
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
     src = resolve(model)
     ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(calib), samples, seq_len)
-    full = load_model(model).to(dev).eval()
-    fisher = fisher_weights(full, ids[: max(1, FISHER_TOKENS // seq_len)].to(dev), batch_size, keep)
-    del full
+    fisher = fisher_weights(model, ids[: max(1, FISHER_TOKENS // seq_len)], batch_size, keep, device=dev,
+                            progress=progress)
     t1 = time.perf_counter()
     store = TensorStore(src)
     skel = sk.build_meta(sk.folder_config(src.folder))
@@ -152,12 +108,13 @@ def measure(model: str, menu: str, method: str | None = None, *, calib: str | No
     rx = re.compile(keep)
     for stats in iter_stats(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size,
                             progress=progress, device=dev):
-        for name, st in stats.items():
+        order = list(stats)
+        for j, (name, st) in enumerate(stats.items()):
             if rx.search(name):
                 continue
-            if name not in fisher:  # e.g. a mixture of experts: transformers fuses what the runner splits
-                raise InputError(f"{name}: no Fisher weight (the loaded model has no such linear); allocation "
-                                 "does not support this model's layout (mixtures of experts)")
+            if name not in fisher:
+                raise InputError(f"{name}: no Fisher weight (the Fisher pass saw no such linear); allocation "
+                                 "does not support this model's layout")
             t = store.get(f"{name}.weight").float().to(dev)
             w = t.T.contiguous() if name in conv else t  # (out, in)
             shape = (int(w.shape[0]), int(w.shape[1]))
@@ -172,6 +129,10 @@ def measure(model: str, menu: str, method: str | None = None, *, calib: str | No
                 ct = codec.encode(w, st, **o.params)
                 row.append(Choice(o, o.cost_bits(shape, ct), predicted_dkl(w, codec.decode(ct), g32, st.n, f)))
             layers[name], numel[name], shapes[name] = row, w.numel(), shape
+            del w, t, g32, ct
+            if not any(stats[m] is st for m in order[j + 1:]):  # its last reader: the block's largest tensors go
+                st.gram = None
+                st.derived.clear()
         del stats
     log.info("sensitivity: %d layers × %s menu in %.0f s (Fisher pass %.0f s)", len(layers), menu,
              time.perf_counter() - t0, t1 - t0)
