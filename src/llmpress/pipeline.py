@@ -446,6 +446,26 @@ def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int,
     return _Walk(prefix, blocks, outside, hs, calls)
 
 
+def walk_forward(walk: _Walk, store: TensorStore, hs: list[torch.Tensor], dev: torch.device,
+                 calls: list[list[BlockCall]] | None = None, desc: str = "forward",
+                 progress: bool = False) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """The ORIGINAL model's blocks in turn, each loaded in float32 on ``dev``, run without
+    gradients over every batch (``hs``: block 0's inputs, one per batch; then the previous
+    block's outputs) and released: yields ``(i, block i's outputs)``. The caller keeps what it
+    needs (the last outputs, or every boundary); ``calls`` replaces ``walk.calls``."""
+    calls = walk.calls if calls is None else calls
+    for i in tqdm(range(len(walk.blocks)), desc=desc, disable=not progress, unit="block"):
+        block = walk.blocks[i]
+        sk.fill(block, f"{walk.prefix}{i}.", store.get, dtype=torch.float32)
+        sk.move(block, dev)
+        try:
+            with torch.no_grad():
+                hs = [_block_out(block, h, kw) for h, kw in zip(hs, calls[i])]
+        finally:
+            sk.release(block)
+        yield i, hs
+
+
 def _tied_sources(skel: nn.Module) -> dict[str, str]:
     """{input embedding's weight key: output embedding's weight key} when the config ties them
     (a checkpoint may store only one of the two)."""

@@ -52,24 +52,14 @@ class StreamedOriginal(nn.Module):
 
     def logprob_batches(self, ids: Tensor, batch_size: int) -> Iterator[tuple[int, Tensor, Tensor]]:
         """What ``causal._logprob_batches`` yields for the loaded model, computed block by block."""
-        from ..pipeline import _load_when_called, _start_walk
+        from ..pipeline import _load_when_called, _start_walk, walk_forward
         from .causal import _logprob_batches
 
         skel, dev = self.model, self.device
         walk = _start_walk(skel, self.store, ids, batch_size, dev)
-        hs, rests = walk.hs, []
-        for i, block in enumerate(walk.blocks):
-            sk.fill(block, f"{walk.prefix}{i}.", self.store.get, dtype=torch.float32)
-            sk.move(block, dev)
-            with torch.inference_mode():
-                outs = [block(h, *c.args, **c.kwargs) for h, c in zip(hs, walk.calls[i])]
-            sk.release(block)
-            rest = tuple(outs[0][1:]) if isinstance(outs[0], (tuple, list)) else None
-            if rest is not None and any(r is not None for r in rest):
-                raise LlmpressError(f"{type(block).__name__} returns more than its hidden states; it cannot be replayed")
-            rests.append(rest)
-            hs = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]  # (B, T, C) per batch
-            del outs
+        hs = walk.hs
+        for _, hs in walk_forward(walk, self.store, hs, dev):  # (B, T, C) per batch: the last block's outputs
+            pass
         batches = [ids[s : s + batch_size] for s in range(0, ids.shape[0], batch_size)]
         current: dict[str, Tensor] = {}
 
@@ -77,17 +67,9 @@ class StreamedOriginal(nn.Module):
             x = kwargs["input_ids"].to("cpu")
             current["h"] = next(h for b, h in zip(batches, hs) if b.shape == x.shape and torch.equal(b, x))
 
-        def stand_in(i: int):
-            last = i == len(walk.blocks) - 1
-
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                h = current["h"] if last else (args[0] if args else kwargs["hidden_states"])
-                return h if rests[i] is None else (h, *rests[i])
-
-            return forward
-
-        for i, block in enumerate(walk.blocks):
-            block.forward = stand_in(i)  # an instance attribute: nn.Module.__call__ finds it first
+        for block in walk.blocks:  # an instance attribute: nn.Module.__call__ finds it first
+            block.forward = lambda *a, **k: a[0] if a else k["hidden_states"]
+        walk.blocks[-1].forward = lambda *a, **k: current["h"]
         handles, loaded = _load_when_called(skel, walk.prefix, self.store, dev)
         handles.append(skel.register_forward_pre_hook(which, with_kwargs=True))
         try:

@@ -188,7 +188,7 @@ def fisher_weights(model: str | Path, ids: Tensor, batch_size: int = 4, keep: st
     whose name ``keep`` does not match: {name: (out,) float64 on the CPU}. Block by block (module doc)."""
     from ..device import resolve_device
     from ..models import TensorStore, resolve
-    from ..pipeline import _block_out, _start_walk
+    from ..pipeline import _block_out, _start_walk, walk_forward
 
     dev = resolve_device(device)
     src = resolve(model)
@@ -200,16 +200,9 @@ def fisher_weights(model: str | Path, ids: Tensor, batch_size: int = 4, keep: st
     blocks, prefix = walk.blocks, walk.prefix
     calls = _grad_safe(walk.calls)
     bounds: list[list[Tensor] | None] = [[h.clone() for h in walk.hs]]  # bounds[i]: block i's inputs, per batch
+    for _, outs in walk_forward(walk, store, bounds[0], dev, calls, desc="fisher fwd", progress=progress):
+        bounds.append(outs)
     del walk
-    for i in tqdm(range(len(blocks)), desc="fisher fwd", disable=not progress, unit="block"):
-        block = blocks[i]
-        sk.fill(block, f"{prefix}{i}.", store.get, dtype=torch.float32)
-        sk.move(block, dev)
-        try:
-            with torch.no_grad():
-                bounds.append([_block_out(block, h, kw) for h, kw in zip(bounds[i], calls[i])])
-        finally:
-            sk.release(block)
     gen = torch.Generator(device=dev).manual_seed(seed)
     grads = _head_grads(skel, store, bounds.pop(), blocks, prefix, dev, gen)
     acc: dict[str, Tensor] = {}
