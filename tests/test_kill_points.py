@@ -2,7 +2,8 @@
 new one, a full disk gives one clear line and leaves nothing behind, readers and loads at once agree.
 
 The kill points are real subprocesses on a tiny model (a one-block Llama with a 300-token byte-level
-BPE tokenizer, built here): each command runs once uninterrupted (its time T), then is SIGKILLed at
+BPE tokenizer, built here): each command runs once uninterrupted (its time T), then is SIGKILLed as
+soon as its first temporary appears (beside the output; limit: a point's working folder) and at
 fractions of T, checked after each kill, and finally rerun to the end. ``limit`` runs through a
 short script calling ``llmpress.limit`` with four points (the CLI's budgets are minutes long).
 """
@@ -92,18 +93,26 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def _run(argv: list[str], env: dict[str, str], kill_after: float | None = None,
+         kill_when: Callable[[], bool] | None = None,
          preexec: Callable[[], None] | None = None) -> tuple[int | None, str, float]:
-    """(exit code, or None when it was killed; stderr; seconds) of ``argv``, SIGKILLed after ``kill_after`` s."""
+    """(exit code, or None when it was killed; stderr; seconds) of ``argv``, SIGKILLed after
+    ``kill_after`` s or as soon as ``kill_when()`` holds (polled every few milliseconds)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=preexec)
-    try:
-        _, err = p.communicate(timeout=kill_after)
-        return p.returncode, err, time.perf_counter() - t0
-    except subprocess.TimeoutExpired:
-        p.send_signal(signal.SIGKILL)
-        p.communicate()
-        return None, "", time.perf_counter() - t0
+    with subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          preexec_fn=preexec) as p:
+        err = bytearray()
+        reader = threading.Thread(target=lambda: err.extend(p.stderr.read()))  # a full pipe must not stall it
+        reader.start()
+        killed = False
+        while p.poll() is None:
+            if (kill_after is not None and time.perf_counter() - t0 >= kill_after) or (kill_when is not None and kill_when()):
+                p.send_signal(signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.002)
+        p.wait()
+        reader.join()
+    return (None if killed else p.returncode), err.decode(errors="replace"), time.perf_counter() - t0
 
 
 def _cli(*args: str | Path) -> list[str]:
@@ -111,8 +120,9 @@ def _cli(*args: str | Path) -> list[str]:
 
 
 def _strays(out: Path) -> list[str]:
-    """What a writer of ``out`` leaves beside it besides ``out`` itself (temporaries, a swapped-out old copy)."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+    """What a writer of ``out`` leaves beside it besides ``out`` itself (temporaries, a swapped-out old
+    copy, a checkpoint and its temporaries)."""
+    return sorted(p.name for p in out.parent.iterdir() if out.name in p.name and p.name != out.name)
 
 
 def _scratch(tmp: Path) -> list[str]:
@@ -202,16 +212,22 @@ def _kill_loop(name: str, base: dict[str, Path], tmp_path: Path, fractions: tupl
     if case.old is not None:
         case.old(base, out)
         allowed.add(case.state(out))
-    for f in fractions:
-        rc, err, _ = _run(case.argv(base, out), env, kill_after=f * seconds)
+    for f in (None, *fractions):  # None: as soon as a temporary appears (beside the output; limit: a working folder)
+        if f is None:
+            seen = set(_scratch(tmp_path / "tmp") if name == "limit" else _strays(out))
+            appeared = (lambda: bool(set(_scratch(tmp_path / "tmp")) - seen)) if name == "limit" else \
+                (lambda: bool(set(_strays(out)) - seen))
+            rc, err, _ = _run(case.argv(base, out), env, kill_when=appeared, kill_after=2 * seconds + 30)
+        else:
+            rc, err, _ = _run(case.argv(base, out), env, kill_after=f * seconds)
         assert rc in (None, 0), err  # killed, or it finished first
         if name == "limit":  # the rows so far: each one the uninterrupted run's
             rows, want = _rows(out) if out.exists() else {}, _rows(ref)
-            assert all(want.get(k) == r for k, r in rows.items()), f"killed at {f:.2f}·T: a row differs"
+            assert all(want.get(k) == r for k, r in rows.items()), f"killed at {f}·T: a row differs"
         elif out.exists():
-            assert case.state(out) in allowed, f"killed at {f:.2f}·T: {out} is neither the old output nor the new"
+            assert case.state(out) in allowed, f"killed at {f}·T: {out} is neither the old output nor the new"
         else:
-            assert case.old is None, f"killed at {f:.2f}·T: the old output was lost"
+            assert case.old is None, f"killed at {f}·T: the old output was lost"
     rc, err, _ = _run(case.argv(base, out), env)  # the rerun after the kills: resumes or starts afresh, and ends
     assert rc == 0, err
     assert case.state(out) == new
