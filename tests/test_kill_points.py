@@ -398,3 +398,26 @@ def test_eight_threads_loading_one_llmp_get_eight_identical_models(base, tmp_pat
     # no two models share a tensor's memory
     ptrs = [sd[k].data_ptr() for sd in got for k in sorted(sd) if sd[k].numel()]
     assert len(set(ptrs)) == len(ptrs)
+
+
+def test_a_torn_reference_cache_is_measured_again(base, tmp_path, monkeypatch, caplog):
+    """The judge's cached reference (written by whichever run got there first; a killed one may leave
+    it torn on a file system without ordered writes) is measured again when it does not read back."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from llmpress.eval import causal
+
+    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path / "cache"))
+    model = llmpress.load(base["model"])
+    tok = AutoTokenizer.from_pretrained(str(base["model"]))
+    kw = dict(ctx=16, tokens=64, fingerprint="f" * 16)
+    first = causal.Reference.build(model, tok, [str(base["train"])], **kw)
+    (cached,) = (tmp_path / "cache" / "reference").iterdir()
+    cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="llmpress.eval.causal"):
+        again = causal.Reference.build(model, tok, [str(base["train"])], **kw)
+    assert "unreadable" in caplog.text
+    assert torch.equal(again.topk_lp, first.topk_lp) and torch.equal(again.target_lp, first.target_lp)
+    assert [p.name for p in (tmp_path / "cache" / "reference").iterdir()] == [cached.name]
