@@ -89,7 +89,7 @@ def _env(tmp: Path) -> dict[str, str]:
     """The subprocess's environment: this llmpress, offline, its own temporary folder (to see what it leaves)."""
     tmp.mkdir(parents=True, exist_ok=True)
     return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+            "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1", "LLMPRESS_FSYNC": "1"}
 
 
 def _run(argv: list[str], env: dict[str, str], kill_after: float | None = None,

@@ -9,7 +9,9 @@ complete new one, never a partial one under the output's name; an existing outpu
   could remove its own leaves them behind; the next write of the same output (or
   :func:`sweep_stale`) removes those whose process is gone on this host.
 - Before the rename the new data is fsync'd (every file of a folder, and the folders), after it the
-  parent folder: a crash after the rename finds the new output whole.
+  parent folder: a crash after the rename finds the new output whole. ``LLMPRESS_FSYNC=0`` skips the
+  syncs (the test suite; a scratch disk): a killed process still leaves the old output or the new one,
+  only a power cut could then find the new one incomplete.
 - A folder replaces an existing output in one step where the OS can swap two paths
   (``renameat2(RENAME_EXCHANGE)``, Linux); elsewhere the old one is first renamed to a temporary
   name, which leaves a moment where neither is under the output's name.
@@ -88,7 +90,13 @@ def sweep_stale(dst: str | os.PathLike) -> list[Path]:
     return gone
 
 
+def _syncing() -> bool:
+    return os.environ.get("LLMPRESS_FSYNC", "1") != "0"
+
+
 def _fsync(path: Path, directory: bool = False) -> None:
+    if not _syncing():
+        return
     try:
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     except OSError:
@@ -104,6 +112,8 @@ def _fsync(path: Path, directory: bool = False) -> None:
 
 def _sync_tree(path: Path) -> None:
     """Flush a file's, or every file's and folder's of a tree, data to the disk."""
+    if not _syncing():
+        return
     if not path.is_dir():
         _fsync(path)
         return
