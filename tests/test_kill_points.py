@@ -324,17 +324,6 @@ def test_a_dead_writers_temporaries_are_swept_a_live_ones_kept(tmp_path):
         ["out", f".out.{_HOST}-{os.getppid()}.abc123.tmp", ".out.notes"])
 
 
-def test_a_folder_replaces_a_folder_in_one_step(tmp_path):
-    from llmpress.io.atomic import atomic_dir
-
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old").write_text("old")
-    with atomic_dir(out, force=True) as d:
-        (d / "new").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "new").read_text() == "new"
-
-
 # ------------------------------------------------------------------------------- at once
 
 
@@ -421,3 +410,30 @@ def test_a_torn_reference_cache_is_measured_again(base, tmp_path, monkeypatch, c
     assert "unreadable" in caplog.text
     assert torch.equal(again.topk_lp, first.topk_lp) and torch.equal(again.target_lp, first.target_lp)
     assert [p.name for p in (tmp_path / "cache" / "reference").iterdir()] == [cached.name]
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+@pytest.mark.parametrize("old", ["folder", "file", "link"])
+def test_a_folder_replaces_whatever_was_there(tmp_path, monkeypatch, old, swap):
+    from llmpress.io import atomic
+    from llmpress.io.atomic import atomic_dir
+
+    if swap == "two renames":  # where the OS cannot exchange two paths
+        monkeypatch.setattr(atomic, "_EXCHANGE", None)
+
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("kept")
+    if old == "folder":
+        out.mkdir()
+        (out / "old").write_text("old")
+    elif old == "file":
+        out.write_text("old")
+    else:
+        out.symlink_to(elsewhere)
+    with atomic_dir(out, force=True) as d:
+        (d / "new").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
+    assert not out.is_symlink() and [p.name for p in out.iterdir()] == ["new"]
+    assert (elsewhere / "keep").read_text() == "kept"  # a link's target is not touched

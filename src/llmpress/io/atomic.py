@@ -153,8 +153,8 @@ def _exchange(a: Path, b: Path) -> bool:
 def _replace(tmp: Path, dst: Path) -> None:
     """Publish ``tmp`` (synced) as ``dst``."""
     _sync_tree(tmp)
-    if dst.exists() and (tmp.is_dir() or dst.is_dir()) and not dst.is_symlink():
-        # os.replace cannot put a folder over a folder (or a file over a folder, a folder over a file)
+    if os.path.lexists(dst) and (tmp.is_dir() or (dst.is_dir() and not dst.is_symlink())):
+        # os.replace cannot put a folder over a folder (or a file over a folder, a folder over a file or link)
         if _exchange(tmp, dst):
             _remove(tmp)  # now the old output
         else:
