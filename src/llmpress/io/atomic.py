@@ -25,6 +25,7 @@ import ctypes
 import errno
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -158,7 +159,7 @@ def _replace(tmp: Path, dst: Path) -> None:
         if _exchange(tmp, dst):
             _remove(tmp)  # now the old output
         else:
-            old = Path(tempfile.mkdtemp(prefix=_prefix(dst), suffix=".tmp", dir=dst.parent))
+            old = dst.parent / f"{_prefix(dst)}{secrets.token_hex(6)}.tmp"  # a name, nothing there
             os.replace(dst, old)  # killed from here to the next line: neither is under dst's name
             os.replace(tmp, dst)
             _remove(old)
