@@ -221,13 +221,14 @@ def _kill_loop(name: str, base: dict[str, Path], tmp_path: Path, fractions: tupl
         else:
             rc, err, _ = _run(case.argv(base, out), env, kill_after=f * seconds)
         assert rc in (None, 0), err  # killed, or it finished first
+        at = "at its first temporary" if f is None else f"at {f}·T"
         if name == "limit":  # the rows so far: each one the uninterrupted run's
             rows, want = _rows(out) if out.exists() else {}, _rows(ref)
-            assert all(want.get(k) == r for k, r in rows.items()), f"killed at {f}·T: a row differs"
+            assert all(want.get(k) == r for k, r in rows.items()), f"killed {at}: a row differs"
         elif out.exists():
-            assert case.state(out) in allowed, f"killed at {f}·T: {out} is neither the old output nor the new"
+            assert case.state(out) in allowed, f"killed {at}: {out} is neither the old output nor the new"
         else:
-            assert case.old is None, f"killed at {f}·T: the old output was lost"
+            assert case.old is None, f"killed {at}: the old output was lost"
     rc, err, _ = _run(case.argv(base, out), env)  # the rerun after the kills: resumes or starts afresh, and ends
     assert rc == 0, err
     assert case.state(out) == new
