@@ -9,6 +9,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("LLMPRESS_FSYNC", "0")  # outputs are still atomic; only a power cut could tell (test_kill_points syncs)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 

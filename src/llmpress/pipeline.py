@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, UnsupportedModelError
 from . import moe, skeleton as sk
-from .io.atomic import atomic_dir
+from .io.atomic import atomic_dir, scratch_dir
 from .io.folder import FolderWriter
 from .device import resolve_device, to_cpu
 from .models import TensorStore, config as source_config, load_tokenizer, resolve
@@ -286,13 +284,8 @@ def _rotation(skel: nn.Module, store: TensorStore, rotate: Any) -> Any:
 @contextlib.contextmanager
 def _discarded_dir(out: str | Path) -> Iterator[Path]:
     """A temporary folder beside ``out`` (the same disk), deleted afterwards whatever happens."""
-    parent = Path(out).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.trial.", dir=parent))
-    try:
+    with scratch_dir(Path(out).parent, f"{Path(out).name}.trial") as tmp:
         yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:

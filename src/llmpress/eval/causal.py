@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -204,12 +205,16 @@ class Reference:
         if cache and fingerprint:
             key = f"{fingerprint[:16]}-{proto.key()}-k{k}s{samples}"
             path = cache_dir() / "reference" / f"{key}.safetensors"
+            ref = None
             if path.exists():
-                ref = cls.load(path)
-                if torch.equal(ref.ids, ids):
-                    log.info("reference loaded from %s", path)
-                    ref.protocol.threads = proto.threads
-                    return ref
+                try:
+                    ref = cls.load(path)
+                except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # damaged: measured again
+                    log.warning("reference cache %s is unreadable (%s); measuring the original again", path, e)
+            if ref is not None and torch.equal(ref.ids, ids):
+                log.info("reference loaded from %s", path)
+                ref.protocol.threads = proto.threads
+                return ref
         if not isinstance(model, torch.nn.Module):
             model = model()
         vocab = _vocab_of(model)
@@ -244,13 +249,13 @@ class Reference:
         return ref
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        from ..io.atomic import atomic_file
+
         tensors = {"ids": self.ids, "domain": self.domain, "topk_idx": self.topk_idx, "topk_lp": self.topk_lp,
                    "log_rest": self.log_rest, "tail_idx": self.tail_idx, "tail_lp": self.tail_lp, "target_lp": self.target_lp}
         meta = {"protocol": json.dumps(self.protocol.to_dict()), "model": json.dumps(self.model_info), "cost": json.dumps(self.cost)}
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_file(path, force=True) as tmp:  # a name of its own: runs filling the cache at once do not mix
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> "Reference":

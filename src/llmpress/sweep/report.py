@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +119,6 @@ def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{s['model']}: rate–quality frontier")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path, force=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -7,8 +7,6 @@ Executors are a registry, so the sweep does not care where a point runs.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -16,6 +14,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import ResourceLimitError
+from ..io.atomic import scratch_dir
 from ..recipe import Recipe
 from .points import Point
 
@@ -180,11 +179,8 @@ def run_point(point: Point, settings: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(settings["threads"])
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="llmpress-limit-", dir=settings.get("scratch")))
-    try:
+    with scratch_dir(settings.get("scratch"), "llmpress-limit") as work:  # a killed run's is removed by the next
         row = MAKERS.get(point.family, _lossy)(point, settings, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     command = point_command(point, settings)
     row.update(label=point.label, family=point.family, recipe=row.get("recipe", point.recipe), command=command,
                seconds=time.perf_counter() - t0)

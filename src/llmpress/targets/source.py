@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, MissingInputError, NotFoundError
+from ..io.atomic import scratch_dir
 from ..tensor import CompressedTensor, decode
 
 log = logging.getLogger(__name__)
@@ -102,8 +101,7 @@ class ExportSource:
 
         p = Path(self.model).expanduser()
         if p.is_file() and p.suffix == ".llmp":
-            self._tmp = Path(tempfile.mkdtemp(prefix="llmpress-export-"))
-            self._stack.callback(shutil.rmtree, self._tmp, True)
+            self._tmp = self._stack.enter_context(scratch_dir(None, "llmpress-export"))
             from ..lossless.container import unpack
 
             log.info("unpacking %s into %s", p, self._tmp)
