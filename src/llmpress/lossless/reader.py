@@ -42,14 +42,15 @@ import zstandard
 
 from ..errors import CorruptFileError, NotFoundError
 from .chunk import decode_chunk
-from .planes import ITEMSIZE
+from .planes import CODES, ITEMSIZE
 from .segments import MAX_NDIM
 
 MAGIC, VERSION = b"LLMPRESS", 5
+CODES_VERSION = 6  # a file with a segment of bit-packed codes (``codes``: planes.CodesLayout); else VERSION
 # v2 added the ``rans`` backend (id 3); v3 its compact model bytes (id 4, model.py); v4 the
 # 32-lane rANS (id 5, rans32.py) and xxh3-64 chunk checksums; v5 the 32-lane rANS with one
-# shared word stream (id 7, rans32s.py); chunk layout unchanged since v1
-READABLE = (1, 2, 3, 4, 5)
+# shared word stream (id 7, rans32s.py); v6 segments of bit-packed codes; chunk layout unchanged since v1
+READABLE = (1, 2, 3, 4, 5, 6)
 FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
 CHUNK_BYTES = 512 << 10  # measured on MiniLM: smaller ratio than 1 MiB (more adaptive models) and no slower
@@ -144,6 +145,9 @@ class Packed:
                         raise CorruptError(f"{where}: offset, length and dtype must be integers and a name")
                     if s["offset"] != pos or s["dtype"] not in ITEMSIZE and s["dtype"] != "bytes":
                         raise CorruptError(f"{where}: segment does not follow the previous one")
+                    if "codes" in s and not (self.version >= CODES_VERSION and type(s["codes"]) is int
+                                             and s["codes"] in CODES and s["dtype"] == "U8"):
+                        raise CorruptError(f"{where}: codes of {s['codes']!r} bits in a {s['dtype']} segment")
                     if s["kind"] == "tensor":
                         shape = s["shape"]
                         if len(shape) > MAX_NDIM or any(not isinstance(d, int) or d < 0 for d in shape) or \
@@ -180,7 +184,7 @@ class Packed:
         if self.version == 1 and crc32(payload) != crc:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch (corrupted)")
         try:
-            out = decode_chunk(memoryview(payload), s["dtype"], raw, out)
+            out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0))
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if self.version >= 2 and chunk_sum(out, self.version) != crc:
