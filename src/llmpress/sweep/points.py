@@ -141,6 +141,13 @@ def mixed(target_bpw: float, menu: str = "gptq") -> Point:
                  params={"target_bpw": target_bpw, "menu": menu})
 
 
+def mixed_pack(target_bpw: float, menu: str = "gptq") -> Point:
+    """:func:`mixed`, then what remains packed losslessly (codes and scales entropy-coded)."""
+    m = mixed(target_bpw, menu)
+    return Point(m.label + "+pack", "mixed+pack", None, m.command + " && llmpress pack {out} -o {out}.llmp",
+                 calib=True, params={**m.params, "pack": True})
+
+
 def _quick() -> list[Point]:
     """About ten minutes for a 135M model on 2 cores: the lossless limit, RTN across the range,
     GPTQ where RTN starts to hurt, one whitened factorization (the mixed points, ``MIXED_BPW``, are
