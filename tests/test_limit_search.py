@@ -155,3 +155,22 @@ def test_a_packed_points_calibration_flags_go_to_quantize():
     cmd = point_command(quant_pack("gptq", 6, 64, calib=True), settings)
     assert cmd == ("llmpress quantize m -o gptq-w6-g64+pack --method gptq --bits 6 --group-size 64 --calib calib-mix "
                    "--samples 16 --seq-len 512 && llmpress pack gptq-w6-g64+pack -o gptq-w6-g64+pack.llmp")
+
+
+def test_the_near_lossless_menu_holds_the_widths_around_the_threshold():
+    from llmpress.sweep.menu import options_for
+
+    assert [o.label for o in options_for("near-lossless", (64, 256))] == \
+        ["gptq-w4-g128", "gptq-w5-g128", "gptq-w6-g128", "rtn-w8-g128"]
+
+
+def test_a_packed_mixed_point_runs_in_the_sweep(tiny_llama_dir, tmp_path):
+    """The mixed ladder's rung: allocation to the target, then packed; its row holds both sizes."""
+    from llmpress.sweep.points import mixed_pack
+
+    limit(str(tiny_llama_dir), tmp_path, points=[mixed_pack(5.0, "rtn")], ctx=64, tokens=256, samples=2, seq_len=32,
+          threads=1, search=False, mixed_bpw=None)
+    (row,) = read_results(tmp_path / "results.jsonl")
+    assert row["family"] == "mixed+pack" and row["allocation"]["bpw"] <= 5.0 + 1e-9
+    assert row["bpw"] < row["bpw_unpacked"] == pytest.approx(row["allocation"]["bpw"])
+    assert "--target-bpw 5" in row["command"] and "&& llmpress pack" in row["command"] and row["recipe"]
