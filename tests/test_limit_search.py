@@ -161,7 +161,7 @@ def test_the_near_lossless_menu_holds_the_widths_around_the_threshold():
     from llmpress.sweep.menu import options_for
 
     assert [o.label for o in options_for("near-lossless", (64, 256))] == \
-        ["gptq-w4-g128", "gptq-w5-g128", "gptq-w6-g128", "rtn-w8-g128"]
+        ["gptq-w5-g128", "gptq-w6-g128", "rtn-w8-g128"]
 
 
 def test_a_packed_mixed_point_runs_in_the_sweep(tiny_llama_dir, tmp_path):

@@ -6,7 +6,7 @@ the options it offers for a layer of a given shape and method:
 * ``gptq`` / ``awq`` / ``rtn``: the method at 2, 3, 4 bits with groups of 64 and 128, 5 and 6 bits
   with groups of 128, and RTN at 8 bits, groups of 128 (the cheap fallback where the methods no
   longer differ); ``gptq-quick`` (the quick sweep's): GPTQ at 2, 3, 4 bits, groups of 64, and RTN 8-bit;
-  ``near-lossless`` (the near-lossless search's mixed ladder, :mod:`.search`): GPTQ at 4, 5, 6 bits,
+  ``near-lossless`` (the near-lossless search's mixed ladder, :mod:`.search`): GPTQ at 5 and 6 bits,
   groups of 128, and RTN 8-bit — the widths between which a mean KL of ~0.01 is crossed;
 * ``gguf``: llama.cpp's types q2_k … q6_k and q8_0 as ``grid: gguf:<type>`` with the chosen
   method (GPTQ by default), each replaced by llama.cpp's fallback where the row width is not a
@@ -110,7 +110,7 @@ MENUS: dict[str, Callable[[tuple[int, int], str | None], list[Option]]] = {
     "awq": _grid_menu("awq"),
     "rtn": _grid_menu("rtn"),
     "gptq-quick": _grid_menu("gptq", groups=(64,), high=()),  # the quick sweep's: a third of the encodings
-    "near-lossless": _grid_menu("gptq", groups=(128,), low=(4,)),
+    "near-lossless": _grid_menu("gptq", groups=(128,), low=()),
     "gguf": _gguf_menu,
 }
 # menus whose options carry the method the user picks (--method)
