@@ -108,3 +108,23 @@ def test_codes_on_another_dtype_is_a_lying_index(folder, tmp_path):
     path.write_bytes(bytes(b[:off]) + blob + FOOTER.pack(off, len(blob), crc32(blob), end))
     with pytest.raises(CorruptError, match="codes"):
         Packed(path)
+
+
+def test_only_codes_below_8_bits_of_an_llmpress_folder_are_codes(folder, tmp_path):
+    """8-bit codes are bytes already; a folder without llmpress's manifest, or whose manifest does not
+    read, names no codes (its bytes are packed as bytes, and the file stays version 5)."""
+    import shutil
+
+    from llmpress.lossless.container import codes_of
+    from llmpress.pipeline import compress
+    from llmpress.recipe import Recipe
+
+    assert codes_of(folder) and set(codes_of(folder).values()) == {6}
+    eight = tmp_path / "rtn8"
+    compress(tiny_source(tmp_path / "src"), Recipe.uniform("rtn", bits=8, group_size=32), eight, progress=False)
+    assert codes_of(eight) == {}
+    assert codes_of(tmp_path / "src") == {}
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "llmpress.json").write_text("{not json")
+    assert codes_of(broken) == {}
