@@ -2,84 +2,135 @@
 the sweep's points give, the time allowed, and its points in the sweep's report."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from llmpress.sweep import points as pts_mod
 from llmpress.sweep import search
-from llmpress.sweep.driver import limit, read_results
+from llmpress.sweep.driver import limit, read_results, summarize
+from llmpress.sweep.frontier import pareto
 from llmpress.sweep.points import quant
-from llmpress.sweep.search import Ladder, fewest_bits, near_lossless
+from llmpress.sweep.search import PACK_FLOOR, Mixed, Uniform, near_lossless
 
 
-def _fake(kl: dict[tuple[str, int, int], float], packed_saving: float = 0.4):
-    """A run function over a table of KL by (method, bits, group); bpw = bits + 32/group (less
-    ``packed_saving`` packed). Records the labels it was asked for."""
+def _fake(kl, saving: float = 0.4):
+    """A run function over ``kl(kind, x)``: kind a uniform ladder's (method, group) with x its
+    bits, or "mixed" with x the target; bpw = bits + 32/group or the target (less ``saving``
+    packed). Records the labels it was asked for."""
     asked: list[str] = []
 
     def run(points):
         out = []
         for p in points:
             asked.append(p.label)
-            method, rest = p.label.split("-w")
-            bits, g = rest.split("-g")
-            group = int(g.split("+")[0])
-            packed = "+pack" in p.label
-            k = kl[(method, int(bits), group)]
-            out.append({"label": p.label, "family": p.family, "kl_mean": k, "key": p.label,
-                        "bpw": int(bits) + 32 / group - (packed_saving if packed else 0.0)})
+            packed = p.label.endswith("+pack")
+            if "target_bpw" in p.params:
+                kind, x = "mixed", p.params["target_bpw"]
+                bpw = x
+            else:
+                method, rest = p.label.removesuffix("+pack").split("-w")
+                bits, g = rest.split("-g")
+                kind, x = (method, int(g)), int(bits)
+                bpw = x + 32 / int(g)
+            out.append({"label": p.label, "family": p.family, "kl_mean": kl(kind, x), "key": p.label,
+                        "bpw": bpw - (saving if packed else 0.0)})
         return out
 
     return run, asked
 
 
-def test_bisection_finds_the_fewest_bits_in_few_runs():
-    lad = Ladder("gptq", 128, (2, 3, 4, 5, 6, 8))
-    kl = {("gptq", b, 128): {2: 3.0, 3: 0.4, 4: 0.08, 5: 0.02, 6: 0.006, 8: 0.001}[b] for b in lad.bits}
-    run, asked = _fake(kl)
-    bits, row = fewest_bits(lad, run, 0.01, time.monotonic() + 60)
-    assert bits == 6 and row["label"] == "gptq-w6-g128"
-    assert len(asked) <= 3  # log2(6) + 1
-    run, asked = _fake(kl)
-    assert fewest_bits(lad, run, 1e-4, time.monotonic() + 60) is None
+def _table(t):
+    return lambda kind, x: t[(kind, x)]
 
 
-def test_search_packs_the_winner_and_skips_ladders_that_cannot_win(monkeypatch):
-    monkeypatch.setattr(search, "LADDERS", (Ladder("gptq", 128, (4, 5, 6, 8)), Ladder("gptq", 64, (4, 5, 6)),
-                                            Ladder("rtn", 128, (6, 8))))
-    kl = {("gptq", 4, 128): 0.05, ("gptq", 5, 128): 0.02, ("gptq", 6, 128): 0.005, ("gptq", 8, 128): 0.001,
-          ("gptq", 4, 64): 0.04, ("gptq", 5, 64): 0.009, ("gptq", 6, 64): 0.004,
-          ("rtn", 6, 128): 0.03, ("rtn", 8, 128): 0.002}
-    run, asked = _fake(kl)
-    known = [{"label": "rtn-w8-g128", "family": "rtn", "kl_mean": 0.002, "bpw": 8.25, "key": "k"}]
-    rows = near_lossless(run, 0.01, 60, known)
-    labels = [r["label"] for r in rows]
-    assert labels == ["gptq-w6-g128", "gptq-w6-g128+pack", "gptq-w5-g64", "gptq-w5-g64+pack"]
-    assert min(rows, key=lambda r: r["bpw"])["label"] == "gptq-w5-g64+pack"
-    assert not any(a.startswith("rtn") for a in asked)  # 6 bits raw ≥ the best found (5.1): skipped
+G128 = Uniform("gptq", 128, (2, 3, 4, 5, 6, 8))
+STEEP = {2: 3.0, 3: 0.4, 4: 0.08, 5: 0.02, 6: 0.006, 8: 0.001}
 
 
-def test_search_stops_when_time_is_up(monkeypatch):
-    run, asked = _fake({("gptq", b, 128): 0.5 for b in (4, 5, 6, 8)})
-    assert near_lossless(run, 0.01, 0.0, []) == [] and asked == []
+def test_bisection_runs_packed_rungs_and_finds_the_first_in_few_runs():
+    run, asked = _fake(_table({(("gptq", 128), b): STEEP[b] for b in STEEP}))
+    out = near_lossless(run, 0.01, 60, [], ladders=(G128,))
+    assert out["best"]["label"] == "gptq-w6-g128+pack" and out["complete"]
+    assert len(asked) <= 3 and all(a.endswith("+pack") for a in asked)  # log2(6) + 1, every one packed
+    assert [r["label"] for r in out["rows"]] == asked  # every point it ran is reported, misses too
+    run, asked = _fake(_table({(("gptq", 128), b): STEEP[b] for b in STEEP}))
+    assert near_lossless(run, 1e-4, 60, [], ladders=(G128,))["best"] is None
+
+
+def test_a_plain_row_the_sweep_has_decides_a_miss_without_a_run():
+    run, asked = _fake(_table({(("gptq", 128), b): STEEP[b] for b in STEEP}))
+    known = [{"label": "gptq-w4-g128", "family": "gptq", "kl_mean": 0.08, "bpw": 4.25, "key": "k4"},
+             {"label": "gptq-w6-g128", "family": "gptq", "kl_mean": 0.006, "bpw": 6.25, "key": "k6"}]
+    out = near_lossless(run, 0.01, 60, known, ladders=(G128,))
+    assert "gptq-w4-g128+pack" not in asked  # its plain row missed: decided without a run
+    assert "gptq-w6-g128+pack" in asked  # its plain row met it: the packed one is what it costs
+    assert out["best"]["label"] == "gptq-w6-g128+pack"
+
+
+def test_rungs_that_cannot_win_are_not_run_and_a_smaller_mixed_point_wins():
+    t = {(("gptq", 128), b): {4: 0.05, 5: 0.02, 6: 0.012, 8: 0.001}[b] for b in (4, 5, 6, 8)}
+    t.update({("mixed", x): 0.03 if x < 5.5 else 0.008 for x in (5.0, 5.25, 5.5, 5.75, 6.0, 6.25, 6.5)})
+    t.update({(("rtn", 128), b): {6: 0.03, 8: 0.002}[b] for b in (6, 8)})
+    ladders = (Uniform("gptq", 128, (4, 5, 6, 8)), Mixed("m", (5.0, 5.25, 5.5, 5.75, 6.0, 6.25, 6.5)),
+               Uniform("rtn", 128, (6, 8)))
+    run, asked = _fake(_table(t))
+    out = near_lossless(run, 0.01, 60, [], ladders=ladders)
+    assert out["best"]["label"] == "mixed-m-5.5bpw+pack" and out["best"]["bpw"] == 5.5 - 0.4
+    # the RTN rungs (6.25 and 8.25 bpw before packing) cannot beat 5.1 even packed: never run
+    assert not any(a.startswith("rtn") for a in asked)
+    assert any(s.startswith("rtn g128: cannot beat") for s in out["skipped"])
+    # the mixed rungs tried all lay below the bound of the uniform winner, over PACK_FLOOR
+    mixed_asked = [float(a.split("-")[2].removesuffix("bpw+pack")) for a in asked if a.startswith("mixed")]
+    assert mixed_asked and all(x * PACK_FLOOR < 8.25 - 0.4 for x in mixed_asked)
+
+
+def test_time_up_before_a_ladder_is_reported():
+    run, asked = _fake(lambda kind, x: 0.5)
+    out = near_lossless(run, 0.01, 0.0, [], ladders=(G128,))
+    assert out["rows"] == [] and asked == [] and not out["complete"]
+    assert out["skipped"] == ["gptq g128: time is up"]
+
+
+def test_a_bisection_cut_by_the_deadline_keeps_what_it_found(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(search.time, "monotonic", lambda: clock[0])
+    inner, asked = _fake(_table({(("gptq", 128), b): STEEP[b] for b in STEEP}))
+
+    def run(points):
+        clock[0] += 40.0  # each run takes 40 s of a 100 s allowance
+        return inner(points)
+
+    out = near_lossless(run, 0.01, 100, [], ladders=(G128,))
+    # 4 bits (miss) and 6 bits (meets it) fit; a third run of 40 s would end past the allowance: not started
+    assert len(asked) == 2 and not out["complete"] and clock[0] == 80.0
+    assert out["best"]["label"] == "gptq-w6-g128+pack"
+
+
+def test_the_recommendation_is_on_the_frontier_even_at_equal_bits():
+    rows = [{"label": "a", "family": "gptq", "bpw": 6.0, "kl_mean": 0.009, "command": "x"},
+            {"label": "b", "family": "gptq", "bpw": 6.0, "kl_mean": 0.004, "command": "x"},
+            {"label": "c", "family": "rtn", "bpw": 8.0, "kl_mean": 0.001, "command": "x"}]
+    s = summarize(rows, 0.01)
+    assert s["recommendation"]["label"] == "b" and "b" in {r["label"] for r in pareto(rows)}
 
 
 def test_limit_runs_the_search_and_recommends_its_point(tiny_llama_dir, tmp_path, monkeypatch):
     """On a tiny model with a one-point budget (RTN 8-bit g32), the search along an RTN ladder finds
     a smaller point within the threshold; it and its packed form join the results and the report."""
     monkeypatch.setitem(pts_mod.BUDGETS, "quick", lambda: [quant("rtn", 8, 32)])
-    monkeypatch.setattr(search, "LADDERS", (Ladder("rtn", 32, (4, 5, 6)),))
+    monkeypatch.setattr(search, "LADDERS", (Uniform("rtn", 32, (4, 5, 6)),))
     s = limit(str(tiny_llama_dir), tmp_path, ctx=64, tokens=256, samples=2, seq_len=32, threads=1, mixed_bpw=None,
               max_kl=0.05)
     rows = {r["label"]: r for r in read_results(tmp_path / "results.jsonl")}
     assert "rtn-w8-g32" in rows and len(rows) >= 3
-    found = [r for lbl, r in rows.items() if lbl.startswith("rtn-w") and "+pack" in lbl]
-    assert len(found) == 1
+    found = [lbl for lbl in rows if lbl.startswith("rtn-w") and "+pack" in lbl]
+    assert found and sorted(s["search"]["tried"]) == sorted(found)  # every rung it ran, packed, reported
+    assert all(rows[lbl]["bpw"] < rows[lbl]["bpw_unpacked"] for lbl in found)
     rec = s["recommendation"]
+    assert rec["label"] in s["frontier"]
     assert rec["kl_mean"] <= 0.05 and rec["bpw"] < rows["rtn-w8-g32"]["bpw"]
     assert rec["label"] == min((r for r in rows.values() if r["kl_mean"] <= 0.05), key=lambda r: r["bpw"])["label"]
-    assert rec["label"] in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert rec["label"] in report and "## Near-lossless search" in report
     # a re-run reuses every row
     n = len(read_results(tmp_path / "results.jsonl"))
     limit(str(tiny_llama_dir), tmp_path, ctx=64, tokens=256, samples=2, seq_len=32, threads=1, mixed_bpw=None, max_kl=0.05)
@@ -105,3 +156,22 @@ def test_a_packed_points_calibration_flags_go_to_quantize():
     cmd = point_command(quant_pack("gptq", 6, 64, calib=True), settings)
     assert cmd == ("llmpress quantize m -o gptq-w6-g64+pack --method gptq --bits 6 --group-size 64 --calib calib-mix "
                    "--samples 16 --seq-len 512 && llmpress pack gptq-w6-g64+pack -o gptq-w6-g64+pack.llmp")
+
+
+def test_the_near_lossless_menu_holds_the_widths_around_the_threshold():
+    from llmpress.sweep.menu import options_for
+
+    assert [o.label for o in options_for("near-lossless", (64, 256))] == \
+        ["gptq-w5-g128", "gptq-w6-g128", "rtn-w8-g128"]
+
+
+def test_a_packed_mixed_point_runs_in_the_sweep(tiny_llama_dir, tmp_path):
+    """The mixed ladder's rung: allocation to the target, then packed; its row holds both sizes."""
+    from llmpress.sweep.points import mixed_pack
+
+    limit(str(tiny_llama_dir), tmp_path, points=[mixed_pack(5.0, "rtn")], ctx=64, tokens=256, samples=2, seq_len=32,
+          threads=1, search=False, mixed_bpw=None)
+    (row,) = read_results(tmp_path / "results.jsonl")
+    assert row["family"] == "mixed+pack" and row["allocation"]["bpw"] <= 5.0 + 1e-9
+    assert row["bpw"] < row["bpw_unpacked"] == pytest.approx(row["allocation"]["bpw"])
+    assert "--target-bpw 5" in row["command"] and "&& llmpress pack" in row["command"] and row["recipe"]

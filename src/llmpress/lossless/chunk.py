@@ -20,11 +20,12 @@ from .chunk_kernel import decode_fields
 from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from .fields import FloatLayout, layout
 
-# policy name -> entropy backends tried on (head, tail, bytes) streams, besides raw
+# policy name -> entropy backends tried on (head, tail, bytes, codes) streams, besides raw
+# (codes: a quantized tensor's codes, one symbol each; zstd too, for codes that repeat)
 POLICIES: dict[str, dict[str, tuple[str, ...]]] = {
-    "rans": {"head": ("rans",), "tail": ("rans", "split"), "bytes": ("zstd",)},
-    "ans": {"head": ("ans",), "tail": ("ans",), "bytes": ("zstd",)},
-    "zstd": {"head": ("zstd",), "tail": ("zstd",), "bytes": ("zstd",)},
+    "rans": {"head": ("rans",), "tail": ("rans", "split"), "bytes": ("zstd",), "codes": ("rans", "split", "zstd")},
+    "ans": {"head": ("ans",), "tail": ("ans",), "bytes": ("zstd",), "codes": ("ans", "zstd")},
+    "zstd": {"head": ("zstd",), "tail": ("zstd",), "bytes": ("zstd",), "codes": ("zstd",)},
 }
 
 
@@ -38,19 +39,20 @@ class ChunkStats:
 
 
 def _kind(name: str) -> str:
-    return "bytes" if name == "bytes" else ("head" if name == "head" else "tail")
+    return name if name in ("bytes", "head", "codes") else "tail"
 
 
-def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "rans") -> tuple[bytes, ChunkStats]:
-    """raw: (nbytes,) uint8, a whole number of ``dtype`` words (never modified)."""
-    parts, st = encode_chunk_parts(raw, dtype, policy)
+def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0) -> tuple[bytes, ChunkStats]:
+    """raw: (nbytes,) uint8, a whole number of ``dtype`` words (never modified); ``codes``: the
+    bits of the codes a U8 tensor holds bit-packed (0: none)."""
+    parts, st = encode_chunk_parts(raw, dtype, policy, codes)
     return b"".join(parts), st
 
 
-def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans") -> tuple[list, ChunkStats]:
+def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0) -> tuple[list, ChunkStats]:
     """:func:`encode_chunk` as a list of buffers to write in order (a raw stream is a view of
     its field, not a copy: on FP32 the raw tails are ~70 % of the output)."""
-    lay = layout(dtype)
+    lay = layout(dtype, codes)
     parts, hists = lay.split_hist(raw, *_scratch_split(lay, len(raw) // lay.itemsize)) \
         if isinstance(lay, FloatLayout) else lay.split_hist(raw)
     pol = POLICIES[policy]
@@ -99,24 +101,25 @@ def _scratch_fields(lay: FloatLayout, n: int) -> list[np.ndarray]:
 
 
 def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None,
-                 compiled: bool = True) -> np.ndarray:
+                 compiled: bool = True, codes: int = 0) -> np.ndarray:
     """Inverse of :func:`encode_chunk`: the chunk's ``nbytes`` bytes, written into ``out``
     ((nbytes,) uint8) if given; raises ValueError on any inconsistency.
 
     A float chunk's fields first decode in one compiled call (chunk_kernel.py, no GIL); what
     that does not handle or cannot decode takes the generic path below (``compiled=False``:
     only that one), which names the problem."""
-    lay = layout(dtype)
+    lay = layout(dtype, codes)
     if nbytes % lay.itemsize:
         raise InputError(f"{nbytes} bytes is not a whole number of {dtype} words")
-    n = nbytes // lay.itemsize
+    n = lay.symbols(nbytes)  # in each field's stream
     if out is not None and out.shape != (nbytes,):
         raise InputError(f"output holds {out.shape} bytes, the chunk {nbytes}")
     if len(buf) < 1 or buf[0] != len(lay.fields):
         raise InputError("chunk header: wrong number of fields")
     if out is None:
         out = np.empty(nbytes, np.uint8)
-    fields = _scratch_fields(lay, n) if isinstance(lay, FloatLayout) else [out]
+    # raw bytes decode in place; codes (n symbols ≠ nbytes) into a fresh array, then merge
+    fields = _scratch_fields(lay, n) if isinstance(lay, FloatLayout) else [out if n == nbytes else None]
     if compiled and isinstance(lay, FloatLayout):
         t = fields[1:] + [fields[1]] * (4 - len(fields))
         if decode_fields(np.frombuffer(buf, np.uint8), lay.fields[0].width, lay.tail_w, fields[0], *t) == 0:
@@ -137,4 +140,4 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
         pos += ln
     if pos != len(buf):
         raise InputError("chunk has trailing bytes")
-    return lay.merge(parts, n, out)
+    return lay.merge(parts, nbytes // lay.itemsize, out)

@@ -34,6 +34,7 @@ from .reader import (
     FOOTER,
     MAGIC,
     MAX_CHUNK_BYTES,
+    CODES_VERSION,
     VERSION,
     CorruptError,
     Packed,
@@ -101,10 +102,12 @@ def pack(
     t0 = time.perf_counter()
     fan = workers > 1 or address is not None
     threads = threads or (max(1, min(4, (os.cpu_count() or 1) // workers)) if fan else default_threads())
-    index: dict[str, Any] = {"format": "llmpress.lossless", "version": VERSION, "root": root_kind,
+    codes = codes_of(root) if root_kind == "folder" else {}
+    version = CODES_VERSION if codes else VERSION  # an older reader can read a file without codes segments
+    index: dict[str, Any] = {"format": "llmpress.lossless", "version": version, "root": root_kind,
                              "chunk_bytes": chunk_bytes, "policy": policy, "files": []}
     tensors: dict[str, dict[str, Any]] = {}
-    job = FileJob(threads, policy, chunk_bytes)
+    job = FileJob(threads, policy, chunk_bytes, tuple(sorted(codes.items())))
     with contextlib.ExitStack() as stack:
         if fan:  # Ray is connected (or refused) before the output exists
             from .fanout import coded_files
@@ -113,7 +116,7 @@ def pack(
         else:
             coded = _coded_here(stack, files, root, job)
         with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo:
-            fo.write(MAGIC + struct.pack("<I", VERSION))
+            fo.write(MAGIC + struct.pack("<I", version))
             for record, pieces in coded:
                 base = fo.tell()
                 for ln, data in pieces:
@@ -154,6 +157,30 @@ class FileJob:
     threads: int
     policy: str
     chunk_bytes: int
+    codes: tuple[tuple[str, int], ...] = ()  # (tensor name, bits) of the U8 tensors holding bit-packed codes
+
+
+def codes_of(root: Path) -> dict[str, int]:
+    """{stored tensor name: bits} of a lossy llmpress folder's bit-packed codes (each quantized
+    linear's ``qweight`` below 8 bits, by its manifest); {} for any other folder, or one whose
+    manifest does not read (its bytes are still packed, as bytes)."""
+    from ..errors import LlmpressError
+    from ..io.folder import MANIFEST, read_manifest
+    from .fields import CODES
+
+    if not (root / MANIFEST).is_file():
+        return {}
+    try:
+        tensors = read_manifest(root)["tensors"]
+    except LlmpressError as e:
+        log.debug("%s: no codes from its manifest (%s)", root, e)
+        return {}
+    out = {}
+    for param, entry in tensors.items():
+        bits = (entry.get("meta") or {}).get("bits")
+        if "qweight" in entry.get("keys", ()) and type(bits) is int and bits in CODES:
+            out[f"{param}.qweight"] = bits
+    return out
 
 
 def _coded_here(stack: contextlib.ExitStack, files: list[Path], root: Path, job: FileJob) -> Iterator[Coded]:
@@ -189,14 +216,14 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     pos = 0
     # (segment record, length, the worker's future or the raw chunk the caller codes itself,
     # the chunk's hash future)
-    pending: deque[tuple[dict, int, Future | tuple[np.ndarray, str], Future]] = deque()
+    pending: deque[tuple[dict, int, Future | tuple[np.ndarray, str, int], Future]] = deque()
 
     def drain(limit: int) -> Iterator[tuple[int, Any]]:
         nonlocal pos
         while len(pending) > limit:
             rec, ln, work, hashed = pending.popleft()
             hashed.result()  # the hash thread keeps up: no queue of raw chunks behind it
-            parts, st, crc = work.result() if isinstance(work, Future) else _encode_job(*work, job.policy)
+            parts, st, crc = work.result() if isinstance(work, Future) else _encode_job(*work, policy=job.policy)
             size = sum(len(b) for b in parts)
             rec["chunks"].append([pos, size, ln, crc])
             pos += size
@@ -206,7 +233,7 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
 
     k = 0
     with open(path, "rb") as fi:
-        for seg in plan_file(path):
+        for seg in plan_file(path, dict(job.codes)):
             srec = _segment_record(seg)
             frec["segments"].append(srec)
             fi.seek(seg.offset)
@@ -219,7 +246,8 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
                 # threads-th chunk itself when its turn to be written comes (as the
                 # decoders do), the workers the others
                 mine = ex is None or k % threads == 0
-                pending.append((srec, ln, (raw, seg.dtype) if mine else ex.submit(_encode_job, raw, seg.dtype, job.policy),
+                pending.append((srec, ln, (raw, seg.dtype, seg.codes) if mine else
+                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, job.policy),
                                 hasher.submit(sha.update, raw)))
                 k += 1
                 yield from drain(2 * threads if ex is not None else 0)
@@ -230,10 +258,10 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     frec["sha256"] = hasher.submit(sha.hexdigest).result()
 
 
-def _encode_job(raw: np.ndarray, dtype: str, policy: str) -> tuple[list, Any, int]:
+def _encode_job(raw: np.ndarray, dtype: str, codes: int, policy: str) -> tuple[list, Any, int]:
     """One chunk's payload parts, stats and checksum, all computed by whichever coder (a worker or
     the caller) takes the chunk."""
-    parts, st = encode_chunk_parts(raw, dtype, policy)
+    parts, st = encode_chunk_parts(raw, dtype, policy, codes)
     return parts, st, chunk_sum(raw)
 
 
@@ -252,6 +280,8 @@ def _segment_record(seg: Segment) -> dict[str, Any]:
                            "chunks": []}
     if seg.kind == "tensor":
         rec.update(name=seg.name, shape=list(seg.shape), stats={"bytes": seg.length, "packed": 0, "bound_bits": 0.0})
+    if seg.codes:
+        rec["codes"] = seg.codes
     return rec
 
 

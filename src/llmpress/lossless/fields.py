@@ -10,8 +10,12 @@ predictable *given* the exponent. A float word is therefore split into
 - ``tail`` pieces = sign ‖ remaining mantissa bits, cut into bytes from the least significant
   end (the top piece may be narrower): coded when that pays, stored bit-packed otherwise.
 
-Types that are not floats (integers, bool, F64...) are one field of raw bytes. ``split`` and
-``merge`` are exact inverses on every bit pattern (NaN payloads, subnormals, -0 included).
+Types that are not floats (integers, bool, F64...) are one field of raw bytes, except a
+quantized folder's bit-packed codes (a ``U8`` tensor the pack was told holds ``b``-bit codes,
+``b`` < 8, in :mod:`llmpress.quant.pack`'s little-endian stream): one field of ``b``-bit symbols,
+one per code, so the coder sees the codes' own distribution rather than bytes that straddle
+codes. ``split`` and ``merge`` are exact inverses on every bit pattern (NaN payloads,
+subnormals, -0 included; any byte length for the codes).
 """
 from __future__ import annotations
 
@@ -48,6 +52,48 @@ class Layout:
     def split_hist(self, raw: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """``split`` plus each field's symbol counts ((2**width,) int64 each)."""
         return [raw], [np.bincount(raw, minlength=256).astype(np.int64)]
+
+    def symbols(self, nbytes: int) -> int:
+        """Symbols in each field of a chunk of ``nbytes`` raw bytes."""
+        return nbytes // self.itemsize
+
+
+class CodesLayout(Layout):
+    """``bits``-bit integer codes bit-packed little-endian (code i in bits [b·i, b·i + b) of the
+    byte stream) → one ``codes`` field of ``bits``-bit symbols. A chunk of L bytes holds
+    ⌈8L/b⌉ symbols, the last one's bits past the chunk zero; merge keeps the first 8L bits, so
+    any bytes round-trip (chunks cut on multiples of ``bits`` bytes keep whole codes)."""
+
+    def __init__(self, bits: int):
+        if not 1 <= bits < 8:
+            raise ValueError(f"codes of {bits} bits: 1..7 only (8-bit codes are bytes)")
+        self.bits = bits
+        self.fields = (Field("codes", bits),)
+
+    def symbols(self, nbytes: int) -> int:
+        return -(-8 * nbytes // self.bits)
+
+    def split_hist(self, raw: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        b, m = self.bits, self.symbols(len(raw))
+        stream = np.zeros(m * b, np.uint8)
+        stream[: 8 * len(raw)] = np.unpackbits(raw, bitorder="little")
+        planes = np.zeros((m, 8), np.uint8)
+        planes[:, :b] = stream.reshape(m, b)  # (m, 8): each code's bits, low first
+        sym = np.packbits(planes, axis=1, bitorder="little").reshape(m)
+        return [sym], [np.bincount(sym, minlength=1 << b).astype(np.int64)]
+
+    def split(self, raw: np.ndarray) -> list[np.ndarray]:
+        return self.split_hist(raw)[0]
+
+    def merge(self, parts: list[np.ndarray], n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``n``: the chunk's raw bytes (not its symbols)."""
+        sym = np.ascontiguousarray(parts[0], np.uint8)
+        bits = np.unpackbits(sym.reshape(-1, 1), axis=1, bitorder="little")[:, : self.bits].reshape(-1)
+        raw = np.packbits(bits[: 8 * n], bitorder="little")
+        if out is None:
+            return raw
+        out[:] = raw
+        return out
 
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
@@ -112,8 +158,13 @@ ITEMSIZE = {
 }
 
 
-def layout(dtype: str) -> Layout:
-    return LAYOUTS.get(dtype, RAW)
+# bit-packed codes of b bits (b < 8) in a U8 tensor: the segment's ``codes`` in the index
+CODES: dict[int, CodesLayout] = {b: CodesLayout(b) for b in range(1, 8)}
+
+
+def layout(dtype: str, codes: int = 0) -> Layout:
+    """How a segment's words split: by its dtype, or as ``codes``-bit codes where it holds them."""
+    return CODES[codes] if codes else LAYOUTS.get(dtype, RAW)
 
 
 def exponent(raw: np.ndarray, dtype: str) -> np.ndarray | None:

@@ -41,12 +41,14 @@ import zstandard
 
 from ..errors import CorruptFileError, NotFoundError, UnsupportedFormatError
 from .chunk import decode_chunk
-from .fields import ITEMSIZE
+from .fields import CODES, ITEMSIZE
 from .segments import MAX_NDIM
 
 MAGIC, VERSION = b"LLMPRESS", 5
-# the version field holds 5 for format 1 (docs/FORMAT.md); versions 1-4 came before the format
-# was frozen, were written only while llmpress was developed, and are no longer read
+CODES_VERSION = 6  # format 2: format 1 plus segments of bit-packed codes (``codes``: fields.CodesLayout)
+READABLE = (VERSION, CODES_VERSION)
+# the version field holds 5 for format 1 and 6 for format 2 (docs/FORMAT.md); versions 1-4 came
+# before the format was frozen, were written only while llmpress was developed, and are no longer read
 RETIRED = (1, 2, 3, 4)
 FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
@@ -88,9 +90,9 @@ class Packed:
                 raise UnsupportedFormatError(
                     f"{self.path}: container version {ver} is no longer read: it predates .llmp format 1 (version "
                     f"{VERSION}); unpack it with the llmpress that wrote it and pack it again")
-            if ver != VERSION:
-                raise UnsupportedFormatError(f"{self.path}: container version {ver}; this llmpress reads version "
-                                             f"{VERSION} (.llmp format 1) only (a newer llmpress wrote it?)")
+            if ver not in READABLE:
+                raise UnsupportedFormatError(f"{self.path}: container version {ver}; this llmpress reads versions "
+                                             f"{VERSION} and {CODES_VERSION} (.llmp formats 1 and 2) only (a newer llmpress wrote it?)")
             if self.size < 12 + FOOTER.size:
                 raise CorruptError(f"{self.path}: truncated (no footer)")
             f.seek(self.size - FOOTER.size)
@@ -133,8 +135,8 @@ class Packed:
     def _check_index(self) -> None:
         """Refuse a lying index: chunks outside the payload area, sizes that do not add up."""
         try:
-            if self.index["format"] != "llmpress.lossless" or self.index["version"] != VERSION:
-                raise CorruptError(f"{self.path}: the index is not a version {VERSION} llmpress index")
+            if self.index["format"] != "llmpress.lossless" or self.index["version"] != self.version:
+                raise CorruptError(f"{self.path}: the index is not a version {self.version} llmpress index")
             for f in self.index["files"]:
                 pos = 0
                 if not isinstance(f["path"], str) or f["path"].startswith("/") or ".." in f["path"].split("/"):
@@ -147,6 +149,9 @@ class Packed:
                         raise CorruptError(f"{where}: offset, length and dtype must be integers and a name")
                     if s["offset"] != pos or s["dtype"] not in ITEMSIZE and s["dtype"] != "bytes":
                         raise CorruptError(f"{where}: segment does not follow the previous one")
+                    if "codes" in s and not (self.version >= CODES_VERSION and type(s["codes"]) is int
+                                             and s["codes"] in CODES and s["dtype"] == "U8"):
+                        raise CorruptError(f"{where}: codes of {s['codes']!r} bits in a {s['dtype']} segment")
                     if s["kind"] == "tensor":
                         shape = s["shape"]
                         if len(shape) > MAX_NDIM or any(not isinstance(d, int) or d < 0 for d in shape) or \
@@ -181,7 +186,7 @@ class Packed:
         if len(payload) != ln:
             raise CorruptError(f"{self._what(f, s, i)}: truncated")
         try:
-            out = decode_chunk(memoryview(payload), s["dtype"], raw, out)
+            out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0))
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if chunk_sum(out) != crc:

@@ -34,6 +34,7 @@ class Segment:
     name: str = ""
     dtype: str = "bytes"
     shape: tuple[int, ...] = ()
+    codes: int = 0  # a U8 tensor holding codes of this many bits, bit-packed (fields.CodesLayout); 0: none
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
@@ -81,7 +82,7 @@ def check_tensor(where: str, name: str, info: object, data_len: int) -> tuple[st
     return dtype, tuple(shape), b, e
 
 
-def plan_safetensors(path: Path) -> list[Segment]:
+def plan_safetensors(path: Path, codes: dict[str, int] | None = None) -> list[Segment]:
     size = path.stat().st_size
     n, hdr = read_safetensors_header(path)
     base, data_len = 8 + n, size - 8 - n
@@ -90,7 +91,8 @@ def plan_safetensors(path: Path) -> list[Segment]:
         if name == "__metadata__":
             continue
         dtype, shape, b, e = check_tensor(str(path), name, info, data_len)
-        tensors.append(Segment("tensor", base + b, e - b, name, dtype, shape))
+        bits = (codes or {}).get(name, 0) if dtype == "U8" else 0
+        tensors.append(Segment("tensor", base + b, e - b, name, dtype, shape, bits))
     tensors.sort(key=lambda s: (s.offset, s.length))
     segs, pos = [Segment("bytes", 0, base)], base
     for t in tensors:
@@ -105,10 +107,11 @@ def plan_safetensors(path: Path) -> list[Segment]:
     return segs
 
 
-def plan_file(path: Path) -> list[Segment]:
-    """Segments of any file: typed tensors for a valid safetensors file, bytes otherwise."""
+def plan_file(path: Path, codes: dict[str, int] | None = None) -> list[Segment]:
+    """Segments of any file: typed tensors for a valid safetensors file, bytes otherwise;
+    ``codes``: {tensor name: bits} of the U8 tensors that hold bit-packed codes."""
     if path.suffix == ".safetensors":
-        return plan_safetensors(path)
+        return plan_safetensors(path, codes)
     return [Segment("bytes", 0, path.stat().st_size)]
 
 
@@ -117,9 +120,11 @@ def chunks_of(seg: Segment, chunk_bytes: int, max_bytes: int = 64 << 20) -> list
     ``chunk_bytes // 2`` words (its head stream's length, where each chunk pays for its models
     and lanes), so an FP32 chunk is twice ``chunk_bytes``; other segments are cut every
     ``chunk_bytes``. Measured on MiniLM FP32: 1 MiB chunks with 16-piece tail streams, 0.81518 →
-    0.81508 of 512 KiB ones (fewer models and lane states; the pieces keep the tails adaptive)."""
+    0.81508 of 512 KiB ones (fewer models and lane states; the pieces keep the tails adaptive).
+    A segment of ``b``-bit codes is cut every whole number of ``b`` bytes (8 codes), so each
+    chunk starts on a code."""
     lay = layout(seg.dtype)
-    size = lay.itemsize if isinstance(lay, FloatLayout) else ITEMSIZE.get(seg.dtype, 1)
+    size = lay.itemsize if isinstance(lay, FloatLayout) else (seg.codes or ITEMSIZE.get(seg.dtype, 1))
     words = chunk_bytes // 2 if isinstance(lay, FloatLayout) else chunk_bytes // size
     step = max(size, min(words * size, max_bytes // size * size))
     return [(o, min(step, seg.length - o)) for o in range(0, seg.length, step)]

@@ -168,16 +168,20 @@ def limit(
         return [done[p.key(context)] for p in points]
 
     rows = run(pts)
+    searched = None
     if search and points is None:
         from .search import SEARCH_SECONDS, near_lossless
 
-        found = near_lossless(lambda p: run(p, "near-lossless search"), max_kl, SEARCH_SECONDS.get(budget, 0), rows)
+        searched = near_lossless(lambda p: run(p, "near-lossless search"), max_kl, SEARCH_SECONDS.get(budget, 0), rows)
         seen = {r["key"] for r in rows}
-        for r in found:
+        for r in searched["rows"]:
             if r["key"] not in seen:
                 seen.add(r["key"])
                 rows.append(r)
     summary = summarize(rows, max_kl)
+    if searched is not None:
+        summary["search"] = {"tried": [r["label"] for r in searched["rows"]], "skipped": searched["skipped"],
+                             "seconds": searched["seconds"], "complete": searched["complete"]}
     summary["keys"] = [r["key"] for r in rows]
     summary.update(model=model, budget=budget if points is None else "custom", seconds=time.perf_counter() - t0,
                    results=str(results_path), report=str(out / "report.md"), plot=str(out / "frontier.png"),

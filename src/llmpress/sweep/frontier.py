@@ -39,10 +39,13 @@ def knee(front: list[Row], x: str = "bpw", y: str = "kl_mean", floor: float = 1e
     return best
 
 
-def smallest(rows: list[Row], ok) -> Row | None:
-    """The row with the fewest bits per weight among those where ``ok(row)``."""
+def smallest(rows: list[Row], ok, y: str = "kl_mean") -> Row | None:
+    """The row with the fewest bits per weight among those where ``ok(row)`` (of equal bits, the
+    lower ``y``: the one :func:`pareto` keeps, so a smallest row meeting a threshold on ``y`` is on
+    the frontier)."""
     cands = [r for r in rows if r.get("bpw") is not None and ok(r)]
-    return min(cands, key=lambda r: r["bpw"]) if cands else None
+    inf = float("inf")
+    return min(cands, key=lambda r: (r["bpw"], inf if r.get(y) is None else r[y])) if cands else None
 
 
 KNEE_METHOD = (

@@ -6,6 +6,8 @@ the options it offers for a layer of a given shape and method:
 * ``gptq`` / ``awq`` / ``rtn``: the method at 2, 3, 4 bits with groups of 64 and 128, 5 and 6 bits
   with groups of 128, and RTN at 8 bits, groups of 128 (the cheap fallback where the methods no
   longer differ); ``gptq-quick`` (the quick sweep's): GPTQ at 2, 3, 4 bits, groups of 64, and RTN 8-bit;
+  ``near-lossless`` (the near-lossless search's mixed ladder, :mod:`.search`): GPTQ at 5 and 6 bits,
+  groups of 128, and RTN 8-bit — the widths between which a mean KL of ~0.01 is crossed;
 * ``gguf``: llama.cpp's types q2_k … q6_k and q8_0 as ``grid: gguf:<type>`` with the chosen
   method (GPTQ by default), each replaced by llama.cpp's fallback where the row width is not a
   multiple of its block (:mod:`llmpress.quant.gguf_mix`); fallbacks that make two options the
@@ -81,10 +83,10 @@ def gguf_tensor_bytes(gguf_type: str, shape: tuple[int, int]) -> int:
     return -(-n // GGUF_ALIGN) * GGUF_ALIGN
 
 
-def _grid_menu(method: str, groups: tuple[int, ...] = (64, 128), high: tuple[int, ...] = (5, 6)
-               ) -> Callable[[tuple[int, int], str | None], list[Option]]:
+def _grid_menu(method: str, groups: tuple[int, ...] = (64, 128), high: tuple[int, ...] = (5, 6),
+               low: tuple[int, ...] = (2, 3, 4)) -> Callable[[tuple[int, int], str | None], list[Option]]:
     def options(shape: tuple[int, int], _method: str | None) -> list[Option]:
-        opts = [Option.of(method, bits=b, group_size=g) for b in (2, 3, 4) for g in groups]
+        opts = [Option.of(method, bits=b, group_size=g) for b in low for g in groups]
         opts += [Option.of(method, bits=b, group_size=128) for b in high]
         opts.append(Option.of("rtn", bits=8, group_size=128))
         return opts
@@ -108,6 +110,7 @@ MENUS: dict[str, Callable[[tuple[int, int], str | None], list[Option]]] = {
     "awq": _grid_menu("awq"),
     "rtn": _grid_menu("rtn"),
     "gptq-quick": _grid_menu("gptq", groups=(64,), high=()),  # the quick sweep's: a third of the encodings
+    "near-lossless": _grid_menu("gptq", groups=(128,), low=()),
     "gguf": _gguf_menu,
 }
 # menus whose options carry the method the user picks (--method)

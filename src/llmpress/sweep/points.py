@@ -61,11 +61,16 @@ def quant(method: str, bits: int, group: int, calib: bool = False) -> Point:
     )
 
 
+# how ``pack`` codes a lossy folder, in a packed point's key: a row measured by an older packer is
+# not reused (2: each quantized linear's codes one symbol each, lossless/fields.CodesLayout)
+PACKER = 2
+
+
 def quant_pack(method: str, bits: int, group: int, calib: bool = False) -> Point:
     """Quantized, then what remains packed losslessly (codes and scales entropy-coded)."""
     q = quant(method, bits, group, calib)
     return Point(q.label + "+pack", f"{method}+pack", q.recipe, q.command + " && llmpress pack {out} -o {out}.llmp",
-                 calib=calib, params={"pack": True})
+                 calib=calib, params={"pack": True, "packer": PACKER})
 
 
 def lowrank(method: str, ratio: float) -> Point:
@@ -139,6 +144,13 @@ def mixed(target_bpw: float, menu: str = "gptq") -> Point:
     return Point(f"mixed-{menu}-{target_bpw:g}bpw", "mixed", None,
                  f"llmpress compress {{model}} -o {{out}} --menu {menu} --target-bpw {target_bpw:g}", calib=True,
                  params={"target_bpw": target_bpw, "menu": menu})
+
+
+def mixed_pack(target_bpw: float, menu: str = "gptq") -> Point:
+    """:func:`mixed`, then what remains packed losslessly (codes and scales entropy-coded)."""
+    m = mixed(target_bpw, menu)
+    return Point(m.label + "+pack", "mixed+pack", None, m.command + " && llmpress pack {out} -o {out}.llmp",
+                 calib=True, params={**m.params, "pack": True, "packer": PACKER})
 
 
 def _quick() -> list[Point]:

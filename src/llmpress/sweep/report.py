@@ -42,6 +42,14 @@ def write_report(out: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> No
     lines.append(f"- **Near-lossless (mean KL ≤ {s['max_kl']:g})**: {s['near_lossless_kl'] or 'none reached'}")
     lines.append(f"- **Near-lossless (PPL within 1 %)**: {s['near_lossless_ppl'] or 'none reached'}")
     lines.append(f"- **Knee**: {s['knee'] or 'not enough frontier points'} ({s['knee_method']})")
+    found = s.get("search")
+    if found:
+        lines += ["", "## Near-lossless search", "",
+                  f"{len(found['tried'])} point{'' if len(found['tried']) == 1 else 's'} run in {found['seconds']:.0f} s"
+                  + ("" if found["complete"] else " (time ran out before every ladder was searched)") + ": "
+                  + (", ".join(f"`{t}`" for t in found["tried"]) or "none") + "."]
+        if found["skipped"]:
+            lines.append("Skipped: " + "; ".join(found["skipped"]) + ".")
     lines += ["", "## All points", "", "`*` marks the Pareto frontier of bits per weight against mean KL.", "",
               "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows, front)]
@@ -103,6 +111,10 @@ def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
                             xytext=(-8, -3), ha="right", va="top", fontsize=7)
         fp = [r for r in front if r.get(key) is not None]
         ax.plot([r["bpw"] for r in fp], [max(r[key], floor) for r in fp], "k--", lw=1, label="frontier (KL)")
+        rec = next((r for r in rows if r["label"] == (s.get("recommendation") or {}).get("label")), None)
+        if rec and rec.get(key) is not None:
+            ax.scatter([rec["bpw"]], [max(rec[key], floor)], marker="o", s=160, facecolors="none", edgecolors="green",
+                       linewidths=2, zorder=6, label="recommendation")
         knee = next((r for r in rows if r["label"] == s.get("knee")), None)
         if knee and knee.get(key) is not None:
             ax.scatter([knee["bpw"]], [max(knee[key], floor)], marker="*", s=250, c="red", zorder=5, label="knee")

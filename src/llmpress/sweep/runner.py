@@ -58,7 +58,7 @@ def _lossy(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]
 
     recipe = Recipe.from_dict(point.recipe) if point.recipe is not None else None
     extra: dict[str, Any] = {}
-    if point.family == "mixed":
+    if "target_bpw" in point.params:  # mixed, packed or not
         from .mixed import mixed_recipe
 
         menu = point.params["menu"]

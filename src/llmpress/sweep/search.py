@@ -2,97 +2,197 @@
 
 A budget's fixed points leave gaps (the quick budget jumps from RTN 6-bit to RTN 8-bit), so the
 smallest point meeting the threshold is often far above the smallest configuration that would.
-The search fills the gaps where it matters. Each *ladder* is one method and group size over its
-bit widths; along a ladder mean KL falls as bits rise, so the fewest bits meeting the threshold are
-found by bisection (points the sweep already measured are reused, not run again). The winner of
-each ladder is then packed losslessly (codes and scales entropy-coded): the same weights, so the
-same KL, at fewer bits. Ladders are tried in order until the time allowed is spent; a ladder
-whose fewest bits cannot beat the best found so far (its raw bits per weight only, before any
-scale) is skipped.
+The search fills the gaps where it matters. Each *ladder* is a sequence of configurations of
+rising size along which mean KL falls: one method and group size over its bit widths
+(:class:`Uniform`), or the allocation of a menu over target bits per weight (:class:`Mixed`,
+:mod:`.mixed`: the sensitive layers get more bits than the rest). The first rung meeting the
+threshold is found by bisection. Every rung the search runs is packed losslessly (codes one
+symbol each, scales entropy-coded: the same weights, so the same KL, at fewer bits), so one run
+answers both questions, whether it meets the threshold and what it costs; a rung whose plain
+form the sweep already measured and found over the threshold is not run again. Rungs that could
+not beat the best found so far even if packing saved ``1 - PACK_FLOOR`` of their bits are not
+tried, and ladders are tried in order while the time allowed still holds another run as long as
+the last one (a point is never interrupted, so the allowance is kept by not starting one).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from ..tensor import get_codec
-from .points import Point, quant, quant_pack
+from .points import Point, mixed, mixed_pack, quant, quant_pack
 
 log = logging.getLogger(__name__)
 
+Row = dict[str, Any]
+Run = Callable[[list[Point]], list[Row]]  # runs (or reuses) points, returns their rows
+
+# a rung is tried only where its bits per weight before packing, times this, is below the best
+# found: a guess at the most packing saves (8-bit codes of a trained model lose ~6 %, 6-bit ~8 %)
+PACK_FLOOR = 0.85
+
+
+class Ladder(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def __len__(self) -> int: ...
+
+    def estimate(self, i: int) -> float:
+        """Rung ``i``'s bits per weight before packing (what deciding to try it needs, before any run)."""
+        ...
+
+    def plain(self, i: int) -> Point: ...
+
+    def packed(self, i: int) -> Point: ...
+
 
 @dataclass(frozen=True)
-class Ladder:
+class Uniform:
+    """One method and group size at each of ``bits`` (ascending)."""
+
     method: str
     group: int
-    bits: tuple[int, ...]  # ascending
+    bits: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} g{self.group}"
 
     @property
     def calib(self) -> bool:
         return get_codec(self.method).needs_stats
 
-    def point(self, bits: int) -> Point:
-        return quant(self.method, bits, self.group, calib=self.calib)
+    def __len__(self) -> int:
+        return len(self.bits)
 
-    def packed(self, bits: int) -> Point:
-        return quant_pack(self.method, bits, self.group, calib=self.calib)
+    def estimate(self, i: int) -> float:
+        return self.bits[i] + 32 / self.group  # a float16 scale and offset per group
+
+    def plain(self, i: int) -> Point:
+        return quant(self.method, self.bits[i], self.group, calib=self.calib)
+
+    def packed(self, i: int) -> Point:
+        return quant_pack(self.method, self.bits[i], self.group, calib=self.calib)
 
 
-# in the order they are tried: GPTQ first (fewest bits for a given KL), RTN as the fallback
+@dataclass(frozen=True)
+class Mixed:
+    """``menu``'s options allocated to each of ``targets`` bits per weight (ascending); the
+    sensitivity table is measured once, at the first rung run, and serves the others."""
+
+    menu: str
+    targets: tuple[float, ...]
+
+    @property
+    def name(self) -> str:
+        return f"mixed {self.menu}"
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def estimate(self, i: int) -> float:
+        return self.targets[i]
+
+    def plain(self, i: int) -> Point:
+        return mixed(self.targets[i], self.menu)
+
+    def packed(self, i: int) -> Point:
+        return mixed_pack(self.targets[i], self.menu)
+
+
+# in the order they are tried: AWQ's scales with GPTQ's codes at g128 first (the least scale
+# overhead; on SmolLM2-135M it beat GPTQ at 6 bits and on every K-quant mix: bench/out), 6 bits
+# (bisection's first rung) being where a mean KL of ~0.01 is usually crossed; then the allocation
+# between GPTQ's widths, GPTQ g128 and g64, RTN as the fallback
 LADDERS: tuple[Ladder, ...] = (
-    Ladder("gptq", 128, (4, 5, 6, 8)),
-    Ladder("gptq", 64, (4, 5, 6)),
-    Ladder("rtn", 128, (5, 6, 8)),
+    Uniform("awq+gptq", 128, (5, 6, 8)),
+    Mixed("near-lossless", tuple(4.5 + 0.25 * k for k in range(15))),  # 4.5 … 8.0
+    Uniform("gptq", 128, (5, 6, 8)),
+    Uniform("gptq", 64, (4, 5, 6)),
+    Uniform("rtn", 128, (5, 6, 8)),
 )
 # seconds the search may spend (on top of the budget's own points)
 SEARCH_SECONDS = {"quick": 15 * 60, "full": 60 * 60}
 
-Run = Callable[[list[Point]], list[dict[str, Any]]]  # runs (or reuses) points, returns their rows
 
-
-def _ok(row: dict[str, Any], max_kl: float) -> bool:
+def _ok(row: Row, max_kl: float) -> bool:
     return row.get("kl_mean") is not None and row["kl_mean"] <= max_kl
 
 
-def fewest_bits(ladder: Ladder, run: Run, max_kl: float, deadline: float) -> tuple[int, dict[str, Any]] | None:
-    """Bisection along ``ladder`` for the fewest bits with mean KL ≤ ``max_kl``: (bits, that point's
-    row), or None (no width meets it, or time ran out before one was found)."""
-    lo, hi = 0, len(ladder.bits) - 1
-    best = None
-    while lo <= hi and time.monotonic() < deadline:
-        mid = (lo + hi) // 2
-        row = run([ladder.point(ladder.bits[mid])])[0]
-        if _ok(row, max_kl):
-            best, hi = (ladder.bits[mid], row), mid - 1
-        else:
-            lo = mid + 1
-    return best
+@dataclass
+class Search:
+    """One search: what it ran (``rows``, in order), what it skipped and why, its time."""
+
+    max_kl: float
+    deadline: float
+    known: dict[str, Row]  # label → a row the sweep already has
+    rows: list[Row]
+    skipped: list[str]
+    cut: bool = False  # a bisection stopped by the deadline
+    last: float = 0.0  # seconds the last run took (0 for a row reused)
+
+    def time_left(self) -> bool:
+        """Whether another run as long as the last one ends before the deadline."""
+        return time.monotonic() + self.last < self.deadline
+
+    def judge(self, ladder: Ladder, i: int, run: Run) -> Row:
+        """Rung ``i``'s row: its plain row when the sweep has it and it misses the threshold (no
+        run), else its packed point, run (or reused)."""
+        plain = self.known.get(ladder.plain(i).label)
+        if plain is not None and not _ok(plain, self.max_kl):
+            return plain
+        t0 = time.monotonic()
+        row = run([ladder.packed(i)])[0]
+        self.last = time.monotonic() - t0
+        self.known[row["label"]] = row
+        self.rows.append(row)
+        return row
+
+    def first(self, ladder: Ladder, rungs: list[int], run: Run) -> Row | None:
+        """Bisection over ``rungs`` (ascending) for the first whose mean KL ≤ ``max_kl``: its row,
+        or None (none does, or time ran out before one was found)."""
+        lo, hi, best = 0, len(rungs) - 1, None
+        while lo <= hi and self.time_left():
+            mid = (lo + hi) // 2
+            row = self.judge(ladder, rungs[mid], run)
+            if _ok(row, self.max_kl):
+                best, hi = row, mid - 1
+            else:
+                lo = mid + 1
+        self.cut |= lo <= hi
+        return best
 
 
-def near_lossless(run: Run, max_kl: float, seconds: float, known: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Search the ladders for the smallest configuration with mean KL ≤ ``max_kl`` within ``seconds``;
-    ``known`` rows (the sweep's) bound the search. Returns the rows it produced or reused."""
-    deadline = time.monotonic() + seconds
-    rows: list[dict[str, Any]] = []
+def near_lossless(run: Run, max_kl: float, seconds: float, known: list[Row],
+                  ladders: tuple[Ladder, ...] | None = None) -> dict[str, Any]:
+    """Search ``ladders`` (default :data:`LADDERS`) for the smallest configuration with mean KL ≤
+    ``max_kl`` within ``seconds``; ``known`` rows (the sweep's) bound the search and decide rungs
+    they measured. Returns ``rows`` (every row it ran or reused, in order), ``best`` (the
+    smallest row meeting the threshold, the sweep's included; None if none), ``skipped`` (ladders
+    and why), ``seconds`` and ``complete`` (False where time ran out)."""
+    t0 = time.monotonic()
+    s = Search(max_kl, t0 + seconds, {r["label"]: r for r in known}, [], [])
     ok = [r for r in known if r["family"] != "lossless" and _ok(r, max_kl)]
-    bound = min((r["bpw"] for r in ok), default=float("inf"))
-    for ladder in LADDERS:
-        if time.monotonic() >= deadline:
-            log.info("near-lossless search: time is up before the %s g%d ladder", ladder.method, ladder.group)
-            break
-        if ladder.bits[0] >= bound:
+    best = min(ok, key=lambda r: (r["bpw"], r["kl_mean"]), default=None)
+    complete = True
+    for ladder in LADDERS if ladders is None else ladders:
+        if not s.time_left():
+            complete = False
+            s.skipped.append(f"{ladder.name}: time is up")
+            log.info("near-lossless search: time is up before the %s ladder", ladder.name)
             continue
-        hit = fewest_bits(ladder, run, max_kl, deadline)
-        if hit is None:
+        bound = best["bpw"] if best else float("inf")
+        rungs = [i for i in range(len(ladder)) if ladder.estimate(i) * PACK_FLOOR < bound]
+        if not rungs:
+            s.skipped.append(f"{ladder.name}: cannot beat {bound:.3f} bpw")
             continue
-        bits, found = hit
-        rows.append(found)
-        if time.monotonic() < deadline and bits < bound:
-            packed = run([ladder.packed(bits)])[0]
-            rows.append(packed)
-            found = packed if packed["bpw"] < found["bpw"] else found
-        bound = min(bound, found["bpw"])
-        log.info("near-lossless search: %s at %.3f bpw (KL %.4g)", found["label"], found["bpw"], found["kl_mean"])
-    return rows
+        hit = s.first(ladder, rungs, run)
+        if hit is not None and (best is None or (hit["bpw"], hit["kl_mean"]) < (best["bpw"], best["kl_mean"])):
+            best = hit
+            log.info("near-lossless search: %s at %.3f bpw (KL %.4g)", hit["label"], hit["bpw"], hit["kl_mean"])
+    complete = complete and not s.cut
+    return {"rows": s.rows, "best": best, "skipped": s.skipped, "seconds": time.monotonic() - t0,
+            "complete": complete}
