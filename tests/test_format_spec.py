@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def read_index(buf: bytes) -> dict:
     if buf[:8] != b"LLMPRESS":
         raise FormatError("magic")
     (version,) = struct.unpack_from("<I", buf, 8)
-    if version != 5:
+    if version not in (5, 6):
         raise FormatError(f"version {version}")
     off, ln, crc, end = struct.unpack_from("<QQI8s", buf, len(buf) - 28)
     if end != b"LLMPIDX1" or off < 12 or off + ln + 28 != len(buf):
@@ -47,6 +48,8 @@ def read_index(buf: bytes) -> dict:
     if zlib.crc32(blob) != crc:
         raise FormatError("index crc32")
     index = json.loads(zstandard.ZstdDecompressor().decompress(blob))
+    if index.get("version") != version:
+        raise FormatError("index version")
     index["_payload_end"] = off
     return index
 
@@ -302,9 +305,16 @@ def stream(bid: int, p: bytes, n: int, W: int) -> np.ndarray:
 # ---------------------------------------------------------------- section 4.1: chunks; section 6: checksums
 
 
-def decode_chunk(p: bytes, dtype: str, raw: int) -> bytes:
-    widths = field_widths(dtype)
-    n = raw // FLOATS[dtype][0] if dtype in FLOATS else raw
+def split_codes(symbols: np.ndarray, b: int, raw: int) -> bytes:
+    """Section 3.1: the b low bits of each symbol, least significant first, the first 8·raw of
+    them packed into bytes least significant bit first."""
+    bits = [(int(s) >> j) & 1 for s in symbols for j in range(b)][: 8 * raw]
+    return bytes(sum(bits[8 * i + j] << j for j in range(8)) for i in range(raw))
+
+
+def decode_chunk(p: bytes, dtype: str, raw: int, codes: int = 0) -> bytes:
+    widths = [codes] if codes else field_widths(dtype)
+    n = -(-8 * raw // codes) if codes else raw // FLOATS[dtype][0] if dtype in FLOATS else raw
     if p[0] != len(widths):
         raise FormatError("field count")
     pos, fields = 1, []
@@ -314,6 +324,8 @@ def decode_chunk(p: bytes, dtype: str, raw: int) -> bytes:
         pos += 5 + ln
     if pos != len(p):
         raise FormatError("chunk length")
+    if codes:
+        return split_codes(fields[0], codes, raw)
     return merge(dtype, fields) if dtype in FLOATS else fields[0].astype(np.uint8).tobytes()
 
 
@@ -335,7 +347,7 @@ def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
                 for _ in range(p[0]):
                     seen.add(p[q])
                     q += 5 + struct.unpack_from("<I", p, q + 1)[0]
-                data = decode_chunk(p, s["dtype"], raw)
+                data = decode_chunk(p, s["dtype"], raw, s.get("codes", 0))
                 assert len(data) == raw and xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF == check
                 parts.append(data)
             pos += s["length"]
@@ -383,6 +395,26 @@ def test_second_reader_decodes_what_llmpress_writes(tmp_path, policy):
         assert data == (src / name).read_bytes(), name
     expect = {"rans": {0, 2, 4, 6, 7}, "zstd": {0, 2}, "ans": {0, 1, 2}}[policy]
     assert seen <= {0, 1, 2, 4, 6, 7} and expect <= seen, seen
+
+
+def test_second_reader_decodes_codes_segments(tmp_path):
+    """Format 2: a quantized llmpress folder's bit-packed codes (section 3.1), decoded by the second
+    reader byte for byte."""
+    import llmpress
+    from llmpress.pipeline import compress
+    from llmpress.recipe import Recipe
+
+    sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
+    from harness import tiny_source
+
+    q = tmp_path / "q"
+    compress(tiny_source(tmp_path / "src"), Recipe.uniform("rtn", bits=3, group_size=32), q, progress=False)
+    out = tmp_path / "q.llmp"
+    llmpress.pack(q, out, threads=1)
+    index, files, _ = read_llmp(out)
+    assert index["version"] == 6 and {s.get("codes") for f in index["files"] for s in f["segments"]} >= {3}
+    for name, data in files.items():
+        assert data == (q / name).read_bytes(), name
 
 
 def test_second_reader_decodes_the_test_vector():
