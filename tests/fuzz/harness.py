@@ -491,23 +491,23 @@ def _field_headers(payload: bytes) -> list[int]:
 
 
 def backend_sweep(raw: bytes) -> list[tuple[bytes, str]]:
-    """Inputs that send each field of one chunk per float segment through every backend id, with
-    the stream intact and with a byte of it flipped: every decoder's entry point and error path."""
+    """Inputs that send each field of the first chunk of the largest and the smallest tensor
+    (the 32-lane and the four-lane/raw streams) through every backend id, with the stream intact
+    and with a byte of it flipped: every decoder's entry point and error path."""
     body, index, end = split_llmp(raw)
+    segs = sorted((s for f in index["files"] for s in f["segments"] if s["kind"] == "tensor" and s["chunks"]),
+                  key=lambda s: s["length"])
     out = []
-    for f in index["files"]:
-        for s in f["segments"]:
-            if s["kind"] != "tensor" or not s["chunks"]:
-                continue
-            o, ln = s["chunks"][0][:2]
-            for at in _field_headers(body[o:o + ln]):
-                for bid in range(8):
-                    for flip in (False, True):
-                        b = bytearray(body)
-                        b[o + at] = bid
-                        if flip and o + at + 6 < o + ln:
-                            b[o + at + 6] ^= 0x10
-                        out.append((join_llmp(bytes(b), index, end), f"backend {bid} in {s['name']}"))
+    for s in {id(s): s for s in (segs[0], segs[-1])}.values():
+        o, ln = s["chunks"][0][:2]
+        for at in _field_headers(body[o:o + ln]):
+            for bid in range(8):
+                for flip in (False, True):
+                    b = bytearray(body)
+                    b[o + at] = bid
+                    if flip and at + 6 < ln:
+                        b[o + at + 6] ^= 0x10
+                    out.append((join_llmp(bytes(b), index, end), f"backend {bid} in {s['name']}{' (flipped)' if flip else ''}"))
     return out
 
 
@@ -565,8 +565,8 @@ class Fuzzer:
         again = run_input(*inp)
         again.first = f"first run: {o.kind}, {o.cpu:.3f} s CPU, {o.seconds:.3f} s wall, peak {o.peak_bytes >> 10} KiB"
         if again.kind != o.kind:
+            again.detail = f"outcome {o.kind} then {again.kind} on the same input\n{o.detail}\n{again.detail}"[:2000]
             again.kind = "crash"
-            again.detail = f"outcome {o.kind} then {again.kind} on the same input\n{o.detail}\n{again.detail}"
         return again
 
     def make_folder(self, rng: Rng) -> Input:
