@@ -36,8 +36,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ import torch
 import zstandard
 
 HANG_SECONDS = 1.0
+INTERRUPT_SECONDS = 30.0  # an input still running after this much CPU time is stopped (run_input)
 # the interpreter's own noise in a peak (a first-time import, an exception's traceback): an input's
 # peak counts as over its bound when it exceeds the clean input's by more than 2× its size + this
 SLACK_BYTES = 4 << 20
@@ -189,10 +192,25 @@ def _reset_peak() -> bool:
         return False
 
 
+class Interrupted(BaseException):
+    """An input still running after INTERRUPT_SECONDS of CPU time (a BaseException: readers'
+    ``except Exception`` must not swallow it)."""
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(f"still running after {INTERRUPT_SECONDS:g} s of CPU time")
+
+
 def run_input(fn: Callable[[], str | None], size: int, what: str) -> Outcome:
-    """Run one input's load + oracle; classify it, time it (wall and CPU), measure its peak memory."""
+    """Run one input's load + oracle; classify it, time it (wall and CPU), measure its peak memory.
+    On the main thread an input is interrupted after INTERRUPT_SECONDS of CPU time (a hang that
+    runs Python code; a compiled loop is interrupted when it returns), so a long run goes on."""
     from llmpress.errors import LlmpressError
 
+    timer = threading.current_thread() is threading.main_thread()
+    if timer:
+        old = signal.signal(signal.SIGPROF, _interrupt)
+        signal.setitimer(signal.ITIMER_PROF, INTERRUPT_SECONDS)
     _reset_peak()
     before = _rss_kib("VmRSS")
     c0, t0 = time.process_time(), time.perf_counter()
@@ -201,8 +219,12 @@ def run_input(fn: Callable[[], str | None], size: int, what: str) -> Outcome:
         kind, detail = ("wrong", complaint) if complaint else ("accepted", "")
     except LlmpressError as e:
         kind, detail = "refused", f"{type(e).__name__}: {e}"
-    except Exception as e:  # noqa: BLE001 - exactly what the harness counts
+    except (Exception, Interrupted) as e:  # noqa: BLE001 - exactly what the harness counts
         kind, detail = "crash", "".join(traceback.format_exception_only(type(e), e)).strip() + "\n" + traceback.format_exc(limit=-4)
+    finally:
+        if timer:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            signal.signal(signal.SIGPROF, old)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = max(0, _rss_kib("VmHWM") - before) * 1024
     return Outcome(kind, dt, peak, size, what, detail[:2000], cpu)

@@ -101,3 +101,17 @@ def test_a_tally_survives_its_json():
     o.index = 17
     back = Tally.from_json(t.to_json())
     assert back == t and back.failures[0].index == 17
+
+
+def test_an_endless_input_is_stopped_and_counted(fz, monkeypatch):
+    monkeypatch.setattr(harness, "INTERRUPT_SECONDS", 0.5)
+
+    def spin():
+        while True:
+            try:
+                _burn(0.05)
+            except Exception:  # a reader's broad handler must not swallow the interruption
+                pass
+
+    o, t = _judge(fz, spin)
+    assert o.kind == "crash" and "still running" in o.detail and t.hangs == 1 and t.failures == [o]
