@@ -10,7 +10,8 @@ reproduced alone with ``--start i --inputs i+1``, and a run continues where it s
 reader runs from ``--start`` until input ``--inputs`` or ``--seconds`` seconds, whichever comes
 first. With ``--state``, the tallies and the next input are saved there (atomically) every
 ``--every`` inputs and at the end, and a run given an existing state file continues from it
-(same seed and readers; ``--start`` ignored).
+(same seed and readers; ``--start`` ignored); ``--report`` prints a state file's tables (of a run
+going on or stopped) without running anything.
 
 Per reader it prints inputs tried, refused (an LlmpressError), accepted (and checked by the
 oracle), wrong (accepted but not what the files hold), crashes (any other exception), hangs (over
@@ -50,6 +51,30 @@ def _save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _report(state: dict, readers: list[str], seed: int, show: int) -> int:
+    """Print the run's table and its first failures; 1 if anything failed."""
+    from harness import HANG_SECONDS, Tally
+
+    print(f"\n| reader | inputs | wall s | CPU s | refused | accepted | wrong | crash | hangs > {HANG_SECONDS:g} s CPU "
+          "| slowest CPU s | slowest wall s | max peak over clean KiB | over 2× size | run twice |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    bad = 0
+    for reader in readers:
+        st = state["readers"][reader]
+        t = Tally.from_json(st["tally"])
+        c = t.counts
+        print(f"| {reader} | {t.total} | {st['seconds']:.0f} | {st['cpu']:.0f} | {c['refused']} | {c['accepted']} | {c['wrong']} | "
+              f"{c['crash']} | {t.hangs} | {t.slowest:.3f} | {t.slowest_wall:.3f} | {t.peak_over >> 10} | {t.over_2x} | {t.rerun} |")
+    for reader in readers:
+        t = Tally.from_json(state["readers"][reader]["tally"])
+        bad += len(t.failures)
+        for o in t.failures[: show]:
+            print(f"\n--- {reader} input {o.index}: {o.kind}{' (slow)' if o.cpu > HANG_SECONDS else ''}: {o.what} "
+                  f"({o.cpu:.3f} s CPU, {o.seconds:.3f} s wall, peak {o.peak_bytes >> 10} KiB, input {o.size} B) {o.first}\n"
+                  f"reproduce: bench/fuzz.py --seed {seed} --readers {reader} --start {o.index} --inputs {o.index + 1}\n{o.detail}")
+    return 1 if bad else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=300.0, help="time per reader (this invocation)")
@@ -61,12 +86,17 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=500, help="inputs between saves of --state")
     ap.add_argument("--max-gib", type=float, default=8.0, help="address-space limit of this process")
     ap.add_argument("--show", type=int, default=5, help="failures printed in full")
+    ap.add_argument("--report", action="store_true", help="print the tables of --state (a run going on or stopped) and exit")
     args = ap.parse_args()
+    if args.report:
+        state = json.loads(args.state.read_text())
+        print(f"# {args.state} (seed {state['seed']}), read {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+        return _report(state, list(state["readers"]), state["seed"], args.show)
     limit = int(args.max_gib * (1 << 30))
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     logging.disable(logging.WARNING)
 
-    from harness import HANG_SECONDS, Fuzzer, Tally
+    from harness import Fuzzer, Tally
 
     readers = args.readers.split(",")
     state = {"seed": args.seed, "readers": {r: {"next": args.start, "seconds": 0.0, "cpu": 0.0, "tally": Tally().to_json()}
@@ -103,24 +133,7 @@ def main() -> int:
     finally:
         fz.close()
 
-    print(f"\n| reader | inputs | wall s | CPU s | refused | accepted | wrong | crash | hangs > {HANG_SECONDS:g} s CPU "
-          "| slowest CPU s | slowest wall s | max peak over clean KiB | over 2× size | run twice |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    bad = 0
-    for reader in readers:
-        st = state["readers"][reader]
-        t = Tally.from_json(st["tally"])
-        c = t.counts
-        print(f"| {reader} | {t.total} | {st['seconds']:.0f} | {st['cpu']:.0f} | {c['refused']} | {c['accepted']} | {c['wrong']} | "
-              f"{c['crash']} | {t.hangs} | {t.slowest:.3f} | {t.slowest_wall:.3f} | {t.peak_over >> 10} | {t.over_2x} | {t.rerun} |")
-    for reader in readers:
-        t = Tally.from_json(state["readers"][reader]["tally"])
-        bad += len(t.failures)
-        for o in t.failures[: args.show]:
-            print(f"\n--- {reader} input {o.index}: {o.kind}{' (slow)' if o.cpu > HANG_SECONDS else ''}: {o.what} "
-                  f"({o.cpu:.3f} s CPU, {o.seconds:.3f} s wall, peak {o.peak_bytes >> 10} KiB, input {o.size} B) {o.first}\n"
-                  f"reproduce: bench/fuzz.py --seed {args.seed} --readers {reader} --start {o.index} --inputs {o.index + 1}\n{o.detail}")
-    return 1 if bad else 0
+    return _report(state, readers, args.seed, args.show)
 
 
 if __name__ == "__main__":
