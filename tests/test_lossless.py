@@ -243,6 +243,39 @@ def test_lying_index_refused(st_file, tmp_path):
         Packed(out)
 
 
+def _reseal(out: Path, idx: dict, data_end: int) -> None:
+    import zlib
+
+    import zstandard
+
+    from llmpress.lossless.reader import END, FOOTER
+
+    blob = zstandard.ZstdCompressor().compress(json.dumps(idx).encode())
+    body = out.read_bytes()[:data_end]
+    out.write_bytes(body + blob + FOOTER.pack(len(body), len(blob), zlib.crc32(blob), END))
+
+
+@pytest.mark.parametrize("path", ["model.safetensors", "./model.safetensors", "sub/../model.safetensors", "", "."])
+def test_repeated_or_empty_file_path_refused(st_file, tmp_path, path):
+    """Two index entries for one path (found by the fuzzer: config.json renamed model.safetensors
+    was accepted, and the file's bytes depended on which entry a reader took) or an empty path."""
+    src = tmp_path / "src"
+    src.mkdir()
+    st_file.rename(src / "model.safetensors")
+    (src / "config.json").write_text('{"note": "odd"}')
+    out = tmp_path / "m.llmp"
+    pack(src, out)
+    with Packed(out) as p:
+        idx, data_end = p.index, p.data_end
+    verify(out)  # intact, it is read
+    assert len(idx["files"]) == 2
+    first = idx["files"][0]["path"]
+    idx["files"][1]["path"] = path.replace("model.safetensors", first)
+    _reseal(out, idx, data_end)
+    with pytest.raises(CorruptError, match="appears twice|is empty|unsafe"):
+        verify(out)
+
+
 # ------------------------------------------------------------------ real model, load
 
 

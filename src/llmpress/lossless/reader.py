@@ -31,7 +31,7 @@ import struct
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import numpy as np
@@ -133,14 +133,22 @@ class Packed:
         self.close()
 
     def _check_index(self) -> None:
-        """Refuse a lying index: chunks outside the payload area, sizes that do not add up."""
+        """Refuse a lying index: unsafe or repeated file paths, chunks outside the payload area,
+        sizes that do not add up."""
         try:
             if self.index["format"] != "llmpress.lossless" or self.index["version"] != self.version:
                 raise CorruptError(f"{self.path}: the index is not a version {self.version} llmpress index")
+            paths: set[str] = set()
             for f in self.index["files"]:
                 pos = 0
                 if not isinstance(f["path"], str) or f["path"].startswith("/") or ".." in f["path"].split("/"):
                     raise CorruptError(f"{self.path}: unsafe file path {f['path']!r}")
+                # two entries for one file: unpack would write it twice (the last wins) while
+                # file_bytes and load read the first, so what the file holds would depend on the reader
+                norm = str(PurePosixPath(f["path"]))
+                if norm in paths or norm in ("", "."):
+                    raise CorruptError(f"{self.path}: file path {f['path']!r} " + ("is empty" if norm in ("", ".") else "appears twice"))
+                paths.add(norm)
                 if type(f["size"]) is not int or not isinstance(f["sha256"], str):
                     raise CorruptError(f"{self.path}: file {f['path']}: size and sha256 must be an integer and a digest")
                 for s in f["segments"]:
