@@ -91,8 +91,8 @@ def _scratch_split(lay: FloatLayout, n: int) -> tuple[np.ndarray | None, np.ndar
 
 def _scratch_fields(lay: FloatLayout, n: int) -> list[np.ndarray]:
     """This thread's arrays for one chunk's decoded fields (head, tail pieces), reused chunk
-    after chunk: fresh arrays cost a page fault every 4 KiB on first write (up to ~5,700 a
-    decode of BF16 MiniLM, ~15 % of its time, measured), and reused ones stay in cache."""
+    after chunk: fresh arrays cost a page fault every 4 KiB on first write (thousands a decode,
+    a visible share of its time), and reused ones stay in cache."""
     arrays = _scratch.__dict__.setdefault("arrays", {})  # layout -> this thread's field arrays
     have = arrays.get(lay)
     if have is None or have[0].shape[0] < n:

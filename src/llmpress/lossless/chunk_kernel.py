@@ -1,9 +1,9 @@
 """A float chunk's fields decoded in one compiled call: parse the fields, decode each.
 
 chunk.decode_chunk's generic path does the same in Python, one backend call per field; that
-holds the GIL for ~60 µs a chunk (parsing, dispatch, numba's argument checks), ~20 % of a BF16
-chunk's decoding. With two decoding threads those parts run one at a time, so the generic path
-scaled ~1.1-1.3x on this 2-core machine. Here the fields decode in one call without the GIL,
+holds the GIL for tens of µs a chunk (parsing, dispatch, numba's argument checks), a large share
+of a BF16 chunk's decoding. With two decoding threads those parts run one at a time, so the
+generic path scaled poorly with threads. Here the fields decode in one call without the GIL,
 and the caller merges them with the layout's compiled merge (a second call: a merge inside
 would make this a closure over the layout's kernel, which numba's cache cannot key, so every
 process would compile it again).

@@ -22,10 +22,10 @@ bytes are specified in docs/FORMAT.md):
 Ids 3 and 5 belonged to coders of container versions that are no longer read; they are not
 reused.
 
-Measured on all-MiniLM-L6-v2 (bench/lossless.py): ``rans`` and ``ans`` land within 0.3 % of
-each other (both ~0.1 % above the per-chunk order-0 entropy); whole files decode ~12-25x faster
-with ``rans`` than with ``ans`` (1,240-1,550 vs 62-111 MB/s, one thread) and ``rans`` scales
-with threads; zstd's Huffman stage costs ~0.04-0.1 bit more per exponent.
+``rans`` and ``ans`` land close to each other and to the per-chunk order-0 entropy; ``rans``
+decodes many times faster (compiled, no GIL) and scales with threads; zstd's Huffman stage
+rounds each symbol's code to whole bits, which costs a fraction of a bit per exponent
+(``bench/lossless.py`` measures all three).
 """
 from __future__ import annotations
 
@@ -154,11 +154,10 @@ class Ans:
         return present.astype(dt)[idx]
 
 
-RANS_PB = 12  # default model precision: 2**12 slots (~0.05 % over H0 on weights). The decode
-# tables (6 bytes a slot) then take 24 KiB, inside L1 with room for the streams: on the MiniLM
-# BF16 heads 2**13 slots save 10 KB (0.02 % of the file) but decode ~10-15 % slower (rans32,
-# 1 and 2 threads, interleaved runs); 2**11 costs 26 KB more for no clear further gain. A
-# layout may ask for more (fields.FloatLayout.head_precision)
+RANS_PB = 12  # default model precision: 2**12 slots (close to H0 on weights). The decode
+# tables (6 bytes a slot) then take 24 KiB, inside L1 with room for the streams: 2**13 slots save
+# a few hundredths of a per cent of a BF16 file but decode visibly slower, and 2**11 costs more
+# bytes for no speed (bench/lossless.py). A layout may ask for more (fields.FloatLayout.head_precision)
 
 
 def _hist(sym: np.ndarray, width: int, hist: np.ndarray | None) -> np.ndarray:

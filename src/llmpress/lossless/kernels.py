@@ -4,8 +4,8 @@
   of ``2**pb`` slots, 32-bit states kept in ``[2**16, 2**32)``, renormalised 16 bits at a time.
   ``NSTATES`` independent lanes take symbols round-robin (symbol ``i`` uses lane
   ``i % NSTATES``), each with its own word stream, so the decoder's dependency chains
-  interleave without meeting (a shared stream couples them through its read position: ~20 %
-  slower, measured). Encoding runs backwards and fills each lane's stack from its end; the
+  interleave without meeting (a shared stream couples them through its read position, which
+  measured slower for four scalar lanes; rans32.py's vector lanes share one by design). Encoding runs backwards and fills each lane's stack from its end; the
   decoder reads it forward, first the lane's final state (two words), then its renormalisation
   words. Every state ends at ``2**16`` exactly and every lane is read to its end, which the
   decoder checks: a corrupted stream that decodes to the right length is still caught.
@@ -100,7 +100,7 @@ def _enc(x, f, c, pb, sh, buf, pos):
     """One rANS encode step of a symbol (freq f, start c) on state x; may push a word.
     Branch-free renormalisation: the word is always written, the stack only grows when needed.
     The quotient is a 32-bit unsigned divide (x < 2**32): faster here than a float reciprocal,
-    and than an exact integer reciprocal (two 64-bit multiplies: 3.3 vs 2.8 ns/symbol, measured)."""
+    and than an exact integer reciprocal (two 64-bit multiplies; ``bench/lossless.py --kernel``)."""
     e = np.int64(x >= (f << sh))
     buf[pos - 1] = x & 0xFFFF
     pos -= e
@@ -388,7 +388,7 @@ def float_kernels(E: int, M: int, k: int, widths: tuple[int, ...]):
     Since ``M = low + k`` the head sits at ``head << low``: one shift and mask each way. The shifts
     and masks are constants of the closure, so numba compiles them in and LLVM vectorises the
     branch-free 32-bit loops; with the same amounts passed as arguments neither loop vectorised
-    (merge 0.37 vs 0.10 ns/word on BF16, measured). Each layout compiles (and caches) its own pair."""
+    (several times slower). Each layout compiles (and caches) its own pair."""
     P = len(widths)
     assert 1 <= P <= 3, "at most 3 tail pieces"
     LOW = np.uint32(M - k)

@@ -52,7 +52,7 @@ READABLE = (VERSION, CODES_VERSION)
 RETIRED = (1, 2, 3, 4)
 FOOTER = struct.Struct("<QQI8s")
 END = b"LLMPIDX1"
-CHUNK_BYTES = 512 << 10  # measured on MiniLM: smaller ratio than 1 MiB (more adaptive models) and no slower
+CHUNK_BYTES = 512 << 10  # smaller files than 1 MiB chunks (more adaptive models) and no slower (bench/lossless.py)
 INLINE_BYTES = 64 << 10  # chunks this small decode in the calling thread
 CHUNK_COST = 64 << 10  # a chunk's fixed cost (Python, checks, hand-off) in bytes of decoding, for sharing work
 MAX_CHUNK_BYTES = 64 << 20
@@ -228,9 +228,9 @@ class Packed:
         costing its bytes plus ``CHUNK_COST``) is below 1/(w+1), and decodes it when its turn to be
         yielded comes while the workers decode the chunks queued after it. So n threads decode
         (w = n − 1), none of them waits idle in the common case, and no thread is added on top of
-        n (on this 2-core machine, BF16 MiniLM: ~1.3× the throughput of two workers and a waiting
-        caller, measured; counting the inline chunks keeps the caller, which also runs them and
-        the bookkeeping, from being the one the others wait for). Each
+        n (more throughput than two workers and a waiting caller on 2 cores; counting the inline
+        chunks keeps the caller, which also runs them and the bookkeeping, from being the one the
+        others wait for). Each
         decoder checks the chunk it decoded (xxh3-64).
 
         Chunks are decoded into a few output arrays that go round: a yielded array is valid

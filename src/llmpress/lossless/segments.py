@@ -119,8 +119,8 @@ def chunks_of(seg: Segment, chunk_bytes: int, max_bytes: int = 64 << 20) -> list
     """(offset, length) of the chunks of a segment. A float tensor's chunk holds
     ``chunk_bytes // 2`` words (its head stream's length, where each chunk pays for its models
     and lanes), so an FP32 chunk is twice ``chunk_bytes``; other segments are cut every
-    ``chunk_bytes``. Measured on MiniLM FP32: 1 MiB chunks with 16-piece tail streams, 0.81518 →
-    0.81508 of 512 KiB ones (fewer models and lane states; the pieces keep the tails adaptive).
+    ``chunk_bytes``: 1 MiB chunks with 16-piece tail streams come out slightly smaller than 512 KiB
+    ones (fewer models and lane states; the pieces keep the tails adaptive).
     A segment of ``b``-bit codes is cut every whole number of ``b`` bytes (8 codes), so each
     chunk starts on a code."""
     lay = layout(seg.dtype)
