@@ -325,8 +325,8 @@ class Split:
     """A stream cut into ``k`` equal pieces (the last shorter), each coded on its own by
     :func:`encode_stream` (raw or ``rans``, with its own model). Pays where one part of a chunk
     differs from the rest: e.g. the low mantissa bytes of all-MiniLM's untrained embedding
-    rows are zero while the trained rows' are uniform; one model for the mixture costs ~1 bit a
-    symbol more than two (on MiniLM FP32: ~60 KB over 14 tail streams).
+    rows are zero while the trained rows' are uniform; one model for the mixture costs up to a
+    bit a symbol more than two.
 
     Layout: ``u8 k`` then ``k × (u8 backend id | u32 length)``, then the pieces' payloads.
     """

@@ -202,8 +202,8 @@ def _dec(x, dsym, dinfo, mask, pb, words, pos, last, out, i):
 def rans_decode(words, n, dsym, dinfo, pb, out):  # words: (m,) uint16 (see rans_encode); out: (n,) uint8/uint16
     """Decode ``n`` symbols into ``out``; returns 0 on success, a negative code on a bad stream.
     The four lanes have their own word streams, so their dependency chains do not meet.
-    ~2.2 ns/symbol on a BF16 head; tried and not faster (bench/lossless.py --kernel, same
-    stream): one packed 64-bit slot table (2.10 vs 2.05), eight lanes (two 4-lane streams
+    Tried and not faster (bench/lossless.py --kernel, same stream): one packed 64-bit slot
+    table, eight lanes (two 4-lane streams
     interleaved), unclamped reads in blocks checked up front: the loop is bound by its
     ~20 instructions a symbol, not by the table loads or the lanes' latency."""
     m = words.shape[0]
@@ -344,8 +344,8 @@ def _hist(sym, h):  # h[v] += count of v in sym
 
 @njit(**_JIT)
 def hist_entropy_bits(h):  # h: (A,) int64 counts -> n·H0 in bits
-    """``Σ_s c_s·log2(n / c_s)``: the order-0 cost of a stream with counts ``h`` (on a
-    1024-symbol head ~12 µs a call from Python against ~40 µs in numpy; two calls a chunk)."""
+    """``Σ_s c_s·log2(n / c_s)``: the order-0 cost of a stream with counts ``h`` (compiled: a
+    call from Python costs a fraction of numpy's dispatch on a small alphabet; two calls a chunk)."""
     n = 0.0
     for s in range(h.shape[0]):
         n += h[s]
@@ -359,8 +359,8 @@ def hist_entropy_bits(h):  # h: (A,) int64 counts -> n·H0 in bits
 @njit(**_JIT)
 def _hist4(sym, h):  # h[v] += count of v in sym, for skewed streams (the head)
     """Four partial histograms, one per residue of i mod 4: runs of one symbol no longer chain
-    every increment through one counter (store-to-load forwarding). 0.65 → 0.36 ns/symbol on a
-    weight head; slower on near-uniform streams (the tails), which keep :func:`_hist`."""
+    every increment through one counter (store-to-load forwarding): faster on a weight head,
+    slower on near-uniform streams (the tails), which keep :func:`_hist`."""
     n = sym.shape[0]
     A = h.shape[0]
     t = np.zeros((4, A), np.int64)

@@ -2,8 +2,8 @@
 error onto the block's later columns (numba, ``nogil``).
 
 The loop is the same as the Python one in :mod:`.gptq`, column by column. In torch every column
-costs ~15 small tensor ops (~180 µs on a 576-row layer, almost all dispatch), which made the loop
-~⅓ of a whole SmolLM2 GPTQ run. Compiled, a column costs its arithmetic. It serves the affine
+costs about fifteen small tensor ops, almost all of it dispatch on a small layer, which made the
+loop a large share of a whole GPTQ run. Compiled, a column costs its arithmetic. It serves the affine
 grids, whose codes and values are
 
     q = clamp(round((w − a) / s) + z, 0, 2ᵇ − 1),     ŵ = (q − z)·s + a
