@@ -18,7 +18,6 @@ from llmpress.targets import ExportSource
 from llmpress.targets.api import ExportRefused, export
 from llmpress.targets.gguf_arch import ARCHS, arch_of, rotary_row_perm
 from llmpress.targets.gguf_verify import verify
-from llmpress.quant import grids
 from llmpress.quant.grids import GridSpec
 
 PRESETS = ["gguf:q4_0", "gguf:q4_1", "gguf:q5_0", "gguf:q5_1", "gguf:q8_0"]

@@ -1,7 +1,6 @@
 """``--gguf-mix``: llama.cpp's per-tensor type choice, by table and against llama-quantize itself."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 

@@ -15,7 +15,7 @@ from llmpress.quant import hadamard as hd
 from llmpress.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
-from families import FAMILIES, VOCAB, build  # noqa: E402
+from families import VOCAB, build  # noqa: E402
 
 IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
 KEEP_ALL = Recipe.from_dict({"rules": [{"match": ".*", "method": "keep"}]})
