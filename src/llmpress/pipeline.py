@@ -417,6 +417,15 @@ class _Walk:
     calls: list[list[BlockCall]]       # calls[block][batch]: what each block is passed besides them
 
 
+def open_walkable(model: str | Path) -> tuple[Any, TensorStore, nn.Module]:
+    """``(source, its tensor store, its meta skeleton)`` of an ORIGINAL checkpoint that the
+    block-by-block walk can run; an unwalkable family is refused before any work."""
+    src = resolve(model)
+    skel = sk.build_meta(sk.folder_config(src.folder))
+    sk.check_walkable(skel)
+    return src, TensorStore(src), skel
+
+
 def _start_walk(skel: nn.Module, store: TensorStore, ids: torch.Tensor, bs: int, dev: torch.device) -> _Walk:
     """Capture every block's inputs on ``dev``. Only the modules outside the blocks that the
     forward actually calls before block 0 (embeddings, position embeddings, an input projection)
@@ -687,10 +696,7 @@ def iter_stats(
     import re
 
     dev = resolve_device(device)
-    src = resolve(model)
-    store = TensorStore(src)
-    skel = sk.build_meta(sk.folder_config(src.folder))
-    sk.check_walkable(skel)
+    src, store, skel = open_walkable(model)
     rx = re.compile(match)
     ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(calib), samples, seq_len)
     walk = _start_walk(skel, store, ids, batch_size, dev)

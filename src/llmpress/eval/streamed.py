@@ -35,13 +35,10 @@ class StreamedOriginal(nn.Module):
 
     def __init__(self, source: str | Path, device: str | torch.device | None = None):
         super().__init__()
-        from ..models import TensorStore, resolve
+        from ..pipeline import open_walkable
 
-        src = resolve(source)
-        self.model = sk.build_meta(sk.folder_config(src.folder))
-        sk.check_walkable(self.model)
+        _, self.store, self.model = open_walkable(source)
         self.config = self.model.config
-        self.store = TensorStore(src)
         self.device = resolve_device(device) if device is not None else torch.device("cpu")
 
     def get_output_embeddings(self) -> nn.Module | None:

@@ -187,14 +187,10 @@ def fisher_weights(model: str | Path, ids: Tensor, batch_size: int = 4, keep: st
     """f_i = mean over the tokens of ``ids`` (samples, seq_len) of g_{t,i}², per linear of the blocks
     whose name ``keep`` does not match: {name: (out,) float64 on the CPU}. Block by block (module doc)."""
     from ..device import resolve_device
-    from ..models import TensorStore, resolve
-    from ..pipeline import _block_out, _start_walk, walk_forward
+    from ..pipeline import _block_out, _start_walk, open_walkable, walk_forward
 
     dev = resolve_device(device)
-    src = resolve(model)
-    store = TensorStore(src)
-    skel = sk.build_meta(sk.folder_config(src.folder))
-    sk.check_walkable(skel)
+    _, store, skel = open_walkable(model)
     rx = re.compile(keep)
     walk = _start_walk(skel, store, ids, batch_size, dev)
     blocks, prefix = walk.blocks, walk.prefix
