@@ -86,15 +86,16 @@ def streamable(path: Path | None) -> bool:
     if path is None:
         return False
     from ..loading import is_llmpress_output
-    from ..models import resolve
+    from ..models import is_causal, resolve
 
     try:
         if is_llmpress_output(path):
             return False
         src = resolve(path)
+        if not is_causal(src):
+            return False
         skel = sk.build_meta(sk.folder_config(src.folder))
     except (LlmpressError, OSError, ValueError, KeyError) as e:
         log.debug("%s: not streamed (%s)", path, e)
         return False
-    archs = getattr(skel.config, "architectures", None) or []
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) and sk.why_not_walkable(skel) is None
+    return sk.why_not_walkable(skel) is None
