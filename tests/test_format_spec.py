@@ -372,6 +372,9 @@ def _source(d: Path) -> Path:
         "w.f32": w,
         "w.f16": (torch.randn(64, 96, generator=g) * 0.1).half(),
         "w.f8": (torch.randn(40, 64, generator=g)).to(torch.float8_e4m3fn),
+        "w.f8e5": torch.cat([torch.randn(999, generator=g).to(torch.float8_e5m2),  # + every bit pattern
+                             torch.arange(256, dtype=torch.uint8).view(torch.float8_e5m2)]),
+        "w.f8.scale": torch.rand(40, 1, generator=g),  # an FP8 release's per-channel scale
         "ids": torch.arange(300, dtype=torch.int32) % 17,
         "mask": torch.rand(100, generator=g) > 0.5,
         "empty": torch.zeros(0, 4),
