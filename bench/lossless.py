@@ -1,6 +1,7 @@
-"""Lossless benchmark: llmpress vs ZipNN vs zstd -3 on all-MiniLM-L6-v2 (FP32 as shipped, and BF16).
+"""Lossless benchmark: llmpress vs ZipNN vs zstd -3 on all-MiniLM-L6-v2 (FP32 as shipped, BF16, FP8) and SmolLM2-135M (FP8).
 
     .venv/bin/python bench/lossless.py [--reps 3]
+    .venv/bin/python bench/lossless.py --files BF16 FP8 SmolLM2-FP8 --tools "llmpress (rans)" "zstd -3" --out lossless-fp8.json
     .venv/bin/python bench/lossless.py --kernel   # the head streams' rANS decode alone, ns/symbol
     .venv/bin/python bench/lossless.py --stages   # each encode/decode stage on BF16, ms and ns/word
 
@@ -12,11 +13,24 @@ chunk's checksum (xxh3 since container v4; the chunks cover every byte); ``dec+s
 (what ``unpack``/``verify`` do by default). The compiled kernels are loaded (warm-up) before
 timing. ZipNN
 runs in its own venv (bench/.venvs/zipnn, created here with the torch pin) in a subprocess,
-on a copy of the bytes (it reorders the buffer it is given). Results: bench/out/lossless.json.
+on a copy of the bytes (it reorders the buffer it is given). Results: bench/out/lossless.json
+(``--out``), with the command, commit and date.
+
+FP8 inputs (``FP8``, ``FP8-E5M2``: MiniLM; ``SmolLM2-FP8``) are cast as FP8 releases store their
+weights (:func:`fp8_file`): every 2-D float tensor (linears and embeddings) → float8 with an F32
+``…weight_scale`` beside it, absmax / the format's largest value per output channel (``--fp8-scale
+channel``, compressed-tensors' channel strategy: (out, 1)) or per tensor (``tensor``: a scalar);
+1-D tensors (norms, biases) in BF16. For each FP8 input the bench prints its entropy bounds: the
+whole file's chunk-adaptive bound (every tensor's fields at their per-chunk order-0 entropy,
+non-tensor bytes raw) and, over the FP8 tensors alone, the order-0 bits per word of three ways to
+split the byte (the one 256-symbol field; exponent ‖ mantissa + sign, what llmpress codes; sign ‖
+exponent + mantissa) and the parts H(sign), H(exponent), H(mantissa | exponent). ZipNN has no FP8
+mode here; its FP8 rows are not run.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import subprocess
@@ -59,18 +73,115 @@ def ensure_zipnn() -> Path:
     return py
 
 
-def inputs() -> dict[str, Path]:
+def _commit() -> str:
+    try:
+        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
+                               text=True).stdout.strip()
+        return c + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def _model_file(name: str) -> Path:
+    from llmpress.models import resolve
+
+    return resolve(name).path / "model.safetensors"
+
+
+def bf16_file(model: str) -> Path:
     from safetensors.torch import load_file, save_file
     import torch
 
-    from llmpress.models import resolve
+    out = OUT / f"{model}-bf16.safetensors"
+    if not out.exists():
+        sd = load_file(str(_model_file(model)))
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, str(out))
+    return out
 
-    fp32 = resolve("minilm-l6").path / "model.safetensors"
-    bf16 = OUT / "minilm-l6-bf16.safetensors"
-    if not bf16.exists():
-        sd = load_file(str(fp32))
-        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, str(bf16))
-    return {"FP32": fp32, "BF16": bf16}
+
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+
+
+def fp8_file(model: str, fmt: str, scale: str) -> Path:
+    """``model``'s checkpoint as an FP8 release (see the module's docstring), written once under OUT."""
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    out = OUT / f"{model}-fp8-{fmt}-{scale}.safetensors"
+    if out.exists():
+        return out
+    dtype = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[fmt]
+    sd, o = load_file(str(_model_file(model))), {}
+    for k, v in sd.items():
+        if v.ndim == 2 and v.is_floating_point():
+            w = v.float()  # (out, in)
+            a = w.abs().amax(dim=1, keepdim=True) if scale == "channel" else w.abs().max()
+            s = (a / FP8_MAX[fmt]).clamp(min=1e-12)  # (out, 1) or ()
+            o[k] = (w / s).to(dtype)
+            o[k + "_scale" if k.endswith("weight") else k + ".weight_scale"] = s
+        else:
+            o[k] = v.to(torch.bfloat16) if v.is_floating_point() else v
+    save_file(o, str(out))
+    return out
+
+
+# label -> (the input file's builder, given the FP8 scale strategy; ZipNN's dtype name, None: not run)
+INPUTS = {
+    "FP32": (lambda sc: _model_file("minilm-l6"), "float32"),
+    "BF16": (lambda sc: bf16_file("minilm-l6"), "bfloat16"),
+    "FP8": (lambda sc: fp8_file("minilm-l6", "e4m3", sc), None),
+    "FP8-E5M2": (lambda sc: fp8_file("minilm-l6", "e5m2", sc), None),
+    "SmolLM2-FP8": (lambda sc: fp8_file("smollm2-135m", "e4m3", sc), None),
+}
+
+
+def inputs(labels: tuple[str, ...] | list[str] = ("FP32", "BF16"), fp8_scale: str = "channel") -> dict[str, Path]:
+    return {k: INPUTS[k][0](fp8_scale) for k in labels}
+
+
+def _h_bits(counts) -> float:
+    """n · H0 of a histogram, bits."""
+    import numpy as np
+
+    c = np.asarray(counts, np.float64)
+    c = c[c > 0]
+    return float(-(c * np.log2(c / c.sum())).sum()) if c.size else 0.0
+
+
+def fp8_bounds(path: Path, chunk_bytes: int = 512 << 10) -> dict:
+    """The FP8 input's entropy bounds (see the module's docstring): a ratio of the file's bytes,
+    and bits per FP8 word (order 0 per tensor)."""
+    import numpy as np
+
+    from llmpress.lossless.bounds import chunk_bound_bits
+    from llmpress.lossless.fields import LAYOUTS
+    from llmpress.lossless.segments import chunks_of, plan_file
+
+    data = np.fromfile(path, np.uint8)
+    chunk_bits, n8 = 0.0, 0
+    alt = dict.fromkeys(("byte", "exp|man + sign", "sign|exp + man", "H(sign)", "H(exp)", "H(man|exp)"), 0.0)
+    for seg in plan_file(path):
+        raw = data[seg.offset : seg.offset + seg.length]
+        if seg.kind != "tensor":
+            chunk_bits += 8.0 * seg.length
+            continue
+        for o, ln in chunks_of(seg, chunk_bytes):
+            chunk_bits += chunk_bound_bits(raw[o : o + ln], seg.dtype)[0]
+        if not seg.dtype.startswith("F8") or not seg.length:
+            continue
+        M = LAYOUTS[seg.dtype].M
+        b = raw.astype(np.int64)  # (n,) one FP8 word each
+        n8 += len(b)
+        h_em, h_s, h_e = (_h_bits(np.bincount(x)) for x in (b & 0x7F, b >> 7, (b & 0x7F) >> M))
+        alt["byte"] += _h_bits(np.bincount(b))
+        alt["exp|man + sign"] += h_em + h_s
+        alt["sign|exp + man"] += _h_bits(np.bincount(b >> M)) + _h_bits(np.bincount(b & ((1 << M) - 1)))
+        alt["H(sign)"] += h_s
+        alt["H(exp)"] += h_e
+        alt["H(man|exp)"] += h_em - h_e
+    return {"bound_chunk_ratio": chunk_bits / 8 / len(data), "fp8_words": n8,
+            "fp8_bits_per_word": {k: v / max(n8, 1) for k, v in alt.items()}}
 
 
 def warm_up() -> None:
@@ -264,32 +375,39 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--kernel", action="store_true", help="time the head rANS decode alone (1 thread)")
     ap.add_argument("--stages", action="store_true", help="time each encode/decode stage on BF16 (1 thread)")
-    ap.add_argument("--files", nargs="+", default=["FP32", "BF16"], help="which inputs (FP32, BF16)")
+    ap.add_argument("--files", nargs="+", default=["FP32", "BF16"], choices=sorted(INPUTS), help="which inputs")
+    ap.add_argument("--fp8-scale", choices=("channel", "tensor"), default="channel",
+                    help="the FP8 inputs' weight scales: per output channel or per tensor")
     ap.add_argument("--tools", nargs="+", default=None, help="only these tools (e.g. 'llmpress (rans)' zipnn)")
+    ap.add_argument("--out", default="lossless.json", help="results file name under bench/out/")
     args = ap.parse_args()
+    cmd = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    started = dt.datetime.now(dt.timezone.utc)
     if args.kernel or args.stages:
         OUT.mkdir(parents=True, exist_ok=True)
         warm_up()
         (kernel_only if args.kernel else stages)(max(args.reps, 5))
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    zpy = ensure_zipnn()
+    zpy = ensure_zipnn() if not args.tools or "zipnn" in args.tools else None
     warm_up()
     rows = []
-    for label, path in inputs().items():
-        if label not in args.files:
-            continue
+    bounds = {}
+    for label, path in inputs(args.files, args.fp8_scale).items():
         size = path.stat().st_size
+        if "FP8" in label:
+            bounds[label] = fp8_bounds(path)
         for th in args.threads:
             os.environ["OMP_NUM_THREADS"] = str(th)
             runs = {
                 "llmpress (rans)": lambda: run_llmpress(path, th, 1, "rans"),
                 "llmpress (ans)": lambda: run_llmpress(path, th, 1, "ans"),
                 "llmpress (zstd)": lambda: run_llmpress(path, th, 1, "zstd"),
-                "zipnn": lambda: run_zipnn(zpy, path, {"FP32": "float32", "BF16": "bfloat16"}[label], th, 1),
+                "zipnn": lambda: run_zipnn(zpy, path, INPUTS[label][1], th, 1),
                 "zstd -3": lambda: run_zstd(path, th, 1),
             }
-            runs = {k: v for k, v in runs.items() if not args.tools or k in args.tools}
+            runs = {k: v for k, v in runs.items() if (not args.tools or k in args.tools)
+                    and (k != "zipnn" or INPUTS[label][1])}
             # reps interleaved across tools (one each, round after round), best per tool: on a
             # shared machine a burst of load then hits every tool alike, not one tool's reps
             best: dict[str, dict] = {}
@@ -306,12 +424,30 @@ def main() -> None:
                              "dec_MBps": size / r["dec_s"] / 1e6,
                              "dec_sha_MBps": size / r["dec_sha_s"] / 1e6 if "dec_sha_s" in r else None})
                 print(f"{label} {name:16s} t={th} ratio {rows[-1]['ratio']:.4f}", file=sys.stderr)
-    (OUT / "lossless.json").write_text(json.dumps({"rows": rows, "cpus": os.cpu_count()}, indent=1))
-    print(f"\n{'file':5s} {'tool':16s} {'thr':>3s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'dec+sha':>8s}")
+    # each FP8 input's decode speed against the BF16 input's, same tool and threads
+    dec = {(r["file"], r["tool"], r["threads"]): r["dec_MBps"] for r in rows}
+    for r in rows:
+        ref = dec.get(("BF16", r["tool"], r["threads"]))
+        r["dec_vs_BF16"] = r["dec_MBps"] / ref if ref and r["file"] in bounds else None
+    result = {"command": cmd, "commit": _commit(), "date": started.isoformat(), "cpus": os.cpu_count(),
+              "fp8_scale": args.fp8_scale, "rows": rows, "bounds": bounds}
+    out = OUT / args.out
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(f"command: {cmd}\ncommit: {result['commit']}   date: {started:%Y-%m-%d %H:%M} UTC   cpus: {os.cpu_count()}")
+    for label, b in bounds.items():
+        parts = "  ".join(f"{k} {v:.3f}" for k, v in b["fp8_bits_per_word"].items())
+        print(f"{label} ({args.fp8_scale} scales): chunk-adaptive bound {b['bound_chunk_ratio']:.4f} of the file; "
+              f"FP8 words, order-0 bits/word: {parts}")
+    print(f"\n{'file':11s} {'tool':16s} {'thr':>3s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'dec+sha':>8s} {'dec/BF16':>8s}")
     for r in rows:
         ds = f"{r['dec_sha_MBps']:8.1f}" if r["dec_sha_MBps"] else f"{'':8s}"
-        print(f"{r['file']:5s} {r['tool']:16s} {r['threads']:3d} {r['ratio']:7.4f} {r['enc_MBps']:9.1f} {r['dec_MBps']:9.1f} {ds}")
-    print(f"\nwrote {OUT / 'lossless.json'}")
+        vs = f"{r['dec_vs_BF16']:8.2f}" if r["dec_vs_BF16"] else f"{'':8s}"
+        print(f"{r['file']:11s} {r['tool']:16s} {r['threads']:3d} {r['ratio']:7.4f} {r['enc_MBps']:9.1f} "
+              f"{r['dec_MBps']:9.1f} {ds} {vs}")
+    print(f"\nwrote {out}")
+
 
 
 if __name__ == "__main__":
