@@ -10,6 +10,16 @@ predictable *given* the exponent. A float word is therefore split into
 - ``tail`` pieces = sign ‖ remaining mantissa bits, cut into bytes from the least significant
   end (the top piece may be narrower): coded when that pays, stored bit-packed otherwise.
 
+FP8 (``F8_E4M3``, ``F8_E5M2``) is the same split with every mantissa bit in the head (k = M): the
+head is the byte's magnitude (exponent ‖ mantissa, 7 bits) and the tail the sign alone (1 bit,
+stored bit-packed: it carries a full bit). A weight's sign is independent of its magnitude, so this
+is the whole byte's entropy without a 256-symbol model, and the mantissa, skewed within each
+octave, is coded given its exponent (a sign ‖ exponent head with the mantissa as a tail loses
+that); ``bench/lossless.py --files FP8 SmolLM2-FP8`` measures the three splits against each other.
+An FP8 release's scales (``weight_scale``, ``weight_scale_inv``: F32 or BF16 tensors beside each
+FP8 weight) are ordinary float tensors. Every byte pattern round-trips (e4m3fn's NaNs 0x7F/0xFF,
+e5m2's infinities and NaNs).
+
 Types that are not floats (integers, bool, F64...) are one field of raw bytes, except a
 quantized folder's bit-packed codes (a ``U8`` tensor the pack was told holds ``b``-bit codes,
 ``b`` < 8, in :mod:`llmpress.quant.pack`'s little-endian stream): one field of ``b``-bit symbols,
