@@ -24,8 +24,8 @@ channel``, compressed-tensors' channel strategy: (out, 1)) or per tensor (``tens
 whole file's chunk-adaptive bound (every tensor's fields at their per-chunk order-0 entropy,
 non-tensor bytes raw) and, over the FP8 tensors alone, the order-0 bits per word of three ways to
 split the byte (the one 256-symbol field; exponent ‖ mantissa + sign, what llmpress codes; sign ‖
-exponent + mantissa) and the parts H(sign), H(exponent), H(mantissa | exponent). ZipNN has no FP8
-mode here; its FP8 rows are not run.
+exponent + mantissa) and the parts H(sign), H(exponent), H(mantissa | exponent). ZipNN is not run
+on the FP8 inputs (no FP8 dtype is wired to it here); zstd -3 is their general-purpose baseline.
 """
 from __future__ import annotations
 
