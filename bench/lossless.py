@@ -195,7 +195,8 @@ def warm_up() -> None:
         src = Path(d) / "w.safetensors"
         g = torch.Generator().manual_seed(0)
         save_file({"a": torch.randn(300, 300, generator=g).to(torch.bfloat16), "b": torch.randn(300, 300, generator=g),
-                   "c": torch.randn(30, generator=g).half()}, str(src))
+                   "c": torch.randn(30, generator=g).half(), "d": torch.randn(300, 300, generator=g).to(torch.float8_e4m3fn),
+                   "e": torch.randn(30, generator=g).to(torch.float8_e5m2)}, str(src))
         for policy in ("rans", "ans", "zstd"):
             pack(src, Path(d) / "w.llmp", force=True, policy=policy)
             verify(Path(d) / "w.llmp")
