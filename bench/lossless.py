@@ -24,7 +24,9 @@ channel``, compressed-tensors' channel strategy: (out, 1)) or per tensor (``tens
 whole file's chunk-adaptive bound (every tensor's fields at their per-chunk order-0 entropy,
 non-tensor bytes raw) and, over the FP8 tensors alone, the order-0 bits per word of three ways to
 split the byte (the one 256-symbol field; exponent ‖ mantissa + sign, what llmpress codes; sign ‖
-exponent + mantissa) and the parts H(sign), H(exponent), H(mantissa | exponent). ZipNN is not run
+exponent + mantissa), the parts H(sign), H(exponent), H(mantissa | exponent), and the byte's
+entropy given its row or its column of the matrix (a model per row or per column, its cost not
+counted: what no row- or column-adaptive coder gets below). ZipNN is not run
 on the FP8 inputs (no FP8 dtype is wired to it here); zstd -3 is their general-purpose baseline.
 """
 from __future__ import annotations
@@ -149,6 +151,16 @@ def _h_bits(counts) -> float:
     return float(-(c * np.log2(c / c.sum())).sum()) if c.size else 0.0
 
 
+def _h_given(ctx, sym, nctx: int) -> float:
+    """Σ over contexts of n_c · H0(sym | c), bits: ctx, sym (n,) int64, sym < 256."""
+    import numpy as np
+
+    t = np.bincount(ctx * 256 + sym, minlength=nctx * 256).reshape(nctx, 256).astype(np.float64)
+    tot = t.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(-np.nansum(t * np.log2(t / tot)))
+
+
 def fp8_bounds(path: Path, chunk_bytes: int = 512 << 10) -> dict:
     """The FP8 input's entropy bounds (see the module's docstring): a ratio of the file's bytes,
     and bits per FP8 word (order 0 per tensor)."""
@@ -160,7 +172,8 @@ def fp8_bounds(path: Path, chunk_bytes: int = 512 << 10) -> dict:
 
     data = np.fromfile(path, np.uint8)
     chunk_bits, n8 = 0.0, 0
-    alt = dict.fromkeys(("byte", "exp|man + sign", "sign|exp + man", "H(sign)", "H(exp)", "H(man|exp)"), 0.0)
+    alt = dict.fromkeys(("byte", "exp|man + sign", "sign|exp + man", "H(sign)", "H(exp)", "H(man|exp)",
+                         "H(byte|row)", "H(byte|col)"), 0.0)
     for seg in plan_file(path):
         raw = data[seg.offset : seg.offset + seg.length]
         if seg.kind != "tensor":
@@ -180,6 +193,9 @@ def fp8_bounds(path: Path, chunk_bytes: int = 512 << 10) -> dict:
         alt["H(sign)"] += h_s
         alt["H(exp)"] += h_e
         alt["H(man|exp)"] += h_em - h_e
+        rows, cols = (seg.shape[0], len(b) // seg.shape[0]) if len(seg.shape) == 2 else (1, len(b))  # (R, C)
+        alt["H(byte|row)"] += _h_given(np.arange(len(b)) // cols, b, rows)
+        alt["H(byte|col)"] += _h_given(np.arange(len(b)) % cols, b, cols)
     return {"bound_chunk_ratio": chunk_bits / 8 / len(data), "fp8_words": n8,
             "fp8_bits_per_word": {k: v / max(n8, 1) for k, v in alt.items()}}
 
