@@ -409,38 +409,38 @@ def main() -> None:
     zpy = ensure_zipnn() if not args.tools or "zipnn" in args.tools else None
     warm_up()
     rows = []
-    bounds = {}
-    for label, path in inputs(args.files, args.fp8_scale).items():
-        size = path.stat().st_size
-        if "FP8" in label:
-            bounds[label] = fp8_bounds(path)
-        for th in args.threads:
-            os.environ["OMP_NUM_THREADS"] = str(th)
-            runs = {
-                "llmpress (rans)": lambda: run_llmpress(path, th, 1, "rans"),
-                "llmpress (ans)": lambda: run_llmpress(path, th, 1, "ans"),
-                "llmpress (zstd)": lambda: run_llmpress(path, th, 1, "zstd"),
-                "zipnn": lambda: run_zipnn(zpy, path, INPUTS[label][1], th, 1),
-                "zstd -3": lambda: run_zstd(path, th, 1),
+    files = inputs(args.files, args.fp8_scale)
+    bounds = {label: fp8_bounds(path) for label, path in files.items() if "FP8" in label}
+    for th in args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(th)
+        runs = {}  # (file, tool) -> one timed run
+        for label, path in files.items():
+            tools = {
+                "llmpress (rans)": lambda p=path: run_llmpress(p, th, 1, "rans"),
+                "llmpress (ans)": lambda p=path: run_llmpress(p, th, 1, "ans"),
+                "llmpress (zstd)": lambda p=path: run_llmpress(p, th, 1, "zstd"),
+                "zipnn": lambda p=path, lb=label: run_zipnn(zpy, p, INPUTS[lb][1], th, 1),
+                "zstd -3": lambda p=path: run_zstd(p, th, 1),
             }
-            runs = {k: v for k, v in runs.items() if (not args.tools or k in args.tools)
-                    and (k != "zipnn" or INPUTS[label][1])}
-            # reps interleaved across tools (one each, round after round), best per tool: on a
-            # shared machine a burst of load then hits every tool alike, not one tool's reps
-            best: dict[str, dict] = {}
-            for _ in range(args.reps):
-                for name, fn in runs.items():
-                    r = fn()
-                    b = best.setdefault(name, r)
-                    for k in ("enc_s", "dec_s", "dec_sha_s"):
-                        if k in r:
-                            b[k] = min(b[k], r[k])
-            for name, r in best.items():
-                rows.append({"file": label, "tool": name, "threads": th, "bytes_in": size, "bytes_out": r["bytes_out"],
-                             "ratio": r["bytes_out"] / size, "enc_MBps": size / r["enc_s"] / 1e6,
-                             "dec_MBps": size / r["dec_s"] / 1e6,
-                             "dec_sha_MBps": size / r["dec_sha_s"] / 1e6 if "dec_sha_s" in r else None})
-                print(f"{label} {name:16s} t={th} ratio {rows[-1]['ratio']:.4f}", file=sys.stderr)
+            runs.update({(label, k): v for k, v in tools.items() if (not args.tools or k in args.tools)
+                         and (k != "zipnn" or INPUTS[label][1])})
+        # reps interleaved across files and tools (one each, round after round), best of each: on
+        # a shared machine a burst of load then hits every file and tool alike, not one's reps
+        best: dict[tuple[str, str], dict] = {}
+        for _ in range(args.reps):
+            for key, fn in runs.items():
+                r = fn()
+                b = best.setdefault(key, r)
+                for k in ("enc_s", "dec_s", "dec_sha_s"):
+                    if k in r:
+                        b[k] = min(b[k], r[k])
+        for (label, name), r in best.items():
+            size = files[label].stat().st_size
+            rows.append({"file": label, "tool": name, "threads": th, "bytes_in": size, "bytes_out": r["bytes_out"],
+                         "ratio": r["bytes_out"] / size, "enc_MBps": size / r["enc_s"] / 1e6,
+                         "dec_MBps": size / r["dec_s"] / 1e6,
+                         "dec_sha_MBps": size / r["dec_sha_s"] / 1e6 if "dec_sha_s" in r else None})
+            print(f"{label} {name:16s} t={th} ratio {rows[-1]['ratio']:.4f}", file=sys.stderr)
     # each FP8 input's decode speed against the BF16 input's, same tool and threads
     dec = {(r["file"], r["tool"], r["threads"]): r["dec_MBps"] for r in rows}
     for r in rows:
