@@ -8,6 +8,10 @@ and the caller merges them with the layout's compiled merge (a second call: a me
 would make this a closure over the layout's kernel, which numba's cache cannot key, so every
 process would compile it again).
 
+numba's cache keys these functions on this file alone: a kernel they call from kernels.py or
+rans32.py (``unpack_bits``'s unrolled 1-bit path for FP8's sign field, say) takes effect in a
+process whose cache predates it only once this file changes too (or the cache is cleared).
+
 Handled: the backends a float chunk is written with (``raw`` up to 8 bits, ``rans`` (rans32.py),
 ``rans4`` (the four-lane coder of kernels.py), ``split`` of those). Anything else, and
 any stream that does not decode, returns a nonzero code: the caller then takes the generic
