@@ -137,3 +137,15 @@ def test_fp8_folder_with_config_round_trips(tmp_path):
     unpack(out, tmp_path / "back")
     for p in src.iterdir():
         assert _sha(tmp_path / "back" / p.name) == _sha(p), p.name
+
+
+def test_sign_field_bits_are_lsb_first():
+    """The 1-bit raw stream (FP8's sign field, unrolled in kernels) is numpy's little-endian packbits."""
+    from llmpress.lossless.entropy import pack_bits, unpack_bits
+
+    rng = np.random.default_rng(2)
+    for n in (0, 1, 8, 13, 4099):
+        s = rng.integers(0, 2, n).astype(np.uint8)
+        buf = pack_bits(s, 1)
+        assert buf == np.packbits(s, bitorder="little").tobytes()
+        assert (unpack_bits(buf, n, 1) == s).all()
