@@ -26,7 +26,7 @@ non-tensor bytes raw) and, over the FP8 tensors alone, the order-0 bits per word
 split the byte (the one 256-symbol field; exponent ‖ mantissa + sign, what llmpress codes; sign ‖
 exponent + mantissa), the parts H(sign), H(exponent), H(mantissa | exponent), and the byte's
 entropy given its row or its column of the matrix (a model per row or per column, its cost not
-counted: what no row- or column-adaptive coder gets below). ZipNN is not run
+counted, estimated from the counts: an optimistic floor for a row- or column-adaptive coder). ZipNN is not run
 on the FP8 inputs (no FP8 dtype is wired to it here); zstd -3 is their general-purpose baseline.
 """
 from __future__ import annotations
