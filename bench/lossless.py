@@ -29,6 +29,8 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 VENV = HERE / ".venvs" / "zipnn"
 TORCH_PIN = "torch==2.13.0"
+sys.path.insert(0, str(HERE))
+from _record import record  # noqa: E402
 
 ZIPNN_SCRIPT = r"""
 import json, sys, time, zipnn
@@ -273,7 +275,8 @@ def main() -> None:
         (kernel_only if args.kernel else stages)(max(args.reps, 5))
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    zpy = ensure_zipnn()
+    zpy = ensure_zipnn() if not args.tools or "zipnn" in args.tools else None  # its venv only when it runs
+    rec = record()
     warm_up()
     rows = []
     for label, path in inputs().items():
@@ -306,7 +309,7 @@ def main() -> None:
                              "dec_MBps": size / r["dec_s"] / 1e6,
                              "dec_sha_MBps": size / r["dec_sha_s"] / 1e6 if "dec_sha_s" in r else None})
                 print(f"{label} {name:16s} t={th} ratio {rows[-1]['ratio']:.4f}", file=sys.stderr)
-    (OUT / "lossless.json").write_text(json.dumps({"rows": rows, "cpus": os.cpu_count()}, indent=1))
+    (OUT / "lossless.json").write_text(json.dumps({**rec, "rows": rows, "cpus": os.cpu_count(), "reps": args.reps}, indent=1))
     print(f"\n{'file':5s} {'tool':16s} {'thr':>3s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'dec+sha':>8s}")
     for r in rows:
         ds = f"{r['dec_sha_MBps']:8.1f}" if r["dec_sha_MBps"] else f"{'':8s}"
