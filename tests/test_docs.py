@@ -51,3 +51,20 @@ def test_benchmarks_md_shows_every_figure_with_its_provenance(tmp_path):
     assert "- command: `python bench/lossless.py --reps 3`" in text and "| BF16 | zstd -3 | 1 | 100 | 0.78000 |" in text
     missing = text.split("## Not yet recorded", 1)[1]
     assert "bench/quant.py" in missing and "bench/lossless.py" not in missing
+
+
+def test_readme_results_table_is_replaced_between_its_markers(tmp_path):
+    md = _script("benchmarks_md")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{md.BEGIN} (made by a script) -->\nold\n{md.END}\n\nafter\n")
+    assert md.update_readme(readme, ["| a |", "|---|"])
+    assert md.update_readme(readme, ["| a |", "|---|"])  # twice: the same text
+    assert readme.read_text() == f"# x\n\n{md.BEGIN} (made by a script) -->\n| a |\n|---|\n{md.END}\n\nafter\n"
+    text = (REPO / "README.md").read_text()
+    assert md.BEGIN in text and md.END in text
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = [l.strip() for l in (REPO / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith(("#", "set ", "cd "))]
+    assert ci == ["make test"]
+    assert "\nmake test " in (REPO / "README.md").read_text()
