@@ -48,7 +48,10 @@ def _is_argument(p) -> bool:
 def _kind(p, ctx) -> str:
     if getattr(p, "is_flag", False):
         return "flag"
-    return _cell(str(p.display_type(ctx))).replace("<", "").replace(">", "")
+    t = str(p.display_type(ctx)).strip("<>")
+    if t.startswith("list[") and t.endswith("]"):
+        t = f"{t[5:-1]}, repeatable"
+    return _cell(t)
 
 
 def _names(p) -> str:
