@@ -165,6 +165,17 @@ def lossless(path: Path, data: dict[str, Any]) -> list[str]:
     return lines + _table(["file", "tool", "threads", "bytes", "ratio", "encode MB/s", "decode MB/s", "decode + sha256 MB/s"], body)
 
 
+def limit_rows(path: Path, data: Any) -> list[str]:
+    """A sweep's results.jsonl (``llmpress limit -o bench/out/limit``): one row per point, with its protocol."""
+    rows = data
+    lines = [f"- command: `llmpress limit smollm2-135m -o {path.parent.relative_to(REPO) if path.is_relative_to(REPO) else path.parent} "
+             f"--budget quick` (rows' own commands in its report.md); commit: {UNRECORDED} (the sweep records the "
+             f"model and protocol, not the commit); file written {_mtime(path)}", ""]
+    body = [[f"`{r.get('label')}`", _f(r.get("bpw"), ".3f"), _f(r.get("kl_mean")), _f(r.get("top1"), ".4f"),
+             _f(r.get("ppl"), ".3f"), f"`{r.get('protocol_label') or UNRECORDED}`"] for r in sorted(rows, key=lambda r: r.get("bpw", 0))]
+    return lines + _table(["point", "bpw", "KL mean", "top-1", "PPL", "protocol"], body)
+
+
 def rows_generic(path: Path, data: Any) -> list[str]:
     """Any other bench output: its provenance and the scalar columns of its rows."""
     rows = data if isinstance(data, list) else next((data[k] for k in ("rows", "results") if isinstance(data.get(k), list)), [])
@@ -172,9 +183,26 @@ def rows_generic(path: Path, data: Any) -> list[str]:
     rows = [r for r in rows if isinstance(r, dict)]
     cols = [k for k in dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float, str)))
             if k not in ("command", "commit", "date")]
-    if not rows:
-        return lines + ["(no rows)", ""]
+    if not rows:  # one result: its scalar fields
+        scalars = [[k, _f(v)] for k, v in (data.items() if isinstance(data, dict) else [])
+                   if isinstance(v, (int, float, str)) and k not in ("command", "commit", "date")]
+        return lines + (_table(["field", "value"], scalars) if scalars else ["(no rows)", ""])
     return lines + _table(cols + ["commit, date"], [[_f(r.get(k)) for k in cols] + [_cell_prov(r)] for r in rows])
+
+
+def _read(path: Path) -> Any:
+    """A bench output: JSON, or JSON lines (a sweep's results.jsonl; torn lines skipped)."""
+    if path.suffix != ".jsonl":
+        return json.loads(path.read_text())
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict):
+            rows.append(r)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -205,6 +233,12 @@ BENCHES = [
           "Mutated `.llmp` files and output folders fed to the readers: each must be refused or read correctly, "
           "never crash, hang or return wrong bytes.",
           "python bench/fuzz.py --seed 7 --readers llmp --state bench/out/fuzz-seed7-llmp.json", fuzz),
+    Bench("limit/results.jsonl", "The compression limit sweep (SmolLM2-135M, quick budget)",
+          "`make demo`'s sweep, written under bench/out so that this page shows it.",
+          "llmpress limit smollm2-135m -o bench/out/limit --budget quick", limit_rows),
+    Bench("eval-smollm2.json", "Perplexity of the embedded SmolLM2-135M (default protocol)",
+          "`llmpress eval` of the original alone: PPL per text under the default protocol.",
+          "llmpress eval smollm2-135m --json | tail -n 1 > bench/out/eval-smollm2.json"),
     Bench("quant.json", "Quantization methods against peers",
           "RTN/GPTQ/AWQ/HQQ beside optimum-quanto, torchao and llm-compressor on SmolLM2-135M, same windows.",
           "OMP_NUM_THREADS=1 python bench/quant.py --configs 8:128,8:64,4:128,4:64,3:128,3:64,2:64"),
@@ -287,11 +321,11 @@ def render(out_dir: Path) -> str:
             seen.add(p.name)
             if len(paths) > 1:
                 lines += [f"### `{p.relative_to(out_dir)}`", ""]
-            lines += b.render(p, json.loads(p.read_text()))
+            lines += b.render(p, _read(p))
     if missing:
         lines += ["## Not yet recorded", "",
                   "These benches have no output in this tree yet; each row is the command that records it.", ""]
-        lines += _table(["bench", "what", "run"], [[b.title, b.what, f"`{b.command}`"] for b in missing])
+        lines += _table(["bench", "what", "run"], [[b.title, b.what, "`" + b.command.replace("|", "\\|") + "`"] for b in missing])
     return "\n".join(lines).rstrip() + "\n"
 
 
