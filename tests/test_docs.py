@@ -43,7 +43,12 @@ def test_benchmarks_md_shows_every_figure_with_its_provenance(tmp_path):
                                                    "rows": [{"file": "BF16", "tool": "zstd -3", "threads": 1, "bytes_in": 100,
                                                              "bytes_out": 78, "ratio": 0.78, "enc_MBps": 50.0,
                                                              "dec_MBps": 500.0, "dec_sha_MBps": None}]}))
+    (out / "limit").mkdir()
+    (out / "limit" / "results.jsonl").write_text(
+        json.dumps({"label": "rtn-w4-g64", "bpw": 4.5, "kl_mean": 0.25, "top1": 0.8, "ppl": 20.0,
+                    "protocol_label": "a+b 8×64 #abcd"}) + "\n" + '{"label": "torn')
     text = md.render(out)
+    assert "| `rtn-w4-g64` | 4.500 | 0.25 | 0.8000 | 20.000 | `a+b 8×64 #abcd` |" in text
     line = next(l for l in text.splitlines() if l.startswith("| `gptq-w3-g64`"))
     assert "0.3750" in line and "`abc1234` 2026-12-07T10:00" in line
     assert next(l for l in text.splitlines() if l.startswith("| `gptq-w4-g64`")).endswith("| not recorded |")
