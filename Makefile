@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup text demo test test-fast bench clean
+.PHONY: setup text demo test test-fast bench docs benchmarks clean
 
 setup: $(VENV)/.installed text
 
@@ -32,6 +32,14 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# docs/CLI.md from the commands' own help (tests/test_docs.py fails when it is stale).
+docs: $(VENV)/.installed
+	$(PY) scripts/cli_docs.py
+
+# docs/BENCHMARKS.md from the bench outputs under bench/out/ (each figure with its command, commit, date).
+benchmarks: $(VENV)/.installed
+	$(PY) scripts/benchmarks_md.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

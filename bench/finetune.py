@@ -40,6 +40,8 @@ from llmpress.recovery.loop import CLOCKS  # noqa: E402
 from llmpress.text import CALIB_DEFAULT, EVAL_DEFAULTS  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
+sys.path.insert(0, str(OUT.parent))
+from _record import record  # noqa: E402
 MODEL = "smollm2-135m"
 
 # name -> (recipe, lr of factors, lr of scales and offsets); QAT codes move at --code-lr steps/step
@@ -128,6 +130,7 @@ def main() -> None:
         curve.append({"step": run["steps"], "train_seconds": budget, "loss": run["loss_last"], "kl_mean": after["kl_mean"], "ppl": after["ppl"]})
         mb, ma = read_manifest(comp), read_manifest(ft)
         res = {
+            **record(),
             "case": name, "recipe": recipe.to_dict(), "lr": lr * args.lr_scale, "qparam_lr": qlr and qlr * args.lr_scale, "code_lr": args.code_lr,
             "minutes": args.minutes, "train_latent": not args.qparams_only, "steps": run["steps"], "tokens_trained": run["steps"] * args.batch_size * args.seq_len,
             "kl_before": before["kl_mean"], "kl_after": after["kl_mean"], "ppl_before": before["ppl"], "ppl_after": after["ppl"],

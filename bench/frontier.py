@@ -8,20 +8,21 @@ calibration windows and judged by ``llmpress.evaluate`` on each evaluation text 
 (debian-handbook, linux-doc: KL to the original, top-128, cached reference). Each mixed target is
 set beside the best uniform point at equal or lower bpw (lowest mean KL of the two texts), with the
 ratio KL(mixed) / KL(uniform). Time and peak memory of every compression are reported. Results are
-kept in ``bench/out/frontier/results.json`` keyed by point and protocol, so a re-run resumes.
+kept in ``bench/out/frontier/results.json`` keyed by point and protocol, so a re-run resumes; each
+row records the command, commit and date that measured it (``_record.py``).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out" / "frontier"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import record  # noqa: E402
 
 
 def _peak() -> int:
@@ -67,7 +68,7 @@ def main() -> None:
         out = OUT / label
         s = compress(args.model, recipe, out, calib=None, samples=args.samples, seq_len=args.seq_len, force=True,
                      progress=False)
-        row = {"label": label, "bpw": s["bpw"], "seconds": time.perf_counter() - t0, "alloc_seconds": t_alloc,
+        row = {**record(), "label": label, "bpw": s["bpw"], "seconds": time.perf_counter() - t0, "alloc_seconds": t_alloc,
                "peak_rss_bytes": _peak(), "alloc": alloc}
         for text in EVAL_DEFAULTS:
             ev = evaluate(str(out), reference=args.model, text=text, ctx=args.ctx, tokens=args.tokens)
@@ -90,10 +91,10 @@ def main() -> None:
         mixed.append((t, run(f"mixed-{args.menu}-{t:g}", lambda t=t: mixed_recipe(
             args.model, target_bpw=t, menu=args.menu, samples=args.samples, seq_len=args.seq_len, cache=cache))))
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rec = record()
     d, l = EVAL_DEFAULTS[0], EVAL_DEFAULTS[1]
-    print(f"# {' '.join(sys.argv)}")
-    print(f"# commit {commit}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.model}, calibration "
+    print(f"# {rec['command']}")
+    print(f"# commit {rec['commit']}, {rec['date']}, {args.model}, calibration "
           f"{args.samples}×{args.seq_len} tokens of the calibration mix, KL on {args.tokens} tokens per text (ctx "
           f"{args.ctx}), {args.threads} threads; this run {time.perf_counter() - t_start:.0f} s (cached rows not re-run)")
     print(f"| target | mixed bpw | mixed KL {d} / {l} (mean) | predicted ΔKL | best uniform ≤ target | its bpw | "

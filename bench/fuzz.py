@@ -31,7 +31,6 @@ import logging
 import os
 import random
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "fuzz"))
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+from _record import record  # noqa: E402
 
 
 def _rng(seed: int, reader: str, i: int) -> random.Random:
@@ -105,8 +106,9 @@ def main() -> int:
         state = json.loads(args.state.read_text())
         if state["seed"] != args.seed or set(state["readers"]) != set(readers):
             sys.exit(f"{args.state}: a run of seed {state['seed']} over {sorted(state['readers'])}, not this one")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    print(f"# {' '.join(sys.argv)}\n# commit {commit}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+    rec = record()
+    state.update(rec)  # the invocation that last added to the tallies (a resumed run: its latest part)
+    print(f"# {rec['command']}\n# commit {rec['commit']}, {rec['date']}, "
           f"{os.cpu_count()} CPUs, nice {os.nice(0)}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, "
           f"address space ≤ {args.max_gib:g} GiB", flush=True)
     t0 = time.perf_counter()

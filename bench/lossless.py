@@ -32,7 +32,6 @@ on the FP8 inputs (no FP8 dtype is wired to it here); zstd -3 is their general-p
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import subprocess
@@ -45,6 +44,8 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 VENV = HERE / ".venvs" / "zipnn"
 TORCH_PIN = "torch==2.13.0"
+sys.path.insert(0, str(HERE))
+from _record import record  # noqa: E402
 
 ZIPNN_SCRIPT = r"""
 import json, sys, time, zipnn
@@ -73,16 +74,6 @@ def ensure_zipnn() -> Path:
     subprocess.run([py, "-m", "pip", "install", "-q", TORCH_PIN], check=True)
     subprocess.run([py, "-m", "pip", "install", "-q", "-c", pin, "zipnn"], check=True)
     return py
-
-
-def _commit() -> str:
-    try:
-        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
-                               text=True).stdout.strip()
-        return c + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def _model_file(name: str) -> Path:
@@ -398,15 +389,14 @@ def main() -> None:
     ap.add_argument("--tools", nargs="+", default=None, help="only these tools (e.g. 'llmpress (rans)' zipnn)")
     ap.add_argument("--out", default="lossless.json", help="results file name under bench/out/")
     args = ap.parse_args()
-    cmd = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    started = dt.datetime.now(dt.timezone.utc)
     if args.kernel or args.stages:
         OUT.mkdir(parents=True, exist_ok=True)
         warm_up()
         (kernel_only if args.kernel else stages)(max(args.reps, 5))
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    zpy = ensure_zipnn() if not args.tools or "zipnn" in args.tools else None
+    zpy = ensure_zipnn() if not args.tools or "zipnn" in args.tools else None  # its venv only when it runs
+    rec = record()
     warm_up()
     rows = []
     files = inputs(args.files, args.fp8_scale)
@@ -450,13 +440,13 @@ def main() -> None:
         fp8 = ref is not None and r["file"] in bounds
         r["dec_vs_BF16"] = r["dec_MBps"] / ref["dec_MBps"] if fp8 else None
         r["dec_cpu_vs_BF16"] = r["dec_cpu_MBps"] / ref["dec_cpu_MBps"] if fp8 and r["dec_cpu_MBps"] else None
-    result = {"command": cmd, "commit": _commit(), "date": started.isoformat(), "cpus": os.cpu_count(),
+    result = {**rec, "cpus": os.cpu_count(),
               "fp8_scale": args.fp8_scale, "rows": rows, "bounds": bounds}
     out = OUT / args.out
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)
-    print(f"command: {cmd}\ncommit: {result['commit']}   date: {started:%Y-%m-%d %H:%M} UTC   cpus: {os.cpu_count()}")
+    print(f"command: {rec['command']}\ncommit: {rec['commit']}   date: {rec['date']}   cpus: {os.cpu_count()}")
     for label, b in bounds.items():
         parts = "  ".join(f"{k} {v:.3f}" for k, v in b["fp8_bits_per_word"].items())
         print(f"{label} ({args.fp8_scale} scales): chunk-adaptive bound {b['bound_chunk_ratio']:.4f} of the file; "

@@ -32,6 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
+sys.path.insert(0, str(HERE))
+from _record import record  # noqa: E402
 MODEL = "smollm2-135m"
 KEYS = ("ppl", "ref_ppl", "kl_mean", "kl_median", "kl_p99", "top1", "bpw")
 
@@ -294,7 +296,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         try:
-            rows.append(run())
+            rows.append({**record(), **run()})  # each row: the command, commit and date that measured it
         except Exception as e:  # noqa: BLE001 - record and go on with the other points
             rows.append({"kind": "error", "method": method, "removed": removed, "error": f"{type(e).__name__}: {e}",
                          **{k: None for k in (*KEYS, "params_kept", "seconds", "encode_seconds")}})

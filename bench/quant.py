@@ -40,6 +40,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
+sys.path.insert(0, str(HERE))
+from _record import record as provenance  # noqa: E402
 VENVS = HERE / ".venvs"
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
@@ -350,6 +352,7 @@ def main() -> None:
         # re-read before writing: another bench process (e.g. peers only) may share the file
         fresh = json.loads(res_path.read_text()) if res_path.exists() else []
         row["protocol"] = protocol
+        row.update(provenance())  # command, commit, date of the run that measured this row
         key = (row["who"], row["bits"], row["group_size"])
         rows[:] = [r for r in fresh if (r["who"], r["bits"], r["group_size"]) != key] + [row]
         res_path.write_text(json.dumps(rows, indent=1))

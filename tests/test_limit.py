@@ -47,6 +47,9 @@ def test_limit_end_to_end_resume_and_report(tiny_llama_dir, tmp_path, monkeypatc
         assert not any(b["bpw"] < a["bpw"] and b["kl_mean"] <= a["kl_mean"] for b in rows)
     # the report's numbers are those of results.jsonl
     md = (tmp_path / "report.md").read_text()
+    label = rows[0]["protocol_label"]  # every figure names its protocol: one, in the title
+    assert label and all(r["protocol_label"] == label for r in rows)
+    assert md.splitlines()[0] == f"# Compression limit · protocol `{label}`"
     for r in rows:
         line = next(l for l in md.splitlines() if l.startswith(f"| {r['label']}"))
         cells = [c.strip() for c in line.strip("|").split("|")]

@@ -63,3 +63,33 @@ def test_another_models_rows_are_never_mixed_in(tiny_llama_dir, tmp_path, monkey
     line = next(l for l in md.splitlines() if l.startswith("| rtn-w3-g32"))
     kl = float(line.strip("|").split("|")[2])
     assert kl == pytest.approx(b_row["kl_mean"], rel=1e-3, abs=1e-12)
+
+
+def _row(label: str, bpw: float, kl: float, proto: str) -> dict:
+    return {"label": label, "family": "rtn", "bpw": bpw, "kl_mean": kl, "ppl": 10 + kl, "protocol_label": proto}
+
+
+def _summary(rows: list[dict]) -> dict:
+    return {"frontier": [r["label"] for r in rows], "model": "m", "budget": "custom", "max_kl": 0.01,
+            "near_lossless_kl": None, "near_lossless_ppl": None, "knee": None, "knee_method": "-", "protocol": {}}
+
+
+def test_report_names_the_protocol_and_reads_nothing_of_the_working_directory(tmp_path, monkeypatch):
+    """One protocol: in the title. Two: a column, never two figures side by side unlabelled. A
+    bench's output lying in the working directory (peer points) is not the user's frontier."""
+    from llmpress.sweep.report import write_report
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench" / "out").mkdir(parents=True)
+    (tmp_path / "bench" / "out" / "quant.json").write_text("not json")  # read, it would fail loudly below
+    rows = [_row("a", 3.0, 0.5, "t 8×64 #aaaa"), _row("b", 4.0, 0.1, "t 8×64 #aaaa")]
+    write_report(tmp_path / "one", rows, _summary(rows))
+    md = (tmp_path / "one" / "report.md").read_text().splitlines()
+    assert md[0] == "# Compression limit · protocol `t 8×64 #aaaa`"
+    assert "protocol" not in next(l for l in md if l.startswith("| point"))
+    rows[1]["protocol_label"] = "t 16×64 #bbbb"
+    write_report(tmp_path / "two", rows, _summary(rows))
+    md = (tmp_path / "two" / "report.md").read_text().splitlines()
+    assert "several protocols" in md[0]
+    assert next(l for l in md if l.startswith("| point")).endswith("| protocol |")
+    assert next(l for l in md if l.startswith("| b ")).endswith("| `t 16×64 #bbbb` |")

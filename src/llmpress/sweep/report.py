@@ -8,19 +8,29 @@ from typing import Any
 
 from ..io.atomic import atomic_file
 
-PEERS_FILE = Path("bench/out/quant.json")  # written by bench/quant.py, when it has run
-
-
 def _fmt(v: Any, spec: str = ".4g") -> str:
     return "—" if v is None else (format(v, spec) if isinstance(v, (int, float)) else str(v))
 
 
-def table_rows(rows: list[dict[str, Any]], frontier: set[str]) -> list[list[str]]:
+def protocol_label(r: dict[str, Any]) -> str:
+    """A row's evaluation protocol in one short string (``eval``'s ``protocol_label``; for rows written
+    before it was recorded, made again from the row's ``protocol``)."""
+    if r.get("protocol_label"):
+        return str(r["protocol_label"])
+    from ..eval.windows import Protocol
+
+    try:
+        return Protocol(**(r.get("protocol") or {})).label()
+    except (TypeError, KeyError):
+        return "unrecorded"
+
+
+def table_rows(rows: list[dict[str, Any]], frontier: set[str], with_protocol: bool = False) -> list[list[str]]:
     out = []
     for r in sorted(rows, key=lambda r: r["bpw"]):
         out.append([r["label"] + (" *" if r["label"] in frontier else ""), _fmt(r["bpw"], ".3f"), _fmt(r.get("kl_mean")),
                     _fmt(r.get("kl_p99")), _fmt(r.get("top1"), ".4f"), _fmt(r.get("ppl"), ".3f"), _fmt(r.get("ratio"), ".3f"),
-                    _fmt(r.get("seconds"), ".0f")])
+                    _fmt(r.get("seconds"), ".0f")] + ([f"`{protocol_label(r)}`"] if with_protocol else []))
     return out
 
 
@@ -29,7 +39,12 @@ HEADER = ["point", "bpw", "KL mean", "KL p99", "top-1", "PPL", "bytes ratio", "s
 
 def write_report(out: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
     front = set(s["frontier"])
-    lines = ["# Compression limit", "", f"Model: `{s['model']}`. Budget: {s['budget']}. Points: {len(rows)}.", ""]
+    labels = sorted({protocol_label(r) for r in rows})
+    one = len(labels) == 1  # else each row names its own: figures of two protocols are not comparable
+    title = f"# Compression limit · protocol `{labels[0]}`" if one else "# Compression limit · several protocols"
+    lines = [title, "", f"Model: `{s['model']}`. Budget: {s['budget']}. Points: {len(rows)}. "
+             + (f"Every KL and PPL below was measured under protocol `{labels[0]}`." if one else
+                "Rows measured under different protocols (column `protocol`) are not comparable."), ""]
     rec = s.get("recommendation")
     if rec:
         lines += ["## Recommendation", "", f"**{rec['label']}**: {rec['why']}: {_fmt(rec['bpw'], '.3f')} bits per weight, "
@@ -50,9 +65,11 @@ def write_report(out: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> No
                   + (", ".join(f"`{t}`" for t in found["tried"]) or "none") + "."]
         if found["skipped"]:
             lines.append("Skipped: " + "; ".join(found["skipped"]) + ".")
-    lines += ["", "## All points", "", "`*` marks the Pareto frontier of bits per weight against mean KL.", "",
-              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows, front)]
+    head = HEADER + ([] if one else ["protocol"])
+    lines += ["", "## All points" + (f" (protocol `{labels[0]}`)" if one else ""), "",
+              "`*` marks the Pareto frontier of bits per weight against mean KL.", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows, front, with_protocol=not one)]
     lines += ["", "## Protocol", "",
               "Bits per weight count every stored byte (codes, scales, zeros, factors, metadata) of the linear "
               "layers; embeddings and norms are kept as they were and counted in the bytes ratio. The lossless "
@@ -72,21 +89,6 @@ def _write_recipes(folder: Path, rows: list[dict[str, Any]]) -> None:
         if r.get("recipe"):
             with atomic_file(folder / f"{r['label']}.yaml", force=True) as tmp:
                 tmp.write_text(Recipe.from_dict(r["recipe"]).to_yaml())
-
-
-def _peers() -> list[dict[str, Any]]:
-    """Peer points from ``bench/quant.py``'s results, when it has run: mean KL over its texts."""
-    try:
-        rows = json.loads(PEERS_FILE.read_text())
-    except (OSError, json.JSONDecodeError):
-        return []
-    out = []
-    for r in rows if isinstance(rows, list) else []:
-        kls = [t.get("kl_mean") for t in (r.get("eval") or {}).values() if isinstance(t, dict)]
-        if str(r.get("who", "llmpress")).startswith("llmpress") or not r.get("bpw") or not kls or None in kls:
-            continue
-        out.append({"peer": r["who"], "bpw": r["bpw"], "kl_mean": sum(kls) / len(kls)})
-    return out
 
 
 def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
@@ -118,10 +120,6 @@ def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
         knee = next((r for r in rows if r["label"] == s.get("knee")), None)
         if knee and knee.get(key) is not None:
             ax.scatter([knee["bpw"]], [max(knee[key], floor)], marker="*", s=250, c="red", zorder=5, label="knee")
-        peers = _peers()
-        if peers and key == "kl_mean":
-            ax.scatter([p["bpw"] for p in peers], [p["kl_mean"] for p in peers], marker="x", c="grey",
-                       label="peers (bench/quant.py, its own protocol)")
         if key == "ppl" and rows and rows[0].get("ref_ppl"):
             ax.axhline(rows[0]["ref_ppl"], color="grey", lw=0.8, ls=":", label="original")
         ax.set_yscale("log")
@@ -129,7 +127,8 @@ def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
         ax.set_ylabel(name)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{s['model']}: rate–quality frontier")
+    labels = sorted({protocol_label(r) for r in rows})
+    fig.suptitle(f"{s['model']}: rate–quality frontier (protocol {labels[0] if len(labels) == 1 else 'mixed'})")
     fig.tight_layout()
     with atomic_file(path, force=True) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -31,7 +31,7 @@ def _judge(path: Path, settings: dict[str, Any], tokenizer: Any = None) -> dict[
 
 
 _EVAL_KEYS = ("ppl", "ref_ppl", "kl_mean", "kl_median", "kl_p99", "kl_max", "top1", "ln_ppl_ratio", "ln_ppl_ratio_se",
-              "tokens_per_s", "peak_rss_bytes", "protocol", "cos_mean", "cos_min")
+              "tokens_per_s", "peak_rss_bytes", "protocol", "protocol_label", "cos_mean", "cos_min")
 
 
 def _lossless(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]:

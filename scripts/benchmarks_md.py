@@ -1,0 +1,353 @@
+"""Write docs/BENCHMARKS.md from the bench outputs under bench/out/: every figure with its command, commit and date.
+
+    python scripts/benchmarks_md.py                      # bench/out → docs/BENCHMARKS.md
+    python scripts/benchmarks_md.py --out-dir DIR -o FILE
+
+README.md's one results table (between its ``results`` markers) is written here too. Nothing is typed by hand: each section is made by a renderer from one bench's JSON (the
+table ``BENCHES``: output file → renderer, the command that makes it and what it measures). A bench
+whose output is absent is listed with the command that records it. Rows written before the benches
+recorded their provenance (``bench/_record.py``) say so instead of a commit.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO / "bench" / "out"
+DOC = REPO / "docs" / "BENCHMARKS.md"
+UNRECORDED = "not recorded"
+
+
+def _f(v: Any, spec: str = ".4g") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, int) and not isinstance(v, bool) and spec == ".4g":
+        return str(v)
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def _gib(b: Any) -> str:
+    return "—" if not b else f"{b / 2**30:.2f}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def _prov(d: dict[str, Any], path: Path | None = None) -> list[str]:
+    """The command, commit and date of one output (or the file's own date where they were not recorded)."""
+    if d.get("command"):
+        return [f"- command: `{d['command']}`", f"- commit: `{d.get('commit', UNRECORDED)}`, date: {d.get('date', UNRECORDED)}", ""]
+    when = f"file written {_mtime(path)}" if path else UNRECORDED
+    return [f"- command, commit: {UNRECORDED} (written before the bench recorded them; {when})", ""]
+
+
+def _mtime(path: Path) -> str:
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _cell_prov(r: dict[str, Any]) -> str:
+    return f"`{r['commit']}` {str(r.get('date', ''))[:16]}" if r.get("commit") else UNRECORDED
+
+
+# --- renderers: (path, data) → markdown lines -------------------------------------------------------
+
+def frontier(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/frontier.py: rows keyed by point + protocol; each row records its own provenance."""
+    groups: dict[str, list[dict]] = {}
+    for key, row in data.items():
+        proto = json.loads(key)
+        proto.pop("label", None)
+        groups.setdefault(json.dumps(proto, sort_keys=True), []).append(row)
+    lines: list[str] = []
+    for pk, rows in sorted(groups.items()):
+        p = json.loads(pk)
+        texts = p.get("texts", [])
+        lines += [f"Model `{p.get('model')}`; calibration {p.get('samples')}×{p.get('seq_len')} tokens of the calibration "
+                  f"mix; KL (top-128 estimate, nats per token) on {p.get('tokens')} tokens of each of {', '.join(texts)} "
+                  f"(ctx {p.get('ctx')}).", ""]
+        cmds = sorted({r["command"] for r in rows if r.get("command")})
+        for c in cmds:
+            lines.append(f"- command: `{c}`")
+        uniform = sorted({r["label"].split("-", 1)[1].replace("w", "").replace("-g", ":") for r in rows
+                          if r["label"].startswith("gptq-")})
+        targets = sorted({r["label"].rsplit("-", 1)[1] for r in rows if r["label"].startswith("mixed-")}, key=float)
+        if any(not r.get("command") for r in rows):
+            lines.append(f"- rows marked {UNRECORDED}: measured before the bench recorded its provenance; to measure "
+                         f"them again, remove bench/out/frontier/results.json and run `python bench/frontier.py --model {p.get('model')} --samples {p.get('samples')} --seq-len "
+                         f"{p.get('seq_len')} --ctx {p.get('ctx')} --tokens {p.get('tokens')} --uniform {','.join(uniform)} "
+                         f"--targets {','.join(targets)}`")
+        lines.append("")
+        head = ["point", "bpw", *[f"KL {t}" for t in texts], "KL mean", "predicted ΔKL", "time s", "peak RSS GiB", "commit, date"]
+        body = []
+        for r in sorted(rows, key=lambda r: r["bpw"]):
+            a = r.get("alloc") or {}
+            body.append([f"`{r['label']}`", _f(r["bpw"], ".3f"), *[_f(r.get(f"kl:{t}"), ".4f") for t in texts],
+                         _f(r.get("kl"), ".4f"), _f(a.get("predicted_dkl"), ".4f"), _f(r.get("seconds"), ".0f"),
+                         _gib(r.get("peak_rss_bytes")), _cell_prov(r)])
+        lines += _table(head, body)
+    return lines
+
+
+def gguf(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/gguf_llamacpp.py: llama.cpp's K-quant mixes beside llmpress's, judged by llama-perplexity."""
+    lines = _prov(data) + [
+        f"Model `{data.get('model')}`, {data.get('threads')} threads; calibration {data.get('samples')}×{data.get('seq_len')} "
+        f"tokens; KL and PPL by llama.cpp's `llama-perplexity --kl-divergence` on {data.get('chunks')} chunks of "
+        f"{data.get('ctx')} tokens of each text; importance matrix in {_f(data.get('imatrix_seconds'), '.0f')} s.", ""]
+    texts: list[str] = []
+    for cases in data.get("mixes", {}).values():
+        for c in cases:
+            texts += [t for t in c.get("kl", {}) if t not in texts]
+    head = ["mix", "case", "bytes", "bpw", *[f"KL {t}" for t in texts], *[f"same top-1 {t}" for t in texts],
+            *[f"PPL {t} (original)" for t in texts], "time s", "peak RSS GiB"]
+    body = []
+    for mix, cases in data.get("mixes", {}).items():
+        for c in cases:
+            kl = c.get("kl", {})
+            body.append([mix, c["case"], _f(c.get("bytes"), ","), _f(c.get("bpw"), ".3f"),
+                         *[_f(kl.get(t, {}).get("kl_mean"), ".4f") for t in texts],
+                         *[_f(kl.get(t, {}).get("same_top"), ".4f") for t in texts],
+                         *[f"{_f(kl.get(t, {}).get('ppl'), '.3f')} ({_f(kl.get(t, {}).get('ppl_base'), '.3f')})" for t in texts],
+                         _f(c.get("seconds") or None, ".0f"), _gib(c.get("peak_rss_bytes"))])
+    lines += _table(head, body)
+    bench = data.get("llama_bench") or {}
+    if bench:
+        lines += ["`llama-bench` (tokens/s; prompt processing, generation):", ""]
+        lines += _table(["case", "pp tok/s", "tg tok/s"], [[k, _f(v.get("pp_tok_s"), ".1f"), _f(v.get("tg_tok_s"), ".1f")]
+                                                          for k, v in bench.items()])
+    return lines
+
+
+def scale(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/scale.py: each step a fresh process under a memory cap."""
+    lines = _prov(data) + [f"Memory cap: {_gib(data.get('cap_bytes'))} GiB ({data.get('cap')}); {data.get('threads')} threads.", ""]
+    body = []
+    for r in data.get("rows", []):
+        extra = f"; {r['blocks']} blocks run, whole run extrapolated to {_f(r['extrapolated_seconds'], '.0f')} s" \
+            if r.get("extrapolated_seconds") else ""
+        body.append([r["step"], r.get("model", ""), _f(r.get("bytes") and r["bytes"] / 1e9, ".2f"), _f(r.get("seconds"), ".0f"),
+                     _f(r.get("work_seconds"), ".0f"), _f(r.get("mb_per_s"), ".1f"), _gib(r.get("peak_rss_bytes")),
+                     (r.get("note") or "") + extra])
+    return lines + _table(["step", "model", "size GB", "seconds", "work s", "MB/s", "peak RSS GiB", "note"], body)
+
+
+def fuzz(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/fuzz.py --state: malformed inputs per reader and what each reader did with them."""
+    lines = _prov(data, path) + [f"Seed {data.get('seed')}.", ""]
+    body = []
+    for reader, st in data.get("readers", {}).items():
+        t = st.get("tally", {})
+        c = t.get("counts", {})
+        body.append([reader, _f(st.get("next")), _f(st.get("seconds"), ".0f"), _f(st.get("cpu"), ".0f"),
+                     *[_f(c.get(k)) for k in ("refused", "accepted", "wrong", "crash")], _f(t.get("hangs")),
+                     _f(t.get("slowest"), ".3f"), _f(len(t.get("failures", [])))])
+    lines += _table(["reader", "inputs", "wall s", "CPU s", "refused", "accepted", "wrong", "crash", "hangs",
+                     "slowest CPU s", "failures kept"], body)
+    for reader, st in data.get("readers", {}).items():
+        for f in st.get("tally", {}).get("failures", []):
+            lines.append(f"- {reader} input {f.get('index')}: {f.get('kind')}: {f.get('what')}: {f.get('detail')}")
+    return lines + ([""] if lines[-1] != "" else [])
+
+
+def lossless(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/lossless.py: ratio and throughput of each tool on the same files (best of the reps)."""
+    lines = _prov(data, path) + [f"{data.get('cpus')} CPUs; best of {data.get('reps', '?')} interleaved reps; MB/s of the "
+                                 "original file; ratio = compressed / original bytes.", ""]
+    body = [[r["file"], r["tool"], _f(r["threads"]), _f(r["bytes_in"], ","), _f(r["ratio"], ".5f"), _f(r["enc_MBps"], ".1f"),
+             _f(r["dec_MBps"], ".1f"), _f(r.get("dec_sha_MBps"), ".1f")] for r in data.get("rows", [])]
+    return lines + _table(["file", "tool", "threads", "bytes", "ratio", "encode MB/s", "decode MB/s", "decode + sha256 MB/s"], body)
+
+
+def limit_rows(path: Path, data: Any) -> list[str]:
+    """A sweep's results.jsonl (``llmpress limit -o bench/out/limit``): one row per point, with its protocol."""
+    rows = data
+    lines = [f"- command: `llmpress limit smollm2-135m -o {path.parent.relative_to(REPO) if path.is_relative_to(REPO) else path.parent} "
+             f"--budget quick` (rows' own commands in its report.md); commit: {UNRECORDED} (the sweep records the "
+             f"model and protocol, not the commit); file written {_mtime(path)}", ""]
+    body = [[f"`{r.get('label')}`", _f(r.get("bpw"), ".3f"), _f(r.get("kl_mean")), _f(r.get("top1"), ".4f"),
+             _f(r.get("ppl"), ".3f"), f"`{r.get('protocol_label') or UNRECORDED}`"] for r in sorted(rows, key=lambda r: r.get("bpw", 0))]
+    return lines + _table(["point", "bpw", "KL mean", "top-1", "PPL", "protocol"], body)
+
+
+def rows_generic(path: Path, data: Any) -> list[str]:
+    """Any other bench output: its provenance and the scalar columns of its rows."""
+    rows = data if isinstance(data, list) else next((data[k] for k in ("rows", "results") if isinstance(data.get(k), list)), [])
+    lines = _prov(data if isinstance(data, dict) else (rows[0] if rows and isinstance(rows[0], dict) else {}), path)
+    rows = [r for r in rows if isinstance(r, dict)]
+    cols = [k for k in dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float, str)))
+            if k not in ("command", "commit", "date")]
+    if not rows:  # one result: its scalar fields
+        scalars = [[k, _f(v)] for k, v in (data.items() if isinstance(data, dict) else [])
+                   if isinstance(v, (int, float, str)) and k not in ("command", "commit", "date")]
+        return lines + (_table(["field", "value"], scalars) if scalars else ["(no rows)", ""])
+    return lines + _table(cols + ["commit, date"], [[_f(r.get(k)) for k in cols] + [_cell_prov(r)] for r in rows])
+
+
+def _read(path: Path) -> Any:
+    """A bench output: JSON, or JSON lines (a sweep's results.jsonl; torn lines skipped)."""
+    if path.suffix != ".jsonl":
+        return json.loads(path.read_text())
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict):
+            rows.append(r)
+    return rows
+
+
+@dataclass(frozen=True)
+class Bench:
+    pattern: str  # glob under bench/out
+    title: str
+    what: str
+    command: str  # the command that records it (documented default)
+    render: Callable[[Path, Any], list[str]] = rows_generic
+
+
+BENCHES = [
+    Bench("frontier/results.json", "Allocation against uniform GPTQ (SmolLM2-135M)",
+          "Mixed-precision allocation (`compress --target-bpw`, gptq menu) beside uniform GPTQ points, same calibration. "
+          "Peak RSS is the bench process's high-water mark up to that point (the sensitivity pass included).",
+          "python bench/frontier.py --targets 3.0,3.5,4.0", frontier),
+    Bench("gguf.json", "llama.cpp's K-quant mixes: llama.cpp against llmpress",
+          "The same GGUF mixes made by `llama-quantize` (with and without an importance matrix) and by llmpress "
+          "(`quantize --gguf-mix`), judged by llama.cpp itself.",
+          "python bench/gguf_llamacpp.py --methods gptq,awq+gptq,awq --alloc-mixes q4_k_m --bench-reps 5", gguf),
+    Bench("scale.json", "Scale: an 8B-shaped checkpoint under a memory cap",
+          "pack/unpack/verify and GPTQ on a synthetic checkpoint of Llama-3-8B's shapes, each step a fresh process "
+          "under a 6 GiB cap.", "python bench/scale.py", scale),
+    Bench("lossless.json", "Lossless: llmpress against ZipNN and zstd",
+          "Ratio and encode/decode throughput on all-MiniLM-L6-v2 (FP32 as shipped, and BF16).",
+          "OMP_NUM_THREADS=1 python bench/lossless.py --reps 5", lossless),
+    Bench("fuzz-*.json", "Malformed inputs (fuzzing the readers)",
+          "Mutated `.llmp` files and output folders fed to the readers: each must be refused or read correctly, "
+          "never crash, hang or return wrong bytes.",
+          "python bench/fuzz.py --seed 7 --readers llmp --state bench/out/fuzz-seed7-llmp.json", fuzz),
+    Bench("limit/results.jsonl", "The compression limit sweep (SmolLM2-135M, quick budget)",
+          "`make demo`'s sweep, written under bench/out so that this page shows it.",
+          "llmpress limit smollm2-135m -o bench/out/limit --budget quick", limit_rows),
+    Bench("eval-smollm2.json", "Perplexity of the embedded SmolLM2-135M (default protocol)",
+          "`llmpress eval` of the original alone: PPL per text under the default protocol.",
+          "llmpress eval smollm2-135m --json | tail -n 1 > bench/out/eval-smollm2.json"),
+    Bench("quant.json", "Quantization methods against peers",
+          "RTN/GPTQ/AWQ/HQQ beside optimum-quanto, torchao and llm-compressor on SmolLM2-135M, same windows.",
+          "OMP_NUM_THREADS=1 python bench/quant.py --configs 8:128,8:64,4:128,4:64,3:128,3:64,2:64"),
+    Bench("lowrank.json", "Low-rank factorization",
+          "Plain, randomized, activation-aware and whitened SVD at 10/20/40 % of linear parameters removed; GPTQ ± a "
+          "low-rank error correction.", "OMP_NUM_THREADS=1 python bench/lowrank.py --tokens 1024 --threads 1"),
+    Bench("finetune.json", "Recovery training",
+          "How much of the KL gap a fixed CPU budget of distillation wins back.",
+          "OMP_NUM_THREADS=1 python bench/finetune.py --cases gptq2-asym whiten40 --minutes 20 --threads 1 --seq-len 128 "
+          "--batch-size 2 --eval-tokens 4096"),
+    Bench("generate.json", "Generation speed", "Tokens/s and resident memory of packed kernels against the dense model.",
+          "python bench/generate.py"),
+    Bench("export.json", "Exports run in their engines", "Each export in its engine; llama.cpp's KL beside llmpress's.",
+          "python bench/export.py"),
+    Bench("pack_ray.json", "Packing with Ray workers", "pack MB/s with --workers against one process.",
+          "python bench/pack_ray.py"),
+]
+
+
+BEGIN, END = "<!-- results:begin", "<!-- results:end -->"
+
+
+def readme_results(out_dir: Path) -> list[str] | None:
+    """README's one table: llama.cpp's K-quant mixes as llama-quantize and as llmpress make them, the
+    same file size, judged by llama.cpp itself (bench/gguf_llamacpp.py). None without that output."""
+    path = out_dir / "gguf.json"
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    mixes = list(d.get("mixes", {}))
+    table: dict[str, dict[str, str]] = {}
+    for mix in mixes:
+        m = mix.upper()
+        for c in d["mixes"][mix]:
+            kls = [t.get("kl_mean") for t in c.get("kl", {}).values()]
+            name = c["case"].replace(f"{m}-mix", "mix").replace(f"{m}'s size", "the mix's size").replace(f" {m}", "")
+            table.setdefault(name, {})[mix] = _f(sum(kls) / len(kls), ".4f") if kls and None not in kls else "—"
+    sizes = {mix: min(c["bytes"] for c in d["mixes"][mix]) for mix in mixes}
+    texts = sorted({t for cs in d["mixes"].values() for c in cs for t in c.get("kl", {})})
+    head = ["made by", *[f"{mix.upper()} ({sizes[mix] / 1e6:.1f} MB)" for mix in mixes]]
+    return [f"Mean KL to the original (nats per token; lower is better) of `{d.get('model')}` GGUF files of the same "
+            f"size: llama.cpp's K-quant mixes made by `llama-quantize` and by llmpress (`quantize --gguf-mix`), judged "
+            f"by llama.cpp's own `llama-perplexity --kl-divergence` on {d.get('chunks')} × {d.get('ctx')} tokens of each "
+            f"of {', '.join(texts)}.", "",
+            *_table(head, [[k, *[v.get(mix, "—") for mix in mixes]] for k, v in table.items()]),
+            f"`{d.get('command')}` · commit `{d.get('commit')}` · {str(d.get('date'))[:10]}"]
+
+
+def update_readme(readme: Path, lines: list[str]) -> bool:
+    """Replace what lies between README's results markers; False where the markers are missing."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    marker, _ = rest.split("\n", 1)
+    tail = rest.split(END, 1)[1]
+    new = head + BEGIN + marker + "\n" + "\n".join(lines) + "\n" + END + tail
+    if new != text:
+        tmp = readme.with_suffix(".tmp")
+        tmp.write_text(new)
+        tmp.replace(readme)
+    return True
+
+
+def render(out_dir: Path) -> str:
+    lines = ["# Benchmarks", "",
+             "<!-- Generated by scripts/benchmarks_md.py from bench/out/*.json (make benchmarks); do not edit. -->", "",
+             "Every figure below was printed by a bench script under `bench/` and is shown with the command, the commit "
+             "and the date that produced it. Figures measured under different protocols (texts, windows, tokenizer, "
+             "KL estimator) are not comparable across sections. The machine: 2 cores shared with other jobs unless a "
+             "section says otherwise; speeds drift with the load.", ""]
+    missing, seen = [], set()
+    for b in BENCHES:
+        paths = sorted(p for p in out_dir.glob(b.pattern) if p.is_file() and p.name not in seen)
+        if not paths:
+            missing.append(b)
+            continue
+        lines += [f"## {b.title}", "", b.what, ""]
+        for p in paths:
+            seen.add(p.name)
+            if len(paths) > 1:
+                lines += [f"### `{p.relative_to(out_dir)}`", ""]
+            lines += b.render(p, _read(p))
+    if missing:
+        lines += ["## Not yet recorded", "",
+                  "These benches have no output in this tree yet; each row is the command that records it.", ""]
+        lines += _table(["bench", "what", "run"], [[b.title, b.what, "`" + b.command.replace("|", "\\|") + "`"] for b in missing])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-dir", type=Path, default=OUT_DIR, help="the bench outputs (default: bench/out)")
+    ap.add_argument("-o", "--out", type=Path, default=DOC)
+    ap.add_argument("--readme", type=Path, default=REPO / "README.md", help="whose results table to rewrite")
+    args = ap.parse_args()
+    if not args.out_dir.is_dir():
+        print(f"{args.out_dir}: no bench outputs (run a bench first)", file=sys.stderr)
+        return 2
+    text = render(args.out_dir)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    table = readme_results(args.out_dir)
+    if table is not None and update_readme(args.readme, table):
+        print(f"wrote the results table of {args.readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The generated docs: docs/CLI.md is what scripts/cli_docs.py writes from the commands' own help."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_md_is_not_stale():
+    text = _script("cli_docs").render()
+    assert (REPO / "docs" / "CLI.md").read_text() == text, "docs/CLI.md is stale: run `make docs`"
+    for name in ("limit", "pack", "quantize", "eval", "export"):  # every command has its section
+        assert f"## `llmpress {name}`" in text
+
+
+def test_benchmarks_md_shows_every_figure_with_its_provenance(tmp_path):
+    """Made from bench outputs alone: a recorded row carries its command, commit and date; a row
+    from before the benches recorded them says so; a bench with no output is listed with its command."""
+    md = _script("benchmarks_md")
+    out = tmp_path / "out"
+    (out / "frontier").mkdir(parents=True)
+    proto = {"model": "m", "samples": 4, "seq_len": 64, "ctx": 64, "tokens": 128, "texts": ["a", "b"]}
+    rec = {"command": "python bench/frontier.py --samples 4", "commit": "abc1234", "date": "2026-12-07T10:00:00+00:00"}
+    rows = {json.dumps({"label": "gptq-w3-g64", **proto}, sort_keys=True):
+            {**rec, "label": "gptq-w3-g64", "bpw": 3.5, "kl:a": 0.5, "kl:b": 0.25, "kl": 0.375, "seconds": 10.0,
+             "peak_rss_bytes": 2**30, "alloc": None},
+            json.dumps({"label": "gptq-w4-g64", **proto}, sort_keys=True):
+            {"label": "gptq-w4-g64", "bpw": 4.5, "kl:a": 0.2, "kl:b": 0.1, "kl": 0.15, "seconds": 9.0,
+             "peak_rss_bytes": 2**30, "alloc": None}}
+    (out / "frontier" / "results.json").write_text(json.dumps(rows))
+    (out / "lossless.json").write_text(json.dumps({**rec, "command": "python bench/lossless.py --reps 3", "cpus": 2, "reps": 3,
+                                                   "rows": [{"file": "BF16", "tool": "zstd -3", "threads": 1, "bytes_in": 100,
+                                                             "bytes_out": 78, "ratio": 0.78, "enc_MBps": 50.0,
+                                                             "dec_MBps": 500.0, "dec_sha_MBps": None}]}))
+    (out / "limit").mkdir()
+    (out / "limit" / "results.jsonl").write_text(
+        json.dumps({"label": "rtn-w4-g64", "bpw": 4.5, "kl_mean": 0.25, "top1": 0.8, "ppl": 20.0,
+                    "protocol_label": "a+b 8×64 #abcd"}) + "\n" + '{"label": "torn')
+    text = md.render(out)
+    assert "| `rtn-w4-g64` | 4.500 | 0.25 | 0.8000 | 20.000 | `a+b 8×64 #abcd` |" in text
+    line = next(l for l in text.splitlines() if l.startswith("| `gptq-w3-g64`"))
+    assert "0.3750" in line and "`abc1234` 2026-12-07T10:00" in line
+    assert next(l for l in text.splitlines() if l.startswith("| `gptq-w4-g64`")).endswith("| not recorded |")
+    assert "- command: `python bench/frontier.py --samples 4`" in text
+    assert "- command: `python bench/lossless.py --reps 3`" in text and "| BF16 | zstd -3 | 1 | 100 | 0.78000 |" in text
+    missing = text.split("## Not yet recorded", 1)[1]
+    assert "bench/quant.py" in missing and "bench/lossless.py" not in missing
+
+
+def test_readme_results_table_is_replaced_between_its_markers(tmp_path):
+    md = _script("benchmarks_md")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{md.BEGIN} (made by a script) -->\nold\n{md.END}\n\nafter\n")
+    assert md.update_readme(readme, ["| a |", "|---|"])
+    assert md.update_readme(readme, ["| a |", "|---|"])  # twice: the same text
+    assert readme.read_text() == f"# x\n\n{md.BEGIN} (made by a script) -->\n| a |\n|---|\n{md.END}\n\nafter\n"
+    text = (REPO / "README.md").read_text()
+    assert md.BEGIN in text and md.END in text
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = [l.strip() for l in (REPO / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith(("#", "set ", "cd "))]
+    assert ci == ["make test"]
+    assert "\nmake test " in (REPO / "README.md").read_text()
