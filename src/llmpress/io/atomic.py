@@ -31,7 +31,7 @@ import socket
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import OutputExistsError, ResourceLimitError  # OutputExistsError re-exported: callers import it from here
 
@@ -176,41 +176,42 @@ def _refuse_full(e: OSError, dst: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success sync it and rename it into place."""
+def _published(path: str | os.PathLike, force: bool, make: Callable[[Path], Path]) -> Iterator[Path]:
+    """Yield the temporary that ``make`` creates beside ``path``; on success sync it and rename it into
+    place; on any failure remove it (a full disk becomes one ``ResourceLimitError``)."""
     dst = Path(path)
     check_output(dst, force)
     dst.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(dst)
+    tmp = make(dst)
+    try:
+        yield tmp
+        _replace(tmp, dst)
+    except BaseException as e:
+        _remove(tmp)
+        if isinstance(e, OSError):
+            _refuse_full(e, dst)
+        raise
+
+
+def _temp_file(dst: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=_prefix(dst), suffix=".tmp", dir=dst.parent)
     os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _replace(tmp, dst)
-    except BaseException as e:
-        _remove(tmp)
-        if isinstance(e, OSError):
-            _refuse_full(e, dst)
-        raise
+    return Path(name)
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def _temp_dir(dst: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix=_prefix(dst), suffix=".tmp", dir=dst.parent))
+
+
+def atomic_file(path: str | os.PathLike, force: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary path next to ``path``; on success sync it and rename it into place."""
+    return _published(path, force, _temp_file)
+
+
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary directory next to ``path``; on success sync it and rename it into place."""
-    dst = Path(path)
-    check_output(dst, force)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(dst), suffix=".tmp", dir=dst.parent))
-    try:
-        yield tmp
-        _replace(tmp, dst)
-    except BaseException as e:
-        _remove(tmp)
-        if isinstance(e, OSError):
-            _refuse_full(e, dst)
-        raise
+    return _published(path, force, _temp_dir)
 
 
 @contextlib.contextmanager
