@@ -8,12 +8,13 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # registering a loader imports nothing heavy: the lossless verbs do it without torch
+    import torch
 
 Detector = Callable[[Path], bool]
-Loader = Callable[..., torch.nn.Module]
+Loader = Callable[..., "torch.nn.Module"]
 _LOADERS: dict[str, tuple[Detector, Loader]] = {}
 
 # Modules that register loaders when imported.

@@ -14,12 +14,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
 from safetensors import safe_open
 
 from .errors import InputError, MissingInputError
+
+if TYPE_CHECKING:  # resolve() serves the lossless verbs, which never import torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ def gguf_to_folder(gguf: Path, out: Path | None = None) -> Path:
     out = out or cache_dir() / "gguf" / f"{gguf.stem}-{_file_fingerprint(gguf)}"
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .io.atomic import atomic_dir
@@ -197,9 +200,12 @@ def is_causal(src: Source) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def load_model(name: str | os.PathLike | None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load a source as a transformers model (causal LM head when it has one)."""
+def load_model(name: str | os.PathLike | None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a source as a transformers model (causal LM head when it has one; float32 unless ``dtype``)."""
+    import torch
     from transformers import AutoModel, AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
 
     src = resolve(name)
     if src.path.is_file():

@@ -18,10 +18,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
-import torch
 import zstandard
 
 from ..errors import InputError
@@ -42,6 +41,9 @@ from .reader import (
     crc32,
 )
 from .segments import Segment, chunks_of, plan_file
+
+if TYPE_CHECKING:  # pack/unpack/verify never import torch (tests/test_lossless_startup.py)
+    import torch
 
 log = logging.getLogger(__name__)
 

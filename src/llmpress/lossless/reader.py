@@ -32,10 +32,9 @@ import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
 import xxhash
 import zstandard
 
@@ -43,6 +42,9 @@ from ..errors import CorruptFileError, NotFoundError, UnsupportedFormatError
 from .chunk import decode_chunk
 from .fields import CODES, ITEMSIZE
 from .segments import MAX_NDIM
+
+if TYPE_CHECKING:  # torch only where a tensor is returned: pack/unpack/verify/info never import it
+    import torch
 
 MAGIC, VERSION = b"LLMPRESS", 5
 CODES_VERSION = 6  # format 2: format 1 plus segments of bit-packed codes (``codes``: fields.CodesLayout)
@@ -306,15 +308,18 @@ class Packed:
         raise NotFoundError(f"{self.path}: no file {rel!r}")
 
 
-_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-          "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-          "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+# safetensors dtype name -> torch dtype attribute
+_TORCH = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "U8": "uint8",
+          "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+          "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
 
 
 def _to_torch(buf: bytearray, dtype: str, shape: list[int]) -> torch.Tensor:
+    import torch  # here, not at the top: only open_tensor and load return tensors
+
+    dt = getattr(torch, _TORCH[dtype])
     if not buf:
-        return torch.empty(shape, dtype=_TORCH[dtype])
-    return torch.frombuffer(buf, dtype=_TORCH[dtype]).reshape(shape)
+        return torch.empty(shape, dtype=dt)
+    return torch.frombuffer(buf, dtype=dt).reshape(shape)
 
 
