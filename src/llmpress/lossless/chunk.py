@@ -12,11 +12,12 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError
-from .chunk_kernel import decode_fields
+from . import compiled
 from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from .fields import FloatLayout, layout
 
@@ -100,6 +101,10 @@ def _scratch_fields(lay: FloatLayout, n: int) -> list[np.ndarray]:
     return [a[:n] for a in have]
 
 
+# head dtype -> chunk_kernel.decode_fields (the AOT build's where there is one: compiled.py)
+_DECODE: dict[np.dtype, Callable[..., int]] = {}
+
+
 def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None,
                  compiled: bool = True, codes: int = 0) -> np.ndarray:
     """Inverse of :func:`encode_chunk`: the chunk's ``nbytes`` bytes, written into ``out``
@@ -122,7 +127,8 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     fields = _scratch_fields(lay, n) if isinstance(lay, FloatLayout) else [out if n == nbytes else None]
     if compiled and isinstance(lay, FloatLayout):
         t = fields[1:] + [fields[1]] * (4 - len(fields))
-        if decode_fields(np.frombuffer(buf, np.uint8), lay.fields[0].width, lay.tail_w, fields[0], *t) == 0:
+        decode = _DECODE.get(fields[0].dtype) or _DECODE.setdefault(fields[0].dtype, compiled.decode_fields(fields[0].dtype))
+        if decode(np.frombuffer(buf, np.uint8), lay.fields[0].width, lay.tail_w, fields[0], *t) == 0:
             lay.merge_kernel(fields[0], *t, out.view(lay.word))
             return out
     pos, parts = 1, []

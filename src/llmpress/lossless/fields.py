@@ -33,8 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels as K
+from .compiled import LazyModule
 from .entropy import RANS_PB
+
+K = LazyModule("llmpress.lossless.kernels")  # numba, imported at the first JIT kernel a process calls
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,23 @@ class FloatLayout(Layout):
         self.tail_widths = widths  # least significant piece first
         self.tail_w = np.array(widths, np.int64)  # the same, for compiled callers
         self.head_dtype = np.uint16 if exp_bits + k > 8 else np.uint8
-        # merge_kernel(head, t0, t1, t2, x): the compiled merge, for callers that hold the fields
-        self._split, self.merge_kernel = K.float_kernels(exp_bits, man_bits, k, tuple(widths))
+        self._jit: tuple | None = None  # numba's (split, merge), made at first use (jit_kernels)
+        self._merge = None
         self.fields = (Field("head", exp_bits + k),) + tuple(Field(f"tail{i}", w) for i, w in enumerate(widths))
+
+    def jit_kernels(self) -> tuple:
+        """numba's compiled ``(split, merge)`` for this layout (kernels.float_kernels), at first use."""
+        if self._jit is None:
+            self._jit = K.float_kernels(self.E, self.M, self.k, tuple(self.tail_widths))
+        return self._jit
+
+    @property
+    def merge_kernel(self):  # (head, t0, t1, t2, x): the compiled merge, for callers that hold the fields
+        if self._merge is None:
+            from . import compiled
+
+            self._merge = compiled.merge(self)  # the AOT build's, where there is one (compiled.py)
+        return self._merge
 
     def split_hist(self, raw: np.ndarray, head: np.ndarray | None = None,
                    tails: np.ndarray | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -134,7 +150,7 @@ class FloatLayout(Layout):
         tails = np.empty((p, n), np.uint8) if tails is None else tails
         hh = np.zeros(1 << (self.E + self.k), np.int64)
         th = np.zeros((p, 256), np.int64)
-        self._split(x, head, tails, hh, th)
+        self.jit_kernels()[0](x, head, tails, hh, th)
         return [head, *tails], [hh, *(th[j, : 1 << w] for j, w in enumerate(self.tail_widths))]
 
     def split(self, raw: np.ndarray) -> list[np.ndarray]:
