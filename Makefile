@@ -6,9 +6,9 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup text demo test test-fast bench docs benchmarks clean
+.PHONY: setup text kernels demo test test-fast bench docs benchmarks clean
 
-setup: $(VENV)/.installed text
+setup: $(VENV)/.installed text kernels
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 text:
 	bash scripts/install-text.sh
+
+# The lossless decoder's kernels compiled ahead of time, so a fresh `llmpress unpack` imports no
+# numba (a no-op once built for these kernel sources; rebuilt when they change).
+kernels: $(VENV)/.installed
+	$(VENV)/bin/llmpress warmup
 
 # The main job: the compression limit of the embedded SmolLM2-135M (quick budget, resumable).
 demo: setup

@@ -1,4 +1,4 @@
-"""Commands of the lossless codec: ``pack``, ``unpack``, ``verify``, ``info``."""
+"""Commands of the lossless codec: ``pack``, ``unpack``, ``verify``, ``info``, ``warmup``."""
 from __future__ import annotations
 
 import contextlib
@@ -128,3 +128,22 @@ def info(
     with _bar(total, "info") as upd:
         r = do_info(src, progress=upd)
     emit(r, as_json, _show_info)
+
+
+@app.command()
+def warmup(
+    force: bool = typer.Option(False, "--force", help="Build again even if a build for this installation exists."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Build the lossless decoder's kernels ahead of time (once per installation; `make setup` runs it).
+
+    Afterwards a fresh `unpack`/`verify` loads them without importing numba. Without it they
+    still work: numba compiles them on first use and caches them."""
+    import time
+
+    from ..lossless import compiled
+
+    t0 = time.perf_counter()
+    path = compiled.build(force=force)
+    emit({"path": str(path), "seconds": time.perf_counter() - t0}, as_json,
+         lambda r: console.print(f"[green]ok[/] lossless kernels built: {r['path']} ({r['seconds']:.1f} s)"))

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from . import compiled
+from .compiled import decode_fields as _decode_kernel
 from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from .fields import FloatLayout, layout
 
@@ -127,7 +127,7 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     fields = _scratch_fields(lay, n) if isinstance(lay, FloatLayout) else [out if n == nbytes else None]
     if compiled and isinstance(lay, FloatLayout):
         t = fields[1:] + [fields[1]] * (4 - len(fields))
-        decode = _DECODE.get(fields[0].dtype) or _DECODE.setdefault(fields[0].dtype, compiled.decode_fields(fields[0].dtype))
+        decode = _DECODE.get(fields[0].dtype) or _DECODE.setdefault(fields[0].dtype, _decode_kernel(fields[0].dtype))
         if decode(np.frombuffer(buf, np.uint8), lay.fields[0].width, lay.tail_w, fields[0], *t) == 0:
             lay.merge_kernel(fields[0], *t, out.view(lay.word))
             return out
