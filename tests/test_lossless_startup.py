@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-# Modules a lossless command must never import (each costs seconds or more to import).
-HEAVY = ("torch", "transformers", "scipy", "ray", "llmpress.quant", "llmpress.pipeline")
+# Modules a lossless command must never import (each costs a second or more to import).
+HEAVY = ("torch", "transformers", "ray", "llmpress.quant", "llmpress.pipeline")
 
 
 def _bf16_file(path: Path) -> Path:
@@ -30,9 +30,9 @@ def _bf16_file(path: Path) -> Path:
     return path
 
 
-def _fresh(code: str, tmp_path: Path) -> list[str]:
+def _fresh(code: str, tmp_path: Path, heavy: tuple[str, ...] = HEAVY) -> list[str]:
     """Run ``code`` in a fresh interpreter; it prints the heavy modules it ended up importing."""
-    probe = f"{code}\nimport sys, json\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    probe = f"{code}\nimport sys, json\nprint(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=600)
@@ -44,20 +44,14 @@ CLI = "import sys\nfrom llmpress.cli import main\nsys.argv = ['llmpress', *{args
       "except SystemExit as e:\n    assert not e.code, e.code"
 
 
-@pytest.mark.parametrize("verb", ["pack", "unpack", "verify", "info", "info-llmp"])
-def test_lossless_cli_does_not_import_torch(tmp_path, verb):
+def test_lossless_cli_does_not_import_torch(tmp_path):
+    """pack, unpack, verify and info (of a source and of a .llmp), each in a fresh process."""
     src = _bf16_file(tmp_path / "w.safetensors")
-    packed = tmp_path / "w.llmp"
-    if verb != "pack":
-        assert _fresh(CLI.format(args=["pack", str(src), "-o", str(packed)]), tmp_path) == []
-    args = {"pack": ["pack", str(src), "-o", str(packed)],
-            "unpack": ["unpack", str(packed), "-o", str(tmp_path / "back.safetensors")],
-            "verify": ["verify", str(packed)],
-            "info": ["info", str(src)],
-            "info-llmp": ["info", str(packed), "--json"]}[verb]
-    assert _fresh(CLI.format(args=args), tmp_path) == []
-    if verb == "unpack":
-        assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
+    packed, back = tmp_path / "w.llmp", tmp_path / "back.safetensors"
+    for args in (["pack", str(src), "-o", str(packed)], ["unpack", str(packed), "-o", str(back)],
+                 ["verify", str(packed)], ["info", str(src)], ["info", str(packed), "--json"]):
+        assert _fresh(CLI.format(args=args), tmp_path) == [], args
+    assert back.read_bytes() == src.read_bytes()
 
 
 def test_lossless_api_does_not_import_torch(tmp_path):
@@ -68,3 +62,72 @@ def test_lossless_api_does_not_import_torch(tmp_path):
             f"llmpress.unpack('w.llmp', 'back.safetensors')")
     assert _fresh(code, tmp_path) == []
     assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def aot():
+    """The ahead-of-time build of the decode kernels (`llmpress warmup`; make setup has usually
+    built it for these sources already, then this is a look-up)."""
+    from llmpress.lossless import compiled
+
+    compiled.build()
+    m = compiled.module()
+    assert m is not None
+    return m
+
+
+def test_aot_unpack_imports_no_numba(tmp_path, aot):
+    """With the build in place, unpack, verify and info of a .llmp load it and never import numba."""
+    src = _bf16_file(tmp_path / "w.safetensors")
+    packed = tmp_path / "w.llmp"
+    assert _fresh(CLI.format(args=["pack", str(src), "-o", str(packed)]), tmp_path) == []
+    for args in (["unpack", str(packed), "-o", str(tmp_path / "back.safetensors")], ["verify", str(packed)],
+                 ["info", str(packed)]):
+        code = CLI.format(args=args)
+        if args[0] != "info":  # info reads the index alone: no kernel at all
+            code += "\nassert '_llmpress_lossless_aot' in sys.modules"
+        assert _fresh(code, tmp_path, HEAVY + ("numba",)) == [], args
+    assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"])
+def test_aot_kernels_match_jit(aot, dtype):
+    """Each float layout: the AOT decode_fields and merge give the JIT kernels' fields and words
+    on chunks the encoder wrote (rans and split streams, a single-symbol field), and the same codes
+    on a corrupted chunk; the histogram entropy is the same float."""
+    from llmpress.lossless import compiled
+    from llmpress.lossless import chunk_kernel as CK
+    from llmpress.lossless import kernels as K
+    from llmpress.lossless.chunk import encode_chunk
+    from llmpress.lossless.fields import ITEMSIZE, layout
+
+    lay = layout(dtype)
+    rng = np.random.default_rng(1)
+    n = 1 << 17
+    w = rng.standard_normal(n).astype(np.float32) * 0.02
+    words = {"BF16": lambda: (w.view(np.uint32) >> 16).astype(np.uint16), "F16": lambda: w.astype(np.float16),
+             "F32": lambda: w, "F8_E4M3": lambda: rng.integers(0, 256, n, dtype=np.uint8) & 0xBF,
+             "F8_E5M2": lambda: rng.binomial(255, 0.3, n).astype(np.uint8)}[dtype]()
+    raw = np.ascontiguousarray(words).view(np.uint8)
+    raw[: 4096 * ITEMSIZE[dtype]] = 0  # a run of zero words: the split coder's pieces differ
+    m = n * ITEMSIZE[dtype] // lay.itemsize
+    hd = np.dtype(lay.head_dtype)
+    for payload in (encode_chunk(raw, dtype)[0], bytearray(encode_chunk(raw, dtype)[0])):
+        if isinstance(payload, bytearray):
+            payload[len(payload) // 2] ^= 0x5A  # corrupted: both must return the same error code
+        buf = np.frombuffer(bytes(payload), np.uint8)
+        res = []
+        for dec, merge in ((CK.decode_fields, lay.jit_kernels()[1]), (compiled.decode_fields(hd), compiled.merge(lay))):
+            assert dec is not CK.decode_fields or merge is lay.jit_kernels()[1]
+            f = [np.zeros(m, hd)] + [np.zeros(m, np.uint8) for _ in range(3)]
+            rc = dec(buf, lay.fields[0].width, lay.tail_w, *f)
+            x = np.zeros(m, lay.word)
+            if rc == 0:
+                merge(*f, x)
+            res.append((rc, [a.tobytes() for a in f], x.tobytes()))
+        assert res[0] == res[1]
+        if not isinstance(payload, bytearray):
+            assert res[0][0] == 0 and res[0][2] == raw.tobytes()
+    assert compiled.merge(lay) is not lay.jit_kernels()[1]  # the build has this layout
+    h = rng.integers(0, 1000, 300).astype(np.int64)
+    assert aot.hist_entropy_bits(h) == K.hist_entropy_bits(h)
