@@ -135,9 +135,9 @@ def main() -> None:
     from lossless import ensure_zipnn, inputs
 
     started = dt.datetime.now(dt.timezone.utc)
+    OUT.mkdir(exist_ok=True)
     src = inputs()["BF16"]
     zpy = a.zipnn_python or ensure_zipnn()
-    OUT.mkdir(exist_ok=True)
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=OUT) as d:
         tools = Tools(src, Path(d), zpy, a.baseline, a.threads)
