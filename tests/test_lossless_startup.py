@@ -90,44 +90,68 @@ def test_aot_unpack_imports_no_numba(tmp_path, aot):
     assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
 
 
-@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"])
-def test_aot_kernels_match_jit(aot, dtype):
-    """Each float layout: the AOT decode_fields and merge give the JIT kernels' fields and words
-    on chunks the encoder wrote (rans and split streams, a single-symbol field), and the same codes
-    on a corrupted chunk; the histogram entropy is the same float."""
-    from llmpress.lossless import compiled
-    from llmpress.lossless import chunk_kernel as CK
-    from llmpress.lossless import kernels as K
-    from llmpress.lossless.chunk import encode_chunk
-    from llmpress.lossless.fields import ITEMSIZE, layout
+def test_aot_pack_imports_no_numba(tmp_path, aot):
+    """With the build in place, pack (the rans policy) and info of a source never import numba either."""
+    src = _bf16_file(tmp_path / "w.safetensors")
+    for args in (["pack", str(src), "-o", str(tmp_path / "w.llmp")], ["info", str(src)]):
+        code = CLI.format(args=args) + "\nassert '_llmpress_lossless_aot' in sys.modules"
+        assert _fresh(code, tmp_path, HEAVY + ("numba",)) == [], args
 
-    lay = layout(dtype)
+
+def _words(dtype: str, n: int) -> np.ndarray:
+    """(n·itemsize,) uint8: weight-like words of ``dtype``, a run of zero words first (the split
+    coder's pieces then differ)."""
+    from llmpress.lossless.fields import ITEMSIZE
+
     rng = np.random.default_rng(1)
-    n = 1 << 17
     w = rng.standard_normal(n).astype(np.float32) * 0.02
     words = {"BF16": lambda: (w.view(np.uint32) >> 16).astype(np.uint16), "F16": lambda: w.astype(np.float16),
              "F32": lambda: w, "F8_E4M3": lambda: rng.integers(0, 256, n, dtype=np.uint8) & 0xBF,
              "F8_E5M2": lambda: rng.binomial(255, 0.3, n).astype(np.uint8)}[dtype]()
-    raw = np.ascontiguousarray(words).view(np.uint8)
-    raw[: 4096 * ITEMSIZE[dtype]] = 0  # a run of zero words: the split coder's pieces differ
-    m = n * ITEMSIZE[dtype] // lay.itemsize
-    hd = np.dtype(lay.head_dtype)
-    for payload in (encode_chunk(raw, dtype)[0], bytearray(encode_chunk(raw, dtype)[0])):
-        if isinstance(payload, bytearray):
-            payload[len(payload) // 2] ^= 0x5A  # corrupted: both must return the same error code
-        buf = np.frombuffer(bytes(payload), np.uint8)
-        res = []
-        for dec, merge in ((CK.decode_fields, lay.jit_kernels()[1]), (compiled.decode_fields(hd), compiled.merge(lay))):
-            assert dec is not CK.decode_fields or merge is lay.jit_kernels()[1]
-            f = [np.zeros(m, hd)] + [np.zeros(m, np.uint8) for _ in range(3)]
-            rc = dec(buf, lay.fields[0].width, lay.tail_w, *f)
-            x = np.zeros(m, lay.word)
-            if rc == 0:
-                merge(*f, x)
-            res.append((rc, [a.tobytes() for a in f], x.tobytes()))
-        assert res[0] == res[1]
-        if not isinstance(payload, bytearray):
-            assert res[0][0] == 0 and res[0][2] == raw.tobytes()
-    assert compiled.merge(lay) is not lay.jit_kernels()[1]  # the build has this layout
-    h = rng.integers(0, 1000, 300).astype(np.int64)
-    assert aot.hist_entropy_bits(h) == K.hist_entropy_bits(h)
+    raw = np.ascontiguousarray(words).view(np.uint8).copy()
+    raw[: 4096 * ITEMSIZE[dtype]] = 0
+    return raw
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"])
+def test_aot_kernels_match_jit(aot, dtype, monkeypatch):
+    """Each float layout, a long chunk (32-lane rANS, split streams) and a short one (4-lane rANS):
+    the payload the AOT kernels encode is the JIT kernels' byte for byte, each decodes the other's,
+    and a corrupted payload gets the same error code from both decoders."""
+    from llmpress.lossless import chunk, compiled, entropy, fields
+    from llmpress.lossless import chunk_kernel as CK
+    from llmpress.lossless.fields import layout
+
+    lay = layout(dtype)
+
+    def use_aot(on: bool) -> None:
+        monkeypatch.setenv(compiled.ENV, "1" if on else "0")
+        monkeypatch.setattr(compiled, "_loaded", {})  # module() asks the environment again
+        for mod, name in ((entropy, "K"), (entropy, "M"), (entropy, "R32"), (fields, "K"), (chunk, "CK")):
+            monkeypatch.setattr(mod, name, compiled.Kernels(getattr(mod, name).__dict__["_name"]))
+        monkeypatch.setattr(lay, "_kernels", None)
+
+    for n in (1 << 17, 3000):
+        raw = _words(dtype, n)
+        use_aot(False)
+        j = chunk.encode_chunk(raw, dtype)[0]
+        use_aot(True)
+        a = chunk.encode_chunk(raw, dtype)[0]
+        assert a == j
+        aot_pair = (chunk.CK.decode_fields, lay.kernels()[1])
+        assert all(isinstance(k, compiled._Dispatch) for k in (*aot_pair, lay.kernels()[0])), "not in the build"
+        m = lay.symbols(len(raw))
+        hd = np.dtype(lay.head_dtype)
+        for payload in (a, a[: len(a) // 2] + bytes([a[len(a) // 2] ^ 0x5A]) + a[len(a) // 2 + 1 :]):
+            buf = np.frombuffer(payload, np.uint8)
+            res = []
+            for dec, merge in ((CK.decode_fields, lay.jit_kernels()[1]), aot_pair):
+                f = [np.zeros(m, hd)] + [np.zeros(m, np.uint8) for _ in range(3)]
+                rc = dec(buf, lay.fields[0].width, lay.tail_w, *f)
+                x = np.zeros(m, lay.word)
+                if rc == 0:
+                    merge(*f, x)
+                res.append((rc, [v.tobytes() for v in f], x.tobytes()))
+            assert res[0] == res[1]
+            if payload is a:
+                assert res[0][0] == 0 and res[0][2] == raw.tobytes()

@@ -12,12 +12,11 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError
-from .compiled import decode_fields as _decode_kernel
+from .compiled import Kernels
 from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from .fields import FloatLayout, layout
 
@@ -101,8 +100,7 @@ def _scratch_fields(lay: FloatLayout, n: int) -> list[np.ndarray]:
     return [a[:n] for a in have]
 
 
-# head dtype -> chunk_kernel.decode_fields (the AOT build's where there is one: compiled.py)
-_DECODE: dict[np.dtype, Callable[..., int]] = {}
+CK = Kernels("chunk_kernel")  # decode_fields: the AOT build's where there is one (compiled.py)
 
 
 def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None,
@@ -127,8 +125,7 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     fields = _scratch_fields(lay, n) if isinstance(lay, FloatLayout) else [out if n == nbytes else None]
     if compiled and isinstance(lay, FloatLayout):
         t = fields[1:] + [fields[1]] * (4 - len(fields))
-        decode = _DECODE.get(fields[0].dtype) or _DECODE.setdefault(fields[0].dtype, _decode_kernel(fields[0].dtype))
-        if decode(np.frombuffer(buf, np.uint8), lay.fields[0].width, lay.tail_w, fields[0], *t) == 0:
+        if CK.decode_fields(np.frombuffer(buf, np.uint8), lay.fields[0].width, lay.tail_w, fields[0], *t) == 0:
             lay.merge_kernel(fields[0], *t, out.view(lay.word))
             return out
     pos, parts = 1, []

@@ -2,20 +2,21 @@
 
 A fresh process that calls a numba dispatcher first imports numba and sets up its CPU target
 (numba's whole library of typing and lowering registries) before the first cached kernel loads;
-for ``unpack`` of a small model that is most of the process's time. So the decode path's kernels
-(``chunk_kernel.decode_fields`` for both head widths, every float layout's merge, and the
-entropy of a histogram for ``info``) are also built ahead of time into one CPython extension
-module (``numba.pycc``; :func:`build`, run by ``llmpress warmup`` and ``make setup``). It lives in
-the cache (``$LLMPRESS_CACHE/kernels/<key>/``), keyed by the kernel sources, numba, Python and the
-CPU's features (it is compiled for this CPU), and a process that finds it imports it alone:
-numpy, no numba. The exported functions release the GIL like the JIT ones (chunks decode in
-parallel threads) and run the same code, so they give the same bytes (tests/test_lossless_startup.py).
+for ``pack``/``unpack`` of a small model that is most of the process's time. So the kernels the
+``rans`` policy's encode and decode call from Python (:data:`AOT`: each with the signatures it is
+called with, and every float layout's split and merge) are also built ahead of time into one
+CPython extension module (``numba.pycc``; :func:`build`, run by ``llmpress warmup`` and
+``make setup``). It lives in the cache (``$LLMPRESS_CACHE/kernels/<key>/``), keyed by the kernel
+sources, numba, Python and the CPU's features (it is compiled for this CPU), and a process that
+finds it imports it alone: numpy, no numba. The exported functions release the GIL like the JIT
+ones (chunks code in parallel threads) and run the same code, so they give the same bytes
+(tests/test_lossless_startup.py).
 
-Everything else, and every kernel when no build matches, is numba's JIT (``cache=True``) through
-:class:`LazyModule`: the kernel modules are imported on first use, so a process that only
-unpacks never imports numba. An exported function takes exactly its signature's dtypes and
-C-contiguous arrays (its unboxing checks neither): callers pick it by dtype (:func:`decode_fields`,
-:func:`merge`) and pass the arrays they made.
+Call sites name kernels through :class:`Kernels` (``K = Kernels("kernels")``; ``K.rans_encode(...)``):
+a call whose arguments match an exported signature (dtype, dimensions, C-contiguous arrays;
+integers) runs the AOT function; any other, and every kernel when no build matches, runs numba's
+JIT kernel (``cache=True``), its module imported at that first call. An exported function's own
+unboxing checks neither dtype nor layout: the match is checked here, before every call.
 """
 from __future__ import annotations
 
@@ -44,26 +45,82 @@ MODULE = "_llmpress_lossless_aot"
 SOURCES = ("kernels.py", "rans32.py", "freq_model.py", "chunk_kernel.py", "fields.py", "compiled.py")
 # LLMPRESS_AOT=0: never load the ahead-of-time build (the JIT kernels only; tests compare both)
 ENV = "LLMPRESS_AOT"
-_NUMPY_SIG = {np.dtype(np.uint8): "u1", np.dtype(np.uint16): "u2", np.dtype(np.uint32): "u4"}
+PACKAGE = __name__.rsplit(".", 1)[0]
+# kernel module -> function -> the signatures exported ahead of time (those its callers use)
+AOT: dict[str, dict[str, tuple[str, ...]]] = {
+    "kernels": {"hist_entropy_bits": ("f8(i8[::1])",),
+                "normalize_freqs": ("i8[::1](i8[::1], i8)",),
+                "pack_bits": ("u1[::1](u1[::1], i8)",),
+                "rans_encode": ("u2[::1](u1[::1], i8[::1], i8)", "u2[::1](u2[::1], i8[::1], i8)")},
+    "freq_model": {"write_model": ("u1[::1](i8[::1], i8)",)},
+    "rans32": {"encode": ("u1[::1](u1[::1], i8[::1], i8)", "u1[::1](u2[::1], i8[::1], i8)")},
+    "chunk_kernel": {"decode_fields": tuple(f"i8(u1[::1], i8, i8[::1], {h}[::1], u1[::1], u1[::1], u1[::1])"
+                                            for h in ("u1", "u2"))},
+}
+_SIG_CODE = {np.dtype(np.uint8): "u1", np.dtype(np.uint16): "u2", np.dtype(np.uint32): "u4"}
 
 
-class LazyModule:
-    """A module imported on its first attribute access (``K = LazyModule("...kernels")``): the
-    call sites read ``K.rans_encode`` as before, and a process that never calls a JIT kernel never
-    imports numba. ``importlib`` serialises concurrent first imports."""
+def _argkey(a: Any) -> str | None:
+    """An argument's part of an exported name: ``uint8_1`` for a C-contiguous 1-D uint8 array,
+    ``int`` for an integer; None for anything no export takes."""
+    if isinstance(a, np.ndarray):
+        return f"{a.dtype.name}_{a.ndim}" if a.flags.c_contiguous and a.flags.aligned else None
+    return "int" if isinstance(a, (int, np.integer)) else None
+
+
+class _Dispatch:
+    """One kernel: the AOT variant whose argument key matches, else the JIT kernel."""
+
+    def __init__(self, variants: dict[tuple, Callable], jit: Callable[[], Callable]):
+        self.variants, self._jit = variants, jit
+
+    def __call__(self, *args: Any) -> Any:
+        fn = self.variants.get(tuple(_argkey(a) for a in args))
+        return fn(*args) if fn is not None else self._jit()(*args)
+
+
+class Kernels:
+    """A kernel module of this package, its functions resolved on first access: the AOT build's
+    (through :class:`_Dispatch`) where it exports them, else the JIT module's (imported, numba
+    with it, at that first access). ``importlib`` serialises concurrent first imports."""
 
     def __init__(self, name: str):
         self.__dict__["_name"] = name
 
+    def _module(self) -> ModuleType:
+        return importlib.import_module(f"{PACKAGE}.{self.__dict__['_name']}")
+
     def __getattr__(self, attr: str) -> Any:
-        mod = self.__dict__.get("_mod")
-        if mod is None:
-            mod = self.__dict__["_mod"] = importlib.import_module(self.__dict__["_name"])
-        return getattr(mod, attr)
+        variants = _variants(f"{self.__dict__['_name']}__{attr}")
+        fn = _Dispatch(variants, lambda: getattr(self._module(), attr)) if variants else getattr(self._module(), attr)
+        self.__dict__[attr] = fn
+        return fn
 
 
-_K = LazyModule("llmpress.lossless.kernels")
-_CK = LazyModule("llmpress.lossless.chunk_kernel")
+def _variants(prefix: str) -> dict[tuple, Callable]:
+    """The AOT module's functions named ``prefix__<argkey>__<argkey>...``, by argument key."""
+    m = module()
+    if m is None:
+        return {}
+    out = {}
+    for name in dir(m):
+        if name.startswith(prefix + "__"):
+            out[tuple(name[len(prefix) + 2 :].split("__"))] = getattr(m, name)
+    return out
+
+
+def layout_kernels(lay: FloatLayout) -> tuple[Callable, Callable]:
+    """A float layout's ``(split, merge)``: the AOT build's where it has this layout, else numba's."""
+    base = _layout_name(lay)
+    out = []
+    for i, what in enumerate(("split", "merge")):
+        v = _variants(f"{base}__{what}")
+        out.append(_Dispatch(v, lambda i=i: lay.jit_kernels()[i]) if v else lay.jit_kernels()[i])
+    return out[0], out[1]
+
+
+def _layout_name(lay: FloatLayout) -> str:
+    return f"layout_e{lay.E}m{lay.M}k{lay.k}_" + "_".join(map(str, lay.tail_widths))
 
 
 # ----------------------------------------------------------------------------- the AOT build
@@ -95,24 +152,39 @@ def build_dir() -> Path:
     return cache_dir() / "kernels" / key()
 
 
-def _merge_name(lay: FloatLayout) -> str:
-    return f"merge_e{lay.E}m{lay.M}k{lay.k}_" + "_".join(map(str, lay.tail_widths))
+def _export_name(prefix: str, sig: str) -> str:
+    from numba.core import sigutils, types
+
+    args, _ = sigutils.normalize_signature(sig)
+
+    def key(t: Any) -> str:
+        if isinstance(t, types.Array):
+            return f"{t.dtype}_{t.ndim}"
+        assert isinstance(t, types.Integer), t
+        return "int"
+
+    return prefix + "__" + "__".join(key(t) for t in args)
 
 
 def exports() -> dict[str, tuple[Callable, str]]:
     """The functions an AOT build holds: exported name → (Python function, numba signature)."""
-    from . import chunk_kernel as CK
-    from . import kernels as K
     from .fields import LAYOUTS, FloatLayout
 
-    out: dict[str, tuple[Callable, str]] = {"hist_entropy_bits": (K.hist_entropy_bits.py_func, "f8(i8[::1])")}
-    for h in ("u1", "u2"):
-        out[f"decode_fields_{h}"] = (CK.decode_fields.py_func,
-                                     f"i8(u1[::1], i8, i8[::1], {h}[::1], u1[::1], u1[::1], u1[::1])")
+    out: dict[str, tuple[Callable, str]] = {}
+    for mod, fns in AOT.items():
+        m = importlib.import_module(f"{PACKAGE}.{mod}")
+        for fn, sigs in fns.items():
+            for sig in sigs:
+                out[_export_name(f"{mod}__{fn}", sig)] = (getattr(m, fn).py_func, sig)
     for lay in LAYOUTS.values():
         if isinstance(lay, FloatLayout):
-            h, w = _NUMPY_SIG[np.dtype(lay.head_dtype)], _NUMPY_SIG[np.dtype(lay.word)]
-            out[_merge_name(lay)] = (lay.jit_kernels()[1].py_func, f"void({h}[::1], u1[::1], u1[::1], u1[::1], {w}[::1])")
+            h, w = _SIG_CODE[np.dtype(lay.head_dtype)], _SIG_CODE[np.dtype(lay.word)]
+            split, merge = lay.jit_kernels()
+            base = _layout_name(lay)
+            sig = f"void({w}[::1], {h}[::1], u1[:, ::1], i8[::1], i8[:, ::1])"
+            out[_export_name(f"{base}__split", sig)] = (split.py_func, sig)
+            sig = f"void({h}[::1], u1[::1], u1[::1], u1[::1], {w}[::1])"
+            out[_export_name(f"{base}__merge", sig)] = (merge.py_func, sig)
     return out
 
 
@@ -215,28 +287,3 @@ def _import() -> ModuleType | None:
         log.warning("%s: not loadable (%s); using the JIT kernels", path, e)
         return None
     return mod
-
-
-# ----------------------------------------------------------------------------- the kernels
-
-
-def decode_fields(head_dtype: np.dtype) -> Callable[..., int]:
-    """``chunk_kernel.decode_fields`` for a head of ``head_dtype`` (uint8 or uint16)."""
-    m = module()
-    fn = getattr(m, f"decode_fields_{_NUMPY_SIG.get(np.dtype(head_dtype), '?')}", None) if m else None
-    return fn if fn is not None else _CK.decode_fields
-
-
-def merge(lay: FloatLayout) -> Callable[..., None]:
-    """The layout's compiled merge ``(head, t0, t1, t2, x)``: the AOT build's where it has this layout."""
-    m = module()
-    fn = getattr(m, _merge_name(lay), None) if m else None
-    return fn if fn is not None else lay.jit_kernels()[1]
-
-
-def hist_entropy_bits(hist: np.ndarray) -> float:
-    """n · H0 of a histogram ((A,) int64, C-contiguous)."""
-    m = module()
-    if m is not None and hist.dtype == np.int64 and hist.flags.c_contiguous and hist.ndim == 1:
-        return m.hist_entropy_bits(hist)
-    return _K.hist_entropy_bits(hist)

@@ -37,13 +37,12 @@ import numpy as np
 import zstandard
 
 from ..errors import InputError
-from . import compiled
-from .compiled import LazyModule
+from .compiled import Kernels
 
-# the JIT kernels, imported (numba with them) at their first call: unpack's compiled path needs none
-K = LazyModule("llmpress.lossless.kernels")
-M = LazyModule("llmpress.lossless.freq_model")
-R32 = LazyModule("llmpress.lossless.rans32")
+# the AOT build's kernels where it has them, else numba's, imported at their first call (compiled.py)
+K = Kernels("kernels")
+M = Kernels("freq_model")
+R32 = Kernels("rans32")
 
 # ---------------------------------------------------------------- bit packing (raw backend)
 
@@ -277,7 +276,7 @@ class Zstd:
 def entropy_bits(sym: np.ndarray | None, width: int, hist: np.ndarray | None = None) -> float:
     """n · H0(sym): the order-0 (static, this-stream) entropy in bits (from ``hist`` if given)."""
     c = np.bincount(sym, minlength=1 << width) if hist is None else hist
-    return float(compiled.hist_entropy_bits(np.ascontiguousarray(c, np.int64)))
+    return float(K.hist_entropy_bits(np.ascontiguousarray(c, np.int64)))
 
 
 # streams shorter than this take the four-lane coder: 32 lanes' states cost ~130 bytes more, and a

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .compiled import LazyModule
+from . import compiled
 from .entropy import RANS_PB
 
-K = LazyModule("llmpress.lossless.kernels")  # numba, imported at the first JIT kernel a process calls
+K = compiled.Kernels("kernels")  # numba's module, imported at the first JIT kernel a process calls
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class FloatLayout(Layout):
         self.tail_w = np.array(widths, np.int64)  # the same, for compiled callers
         self.head_dtype = np.uint16 if exp_bits + k > 8 else np.uint8
         self._jit: tuple | None = None  # numba's (split, merge), made at first use (jit_kernels)
-        self._merge = None
+        self._kernels: tuple | None = None  # the (split, merge) called: the AOT build's, where it has them
         self.fields = (Field("head", exp_bits + k),) + tuple(Field(f"tail{i}", w) for i, w in enumerate(widths))
 
     def jit_kernels(self) -> tuple:
@@ -133,13 +133,15 @@ class FloatLayout(Layout):
             self._jit = K.float_kernels(self.E, self.M, self.k, tuple(self.tail_widths))
         return self._jit
 
+    def kernels(self) -> tuple:
+        """The ``(split, merge)`` called: the AOT build's where it has this layout (compiled.py), else numba's."""
+        if self._kernels is None:
+            self._kernels = compiled.layout_kernels(self)
+        return self._kernels
+
     @property
     def merge_kernel(self):  # (head, t0, t1, t2, x): the compiled merge, for callers that hold the fields
-        if self._merge is None:
-            from . import compiled
-
-            self._merge = compiled.merge(self)  # the AOT build's, where there is one (compiled.py)
-        return self._merge
+        return self.kernels()[1]
 
     def split_hist(self, raw: np.ndarray, head: np.ndarray | None = None,
                    tails: np.ndarray | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -150,7 +152,7 @@ class FloatLayout(Layout):
         tails = np.empty((p, n), np.uint8) if tails is None else tails
         hh = np.zeros(1 << (self.E + self.k), np.int64)
         th = np.zeros((p, 256), np.int64)
-        self.jit_kernels()[0](x, head, tails, hh, th)
+        self.kernels()[0](x, head, tails, hh, th)
         return [head, *tails], [hh, *(th[j, : 1 << w] for j, w in enumerate(self.tail_widths))]
 
     def split(self, raw: np.ndarray) -> list[np.ndarray]:
