@@ -28,6 +28,18 @@ def _source_bytes(src: str) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def _kernels_note() -> None:
+    """One line on stderr while the kernels are not built ahead of time for this installation."""
+    import os
+
+    from ..lossless import compiled
+
+    if os.environ.get(compiled.ENV, "1") != "0" and compiled.module() is None:
+        console.print("[dim]note: the lossless kernels are not built for this installation; numba compiles them "
+                      "at first use (slow once) and loads them in every process. `llmpress warmup` builds them "
+                      "once, ahead of time.[/]", highlight=False)
+
+
 def _show_sizes(title: str) -> Callable[[dict[str, Any]], None]:
     def show(r: dict[str, Any]) -> None:
         keys = ("bytes_in", "bytes_out", "ratio", "tensor_bytes_in", "tensor_bytes_out", "bound_bytes", "seconds", "files", "out")
@@ -50,6 +62,8 @@ def pack(
     """Pack a checkpoint losslessly into one .llmp file (every file restored byte for byte)."""
     from ..lossless.container import pack as do_pack
 
+    _kernels_note()
+
     with _bar(_source_bytes(src), "pack") as upd:
         r = do_pack(src, out, force=force, threads=threads, policy=policy, progress=upd, workers=workers,
                     address=address)
@@ -69,6 +83,8 @@ def unpack(
 ) -> None:
     """Restore the packed files byte for byte; every checksum is verified."""
     from ..lossless.container import unpack as do_unpack
+
+    _kernels_note()
     total = _packed_total(packed)
     with _bar(total, "unpack") as upd:
         r = do_unpack(packed, out, force=force, threads=threads, progress=upd)
@@ -91,6 +107,8 @@ def verify(
 ) -> None:
     """Decode everything in memory and check every chunk, tensor and file checksum."""
     from ..lossless.container import verify as do_verify
+
+    _kernels_note()
     total = _packed_total(packed)
     with _bar(total, "verify") as upd:
         r = do_verify(packed, threads=threads, progress=upd)
