@@ -111,7 +111,7 @@ def cold(tools: Tools, reps: int) -> dict[str, list[float]]:
     """What a fresh installation pays once (each in a new empty cache), and unpack without the AOT build."""
     out: dict[str, list[float]] = {"warmup (AOT build, empty cache)": [], "unpack, no AOT build, empty numba cache": [],
                                    "unpack, no AOT build, numba cache warm": []}
-    for _ in range(max(1, reps // 2)):
+    for _ in range(1):  # minutes each: once
         with tempfile.TemporaryDirectory(dir=OUT) as d:
             out["warmup (AOT build, empty cache)"].append(
                 _timed([sys.executable, "-c", CLI, "warmup"], tools.env("llmpress", LLMPRESS_CACHE=d)))
@@ -154,30 +154,32 @@ def main() -> None:
                 for t in order:
                     times[op][t].append(_timed(tools.cmd(t, op), tools.env(t)))
         restored = (Path(d) / "llmpress.out").read_bytes() == src.read_bytes()
-        cold_times = cold(tools, a.reps) if a.cold else {}
-    load1 = os.getloadavg()
-    cmd = "python bench/startup.py " + " ".join(sys.argv[1:])
-    med = {op: {t: statistics.median(v) for t, v in row.items()} for op, row in times.items()}
-    print(f"command: {cmd}\ncommit: {_commit()}   date: {started:%Y-%m-%d %H:%M} UTC   cpus: {os.cpu_count()}   "
-          f"threads: {a.threads}   load (1 min) before/after: {load0[0]:.1f}/{load1[0]:.1f}")
-    print(f"input: {src.name} ({src.stat().st_size / 1e6:.1f} MB); whole fresh processes, median of {a.reps}, "
-          f"alternating; ratio: tool / ZipNN (target ≤ 0.5)")
-    cols = [*names]
-    print(f"{'operation':<10}" + "".join(f"{c + ' s':>16}" for c in cols)
-          + "".join(f"{c + '/zipnn':>18}" for c in cols if c != "zipnn"))
-    for op in OPS:
-        print(f"{op:<10}" + "".join(f"{med[op][c]:>16.2f}" for c in cols)
-              + "".join(f"{med[op][c] / med[op]['zipnn']:>18.2f}" for c in cols if c != "zipnn"))
-    for k, v in cold_times.items():
-        print(f"{k}: median {statistics.median(v):.2f} s of {len(v)}")
-    print(f"unpack restored the file byte for byte: {restored}")
-    result = {"command": cmd, "commit": _commit(), "date": started.isoformat(), "cpus": os.cpu_count(),
-              "threads": a.threads, "load_before": load0, "load_after": load1, "input": str(src),
-              "input_bytes": src.stat().st_size, "reps": a.reps, "baseline": str(a.baseline) if a.baseline else None,
-              "median_s": med, "ratio_to_zipnn": {op: {t: med[op][t] / med[op]["zipnn"] for t in names if t != "zipnn"}
-                                                  for op in OPS},
-              "times_s": times, "cold_s": cold_times, "restored": restored}
-    (OUT / "startup.json").write_text(json.dumps(result, indent=1))
+        cmd = "python bench/startup.py " + " ".join(sys.argv[1:])
+        med = {op: {t: statistics.median(v) for t, v in row.items()} for op, row in times.items()}
+        result = {"command": cmd, "commit": _commit(), "date": started.isoformat(), "cpus": os.cpu_count(),
+                  "threads": a.threads, "load_before": load0, "load_after": os.getloadavg(), "input": str(src),
+                  "input_bytes": src.stat().st_size, "reps": a.reps,
+                  "baseline": str(a.baseline) if a.baseline else None, "median_s": med,
+                  "ratio_to_zipnn": {op: {t: med[op][t] / med[op]["zipnn"] for t in names if t != "zipnn"}
+                                     for op in OPS},
+                  "times_s": times, "restored": restored}
+        (OUT / "startup.json").write_text(json.dumps(result, indent=1))  # again below with the cold rows
+        print(f"command: {cmd}\ncommit: {result['commit']}   date: {started:%Y-%m-%d %H:%M} UTC   "
+              f"cpus: {os.cpu_count()}   threads: {a.threads}   load (1 min) before/after: "
+              f"{load0[0]:.1f}/{result['load_after'][0]:.1f}")
+        print(f"input: {src.name} ({src.stat().st_size / 1e6:.1f} MB); whole fresh processes, median of {a.reps}, "
+              f"alternating; ratio: tool / ZipNN (target ≤ 0.5)")
+        print(f"{'operation':<10}" + "".join(f"{c + ' s':>16}" for c in names)
+              + "".join(f"{c + '/zipnn':>18}" for c in names if c != "zipnn"))
+        for op in OPS:
+            print(f"{op:<10}" + "".join(f"{med[op][c]:>16.2f}" for c in names)
+                  + "".join(f"{med[op][c] / med[op]['zipnn']:>18.2f}" for c in names if c != "zipnn"))
+        print(f"unpack restored the file byte for byte: {restored}", flush=True)
+        if a.cold:
+            result["cold_s"] = cold(tools, a.reps)
+            for k, v in result["cold_s"].items():
+                print(f"{k}: median {statistics.median(v):.2f} s of {len(v)}")
+            (OUT / "startup.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
