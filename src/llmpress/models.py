@@ -200,12 +200,12 @@ def is_causal(src: Source) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def load_model(name: str | os.PathLike | None, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load a source as a transformers model (causal LM head when it has one; float32 unless ``dtype``)."""
-    import torch
+def load_model(name: str | os.PathLike | None, dtype: torch.dtype | str | None = "float32") -> torch.nn.Module:
+    """Load a source as a transformers model (causal LM head when it has one)."""
+    import torch  # here: resolve() serves the lossless verbs, which never import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
-    dtype = torch.float32 if dtype is None else dtype
+    dtype = torch.float32 if dtype == "float32" else dtype
 
     src = resolve(name)
     if src.path.is_file():
