@@ -153,10 +153,10 @@ def warmup(
     force: bool = typer.Option(False, "--force", help="Build again even if a build for this installation exists."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Build the lossless decoder's kernels ahead of time (once per installation; `make setup` runs it).
+    """Build the lossless codec's kernels ahead of time (once per installation; `make setup` runs it).
 
-    Afterwards a fresh `unpack`/`verify` loads them without importing numba. Without it they
-    still work: numba compiles them on first use and caches them."""
+    Afterwards a fresh `pack`/`unpack`/`verify` loads them without importing numba. Without it they
+    still work: numba compiles them at first use and caches them. LLMPRESS_AOT=0 ignores the build."""
     import time
 
     from ..lossless import compiled
