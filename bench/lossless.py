@@ -440,7 +440,7 @@ def main() -> None:
         fp8 = ref is not None and r["file"] in bounds
         r["dec_vs_BF16"] = r["dec_MBps"] / ref["dec_MBps"] if fp8 else None
         r["dec_cpu_vs_BF16"] = r["dec_cpu_MBps"] / ref["dec_cpu_MBps"] if fp8 and r["dec_cpu_MBps"] else None
-    result = {**rec, "cpus": os.cpu_count(),
+    result = {**rec, "cpus": os.cpu_count(), "reps": args.reps,
               "fp8_scale": args.fp8_scale, "rows": rows, "bounds": bounds}
     out = OUT / args.out
     tmp = out.with_suffix(".tmp")

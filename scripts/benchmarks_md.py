@@ -165,6 +165,35 @@ def lossless(path: Path, data: dict[str, Any]) -> list[str]:
     return lines + _table(["file", "tool", "threads", "bytes", "ratio", "encode MB/s", "decode MB/s", "decode + sha256 MB/s"], body)
 
 
+def lossless_fp8(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/lossless.py on FP8 inputs: ratio beside its entropy bound, decode speed against the BF16 input's."""
+    lines = lossless(path, data)
+    bounds = data.get("bounds") or {}
+    if bounds:
+        lines += ["Entropy bound of each FP8 input (chunk-adaptive, fraction of the file), and its decode MB/s over the BF16 "
+                  "input's (same tool and threads; by wall time and by the process's CPU time):", ""]
+        body = [[label, _f(b.get("bound_chunk_ratio"), ".4f")] for label, b in bounds.items()]
+        lines += _table(["file", "bound"], body)
+        body = [[r["file"], r["tool"], _f(r["threads"]), _f(r.get("dec_vs_BF16"), ".2f"), _f(r.get("dec_cpu_vs_BF16"), ".2f")]
+                for r in data.get("rows", []) if r.get("dec_vs_BF16")]
+        lines += _table(["file", "tool", "threads", "decode / BF16, wall", "decode / BF16, CPU"], body)
+    return lines
+
+
+def startup(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/startup.py: whole fresh processes, alternating, median of the reps."""
+    lines = _prov(data, path) + [f"{data.get('cpus')} CPUs; input {_f(data.get('input_bytes'), ',')} bytes; median of "
+                                 f"{data.get('reps')} alternating fresh processes; load average before/after "
+                                 f"{_f((data.get('load_before') or [None])[0], '.1f')} / "
+                                 f"{_f((data.get('load_after') or [None])[0], '.1f')}. `baseline` is another source tree "
+                                 f"run alongside ({data.get('baseline') or 'none'}).", ""]
+    med, ratio = data.get("median_s", {}), data.get("ratio_to_zipnn", {})
+    tools = list(dict.fromkeys(t for m in med.values() for t in m))
+    body = [[op] + [_f(med[op].get(t), ".2f") for t in tools] + [_f(ratio.get(op, {}).get(t), ".2f") for t in tools if t != "zipnn"]
+            for op in med]
+    return lines + _table(["operation"] + [f"{t} s" for t in tools] + [f"{t} / zipnn" for t in tools if t != "zipnn"], body)
+
+
 def limit_rows(path: Path, data: Any) -> list[str]:
     """A sweep's results.jsonl (``llmpress limit -o bench/out/limit``): one row per point, with its protocol."""
     rows = data
@@ -229,6 +258,14 @@ BENCHES = [
     Bench("lossless.json", "Lossless: llmpress against ZipNN and zstd",
           "Ratio and encode/decode throughput on all-MiniLM-L6-v2 (FP32 as shipped, and BF16).",
           "OMP_NUM_THREADS=1 python bench/lossless.py --reps 5", lossless),
+    Bench("lossless-fp8.json", "Lossless: FP8 checkpoints",
+          "MiniLM and SmolLM2-135M cast to FP8 (per-channel F32 scales beside each weight, as compressed-tensors "
+          "stores them), against zstd; the entropy bound, and decode speed against the BF16 path.",
+          "python bench/lossless.py --files BF16 FP8 SmolLM2-FP8 FP8-E5M2 --tools 'llmpress (rans)' 'zstd -3' --reps 5 "
+          "--out lossless-fp8.json", lossless_fp8),
+    Bench("startup.json", "Lossless start-up: whole fresh processes against ZipNN",
+          "`llmpress pack/unpack/verify` of the BF16 MiniLM file as a user runs them (a fresh process each) beside "
+          "ZipNN's, alternating.", "python bench/startup.py --reps 5 --baseline OTHER_CHECKOUT/src", startup),
     Bench("fuzz-*.json", "Malformed inputs (fuzzing the readers)",
           "Mutated `.llmp` files and output folders fed to the readers: each must be refused or read correctly, "
           "never crash, hang or return wrong bytes.",
