@@ -1,0 +1,360 @@
+"""Grids found in float tensors: values that are exactly a block quantizer's dequantized codes.
+
+A checkpoint dequantized from a quantized file (the embedded SmolLM2: GGUF Q4_1 linears and a
+Q8_0 embedding, widened to FP32 by gguf-py) holds a few distinct values per block: each block of
+``block`` consecutive values along a row is one of
+
+- ``scale``:  x = d · (s − zero)          (GGUF Q4_0, Q5_0, Q8_0; symmetric RTN grids)
+- ``affine``: x = (d · s) + m             (GGUF Q4_1, Q5_1)
+
+with ``s`` an unsigned ``bits``-bit code and the block's ``d`` (and ``m``) stored in ``params``
+(F16, BF16 or F32), computed in float32 with round-to-nearest-even and one rounding per
+operation (no fused multiply-add): gguf-py's order, which made the file. Such a tensor is coded
+as its codes (one symbol each) and its parameters (each split into its own float fields), a
+fraction of its float fields' entropy.
+
+Nothing here trusts the model: :func:`fit` recovers codes and parameters for a chunk and
+:func:`verify`-equivalent checks (the chunk recomputed and compared bit for bit) decide whether
+the chunk is coded on the grid; a chunk that does not reproduce takes the float path. Detection
+(:func:`detect`) tries every candidate on the tensor's first block, then on a sample, and costs
+a few numpy operations on a tensor that is not gridded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .fields import LAYOUTS, Field, FloatLayout
+
+FORMULAS = ("scale", "affine")
+BLOCKS = (256, 128, 64, 32, 16)  # tried largest first: fewer parameters
+PARAMS = ("F16", "BF16", "F32")  # tried in this order: smaller parameters first
+MAX_BITS = 16  # codes are field symbols (1..16 bits)
+DETECT_BITS = 8  # detection looks for codes of at most this many bits
+TENSOR_DTYPES = ("F32",)  # tensors whose values are the float32 result itself
+SAMPLE = 1 << 14  # values of a tensor's start that a detected grid must reproduce
+
+# gguf-py's block types as grids: (formula, bits, zero, block, params) -> name, for reports
+GGUF_NAMES: dict[tuple[str, int, int, int, str], str] = {
+    ("scale", 4, 8, 32, "F16"): "Q4_0",
+    ("affine", 4, 0, 32, "F16"): "Q4_1",
+    ("scale", 5, 16, 32, "F16"): "Q5_0",
+    ("affine", 5, 0, 32, "F16"): "Q5_1",
+    ("scale", 8, 128, 32, "F16"): "Q8_0",
+}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One tensor's grid (the segment's ``grid`` in the index)."""
+
+    formula: str  # "scale" | "affine"
+    block: int  # values per block, consecutive along the last dimension
+    params: str  # dtype of d (and m)
+    bits: int  # code width
+    zero: int  # scale: the code of 0 (x = d·(s − zero)); affine: 0
+
+    @property
+    def nparams(self) -> int:
+        return 2 if self.formula == "affine" else 1
+
+    @property
+    def player(self) -> FloatLayout:
+        return LAYOUTS[self.params]  # type: ignore[return-value]
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        pf = self.player.fields
+        names = ("d", "m")[: self.nparams]
+        return (Field("codes", self.bits),) + tuple(Field(f"{p}.{f.name}", f.width) for p in names for f in pf)
+
+    def symbols(self, words: int) -> list[int]:
+        """Symbols in each field of a chunk of ``words`` values."""
+        return [words] + [words // self.block] * (len(self.fields) - 1)
+
+    def to_index(self) -> dict[str, Any]:
+        return {"formula": self.formula, "block": self.block, "params": self.params, "bits": self.bits,
+                "zero": self.zero}
+
+    @classmethod
+    def from_index(cls, rec: Any) -> "Grid":
+        """The grid of an index record; ValueError if any field is out of the format's range."""
+        if not isinstance(rec, dict) or set(rec) != {"formula", "block", "params", "bits", "zero"}:
+            raise ValueError(f"grid record {rec!r}: wrong keys")
+        g = cls(rec["formula"], rec["block"], rec["params"], rec["bits"], rec["zero"])
+        ints = all(type(v) is int for v in (g.block, g.bits, g.zero))
+        if not (ints and g.formula in FORMULAS and g.block in BLOCKS and g.params in PARAMS
+                and 1 <= g.bits <= MAX_BITS and 0 <= g.zero < 1 << g.bits and (g.formula == "scale" or g.zero == 0)):
+            raise ValueError(f"grid record {rec!r}: out of range")
+        return g
+
+    def describe(self) -> str:
+        name = GGUF_NAMES.get((self.formula, self.bits, self.zero, self.block, self.params))
+        form = f"d·(q−{self.zero})" if self.formula == "scale" else "d·q+m"
+        return f"{form}, {self.bits}-bit codes, block {self.block}, {self.params} params" + (f" (GGUF {name})" if name else "")
+
+
+# ---------------------------------------------------------------- parameter dtypes
+
+
+def _param_words(v: np.ndarray, params: str) -> np.ndarray:
+    """Nearest ``params`` value of float64 ``v``, as unsigned words (sign-magnitude order)."""
+    if params == "F16":
+        with np.errstate(over="ignore"):
+            return v.astype(np.float16).view(np.uint16)
+    f = v.astype(np.float32)
+    if params == "F32":
+        return f.view(np.uint32)
+    u = f.view(np.uint32).astype(np.uint64)  # BF16: round to nearest even on the top half
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def param_values(w: np.ndarray, params: str) -> np.ndarray:
+    """float32 values of ``params`` words (exact)."""
+    if params == "F16":
+        return w.view(np.float16).astype(np.float32)
+    if params == "BF16":
+        return (w.astype(np.uint32) << 16).view(np.float32)
+    return w.view(np.float32)
+
+
+def _exact_words(x: np.ndarray, params: str) -> tuple[np.ndarray, np.ndarray]:
+    """(words, representable) of float32 ``x`` in ``params``: representable where the word's value
+    has the same bits as ``x``."""
+    w = _param_words(x.astype(np.float64), params)
+    return w, param_values(w, params).view(np.uint32) == x.view(np.uint32)
+
+
+# ---------------------------------------------------------------- the formulas (float32, gguf-py's order)
+
+
+def reconstruct(grid: Grid, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """float32 values (nb·block,) of codes (nb·block,) and block parameters (nb,) as float32."""
+    q = codes.reshape(-1, grid.block).astype(np.float32)
+    if grid.formula == "scale":
+        if grid.zero:
+            q -= np.float32(grid.zero)  # exact: small integers
+        return (d[:, None] * q).reshape(-1)
+    return ((d[:, None] * q) + m[:, None]).reshape(-1)  # type: ignore[index]
+
+
+# ---------------------------------------------------------------- fitting one chunk
+
+
+@dataclass
+class Fit:
+    codes: np.ndarray  # (n,) uint8 / uint16 symbols
+    d: np.ndarray  # (nb,) params words
+    m: np.ndarray | None  # (nb,) params words (affine)
+    ok: np.ndarray  # (nb,) bool: the block reproduces bit for bit
+
+
+def _code_dtype(bits: int) -> type:
+    return np.uint8 if bits <= 8 else np.uint16
+
+
+def _fit_affine(x: np.ndarray, params: str, bits: int, zero: int = 0) -> Fit:
+    """m = the block's minimum (the value of code 0), d near (max − m)/(2^bits − 1), tried at the
+    nearest ``params`` value and its neighbours; codes by rounding; each block checked."""
+    k = (1 << bits) - 1
+    nb = x.shape[0]
+    with np.errstate(invalid="ignore"):
+        m = x.min(1)
+        mx = x.max(1)
+    mw, ok_m = _exact_words(m, params)
+    m64 = m.astype(np.float64)
+    x64 = x.astype(np.float64)
+    dw0 = _param_words((mx.astype(np.float64) - m64) / k, params)
+    codes = np.zeros(x.shape, _code_dtype(bits))
+    dw = dw0.copy()
+    ok = np.zeros(nb, bool)
+    todo = np.flatnonzero(ok_m & np.isfinite(m) & np.isfinite(mx))
+    for delta in (0, -1, 1, -2, 2):
+        if not len(todo):
+            break
+        w = dw0[todo].astype(np.int64) + delta
+        w = np.clip(w, 0, None).astype(dw0.dtype)
+        dv = param_values(w, params)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.rint((x64[todo] - m64[todo, None]) / dv.astype(np.float64)[:, None])
+        q = np.nan_to_num(np.clip(q, 0, k), nan=0.0).astype(np.float32)
+        rec = (dv[:, None] * q) + m[todo, None]
+        good = (rec.view(np.uint32) == x[todo].view(np.uint32)).all(1)
+        sel = todo[good]
+        codes[sel] = q[good]
+        dw[sel] = w[good]
+        ok[sel] = True
+        todo = todo[~good]
+    return Fit(codes.reshape(-1), dw, mw, ok)
+
+
+def _fit_scale(x: np.ndarray, params: str, bits: int, zero: int | None = None) -> Fit:
+    """x = d·c with c an integer: in units of the block's smallest exponent every value is an
+    integer I, and d is the gcd of the I (or that divided by a small integer, where the gcd is not
+    a ``params`` value); d's sign gives −0 where the block holds −0."""
+    zero = 1 << (bits - 1) if zero is None else zero
+    lo, hi = -zero, (1 << bits) - 1 - zero
+    nb, B = x.shape
+    u = x.view(np.uint32)
+    e = ((u >> 23) & 0xFF).astype(np.int64)
+    man = (u & 0x7FFFFF).astype(np.int64)
+    M = np.where(e > 0, man | (1 << 23), man)
+    E = np.where(e > 0, e, 1)
+    nz = M != 0
+    emin = np.where(nz, E, 1 << 20).min(1)
+    shift = np.where(nz, E - emin[:, None], 0)
+    ok = ~((e == 0xFF).any(1)) & (shift.max(1) <= 30)
+    shift = np.where(ok[:, None], shift, 0)
+    I = np.where(nz, M << shift, 0)
+    G = np.gcd.reduce(I, axis=1)  # (nb,) 0 for a block of zeros
+    neg0 = (u == 0x80000000).any(1)
+    pos0 = (u == 0).any(1)
+    sign = np.where((u >> 31) == 1, -1, 1).astype(np.int64)
+    codes = np.zeros((nb, B), np.int64)
+    dw = np.zeros(nb, _param_words(np.zeros(1), params).dtype)
+    done = np.zeros(nb, bool)
+    Gs = np.maximum(G, 1)
+    todo = np.flatnonzero(ok)
+    for t in range(1, max(-lo, hi) + 1):  # d = G/t: codes t·I/G (wider with t: stops once out of range)
+        if t > 1:
+            todo = todo[G[todo] > 0]
+        if not len(todo):
+            break
+        c = sign[todo] * (I[todo] // Gs[todo, None]) * t  # (k, B): d > 0
+        dabs = np.ldexp(G[todo].astype(np.float64) / t, (emin[todo] - 150).astype(np.int64))
+        w, rep = _exact_words(dabs.astype(np.float32), params)
+        rep &= dabs.astype(np.float32).astype(np.float64) == dabs
+        cmin, cmax = c.min(1), c.max(1)
+        pos_ok = rep & ~neg0[todo] & (cmin >= lo) & (cmax <= hi)
+        neg_ok = rep & ~pos0[todo] & (-cmax >= lo) & (-cmin <= hi) & ~pos_ok
+        good = pos_ok | neg_ok
+        sel = todo[good]
+        sgn = np.where(neg_ok[good], -1, 1)
+        codes[sel] = c[good] * sgn[:, None]
+        wsel = w[good]
+        signbit = {np.uint16: 0x8000, np.uint32: 0x80000000}[wsel.dtype.type]
+        dw[sel] = np.where(sgn < 0, wsel | signbit, wsel)
+        done[sel] = True
+        in_range = ((cmin >= lo) & (cmax <= hi)) | ((-cmax >= lo) & (-cmin <= hi))
+        todo = todo[~good & in_range]
+    sym = (codes + zero).clip(0, (1 << bits) - 1).astype(_code_dtype(bits))
+    dv = param_values(dw, params)
+    rec = reconstruct(Grid("scale", B, params, bits, zero), sym.reshape(-1), dv)
+    good = done & (rec.view(np.uint32).reshape(nb, B) == u).all(1)
+    return Fit(sym.reshape(-1), dw, None, good)
+
+
+FITS: dict[str, Callable[[np.ndarray, str, int, int], Fit]] = {"scale": _fit_scale, "affine": _fit_affine}
+
+
+def fit(grid: Grid, words: np.ndarray) -> Fit:
+    """Codes and parameters of float32 ``words`` ((n,) uint32, n a multiple of the block) on
+    ``grid``; ``ok`` says which blocks reproduce bit for bit."""
+    x = words.view(np.float32).reshape(-1, grid.block)
+    return FITS[grid.formula](x, grid.params, grid.bits, grid.zero)
+
+
+def split(grid: Grid, raw: np.ndarray) -> list[np.ndarray] | None:
+    """The fields of one chunk's bytes on ``grid`` (codes, d's float fields, m's), or None when
+    some block does not reproduce bit for bit (the chunk takes the float path)."""
+    f = fit(grid, raw.view(np.uint32))
+    if not f.ok.all():
+        return None
+    parts = [f.codes]
+    for w in (f.d, f.m)[: grid.nparams]:
+        parts += grid.player.split(np.ascontiguousarray(w).view(np.uint8))
+    return parts
+
+
+def merge(grid: Grid, parts: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`split`: the chunk's bytes into ``out`` ((4n,) uint8)."""
+    nb = len(parts[0]) // grid.block
+    p = len(grid.player.fields)
+    vals = []
+    for i in range(grid.nparams):
+        w = grid.player.merge(parts[1 + i * p : 1 + (i + 1) * p], nb).view(grid.player.word)
+        vals.append(param_values(w, grid.params))
+    out.view(np.float32)[:] = reconstruct(grid, parts[0], *vals)
+    return out
+
+
+# ---------------------------------------------------------------- detection
+
+
+def candidate(dtype: str, shape: tuple[int, ...] | list[int]) -> bool:
+    """Whether a tensor could hold a grid: a float32 tensor with rows of at least one block."""
+    return dtype in TENSOR_DTYPES and len(shape) >= 1 and shape[-1] % BLOCKS[-1] == 0 and shape[-1] > 0
+
+
+def _bits_hint(x: np.ndarray, formula: str) -> list[int]:
+    """Code widths worth an exact fit on one block ``x`` (B,) float32: cheap necessary tests."""
+    x64 = x.astype(np.float64)
+    if not np.isfinite(x64).all():
+        return []
+    if formula == "affine":  # (x − min)/(max − min) · (2^b − 1) must be near integers
+        lo, hi = x64.min(), x64.max()
+        if hi == lo:
+            return [1]
+        r = (x64 - lo) / (hi - lo)
+        bs = np.arange(1, DETECT_BITS + 1)
+        v = r[None, :] * ((1 << bs) - 1)[:, None]
+        return [int(b) for b in bs[(np.abs(v - np.rint(v)) < 1e-3).all(1)]]
+    # x = d·c: in units of the smallest exponent, the values' gcd is d (or a multiple); codes
+    # already wider than DETECT_BITS at the gcd only widen at d = gcd/t
+    u = x.view(np.uint32).astype(np.int64)
+    e, man = (u >> 23) & 0xFF, u & 0x7FFFFF
+    M = np.where(e > 0, man | (1 << 23), man)
+    nz = M != 0
+    if not nz.any():
+        return [1]
+    E = np.where(e > 0, e, 1)
+    shift = E[nz] - E[nz].min()
+    if shift.max() > 30:
+        return []
+    I = M[nz] << shift
+    return list(range(1, DETECT_BITS + 1)) if I.max() // np.gcd.reduce(I) <= 1 << (DETECT_BITS - 1) else []
+
+
+def detect(words: np.ndarray, shape: tuple[int, ...] | list[int], dtype: str = "F32") -> Grid | None:
+    """The grid of a tensor from its first values ``words`` ((n,) uint32, up to :data:`SAMPLE`,
+    whole rows or not): the first candidate (largest block, fewest parameters, narrowest
+    codes) under which the first block and then the whole sample reproduce bit for bit; None
+    when nothing does (most tensors: the first block already rules out every candidate)."""
+    if not candidate(dtype, shape):
+        return None
+    row = int(shape[-1])
+    n = len(words)
+    for B in BLOCKS:
+        if row % B or n < B:
+            continue
+        head = words[:B].view(np.float32).reshape(1, B)
+        sample = words[: n // B * B]
+        for formula in FORMULAS:
+            hint = _bits_hint(head[0], formula)
+            for params in PARAMS:
+                widths = hint
+                if formula == "scale":  # the widest first, then the narrowest the sample's codes allow
+                    if not hint or not FITS["scale"](head, params, DETECT_BITS, None).ok.all():
+                        continue
+                    wide = fit(Grid("scale", B, params, DETECT_BITS, 1 << (DETECT_BITS - 1)), sample)
+                    if not wide.ok.all():
+                        continue
+                    c = np.abs(wide.codes.astype(np.int64) - (1 << (DETECT_BITS - 1))).max()
+                    widths = [b for b in range(1, DETECT_BITS + 1) if 1 << (b - 1) >= c]
+                for bits in widths:
+                    g = Grid(formula, B, params, bits, 1 << (bits - 1) if formula == "scale" else 0)
+                    if FITS[formula](head, params, bits, g.zero).ok.all() and fit(g, sample).ok.all():
+                        return g
+    return None
+
+
+def detect_segment(fi: Any, offset: int, dtype: str, shape: tuple[int, ...] | list[int], length: int) -> Grid | None:
+    """:func:`detect` on a tensor's first :data:`SAMPLE` values, read from the open file ``fi``
+    at ``offset`` (the file position is left anywhere)."""
+    if not candidate(dtype, shape) or length < 4 * BLOCKS[-1]:
+        return None
+    fi.seek(offset)
+    buf = fi.read(min(length, 4 * SAMPLE))
+    return detect(np.frombuffer(buf[: len(buf) // 4 * 4], np.uint32), shape, dtype)
