@@ -28,6 +28,7 @@ from ..errors import InputError
 from ..io.atomic import atomic_dir, atomic_file, check_output
 from ..loading import register_loader
 from .chunk import POLICIES, encode_chunk_parts
+from .grid import Grid, detect_segment
 from .reader import (
     CHUNK_BYTES,
     END,
@@ -35,6 +36,7 @@ from .reader import (
     MAGIC,
     MAX_CHUNK_BYTES,
     CODES_VERSION,
+    GRID_VERSION,
     VERSION,
     CorruptError,
     Packed,
@@ -129,6 +131,12 @@ def pack(
                     if srec["kind"] == "tensor":
                         tensors[srec["name"]] = {"file": frec["path"], **srec.get("stats", {})}
                 index["files"].append(frec)
+            if any("grid" in srec for frec in index["files"] for srec in frec["segments"]):
+                version = index["version"] = GRID_VERSION  # format 3: known only once coded
+                end = fo.tell()
+                fo.seek(len(MAGIC))
+                fo.write(struct.pack("<I", version))
+                fo.seek(end)
             blob = zstandard.ZstdCompressor(level=9).compress(json.dumps(index, separators=(",", ":")).encode())
             off = fo.tell()
             fo.write(blob)
@@ -234,6 +242,7 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     k = 0
     with open(path, "rb") as fi:
         for seg in plan_file(path, dict(job.codes)):
+            seg.grid = detect_segment(fi, seg.offset, seg.dtype, seg.shape, seg.length) if seg.kind == "tensor" else None
             srec = _segment_record(seg)
             frec["segments"].append(srec)
             fi.seek(seg.offset)
@@ -246,8 +255,8 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
                 # threads-th chunk itself when its turn to be written comes (as the
                 # decoders do), the workers the others
                 mine = ex is None or k % threads == 0
-                pending.append((srec, ln, (raw, seg.dtype, seg.codes) if mine else
-                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, job.policy),
+                pending.append((srec, ln, (raw, seg.dtype, seg.codes, seg.grid) if mine else
+                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, seg.grid, job.policy),
                                 hasher.submit(sha.update, raw)))
                 k += 1
                 yield from drain(2 * threads if ex is not None else 0)
@@ -258,10 +267,10 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     frec["sha256"] = hasher.submit(sha.hexdigest).result()
 
 
-def _encode_job(raw: np.ndarray, dtype: str, codes: int, policy: str) -> tuple[list, Any, int]:
+def _encode_job(raw: np.ndarray, dtype: str, codes: int, grid: Grid | None, policy: str) -> tuple[list, Any, int]:
     """One chunk's payload parts, stats and checksum, all computed by whichever coder (a worker or
     the caller) takes the chunk."""
-    parts, st = encode_chunk_parts(raw, dtype, policy, codes)
+    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid)
     return parts, st, chunk_sum(raw)
 
 
@@ -282,6 +291,8 @@ def _segment_record(seg: Segment) -> dict[str, Any]:
         rec.update(name=seg.name, shape=list(seg.shape), stats={"bytes": seg.length, "packed": 0, "bound_bits": 0.0})
     if seg.codes:
         rec["codes"] = seg.codes
+    if seg.grid is not None:
+        rec["grid"] = seg.grid.to_index()
     return rec
 
 
