@@ -155,9 +155,14 @@ def _code_dtype(bits: int) -> type:
     return np.uint8 if bits <= 8 else np.uint16
 
 
+# neighbours of d's estimate (in ulps of ``params``) tried, nearest first: (max − m)/(2^b − 1) is
+# off by the roundings of d·q and of + m, a few ulps of a 16-bit d, up to ~ulp(m)/ulp(d)/2^b of an F32 d
+_DELTAS = {p: tuple(sorted(range(-r, r + 1), key=lambda v: (abs(v), v))) for p, r in (("F16", 2), ("BF16", 2), ("F32", 24))}
+
+
 def _fit_affine(x: np.ndarray, params: str, bits: int, zero: int = 0) -> Fit:
     """m = the block's minimum (the value of code 0), d near (max − m)/(2^bits − 1), tried at the
-    nearest ``params`` value and its neighbours; codes by rounding; each block checked."""
+    nearest ``params`` value and its neighbours (:data:`_DELTAS`); codes by rounding; each block checked."""
     k = (1 << bits) - 1
     nb = x.shape[0]
     with np.errstate(invalid="ignore"):
@@ -171,7 +176,7 @@ def _fit_affine(x: np.ndarray, params: str, bits: int, zero: int = 0) -> Fit:
     dw = dw0.copy()
     ok = np.zeros(nb, bool)
     todo = np.flatnonzero(ok_m & np.isfinite(m) & np.isfinite(mx))
-    for delta in (0, -1, 1, -2, 2):
+    for delta in _DELTAS[params]:
         if not len(todo):
             break
         w = dw0[todo].astype(np.int64) + delta
