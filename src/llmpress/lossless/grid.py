@@ -326,9 +326,10 @@ def detect(words: np.ndarray, shape: tuple[int, ...] | list[int], dtype: str = "
     """The grid of a tensor from its first values ``words`` ((n,) uint32, up to :data:`SAMPLE`,
     whole rows or not): the first candidate (largest block, fewest parameters, narrowest
     codes) under which the first block and then the whole sample reproduce bit for bit; None
-    when nothing does (most tensors: the first block already rules out every candidate)."""
-    if not candidate(dtype, shape):
-        return None
+    when nothing does (most tensors: the first block already rules out every candidate) or the
+    sample is one value repeated."""
+    if not candidate(dtype, shape) or not len(words) or (words == words[0]).all():
+        return None  # a constant start (a norm of ones): the float path codes it in a few bytes
     row = int(shape[-1])
     n = len(words)
     for B in BLOCKS:
