@@ -90,6 +90,11 @@ class Grid:
             raise ValueError(f"grid record {rec!r}: out of range")
         return g
 
+    def short(self) -> str:
+        """A table cell: the GGUF type's name where the grid is one, else formula/bits/block/params."""
+        name = GGUF_NAMES.get((self.formula, self.bits, self.zero, self.block, self.params))
+        return name or f"{self.formula}{self.bits}/b{self.block}/{self.params}"
+
     def describe(self) -> str:
         name = GGUF_NAMES.get((self.formula, self.bits, self.zero, self.block, self.params))
         form = f"d·(q−{self.zero})" if self.formula == "scale" else "d·q+m"
