@@ -164,3 +164,16 @@ def test_real_smollm2_whole(tmp_path: Path, smollm_dir: Path) -> None:
     for f in smollm_dir.rglob("*"):
         if f.is_file():
             assert _sha(tmp_path / "back" / f.relative_to(smollm_dir)) == _sha(f)
+
+
+def test_no_grids_takes_the_float_path(tmp_path: Path) -> None:
+    x = _dequantized("Q4_1", (64, 256))
+    src = tmp_path / "m.safetensors"
+    save_file({"w": x}, str(src))
+    on = pack(src, tmp_path / "on.llmp", threads=1)
+    off = pack(src, tmp_path / "off.llmp", threads=1, grids=False)
+    with Packed(tmp_path / "off.llmp") as p:
+        assert p.version == VERSION and not any("grid" in s for _, s in p.tensors())
+    assert on["tensor_bytes_out"] < 0.5 * off["tensor_bytes_out"]
+    unpack(tmp_path / "off.llmp", tmp_path / "back.safetensors")
+    assert _sha(tmp_path / "back.safetensors") == _sha(src)

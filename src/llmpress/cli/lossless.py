@@ -44,6 +44,7 @@ def pack(
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Coder threads (default: min(4, CPUs); with --workers: per worker, CPUs / workers)."),
     workers: int = typer.Option(1, "--workers", help="Code each input file in a Ray task, N at a time (the same bytes as one process)."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster (host:port, ray://host:port or auto); default: a local one."),
+    grids: bool = typer.Option(True, "--grids/--no-grids", help="Store FP32 tensors found to be dequantized block codes (e.g. GGUF Q4_1 widened to float) as their codes and block parameters, each chunk checked bit for bit (a file with one is .llmp format 3); --no-grids: the float path for all."),
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -52,7 +53,7 @@ def pack(
 
     with _bar(_source_bytes(src), "pack") as upd:
         r = do_pack(src, out, force=force, threads=threads, policy=policy, progress=upd, workers=workers,
-                    address=address)
+                    address=address, grids=grids)
     if r["tensor_bytes_in"]:
         r["tensor_ratio"] = r["tensor_bytes_out"] / r["tensor_bytes_in"]
         r["over_bound"] = r["tensor_bytes_out"] / max(r["bound_bytes"], 1) - 1

@@ -81,6 +81,7 @@ def pack(
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
     address: str | None = None,
+    grids: bool = True,
 ) -> dict[str, Any]:
     """Pack a model source (see :func:`llmpress.models.resolve`) into one ``.llmp`` file.
 
@@ -90,7 +91,8 @@ def pack(
     writes. Returns ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``bound_bytes`` and, under
     ``tensors``, ``{name: {"file", "bytes", "packed", "bound_bits"}}`` for every packed tensor
     (name as in its safetensors header; ``packed`` = its chunk payload bytes, so the packed size
-    of any subset of tensors is a sum).
+    of any subset of tensors is a sum). ``grids``: look for block grids in float32 tensors
+    (grid.py; a file with one is format 3); False: every float tensor takes the float path.
     """
     if policy not in POLICIES:
         raise InputError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
@@ -109,7 +111,7 @@ def pack(
     index: dict[str, Any] = {"format": "llmpress.lossless", "version": version, "root": root_kind,
                              "chunk_bytes": chunk_bytes, "policy": policy, "files": []}
     tensors: dict[str, dict[str, Any]] = {}
-    job = FileJob(threads, policy, chunk_bytes, tuple(sorted(codes.items())))
+    job = FileJob(threads, policy, chunk_bytes, tuple(sorted(codes.items())), grids)
     with contextlib.ExitStack() as stack:
         if fan:  # Ray is connected (or refused) before the output exists
             from .fanout import coded_files
@@ -166,6 +168,7 @@ class FileJob:
     policy: str
     chunk_bytes: int
     codes: tuple[tuple[str, int], ...] = ()  # (tensor name, bits) of the U8 tensors holding bit-packed codes
+    grids: bool = True  # look for block grids in float32 tensors (grid.py)
 
 
 def codes_of(root: Path) -> dict[str, int]:
@@ -242,7 +245,8 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     k = 0
     with open(path, "rb") as fi:
         for seg in plan_file(path, dict(job.codes)):
-            seg.grid = detect_segment(fi, seg.offset, seg.dtype, seg.shape, seg.length) if seg.kind == "tensor" else None
+            if seg.kind == "tensor" and job.grids:
+                seg.grid = detect_segment(fi, seg.offset, seg.dtype, seg.shape, seg.length)
             srec = _segment_record(seg)
             frec["segments"].append(srec)
             fi.seek(seg.offset)
