@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .fields import LAYOUTS, Field, FloatLayout
+from .grid_kernel import affine_codes, block_minmax
 
 FORMULAS = ("scale", "affine")
 BLOCKS = (256, 128, 64, 32, 16)  # tried largest first: fewer parameters
@@ -167,37 +168,35 @@ _DELTAS = {p: tuple(sorted(range(-r, r + 1), key=lambda v: (abs(v), v))) for p, 
 
 def _fit_affine(x: np.ndarray, params: str, bits: int, zero: int = 0) -> Fit:
     """m = the block's minimum (the value of code 0), d near (max − m)/(2^bits − 1), tried at the
-    nearest ``params`` value and its neighbours (:data:`_DELTAS`); codes by rounding; each block checked."""
+    nearest ``params`` value and its neighbours (:data:`_DELTAS`); codes by rounding (proposed by
+    grid_kernel.affine_codes); each block recomputed here and checked bit for bit."""
     k = (1 << bits) - 1
     nb = x.shape[0]
-    with np.errstate(invalid="ignore"):
-        m = x.min(1)
-        mx = x.max(1)
+    x = np.ascontiguousarray(x)
+    m, mx = np.empty(nb, np.float32), np.empty(nb, np.float32)
+    block_minmax(x, m, mx)
     mw, ok_m = _exact_words(m, params)
-    m64 = m.astype(np.float64)
-    x64 = x.astype(np.float64)
-    dw0 = _param_words((mx.astype(np.float64) - m64) / k, params)
+    ok_m &= np.isfinite(m) & np.isfinite(mx)
+    dw0 = _param_words((mx.astype(np.float64) - m.astype(np.float64)) / k, params).astype(np.int64)
+    deltas = np.array(_DELTAS[params], np.int64)
+    cw = np.clip(dw0[None, :] + deltas[:, None], 0, None).astype(mw.dtype)  # (nc, nb) candidate words
+    cand = np.ascontiguousarray(param_values(cw.reshape(-1), params).reshape(cw.shape))
     codes = np.zeros(x.shape, _code_dtype(bits))
-    dw = dw0.copy()
-    ok = np.zeros(nb, bool)
-    todo = np.flatnonzero(ok_m & np.isfinite(m) & np.isfinite(mx))
-    for delta in _DELTAS[params]:
-        if not len(todo):
-            break
-        w = dw0[todo].astype(np.int64) + delta
-        w = np.clip(w, 0, None).astype(dw0.dtype)
-        dv = param_values(w, params)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.rint((x64[todo] - m64[todo, None]) / dv.astype(np.float64)[:, None])
-        q = np.nan_to_num(np.clip(q, 0, k), nan=0.0).astype(np.float32)
-        rec = (dv[:, None] * q) + m[todo, None]
-        good = (rec.view(np.uint32) == x[todo].view(np.uint32)).all(1)
-        sel = todo[good]
-        codes[sel] = q[good]
-        dw[sel] = w[good]
-        ok[sel] = True
-        todo = todo[~good]
-    return Fit(codes.reshape(-1), dw, mw, ok)
+    pick = np.empty(nb, np.int64)
+    affine_codes(x, m, cand, k, codes, pick)
+    ok = ok_m & (pick >= 0)
+    dw = cw[np.maximum(pick, 0), np.arange(nb)]
+    rec = reconstruct(Grid("affine", x.shape[1], params, bits, 0), codes.reshape(-1), param_values(dw, params),
+                      param_values(mw, params))
+    return Fit(codes.reshape(-1), dw, mw, ok & _same_blocks(rec, x))
+
+
+def _same_blocks(rec: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(nb,) bool: block b of ``rec`` (flat float32) has the bits of ``x[b]`` ((nb, B) float32)."""
+    a, b = rec.view(np.uint32), x.view(np.uint32).reshape(-1)
+    if np.array_equal(a, b):
+        return np.ones(x.shape[0], bool)
+    return (a.reshape(x.shape) == x.view(np.uint32)).all(1)
 
 
 def _fit_scale(x: np.ndarray, params: str, bits: int, zero: int | None = None) -> Fit:
@@ -252,7 +251,7 @@ def _fit_scale(x: np.ndarray, params: str, bits: int, zero: int | None = None) -
     sym = (codes + zero).clip(0, (1 << bits) - 1).astype(_code_dtype(bits))
     dv = param_values(dw, params)
     rec = reconstruct(Grid("scale", B, params, bits, zero), sym.reshape(-1), dv)
-    good = done & (rec.view(np.uint32).reshape(nb, B) == u).all(1)
+    good = done & _same_blocks(rec, x)
     return Fit(sym.reshape(-1), dw, None, good)
 
 
