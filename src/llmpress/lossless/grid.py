@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .fields import LAYOUTS, Field, FloatLayout
-from .grid_kernel import affine_codes, block_minmax
+from .grid_kernel import affine_codes, block_minmax, scale_gcd
 
 FORMULAS = ("scale", "affine")
 BLOCKS = (256, 128, 64, 32, 16)  # tried largest first: fewer parameters
@@ -201,58 +201,47 @@ def _same_blocks(rec: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def _fit_scale(x: np.ndarray, params: str, bits: int, zero: int | None = None) -> Fit:
     """x = d·c with c an integer: in units of the block's smallest exponent every value is an
-    integer I, and d is the gcd of the I (or that divided by a small integer, where the gcd is not
-    a ``params`` value); d's sign gives −0 where the block holds −0."""
+    integer I, and d is the gcd of the I (grid_kernel.scale_gcd), or that divided by a small
+    integer t where the gcd is not a ``params`` value; d's sign gives −0 where the block holds −0.
+    Each block is then recomputed here and checked bit for bit."""
     zero = 1 << (bits - 1) if zero is None else zero
     lo, hi = -zero, (1 << bits) - 1 - zero
     nb, B = x.shape
-    u = x.view(np.uint32)
-    e = ((u >> 23) & 0xFF).astype(np.int64)
-    man = (u & 0x7FFFFF).astype(np.int64)
-    M = np.where(e > 0, man | (1 << 23), man)
-    E = np.where(e > 0, e, 1)
-    nz = M != 0
-    emin = np.where(nz, E, 1 << 20).min(1)
-    shift = np.where(nz, E - emin[:, None], 0)
-    ok = ~((e == 0xFF).any(1)) & (shift.max(1) <= 30)
-    shift = np.where(ok[:, None], shift, 0)
-    I = np.where(nz, M << shift, 0)
-    G = np.gcd.reduce(I, axis=1)  # (nb,) 0 for a block of zeros
-    neg0 = (u == 0x80000000).any(1)
-    pos0 = (u == 0).any(1)
-    sign = np.where((u >> 31) == 1, -1, 1).astype(np.int64)
-    codes = np.zeros((nb, B), np.int64)
+    u = np.ascontiguousarray(x).view(np.uint32)
+    G, emin = np.empty(nb, np.int64), np.empty(nb, np.int64)
+    c = np.empty((nb, B), np.int64)
+    cmin, cmax, flags = np.zeros(nb, np.int64), np.zeros(nb, np.int64), np.empty(nb, np.int64)
+    scale_gcd(u, G, emin, c, cmin, cmax, flags)
+    neg0, pos0 = (flags & 1) > 0, (flags & 2) > 0
+    todo = np.flatnonzero((flags & 4) == 0)
+    sgn = np.ones(nb, np.int64)
+    tt = np.ones(nb, np.int64)
     dw = np.zeros(nb, _param_words(np.zeros(1), params).dtype)
     done = np.zeros(nb, bool)
-    Gs = np.maximum(G, 1)
-    todo = np.flatnonzero(ok)
-    for t in range(1, max(-lo, hi) + 1):  # d = G/t: codes t·I/G (wider with t: stops once out of range)
+    for t in range(1, max(-lo, hi) + 1):  # d = G/t: codes t·c (wider with t: stops once out of range)
         if t > 1:
             todo = todo[G[todo] > 0]
         if not len(todo):
             break
-        c = sign[todo] * (I[todo] // Gs[todo, None]) * t  # (k, B): d > 0
         dabs = np.ldexp(G[todo].astype(np.float64) / t, (emin[todo] - 150).astype(np.int64))
         w, rep = _exact_words(dabs.astype(np.float32), params)
         rep &= dabs.astype(np.float32).astype(np.float64) == dabs
-        cmin, cmax = c.min(1), c.max(1)
-        pos_ok = rep & ~neg0[todo] & (cmin >= lo) & (cmax <= hi)
-        neg_ok = rep & ~pos0[todo] & (-cmax >= lo) & (-cmin <= hi) & ~pos_ok
+        a, z = cmin[todo] * t, cmax[todo] * t
+        pos_ok = rep & ~neg0[todo] & (a >= lo) & (z <= hi)
+        neg_ok = rep & ~pos0[todo] & (-z >= lo) & (-a <= hi) & ~pos_ok
         good = pos_ok | neg_ok
         sel = todo[good]
-        sgn = np.where(neg_ok[good], -1, 1)
-        codes[sel] = c[good] * sgn[:, None]
-        wsel = w[good]
-        signbit = {np.uint16: 0x8000, np.uint32: 0x80000000}[wsel.dtype.type]
-        dw[sel] = np.where(sgn < 0, wsel | signbit, wsel)
+        sgn[sel] = np.where(neg_ok[good], -1, 1)
+        tt[sel] = t
+        signbit = 0x8000 if dw.dtype == np.uint16 else 0x80000000
+        dw[sel] = np.where(neg_ok[good], w[good] | signbit, w[good])
         done[sel] = True
-        in_range = ((cmin >= lo) & (cmax <= hi)) | ((-cmax >= lo) & (-cmin <= hi))
+        in_range = ((a >= lo) & (z <= hi)) | ((-z >= lo) & (-a <= hi))
         todo = todo[~good & in_range]
-    sym = (codes + zero).clip(0, (1 << bits) - 1).astype(_code_dtype(bits))
-    dv = param_values(dw, params)
-    rec = reconstruct(Grid("scale", B, params, bits, zero), sym.reshape(-1), dv)
-    good = done & _same_blocks(rec, x)
-    return Fit(sym.reshape(-1), dw, None, good)
+    mul = (sgn * tt)[:, None]
+    sym = (c * mul + zero).clip(0, (1 << bits) - 1).astype(_code_dtype(bits))
+    rec = reconstruct(Grid("scale", B, params, bits, zero), sym.reshape(-1), param_values(dw, params))
+    return Fit(sym.reshape(-1), dw, None, done & _same_blocks(rec, x))
 
 
 FITS: dict[str, Callable[[np.ndarray, str, int, int], Fit]] = {"scale": _fit_scale, "affine": _fit_affine}

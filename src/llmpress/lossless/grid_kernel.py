@@ -63,3 +63,72 @@ def block_minmax(x, lo, hi):  # x (nb, B) f32 -> lo, hi (nb,) f32; NaN anywhere 
             a = np.float32(np.nan)
         lo[b] = a
         hi[b] = z
+
+
+@njit(**_JIT)
+def scale_gcd(u, G, emin, c, cmin, cmax, flags):  # u (nb, B) uint32 words of float32 values
+    """Per block, in units of 2^(emin − 150) (its smallest nonzero exponent): every value is an
+    integer I (sign apart); G = gcd of the |I|, c = ±I/G, cmin/cmax their range; flags: 1 a −0,
+    2 a +0, 4 not a scale block here (Inf/NaN, or exponents more than 30 apart)."""
+    nb, B = u.shape
+    for b in range(nb):
+        lo = 1 << 20
+        f = 0
+        for i in range(B):
+            w = u[b, i]
+            e = np.int64((w >> 23) & 0xFF)
+            man = np.int64(w & 0x7FFFFF)
+            if e == 0xFF:
+                f |= 4
+            if e > 0:
+                man |= 1 << 23
+            elif man == 0:
+                f |= 1 if w >> 31 else 2
+                continue
+            if e < 1:
+                e = 1
+            if e < lo:
+                lo = e
+        emin[b] = lo
+        g = np.int64(0)
+        if not f & 4:
+            for i in range(B):
+                w = u[b, i]
+                e = np.int64((w >> 23) & 0xFF)
+                man = np.int64(w & 0x7FFFFF)
+                if e > 0:
+                    man |= 1 << 23
+                else:
+                    e = 1
+                if man == 0:
+                    continue
+                if e - lo > 30:
+                    f |= 4
+                    break
+                v = man << (e - lo)
+                while v:  # Euclid: g = gcd(g, v)
+                    g, v = v, g % v
+        G[b] = g
+        flags[b] = f
+        a, z = np.int64(0), np.int64(0)
+        for i in range(B):
+            w = u[b, i]
+            if f & 4 or g == 0:
+                c[b, i] = 0
+                continue
+            e = np.int64((w >> 23) & 0xFF)
+            man = np.int64(w & 0x7FFFFF)
+            if e > 0:
+                man |= 1 << 23
+            else:
+                e = 1
+            v = (man << (e - lo)) // g if man else np.int64(0)
+            if w >> 31:
+                v = -v
+            c[b, i] = v
+            if i == 0 or v < a:
+                a = v
+            if i == 0 or v > z:
+                z = v
+        cmin[b] = a
+        cmax[b] = z
