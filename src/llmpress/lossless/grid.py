@@ -136,14 +136,21 @@ def _exact_words(x: np.ndarray, params: str) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- the formulas (float32, gguf-py's order)
 
 
-def reconstruct(grid: Grid, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
-    """float32 values (nb·block,) of codes (nb·block,) and block parameters (nb,) as float32."""
-    q = codes.reshape(-1, grid.block).astype(np.float32)
+def reconstruct(grid: Grid, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values (nb·block,) of codes (nb·block,) and block parameters (nb,) as float32,
+    into ``out`` if given: each operation a numpy float32 ufunc (one rounding each, no FMA)."""
+    x = np.empty(len(codes), np.float32) if out is None else out
+    q = x.reshape(-1, grid.block)
+    q[:] = codes.reshape(q.shape)  # exact: small integers
     if grid.formula == "scale":
         if grid.zero:
-            q -= np.float32(grid.zero)  # exact: small integers
-        return (d[:, None] * q).reshape(-1)
-    return ((d[:, None] * q) + m[:, None]).reshape(-1)  # type: ignore[index]
+            q -= np.float32(grid.zero)
+        q *= d[:, None]
+        return x
+    q *= d[:, None]
+    q += m[:, None]  # type: ignore[index]
+    return x
 
 
 # ---------------------------------------------------------------- fitting one chunk
@@ -274,7 +281,7 @@ def merge(grid: Grid, parts: list[np.ndarray], out: np.ndarray) -> np.ndarray:
     for i in range(grid.nparams):
         w = grid.player.merge(parts[1 + i * p : 1 + (i + 1) * p], nb).view(grid.player.word)
         vals.append(param_values(w, grid.params))
-    out.view(np.float32)[:] = reconstruct(grid, parts[0], *vals)
+    reconstruct(grid, parts[0], *vals, out=out.view(np.float32))
     return out
 
 
