@@ -177,3 +177,23 @@ def test_no_grids_takes_the_float_path(tmp_path: Path) -> None:
     assert on["tensor_bytes_out"] < 0.5 * off["tensor_bytes_out"]
     unpack(tmp_path / "off.llmp", tmp_path / "back.safetensors")
     assert _sha(tmp_path / "back.safetensors") == _sha(src)
+
+
+@pytest.mark.parametrize("where", ["mode", "codes"])
+def test_corrupt_grid_chunk_refused(tmp_path: Path, where: str) -> None:
+    from llmpress.lossless.container import verify
+
+    x = _dequantized("Q4_1", (64, 256))
+    _, p = _round_trip(tmp_path, {"w": x})
+    with p:
+        (_, s), = p.tensors()
+        off, ln = s["chunks"][0][:2]
+    path = tmp_path / "m.llmp"
+    buf = bytearray(path.read_bytes())
+    if where == "mode":
+        buf[off] = 2
+    else:
+        buf[off + ln // 3] ^= 0x20  # inside the codes stream
+    path.write_bytes(bytes(buf))
+    with pytest.raises(CorruptError):
+        verify(path, sha256=False)
