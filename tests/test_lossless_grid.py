@@ -197,3 +197,29 @@ def test_corrupt_grid_chunk_refused(tmp_path: Path, where: str) -> None:
     path.write_bytes(bytes(buf))
     with pytest.raises(CorruptError):
         verify(path, sha256=False)
+
+
+def test_flipped_bytes_never_decode_wrong(tmp_path: Path) -> None:
+    """Random byte flips in grid chunks' payloads: each read either refuses the file or gives
+    the original bytes back."""
+    from llmpress.lossless.container import verify
+
+    x = _dequantized("Q4_1", (64, 512))
+    y = _dequantized("Q8_0", (32, 512), seed=1)
+    _, p = _round_trip(tmp_path, {"w": x, "e": y}, chunk_bytes=1 << 14)
+    with p:
+        spans = [(c[0], c[1]) for _, s in p.tensors() for c in s["chunks"]]
+    path = tmp_path / "m.llmp"
+    clean = path.read_bytes()
+    rng = np.random.default_rng(5)
+    for i in range(25):
+        off, ln = spans[rng.integers(len(spans))]
+        buf = bytearray(clean)
+        k = off + int(rng.integers(ln))
+        buf[k] ^= 1 << int(rng.integers(8))
+        bad = tmp_path / f"bad{i}.llmp"
+        bad.write_bytes(bytes(buf))
+        try:
+            verify(bad, sha256=True)
+        except CorruptError:
+            continue
