@@ -223,3 +223,10 @@ def test_flipped_bytes_never_decode_wrong(tmp_path: Path) -> None:
             verify(bad, sha256=True)
         except CorruptError:
             continue
+
+
+def test_chunks_not_whole_blocks_take_the_float_path(tmp_path: Path) -> None:
+    x = _dequantized("Q4_1", (64, 256))
+    r, p = _round_trip(tmp_path, {"w": x}, chunk_bytes=1000)  # 500-word chunks: not whole blocks of 32
+    with p:
+        assert p.version == VERSION and not any("grid" in s for _, s in p.tensors())

@@ -245,12 +245,15 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     k = 0
     with open(path, "rb") as fi:
         for seg in plan_file(path, dict(job.codes)):
+            cuts = _chunks_of(seg, job.chunk_bytes)
             if seg.kind == "tensor" and job.grids:
                 seg.grid = detect_segment(fi, seg.offset, seg.dtype, seg.shape, seg.length)
+                if seg.grid is not None and any(ln % (4 * seg.grid.block) for _, ln in cuts):
+                    seg.grid = None  # chunks of whole blocks only (an odd chunk_bytes)
             srec = _segment_record(seg)
             frec["segments"].append(srec)
             fi.seek(seg.offset)
-            for _, ln in _chunks_of(seg, job.chunk_bytes):
+            for _, ln in cuts:
                 raw = np.frombuffer(fi.read(ln), np.uint8)
                 if len(raw) != ln:
                     raise InputError(f"{path}: file shrank while packing")
