@@ -13,11 +13,12 @@ operation (no fused multiply-add): gguf-py's order, which made the file. Such a 
 as its codes (one symbol each) and its parameters (each split into its own float fields), a
 fraction of its float fields' entropy.
 
-Nothing here trusts the model: :func:`fit` recovers codes and parameters for a chunk and
-:func:`verify`-equivalent checks (the chunk recomputed and compared bit for bit) decide whether
-the chunk is coded on the grid; a chunk that does not reproduce takes the float path. Detection
-(:func:`detect`) tries every candidate on the tensor's first block, then on a sample, and costs
-a few numpy operations on a tensor that is not gridded.
+Nothing here trusts the model: :func:`fit` recovers codes and parameters for a chunk (the
+per-value loops compiled in grid_kernel.py), recomputes every value with :func:`reconstruct` (the
+decoder's own numpy float32 arithmetic) and compares the bits; :func:`split` gives the grid's
+fields only when every block of the chunk reproduces, and the chunk takes the float path
+otherwise. Detection (:func:`detect`) tries every candidate on the tensor's first block, then on
+a sample, and costs a few numpy operations on a tensor that is not gridded.
 """
 from __future__ import annotations
 
