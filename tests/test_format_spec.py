@@ -39,7 +39,7 @@ def read_index(buf: bytes) -> dict:
     if buf[:8] != b"LLMPRESS":
         raise FormatError("magic")
     (version,) = struct.unpack_from("<I", buf, 8)
-    if version not in (5, 6):
+    if version not in (5, 6, 7):
         raise FormatError(f"version {version}")
     off, ln, crc, end = struct.unpack_from("<QQI8s", buf, len(buf) - 28)
     if end != b"LLMPIDX1" or off < 12 or off + ln + 28 != len(buf):
@@ -329,6 +329,44 @@ def decode_chunk(p: bytes, dtype: str, raw: int, codes: int = 0) -> bytes:
     return merge(dtype, fields) if dtype in FLOATS else fields[0].astype(np.uint8).tobytes()
 
 
+def param_floats(words: bytes, params: str) -> np.ndarray:
+    """Section 3.2: parameters widened exactly to float32."""
+    if params == "F16":
+        return np.frombuffer(words, "<f2").astype(np.float32)
+    if params == "BF16":
+        return (np.frombuffer(words, "<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return np.frombuffer(words, "<f4").astype(np.float32)
+
+
+def decode_grid_chunk(p: bytes, grid: dict, raw: int) -> bytes:
+    """Sections 3.2 and 4.1: a mode byte, then float fields (0) or the grid's fields (1)."""
+    if p[0] == 0:
+        return decode_chunk(p[1:], "F32", raw)
+    if p[0] != 1:
+        raise FormatError("mode")
+    B, params, bits = grid["block"], grid["params"], grid["bits"]
+    n = raw // 4
+    nb, pw = n // B, field_widths(params)
+    P = 2 if grid["formula"] == "affine" else 1
+    widths, counts = [bits] + pw * P, [n] + [nb] * len(pw) * P
+    if raw % (4 * B) or p[1] != len(widths):
+        raise FormatError("grid chunk")
+    pos, fields = 2, []
+    for W, c in zip(widths, counts):
+        bid, ln = struct.unpack_from("<BI", p, pos)
+        fields.append(stream(bid, p[pos + 5 : pos + 5 + ln], c, W))
+        pos += 5 + ln
+    if pos != len(p):
+        raise FormatError("chunk length")
+    vals = [param_floats(merge(params, fields[1 + i * len(pw) : 1 + (i + 1) * len(pw)]), params) for i in range(P)]
+    s = fields[0].reshape(nb, B)
+    if grid["formula"] == "scale":
+        x = vals[0][:, None] * (s - grid["zero"]).astype(np.float32)
+    else:
+        x = (vals[0][:, None] * s.astype(np.float32)) + vals[1][:, None]
+    return x.astype("<f4").tobytes()
+
+
 def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
     """(index, {path: decoded bytes}, backend ids seen), every checksum checked."""
     buf = path.read_bytes()
@@ -343,11 +381,15 @@ def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
             for off, ln, raw, check in s["chunks"]:
                 assert 12 <= off and off + ln <= end
                 p = buf[off : off + ln]
-                q = 1
-                for _ in range(p[0]):
+                q = 2 if "grid" in s else 1
+                for _ in range(p[q - 1]):
                     seen.add(p[q])
                     q += 5 + struct.unpack_from("<I", p, q + 1)[0]
-                data = decode_chunk(p, s["dtype"], raw, s.get("codes", 0))
+                if "grid" in s:
+                    assert index["version"] == 7 and s["dtype"] == "F32" and s["shape"][-1] % s["grid"]["block"] == 0
+                    data = decode_grid_chunk(p, s["grid"], raw)
+                else:
+                    data = decode_chunk(p, s["dtype"], raw, s.get("codes", 0))
                 assert len(data) == raw and xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF == check
                 parts.append(data)
             pos += s["length"]
@@ -418,6 +460,32 @@ def test_second_reader_decodes_codes_segments(tmp_path):
     assert index["version"] == 6 and {s.get("codes") for f in index["files"] for s in f["segments"]} >= {3}
     for name, data in files.items():
         assert data == (q / name).read_bytes(), name
+
+
+def test_second_reader_decodes_grid_segments(tmp_path):
+    """Format 3: float32 tensors dequantized from GGUF blocks (section 3.2), one of them with a
+    value one ulp off (its chunk in mode 0), decoded by the second reader byte for byte."""
+    import llmpress
+    from gguf import GGMLQuantizationType, quants
+    from safetensors.numpy import save_file as save_np
+
+    rng = np.random.default_rng(3)
+    t = {}
+    for name in ("Q4_1", "Q8_0", "Q5_0"):
+        w = rng.standard_normal((64, 512)).astype(np.float32) * 0.02
+        qt = getattr(GGMLQuantizationType, name)
+        t[name] = quants.dequantize(quants.quantize(w, qt), qt).astype(np.float32).reshape(w.shape)
+    t["Q4_1"].reshape(-1)[-5] = np.nextafter(t["Q4_1"].reshape(-1)[-5], np.float32(1))
+    src = tmp_path / "g.safetensors"
+    save_np(t, str(src))
+    out = tmp_path / "g.llmp"
+    llmpress.pack(src, out, chunk_bytes=1 << 14, threads=1)
+    index, files, _ = read_llmp(out)
+    assert index["version"] == 7 and files["g.safetensors"] == src.read_bytes()
+    grids = {s["name"]: s["grid"] for s in index["files"][0]["segments"] if "grid" in s}
+    assert set(grids) == {"Q4_1", "Q8_0", "Q5_0"}
+    modes = [out.read_bytes()[c[0]] for s in index["files"][0]["segments"] if s.get("name") == "Q4_1" for c in s["chunks"]]
+    assert modes[-1] == 0 and set(modes[:-1]) == {1}
 
 
 def test_second_reader_decodes_the_test_vector():

@@ -56,6 +56,7 @@ def pack(
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Coder threads (default: min(4, CPUs); with --workers: per worker, CPUs / workers)."),
     workers: int = typer.Option(1, "--workers", help="Code each input file in a Ray task, N at a time (the same bytes as one process)."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster (host:port, ray://host:port or auto); default: a local one."),
+    grids: bool = typer.Option(True, "--grids/--no-grids", help="Store FP32 tensors found to be dequantized block codes (e.g. GGUF Q4_1 widened to float) as their codes and block parameters, each chunk checked bit for bit (a file with one is .llmp format 3); --no-grids: the float path for all."),
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -66,7 +67,7 @@ def pack(
 
     with _bar(_source_bytes(src), "pack") as upd:
         r = do_pack(src, out, force=force, threads=threads, policy=policy, progress=upd, workers=workers,
-                    address=address)
+                    address=address, grids=grids)
     if r["tensor_bytes_in"]:
         r["tensor_ratio"] = r["tensor_bytes_out"] / r["tensor_bytes_in"]
         r["over_bound"] = r["tensor_bytes_out"] / max(r["bound_bytes"], 1) - 1
@@ -117,19 +118,23 @@ def verify(
 
 def _show_info(r: dict[str, Any]) -> None:
     t = Table(title="lossless limits (bytes)")
-    for c in ("tensor", "dtype", "params", "bytes", "H(exp) bits", "order-0 bound", "chunk bound", "packed"):
-        t.add_column(c, justify="left" if c in ("tensor", "dtype") else "right")
+    for c in ("tensor", "dtype", "grid", "params", "bytes", "H(exp) bits", "order-0 bound", "chunk bound", "packed"):
+        t.add_column(c, justify="left" if c in ("tensor", "dtype", "grid") else "right")
     for name, row in r["tensors"].items():
         h = row["exp_entropy"]
-        t.add_row(name, row["dtype"], f"{row['params']:,}", f"{row['bytes']:,}", "-" if h is None else f"{h:.3f}",
+        t.add_row(name, row["dtype"], row.get("grid") or "-", f"{row['params']:,}", f"{row['bytes']:,}", "-" if h is None else f"{h:.3f}",
                   f"{row['bound_order0_bytes']:,.0f}", f"{row['bound_chunk_bytes']:,.0f}",
                   f"{row['packed_bytes']:,}" if "packed_bytes" in row else "-")
     h = r["exp_entropy"]
-    t.add_row("TOTAL", "", f"{r['params']:,}", f"{r['bytes']:,}", "-" if h is None else f"{h:.3f}",
+    t.add_row("TOTAL", "", "", f"{r['params']:,}", f"{r['bytes']:,}", "-" if h is None else f"{h:.3f}",
               f"{r['bound_order0_bytes']:,.0f} ({r['ratio_bound_order0']:.4f})",
               f"{r['bound_chunk_bytes']:,.0f} ({r['ratio_bound_chunk']:.4f})",
               f"{r['packed_bytes']:,} ({r['ratio']:.4f})" if "packed_bytes" in r else "-", style="bold")
     console.print(t)
+    for name, g in r.get("grids", {}).items():
+        console.print(f"grid {name}: {g['tensors']} tensors, {g['params']:,} params, chunk bound "
+                      f"{g['bits_per_param_bound']:.3f} bits/param")
+    console.print(f"chunk bound: {r['bits_per_param_bound_chunk']:.3f} bits/param")
     if "over_bound" in r:
         console.print(f"pack is {100 * r['over_bound']:.2f} % above the chunk-adaptive bound")
 
@@ -139,7 +144,8 @@ def info(
     src: str = typer.Argument(..., help="MODEL or a .llmp file."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Per tensor and in total: params, dtype, bytes, exponent entropy and the lossless bounds."""
+    """Per tensor and in total: params, dtype, bytes, exponent entropy and the lossless bounds; the
+    block grid a float tensor was found on (e.g. GGUF Q4_1 dequantized to FP32) and the bound it gives."""
     from ..lossless.bounds import info as do_info
 
     total = 0 if str(src).endswith(".llmp") else _source_bytes(src)

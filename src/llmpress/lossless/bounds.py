@@ -10,7 +10,9 @@ For a float tensor of n words of b bits with an E-bit exponent:
   and field reaches (model cost not counted). ``pack --policy ans`` targets this one, so
   ``info`` on a ``.llmp`` file shows how close it came.
 
-Non-float tensors count at their raw size in both bounds.
+Non-float tensors count at their raw size in both bounds. A float tensor found on a block grid
+(grid.py: a checkpoint dequantized from GGUF blocks) has its chunk-adaptive bound taken over the
+grid's fields (codes, parameters) for the chunks that reproduce bit for bit; its row names the grid.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .entropy import entropy_bits
+from . import grid as G
 from .fields import FloatLayout, layout
 from .reader import CHUNK_BYTES, Packed
 from .segments import chunks_of, plan_file
@@ -33,18 +36,25 @@ def _h(hist: np.ndarray | list[int]) -> float:
     return float(-(c / c.sum() * np.log2(c / c.sum())).sum()) if c.size else 0.0
 
 
-def chunk_bound_bits(raw: np.ndarray, dtype: str) -> tuple[float, np.ndarray | None]:
-    """(chunk-adaptive bound in bits, exponent histogram or None) of one chunk's bytes."""
+def chunk_bound_bits(raw: np.ndarray, dtype: str, grid: G.Grid | None = None) -> tuple[float, np.ndarray | None]:
+    """(chunk-adaptive bound in bits, exponent histogram or None) of one chunk's bytes; with a
+    ``grid``, over the grid's fields where the chunk reproduces on it."""
     lay = layout(dtype)
     parts = lay.split(raw)
-    bits = sum(min(entropy_bits(s, f.width), float(len(s) * f.width)) for f, s in zip(lay.fields, parts))
     hist = np.bincount(parts[0] >> lay.k, minlength=1 << lay.E) if isinstance(lay, FloatLayout) else None
+    fields = lay.fields
+    gparts = G.split(grid, raw) if grid is not None else None
+    if gparts is not None:
+        fields, parts = grid.fields, gparts  # type: ignore[union-attr]
+    bits = sum(min(entropy_bits(s, f.width), float(len(s) * f.width)) for f, s in zip(fields, parts))
     return bits, hist
 
 
-def tensor_row(dtype: str, shape: list[int], nbytes: int, bound_bits: float, hist: Any) -> dict[str, Any]:
+def tensor_row(dtype: str, shape: list[int], nbytes: int, bound_bits: float, hist: Any,
+               grid: G.Grid | None = None) -> dict[str, Any]:
     lay = layout(dtype)
-    row: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "params": math.prod(shape), "bytes": nbytes}
+    row: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "params": math.prod(shape), "bytes": nbytes,
+                           "grid": grid.short() if grid is not None else None}
     if isinstance(lay, FloatLayout) and hist is not None and row["params"]:
         h = _h(hist)
         row["exp_entropy"] = h
@@ -63,16 +73,32 @@ def _scan(path: Path, chunk_bytes: int, progress: Callable[[int], None] | None) 
             if seg.kind != "tensor":
                 continue
             bits, hist = 0.0, None
+            grid = G.detect_segment(f, seg.offset, seg.dtype, seg.shape, seg.length)
             f.seek(seg.offset)
             for _, ln in chunks_of(seg, chunk_bytes):
                 raw = np.frombuffer(f.read(ln), np.uint8)
-                b, h = chunk_bound_bits(raw, seg.dtype)
+                b, h = chunk_bound_bits(raw, seg.dtype, grid)
                 bits += b
                 hist = h if hist is None else hist + h
                 if progress:
                     progress(len(raw))
-            rows[seg.name] = tensor_row(seg.dtype, list(seg.shape), seg.length, bits, hist)
+            rows[seg.name] = tensor_row(seg.dtype, list(seg.shape), seg.length, bits, hist, grid)
     return rows
+
+
+def _grids(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{grid: tensors, params, bytes, chunk bound bytes and bits a parameter} over the tensors on it."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows.values():
+        if r["grid"] is not None:
+            g = out.setdefault(r["grid"], {"tensors": 0, "params": 0, "bytes": 0, "bound_chunk_bytes": 0.0})
+            g["tensors"] += 1
+            g["params"] += r["params"]
+            g["bytes"] += r["bytes"]
+            g["bound_chunk_bytes"] += r["bound_chunk_bytes"]
+    for g in out.values():
+        g["bits_per_param_bound"] = 8 * g["bound_chunk_bytes"] / max(g["params"], 1)
+    return out
 
 
 def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = None,
@@ -92,7 +118,8 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
                     lo = int(st.get("exp_lo", 0))
                     full[lo : lo + len(hist)] = hist
                     hist = full
-                rows[s["name"]] = tensor_row(s["dtype"], s["shape"], s["length"], st.get("bound_bits", 0.0), hist)
+                rows[s["name"]] = tensor_row(s["dtype"], s["shape"], s["length"], st.get("bound_bits", 0.0), hist,
+                                             G.Grid.from_index(s["grid"]) if "grid" in s else None)
                 packed[s["name"]] = sum(c[1] for c in s["chunks"])
             total_in = sum(f["size"] for f in pk.index["files"])
             total_out = pk.size
@@ -111,6 +138,8 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
         "exp_entropy": sum(r["exp_entropy"] * r["params"] for r in fl) / nfl if nfl else None,
         "ratio_bound_order0": tot["bound_order0_bytes"] / max(tot["bytes"], 1),
         "ratio_bound_chunk": tot["bound_chunk_bytes"] / max(tot["bytes"], 1),
+        "bits_per_param_bound_chunk": 8 * tot["bound_chunk_bytes"] / max(tot["params"], 1),
+        "grids": _grids(rows),
     }
     if packed:
         for k, r in rows.items():

@@ -18,7 +18,9 @@ import numpy as np
 from ..errors import InputError
 from .compiled import Kernels
 from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
-from .fields import FloatLayout, layout
+from . import grid as G
+from .fields import Field, FloatLayout, exponent, layout
+from .grid import Grid
 
 # policy name -> entropy backends tried on (head, tail, bytes, codes) streams, besides raw
 # (codes: a quantized tensor's codes, one symbol each; zstd too, for codes that repeat)
@@ -39,36 +41,59 @@ class ChunkStats:
 
 
 def _kind(name: str) -> str:
+    """A field's policy entry; a grid parameter's fields (``d.head``, ``m.tail0``) as a float's."""
+    name = name.rpartition(".")[2]
     return name if name in ("bytes", "head", "codes") else "tail"
 
 
-def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0) -> tuple[bytes, ChunkStats]:
+def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0,
+                 grid: Grid | None = None) -> tuple[bytes, ChunkStats]:
     """raw: (nbytes,) uint8, a whole number of ``dtype`` words (never modified); ``codes``: the
-    bits of the codes a U8 tensor holds bit-packed (0: none)."""
-    parts, st = encode_chunk_parts(raw, dtype, policy, codes)
+    bits of the codes a U8 tensor holds bit-packed (0: none); ``grid``: the segment's grid."""
+    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid)
     return b"".join(parts), st
 
 
-def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0) -> tuple[list, ChunkStats]:
+def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0,
+                       grid: Grid | None = None) -> tuple[list, ChunkStats]:
     """:func:`encode_chunk` as a list of buffers to write in order (a raw stream is a view of
-    its field, not a copy: on FP32 the raw tails are ~70 % of the output)."""
+    its field, not a copy: on FP32 the raw tails are ~70 % of the output). With ``grid`` (the
+    segment's, format 3) the payload starts with a mode byte: 1 and the grid's fields where every
+    block of the chunk reproduces bit for bit on the grid, else 0 and the float fields."""
+    if grid is not None:
+        gparts = G.split(grid, raw)
+        if gparts is None:
+            out, st = encode_chunk_parts(raw, dtype, policy, codes)
+            return [b"\x00", *out], st
+        hists = [np.bincount(p, minlength=1 << f.width).astype(np.int64) for f, p in zip(grid.fields, gparts)]
+        precision = {f.name: grid.player.head_precision if f.name.endswith(".head") else RANS_PB for f in grid.fields}
+        st = ChunkStats(exp_hist=np.bincount(exponent(raw, dtype), minlength=1 << layout(dtype).E))
+        return [b"\x01", *_code_fields(grid.fields, gparts, hists, policy, precision, st)], st
     lay = layout(dtype, codes)
     parts, hists = lay.split_hist(raw, *_scratch_split(lay, len(raw) // lay.itemsize)) \
         if isinstance(lay, FloatLayout) else lay.split_hist(raw)
-    pol = POLICIES[policy]
     st = ChunkStats()
+    precision = {"head": lay.head_precision} if isinstance(lay, FloatLayout) else {}
+    out = _code_fields(lay.fields, parts, hists, policy, precision, st)
+    if isinstance(lay, FloatLayout):
+        st.exp_hist = hists[0].reshape(1 << lay.E, 1 << lay.k).sum(1)
+    return out, st
+
+
+def _code_fields(fields: tuple[Field, ...], parts: list[np.ndarray], hists: list[np.ndarray], policy: str,
+                 precision: dict[str, int], st: ChunkStats) -> list:
+    """``u8 nfields`` and each field's ``u8 backend | u32 length | stream``, as buffers."""
+    pol = POLICIES[policy]
     out = [struct.pack("<B", len(parts))]
-    for f, sym, hist in zip(lay.fields, parts, hists):
+    for f, sym, hist in zip(fields, parts, hists):
         h = entropy_bits(None, f.width, hist)
-        pb = lay.head_precision if f.name == "head" else RANS_PB
-        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)], h, hist, view=True, precision=pb)
+        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)], h, hist, view=True,
+                                     precision=precision.get(f.name, RANS_PB))
         out.append(struct.pack("<BI", bid, len(payload)))
         out.append(payload)
         st.bound_bits += min(h, float(len(sym) * f.width))
         st.streams[BY_ID[bid].name] = st.streams.get(BY_ID[bid].name, 0) + len(payload)
-    if isinstance(lay, FloatLayout):
-        st.exp_hist = hists[0].reshape(1 << lay.E, 1 << lay.k).sum(1)
-    return out, st
+    return out
 
 
 _scratch = threading.local()
@@ -104,7 +129,7 @@ CK = Kernels("chunk_kernel")  # decode_fields: the AOT build's where there is on
 
 
 def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None,
-                 compiled: bool = True, codes: int = 0) -> np.ndarray:
+                 compiled: bool = True, codes: int = 0, grid: Grid | None = None) -> np.ndarray:
     """Inverse of :func:`encode_chunk`: the chunk's ``nbytes`` bytes, written into ``out``
     ((nbytes,) uint8) if given; raises ValueError on any inconsistency.
 
@@ -117,6 +142,15 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     n = lay.symbols(nbytes)  # in each field's stream
     if out is not None and out.shape != (nbytes,):
         raise InputError(f"output holds {out.shape} bytes, the chunk {nbytes}")
+    if grid is not None:
+        if len(buf) < 1 or buf[0] > 1:
+            raise InputError("grid chunk: bad mode byte")
+        if buf[0] == 0:
+            return decode_chunk(buf[1:], dtype, nbytes, out, compiled, codes)
+        if n % grid.block:
+            raise InputError(f"grid chunk of {n} values: not whole blocks of {grid.block}")
+        parts = _decode_fields(buf[1:], grid.fields, grid.symbols(n))
+        return G.merge(grid, parts, np.empty(nbytes, np.uint8) if out is None else out)
     if len(buf) < 1 or buf[0] != len(lay.fields):
         raise InputError("chunk header: wrong number of fields")
     if out is None:
@@ -128,8 +162,17 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
         if CK.decode_fields(np.frombuffer(buf, np.uint8), lay.fields[0].width, lay.tail_w, fields[0], *t) == 0:
             lay.merge_kernel(fields[0], *t, out.view(lay.word))
             return out
+    parts = _decode_fields(buf, lay.fields, [n] * len(lay.fields), fields)
+    return lay.merge(parts, nbytes // lay.itemsize, out)
+
+
+def _decode_fields(buf: memoryview, fields: tuple[Field, ...], counts: list[int],
+                   dsts: list[np.ndarray | None] | None = None) -> list[np.ndarray]:
+    """The symbols of each field of a ``u8 nfields | fields`` payload (``counts[i]`` in field i)."""
+    if len(buf) < 1 or buf[0] != len(fields):
+        raise InputError("chunk header: wrong number of fields")
     pos, parts = 1, []
-    for f, dst in zip(lay.fields, fields):
+    for f, n, dst in zip(fields, counts, dsts or [None] * len(fields)):
         if pos + 5 > len(buf):
             raise InputError("chunk truncated")
         bid, ln = struct.unpack_from("<BI", buf, pos)
@@ -143,4 +186,4 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
         pos += ln
     if pos != len(buf):
         raise InputError("chunk has trailing bytes")
-    return lay.merge(parts, nbytes // lay.itemsize, out)
+    return parts

@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..io.atomic import atomic_dir, atomic_file, check_output
 from ..loading import register_loader
 from .chunk import POLICIES, encode_chunk_parts
+from .grid import Grid, detect_segment
 from .reader import (
     CHUNK_BYTES,
     END,
@@ -34,6 +35,7 @@ from .reader import (
     MAGIC,
     MAX_CHUNK_BYTES,
     CODES_VERSION,
+    GRID_VERSION,
     VERSION,
     CorruptError,
     Packed,
@@ -81,6 +83,7 @@ def pack(
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
     address: str | None = None,
+    grids: bool = True,
 ) -> dict[str, Any]:
     """Pack a model source (see :func:`llmpress.models.resolve`) into one ``.llmp`` file.
 
@@ -90,7 +93,8 @@ def pack(
     writes. Returns ``bytes_in``, ``bytes_out``, ``ratio``, ``seconds``, ``bound_bytes`` and, under
     ``tensors``, ``{name: {"file", "bytes", "packed", "bound_bits"}}`` for every packed tensor
     (name as in its safetensors header; ``packed`` = its chunk payload bytes, so the packed size
-    of any subset of tensors is a sum).
+    of any subset of tensors is a sum). ``grids``: look for block grids in float32 tensors
+    (grid.py; a file with one is format 3); False: every float tensor takes the float path.
     """
     if policy not in POLICIES:
         raise InputError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
@@ -109,7 +113,7 @@ def pack(
     index: dict[str, Any] = {"format": "llmpress.lossless", "version": version, "root": root_kind,
                              "chunk_bytes": chunk_bytes, "policy": policy, "files": []}
     tensors: dict[str, dict[str, Any]] = {}
-    job = FileJob(threads, policy, chunk_bytes, tuple(sorted(codes.items())))
+    job = FileJob(threads, policy, chunk_bytes, tuple(sorted(codes.items())), grids)
     with contextlib.ExitStack() as stack:
         if fan:  # Ray is connected (or refused) before the output exists
             from .fanout import coded_files
@@ -131,6 +135,12 @@ def pack(
                     if srec["kind"] == "tensor":
                         tensors[srec["name"]] = {"file": frec["path"], **srec.get("stats", {})}
                 index["files"].append(frec)
+            if any("grid" in srec for frec in index["files"] for srec in frec["segments"]):
+                version = index["version"] = GRID_VERSION  # format 3: known only once coded
+                end = fo.tell()
+                fo.seek(len(MAGIC))
+                fo.write(struct.pack("<I", version))
+                fo.seek(end)
             blob = zstandard.ZstdCompressor(level=9).compress(json.dumps(index, separators=(",", ":")).encode())
             off = fo.tell()
             fo.write(blob)
@@ -160,6 +170,7 @@ class FileJob:
     policy: str
     chunk_bytes: int
     codes: tuple[tuple[str, int], ...] = ()  # (tensor name, bits) of the U8 tensors holding bit-packed codes
+    grids: bool = True  # look for block grids in float32 tensors (grid.py)
 
 
 def codes_of(root: Path) -> dict[str, int]:
@@ -236,10 +247,15 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     k = 0
     with open(path, "rb") as fi:
         for seg in plan_file(path, dict(job.codes)):
+            cuts = _chunks_of(seg, job.chunk_bytes)
+            if seg.kind == "tensor" and job.grids:
+                seg.grid = detect_segment(fi, seg.offset, seg.dtype, seg.shape, seg.length)
+                if seg.grid is not None and any(ln % (4 * seg.grid.block) for _, ln in cuts):
+                    seg.grid = None  # chunks of whole blocks only (an odd chunk_bytes)
             srec = _segment_record(seg)
             frec["segments"].append(srec)
             fi.seek(seg.offset)
-            for _, ln in _chunks_of(seg, job.chunk_bytes):
+            for _, ln in cuts:
                 raw = np.frombuffer(fi.read(ln), np.uint8)
                 if len(raw) != ln:
                     raise InputError(f"{path}: file shrank while packing")
@@ -248,8 +264,8 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
                 # threads-th chunk itself when its turn to be written comes (as the
                 # decoders do), the workers the others
                 mine = ex is None or k % threads == 0
-                pending.append((srec, ln, (raw, seg.dtype, seg.codes) if mine else
-                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, job.policy),
+                pending.append((srec, ln, (raw, seg.dtype, seg.codes, seg.grid) if mine else
+                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, seg.grid, job.policy),
                                 hasher.submit(sha.update, raw)))
                 k += 1
                 yield from drain(2 * threads if ex is not None else 0)
@@ -260,10 +276,10 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     frec["sha256"] = hasher.submit(sha.hexdigest).result()
 
 
-def _encode_job(raw: np.ndarray, dtype: str, codes: int, policy: str) -> tuple[list, Any, int]:
+def _encode_job(raw: np.ndarray, dtype: str, codes: int, grid: Grid | None, policy: str) -> tuple[list, Any, int]:
     """One chunk's payload parts, stats and checksum, all computed by whichever coder (a worker or
     the caller) takes the chunk."""
-    parts, st = encode_chunk_parts(raw, dtype, policy, codes)
+    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid)
     return parts, st, chunk_sum(raw)
 
 
@@ -284,6 +300,8 @@ def _segment_record(seg: Segment) -> dict[str, Any]:
         rec.update(name=seg.name, shape=list(seg.shape), stats={"bytes": seg.length, "packed": 0, "bound_bits": 0.0})
     if seg.codes:
         rec["codes"] = seg.codes
+    if seg.grid is not None:
+        rec["grid"] = seg.grid.to_index()
     return rec
 
 

@@ -41,6 +41,7 @@ import zstandard
 from ..errors import CorruptFileError, NotFoundError, UnsupportedFormatError
 from .chunk import decode_chunk
 from .fields import CODES, ITEMSIZE
+from .grid import TENSOR_DTYPES, Grid
 from .segments import MAX_NDIM
 
 if TYPE_CHECKING:  # torch only where a tensor is returned: pack/unpack/verify/info never import it
@@ -48,7 +49,8 @@ if TYPE_CHECKING:  # torch only where a tensor is returned: pack/unpack/verify/i
 
 MAGIC, VERSION = b"LLMPRESS", 5
 CODES_VERSION = 6  # format 2: format 1 plus segments of bit-packed codes (``codes``: fields.CodesLayout)
-READABLE = (VERSION, CODES_VERSION)
+GRID_VERSION = 7  # format 3: format 2 plus float tensors coded on a block grid (``grid``: grid.py)
+READABLE = (VERSION, CODES_VERSION, GRID_VERSION)
 # the version field holds 5 for format 1 and 6 for format 2 (docs/FORMAT.md); versions 1-4 came
 # before the format was frozen, were written only while llmpress was developed, and are no longer read
 RETIRED = (1, 2, 3, 4)
@@ -94,7 +96,8 @@ class Packed:
                     f"{VERSION}); unpack it with the llmpress that wrote it and pack it again")
             if ver not in READABLE:
                 raise UnsupportedFormatError(f"{self.path}: container version {ver}; this llmpress reads versions "
-                                             f"{VERSION} and {CODES_VERSION} (.llmp formats 1 and 2) only (a newer llmpress wrote it?)")
+                                             f"{VERSION}, {CODES_VERSION} and {GRID_VERSION} (.llmp formats 1 to 3) only "
+                                             "(a newer llmpress wrote it?)")
             if self.size < 12 + FOOTER.size:
                 raise CorruptError(f"{self.path}: truncated (no footer)")
             f.seek(self.size - FOOTER.size)
@@ -112,6 +115,7 @@ class Packed:
             self.index = json.loads(zstandard.ZstdDecompressor().decompress(blob, max_output_size=MAX_INDEX))
         except (zstandard.ZstdError, ValueError) as e:
             raise CorruptError(f"{self.path}: unreadable index ({e})") from None
+        self._grids: dict[int, Grid] = {}  # id(segment record) -> its grid, parsed once
         self._check_index()
         self._fh = open(self.path, "rb")
         # payloads are read as slices of a read-only map: no copy; the index check above keeps
@@ -167,6 +171,8 @@ class Packed:
                         if len(shape) > MAX_NDIM or any(not isinstance(d, int) or d < 0 for d in shape) or \
                                 int(np.prod(shape, dtype=object)) * ITEMSIZE[s["dtype"]] != s["length"]:
                             raise CorruptError(f"{where}: shape {shape} does not match {s['length']} bytes")
+                    if "grid" in s:
+                        self._grids[id(s)] = self._check_grid(where, s)
                     total = 0
                     for i, (o, ln, raw, crc) in enumerate(s["chunks"]):
                         if not all(type(v) is int for v in (o, ln, raw, crc)):
@@ -184,6 +190,20 @@ class Packed:
                 raise
             raise CorruptError(f"{self.path}: malformed index ({type(e).__name__}: {e})") from None
 
+    def _check_grid(self, where: str, s: dict) -> Grid:
+        """A segment's grid, checked against the version, its dtype, shape and chunks."""
+        try:
+            g = Grid.from_index(s["grid"])
+        except ValueError as e:
+            raise CorruptError(f"{where}: {e}") from None
+        if self.version < GRID_VERSION or s["kind"] != "tensor" or s["dtype"] not in TENSOR_DTYPES:
+            raise CorruptError(f"{where}: a grid in a {s['dtype']} {s['kind']} segment of a version {self.version} file")
+        if not s["shape"] or s["shape"][-1] % g.block:
+            raise CorruptError(f"{where}: rows of {s['shape'][-1:]} values are not whole blocks of {g.block}")
+        if any(c[2] % (ITEMSIZE[s["dtype"]] * g.block) for c in s["chunks"]):
+            raise CorruptError(f"{where}: a chunk does not hold whole blocks of {g.block}")
+        return g
+
     # -- decoding
 
     def _what(self, f: dict, s: dict, i: int) -> str:
@@ -196,7 +216,8 @@ class Packed:
         if len(payload) != ln:
             raise CorruptError(f"{self._what(f, s, i)}: truncated")
         try:
-            out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0))
+            out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0),
+                               grid=self._grids.get(id(s)))
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if chunk_sum(out) != crc:

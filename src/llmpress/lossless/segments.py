@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import CorruptFileError
 from .fields import ITEMSIZE, FloatLayout, layout
+from .grid import Grid
 
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 MAX_NDIM = 16
@@ -35,6 +36,7 @@ class Segment:
     dtype: str = "bytes"
     shape: tuple[int, ...] = ()
     codes: int = 0  # a U8 tensor holding codes of this many bits, bit-packed (fields.CodesLayout); 0: none
+    grid: Grid | None = None  # a float tensor whose values lie on this grid (grid.py; found while packing)
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
