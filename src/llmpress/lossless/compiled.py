@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MODULE = "_llmpress_lossless_aot"
 # the kernel sources an AOT build compiles (any change to them is a new key)
-SOURCES = ("kernels.py", "rans32.py", "freq_model.py", "chunk_kernel.py", "fields.py", "compiled.py")
+SOURCES = ("kernels.py", "rans32.py", "freq_model.py", "chunk_kernel.py", "grid_kernel.py", "fields.py", "compiled.py")
 # LLMPRESS_AOT=0: never load the ahead-of-time build (the JIT kernels only; tests compare both)
 ENV = "LLMPRESS_AOT"
 PACKAGE = __name__.rsplit(".", 1)[0]
@@ -51,11 +51,19 @@ AOT: dict[str, dict[str, tuple[str, ...]]] = {
     "kernels": {"hist_entropy_bits": ("f8(i8[::1])",),
                 "normalize_freqs": ("i8[::1](i8[::1], i8)",),
                 "pack_bits": ("u1[::1](u1[::1], i8)",),
+                "unpack_bits": ("void(u1[::1], i8, u1[::1])", "void(u1[::1], i8, u2[::1])"),
+                "decode_table": ("Tuple((u2[::1], u4[::1]))(i8[::1], i8)",),
+                "rans_decode": ("i8(u2[::1], i8, u2[::1], u4[::1], i8, u1[::1])",
+                                "i8(u2[::1], i8, u2[::1], u4[::1], i8, u2[::1])"),
                 "rans_encode": ("u2[::1](u1[::1], i8[::1], i8)", "u2[::1](u2[::1], i8[::1], i8)")},
-    "freq_model": {"write_model": ("u1[::1](i8[::1], i8)",)},
-    "rans32": {"encode": ("u1[::1](u1[::1], i8[::1], i8)", "u1[::1](u2[::1], i8[::1], i8)")},
+    "freq_model": {"write_model": ("u1[::1](i8[::1], i8)",), "read_model": ("UniTuple(i8, 2)(u1[::1], i8, i8[::1])",)},
+    "rans32": {"encode": ("u1[::1](u1[::1], i8[::1], i8)", "u1[::1](u2[::1], i8[::1], i8)"),
+               "decode_stream": ("i8(u1[::1], i8, u1[::1])", "i8(u1[::1], i8, u2[::1])")},
     "chunk_kernel": {"decode_fields": tuple(f"i8(u1[::1], i8, i8[::1], {h}[::1], u1[::1], u1[::1], u1[::1])"
                                             for h in ("u1", "u2"))},
+    "grid_kernel": {"block_minmax": ("void(f4[:, ::1], f4[::1], f4[::1])",),
+                    "affine_codes": ("void(f4[:, ::1], f4[::1], f4[:, ::1], i8, u1[:, ::1], i8[::1])",),
+                    "scale_gcd": ("void(u4[:, ::1], i8[::1], i8[::1], i8[:, ::1], i8[::1], i8[::1], i8[::1])",)},
 }
 _SIG_CODE = {np.dtype(np.uint8): "u1", np.dtype(np.uint16): "u2", np.dtype(np.uint32): "u4"}
 

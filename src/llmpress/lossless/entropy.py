@@ -220,7 +220,8 @@ class Rans4:
         if len(rest) % 2:
             raise InputError("rans stream: odd number of word bytes")
         dsym, dinfo = K.decode_table(f, pb)
-        rc = K.rans_decode(rest.view("<u2"), n, dsym, dinfo, pb, out)
+        words = rest.view("<u2")
+        rc = K.rans_decode(words if words.flags.aligned else words.copy(), n, dsym, dinfo, pb, out)
         if rc:
             raise InputError(f"rans stream: corrupted (code {rc})")
         return out

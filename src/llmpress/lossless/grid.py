@@ -27,8 +27,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .compiled import Kernels
 from .fields import LAYOUTS, Field, FloatLayout
-from .grid_kernel import affine_codes, block_minmax, scale_gcd
+
+K = Kernels("grid_kernel")  # resolved at first use: unpack never fits a grid, so never loads them
 
 FORMULAS = ("scale", "affine")
 BLOCKS = (256, 128, 64, 32, 16)  # tried largest first: fewer parameters
@@ -182,7 +184,7 @@ def _fit_affine(x: np.ndarray, params: str, bits: int, zero: int = 0) -> Fit:
     nb = x.shape[0]
     x = np.ascontiguousarray(x)
     m, mx = np.empty(nb, np.float32), np.empty(nb, np.float32)
-    block_minmax(x, m, mx)
+    K.block_minmax(x, m, mx)
     mw, ok_m = _exact_words(m, params)
     ok_m &= np.isfinite(m) & np.isfinite(mx)
     dw0 = _param_words((mx.astype(np.float64) - m.astype(np.float64)) / k, params).astype(np.int64)
@@ -191,7 +193,7 @@ def _fit_affine(x: np.ndarray, params: str, bits: int, zero: int = 0) -> Fit:
     cand = np.ascontiguousarray(param_values(cw.reshape(-1), params).reshape(cw.shape))
     codes = np.zeros(x.shape, _code_dtype(bits))
     pick = np.empty(nb, np.int64)
-    affine_codes(x, m, cand, k, codes, pick)
+    K.affine_codes(x, m, cand, k, codes, pick)
     ok = ok_m & (pick >= 0)
     dw = cw[np.maximum(pick, 0), np.arange(nb)]
     rec = reconstruct(Grid("affine", x.shape[1], params, bits, 0), codes.reshape(-1), param_values(dw, params),
@@ -219,7 +221,7 @@ def _fit_scale(x: np.ndarray, params: str, bits: int, zero: int | None = None) -
     G, emin = np.empty(nb, np.int64), np.empty(nb, np.int64)
     c = np.empty((nb, B), np.int64)
     cmin, cmax, flags = np.zeros(nb, np.int64), np.zeros(nb, np.int64), np.empty(nb, np.int64)
-    scale_gcd(u, G, emin, c, cmin, cmax, flags)
+    K.scale_gcd(u, G, emin, c, cmin, cmax, flags)
     neg0, pos0 = (flags & 1) > 0, (flags & 2) > 0
     todo = np.flatnonzero((flags & 4) == 0)
     sgn = np.ones(nb, np.int64)

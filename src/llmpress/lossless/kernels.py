@@ -325,7 +325,7 @@ def unpack_bits(buf, width, out):  # buf: (ceil(n*width/8),) uint8 -> out: (n,) 
             out[4 * q + 3] = c >> 2
     elif width == 1:  # FP8's sign field, unrolled: about ten times the generic loop's speed
         for q in range(ng):
-            v = buf[q]
+            v = np.int64(buf[q])
             o8 = 8 * q
             out[o8] = v & 1
             out[o8 + 1] = (v >> 1) & 1
