@@ -178,12 +178,12 @@ def run_point(point: Point, settings: dict[str, Any]) -> dict[str, Any]:
     """Compress, judge, clean up: one row of results.jsonl (without its key)."""
     torch.set_num_threads(settings["threads"])
     torch.manual_seed(0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with scratch_dir(settings.get("scratch"), "llmpress-limit") as work:  # a killed run's is removed by the next
         row = MAKERS.get(point.family, _lossy)(point, settings, work)
     command = point_command(point, settings)
     row.update(label=point.label, family=point.family, recipe=row.get("recipe", point.recipe), command=command,
-               seconds=time.perf_counter() - t0)
+               calib=point.calib, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
     return row
 
 
