@@ -30,6 +30,9 @@ HEADER = ["point", "bpw", "KL mean", "KL p99", "top-1", "PPL", "bytes ratio", "s
 def write_report(out: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
     front = set(s["frontier"])
     lines = ["# Compression limit", "", f"Model: `{s['model']}`. Budget: {s['budget']}. Points: {len(rows)}.", ""]
+    if s.get("progress"):
+        lines += [f"**The sweep is in progress** ({s['progress']}): this report and the plot are rewritten as each "
+                  "point finishes; the recommendation may still change.", ""]
     rec = s.get("recommendation")
     if rec:
         lines += ["## Recommendation", "", f"**{rec['label']}**: {rec['why']}: {_fmt(rec['bpw'], '.3f')} bits per weight, "
@@ -129,7 +132,7 @@ def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
         ax.set_ylabel(name)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{s['model']}: rate–quality frontier")
+    fig.suptitle(f"{s['model']}: rate–quality frontier" + (f" (in progress: {s['progress']})" if s.get("progress") else ""))
     fig.tight_layout()
     with atomic_file(path, force=True) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
