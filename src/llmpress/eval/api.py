@@ -41,13 +41,22 @@ class _Model:
     tokenizer: Any
     _module: torch.nn.Module | None = None
     device: torch.device | None = None  # where the model runs (None: where it is; a loaded one: the CPU)
+    decode_once: bool = False  # quantized layers decoded once at load (quant.linear.decode_once)
 
     def module(self) -> torch.nn.Module:
         if self._module is None:
             from ..loading import load
 
             log.info("loading %s", self.name)
-            self._module = load(self.arg).eval()
+            if self.decode_once:
+                from ..quant.kernels import unpacked
+                from ..quant.linear import decode_once
+
+                with unpacked():
+                    self._module = load(self.arg).eval()
+                decode_once(self._module)
+            else:
+                self._module = load(self.arg).eval()
         if self.device is not None:
             self._module.to(self.device)  # in place; a no-op once it is there
         return self._module
@@ -123,7 +132,8 @@ def _default_reference(m: _Model) -> str | None:
 
 def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 512, tokens: int = 16384,
              tokenizer: Any = None, ref_tokenizer: Any = None, batch_size: int | None = None, sentences: int = 256,
-             k: int = TOPK, cache: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
+             k: int = TOPK, cache: bool = True, device: str | torch.device | None = None,
+             decode_once: bool = False) -> dict[str, Any]:
     """Evaluate ``model`` (a path, a model name or a loaded ``nn.Module``), against ``reference``
     (the same kinds; by default the source an llmpress folder names) on ``text`` (a corpus
     name, a file, ``hf:NAME``, a ``(name, content)`` pair, or a list of those; by default
@@ -137,6 +147,9 @@ def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 
 
     ``device``: cpu | cuda | auto, where both models run (None: a loaded model on the CPU, an
     in-memory one where it is). The reference's cached log-probabilities do not depend on it.
+    ``decode_once``: quantized layers are decoded to dense weights once at load instead of at every
+    forward (the same figures, the dense model's memory: the sweep's judge; speed and peak RAM are
+    then the decoded model's, not the packed one's).
     """
     from ..device import model_device, resolve_device
 
@@ -144,6 +157,7 @@ def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 
     t0 = time.perf_counter()
     texts = list(EVAL_DEFAULTS) if text is None else (list(text) if isinstance(text, list) else [text])
     m = _resolve(model, tokenizer, "model")
+    m.decode_once = decode_once
     if reference is None and not isinstance(model, torch.nn.Module):
         reference = _default_reference(m)
     r = _resolve(reference, ref_tokenizer, "reference") if reference is not None else None

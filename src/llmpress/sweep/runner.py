@@ -24,10 +24,13 @@ Task = tuple[Point, dict[str, Any]]  # the point and the sweep settings it needs
 
 
 def _judge(path: Path, settings: dict[str, Any], tokenizer: Any = None) -> dict[str, Any]:
+    """``evaluate`` against the original, quantized layers decoded once (the same figures as
+    decoding them at every forward, in a fraction of the time)."""
     from ..eval import evaluate
 
     return evaluate(str(path), reference=settings["model"], text=settings["texts"], ctx=settings["ctx"],
-                    tokens=settings["tokens"], tokenizer=tokenizer, device=settings.get("device", "cpu"))
+                    tokens=settings["tokens"], tokenizer=tokenizer, device=settings.get("device", "cpu"),
+                    decode_once=True)
 
 
 _EVAL_KEYS = ("ppl", "ref_ppl", "kl_mean", "kl_median", "kl_p99", "kl_max", "top1", "ln_ppl_ratio", "ln_ppl_ratio_se",
