@@ -40,3 +40,16 @@ def test_decode_once_replaces_every_quantized_linear_without_packing(tiny_llama_
     first = next(x for x in m.modules() if isinstance(x, Decoded))
     assert torch.equal(first(x), want)
     assert kernels.choose(layers[0])[0] is not None  # outside the context the kernels are chosen again
+
+
+def test_an_identical_models_figures_without_a_forward_are_evaluates(tiny_llama_dir, tmp_path):
+    """A verified lossless restore is judged from the reference alone: the same figures as running it."""
+    from llmpress.eval.api import evaluate_identical
+    from llmpress.lossless.container import pack
+
+    pack(str(tiny_llama_dir), tmp_path / "m.llmp")
+    kw = dict(ctx=64, tokens=256)
+    a = evaluate(str(tmp_path / "m.llmp"), reference=str(tiny_llama_dir), tokenizer=None, **kw)
+    b = evaluate_identical(str(tiny_llama_dir), **kw)
+    assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS} and b["kl_max"] == 0.0 and b["top1"] == 1.0
+    assert a["protocol"] == b["protocol"] and a["texts"] == {t: {**v} for t, v in b["texts"].items()}
