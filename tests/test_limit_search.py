@@ -158,7 +158,7 @@ def test_limit_runs_the_search_and_recommends_its_point(tiny_llama_dir, tmp_path
     """On a tiny model with a one-point budget (RTN 8-bit g32), the search along an RTN ladder finds
     a smaller point within the threshold; it and its packed form join the results and the report."""
     monkeypatch.setitem(pts_mod.BUDGETS, "quick", lambda: [quant("rtn", 8, 32)])
-    monkeypatch.setattr(search, "LADDERS", (Uniform("rtn", 32, (4, 5, 6)),))
+    monkeypatch.setitem(search.BUDGET_LADDERS, "quick", (Uniform("rtn", 32, (4, 5, 6)),))
     s = limit(str(tiny_llama_dir), tmp_path, ctx=64, tokens=256, samples=2, seq_len=32, threads=1, mixed_bpw=None,
               max_kl=0.05)
     rows = {r["label"]: r for r in read_results(tmp_path / "results.jsonl")}

@@ -114,7 +114,7 @@ def limit(
     from ..text import CALIB_DEFAULT, EVAL_DEFAULTS
 
     dev = resolve_device(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model = model or DEFAULT_CAUSAL
     texts = texts or list(EVAL_DEFAULTS)
     threads = threads or max(1, (os.cpu_count() or 2) // max(1, workers))
@@ -153,6 +153,7 @@ def limit(
     execute = EXECUTORS["local" if workers <= 1 and not address else "ray"]
 
     shown: list[dict[str, Any]] = []  # this run's rows so far, in order, each once
+    measured: list[dict[str, Any]] = []  # the rows this call measured (not reused)
 
     def show(row: dict[str, Any]) -> None:
         if all(r["key"] != row["key"] for r in shown):
@@ -189,6 +190,7 @@ def limit(
             row["key"] = point.key(context)
             _append(results_path, row)
             done[row["key"]] = row
+            measured.append(row)
             show(row)
             report(stage() if stage else "in progress")
             bar.set_postfix_str(f"{point.label}: bpw {row['bpw']:.2f} KL {row.get('kl_mean') or 0:.4f}")
@@ -206,7 +208,7 @@ def limit(
     rows = run(pts, stage=budget_stage)
     searched = None
     if searching:
-        from .search import SEARCH_SECONDS, near_lossless
+        from .search import BUDGET_LADDERS, SEARCH_SECONDS, SWEEP_CPU_SECONDS, near_lossless
 
         ran: list[str] = []
 
@@ -216,7 +218,11 @@ def limit(
             ran.extend(r["label"] for r in got)
             return got
 
-        searched = near_lossless(search_run, max_kl, SEARCH_SECONDS.get(budget, 0), rows)
+        allowance = SEARCH_SECONDS.get(budget, 0)
+        if budget in SWEEP_CPU_SECONDS:  # what the budget's points left of the sweep's CPU time
+            spent = max(time.process_time() - c0, sum(r.get("cpu_seconds") or 0 for r in measured))
+            allowance = max(0.0, min(allowance, SWEEP_CPU_SECONDS[budget] - spent))
+        searched = near_lossless(search_run, max_kl, allowance, rows, ladders=BUDGET_LADDERS.get(budget))
         for r in searched["rows"]:
             show(r)
     return report(None, searched)

@@ -117,8 +117,20 @@ LADDERS: tuple[Ladder, ...] = (
     Uniform("gptq", 64, (4, 5, 6)),
     Uniform("rtn", 128, (5, 6, 8)),
 )
+# the quick budget's: RTN only (a calibrated rung takes several CPU-minutes on a 135M model)
+QUICK_LADDERS: tuple[Ladder, ...] = (
+    Uniform("rtn", 128, (5, 6, 8)),
+    Uniform("rtn", 64, (4, 5, 6)),
+)
+BUDGET_LADDERS: dict[str, tuple[Ladder, ...]] = {"quick": QUICK_LADDERS, "full": LADDERS}
 # CPU seconds the search may spend (on top of the budget's own points)
-SEARCH_SECONDS = {"quick": 150, "full": 60 * 60}
+SEARCH_SECONDS = {"quick": 240, "full": 60 * 60}
+# CPU seconds a whole sweep of the budget may take (its points, then the search in what is left)
+SWEEP_CPU_SECONDS: dict[str, float] = {"quick": 330}
+# a calibrated point predicted with no calibrated row to go by: this many times the dearest row
+CALIB_FACTOR = 5.0
+# packing a quantized folder predicted with no point measured both ways: this share of the plain point
+PACK_SHARE = 0.5
 
 # a family no row of the sweep measured is predicted from another's rows: AWQ's scales with GPTQ's
 # codes cost GPTQ's run and AWQ's scale search (each a pass over the calibration windows)
@@ -163,6 +175,10 @@ class Estimate:
                  if r["family"].endswith("+pack") and r["label"].removesuffix("+pack") in plain]
         return max([0.0, *extra])
 
+    def _pack(self, plain: float) -> float:
+        pairs = any(r["family"].endswith("+pack") for r in self.rows)
+        return self.pack_extra() if pairs else PACK_SHARE * plain
+
     def seconds(self, point: Point) -> float:
         fam, packed = _family(point), point.family.endswith("+pack")
         scale = 1.0
@@ -171,11 +187,12 @@ class Estimate:
         if packed and self._median(fam + "+pack") is not None:
             return scale * self._median(fam + "+pack")
         plain = self._median(fam)
-        if plain is not None:
-            return scale * plain + (self.pack_extra() if packed else 0.0)
-        calib = [cost(r) for r in self.rows if r.get("calib", r["family"] not in ("rtn", "rtn+pack"))]
-        every = calib or [cost(r) for r in self.rows]
-        return max(every, default=0.0) + (self.pack_extra() if packed else 0.0)
+        if plain is None:
+            calib = [cost(r) for r in self.rows if r.get("calib", r["family"] not in ("rtn", "rtn+pack"))]
+            every = [cost(r) for r in self.rows]
+            plain = max(calib) if calib else max(every, default=0.0) * (CALIB_FACTOR if point.calib else 1.0)
+            scale = 1.0
+        return scale * plain + (self._pack(scale * plain) if packed else 0.0)
 
 
 @dataclass
