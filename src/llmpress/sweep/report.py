@@ -48,7 +48,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> No
     found = s.get("search")
     if found:
         lines += ["", "## Near-lossless search", "",
-                  f"{len(found['tried'])} point{'' if len(found['tried']) == 1 else 's'} run in {found['seconds']:.0f} s"
+                  f"{len(found['tried'])} point{'' if len(found['tried']) == 1 else 's'} run in {found['seconds']:.0f} CPU seconds"
                   + ("" if found["complete"] else " (time ran out before every ladder was searched)") + ": "
                   + (", ".join(f"`{t}`" for t in found["tried"]) or "none") + "."]
         if found["skipped"]:
