@@ -49,7 +49,9 @@ def test_an_identical_models_figures_without_a_forward_are_evaluates(tiny_llama_
 
     pack(str(tiny_llama_dir), tmp_path / "m.llmp")
     kw = dict(ctx=64, tokens=256)
-    a = evaluate(str(tmp_path / "m.llmp"), reference=str(tiny_llama_dir), tokenizer=None, **kw)
+    from llmpress.models import load_tokenizer
+
+    a = evaluate(str(tmp_path / "m.llmp"), reference=str(tiny_llama_dir), tokenizer=load_tokenizer(tiny_llama_dir), **kw)
     b = evaluate_identical(str(tiny_llama_dir), **kw)
     assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS} and b["kl_max"] == 0.0 and b["top1"] == 1.0
     assert a["protocol"] == b["protocol"] and a["texts"] == {t: {**v} for t, v in b["texts"].items()}
