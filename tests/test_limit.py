@@ -79,6 +79,28 @@ def test_limit_end_to_end_resume_and_report(tiny_llama_dir, tmp_path, monkeypatc
     assert calls == ["rtn-w8-g32"]
 
 
+def test_the_report_is_rewritten_as_each_point_finishes(tiny_llama_dir, tmp_path, monkeypatch):
+    """A reader opening report.md / frontier.png while the sweep runs finds the points finished so
+    far and that the sweep is in progress; the last write says nothing of progress."""
+    pts = [quant("rtn", 8, 32), quant("rtn", 2, 32), quant("rtn", 4, 32)]
+    seen = []
+    real = runner.run_point
+
+    def spy(p, st):
+        md = tmp_path / "report.md"
+        seen.append((md.read_text() if md.exists() else None, (tmp_path / "frontier.png").exists()))
+        return real(p, st)
+
+    monkeypatch.setattr(runner, "run_point", spy)
+    limit(str(tiny_llama_dir), tmp_path, points=pts, **FAST)
+    assert seen[0] == (None, False)
+    for n, (md, png) in enumerate(seen[1:], 1):
+        assert png and f"in progress** ({n} of 3 points)" in md
+        assert sum(l.startswith("| rtn-w") for l in md.splitlines()) == n  # the rows finished so far
+    md = (tmp_path / "report.md").read_text()
+    assert "in progress" not in md and sum(l.startswith("| rtn-w") for l in md.splitlines()) == 3
+
+
 def test_torn_last_line_is_ignored(tmp_path):
     p = tmp_path / "results.jsonl"
     p.write_text(json.dumps({"key": "a", "label": "x"}) + "\n" + '{"key": "b", "lab')

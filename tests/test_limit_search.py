@@ -87,22 +87,63 @@ def test_time_up_before_a_ladder_is_reported():
     run, asked = _fake(lambda kind, x: 0.5)
     out = near_lossless(run, 0.01, 0.0, [], ladders=(G128,))
     assert out["rows"] == [] and asked == [] and not out["complete"]
-    assert out["skipped"] == ["gptq g128: time is up"]
+    assert len(out["skipped"]) == 1 and out["skipped"][0].startswith("gptq g128: time is up")
 
 
-def test_a_bisection_cut_by_the_deadline_keeps_what_it_found(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(search.time, "monotonic", lambda: clock[0])
+def _timed(run, seconds):
+    """``run`` whose rows say each point took ``seconds(label)`` CPU seconds."""
+    def timed(points):
+        return [{**r, "cpu_seconds": seconds(r["label"])} for r in run(points)]
+
+    return timed
+
+
+def test_a_bisection_cut_by_the_allowance_keeps_what_it_found():
     inner, asked = _fake(_table({(("gptq", 128), b): STEEP[b] for b in STEEP}))
-
-    def run(points):
-        clock[0] += 40.0  # each run takes 40 s of a 100 s allowance
-        return inner(points)
-
-    out = near_lossless(run, 0.01, 100, [], ladders=(G128,))
-    # 4 bits (miss) and 6 bits (meets it) fit; a third run of 40 s would end past the allowance: not started
-    assert len(asked) == 2 and not out["complete"] and clock[0] == 80.0
+    out = near_lossless(_timed(inner, lambda _: 40.0), 0.01, 100, [], ladders=(G128,))
+    # 4 bits (miss) and 6 bits (meets it) fit; a third run, predicted at the 40 s the others took,
+    # would end past the 100 s allowance: not started
+    assert len(asked) == 2 and not out["complete"] and out["seconds"] == 80.0
     assert out["best"]["label"] == "gptq-w6-g128+pack"
+
+
+def test_a_rung_predicted_to_overrun_is_never_started():
+    """The sweep measured GPTQ at 200 s a point (260 s packed, by PACK_SHARE): with 150 s allowed no GPTQ rung starts (the first
+    run of a ladder is predicted too, not only the ones after it), while a cheap RTN ladder runs."""
+    known = [{"label": "gptq-w3-g64", "family": "gptq", "kl_mean": 0.5, "bpw": 3.5, "key": "g", "cpu_seconds": 200.0,
+              "calib": True},
+             {"label": "rtn-w4-g64", "family": "rtn", "kl_mean": 0.2, "bpw": 4.5, "key": "r", "cpu_seconds": 20.0,
+              "calib": False}]
+    inner, asked = _fake(_table({**{(("gptq", 128), b): STEEP[b] for b in STEEP},
+                                 **{(("rtn", 128), b): STEEP[b] * 2 for b in STEEP}}))
+    out = near_lossless(_timed(inner, lambda lbl: 200.0 if lbl.startswith("gptq") else 25.0), 0.01, 150, known,
+                        ladders=(G128, Uniform("rtn", 128, (4, 5, 6, 8))))
+    assert not any(a.startswith("gptq") for a in asked) and asked  # RTN's rungs ran, GPTQ's never started
+    assert out["skipped"][0].startswith("gptq g128: time is up (a rung is predicted at 260 s, 150 s left)")
+    assert out["seconds"] <= 150 and not out["complete"]
+    assert out["best"]["label"] == "rtn-w8-g128+pack"
+
+
+def test_the_estimate_learns_from_the_sweeps_rows():
+    from llmpress.sweep.points import mixed_pack, quant_pack
+    from llmpress.sweep.search import PROXY, Estimate
+
+    e = Estimate()
+    assert e.seconds(quant_pack("gptq", 6, 128, calib=True)) == 0.0  # nothing measured yet: nothing to go by
+    for r in ({"label": "rtn-w3-g64", "family": "rtn", "cpu_seconds": 10.0, "calib": False},
+              {"label": "rtn-w3-g64+pack", "family": "rtn+pack", "cpu_seconds": 16.0, "calib": False},
+              {"label": "gptq-w3-g64", "family": "gptq", "cpu_seconds": 60.0, "calib": True},
+              {"label": "mixed-gptq-quick-4bpw", "family": "mixed", "cpu_seconds": 120.0, "calib": True},
+              {"label": "lossless", "family": "lossless", "cpu_seconds": 999.0}):
+        e.add(r)
+    assert e.pack_extra() == 6.0  # what packing added to the point measured both ways
+    assert e.seconds(quant_pack("rtn", 8, 128)) == 16.0  # a packed row of the family
+    assert e.seconds(quant_pack("gptq", 6, 128, calib=True)) == 66.0  # plain GPTQ + packing
+    name, scale = PROXY["awq+gptq"]
+    assert name == "gptq" and e.seconds(quant_pack("awq+gptq", 6, 128, calib=True)) == 60.0 * scale + 6.0
+    assert e.seconds(mixed_pack(5.0, "near-lossless")) == 126.0
+    e.add({"label": "gptq-w6-g128+pack", "family": "gptq+pack", "cpu_seconds": 90.0, "calib": True})
+    assert e.seconds(quant_pack("gptq", 5, 128, calib=True)) == 90.0  # measured packed: that row
 
 
 def test_the_recommendation_is_on_the_frontier_even_at_equal_bits():
@@ -117,7 +158,7 @@ def test_limit_runs_the_search_and_recommends_its_point(tiny_llama_dir, tmp_path
     """On a tiny model with a one-point budget (RTN 8-bit g32), the search along an RTN ladder finds
     a smaller point within the threshold; it and its packed form join the results and the report."""
     monkeypatch.setitem(pts_mod.BUDGETS, "quick", lambda: [quant("rtn", 8, 32)])
-    monkeypatch.setattr(search, "LADDERS", (Uniform("rtn", 32, (4, 5, 6)),))
+    monkeypatch.setitem(search.BUDGET_LADDERS, "quick", (Uniform("rtn", 32, (4, 5, 6)),))
     s = limit(str(tiny_llama_dir), tmp_path, ctx=64, tokens=256, samples=2, seq_len=32, threads=1, mixed_bpw=None,
               max_kl=0.05)
     rows = {r["label"]: r for r in read_results(tmp_path / "results.jsonl")}

@@ -14,7 +14,9 @@ from .app import DEVICE_OPT, JSON_OPT, app, console, emit, fail
 def limit_cmd(
     model: Optional[str] = typer.Argument(None, help="MODEL (default: the embedded smollm2-135m)."),
     out: Path = typer.Option(Path("limit-report"), "-o", "--out", help="Report folder (results.jsonl, report.md, frontier.png)."),
-    budget: str = typer.Option("quick", "--budget", help="quick | full"),
+    budget: str = typer.Option("quick", "--budget", help="quick (RTN across the range, the lossless limit, then a "
+                               "near-lossless search over packed RTN rungs: a few CPU-minutes for a 135M model) | full "
+                               "(GPTQ, AWQ, low-rank and mixed points too; its search tries them all)"),
     max_kl: float = typer.Option(0.01, "--max-kl", help="Mean KL (nats) that counts as near-lossless."),
     text: Optional[list[str]] = typer.Option(None, "--text", help="Evaluation text(s); default: two real corpora."),
     ctx: int = typer.Option(512, "--ctx"),
@@ -29,7 +31,8 @@ def limit_cmd(
     formats: Optional[list[str]] = typer.Option(None, "--formats", help="Export formats whose own types join the sweep: "
                                                  "gguf (llama.cpp's Q4_K_M/Q3_K_M/Q2_K by llama-quantize + imatrix and by llmpress)."),
     search: bool = typer.Option(True, "--search/--no-search", help="After the budget's points, search bits, group size, "
-                                "method and lossless packing for the smallest point within --max-kl."),
+                                "method and lossless packing for the smallest point within --max-kl, in a CPU-time "
+                                "allowance (a point predicted to overrun it is not started)."),
     device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:

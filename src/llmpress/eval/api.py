@@ -41,13 +41,22 @@ class _Model:
     tokenizer: Any
     _module: torch.nn.Module | None = None
     device: torch.device | None = None  # where the model runs (None: where it is; a loaded one: the CPU)
+    decode_once: bool = False  # quantized layers decoded once at load (quant.linear.decode_once)
 
     def module(self) -> torch.nn.Module:
         if self._module is None:
             from ..loading import load
 
             log.info("loading %s", self.name)
-            self._module = load(self.arg).eval()
+            if self.decode_once:
+                from ..quant.kernels import unpacked
+                from ..quant.linear import decode_once
+
+                with unpacked():
+                    self._module = load(self.arg).eval()
+                decode_once(self._module)
+            else:
+                self._module = load(self.arg).eval()
         if self.device is not None:
             self._module.to(self.device)  # in place; a no-op once it is there
         return self._module
@@ -123,7 +132,8 @@ def _default_reference(m: _Model) -> str | None:
 
 def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 512, tokens: int = 16384,
              tokenizer: Any = None, ref_tokenizer: Any = None, batch_size: int | None = None, sentences: int = 256,
-             k: int = TOPK, cache: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
+             k: int = TOPK, cache: bool = True, device: str | torch.device | None = None,
+             decode_once: bool = False) -> dict[str, Any]:
     """Evaluate ``model`` (a path, a model name or a loaded ``nn.Module``), against ``reference``
     (the same kinds; by default the source an llmpress folder names) on ``text`` (a corpus
     name, a file, ``hf:NAME``, a ``(name, content)`` pair, or a list of those; by default
@@ -137,6 +147,9 @@ def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 
 
     ``device``: cpu | cuda | auto, where both models run (None: a loaded model on the CPU, an
     in-memory one where it is). The reference's cached log-probabilities do not depend on it.
+    ``decode_once``: quantized layers are decoded to dense weights once at load instead of at every
+    forward (the same figures, the dense model's memory: the sweep's judge; speed and peak RAM are
+    then the decoded model's, not the packed one's).
     """
     from ..device import model_device, resolve_device
 
@@ -144,6 +157,7 @@ def evaluate(model: Any, reference: Any = None, text: Any = None, *, ctx: int = 
     t0 = time.perf_counter()
     texts = list(EVAL_DEFAULTS) if text is None else (list(text) if isinstance(text, list) else [text])
     m = _resolve(model, tokenizer, "model")
+    m.decode_once = decode_once
     if reference is None and not isinstance(model, torch.nn.Module):
         reference = _default_reference(m)
     r = _resolve(reference, ref_tokenizer, "reference") if reference is not None else None
@@ -183,11 +197,33 @@ def _causal(m: _Model, r: _Model | None, texts: list, ctx: int, tokens: int, bat
         raise InputError(f"the model's vocabulary has {mc.get('vocab_size')} tokens, the reference's {rc.get('vocab_size')}")
     if mc.get("model_type") != rc.get("model_type"):
         raise InputError(f"the model's architecture {mc.get('model_type')!r} differs from the reference's {rc.get('model_type')!r}")
-    ref = Reference.build(r.reference_model, r.tokenizer, texts, ctx=ctx, tokens=tokens, k=k, batch_size=batch_size,
-                          fingerprint=r.fingerprint() if cache else None, name=r.name, cache=cache,
-                          describe=lambda mod: {k2: v for k2, v in cost_of(mod, r.path).items() if k2 != "bytes_in"})
+    ref = _reference(r, texts, ctx, tokens, batch_size, k, cache)
     r.release()  # the original leaves memory before the model runs: peak RSS is the model's own
-    out = ref.compare(m.module(), tokenizer_sha256(m.tokenizer))
+    return _with_protocol(ref.compare(m.module(), tokenizer_sha256(m.tokenizer)), ref, k)
+
+
+def _reference(r: _Model, texts: list, ctx: int, tokens: int, batch_size: int | None, k: int, cache: bool) -> Reference:
+    return Reference.build(r.reference_model, r.tokenizer, texts, ctx=ctx, tokens=tokens, k=k, batch_size=batch_size,
+                           fingerprint=r.fingerprint() if cache else None, name=r.name, cache=cache,
+                           describe=lambda mod: {k2: v for k2, v in cost_of(mod, r.path).items() if k2 != "bytes_in"})
+
+
+def evaluate_identical(reference: Any, text: Any = None, *, ctx: int = 512, tokens: int = 16384, tokenizer: Any = None,
+                       batch_size: int | None = None, k: int = TOPK) -> dict[str, Any]:
+    """The figures :func:`evaluate` gives a model that is ``reference`` bit for bit (a lossless
+    restore its caller has verified, checksums included), without running it: the fidelity keys
+    of a causal LM (KL exactly 0, top-1 1, the reference's perplexity) and the protocol; speed and
+    memory are the original's."""
+    texts = list(EVAL_DEFAULTS) if text is None else (list(text) if isinstance(text, list) else [text])
+    r = _resolve(reference, tokenizer, "reference")
+    if not r.is_causal():
+        raise InputError(f"{r.name}: the fidelity of an identical model is defined here for causal LMs only")
+    ref = _reference(r, texts, ctx, tokens, batch_size, k, True)
+    r.release()
+    return _with_protocol(ref.identical(), ref, k)
+
+
+def _with_protocol(out: dict[str, Any], ref: Reference, k: int) -> dict[str, Any]:
     out["protocol_label"] = ref.protocol.label()
     out["protocol"] = {**ref.protocol.to_dict(), "kl": (f"KL(reference‖model) per scored token: exact over the reference's top-{k} "
                                                         f"tokens + the rest estimated from {ref.tail_idx.shape[1]} draws of the "

@@ -272,6 +272,22 @@ class Reference:
         return math.exp(-float(self.target_lp.double().mean()))
 
     # ------------------------------------------------------------------ comparing
+    def identical(self) -> dict:
+        """What :meth:`compare` gives a model whose log-probabilities are the reference's own bit
+        for bit (a bit-exact restore of the original): every r_i = 1, so KL exactly 0, the
+        reference's top token always the model's, its perplexity the reference's; no forward pass.
+        Speed and memory are the original's, as measured when the reference was built."""
+        ctx1 = self.protocol.ctx - 1
+        N = self.target_lp.numel()
+        kl, agree = torch.zeros(N, dtype=torch.float64), torch.ones(N, dtype=torch.bool)
+        out = _stats(kl, self.target_lp, self.target_lp, agree, ctx1)
+        dom = self.domain.repeat_interleave(ctx1)
+        if len(self.protocol.texts) > 1:
+            out["texts"] = {t["name"]: _stats(kl[dom == i], self.target_lp[dom == i], self.target_lp[dom == i],
+                                              agree[dom == i], ctx1) for i, t in enumerate(self.protocol.texts)}
+        out.update(seconds=0.0, tokens_per_s=self.cost.get("tokens_per_s"), peak_rss_bytes=self.cost.get("peak_rss_bytes"))
+        return out
+
     def check(self, model: torch.nn.Module, tokenizer_sha256: str | None) -> None:
         """Refuse comparisons that would be meaningless: another tokenizer, vocabulary or architecture."""
         if tokenizer_sha256 is not None and tokenizer_sha256 != self.protocol.tokenizer_sha256:

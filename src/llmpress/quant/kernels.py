@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -305,10 +306,26 @@ class Int8(Kernel):
 KERNELS: dict[int, Kernel] = {4: Int4(), 8: Int8()}
 
 
+_UNPACKED = [0]  # > 0 inside ``unpacked()``
+
+
+@contextmanager
+def unpacked() -> Iterator[None]:
+    """QuantLinears built inside keep the stored form (no kernel packing): for a caller that
+    decodes each layer once (:func:`llmpress.quant.linear.decode_once`), packing is wasted work."""
+    _UNPACKED[0] += 1
+    try:
+        yield
+    finally:
+        _UNPACKED[0] -= 1
+
+
 def choose(layer: "QuantLinear") -> tuple[Kernel | None, str]:
     """The kernel for a layer and a word on why (the kernel's name, or the reason for none)."""
     if os.environ.get(ENV, "auto").lower() == "dequant":
         return None, f"{ENV}=dequant"
+    if _UNPACKED[0]:
+        return None, "decoded once (kernels.unpacked)"
     kern = KERNELS.get(layer.bits)
     if kern is None:
         return None, f"no kernel for {layer.bits}-bit codes"

@@ -178,3 +178,34 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.meta['group_size']}, grid={self.meta['grid']}, bias={self.bias is not None}"
                 + (f", forward={self._path}" if self._path else ""))
+
+
+class Decoded(nn.Module):
+    """A QuantLinear decoded once: its effective float32 weight held dense. The forward is the
+    dequantize path's own (``F.linear(x, w.to(x.dtype), bias)``), so outputs are bit for bit a
+    QuantLinear's on that path, without decoding the weight at every call."""
+
+    def __init__(self, layer: QuantLinear):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("w", layer.dequantize())  # (out, in) float32
+        self.bias = layer.bias
+
+    @property
+    def weight(self) -> Tensor:
+        return self.w
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def decode_once(model: nn.Module) -> int:
+    """Replace every QuantLinear of ``model`` by its :class:`Decoded` form (memory: the dense
+    weights); returns how many. For a judge that runs the model over many batches."""
+    n = 0
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, QuantLinear):
+                setattr(m, child_name, Decoded(child))
+                n += 1
+    return n

@@ -114,7 +114,7 @@ def limit(
     from ..text import CALIB_DEFAULT, EVAL_DEFAULTS
 
     dev = resolve_device(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model = model or DEFAULT_CAUSAL
     texts = texts or list(EVAL_DEFAULTS)
     threads = threads or max(1, (os.cpu_count() or 2) // max(1, workers))
@@ -152,42 +152,80 @@ def limit(
     log.info("%d points, %d already in %s", len(pts), sum(p.key(context) in done for p in pts), results_path)
     execute = EXECUTORS["local" if workers <= 1 and not address else "ray"]
 
-    def run(points: list[Point], desc: str = "limit") -> list[dict[str, Any]]:
-        """Rows of ``points``: measured now, or read from results.jsonl when already there."""
+    shown: list[dict[str, Any]] = []  # this run's rows so far, in order, each once
+    measured: list[dict[str, Any]] = []  # the rows this call measured (not reused)
+
+    def show(row: dict[str, Any]) -> None:
+        if all(r["key"] != row["key"] for r in shown):
+            shown.append(row)
+
+    def report(progress: str | None, searched: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The summary of the rows so far; report.md and frontier.png rewritten from it (each
+        atomically, so a reader never sees half a file), saying ``progress`` while the sweep runs."""
+        rows = list(shown)
+        summary = summarize(rows, max_kl)
+        if searched is not None:
+            summary["search"] = {"tried": [r["label"] for r in searched["rows"]], "skipped": searched["skipped"],
+                                 "seconds": searched["seconds"], "complete": searched["complete"]}
+        summary["keys"] = [r["key"] for r in rows]
+        summary.update(model=model, budget=budget if points is None else "custom", seconds=time.perf_counter() - t0,
+                       results=str(results_path), report=str(out / "report.md"), plot=str(out / "frontier.png"),
+                       protocol={**(rows[0].get("protocol") or {}), "settings": {k: v for k, v in settings.items()}})
+        if progress is not None:
+            summary["progress"] = progress
+        write_report(out, rows, summary)
+        return summary
+
+    def run(points: list[Point], desc: str = "limit", stage: Any = None) -> list[dict[str, Any]]:
+        """Rows of ``points``: measured now, or read from results.jsonl when already there; the
+        report is rewritten after each point measured (``stage()``: what it says is in progress)."""
         from tqdm.auto import tqdm
 
         todo = [(p, settings) for p in points if p.key(context) not in done]
+        for p in points:
+            if p.key(context) in done:
+                show(done[p.key(context)])
         bar = tqdm(total=len(todo), desc=desc, unit="point", disable=not todo)
         for point, row in execute(todo, workers, address):
             row["key"] = point.key(context)
             _append(results_path, row)
             done[row["key"]] = row
+            measured.append(row)
+            show(row)
+            report(stage() if stage else "in progress")
             bar.set_postfix_str(f"{point.label}: bpw {row['bpw']:.2f} KL {row.get('kl_mean') or 0:.4f}")
             bar.update()
         bar.close()
         return [done[p.key(context)] for p in points]
 
-    rows = run(pts)
-    searched = None
-    if search and points is None:
-        from .search import SEARCH_SECONDS, near_lossless
+    searching = search and points is None
+    keys = {p.key(context) for p in pts}
 
-        searched = near_lossless(lambda p: run(p, "near-lossless search"), max_kl, SEARCH_SECONDS.get(budget, 0), rows)
-        seen = {r["key"] for r in rows}
+    def budget_stage() -> str:
+        n = sum(k in done for k in keys)
+        return f"{n} of {len(pts)} points" + ("; the near-lossless search follows" if searching else "")
+
+    rows = run(pts, stage=budget_stage)
+    searched = None
+    if searching:
+        from .search import BUDGET_LADDERS, SEARCH_SECONDS, SWEEP_CPU_SECONDS, near_lossless
+
+        ran: list[str] = []
+
+        def search_run(p: list[Point]) -> list[dict[str, Any]]:
+            got = run(p, "near-lossless search",
+                      stage=lambda: f"{len(pts)} of {len(pts)} points; near-lossless search: {len(ran) + 1} run")
+            ran.extend(r["label"] for r in got)
+            return got
+
+        allowance = SEARCH_SECONDS.get(budget, 0)
+        if budget in SWEEP_CPU_SECONDS:  # what the budget's points left of the sweep's CPU time
+            spent = max(time.process_time() - c0, sum(r.get("cpu_seconds") or 0 for r in measured))
+            allowance = max(0.0, min(allowance, SWEEP_CPU_SECONDS[budget] - spent))
+        searched = near_lossless(search_run, max_kl, allowance, rows, ladders=BUDGET_LADDERS.get(budget))
         for r in searched["rows"]:
-            if r["key"] not in seen:
-                seen.add(r["key"])
-                rows.append(r)
-    summary = summarize(rows, max_kl)
-    if searched is not None:
-        summary["search"] = {"tried": [r["label"] for r in searched["rows"]], "skipped": searched["skipped"],
-                             "seconds": searched["seconds"], "complete": searched["complete"]}
-    summary["keys"] = [r["key"] for r in rows]
-    summary.update(model=model, budget=budget if points is None else "custom", seconds=time.perf_counter() - t0,
-                   results=str(results_path), report=str(out / "report.md"), plot=str(out / "frontier.png"),
-                   protocol={**(rows[0].get("protocol") or {}), "settings": {k: v for k, v in settings.items()}})
-    write_report(out, rows, summary)
-    return summary
+            show(r)
+    return report(None, searched)
 
 
 def summarize(rows: list[dict[str, Any]], max_kl: float) -> dict[str, Any]:

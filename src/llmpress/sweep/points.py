@@ -154,19 +154,17 @@ def mixed_pack(target_bpw: float, menu: str = "gptq") -> Point:
 
 
 def _quick() -> list[Point]:
-    """About ten minutes for a 135M model on 2 cores: the lossless limit, RTN across the range,
-    GPTQ where RTN starts to hurt, one whitened factorization (the mixed points, ``MIXED_BPW``, are
-    added by the driver)."""
+    """The main job's budget, a few CPU-minutes for a 135M model on 2 cores, cheapest informative
+    first (the report is rewritten after each): RTN, which needs no calibration, across the range
+    (4 bits first: where quality starts to go; then 8 bits, then 3 bits for the knee), then the
+    lossless limit. The near-lossless search then fills the gap below 8 bits with packed RTN rungs
+    in the CPU time left (:data:`llmpress.sweep.search.SWEEP_CPU_SECONDS`). GPTQ, AWQ, low-rank and
+    mixed points, each several CPU-minutes here, are the full budget's."""
     return [
-        lossless(),
-        quant("rtn", 8, 128),
-        quant("rtn", 6, 128),
         quant("rtn", 4, 64),
+        quant("rtn", 8, 128),
         quant("rtn", 3, 64),
-        quant_pack("rtn", 3, 64),
-        quant("rtn", 2, 64),
-        quant("gptq", 3, 64, calib=True),
-        lowrank("whiten", 0.9),
+        lossless(),
     ]
 
 
@@ -192,7 +190,7 @@ BUDGETS: dict[str, Callable[[], list[Point]]] = {"quick": _quick, "full": _full}
 # calibration windows (of seq_len tokens) each budget uses unless told otherwise
 CALIB_SAMPLES = {"quick": 16, "full": 64}
 # targets (bpw) of each budget's mixed-precision points: one sensitivity table serves them all
-MIXED_BPW: dict[str, tuple[float, ...]] = {"quick": (4.0,), "full": (2.5, 3.0, 3.5, 4.0, 4.5)}
+MIXED_BPW: dict[str, tuple[float, ...]] = {"quick": (), "full": (2.5, 3.0, 3.5, 4.0, 4.5)}
 # and the menu they allocate from (the quick one measures a third of the gptq menu's encodings)
 MIXED_MENU: dict[str, str] = {"quick": "gptq-quick", "full": "gptq"}
 

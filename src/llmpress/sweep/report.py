@@ -45,6 +45,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> No
     lines = [title, "", f"Model: `{s['model']}`. Budget: {s['budget']}. Points: {len(rows)}. "
              + (f"Every KL and PPL below was measured under protocol `{labels[0]}`." if one else
                 "Rows measured under different protocols (column `protocol`) are not comparable."), ""]
+    if s.get("progress"):
+        lines += [f"**The sweep is in progress** ({s['progress']}): this report and the plot are rewritten as each "
+                  "point finishes; the recommendation may still change.", ""]
     rec = s.get("recommendation")
     if rec:
         lines += ["## Recommendation", "", f"**{rec['label']}**: {rec['why']}: {_fmt(rec['bpw'], '.3f')} bits per weight, "
@@ -60,7 +63,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> No
     found = s.get("search")
     if found:
         lines += ["", "## Near-lossless search", "",
-                  f"{len(found['tried'])} point{'' if len(found['tried']) == 1 else 's'} run in {found['seconds']:.0f} s"
+                  f"{len(found['tried'])} point{'' if len(found['tried']) == 1 else 's'} run in {found['seconds']:.0f} CPU seconds"
                   + ("" if found["complete"] else " (time ran out before every ladder was searched)") + ": "
                   + (", ".join(f"`{t}`" for t in found["tried"]) or "none") + "."]
         if found["skipped"]:
@@ -128,7 +131,8 @@ def plot(path: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     labels = sorted({protocol_label(r) for r in rows})
-    fig.suptitle(f"{s['model']}: rate–quality frontier (protocol {labels[0] if len(labels) == 1 else 'mixed'})")
+    fig.suptitle(f"{s['model']}: rate–quality frontier (protocol {labels[0] if len(labels) == 1 else 'mixed'})"
+                 + (f" (in progress: {s['progress']})" if s.get("progress") else ""))
     fig.tight_layout()
     with atomic_file(path, force=True) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -11,14 +11,17 @@ symbol each, scales entropy-coded: the same weights, so the same KL, at fewer bi
 answers both questions, whether it meets the threshold and what it costs; a rung whose plain
 form the sweep already measured and found over the threshold is not run again. Rungs that could
 not beat the best found so far even if packing saved ``1 - PACK_FLOOR`` of their bits are not
-tried, and ladders are tried in order while the time allowed still holds another run as long as
-the last one (a point is never interrupted, so the allowance is kept by not starting one).
+tried, and ladders are tried in order within an allowance of CPU seconds (the points' own CPU time,
+so a busy machine does not shorten the search). A point is never interrupted, so the allowance is
+kept by not starting one: before each run its duration is predicted from the points this sweep has
+measured (:class:`Estimate`) and a rung predicted to end past the allowance is not started.
 """
 from __future__ import annotations
 
 import logging
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from ..tensor import get_codec
@@ -114,12 +117,82 @@ LADDERS: tuple[Ladder, ...] = (
     Uniform("gptq", 64, (4, 5, 6)),
     Uniform("rtn", 128, (5, 6, 8)),
 )
-# seconds the search may spend (on top of the budget's own points)
-SEARCH_SECONDS = {"quick": 15 * 60, "full": 60 * 60}
+# the quick budget's: RTN only (a calibrated rung takes several CPU-minutes on a 135M model)
+QUICK_LADDERS: tuple[Ladder, ...] = (
+    Uniform("rtn", 128, (5, 6, 8)),
+    Uniform("rtn", 64, (4, 5, 6)),
+)
+BUDGET_LADDERS: dict[str, tuple[Ladder, ...]] = {"quick": QUICK_LADDERS, "full": LADDERS}
+# CPU seconds the search may spend (on top of the budget's own points)
+SEARCH_SECONDS = {"quick": 240, "full": 60 * 60}
+# CPU seconds a whole sweep of the budget may take (its points, then the search in what is left)
+SWEEP_CPU_SECONDS: dict[str, float] = {"quick": 345}
+# a calibrated point predicted with no calibrated row to go by: this many times the dearest row
+CALIB_FACTOR = 5.0
+# packing a quantized folder predicted with no point measured both ways: this share of the plain point
+PACK_SHARE = 0.3
+
+# a family no row of the sweep measured is predicted from another's rows: AWQ's scales with GPTQ's
+# codes cost GPTQ's run and AWQ's scale search (each a pass over the calibration windows)
+PROXY: dict[str, tuple[str, float]] = {"awq+gptq": ("gptq", 1.5), "awq": ("gptq", 1.2)}
 
 
 def _ok(row: Row, max_kl: float) -> bool:
     return row.get("kl_mean") is not None and row["kl_mean"] <= max_kl
+
+
+def cost(row: Row) -> float | None:
+    """CPU seconds a row's point took (its wall seconds for a row measured before rows had them)."""
+    return row.get("cpu_seconds", row.get("seconds"))
+
+
+def _family(point: Point) -> str:
+    return point.family.removesuffix("+pack")
+
+
+@dataclass
+class Estimate:
+    """A point's duration predicted from the rows this sweep measured (all on one model, so a
+    family's cost per parameter is its cost per point): the median of the same family's packed
+    rows for a packed point, else of its plain rows plus what packing added to a point measured
+    both ways; a family not measured is predicted from :data:`PROXY`'s family, scaled; with nothing
+    to go by, the dearest calibrated row (or the dearest row), so a guess errs long."""
+
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        if cost(row) is not None and row.get("family") != "lossless":
+            self.rows.append(row)
+
+    def _median(self, family: str) -> float | None:
+        xs = [cost(r) for r in self.rows if r["family"] == family]
+        return statistics.median(xs) if xs else None
+
+    def pack_extra(self) -> float:
+        """CPU seconds packing added: the largest of (packed − plain) over points measured both ways."""
+        plain = {r["label"]: cost(r) for r in self.rows if not r["family"].endswith("+pack")}
+        extra = [cost(r) - plain[r["label"].removesuffix("+pack")] for r in self.rows
+                 if r["family"].endswith("+pack") and r["label"].removesuffix("+pack") in plain]
+        return max([0.0, *extra])
+
+    def _pack(self, plain: float) -> float:
+        pairs = any(r["family"].endswith("+pack") for r in self.rows)
+        return self.pack_extra() if pairs else PACK_SHARE * plain
+
+    def seconds(self, point: Point) -> float:
+        fam, packed = _family(point), point.family.endswith("+pack")
+        scale = 1.0
+        if self._median(fam) is None and self._median(fam + "+pack") is None and fam in PROXY:
+            fam, scale = PROXY[fam]
+        if packed and self._median(fam + "+pack") is not None:
+            return scale * self._median(fam + "+pack")
+        plain = self._median(fam)
+        if plain is None:
+            calib = [cost(r) for r in self.rows if r.get("calib", r["family"] not in ("rtn", "rtn+pack"))]
+            every = [cost(r) for r in self.rows]
+            plain = max(calib) if calib else max(every, default=0.0) * (CALIB_FACTOR if point.calib else 1.0)
+            scale = 1.0
+        return scale * plain + (self._pack(scale * plain) if packed else 0.0)
 
 
 @dataclass
@@ -127,36 +200,55 @@ class Search:
     """One search: what it ran (``rows``, in order), what it skipped and why, its time."""
 
     max_kl: float
-    deadline: float
+    allowance: float  # CPU seconds the runs may take together
     known: dict[str, Row]  # label → a row the sweep already has
     rows: list[Row]
     skipped: list[str]
-    cut: bool = False  # a bisection stopped by the deadline
-    last: float = 0.0  # seconds the last run took (0 for a row reused)
+    estimate: Estimate
+    cut: bool = False  # a bisection stopped because the next run would overrun the allowance
+    spent: float = 0.0  # CPU seconds of the runs so far (0 for a row reused)
 
-    def time_left(self) -> bool:
-        """Whether another run as long as the last one ends before the deadline."""
-        return time.monotonic() + self.last < self.deadline
+    def fits(self, point: Point) -> bool:
+        """Whether ``point`` is predicted to end within the allowance (a row reused costs nothing)."""
+        if point.label in self.known:
+            return True
+        predicted = self.estimate.seconds(point)
+        ok = self.spent < self.allowance and self.spent + predicted <= self.allowance
+        if not ok:
+            log.info("near-lossless search: %s predicted at %.0f s, %.0f s left: not started", point.label,
+                     predicted, self.allowance - self.spent)
+        return ok
+
+    def decided(self, ladder: Ladder, i: int) -> Row | None:
+        """Rung ``i``'s plain row when the sweep has it and it misses the threshold (no run needed)."""
+        plain = self.known.get(ladder.plain(i).label)
+        return plain if plain is not None and not _ok(plain, self.max_kl) else None
 
     def judge(self, ladder: Ladder, i: int, run: Run) -> Row:
-        """Rung ``i``'s row: its plain row when the sweep has it and it misses the threshold (no
-        run), else its packed point, run (or reused)."""
-        plain = self.known.get(ladder.plain(i).label)
-        if plain is not None and not _ok(plain, self.max_kl):
+        """Rung ``i``'s row: :meth:`decided`'s, else its packed point, run (or reused)."""
+        plain = self.decided(ladder, i)
+        if plain is not None:
             return plain
-        t0 = time.monotonic()
-        row = run([ladder.packed(i)])[0]
-        self.last = time.monotonic() - t0
+        point = ladder.packed(i)
+        reused = point.label in self.known
+        t0 = time.process_time()
+        row = run([point])[0]
+        if not reused:
+            spent = cost(row)
+            self.spent += spent if spent is not None else time.process_time() - t0
+            self.estimate.add(row)
         self.known[row["label"]] = row
         self.rows.append(row)
         return row
 
     def first(self, ladder: Ladder, rungs: list[int], run: Run) -> Row | None:
         """Bisection over ``rungs`` (ascending) for the first whose mean KL ≤ ``max_kl``: its row,
-        or None (none does, or time ran out before one was found)."""
+        or None (none does, or the next run would overrun the allowance before one was found)."""
         lo, hi, best = 0, len(rungs) - 1, None
-        while lo <= hi and self.time_left():
+        while lo <= hi:
             mid = (lo + hi) // 2
+            if self.decided(ladder, rungs[mid]) is None and not self.fits(ladder.packed(rungs[mid])):
+                break
             row = self.judge(ladder, rungs[mid], run)
             if _ok(row, self.max_kl):
                 best, hi = row, mid - 1
@@ -169,30 +261,33 @@ class Search:
 def near_lossless(run: Run, max_kl: float, seconds: float, known: list[Row],
                   ladders: tuple[Ladder, ...] | None = None) -> dict[str, Any]:
     """Search ``ladders`` (default :data:`LADDERS`) for the smallest configuration with mean KL ≤
-    ``max_kl`` within ``seconds``; ``known`` rows (the sweep's) bound the search and decide rungs
-    they measured. Returns ``rows`` (every row it ran or reused, in order), ``best`` (the
-    smallest row meeting the threshold, the sweep's included; None if none), ``skipped`` (ladders
-    and why), ``seconds`` and ``complete`` (False where time ran out)."""
-    t0 = time.monotonic()
-    s = Search(max_kl, t0 + seconds, {r["label"]: r for r in known}, [], [])
+    ``max_kl`` within ``seconds`` of CPU time; ``known`` rows (the sweep's) bound the search, decide
+    rungs they measured and predict how long a rung takes (:class:`Estimate`). Returns ``rows``
+    (every row it ran or reused, in order), ``best`` (the smallest row meeting the threshold, the
+    sweep's included; None if none), ``skipped`` (ladders and why), ``seconds`` (CPU seconds its runs
+    took) and ``complete`` (False where a run it needed was predicted to overrun the allowance)."""
+    estimate = Estimate()
+    for r in known:
+        estimate.add(r)
+    s = Search(max_kl, seconds, {r["label"]: r for r in known}, [], [], estimate)
     ok = [r for r in known if r["family"] != "lossless" and _ok(r, max_kl)]
     best = min(ok, key=lambda r: (r["bpw"], r["kl_mean"]), default=None)
     complete = True
     for ladder in LADDERS if ladders is None else ladders:
-        if not s.time_left():
-            complete = False
-            s.skipped.append(f"{ladder.name}: time is up")
-            log.info("near-lossless search: time is up before the %s ladder", ladder.name)
-            continue
         bound = best["bpw"] if best else float("inf")
         rungs = [i for i in range(len(ladder)) if ladder.estimate(i) * PACK_FLOOR < bound]
         if not rungs:
             s.skipped.append(f"{ladder.name}: cannot beat {bound:.3f} bpw")
+            continue
+        mid = rungs[(len(rungs) - 1) // 2]
+        if s.decided(ladder, mid) is None and not s.fits(ladder.packed(mid)):
+            complete = False
+            s.skipped.append(f"{ladder.name}: time is up (a rung is predicted at "
+                             f"{s.estimate.seconds(ladder.packed(mid)):.0f} s, {max(0.0, seconds - s.spent):.0f} s left)")
             continue
         hit = s.first(ladder, rungs, run)
         if hit is not None and (best is None or (hit["bpw"], hit["kl_mean"]) < (best["bpw"], best["kl_mean"])):
             best = hit
             log.info("near-lossless search: %s at %.3f bpw (KL %.4g)", hit["label"], hit["bpw"], hit["kl_mean"])
     complete = complete and not s.cut
-    return {"rows": s.rows, "best": best, "skipped": s.skipped, "seconds": time.monotonic() - t0,
-            "complete": complete}
+    return {"rows": s.rows, "best": best, "skipped": s.skipped, "seconds": s.spent, "complete": complete}
