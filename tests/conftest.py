@@ -12,19 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import tinytok
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LLMPRESS_FSYNC", "0")  # outputs are still atomic; only a power cut could tell (test_kill_points syncs)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
-DATA = Path(__file__).parent / "data"
-# the tiny tokenizer's training text: a frozen copy of ARCHITECTURE.md (the project's own prose)
-TOKENIZER_TEXT = DATA / "tokenizer-text.md"
-TINY_VOCAB = 512
-# SmolLM2's special tokens, at SmolLM2's ids (0, 1, 2)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # fixtures that resolve the real SmolLM2: a test whose fixture closure holds one is slow
 REAL_MODEL_FIXTURES = {"smollm_dir"}
 
@@ -57,31 +51,28 @@ def minilm_dir() -> Path:
     return resolve("minilm-l6").path
 
 
-def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
-    """A GPT-2-style byte-level BPE of ``vocab_size`` tokens, trained on TOKENIZER_TEXT: every byte
-    has a token (any text encodes), SmolLM2's special tokens at its ids, no BOS/EOS added around a
-    text (as SmolLM2), a chat template. Deterministic: the same text and trainer give the same merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.decoder = decoders.ByteLevel()
-    paragraphs = TOKENIZER_TEXT.read_text(encoding="utf-8").split("\n\n")
-    tk.train_from_iterator(paragraphs, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=SPECIALS[0], bos_token=SPECIALS[1],
-                                   eos_token=SPECIALS[2], pad_token=SPECIALS[0], chat_template=CHAT_TEMPLATE)
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """The tests' own byte-level BPE (:mod:`tinytok`, 512 tokens) as an HF tokenizer folder."""
+    return tinytok.save(tmp_path_factory.mktemp("tiny-tokenizer"))
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama with random weights and the tiny tokenizer (:func:`tiny_tokenizer`), saved as an
+def family_tokenizer_dir(tmp_path_factory) -> Path:
+    """The same tokenizer trained to the family matrix's vocabulary (``families.VOCAB``)."""
+    from families import VOCAB
+
+    return tinytok.save(tmp_path_factory.mktemp("family-tokenizer"), VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A 2-layer Llama with random weights and the tests' own tokenizer (:mod:`tinytok`), saved as an
     HF folder (safetensors, tokenizer.json, tokenizer_config.json). For tests that need *a* small
     model; those that mean SmolLM2 itself take ``smollm_dir`` (and are slow)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = tiny_tokenizer()
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -94,7 +85,6 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg).eval()
     out = tmp_path_factory.mktemp("tiny-llama")

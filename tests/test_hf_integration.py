@@ -18,6 +18,7 @@ from llmpress.io.folder import compressed_module, module_state_names
 from llmpress.lowrank.linear import LowRankLinear
 from llmpress.quant.linear import QuantLinear
 from llmpress.tensor import Stats, get_codec
+import tinytok  # tests/: the tiny models' tokenizer; VOCAB bounds their token ids
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -29,7 +30,7 @@ def _auto():
 
 
 def _ids():
-    return torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, tinytok.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 def _logits(model, ids):
