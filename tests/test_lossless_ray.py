@@ -62,11 +62,11 @@ def cluster():
 @needs_ray
 def test_workers_pack_is_byte_identical_and_unpacks(sharded, cluster, tmp_path, monkeypatch):
     one = tmp_path / "one.llmp"
-    a = pack(sharded, one, threads=2)
-    monkeypatch.setattr(fanout, "BATCH_BYTES", 1 << 20)  # several batches per shard
+    a = pack(sharded, one, threads=2, chunk_bytes=16 << 10)
+    monkeypatch.setattr(fanout, "BATCH_BYTES", 16 << 10)  # several batches per shard (shards of ~100 KiB)
     seen: list[int] = []
     two = tmp_path / "two.llmp"
-    b = pack(sharded, two, workers=2, threads=1, progress=seen.append)
+    b = pack(sharded, two, workers=2, threads=1, chunk_bytes=16 << 10, progress=seen.append)
     assert b["workers"] == 2 and a["files"] == b["files"] >= 6
     assert _sha(one) == _sha(two)
     assert sum(seen) == b["bytes_in"] and len(seen) > b["files"]
