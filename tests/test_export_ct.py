@@ -17,7 +17,6 @@ from llmpress.targets.api import ExportRefused, export
 from llmpress.tensor import decode, get_codec
 import tinytok  # tests/: the tiny models' tokenizer; VOCAB bounds their token ids
 
-pytest.importorskip("compressed_tensors")
 # transformers warns that the checkpoint's own quantization_config wins, only `dequantize` is taken
 pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
 
