@@ -14,7 +14,6 @@ import torch
 from typer.testing import CliRunner
 
 import llmpress
-from llmpress.integrations.llama_cpp import find_tools
 from llmpress.targets import ExportSource
 from llmpress.targets.api import ExportRefused, export
 from llmpress.targets.gguf_arch import ARCHS, arch_of, rotary_row_perm
@@ -168,33 +167,6 @@ def test_metadata_and_names(tiny_llama_dir, tmp_path):
     assert f["tokenizer.ggml.add_bos_token"] is False and "im_start" in f["tokenizer.chat_template"]
     assert f["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_0)
     assert len(r.fields["tokenizer.ggml.tokens"].data) == tinytok.VOCAB and len(r.fields["tokenizer.ggml.merges"].data) > 0
-
-
-TOKENIZE_TEXT = "Hello world, it's 2024: 12345 tokens!  Spaces\tand\nnewlines; don't we'll \u00e9t\u00e9 \U0001f680"
-
-
-def _llama_completion() -> Path | None:
-    tools = find_tools()
-    return tools / "llama-completion" if tools is not None and (tools / "llama-completion").is_file() else None
-
-
-@pytest.mark.skipif(_llama_completion() is None, reason="llama.cpp's llama-completion is not built (bench/build-llama-cpp.sh)")
-def test_llama_cpp_tokenizes_as_transformers(tiny_llama_dir, tmp_path):
-    """The exported vocabulary, merges and pre-tokenizer make llama.cpp split a text into the very
-    ids transformers gives (a user-trained BPE: no hash of llama.cpp's names it)."""
-    import re
-    import subprocess
-
-    from transformers import AutoTokenizer
-
-    export(tiny_llama_dir, tmp_path / "m.gguf", format="gguf")
-    r = subprocess.run([str(_llama_completion()), "-m", str(tmp_path / "m.gguf"), "-p", TOKENIZE_TEXT,
-                        "-n", "0", "--verbose-prompt", "--no-warmup", "-no-cnv", "-t", "1", "-c", "128", "-lv", "4"],
-                       capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)  # pieces may be part of a character
-    assert r.returncode == 0, r.stderr[-2000:]
-    # --verbose-prompt logs the prompt's tokens, one "[time] I <id> -> '<piece>'" line each
-    ids = [int(m) for m in re.findall(r"^(?:\S+ )?I +(\d+) -> '", r.stdout + r.stderr, flags=re.M)]
-    assert ids == AutoTokenizer.from_pretrained(str(tiny_llama_dir)).encode(TOKENIZE_TEXT)
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
