@@ -5,10 +5,10 @@ nothing is downloaded) and a shrink rule: the sizes that make it tiny (2 layers,
 sliding windows shorter than the test windows so they act). Every structural trait stays: GQA
 ratio, explicit head_dim, biases, tied heads, RoPE scaling, norm offsets, soft-capping, layer
 types, fused projections, Conv1D, learned positions. ``build`` writes a real HF folder: the
-config, a seeded random ``from_config`` init in model.safetensors, and SmolLM2's tokenizer cut to
-its first ``VOCAB`` tokens (the special tokens, the 256 bytes, the merges that make the rest), the
-vocabulary and special-token ids sized to it: a real BPE that loads in milliseconds where the full
-49k vocabulary takes most of a second per load and dominates these tiny models' forwards.
+config, a seeded random ``from_config`` init in model.safetensors, and a byte-level BPE of ``VOCAB``
+tokens (the tests' own, :mod:`tinytok`, as conftest's ``family_tokenizer_dir`` saves it; a larger
+one is cut to its first ``VOCAB`` tokens and the merges among them), the vocabulary and
+special-token ids sized to it: a real BPE that loads in milliseconds.
 """
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ VOCAB = 2048
 
 
 def small_tokenizer(tokenizer_dir: Path, out: Path, vocab: int = VOCAB) -> Path:
-    """SmolLM2's byte-level BPE with the tokens of id < ``vocab`` and the merges among them, saved to ``out``."""
+    """The byte-level BPE in ``tokenizer_dir`` with the tokens of id < ``vocab`` and the merges among them, saved to ``out``."""
     import json
     import shutil
 

@@ -15,6 +15,7 @@ from llmpress.device import TORCH_PATHS_ENV, DeviceError, host_kernels, resolve_
 from llmpress.quant.gptq import choose_loop, gptq_quantize
 from llmpress.quant.grids import GridSpec
 from llmpress.recipe import Recipe
+import tinytok  # tests/: the tiny models' tokenizer; VOCAB bounds their token ids
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="torch sees no CUDA device")
@@ -248,7 +249,7 @@ def test_cuda_quant_linear_leaves_the_cpu_kernel(tiny_dir, tmp_path):
     out = tmp_path / "rtn4"
     compress(tiny_dir, Recipe.uniform("rtn", bits=4, group_size=32), out, progress=False)
     model = llmpress.load(out)
-    ids = torch.randint(0, 1000, (1, 16))
+    ids = torch.randint(0, tinytok.VOCAB, (1, 16))
     with torch.inference_mode():
         ref = model(input_ids=ids).logits
         model.to("cuda")

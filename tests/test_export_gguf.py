@@ -19,6 +19,7 @@ from llmpress.targets.api import ExportRefused, export
 from llmpress.targets.gguf_arch import ARCHS, arch_of, rotary_row_perm
 from llmpress.targets.gguf_verify import verify
 from llmpress.quant.grids import GridSpec
+import tinytok  # tests/: the tiny models' tokenizer
 
 PRESETS = ["gguf:q4_0", "gguf:q4_1", "gguf:q5_0", "gguf:q5_1", "gguf:q8_0"]
 QTYPE = {"gguf:q4_0": "Q4_0", "gguf:q4_1": "Q4_1", "gguf:q5_0": "Q5_0", "gguf:q5_1": "Q5_1", "gguf:q8_0": "Q8_0"}
@@ -101,28 +102,12 @@ def test_sliding_window_llama_cpp_does_not_apply():
 
 
 # ----------------------------------------------------------------------------- tiny Llama
-def _small_tokenizer():
-    """A 300-token byte-level BPE trained here: gguf-py's reader takes seconds to parse a
-    49k-token vocabulary, this one milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    text = ["the quick brown fox jumps over the lazy dog " * 3, "llama.cpp runs GGUF files on laptops"] * 20
-    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>")
-
-
 def _small_model(out: Path, kind: str, **sizes) -> Path:
-    """A random model of architecture ``kind`` with the small tokenizer, saved to ``out``: 2 layers,
-    64 wide, tied, unless ``sizes`` (config values) say otherwise."""
+    """A random model of architecture ``kind`` with the tests' tokenizer (:mod:`tinytok`), saved to
+    ``out``: 2 layers, 64 wide, tied, unless ``sizes`` (config values) say otherwise."""
     import transformers as tf
 
-    tok = _small_tokenizer()
+    tok = tinytok.train()
     common = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
     decoder = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512)
@@ -139,12 +124,6 @@ def _small_model(out: Path, kind: str, **sizes) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def small_vocab_llama(tmp_path_factory) -> Path:
-    """A 2-layer Llama like ``tiny_llama_dir`` with the small tokenizer."""
-    return _small_model(tmp_path_factory.mktemp("small-vocab-llama"), "llama")
-
-
 def _exact(v: dict) -> None:
     ex = {k: x for k, x in v["layers"].items() if x["exact_layer"]}
     assert len(ex) == 2 * 7
@@ -153,9 +132,9 @@ def _exact(v: dict) -> None:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_rtn_preset_exports_exactly(small_vocab_llama, tmp_path, preset):
+def test_rtn_preset_exports_exactly(tiny_llama_dir, tmp_path, preset):
     q = tmp_path / "q"
-    llmpress.quantize(small_vocab_llama, q, method="rtn", grid=preset, progress=False)
+    llmpress.quantize(tiny_llama_dir, q, method="rtn", grid=preset, progress=False)
     rep = export(q, tmp_path / "m.gguf", format="gguf")
     assert rep["exact"] == 14 and not rep["fallback"] and rep["file_type"] == QTYPE[preset]
     r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
@@ -165,7 +144,8 @@ def test_rtn_preset_exports_exactly(small_vocab_llama, tmp_path, preset):
 
 
 def test_metadata_and_names(tiny_llama_dir, tmp_path):
-    """Tensor names and the keys llama.cpp reads, with SmolLM2's real tokenizer."""
+    """Tensor names and the keys llama.cpp reads, with the tests' own byte-level BPE (SmolLM2's real
+    tokenizer: test_smollm2_rtn_q4_1_reproduces_packaged_gguf, every key against the packaged file)."""
     q = tmp_path / "q"
     llmpress.quantize(tiny_llama_dir, q, method="rtn", grid="gguf:q4_0", progress=False)
     export(q, tmp_path / "m.gguf", format="gguf")
@@ -182,27 +162,28 @@ def test_metadata_and_names(tiny_llama_dir, tmp_path):
     assert (f["llama.embedding_length"], f["llama.feed_forward_length"]) == (64, 160)
     assert (f["llama.attention.head_count"], f["llama.attention.head_count_kv"]) == (4, 2)
     assert f["llama.rope.dimension_count"] == 16 and f["tokenizer.ggml.model"] == "gpt2"
-    assert f["tokenizer.ggml.pre"] == "smollm" and f["tokenizer.ggml.eos_token_id"] == 2
+    # a vocabulary llama.cpp has no hash for, recognised by its split (GPT-2's regex)
+    assert f["tokenizer.ggml.pre"] == "gpt-2" and f["tokenizer.ggml.eos_token_id"] == 2
     assert f["tokenizer.ggml.add_bos_token"] is False and "im_start" in f["tokenizer.chat_template"]
     assert f["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_0)
-    assert len(r.fields["tokenizer.ggml.tokens"].data) == 49152 and len(r.fields["tokenizer.ggml.merges"].data) > 0
+    assert len(r.fields["tokenizer.ggml.tokens"].data) == tinytok.VOCAB and len(r.fields["tokenizer.ggml.merges"].data) > 0
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_calibrated_q4_0_exports_exactly(small_vocab_llama, tmp_path, method):
+def test_calibrated_q4_0_exports_exactly(tiny_llama_dir, tmp_path, method):
     """GPTQ (compiled column loop, Hessian clipping search) and AWQ (scales folded into the
     norms, clipping search) on the signed-scale grid."""
     q = tmp_path / "q"
-    llmpress.quantize(small_vocab_llama, q, method=method, grid="gguf:q4_0", samples=4, seq_len=64, progress=False)
+    llmpress.quantize(tiny_llama_dir, q, method=method, grid="gguf:q4_0", samples=4, seq_len=64, progress=False)
     man = json.loads((q / "llmpress.json").read_text())
     assert {e["meta"]["grid"] for e in man["tensors"].values()} == {"sym_signed"}
     export(q, tmp_path / "m.gguf", format="gguf")
     _exact(verify(tmp_path / "m.gguf", q))
 
 
-def test_refusal_names_layers_then_fallbacks(small_vocab_llama, tmp_path):
+def test_refusal_names_layers_then_fallbacks(tiny_llama_dir, tmp_path):
     q = tmp_path / "q"
-    llmpress.quantize(small_vocab_llama, q, method="rtn", bits=4, group_size=64, grid="asymz", progress=False)
+    llmpress.quantize(tiny_llama_dir, q, method="rtn", bits=4, group_size=64, grid="asymz", progress=False)
     with pytest.raises(ExportRefused, match=r"(?s)14 of 14 .*model\.layers\.0\.self_attn\.q_proj\.weight: grid asymz"):
         export(q, tmp_path / "m.gguf", format="gguf")
     assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".m.gguf*"))
@@ -231,19 +212,19 @@ def test_refusal_reasons():
     assert "AWQ input scale" in why_not_blocks(ct)
 
 
-def test_original_with_type_q8_0_and_cli(small_vocab_llama, tmp_path):
+def test_original_with_type_q8_0_and_cli(tiny_llama_dir, tmp_path):
     out = tmp_path / "o.gguf"
     from llmpress.cli import _load_commands, app
 
     _load_commands()
-    r = CliRunner().invoke(app, ["export", str(small_vocab_llama), "-o", str(out), "--format", "gguf",
+    r = CliRunner().invoke(app, ["export", str(tiny_llama_dir), "-o", str(out), "--format", "gguf",
                                  "--type", "q8_0", "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["types"] == {"Q8_0": 15, "F32": 5} and rep["file_type"] == "Q8_0" and rep["exact"] == 0
     rd = gguf.GGUFReader(str(out))
     t = {x.name: x for x in rd.tensors}
-    src = ExportSource(small_vocab_llama)
+    src = ExportSource(tiny_llama_dir)
     with src:
         wq = src.get("model.layers.1.self_attn.q_proj.weight").tensor().float()
         wv = src.get("model.layers.1.self_attn.v_proj.weight").tensor().float()
@@ -252,7 +233,7 @@ def test_original_with_type_q8_0_and_cli(small_vocab_llama, tmp_path):
     assert np.array_equal(t["blk.1.attn_q.weight"].data, gguf.quants.quantize(wq[perm].numpy(), gguf.GGMLQuantizationType.Q8_0))
     assert np.array_equal(t["blk.1.attn_v.weight"].data, gguf.quants.quantize(wv.numpy(), gguf.GGMLQuantizationType.Q8_0))
     assert rd.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
-    r = CliRunner().invoke(app, ["export", str(small_vocab_llama), "-o", str(tmp_path / "x.gguf"), "--format", "gguf",
+    r = CliRunner().invoke(app, ["export", str(tiny_llama_dir), "-o", str(tmp_path / "x.gguf"), "--format", "gguf",
                                  "--type", "q3_k"])
     assert r.exit_code != 0 and "unknown GGUF tensor type" in r.output
 
@@ -318,20 +299,20 @@ def test_other_architectures_export_exactly(tmp_path, kind, n_linear):
     assert want[kind] in names
 
 
-def test_cli_quantize_preset_then_export(small_vocab_llama, tmp_path):
+def test_cli_quantize_preset_then_export(tiny_llama_dir, tmp_path):
     from llmpress.cli import _load_commands, app
 
     _load_commands()
     run = CliRunner().invoke
     q = tmp_path / "q"
-    r = run(app, ["quantize", str(small_vocab_llama), "-o", str(q), "--grid", "gguf:q5_1", "--json"])
+    r = run(app, ["quantize", str(tiny_llama_dir), "-o", str(q), "--grid", "gguf:q5_1", "--json"])
     assert r.exit_code == 0, r.output
     assert 6.0 <= json.loads(r.output.strip().splitlines()[-1])["bpw"] < 6.3  # 5 bits + 2 × FP16 per 32, + metadata
     r = run(app, ["export", str(q), "-o", str(tmp_path / "m"), "--format", "gguf", "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["out"].endswith("m.gguf") and rep["types"]["Q5_1"] == 14
-    r = run(app, ["quantize", str(small_vocab_llama), "-o", str(tmp_path / "x"), "--grid", "gguf:q4_0", "-b", "8"])
+    r = run(app, ["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "x"), "--grid", "gguf:q4_0", "-b", "8"])
     assert r.exit_code != 0 and "gguf:q4_0 fixes bits=4" in r.output
 
 

@@ -31,9 +31,9 @@ IDS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def fam(request, smollm_dir, tmp_path_factory) -> tuple[str, Path]:
+def fam(request, family_tokenizer_dir, tmp_path_factory) -> tuple[str, Path]:
     name = request.param
-    return name, build(name, tmp_path_factory.mktemp(name) / "orig", smollm_dir)
+    return name, build(name, tmp_path_factory.mktemp(name) / "orig", family_tokenizer_dir)
 
 
 def _logits(model, ids=IDS) -> torch.Tensor:
@@ -239,12 +239,12 @@ def _hf_type(folder: Path) -> str:
     return json.loads((folder / "config.json").read_text())["model_type"]
 
 
-def test_encoder_decoder_is_unsupported_before_any_work(smollm_dir, tmp_path):
+def test_encoder_decoder_is_unsupported_before_any_work(tiny_tokenizer_dir, tmp_path):
     """T5 has two stacks of blocks: calibrated methods refuse it by name, nothing is written."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     src = tmp_path / "t5"
-    tok = AutoTokenizer.from_pretrained(str(smollm_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                         num_heads=4, decoder_start_token_id=0)).save_pretrained(src)
     tok.save_pretrained(src)

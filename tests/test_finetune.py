@@ -148,14 +148,14 @@ def test_kl_loss_zero_at_identity_and_positive_otherwise():
     assert float(kl_loss(a, torch.randn(2, 5, 11))) > 0.01
 
 
-def test_overlap_refused_and_windows_deterministic(smollm_dir):
+def test_overlap_refused_and_windows_deterministic(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     para = " ".join(f"word{i}" for i in range(60))
     with pytest.raises(TextOverlapError, match="overlaps"):
         check_overlap("intro text here. " + para, {"eval": "other things. " + para})
     assert check_overlap("a b c " * 20, {"eval": "d e f " * 20}) == {"eval": 0.0}
-    tok = AutoTokenizer.from_pretrained(str(smollm_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     text = "The quick brown fox jumps over the lazy dog. " * 200
     a, b = train_windows(tok, text, 16, 10, seed=3), train_windows(tok, text, 16, 10, seed=3)
     assert torch.equal(a.batch(2, 4), b.batch(2, 4)) and a.batch(2, 4).shape == (4, 16)

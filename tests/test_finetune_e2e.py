@@ -15,6 +15,7 @@ from llmpress.recovery.loop import TrainConfig, train
 from llmpress.io.folder import load_folder, read_manifest
 from llmpress.pipeline import compress
 from llmpress.recipe import Recipe
+import tinytok  # tests/: the tiny models' tokenizer; VOCAB bounds their token ids
 
 FAST = dict(seq_len=32, batch_size=2, progress=False, checkpoint_every=2, grad_ckpt=False)
 
@@ -35,7 +36,7 @@ def svd60(tiny_llama_dir, tmp_path_factory) -> Path:
 
 def _ids(tiny_llama_dir, n=2, t=32):
     g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 1000, (n, t), generator=g)
+    return torch.randint(0, tinytok.VOCAB, (n, t), generator=g)
 
 
 @pytest.mark.parametrize("which, lr", [("rtn3", 1e-4), ("svd60", 1e-3)])

@@ -52,13 +52,13 @@ def whole_model_fisher(model: torch.nn.Module, ids: torch.Tensor, batch_size: in
 
 
 @pytest.fixture(scope="module")
-def models(smollm_dir, tmp_path_factory) -> dict[str, Path]:
+def models(family_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     """Llama (untied head's absence: tied), GPT-2 (Conv1D, LayerNorm, learned positions) and Gemma 2
     (logit soft-capping after the head, sliding-window layers, a scaled embedding)."""
     import json
 
     root = tmp_path_factory.mktemp("fisher")
-    out = {name: build(name, root / name, smollm_dir) for name in ("llama3", "gpt2", "gemma2")}
+    out = {name: build(name, root / name, family_tokenizer_dir) for name in ("llama3", "gpt2", "gemma2")}
     cfg = out["gemma2"] / "config.json"  # a cap the random model's logits reach: the soft-capping matters
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "final_logit_softcapping": 0.5}))
     return out

@@ -1,7 +1,6 @@
 """The limit sweep: frontier, knee, allocation, resume, report consistency, Ray = local."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -108,7 +107,6 @@ def test_torn_last_line_is_ignored(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed")
 def test_ray_gives_the_same_results_as_local(tiny_llama_dir, tmp_path):
     pts = [quant("rtn", 3, 32), quant("rtn", 6, 32)]
     limit(str(tiny_llama_dir), tmp_path / "local", points=pts, workers=1, **FAST)

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("lm_eval")
-
-import llmpress  # noqa: E402
-import llmpress.cli  # noqa: E402
-from llmpress.cli import app  # noqa: E402
-from llmpress.eval.tasks import evaluate_tasks, paired_se  # noqa: E402
-from llmpress.integrations.lm_eval import TaskError  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import llmpress
+import llmpress.cli
+from llmpress.cli import app
+from llmpress.eval.tasks import evaluate_tasks, paired_se
+from llmpress.integrations.lm_eval import TaskError
+from typer.testing import CliRunner
 
 llmpress.cli._load_commands()
 runner = CliRunner()

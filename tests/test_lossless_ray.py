@@ -3,7 +3,6 @@ missing or an address where nothing answers is refused before any output exists.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import socket
@@ -19,8 +18,6 @@ from typer.testing import CliRunner
 from llmpress.cluster import ClusterError
 from llmpress.lossless import fanout
 from llmpress.lossless.container import pack, unpack
-
-needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed")
 
 
 def _sha(path: Path) -> str:
@@ -59,14 +56,13 @@ def cluster():
         yield c
 
 
-@needs_ray
 def test_workers_pack_is_byte_identical_and_unpacks(sharded, cluster, tmp_path, monkeypatch):
     one = tmp_path / "one.llmp"
-    a = pack(sharded, one, threads=2)
-    monkeypatch.setattr(fanout, "BATCH_BYTES", 1 << 20)  # several batches per shard
+    a = pack(sharded, one, threads=2, chunk_bytes=16 << 10)
+    monkeypatch.setattr(fanout, "BATCH_BYTES", 16 << 10)  # several batches per shard (shards of ~100 KiB)
     seen: list[int] = []
     two = tmp_path / "two.llmp"
-    b = pack(sharded, two, workers=2, threads=1, progress=seen.append)
+    b = pack(sharded, two, workers=2, threads=1, chunk_bytes=16 << 10, progress=seen.append)
     assert b["workers"] == 2 and a["files"] == b["files"] >= 6
     assert _sha(one) == _sha(two)
     assert sum(seen) == b["bytes_in"] and len(seen) > b["files"]
@@ -77,7 +73,6 @@ def test_workers_pack_is_byte_identical_and_unpacks(sharded, cluster, tmp_path, 
             assert (back / f.relative_to(sharded)).read_bytes() == f.read_bytes(), f.name
 
 
-@needs_ray
 def test_policy_and_chunk_size_travel_to_the_workers(sharded, cluster, tmp_path):
     one, two = tmp_path / "one.llmp", tmp_path / "two.llmp"
     pack(sharded, one, policy="zstd", chunk_bytes=64 << 10, threads=1)
@@ -85,7 +80,6 @@ def test_policy_and_chunk_size_travel_to_the_workers(sharded, cluster, tmp_path)
     assert _sha(one) == _sha(two)
 
 
-@needs_ray
 def test_workers_import_llmpress_from_the_driver_source(cluster):
     """Local cluster: the driver's source folder first on the workers' path; an existing cluster
     (``--address``): the package shipped with the job (its own Ray session, in a subprocess)."""
@@ -109,7 +103,6 @@ def test_workers_import_llmpress_from_the_driver_source(cluster):
     assert (shipped.parent / "lossless" / "fanout.py").read_bytes() == (here.parent / "lossless" / "fanout.py").read_bytes()
 
 
-@needs_ray
 def test_a_workers_error_is_the_one_process_error(sharded, cluster, tmp_path):
     from llmpress.lossless.segments import HeaderError
 
@@ -123,7 +116,6 @@ def test_a_workers_error_is_the_one_process_error(sharded, cluster, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".x.llmp*"))
 
 
-@needs_ray
 def test_a_node_with_other_coding_libraries_is_refused(sharded, cluster, tmp_path, monkeypatch):
     versions = {**fanout.coder_versions(), "zstd": "0.0.1"}
     monkeypatch.setattr(fanout, "coder_versions", lambda: versions)  # the driver's view only

@@ -354,7 +354,6 @@ def test_qwen3_moe_rtn_and_generate(tmp_path, tokenizer_dir):
 
 def test_experts_fan_out_on_ray(tmp_path, tokenizer_dir, calib_file, caplog, monkeypatch):
     """GPTQ with the experts encoded in Ray tasks on a local cluster writes the same bytes as one process."""
-    pytest.importorskip("ray")
     sent: list[int] = []
     fan_out = moe.fan_out
     monkeypatch.setattr(moe, "fan_out", lambda fn, jobs, cluster: sent.append(len(jobs)) or fan_out(fn, jobs, cluster))

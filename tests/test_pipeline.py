@@ -12,6 +12,7 @@ from llmpress.pipeline import calib_ids, collect_stats, compress
 from llmpress.recipe import Recipe, Rule
 from llmpress.errors import InputError
 from llmpress.tensor import Codec, CompressedTensor, Stats, register
+import tinytok  # tests/: the tiny models' tokenizer; VOCAB bounds their token ids
 
 
 class _Round(Codec):
@@ -81,7 +82,7 @@ def test_compress_roundtrip_tiny(tiny_llama_dir, tmp_path, calib_file, codec):
 
     ref = llmpress.load(tiny_llama_dir)
     got = llmpress.load(out)
-    ids = torch.randint(0, 1000, (2, 16))
+    ids = torch.randint(0, tinytok.VOCAB, (2, 16))
     a, b = _logits(ref, ids), _logits(got, ids)
     assert not torch.equal(a, b)  # it really was rounded
     assert torch.allclose(a, b, atol=0.05), (a - b).abs().max()
@@ -233,7 +234,7 @@ def test_statistics_of_a_block_stop_after_its_last_linear_input(tiny_llama_dir):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
     block = model.model.layers[0]
-    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, tinytok.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         h = model.model.embed_tokens(ids)
         pos = model.model.rotary_emb(h, torch.arange(12)[None])

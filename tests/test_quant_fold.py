@@ -7,6 +7,7 @@ import torch
 import llmpress
 from llmpress.quant.fold import PATTERNS, FoldedStats, _gqa_expand, apply_fold, fold_block
 from llmpress.tensor import Stats, get_codec
+import tinytok  # tests/: the tiny models' tokenizer; VOCAB bounds their token ids
 
 
 @pytest.fixture()
@@ -15,7 +16,7 @@ def tiny_block(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
-    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, tinytok.VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         h = model.model.embed_tokens(ids)
         h = h * torch.linspace(0.2, 5.0, h.shape[-1])  # uneven channels, as real activations
@@ -104,7 +105,7 @@ def test_folded_awq_end_to_end_stores_no_scale(tiny_llama_dir, tmp_path):
     assert awq_s["bpw"] > awq["bpw"] + 0.1  # fp16 in_scale per input channel on 64–160-wide layers
     model, model_s, ref = (llmpress.load(p) for p in (tmp_path / "awq", tmp_path / "awq-s", tiny_llama_dir))
     assert not torch.allclose(model.model.layers[1].input_layernorm.weight, ref.model.layers[1].input_layernorm.weight)
-    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, tinytok.VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         lr, lf, ls = (m(input_ids=ids).logits.log_softmax(-1) for m in (ref, model, model_s))
     kl = lambda a: torch.nn.functional.kl_div(a, lr, log_target=True, reduction="batchmean").item()

@@ -16,6 +16,7 @@ from llmpress.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from families import VOCAB, build  # noqa: E402
+import tinytok  # noqa: E402  (tests/: the tiny models' tokenizer; VOCAB bounds their token ids)
 
 IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
 KEEP_ALL = Recipe.from_dict({"rules": [{"match": ".*", "method": "keep"}]})
@@ -106,12 +107,12 @@ ROTATABLE = ["llama3", "qwen2.5", "qwen3", "phi3", "mistral"]
 
 
 @pytest.fixture(scope="module")
-def models(smollm_dir, tmp_path_factory) -> dict[str, Path]:
+def models(family_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rot")
-    made = {n: build(n, root / n, smollm_dir) for n in ROTATABLE}
-    made["gemma"] = _gemma1(root / "gemma", smollm_dir)
-    made["llama48"] = _llama(root / "llama48", smollm_dir, 48, tied=False)
-    made["llama52"] = _llama(root / "llama52", smollm_dir, 52, tied=True)
+    made = {n: build(n, root / n, family_tokenizer_dir) for n in ROTATABLE}
+    made["gemma"] = _gemma1(root / "gemma", family_tokenizer_dir)
+    made["llama48"] = _llama(root / "llama48", family_tokenizer_dir, 48, tied=False)
+    made["llama52"] = _llama(root / "llama52", family_tokenizer_dir, 52, tied=True)
     return made
 
 
@@ -150,14 +151,14 @@ def test_rotation_without_heads_and_a_tied_identity_norm(tiny_llama_dir, tmp_pat
     res = llmpress.compress(tiny_llama_dir, KEEP_ALL, out, rotate={"heads": False, "seed": 5}, progress=False)
     assert res["rotation"]["heads"] is None and not res["rotation"]["untied_head"]
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"]
-    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, tinytok.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     ref, got = _logits(_hf(tiny_llama_dir), ids), _logits(llmpress.load(out), ids)
     assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("name", ["gpt2", "opt", "gemma2"])
-def test_refused_before_any_work(smollm_dir, tmp_path, name: str) -> None:
-    orig = build(name, tmp_path / name, smollm_dir)
+def test_refused_before_any_work(family_tokenizer_dir, tmp_path, name: str) -> None:
+    orig = build(name, tmp_path / name, family_tokenizer_dir)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"^unsupported: rotate: "):
         llmpress.quantize(orig, out, method="gptq", bits=4, group_size=32, rotate=True, samples=2, seq_len=16,

@@ -121,7 +121,6 @@ def test_corpus_roots_take_any_release(tmp_path, monkeypatch):
 def test_a_local_dataset_in_wikitext_form(tmp_path, monkeypatch):
     """``hf:FOLDER`` reads a dataset folder the way the field reads WikiText-2 (rows of lines,
     headings and blank rows; the non-blank rows become paragraphs), with no network."""
-    pytest.importorskip("datasets")
     import json as _json
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

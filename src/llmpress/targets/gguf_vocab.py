@@ -8,8 +8,11 @@ llama.cpp implements per model family and selects by name (``tokenizer.ggml.pre`
 
 The pre-tokenizer is recognised as llama.cpp's converter does: encode a fixed text exercising
 whitespace runs, digits, emoji, scripts and contractions, hash the token ids, look the hash up.
-Only the hashes of the families the export supports are listed; an unknown one is written as
-``default`` with a warning (llama.cpp then splits like GPT-2, close but not identical).
+Only the hashes of the families the export supports are listed. A vocabulary whose hash is not
+listed (one its user trained) is recognised by its split instead where ``tokenizer.json`` declares
+one llama.cpp implements whatever the tokens (:data:`PRE_TOKENIZER_SPLITS`: a plain byte-level
+pre-tokenizer with GPT-2's regex and no normalizer is llama.cpp's ``gpt-2``); anything else is
+written as ``default`` with a warning (llama.cpp then splits like GPT-2, close but not identical).
 
 Byte-level BPE tokenizers (``tokenizer.json`` with a BPE model: GPT-2, Llama 3, SmolLM, Qwen)
 become ``tokenizer.ggml.model = gpt2``; SentencePiece-style ones (byte fallback, ``▁`` spaces:
@@ -44,6 +47,21 @@ PRE_TOKENIZERS = {
     "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # GPT-2
 }
+
+
+def _split_key(normalizer: Any, pre_tokenizer: Any) -> str:
+    """tokenizer.json's normalizer and pre-tokenizer as one key; ``trim_offsets`` (offsets, not ids) left out."""
+    pre = {k: v for k, v in pre_tokenizer.items() if k != "trim_offsets"} if isinstance(pre_tokenizer, dict) else pre_tokenizer
+    return json.dumps([normalizer, pre], sort_keys=True)
+
+
+# tokenizer.json's (normalizer, pre_tokenizer) → llama.cpp's pre-tokenizer name, for a vocabulary
+# whose CHECK_TEXT hash is not in PRE_TOKENIZERS: llama.cpp's split is a regex of its own, the same
+# whatever the vocabulary (gpt-2: the regex ByteLevel applies with use_regex, llama-vocab.cpp's GPT2)
+PRE_TOKENIZER_SPLITS: dict[str, str] = {
+    _split_key(None, {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}): "gpt-2",
+}
+
 # llama.cpp's vocabulary loader sets token attributes by *model name* (``general.name``, lower-cased):
 # a name containing one of these words → the tokens it looks up (``token_to_id.at``: one missing
 # and the model does not load, "unordered_map::at"). llama-vocab.cpp, llama_vocab::impl::load.
@@ -87,6 +105,9 @@ def _bpe_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int], str
             types.append(gguf.TokenType.NORMAL)
     h = sha256(str(tok.encode(CHECK_TEXT)).encode()).hexdigest()
     pre = PRE_TOKENIZERS.get(h)
+    if pre is None:
+        tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        pre = PRE_TOKENIZER_SPLITS.get(_split_key(tj.get("normalizer"), tj.get("pre_tokenizer")))
     if pre is None:
         log.warning("%s: pre-tokenizer not recognised (hash %s); writing 'default'", folder, h[:16])
         pre = "default"
