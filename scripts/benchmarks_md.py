@@ -180,6 +180,36 @@ def lossless_fp8(path: Path, data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def grid(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/grid.py: a dequantized checkpoint packed with and without its grids, against its source GGUF."""
+    g = data.get("gguf", {})
+    lines = _prov(data, path) + [f"Source GGUF `{g.get('file')}`: {_f(g.get('tensor_bits_per_param'), '.3f')} bits/param in "
+                                 f"its tensor data ({_f(g.get('file_bits_per_param'), '.3f')} the whole file). MB/s of the "
+                                 "original bytes, best of the reps; decode / BF16 against the BF16 MiniLM in the same run.", ""]
+    thr = sorted({t for r in data.get("rows", {}).values() for t in r.get("dec_mb_s", {})})
+    head = ["case", "bits/param", "tensors only", "bound", "bit-exact"] + [f"{w} {t}t" for t in thr
+                                                                            for w in ("enc MB/s", "dec MB/s", "dec / BF16")]
+    body = [[name, _f(r.get("bits_per_param"), ".3f"), _f(r.get("tensor_bits_per_param"), ".3f"),
+             _f(r.get("bound_bits_per_param"), ".3f"), "yes" if r.get("bit_exact") else "NO"]
+            + [c for t in thr for c in (_f(r["enc_mb_s"].get(t), ".0f"), _f(r["dec_mb_s"].get(t), ".0f"),
+                                        _f(r["dec_vs_bf16"].get(t), ".2f"))]
+            for name, r in data.get("rows", {}).items()]
+    return lines + _table(head, body)
+
+
+def demo(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/demo.py: the main job as a new user runs it, in a fresh process, timed whole."""
+    m = data.get("machine", {})
+    lines = _prov(data, path) + [
+        f"{m.get('cpus')} CPUs, load average at the end {_f((m.get('load_avg_at_end') or [None])[0], '.1f')}. The whole "
+        f"sweep: **{_f(data.get('cpu_s'), '.0f')} CPU seconds** (user + sys), {_f(data.get('wall_s'), '.0f')} s wall; "
+        f"the first report after {_f(data.get('first_report_cpu_s'), '.0f')} CPU seconds "
+        f"({_f(data.get('first_report_wall_s'), '.0f')} s wall).", "", f"Recommendation: {data.get('recommendation')}", ""]
+    body = [[f"`{p.get('label')}`", _f(p.get("bpw"), ".3f"), _f(p.get("kl_mean")), _f(p.get("cpu_seconds"), ".0f"),
+             _f(p.get("seconds"), ".0f")] for p in data.get("points", [])]
+    return lines + _table(["point (run order)", "bpw", "KL mean", "CPU s", "wall s"], body)
+
+
 def startup(path: Path, data: dict[str, Any]) -> list[str]:
     """bench/startup.py: whole fresh processes, alternating, median of the reps."""
     lines = _prov(data, path) + [f"{data.get('cpus')} CPUs; input {_f(data.get('input_bytes'), ',')} bytes; median of "
@@ -263,6 +293,9 @@ BENCHES = [
           "stores them), against zstd; the entropy bound, and decode speed against the BF16 path.",
           "python bench/lossless.py --files BF16 FP8 SmolLM2-FP8 FP8-E5M2 --tools 'llmpress (rans)' 'zstd -3' --reps 5 "
           "--out lossless-fp8.json", lossless_fp8),
+    Bench("grid.json", "Lossless: a checkpoint dequantized from a GGUF grid",
+          "The embedded SmolLM2-135M (Q4_1 linears and a Q8_0 embedding widened to FP32) packed with its grids found "
+          "and without, bit for bit.", "python bench/grid.py --reps 2 --threads 1 2", grid),
     Bench("startup.json", "Lossless start-up: whole fresh processes against ZipNN",
           "`llmpress pack/unpack/verify` of the BF16 MiniLM file as a user runs them (a fresh process each) beside "
           "ZipNN's, alternating.", "python bench/startup.py --reps 5 --baseline OTHER_CHECKOUT/src", startup),
@@ -270,6 +303,9 @@ BENCHES = [
           "Mutated `.llmp` files and output folders fed to the readers: each must be refused or read correctly, "
           "never crash, hang or return wrong bytes.",
           "python bench/fuzz.py --seed 7 --readers llmp --state bench/out/fuzz-seed7-llmp.json", fuzz),
+    Bench("demo.json", "`make demo`: the quick sweep's time as a user sees it",
+          "`llmpress limit smollm2-135m --budget quick` in a fresh process with cold caches, timed whole, with the "
+          "time until the first report.md appears.", "python bench/demo.py", demo),
     Bench("limit/results.jsonl", "The compression limit sweep (SmolLM2-135M, quick budget)",
           "`make demo`'s sweep, written under bench/out so that this page shows it.",
           "llmpress limit smollm2-135m -o bench/out/limit --budget quick", limit_rows),
