@@ -57,7 +57,7 @@ def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int =
 def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0,
                        grid: Grid | None = None) -> tuple[list, ChunkStats]:
     """:func:`encode_chunk` as a list of buffers to write in order (a raw stream is a view of
-    its field, not a copy: on FP32 the raw tails are ~70 % of the output). With ``grid`` (the
+    its field, not a copy: on FP32 the raw tails are most of the output). With ``grid`` (the
     segment's, format 3) the payload starts with a mode byte: 1 and the grid's fields where every
     block of the chunk reproduces bit for bit on the grid, else 0 and the float fields."""
     if grid is not None:
