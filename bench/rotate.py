@@ -5,7 +5,8 @@
 
 Each case is quantized once per variant — ``none`` (no rotation), ``residual`` (the residual
 stream alone, ``rotate={"heads": False}``), ``full`` (residual + each head's V→O rotation,
-``--rotate``'s default) — and judged by ``llmpress.evaluate`` (KL to the original, cached reference)
+``--rotate``'s default), ``full+mlp`` (and an online Hadamard before down_proj, ``--rotate-mlp``)
+— and judged by ``llmpress.evaluate`` (KL to the original, cached reference)
 on each held-out text (debian-handbook, linux-doc). Prints one table: case, variant, bpw, KL per
 text, their mean, the ratio to the case's unrotated mean (issue 16's target: ≤ 0.7), and the
 quantization's seconds. Results are cached in ``bench/out/rotate.json`` keyed by case, variant and
@@ -31,13 +32,14 @@ CASES: dict[str, dict] = {
     "gptq-q3_k_m": {"method": "gptq", "gguf_mix": "q3_k_m"},
     "rtn3-g64": {"method": "rtn", "bits": 3, "group_size": 64},
 }
-VARIANTS: dict[str, object] = {"none": False, "residual": {"heads": False}, "full": True}
+VARIANTS: dict[str, object] = {"none": False, "residual": {"heads": False}, "full": True,
+                               "full+mlp": {"mlp": True}}
+FLAGS = {"none": "", "residual": " --rotate (heads=False: API)", "full": " --rotate", "full+mlp": " --rotate-mlp"}
 
 
 def _command(model: str, case: dict, variant: str) -> str:
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in case.items())
-    return f"llmpress quantize {model} -o OUT {opts}" + ("" if variant == "none" else " --rotate"
-                                                         + (" (heads=False: API)" if variant == "residual" else ""))
+    return f"llmpress quantize {model} -o OUT {opts}{FLAGS[variant]}"
 
 
 def main() -> int:
