@@ -298,3 +298,21 @@ def test_online_rotation_refusals(models, tmp_path) -> None:
     (rot / "llmpress.json").write_text(json.dumps(man))
     with pytest.raises(ValueError, match="no module 'mlp.nothing'"):
         llmpress.load(rot)
+
+
+def test_rotated_sweep_point(tiny_llama_dir, tmp_path, monkeypatch) -> None:
+    """A rotated point of the sweep compresses with its rotation and says so in its label, command and key."""
+    import llmpress.pipeline as pipeline
+    from llmpress.sweep.driver import limit, read_results
+    from llmpress.sweep.points import quant, quant_rotated
+
+    seen = []
+    real = pipeline.compress
+    monkeypatch.setattr(pipeline, "compress", lambda *a, **kw: seen.append(kw.get("rotate")) or real(*a, **kw))
+    point = quant_rotated("rtn", 4, 32, calib=False)
+    assert point.key("ctx") != quant("rtn", 4, 32).key("ctx")
+    limit(str(tiny_llama_dir), tmp_path / "r", points=[point], ctx=64, tokens=256, samples=2, seq_len=32, threads=1,
+          mixed_bpw=None)
+    assert seen == [{"mlp": True}]
+    (row,) = read_results(tmp_path / "r" / "results.jsonl")
+    assert row["label"] == "rtn-w4-g32+rot+mlp" and "--rotate-mlp" in row["command"]
