@@ -174,6 +174,10 @@ def main() -> int:
         worst = sorted(err.items(), key=lambda kv: -kv[1])[:5]
         print(f"# {name}: KL all {res[name]['all']:.4f}; worst relative output errors {[(n, round(e, 4)) for n, e in worst]}",
               flush=True)
+        for r in stats_rows[-len(KINDS):]:  # as it goes: a long run cut short keeps what it measured
+            print(f"#   {r[1]}: act kurtosis {r[2]:.1f}, max/rms {r[3]:.1f}, channel rms max/mean {r[4]:.1f}; "
+                  f"W kurtosis {r[5]:.2f}, group max/rms {r[6]:.2f}; GPTQ rel. out err {r[7]:.4f}"
+                  + (f"; KL alone {res[name][r[1]]:.4f}" if r[1] in res[name] else ""), flush=True)
 
     print("\n| variant | kind | act kurtosis | act max/rms | channel rms max/mean | W kurtosis | W group max/rms | GPTQ rel. out err |")
     print("|---|---|---|---|---|---|---|---|")
