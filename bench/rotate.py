@@ -83,7 +83,8 @@ def main() -> int:
             quant = [r for r in res["layers"].values() if r["codec"] != "keep"]
             row = {"bpw": res["bpw"], "bpw_quantized": sum(r["bits"] for r in quant) / sum(r["numel"] for r in quant),
                    "bytes_out": res["bytes_out"], "seconds": res["seconds"], "kl": kl, "command": _command(a.model, CASES[c], v),
-                   "rotation": res.get("rotation")}
+                   "rotation": res.get("rotation"), "commit": commit,
+                   "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}"}
             cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}  # another run may have added rows
             cache[key] = row
             tmp_file = cache_file.with_suffix(".tmp")
@@ -92,6 +93,18 @@ def main() -> int:
             print(f"# done {c} {v}: {kl}", flush=True)
 
     cache = json.loads(cache_file.read_text())
+    table = {"command": " ".join(sys.argv), "commit": commit, "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
+             "protocol": protocol, "rows": {f"{c}|{v}": cache[f"{c}|{v}|{protocol}"] for c in cases for v in variants}}
+    for c in cases:
+        base = table["rows"].get(f"{c}|none")
+        for v in variants:
+            r = table["rows"][f"{c}|{v}"]
+            r["kl_mean"] = sum(r["kl"][t] for t in texts) / len(texts)
+            if base:
+                r["ratio_to_unrotated"] = r["kl_mean"] / (sum(base["kl"][t] for t in texts) / len(texts))
+    tmp_table = HERE / "out" / "rotate-table.tmp"
+    tmp_table.write_text(json.dumps(table, indent=1))
+    tmp_table.replace(HERE / "out" / "rotate-table.json")
     print(f"\n| case | rotation | bpw | {' | '.join(f'KL {t}' for t in texts)} | KL mean | × unrotated | seconds |")
     print(f"|---|---|---|{'---|' * len(texts)}---|---|---|")
     for c in cases:
