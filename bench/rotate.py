@@ -5,7 +5,8 @@
 
 Each case is quantized once per variant — ``none`` (no rotation), ``residual`` (the residual
 stream alone, ``rotate={"heads": False}``), ``full`` (residual + each head's V→O rotation,
-``--rotate``'s default) — and judged by ``llmpress.evaluate`` (KL to the original, cached reference)
+``--rotate``'s default), ``full+mlp`` (and an online Hadamard before down_proj, ``--rotate-mlp``)
+— and judged by ``llmpress.evaluate`` (KL to the original, cached reference)
 on each held-out text (debian-handbook, linux-doc). Prints one table: case, variant, bpw, KL per
 text, their mean, the ratio to the case's unrotated mean (issue 16's target: ≤ 0.7), and the
 quantization's seconds. Results are cached in ``bench/out/rotate.json`` keyed by case, variant and
@@ -31,13 +32,14 @@ CASES: dict[str, dict] = {
     "gptq-q3_k_m": {"method": "gptq", "gguf_mix": "q3_k_m"},
     "rtn3-g64": {"method": "rtn", "bits": 3, "group_size": 64},
 }
-VARIANTS: dict[str, object] = {"none": False, "residual": {"heads": False}, "full": True}
+VARIANTS: dict[str, object] = {"none": False, "residual": {"heads": False}, "full": True,
+                               "full+mlp": {"mlp": True}}
+FLAGS = {"none": "", "residual": " --rotate (heads=False: API)", "full": " --rotate", "full+mlp": " --rotate-mlp"}
 
 
 def _command(model: str, case: dict, variant: str) -> str:
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in case.items())
-    return f"llmpress quantize {model} -o OUT {opts}" + ("" if variant == "none" else " --rotate"
-                                                         + (" (heads=False: API)" if variant == "residual" else ""))
+    return f"llmpress quantize {model} -o OUT {opts}{FLAGS[variant]}"
 
 
 def main() -> int:
@@ -81,7 +83,8 @@ def main() -> int:
             quant = [r for r in res["layers"].values() if r["codec"] != "keep"]
             row = {"bpw": res["bpw"], "bpw_quantized": sum(r["bits"] for r in quant) / sum(r["numel"] for r in quant),
                    "bytes_out": res["bytes_out"], "seconds": res["seconds"], "kl": kl, "command": _command(a.model, CASES[c], v),
-                   "rotation": res.get("rotation")}
+                   "rotation": res.get("rotation"), "commit": commit,
+                   "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}"}
             cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}  # another run may have added rows
             cache[key] = row
             tmp_file = cache_file.with_suffix(".tmp")
@@ -90,6 +93,18 @@ def main() -> int:
             print(f"# done {c} {v}: {kl}", flush=True)
 
     cache = json.loads(cache_file.read_text())
+    table = {"command": " ".join(sys.argv), "commit": commit, "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
+             "protocol": protocol, "rows": {f"{c}|{v}": cache[f"{c}|{v}|{protocol}"] for c in cases for v in variants}}
+    for c in cases:
+        base = table["rows"].get(f"{c}|none")
+        for v in variants:
+            r = table["rows"][f"{c}|{v}"]
+            r["kl_mean"] = sum(r["kl"][t] for t in texts) / len(texts)
+            if base:
+                r["ratio_to_unrotated"] = r["kl_mean"] / (sum(base["kl"][t] for t in texts) / len(texts))
+    tmp_table = HERE / "out" / "rotate-table.tmp"
+    tmp_table.write_text(json.dumps(table, indent=1))
+    tmp_table.replace(HERE / "out" / "rotate-table.json")
     print(f"\n| case | rotation | bpw | {' | '.join(f'KL {t}' for t in texts)} | KL mean | × unrotated | seconds |")
     print(f"|---|---|---|{'---|' * len(texts)}---|---|---|")
     for c in cases:

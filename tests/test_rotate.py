@@ -201,3 +201,119 @@ def test_cli_rotate(models, tmp_path) -> None:
         assert res.exit_code == 0, res.output
         manifest = json.loads((Path(argv[3]) / "llmpress.json").read_text())
         assert manifest["rotation"]["residual"]["construction"] == "sylvester(64)"
+
+
+# ---- the MLP's hidden width: an online Hadamard before down_proj ---------------------------------
+
+@pytest.mark.parametrize("name,kind", [("llama3", "auto"), ("qwen3", "auto"), ("phi3", "auto"), ("mistral", "auto"),
+                                       ("gemma", "auto"), ("llama48", "random")])
+def test_online_mlp_rotation_is_exact(models, name: str, kind: str, tmp_path) -> None:
+    """``mlp``: down_proj stores W H and reads x H, H applied online by a pre-hook that llmpress.load
+    and from_pretrained install from the record; the logits are the original's. Without the hook the
+    stored weights compute something else (the rotation is in them), and from_pretrained's
+    dequantize() folds it back into a plain linear."""
+    orig = models[name]
+    out = tmp_path / "rot"
+    res = llmpress.compress(orig, KEEP_ALL, out, rotate={"mlp": True, "kind": kind}, progress=False)
+    online = res["rotation"]["online"]["mlp.down_proj"]
+    assert online["kind"] == ("random" if kind == "random" else "hadamard")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["rotation"] == res["rotation"]
+    ref = _logits(_hf(orig))
+    tol = 1e-4 * ref.abs().max().item()
+    loaded = llmpress.load(out)
+    for model in (loaded, _hf(out)):
+        assert (_logits(model) - ref).abs().max().item() < tol
+    for layer in loaded.model.layers:
+        layer.mlp.down_proj._forward_pre_hooks.clear()
+    assert (_logits(loaded) - ref).abs().max().item() > 100 * tol  # the hook is what makes it exact
+    hf = _hf(out)
+    hf.dequantize()
+    assert all(not layer.mlp.down_proj._forward_pre_hooks for layer in hf.model.layers)
+    assert (_logits(hf) - ref).abs().max().item() < tol
+
+
+def test_online_rotation_calibrates_on_the_rotated_input(models, tmp_path, monkeypatch) -> None:
+    """GPTQ's statistics of down_proj are gathered on x H (the input as the loaders will give it),
+    and the rotated GPTQ folder exports dense with the rotation folded back (a plain model that
+    transformers loads alone computes what llmpress.load does); GGUF and compressed-tensors refuse it
+    before writing anything."""
+    from llmpress.quant.hadamard import Orthogonal
+    from llmpress.targets.api import ExportRefused
+    from llmpress.tensor import Stats
+
+    orig = models["llama3"]
+    seen: list[torch.Tensor] = []
+    add = Stats.add
+
+    def spy(self, x, gram=True):
+        if x.shape[-1] == 256 and not seen:  # block 0's down_proj (the only 256-wide input)
+            seen.append(x.detach().reshape(-1, 256).clone())
+        return add(self, x, gram)
+
+    monkeypatch.setattr(Stats, "add", spy)
+    out = tmp_path / "q"
+    res = llmpress.quantize(orig, out, method="gptq", bits=8, group_size=32, rotate={"mlp": True}, samples=2,
+                            seq_len=16, progress=False)
+    monkeypatch.setattr(Stats, "add", add)
+    h = Orthogonal.of_record(res["rotation"]["online"]["mlp.down_proj"]).matrix.float()
+    # the same calibration windows through the original model: down_proj's input there, rotated
+    from llmpress.models import load_tokenizer
+    from llmpress.pipeline import _calib_text, calib_ids
+
+    ids = calib_ids(load_tokenizer(orig), _calib_text(None), 2, 16)
+    base, want = _hf(orig), []
+    hook = base.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: want.append(a[0].reshape(-1, 256)))
+    with torch.inference_mode():
+        base(input_ids=ids)
+    hook.remove()
+    got, want_rot = seen[0], want[0] @ h
+    assert got.shape == want_rot.shape
+    assert (got - want_rot).abs().max().item() < 1e-4 * want_rot.abs().max().item()
+
+    q = _logits(llmpress.load(out))
+    assert (q - _logits(_hf(orig))).abs().max().item() < 0.05 * q.abs().max().item()
+    dense = tmp_path / "dense"
+    llmpress.export(out, dense, format="dense")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()
+    assert (_logits(plain) - q).abs().max().item() < 1e-4 * q.abs().max().item()
+    for fmt, dest in (("gguf", tmp_path / "m.gguf"), ("compressed-tensors", tmp_path / "ct")):
+        with pytest.raises(ExportRefused, match="online rotation"):
+            llmpress.export(out, dest, format=fmt)
+        assert not dest.exists()
+
+
+def test_online_rotation_refusals(models, tmp_path) -> None:
+    """AWQ folds scales across down_proj's input: refused with mlp, before any work; a folder whose
+    record names a module the model lacks is refused by the loader."""
+    out = tmp_path / "a"
+    with pytest.raises(ValueError, match="does not go with awq"):
+        llmpress.quantize(models["llama3"], out, method="awq", bits=4, group_size=32, rotate={"mlp": True},
+                          samples=2, seq_len=16, progress=False)
+    assert not out.exists()
+    rot = tmp_path / "rot"
+    llmpress.compress(models["llama3"], KEEP_ALL, rot, rotate={"mlp": True}, progress=False)
+    man = json.loads((rot / "llmpress.json").read_text())
+    man["rotation"]["online"] = {"mlp.nothing": man["rotation"]["online"]["mlp.down_proj"]}
+    (rot / "llmpress.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="no module 'mlp.nothing'"):
+        llmpress.load(rot)
+
+
+def test_rotated_sweep_point(tiny_llama_dir, tmp_path, monkeypatch) -> None:
+    """A rotated point of the sweep compresses with its rotation and says so in its label, command and key."""
+    import llmpress.pipeline as pipeline
+    from llmpress.sweep.driver import limit, read_results
+    from llmpress.sweep.points import quant, quant_rotated
+
+    seen = []
+    real = pipeline.compress
+    monkeypatch.setattr(pipeline, "compress", lambda *a, **kw: seen.append(kw.get("rotate")) or real(*a, **kw))
+    point = quant_rotated("rtn", 4, 32, calib=False)
+    assert point.key("ctx") != quant("rtn", 4, 32).key("ctx")
+    limit(str(tiny_llama_dir), tmp_path / "r", points=[point], ctx=64, tokens=256, samples=2, seq_len=32, threads=1,
+          mixed_bpw=None)
+    assert seen == [{"mlp": True}]
+    (row,) = read_results(tmp_path / "r" / "results.jsonl")
+    assert row["label"] == "rtn-w4-g32+rot+mlp" and "--rotate-mlp" in row["command"]

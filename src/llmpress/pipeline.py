@@ -214,6 +214,11 @@ def compress(
             cfg.tie_word_embeddings = out_config["tie_word_embeddings"] = False
             skel = sk.build_meta(cfg)
     plan = _plan(skel, recipe, keep_all_ok=rotation is not None)
+    if rotation is not None and rotation.online:
+        _check_online(plan, rotation.online)
+        from .quant.rotate import install_online
+
+        install_online(skel, rotation.online)  # statistics see the rotated input, as the loaders will give it
     if trial_blocks is not None and (trial_blocks < 1 or not plan.needs_stats):
         raise InputError("trial blocks: give N ≥ 1, with a method that calibrates block by block (gptq, awq); "
                          "the others stream tensor by tensor")
@@ -279,6 +284,18 @@ def _rotation(skel: nn.Module, store: TensorStore, rotate: Any) -> Any:
 
     spec = RotateSpec.of(rotate)
     return None if spec is None else plan(skel, store, spec)
+
+
+def _check_online(plan: _Plan, online: dict[str, Any]) -> None:
+    """An online rotation sits between a linear and what feeds it: a codec that rewrites the block
+    (AWQ folds a scale of down_proj's input into up_proj's rows) would fold through it wrongly."""
+    from .tensor import Codec
+
+    folding = sorted({c for n, (c, _) in plan.rules.items()
+                      if type(get_codec(c)).prepare_block is not Codec.prepare_block})
+    if folding:
+        raise InputError(f"rotate mlp (an online rotation before {', '.join(online)}) does not go with "
+                         f"{', '.join(folding)}, which fold(s) scales across it; use gptq or rtn, or rotate without mlp")
 
 
 @contextlib.contextmanager

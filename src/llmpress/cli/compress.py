@@ -27,6 +27,8 @@ def compress(
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
     rotate: bool = typer.Option(False, "--rotate", help="Rotate the residual stream by a fused orthogonal matrix first."),
+    rotate_mlp: bool = typer.Option(False, "--rotate-mlp", help="--rotate, and an online Hadamard before down_proj "
+                                                               "(see quantize --rotate-mlp)."),
 ) -> None:
     """Compress MODEL by a recipe, or by the per-layer allocation that fits a target size, into OUT."""
     from ..pipeline import compress as run
@@ -35,6 +37,8 @@ def compress(
     given = [x for x in (recipe, target_bpw, target_bytes) if x is not None]
     if len(given) != 1:
         fail("give exactly one of --recipe, --target-bpw, --target-bytes")
+    if rotate_mlp:
+        rotate = {"mlp": True}  # type: ignore[assignment]
     if rotate and recipe is None:
         fail("--rotate goes with --recipe (the allocation measures its sensitivities on the model as stored)")
     if recipe is not None:

@@ -56,6 +56,11 @@ def quantize(
     rotate: bool = typer.Option(False, "--rotate", help="Rotate the residual stream (and each head's V→O path) by a "
                                                        "seeded randomized Hadamard fused into the weights first: "
                                                        "the same architecture, outliers spread before quantizing."),
+    rotate_mlp: bool = typer.Option(False, "--rotate-mlp", help="--rotate, and the MLP's hidden width too: an online "
+                                                               "randomized Hadamard before down_proj (it cannot be "
+                                                               "fused). Recorded in llmpress.json; llmpress's loaders "
+                                                               "and from_pretrained apply it, the dense export folds "
+                                                               "it back, GGUF and compressed-tensors exports refuse it."),
     as_json: bool = JSON_OPT,
     workers: int = typer.Option(1, "--workers", help="A mixture of experts: encode its experts in Ray tasks, N CPUs "
                                                      "(the same output as one process)."),
@@ -68,6 +73,7 @@ def quantize(
     opts: dict[str, Any] = {k: v for k, v in (("sym", sym), ("grid", grid), ("range", range_)) if v is not None}
     res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
               samples=samples, seq_len=seq_len, force=force, trial_blocks=trial_blocks, device=device,
-              workers=workers, address=address, gguf_mix=gguf_mix, rotate=rotate, **opts)
+              workers=workers, address=address, gguf_mix=gguf_mix,
+              rotate={"mlp": True} if rotate_mlp else rotate, **opts)
     res.pop("layers", None)
     emit(res, as_json, _show)

@@ -155,6 +155,8 @@ class FolderWriter:
                 # what a loader must know before the weights come: each compressed linear's codec,
                 # meta and stored keys (its tensors are "<module>.weight.<key>")
                 "modules": {param.removesuffix(".weight"): entry for param, entry in self.compressed.items()},
+                # an online rotation (quant/rotate.py) the weights were made for: loaders apply it
+                **({"rotation": manifest["rotation"]} if manifest.get("rotation", {}).get("online") else {}),
             }
             (self.root / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         manifest = {
@@ -267,8 +269,14 @@ def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torc
     their inference modules."""
     from ..skeleton import build_meta, folder_config, materialize_nonpersistent, set_module, tie
 
+    from ..quant.rotate import install_online, online_of
+
     root = Path(path)
     man = read_manifest(root)
+    try:
+        online = online_of(man.get("rotation"))  # an online rotation the weights were made for
+    except InputError as e:
+        raise CorruptFileError(f"{root / MANIFEST}: {e}") from None
     shards = _Shards(root, man["files"], verify, man["tensors"])
     try:
         raw_cfg = json.loads((root / "config.json").read_text())
@@ -309,4 +317,8 @@ def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torc
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CorruptFileError(f"{root}: tensors missing from the folder: {', '.join(left[:5])}")
+    try:
+        install_online(model, online)
+    except InputError as e:
+        raise CorruptFileError(f"{root / MANIFEST}: {e}") from None
     return model.eval()

@@ -124,8 +124,37 @@ class Orthogonal:
     construction: str     # e.g. "paley2(17) ⊗ sylvester(16)", "qr(gaussian)"
     seed: int
 
+    signs: torch.Tensor | None = None        # (n,) ±1 of a randomized Hadamard, else None
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (A (a, a), B (b, b)) ±1, H = A ⊗ B
+
     def record(self) -> dict:
         return {"kind": self.kind, "order": self.matrix.shape[0], "construction": self.construction, "seed": self.seed}
+
+    @classmethod
+    def of_record(cls, rec: dict) -> "Orthogonal":
+        """The matrix a :meth:`record` describes, rebuilt (seeded: the same bits); refuses a record
+        this llmpress would not build the same way."""
+        try:
+            n, seed, kind = int(rec["order"]), int(rec["seed"]), str(rec["kind"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"rotation record {rec!r}: needs order, seed and kind") from None
+        if kind not in ("hadamard", "random") or n < 1:
+            raise InputError(f"rotation record {rec!r}: kind hadamard | random and an order ≥ 1")
+        o = orthogonal(n, seed, kind)
+        if o.construction != rec.get("construction", o.construction):
+            raise InputError(f"rotation record {rec!r}: this llmpress builds order {n} as {o.construction}")
+        return o
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """x Q for x (..., n), in x's dtype and device: a randomized Hadamard as (x ⊙ s) reshaped
+        (..., a, b), Aᵀ X B (two small products, O(n (a + b)) a row), else one product with Q."""
+        n = self.matrix.shape[0]
+        if self.factors is None or self.signs is None:
+            return x @ self.matrix.to(x.device, x.dtype)
+        a, b = (f.to(x.device, x.dtype) for f in self.factors)
+        y = (x * self.signs.to(x.device, x.dtype)).reshape(*x.shape[:-1], a.shape[0], b.shape[0])  # (..., a, b)
+        y = torch.matmul(a.T, y) @ b  # (..., a, b)
+        return y.reshape(x.shape) * (1.0 / n ** 0.5)
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -152,7 +181,11 @@ def orthogonal(n: int, seed: int = 0, kind: str = "auto") -> Orthogonal:
     name = f"sylvester({n})" if base == "sylvester" else f"{base}({q}) ⊗ sylvester({two})"
     g = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-    h = hadamard(n)
-    assert h is not None
+    if base == "sylvester":  # sylvester(n) = sylvester(a) ⊗ sylvester(n / a), a ≈ √n
+        half = 1 << (n.bit_length() - 1) // 2
+        a, b = sylvester(half), sylvester(n // half)
+    else:
+        a, b = BASES[base](q), sylvester(two)
+    h = torch.kron(a, b)
     log.info("rotation of order %d: randomized Hadamard %s (seed %d)", n, name, seed)
-    return Orthogonal(signs[:, None] * h / n ** 0.5, "hadamard", name, seed)
+    return Orthogonal(signs[:, None] * h / n ** 0.5, "hadamard", name, seed, signs, (a, b))

@@ -58,6 +58,7 @@ class Residual:
     writers: tuple[str, ...]             # block linears whose output is added to the stream
     final_norm: str = "model.norm"       # the norm before the head (full name)
     inner_norms: tuple[str, ...] = ()    # norms that act inside a block, not on the stream
+    hidden_reader: str | None = "mlp.down_proj"  # the linear reading the MLP's hidden width (online rotation)
 
 
 _LLAMA = Residual(("self_attn.o_proj", "mlp.down_proj"))
@@ -74,11 +75,14 @@ REFUSED: dict[str, str] = {"gpt2": _LAYERNORM, "opt": _LAYERNORM, "gemma2": _SAN
 
 @dataclass(frozen=True)
 class RotateSpec:
-    """What ``--rotate`` asks for: the residual rotation, and with ``heads`` the per-head V→O one."""
+    """What ``--rotate`` asks for: the residual rotation, with ``heads`` the per-head V→O one, with
+    ``mlp`` an online rotation of the MLP's hidden width before down_proj (not fusable: stated in
+    the folder, applied by llmpress's loaders, refused by the exports that cannot express it)."""
 
     seed: int = 0
     kind: str = "auto"   # auto (Hadamard where a construction exists) | hadamard | random
     heads: bool = True
+    mlp: bool = False
 
     @classmethod
     def of(cls, value: bool | dict | RotateSpec | None) -> RotateSpec | None:
@@ -89,9 +93,9 @@ class RotateSpec:
         if isinstance(value, RotateSpec):
             return value
         if isinstance(value, dict):
-            unknown = set(value) - {"seed", "kind", "heads"}
+            unknown = set(value) - {"seed", "kind", "heads", "mlp"}
             if unknown:
-                raise InputError(f"rotate: unknown option(s) {sorted(unknown)} (seed, kind, heads)")
+                raise InputError(f"rotate: unknown option(s) {sorted(unknown)} (seed, kind, heads, mlp)")
             return cls(**value)
         raise InputError(f"rotate: give True, a dict or a RotateSpec, got {value!r}")
 
@@ -179,10 +183,14 @@ class Rotation:
     steps: dict[str, list[Step]] = field(default_factory=dict)  # state key -> steps
     sources: dict[str, str] = field(default_factory=dict)       # key not stored -> the stored key it comes from
     untie: bool = False
+    online: dict[str, Orthogonal] = field(default_factory=dict)  # module in every block -> its input's rotation
 
     def record(self) -> dict[str, Any]:
-        return {"residual": self.q.record(), "heads": None if self.r is None else self.r.record(),
-                "untied_head": self.untie}
+        rec = {"residual": self.q.record(), "heads": None if self.r is None else self.r.record(),
+               "untied_head": self.untie}
+        if self.online:
+            rec["online"] = {m: o.record() for m, o in self.online.items()}
+        return rec
 
     def wrap(self, store: Any) -> RotatedStore:
         return RotatedStore(store, self)
@@ -282,6 +290,11 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
             raise _unsupported(f"{cfg.model_type}: no v → o pattern for the head rotation (give heads=False)")
         r = orthogonal(int(hd), spec.seed + 1, spec.kind)
     rot = Rotation(q, r)
+    if spec.mlp:
+        if fam.hidden_reader is None or fam.hidden_reader not in dict(blocks[0].named_modules()):
+            raise _unsupported(f"{cfg.model_type}: no linear reading the MLP's hidden width in the tables (give mlp=False)")
+        inner = sk.linear_weight(dict(blocks[0].named_modules())[fam.hidden_reader]).shape[1]
+        rot.online[fam.hidden_reader] = orthogonal(int(inner), spec.seed + 2, spec.kind)
     steps = rot.steps
 
     def add(key: str, step: Step) -> None:
@@ -313,6 +326,8 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
             if getattr(mods[attn_v.producer], "bias", None) is not None:
                 add(f"{bp}{attn_v.producer}.bias", ("head_rows", {"r": R, "rows": rows}))
             add(f"{bp}{o}.weight", ("head_cols", {"r": R}))
+        for m, h in rot.online.items():  # y = x Wᵀ = (x H)(W H)ᵀ: the stored W H reads the input rotated online
+            add(f"{bp}{m}.weight", ("right", {"m": h.matrix}))
     offset = next((p.offset for p in norms), 0.0)
     g_final = scale_of(f"{fam.final_norm}.weight", offset)
     add(f"{fam.final_norm}.weight", ("constant", {"value": 1.0 - offset}))
@@ -326,5 +341,64 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
         if f"{head}.weight" not in store.where:
             rot.sources[f"{head}.weight"] = f"{emb}.weight"
         add(f"{head}.weight", ("reader", {"q": Q, "scale": g_final}))
-    log.info("rotate: residual %s%s", q.record(), "" if r is None else f", heads {r.record()}")
+    log.info("rotate: residual %s%s%s", q.record(), "" if r is None else f", heads {r.record()}",
+             "".join(f", online before {m} {h.record()}" for m, h in rot.online.items()))
     return rot
+
+
+# ---- online rotations: what a loader applies ---------------------------------------------------
+
+def online_of(record: Any) -> dict[str, Orthogonal]:
+    """{module in every block: the rotation of its input} of a folder's ``rotation`` record
+    (empty when the record is None or names no online rotation); refuses a malformed one."""
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise InputError(f"rotation record: an object expected, got {type(record).__name__}")
+    online = record.get("online") or {}
+    if not isinstance(online, dict) or not all(isinstance(m, str) and isinstance(r, dict) for m, r in online.items()):
+        raise InputError(f"rotation record: 'online' must map a module name to its rotation, got {online!r}")
+    return {m: Orthogonal.of_record(r) for m, r in online.items()}
+
+
+def online_modules(model: nn.Module, online: dict[str, Orthogonal]) -> dict[str, Orthogonal]:
+    """{full module name: the rotation of its input} over every block of ``model``; a module
+    missing from a block, or whose input width is not H's order, is refused."""
+    from .. import skeleton as sk
+
+    if not online:
+        return {}
+    blocks_name, blocks = sk.blocks_of(model)
+    out = {}
+    for i, block in enumerate(blocks):
+        mods = dict(block.named_modules())
+        for m, h in online.items():
+            if m not in mods:
+                raise InputError(f"online rotation: block {i} has no module {m!r}")
+            width = getattr(mods[m], "in_features", None)
+            if width is not None and width != h.matrix.shape[0]:
+                raise InputError(f"online rotation: {m} of block {i} reads {width} features, the rotation has order "
+                                 f"{h.matrix.shape[0]}")
+            out[f"{blocks_name}.{i}.{m}"] = h
+    return out
+
+
+def install_online(model: nn.Module, online: dict[str, Orthogonal]) -> dict[str, Any]:
+    """Rotate the input of each block's module named in ``online`` (x ← x H) by a forward
+    pre-hook that runs before any other; returns {full module name: its hook's handle}.
+    Everything is checked (:func:`online_modules`) before any hook is added."""
+    targets = online_modules(model, online)
+
+    def hook(h: Orthogonal) -> Callable[..., tuple]:
+        return lambda _mod, args: (h.right(args[0]), *args[1:])
+
+    return {n: model.get_submodule(n).register_forward_pre_hook(hook(h), prepend=True) for n, h in targets.items()}
+
+
+def fold_online(w: Tensor, h: Orthogonal) -> Tensor:
+    """The (out, in) weight W H of a linear reading x H, as the weight of one reading x: W H Hᵀ = W."""
+    return (w.to(torch.float64) @ h.matrix.T.to(w.device)).to(w.dtype)
+
+
+ONLINE_NOTE = ("an online rotation (the input of {modules} is multiplied by a Hadamard matrix in the forward), "
+               "which this format cannot express")

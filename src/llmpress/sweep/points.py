@@ -61,6 +61,21 @@ def quant(method: str, bits: int, group: int, calib: bool = False) -> Point:
     )
 
 
+# the rotations a sweep point may ask for: label suffix -> (``rotate=`` of compress, its CLI flag)
+ROTATIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "rot": ({}, "--rotate"),
+    "rot+mlp": ({"mlp": True}, "--rotate-mlp"),
+}
+
+
+def quant_rotated(method: str, bits: int, group: int, rotation: str = "rot+mlp", calib: bool = True) -> Point:
+    """:func:`quant` on the rotated model (``quant/rotate.py``; ``rotation`` a key of ``ROTATIONS``)."""
+    q = quant(method, bits, group, calib)
+    spec, flag = ROTATIONS[rotation]
+    return Point(f"{q.label}+{rotation}", f"{method}+{rotation}", q.recipe, f"{q.command} {flag}", calib=calib,
+                 params={"rotate": {**spec}})
+
+
 # how ``pack`` codes a lossy folder, in a packed point's key: a row measured by an older packer is
 # not reused (2: each quantized linear's codes one symbol each, lossless/fields.CodesLayout)
 PACKER = 2

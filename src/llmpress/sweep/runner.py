@@ -87,7 +87,8 @@ def _lossy(point: Point, settings: dict[str, Any], work: Path) -> dict[str, Any]
     assert recipe is not None
     out = work / "out"
     summary = compress(settings["model"], recipe, out, calib=settings["calib"], samples=settings["samples"],
-                       seq_len=settings["seq_len"], progress=False, device=settings.get("device", "cpu"))
+                       seq_len=settings["seq_len"], progress=False, device=settings.get("device", "cpu"),
+                       rotate=point.params.get("rotate"))
     ev = _judge(out, settings)
     if point.params.get("pack"):
         extra.update(_packed_cost(out, summary, work, settings["threads"]))

@@ -34,6 +34,8 @@ class Target:
     fallbacks: tuple[str, ...] = ("dense",)
     # the result is a folder (a file for GGUF)
     output_is_dir: bool = True
+    # it can fold an online rotation (``rotate mlp``) back into the weights; the others refuse such a folder
+    folds_online: bool = False
 
     def why_not(self, ct: CompressedTensor, **opts: Any) -> str | None:
         """None when ``ct``'s codes and group parameters are stored exactly by this format,

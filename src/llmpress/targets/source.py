@@ -111,7 +111,7 @@ class ExportSource:
             self._open_folder(p)
         else:
             self._open_original(self.model)
-        self.module_types = self._module_types()
+        self.module_types, self.online = self._module_types()
         self._conv1d = {n for n, t in self.module_types.items() if t == "Conv1D"}
         return self
 
@@ -150,13 +150,21 @@ class ExportSource:
         self._kept = dict.fromkeys(store.keys())
         self._get = store.get
 
-    def _module_types(self) -> dict[str, str]:
+    def _module_types(self) -> tuple[dict[str, str], dict[str, Any]]:
         """Each module's class name, by module name, from the model built on the meta device
-        (GPT-2's ``Conv1D`` stores its weight as (in, out); a target may store only ``Linear``)."""
+        (GPT-2's ``Conv1D`` stores its weight as (in, out); a target may store only ``Linear``),
+        and {module: the ``Orthogonal`` its input is rotated by online} of a folder made with
+        ``rotate mlp`` (``quant/rotate.py``; empty otherwise)."""
+        from ..quant.rotate import online_modules, online_of
         from ..skeleton import build_meta, folder_config
 
         skel = build_meta(folder_config(self.root))
-        return {n: type(m).__name__ for n, m in skel.named_modules() if n}
+        rec = None if self.manifest is None else self.manifest.get("rotation")
+        try:
+            online = online_modules(skel, online_of(rec))
+        except InputError as e:
+            raise InputError(f"{self.root}: {e}") from None
+        return {n: type(m).__name__ for n, m in skel.named_modules() if n}, online
 
     # ------------------------------------------------------------------ reading
     @property
