@@ -216,3 +216,23 @@ def test_a_packed_mixed_point_runs_in_the_sweep(tiny_llama_dir, tmp_path):
     assert row["family"] == "mixed+pack" and row["allocation"]["bpw"] <= 5.0 + 1e-9
     assert row["bpw"] < row["bpw_unpacked"] == pytest.approx(row["allocation"]["bpw"])
     assert "--target-bpw 5" in row["command"] and "&& llmpress pack" in row["command"] and row["recipe"]
+
+
+def test_a_lossless_point_below_every_lossy_one_is_the_recommendation():
+    """A checkpoint dequantized from a grid packs losslessly below the lossy points that meet the
+    threshold: the smallest configuration within it is then the lossless one, and the search's
+    rungs must beat its size too."""
+    rows = [{"label": "lossless", "family": "lossless", "bpw": 5.1, "kl_mean": 0.0, "ratio": 0.32, "command": "p"},
+            {"label": "rtn-w8-g128", "family": "rtn", "bpw": 8.27, "kl_mean": 0.0015, "command": "q"},
+            {"label": "rtn-w4-g64", "family": "rtn", "bpw": 4.5, "kl_mean": 0.27, "command": "r"}]
+    s = summarize(rows, 0.01)
+    assert s["recommendation"]["label"] == "lossless" and s["near_lossless_kl"] == "lossless"
+    assert s["knee"] != "lossless"
+    ran: list[str] = []
+
+    def run(points):
+        ran.extend(p.label for p in points)
+        return [{"label": p.label, "family": p.family, "bpw": 9.0, "kl_mean": 0.0, "cpu_seconds": 1.0} for p in points]
+
+    out = near_lossless(run, 0.01, 600, rows, ladders=(Uniform("rtn", 128, (6, 7, 8)),))
+    assert ran == [] and out["best"]["label"] == "lossless"  # a 6-bit g128 rung cannot beat 5.1 bpw

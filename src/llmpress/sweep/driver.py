@@ -230,12 +230,13 @@ def limit(
 
 def summarize(rows: list[dict[str, Any]], max_kl: float) -> dict[str, Any]:
     """Frontier, lossless limit, near-lossless points, knee and a recommendation."""
-    lossy = [r for r in rows if r["family"] != "lossless"]
     front = pareto(rows, "bpw", "kl_mean")
     k = knee([r for r in front if r["family"] != "lossless"], "bpw", "kl_mean")
     ll = next((r for r in rows if r["family"] == "lossless"), None)
-    near_kl = smallest(lossy, lambda r: r.get("kl_mean") is not None and r["kl_mean"] <= max_kl)
-    near_ppl = smallest(lossy, lambda r: r.get("ppl") and r.get("ref_ppl") and r["ppl"] <= 1.01 * r["ref_ppl"])
+    # the lossless point is a configuration too: where packing finds a grid (a checkpoint dequantized
+    # from one) it can be smaller than every lossy point within the threshold
+    near_kl = smallest(rows, lambda r: r.get("kl_mean") is not None and r["kl_mean"] <= max_kl)
+    near_ppl = smallest(rows, lambda r: r.get("ppl") and r.get("ref_ppl") and r["ppl"] <= 1.01 * r["ref_ppl"])
     rec = near_kl or k
     why = (f"the smallest configuration with mean KL ≤ {max_kl:g} nats" if near_kl else
            "the knee of the frontier (no configuration reached the KL threshold)")

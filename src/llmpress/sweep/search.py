@@ -270,7 +270,7 @@ def near_lossless(run: Run, max_kl: float, seconds: float, known: list[Row],
     for r in known:
         estimate.add(r)
     s = Search(max_kl, seconds, {r["label"]: r for r in known}, [], [], estimate)
-    ok = [r for r in known if r["family"] != "lossless" and _ok(r, max_kl)]
+    ok = [r for r in known if _ok(r, max_kl)]  # the lossless point included: a rung must beat it too
     best = min(ok, key=lambda r: (r["bpw"], r["kl_mean"]), default=None)
     complete = True
     for ladder in LADDERS if ladders is None else ladders:
