@@ -170,16 +170,17 @@ def mixed_pack(target_bpw: float, menu: str = "gptq") -> Point:
 
 def _quick() -> list[Point]:
     """The main job's budget, a few CPU-minutes for a 135M model on 2 cores, cheapest informative
-    first (the report is rewritten after each): RTN, which needs no calibration, across the range
-    (4 bits first: where quality starts to go; then 8 bits, then 3 bits for the knee), then the
-    lossless limit. The near-lossless search then fills the gap below 8 bits with packed RTN rungs
-    in the CPU time left (:data:`llmpress.sweep.search.SWEEP_CPU_SECONDS`). GPTQ, AWQ, low-rank and
-    mixed points, each several CPU-minutes here, are the full budget's."""
+    first (the report is rewritten after each): the lossless limit (packing and a verify; its
+    figures are the reference's own), then RTN, which needs no calibration, across the range
+    (4 bits first: where quality starts to go; then 8 bits, then 3 bits for the knee). The
+    near-lossless search then fills the gap below 8 bits with packed RTN rungs in the CPU time left
+    (:data:`llmpress.sweep.search.SWEEP_CPU_SECONDS`). GPTQ, AWQ, low-rank and mixed points, each
+    several CPU-minutes here, are the full budget's."""
     return [
+        lossless(),
         quant("rtn", 4, 64),
         quant("rtn", 8, 128),
         quant("rtn", 3, 64),
-        lossless(),
     ]
 
 
