@@ -323,7 +323,7 @@ def unpack_bits(buf, width, out):  # buf: (ceil(n*width/8),) uint8 -> out: (n,) 
             out[4 * q + 1] = (a >> 6) | ((b & 15) << 2)
             out[4 * q + 2] = (b >> 4) | ((c & 3) << 4)
             out[4 * q + 3] = c >> 2
-    elif width == 1:  # FP8's sign field, unrolled: about ten times the generic loop's speed
+    elif width == 1:  # FP8's sign field, unrolled (the generic loop does not vectorise for one bit)
         for q in range(ng):
             v = np.int64(buf[q])
             o8 = 8 * q

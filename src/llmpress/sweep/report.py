@@ -59,7 +59,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], s: dict[str, Any]) -> No
                      f"the chunk-adaptive entropy bound is {_fmt(ll['bpw_bound'], '.3f')}; KL {_fmt(ll['kl_mean'])} (bit-exact).")
     lines.append(f"- **Near-lossless (mean KL ≤ {s['max_kl']:g})**: {s['near_lossless_kl'] or 'none reached'}")
     lines.append(f"- **Near-lossless (PPL within 1 %)**: {s['near_lossless_ppl'] or 'none reached'}")
-    lines.append(f"- **Knee**: {s['knee'] or 'not enough frontier points'} ({s['knee_method']})")
+    lines.append(f"- **Knee**: {s['knee'] or 'none (fewer than three lossy frontier points, or none of them on the bend side of the chord)'} ({s['knee_method']})")
     found = s.get("search")
     if found:
         lines += ["", "## Near-lossless search", "",
