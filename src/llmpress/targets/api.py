@@ -69,8 +69,8 @@ def export(model: str | Path, out: str | Path, *, format: str = "dense", fallbac
 
             mods = sorted({n.rpartition(".")[2] for n in src.online})
             raise ExportRefused(f"{model}: its weights were made for " + ONLINE_NOTE.format(modules=", ".join(mods))
-                                + f" as {target.name}; export dense (the rotation folded back into the weights), "
-                                "or quantize with --rotate but without its mlp option")
+                                + f" as {target.name}; export it dense (the rotation folded back into the weights), "
+                                "or quantize again with the residual rotation alone (no online MLP rotation)")
         actions, reasons = plan_actions(src, target, fallback, **opts)
         dest = target.output_path(out)
         opener = atomic_dir if target.output_is_dir else atomic_file
