@@ -32,7 +32,7 @@ SRC = Path(llmpress.__file__).resolve().parents[1]
 FRACTIONS = (0.7,)  # of the uninterrupted run's time: where the kills land in `make test` (besides the first temporary)
 SLOW_FRACTIONS = (0.2, 0.35, 0.5, 0.6, 0.78, 0.85, 0.9, 0.95, 0.99)
 # row fields that measure time or memory, not the point
-TIMING = ("seconds", "compress_seconds", "tokens_per_s", "peak_rss_bytes")
+TIMING = ("seconds", "cpu_seconds", "compress_seconds", "tokens_per_s", "peak_rss_bytes")
 LIMIT_SCRIPT = """
 import sys
 from llmpress.sweep.driver import limit
