@@ -210,6 +210,14 @@ def demo(path: Path, data: dict[str, Any]) -> list[str]:
     return lines + _table(["point (run order)", "bpw", "KL mean", "CPU s", "wall s"], body)
 
 
+def eval_original(path: Path, data: dict[str, Any]) -> list[str]:
+    """``llmpress eval MODEL --json``: the original's perplexity per text, with its protocol."""
+    lines = _prov(data, path) + [f"Protocol `{data.get('protocol_label')}`; ± is one standard error of ln PPL.", ""]
+    body = [[name, _f(t.get("ppl"), ".3f"), _f(t.get("ln_ppl_se"), ".3f")] for name, t in (data.get("texts") or {}).items()]
+    body.append(["all", _f(data.get("ppl"), ".3f"), _f(data.get("ln_ppl_se"), ".3f")])
+    return lines + _table(["text", "PPL", "± (ln)"], body)
+
+
 def startup(path: Path, data: dict[str, Any]) -> list[str]:
     """bench/startup.py: whole fresh processes, alternating, median of the reps."""
     lines = _prov(data, path) + [f"{data.get('cpus')} CPUs; input {_f(data.get('input_bytes'), ',')} bytes; median of "
@@ -311,7 +319,7 @@ BENCHES = [
           "llmpress limit smollm2-135m -o bench/out/limit --budget quick", limit_rows),
     Bench("eval-smollm2.json", "Perplexity of the embedded SmolLM2-135M (default protocol)",
           "`llmpress eval` of the original alone: PPL per text under the default protocol.",
-          "llmpress eval smollm2-135m --json | tail -n 1 > bench/out/eval-smollm2.json"),
+          "llmpress eval smollm2-135m --json | tail -n 1 > bench/out/eval-smollm2.json", eval_original),
     Bench("quant.json", "Quantization methods against peers",
           "RTN/GPTQ/AWQ/HQQ beside optimum-quanto, torchao and llm-compressor on SmolLM2-135M, same windows.",
           "OMP_NUM_THREADS=1 python bench/quant.py --configs 8:128,8:64,4:128,4:64,3:128,3:64,2:64"),
