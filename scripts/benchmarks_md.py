@@ -218,6 +218,21 @@ def eval_original(path: Path, data: dict[str, Any]) -> list[str]:
     return lines + _table(["text", "PPL", "± (ln)"], body)
 
 
+def lowrank(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/lowrank.py: each factorization (and GPTQ ± a low-rank correction) judged against the original."""
+    rows = [r for r in data.get("rows", []) if isinstance(r, dict)]
+    st = data.get("settings", {})
+    lines = [f"- command: `{c}`" for c in dict.fromkeys(r.get("command") or UNRECORDED for r in rows)]
+    lines += ["- commit and date: per row", "", f"Model `{data.get('model')}`, {st.get('threads')} threads; calibration "
+              f"{st.get('samples')}×{st.get('seq_len')} tokens of the calibration mix; evaluation {st.get('tokens')} tokens "
+              f"(ctx {st.get('ctx')}) of debian-handbook + linux-doc; the original's PPL on this protocol "
+              f"{_f(rows[0].get('ref_ppl'), '.3f') if rows else '—'}.", ""]
+    body = [[r.get("method", r.get("kind", "")), _f(r.get("removed"), ".0%") if r.get("removed") is not None else "—",
+             _f(r.get("bpw"), ".3f"), _f(r.get("ppl")), _f(r.get("kl_mean")), _f(r.get("kl_p99")), _f(r.get("top1"), ".3f"),
+             _f(r.get("seconds"), ".0f"), _cell_prov(r)] for r in rows]
+    return lines + _table(["method", "removed", "bpw", "PPL", "KL mean", "KL p99", "top-1", "time s", "commit, date"], body)
+
+
 def startup(path: Path, data: dict[str, Any]) -> list[str]:
     """bench/startup.py: whole fresh processes, alternating, median of the reps."""
     lines = _prov(data, path) + [f"{data.get('cpus')} CPUs; input {_f(data.get('input_bytes'), ',')} bytes; median of "
@@ -325,7 +340,7 @@ BENCHES = [
           "OMP_NUM_THREADS=1 python bench/quant.py --configs 8:128,8:64,4:128,4:64,3:128,3:64,2:64"),
     Bench("lowrank.json", "Low-rank factorization",
           "Plain, randomized, activation-aware and whitened SVD at 10/20/40 % of linear parameters removed; GPTQ ± a "
-          "low-rank error correction.", "OMP_NUM_THREADS=1 python bench/lowrank.py --tokens 1024 --threads 1"),
+          "low-rank error correction.", "python bench/lowrank.py --tokens 1024", lowrank),
     Bench("finetune.json", "Recovery training",
           "How much of the KL gap a fixed CPU budget of distillation wins back.",
           "OMP_NUM_THREADS=1 python bench/finetune.py --cases gptq2-asym whiten40 --minutes 20 --threads 1 --seq-len 128 "
