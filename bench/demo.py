@@ -25,20 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from _record import commit  # bench/ is the script's folder: first on sys.path
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 SETUP = ("gguf", "text", "kernels")  # one-time products of the set-up (make setup), kept in a cold run
-
-
-def _commit() -> str:
-    try:
-        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
-        return c + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def _cpu_of(pid: int) -> float:
@@ -101,7 +93,7 @@ def main() -> int:
         summary = {"report": str(report)}
         head = report.read_text().split("## Limits")[0]
         summary["recommendation"] = next((line for line in head.splitlines() if line.startswith("**")), None)
-    result = {"command": shown, "commit": _commit(), "date": started.isoformat(), "returncode": proc.returncode,
+    result = {"command": shown, "commit": commit(), "date": started.isoformat(), "returncode": proc.returncode,
               "cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime, "cpu_s": ru.ru_utime + ru.ru_stime, "wall_s": wall,
               "first_report_wall_s": first_wall, "first_report_cpu_s": first_cpu, "points": rows, **summary,
               "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}}

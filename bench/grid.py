@@ -18,21 +18,15 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _record import commit  # bench/ is the script's folder: first on sys.path
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-
-
-def _commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                           capture_output=True, text=True).stdout.strip()
-    return r.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def _gguf_bits(gguf: Path) -> dict:
@@ -119,7 +113,7 @@ def main() -> None:
     for row in rows.values():
         row["dec_vs_bf16"] = {t: row["dec_mb_s"][t] / ref["dec_mb_s"][t] for t in row["dec_mb_s"]}
     g = _gguf_bits(gguf)
-    print(f"command: {cmd}\ncommit: {_commit()}   date: {started:%Y-%m-%d %H:%M} UTC")
+    print(f"command: {cmd}\ncommit: {commit()}   date: {started:%Y-%m-%d %H:%M} UTC")
     print(f"source GGUF {gguf.name}: {g['tensor_bits_per_param']:.3f} bits/param in its tensor data, "
           f"{g['file_bits_per_param']:.3f} the whole file")
     head = f"{'case':28} {'bits/param':>10} {'tensors':>8} {'bound':>7} {'exact':>6}"
@@ -136,7 +130,7 @@ def main() -> None:
         print(f"  grid {name}: {gr['tensors']} tensors, {gr['params']:,} params, bound {gr['bits_per_param_bound']:.3f} bits/param")
     print("bits/param: the whole .llmp over the tensors' parameters; tensors: their chunks alone; bound: info's "
           "chunk-adaptive bound; MB/s: original bytes / seconds (best of reps)")
-    res = {"command": cmd, "commit": _commit(), "date": started.isoformat(), "gguf": {"file": gguf.name, **g},
+    res = {"command": cmd, "commit": commit(), "date": started.isoformat(), "gguf": {"file": gguf.name, **g},
            "rows": rows}
     (OUT / "grid.json").write_text(json.dumps(res, indent=1, default=str))
 

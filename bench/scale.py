@@ -30,12 +30,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from _record import commit  # bench/ is the script's folder: first on sys.path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
@@ -180,16 +181,6 @@ def _same_files(a: Path, b: Path) -> bool:
     return fa == fb
 
 
-def _commit() -> str:
-    try:
-        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
-        return c + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def _fmt(v: Any, f: str) -> str:
     return "—" if v is None else f.format(v)
 
@@ -285,13 +276,13 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
         cap.cleanup()
     cmd = "python bench/scale.py " + " ".join(sys.argv[1:])
-    head = (f"command: {cmd}\ncommit: {_commit()}   date: {started:%Y-%m-%d %H:%M} UTC   "
+    head = (f"command: {cmd}\ncommit: {commit()}   date: {started:%Y-%m-%d %H:%M} UTC   "
             f"cap: {cap.name} {a.cap_gib:g} GiB   threads: {a.threads}   cpus: {os.cpu_count()}")
     print(head)
     print(table(b.rows))
     print("seconds: wall time of the step's process (start-up included); work s: the command's own timing; "
           "MB/s: original bytes / work s (wall when the command reports none); peak RSS: the process's ru_maxrss")
-    result = {"command": cmd, "commit": _commit(), "date": started.isoformat(), "cap": cap.name,
+    result = {"command": cmd, "commit": commit(), "date": started.isoformat(), "cap": cap.name,
               "cap_bytes": int(a.cap_gib * GiB), "threads": a.threads, "quick": a.quick,
               "rows": [r.to_dict() for r in b.rows]}
     out = HERE / "out"

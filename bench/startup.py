@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _record import commit  # bench/ is the script's folder: first on sys.path
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 OUT = HERE / "out"
@@ -56,16 +58,6 @@ else:
     import os; os.replace(dst + ".tmp", dst)
 """
 OPS = ("pack", "unpack", "verify")
-
-
-def _commit() -> str:
-    try:
-        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
-        return c + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -156,7 +148,7 @@ def main() -> None:
         restored = (Path(d) / "llmpress.out").read_bytes() == src.read_bytes()
         cmd = "python bench/startup.py " + " ".join(sys.argv[1:])
         med = {op: {t: statistics.median(v) for t, v in row.items()} for op, row in times.items()}
-        result = {"command": cmd, "commit": _commit(), "date": started.isoformat(), "cpus": os.cpu_count(),
+        result = {"command": cmd, "commit": commit(), "date": started.isoformat(), "cpus": os.cpu_count(),
                   "threads": a.threads, "load_before": load0, "load_after": os.getloadavg(), "input": str(src),
                   "input_bytes": src.stat().st_size, "reps": a.reps,
                   "baseline": str(a.baseline) if a.baseline else None, "median_s": med,
