@@ -65,6 +65,17 @@ def block_minmax(x, lo, hi):  # x (nb, B) f32 -> lo, hi (nb,) f32; NaN anywhere 
         hi[b] = z
 
 
+@njit(nogil=True, cache=True)
+def _parts(w):  # float32 word -> (biased exponent, 1 for subnormals and zeros; significand, implicit bit set)
+    e = np.int64((w >> 23) & 0xFF)
+    man = np.int64(w & 0x7FFFFF)
+    if e > 0:
+        man |= 1 << 23
+    else:
+        e = 1
+    return e, man
+
+
 @njit(**_JIT)
 def scale_gcd(u, G, emin, c, cmin, cmax, flags):  # u (nb, B) uint32 words of float32 values
     """Per block, in units of 2^(emin − 150) (its smallest nonzero exponent): every value is an
@@ -76,30 +87,19 @@ def scale_gcd(u, G, emin, c, cmin, cmax, flags):  # u (nb, B) uint32 words of fl
         f = 0
         for i in range(B):
             w = u[b, i]
-            e = np.int64((w >> 23) & 0xFF)
-            man = np.int64(w & 0x7FFFFF)
-            if e == 0xFF:
+            if (w >> 23) & 0xFF == 0xFF:
                 f |= 4
-            if e > 0:
-                man |= 1 << 23
-            elif man == 0:
+            e, man = _parts(w)
+            if man == 0:  # ±0
                 f |= 1 if w >> 31 else 2
                 continue
-            if e < 1:
-                e = 1
             if e < lo:
                 lo = e
         emin[b] = lo
         g = np.int64(0)
         if not f & 4:
             for i in range(B):
-                w = u[b, i]
-                e = np.int64((w >> 23) & 0xFF)
-                man = np.int64(w & 0x7FFFFF)
-                if e > 0:
-                    man |= 1 << 23
-                else:
-                    e = 1
+                e, man = _parts(u[b, i])
                 if man == 0:
                     continue
                 if e - lo > 30:
@@ -116,12 +116,7 @@ def scale_gcd(u, G, emin, c, cmin, cmax, flags):  # u (nb, B) uint32 words of fl
             if f & 4 or g == 0:
                 c[b, i] = 0
                 continue
-            e = np.int64((w >> 23) & 0xFF)
-            man = np.int64(w & 0x7FFFFF)
-            if e > 0:
-                man |= 1 << 23
-            else:
-                e = 1
+            e, man = _parts(w)
             v = (man << (e - lo)) // g if man else np.int64(0)
             if w >> 31:
                 v = -v
