@@ -277,14 +277,8 @@ class Reference:
         for bit (a bit-exact restore of the original): every r_i = 1, so KL exactly 0, the
         reference's top token always the model's, its perplexity the reference's; no forward pass.
         Speed and memory are the original's, as measured when the reference was built."""
-        ctx1 = self.protocol.ctx - 1
         N = self.target_lp.numel()
-        kl, agree = torch.zeros(N, dtype=torch.float64), torch.ones(N, dtype=torch.bool)
-        out = _stats(kl, self.target_lp, self.target_lp, agree, ctx1)
-        dom = self.domain.repeat_interleave(ctx1)
-        if len(self.protocol.texts) > 1:
-            out["texts"] = {t["name"]: _stats(kl[dom == i], self.target_lp[dom == i], self.target_lp[dom == i],
-                                              agree[dom == i], ctx1) for i, t in enumerate(self.protocol.texts)}
+        out = self._summary(torch.zeros(N, dtype=torch.float64), self.target_lp, torch.ones(N, dtype=torch.bool))
         out.update(seconds=0.0, tokens_per_s=self.cost.get("tokens_per_s"), peak_rss_bytes=self.cost.get("peak_rss_bytes"))
         return out
 
@@ -302,7 +296,6 @@ class Reference:
     def compare(self, model: torch.nn.Module, tokenizer_sha256: str | None = None) -> dict:
         """Perplexity of ``model`` and its fidelity to the reference, pooled and per text."""
         self.check(model, tokenizer_sha256)
-        ctx1 = self.protocol.ctx - 1
         N = self.target_lp.numel()
         kl, tlp, agree = torch.empty(N, dtype=torch.float64), torch.empty(N), torch.empty(N, dtype=torch.bool)
         p_ref = self.topk_lp.exp()  # (N, k)
@@ -322,12 +315,19 @@ class Reference:
                 kl_tail = p_rest[a:b].to(dev).double() * _f(tail, self.tail_lp[a:b].to(dev)).mean(-1)
                 kl[a:b] = (kl_top + kl_tail).cpu()
         secs = time.perf_counter() - t0
+        out = self._summary(kl, tlp, agree)
+        out.update(seconds=secs, tokens_per_s=self.ids.numel() / secs, peak_rss_bytes=meter.peak)
+        return out
+
+    def _summary(self, kl: Tensor, tlp: Tensor, agree: Tensor) -> dict:
+        """The fidelity figures of per-token KL, target log-probs and top-1 agreement (N,), pooled
+        and, with several texts, per text."""
+        ctx1 = self.protocol.ctx - 1
         out = _stats(kl, tlp, self.target_lp, agree, ctx1)
         dom = self.domain.repeat_interleave(ctx1)
         if len(self.protocol.texts) > 1:
             out["texts"] = {t["name"]: _stats(kl[dom == i], tlp[dom == i], self.target_lp[dom == i], agree[dom == i], ctx1)
                             for i, t in enumerate(self.protocol.texts)}
-        out.update(seconds=secs, tokens_per_s=self.ids.numel() / secs, peak_rss_bytes=meter.peak)
         return out
 
 
