@@ -224,6 +224,10 @@ class Search:
         plain = self.known.get(ladder.plain(i).label)
         return plain if plain is not None and not _ok(plain, self.max_kl) else None
 
+    def out_of_time(self, ladder: Ladder, i: int) -> bool:
+        """Rung ``i`` needs a run (:meth:`decided` has no row for it) predicted to overrun the allowance."""
+        return self.decided(ladder, i) is None and not self.fits(ladder.packed(i))
+
     def judge(self, ladder: Ladder, i: int, run: Run) -> Row:
         """Rung ``i``'s row: :meth:`decided`'s, else its packed point, run (or reused)."""
         plain = self.decided(ladder, i)
@@ -247,7 +251,7 @@ class Search:
         lo, hi, best = 0, len(rungs) - 1, None
         while lo <= hi:
             mid = (lo + hi) // 2
-            if self.decided(ladder, rungs[mid]) is None and not self.fits(ladder.packed(rungs[mid])):
+            if self.out_of_time(ladder, rungs[mid]):
                 break
             row = self.judge(ladder, rungs[mid], run)
             if _ok(row, self.max_kl):
@@ -280,7 +284,7 @@ def near_lossless(run: Run, max_kl: float, seconds: float, known: list[Row],
             s.skipped.append(f"{ladder.name}: cannot beat {bound:.3f} bpw")
             continue
         mid = rungs[(len(rungs) - 1) // 2]
-        if s.decided(ladder, mid) is None and not s.fits(ladder.packed(mid)):
+        if s.out_of_time(ladder, mid):
             complete = False
             s.skipped.append(f"{ladder.name}: time is up (a rung is predicted at "
                              f"{s.estimate.seconds(ladder.packed(mid)):.0f} s, {max(0.0, seconds - s.spent):.0f} s left)")
