@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..errors import InputError
 from .compiled import Kernels
 from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from . import grid as G
-from .fields import Field, FloatLayout, exponent, layout
+from .fields import CODES, Field, FloatLayout, exponent, layout
 from .grid import Grid
 
 # policy name -> entropy backends tried on (head, tail, bytes, codes) streams, besides raw
@@ -47,19 +48,24 @@ def _kind(name: str) -> str:
 
 
 def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0,
-                 grid: Grid | None = None) -> tuple[bytes, ChunkStats]:
+                 grid: Grid | None = None, zeros: np.ndarray | None = None) -> tuple[bytes, ChunkStats]:
     """raw: (nbytes,) uint8, a whole number of ``dtype`` words (never modified); ``codes``: the
-    bits of the codes a U8 tensor holds bit-packed (0: none); ``grid``: the segment's grid."""
-    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid)
+    bits of the codes an integer tensor holds bit-packed (0: none); ``grid``: the segment's grid;
+    ``zeros``: (symbols,) uint8, each code's zero point, for a codes segment with ``zero`` (zeros.py)."""
+    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid, zeros)
     return b"".join(parts), st
 
 
 def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0,
-                       grid: Grid | None = None) -> tuple[list, ChunkStats]:
+                       grid: Grid | None = None, zeros: np.ndarray | None = None) -> tuple[list, ChunkStats]:
     """:func:`encode_chunk` as a list of buffers to write in order (a raw stream is a view of
     its field, not a copy: on FP32 the raw tails are most of the output). With ``grid`` (the
     segment's, format 3) the payload starts with a mode byte: 1 and the grid's fields where every
-    block of the chunk reproduces bit for bit on the grid, else 0 and the float fields."""
+    block of the chunk reproduces bit for bit on the grid, else 0 and the float fields. With
+    ``zeros`` (format 6) too: 1 and the codes less their zero points, (q − z) mod 2^b, where that
+    field's order-0 entropy is below the codes' own, else 0 and the codes."""
+    if zeros is not None:
+        return _encode_codes_vs_zeros(raw, codes, zeros, policy)
     if grid is not None:
         gparts = G.split(grid, raw)
         if gparts is None:
@@ -78,6 +84,19 @@ def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans", codes:
     if isinstance(lay, FloatLayout):
         st.exp_hist = hists[0].reshape(1 << lay.E, 1 << lay.k).sum(1)
     return out, st
+
+
+def _encode_codes_vs_zeros(raw: np.ndarray, bits: int, zeros: np.ndarray, policy: str) -> tuple[list, ChunkStats]:
+    """A codes chunk of a segment with zero points: mode byte, then one field of b-bit symbols."""
+    lay = CODES[bits]
+    sym = lay.codes(raw)  # (m,)
+    if len(zeros) != len(sym):
+        raise ValueError(f"{len(zeros)} zero points for {len(sym)} codes")
+    d = (sym - zeros) & ((1 << bits) - 1)
+    hs, hd = (np.bincount(x, minlength=1 << bits).astype(np.int64) for x in (sym, d))
+    mode, x, h = (1, d, hd) if entropy_bits(None, bits, hd) < entropy_bits(None, bits, hs) else (0, sym, hs)
+    st = ChunkStats()
+    return [bytes([mode]), *_code_fields(lay.fields, [x], [h], policy, {}, st)], st
 
 
 def _code_fields(fields: tuple[Field, ...], parts: list[np.ndarray], hists: list[np.ndarray], policy: str,
@@ -129,7 +148,8 @@ CK = Kernels("chunk_kernel")  # decode_fields: the AOT build's where there is on
 
 
 def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None,
-                 compiled: bool = True, codes: int = 0, grid: Grid | None = None) -> np.ndarray:
+                 compiled: bool = True, codes: int = 0, grid: Grid | None = None,
+                 zeros: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
     """Inverse of :func:`encode_chunk`: the chunk's ``nbytes`` bytes, written into ``out``
     ((nbytes,) uint8) if given; raises ValueError on any inconsistency.
 
@@ -142,6 +162,15 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     n = lay.symbols(nbytes)  # in each field's stream
     if out is not None and out.shape != (nbytes,):
         raise InputError(f"output holds {out.shape} bytes, the chunk {nbytes}")
+    if zeros is not None:  # format 6: a mode byte, then the codes (0) or the codes less their zero points (1)
+        if not codes or len(buf) < 1 or buf[0] > 1:
+            raise InputError("codes chunk with zero points: bad mode byte")
+        if out is None:
+            out = np.empty(nbytes, np.uint8)
+        (sym,) = _decode_fields(buf[1:], CODES[codes].fields, [n])
+        if buf[0] == 1:
+            sym = (sym.astype(np.uint8) + zeros(n)) & ((1 << codes) - 1)
+        return CODES[codes].merge([sym], nbytes, out)
     if grid is not None:
         if len(buf) < 1 or buf[0] > 1:
             raise InputError("grid chunk: bad mode byte")

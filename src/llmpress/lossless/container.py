@@ -37,12 +37,16 @@ from .reader import (
     CODES_VERSION,
     GRID_VERSION,
     VERSION,
+    ZEROS_VERSION,
     CorruptError,
     Packed,
     chunk_sum,
     crc32,
 )
+from .fields import CODES
+from .quantized import quantized_of
 from .segments import Segment, chunks_of, plan_file
+from .zeros import ZeroRef, chunk_zeros, zero_table
 
 if TYPE_CHECKING:  # pack/unpack/verify never import torch (tests/test_lossless_startup.py)
     import torch
@@ -108,12 +112,13 @@ def pack(
     t0 = time.perf_counter()
     fan = workers > 1 or address is not None
     threads = threads or (max(1, min(4, (os.cpu_count() or 1) // workers)) if fan else default_threads())
-    codes = codes_of(root) if root_kind == "folder" else {}
-    version = CODES_VERSION if codes else VERSION  # an older reader can read a file without codes segments
+    found = quantized_of(root) if root_kind == "folder" else {}
+    version = VERSION  # the lowest that describes the file: known once every file is coded
     index: dict[str, Any] = {"format": "llmpress.lossless", "version": version, "root": root_kind,
                              "chunk_bytes": chunk_bytes, "policy": policy, "files": []}
     tensors: dict[str, dict[str, Any]] = {}
-    job = FileJob(threads, policy, chunk_bytes, tuple(sorted(codes.items())), grids)
+    job = FileJob(threads, policy, chunk_bytes, tuple(sorted((k, v.bits) for k, v in found.items())), grids,
+                  tuple(sorted((k, v.zero) for k, v in found.items() if v.zero is not None)))
     with contextlib.ExitStack() as stack:
         if fan:  # Ray is connected (or refused) before the output exists
             from .fanout import coded_files
@@ -135,8 +140,8 @@ def pack(
                     if srec["kind"] == "tensor":
                         tensors[srec["name"]] = {"file": frec["path"], **srec.get("stats", {})}
                 index["files"].append(frec)
-            if any("grid" in srec for frec in index["files"] for srec in frec["segments"]):
-                version = index["version"] = GRID_VERSION  # format 3: known only once coded
+            version = index["version"] = format_version(index)
+            if version != VERSION:
                 end = fo.tell()
                 fo.seek(len(MAGIC))
                 fo.write(struct.pack("<I", version))
@@ -158,6 +163,18 @@ def pack(
                             "bound_bits": float(v.get("bound_bits", 0.0))} for k, v in tensors.items()}}
 
 
+def format_version(index: dict[str, Any]) -> int:
+    """The lowest version that describes an index: 10 (format 6) where a codes segment has zero
+    points or codes sit in a wider integer dtype than U8, 7 (format 3) where a segment has a grid,
+    6 (format 2) where one has codes, else 5 (format 1): an older reader reads what it can."""
+    segs = [s for f in index["files"] for s in f["segments"]]
+    if any("zero" in s or ("codes" in s and s["dtype"] != "U8") for s in segs):
+        return ZEROS_VERSION
+    if any("grid" in s for s in segs):
+        return GRID_VERSION
+    return CODES_VERSION if any("codes" in s for s in segs) else VERSION
+
+
 # (the file's index record, once its pieces are consumed; its pieces: (input bytes done, payload bytes))
 Coded = tuple[Callable[[], dict[str, Any]], Iterator[tuple[int, Any]]]
 
@@ -171,29 +188,14 @@ class FileJob:
     chunk_bytes: int
     codes: tuple[tuple[str, int], ...] = ()  # (tensor name, bits) of the U8 tensors holding bit-packed codes
     grids: bool = True  # look for block grids in float32 tensors (grid.py)
+    zeros: tuple[tuple[str, ZeroRef], ...] = ()  # (codes tensor name, where its zero points are)
 
 
 def codes_of(root: Path) -> dict[str, int]:
-    """{stored tensor name: bits} of a lossy llmpress folder's bit-packed codes (each quantized
-    linear's ``qweight`` below 8 bits, by its manifest); {} for any other folder, or one whose
-    manifest does not read (its bytes are still packed, as bytes)."""
-    from ..errors import LlmpressError
-    from ..io.folder import MANIFEST, read_manifest
-    from .fields import CODES
-
-    if not (root / MANIFEST).is_file():
-        return {}
-    try:
-        tensors = read_manifest(root)["tensors"]
-    except LlmpressError as e:
-        log.debug("%s: no codes from its manifest (%s)", root, e)
-        return {}
-    out = {}
-    for param, entry in tensors.items():
-        bits = (entry.get("meta") or {}).get("bits")
-        if "qweight" in entry.get("keys", ()) and type(bits) is int and bits in CODES:
-            out[f"{param}.qweight"] = bits
-    return out
+    """{stored tensor name: bits} of a quantized folder's bit-packed codes (quantized.py: an
+    llmpress folder's ``qweight``s, a compressed-tensors folder's ``weight_packed``s, below 8
+    bits); {} for any other folder, or one whose description does not read (packed as bytes)."""
+    return {k: v.bits for k, v in quantized_of(root).items()}
 
 
 def _coded_here(stack: contextlib.ExitStack, files: list[Path], root: Path, job: FileJob) -> Iterator[Coded]:
@@ -246,17 +248,23 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
 
     k = 0
     with open(path, "rb") as fi:
-        for seg in plan_file(path, dict(job.codes)):
+        plan = plan_file(path, dict(job.codes))
+        tables = _zero_tables(fi, plan, dict(job.zeros), path)
+        for seg in plan:
             cuts = _chunks_of(seg, job.chunk_bytes)
             if seg.kind == "tensor" and job.grids:
                 seg.grid = detect_segment(fi, seg.offset, seg.dtype, seg.shape, seg.length)
                 if seg.grid is not None and any(ln % (4 * seg.grid.block) for _, ln in cuts):
                     seg.grid = None  # chunks of whole blocks only (an odd chunk_bytes)
+            table = tables.get(seg.name) if seg.kind == "tensor" else None
+            seg.zero = table[0] if table is not None else None
             srec = _segment_record(seg)
             frec["segments"].append(srec)
             fi.seek(seg.offset)
-            for _, ln in cuts:
+            for o, ln in cuts:
                 raw = np.frombuffer(fi.read(ln), np.uint8)
+                zeros = None if table is None else chunk_zeros(table[1], table[0], 8 * o // seg.codes,
+                                                               CODES[seg.codes].symbols(ln))
                 if len(raw) != ln:
                     raise InputError(f"{path}: file shrank while packing")
                 # the file's sha256 runs in its own thread (one worker keeps the order;
@@ -264,8 +272,8 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
                 # threads-th chunk itself when its turn to be written comes (as the
                 # decoders do), the workers the others
                 mine = ex is None or k % threads == 0
-                pending.append((srec, ln, (raw, seg.dtype, seg.codes, seg.grid) if mine else
-                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, seg.grid, job.policy),
+                pending.append((srec, ln, (raw, seg.dtype, seg.codes, seg.grid, zeros) if mine else
+                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, seg.grid, zeros, job.policy),
                                 hasher.submit(sha.update, raw)))
                 k += 1
                 yield from drain(2 * threads if ex is not None else 0)
@@ -276,10 +284,30 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     frec["sha256"] = hasher.submit(sha.hexdigest).result()
 
 
-def _encode_job(raw: np.ndarray, dtype: str, codes: int, grid: Grid | None, policy: str) -> tuple[list, Any, int]:
+def _zero_tables(fi: Any, plan: list[Segment], zeros: dict[str, ZeroRef], path: Path) -> dict[str, tuple[ZeroRef, np.ndarray]]:
+    """{codes tensor name: (its ZeroRef, the zero points (rows, groups))} of the codes segments
+    whose zero points read (zeros.zero_table) from a tensor of the same file; the others are coded
+    without them."""
+    by_name = {s.name: s for s in plan if s.kind == "tensor"}
+    out = {}
+    for name, ref in zeros.items():
+        seg, zs = by_name.get(name), by_name.get(ref.tensor)
+        if seg is None or zs is None or not seg.codes or ref.tensor == name:
+            continue
+        fi.seek(zs.offset)
+        try:
+            out[name] = (ref, zero_table(np.frombuffer(fi.read(zs.length), np.uint8), zs.dtype, zs.shape,
+                                         ref.packing, seg.codes))
+        except ValueError as e:
+            log.debug("%s: %s coded without zero points (%s)", path, name, e)
+    return out
+
+
+def _encode_job(raw: np.ndarray, dtype: str, codes: int, grid: Grid | None, zeros: np.ndarray | None,
+                policy: str) -> tuple[list, Any, int]:
     """One chunk's payload parts, stats and checksum, all computed by whichever coder (a worker or
     the caller) takes the chunk."""
-    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid)
+    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid, zeros)
     return parts, st, chunk_sum(raw)
 
 
@@ -302,6 +330,8 @@ def _segment_record(seg: Segment) -> dict[str, Any]:
         rec["codes"] = seg.codes
     if seg.grid is not None:
         rec["grid"] = seg.grid.to_index()
+    if seg.zero is not None:
+        rec["zero"] = seg.zero.to_index()
     return rec
 
 

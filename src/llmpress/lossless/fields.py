@@ -86,13 +86,21 @@ class CodesLayout(Layout):
         return -(-8 * nbytes // self.bits)
 
     def split_hist(self, raw: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        sym = self.codes(raw)
+        return [sym], [np.bincount(sym, minlength=1 << self.bits).astype(np.int64)]
+
+    def codes(self, raw: np.ndarray) -> np.ndarray:
+        """The chunk's symbols (m,) uint8. Widths that divide 8 shift whole bytes apart (4 bits:
+        the low nibble first); the others go through a bit plane."""
         b, m = self.bits, self.symbols(len(raw))
+        if 8 % b == 0:
+            shifts = np.arange(0, 8, b, dtype=np.uint8)
+            return ((raw[:, None] >> shifts) & ((1 << b) - 1)).reshape(-1)  # (m,)
         stream = np.zeros(m * b, np.uint8)
         stream[: 8 * len(raw)] = np.unpackbits(raw, bitorder="little")
         planes = np.zeros((m, 8), np.uint8)
         planes[:, :b] = stream.reshape(m, b)  # (m, 8): each code's bits, low first
-        sym = np.packbits(planes, axis=1, bitorder="little").reshape(m)
-        return [sym], [np.bincount(sym, minlength=1 << b).astype(np.int64)]
+        return np.packbits(planes, axis=1, bitorder="little").reshape(m)
 
     def split(self, raw: np.ndarray) -> list[np.ndarray]:
         return self.split_hist(raw)[0]
@@ -100,6 +108,14 @@ class CodesLayout(Layout):
     def merge(self, parts: list[np.ndarray], n: int, out: np.ndarray | None = None) -> np.ndarray:
         """``n``: the chunk's raw bytes (not its symbols)."""
         sym = np.ascontiguousarray(parts[0], np.uint8)
+        if 8 % self.bits == 0 and len(sym) * self.bits == 8 * n:
+            per = 8 // self.bits
+            shifts = np.arange(0, 8, self.bits, dtype=np.uint8)
+            raw = np.bitwise_or.reduce(sym.reshape(n, per) << shifts, axis=1)  # (n,)
+            if out is None:
+                return raw
+            out[:] = raw
+            return out
         bits = np.unpackbits(sym.reshape(-1, 1), axis=1, bitorder="little")[:, : self.bits].reshape(-1)
         raw = np.packbits(bits[: 8 * n], bitorder="little")
         if out is None:
@@ -186,7 +202,9 @@ ITEMSIZE = {
 }
 
 
-# bit-packed codes of b bits (b < 8) in a U8 tensor: the segment's ``codes`` in the index
+# bit-packed codes of b bits (b < 8) in a U8 tensor (format 2) or any integer tensor (format 6:
+# compressed-tensors' int32 words): the segment's ``codes`` in the index
+CODES_DTYPES = ("U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")
 CODES: dict[int, CodesLayout] = {b: CodesLayout(b) for b in range(1, 8)}
 
 

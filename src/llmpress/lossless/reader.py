@@ -28,21 +28,23 @@ import json
 import mmap
 import os
 import struct
+import threading
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import xxhash
 import zstandard
 
-from ..errors import CorruptFileError, NotFoundError, UnsupportedFormatError
+from ..errors import CorruptFileError, InputError, NotFoundError, UnsupportedFormatError
 from .chunk import decode_chunk
-from .fields import CODES, ITEMSIZE
+from .fields import CODES, CODES_DTYPES, ITEMSIZE
 from .grid import TENSOR_DTYPES, Grid
 from .segments import MAX_NDIM
+from .zeros import MAX_GROUPS, PACKED_DTYPES, VALUE_DTYPES, ZeroRef, chunk_zeros, zero_table
 
 if TYPE_CHECKING:  # torch only where a tensor is returned: pack/unpack/verify/info never import it
     import torch
@@ -50,7 +52,8 @@ if TYPE_CHECKING:  # torch only where a tensor is returned: pack/unpack/verify/i
 MAGIC, VERSION = b"LLMPRESS", 5
 CODES_VERSION = 6  # format 2: format 1 plus segments of bit-packed codes (``codes``: fields.CodesLayout)
 GRID_VERSION = 7  # format 3: format 2 plus float tensors coded on a block grid (``grid``: grid.py)
-READABLE = (VERSION, CODES_VERSION, GRID_VERSION)
+ZEROS_VERSION = 10  # format 6: format 3 plus codes in any integer dtype and codes coded against their zero points
+READABLE = (VERSION, CODES_VERSION, GRID_VERSION, ZEROS_VERSION)
 # the version field holds 5 for format 1 and 6 for format 2 (docs/FORMAT.md); versions 1-4 came
 # before the format was frozen, were written only while llmpress was developed, and are no longer read
 RETIRED = (1, 2, 3, 4)
@@ -96,7 +99,8 @@ class Packed:
                     f"{VERSION}); unpack it with the llmpress that wrote it and pack it again")
             if ver not in READABLE:
                 raise UnsupportedFormatError(f"{self.path}: container version {ver}; this llmpress reads versions "
-                                             f"{VERSION}, {CODES_VERSION} and {GRID_VERSION} (.llmp formats 1 to 3) only "
+                                             f"{VERSION}, {CODES_VERSION}, {GRID_VERSION} and {ZEROS_VERSION} (.llmp "
+                                             "formats 1, 2, 3 and 6) only "
                                              "(a newer llmpress wrote it?)")
             if self.size < 12 + FOOTER.size:
                 raise CorruptError(f"{self.path}: truncated (no footer)")
@@ -116,6 +120,9 @@ class Packed:
         except (zstandard.ZstdError, ValueError) as e:
             raise CorruptError(f"{self.path}: unreadable index ({e})") from None
         self._grids: dict[int, Grid] = {}  # id(segment record) -> its grid, parsed once
+        self._zeros: dict[int, tuple[ZeroRef, dict, list[int]]] = {}  # id(codes segment) -> (ref, zero segment, chunk starts)
+        self._tables: dict[int, np.ndarray] = {}  # id(codes segment) -> its zero points (rows, groups), decoded once
+        self._lock = threading.Lock()
         self._check_index()
         self._fh = open(self.path, "rb")
         # payloads are read as slices of a read-only map: no copy; the index check above keeps
@@ -164,7 +171,8 @@ class Packed:
                     if s["offset"] != pos or s["dtype"] not in ITEMSIZE and s["dtype"] != "bytes":
                         raise CorruptError(f"{where}: segment does not follow the previous one")
                     if "codes" in s and not (self.version >= CODES_VERSION and type(s["codes"]) is int
-                                             and s["codes"] in CODES and s["dtype"] == "U8"):
+                                             and s["codes"] in CODES and s["kind"] == "tensor" and
+                                             (s["dtype"] == "U8" or self.version >= ZEROS_VERSION and s["dtype"] in CODES_DTYPES)):
                         raise CorruptError(f"{where}: codes of {s['codes']!r} bits in a {s['dtype']} segment")
                     if s["kind"] == "tensor":
                         shape = s["shape"]
@@ -185,10 +193,57 @@ class Packed:
                     pos += s["length"]
                 if pos != f["size"]:
                     raise CorruptError(f"{self.path}: file {f['path']}: segments cover {pos} of {f['size']} bytes")
+                self._check_zeros(f)
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, CorruptError):
                 raise
             raise CorruptError(f"{self.path}: malformed index ({type(e).__name__}: {e})") from None
+
+    def _check_zeros(self, f: dict) -> None:
+        """Each codes segment's ``zero`` (format 6): a tensor of the same file, 2-D, not itself
+        coded against zero points, of a dtype its packing reads; the segment's chunks start on
+        whole codes."""
+        names = {s["name"]: s for s in f["segments"] if s["kind"] == "tensor"}
+        for s in f["segments"]:
+            if "zero" not in s:
+                continue
+            where = f"{self.path}: file {f['path']}, tensor {s.get('name')!r}"
+            try:
+                ref = ZeroRef.from_index(s["zero"])
+            except ValueError as e:
+                raise CorruptError(f"{where}: {e}") from None
+            zs = names.get(ref.tensor)
+            dtypes = VALUE_DTYPES if ref.packing == "value" else PACKED_DTYPES
+            if self.version < ZEROS_VERSION or "codes" not in s or zs is None or "zero" in zs or \
+                    len(zs["shape"]) != 2 or zs["dtype"] not in dtypes or zs["shape"][1] > MAX_GROUPS:
+                raise CorruptError(f"{where}: zero points in {ref.tensor!r}, which is not a 2-D {'/'.join(dtypes)} "
+                                   f"tensor of this file (or the file is version {self.version})")
+            b, starts, pos = s["codes"], [], 0
+            for c in s["chunks"]:
+                if pos % b:
+                    raise CorruptError(f"{where}: a chunk does not start on a whole {b}-bit code")
+                starts.append(8 * pos // b)
+                pos += c[2]
+            self._zeros[id(s)] = (ref, zs, starts)
+
+    def _zero_points(self, f: dict, s: dict, i: int) -> Callable[[int], np.ndarray]:
+        """The zero points of chunk ``i`` of codes segment ``s``, given its symbol count: the zero
+        tensor is decoded once (its own chunks checked), at the first chunk that needs it."""
+        ref, zs, starts = self._zeros[id(s)]
+
+        def zeros(m: int) -> np.ndarray:
+            with self._lock:
+                table = self._tables.get(id(s))
+                if table is None:
+                    raw = np.concatenate([p.copy() for p in self.iter_segment(f, zs)]) if zs["length"] else np.zeros(0, np.uint8)
+                    try:
+                        table = zero_table(raw, zs["dtype"], zs["shape"], ref.packing, s["codes"])
+                    except ValueError as e:
+                        raise InputError(f"zero points in {ref.tensor!r}: {e}") from None
+                    self._tables[id(s)] = table
+            return chunk_zeros(table, ref, starts[i], m)
+
+        return zeros
 
     def _check_grid(self, where: str, s: dict) -> Grid:
         """A segment's grid, checked against the version, its dtype, shape and chunks."""
@@ -217,7 +272,8 @@ class Packed:
             raise CorruptError(f"{self._what(f, s, i)}: truncated")
         try:
             out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0),
-                               grid=self._grids.get(id(s)))
+                               grid=self._grids.get(id(s)),
+                               zeros=self._zero_points(f, s, i) if id(s) in self._zeros else None)
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if chunk_sum(out) != crc:

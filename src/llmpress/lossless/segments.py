@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptFileError
-from .fields import ITEMSIZE, FloatLayout, layout
+from .fields import CODES_DTYPES, ITEMSIZE, FloatLayout, layout
 from .grid import Grid
+from .zeros import ZeroRef
 
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 MAX_NDIM = 16
@@ -35,8 +36,9 @@ class Segment:
     name: str = ""
     dtype: str = "bytes"
     shape: tuple[int, ...] = ()
-    codes: int = 0  # a U8 tensor holding codes of this many bits, bit-packed (fields.CodesLayout); 0: none
+    codes: int = 0  # an integer tensor holding codes of this many bits, bit-packed (fields.CodesLayout); 0: none
     grid: Grid | None = None  # a float tensor whose values lie on this grid (grid.py; found while packing)
+    zero: ZeroRef | None = None  # a codes tensor's zero points (zeros.py; format 6)
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
@@ -93,7 +95,7 @@ def plan_safetensors(path: Path, codes: dict[str, int] | None = None) -> list[Se
         if name == "__metadata__":
             continue
         dtype, shape, b, e = check_tensor(str(path), name, info, data_len)
-        bits = (codes or {}).get(name, 0) if dtype == "U8" else 0
+        bits = (codes or {}).get(name, 0) if dtype in CODES_DTYPES else 0
         tensors.append(Segment("tensor", base + b, e - b, name, dtype, shape, bits))
     tensors.sort(key=lambda s: (s.offset, s.length))
     segs, pos = [Segment("bytes", 0, base)], base

@@ -1,0 +1,98 @@
+"""A codes segment's zero points (``.llmp`` format 6): each code's group zero point, as context.
+
+A quantizer with an integer zero point (GPTQ/AWQ's ``asymz`` grid, compressed-tensors' asymmetric
+schemes) stores ŵ = (q − z)·s: the codes of a group gather around its z, wherever z lies in
+0..2^b − 1. Coding d = (q − z) mod 2^b instead of q puts every group's peak on the same symbols,
+so one per-chunk model fits them all (GPTQ 4-bit g128 on SmolLM2: 3.67 bits a code, against 3.73
+for q itself; ``bench/lossless.py --files GPTQ-4b-g128``). z comes from the segment's zero-point
+tensor in the same file, which is stored as it is (a small tensor of its own); a chunk decodes its
+d's and adds the z's back.
+
+Where a code's z is (``ZeroRef``, the segment's ``zero`` in the index): code i of the segment is in
+stored row ``i // row`` and column ``c = i % row``, group ``c // group``; the zero-point tensor is
+2-D (rows, groups) and gives z for (row, group); a group or row past its shape has z = 0.
+``packing``: ``value`` — the tensor's elements are the zero points (a float or integer dtype,
+each an integer in 0..2^b − 1); ``packed`` — compressed-tensors' int32 words holding b-bit zero
+points along dim 0 (column g's words, top to bottom, are one little-endian bit stream; row r's z is
+its bits r·b … r·b + b − 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PACKINGS = ("value", "packed")
+# dtypes a zero-point tensor may have, per packing
+VALUE_DTYPES = {"F16": "<f2", "F32": "<f4", "BF16": "<u2", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2",
+                "U32": "<u4", "I32": "<i4", "U64": "<u8", "I64": "<i8"}
+PACKED_DTYPES = {"I32": "<u4", "U32": "<u4"}
+MAX_GROUPS = 1 << 20  # a zero-point tensor's columns (one per group): bounded before anything is sized
+
+
+@dataclass(frozen=True)
+class ZeroRef:
+    """Where a codes segment's zero points are: see the module's docstring."""
+
+    tensor: str  # the zero-point tensor's name, in the same file
+    row: int  # codes per stored row (≥ 1)
+    group: int  # codes per group along a row (≥ 1)
+    packing: str  # value | packed
+
+    def to_index(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "row": self.row, "group": self.group, "packing": self.packing}
+
+    @classmethod
+    def from_index(cls, d: Any) -> "ZeroRef":
+        """The record of an index, checked (ValueError)."""
+        if not isinstance(d, dict) or set(d) != {"tensor", "row", "group", "packing"}:
+            raise ValueError(f"zero record {d!r}: needs exactly tensor, row, group, packing")
+        if not isinstance(d["tensor"], str) or d["packing"] not in PACKINGS or \
+                not all(type(d[k]) is int and 1 <= d[k] < 1 << 48 for k in ("row", "group")):
+            raise ValueError(f"zero record {d!r}: a tensor name, row and group ≥ 1, packing in {PACKINGS}")
+        return cls(d["tensor"], d["row"], d["group"], d["packing"])
+
+
+def zero_table(raw: np.ndarray, dtype: str, shape: tuple[int, ...] | list[int], packing: str, bits: int) -> np.ndarray:
+    """The zero points (rows, groups) uint8 of a zero-point tensor's bytes ``raw`` (nbytes,) uint8;
+    ValueError where they are not b-bit integers or the tensor is not one a ``packing`` reads."""
+    if len(shape) != 2 or shape[1] > MAX_GROUPS:
+        raise ValueError(f"a zero-point tensor of shape {list(shape)}: 2-D (rows, groups) only")
+    rows, groups = shape
+    if packing == "value":
+        if dtype not in VALUE_DTYPES:
+            raise ValueError(f"zero points of dtype {dtype}")
+        v = raw.view(VALUE_DTYPES[dtype]).reshape(rows, groups)
+        if dtype == "BF16":
+            v = (v.astype(np.uint32) << 16).view(np.float32)
+        ok = np.isfinite(v) & (v >= 0) & (v < 1 << bits) if v.dtype.kind == "f" else (v >= 0) & (v < 1 << bits)
+        if not ok.all() or (v.dtype.kind == "f" and (v != np.floor(v)).any()):
+            raise ValueError(f"zero points that are not integers in 0..{(1 << bits) - 1}")
+        return v.astype(np.uint8)
+    if packing != "packed" or dtype not in PACKED_DTYPES:
+        raise ValueError(f"zero points packed in {dtype} words")
+    words = np.ascontiguousarray(raw.view(PACKED_DTYPES[dtype]).reshape(rows, groups).T)  # (groups, words)
+    stream = np.unpackbits(words.view(np.uint8).reshape(groups, -1), axis=1, bitorder="little")  # (groups, 32·rows)
+    n = 32 * rows // bits
+    b = stream[:, : n * bits].reshape(groups, n, bits)  # (groups, n, bits): each zero's bits, low first
+    z = (b.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(-1, dtype=np.uint8)  # (groups, n)
+    return np.ascontiguousarray(z.T)  # (n, groups)
+
+
+def chunk_zeros(table: np.ndarray, ref: ZeroRef, first: int, m: int) -> np.ndarray:
+    """z of codes ``first … first + m − 1`` of the segment: (m,) uint8."""
+    if m <= 0:
+        return np.zeros(0, np.uint8)
+    R, gs = ref.row, ref.group
+    r0, r1 = first // R, (first + m - 1) // R + 1
+    n_rows, groups = table.shape
+    rows = np.zeros((r1 - r0, groups), np.uint8)
+    have = table[r0:min(r1, n_rows)]
+    rows[: len(have)] = have
+    used = min(groups, -(-R // gs))  # groups a row reaches
+    per_row = np.zeros((r1 - r0, R), np.uint8)  # (rows, R): z of each column
+    cols = min(R, used * gs)
+    per_row[:, :cols] = np.repeat(rows[:, :used], gs, axis=1)[:, :cols]
+    start = first - r0 * R
+    return per_row.reshape(-1)[start : start + m]
