@@ -1,0 +1,206 @@
+"""Quantized folders' codes coded against their group's zero point (.llmp format 6, zeros.py):
+llmpress asymz folders (RTN, GPTQ, AWQ), compressed-tensors pack-quantized folders."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+import llmpress
+from llmpress.lossless.chunk import decode_chunk, encode_chunk
+from llmpress.lossless.container import pack, unpack, verify
+from llmpress.lossless.quantized import quantized_of
+from llmpress.lossless.reader import FOOTER, ZEROS_VERSION, CorruptError, Packed, crc32
+from llmpress.lossless.zeros import ZeroRef, chunk_zeros, zero_table
+
+sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
+from harness import tiny_source  # noqa: E402  (a one-block Llama, random weights)
+
+
+def _sha(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+
+def _round_trip(folder: Path, tmp: Path) -> Packed:
+    out = tmp / "x.llmp"
+    pack(folder, out, threads=2)
+    assert verify(out)["ok"]
+    unpack(out, tmp / "back")
+    assert _sha(tmp / "back") == _sha(folder)
+    return Packed(out)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return tiny_source(tmp_path_factory.mktemp("zsrc") / "src")
+
+
+@pytest.fixture(scope="module")
+def asymz(src, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("asymz") / "rtn4"
+    llmpress.quantize(src, out, method="rtn", bits=4, group_size=32, grid="asymz", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ct(asymz, tmp_path_factory) -> Path:
+    from llmpress.targets.api import export
+
+    out = tmp_path_factory.mktemp("ct") / "ct"
+    export(asymz, out, format="compressed-tensors")
+    return out
+
+
+def test_llmpress_asymz_folder_codes_against_zero_points(asymz, tmp_path):
+    found = quantized_of(asymz)
+    assert found and all(s.bits == 4 and s.zero is not None and s.zero.packing == "value" for s in found.values())
+    with _round_trip(asymz, tmp_path) as p:
+        assert p.version == ZEROS_VERSION
+        segs = {s["name"]: s for _, s in p.tensors()}
+        for name, spec in found.items():
+            assert segs[name]["codes"] == 4 and segs[name]["zero"] == spec.zero.to_index()
+            assert segs[spec.zero.tensor]["dtype"] == "F16" and "codes" not in segs[spec.zero.tensor]
+
+
+def test_compressed_tensors_folder_codes_are_symbols(ct, tmp_path):
+    """weight_packed int32 words are codes segments (4 bits), their zero points the packed
+    weight_zero_point; restored byte for byte."""
+    found = quantized_of(ct)
+    assert found and all(n.endswith(".weight_packed") for n in found)
+    assert all(s.bits == 4 and s.zero is not None and s.zero.packing == "packed" for s in found.values())
+    with _round_trip(ct, tmp_path) as p:
+        assert p.version == ZEROS_VERSION
+        segs = {s["name"]: s for _, s in p.tensors()}
+        assert all(segs[n]["dtype"] == "I32" and segs[n]["codes"] == 4 for n in found)
+
+
+def test_packed_zero_points_read_as_compressed_tensors_packs_them(asymz, ct):
+    """zero_table('packed') of a weight_zero_point equals llmpress's own integer zero points."""
+    from safetensors.numpy import load_file
+
+    mine, theirs = load_file(str(asymz / "model.safetensors")), load_file(str(ct / "model.safetensors"))
+    found = quantized_of(ct)
+    name = next(iter(found))
+    module = name[: -len(".weight_packed")]
+    z = theirs[f"{module}.weight_zero_point"]
+    table = zero_table(np.ascontiguousarray(z).view(np.uint8).reshape(-1), "I32", z.shape, "packed", 4)
+    ref = mine[f"{module}.weight.zero"].astype(np.float32).astype(np.uint8)  # (out, groups)
+    assert np.array_equal(table[: len(ref)], ref)
+
+
+def test_awq_and_gptq_folders_take_the_same_path(tiny_llama_dir, tmp_path):
+    for method in ("awq", "gptq"):
+        out = tmp_path / method
+        llmpress.quantize(tiny_llama_dir, out, method=method, bits=4, group_size=32, grid="asymz", samples=2,
+                          seq_len=32, progress=False)
+        found = quantized_of(out)
+        assert found and all(s.zero is not None for s in found.values())
+        with _round_trip(out, tmp_path / f"{method}-rt") as p:
+            assert p.version == ZEROS_VERSION
+            assert sum("zero" in s for _, s in p.tensors()) == len(found)
+
+
+def test_chunk_modes_round_trip_any_codes():
+    """Both modes decode back bit for bit, whichever the writer chose; the zero points of a chunk
+    that starts mid-row come from the right rows and groups."""
+    g = np.random.default_rng(0)
+    table = g.integers(0, 16, (7, 3)).astype(np.uint8)  # (rows, groups)
+    ref = ZeroRef("z", 40, 16, "value")  # rows of 40 codes: groups of 16, 16, 8
+    full = np.repeat(table, 16, axis=1)[:, :40].reshape(-1)
+    assert np.array_equal(chunk_zeros(table, ref, 52, 100), full[52:152])
+    z = chunk_zeros(table, ref, 0, 280)
+    for codes in ((z + g.integers(-2, 3, 280)) & 15, g.integers(0, 16, 280)):  # near z (mode 1), uniform
+        raw = (codes[0::2] | codes[1::2] << 4).astype(np.uint8)
+        buf, _ = encode_chunk(raw, "U8", codes=4, zeros=z)
+        back = decode_chunk(memoryview(buf), "U8", len(raw), codes=4, zeros=lambda m: chunk_zeros(table, ref, 0, m))
+        assert np.array_equal(back, raw)
+    assert buf[0] in (0, 1)
+
+
+def test_zero_points_that_are_not_integers_are_not_used():
+    """A float zero point (not an integer 0..2^b−1) is no context: zero_table refuses it (and the
+    writer, container._zero_tables, then codes those codes without zero points)."""
+    with pytest.raises(ValueError, match="integers"):
+        zero_table(np.array([0.5, 3], np.float16).view(np.uint8), "F16", (1, 2), "value", 4)
+    with pytest.raises(ValueError, match="integers"):
+        zero_table(np.array([16], np.float16).view(np.uint8), "F16", (1, 1), "value", 4)
+
+
+def _edit_index(path: Path, edit) -> None:
+    b = bytearray(path.read_bytes())
+    off, ln, _, end = FOOTER.unpack(b[-FOOTER.size:])
+    idx = json.loads(zstandard.ZstdDecompressor().decompress(bytes(b[off:off + ln])))
+    edit(idx)
+    blob = zstandard.ZstdCompressor().compress(json.dumps(idx).encode())
+    path.write_bytes(bytes(b[:off]) + blob + FOOTER.pack(off, len(blob), crc32(blob), end))
+
+
+def test_corrupted_inputs_are_refused(asymz, tmp_path):
+    out = tmp_path / "x.llmp"
+    pack(asymz, out, threads=1)
+    with Packed(out) as p:
+        seg = next(s for _, s in p.tensors() if "zero" in s)
+        zseg = next(s for _, s in p.tensors() if s["name"] == seg["zero"]["tensor"])
+        o, ln = seg["chunks"][0][:2]
+        zo = zseg["chunks"][0][0]
+    # a flipped byte inside a codes chunk coded against its zero points
+    bad = tmp_path / "payload.llmp"
+    b = bytearray(out.read_bytes())
+    b[o + ln // 2] ^= 0x5A
+    bad.write_bytes(bytes(b))
+    with pytest.raises(CorruptError):
+        verify(bad)
+    # a corrupted zero-point tensor: its own chunk fails its checksum, and the codes with it
+    bad2 = tmp_path / "zero.llmp"
+    b = bytearray(out.read_bytes())
+    b[zo + 7] ^= 0xFF
+    bad2.write_bytes(bytes(b))
+    with pytest.raises(CorruptError):
+        verify(bad2)
+    # index lies: zero points in a tensor that does not exist, a record with extra keys, a
+    # format-3 file that claims zero points
+    for edit, match in (
+        (lambda idx: _seg(idx, seg["name"])["zero"].update(tensor="nope"), "zero points"),
+        (lambda idx: _seg(idx, seg["name"])["zero"].update(extra=1), "zero record"),
+        (lambda idx: _seg(idx, seg["name"])["zero"].update(row=0), "zero record"),
+    ):
+        lie = tmp_path / "lie.llmp"
+        lie.write_bytes(out.read_bytes())
+        _edit_index(lie, edit)
+        with pytest.raises(CorruptError, match=match):
+            Packed(lie)
+
+
+def _seg(idx: dict, name: str) -> dict:
+    return next(s for f in idx["files"] for s in f["segments"] if s.get("name") == name)
+
+
+def test_codes_in_int32_need_format_6(ct, tmp_path):
+    """An I32 codes segment in a file whose version says format 2 is a lying index."""
+    out = tmp_path / "x.llmp"
+    pack(ct, out, threads=1)
+    b = bytearray(out.read_bytes())
+    b[8:12] = (6).to_bytes(4, "little")
+
+    def edit(idx):
+        idx["version"] = 6
+        for f in idx["files"]:
+            for s in f["segments"]:
+                s.pop("zero", None)
+    out.write_bytes(bytes(b))
+    _edit_index(out, edit)
+    with pytest.raises(CorruptError, match="codes of 4 bits in a I32"):
+        Packed(out)
+
+
+def test_zero_table_bf16_and_ints():
+    assert np.array_equal(zero_table(np.array([1, 2, 15], np.int32).view(np.uint8), "I32", (3, 1), "value", 4),
+                          np.array([[1], [2], [15]], np.uint8))
+    bf = torch.tensor([[3.0, 7.0]], dtype=torch.bfloat16).view(torch.uint16).numpy().view(np.uint8).reshape(-1)
+    assert np.array_equal(zero_table(bf, "BF16", (1, 2), "value", 3), np.array([[3, 7]], np.uint8))
