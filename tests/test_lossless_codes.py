@@ -72,7 +72,7 @@ def test_quantized_folder_packs_its_codes_as_codes(folder, tmp_path, monkeypatch
     for f in folder.iterdir():
         assert (tmp_path / "back" / f.name).read_bytes() == f.read_bytes()
 
-    monkeypatch.setattr(container, "codes_of", lambda root: {})
+    monkeypatch.setattr(container, "quantized_of", lambda root: {})
     plain = pack(folder, tmp_path / "bytes.llmp", threads=1)
     with Packed(tmp_path / "bytes.llmp") as p:
         assert p.version == VERSION  # no codes: older readers still read it
