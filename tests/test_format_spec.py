@@ -39,7 +39,7 @@ def read_index(buf: bytes) -> dict:
     if buf[:8] != b"LLMPRESS":
         raise FormatError("magic")
     (version,) = struct.unpack_from("<I", buf, 8)
-    if version not in (5, 6, 7):
+    if version not in (5, 6, 7, 10):
         raise FormatError(f"version {version}")
     off, ln, crc, end = struct.unpack_from("<QQI8s", buf, len(buf) - 28)
     if end != b"LLMPIDX1" or off < 12 or off + ln + 28 != len(buf):
@@ -367,6 +367,56 @@ def decode_grid_chunk(p: bytes, grid: dict, raw: int) -> bytes:
     return x.astype("<f4").tobytes()
 
 
+ZERO_DTYPES = {"F16": "<f2", "F32": "<f4", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4",
+               "I32": "<i4", "U64": "<u8", "I64": "<i8"}
+
+
+def zero_points(zs: dict, data: bytes, packing: str, b: int) -> list[list[int]]:
+    """Section 3.3: the table Z[r][g] of a zero-point tensor's decoded bytes."""
+    R0, G = zs["shape"]
+    if packing == "value":
+        if zs["dtype"] == "BF16":
+            v = (np.frombuffer(data, "<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
+        else:
+            v = np.frombuffer(data, ZERO_DTYPES[zs["dtype"]])
+        v = v.reshape(R0, G).tolist()
+        if any(x != int(x) or not 0 <= x < 1 << b for row in v for x in row):
+            raise FormatError("zero point")
+        return [[int(x) for x in row] for row in v]
+    assert packing == "packed" and zs["dtype"] in ("I32", "U32")
+    words = np.frombuffer(data, "<u4").reshape(R0, G)
+    R = 32 * R0 // b
+    table = [[0] * G for _ in range(R)]
+    for g in range(G):
+        col = int.from_bytes(b"".join(int(w).to_bytes(4, "little") for w in words[:, g]), "little")
+        for r in range(R):
+            table[r][g] = (col >> (r * b)) & ((1 << b) - 1)
+    return table
+
+
+def decode_zero_chunk(p: bytes, s: dict, raw: int, i0: int, table: list[list[int]]) -> bytes:
+    """Section 3.3: a mode byte, then the codes (0) or the codes less their zero points (1)."""
+    b, z = s["codes"], s["zero"]
+    if p[0] not in (0, 1):
+        raise FormatError("mode")
+    m = -(-8 * raw // b)
+    if p[1] != 1:
+        raise FormatError("field count")
+    bid, ln = struct.unpack_from("<BI", p, 2)
+    if 7 + ln != len(p):
+        raise FormatError("chunk length")
+    sym = stream(bid, p[7:], m, b)
+    if p[0] == 1:
+        R, G = len(table), len(table[0]) if table else 0
+        q = []
+        for j, d in enumerate(sym.tolist()):
+            i = i0 + j
+            r, g = i // z["row"], (i % z["row"]) // z["group"]
+            q.append((d + (table[r][g] if r < R and g < G else 0)) % (1 << b))
+        sym = np.array(q)
+    return split_codes(sym, b, raw)
+
+
 def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
     """(index, {path: decoded bytes}, backend ids seen), every checksum checked."""
     buf = path.read_bytes()
@@ -375,25 +425,40 @@ def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
     jsonschema.Draft202012Validator(SCHEMA).validate(index)
     files, seen = {}, set()
     for f in index["files"]:
-        parts, pos = [], 0
+        segs, pos = {}, 0  # segment number -> its decoded bytes
         for s in f["segments"]:
             assert s["offset"] == pos
+            pos += s["length"]
+        # codes against zero points last: their zero-point tensors decoded first (section 3.3)
+        for k, s in sorted(enumerate(f["segments"]), key=lambda ks: "zero" in ks[1]):
+            table = None
+            if "zero" in s:
+                assert index["version"] == 10 and s["zero"]["tensor"] != s["name"]
+                zk, zs = next((k2, t) for k2, t in enumerate(f["segments"]) if t.get("name") == s["zero"]["tensor"])
+                assert "zero" not in zs
+                table = zero_points(zs, segs[zk], s["zero"]["packing"], s["codes"])
+            parts, done = [], 0
             for off, ln, raw, check in s["chunks"]:
                 assert 12 <= off and off + ln <= end
                 p = buf[off : off + ln]
-                q = 2 if "grid" in s else 1
+                q = 2 if "grid" in s or "zero" in s else 1
                 for _ in range(p[q - 1]):
                     seen.add(p[q])
                     q += 5 + struct.unpack_from("<I", p, q + 1)[0]
                 if "grid" in s:
-                    assert index["version"] == 7 and s["dtype"] == "F32" and s["shape"][-1] % s["grid"]["block"] == 0
+                    assert index["version"] in (7, 10) and s["dtype"] == "F32" and s["shape"][-1] % s["grid"]["block"] == 0
                     data = decode_grid_chunk(p, s["grid"], raw)
+                elif "zero" in s:
+                    assert done % s["codes"] == 0
+                    data = decode_zero_chunk(p, s, raw, 8 * done // s["codes"], table)
                 else:
+                    assert "codes" not in s or s["dtype"] == "U8" or index["version"] == 10
                     data = decode_chunk(p, s["dtype"], raw, s.get("codes", 0))
                 assert len(data) == raw and xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF == check
                 parts.append(data)
-            pos += s["length"]
-        out = b"".join(parts)
+                done += raw
+            segs[k] = b"".join(parts)
+        out = b"".join(segs[k] for k in range(len(f["segments"])))
         assert len(out) == f["size"] == pos and hashlib.sha256(out).hexdigest() == f["sha256"]
         files[f["path"]] = out
     return index, files, seen
@@ -460,6 +525,31 @@ def test_second_reader_decodes_codes_segments(tmp_path):
     assert index["version"] == 6 and {s.get("codes") for f in index["files"] for s in f["segments"]} >= {3}
     for name, data in files.items():
         assert data == (q / name).read_bytes(), name
+
+
+def test_second_reader_decodes_codes_against_zero_points(tmp_path):
+    """Format 6: an llmpress asymz folder (zero points as F16 values) and its compressed-tensors
+    export (int32 codes, zero points packed along the rows), decoded by the second reader byte for
+    byte, chunks in mode 1 among them."""
+    import llmpress
+    from llmpress.targets.api import export
+
+    sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
+    from harness import tiny_source
+
+    q = tmp_path / "q"
+    llmpress.quantize(tiny_source(tmp_path / "src"), q, method="rtn", bits=4, group_size=32, grid="asymz", progress=False)
+    export(q, tmp_path / "ct", format="compressed-tensors")
+    for folder, packing in ((q, "value"), (tmp_path / "ct", "packed")):
+        out = tmp_path / f"{folder.name}.llmp"
+        llmpress.pack(folder, out, threads=1, chunk_bytes=1000)  # chunks that start mid-row
+        index, files, _ = read_llmp(out)
+        zsegs = [s for f in index["files"] for s in f["segments"] if "zero" in s]
+        assert index["version"] == 10 and zsegs and {s["zero"]["packing"] for s in zsegs} == {packing}
+        buf = out.read_bytes()
+        assert 1 in {buf[c[0]] for s in zsegs for c in s["chunks"]}
+        for name, data in files.items():
+            assert data == (folder / name).read_bytes(), name
 
 
 def test_second_reader_decodes_grid_segments(tmp_path):
