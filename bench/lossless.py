@@ -4,6 +4,7 @@
     .venv/bin/python bench/lossless.py --files BF16 FP8 SmolLM2-FP8 --tools "llmpress (rans)" "zstd -3" --out lossless-fp8.json
     .venv/bin/python bench/lossless.py --kernel   # the head streams' rANS decode alone, ns/symbol
     .venv/bin/python bench/lossless.py --stages   # each encode/decode stage on BF16, ms and ns/word
+    .venv/bin/python bench/lossless.py --folders GPTQ-4b-g128 GPTQ-4b-g128-BF16 CT-4b-g128 --reps 2
 
 Ratio = compressed size / file size (whole safetensors file, header included); encode and
 decode throughput in MB/s of the original file (best of ``--reps``, the reps of all tools
@@ -28,6 +29,13 @@ exponent + mantissa), the parts H(sign), H(exponent), H(mantissa | exponent), an
 entropy given its row or its column of the matrix (a model per row or per column, its cost not
 counted, estimated from the counts: an optimistic floor for a row- or column-adaptive coder). ZipNN is not run
 on the FP8 inputs (no FP8 dtype is wired to it here); zstd -3 is their general-purpose baseline.
+
+``--folders``: quantized folders (``.llmp`` format 6): an llmpress GPTQ 4-bit g128 SmolLM2 folder
+(``GPTQ-4b-g128``, its unquantized tensors FP32 as written: the embedding is the embedded Q4_1 grid;
+``GPTQ-4b-g128-BF16``, those tensors in BF16 as a release ships them) and its compressed-tensors
+export (``CT-4b-g128``). Each is packed twice — codes against their zero points, and without
+(format 2's codes) — and broken down: bits a code of the codes stream, bits of scale + zero point a
+group, the rest; zstd -3 of the folder's files beside them; decode MB/s beside the BF16 file's.
 """
 from __future__ import annotations
 
@@ -377,6 +385,160 @@ def stages(reps: int) -> None:
     assert all((o == p[0]).all() for o, p in zip(outs, prep))
 
 
+# ---------------------------------------------------------------- quantized folders (format 6)
+
+
+def gptq_folder() -> Path:
+    """An llmpress GPTQ 4-bit g128 folder of SmolLM2-135M: the frontier bench's, else made here."""
+    for f in (OUT / "frontier" / "gptq-w4-g128", OUT / "gptq-w4-g128"):
+        if (f / "llmpress.json").is_file():
+            return f
+    import llmpress
+
+    out = OUT / "gptq-w4-g128"
+    llmpress.quantize("smollm2-135m", out, method="gptq", bits=4, group_size=128, progress=False)
+    return out
+
+
+def gptq_bf16_folder() -> Path:
+    """The GPTQ folder as a release would ship it: every tensor kept unquantized (embedding, norms)
+    in BF16, codes, scales and zero points as they were; the manifest's shard sha256 updated."""
+    import hashlib
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = OUT / "gptq-w4-g128-bf16"
+    if (out / "llmpress.json").is_file():
+        return out
+    src = gptq_folder()
+    tmp = OUT / "gptq-w4-g128-bf16.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    sd = load_file(str(src / "model.safetensors"))
+    keep = {k for k in sd if not k.endswith((".qweight", ".scale", ".zero", ".g_idx", ".in_scale"))}
+    save_file({k: v.to(torch.bfloat16) if k in keep and v.dtype == torch.float32 else v for k, v in sd.items()},
+              str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    m = json.loads((tmp / "llmpress.json").read_text())
+    m["files"]["model.safetensors"] = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
+    (tmp / "llmpress.json").write_text(json.dumps(m, indent=1))
+    tmp.replace(out)
+    return out
+
+
+def ct_folder() -> Path:
+    """The GPTQ folder exported to compressed-tensors (pack-quantized). SmolLM2's 576-wide inputs are
+    not whole groups of 128, which compressed-tensors cannot hold: those linears are re-quantized by
+    the export's fallback (``--fallback requantize``: RTN on its own grid), down_proj keeps GPTQ's codes."""
+    from llmpress.targets.api import export
+
+    out = OUT / "ct-w4-g128"
+    if not (out / "config.json").is_file():
+        export(gptq_folder(), out, format="compressed-tensors", fallback="requantize")
+    return out
+
+
+FOLDERS = {"GPTQ-4b-g128": gptq_folder, "GPTQ-4b-g128-BF16": gptq_bf16_folder, "CT-4b-g128": ct_folder}
+
+
+def _folder_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+def folder_breakdown(folder: Path, res: dict, plain: dict) -> dict:
+    """Per part of a quantized folder's pack: codes (bits a code; and without zero points),
+    scales + zero points (bits a group), the rest; stored sizes beside them."""
+    from llmpress.lossless.quantized import quantized_of
+    from llmpress.lossless.segments import plan_file
+
+    found = quantized_of(folder)
+    zeros = {s.zero.tensor for s in found.values() if s.zero is not None}
+    stored = {g.name: g.length for f in folder.glob("*.safetensors") for g in plan_file(f) if g.kind == "tensor"}
+    scales = {n for n in stored if n.endswith((".scale", ".weight_scale"))}
+    t = res["tensors"]
+    n_codes = sum(8 * stored[n] // found[n].bits for n in found)
+    groups = sum(stored[n] // 4 if n.endswith(".weight_scale") and folder.name.startswith("ct") else stored[n] // 2
+                 for n in scales)  # F32 scales in the CT export, F16 in llmpress's
+    part = lambda names, r=res: sum(r["tensors"][n]["packed"] for n in names)  # noqa: E731
+    codes_b, codes_plain = part(found), part(found, plain)
+    gp_b, gp_stored = part(scales | zeros), sum(stored[n] for n in scales | zeros)
+    rest_in = res["bytes_in"] - sum(stored[n] for n in found) - gp_stored
+    rest_out = res["bytes_out"] - codes_b - gp_b
+    return {"codes": len(found), "bits": sorted({s.bits for s in found.values()}), "n_codes": n_codes,
+            "codes_bits_per_code": 8 * codes_b / n_codes, "codes_bits_per_code_no_zero": 8 * codes_plain / n_codes,
+            "codes_stored_bits": 8 * sum(stored[n] for n in found) / n_codes,
+            "codes_ratio": codes_b / sum(stored[n] for n in found),
+            "groups": groups, "group_params_bits": 8 * gp_b / groups, "group_params_stored_bits": 8 * gp_stored / groups,
+            "rest_bytes_in": rest_in, "rest_bytes_out": rest_out, "rest_ratio": rest_out / rest_in,
+            "embed_bytes_in": sum(v["bytes"] for k, v in t.items() if "embed" in k),
+            "embed_bytes_out": sum(v["packed"] for k, v in t.items() if "embed" in k)}
+
+
+def quantized_bench(labels: list[str], reps: int, out_name: str) -> None:
+    """Each quantized folder: llmpress's pack (and the same without zero points: format 2's plain
+    codes) against zstd -3 of the folder's files, with the per-part breakdown; decode MB/s beside
+    the BF16 MiniLM file's (the BF16 path), same threads, reps interleaved."""
+    import zstandard
+
+    import llmpress.lossless.container as C
+    from llmpress.lossless.quantized import CodesSpec
+
+    rec = record()
+    warm_up()
+    rows = []
+    folders = {k: FOLDERS[k]() for k in labels}
+    bf16 = bf16_file("minilm-l6")
+    th = 2
+    os.environ["OMP_NUM_THREADS"] = str(th)
+    with tempfile.TemporaryDirectory(dir=OUT) as d:
+        dec_ref = run_llmpress(bf16, th, reps, "rans")
+        ref_MBps = bf16.stat().st_size / dec_ref["dec_s"] / 1e6
+        for label, folder in folders.items():
+            x, y = Path(d) / f"{label}.llmp", Path(d) / f"{label}-plain.llmp"
+            res = C.pack(folder, x, threads=th, force=True)
+            real = C.quantized_of
+            C.quantized_of = lambda root: {k: CodesSpec(v.bits) for k, v in real(root).items()}  # no zero points
+            try:
+                plain = C.pack(folder, y, threads=th, force=True)
+            finally:
+                C.quantized_of = real
+            dec = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                C.verify(x, threads=th, sha256=False)
+                dec = min(dec, time.perf_counter() - t0)
+            data = _folder_bytes(folder)
+            z = len(zstandard.ZstdCompressor(level=3).compress(data))
+            with C.Packed(x) as p:
+                version = p.version
+            b = folder_breakdown(folder, res, plain)
+            row = {"folder": label, "path": str(folder), "bytes_in": res["bytes_in"], "bytes_out": res["bytes_out"],
+                   "ratio": res["ratio"], "ratio_no_zero": plain["ratio"], "zstd3_ratio": z / len(data),
+                   "version": version, "dec_MBps": res["bytes_in"] / dec / 1e6, "dec_vs_BF16": res["bytes_in"] / dec / 1e6 / ref_MBps,
+                   **b}
+            rows.append(row)
+            print(f"{label}: ratio {row['ratio']:.4f}", file=sys.stderr)
+    result = {**rec, "cpus": os.cpu_count(), "reps": reps, "threads": th, "bf16_ref_dec_MBps": ref_MBps, "rows": rows}
+    out = OUT / out_name
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(f"command: {rec['command']}\ncommit: {rec['commit']}   date: {rec['date']}   cpus: {os.cpu_count()}   threads: {th}")
+    print("ratio: .llmp / the folder's bytes (all files); no-zero: the codes coded without their zero points (format 2's "
+          "codes); codes b/c: bits a code (stored 4.0); grp b: bits of scale + zero point a group (stored); rest: "
+          "everything else (embedding, norms, headers, config, tokenizer) packed / stored; dec: MB/s of output, "
+          f"and over the BF16 MiniLM file's {ref_MBps:.1f} MB/s")
+    print(f"\n{'folder':18s} {'MB':>6s} {'ratio':>7s} {'no-zero':>7s} {'zstd -3':>7s} {'codes b/c':>9s} {'no-zero':>7s} "
+          f"{'codes':>6s} {'grp b':>12s} {'rest':>6s} {'dec MB/s':>8s} {'/BF16':>6s} ver")
+    for r in rows:
+        print(f"{r['folder']:18s} {r['bytes_in'] / 1e6:6.1f} {r['ratio']:7.4f} {r['ratio_no_zero']:7.4f} "
+              f"{r['zstd3_ratio']:7.4f} {r['codes_bits_per_code']:9.3f} {r['codes_bits_per_code_no_zero']:7.3f} "
+              f"{r['codes_ratio']:6.4f} {r['group_params_bits']:5.1f} ({r['group_params_stored_bits']:4.1f}) "
+              f"{r['rest_ratio']:6.4f} {r['dec_MBps']:8.1f} {r['dec_vs_BF16']:6.2f} {r['version']}")
+    print(f"\nwrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -388,7 +550,14 @@ def main() -> None:
                     help="the FP8 inputs' weight scales: per output channel or per tensor")
     ap.add_argument("--tools", nargs="+", default=None, help="only these tools (e.g. 'llmpress (rans)' zipnn)")
     ap.add_argument("--out", default="lossless.json", help="results file name under bench/out/")
+    ap.add_argument("--folders", nargs="+", choices=sorted(FOLDERS), default=None,
+                    help="quantized folders instead of files: their codes, scales/zero points and the rest, "
+                         "llmpress vs zstd -3 (results: --out, default lossless-quantized.json)")
     args = ap.parse_args()
+    if args.folders:
+        OUT.mkdir(parents=True, exist_ok=True)
+        quantized_bench(args.folders, args.reps, args.out if args.out != "lossless.json" else "lossless-quantized.json")
+        return
     if args.kernel or args.stages:
         OUT.mkdir(parents=True, exist_ok=True)
         warm_up()
