@@ -15,6 +15,7 @@ import zstandard
 import llmpress
 from llmpress.lossless.chunk import decode_chunk, encode_chunk
 from llmpress.lossless.container import pack, unpack, verify
+from llmpress.lossless.fields import CODES
 from llmpress.lossless.quantized import quantized_of
 from llmpress.lossless.reader import FOOTER, ZEROS_VERSION, CorruptError, Packed, crc32
 from llmpress.lossless.zeros import ZeroRef, chunk_zeros, zero_table
@@ -120,7 +121,15 @@ def test_chunk_modes_round_trip_any_codes():
         buf, _ = encode_chunk(raw, "U8", codes=4, zeros=z)
         back = decode_chunk(memoryview(buf), "U8", len(raw), codes=4, zeros=lambda m: chunk_zeros(table, ref, 0, m))
         assert np.array_equal(back, raw)
-    assert buf[0] in (0, 1)
+    assert buf[0] in (2, 3)  # 4-bit codes go as bytes (chunk.AS_BYTES)
+    for bits in (3, 4):  # the codes one symbol each (3 bits), as bytes (4 bits); against zero points
+        zb = chunk_zeros(table, ref, 0, 280)[: 8 * 105 // bits]
+        codes = (zb + g.integers(-1, 2, len(zb))) & ((1 << bits) - 1)
+        raw = CODES[bits].merge([codes.astype(np.uint8)], len(codes) * bits // 8)
+        buf, _ = encode_chunk(raw, "U8", codes=bits, zeros=zb)
+        assert buf[0] == (1 if bits == 3 else 3)
+        back = decode_chunk(memoryview(buf), "U8", len(raw), codes=bits, zeros=lambda m: zb[:m])
+        assert np.array_equal(back, raw)
 
 
 def test_zero_points_that_are_not_integers_are_not_used():

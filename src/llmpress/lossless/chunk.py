@@ -86,17 +86,35 @@ def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans", codes:
     return out, st
 
 
+# a format-6 codes chunk's mode byte (zeros.py): its bits
+LESS_ZEROS = 1  # the codes less their zero points, (q − z) mod 2^b
+AS_BYTES = 2  # one field of the chunk's bytes (8-bit symbols: 8/b codes each), else one b-bit symbol a code
+CODE_BYTES = (Field("codes", 8),)  # that field: coded by the policy's codes backends (rANS), not as bytes (zstd)
+
+
 def _encode_codes_vs_zeros(raw: np.ndarray, bits: int, zeros: np.ndarray, policy: str) -> tuple[list, ChunkStats]:
-    """A codes chunk of a segment with zero points: mode byte, then one field of b-bit symbols."""
+    """A codes chunk of a segment with zero points: mode byte, then one field. The codes less their
+    zero points where that field's order-0 entropy (per code) is below the codes' own; as bytes
+    where whole codes fill a byte (b = 1, 2, 4: the same or less entropy than the codes one by one,
+    each symbol two to eight codes, so a quarter to half the rANS steps a decoded byte)."""
     lay = CODES[bits]
-    sym = lay.codes(raw)  # (m,)
-    if len(zeros) != len(sym):
-        raise ValueError(f"{len(zeros)} zero points for {len(sym)} codes")
-    d = (sym - zeros) & ((1 << bits) - 1)
-    hs, hd = (np.bincount(x, minlength=1 << bits).astype(np.int64) for x in (sym, d))
-    mode, x, h = (1, d, hd) if entropy_bits(None, bits, hd) < entropy_bits(None, bits, hs) else (0, sym, hs)
+    mask = (1 << bits) - 1
+    q = lay.codes(raw)  # (m,)
+    if len(zeros) != len(q):
+        raise ValueError(f"{len(zeros)} zero points for {len(q)} codes")
+    d = (q - zeros) & mask
+    hq, hd = (np.bincount(x, minlength=1 << bits).astype(np.int64) for x in (q, d))
+    less = entropy_bits(None, bits, hd) < entropy_bits(None, bits, hq)
     st = ChunkStats()
-    return [bytes([mode]), *_code_fields(lay.fields, [x], [h], policy, {}, st)], st
+    if 8 % bits:
+        x, h = (d, hd) if less else (q, hq)
+        return [bytes([LESS_ZEROS if less else 0]), *_code_fields(lay.fields, [x], [h], policy, {}, st)], st
+    x = raw.copy()
+    if less:
+        K.add_codes(x, bits, (-zeros.astype(np.int64) & mask).astype(np.uint8))  # (q − z) mod 2^b, in place
+    h = np.bincount(x, minlength=256).astype(np.int64)
+    return [bytes([AS_BYTES | (LESS_ZEROS if less else 0)]),
+            *_code_fields(CODE_BYTES, [x], [h], policy, {}, st)], st
 
 
 def _code_fields(fields: tuple[Field, ...], parts: list[np.ndarray], hists: list[np.ndarray], policy: str,
@@ -144,7 +162,8 @@ def _scratch_fields(lay: FloatLayout, n: int) -> list[np.ndarray]:
     return [a[:n] for a in have]
 
 
-CK = Kernels("chunk_kernel")  # decode_fields: the AOT build's where there is one (compiled.py)
+CK = Kernels("chunk_kernel")
+K = Kernels("kernels")  # add_codes: format 6's codes given back their zero points  # decode_fields: the AOT build's where there is one (compiled.py)
 
 
 def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None,
@@ -162,13 +181,19 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     n = lay.symbols(nbytes)  # in each field's stream
     if out is not None and out.shape != (nbytes,):
         raise InputError(f"output holds {out.shape} bytes, the chunk {nbytes}")
-    if zeros is not None:  # format 6: a mode byte, then the codes (0) or the codes less their zero points (1)
-        if not codes or len(buf) < 1 or buf[0] > 1:
+    if zeros is not None:  # format 6: a mode byte (LESS_ZEROS, AS_BYTES), then one field
+        if not codes or len(buf) < 1 or buf[0] > 3:
             raise InputError("codes chunk with zero points: bad mode byte")
         if out is None:
             out = np.empty(nbytes, np.uint8)
+        mode = buf[0]
+        if mode & AS_BYTES:
+            _decode_fields(buf[1:], CODE_BYTES, [nbytes], [out])
+            if mode & LESS_ZEROS:
+                K.add_codes(out, codes, zeros(n))
+            return out
         (sym,) = _decode_fields(buf[1:], CODES[codes].fields, [n])
-        if buf[0] == 1:
+        if mode & LESS_ZEROS:
             sym = (sym.astype(np.uint8) + zeros(n)) & ((1 << codes) - 1)
         return CODES[codes].merge([sym], nbytes, out)
     if grid is not None:

@@ -90,34 +90,19 @@ class CodesLayout(Layout):
         return [sym], [np.bincount(sym, minlength=1 << self.bits).astype(np.int64)]
 
     def codes(self, raw: np.ndarray) -> np.ndarray:
-        """The chunk's symbols (m,) uint8. Widths that divide 8 shift whole bytes apart (4 bits:
-        the low nibble first); the others go through a bit plane."""
-        b, m = self.bits, self.symbols(len(raw))
-        if 8 % b == 0:
-            shifts = np.arange(0, 8, b, dtype=np.uint8)
-            return ((raw[:, None] >> shifts) & ((1 << b) - 1)).reshape(-1)  # (m,)
-        stream = np.zeros(m * b, np.uint8)
-        stream[: 8 * len(raw)] = np.unpackbits(raw, bitorder="little")
-        planes = np.zeros((m, 8), np.uint8)
-        planes[:, :b] = stream.reshape(m, b)  # (m, 8): each code's bits, low first
-        return np.packbits(planes, axis=1, bitorder="little").reshape(m)
+        """The chunk's symbols (m,) uint8: the bytes read as an LSB-first stream of b-bit symbols
+        (kernels.unpack_bits, compiled; bits past the chunk read as 0)."""
+        sym = np.empty(self.symbols(len(raw)), np.uint8)
+        K.unpack_bits(np.ascontiguousarray(raw, np.uint8), self.bits, sym)
+        return sym
 
     def split(self, raw: np.ndarray) -> list[np.ndarray]:
         return self.split_hist(raw)[0]
 
     def merge(self, parts: list[np.ndarray], n: int, out: np.ndarray | None = None) -> np.ndarray:
-        """``n``: the chunk's raw bytes (not its symbols)."""
-        sym = np.ascontiguousarray(parts[0], np.uint8)
-        if 8 % self.bits == 0 and len(sym) * self.bits == 8 * n:
-            per = 8 // self.bits
-            shifts = np.arange(0, 8, self.bits, dtype=np.uint8)
-            raw = np.bitwise_or.reduce(sym.reshape(n, per) << shifts, axis=1)  # (n,)
-            if out is None:
-                return raw
-            out[:] = raw
-            return out
-        bits = np.unpackbits(sym.reshape(-1, 1), axis=1, bitorder="little")[:, : self.bits].reshape(-1)
-        raw = np.packbits(bits[: 8 * n], bitorder="little")
+        """``n``: the chunk's raw bytes (not its symbols): the first 8n bits of the symbols' LSB-first
+        stream (kernels.pack_bits, compiled)."""
+        raw = K.pack_bits(np.ascontiguousarray(parts[0], np.uint8), self.bits)[:n]
         if out is None:
             return raw
         out[:] = raw

@@ -443,3 +443,39 @@ def float_kernels(E: int, M: int, k: int, widths: tuple[int, ...]):
             x[i] = (t >> LOW) << SSHIFT | np.uint32(head[i]) << LOW | (t & LMASK)
 
     return split, merge
+
+
+@njit(**_JIT)
+def add_codes(x, width, z):  # x: (L,) uint8 bit-packed codes, in place; z: (m,) uint8, m ≥ codes in x
+    """Code i of the LSB-first stream of ``width``-bit codes in ``x`` becomes (code + z[i]) mod
+    2^width (the codes of a format-6 chunk given back their zero points); bits past the last whole
+    code are left as they are. Widths that divide 8 go a byte at a time."""
+    n = x.shape[0]
+    mask = (1 << width) - 1
+    if width == 4:  # two codes a byte, written out (the generic loop does not vectorise)
+        for i in range(n):
+            v = np.int64(x[i])
+            x[i] = ((v + np.int64(z[2 * i])) & 15) | ((((v >> 4) + np.int64(z[2 * i + 1])) & 15) << 4)
+        return
+    if 8 % width == 0:
+        per = 8 // width
+        for i in range(n):
+            v = np.int64(x[i])
+            r = np.int64(0)
+            for j in range(per):
+                s = j * width
+                r |= (((v >> s) + np.int64(z[i * per + j])) & mask) << s
+            x[i] = r
+        return
+    for i in range(8 * n // width):
+        b = i * width
+        j = b >> 3
+        v = np.int64(x[j])
+        if j + 1 < n:
+            v |= np.int64(x[j + 1]) << 8
+        s = b & 7
+        c = (((v >> s) + np.int64(z[i])) & mask) << s
+        v = (v & ~(mask << s)) | c
+        x[j] = v & 0xFF
+        if j + 1 < n:
+            x[j + 1] = (v >> 8) & 0xFF
