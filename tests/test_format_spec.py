@@ -397,24 +397,35 @@ def zero_points(zs: dict, data: bytes, packing: str, b: int) -> list[list[int]]:
 def decode_zero_chunk(p: bytes, s: dict, raw: int, i0: int, table: list[list[int]]) -> bytes:
     """Section 3.3: a mode byte, then the codes (0) or the codes less their zero points (1)."""
     b, z = s["codes"], s["zero"]
-    if p[0] not in (0, 1):
+    if p[0] not in (0, 1, 2, 3):
         raise FormatError("mode")
-    m = -(-8 * raw // b)
+    as_bytes, less = p[0] >> 1, p[0] & 1
+    m = raw if as_bytes else -(-8 * raw // b)
     if p[1] != 1:
         raise FormatError("field count")
     bid, ln = struct.unpack_from("<BI", p, 2)
     if 7 + ln != len(p):
         raise FormatError("chunk length")
-    sym = stream(bid, p[7:], m, b)
-    if p[0] == 1:
-        R, G = len(table), len(table[0]) if table else 0
-        q = []
-        for j, d in enumerate(sym.tolist()):
-            i = i0 + j
-            r, g = i // z["row"], (i % z["row"]) // z["group"]
-            q.append((d + (table[r][g] if r < R and g < G else 0)) % (1 << b))
-        sym = np.array(q)
-    return split_codes(sym, b, raw)
+    sym = stream(bid, p[7:], m, 8 if as_bytes else b)
+    R, G = len(table), len(table[0]) if table else 0
+
+    def zp(j: int) -> int:
+        i = i0 + j
+        r, g = i // z["row"], (i % z["row"]) // z["group"]
+        return table[r][g] if r < R and g < G else 0
+
+    if not as_bytes:
+        if less:
+            sym = np.array([(d + zp(j)) % (1 << b) for j, d in enumerate(sym.tolist())])
+        return split_codes(sym, b, raw)
+    data = bytes(sym.astype(np.uint8))
+    if not less:
+        return data
+    bits = int.from_bytes(data, "little")
+    for j in range(8 * raw // b):
+        d = (bits >> (j * b)) & ((1 << b) - 1)
+        bits ^= (d ^ ((d + zp(j)) % (1 << b))) << (j * b)
+    return bits.to_bytes(raw, "little")
 
 
 def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
@@ -528,9 +539,9 @@ def test_second_reader_decodes_codes_segments(tmp_path):
 
 
 def test_second_reader_decodes_codes_against_zero_points(tmp_path):
-    """Format 6: an llmpress asymz folder (zero points as F16 values) and its compressed-tensors
-    export (int32 codes, zero points packed along the rows), decoded by the second reader byte for
-    byte, chunks in mode 1 among them."""
+    """Format 6: an llmpress asymz folder (zero points as F16 values), its compressed-tensors export
+    (int32 codes, zero points packed along the rows) and a 3-bit one, decoded by the second reader
+    byte for byte, chunks coded against their zero points among them."""
     import llmpress
     from llmpress.targets.api import export
 
@@ -540,14 +551,17 @@ def test_second_reader_decodes_codes_against_zero_points(tmp_path):
     q = tmp_path / "q"
     llmpress.quantize(tiny_source(tmp_path / "src"), q, method="rtn", bits=4, group_size=32, grid="asymz", progress=False)
     export(q, tmp_path / "ct", format="compressed-tensors")
-    for folder, packing in ((q, "value"), (tmp_path / "ct", "packed")):
+    q3 = tmp_path / "q3"  # 3-bit codes: one symbol a code (modes 0 and 1)
+    llmpress.quantize(tmp_path / "src", q3, method="rtn", bits=3, group_size=32, grid="asymz", progress=False)
+    for folder, packing in ((q, "value"), (tmp_path / "ct", "packed"), (q3, "value")):
         out = tmp_path / f"{folder.name}.llmp"
         llmpress.pack(folder, out, threads=1, chunk_bytes=1000)  # chunks that start mid-row
         index, files, _ = read_llmp(out)
         zsegs = [s for f in index["files"] for s in f["segments"] if "zero" in s]
         assert index["version"] == 10 and zsegs and {s["zero"]["packing"] for s in zsegs} == {packing}
         buf = out.read_bytes()
-        assert 1 in {buf[c[0]] for s in zsegs for c in s["chunks"]}
+        modes = {buf[c[0]] for s in zsegs for c in s["chunks"]}
+        assert (1 if folder == q3 else 3) in modes  # less their zero points: a symbol a code, or as bytes
         for name, data in files.items():
             assert data == (folder / name).read_bytes(), name
 
