@@ -475,6 +475,24 @@ def folder_breakdown(folder: Path, res: dict, plain: dict) -> dict:
             "embed_bytes_out": sum(v["packed"] for k, v in t.items() if "embed" in k)}
 
 
+def decode_segments(path: Path, keep, threads: int, reps: int) -> dict:
+    """Decode only the segments ``keep(segment)`` of a ``.llmp`` (every chunk checked, as verify does):
+    bytes out, best wall and CPU seconds of ``reps``."""
+    import llmpress.lossless.container as C
+
+    wall = cpu = float("inf")
+    n = 0
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.process_time()
+        with C.Packed(path) as p, C._pool(threads) as ex:
+            n = 0
+            for f in p.index["files"]:
+                for part in p.iter_chunks(f, [s for s in f["segments"] if keep(s)], ex):
+                    n += len(part)
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return {"bytes": n, "MBps": n / wall / 1e6, "cpu_MBps": n / cpu / 1e6}
+
+
 def quantized_bench(labels: list[str], reps: int, out_name: str) -> None:
     """Each quantized folder: llmpress's pack (and the same without zero points: format 2's plain
     codes) against zstd -3 of the folder's files, with the per-part breakdown; decode MB/s beside
@@ -494,6 +512,9 @@ def quantized_bench(labels: list[str], reps: int, out_name: str) -> None:
     with tempfile.TemporaryDirectory(dir=OUT) as d:
         dec_ref = run_llmpress(bf16, th, reps, "rans")
         ref_MBps = bf16.stat().st_size / dec_ref["dec_s"] / 1e6
+        ref_pack = Path(d) / "bf16.llmp"
+        C.pack(bf16, ref_pack, threads=th)
+        ref_one = decode_segments(ref_pack, lambda s: s["dtype"] == "BF16", 1, max(reps, 3))  # the BF16 path, 1 thread
         for label, folder in folders.items():
             x, y = Path(d) / f"{label}.llmp", Path(d) / f"{label}-plain.llmp"
             res = C.pack(folder, x, threads=th, force=True)
@@ -508,6 +529,7 @@ def quantized_bench(labels: list[str], reps: int, out_name: str) -> None:
                 t0 = time.perf_counter()
                 C.verify(x, threads=th, sha256=False)
                 dec = min(dec, time.perf_counter() - t0)
+            codes_one = decode_segments(x, lambda s: "codes" in s, 1, max(reps, 3))  # the codes path, 1 thread
             data = _folder_bytes(folder)
             z = len(zstandard.ZstdCompressor(level=3).compress(data))
             with C.Packed(x) as p:
@@ -516,10 +538,13 @@ def quantized_bench(labels: list[str], reps: int, out_name: str) -> None:
             row = {"folder": label, "path": str(folder), "bytes_in": res["bytes_in"], "bytes_out": res["bytes_out"],
                    "ratio": res["ratio"], "ratio_no_zero": plain["ratio"], "zstd3_ratio": z / len(data),
                    "version": version, "dec_MBps": res["bytes_in"] / dec / 1e6, "dec_vs_BF16": res["bytes_in"] / dec / 1e6 / ref_MBps,
+                   "codes_dec_1t_MBps": codes_one["MBps"], "codes_dec_1t_cpu_MBps": codes_one["cpu_MBps"],
+                   "codes_dec_vs_BF16_cpu": codes_one["cpu_MBps"] / ref_one["cpu_MBps"],
                    **b}
             rows.append(row)
             print(f"{label}: ratio {row['ratio']:.4f}", file=sys.stderr)
-    result = {**rec, "cpus": os.cpu_count(), "reps": reps, "threads": th, "bf16_ref_dec_MBps": ref_MBps, "rows": rows}
+    result = {**rec, "cpus": os.cpu_count(), "reps": reps, "threads": th, "bf16_ref_dec_MBps": ref_MBps,
+              "bf16_tensors_dec_1t_MBps": ref_one["MBps"], "bf16_tensors_dec_1t_cpu_MBps": ref_one["cpu_MBps"], "rows": rows}
     out = OUT / out_name
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -528,14 +553,16 @@ def quantized_bench(labels: list[str], reps: int, out_name: str) -> None:
     print("ratio: .llmp / the folder's bytes (all files); no-zero: the codes coded without their zero points (format 2's "
           "codes); codes b/c: bits a code (stored 4.0); grp b: bits of scale + zero point a group (stored); rest: "
           "everything else (embedding, norms, headers, config, tokenizer) packed / stored; dec: MB/s of output, "
-          f"and over the BF16 MiniLM file's {ref_MBps:.1f} MB/s")
+          f"and over the BF16 MiniLM file's {ref_MBps:.1f} MB/s ({th} threads); codes 1t: the codes segments alone, "
+          f"one thread, MB/s of output by CPU time, and over the BF16 MiniLM tensors' {ref_one['cpu_MBps']:.0f} MB/s")
     print(f"\n{'folder':18s} {'MB':>6s} {'ratio':>7s} {'no-zero':>7s} {'zstd -3':>7s} {'codes b/c':>9s} {'no-zero':>7s} "
-          f"{'codes':>6s} {'grp b':>12s} {'rest':>6s} {'dec MB/s':>8s} {'/BF16':>6s} ver")
+          f"{'codes':>6s} {'grp b':>12s} {'rest':>6s} {'dec MB/s':>8s} {'/BF16':>6s} {'codes 1t':>8s} {'/BF16':>6s} ver")
     for r in rows:
         print(f"{r['folder']:18s} {r['bytes_in'] / 1e6:6.1f} {r['ratio']:7.4f} {r['ratio_no_zero']:7.4f} "
               f"{r['zstd3_ratio']:7.4f} {r['codes_bits_per_code']:9.3f} {r['codes_bits_per_code_no_zero']:7.3f} "
               f"{r['codes_ratio']:6.4f} {r['group_params_bits']:5.1f} ({r['group_params_stored_bits']:4.1f}) "
-              f"{r['rest_ratio']:6.4f} {r['dec_MBps']:8.1f} {r['dec_vs_BF16']:6.2f} {r['version']}")
+              f"{r['rest_ratio']:6.4f} {r['dec_MBps']:8.1f} {r['dec_vs_BF16']:6.2f} {r['codes_dec_1t_cpu_MBps']:8.0f} "
+              f"{r['codes_dec_vs_BF16_cpu']:6.2f} {r['version']}")
     print(f"\nwrote {out}")
 
 
