@@ -155,3 +155,30 @@ def test_aot_kernels_match_jit(aot, dtype, monkeypatch):
             assert res[0] == res[1]
             if payload is a:
                 assert res[0][0] == 0 and res[0][2] == raw.tobytes()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_aot_codes_kernels_match_jit(aot, bits, monkeypatch):
+    """A format-6 codes chunk (zeros.py; 4 bits as bytes, 3 bits a symbol a code) encodes to the same
+    payload with the AOT kernels as with the JIT ones, decodes back by both, and the kernels it calls
+    (unpack_bits, pack_bits, add_codes) are in the build."""
+    from llmpress.lossless import chunk, compiled, entropy, fields
+
+    rng = np.random.default_rng(bits)
+    z = rng.integers(0, 1 << bits, 1 << 16).astype(np.uint8)
+    q = ((z.astype(np.int64) + rng.integers(-2, 3, len(z))) & ((1 << bits) - 1)).astype(np.uint8)
+    raw = fields.CODES[bits].merge([q], len(q) * bits // 8)
+    out = []
+    for on in (False, True):
+        monkeypatch.setenv(compiled.ENV, "1" if on else "0")
+        monkeypatch.setattr(compiled, "_loaded", {})
+        for mod, name in ((entropy, "K"), (entropy, "M"), (entropy, "R32"), (fields, "K"), (chunk, "K")):
+            monkeypatch.setattr(mod, name, compiled.Kernels(getattr(mod, name).__dict__["_name"]))
+        buf = chunk.encode_chunk(raw, "U8", codes=bits, zeros=z)[0]
+        back = chunk.decode_chunk(memoryview(buf), "U8", len(raw), codes=bits, zeros=lambda m: z[:m])
+        assert back.tobytes() == raw.tobytes()
+        out.append(buf)
+        if on:
+            assert all(isinstance(getattr(fields.K, k), compiled._Dispatch) for k in ("unpack_bits", "pack_bits"))
+            assert isinstance(chunk.K.add_codes, compiled._Dispatch)
+    assert out[0] == out[1]
