@@ -180,6 +180,23 @@ def lossless_fp8(path: Path, data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def lossless_quantized(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/lossless.py --folders: quantized folders, llmpress against zstd -3, per part."""
+    lines = _prov(data, path) + [
+        f"{data.get('cpus')} CPUs, {data.get('threads')} threads; ratio = .llmp / the folder's bytes; without zero points: "
+        "the codes coded alone (format 2's codes); codes: bits a code (4 stored); group: bits of scale + zero point a "
+        "group (stored in brackets); rest: everything else, packed / stored. Codes decode: the codes segments alone, one "
+        f"thread, MB/s by CPU time, and over the BF16 MiniLM tensors' ({_f(data.get('bf16_tensors_dec_1t_cpu_MBps'), '.0f')} "
+        "MB/s).", ""]
+    body = [[r["folder"], _f(r["bytes_in"], ","), _f(r["ratio"], ".4f"), _f(r["ratio_no_zero"], ".4f"),
+             _f(r["zstd3_ratio"], ".4f"), _f(r["codes_bits_per_code"], ".3f"), _f(r["codes_bits_per_code_no_zero"], ".3f"),
+             f"{_f(r['group_params_bits'], '.1f')} ({_f(r['group_params_stored_bits'], '.0f')})", _f(r["rest_ratio"], ".4f"),
+             _f(r.get("codes_dec_1t_cpu_MBps"), ".0f"), _f(r.get("codes_dec_vs_BF16_cpu"), ".2f")]
+            for r in data.get("rows", [])]
+    return lines + _table(["folder", "bytes", "ratio", "without zero points", "zstd -3", "codes bits", "without zero points",
+                           "group bits", "rest", "codes decode MB/s", "/ BF16"], body)
+
+
 def grid(path: Path, data: dict[str, Any]) -> list[str]:
     """bench/grid.py: a dequantized checkpoint packed with and without its grids, against its source GGUF."""
     g = data.get("gguf", {})
@@ -316,6 +333,10 @@ BENCHES = [
           "stores them), against zstd; the entropy bound, and decode speed against the BF16 path.",
           "python bench/lossless.py --files BF16 FP8 SmolLM2-FP8 FP8-E5M2 --tools 'llmpress (rans)' 'zstd -3' --reps 5 "
           "--out lossless-fp8.json", lossless_fp8),
+    Bench("lossless-quantized.json", "Lossless: quantized folders (GPTQ, compressed-tensors)",
+          "An llmpress GPTQ 4-bit g128 SmolLM2-135M folder (unquantized tensors FP32 as written, and in BF16 as a release "
+          "ships them) and its compressed-tensors export, packed with their codes against their zero points (format 6).",
+          "python bench/lossless.py --folders GPTQ-4b-g128 GPTQ-4b-g128-BF16 CT-4b-g128 --reps 3", lossless_quantized),
     Bench("grid.json", "Lossless: a checkpoint dequantized from a GGUF grid",
           "The embedded SmolLM2-135M (Q4_1 linears and a Q8_0 embedding widened to FP32) packed with its grids found "
           "and without, bit for bit.", "python bench/grid.py --reps 2 --threads 1 2", grid),

@@ -479,3 +479,23 @@ def add_codes(x, width, z):  # x: (L,) uint8 bit-packed codes, in place; z: (m,)
         x[j] = v & 0xFF
         if j + 1 < n:
             x[j + 1] = (v >> 8) & 0xFF
+
+
+@njit(**_JIT)
+def fill_zeros(table, row, group, first, out):  # table: (R, G) uint8; out: (m,) uint8
+    """Code ``first + j``'s zero point into ``out[j]``: table[r, g] with r = i // row, g = (i % row)
+    // group, 0 past the table (zeros.chunk_zeros). Runs of one group are filled at once."""
+    m = out.shape[0]
+    nr, ng = table.shape[0], table.shape[1]
+    j = 0
+    i = first
+    while j < m:
+        r = i // row
+        c = i - r * row
+        g = c // group
+        run = min(group - c % group, row - c, m - j)
+        v = table[r, g] if r < nr and g < ng else 0
+        for k in range(run):
+            out[j + k] = v
+        j += run
+        i += run

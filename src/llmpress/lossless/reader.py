@@ -241,7 +241,7 @@ class Packed:
                     except ValueError as e:
                         raise InputError(f"zero points in {ref.tensor!r}: {e}") from None
                     self._tables[id(s)] = table
-            return chunk_zeros(table, ref, starts[i], m)
+            return chunk_zeros(table, ref, starts[i], m, _zero_scratch(m))
 
         return zeros
 
@@ -320,8 +320,15 @@ class Packed:
         free: list[np.ndarray] = []  # output arrays back from the consumer
 
         def buffer(raw: int) -> np.ndarray:
-            b = free.pop(0) if free else None  # the longest unused first: out of the consumer's cache
-            return b if b is not None and len(b) >= raw else np.empty(raw, np.uint8)
+            # the longest unused that holds the chunk first (out of the consumer's cache): chunks of
+            # different sizes (a quantized folder's codes) then reuse the arrays that went round
+            # rather than page-faulting fresh ones in
+            k = next((k for k, b in enumerate(free) if len(b) >= raw), None)
+            if k is not None:
+                return free.pop(k)
+            if free:
+                free.pop(0)  # none holds it: the oldest goes (the list stays as long as the pipeline)
+            return np.empty(raw, np.uint8)
 
         def job(s: dict, i: int, buf: np.ndarray) -> np.ndarray:
             c = s["chunks"][i]
@@ -383,6 +390,17 @@ class Packed:
             if f["path"] == rel:
                 return b"".join(p.tobytes() for s in f["segments"] for p in self.iter_segment(f, s))
         raise NotFoundError(f"{self.path}: no file {rel!r}")
+
+
+_scratch = threading.local()
+
+
+def _zero_scratch(m: int) -> np.ndarray:
+    """This thread's array for a chunk's zero points, reused chunk after chunk (no page faults)."""
+    a = getattr(_scratch, "zeros", None)
+    if a is None or len(a) < m:
+        a = _scratch.zeros = np.empty(m, np.uint8)
+    return a
 
 
 # safetensors dtype name -> torch dtype attribute

@@ -23,6 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from . import compiled
+
+K = compiled.Kernels("kernels")  # fill_zeros
+
 PACKINGS = ("value", "packed")
 # dtypes a zero-point tensor may have, per packing
 VALUE_DTYPES = {"F16": "<f2", "F32": "<f4", "BF16": "<u2", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2",
@@ -80,19 +84,10 @@ def zero_table(raw: np.ndarray, dtype: str, shape: tuple[int, ...] | list[int], 
     return np.ascontiguousarray(z.T)  # (n, groups)
 
 
-def chunk_zeros(table: np.ndarray, ref: ZeroRef, first: int, m: int) -> np.ndarray:
-    """z of codes ``first … first + m − 1`` of the segment: (m,) uint8."""
-    if m <= 0:
-        return np.zeros(0, np.uint8)
-    R, gs = ref.row, ref.group
-    r0, r1 = first // R, (first + m - 1) // R + 1
-    n_rows, groups = table.shape
-    rows = np.zeros((r1 - r0, groups), np.uint8)
-    have = table[r0:min(r1, n_rows)]
-    rows[: len(have)] = have
-    used = min(groups, -(-R // gs))  # groups a row reaches
-    per_row = np.zeros((r1 - r0, R), np.uint8)  # (rows, R): z of each column
-    cols = min(R, used * gs)
-    per_row[:, :cols] = np.repeat(rows[:, :used], gs, axis=1)[:, :cols]
-    start = first - r0 * R
-    return per_row.reshape(-1)[start : start + m]
+def chunk_zeros(table: np.ndarray, ref: ZeroRef, first: int, m: int, out: np.ndarray | None = None) -> np.ndarray:
+    """z of codes ``first … first + m − 1`` of the segment: (m,) uint8, written into ``out`` if
+    given (kernels.fill_zeros, compiled)."""
+    out = np.empty(m, np.uint8) if out is None else out[:m]
+    if m > 0:
+        K.fill_zeros(np.ascontiguousarray(table, np.uint8), ref.row, ref.group, first, out)
+    return out
