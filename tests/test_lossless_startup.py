@@ -161,8 +161,9 @@ def test_aot_kernels_match_jit(aot, dtype, monkeypatch):
 def test_aot_codes_kernels_match_jit(aot, bits, monkeypatch):
     """A format-6 codes chunk (zeros.py; 4 bits as bytes, 3 bits a symbol a code) encodes to the same
     payload with the AOT kernels as with the JIT ones, decodes back by both, and the kernels it calls
-    (unpack_bits, pack_bits, add_codes) are in the build."""
-    from llmpress.lossless import chunk, compiled, entropy, fields
+    (unpack_bits, pack_bits, add_codes, add_zero_runs, fill_zeros) are in the build."""
+    from llmpress.lossless import chunk, compiled, entropy, fields, zeros
+    from llmpress.lossless.zeros import ChunkZeros, ZeroRef
 
     rng = np.random.default_rng(bits)
     z = rng.integers(0, 1 << bits, 1 << 16).astype(np.uint8)
@@ -172,13 +173,14 @@ def test_aot_codes_kernels_match_jit(aot, bits, monkeypatch):
     for on in (False, True):
         monkeypatch.setenv(compiled.ENV, "1" if on else "0")
         monkeypatch.setattr(compiled, "_loaded", {})
-        for mod, name in ((entropy, "K"), (entropy, "M"), (entropy, "R32"), (fields, "K"), (chunk, "K")):
+        for mod, name in ((entropy, "K"), (entropy, "M"), (entropy, "R32"), (fields, "K"), (chunk, "K"), (zeros, "K")):
             monkeypatch.setattr(mod, name, compiled.Kernels(getattr(mod, name).__dict__["_name"]))
         buf = chunk.encode_chunk(raw, "U8", codes=bits, zeros=z)[0]
-        back = chunk.decode_chunk(memoryview(buf), "U8", len(raw), codes=bits, zeros=lambda m: z[:m])
+        back = chunk.decode_chunk(memoryview(buf), "U8", len(raw), codes=bits, zeros=ChunkZeros(lambda: z.reshape(1, -1), ZeroRef("z", len(z), 1, "value"), 0))
         assert back.tobytes() == raw.tobytes()
         out.append(buf)
         if on:
             assert all(isinstance(getattr(fields.K, k), compiled._Dispatch) for k in ("unpack_bits", "pack_bits"))
             assert isinstance(chunk.K.add_codes, compiled._Dispatch)
+            assert all(isinstance(getattr(zeros.K, k), compiled._Dispatch) for k in ("add_zero_runs", "fill_zeros"))
     assert out[0] == out[1]

@@ -18,7 +18,7 @@ from llmpress.lossless.container import pack, unpack, verify
 from llmpress.lossless.fields import CODES
 from llmpress.lossless.quantized import quantized_of
 from llmpress.lossless.reader import FOOTER, ZEROS_VERSION, CorruptError, Packed, crc32
-from llmpress.lossless.zeros import ZeroRef, chunk_zeros, zero_table
+from llmpress.lossless.zeros import ChunkZeros, ZeroRef, chunk_zeros, zero_table
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
 from harness import tiny_source  # noqa: E402  (a one-block Llama, random weights)
@@ -119,7 +119,7 @@ def test_chunk_modes_round_trip_any_codes():
     for codes in ((z + g.integers(-2, 3, 280)) & 15, g.integers(0, 16, 280)):  # near z (mode 1), uniform
         raw = (codes[0::2] | codes[1::2] << 4).astype(np.uint8)
         buf, _ = encode_chunk(raw, "U8", codes=4, zeros=z)
-        back = decode_chunk(memoryview(buf), "U8", len(raw), codes=4, zeros=lambda m: chunk_zeros(table, ref, 0, m))
+        back = decode_chunk(memoryview(buf), "U8", len(raw), codes=4, zeros=ChunkZeros(lambda: table, ref, 0))
         assert np.array_equal(back, raw)
     assert buf[0] in (2, 3)  # 4-bit codes go as bytes (chunk.AS_BYTES)
     for bits in (3, 4):  # the codes one symbol each (3 bits), as bytes (4 bits); against zero points
@@ -128,7 +128,7 @@ def test_chunk_modes_round_trip_any_codes():
         raw = CODES[bits].merge([codes.astype(np.uint8)], len(codes) * bits // 8)
         buf, _ = encode_chunk(raw, "U8", codes=bits, zeros=zb)
         assert buf[0] == (1 if bits == 3 else 3)
-        back = decode_chunk(memoryview(buf), "U8", len(raw), codes=bits, zeros=lambda m: zb[:m])
+        back = decode_chunk(memoryview(buf), "U8", len(raw), codes=bits, zeros=ChunkZeros(lambda: zb.reshape(1, -1), ZeroRef("z", len(zb), 1, "value"), 0))
         assert np.array_equal(back, raw)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +21,7 @@ from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from . import grid as G
 from .fields import CODES, Field, FloatLayout, exponent, layout
 from .grid import Grid
+from .zeros import ChunkZeros
 
 # policy name -> entropy backends tried on (head, tail, bytes, codes) streams, besides raw
 # (codes: a quantized tensor's codes, one symbol each; zstd too, for codes that repeat)
@@ -168,7 +168,7 @@ K = Kernels("kernels")  # add_codes: format 6's codes given back their zero poin
 
 def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None,
                  compiled: bool = True, codes: int = 0, grid: Grid | None = None,
-                 zeros: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+                 zeros: ChunkZeros | None = None) -> np.ndarray:
     """Inverse of :func:`encode_chunk`: the chunk's ``nbytes`` bytes, written into ``out``
     ((nbytes,) uint8) if given; raises ValueError on any inconsistency.
 
@@ -190,11 +190,11 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
         if mode & AS_BYTES:
             _decode_fields(buf[1:], CODE_BYTES, [nbytes], [out])
             if mode & LESS_ZEROS:
-                K.add_codes(out, codes, zeros(n))
+                zeros.add_to(out, codes)
             return out
         (sym,) = _decode_fields(buf[1:], CODES[codes].fields, [n])
         if mode & LESS_ZEROS:
-            sym = (sym.astype(np.uint8) + zeros(n)) & ((1 << codes) - 1)
+            sym = (sym.astype(np.uint8) + zeros.array(n)) & ((1 << codes) - 1)
         return CODES[codes].merge([sym], nbytes, out)
     if grid is not None:
         if len(buf) < 1 or buf[0] > 1:

@@ -54,6 +54,7 @@ AOT: dict[str, dict[str, tuple[str, ...]]] = {
                 "unpack_bits": ("void(u1[::1], i8, u1[::1])", "void(u1[::1], i8, u2[::1])"),
                 "add_codes": ("void(u1[::1], i8, u1[::1])",),
                 "fill_zeros": ("void(u1[:, ::1], i8, i8, i8, u1[::1])",),
+                "add_zero_runs": ("void(u1[::1], i8, u1[:, ::1], i8, i8, i8)",),
                 "decode_table": ("Tuple((u2[::1], u4[::1]))(i8[::1], i8)",),
                 "rans_decode": ("i8(u2[::1], i8, u2[::1], u4[::1], i8, u1[::1])",
                                 "i8(u2[::1], i8, u2[::1], u4[::1], i8, u2[::1])"),

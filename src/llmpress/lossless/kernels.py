@@ -499,3 +499,51 @@ def fill_zeros(table, row, group, first, out):  # table: (R, G) uint8; out: (m,)
             out[j + k] = v
         j += run
         i += run
+
+
+@njit(**_JIT)
+def add_zero_runs(x, width, table, row, group, first):  # x: (L,) uint8 bit-packed codes, in place
+    """:func:`add_codes` with each code's zero point taken from ``table`` (R, G) uint8 as
+    :func:`fill_zeros` does (code j of ``x`` is code ``first + j`` of its segment), a run of one
+    group at a time: 4-bit codes a byte (two codes) at a time, no per-code array."""
+    n = x.shape[0]
+    m = 8 * n // width
+    mask = (1 << width) - 1
+    nr, ng = table.shape[0], table.shape[1]
+    j = 0
+    i = first
+    while j < m:
+        r = i // row
+        c = i - r * row
+        g = c // group
+        run = min(group - c % group, row - c, m - j)
+        z = np.int64(table[r, g]) if r < nr and g < ng else np.int64(0)
+        end = j + run
+        if z != 0 and width == 4:
+            k = j
+            if k & 1:  # a high nibble first
+                v = np.int64(x[k >> 1])
+                x[k >> 1] = (v & 15) | ((((v >> 4) + z) & 15) << 4)
+                k += 1
+            zh = z << 4
+            for q in range(k >> 1, end >> 1):
+                v = np.int64(x[q])
+                x[q] = ((v + z) & 15) | (((v & 0xF0) + zh) & 0xF0)
+            if end & 1 and end > k:  # a low nibble last
+                q = end >> 1
+                v = np.int64(x[q])
+                x[q] = (v & 0xF0) | ((v + z) & 15)
+        elif z != 0:
+            for t in range(j, end):
+                b = t * width
+                p = b >> 3
+                v = np.int64(x[p])
+                if p + 1 < n:
+                    v |= np.int64(x[p + 1]) << 8
+                s = b & 7
+                v = (v & ~(mask << s)) | ((((v >> s) + z) & mask) << s)
+                x[p] = v & 0xFF
+                if p + 1 < n:
+                    x[p + 1] = (v >> 8) & 0xFF
+        j = end
+        i += run

@@ -33,7 +33,7 @@ import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import xxhash
@@ -44,7 +44,7 @@ from .chunk import decode_chunk
 from .fields import CODES, CODES_DTYPES, ITEMSIZE
 from .grid import TENSOR_DTYPES, Grid
 from .segments import MAX_NDIM
-from .zeros import MAX_GROUPS, PACKED_DTYPES, VALUE_DTYPES, ZeroRef, chunk_zeros, zero_table
+from .zeros import MAX_GROUPS, PACKED_DTYPES, VALUE_DTYPES, ChunkZeros, ZeroRef, zero_table
 
 if TYPE_CHECKING:  # torch only where a tensor is returned: pack/unpack/verify/info never import it
     import torch
@@ -226,24 +226,24 @@ class Packed:
                 pos += c[2]
             self._zeros[id(s)] = (ref, zs, starts)
 
-    def _zero_points(self, f: dict, s: dict, i: int) -> Callable[[int], np.ndarray]:
-        """The zero points of chunk ``i`` of codes segment ``s``, given its symbol count: the zero
-        tensor is decoded once (its own chunks checked), at the first chunk that needs it."""
+    def _zero_points(self, f: dict, s: dict, i: int) -> ChunkZeros:
+        """The zero points of chunk ``i`` of codes segment ``s``: the zero tensor is decoded once
+        (its own chunks checked), when the first chunk that needs it asks."""
         ref, zs, starts = self._zeros[id(s)]
 
-        def zeros(m: int) -> np.ndarray:
+        def table() -> np.ndarray:
             with self._lock:
-                table = self._tables.get(id(s))
-                if table is None:
+                t = self._tables.get(id(s))
+                if t is None:
                     raw = np.concatenate([p.copy() for p in self.iter_segment(f, zs)]) if zs["length"] else np.zeros(0, np.uint8)
                     try:
-                        table = zero_table(raw, zs["dtype"], zs["shape"], ref.packing, s["codes"])
+                        t = zero_table(raw, zs["dtype"], zs["shape"], ref.packing, s["codes"])
                     except ValueError as e:
                         raise InputError(f"zero points in {ref.tensor!r}: {e}") from None
-                    self._tables[id(s)] = table
-            return chunk_zeros(table, ref, starts[i], m, _zero_scratch(m))
+                    self._tables[id(s)] = t
+            return t
 
-        return zeros
+        return ChunkZeros(table, ref, starts[i], _zero_scratch(CODES[s["codes"]].symbols(s["chunks"][i][2])))
 
     def _check_grid(self, where: str, s: dict) -> Grid:
         """A segment's grid, checked against the version, its dtype, shape and chunks."""

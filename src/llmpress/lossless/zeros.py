@@ -19,7 +19,7 @@ its bits r·b … r·b + b − 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -91,3 +91,21 @@ def chunk_zeros(table: np.ndarray, ref: ZeroRef, first: int, m: int, out: np.nda
     if m > 0:
         K.fill_zeros(np.ascontiguousarray(table, np.uint8), ref.row, ref.group, first, out)
     return out
+
+
+class ChunkZeros:
+    """The zero points of one chunk of a codes segment, for its decoder: codes ``first`` on, the
+    table ((rows, groups) uint8) asked for only when a chunk needs it (the reader decodes the
+    zero-point tensor then, once)."""
+
+    def __init__(self, table: Callable[[], np.ndarray], ref: ZeroRef, first: int, scratch: np.ndarray | None = None):
+        self.table, self.ref, self.first, self.scratch = table, ref, first, scratch
+
+    def array(self, m: int) -> np.ndarray:
+        """(m,) uint8: each code's zero point."""
+        out = self.scratch if self.scratch is not None and len(self.scratch) >= m else None
+        return chunk_zeros(self.table(), self.ref, self.first, m, out)
+
+    def add_to(self, x: np.ndarray, bits: int) -> None:
+        """Each whole b-bit code of the bytes ``x`` (in place) plus its zero point, mod 2^b."""
+        K.add_zero_runs(x, bits, np.ascontiguousarray(self.table(), np.uint8), self.ref.row, self.ref.group, self.first)
