@@ -494,9 +494,10 @@ def fill_zeros(table, row, group, first, out):  # table: (R, G) uint8; out: (m,)
         c = i - r * row
         g = c // group
         run = min(group - c % group, row - c, m - j)
-        v = table[r, g] if r < nr and g < ng else 0
+        v = table[r, g] if r < nr and g < ng else np.uint8(0)
+        y = out[j : j + run]  # a view: the fill then vectorises
         for k in range(run):
-            out[j + k] = v
+            y[k] = v
         j += run
         i += run
 
@@ -505,18 +506,19 @@ def fill_zeros(table, row, group, first, out):  # table: (R, G) uint8; out: (m,)
 def add_zero_runs(x, width, table, row, group, first):  # x: (L,) uint8 bit-packed codes, in place
     """:func:`add_codes` with each code's zero point taken from ``table`` (R, G) uint8 as
     :func:`fill_zeros` does (code j of ``x`` is code ``first + j`` of its segment), a run of one
-    group at a time: 4-bit codes a byte (two codes) at a time, no per-code array."""
+    group at a time (row, column and group counted along, one division for the chunk): 4-bit codes
+    a byte (two codes) at a time, no per-code array."""
     n = x.shape[0]
     m = 8 * n // width
     mask = (1 << width) - 1
     nr, ng = table.shape[0], table.shape[1]
+    r = first // row
+    c = first - r * row
+    g = c // group
+    left = group - c % group  # codes left in this group
     j = 0
-    i = first
     while j < m:
-        r = i // row
-        c = i - r * row
-        g = c // group
-        run = min(group - c % group, row - c, m - j)
+        run = min(left, row - c, m - j)
         z = np.int64(table[r, g]) if r < nr and g < ng else np.int64(0)
         end = j + run
         if z != 0 and width == 4:
@@ -525,10 +527,12 @@ def add_zero_runs(x, width, table, row, group, first):  # x: (L,) uint8 bit-pack
                 v = np.int64(x[k >> 1])
                 x[k >> 1] = (v & 15) | ((((v >> 4) + z) & 15) << 4)
                 k += 1
-            zh = z << 4
-            for q in range(k >> 1, end >> 1):
-                v = np.int64(x[q])
-                x[q] = ((v + z) & 15) | (((v & 0xF0) + zh) & 0xF0)
+            zl = np.uint8(z)
+            zh = np.uint8(z << 4)
+            y = x[k >> 1 : end >> 1]  # a view: the loop below then vectorises (indexing x directly does not)
+            for q in range(y.shape[0]):
+                v8 = y[q]
+                y[q] = np.uint8((v8 + zl) & 15) | np.uint8(((v8 & 0xF0) + zh) & 0xF0)
             if end & 1 and end > k:  # a low nibble last
                 q = end >> 1
                 v = np.int64(x[q])
@@ -546,4 +550,13 @@ def add_zero_runs(x, width, table, row, group, first):  # x: (L,) uint8 bit-pack
                 if p + 1 < n:
                     x[p + 1] = (v >> 8) & 0xFF
         j = end
-        i += run
+        c += run
+        left -= run
+        if c == row:  # the next row
+            r += 1
+            c = 0
+            g = 0
+            left = group
+        elif left == 0:  # the next group of this row
+            g += 1
+            left = group

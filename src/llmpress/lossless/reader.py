@@ -235,7 +235,11 @@ class Packed:
             with self._lock:
                 t = self._tables.get(id(s))
                 if t is None:
-                    raw = np.concatenate([p.copy() for p in self.iter_segment(f, zs)]) if zs["length"] else np.zeros(0, np.uint8)
+                    raw = np.empty(zs["length"], np.uint8)  # a small tensor: its chunks decoded here, in turn
+                    pos = 0
+                    for k, c in enumerate(zs["chunks"]):
+                        self._decode(f, zs, k, self._read(c[0], c[1]), raw[pos : pos + c[2]])
+                        pos += c[2]
                     try:
                         t = zero_table(raw, zs["dtype"], zs["shape"], ref.packing, s["codes"])
                     except ValueError as e:

@@ -70,10 +70,12 @@ def zero_table(raw: np.ndarray, dtype: str, shape: tuple[int, ...] | list[int], 
         v = raw.view(VALUE_DTYPES[dtype]).reshape(rows, groups)
         if dtype == "BF16":
             v = (v.astype(np.uint32) << 16).view(np.float32)
-        ok = np.isfinite(v) & (v >= 0) & (v < 1 << bits) if v.dtype.kind == "f" else (v >= 0) & (v < 1 << bits)
-        if not ok.all() or (v.dtype.kind == "f" and (v != np.floor(v)).any()):
+        if not ((v >= 0) & (v < 1 << bits)).all():  # NaN fails too
             raise ValueError(f"zero points that are not integers in 0..{(1 << bits) - 1}")
-        return v.astype(np.uint8)
+        u = v.astype(np.uint8)
+        if not np.array_equal(u, v):  # a fraction
+            raise ValueError(f"zero points that are not integers in 0..{(1 << bits) - 1}")
+        return u
     if packing != "packed" or dtype not in PACKED_DTYPES:
         raise ValueError(f"zero points packed in {dtype} words")
     words = np.ascontiguousarray(raw.view(PACKED_DTYPES[dtype]).reshape(rows, groups).T)  # (groups, words)
