@@ -78,11 +78,15 @@ def zero_table(raw: np.ndarray, dtype: str, shape: tuple[int, ...] | list[int], 
         return u
     if packing != "packed" or dtype not in PACKED_DTYPES:
         raise ValueError(f"zero points packed in {dtype} words")
-    words = np.ascontiguousarray(raw.view(PACKED_DTYPES[dtype]).reshape(rows, groups).T)  # (groups, words)
-    stream = np.unpackbits(words.view(np.uint8).reshape(groups, -1), axis=1, bitorder="little")  # (groups, 32·rows)
+    words = np.ascontiguousarray(raw.view(PACKED_DTYPES[dtype]).reshape(rows, groups).T.astype("<u4"))  # (groups, words)
+    cols = words.view(np.uint8).reshape(groups, 4 * rows)  # each column's little-endian bit stream
     n = 32 * rows // bits
-    b = stream[:, : n * bits].reshape(groups, n, bits)  # (groups, n, bits): each zero's bits, low first
-    z = (b.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(-1, dtype=np.uint8)  # (groups, n)
+    z = np.empty((groups, n), np.uint8)
+    if 32 % bits == 0:  # no zero straddles two columns: the columns' streams read as one
+        K.unpack_bits(cols.reshape(-1), bits, z.reshape(-1))
+    else:
+        for g in range(groups):
+            K.unpack_bits(np.ascontiguousarray(cols[g]), bits, z[g])
     return np.ascontiguousarray(z.T)  # (n, groups)
 
 
