@@ -96,15 +96,20 @@ def test_packed_zero_points_read_as_compressed_tensors_packs_them(asymz, ct):
 
 
 def test_awq_and_gptq_folders_take_the_same_path(tiny_llama_dir, tmp_path):
-    for method in ("awq", "gptq"):
-        out = tmp_path / method
-        llmpress.quantize(tiny_llama_dir, out, method=method, bits=4, group_size=32, grid="asymz", samples=2,
-                          seq_len=32, progress=False)
+    """GPTQ and AWQ on the integer-zero-point grid: codes against their zero points (format 6); AWQ on
+    its default grid (a float offset, no integer zero point): codes one symbol each (format 2)."""
+    from llmpress.lossless.reader import CODES_VERSION
+
+    for method, grid in (("awq", "asymz"), ("gptq", "asymz"), ("awq", None)):
+        out = tmp_path / f"{method}-{grid}"
+        llmpress.quantize(tiny_llama_dir, out, method=method, bits=4, group_size=32, samples=2, seq_len=32,
+                          progress=False, **({"grid": grid} if grid else {}))
         found = quantized_of(out)
-        assert found and all(s.zero is not None for s in found.values())
-        with _round_trip(out, tmp_path / f"{method}-rt") as p:
-            assert p.version == ZEROS_VERSION
-            assert sum("zero" in s for _, s in p.tensors()) == len(found)
+        assert found and all((s.zero is not None) == (grid == "asymz") and s.bits == 4 for s in found.values())
+        with _round_trip(out, tmp_path / f"{method}-{grid}-rt") as p:
+            assert p.version == (ZEROS_VERSION if grid else CODES_VERSION)
+            assert sum("zero" in s for _, s in p.tensors()) == (len(found) if grid else 0)
+            assert sum("codes" in s for _, s in p.tensors()) == len(found)
 
 
 def test_chunk_modes_round_trip_any_codes():

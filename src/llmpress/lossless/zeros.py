@@ -68,8 +68,11 @@ def zero_table(raw: np.ndarray, dtype: str, shape: tuple[int, ...] | list[int], 
         if dtype not in VALUE_DTYPES:
             raise ValueError(f"zero points of dtype {dtype}")
         v = raw.view(VALUE_DTYPES[dtype]).reshape(rows, groups)
-        if dtype == "BF16":
-            v = (v.astype(np.uint32) << 16).view(np.float32)
+        if dtype in ("F16", "BF16"):  # one look-up a zero point: its integer, or 255 (none: bits ≤ 7)
+            u = _half_codes(dtype)[raw.view("<u2").reshape(rows, groups)]
+            if (u >= 1 << bits).any():
+                raise ValueError(f"zero points that are not integers in 0..{(1 << bits) - 1}")
+            return u
         if not ((v >= 0) & (v < 1 << bits)).all():  # NaN fails too
             raise ValueError(f"zero points that are not integers in 0..{(1 << bits) - 1}")
         u = v.astype(np.uint8)
@@ -88,6 +91,21 @@ def zero_table(raw: np.ndarray, dtype: str, shape: tuple[int, ...] | list[int], 
         for g in range(groups):
             K.unpack_bits(np.ascontiguousarray(cols[g]), bits, z[g])
     return np.ascontiguousarray(z.T)  # (n, groups)
+
+
+_HALF: dict[str, np.ndarray] = {}
+
+
+def _half_codes(dtype: str) -> np.ndarray:
+    """(65536,) uint8: the integer 0..254 a 16-bit float word holds, 255 for any other value."""
+    lut = _HALF.get(dtype)
+    if lut is None:
+        w = np.arange(1 << 16, dtype=np.uint32)
+        v = w.astype(np.uint16).view(np.float16).astype(np.float32) if dtype == "F16" else (w << 16).view(np.float32)
+        with np.errstate(invalid="ignore"):
+            ok = (v >= 0) & (v < 255) & (v == np.floor(v))
+        lut = _HALF[dtype] = np.where(ok, v, 255).astype(np.uint8)
+    return lut
 
 
 def chunk_zeros(table: np.ndarray, ref: ZeroRef, first: int, m: int, out: np.ndarray | None = None) -> np.ndarray:
