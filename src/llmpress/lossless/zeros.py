@@ -3,10 +3,9 @@
 A quantizer with an integer zero point (GPTQ/AWQ's ``asymz`` grid, compressed-tensors' asymmetric
 schemes) stores ŵ = (q − z)·s: the codes of a group gather around its z, wherever z lies in
 0..2^b − 1. Coding d = (q − z) mod 2^b instead of q puts every group's peak on the same symbols,
-so one per-chunk model fits them all (GPTQ 4-bit g128 on SmolLM2: 3.67 bits a code, against 3.73
-for q itself; ``bench/lossless.py --files GPTQ-4b-g128``). z comes from the segment's zero-point
-tensor in the same file, which is stored as it is (a small tensor of its own); a chunk decodes its
-d's and adds the z's back.
+so one per-chunk model fits them all (``bench/lossless.py --folders`` measures both). z comes from
+the segment's zero-point tensor in the same file, which is stored as it is (a small tensor of its
+own); a chunk decodes its d's and adds the z's back.
 
 Where a code's z is (``ZeroRef``, the segment's ``zero`` in the index): code i of the segment is in
 stored row ``i // row`` and column ``c = i % row``, group ``c // group``; the zero-point tensor is
