@@ -3,7 +3,8 @@
 A safetensors file is ``u64 N | N bytes of JSON header | data``; it becomes a ``bytes``
 segment for the length + header (kept verbatim, padding and ``__metadata__`` included), one
 typed segment per tensor in file order, and ``bytes`` segments for any gap or trailing bytes.
-Any other file (config, tokenizer...) is one ``bytes`` segment. The header is read and checked
+A GGUF file is cut by gguf.py (header verbatim, a tensor segment per tensor, padding). Any
+other file (config, tokenizer...) is one ``bytes`` segment. The header is read and checked
 here, with our own bounded reader (no full load, no pickle): a header that lies about sizes is
 refused before anything large is allocated.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptFileError
+from . import gguf
 from .fields import ITEMSIZE, FloatLayout, layout
 from .grid import Grid
 
@@ -37,6 +39,7 @@ class Segment:
     shape: tuple[int, ...] = ()
     codes: int = 0  # a U8 tensor holding codes of this many bits, bit-packed (fields.CodesLayout); 0: none
     grid: Grid | None = None  # a float tensor whose values lie on this grid (grid.py; found while packing)
+    gguf: str = ""  # a GGUF tensor of whole blocks of this ggml type (gguf.BLOCKS); "": none
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
@@ -114,6 +117,8 @@ def plan_file(path: Path, codes: dict[str, int] | None = None) -> list[Segment]:
     ``codes``: {tensor name: bits} of the U8 tensors that hold bit-packed codes."""
     if path.suffix == ".safetensors":
         return plan_safetensors(path, codes)
+    if gguf.is_gguf(path):
+        return gguf.plan_gguf(path)
     return [Segment("bytes", 0, path.stat().st_size)]
 
 
@@ -122,11 +127,14 @@ def chunks_of(seg: Segment, chunk_bytes: int, max_bytes: int = 64 << 20) -> list
     ``chunk_bytes // 2`` words (its head stream's length, where each chunk pays for its models
     and lanes), so an FP32 chunk is twice ``chunk_bytes``; other segments are cut every
     ``chunk_bytes``: 1 MiB chunks with 16-piece tail streams come out slightly smaller than 512 KiB
-    ones (fewer models and lane states; the pieces keep the tails adaptive).
+    ones (fewer models and lane states; the pieces keep the tails adaptive). A GGUF tensor's
+    chunks hold whole blocks.
     A segment of ``b``-bit codes is cut every whole number of ``b`` bytes (8 codes), so each
     chunk starts on a code."""
     lay = layout(seg.dtype)
     size = lay.itemsize if isinstance(lay, FloatLayout) else (seg.codes or ITEMSIZE.get(seg.dtype, 1))
+    if seg.gguf:
+        size = gguf.BLOCKS[seg.gguf].block_bytes
     words = chunk_bytes // 2 if isinstance(lay, FloatLayout) else chunk_bytes // size
     step = max(size, min(words * size, max_bytes // size * size))
     return [(o, min(step, seg.length - o)) for o in range(0, seg.length, step)]
