@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..io.atomic import atomic_dir, atomic_file, check_output
 from ..loading import register_loader
 from .chunk import POLICIES, encode_chunk_parts
+from .gguf import is_gguf
 from .grid import Grid, detect_segment
 from .reader import (
     CHUNK_BYTES,
@@ -35,6 +36,7 @@ from .reader import (
     MAGIC,
     MAX_CHUNK_BYTES,
     CODES_VERSION,
+    GGUF_VERSION,
     GRID_VERSION,
     VERSION,
     CorruptError,
@@ -58,9 +60,13 @@ def default_threads() -> int:
 
 
 def _input_files(src: Any) -> tuple[Path, list[Path], str]:
-    """(root, files, root kind) of a model source."""
+    """(root, files, root kind) of a model source; a GGUF file is packed as itself (its blocks
+    coded by field), not as the folder ``resolve`` would dequantize it into."""
     from ..models import resolve
 
+    p = Path(src)
+    if p.is_file() and is_gguf(p):
+        return p.parent, [p], "file"
     s = resolve(src)
     if s.path.is_file():
         return s.path.parent, [s.path], "file"
@@ -135,8 +141,13 @@ def pack(
                     if srec["kind"] == "tensor":
                         tensors[srec["name"]] = {"file": frec["path"], **srec.get("stats", {})}
                 index["files"].append(frec)
-            if any("grid" in srec for frec in index["files"] for srec in frec["segments"]):
-                version = index["version"] = GRID_VERSION  # format 3: known only once coded
+            segs = [srec for frec in index["files"] for srec in frec["segments"]]
+            # the lowest version that describes the file: format 5 (GGUF blocks), format 3 (grids:
+            # known only once coded), else what the preamble says
+            need = GGUF_VERSION if any("gguf" in s for s in segs) else GRID_VERSION if any("grid" in s for s in segs) \
+                else version
+            if need != version:
+                version = index["version"] = need
                 end = fo.tell()
                 fo.seek(len(MAGIC))
                 fo.write(struct.pack("<I", version))
@@ -264,8 +275,8 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
                 # threads-th chunk itself when its turn to be written comes (as the
                 # decoders do), the workers the others
                 mine = ex is None or k % threads == 0
-                pending.append((srec, ln, (raw, seg.dtype, seg.codes, seg.grid) if mine else
-                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, seg.grid, job.policy),
+                pending.append((srec, ln, (raw, seg.dtype, seg.codes, seg.grid, seg.gguf) if mine else
+                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, seg.grid, seg.gguf, job.policy),
                                 hasher.submit(sha.update, raw)))
                 k += 1
                 yield from drain(2 * threads if ex is not None else 0)
@@ -276,10 +287,11 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     frec["sha256"] = hasher.submit(sha.hexdigest).result()
 
 
-def _encode_job(raw: np.ndarray, dtype: str, codes: int, grid: Grid | None, policy: str) -> tuple[list, Any, int]:
+def _encode_job(raw: np.ndarray, dtype: str, codes: int, grid: Grid | None, gguf: str,
+                policy: str) -> tuple[list, Any, int]:
     """One chunk's payload parts, stats and checksum, all computed by whichever coder (a worker or
     the caller) takes the chunk."""
-    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid)
+    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid, gguf)
     return parts, st, chunk_sum(raw)
 
 
@@ -302,6 +314,8 @@ def _segment_record(seg: Segment) -> dict[str, Any]:
         rec["codes"] = seg.codes
     if seg.grid is not None:
         rec["grid"] = seg.grid.to_index()
+    if seg.gguf:
+        rec["gguf"] = seg.gguf
     return rec
 
 
@@ -309,6 +323,8 @@ def _compact(stats: dict) -> None:
     """Index bytes count in the ratio: the exponent histogram keeps its nonzero span (from
     ``exp_lo``), the bound a tenth of a bit."""
     stats["bound_bits"] = round(stats["bound_bits"], 1)
+    if "field_bits" in stats:
+        stats["field_bits"] = {k: round(v, 1) for k, v in stats["field_bits"].items()}
     h = stats.get("exp_hist")
     if h is not None:
         nz = np.flatnonzero(h)
@@ -322,6 +338,11 @@ def _account(rec: dict, st: Any) -> None:
         return
     stats["packed"] += rec["chunks"][-1][1]
     stats["bound_bits"] += st.bound_bits
+    if st.field_bits is not None:  # a GGUF tensor's per-field bound bits and packed bytes
+        for key, new in (("field_bits", st.field_bits), ("field_bytes", st.field_bytes)):
+            acc = stats.setdefault(key, {})
+            for k, v in new.items():
+                acc[k] = acc.get(k, 0) + v
     if st.exp_hist is not None:  # summed as an array; a list (JSON) from _compact
         h = stats.get("exp_hist")
         stats["exp_hist"] = st.exp_hist.astype(np.int64) if h is None else h + st.exp_hist

@@ -41,6 +41,7 @@ import zstandard
 from ..errors import CorruptFileError, NotFoundError, UnsupportedFormatError
 from .chunk import decode_chunk
 from .fields import CODES, ITEMSIZE
+from .gguf import BLOCKS
 from .grid import TENSOR_DTYPES, Grid
 from .segments import MAX_NDIM
 
@@ -50,7 +51,9 @@ if TYPE_CHECKING:  # torch only where a tensor is returned: pack/unpack/verify/i
 MAGIC, VERSION = b"LLMPRESS", 5
 CODES_VERSION = 6  # format 2: format 1 plus segments of bit-packed codes (``codes``: fields.CodesLayout)
 GRID_VERSION = 7  # format 3: format 2 plus float tensors coded on a block grid (``grid``: grid.py)
-READABLE = (VERSION, CODES_VERSION, GRID_VERSION)
+# version 8 (format 4) is assigned to another feature; this reader does not know it
+GGUF_VERSION = 9  # format 5: format 3 plus GGUF tensors of ggml blocks coded by field (``gguf``: gguf.py)
+READABLE = (VERSION, CODES_VERSION, GRID_VERSION, GGUF_VERSION)
 # the version field holds 5 for format 1 and 6 for format 2 (docs/FORMAT.md); versions 1-4 came
 # before the format was frozen, were written only while llmpress was developed, and are no longer read
 RETIRED = (1, 2, 3, 4)
@@ -96,7 +99,8 @@ class Packed:
                     f"{VERSION}); unpack it with the llmpress that wrote it and pack it again")
             if ver not in READABLE:
                 raise UnsupportedFormatError(f"{self.path}: container version {ver}; this llmpress reads versions "
-                                             f"{VERSION}, {CODES_VERSION} and {GRID_VERSION} (.llmp formats 1 to 3) only "
+                                             f"{VERSION}, {CODES_VERSION}, {GRID_VERSION} and {GGUF_VERSION} (.llmp formats 1 to 3 "
+                                             "and 5) only "
                                              "(a newer llmpress wrote it?)")
             if self.size < 12 + FOOTER.size:
                 raise CorruptError(f"{self.path}: truncated (no footer)")
@@ -173,6 +177,8 @@ class Packed:
                             raise CorruptError(f"{where}: shape {shape} does not match {s['length']} bytes")
                     if "grid" in s:
                         self._grids[id(s)] = self._check_grid(where, s)
+                    if "gguf" in s:
+                        self._check_gguf(where, s)
                     total = 0
                     for i, (o, ln, raw, crc) in enumerate(s["chunks"]):
                         if not all(type(v) is int for v in (o, ln, raw, crc)):
@@ -204,6 +210,18 @@ class Packed:
             raise CorruptError(f"{where}: a chunk does not hold whole blocks of {g.block}")
         return g
 
+    def _check_gguf(self, where: str, s: dict) -> None:
+        """A GGUF block segment: a known block type, a U8 tensor of [blocks, block bytes] whose
+        chunks hold whole blocks, in a version 9 file."""
+        bt = BLOCKS.get(s["gguf"]) if isinstance(s["gguf"], str) else None
+        if bt is None or self.version < GGUF_VERSION or s["kind"] != "tensor" or s["dtype"] != "U8":
+            raise CorruptError(f"{where}: GGUF blocks {s['gguf']!r} in a {s['dtype']} {s['kind']} segment of a "
+                               f"version {self.version} file")
+        if len(s["shape"]) != 2 or s["shape"][1] != bt.block_bytes:
+            raise CorruptError(f"{where}: shape {s['shape']} is not [blocks, {bt.block_bytes}] of {bt.name}")
+        if any(c[2] % bt.block_bytes for c in s["chunks"]):
+            raise CorruptError(f"{where}: a chunk does not hold whole {bt.name} blocks")
+
     # -- decoding
 
     def _what(self, f: dict, s: dict, i: int) -> str:
@@ -217,7 +235,7 @@ class Packed:
             raise CorruptError(f"{self._what(f, s, i)}: truncated")
         try:
             out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0),
-                               grid=self._grids.get(id(s)))
+                               grid=self._grids.get(id(s)), gguf=s.get("gguf", ""))
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if chunk_sum(out) != crc:
