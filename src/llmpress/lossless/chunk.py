@@ -129,7 +129,7 @@ def _grouped_fields(bt: GG.BlockType) -> tuple[Field, ...]:
     return bt.fields[:-1] + tuple(Field(f"codes.{c}", bt.code_bits) for c in range(bt.nclasses))
 
 
-def _encode_gguf(raw: np.ndarray, bt: GG.BlockType, policy: str) -> tuple[list, ChunkStats]:
+def _encode_gguf(raw: np.ndarray, bt: GG.BlockType, policy: str, modes: tuple[int, ...] = (0, 1)) -> tuple[list, ChunkStats]:
     """A chunk of whole GGUF blocks: ``u8 mode`` then the fields. Mode 0: the block type's fields
     (:data:`gguf.BLOCKS`); mode 1: the same with the codes cut by the class of their unit (block
     or sub-block, :func:`_group`), one field per class with its own model. The smaller is kept."""
@@ -148,7 +148,7 @@ def _encode_gguf(raw: np.ndarray, bt: GG.BlockType, policy: str) -> tuple[list, 
         gst = ChunkStats(field_bits={}, field_bytes={})
         grouped = _code_fields(_grouped_fields(bt), parts[:-1] + cparts, hists[:-1] + chists, policy, {}, gst)
         grouped_bits = gst.field_bits.get("codes", 0.0)
-        if sum(len(b) for b in grouped) < sum(len(b) for b in plain):
+        if modes == (1,) or 0 in modes and 1 in modes and sum(len(b) for b in grouped) < sum(len(b) for b in plain):
             best, mode, st = grouped, 1, gst
     if grouped_bits is not None:  # the codes' bound: the smaller of one model and a model per class
         st.field_bits["codes"] = min(st.field_bits["codes"], grouped_bits)

@@ -116,10 +116,10 @@ class _Cursor:
 
 
 def is_gguf(path: Path) -> bool:
-    """Whether a file starts as a GGUF file of a version read here (its header is checked later)."""
+    """Whether a file starts with GGUF's magic (its header, version included, is checked by
+    :func:`read_header`: a file that claims to be GGUF and is not one is refused, not guessed at)."""
     with open(path, "rb") as f:
-        head = f.read(8)
-    return len(head) == 8 and head[:4] == MAGIC and struct.unpack("<I", head[4:])[0] in VERSIONS
+        return f.read(4) == MAGIC
 
 
 def read_header(path: Path) -> Header:
