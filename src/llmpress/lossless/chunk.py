@@ -249,15 +249,16 @@ def _decode_gguf(buf: memoryview, bt: GG.BlockType, nbytes: int, out: np.ndarray
             sym, pos = _read_field(inner, pos, f, n, None)
             parts.append(sym)
         order, ncls = _group(bt, parts)
-        cparts = []
+        grouped = np.empty(len(order) * bt.unit, np.uint8 if bt.code_bits <= 8 else np.uint16)
+        at = 0
         for f, n in zip(fields[len(parts):], ncls * bt.unit):
-            sym, pos = _read_field(inner, pos, f, int(n), None)
-            cparts.append(sym)
+            _, pos = _read_field(inner, pos, f, int(n), grouped[at : at + n])
+            at += n
         if pos != len(inner):
             raise InputError("chunk has trailing bytes")
-        codes = np.empty((len(order), bt.unit), cparts[0].dtype if cparts else np.uint8)
-        codes[order] = np.concatenate(cparts).reshape(-1, bt.unit)
-        parts.append(codes.reshape(-1))
+        codes = np.empty_like(grouped)
+        GG.K.scatter_units(grouped, order, bt.unit, codes)
+        parts.append(codes)
     return GG.merge(bt, parts, out)
 
 

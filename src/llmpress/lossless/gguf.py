@@ -30,7 +30,10 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CorruptFileError
+from .compiled import Kernels
 from .fields import LAYOUTS, Field, FloatLayout
+
+K = Kernels("gguf_kernel")  # the merges' loops: the AOT build's where there is one (compiled.py)
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -274,9 +277,8 @@ def _nib(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 15, qs >> 4], axis=1)
 
 
-def _unnib(c: np.ndarray) -> np.ndarray:
-    k = c.shape[1] // 2
-    return (c[:, :k] | (c[:, k:] << 4)).astype(np.uint8)
+def _u8(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.uint8)
 
 
 def _bits32(qh: np.ndarray) -> np.ndarray:
@@ -333,14 +335,10 @@ def _legacy(name: str, bits: int, affine: bool) -> BlockType:
         nb = len(out)
         for i in range(np_):
             out[:, 2 * i : 2 * i + 2] = _pmerge(parts[i * npf : (i + 1) * npf], F16L, nb)
-        codes = parts[-1].reshape(nb, 32)
         if bits == 8:
-            out[:, 2 * np_ :] = codes
+            out[:, 2 * np_ :] = parts[-1].reshape(nb, 32)
             return
-        if qh:
-            out[:, 2 * np_ : 2 * np_ + 4] = np.packbits(codes >> 4, axis=1, bitorder="little")
-            codes = codes & 15
-        out[:, 2 * np_ + qh :] = _unnib(codes)
+        K.legacy_merge(_u8(parts[-1]), out, 2 * np_ + qh, 2 * np_ if qh else -1)
 
     def classes(parts: list[np.ndarray]) -> np.ndarray:
         nb = len(parts[0])
@@ -399,12 +397,7 @@ def _q4k_like(name: str, bits: int) -> BlockType:
         out[:, 0:2] = _pmerge(parts[:npf], F16L, nb)
         out[:, 2:4] = _pmerge(parts[npf : 2 * npf], F16L, nb)
         out[:, 4:16] = _k_scales_pack(parts[2 * npf].reshape(nb, 8), parts[2 * npf + 1].reshape(nb, 8))
-        codes = parts[-1].reshape(nb, 4, 2, 32)
-        if qh:
-            hb = (codes >> 4).reshape(nb, 8, 32) << shift[:, None]
-            out[:, 16 : 16 + qh] = np.bitwise_or.reduce(hb, axis=1)
-            codes = codes & 15
-        out[:, 16 + qh :] = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(nb, 128)
+        K.q4k_merge(_u8(parts[-1]), out, 16 + qh, 16 if qh else -1)
 
     def classes(parts: list[np.ndarray]) -> np.ndarray:
         nb = len(parts[0])
@@ -497,10 +490,7 @@ def _q6k_merge(parts: list[np.ndarray], out: np.ndarray) -> None:
     nb, npf = len(out), len(F16L.fields)
     out[:, 208:210] = _pmerge(parts[:npf], F16L, nb)
     out[:, 192:208] = parts[npf].reshape(nb, 16)
-    codes = parts[-1].reshape(nb, 2, 2, 2, 32)  # (n, k >> 1, k & 1, l)
-    out[:, 0:128] = ((codes[:, :, 0] & 15) | ((codes[:, :, 1] & 15) << 4)).reshape(nb, 128)
-    hi = (codes.reshape(nb, 2, 4, 32) >> 4) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
-    out[:, 128:192] = np.bitwise_or.reduce(hi, axis=2).reshape(nb, 64)
+    K.q6k_merge(_u8(parts[-1]), out)
 
 
 def _q6k_classes(parts: list[np.ndarray]) -> np.ndarray:
@@ -573,7 +563,7 @@ def split(bt: BlockType, raw: np.ndarray) -> list[np.ndarray]:
 
 
 def merge(bt: BlockType, parts: list[np.ndarray], out: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`split` into ``out`` ((nb·block_bytes,) uint8)."""
+    """Inverse of :func:`split` into ``out`` ((nb·block_bytes,) uint8, C-contiguous)."""
     bt.merge(parts, out.reshape(-1, bt.block_bytes))
     return out
 
