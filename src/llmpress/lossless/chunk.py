@@ -121,7 +121,7 @@ def _group(bt: GG.BlockType, params: list[np.ndarray]) -> tuple[np.ndarray, np.n
     """(order, per-class counts of code units) of a GGUF chunk's code units by their class (from
     the fields before the codes, ``params``): the units of class 0 first, each class in block
     order (a stable sort)."""
-    cls = GG.classes(bt, params)
+    cls = GG.classes(bt, params).astype(np.uint8)  # < 256 classes: numpy's stable sort is then a radix sort
     return np.argsort(cls, kind="stable"), np.bincount(cls, minlength=bt.nclasses)
 
 
