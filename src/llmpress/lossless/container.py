@@ -101,6 +101,8 @@ def pack(
     (name as in its safetensors header; ``packed`` = its chunk payload bytes, so the packed size
     of any subset of tensors is a sum). ``grids``: look for block grids in float32 tensors
     (grid.py; a file with one is format 3); False: every float tensor takes the float path.
+    A GGUF file (or one in a folder) is packed as itself: its tensors of ggml blocks coded by
+    field (gguf.py; a file with one is format 5), restored byte for byte.
     """
     if policy not in POLICIES:
         raise InputError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
