@@ -256,9 +256,10 @@ def _decode_gguf(buf: memoryview, bt: GG.BlockType, nbytes: int, out: np.ndarray
             at += n
         if pos != len(inner):
             raise InputError("chunk has trailing bytes")
-        codes = np.empty_like(grouped)
-        GG.K.scatter_units(grouped, order, bt.unit, codes)
-        parts.append(codes)
+        back = np.empty_like(order)  # unit k of the chunk is unit back[k] of the grouped codes
+        back[order] = np.arange(len(order))
+        codes = np.take(grouped.reshape(-1, bt.unit), back, axis=0)  # whole rows: a copy each
+        parts.append(codes.reshape(-1))
     return GG.merge(bt, parts, out)
 
 

@@ -67,17 +67,24 @@ AOT: dict[str, dict[str, tuple[str, ...]]] = {
                     "scale_gcd": ("void(u4[:, ::1], i8[::1], i8[::1], i8[:, ::1], i8[::1], i8[::1], i8[::1])",)},
     "gguf_kernel": {"legacy_merge": ("void(u1[::1], u1[:, ::1], i8, i8)",),
                     "q4k_merge": ("void(u1[::1], u1[:, ::1], i8, i8)",),
-                    "q6k_merge": ("void(u1[::1], u1[:, ::1])",),
-                    "scatter_units": ("void(u1[::1], i8[::1], i8, u1[::1])",)},
+                    "q6k_merge": ("void(u1[::1], u1[:, ::1])",)},
 }
 _SIG_CODE = {np.dtype(np.uint8): "u1", np.dtype(np.uint16): "u2", np.dtype(np.uint32): "u4"}
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}
 
 
 def _argkey(a: Any) -> str | None:
     """An argument's part of an exported name: ``uint8_1`` for a C-contiguous 1-D uint8 array,
     ``int`` for an integer; None for anything no export takes."""
     if isinstance(a, np.ndarray):
-        return f"{a.dtype.name}_{a.ndim}" if a.flags.c_contiguous and a.flags.aligned else None
+        if not (a.flags.c_contiguous and a.flags.aligned):
+            return None
+        name = _DTYPE_NAMES.get(a.dtype)
+        if name is None:  # numpy's dtype.name costs ~10 µs a call (a GGUF chunk makes hundreds)
+            name = _DTYPE_NAMES[a.dtype] = a.dtype.name
+        return f"{name}_{a.ndim}"
     return "int" if isinstance(a, (int, np.integer)) else None
 
 

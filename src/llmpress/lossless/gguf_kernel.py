@@ -1,6 +1,6 @@
 """Compiled loops of gguf.py's merges (numba, ``nogil``): a chunk's codes, one a weight in
-weight order, packed back into ggml's block bytes, and a grouped chunk's codes put back in
-block order. Each is the exact inverse of gguf.py's numpy split (tests/test_lossless_gguf.py)."""
+weight order, packed back into ggml's block bytes. Each is the exact inverse of gguf.py's numpy
+split (tests/test_lossless_gguf.py)."""
 from __future__ import annotations
 
 from numba import njit
@@ -59,14 +59,3 @@ def q6k_merge(codes, out):  # codes (nb·256,) u1, out (nb, 210) u1
                 out[b, 64 * n + l] = (c0 & 15) | ((c2 & 15) << 4)
                 out[b, 64 * n + 32 + l] = (c1 & 15) | ((c3 & 15) << 4)
                 out[b, 128 + 32 * n + l] = ((c0 >> 4) & 3) | (((c1 >> 4) & 3) << 2) | (((c2 >> 4) & 3) << 4) | (((c3 >> 4) & 3) << 6)
-
-
-@njit(**_JIT)
-def scatter_units(src, order, unit, dst):  # src, dst (nu·unit,) u1; order (nu,) i8
-    """dst's unit order[i] = src's unit i: a grouped chunk's codes (class after class) back in
-    block order."""
-    for i in range(order.shape[0]):
-        o = order[i] * unit
-        s = i * unit
-        for k in range(unit):
-            dst[o + k] = src[s + k]
