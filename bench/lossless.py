@@ -1,7 +1,8 @@
-"""Lossless benchmark: llmpress vs ZipNN vs zstd -3 on all-MiniLM-L6-v2 (FP32 as shipped, BF16, FP8) and SmolLM2-135M (FP8).
+"""Lossless benchmark: llmpress vs ZipNN vs zstd -3 on all-MiniLM-L6-v2 (FP32 as shipped, BF16, FP8) and SmolLM2-135M (FP8, GGUF).
 
     .venv/bin/python bench/lossless.py [--reps 3]
     .venv/bin/python bench/lossless.py --files BF16 FP8 SmolLM2-FP8 --tools "llmpress (rans)" "zstd -3" --out lossless-fp8.json
+    .venv/bin/python bench/lossless.py --files BF16 GGUF-Q4_1 GGUF-Q4_K_M --tools "llmpress (rans)" "zstd -3" --out lossless-gguf.json
     .venv/bin/python bench/lossless.py --kernel   # the head streams' rANS decode alone, ns/symbol
     .venv/bin/python bench/lossless.py --stages   # each encode/decode stage on BF16, ms and ns/word
     .venv/bin/python bench/lossless.py --folders GPTQ-4b-g128 GPTQ-4b-g128-BF16 CT-4b-g128 --reps 2
@@ -36,6 +37,13 @@ on the FP8 inputs (no FP8 dtype is wired to it here); zstd -3 is their general-p
 export (``CT-4b-g128``). Each is packed twice — codes against their zero points, and without
 (format 2's codes) — and broken down: bits a code of the codes stream, bits of scale + zero point a
 group, the rest; zstd -3 of the folder's files beside them; decode MB/s beside the BF16 file's.
+
+GGUF inputs (``GGUF-Q4_1``: the packaged SmolLM2 GGUF, Q4_1 linears and a Q8_0 embedding;
+``GGUF-Q4_K_M``: SmolLM2 quantized by llmpress with llama.cpp's Q4_K_M mix and exported as GGUF,
+:func:`gguf_q4_k_m`) are packed as themselves (lossless/gguf.py: each block type's fields coded
+apart). For each the bench prints, per block type, the packed bits a weight of each field (codes,
+scales, mins, block parameters) beside its chunk-adaptive bound, and the file's bound; their
+decode speed is compared with the BF16 input's (``dec/BF16``). ZipNN is not run on them.
 """
 from __future__ import annotations
 
@@ -127,6 +135,66 @@ def fp8_file(model: str, fmt: str, scale: str) -> Path:
     return out
 
 
+def gguf_q4_1(scale: str) -> Path:
+    """The packaged SmolLM2 GGUF (Q4_1 linears, a Q8_0 embedding), as shipped."""
+    from llmpress.models import _smollm2_gguf
+
+    return _smollm2_gguf()
+
+
+def gguf_q4_k_m(scale: str) -> Path:
+    """SmolLM2-135M as a Q4_K_M GGUF that llmpress writes: ``quantize --method rtn --gguf-mix
+    q4_k_m`` (llama.cpp's type per tensor: Q4_K, Q6_K, and Q5_0 where a row is not whole 256-blocks)
+    then ``export --format gguf --type q8_0`` (the embedding as Q8_0); made once under OUT (~4 min)."""
+    out = OUT / "smollm2-q4_k_m-rtn.gguf"
+    if out.exists():
+        return out
+    folder = OUT / "smollm2-q4_k_m-rtn"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    py = [sys.executable, "-m", "llmpress"]
+    subprocess.run([*py, "quantize", "smollm2-135m", "-o", folder, "--method", "rtn", "--gguf-mix", "q4_k_m", "--force"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run([*py, "export", folder, "-o", out, "--format", "gguf", "--type", "q8_0", "--force"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    return out
+
+
+def gguf_fields(path: Path) -> dict:
+    """A GGUF file's breakdown after ``pack``: per block type, each field's packed bits a weight
+    (codes, scales, mins, the block parameters; a parameter's float fields summed) beside its
+    chunk-adaptive entropy bound, and the whole file's bound (fields at their bound, other bytes as packed)."""
+    from llmpress.lossless.container import pack
+    from llmpress.lossless.gguf import BLOCKS
+    from llmpress.lossless.reader import Packed
+
+    types: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=OUT) as d:
+        out = Path(d) / "g.llmp"
+        pack(path, out, threads=2)
+        with Packed(out) as p:
+            other = p.size - sum(c[1] for f in p.index["files"] for s in f["segments"] if "gguf" in s for c in s["chunks"])
+            bound = 0.0
+            for _, s in p.tensors():
+                if "gguf" not in s:
+                    continue
+                bt, st = BLOCKS[s["gguf"]], s["stats"]
+                t = types.setdefault(s["gguf"], {"weights": 0, "bytes": 0, "packed_bits": {}, "bound_bits": {}})
+                t["weights"] += s["length"] // bt.block_bytes * bt.weights
+                t["bytes"] += s["length"]
+                for k, v in st["field_bytes"].items():
+                    t["packed_bits"][k] = t["packed_bits"].get(k, 0) + 8 * v
+                for k, v in st["field_bits"].items():
+                    t["bound_bits"][k] = t["bound_bits"].get(k, 0) + v
+                    bound += v / 8
+    for t in types.values():
+        n = t["weights"]
+        t["bits_per_weight"] = 8 * t["bytes"] / n
+        t["packed_bpw"] = {k: v / n for k, v in t.pop("packed_bits").items()}
+        t["bound_bpw"] = {k: v / n for k, v in t.pop("bound_bits").items()}
+    size = path.stat().st_size
+    return {"types": types, "bound_ratio": (bound + other) / size}
+
+
 # label -> (the input file's builder, given the FP8 scale strategy; ZipNN's dtype name, None: not run)
 INPUTS = {
     "FP32": (lambda sc: _model_file("minilm-l6"), "float32"),
@@ -134,6 +202,8 @@ INPUTS = {
     "FP8": (lambda sc: fp8_file("minilm-l6", "e4m3", sc), None),
     "FP8-E5M2": (lambda sc: fp8_file("minilm-l6", "e5m2", sc), None),
     "SmolLM2-FP8": (lambda sc: fp8_file("smollm2-135m", "e4m3", sc), None),
+    "GGUF-Q4_1": (gguf_q4_1, None),
+    "GGUF-Q4_K_M": (gguf_q4_k_m, None),
 }
 
 
@@ -597,6 +667,7 @@ def main() -> None:
     rows = []
     files = inputs(args.files, args.fp8_scale)
     bounds = {label: fp8_bounds(path) for label, path in files.items() if "FP8" in label}
+    ggufs = {label: gguf_fields(path) for label, path in files.items() if label.startswith("GGUF")}
     for th in args.threads:
         os.environ["OMP_NUM_THREADS"] = str(th)
         runs = {}  # (file, tool) -> one timed run
@@ -633,11 +704,11 @@ def main() -> None:
     by = {(r["file"], r["tool"], r["threads"]): r for r in rows}
     for r in rows:
         ref = by.get(("BF16", r["tool"], r["threads"]))
-        fp8 = ref is not None and r["file"] in bounds
+        fp8 = ref is not None and (r["file"] in bounds or r["file"] in ggufs)
         r["dec_vs_BF16"] = r["dec_MBps"] / ref["dec_MBps"] if fp8 else None
         r["dec_cpu_vs_BF16"] = r["dec_cpu_MBps"] / ref["dec_cpu_MBps"] if fp8 and r["dec_cpu_MBps"] else None
     result = {**rec, "cpus": os.cpu_count(), "reps": args.reps,
-              "fp8_scale": args.fp8_scale, "rows": rows, "bounds": bounds}
+              "fp8_scale": args.fp8_scale, "rows": rows, "bounds": bounds, "gguf": ggufs}
     out = OUT / args.out
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -647,6 +718,13 @@ def main() -> None:
         parts = "  ".join(f"{k} {v:.3f}" for k, v in b["fp8_bits_per_word"].items())
         print(f"{label} ({args.fp8_scale} scales): chunk-adaptive bound {b['bound_chunk_ratio']:.4f} of the file; "
               f"FP8 words, order-0 bits/word: {parts}")
+    for label, g in ggufs.items():
+        print(f"{label}: chunk-adaptive bound {g['bound_ratio']:.4f} of the file (GGUF fields at their bound, "
+              "other bytes as packed); bits a weight, packed (bound):")
+        for name, t in g["types"].items():
+            parts = "  ".join(f"{k} {t['packed_bpw'][k]:.3f} ({t['bound_bpw'][k]:.3f})" for k in t["packed_bpw"])
+            print(f"  {name:5s} {t['weights']:>11,} weights, {t['bits_per_weight']:.3f} stored -> "
+                  f"{sum(t['packed_bpw'].values()):.3f}: {parts}")
     print("dec cpu: MB per second of the process's CPU time; dec/BF16: this input's decode MB/s over the BF16 "
           "input's (same tool, threads), wall and cpu")
     print(f"\n{'file':11s} {'tool':16s} {'thr':>3s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'dec+sha':>8s} "

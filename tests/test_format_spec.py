@@ -9,11 +9,13 @@ index is validated against docs/llmp-index.schema.json.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import struct
 import sys
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import jsonschema
 import numpy as np
@@ -39,7 +41,7 @@ def read_index(buf: bytes) -> dict:
     if buf[:8] != b"LLMPRESS":
         raise FormatError("magic")
     (version,) = struct.unpack_from("<I", buf, 8)
-    if version not in (5, 6, 7, 10):
+    if version not in (5, 6, 7, 9, 10):
         raise FormatError(f"version {version}")
     off, ln, crc, end = struct.unpack_from("<QQI8s", buf, len(buf) - 28)
     if end != b"LLMPIDX1" or off < 12 or off + ln + 28 != len(buf):
@@ -372,7 +374,7 @@ ZERO_DTYPES = {"F16": "<f2", "F32": "<f4", "U8": "u1", "I8": "i1", "U16": "<u2",
 
 
 def zero_points(zs: dict, data: bytes, packing: str, b: int) -> list[list[int]]:
-    """Section 3.3: the table Z[r][g] of a zero-point tensor's decoded bytes."""
+    """Section 3.4: the table Z[r][g] of a zero-point tensor's decoded bytes."""
     R0, G = zs["shape"]
     if packing == "value":
         if zs["dtype"] == "BF16":
@@ -395,7 +397,7 @@ def zero_points(zs: dict, data: bytes, packing: str, b: int) -> list[list[int]]:
 
 
 def decode_zero_chunk(p: bytes, s: dict, raw: int, i0: int, table: list[list[int]]) -> bytes:
-    """Section 3.3: a mode byte, then the codes (0) or the codes less their zero points (1)."""
+    """Section 3.4: a mode byte, then the codes (0) or the codes less their zero points (1)."""
     b, z = s["codes"], s["zero"]
     if p[0] not in (0, 1, 2, 3):
         raise FormatError("mode")
@@ -428,6 +430,154 @@ def decode_zero_chunk(p: bytes, s: dict, raw: int, i0: int, table: list[list[int
     return bits.to_bytes(raw, "little")
 
 
+# ---------------------------------------------------------------- section 3.3: GGUF blocks
+
+
+def _nib(q: int) -> Callable:  # Q4_0, Q4_1 codes; and the low bits of Q5_0, Q5_1
+    return lambda i, b: (q + i % 16, 4 * (i // 16) + b)
+
+
+def _q5(h: int, q: int) -> Callable:
+    return lambda i, b: (q + i % 16, 4 * (i // 16) + b) if b < 4 else (h + i // 8, i % 8)
+
+
+def _q3k_code(i: int, b: int) -> tuple[int, int]:
+    n, j, l = i // 128, i % 128 // 32, i % 32
+    return (32 + 32 * n + l, 2 * j + b) if b < 2 else (l, 4 * n + j)
+
+
+def _q3k_scale(s: int, b: int) -> tuple[int, int]:
+    return (96 + s % 8, 4 * (s // 8) + b) if b < 4 else (104 + s % 4, 2 * (s // 4) + b - 4)
+
+
+def _k4_scale(j: int, b: int) -> tuple[int, int]:
+    return (4 + j, b) if j < 4 else (8 + j, b) if b < 4 else (j, b + 2)
+
+
+def _k4_min(j: int, b: int) -> tuple[int, int]:
+    return (8 + j, b) if j < 4 else (8 + j, b + 4) if b < 4 else (4 + j, b + 2)
+
+
+def _k4_code(q: int) -> Callable:
+    def pos(i: int, b: int) -> tuple[int, int]:
+        j, h, l = i // 64, i % 64 // 32, i % 32
+        return (q + 32 * j + l, 4 * h + b) if b < 4 else (16 + l, 2 * j + h)
+    return pos
+
+
+def _q6k_code(i: int, b: int) -> tuple[int, int]:
+    n, k, l = i // 128, i % 128 // 32, i % 32
+    return (64 * n + 32 * (k % 2) + l, 4 * (k // 2) + b) if b < 4 else (128 + 32 * n + l, 2 * k + b - 4)
+
+
+# type -> (block bytes, parameters [(name, byte offset, dtype)], fields [(name, width, count, position)],
+# grouping (unit, classes, "affine" | "scaled"))
+GGUF = {
+    "Q4_0": (18, [("d", 0, "F16")], [("codes", 4, 32, _nib(2))], (32, 8, "scaled")),
+    "Q4_1": (20, [("d", 0, "F16"), ("m", 2, "F16")], [("codes", 4, 32, _nib(4))], (32, 16, "affine")),
+    "Q5_0": (22, [("d", 0, "F16")], [("codes", 5, 32, _q5(2, 6))], (32, 8, "scaled")),
+    "Q5_1": (24, [("d", 0, "F16"), ("m", 2, "F16")], [("codes", 5, 32, _q5(4, 8))], (32, 32, "affine")),
+    "Q8_0": (34, [("d", 0, "F16")], [("codes", 8, 32, lambda i, b: (2 + i, b))], (32, 8, "scaled")),
+    "Q2_K": (84, [("d", 80, "F16"), ("dmin", 82, "F16")],
+             [("scales", 4, 16, lambda j, b: (j, b)), ("mins", 4, 16, lambda j, b: (j, 4 + b)),
+              ("codes", 2, 256, lambda i, b: (16 + 32 * (i // 128) + i % 32, 2 * (i % 128 // 32) + b))], (16, 4, "affine")),
+    "Q3_K": (110, [("d", 108, "F16")], [("scales", 6, 16, _q3k_scale), ("codes", 3, 256, _q3k_code)], (16, 8, "scaled")),
+    "Q4_K": (144, [("d", 0, "F16"), ("dmin", 2, "F16")],
+             [("scales", 6, 8, _k4_scale), ("mins", 6, 8, _k4_min), ("codes", 4, 256, _k4_code(16))], (32, 16, "affine")),
+    "Q5_K": (176, [("d", 0, "F16"), ("dmin", 2, "F16")],
+             [("scales", 6, 8, _k4_scale), ("mins", 6, 8, _k4_min), ("codes", 5, 256, _k4_code(48))], (32, 32, "affine")),
+    "Q6_K": (210, [("d", 208, "F16")], [("scales", 8, 16, lambda s, b: (192 + s, b)), ("codes", 6, 256, _q6k_code)],
+             (16, 8, "scaled")),
+    "Q8_K": (292, [("d", 0, "F32")], [("bsums", 16, 16, None), ("codes", 8, 256, lambda i, b: (4 + i, b))],
+             (256, 8, "scaled")),
+}
+
+
+def _gguf_unit_values(qtype: str, params: dict[str, np.ndarray], fields: dict[str, np.ndarray]) -> tuple:
+    """Section 3.3's (v, m') of each unit (m' None for a scaled type), in binary64."""
+    d = params["d"].astype(np.float64)
+    if qtype in ("Q4_1", "Q5_1"):
+        return d, -params["m"].astype(np.float64)
+    if qtype in ("Q2_K", "Q4_K", "Q5_K"):
+        sc, mn = fields["scales"].astype(np.float64), fields["mins"].astype(np.float64)
+        return (d[:, None] * sc).reshape(-1), (params["dmin"].astype(np.float64)[:, None] * mn).reshape(-1)
+    if qtype == "Q3_K":
+        return (d[:, None] * (fields["scales"].astype(np.float64) - 32)).reshape(-1), None
+    if qtype == "Q6_K":
+        return (d[:, None] * fields["scales"].astype(np.uint8).view(np.int8).astype(np.float64)).reshape(-1), None
+    return d, None
+
+
+def _gguf_classes(v: np.ndarray, m: np.ndarray | None, C: int) -> np.ndarray:
+    if m is not None:  # affine: the code of zero
+        with np.errstate(all="ignore"):
+            z = np.rint(m / v)
+        return np.clip(np.where(np.isfinite(z), z, 0), 0, C - 1).astype(np.int64)
+    e = np.array([math.frexp(abs(x))[1] if math.isfinite(x) else 0 for x in v], np.int64)
+    counts: dict[int, int] = {}
+    for x in e:
+        counts[int(x)] = counts.get(int(x), 0) + 1
+    E = min(k for k, c in counts.items() if c == max(counts.values())) if counts else 0
+    return np.clip(e - E + 4, 0, 7)
+
+
+def decode_gguf_chunk(p: bytes, qtype: str, raw: int) -> bytes:
+    """Sections 3.3 and 4.1: a mode byte, then the block type's fields, codes in one field (0)
+    or one per class (1); every symbol's bits placed where the table says."""
+    bb, params, others, (unit, C, kind) = GGUF[qtype]
+    nb = raw // bb
+    if raw % bb or p[0] not in (0, 1):
+        raise FormatError("gguf chunk")
+    layout = [(f"{name}.{j}", W, nb) for name, _, dt in params for j, W in enumerate(field_widths(dt))]
+    layout += [(name, W, c * nb) for name, W, c, _ in others[:-1]]
+    code_w, code_n = others[-1][1], others[-1][2] * nb
+    ncode = 1 if p[0] == 0 else C
+    if p[1] != len(layout) + ncode:
+        raise FormatError("field count")
+    pos, f = 2, {}
+
+    def read(n: int, W: int) -> np.ndarray:
+        nonlocal pos
+        bid, ln = struct.unpack_from("<BI", p, pos)
+        out = stream(bid, p[pos + 5 : pos + 5 + ln], n, W)
+        pos += 5 + ln
+        return out
+
+    for name, W, n in layout:
+        f[name] = read(n, W)
+    pv = {name: np.frombuffer(merge(dt, [f[f"{name}.{j}"] for j in range(len(field_widths(dt)))]),
+                              "<f2" if dt == "F16" else "<f4") for name, _, dt in params}
+    fields = {name: f[name].reshape(nb, -1) for name, _, _, _ in others[:-1]}
+    if p[0] == 0:
+        codes = read(code_n, code_w)
+    else:
+        cls = _gguf_classes(*_gguf_unit_values(qtype, pv, fields), C)
+        units = np.zeros((len(cls), unit), np.int64)
+        for c in range(C):
+            where = np.flatnonzero(cls == c)
+            units[where] = read(len(where) * unit, code_w).reshape(-1, unit)
+        codes = units.reshape(-1)
+    if pos != len(p):
+        raise FormatError("chunk length")
+    fields["codes"] = codes.reshape(nb, -1)
+    block = np.zeros((nb, bb), np.uint8)
+    for name, off, dt in params:
+        size = 2 if dt == "F16" else 4
+        block[:, off : off + size] = np.frombuffer(pv[name].tobytes(), np.uint8).reshape(nb, size)
+    for name, W, c, at in others:
+        if at is None:
+            continue
+        sym = fields[name].astype(np.int64)
+        for i in range(c):
+            for b in range(W):
+                byte, bit = at(i, b)
+                block[:, byte] |= (((sym[:, i] >> b) & 1) << bit).astype(np.uint8)
+    if qtype == "Q8_K":
+        sums = block[:, 4:260].view(np.int8).reshape(nb, 16, 16).astype(np.int64).sum(axis=2)
+        block[:, 260:292] = ((fields["bsums"].astype(np.int64) + sums) % 65536).astype("<u2").view(np.uint8)
+    return block.tobytes()
+
+
 def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
     """(index, {path: decoded bytes}, backend ids seen), every checksum checked."""
     buf = path.read_bytes()
@@ -440,11 +590,11 @@ def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
         for s in f["segments"]:
             assert s["offset"] == pos
             pos += s["length"]
-        # codes against zero points last: their zero-point tensors decoded first (section 3.3)
+        # codes against zero points last: their zero-point tensors decoded first (section 3.4)
         for k, s in sorted(enumerate(f["segments"]), key=lambda ks: "zero" in ks[1]):
             table = None
             if "zero" in s:
-                assert index["version"] == 10 and s["zero"]["tensor"] != s["name"]
+                assert index["version"] >= 10 and s["zero"]["tensor"] != s["name"]
                 zk, zs = next((k2, t) for k2, t in enumerate(f["segments"]) if t.get("name") == s["zero"]["tensor"])
                 assert "zero" not in zs
                 table = zero_points(zs, segs[zk], s["zero"]["packing"], s["codes"])
@@ -452,18 +602,21 @@ def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
             for off, ln, raw, check in s["chunks"]:
                 assert 12 <= off and off + ln <= end
                 p = buf[off : off + ln]
-                q = 2 if "grid" in s or "zero" in s else 1
+                q = 2 if "grid" in s or "zero" in s or "gguf" in s else 1
                 for _ in range(p[q - 1]):
                     seen.add(p[q])
                     q += 5 + struct.unpack_from("<I", p, q + 1)[0]
                 if "grid" in s:
-                    assert index["version"] in (7, 10) and s["dtype"] == "F32" and s["shape"][-1] % s["grid"]["block"] == 0
+                    assert index["version"] >= 7 and s["dtype"] == "F32" and s["shape"][-1] % s["grid"]["block"] == 0
                     data = decode_grid_chunk(p, s["grid"], raw)
                 elif "zero" in s:
                     assert done % s["codes"] == 0
                     data = decode_zero_chunk(p, s, raw, 8 * done // s["codes"], table)
+                elif "gguf" in s:
+                    assert index["version"] >= 9 and s["dtype"] == "U8" and s["shape"][1] == GGUF[s["gguf"]][0]
+                    data = decode_gguf_chunk(p, s["gguf"], raw)
                 else:
-                    assert "codes" not in s or s["dtype"] == "U8" or index["version"] == 10
+                    assert "codes" not in s or s["dtype"] == "U8" or index["version"] >= 10
                     data = decode_chunk(p, s["dtype"], raw, s.get("codes", 0))
                 assert len(data) == raw and xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF == check
                 parts.append(data)
@@ -641,3 +794,48 @@ def test_second_reader_catches_a_flipped_bit(tmp_path):
     bad.write_bytes(bytes(buf))
     with pytest.raises((FormatError, AssertionError)):
         read_llmp(bad)
+
+
+@pytest.mark.parametrize("forced", [None, 1])
+def test_second_reader_decodes_gguf_segments(tmp_path, monkeypatch, forced):
+    """Format 5: a GGUF file of every block type of section 3.3 (gguf-py's quantizer where it
+    has one, random blocks with finite parameters elsewhere), F32 and an IQ4_NL tensor, decoded
+    by the second reader byte for byte; ``forced``: the writer made to group every chunk's codes
+    (mode 1), so that every type's classes are checked against section 3.3."""
+    import functools
+
+    import llmpress
+    from gguf import GGMLQuantizationType as T, GGUFWriter, quants
+
+    if forced is not None:  # the writer's choice, not the reader: the reader stays llmpress-free
+        import llmpress.lossless.chunk as writer
+
+        monkeypatch.setattr(writer, "_encode_gguf", functools.partial(writer._encode_gguf, modes=(forced,)))
+    rng = np.random.default_rng(8)
+    w = GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for name in GGUF:
+        qt = getattr(T, name)
+        if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+            data = quants.quantize((rng.standard_normal((8, 512)) * 0.02).astype(np.float32), qt)
+        else:
+            bb, params = GGUF[name][0], GGUF[name][1]
+            data = rng.integers(0, 256, (24, bb), dtype=np.uint8)
+            for _, off, dt in params:
+                v = np.abs(rng.standard_normal(24) * 1e-3).astype("<f2" if dt == "F16" else "<f4")
+                data[:, off : off + v.itemsize] = v.view(np.uint8).reshape(24, -1)
+        w.add_tensor(name, data, raw_dtype=qt)
+    w.add_tensor("norm", np.ones(64, np.float32))
+    w.add_tensor("iq", rng.integers(0, 256, (2, 18 * 4), dtype=np.uint8), raw_dtype=T.IQ4_NL)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "m.llmp"
+    llmpress.pack(tmp_path / "m.gguf", out, chunk_bytes=1 << 12, threads=1)
+    index, files, _ = read_llmp(out)
+    assert index["version"] == 9 and files["m.gguf"] == (tmp_path / "m.gguf").read_bytes()
+    segs = {s["name"]: s for s in index["files"][0]["segments"] if s["kind"] == "tensor"}
+    assert {n for n, s in segs.items() if "gguf" in s} == set(GGUF)
+    if forced:
+        buf = out.read_bytes()
+        assert {buf[c[0]] for s in segs.values() if "gguf" in s for c in s["chunks"]} == {1}

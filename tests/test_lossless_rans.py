@@ -257,6 +257,6 @@ def test_other_container_versions_are_refused(tmp_path, version):
     data[8:12] = struct.pack("<I", version)
     bad = tmp_path / f"v{version}.llmp"
     bad.write_bytes(bytes(data))
-    what = "is no longer read" if version < 5 else "reads versions 5, 6, 7 and 10"
+    what = "is no longer read" if version < 5 else "reads versions 5, 6, 7, 9 and 10"
     with pytest.raises(UnsupportedFormatError, match=f"container version {version}.*{what}"):
         verify(bad)

@@ -22,9 +22,12 @@ def _bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
 
 
 def _source_bytes(src: str) -> int:
+    from ..lossless.gguf import is_gguf
     from ..models import resolve
 
-    p = resolve(src).path
+    p = Path(src)
+    if not (p.is_file() and is_gguf(p)):  # a GGUF file is packed as itself, not dequantized
+        p = resolve(src).path
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
@@ -118,11 +121,11 @@ def verify(
 
 def _show_info(r: dict[str, Any]) -> None:
     t = Table(title="lossless limits (bytes)")
-    for c in ("tensor", "dtype", "grid", "params", "bytes", "H(exp) bits", "order-0 bound", "chunk bound", "packed"):
-        t.add_column(c, justify="left" if c in ("tensor", "dtype", "grid") else "right")
+    for c in ("tensor", "dtype", "grid / GGUF", "params", "bytes", "H(exp) bits", "order-0 bound", "chunk bound", "packed"):
+        t.add_column(c, justify="left" if c in ("tensor", "dtype", "grid / GGUF") else "right")
     for name, row in r["tensors"].items():
         h = row["exp_entropy"]
-        t.add_row(name, row["dtype"], row.get("grid") or "-", f"{row['params']:,}", f"{row['bytes']:,}", "-" if h is None else f"{h:.3f}",
+        t.add_row(name, row["dtype"], row.get("grid") or row.get("gguf") or "-", f"{row['params']:,}", f"{row['bytes']:,}", "-" if h is None else f"{h:.3f}",
                   f"{row['bound_order0_bytes']:,.0f}", f"{row['bound_chunk_bytes']:,.0f}",
                   f"{row['packed_bytes']:,}" if "packed_bytes" in row else "-")
     h = r["exp_entropy"]
@@ -134,6 +137,10 @@ def _show_info(r: dict[str, Any]) -> None:
     for name, g in r.get("grids", {}).items():
         console.print(f"grid {name}: {g['tensors']} tensors, {g['params']:,} params, chunk bound "
                       f"{g['bits_per_param_bound']:.3f} bits/param")
+    for name, g in r.get("gguf", {}).items():
+        fields = ", ".join(f"{k} {v:.3f}" for k, v in g["field_bound_bits_per_weight"].items())
+        console.print(f"GGUF {name}: {g['tensors']} tensors, {g['params']:,} weights, {g['bits_per_weight']:.3f} bits/weight "
+                      f"stored; chunk bound {g['bound_bits_per_weight']:.3f} bits/weight ({fields})")
     console.print(f"chunk bound: {r['bits_per_param_bound_chunk']:.3f} bits/param")
     if "over_bound" in r:
         console.print(f"pack is {100 * r['over_bound']:.2f} % above the chunk-adaptive bound")
@@ -145,7 +152,8 @@ def info(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Per tensor and in total: params, dtype, bytes, exponent entropy and the lossless bounds; the
-    block grid a float tensor was found on (e.g. GGUF Q4_1 dequantized to FP32) and the bound it gives."""
+    block grid a float tensor was found on (e.g. GGUF Q4_1 dequantized to FP32) and the bound it gives;
+    a GGUF file's block type per tensor and each field's bound (codes, scales, mins, parameters)."""
     from ..lossless.bounds import info as do_info
 
     total = 0 if str(src).endswith(".llmp") else _source_bytes(src)

@@ -10,7 +10,9 @@ For a float tensor of n words of b bits with an E-bit exponent:
   and field reaches (model cost not counted). ``pack --policy ans`` targets this one, so
   ``info`` on a ``.llmp`` file shows how close it came.
 
-Non-float tensors count at their raw size in both bounds. A float tensor found on a block grid
+Non-float tensors count at their raw size in both bounds, except a GGUF tensor of ggml blocks
+(gguf.py): its chunk-adaptive bound is taken over its fields (parameters, scales, mins, codes,
+the codes at the smaller of one model and a model per class), reported per field. A float tensor found on a block grid
 (grid.py: a checkpoint dequantized from GGUF blocks) has its chunk-adaptive bound taken over the
 grid's fields (codes, parameters) for the chunks that reproduce bit for bit; its row names the grid.
 """
@@ -23,7 +25,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .chunk import _group
 from .entropy import entropy_bits
+from . import gguf as GG
 from . import grid as G
 from .fields import FloatLayout, layout
 from .reader import CHUNK_BYTES, Packed
@@ -50,11 +54,35 @@ def chunk_bound_bits(raw: np.ndarray, dtype: str, grid: G.Grid | None = None) ->
     return bits, hist
 
 
+def gguf_chunk_bits(bt: GG.BlockType, raw: np.ndarray) -> dict[str, float]:
+    """{field: chunk-adaptive bound bits} of one chunk of GGUF blocks: each field (a parameter's
+    float fields summed) at min(n·H0, n·width); the codes at the smaller of one model and a model
+    per class (chunk._group), as pack codes them."""
+    parts = GG.split(bt, raw)
+    out: dict[str, float] = {}
+    for f, s in zip(bt.fields, parts):
+        k = f.name.partition(".")[0]
+        out[k] = out.get(k, 0.0) + min(entropy_bits(s, f.width), float(len(s) * f.width))
+    if bt.nclasses > 1 and len(parts[-1]):
+        order, counts = _group(bt, parts[:-1])
+        codes = parts[-1].reshape(-1, bt.unit)[order].reshape(-1)
+        g = sum(min(entropy_bits(c, bt.code_bits), float(len(c) * bt.code_bits))
+                for c in np.split(codes, np.cumsum(counts * bt.unit)[:-1]))
+        out["codes"] = min(out["codes"], g)
+    return out
+
+
 def tensor_row(dtype: str, shape: list[int], nbytes: int, bound_bits: float, hist: Any,
-               grid: G.Grid | None = None) -> dict[str, Any]:
+               grid: G.Grid | None = None, gguf: str = "", field_bits: dict[str, float] | None = None) -> dict[str, Any]:
     lay = layout(dtype)
     row: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "params": math.prod(shape), "bytes": nbytes,
                            "grid": grid.short() if grid is not None else None}
+    if gguf:  # a GGUF tensor's blocks: its weights, the type, the bound by field
+        bt = GG.BLOCKS[gguf]
+        row.update(gguf=gguf, params=nbytes // bt.block_bytes * bt.weights, exp_entropy=None,
+                   bound_order0_bytes=float(nbytes), bound_chunk_bytes=bound_bits / 8,
+                   field_bound_bits=dict(field_bits or {}))
+        return row
     if isinstance(lay, FloatLayout) and hist is not None and row["params"]:
         h = _h(hist)
         row["exp_entropy"] = h
@@ -72,6 +100,9 @@ def _scan(path: Path, chunk_bytes: int, progress: Callable[[int], None] | None) 
         for seg in plan_file(path):
             if seg.kind != "tensor":
                 continue
+            if seg.gguf:
+                rows[seg.name] = _scan_gguf(f, seg, chunk_bytes, progress)
+                continue
             bits, hist = 0.0, None
             grid = G.detect_segment(f, seg.offset, seg.dtype, seg.shape, seg.length)
             f.seek(seg.offset)
@@ -86,6 +117,20 @@ def _scan(path: Path, chunk_bytes: int, progress: Callable[[int], None] | None) 
     return rows
 
 
+def _scan_gguf(f: Any, seg: Any, chunk_bytes: int, progress: Callable[[int], None] | None) -> dict[str, Any]:
+    """The row of a GGUF tensor of blocks, read chunk by chunk from the open file ``f``."""
+    bt = GG.BLOCKS[seg.gguf]
+    fb: dict[str, float] = {}
+    f.seek(seg.offset)
+    for _, ln in chunks_of(seg, chunk_bytes):
+        raw = np.frombuffer(f.read(ln), np.uint8)
+        for k, v in gguf_chunk_bits(bt, raw).items():
+            fb[k] = fb.get(k, 0.0) + v
+        if progress:
+            progress(len(raw))
+    return tensor_row(seg.dtype, list(seg.shape), seg.length, sum(fb.values()), None, gguf=seg.gguf, field_bits=fb)
+
+
 def _grids(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{grid: tensors, params, bytes, chunk bound bytes and bits a parameter} over the tensors on it."""
     out: dict[str, dict[str, Any]] = {}
@@ -98,6 +143,24 @@ def _grids(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             g["bound_chunk_bytes"] += r["bound_chunk_bytes"]
     for g in out.values():
         g["bits_per_param_bound"] = 8 * g["bound_chunk_bytes"] / max(g["params"], 1)
+    return out
+
+
+def _gguf_types(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{GGUF block type: tensors, weights, bytes, and each field's bound in bits a weight}."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows.values():
+        if r.get("gguf"):
+            g = out.setdefault(r["gguf"], {"tensors": 0, "params": 0, "bytes": 0, "field_bound_bits": {}})
+            g["tensors"] += 1
+            g["params"] += r["params"]
+            g["bytes"] += r["bytes"]
+            for k, v in r["field_bound_bits"].items():
+                g["field_bound_bits"][k] = g["field_bound_bits"].get(k, 0.0) + v
+    for g in out.values():
+        g["bits_per_weight"] = 8 * g["bytes"] / max(g["params"], 1)
+        g["field_bound_bits_per_weight"] = {k: v / max(g["params"], 1) for k, v in g["field_bound_bits"].items()}
+        g["bound_bits_per_weight"] = sum(g["field_bound_bits_per_weight"].values())
     return out
 
 
@@ -119,7 +182,8 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
                     full[lo : lo + len(hist)] = hist
                     hist = full
                 rows[s["name"]] = tensor_row(s["dtype"], s["shape"], s["length"], st.get("bound_bits", 0.0), hist,
-                                             G.Grid.from_index(s["grid"]) if "grid" in s else None)
+                                             G.Grid.from_index(s["grid"]) if "grid" in s else None,
+                                             s.get("gguf", ""), st.get("field_bits"))
                 packed[s["name"]] = sum(c[1] for c in s["chunks"])
             total_in = sum(f["size"] for f in pk.index["files"])
             total_out = pk.size
@@ -127,7 +191,8 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
         from ..models import resolve, safetensors_files
 
         rows = {}
-        for f in safetensors_files(resolve(src)):
+        # a GGUF file as itself (its blocks by field), not as the folder resolve dequantizes it into
+        for f in [p] if p.is_file() and GG.is_gguf(p) else safetensors_files(resolve(src)):
             rows.update(_scan(f, chunk_bytes, progress))
         total_in, total_out = None, None
     tot = {k: sum(r[k] for r in rows.values()) for k in ("params", "bytes", "bound_order0_bytes", "bound_chunk_bytes")}
@@ -140,6 +205,7 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
         "ratio_bound_chunk": tot["bound_chunk_bytes"] / max(tot["bytes"], 1),
         "bits_per_param_bound_chunk": 8 * tot["bound_chunk_bytes"] / max(tot["params"], 1),
         "grids": _grids(rows),
+        "gguf": _gguf_types(rows),
     }
     if packed:
         for k, r in rows.items():

@@ -19,6 +19,7 @@ from ..errors import InputError
 from .compiled import Kernels
 from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from . import grid as G
+from . import gguf as GG
 from .fields import CODES, Field, FloatLayout, exponent, layout
 from .grid import Grid
 from .zeros import ChunkZeros
@@ -39,31 +40,47 @@ class ChunkStats:
     exp_hist: np.ndarray | None = None  # (2**E,) exponent counts, floats only
     bound_bits: float = 0.0  # Σ_fields min(n·H0(field), n·width): the chunk-adaptive bound
     streams: dict[str, int] = field(default_factory=dict)  # backend name -> bytes, for reports
+    # a GGUF chunk's fields (params' float fields summed, codes' classes summed): bound bits and bytes
+    field_bits: dict[str, float] | None = None
+    field_bytes: dict[str, int] | None = None
+
+
+# a GGUF block's integer fields (K-quant scales and mins, Q8_K's bsums) are coded as codes are
+_CODES_LIKE = ("codes", "scales", "mins", "bsums")
 
 
 def _kind(name: str) -> str:
-    """A field's policy entry; a grid parameter's fields (``d.head``, ``m.tail0``) as a float's."""
+    """A field's policy entry; a grid parameter's fields (``d.head``, ``m.tail0``) as a float's;
+    a GGUF block's codes (``codes``, grouped ``codes.3``), scales, mins as codes."""
+    if name.partition(".")[0] in _CODES_LIKE:
+        return "codes"
     name = name.rpartition(".")[2]
     return name if name in ("bytes", "head", "codes") else "tail"
 
 
 def encode_chunk(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0,
-                 grid: Grid | None = None, zeros: np.ndarray | None = None) -> tuple[bytes, ChunkStats]:
+                 grid: Grid | None = None, zeros: np.ndarray | None = None, gguf: str = "") -> tuple[bytes, ChunkStats]:
     """raw: (nbytes,) uint8, a whole number of ``dtype`` words (never modified); ``codes``: the
     bits of the codes an integer tensor holds bit-packed (0: none); ``grid``: the segment's grid;
-    ``zeros``: (symbols,) uint8, each code's zero point, for a codes segment with ``zero`` (zeros.py)."""
-    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid, zeros)
+    ``zeros``: (symbols,) uint8, each code's zero point, for a codes segment with ``zero`` (zeros.py);
+    ``gguf``: the ggml block type of a GGUF tensor's whole blocks."""
+    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid, zeros, gguf)
     return b"".join(parts), st
 
 
 def encode_chunk_parts(raw: np.ndarray, dtype: str, policy: str = "rans", codes: int = 0,
-                       grid: Grid | None = None, zeros: np.ndarray | None = None) -> tuple[list, ChunkStats]:
+                       grid: Grid | None = None, zeros: np.ndarray | None = None,
+                       gguf: str = "") -> tuple[list, ChunkStats]:
     """:func:`encode_chunk` as a list of buffers to write in order (a raw stream is a view of
     its field, not a copy: on FP32 the raw tails are most of the output). With ``grid`` (the
     segment's, format 3) the payload starts with a mode byte: 1 and the grid's fields where every
     block of the chunk reproduces bit for bit on the grid, else 0 and the float fields. With
     ``zeros`` (format 6) too: 1 and the codes less their zero points, (q − z) mod 2^b, where that
-    field's order-0 entropy is below the codes' own, else 0 and the codes."""
+    field's order-0 entropy is below the codes' own, else 0 and the codes. With ``gguf`` (format 5)
+    a mode byte too: 0 and the block type's fields, or 1 and its fields with the codes as one field
+    per class (:func:`_encode_gguf`)."""
+    if gguf:
+        return _encode_gguf(raw, GG.BLOCKS[gguf], policy)
     if zeros is not None:
         return _encode_codes_vs_zeros(raw, codes, zeros, policy)
     if grid is not None:
@@ -128,9 +145,54 @@ def _code_fields(fields: tuple[Field, ...], parts: list[np.ndarray], hists: list
                                      precision=precision.get(f.name, RANS_PB))
         out.append(struct.pack("<BI", bid, len(payload)))
         out.append(payload)
-        st.bound_bits += min(h, float(len(sym) * f.width))
+        b = min(h, float(len(sym) * f.width))
+        st.bound_bits += b
         st.streams[BY_ID[bid].name] = st.streams.get(BY_ID[bid].name, 0) + len(payload)
+        if st.field_bits is not None and st.field_bytes is not None:  # by field: a parameter's, the codes' classes summed
+            key = f.name.partition(".")[0]
+            st.field_bits[key] = st.field_bits.get(key, 0.0) + b
+            st.field_bytes[key] = st.field_bytes.get(key, 0) + 5 + len(payload)
     return out
+
+
+def _group(bt: GG.BlockType, params: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(order, per-class counts of code units) of a GGUF chunk's code units by their class (from
+    the fields before the codes, ``params``): the units of class 0 first, each class in block
+    order (a stable sort)."""
+    cls = GG.classes(bt, params).astype(np.uint8)  # < 256 classes: numpy's stable sort is then a radix sort
+    return np.argsort(cls, kind="stable"), np.bincount(cls, minlength=bt.nclasses)
+
+
+def _grouped_fields(bt: GG.BlockType) -> tuple[Field, ...]:
+    return bt.fields[:-1] + tuple(Field(f"codes.{c}", bt.code_bits) for c in range(bt.nclasses))
+
+
+def _encode_gguf(raw: np.ndarray, bt: GG.BlockType, policy: str, modes: tuple[int, ...] = (0, 1)) -> tuple[list, ChunkStats]:
+    """A chunk of whole GGUF blocks: ``u8 mode`` then the fields. Mode 0: the block type's fields
+    (:data:`gguf.BLOCKS`); mode 1: the same with the codes cut by the class of their unit (block
+    or sub-block, :func:`_group`), one field per class with its own model. The smaller is kept."""
+    parts = GG.split(bt, raw)
+    hists = [np.bincount(p, minlength=1 << f.width).astype(np.int64) for f, p in zip(bt.fields, parts)]
+    st = ChunkStats(field_bits={}, field_bytes={})
+    plain = _code_fields(bt.fields, parts, hists, policy, {}, st)
+    best, mode = plain, 0
+    grouped_bits = None
+    if bt.nclasses > 1 and len(parts[-1]):
+        order, counts = _group(bt, parts[:-1])
+        codes = parts[-1].reshape(-1, bt.unit)[order].reshape(-1)
+        cuts = np.cumsum(counts * bt.unit)[:-1]
+        cparts = np.split(codes, cuts)
+        chists = [np.bincount(p, minlength=1 << bt.code_bits).astype(np.int64) for p in cparts]
+        gst = ChunkStats(field_bits={}, field_bytes={})
+        grouped = _code_fields(_grouped_fields(bt), parts[:-1] + cparts, hists[:-1] + chists, policy, {}, gst)
+        grouped_bits = gst.field_bits.get("codes", 0.0)
+        if modes == (1,) or 0 in modes and 1 in modes and sum(len(b) for b in grouped) < sum(len(b) for b in plain):
+            best, mode, st = grouped, 1, gst
+    if grouped_bits is not None:  # the codes' bound: the smaller of one model and a model per class
+        st.field_bits["codes"] = min(st.field_bits["codes"], grouped_bits)
+        other = sum(v for k, v in st.field_bits.items() if k != "codes")
+        st.bound_bits = other + st.field_bits["codes"]
+    return [bytes((mode,)), *best], st
 
 
 _scratch = threading.local()
@@ -168,13 +230,15 @@ K = Kernels("kernels")  # add_codes: format 6's codes given back their zero poin
 
 def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | None = None,
                  compiled: bool = True, codes: int = 0, grid: Grid | None = None,
-                 zeros: ChunkZeros | None = None) -> np.ndarray:
+                 zeros: ChunkZeros | None = None, gguf: str = "") -> np.ndarray:
     """Inverse of :func:`encode_chunk`: the chunk's ``nbytes`` bytes, written into ``out``
     ((nbytes,) uint8) if given; raises ValueError on any inconsistency.
 
     A float chunk's fields first decode in one compiled call (chunk_kernel.py, no GIL); what
     that does not handle or cannot decode takes the generic path below (``compiled=False``:
     only that one), which names the problem."""
+    if gguf:
+        return _decode_gguf(buf, GG.BLOCKS[gguf], nbytes, np.empty(nbytes, np.uint8) if out is None else out)
     lay = layout(dtype, codes)
     if nbytes % lay.itemsize:
         raise InputError(f"{nbytes} bytes is not a whole number of {dtype} words")
@@ -220,6 +284,55 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     return lay.merge(parts, nbytes // lay.itemsize, out)
 
 
+def _decode_gguf(buf: memoryview, bt: GG.BlockType, nbytes: int, out: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_encode_gguf` into ``out`` ((nbytes,) uint8)."""
+    if nbytes % bt.block_bytes:
+        raise InputError(f"{nbytes} bytes is not whole {bt.name} blocks of {bt.block_bytes}")
+    if out.shape != (nbytes,):
+        raise InputError(f"output holds {out.shape} bytes, the chunk {nbytes}")
+    if len(buf) < 2 or buf[0] > 1:
+        raise InputError("GGUF chunk: bad mode byte")
+    counts = bt.symbols(nbytes // bt.block_bytes)
+    if buf[0] == 0:
+        parts = _decode_fields(buf[1:], bt.fields, counts)
+    else:
+        fields, inner = _grouped_fields(bt), buf[1:]
+        if inner[0] != len(fields):
+            raise InputError("chunk header: wrong number of fields")
+        parts, pos = [], 1
+        for f, n in zip(fields, counts[:-1]):
+            sym, pos = _read_field(inner, pos, f, n, None)
+            parts.append(sym)
+        order, ncls = _group(bt, parts)
+        grouped = np.empty(len(order) * bt.unit, np.uint8 if bt.code_bits <= 8 else np.uint16)
+        at = 0
+        for f, n in zip(fields[len(parts):], ncls * bt.unit):
+            _, pos = _read_field(inner, pos, f, int(n), grouped[at : at + n])
+            at += n
+        if pos != len(inner):
+            raise InputError("chunk has trailing bytes")
+        back = np.empty_like(order)  # unit k of the chunk is unit back[k] of the grouped codes
+        back[order] = np.arange(len(order))
+        codes = np.take(grouped.reshape(-1, bt.unit), back, axis=0)  # whole rows: a copy each
+        parts.append(codes.reshape(-1))
+    return GG.merge(bt, parts, out)
+
+
+def _read_field(buf: memoryview, pos: int, f: Field, n: int, dst: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """The ``n`` symbols of the field at ``pos`` (``u8 backend | u32 length | stream``) and the
+    position after it."""
+    if pos + 5 > len(buf):
+        raise InputError("chunk truncated")
+    bid, ln = struct.unpack_from("<BI", buf, pos)
+    pos += 5
+    if pos + ln > len(buf):
+        raise InputError("chunk truncated")
+    sym = decode_stream(bid, buf[pos : pos + ln], n, f.width, dst)
+    if len(sym) != n:
+        raise InputError("stream decoded to the wrong length")
+    return sym, pos + ln
+
+
 def _decode_fields(buf: memoryview, fields: tuple[Field, ...], counts: list[int],
                    dsts: list[np.ndarray | None] | None = None) -> list[np.ndarray]:
     """The symbols of each field of a ``u8 nfields | fields`` payload (``counts[i]`` in field i)."""
@@ -227,17 +340,8 @@ def _decode_fields(buf: memoryview, fields: tuple[Field, ...], counts: list[int]
         raise InputError("chunk header: wrong number of fields")
     pos, parts = 1, []
     for f, n, dst in zip(fields, counts, dsts or [None] * len(fields)):
-        if pos + 5 > len(buf):
-            raise InputError("chunk truncated")
-        bid, ln = struct.unpack_from("<BI", buf, pos)
-        pos += 5
-        if pos + ln > len(buf):
-            raise InputError("chunk truncated")
-        sym = decode_stream(bid, buf[pos : pos + ln], n, f.width, dst)
-        if len(sym) != n:
-            raise InputError("stream decoded to the wrong length")
+        sym, pos = _read_field(buf, pos, f, n, dst)
         parts.append(sym)
-        pos += ln
     if pos != len(buf):
         raise InputError("chunk has trailing bytes")
     return parts

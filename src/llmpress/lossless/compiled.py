@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 MODULE = "_llmpress_lossless_aot"
 # the kernel sources an AOT build compiles (any change to them is a new key)
-SOURCES = ("kernels.py", "rans32.py", "freq_model.py", "chunk_kernel.py", "grid_kernel.py", "fields.py", "compiled.py")
+SOURCES = ("kernels.py", "rans32.py", "freq_model.py", "chunk_kernel.py", "grid_kernel.py", "gguf_kernel.py", "fields.py",
+           "compiled.py")
 # LLMPRESS_AOT=0: never load the ahead-of-time build (the JIT kernels only; tests compare both)
 ENV = "LLMPRESS_AOT"
 PACKAGE = __name__.rsplit(".", 1)[0]
@@ -67,6 +68,9 @@ AOT: dict[str, dict[str, tuple[str, ...]]] = {
     "grid_kernel": {"block_minmax": ("void(f4[:, ::1], f4[::1], f4[::1])",),
                     "affine_codes": ("void(f4[:, ::1], f4[::1], f4[:, ::1], i8, u1[:, ::1], i8[::1])",),
                     "scale_gcd": ("void(u4[:, ::1], i8[::1], i8[::1], i8[:, ::1], i8[::1], i8[::1], i8[::1])",)},
+    "gguf_kernel": {"legacy_merge": ("void(u1[::1], u1[:, ::1], i8, i8)",),
+                    "q4k_merge": ("void(u1[::1], u1[:, ::1], i8, i8)",),
+                    "q6k_merge": ("void(u1[::1], u1[:, ::1])",)},
 }
 _SIG_CODE = {np.dtype(np.uint8): "u1", np.dtype(np.uint16): "u2", np.dtype(np.uint32): "u4"}
 

@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..io.atomic import atomic_dir, atomic_file, check_output
 from ..loading import register_loader
 from .chunk import POLICIES, encode_chunk_parts
+from .gguf import is_gguf
 from .grid import Grid, detect_segment
 from .reader import (
     CHUNK_BYTES,
@@ -35,6 +36,7 @@ from .reader import (
     MAGIC,
     MAX_CHUNK_BYTES,
     CODES_VERSION,
+    GGUF_VERSION,
     GRID_VERSION,
     VERSION,
     ZEROS_VERSION,
@@ -62,9 +64,13 @@ def default_threads() -> int:
 
 
 def _input_files(src: Any) -> tuple[Path, list[Path], str]:
-    """(root, files, root kind) of a model source."""
+    """(root, files, root kind) of a model source; a GGUF file is packed as itself (its blocks
+    coded by field), not as the folder ``resolve`` would dequantize it into."""
     from ..models import resolve
 
+    p = Path(src)
+    if p.is_file() and is_gguf(p):
+        return p.parent, [p], "file"
     s = resolve(src)
     if s.path.is_file():
         return s.path.parent, [s.path], "file"
@@ -99,6 +105,8 @@ def pack(
     (name as in its safetensors header; ``packed`` = its chunk payload bytes, so the packed size
     of any subset of tensors is a sum). ``grids``: look for block grids in float32 tensors
     (grid.py; a file with one is format 3); False: every float tensor takes the float path.
+    A GGUF file (or one in a folder) is packed as itself: its tensors of ggml blocks coded by
+    field (gguf.py; a file with one is format 5), restored byte for byte.
     """
     if policy not in POLICIES:
         raise InputError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
@@ -164,12 +172,15 @@ def pack(
 
 
 def format_version(index: dict[str, Any]) -> int:
-    """The lowest version that describes an index: 10 (format 6) where a codes segment has zero
-    points or codes sit in a wider integer dtype than U8, 7 (format 3) where a segment has a grid,
-    6 (format 2) where one has codes, else 5 (format 1): an older reader reads what it can."""
+    """The lowest version that describes an index (each version reads everything the lower ones
+    do): 10 (format 6) where a codes segment has zero points or codes sit in a wider integer dtype
+    than U8, 9 (format 5) where a segment holds GGUF blocks, 7 (format 3) where a segment has a
+    grid, 6 (format 2) where one has codes, else 5 (format 1): an older reader reads what it can."""
     segs = [s for f in index["files"] for s in f["segments"]]
     if any("zero" in s or ("codes" in s and s["dtype"] != "U8") for s in segs):
         return ZEROS_VERSION
+    if any("gguf" in s for s in segs):
+        return GGUF_VERSION
     if any("grid" in s for s in segs):
         return GRID_VERSION
     return CODES_VERSION if any("codes" in s for s in segs) else VERSION
@@ -272,8 +283,8 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
                 # threads-th chunk itself when its turn to be written comes (as the
                 # decoders do), the workers the others
                 mine = ex is None or k % threads == 0
-                pending.append((srec, ln, (raw, seg.dtype, seg.codes, seg.grid, zeros) if mine else
-                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, seg.grid, zeros, job.policy),
+                pending.append((srec, ln, (raw, seg.dtype, seg.codes, seg.grid, zeros, seg.gguf) if mine else
+                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, seg.grid, zeros, seg.gguf, job.policy),
                                 hasher.submit(sha.update, raw)))
                 k += 1
                 yield from drain(2 * threads if ex is not None else 0)
@@ -304,10 +315,10 @@ def _zero_tables(fi: Any, plan: list[Segment], zeros: dict[str, ZeroRef], path: 
 
 
 def _encode_job(raw: np.ndarray, dtype: str, codes: int, grid: Grid | None, zeros: np.ndarray | None,
-                policy: str) -> tuple[list, Any, int]:
+                gguf: str, policy: str) -> tuple[list, Any, int]:
     """One chunk's payload parts, stats and checksum, all computed by whichever coder (a worker or
     the caller) takes the chunk."""
-    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid, zeros)
+    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid, zeros, gguf)
     return parts, st, chunk_sum(raw)
 
 
@@ -332,6 +343,8 @@ def _segment_record(seg: Segment) -> dict[str, Any]:
         rec["grid"] = seg.grid.to_index()
     if seg.zero is not None:
         rec["zero"] = seg.zero.to_index()
+    if seg.gguf:
+        rec["gguf"] = seg.gguf
     return rec
 
 
@@ -339,6 +352,8 @@ def _compact(stats: dict) -> None:
     """Index bytes count in the ratio: the exponent histogram keeps its nonzero span (from
     ``exp_lo``), the bound a tenth of a bit."""
     stats["bound_bits"] = round(stats["bound_bits"], 1)
+    if "field_bits" in stats:
+        stats["field_bits"] = {k: round(v, 1) for k, v in stats["field_bits"].items()}
     h = stats.get("exp_hist")
     if h is not None:
         nz = np.flatnonzero(h)
@@ -352,6 +367,11 @@ def _account(rec: dict, st: Any) -> None:
         return
     stats["packed"] += rec["chunks"][-1][1]
     stats["bound_bits"] += st.bound_bits
+    if st.field_bits is not None:  # a GGUF tensor's per-field bound bits and packed bytes
+        for key, new in (("field_bits", st.field_bits), ("field_bytes", st.field_bytes)):
+            acc = stats.setdefault(key, {})
+            for k, v in new.items():
+                acc[k] = acc.get(k, 0) + v
     if st.exp_hist is not None:  # summed as an array; a list (JSON) from _compact
         h = stats.get("exp_hist")
         stats["exp_hist"] = st.exp_hist.astype(np.int64) if h is None else h + st.exp_hist

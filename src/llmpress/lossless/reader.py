@@ -42,6 +42,7 @@ import zstandard
 from ..errors import CorruptFileError, InputError, NotFoundError, UnsupportedFormatError
 from .chunk import decode_chunk
 from .fields import CODES, CODES_DTYPES, ITEMSIZE
+from .gguf import BLOCKS
 from .grid import TENSOR_DTYPES, Grid
 from .segments import MAX_NDIM
 from .zeros import MAX_GROUPS, PACKED_DTYPES, VALUE_DTYPES, ChunkZeros, ZeroRef, zero_table
@@ -52,8 +53,10 @@ if TYPE_CHECKING:  # torch only where a tensor is returned: pack/unpack/verify/i
 MAGIC, VERSION = b"LLMPRESS", 5
 CODES_VERSION = 6  # format 2: format 1 plus segments of bit-packed codes (``codes``: fields.CodesLayout)
 GRID_VERSION = 7  # format 3: format 2 plus float tensors coded on a block grid (``grid``: grid.py)
-ZEROS_VERSION = 10  # format 6: format 3 plus codes in any integer dtype and codes coded against their zero points
-READABLE = (VERSION, CODES_VERSION, GRID_VERSION, ZEROS_VERSION)
+# version 8 (format 4) is assigned to another feature; this reader does not know it
+GGUF_VERSION = 9  # format 5: format 3 plus GGUF tensors of ggml blocks coded by field (``gguf``: gguf.py)
+ZEROS_VERSION = 10  # format 6: format 5 plus codes in any integer dtype and codes coded against their zero points
+READABLE = (VERSION, CODES_VERSION, GRID_VERSION, GGUF_VERSION, ZEROS_VERSION)
 # the version field holds 5 for format 1 and 6 for format 2 (docs/FORMAT.md); versions 1-4 came
 # before the format was frozen, were written only while llmpress was developed, and are no longer read
 RETIRED = (1, 2, 3, 4)
@@ -99,8 +102,8 @@ class Packed:
                     f"{VERSION}); unpack it with the llmpress that wrote it and pack it again")
             if ver not in READABLE:
                 raise UnsupportedFormatError(f"{self.path}: container version {ver}; this llmpress reads versions "
-                                             f"{VERSION}, {CODES_VERSION}, {GRID_VERSION} and {ZEROS_VERSION} (.llmp "
-                                             "formats 1, 2, 3 and 6) only "
+                                             f"{VERSION}, {CODES_VERSION}, {GRID_VERSION}, {GGUF_VERSION} and {ZEROS_VERSION} "
+                                             "(.llmp formats 1, 2, 3, 5 and 6) only "
                                              "(a newer llmpress wrote it?)")
             if self.size < 12 + FOOTER.size:
                 raise CorruptError(f"{self.path}: truncated (no footer)")
@@ -181,6 +184,8 @@ class Packed:
                             raise CorruptError(f"{where}: shape {shape} does not match {s['length']} bytes")
                     if "grid" in s:
                         self._grids[id(s)] = self._check_grid(where, s)
+                    if "gguf" in s:
+                        self._check_gguf(where, s)
                     total = 0
                     for i, (o, ln, raw, crc) in enumerate(s["chunks"]):
                         if not all(type(v) is int for v in (o, ln, raw, crc)):
@@ -263,6 +268,18 @@ class Packed:
             raise CorruptError(f"{where}: a chunk does not hold whole blocks of {g.block}")
         return g
 
+    def _check_gguf(self, where: str, s: dict) -> None:
+        """A GGUF block segment: a known block type, a U8 tensor of [blocks, block bytes] whose
+        chunks hold whole blocks, in a version 9 file."""
+        bt = BLOCKS.get(s["gguf"]) if isinstance(s["gguf"], str) else None
+        if bt is None or self.version < GGUF_VERSION or s["kind"] != "tensor" or s["dtype"] != "U8":
+            raise CorruptError(f"{where}: GGUF blocks {s['gguf']!r} in a {s['dtype']} {s['kind']} segment of a "
+                               f"version {self.version} file")
+        if len(s["shape"]) != 2 or s["shape"][1] != bt.block_bytes:
+            raise CorruptError(f"{where}: shape {s['shape']} is not [blocks, {bt.block_bytes}] of {bt.name}")
+        if any(c[2] % bt.block_bytes for c in s["chunks"]):
+            raise CorruptError(f"{where}: a chunk does not hold whole {bt.name} blocks")
+
     # -- decoding
 
     def _what(self, f: dict, s: dict, i: int) -> str:
@@ -277,7 +294,8 @@ class Packed:
         try:
             out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0),
                                grid=self._grids.get(id(s)),
-                               zeros=self._zero_points(f, s, i) if id(s) in self._zeros else None)
+                               zeros=self._zero_points(f, s, i) if id(s) in self._zeros else None,
+                               gguf=s.get("gguf", ""))
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if chunk_sum(out) != crc:

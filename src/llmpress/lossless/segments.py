@@ -3,7 +3,8 @@
 A safetensors file is ``u64 N | N bytes of JSON header | data``; it becomes a ``bytes``
 segment for the length + header (kept verbatim, padding and ``__metadata__`` included), one
 typed segment per tensor in file order, and ``bytes`` segments for any gap or trailing bytes.
-Any other file (config, tokenizer...) is one ``bytes`` segment. The header is read and checked
+A GGUF file is cut by gguf.py (header verbatim, a tensor segment per tensor, padding). Any
+other file (config, tokenizer...) is one ``bytes`` segment. The header is read and checked
 here, with our own bounded reader (no full load, no pickle): a header that lies about sizes is
 refused before anything large is allocated.
 """
@@ -16,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptFileError
+from . import gguf
 from .fields import CODES_DTYPES, ITEMSIZE, FloatLayout, layout
 from .grid import Grid
 from .zeros import ZeroRef
 
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 MAX_NDIM = 16
+GGUF_CHUNKS = 4  # a GGUF tensor's chunks: this many times chunk_bytes (chunks_of)
 
 
 class HeaderError(CorruptFileError):
@@ -39,6 +42,7 @@ class Segment:
     codes: int = 0  # an integer tensor holding codes of this many bits, bit-packed (fields.CodesLayout); 0: none
     grid: Grid | None = None  # a float tensor whose values lie on this grid (grid.py; found while packing)
     zero: ZeroRef | None = None  # a codes tensor's zero points (zeros.py; format 6)
+    gguf: str = ""  # a GGUF tensor of whole blocks of this ggml type (gguf.BLOCKS); "": none
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
@@ -116,6 +120,8 @@ def plan_file(path: Path, codes: dict[str, int] | None = None) -> list[Segment]:
     ``codes``: {tensor name: bits} of the U8 tensors that hold bit-packed codes."""
     if path.suffix == ".safetensors":
         return plan_safetensors(path, codes)
+    if gguf.is_gguf(path):
+        return gguf.plan_gguf(path)
     return [Segment("bytes", 0, path.stat().st_size)]
 
 
@@ -124,11 +130,17 @@ def chunks_of(seg: Segment, chunk_bytes: int, max_bytes: int = 64 << 20) -> list
     ``chunk_bytes // 2`` words (its head stream's length, where each chunk pays for its models
     and lanes), so an FP32 chunk is twice ``chunk_bytes``; other segments are cut every
     ``chunk_bytes``: 1 MiB chunks with 16-piece tail streams come out slightly smaller than 512 KiB
-    ones (fewer models and lane states; the pieces keep the tails adaptive).
+    ones (fewer models and lane states; the pieces keep the tails adaptive). A GGUF tensor's
+    chunks hold whole blocks, ``GGUF_CHUNKS`` times as many bytes: a chunk of blocks has a dozen
+    to forty streams, whose fixed costs (models, lane states, each stream's call) 2 MiB chunks
+    spread four times thinner than 512 KiB ones (smaller and faster to decode: bench/lossless.py).
     A segment of ``b``-bit codes is cut every whole number of ``b`` bytes (8 codes), so each
     chunk starts on a code."""
     lay = layout(seg.dtype)
     size = lay.itemsize if isinstance(lay, FloatLayout) else (seg.codes or ITEMSIZE.get(seg.dtype, 1))
+    if seg.gguf:  # whole blocks, GGUF_CHUNKS × chunk_bytes of them
+        size = gguf.BLOCKS[seg.gguf].block_bytes
+        chunk_bytes *= GGUF_CHUNKS
     words = chunk_bytes // 2 if isinstance(lay, FloatLayout) else chunk_bytes // size
     step = max(size, min(words * size, max_bytes // size * size))
     return [(o, min(step, seg.length - o)) for o in range(0, seg.length, step)]
