@@ -38,6 +38,7 @@ class ChunkStats:
     exp_hist: np.ndarray | None = None  # (2**E,) exponent counts, floats only
     bound_bits: float = 0.0  # Σ_fields min(n·H0(field), n·width): the chunk-adaptive bound
     streams: dict[str, int] = field(default_factory=dict)  # backend name -> bytes, for reports
+    delta: int | None = None  # a delta chunk's mode (delta.py); None: not coded against a base
 
 
 def _kind(name: str) -> str:

@@ -38,8 +38,9 @@ import numpy as np
 import xxhash
 import zstandard
 
-from ..errors import CorruptFileError, NotFoundError, UnsupportedFormatError
+from ..errors import BaseModelError, CorruptFileError, NotFoundError, UnsupportedFormatError
 from .chunk import decode_chunk
+from .delta import can_delta, decode_delta_chunk
 from .fields import CODES, ITEMSIZE
 from .grid import TENSOR_DTYPES, Grid
 from .segments import MAX_NDIM
@@ -47,10 +48,13 @@ from .segments import MAX_NDIM
 if TYPE_CHECKING:  # torch only where a tensor is returned: pack/unpack/verify/info never import it
     import torch
 
+    from .base import BaseModel
+
 MAGIC, VERSION = b"LLMPRESS", 5
 CODES_VERSION = 6  # format 2: format 1 plus segments of bit-packed codes (``codes``: fields.CodesLayout)
 GRID_VERSION = 7  # format 3: format 2 plus float tensors coded on a block grid (``grid``: grid.py)
-READABLE = (VERSION, CODES_VERSION, GRID_VERSION)
+DELTA_VERSION = 8  # format 4: format 3 plus tensors coded against a base model (``base``: delta.py)
+READABLE = (VERSION, CODES_VERSION, GRID_VERSION, DELTA_VERSION)
 # the version field holds 5 for format 1 and 6 for format 2 (docs/FORMAT.md); versions 1-4 came
 # before the format was frozen, were written only while llmpress was developed, and are no longer read
 RETIRED = (1, 2, 3, 4)
@@ -96,7 +100,7 @@ class Packed:
                     f"{VERSION}); unpack it with the llmpress that wrote it and pack it again")
             if ver not in READABLE:
                 raise UnsupportedFormatError(f"{self.path}: container version {ver}; this llmpress reads versions "
-                                             f"{VERSION}, {CODES_VERSION} and {GRID_VERSION} (.llmp formats 1 to 3) only "
+                                             f"{VERSION} to {DELTA_VERSION} (.llmp formats 1 to 4) only "
                                              "(a newer llmpress wrote it?)")
             if self.size < 12 + FOOTER.size:
                 raise CorruptError(f"{self.path}: truncated (no footer)")
@@ -116,6 +120,8 @@ class Packed:
         except (zstandard.ZstdError, ValueError) as e:
             raise CorruptError(f"{self.path}: unreadable index ({e})") from None
         self._grids: dict[int, Grid] = {}  # id(segment record) -> its grid, parsed once
+        self._starts: dict[int, list[int]] = {}  # id(segment coded against the base) -> its chunks' offsets in it
+        self.base: BaseModel | None = None  # what the segments with a ``base`` decode against (attach_base)
         self._check_index()
         self._fh = open(self.path, "rb")
         # payloads are read as slices of a read-only map: no copy; the index check above keeps
@@ -157,6 +163,11 @@ class Packed:
                 paths.add(norm)
                 if type(f["size"]) is not int or not isinstance(f["sha256"], str):
                     raise CorruptError(f"{self.path}: file {f['path']}: size and sha256 must be an integer and a digest")
+                if "base" in f:  # the base model's file of the same path: no segments of its own
+                    if f["base"] is not True or f["segments"] or self.version < DELTA_VERSION or "base" not in self.index:
+                        raise CorruptError(f"{self.path}: file {f['path']}: a base reference with segments, or in a "
+                                           f"version {self.version} file")
+                    continue
                 for s in f["segments"]:
                     where = f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}")
                     if type(s["offset"]) is not int or type(s["length"]) is not int or not isinstance(s["dtype"], str):
@@ -173,6 +184,8 @@ class Packed:
                             raise CorruptError(f"{where}: shape {shape} does not match {s['length']} bytes")
                     if "grid" in s:
                         self._grids[id(s)] = self._check_grid(where, s)
+                    if "base" in s:
+                        self._check_base(where, s)
                     total = 0
                     for i, (o, ln, raw, crc) in enumerate(s["chunks"]):
                         if not all(type(v) is int for v in (o, ln, raw, crc)):
@@ -185,6 +198,10 @@ class Packed:
                     pos += s["length"]
                 if pos != f["size"]:
                     raise CorruptError(f"{self.path}: file {f['path']}: segments cover {pos} of {f['size']} bytes")
+            if "base" in self.index and not (self.version >= DELTA_VERSION and isinstance(self.index["base"], dict)):
+                raise CorruptError(f"{self.path}: a base model record in a version {self.version} file")
+            if self._starts and "base" not in self.index:
+                raise CorruptError(f"{self.path}: tensors coded against a base, and no base model record")
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, CorruptError):
                 raise
@@ -204,6 +221,51 @@ class Packed:
             raise CorruptError(f"{where}: a chunk does not hold whole blocks of {g.block}")
         return g
 
+    def _check_base(self, where: str, s: dict) -> None:
+        """A segment coded against the base: a float tensor, the base tensor's sha256, no grid."""
+        h = s["base"]
+        if self.version < DELTA_VERSION or s["kind"] != "tensor" or not can_delta(s["dtype"]) or "grid" in s:
+            raise CorruptError(f"{where}: coded against a base in a {s['dtype']} {s['kind']} segment of a version "
+                               f"{self.version} file")
+        if not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)):
+            raise CorruptError(f"{where}: the base tensor's sha256 {h!r} is not a digest")
+        starts, pos = [], 0
+        for c in s["chunks"]:
+            starts.append(pos)
+            pos += c[2]
+        self._starts[id(s)] = starts
+
+    # -- the base model
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether decoding needs a base model (a fine-tune coded against it, format 4)."""
+        return "base" in self.index
+
+    def base_summary(self) -> dict[str, Any] | None:
+        """What the file was packed against: the base's name as given, and how many of its
+        tensors and files it needs (None: no base)."""
+        if not self.needs_base:
+            return None
+        tensors = sum(1 for _, s in self.tensors() if "base" in s)
+        files = sum(1 for f in self.index["files"] if f.get("base"))
+        return {**self.index["base"], "tensors": tensors, "files": files}
+
+    def require_base(self) -> None:
+        if self.needs_base and self.base is None:
+            b = self.index["base"].get("name", "?")
+            raise BaseModelError(f"{self.path}: packed as a delta against a base model ({b}); decoding it needs "
+                                 "that base model (a folder, .safetensors or .llmp file)")
+
+    def attach_base(self, base: BaseModel | None) -> None:
+        """Decode against ``base`` from now on, once every tensor and file the index records was
+        found in it with the recorded sha256 (else BaseModelError, naming the first that differs);
+        a file that needs no base ignores one."""
+        if base is None or not self.needs_base:
+            return
+        base.check(self.index, str(self.path))
+        self.base = base
+
     # -- decoding
 
     def _what(self, f: dict, s: dict, i: int) -> str:
@@ -215,9 +277,15 @@ class Packed:
         o, ln, raw, crc = s["chunks"][i]
         if len(payload) != ln:
             raise CorruptError(f"{self._what(f, s, i)}: truncated")
+        if "base" in s:
+            self.require_base()
+            base = self.base.read(s["name"], self._starts[id(s)][i], raw)  # type: ignore[union-attr]
         try:
-            out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0),
-                               grid=self._grids.get(id(s)))
+            if "base" in s:
+                out = decode_delta_chunk(memoryview(payload), s["dtype"], raw, base, out)
+            else:
+                out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0),
+                                   grid=self._grids.get(id(s)))
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if chunk_sum(out) != crc:
@@ -322,10 +390,18 @@ class Packed:
                 return _to_torch(buf, s["dtype"], s["shape"])
         raise NotFoundError(f"{self.path}: no tensor {name!r}")
 
+    def file_chunks(self, f: dict, ex: ThreadPoolExecutor | None = None, ahead: int = 4) -> Iterator[np.ndarray | bytes]:
+        """A stored file's bytes in order, a piece at a time: its chunks decoded (each valid until
+        the next is asked for), or the base model's file where it is one."""
+        if f.get("base"):
+            self.require_base()
+            return self.base.file_chunks(f["path"])  # type: ignore[union-attr]
+        return self.iter_chunks(f, f["segments"], ex, ahead)
+
     def file_bytes(self, rel: str) -> bytes:
         for f in self.index["files"]:
             if f["path"] == rel:
-                return b"".join(p.tobytes() for s in f["segments"] for p in self.iter_segment(f, s))
+                return b"".join(bytes(p) for p in self.file_chunks(f))
         raise NotFoundError(f"{self.path}: no file {rel!r}")
 
 

@@ -37,6 +37,7 @@ class Segment:
     shape: tuple[int, ...] = ()
     codes: int = 0  # a U8 tensor holding codes of this many bits, bit-packed (fields.CodesLayout); 0: none
     grid: Grid | None = None  # a float tensor whose values lie on this grid (grid.py; found while packing)
+    base: str = ""  # sha256 of the base model's tensor this one is coded against (delta.py); "": none
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:

@@ -1,0 +1,129 @@
+"""Compiled loops of a delta chunk (delta.py): a fine-tune's words against its base's, as byte planes.
+
+Two transforms of a word ``x`` against the base word ``b`` of the same position (``B`` bits,
+sign-magnitude floats of any width):
+
+- ``XOR`` (mode 1): ``v = x ^ b``: the bits that changed;
+- ``DIFF`` (mode 2): the difference of the words as ordered integers, ``o(w) = mag`` for a
+  positive word and ``−1 − mag`` for a negative one (so −0 sits just below +0 and the order is
+  the values' order), taken modulo 2^B and zigzagged (0, −1, 1, −2, ... → 0, 1, 2, 3, ...):
+  how many representable values the weight moved, small when training moved it a little,
+  across zero included.
+
+``v`` is cut into its ``B/8`` bytes (plane 0 the least significant), each a field of 8-bit
+symbols. Both are bijections on every bit pattern (NaN payloads, −0, infinities). The encoder
+counts both transforms' plane histograms in one pass (:func:`delta_hists`) to choose, then
+writes the chosen one's planes (:func:`delta_planes`); the decoder decodes the planes' streams
+and merges them against the base in one call without the GIL (:func:`decode_delta`).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .chunk_kernel import _field
+
+XOR, DIFF = 1, 2
+_JIT = dict(nogil=True, cache=True, boundscheck=False)
+
+
+@njit(**_JIT)
+def _ordered(w, B):  # a word (int64 of B bits) -> its ordered integer in [−2^(B−1), 2^(B−1))
+    mag = w & ((np.int64(1) << (B - 1)) - 1)
+    return mag if (w >> (B - 1)) & 1 == 0 else -1 - mag
+
+
+@njit(**_JIT)
+def _word(o, B):  # inverse of _ordered
+    return o if o >= 0 else (-1 - o) | (np.int64(1) << (B - 1))
+
+
+@njit(**_JIT)
+def _value(x, b, mode, B):  # the transformed word of x against b (int64, B bits)
+    xi, bi = np.int64(x), np.int64(b)
+    if mode == XOR:
+        return xi ^ bi
+    mask = (np.int64(1) << B) - 1
+    d = (_ordered(xi, B) - _ordered(bi, B)) & mask
+    if d >> (B - 1):
+        d -= np.int64(1) << B  # signed, in [−2^(B−1), 2^(B−1))
+    return ((d << 1) ^ (d >> 63)) & mask  # zigzag
+
+
+@njit(**_JIT)
+def delta_hists(x, b, hx, hd):  # x, b (n,) words; hx, hd (P, 256) int64 += XOR's / DIFF's plane counts
+    """Byte-plane histograms of both transforms (P = bytes a word; added to hx and hd)."""
+    P = hx.shape[0]
+    B = 8 * P
+    for i in range(x.shape[0]):
+        vx = _value(x[i], b[i], XOR, B)
+        vd = _value(x[i], b[i], DIFF, B)
+        for p in range(P):
+            hx[p, (vx >> (8 * p)) & 0xFF] += 1
+            hd[p, (vd >> (8 * p)) & 0xFF] += 1
+
+
+@njit(**_JIT)
+def delta_planes(x, b, mode, planes):  # x, b (n,) words; planes (P, n) uint8 <- the transform's bytes
+    P = planes.shape[0]
+    B = 8 * P
+    for i in range(x.shape[0]):
+        v = _value(x[i], b[i], mode, B)
+        for p in range(P):
+            planes[p, i] = (v >> (8 * p)) & 0xFF
+
+
+@njit(**_JIT)
+def merge_planes(planes, b, mode, out):  # planes (P, n) uint8, b (n,) base words -> out (n,) words
+    P = planes.shape[0]
+    B = 8 * P
+    mask = (np.int64(1) << B) - 1
+    half = np.int64(1) << (B - 1)
+    for i in range(b.shape[0]):
+        v = np.int64(0)
+        for p in range(P):
+            v |= np.int64(planes[p, i]) << (8 * p)
+        bi = np.int64(b[i])
+        if mode == XOR:
+            out[i] = v ^ bi
+        else:
+            d = (v >> 1) ^ -(v & 1)  # un-zigzag
+            o = ((_ordered(bi, B) + d + half) & mask) - half
+            out[i] = _word(o, B)
+
+
+@njit(**_JIT)
+def decode_delta(buf, mode, b, out, p0, p1, p2, p3):
+    """A delta payload ``u8 P | P × (u8 backend | u32 length | stream)`` (after the chunk's mode
+    byte) decoded into the planes p0.. ((n,) uint8; those past P unused) and merged against the
+    base words b into out ((n,) words); 0 on success, nonzero where the generic path must run."""
+    n = b.shape[0]
+    P = out.itemsize
+    if buf.shape[0] < 1 or buf[0] != P or (mode != XOR and mode != DIFF):
+        return -1
+    pos = 1
+    rc = 0
+    for p in range(P):
+        dst = p0 if p == 0 else p1 if p == 1 else p2 if p == 2 else p3
+        rc, pos = _field(buf, pos, 8, dst[:n])
+        if rc != 0:
+            return rc
+    if pos != buf.shape[0]:
+        return -1
+    B = 8 * P
+    mask = (np.int64(1) << B) - 1
+    half = np.int64(1) << (B - 1)
+    for i in range(n):
+        v = np.int64(p0[i])
+        if P > 1:
+            v |= np.int64(p1[i]) << 8
+        if P > 2:
+            v |= (np.int64(p2[i]) << 16) | (np.int64(p3[i]) << 24)
+        bi = np.int64(b[i])
+        if mode == XOR:
+            out[i] = v ^ bi
+        else:
+            d = (v >> 1) ^ -(v & 1)
+            o = ((_ordered(bi, B) + d + half) & mask) - half
+            out[i] = _word(o, B)
+    return 0
