@@ -48,8 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--save", type=int, nargs="+", default=[30, 100, 300, 1000], help="steps after which to save")
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--corpus", default="debian-handbook")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=2)
@@ -90,7 +90,7 @@ def main() -> None:
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        if step % 50 == 0:
+        if step % 10 == 0:
             log.info("step %d loss %.3f (mean of 50: %.3f) %.1f s", step, losses[-1], sum(losses[-50:]) / 50,
                      time.perf_counter() - t0)
         if step in todo:
