@@ -91,7 +91,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if step % 10 == 0:
-            log.info("step %d loss %.3f (mean of 50: %.3f) %.1f s", step, losses[-1], sum(losses[-50:]) / 50,
+            log.info("step %d loss %.3f (mean of the last 50: %.3f) %.1f s", step, losses[-1], sum(losses[-50:]) / len(losses[-50:]),
                      time.perf_counter() - t0)
         if step in todo:
             for prec, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):

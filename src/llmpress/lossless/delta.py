@@ -24,7 +24,7 @@ import threading
 import numpy as np
 
 from ..errors import InputError
-from .chunk import ChunkStats, _code_fields, _decode_fields, decode_chunk, encode_chunk_parts
+from .chunk import ChunkStats, _code_fields, _decode_fields, _scratch_split, decode_chunk, encode_chunk_parts
 from .compiled import Kernels
 from .entropy import entropy_bits
 from .fields import Field, FloatLayout, LAYOUTS
@@ -55,15 +55,17 @@ def encode_delta_parts(raw: np.ndarray, base: np.ndarray, dtype: str, policy: st
     n, P = len(x), lay.itemsize
     hx, hd = np.zeros((P, 256), np.int64), np.zeros((P, 256), np.int64)
     DK.delta_hists(x, b, hx, hd)
-    alone_parts, alone_st = encode_chunk_parts(raw, dtype, policy)
-    est = {ALONE: alone_st.bound_bits, XOR: _bits(hx, n), DIFF: _bits(hd, n)}
+    _, hists = lay.split_hist(raw, *_scratch_split(lay, n))  # the chunk alone: only its counts
+    alone = sum(min(entropy_bits(None, f.width, h), float(n * f.width)) for f, h in zip(lay.fields, hists))
+    est = {ALONE: alone, XOR: _bits(hx, n), DIFF: _bits(hd, n)}
     mode = min(est, key=lambda m: (est[m], m))
-    if mode == ALONE:
+    if mode == ALONE:  # coded as without a base (split again: rare)
+        alone_parts, alone_st = encode_chunk_parts(raw, dtype, policy)
         alone_st.delta = ALONE
         return [b"\x00", *alone_parts], alone_st
     planes = np.empty((P, n), np.uint8)
     DK.delta_planes(x, b, mode, planes)
-    st = ChunkStats(exp_hist=alone_st.exp_hist, delta=mode)
+    st = ChunkStats(exp_hist=hists[0].reshape(1 << lay.E, 1 << lay.k).sum(1), delta=mode)
     hists = [hx[p] if mode == XOR else hd[p] for p in range(P)]
     out = _code_fields(PLANES[P], list(planes), hists, policy, {}, st)
     return [bytes([mode]), *out], st

@@ -73,23 +73,51 @@ def delta_planes(x, b, mode, planes):  # x, b (n,) words; planes (P, n) uint8 <-
             planes[p, i] = (v >> (8 * p)) & 0xFF
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _undiff(v, bi, B):  # the word at zigzagged distance v from the base word bi (branch-free: vectorizes)
+    magmask = (np.int64(1) << (B - 1)) - 1
+    mask = (np.int64(1) << B) - 1
+    half = np.int64(1) << (B - 1)
+    d = (v >> 1) ^ -(v & 1)
+    ob = (bi & magmask) ^ -(bi >> (B - 1))  # _ordered: −1 − mag = ~mag for a negative word
+    o = ((ob + d + half) & mask) - half
+    s = o >> 63  # −1 where negative
+    return ((o ^ s) & magmask) | (s & half)  # _word
+
+
+@njit(**_JIT)
+def _merge(p0, p1, p2, p3, b, mode, out):  # the planes (n,) uint8 against b -> out; a loop per (mode, P)
+    n = b.shape[0]
+    P = out.itemsize
+    if P == 1:
+        if mode == XOR:
+            for i in range(n):
+                out[i] = np.int64(p0[i]) ^ np.int64(b[i])
+        else:
+            for i in range(n):
+                out[i] = _undiff(np.int64(p0[i]), np.int64(b[i]), 8)
+    elif P == 2:
+        if mode == XOR:
+            for i in range(n):
+                out[i] = (np.int64(p0[i]) | (np.int64(p1[i]) << 8)) ^ np.int64(b[i])
+        else:
+            for i in range(n):
+                out[i] = _undiff(np.int64(p0[i]) | (np.int64(p1[i]) << 8), np.int64(b[i]), 16)
+    else:
+        if mode == XOR:
+            for i in range(n):
+                v = np.int64(p0[i]) | (np.int64(p1[i]) << 8) | (np.int64(p2[i]) << 16) | (np.int64(p3[i]) << 24)
+                out[i] = v ^ np.int64(b[i])
+        else:
+            for i in range(n):
+                v = np.int64(p0[i]) | (np.int64(p1[i]) << 8) | (np.int64(p2[i]) << 16) | (np.int64(p3[i]) << 24)
+                out[i] = _undiff(v, np.int64(b[i]), 32)
+
+
 @njit(**_JIT)
 def merge_planes(planes, b, mode, out):  # planes (P, n) uint8, b (n,) base words -> out (n,) words
     P = planes.shape[0]
-    B = 8 * P
-    mask = (np.int64(1) << B) - 1
-    half = np.int64(1) << (B - 1)
-    for i in range(b.shape[0]):
-        v = np.int64(0)
-        for p in range(P):
-            v |= np.int64(planes[p, i]) << (8 * p)
-        bi = np.int64(b[i])
-        if mode == XOR:
-            out[i] = v ^ bi
-        else:
-            d = (v >> 1) ^ -(v & 1)  # un-zigzag
-            o = ((_ordered(bi, B) + d + half) & mask) - half
-            out[i] = _word(o, B)
+    _merge(planes[0], planes[min(1, P - 1)], planes[min(2, P - 1)], planes[min(3, P - 1)], b, mode, out)
 
 
 @njit(**_JIT)
@@ -110,20 +138,5 @@ def decode_delta(buf, mode, b, out, p0, p1, p2, p3):
             return rc
     if pos != buf.shape[0]:
         return -1
-    B = 8 * P
-    mask = (np.int64(1) << B) - 1
-    half = np.int64(1) << (B - 1)
-    for i in range(n):
-        v = np.int64(p0[i])
-        if P > 1:
-            v |= np.int64(p1[i]) << 8
-        if P > 2:
-            v |= (np.int64(p2[i]) << 16) | (np.int64(p3[i]) << 24)
-        bi = np.int64(b[i])
-        if mode == XOR:
-            out[i] = v ^ bi
-        else:
-            d = (v >> 1) ^ -(v & 1)
-            o = ((_ordered(bi, B) + d + half) & mask) - half
-            out[i] = _word(o, B)
+    _merge(p0[:n], p1[:n], p2[:n], p3[:n], b, mode, out)
     return 0
