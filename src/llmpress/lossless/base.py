@@ -124,7 +124,10 @@ class BaseModel:
             mm = self._maps[k][1]
             if mm is None or not length:
                 return np.zeros(0, np.uint8)
-            return np.frombuffer(mm, np.uint8, length, start + offset)
+            out = np.frombuffer(mm, np.uint8, length, start + offset)
+            # a header whose length is not a multiple of 8 leaves the words unaligned: the
+            # compiled kernels take aligned words only (else numba's slower generic path)
+            return out if out.ctypes.data % 8 == 0 else out.copy()
         return self._read_packed(t, offset, length)
 
     def _read_packed(self, t: BaseTensor, offset: int, length: int) -> np.ndarray:

@@ -69,6 +69,8 @@ AOT: dict[str, dict[str, tuple[str, ...]]] = {
     "delta_kernel": {"delta_hists": tuple(f"void({w}[::1], {w}[::1], i8[:, ::1], i8[:, ::1])" for w in ("u1", "u2", "u4")),
                      "delta_planes": tuple(f"void({w}[::1], {w}[::1], i8, u1[:, ::1])" for w in ("u1", "u2", "u4")),
                      "merge_planes": tuple(f"void(u1[:, ::1], {w}[::1], i8, {w}[::1])" for w in ("u1", "u2", "u4")),
+                     "merge4": tuple(f"void(u1[::1], u1[::1], u1[::1], u1[::1], {w}[::1], i8, {w}[::1])"
+                                     for w in ("u1", "u2", "u4")),
                      "decode_delta": tuple(f"i8(u1[::1], i8, {w}[::1], {w}[::1], u1[::1], u1[::1], u1[::1], u1[::1])"
                                            for w in ("u1", "u2", "u4"))},
 }

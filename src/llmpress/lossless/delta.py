@@ -19,6 +19,7 @@ ALONE where the tensor changed entirely.
 """
 from __future__ import annotations
 
+import struct
 import threading
 
 import numpy as np
@@ -26,12 +27,13 @@ import numpy as np
 from ..errors import InputError
 from .chunk import ChunkStats, _code_fields, _decode_fields, _scratch_split, decode_chunk, encode_chunk_parts
 from .compiled import Kernels
-from .entropy import entropy_bits
+from .entropy import BY_ID, encode_stream, entropy_bits
 from .fields import Field, FloatLayout, LAYOUTS
 
 ALONE, XOR, DIFF = 0, 1, 2
 MODES = ("alone", "xor", "diff")  # by mode byte, for reports
 DK = Kernels("delta_kernel")
+COMPILED = frozenset((0, 4, 6, 7))  # the backends chunk_kernel decodes (its RAW, RANS4, SPLIT, RANS; a test checks)
 PLANES = {n: tuple(Field(f"plane{p}", 8) for p in range(n)) for n in (1, 2, 4)}
 
 
@@ -67,8 +69,35 @@ def encode_delta_parts(raw: np.ndarray, base: np.ndarray, dtype: str, policy: st
     DK.delta_planes(x, b, mode, planes)
     st = ChunkStats(exp_hist=hists[0].reshape(1 << lay.E, 1 << lay.k).sum(1), delta=mode)
     hists = [hx[p] if mode == XOR else hd[p] for p in range(P)]
-    out = _code_fields(PLANES[P], list(planes), hists, policy, {}, st)
-    return [bytes([mode]), *out], st
+    return [bytes([mode]), *_code_planes(list(planes), hists, policy, st)], st
+
+
+SKEWED_BITS = 1.0  # a plane below this many bits a symbol may take zstd (see _code_planes)
+ZSTD_SLACK = 1 / 16  # ... when zstd costs at most this many bits a symbol more than the smallest
+
+
+def _code_planes(planes: list[np.ndarray], hists: list[np.ndarray], policy: str, st: ChunkStats) -> list:
+    """Like chunk._code_fields for the planes (coded as tail pieces), except that a skewed plane
+    (a high byte that is almost always 0) takes zstd where it is within :data:`ZSTD_SLACK` bits a
+    symbol of the smallest: our rANS decodes a stream that skewed several times slower than a
+    typical one (a plane of 99.5 % zeros: ~7× zstd's time), and such a plane is a few KB."""
+    fields = PLANES[len(planes)]
+    out = _code_fields(fields, planes, hists, policy, {}, st)
+    if policy != "rans":
+        return out
+    for j, (sym, hist) in enumerate(zip(planes, hists)):
+        n = len(sym)
+        if not n or entropy_bits(None, 8, hist) >= SKEWED_BITS * n:
+            continue
+        bid, payload = encode_stream(sym, 8, ("zstd",))
+        best = len(out[2 + 2 * j])
+        if BY_ID[bid].name == "zstd" and len(payload) <= best + n * ZSTD_SLACK / 8:
+            name = BY_ID[out[1 + 2 * j][0]].name
+            st.streams[name] -= best
+            st.streams["zstd"] = st.streams.get("zstd", 0) + len(payload)
+            out[1 + 2 * j] = struct.pack("<BI", bid, len(payload))
+            out[2 + 2 * j] = payload
+    return out
 
 
 _scratch = threading.local()
@@ -100,11 +129,23 @@ def decode_delta_chunk(buf: memoryview, dtype: str, nbytes: int, base: np.ndarra
     n, P = nbytes // lay.itemsize, lay.itemsize
     b, x = base.view(lay.word), out.view(lay.word)
     pl = _planes(n)
-    if compiled and DK.decode_delta(np.frombuffer(buf[1:], np.uint8), mode, b, x, *pl) == 0:
+    if compiled and _compiled_backends(buf[1:], P) and DK.decode_delta(np.frombuffer(buf[1:], np.uint8), mode, b, x, *pl) == 0:
         return out
-    parts = _decode_fields(buf[1:], PLANES[P], [n] * P)
-    DK.merge_planes(np.ascontiguousarray(np.stack(parts)), b, mode, x)
+    parts = _decode_fields(buf[1:], PLANES[P], [n] * P, pl[:P])  # a zstd plane, or what the kernel refused
+    parts = [np.ascontiguousarray(q) for q in parts]
+    DK.merge4(*parts, *[parts[0]] * (4 - P), b, mode, x)
     return out
+
+
+def _compiled_backends(buf: memoryview, P: int) -> bool:
+    """Whether every plane's backend is one the compiled decoder handles (chunk_kernel.py): a
+    look at the ``P`` field headers, so that a plane in zstd does not waste a compiled pass."""
+    pos = 1
+    for _ in range(P):
+        if pos + 5 > len(buf) or buf[pos] not in COMPILED:
+            return False
+        pos += 5 + int.from_bytes(buf[pos + 1 : pos + 5], "little")
+    return True
 
 
 

@@ -115,6 +115,12 @@ def _merge(p0, p1, p2, p3, b, mode, out):  # the planes (n,) uint8 against b -> 
 
 
 @njit(**_JIT)
+def merge4(p0, p1, p2, p3, b, mode, out):  # the planes decoded elsewhere (those past P unused) -> out
+    n = b.shape[0]
+    _merge(p0[:n], p1[:n], p2[:n], p3[:n], b, mode, out)
+
+
+@njit(**_JIT)
 def merge_planes(planes, b, mode, out):  # planes (P, n) uint8, b (n,) base words -> out (n,) words
     P = planes.shape[0]
     _merge(planes[0], planes[min(1, P - 1)], planes[min(2, P - 1)], planes[min(3, P - 1)], b, mode, out)
