@@ -77,26 +77,27 @@ ZSTD_SLACK = 1 / 16  # ... when zstd costs at most this many bits a symbol more 
 
 
 def _code_planes(planes: list[np.ndarray], hists: list[np.ndarray], policy: str, st: ChunkStats) -> list:
-    """Like chunk._code_fields for the planes (coded as tail pieces), except that a skewed plane
-    (a high byte that is almost always 0) takes zstd where it is within :data:`ZSTD_SLACK` bits a
-    symbol of the smallest: our rANS decodes a stream that skewed several times slower than a
-    typical one (a plane of 99.5 % zeros: ~7× zstd's time), and such a plane is a few KB."""
-    fields = PLANES[len(planes)]
-    out = _code_fields(fields, planes, hists, policy, {}, st)
+    """``u8 P`` and each plane's ``u8 backend | u32 length | stream``, as buffers: under the
+    ``rans`` policy the smaller of raw and our rANS (no ``split``: a plane's statistics do not
+    drift along a chunk as a tail's do, and it would code each plane several times), except that a
+    skewed plane (a high byte almost always 0) takes zstd where that is within
+    :data:`ZSTD_SLACK` bits a symbol of it: our rANS decodes a stream that skewed several times
+    slower than a typical one (99.5 % zeros: ~7× zstd's time), and such a plane is a few KB.
+    Other policies: as chunk.py codes a tail piece."""
     if policy != "rans":
-        return out
-    for j, (sym, hist) in enumerate(zip(planes, hists)):
+        return _code_fields(PLANES[len(planes)], planes, hists, policy, {}, st)
+    out = [struct.pack("<B", len(planes))]
+    for sym, hist in zip(planes, hists):
         n = len(sym)
-        if not n or entropy_bits(None, 8, hist) >= SKEWED_BITS * n:
-            continue
-        bid, payload = encode_stream(sym, 8, ("zstd",))
-        best = len(out[2 + 2 * j])
-        if BY_ID[bid].name == "zstd" and len(payload) <= best + n * ZSTD_SLACK / 8:
-            name = BY_ID[out[1 + 2 * j][0]].name
-            st.streams[name] -= best
-            st.streams["zstd"] = st.streams.get("zstd", 0) + len(payload)
-            out[1 + 2 * j] = struct.pack("<BI", bid, len(payload))
-            out[2 + 2 * j] = payload
+        h = entropy_bits(None, 8, hist)
+        bid, payload = encode_stream(sym, 8, ("rans",), h, hist, view=True)
+        if n and h < SKEWED_BITS * n:
+            zid, z = encode_stream(sym, 8, ("zstd",), h, hist)
+            if BY_ID[zid].name == "zstd" and len(z) <= len(payload) + n * ZSTD_SLACK / 8:
+                bid, payload = zid, z
+        out += [struct.pack("<BI", bid, len(payload)), payload]
+        st.bound_bits += min(h, 8.0 * n)
+        st.streams[BY_ID[bid].name] = st.streams.get(BY_ID[bid].name, 0) + len(payload)
     return out
 
 

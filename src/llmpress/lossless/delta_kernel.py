@@ -38,16 +38,21 @@ def _word(o, B):  # inverse of _ordered
     return o if o >= 0 else (-1 - o) | (np.int64(1) << (B - 1))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _diff(xi, bi, B):  # zigzag(o(x) − o(b)) on B bits (branch-free: vectorizes)
+    magmask = (np.int64(1) << (B - 1)) - 1
+    mask = (np.int64(1) << B) - 1
+    half = np.int64(1) << (B - 1)
+    ox = (xi & magmask) ^ -(xi >> (B - 1))  # _ordered
+    ob = (bi & magmask) ^ -(bi >> (B - 1))
+    d = ((ox - ob + half) & mask) - half  # signed, in [−2^(B−1), 2^(B−1))
+    return ((d << 1) ^ (d >> 63)) & mask
+
+
 @njit(**_JIT)
 def _value(x, b, mode, B):  # the transformed word of x against b (int64, B bits)
     xi, bi = np.int64(x), np.int64(b)
-    if mode == XOR:
-        return xi ^ bi
-    mask = (np.int64(1) << B) - 1
-    d = (_ordered(xi, B) - _ordered(bi, B)) & mask
-    if d >> (B - 1):
-        d -= np.int64(1) << B  # signed, in [−2^(B−1), 2^(B−1))
-    return ((d << 1) ^ (d >> 63)) & mask  # zigzag
+    return xi ^ bi if mode == XOR else _diff(xi, bi, B)
 
 
 @njit(**_JIT)
@@ -55,9 +60,21 @@ def delta_hists(x, b, hx, hd):  # x, b (n,) words; hx, hd (P, 256) int64 += XOR'
     """Byte-plane histograms of both transforms (P = bytes a word; added to hx and hd)."""
     P = hx.shape[0]
     B = 8 * P
-    for i in range(x.shape[0]):
-        vx = _value(x[i], b[i], XOR, B)
-        vd = _value(x[i], b[i], DIFF, B)
+    n = x.shape[0]
+    if P == 2:
+        for i in range(n):
+            xi, bi = np.int64(x[i]), np.int64(b[i])
+            vx = xi ^ bi
+            vd = _diff(xi, bi, 16)
+            hx[0, vx & 0xFF] += 1
+            hx[1, vx >> 8] += 1
+            hd[0, vd & 0xFF] += 1
+            hd[1, vd >> 8] += 1
+        return
+    for i in range(n):
+        xi, bi = np.int64(x[i]), np.int64(b[i])
+        vx = xi ^ bi
+        vd = _diff(xi, bi, B)
         for p in range(P):
             hx[p, (vx >> (8 * p)) & 0xFF] += 1
             hd[p, (vd >> (8 * p)) & 0xFF] += 1
@@ -67,10 +84,15 @@ def delta_hists(x, b, hx, hd):  # x, b (n,) words; hx, hd (P, 256) int64 += XOR'
 def delta_planes(x, b, mode, planes):  # x, b (n,) words; planes (P, n) uint8 <- the transform's bytes
     P = planes.shape[0]
     B = 8 * P
-    for i in range(x.shape[0]):
-        v = _value(x[i], b[i], mode, B)
-        for p in range(P):
-            planes[p, i] = (v >> (8 * p)) & 0xFF
+    n = x.shape[0]
+    for p in range(P):  # a plane at a time: contiguous writes, a branch-free loop
+        row = planes[p]
+        if mode == XOR:
+            for i in range(n):
+                row[i] = ((np.int64(x[i]) ^ np.int64(b[i])) >> (8 * p)) & 0xFF
+        else:
+            for i in range(n):
+                row[i] = (_diff(np.int64(x[i]), np.int64(b[i]), B) >> (8 * p)) & 0xFF
 
 
 @njit(nogil=True, cache=True, inline="always")
