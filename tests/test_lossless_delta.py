@@ -72,6 +72,13 @@ def test_pack_unpack_against_a_folder_is_byte_identical_and_smaller(pair, tmp_pa
     assert verify(tmp_path / "d.llmp", base=base)["ok"]
     t = open_tensor(tmp_path / "d.llmp", "model.norm.weight", base=base)
     assert t.dtype == torch.bfloat16 and t.shape == (64,)
+    from safetensors.torch import load_file
+
+    import llmpress
+
+    model = llmpress.load(tmp_path / "d.llmp", base=base)  # built in memory from the delta and the base
+    want = load_file(str(ft / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight.data, want)
 
 
 @pytest.mark.parametrize("pack_base, unpack_base", [("safetensors", "safetensors"), ("llmp", "llmp"), ("folder", "llmp"),
