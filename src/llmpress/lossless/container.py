@@ -151,7 +151,10 @@ def pack(
                 version = index["version"] = DELTA_VERSION  # format 4: known only once coded
                 assert bm is not None
                 index["base"] = {"name": bm.path.name, "kind": bm.kind}
-            elif any("grid" in srec for frec in index["files"] for srec in frec["segments"]):
+            elif bm is not None:
+                log.warning("%s: no tensor or file matched the base model %s (same name, dtype and shape): "
+                            "packed without it", src, bm.path)
+            if version == index_version0 and any("grid" in srec for frec in index["files"] for srec in frec["segments"]):
                 version = index["version"] = GRID_VERSION  # format 3: known only once coded
             if version != index_version0:
                 end = fo.tell()
