@@ -41,7 +41,7 @@ def read_index(buf: bytes) -> dict:
     if buf[:8] != b"LLMPRESS":
         raise FormatError("magic")
     (version,) = struct.unpack_from("<I", buf, 8)
-    if version not in (5, 6, 7, 9, 10):
+    if version not in (5, 6, 7, 8, 9, 10):
         raise FormatError(f"version {version}")
     off, ln, crc, end = struct.unpack_from("<QQI8s", buf, len(buf) - 28)
     if end != b"LLMPIDX1" or off < 12 or off + ln + 28 != len(buf):
@@ -578,15 +578,56 @@ def decode_gguf_chunk(p: bytes, qtype: str, raw: int) -> bytes:
     return block.tobytes()
 
 
-def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
-    """(index, {path: decoded bytes}, backend ids seen), every checksum checked."""
+def decode_delta_chunk(p: bytes, dtype: str, raw: int, base: bytes) -> bytes:
+    """Sections 3.5 and 4.1: a mode byte, then float fields (0) or P byte planes of x XOR b (1) or
+    of the zigzagged difference of the ordered words (2)."""
+    if p[0] == 0:
+        return decode_chunk(p[1:], dtype, raw)
+    P = FLOATS[dtype][0]
+    n, B = raw // P, 8 * P
+    if p[0] not in (1, 2) or p[1] != P or len(base) != raw:
+        raise FormatError("delta chunk")
+    v, pos = np.zeros(n, np.int64), 2
+    for j in range(P):
+        bid, ln = struct.unpack_from("<BI", p, pos)
+        v |= stream(bid, p[pos + 5 : pos + 5 + ln], n, 8).astype(np.int64) << (8 * j)
+        pos += 5 + ln
+    if pos != len(p):
+        raise FormatError("chunk length")
+    b = np.frombuffer(base, f"<u{P}").astype(np.int64)
+    if p[0] == 1:
+        x = v ^ b
+    else:
+        d = (v >> 1) ^ -(v & 1)
+        mag = b & ((1 << (B - 1)) - 1)
+        o = ((np.where(b >> (B - 1) == 1, -1 - mag, mag) + d + (1 << (B - 1))) % (1 << B)) - (1 << (B - 1))
+        x = np.where(o >= 0, o, (-1 - o) | (1 << (B - 1)))
+    return x.astype(f"<u{P}").tobytes()
+
+
+def read_safetensors(data: bytes) -> dict[str, bytes]:
+    """A safetensors file's tensors' bytes by name (its format: u64 N, N bytes of JSON, data)."""
+    (n,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + n])
+    return {k: data[8 + n + v["data_offsets"][0] : 8 + n + v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
+
+
+def read_llmp(path: Path, base: Path | None = None) -> tuple[dict, dict[str, bytes], set[int]]:
+    """(index, {path: decoded bytes}, backend ids seen), every checksum checked; ``base``: the base
+    model's folder (section 3.5)."""
     buf = path.read_bytes()
     index = read_index(buf)
     end = index.pop("_payload_end")
     jsonschema.Draft202012Validator(SCHEMA).validate(index)
+    base_files = {q.relative_to(base).as_posix(): q.read_bytes() for q in base.rglob("*") if q.is_file()} if base else {}
+    base_tensors = {k: v for rel, data in base_files.items() if rel.endswith(".safetensors")
+                    for k, v in read_safetensors(data).items()}
     files, seen = {}, set()
     for f in index["files"]:
         segs, pos = {}, 0  # segment number -> its decoded bytes
+        if f.get("base"):  # a file identical to the base's: no segments (section 3.5)
+            assert index["version"] >= 8 and f["segments"] == []
+            pos = f["size"]
         for s in f["segments"]:
             assert s["offset"] == pos
             pos += s["length"]
@@ -598,11 +639,14 @@ def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
                 zk, zs = next((k2, t) for k2, t in enumerate(f["segments"]) if t.get("name") == s["zero"]["tensor"])
                 assert "zero" not in zs
                 table = zero_points(zs, segs[zk], s["zero"]["packing"], s["codes"])
-            parts, done = [], 0
+            if "base" in s:
+                bt = base_tensors[s["name"]]
+                assert index["version"] >= 8 and hashlib.sha256(bt).hexdigest() == s["base"]
+            parts, done = [], 0  # done: the chunk's offset in the segment
             for off, ln, raw, check in s["chunks"]:
                 assert 12 <= off and off + ln <= end
                 p = buf[off : off + ln]
-                q = 2 if "grid" in s or "zero" in s or "gguf" in s else 1
+                q = 2 if "grid" in s or "zero" in s or "gguf" in s or "base" in s else 1
                 for _ in range(p[q - 1]):
                     seen.add(p[q])
                     q += 5 + struct.unpack_from("<I", p, q + 1)[0]
@@ -615,6 +659,8 @@ def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
                 elif "gguf" in s:
                     assert index["version"] >= 9 and s["dtype"] == "U8" and s["shape"][1] == GGUF[s["gguf"]][0]
                     data = decode_gguf_chunk(p, s["gguf"], raw)
+                elif "base" in s:
+                    data = decode_delta_chunk(p, s["dtype"], raw, bt[done : done + raw])
                 else:
                     assert "codes" not in s or s["dtype"] == "U8" or index["version"] >= 10
                     data = decode_chunk(p, s["dtype"], raw, s.get("codes", 0))
@@ -622,7 +668,7 @@ def read_llmp(path: Path) -> tuple[dict, dict[str, bytes], set[int]]:
                 parts.append(data)
                 done += raw
             segs[k] = b"".join(parts)
-        out = b"".join(segs[k] for k in range(len(f["segments"])))
+        out = base_files[f["path"]] if f.get("base") else b"".join(segs[k] for k in range(len(f["segments"])))
         assert len(out) == f["size"] == pos and hashlib.sha256(out).hexdigest() == f["sha256"]
         files[f["path"]] = out
     return index, files, seen
@@ -743,6 +789,38 @@ def test_second_reader_decodes_grid_segments(tmp_path):
     assert set(grids) == {"Q4_1", "Q8_0", "Q5_0"}
     modes = [out.read_bytes()[c[0]] for s in index["files"][0]["segments"] if s.get("name") == "Q4_1" for c in s["chunks"]]
     assert modes[-1] == 0 and set(modes[:-1]) == {1}
+
+
+def test_second_reader_decodes_deltas(tmp_path):
+    """Format 4: a fine-tune packed against its base (section 3.5): BF16, F32, F16 and FP8 tensors
+    moved a little (DIFF chunks), one replaced outright, one without a counterpart, the config a
+    reference to the base's; decoded by the second reader byte for byte."""
+    import llmpress
+    from safetensors.torch import load_file
+
+    base = _source(tmp_path / "base")
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "config.json").write_bytes((base / "config.json").read_bytes())
+    g = torch.Generator().manual_seed(8)
+    t = load_file(str(base / "model.safetensors"))
+    for k in ("w.bf16", "small.bf16", "w.f32", "w.f16"):
+        t[k] = (t[k].float() * (1 + 1e-3 * torch.randn(t[k].shape, generator=g))).to(t[k].dtype)
+    t["w.f8"] = torch.randn(40, 64, generator=g).to(torch.float8_e4m3fn)
+    t["new.bf16"] = torch.randn(10, 16, generator=g).to(torch.bfloat16)
+    save_file(t, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "d.llmp"
+    llmpress.pack(ft, out, base=base, chunk_bytes=1 << 14, threads=1)
+    index, files, _ = read_llmp(out, base)
+    assert index["version"] == 8 and index["base"]["kind"] == "folder"
+    assert files["config.json"] == (ft / "config.json").read_bytes() and files.keys() == {"config.json", "model.safetensors"}
+    assert files["model.safetensors"] == (ft / "model.safetensors").read_bytes()
+    segs = {s["name"]: s for s in index["files"][1]["segments"] if s["kind"] == "tensor"}
+    assert "base" not in segs["new.bf16"] and "base" not in segs["ids"] and "base" in segs["w.f8"]
+    modes = {out.read_bytes()[c[0]] for s in segs.values() if "base" in s for c in s["chunks"]}
+    assert 2 in modes and modes <= {0, 1, 2}
+    with pytest.raises((AssertionError, KeyError)):  # the fine-tune is not its own base
+        read_llmp(out, ft)
 
 
 def test_second_reader_decodes_the_test_vector():

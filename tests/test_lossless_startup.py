@@ -98,6 +98,25 @@ def test_aot_pack_imports_no_numba(tmp_path, aot):
         assert _fresh(code, tmp_path, HEAVY + ("numba",)) == [], args
 
 
+def test_aot_delta_imports_no_numba_nor_torch(tmp_path, aot):
+    """A fine-tune packed against its base and unpacked against it: the delta kernels come from the
+    build too (no numba, no torch in either process)."""
+    base = _bf16_file(tmp_path / "base.safetensors")
+    buf = bytearray(base.read_bytes())
+    start = 8 + int.from_bytes(buf[:8], "little")
+    words = np.frombuffer(buf, np.uint16, 64 * 300, start).copy()
+    words[::3] += 1  # a third of the weights one representable value up
+    buf[start : start + words.nbytes] = words.tobytes()
+    ft = tmp_path / "ft.safetensors"
+    ft.write_bytes(bytes(buf))
+    packed, back = tmp_path / "d.llmp", tmp_path / "back.safetensors"
+    for args in (["pack", str(ft), "-o", str(packed), "--base", str(base)],
+                 ["unpack", str(packed), "-o", str(back), "--base", str(base)]):
+        code = CLI.format(args=args) + "\nassert '_llmpress_lossless_aot' in sys.modules"
+        assert _fresh(code, tmp_path, HEAVY + ("numba",)) == [], args
+    assert back.read_bytes() == ft.read_bytes()
+
+
 def _words(dtype: str, n: int) -> np.ndarray:
     """(n·itemsize,) uint8: weight-like words of ``dtype``, a run of zero words first (the split
     coder's pieces then differ)."""

@@ -45,6 +45,10 @@ class UnsupportedFormatError(InputError):
     """A file in a format version this llmpress does not read (retired, or newer than it)."""
 
 
+class BaseModelError(InputError):
+    """A file coded against a base model (a fine-tune's delta) given no base, or the wrong one."""
+
+
 class NotFoundError(InputError, KeyError):
     """A name that is not there (a tensor, a task, a registered method)."""
 

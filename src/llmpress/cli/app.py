@@ -24,14 +24,15 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import LlmpressError, OutputExistsError
+from ..errors import BaseModelError, LlmpressError, OutputExistsError
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Human output goes to stderr so that stdout stays clean for --json.
 console = Console(stderr=True)
 _verbosity = {"level": 0}  # set by the root callback: -v count
 # The CLI's own wording added to a library error of this type (the library never names flags).
-HINTS: dict[type[BaseException], str] = {OutputExistsError: "--force overwrites it"}
+HINTS: dict[type[BaseException], str] = {OutputExistsError: "--force overwrites it",
+                                         BaseModelError: "--base names the base model"}
 # OS errors that mean the user's input is bad (exit 2); any other OSError (a full disk) exits 1.
 _BAD_INPUT_OS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 

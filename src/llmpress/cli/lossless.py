@@ -12,6 +12,8 @@ from tqdm import tqdm
 from .app import FORCE_OPT, JSON_OPT, app, console, emit, kv_table
 
 THREADS_OPT = typer.Option(None, "--threads", "-t", help="Worker threads (default: min(4, CPUs)).")
+BASE_OPT = typer.Option(None, "--base", help="The base model a delta file was packed against (a folder, .safetensors or "
+                        ".llmp file), checked by sha256 before anything is decoded.")
 
 
 @contextlib.contextmanager
@@ -45,8 +47,13 @@ def _kernels_note() -> None:
 
 def _show_sizes(title: str) -> Callable[[dict[str, Any]], None]:
     def show(r: dict[str, Any]) -> None:
-        keys = ("bytes_in", "bytes_out", "ratio", "tensor_bytes_in", "tensor_bytes_out", "bound_bytes", "seconds", "files", "out")
-        console.print(kv_table(title, {k: r[k] for k in keys if k in r}))
+        keys = ("bytes_in", "bytes_out", "ratio", "tensor_bytes_in", "tensor_bytes_out", "bound_bytes", "seconds", "files",
+                "base", "base_files", "delta_modes", "out")
+        shown = {k: r[k] for k in keys if k in r}
+        if isinstance(shown.get("base"), dict):  # packed against a base: its name, chunks by mode
+            shown["base"] = f"{r['base']['name']} ({r['base']['kind']})"
+            shown["delta_modes"] = ", ".join(f"{m} {n}" for m, n in r["delta_modes"].items())
+        console.print(kv_table(title, shown))
 
     return show
 
@@ -60,20 +67,25 @@ def pack(
     workers: int = typer.Option(1, "--workers", help="Code each input file in a Ray task, N at a time (the same bytes as one process)."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster (host:port, ray://host:port or auto); default: a local one."),
     grids: bool = typer.Option(True, "--grids/--no-grids", help="Store FP32 tensors found to be dequantized block codes (e.g. GGUF Q4_1 widened to float) as their codes and block parameters, each chunk checked bit for bit (a file with one is .llmp format 3); --no-grids: the float path for all."),
+    base: Optional[Path] = typer.Option(None, "--base", help="A base model the receiver already has (a folder, .safetensors or .llmp file): each float tensor with a counterpart of the same name, dtype and shape is coded against it (XOR or difference of the words, per chunk, where smaller), each identical config/tokenizer file stored as a reference; unpacking then needs --base (.llmp format 4)."),
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Pack a checkpoint losslessly into one .llmp file (every file restored byte for byte)."""
+    """Pack a checkpoint losslessly into one .llmp file (every file restored byte for byte); with
+    --base, a fine-tune as a delta against a base model the receiver has."""
     from ..lossless.container import pack as do_pack
 
     _kernels_note()
 
     with _bar(_source_bytes(src), "pack") as upd:
         r = do_pack(src, out, force=force, threads=threads, policy=policy, progress=upd, workers=workers,
-                    address=address, grids=grids)
+                    address=address, grids=grids, base=base)
     if r["tensor_bytes_in"]:
         r["tensor_ratio"] = r["tensor_bytes_out"] / r["tensor_bytes_in"]
         r["over_bound"] = r["tensor_bytes_out"] / max(r["bound_bytes"], 1) - 1
+    if r.get("base") is None:
+        for k in ("base", "base_files", "delta_modes"):
+            r.pop(k, None)
     emit(r, as_json, _show_sizes(f"packed {src} → {out}"))
 
 
@@ -82,16 +94,17 @@ def unpack(
     packed: Path = typer.Argument(..., help="A .llmp file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (or file, if one file was packed)."),
     threads: Optional[int] = THREADS_OPT,
+    base: Optional[Path] = BASE_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Restore the packed files byte for byte; every checksum is verified."""
+    """Restore the packed files byte for byte; every checksum is verified (a delta file: against --base)."""
     from ..lossless.container import unpack as do_unpack
 
     _kernels_note()
     total = _packed_total(packed)
     with _bar(total, "unpack") as upd:
-        r = do_unpack(packed, out, force=force, threads=threads, progress=upd)
+        r = do_unpack(packed, out, force=force, threads=threads, progress=upd, base=base)
     emit(r, as_json, _show_sizes(f"unpacked {packed} → {out}"))
 
 
@@ -107,15 +120,16 @@ def _packed_total(packed: Path) -> int:
 def verify(
     packed: Path = typer.Argument(..., help="A .llmp file."),
     threads: Optional[int] = THREADS_OPT,
+    base: Optional[Path] = BASE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Decode everything in memory and check every chunk, tensor and file checksum."""
+    """Decode everything in memory and check every chunk, tensor and file checksum (a delta file: against --base)."""
     from ..lossless.container import verify as do_verify
 
     _kernels_note()
     total = _packed_total(packed)
     with _bar(total, "verify") as upd:
-        r = do_verify(packed, threads=threads, progress=upd)
+        r = do_verify(packed, threads=threads, progress=upd, base=base)
     emit(r, as_json, lambda r: console.print(f"[green]ok[/] {packed}: {r['files']} files, {r['tensors']} tensors verified"))
 
 
@@ -125,7 +139,7 @@ def _show_info(r: dict[str, Any]) -> None:
         t.add_column(c, justify="left" if c in ("tensor", "dtype", "grid / GGUF") else "right")
     for name, row in r["tensors"].items():
         h = row["exp_entropy"]
-        t.add_row(name, row["dtype"], row.get("grid") or row.get("gguf") or "-", f"{row['params']:,}", f"{row['bytes']:,}", "-" if h is None else f"{h:.3f}",
+        t.add_row(name, row["dtype"], row.get("grid") or row.get("gguf") or ("delta" if row.get("delta") else "-"), f"{row['params']:,}", f"{row['bytes']:,}", "-" if h is None else f"{h:.3f}",
                   f"{row['bound_order0_bytes']:,.0f}", f"{row['bound_chunk_bytes']:,.0f}",
                   f"{row['packed_bytes']:,}" if "packed_bytes" in row else "-")
     h = r["exp_entropy"]
@@ -142,6 +156,10 @@ def _show_info(r: dict[str, Any]) -> None:
         console.print(f"GGUF {name}: {g['tensors']} tensors, {g['params']:,} weights, {g['bits_per_weight']:.3f} bits/weight "
                       f"stored; chunk bound {g['bound_bits_per_weight']:.3f} bits/weight ({fields})")
     console.print(f"chunk bound: {r['bits_per_param_bound_chunk']:.3f} bits/param")
+    b = r.get("base")
+    if b is not None:
+        console.print(f"packed against the base model {b['name']} ({b['kind']}): {b['tensors']} of its tensors and "
+                      f"{b['files']} of its files; unpack and verify need it (--base), checked by sha256")
     if "over_bound" in r:
         console.print(f"pack is {100 * r['over_bound']:.2f} % above the chunk-adaptive bound")
 
@@ -153,7 +171,8 @@ def info(
 ) -> None:
     """Per tensor and in total: params, dtype, bytes, exponent entropy and the lossless bounds; the
     block grid a float tensor was found on (e.g. GGUF Q4_1 dequantized to FP32) and the bound it gives;
-    a GGUF file's block type per tensor and each field's bound (codes, scales, mins, parameters)."""
+    a GGUF file's block type per tensor and each field's bound (codes, scales, mins, parameters);
+    for a delta file, the base model it needs."""
     from ..lossless.bounds import info as do_info
 
     total = 0 if str(src).endswith(".llmp") else _source_bytes(src)

@@ -6,5 +6,6 @@ fanout.py: ``pack`` on Ray, one task per file);
 kernels.py holds the compiled inner loops (the four-lane rANS, bit packing, field split; numba,
 GIL-free), rans32.py the 32-lane rANS, freq_model.py the rANS model's bytes, chunk_kernel.py a
 float chunk's decoding in one compiled call; docs/FORMAT.md specifies the bytes;
-bounds.py gives the entropy bounds that ``llmpress info`` reports.
+bounds.py gives the entropy bounds that ``llmpress info`` reports; delta.py codes a fine-tune's
+tensors against a base model (base.py reads it; delta_kernel.py holds the compiled loops).
 """

@@ -167,9 +167,11 @@ def _gguf_types(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = None,
          chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
     """Per-tensor and total: params, dtype, bytes, exponent entropy, the two bounds; for a
-    ``.llmp`` file also the packed bytes and how far they are above the chunk-adaptive bound."""
+    ``.llmp`` file also the packed bytes and how far they are above the chunk-adaptive bound, and
+    (``base``) the base model a delta file needs."""
     p = Path(src)
     packed: dict[str, int] = {}
+    base = None
     if p.is_file() and p.suffix == ".llmp":
         with Packed(p) as pk:
             rows = {}
@@ -184,7 +186,9 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
                 rows[s["name"]] = tensor_row(s["dtype"], s["shape"], s["length"], st.get("bound_bits", 0.0), hist,
                                              G.Grid.from_index(s["grid"]) if "grid" in s else None,
                                              s.get("gguf", ""), st.get("field_bits"))
+                rows[s["name"]]["delta"] = "base" in s  # coded against the base model (its bound: the delta's)
                 packed[s["name"]] = sum(c[1] for c in s["chunks"])
+            base = pk.base_summary()
             total_in = sum(f["size"] for f in pk.index["files"])
             total_out = pk.size
     else:
@@ -207,6 +211,8 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
         "grids": _grids(rows),
         "gguf": _gguf_types(rows),
     }
+    if base is not None:  # a delta file: the base it needs (its name as given to pack, tensors and files used)
+        out["base"] = base
     if packed:
         for k, r in rows.items():
             r["packed_bytes"] = packed[k]

@@ -43,6 +43,7 @@ class ChunkStats:
     # a GGUF chunk's fields (params' float fields summed, codes' classes summed): bound bits and bytes
     field_bits: dict[str, float] | None = None
     field_bytes: dict[str, int] | None = None
+    delta: int | None = None  # a delta chunk's mode (delta.py); None: not coded against a base
 
 
 # a GGUF block's integer fields (K-quant scales and mins, Q8_K's bsums) are coded as codes are

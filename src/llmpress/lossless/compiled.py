@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MODULE = "_llmpress_lossless_aot"
 # the kernel sources an AOT build compiles (any change to them is a new key)
-SOURCES = ("kernels.py", "rans32.py", "freq_model.py", "chunk_kernel.py", "grid_kernel.py", "gguf_kernel.py", "fields.py",
+SOURCES = ("kernels.py", "rans32.py", "freq_model.py", "chunk_kernel.py", "grid_kernel.py", "gguf_kernel.py", "delta_kernel.py", "fields.py",
            "compiled.py")
 # LLMPRESS_AOT=0: never load the ahead-of-time build (the JIT kernels only; tests compare both)
 ENV = "LLMPRESS_AOT"
@@ -71,6 +71,14 @@ AOT: dict[str, dict[str, tuple[str, ...]]] = {
     "gguf_kernel": {"legacy_merge": ("void(u1[::1], u1[:, ::1], i8, i8)",),
                     "q4k_merge": ("void(u1[::1], u1[:, ::1], i8, i8)",),
                     "q6k_merge": ("void(u1[::1], u1[:, ::1])",)},
+    # a delta chunk's words against its base's (u1: FP8, u2: BF16/F16, u4: F32)
+    "delta_kernel": {"delta_hists": tuple(f"void({w}[::1], {w}[::1], i8[:, ::1], i8[:, ::1])" for w in ("u1", "u2", "u4")),
+                     "delta_planes": tuple(f"void({w}[::1], {w}[::1], i8, u1[:, ::1])" for w in ("u1", "u2", "u4")),
+                     "merge_planes": tuple(f"void(u1[:, ::1], {w}[::1], i8, {w}[::1])" for w in ("u1", "u2", "u4")),
+                     "merge4": tuple(f"void(u1[::1], u1[::1], u1[::1], u1[::1], {w}[::1], i8, {w}[::1])"
+                                     for w in ("u1", "u2", "u4")),
+                     "decode_delta": tuple(f"i8(u1[::1], i8, {w}[::1], {w}[::1], u1[::1], u1[::1], u1[::1], u1[::1])"
+                                           for w in ("u1", "u2", "u4"))},
 }
 _SIG_CODE = {np.dtype(np.uint8): "u1", np.dtype(np.uint16): "u2", np.dtype(np.uint32): "u4"}
 

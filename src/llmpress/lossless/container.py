@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,10 +25,12 @@ import numpy as np
 import zstandard
 
 from ..errors import InputError
+from .base import BaseModel
 from ..io.atomic import atomic_dir, atomic_file, check_output
 from ..loading import register_loader
 from .chunk import POLICIES, encode_chunk_parts
 from .gguf import is_gguf
+from .delta import MODES, can_delta, encode_delta_parts
 from .grid import Grid, detect_segment
 from .reader import (
     CHUNK_BYTES,
@@ -37,6 +40,7 @@ from .reader import (
     MAX_CHUNK_BYTES,
     CODES_VERSION,
     GGUF_VERSION,
+    DELTA_VERSION,
     GRID_VERSION,
     VERSION,
     ZEROS_VERSION,
@@ -94,6 +98,7 @@ def pack(
     workers: int = 1,
     address: str | None = None,
     grids: bool = True,
+    base: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Pack a model source (see :func:`llmpress.models.resolve`) into one ``.llmp`` file.
 
@@ -107,6 +112,10 @@ def pack(
     (grid.py; a file with one is format 3); False: every float tensor takes the float path.
     A GGUF file (or one in a folder) is packed as itself: its tensors of ggml blocks coded by
     field (gguf.py; a file with one is format 5), restored byte for byte.
+    ``base``: a base model the receiver has (a folder, ``.safetensors`` or ``.llmp`` file): each
+    float tensor with a counterpart of the same name, dtype and shape there is coded against it
+    (delta.py), each other file identical to the base's file of the same path is stored as a
+    reference to it (format 4); unpacking then needs that base, checked by sha256.
     """
     if policy not in POLICIES:
         raise InputError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
@@ -117,6 +126,7 @@ def pack(
     root, files, root_kind = _input_files(src)
     out = Path(out)
     check_output(out, force)
+    base_path = str(Path(base).expanduser().resolve()) if base is not None else None
     t0 = time.perf_counter()
     fan = workers > 1 or address is not None
     threads = threads or (max(1, min(4, (os.cpu_count() or 1) // workers)) if fan else default_threads())
@@ -126,8 +136,9 @@ def pack(
                              "chunk_bytes": chunk_bytes, "policy": policy, "files": []}
     tensors: dict[str, dict[str, Any]] = {}
     job = FileJob(threads, policy, chunk_bytes, tuple(sorted((k, v.bits) for k, v in found.items())), grids,
-                  tuple(sorted((k, v.zero) for k, v in found.items() if v.zero is not None)))
+                  tuple(sorted((k, v.zero) for k, v in found.items() if v.zero is not None)), base_path)
     with contextlib.ExitStack() as stack:
+        bm = stack.enter_context(_opened_base(base_path)) if base_path else None
         if fan:  # Ray is connected (or refused) before the output exists
             from .fanout import coded_files
 
@@ -148,6 +159,12 @@ def pack(
                     if srec["kind"] == "tensor":
                         tensors[srec["name"]] = {"file": frec["path"], **srec.get("stats", {})}
                 index["files"].append(frec)
+            if any("base" in frec or any("base" in srec for srec in frec["segments"]) for frec in index["files"]):
+                assert bm is not None
+                index["base"] = {"name": bm.path.name, "kind": bm.kind}
+            elif bm is not None:
+                log.warning("%s: no tensor or file matched the base model %s (same name, dtype and shape): "
+                            "packed without it", src, bm.path)
             version = index["version"] = format_version(index)
             if version != VERSION:
                 end = fo.tell()
@@ -166,21 +183,27 @@ def pack(
             "tensor_bytes_in": sum(s.get("bytes", 0) for s in tensors.values()),
             "tensor_bytes_out": sum(s.get("packed", 0) for s in tensors.values()),
             "bound_bytes": bound, "policy": policy, "threads": threads, "workers": workers if fan else 1,
-            "out": str(out),
+            "out": str(out), "version": version,
+            "base": index.get("base"), "base_files": sum(1 for f in index["files"] if f.get("base")),
+            "delta_modes": {m: sum(v.get("delta_modes", [0, 0, 0])[i] for v in tensors.values()) for i, m in enumerate(MODES)},
             "tensors": {k: {"file": v["file"], "bytes": int(v.get("bytes", 0)), "packed": int(v.get("packed", 0)),
-                            "bound_bits": float(v.get("bound_bits", 0.0))} for k, v in tensors.items()}}
+                            "bound_bits": float(v.get("bound_bits", 0.0)), "delta": "delta_modes" in v,
+                            "delta_modes": list(v.get("delta_modes", [0, 0, 0]))} for k, v in tensors.items()}}
 
 
 def format_version(index: dict[str, Any]) -> int:
     """The lowest version that describes an index (each version reads everything the lower ones
     do): 10 (format 6) where a codes segment has zero points or codes sit in a wider integer dtype
-    than U8, 9 (format 5) where a segment holds GGUF blocks, 7 (format 3) where a segment has a
+    than U8, 9 (format 5) where a segment holds GGUF blocks, 8 (format 4) where a tensor is coded
+    against a base model or a file refers to the base's, 7 (format 3) where a segment has a
     grid, 6 (format 2) where one has codes, else 5 (format 1): an older reader reads what it can."""
     segs = [s for f in index["files"] for s in f["segments"]]
     if any("zero" in s or ("codes" in s and s["dtype"] != "U8") for s in segs):
         return ZEROS_VERSION
     if any("gguf" in s for s in segs):
         return GGUF_VERSION
+    if any("base" in f for f in index["files"]) or any("base" in s for s in segs):
+        return DELTA_VERSION
     if any("grid" in s for s in segs):
         return GRID_VERSION
     return CODES_VERSION if any("codes" in s for s in segs) else VERSION
@@ -200,6 +223,32 @@ class FileJob:
     codes: tuple[tuple[str, int], ...] = ()  # (tensor name, bits) of the U8 tensors holding bit-packed codes
     grids: bool = True  # look for block grids in float32 tensors (grid.py)
     zeros: tuple[tuple[str, ZeroRef], ...] = ()  # (codes tensor name, where its zero points are)
+    base: str | None = None  # the base model's resolved path (base.py): float tensors coded against it
+
+
+_BASES: dict[str, BaseModel] = {}  # base path -> the base opened in this process (a pack's, or a Ray task's)
+_BASES_LOCK = threading.Lock()
+
+
+def _base_model(path: str) -> BaseModel:
+    """The base model at ``path``, opened once per process (its tensor digests kept)."""
+    with _BASES_LOCK:
+        bm = _BASES.get(path)
+        if bm is None:
+            bm = _BASES[path] = BaseModel(path)
+        return bm
+
+
+@contextmanager
+def _opened_base(path: str) -> Iterator[BaseModel]:
+    """The base for one pack, opened before the output is (a bad base is refused first), closed after."""
+    bm = _base_model(path)
+    try:
+        yield bm
+    finally:
+        with _BASES_LOCK:
+            _BASES.pop(path, None)
+        bm.close()
 
 
 def codes_of(root: Path) -> dict[str, int]:
@@ -238,6 +287,9 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
     The bytes depend on nothing but the file and ``job.policy``/``chunk_bytes``: each chunk is
     coded on its own, whichever thread takes it."""
     threads = job.threads if ex is not None else 1
+    bm = _base_model(job.base) if job.base else None
+    if bm is not None and _same_as_base(path, frec, bm):
+        return
     sha = hashlib.sha256()
     pos = 0
     # (segment record, length, the worker's future or the raw chunk the caller codes itself,
@@ -263,7 +315,10 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
         tables = _zero_tables(fi, plan, dict(job.zeros), path)
         for seg in plan:
             cuts = _chunks_of(seg, job.chunk_bytes)
-            if seg.kind == "tensor" and job.grids:
+            if bm is not None and seg.kind == "tensor" and not seg.codes and can_delta(seg.dtype) \
+                    and bm.match(seg.name, seg.dtype, seg.shape):
+                seg.base = bm.digest(seg.name)
+            elif seg.kind == "tensor" and job.grids:
                 seg.grid = detect_segment(fi, seg.offset, seg.dtype, seg.shape, seg.length)
                 if seg.grid is not None and any(ln % (4 * seg.grid.block) for _, ln in cuts):
                     seg.grid = None  # chunks of whole blocks only (an odd chunk_bytes)
@@ -272,9 +327,9 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
             srec = _segment_record(seg)
             frec["segments"].append(srec)
             fi.seek(seg.offset)
-            for o, ln in cuts:
+            for co, ln in cuts:
                 raw = np.frombuffer(fi.read(ln), np.uint8)
-                zeros = None if table is None else chunk_zeros(table[1], table[0], 8 * o // seg.codes,
+                zeros = None if table is None else chunk_zeros(table[1], table[0], 8 * co // seg.codes,
                                                                CODES[seg.codes].symbols(ln))
                 if len(raw) != ln:
                     raise InputError(f"{path}: file shrank while packing")
@@ -283,8 +338,10 @@ def code_file(path: Path, frec: dict[str, Any], job: FileJob, ex: ThreadPoolExec
                 # threads-th chunk itself when its turn to be written comes (as the
                 # decoders do), the workers the others
                 mine = ex is None or k % threads == 0
-                pending.append((srec, ln, (raw, seg.dtype, seg.codes, seg.grid, zeros, seg.gguf) if mine else
-                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, seg.grid, zeros, seg.gguf, job.policy),
+                based = (job.base, seg.name, co) if seg.base else None
+                pending.append((srec, ln, (raw, seg.dtype, seg.codes, seg.grid, zeros, seg.gguf, based) if mine else
+                                ex.submit(_encode_job, raw, seg.dtype, seg.codes, seg.grid, zeros, seg.gguf, based,
+                                          job.policy),
                                 hasher.submit(sha.update, raw)))
                 k += 1
                 yield from drain(2 * threads if ex is not None else 0)
@@ -315,11 +372,31 @@ def _zero_tables(fi: Any, plan: list[Segment], zeros: dict[str, ZeroRef], path: 
 
 
 def _encode_job(raw: np.ndarray, dtype: str, codes: int, grid: Grid | None, zeros: np.ndarray | None,
-                gguf: str, policy: str) -> tuple[list, Any, int]:
+                gguf: str, based: tuple[str, str, int] | None, policy: str) -> tuple[list, Any, int]:
     """One chunk's payload parts, stats and checksum, all computed by whichever coder (a worker or
-    the caller) takes the chunk."""
-    parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid, zeros, gguf)
+    the caller) takes the chunk; ``based``: (base path, tensor name, the chunk's offset in the
+    tensor) of a chunk coded against the base, whose bytes this coder reads."""
+    if based is not None:
+        parts, st = encode_delta_parts(raw, _base_model(based[0]).read(based[1], based[2], len(raw)), dtype, policy)
+    else:
+        parts, st = encode_chunk_parts(raw, dtype, policy, codes, grid, zeros, gguf)
     return parts, st, chunk_sum(raw)
+
+
+def _same_as_base(path: Path, frec: dict[str, Any], bm: BaseModel) -> bool:
+    """Whether the non-tensor file ``path`` is the base's file of the same path, byte for byte:
+    then its record says so (``base``) and nothing of it is stored."""
+    rel = frec["path"]
+    if path.suffix == ".safetensors" or bm.file_size(rel) != frec["size"]:
+        return False
+    h = hashlib.sha256()
+    with open(path, "rb") as fi:
+        while piece := fi.read(16 << 20):
+            h.update(piece)
+    if h.hexdigest() != bm.file_digest(rel):
+        return False
+    frec.update(sha256=h.hexdigest(), base=True)
+    return True
 
 
 @contextmanager
@@ -345,6 +422,8 @@ def _segment_record(seg: Segment) -> dict[str, Any]:
         rec["zero"] = seg.zero.to_index()
     if seg.gguf:
         rec["gguf"] = seg.gguf
+    if seg.base:
+        rec["base"] = seg.base
     return rec
 
 
@@ -372,6 +451,8 @@ def _account(rec: dict, st: Any) -> None:
             acc = stats.setdefault(key, {})
             for k, v in new.items():
                 acc[k] = acc.get(k, 0) + v
+    if st.delta is not None:  # chunks coded alone / as XOR / as DIFF against the base
+        stats.setdefault("delta_modes", [0, 0, 0])[st.delta] += 1
     if st.exp_hist is not None:  # summed as an array; a list (JSON) from _compact
         h = stats.get("exp_hist")
         stats["exp_hist"] = st.exp_hist.astype(np.int64) if h is None else h + st.exp_hist
@@ -397,7 +478,7 @@ def _restore(p: Packed, f: dict, sink: Any, ex: ThreadPoolExecutor | None, progr
     """Decode one stored file into ``sink`` (a binary file or None); every chunk is checked
     against its checksum as it is decoded, and with ``sha256`` the whole file against its sha256."""
     sha = hashlib.sha256() if sha256 else None
-    for part in p.iter_chunks(f, f["segments"], ex, ahead=4 * (ex._max_workers + 1) if ex else 0):
+    for part in p.file_chunks(f, ex, ahead=4 * (ex._max_workers + 1) if ex else 0):
         if sha is not None:
             sha.update(part)
         if sink is not None:
@@ -416,13 +497,16 @@ def unpack(
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
     sha256: bool = True,
+    base: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Restore every packed file byte for byte under ``out`` (a folder; a file when a single
-    file was packed). Every chunk's checksum is verified, and (``sha256``) every file's sha256."""
+    file was packed). Every chunk's checksum is verified, and (``sha256``) every file's sha256.
+    ``base``: the base model a delta file was packed against (refused, before anything is
+    decoded or written, unless every tensor and file it needs has the recorded sha256)."""
     t0 = time.perf_counter()
     out = Path(out)
     check_output(out, force)
-    with Packed(packed) as p, _pool(threads) as ex:
+    with Packed(packed) as p, _with_base(p, base), _pool(threads) as ex:
         if p.index["root"] == "file" and len(p.index["files"]) == 1:
             with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fo:
                 _restore(p, p.index["files"][0], fo, ex, progress, sha256)
@@ -439,11 +523,13 @@ def unpack(
 
 
 def verify(packed: str | os.PathLike, *, threads: int | None = None,
-           progress: Callable[[int], None] | None = None, sha256: bool = True) -> dict[str, Any]:
+           progress: Callable[[int], None] | None = None, sha256: bool = True,
+           base: str | os.PathLike | None = None) -> dict[str, Any]:
     """Decode everything in memory, chunk by chunk, and check every checksum (each chunk's
-    xxh3-64; with ``sha256`` also each file's sha256, a serial pass); raises CorruptError."""
+    xxh3-64; with ``sha256`` also each file's sha256, a serial pass); raises CorruptError.
+    ``base``: as for :func:`unpack`."""
     t0 = time.perf_counter()
-    with Packed(packed) as p, _pool(threads) as ex:
+    with Packed(packed) as p, _with_base(p, base), _pool(threads) as ex:
         for f in p.index["files"]:
             _restore(p, f, None, ex, progress, sha256)
         n = sum(f["size"] for f in p.index["files"])
@@ -451,9 +537,26 @@ def verify(packed: str | os.PathLike, *, threads: int | None = None,
                 "bytes_in": n, "bytes_out": p.size, "ratio": p.size / max(n, 1), "seconds": time.perf_counter() - t0}
 
 
-def open_tensor(packed: str | os.PathLike, name: str) -> torch.Tensor:
-    """One tensor of a ``.llmp`` file, without decoding the rest."""
-    with Packed(packed) as p:
+@contextmanager
+def _with_base(p: Packed, base: str | os.PathLike | None) -> Iterator[BaseModel | None]:
+    """``p`` attached to the base model at ``base`` (checked first), or refused where it needs one
+    and none is given; a file that needs none ignores ``base``."""
+    if not p.needs_base:
+        yield None
+        return
+    if base is None:
+        p.require_base()
+    with BaseModel(base) as bm:  # type: ignore[arg-type]
+        p.attach_base(bm)
+        try:
+            yield bm
+        finally:
+            p.base = None
+
+
+def open_tensor(packed: str | os.PathLike, name: str, base: str | os.PathLike | None = None) -> torch.Tensor:
+    """One tensor of a ``.llmp`` file, without decoding the rest (``base``: as for :func:`unpack`)."""
+    with Packed(packed) as p, _with_base(p, base):
         return p.tensor(name)
 
 
@@ -469,12 +572,12 @@ def _is_packed(path: Path) -> bool:
 
 @register_loader("llmp", _is_packed)
 def load_packed(path: str | os.PathLike, dtype: torch.dtype | None = None, threads: int | None = None,
-                **_: Any) -> torch.nn.Module:
+                base: str | os.PathLike | None = None, **_: Any) -> torch.nn.Module:
     """Build the transformers model of a ``.llmp`` file in memory (no temporary files): the
     stored config.json gives the architecture, the decoded tensors its state dict."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    with Packed(path) as p, _pool(threads) as ex:
+    with Packed(path) as p, _with_base(p, base), _pool(threads) as ex:
         names = [f["path"] for f in p.index["files"]]
         cfg_name = next((n for n in names if n == "config.json"), None) or next((n for n in names if n.endswith("/config.json")), None)
         if cfg_name is None:

@@ -39,8 +39,9 @@ import numpy as np
 import xxhash
 import zstandard
 
-from ..errors import CorruptFileError, InputError, NotFoundError, UnsupportedFormatError
+from ..errors import BaseModelError, CorruptFileError, InputError, NotFoundError, UnsupportedFormatError
 from .chunk import decode_chunk
+from .delta import can_delta, decode_delta_chunk
 from .fields import CODES, CODES_DTYPES, ITEMSIZE
 from .gguf import BLOCKS
 from .grid import TENSOR_DTYPES, Grid
@@ -50,13 +51,15 @@ from .zeros import MAX_GROUPS, PACKED_DTYPES, VALUE_DTYPES, ChunkZeros, ZeroRef,
 if TYPE_CHECKING:  # torch only where a tensor is returned: pack/unpack/verify/info never import it
     import torch
 
+    from .base import BaseModel
+
 MAGIC, VERSION = b"LLMPRESS", 5
 CODES_VERSION = 6  # format 2: format 1 plus segments of bit-packed codes (``codes``: fields.CodesLayout)
 GRID_VERSION = 7  # format 3: format 2 plus float tensors coded on a block grid (``grid``: grid.py)
-# version 8 (format 4) is assigned to another feature; this reader does not know it
-GGUF_VERSION = 9  # format 5: format 3 plus GGUF tensors of ggml blocks coded by field (``gguf``: gguf.py)
+DELTA_VERSION = 8  # format 4: format 3 plus tensors coded against a base model (``base``: delta.py)
+GGUF_VERSION = 9  # format 5: format 4 plus GGUF tensors of ggml blocks coded by field (``gguf``: gguf.py)
 ZEROS_VERSION = 10  # format 6: format 5 plus codes in any integer dtype and codes coded against their zero points
-READABLE = (VERSION, CODES_VERSION, GRID_VERSION, GGUF_VERSION, ZEROS_VERSION)
+READABLE = (VERSION, CODES_VERSION, GRID_VERSION, DELTA_VERSION, GGUF_VERSION, ZEROS_VERSION)
 # the version field holds 5 for format 1 and 6 for format 2 (docs/FORMAT.md); versions 1-4 came
 # before the format was frozen, were written only while llmpress was developed, and are no longer read
 RETIRED = (1, 2, 3, 4)
@@ -102,8 +105,7 @@ class Packed:
                     f"{VERSION}); unpack it with the llmpress that wrote it and pack it again")
             if ver not in READABLE:
                 raise UnsupportedFormatError(f"{self.path}: container version {ver}; this llmpress reads versions "
-                                             f"{VERSION}, {CODES_VERSION}, {GRID_VERSION}, {GGUF_VERSION} and {ZEROS_VERSION} "
-                                             "(.llmp formats 1, 2, 3, 5 and 6) only "
+                                             f"{VERSION} to {ZEROS_VERSION} (.llmp formats 1 to 6) only "
                                              "(a newer llmpress wrote it?)")
             if self.size < 12 + FOOTER.size:
                 raise CorruptError(f"{self.path}: truncated (no footer)")
@@ -126,6 +128,8 @@ class Packed:
         self._zeros: dict[int, tuple[ZeroRef, dict, list[int]]] = {}  # id(codes segment) -> (ref, zero segment, chunk starts)
         self._tables: dict[int, np.ndarray] = {}  # id(codes segment) -> its zero points (rows, groups), decoded once
         self._lock = threading.Lock()
+        self._starts: dict[int, list[int]] = {}  # id(segment coded against the base) -> its chunks' offsets in it
+        self.base: BaseModel | None = None  # what the segments with a ``base`` decode against (attach_base)
         self._check_index()
         self._fh = open(self.path, "rb")
         # payloads are read as slices of a read-only map: no copy; the index check above keeps
@@ -167,6 +171,11 @@ class Packed:
                 paths.add(norm)
                 if type(f["size"]) is not int or not isinstance(f["sha256"], str):
                     raise CorruptError(f"{self.path}: file {f['path']}: size and sha256 must be an integer and a digest")
+                if "base" in f:  # the base model's file of the same path: no segments of its own
+                    if f["base"] is not True or f["segments"] or self.version < DELTA_VERSION or "base" not in self.index:
+                        raise CorruptError(f"{self.path}: file {f['path']}: a base reference with segments, or in a "
+                                           f"version {self.version} file")
+                    continue
                 for s in f["segments"]:
                     where = f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}")
                     if type(s["offset"]) is not int or type(s["length"]) is not int or not isinstance(s["dtype"], str):
@@ -186,6 +195,8 @@ class Packed:
                         self._grids[id(s)] = self._check_grid(where, s)
                     if "gguf" in s:
                         self._check_gguf(where, s)
+                    if "base" in s:
+                        self._check_base(where, s)
                     total = 0
                     for i, (o, ln, raw, crc) in enumerate(s["chunks"]):
                         if not all(type(v) is int for v in (o, ln, raw, crc)):
@@ -199,6 +210,10 @@ class Packed:
                 if pos != f["size"]:
                     raise CorruptError(f"{self.path}: file {f['path']}: segments cover {pos} of {f['size']} bytes")
                 self._check_zeros(f)
+            if "base" in self.index and not (self.version >= DELTA_VERSION and isinstance(self.index["base"], dict)):
+                raise CorruptError(f"{self.path}: a base model record in a version {self.version} file")
+            if self._starts and "base" not in self.index:
+                raise CorruptError(f"{self.path}: tensors coded against a base, and no base model record")
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, CorruptError):
                 raise
@@ -279,6 +294,50 @@ class Packed:
             raise CorruptError(f"{where}: shape {s['shape']} is not [blocks, {bt.block_bytes}] of {bt.name}")
         if any(c[2] % bt.block_bytes for c in s["chunks"]):
             raise CorruptError(f"{where}: a chunk does not hold whole {bt.name} blocks")
+    def _check_base(self, where: str, s: dict) -> None:
+        """A segment coded against the base: a float tensor, the base tensor's sha256, no grid."""
+        h = s["base"]
+        if self.version < DELTA_VERSION or s["kind"] != "tensor" or not can_delta(s["dtype"]) or "grid" in s:
+            raise CorruptError(f"{where}: coded against a base in a {s['dtype']} {s['kind']} segment of a version "
+                               f"{self.version} file")
+        if not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)):
+            raise CorruptError(f"{where}: the base tensor's sha256 {h!r} is not a digest")
+        starts, pos = [], 0
+        for c in s["chunks"]:
+            starts.append(pos)
+            pos += c[2]
+        self._starts[id(s)] = starts
+
+    # -- the base model
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether decoding needs a base model (a fine-tune coded against it, format 4)."""
+        return "base" in self.index
+
+    def base_summary(self) -> dict[str, Any] | None:
+        """What the file was packed against: the base's name as given, and how many of its
+        tensors and files it needs (None: no base)."""
+        if not self.needs_base:
+            return None
+        tensors = sum(1 for _, s in self.tensors() if "base" in s)
+        files = sum(1 for f in self.index["files"] if f.get("base"))
+        return {**self.index["base"], "tensors": tensors, "files": files}
+
+    def require_base(self) -> None:
+        if self.needs_base and self.base is None:
+            b = self.index["base"].get("name", "?")
+            raise BaseModelError(f"{self.path}: packed as a delta against a base model ({b}); decoding it needs "
+                                 "that base model (a folder, .safetensors or .llmp file)")
+
+    def attach_base(self, base: BaseModel | None) -> None:
+        """Decode against ``base`` from now on, once every tensor and file the index records was
+        found in it with the recorded sha256 (else BaseModelError, naming the first that differs);
+        a file that needs no base ignores one."""
+        if base is None or not self.needs_base:
+            return
+        base.check(self.index, str(self.path))
+        self.base = base
 
     # -- decoding
 
@@ -291,11 +350,17 @@ class Packed:
         o, ln, raw, crc = s["chunks"][i]
         if len(payload) != ln:
             raise CorruptError(f"{self._what(f, s, i)}: truncated")
+        if "base" in s:
+            self.require_base()
+            base = self.base.read(s["name"], self._starts[id(s)][i], raw)  # type: ignore[union-attr]
         try:
-            out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0),
-                               grid=self._grids.get(id(s)),
-                               zeros=self._zero_points(f, s, i) if id(s) in self._zeros else None,
-                               gguf=s.get("gguf", ""))
+            if "base" in s:
+                out = decode_delta_chunk(memoryview(payload), s["dtype"], raw, base, out)
+            else:
+                out = decode_chunk(memoryview(payload), s["dtype"], raw, out, codes=s.get("codes", 0),
+                                   grid=self._grids.get(id(s)),
+                                   zeros=self._zero_points(f, s, i) if id(s) in self._zeros else None,
+                                   gguf=s.get("gguf", ""))
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptError(f"{self._what(f, s, i)}: checksum mismatch or undecodable (corrupted: {e})") from None
         if chunk_sum(out) != crc:
@@ -407,10 +472,18 @@ class Packed:
                 return _to_torch(buf, s["dtype"], s["shape"])
         raise NotFoundError(f"{self.path}: no tensor {name!r}")
 
+    def file_chunks(self, f: dict, ex: ThreadPoolExecutor | None = None, ahead: int = 4) -> Iterator[np.ndarray | bytes]:
+        """A stored file's bytes in order, a piece at a time: its chunks decoded (each valid until
+        the next is asked for), or the base model's file where it is one."""
+        if f.get("base"):
+            self.require_base()
+            return self.base.file_chunks(f["path"])  # type: ignore[union-attr]
+        return self.iter_chunks(f, f["segments"], ex, ahead)
+
     def file_bytes(self, rel: str) -> bytes:
         for f in self.index["files"]:
             if f["path"] == rel:
-                return b"".join(p.tobytes() for s in f["segments"] for p in self.iter_segment(f, s))
+                return b"".join(bytes(p) for p in self.file_chunks(f))
         raise NotFoundError(f"{self.path}: no file {rel!r}")
 
 

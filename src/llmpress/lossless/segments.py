@@ -43,6 +43,7 @@ class Segment:
     grid: Grid | None = None  # a float tensor whose values lie on this grid (grid.py; found while packing)
     zero: ZeroRef | None = None  # a codes tensor's zero points (zeros.py; format 6)
     gguf: str = ""  # a GGUF tensor of whole blocks of this ggml type (gguf.BLOCKS); "": none
+    base: str = ""  # sha256 of the base model's tensor this one is coded against (delta.py); "": none
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
