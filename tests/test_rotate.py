@@ -414,3 +414,18 @@ def test_keep_head_cli_and_refusals(models, tmp_path) -> None:
     (out / "llmpress.json").write_text(json.dumps(man))
     with pytest.raises(ValueError, match="no module 'model.nothing'"):
         llmpress.load(out)
+
+
+def test_decode_once_keeps_the_online_rotation(models, tmp_path) -> None:
+    """The sweep's judge decodes quantized linears once (``decode_once`` replaces the modules): an
+    online rotation's pre-hook on down_proj goes with the module, so the logits do not change."""
+    from llmpress.quant.linear import decode_once
+
+    out = tmp_path / "q"
+    llmpress.quantize(models["llama3"], out, method="rtn", bits=4, group_size=32, rotate={"mlp": True, "keep_head": True},
+                      progress=False)
+    model = llmpress.load(out)
+    before = _logits(model)
+    assert decode_once(model) > 0
+    assert all(layer.mlp.down_proj._forward_pre_hooks for layer in model.model.layers)
+    assert (_logits(model) - before).abs().max().item() < 1e-4 * before.abs().max().item()

@@ -201,11 +201,19 @@ class Decoded(nn.Module):
 
 def decode_once(model: nn.Module) -> int:
     """Replace every QuantLinear of ``model`` by its :class:`Decoded` form (memory: the dense
-    weights); returns how many. For a judge that runs the model over many batches."""
+    weights); returns how many. For a judge that runs the model over many batches. The hooks on
+    a replaced module go with it (an online rotation of its input, ``quant/rotate.py``, is one)."""
     n = 0
     for name, m in list(model.named_modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, QuantLinear):
-                setattr(m, child_name, Decoded(child))
+                new = Decoded(child)
+                for hooks in _HOOK_DICTS:
+                    getattr(new, hooks).update(getattr(child, hooks))
+                setattr(m, child_name, new)
                 n += 1
     return n
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
