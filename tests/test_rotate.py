@@ -314,9 +314,9 @@ def test_rotated_sweep_point(tiny_llama_dir, tmp_path, monkeypatch) -> None:
     assert point.key("ctx") != quant("rtn", 4, 32).key("ctx")
     limit(str(tiny_llama_dir), tmp_path / "r", points=[point], ctx=64, tokens=256, samples=2, seq_len=32, threads=1,
           mixed_bpw=None)
-    assert seen == [{"mlp": True}]
+    assert seen == [{"mlp": True, "keep_head": True}]
     (row,) = read_results(tmp_path / "r" / "results.jsonl")
-    assert row["label"] == "rtn-w4-g32+rot+mlp" and "--rotate-mlp" in row["command"]
+    assert row["label"] == "rtn-w4-g32+rot+mlp+keep" and "--rotate-mlp --rotate-keep-head" in row["command"]
 
 
 # ---- keep_head: the stream rotated online at its ends, embedding and head as stored ---------------
