@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -127,7 +128,10 @@ def main() -> int:
                                         **CASES[c], **extra)
                 tensor_bytes = _tensor_bytes(out)
                 kl = {t: llmpress.evaluate(out, a.model, t, tokens=a.tokens)["kl_mean"] for t in texts}
+            errs = [r["rel_out_err"] for r in res["layers"].values() if "rel_out_err" in r]
             row = {"bpw": res["bpw"], "bpw_all": 8 * tensor_bytes / params, "tensor_bytes": tensor_bytes,
+                   # the calibration set's layer-wise loss (geometric mean of ‖ΔW X‖²/‖W X‖²): what a choice may use
+                   "calib_loss": math.exp(sum(math.log(max(e, 1e-30)) for e in errs) / len(errs)) if errs else None,
                    "params": params, "bytes_out": res["bytes_out"], "seconds": res["seconds"],
                    "peak_rss_bytes": res["peak_rss_bytes"], "kl": kl,
                    "command": _command(a.model, {**CASES[c], **extra}, v, a.seed), "rotation": res.get("rotation"),
@@ -153,17 +157,19 @@ def main() -> int:
     tmp_table.write_text(json.dumps(table, indent=1))
     tmp_table.replace(HERE / "out" / f"{name}.json")
     print(f"\n| case | rotation | bpw linears | bpw all | {' | '.join(f'KL {t}' for t in texts)} | KL mean | × unrotated "
-          f"| seconds | peak RSS GiB |")
-    print(f"|---|---|---|---|{'---|' * len(texts)}---|---|---|---|")
+          f"| calibration loss | seconds | peak RSS GiB |")
+    print(f"|---|---|---|---|{'---|' * len(texts)}---|---|---|---|---|")
     for c in cases:
         for v in variants:
             r = rows[f"{c}{tag}|{v}"]
             ratio = f"{r['ratio_to_unrotated']:.3f}" if "ratio_to_unrotated" in r else "—"
             kls = " | ".join(f"{r['kl'][t]:.4f}" for t in texts)
+            loss = f"{r['calib_loss']:.4f}" if r.get("calib_loss") is not None else "—"
             print(f"| {c}{tag} | {v} | {r['bpw']:.3f} | {r.get('bpw_all', float('nan')):.3f} | {kls} | {r['kl_mean']:.4f} "
-                  f"| {ratio} | {r['seconds']:.0f} | {r.get('peak_rss_bytes', 0) / 2**30:.2f} |")
+                  f"| {ratio} | {loss} | {r['seconds']:.0f} | {r.get('peak_rss_bytes', 0) / 2**30:.2f} |")
     print("\nbpw linears: the runner's, over the linears it stores (an untied head kept whole counts at its dtype's "
-          "width); bpw all: every stored tensor byte over the original's parameters. full / full+mlp on a tied model "
+          "width); bpw all: every stored tensor byte over the original's parameters; calibration loss: the geometric mean "
+          "over quantized linears of ‖ΔW X‖²/‖W X‖² on the calibration windows. full / full+mlp on a tied model "
           "whose final norm is not 1 store an untied head; keep / keep+mlp store the original's embedding and head.")
     print("\ncommands:")
     for c in cases:
