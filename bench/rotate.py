@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=8, help="calibration windows (bench/quant.py's protocol)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0, help="the rotation's seed")
+    ap.add_argument("--kind", default="auto", help="the rotation's matrices: auto (randomized Hadamard) | random")
     a = ap.parse_args()
 
     import torch
@@ -111,17 +112,19 @@ def main() -> int:
     rec = record()
     params = _params(a.model)
     print(f"# {rec['command']}\n# commit {rec['commit']}, {rec['date']}, {torch.get_num_threads()} threads, "
-          f"calibration {a.samples}×{a.seq_len}, {a.tokens} tokens per text, rotation seed {a.seed}")
+          f"calibration {a.samples}×{a.seq_len}, {a.tokens} tokens per text, rotation seed {a.seed}, kind {a.kind}")
 
     def key(c: str, v: str) -> str:
-        return f"{c}{tag}|{v}|{protocol}" + (f"|seed{a.seed}" if v != "none" else "")
+        return f"{c}{tag}|{v}|{protocol}" + (f"|seed{a.seed}" + (f"|{a.kind}" if a.kind != "auto" else "")
+                                              if v != "none" else "")
 
     for c in cases:
         for v in variants:
             if key(c, v) in cache and all(t in cache[key(c, v)]["kl"] for t in texts):
                 continue
             rot = VARIANTS[v]
-            rot = {**rot, "seed": a.seed} if isinstance(rot, dict) else ({"seed": a.seed} if rot else False)
+            spec = {"seed": a.seed, **({"kind": a.kind} if a.kind != "auto" else {})}
+            rot = {**rot, **spec} if isinstance(rot, dict) else (spec if rot else False)
             with tempfile.TemporaryDirectory(dir=HERE / "out") as tmp:
                 out = Path(tmp) / "q"
                 res = llmpress.quantize(a.model, out, samples=a.samples, seq_len=a.seq_len, rotate=rot, progress=False,
@@ -134,7 +137,8 @@ def main() -> int:
                    "calib_loss": math.exp(sum(math.log(max(e, 1e-30)) for e in errs) / len(errs)) if errs else None,
                    "params": params, "bytes_out": res["bytes_out"], "seconds": res["seconds"],
                    "peak_rss_bytes": res["peak_rss_bytes"], "kl": kl,
-                   "command": _command(a.model, {**CASES[c], **extra}, v, a.seed), "rotation": res.get("rotation"),
+                   "command": _command(a.model, {**CASES[c], **extra}, v, a.seed)
+                   + (f" (kind {a.kind})" if a.kind != "auto" and v != "none" else ""), "rotation": res.get("rotation"),
                    **{k: rec[k] for k in ("commit", "date")}}
             cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}  # another run may have added rows
             cache[key(c, v)] = row
@@ -151,8 +155,9 @@ def main() -> int:
             r["kl_mean"] = sum(r["kl"][t] for t in texts) / len(texts)
             if base:
                 r["ratio_to_unrotated"] = r["kl_mean"] / (sum(base["kl"][t] for t in texts) / len(texts))
-    table = {**rec, "protocol": protocol, "options": extra, "seed": a.seed, "rows": rows}
-    name = "rotate-table" + "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (f"-seed{a.seed}" if a.seed else "")
+    table = {**rec, "protocol": protocol, "options": extra, "seed": a.seed, "kind": a.kind, "rows": rows}
+    name = "rotate-table" + "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (f"-seed{a.seed}" if a.seed else "") \
+        + (f"-{a.kind}" if a.kind != "auto" else "")
     tmp_table = HERE / "out" / f"{name}.tmp"
     tmp_table.write_text(json.dumps(table, indent=1))
     tmp_table.replace(HERE / "out" / f"{name}.json")
