@@ -429,3 +429,19 @@ def test_decode_once_keeps_the_online_rotation(models, tmp_path) -> None:
     assert decode_once(model) > 0
     assert all(layer.mlp.down_proj._forward_pre_hooks for layer in model.model.layers)
     assert (_logits(model) - before).abs().max().item() < 1e-4 * before.abs().max().item()
+
+
+def test_recovery_keeps_the_online_rotation(models, tmp_path) -> None:
+    """Recovery training swaps each quantized linear for a trainable stand-in: the online rotation's
+    hooks go with it, so the student starts where the loaded folder is."""
+    from llmpress.io.folder import read_manifest
+    from llmpress.recovery.api import make_trainable, read_compressed
+
+    out = tmp_path / "q"
+    llmpress.quantize(models["llama3"], out, method="rtn", bits=4, group_size=32, rotate={"mlp": True, "keep_head": True},
+                      progress=False)
+    model = llmpress.load(out)
+    before = _logits(model)
+    make_trainable(model, *read_compressed(out, read_manifest(out)))
+    assert all(layer.mlp.down_proj._forward_pre_hooks for layer in model.model.layers)
+    assert (_logits(model) - before).abs().max().item() < 1e-3 * before.abs().max().item()

@@ -207,13 +207,8 @@ def decode_once(model: nn.Module) -> int:
     for name, m in list(model.named_modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, QuantLinear):
-                new = Decoded(child)
-                for hooks in _HOOK_DICTS:
-                    getattr(new, hooks).update(getattr(child, hooks))
-                setattr(m, child_name, new)
+                from ..skeleton import carry_hooks
+
+                setattr(m, child_name, carry_hooks(child, Decoded(child)))
                 n += 1
     return n
-
-
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-               "_forward_hooks_always_called")
