@@ -445,3 +445,14 @@ def test_recovery_keeps_the_online_rotation(models, tmp_path) -> None:
     make_trainable(model, *read_compressed(out, read_manifest(out)))
     assert all(layer.mlp.down_proj._forward_pre_hooks for layer in model.model.layers)
     assert (_logits(model) - before).abs().max().item() < 1e-3 * before.abs().max().item()
+
+
+def test_full_budget_has_the_rotated_point() -> None:
+    """The full sweep measures GPTQ 3-bit g64 on the rotated model, with the embedding and head as
+    stored (the same bytes as the unrotated point it is compared with)."""
+    from llmpress.sweep.points import budget
+
+    (p,) = [p for p in budget("full") if p.params.get("rotate")]
+    assert p.label == "gptq-w3-g64+rot+mlp+keep" and p.calib
+    assert p.params["rotate"] == {"mlp": True, "keep_head": True}
+    assert p.command.endswith("--method gptq --bits 3 --group-size 64 --rotate-mlp --rotate-keep-head")
