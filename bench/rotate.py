@@ -130,7 +130,8 @@ def main() -> int:
                 res = llmpress.quantize(a.model, out, samples=a.samples, seq_len=a.seq_len, rotate=rot, progress=False,
                                         **CASES[c], **extra)
                 tensor_bytes = _tensor_bytes(out)
-                kl = {t: llmpress.evaluate(out, a.model, t, tokens=a.tokens)["kl_mean"] for t in texts}
+                # decode_once: the same figures, each quantized linear decoded once instead of at every forward
+                kl = {t: llmpress.evaluate(out, a.model, t, tokens=a.tokens, decode_once=True)["kl_mean"] for t in texts}
             errs = [r["rel_out_err"] for r in res["layers"].values() if "rel_out_err" in r]
             row = {"bpw": res["bpw"], "bpw_all": 8 * tensor_bytes / params, "tensor_bytes": tensor_bytes,
                    # the calibration set's layer-wise loss (geometric mean of ‖ΔW X‖²/‖W X‖²): what a choice may use
