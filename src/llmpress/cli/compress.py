@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, rotate_option, fail, kv_table
 
 
 @app.command()
@@ -29,6 +29,8 @@ def compress(
     rotate: bool = typer.Option(False, "--rotate", help="Rotate the residual stream by a fused orthogonal matrix first."),
     rotate_mlp: bool = typer.Option(False, "--rotate-mlp", help="--rotate, and an online Hadamard before down_proj "
                                                                "(see quantize --rotate-mlp)."),
+    rotate_keep_head: bool = typer.Option(False, "--rotate-keep-head", help="--rotate, the embedding and head as "
+                                                                           "stored (see quantize --rotate-keep-head)."),
 ) -> None:
     """Compress MODEL by a recipe, or by the per-layer allocation that fits a target size, into OUT."""
     from ..pipeline import compress as run
@@ -37,8 +39,7 @@ def compress(
     given = [x for x in (recipe, target_bpw, target_bytes) if x is not None]
     if len(given) != 1:
         fail("give exactly one of --recipe, --target-bpw, --target-bytes")
-    if rotate_mlp:
-        rotate = {"mlp": True}  # type: ignore[assignment]
+    rotate = rotate_option(rotate, rotate_mlp, rotate_keep_head)  # type: ignore[assignment]
     if rotate and recipe is None:
         fail("--rotate goes with --recipe (the allocation measures its sensitivities on the model as stored)")
     if recipe is not None:
