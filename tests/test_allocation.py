@@ -256,6 +256,8 @@ def test_best_menu_offers_every_method_and_awq_unfolded():
     # AWQ's options are per layer: the scale searched and stored with the layer, never folded
     assert all(o.params["fold"] is False for o in opts if o.method.startswith("awq"))
     assert all(o.params["fold"] is False for o in options_for("awq", (64, 256)) if o.method == "awq")
+    quick = options_for("best-quick", (64, 256))
+    assert {o.method for o in quick} == {"gptq", "awq+gptq", "rtn"} and set(quick) <= set(opts)
 
 
 def test_best_menu_allocation_writes_what_it_measured(tiny_llama_dir, tmp_path):

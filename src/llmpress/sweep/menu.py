@@ -9,6 +9,8 @@ the options it offers for a layer of a given shape and method:
 * ``best``: the methods together, so each layer also chooses its method: GPTQ, AWQ and AWQ+GPTQ
   at 2, 3, 4 bits with groups of 64 and 128, GPTQ and RTN at 5 and 6 bits with groups of 128, RTN at
   2, 3, 4 bits too (the cheap fallback: it wins where the calibration misleads) and RTN 8-bit;
+  ``best-quick``: a third of its encodings — GPTQ and AWQ+GPTQ at 2, 3, 4 bits with groups of 64,
+  RTN at 4 and 8 bits with groups of 128;
 * ``gptq-quick`` (the quick sweep's): GPTQ at 2, 3, 4 bits, groups of 64, and RTN 8-bit;
   ``near-lossless`` (the near-lossless search's mixed ladder, :mod:`.search`): GPTQ at 5 and 6 bits,
   groups of 128, and RTN 8-bit — the widths between which a mean KL of ~0.01 is crossed;
@@ -116,6 +118,10 @@ def _best_menu(shape: tuple[int, int], _method: str | None) -> list[Option]:
     return opts + [o for m in ("gptq", "rtn") for o in _opts(m, high, (128,))] + _opts("rtn", (8,), (128,))
 
 
+def _best_quick_menu(shape: tuple[int, int], _method: str | None) -> list[Option]:
+    return [o for m in ("gptq", "awq+gptq") for o in _opts(m, (2, 3, 4), (64,))] + _opts("rtn", (4, 8), (128,))
+
+
 def _gguf_menu(shape: tuple[int, int], method: str | None) -> list[Option]:
     from ..quant.gguf_mix import fallback
 
@@ -134,6 +140,7 @@ MENUS: dict[str, Callable[[tuple[int, int], str | None], list[Option]]] = {
     "gptq-quick": _grid_menu("gptq", groups=(64,), high=()),  # the quick sweep's: a third of the encodings
     "near-lossless": _grid_menu("gptq", groups=(128,), low=()),
     "best": _best_menu,  # every method per layer
+    "best-quick": _best_quick_menu,  # the quick sweep's size of it
     "gguf": _gguf_menu,
 }
 # menus whose options carry the method the user picks (--method)
