@@ -17,7 +17,7 @@ def compress(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe: ordered rules {match, method, params}, first match wins."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Allocate the menu's options per layer to this many stored bits per linear weight."),
     target_bytes: Optional[int] = typer.Option(None, "--target-bytes", help="Allocate to this output size in bytes (gguf menu: the file `export --format gguf --type KEPT` writes)."),
-    menu: str = typer.Option("gptq", "--menu", help="Options per layer for --target-*: gptq | awq | rtn | gguf."),
+    menu: str = typer.Option("gptq", "--menu", help="Options per layer for --target-*: gptq | awq | rtn | best (GPTQ, AWQ, AWQ+GPTQ and RTN: each layer chooses its method too) | best-quick | gguf."),
     method: Optional[str] = typer.Option(None, "--method", help="gguf menu: the method choosing codes on llama.cpp's types (default gptq)."),
     kept_type: str = typer.Option("q8_0", "--kept-type", help="gguf menu with --target-bytes: the export's --type for the kept embeddings."),
     calib: Optional[str] = CALIB_OPT,
