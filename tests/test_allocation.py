@@ -263,9 +263,8 @@ def test_best_menu_offers_every_method_and_awq_unfolded():
 def test_best_menu_allocation_writes_what_it_measured(tiny_llama_dir, tmp_path):
     """compress --target-bpw --menu best: the layers mix methods, and each layer's stored bits are
     the bits the sensitivity table gave its option (an AWQ layer keeps its own scale, unfolded)."""
-    from llmpress.io.folder import load_folder
     from llmpress.recipe import Recipe
-    from llmpress.sweep.mixed import allocate, mixed_recipe
+    from llmpress.sweep.mixed import allocate
     from llmpress.sweep.sensitivity import Table, load_or_measure
 
     kw = dict(samples=4, seq_len=32)
