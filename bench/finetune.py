@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -142,7 +143,8 @@ def main() -> None:
             "kept_best": run.get("kept_best"), "stopped_early": run.get("stopped_early"),
             "final_over_curve_min": after["kl_mean"] / min(c["kl_mean"] for c in curve[:-1]),
             "train_text": CALIB_DEFAULT, "eval_text": list(EVAL_DEFAULTS), "overlap": run["overlap"],
-            "seconds": time.perf_counter() - t0, "threads": args.threads, "clock": args.clock, "protocol": ref.protocol.to_dict(),
+            "seconds": time.perf_counter() - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "threads": args.threads, "clock": args.clock, "protocol": ref.protocol.to_dict(),
         }
         results.append(res)
         _save(res)
@@ -168,6 +170,9 @@ def _table(results: list[dict]) -> None:
         print(f"{r['case']:10} {r['bpw_after']:6.3f} {r['bytes_before']:>11,}→{r['bytes_after']:<11,} "
               f"{r['kl_before']:7.4f}→{r['kl_after']:<7.4f} {100 * r['recovered']:5.1f}% "
               f"{r['ppl_before']:8.2f}→{r['ppl_after']:<7.2f} ({r['ref_ppl']:.2f}) {r['steps']:6d}")
+        if r.get("peak_rss_bytes"):
+            print(f"  time {r['seconds']:.0f} s (training, evaluations and the re-pack; {r['minutes']:g} {r['clock']}-minutes of "
+                  f"training), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB (the process's, the reference included)")
         print("  curve (step: KL): " + ", ".join(f"{c['step']}: {c['kl_mean']:.4f}" for c in r["curve"]))
         if r.get("final_over_curve_min") is not None:
             print(f"  final KL / the curve's minimum before it: {r['final_over_curve_min']:.3f} "

@@ -1,23 +1,29 @@
-"""Fused rotation before quantizing: KL to the original with and without ``--rotate``, side by side.
+"""Rotation before quantizing: KL to the original with and without it, side by side, every stored byte counted.
 
-    nice -n 19 .venv/bin/python bench/rotate.py                      # SmolLM2-135M: GPTQ 3-bit g64, 2-bit g64, Q3_K_M mix (8×512 calibration)
-    nice -n 19 .venv/bin/python bench/rotate.py --cases gptq3 --variants none,residual,full
+    OMP_NUM_THREADS=2 python bench/rotate.py                 # SmolLM2-135M: GPTQ 3-bit g64 and 2-bit g64 (8×512 calibration)
+    OMP_NUM_THREADS=2 python bench/rotate.py --cases gptq3-g64 --variants none,keep,keep+mlp --opts damp=0.01
 
 Each case is quantized once per variant — ``none`` (no rotation), ``residual`` (the residual
-stream alone, ``rotate={"heads": False}``), ``full`` (residual + each head's V→O rotation,
-``--rotate``'s default), ``full+mlp`` (and an online Hadamard before down_proj, ``--rotate-mlp``)
-— and judged by ``llmpress.evaluate`` (KL to the original, cached reference)
-on each held-out text (debian-handbook, linux-doc). Prints one table: case, variant, bpw, KL per
-text, their mean, the ratio to the case's unrotated mean (issue 16's target: ≤ 0.7), and the
-quantization's seconds. Results are cached in ``bench/out/rotate.json`` keyed by case, variant and
-protocol (a re-run resumes).
+stream alone, ``rotate={"heads": False}``), ``full`` (residual + each head's V→O rotation, fused:
+``--rotate``; a tied head whose final norm is not 1 is untied and stored whole), ``full+mlp`` (and an
+online Hadamard before down_proj, ``--rotate-mlp``), ``keep`` / ``keep+mlp`` (the same with the
+embedding, final norm and tied head as stored and the stream rotated online at its ends,
+``--rotate-keep-head``) — and judged by ``llmpress.evaluate`` (KL to the original, cached reference)
+on each held-out text (debian-handbook, linux-doc). ``--opts k=v,...`` adds codec options to every
+case (e.g. ``damp=0.01``, ``act_order=false``); ``--seed`` is the rotation's.
+
+Prints one table: case, variant, bpw of the linears (the runner's), bpw of every stored byte
+(8 × the folder's tensor bytes / the original's parameters, a tied table once), KL per text,
+their mean, the ratio to the case's unrotated mean (issue 16's target: ≤ 0.7), the quantization's
+seconds and the bench process's peak RSS after it. Rows are cached in ``bench/out/rotate.json``
+keyed by case, options, variant and protocol (a re-run resumes); the table goes to
+``bench/out/rotate-table.json`` with command, commit and date (``_record``).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import subprocess
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +31,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+
+from _record import record  # noqa: E402
 
 CASES: dict[str, dict] = {
     "gptq3-g64": {"method": "gptq", "bits": 3, "group_size": 64},
@@ -32,26 +41,61 @@ CASES: dict[str, dict] = {
     "gptq-q3_k_m": {"method": "gptq", "gguf_mix": "q3_k_m"},
     "rtn3-g64": {"method": "rtn", "bits": 3, "group_size": 64},
 }
-VARIANTS: dict[str, object] = {"none": False, "residual": {"heads": False}, "full": True,
-                               "full+mlp": {"mlp": True}}
-FLAGS = {"none": "", "residual": " --rotate (heads=False: API)", "full": " --rotate", "full+mlp": " --rotate-mlp"}
+VARIANTS: dict[str, object] = {"none": False, "residual": {"heads": False}, "full": True, "full+mlp": {"mlp": True},
+                               "keep": {"keep_head": True}, "keep+mlp": {"keep_head": True, "mlp": True}}
+FLAGS = {"none": "", "residual": " --rotate (heads=False: API)", "full": " --rotate", "full+mlp": " --rotate-mlp",
+         "keep": " --rotate-keep-head", "keep+mlp": " --rotate-keep-head --rotate-mlp"}
 
 
-def _command(model: str, case: dict, variant: str) -> str:
-    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in case.items())
-    return f"llmpress quantize {model} -o OUT {opts}{FLAGS[variant]}"
+def _value(s: str) -> object:
+    return {"true": True, "false": False}.get(s.lower(), json.loads(s) if s[:1].isdigit() or s[:1] == "-" else s)
+
+
+def _options(text: str) -> dict[str, object]:
+    return {k: _value(v) for k, v in (kv.split("=", 1) for kv in text.split(",") if kv)}
+
+
+def _command(model: str, case: dict, variant: str, seed: int) -> str:
+    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in case.items() if k in ("method", "bits", "group_size", "gguf_mix"))
+    extra = {k: v for k, v in case.items() if k not in ("method", "bits", "group_size", "gguf_mix")}
+    api = f" (API: {extra})" if extra else ""
+    return f"llmpress quantize {model} -o OUT {opts}{FLAGS[variant]}{f' (seed {seed})' if variant != 'none' else ''}{api}"
+
+
+def _params(model: str) -> int:
+    """The original's parameters, each stored tensor once (a tied head is not stored)."""
+    from safetensors import safe_open
+
+    from llmpress.models import TensorStore, resolve
+
+    n = 0
+    for f in TensorStore(resolve(model)).files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                size = 1
+                for d in shape:
+                    size *= d
+                n += size
+    return n
+
+
+def _tensor_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="smollm2-135m")
-    ap.add_argument("--cases", default="gptq3-g64,gptq2-g64,gptq-q3_k_m")
-    ap.add_argument("--variants", default="none,residual,full")
+    ap.add_argument("--cases", default="gptq3-g64,gptq2-g64")
+    ap.add_argument("--variants", default="none,full,full+mlp,keep,keep+mlp")
+    ap.add_argument("--opts", default="", help="codec options for every case, k=v,... (e.g. damp=0.01)")
     ap.add_argument("--texts", default="debian-handbook,linux-doc")
     ap.add_argument("--tokens", type=int, default=8192, help="scored tokens per text")
     ap.add_argument("--samples", type=int, default=8, help="calibration windows (bench/quant.py's protocol)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0, help="the rotation's seed")
+    ap.add_argument("--kind", default="auto", help="the rotation's matrices: auto (randomized Hadamard) | random")
     a = ap.parse_args()
 
     import torch
@@ -59,70 +103,84 @@ def main() -> int:
     import llmpress
 
     cases, variants, texts = a.cases.split(","), a.variants.split(","), a.texts.split(",")
+    extra = _options(a.opts)
+    tag = "".join(f"|{k}={v}" for k, v in sorted(extra.items()))
     cache_file = HERE / "out" / "rotate.json"
+    cache_file.parent.mkdir(exist_ok=True)
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    protocol = f"{a.model}|s{a.samples}|l{a.seq_len}|t{a.tokens}|seed{a.seed}|threads{torch.get_num_threads()}"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    print(f"# {' '.join(sys.argv)}\n# commit {commit}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}, "
-          f"{torch.get_num_threads()} threads, calibration {a.samples}×{a.seq_len}, {a.tokens} tokens per text")
+    protocol = f"{a.model}|s{a.samples}|l{a.seq_len}|t{a.tokens}|threads{torch.get_num_threads()}"
+    rec = record()
+    params = _params(a.model)
+    print(f"# {rec['command']}\n# commit {rec['commit']}, {rec['date']}, {torch.get_num_threads()} threads, "
+          f"calibration {a.samples}×{a.seq_len}, {a.tokens} tokens per text, rotation seed {a.seed}, kind {a.kind}")
+
+    def key(c: str, v: str) -> str:
+        return f"{c}{tag}|{v}|{protocol}" + (f"|seed{a.seed}" + (f"|{a.kind}" if a.kind != "auto" else "")
+                                              if v != "none" else "")
+
     for c in cases:
         for v in variants:
-            key = f"{c}|{v}|{protocol}"
-            if key in cache and all(t in cache[key]["kl"] for t in texts):
+            if key(c, v) in cache and all(t in cache[key(c, v)]["kl"] for t in texts):
                 continue
             rot = VARIANTS[v]
-            if isinstance(rot, dict):
-                rot = {**rot, "seed": a.seed}
-            elif rot:
-                rot = {"seed": a.seed}
+            spec = {"seed": a.seed, **({"kind": a.kind} if a.kind != "auto" else {})}
+            rot = {**rot, **spec} if isinstance(rot, dict) else (spec if rot else False)
             with tempfile.TemporaryDirectory(dir=HERE / "out") as tmp:
                 out = Path(tmp) / "q"
                 res = llmpress.quantize(a.model, out, samples=a.samples, seq_len=a.seq_len, rotate=rot, progress=False,
-                                        **CASES[c])
-                kl = {t: llmpress.evaluate(out, a.model, t, tokens=a.tokens)["kl_mean"] for t in texts}
-            quant = [r for r in res["layers"].values() if r["codec"] != "keep"]
-            row = {"bpw": res["bpw"], "bpw_quantized": sum(r["bits"] for r in quant) / sum(r["numel"] for r in quant),
-                   "bytes_out": res["bytes_out"], "seconds": res["seconds"], "kl": kl, "command": _command(a.model, CASES[c], v),
-                   "rotation": res.get("rotation"), "commit": commit,
-                   "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}"}
+                                        **CASES[c], **extra)
+                tensor_bytes = _tensor_bytes(out)
+                # decode_once: the same figures, each quantized linear decoded once instead of at every forward
+                kl = {t: llmpress.evaluate(out, a.model, t, tokens=a.tokens, decode_once=True)["kl_mean"] for t in texts}
+            errs = [r["rel_out_err"] for r in res["layers"].values() if "rel_out_err" in r]
+            row = {"bpw": res["bpw"], "bpw_all": 8 * tensor_bytes / params, "tensor_bytes": tensor_bytes,
+                   # the calibration set's layer-wise loss (geometric mean of ‖ΔW X‖²/‖W X‖²): what a choice may use
+                   "calib_loss": math.exp(sum(math.log(max(e, 1e-30)) for e in errs) / len(errs)) if errs else None,
+                   "params": params, "bytes_out": res["bytes_out"], "seconds": res["seconds"],
+                   "peak_rss_bytes": res["peak_rss_bytes"], "kl": kl,
+                   "command": _command(a.model, {**CASES[c], **extra}, v, a.seed)
+                   + (f" (kind {a.kind})" if a.kind != "auto" and v != "none" else ""), "rotation": res.get("rotation"),
+                   **{k: rec[k] for k in ("commit", "date")}}
             cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}  # another run may have added rows
-            cache[key] = row
+            cache[key(c, v)] = row
             tmp_file = cache_file.with_suffix(".tmp")
             tmp_file.write_text(json.dumps(cache, indent=1))
             tmp_file.replace(cache_file)
-            print(f"# done {c} {v}: {kl}", flush=True)
+            print(f"# done {c}{tag} {v}: {kl}", flush=True)
 
-    cache = json.loads(cache_file.read_text())
-    table = {"command": " ".join(sys.argv), "commit": commit, "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
-             "protocol": protocol, "rows": {f"{c}|{v}": cache[f"{c}|{v}|{protocol}"] for c in cases for v in variants}}
+    rows = {f"{c}{tag}|{v}": dict(cache[key(c, v)]) for c in cases for v in variants}
     for c in cases:
-        base = table["rows"].get(f"{c}|none")
+        base = rows.get(f"{c}{tag}|none")
         for v in variants:
-            r = table["rows"][f"{c}|{v}"]
+            r = rows[f"{c}{tag}|{v}"]
             r["kl_mean"] = sum(r["kl"][t] for t in texts) / len(texts)
             if base:
                 r["ratio_to_unrotated"] = r["kl_mean"] / (sum(base["kl"][t] for t in texts) / len(texts))
-    tmp_table = HERE / "out" / "rotate-table.tmp"
+    table = {**rec, "protocol": protocol, "options": extra, "seed": a.seed, "kind": a.kind, "rows": rows}
+    name = "rotate-table" + "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (f"-seed{a.seed}" if a.seed else "") \
+        + (f"-{a.kind}" if a.kind != "auto" else "")
+    tmp_table = HERE / "out" / f"{name}.tmp"
     tmp_table.write_text(json.dumps(table, indent=1))
-    tmp_table.replace(HERE / "out" / "rotate-table.json")
-    print(f"\n| case | rotation | bpw | {' | '.join(f'KL {t}' for t in texts)} | KL mean | × unrotated | seconds |")
-    print(f"|---|---|---|{'---|' * len(texts)}---|---|---|")
+    tmp_table.replace(HERE / "out" / f"{name}.json")
+    print(f"\n| case | rotation | bpw linears | bpw all | {' | '.join(f'KL {t}' for t in texts)} | KL mean | × unrotated "
+          f"| calibration loss | seconds | peak RSS GiB |")
+    print(f"|---|---|---|---|{'---|' * len(texts)}---|---|---|---|---|")
     for c in cases:
-        base = cache.get(f"{c}|none|{protocol}")
-        base_mean = sum(base["kl"][t] for t in texts) / len(texts) if base else None
         for v in variants:
-            r = cache[f"{c}|{v}|{protocol}"]
-            mean = sum(r["kl"][t] for t in texts) / len(texts)
-            ratio = f"{mean / base_mean:.3f}" if base_mean else "—"
+            r = rows[f"{c}{tag}|{v}"]
+            ratio = f"{r['ratio_to_unrotated']:.3f}" if "ratio_to_unrotated" in r else "—"
             kls = " | ".join(f"{r['kl'][t]:.4f}" for t in texts)
-            print(f"| {c} | {v} | {r['bpw']:.3f} | {kls} | {mean:.4f} "
-                  f"| {ratio} | {r['seconds']:.0f} |")
-    print("\nbpw counts every linear kept as stored: a rotated tied model whose final norm is not the identity "
-          "stores an untied head (vocab × hidden, the source's dtype), which the unrotated tied model does not.")
+            loss = f"{r['calib_loss']:.4f}" if r.get("calib_loss") is not None else "—"
+            print(f"| {c}{tag} | {v} | {r['bpw']:.3f} | {r.get('bpw_all', float('nan')):.3f} | {kls} | {r['kl_mean']:.4f} "
+                  f"| {ratio} | {loss} | {r['seconds']:.0f} | {r.get('peak_rss_bytes', 0) / 2**30:.2f} |")
+    print("\nbpw linears: the runner's, over the linears it stores (an untied head kept whole counts at its dtype's "
+          "width); bpw all: every stored tensor byte over the original's parameters; calibration loss: the geometric mean "
+          "over quantized linears of ‖ΔW X‖²/‖W X‖² on the calibration windows. full / full+mlp on a tied model "
+          "whose final norm is not 1 store an untied head; keep / keep+mlp store the original's embedding and head.")
     print("\ncommands:")
     for c in cases:
         for v in variants:
-            print(f"  {c}/{v}: {cache[f'{c}|{v}|{protocol}']['command']}")
+            print(f"  {c}{tag}/{v}: {rows[f'{c}{tag}|{v}']['command']}")
     return 0
 
 

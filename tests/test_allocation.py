@@ -244,3 +244,69 @@ def test_limit_refuses_an_unknown_menu_before_any_point(tiny_llama_dir, tmp_path
         limit(str(tiny_llama_dir), tmp_path, mixed_bpw=3.0, mixed_menu="nope", search=False)
     assert not (tmp_path / "results.jsonl").exists()
     assert [o.label for o in options_for("gptq-quick", (64, 64))] == ["gptq-w2-g64", "gptq-w3-g64", "gptq-w4-g64", "rtn-w8-g128"]
+
+
+# --------------------------------------------------------------------------- the mixed-method menu
+def test_best_menu_offers_every_method_and_awq_unfolded():
+    opts = options_for("best", (64, 256))
+    assert {o.method for o in opts} == {"gptq", "awq", "awq+gptq", "rtn"}
+    assert {o.params["bits"] for o in opts} == {2, 3, 4, 5, 6, 8}
+    assert {o.params["group_size"] for o in opts} == {64, 128}
+    assert len({o.label for o in opts}) == len(opts)  # the summary counts options by label
+    # AWQ's options are per layer: the scale searched and stored with the layer, never folded
+    assert all(o.params["fold"] is False for o in opts if o.method.startswith("awq"))
+    assert all(o.params["fold"] is False for o in options_for("awq", (64, 256)) if o.method == "awq")
+    quick = options_for("best-quick", (64, 256))
+    assert {o.method for o in quick} == {"gptq", "awq+gptq", "rtn"} and set(quick) <= set(opts)
+
+
+def test_best_menu_allocation_writes_what_it_measured(tiny_llama_dir, tmp_path):
+    """compress --target-bpw --menu best: the layers mix methods, and each layer's stored bits are
+    the bits the sensitivity table gave its option (an AWQ layer keeps its own scale, unfolded)."""
+    from llmpress.recipe import Recipe
+    from llmpress.sweep.mixed import allocate
+    from llmpress.sweep.sensitivity import Table, load_or_measure
+
+    kw = dict(samples=4, seq_len=32)
+    cache = tmp_path / "best.json"
+    table = load_or_measure(cache, str(tiny_llama_dir), "best", **kw, progress=False)
+    n = sum(table.numel.values())
+    # a mixed-method allocation is never worse (predicted) than one method's alone at the same budget
+    for target in (3.0, 4.0):
+        best = sum(c.dkl for c in allocate(table, target * n)[0].values())
+        for m in ("gptq", "awq"):
+            one = Table({k: [c for c in cs if c.option.method in (m, "rtn")] for k, cs in table.layers.items()},
+                        table.numel, table.shapes, table.meta)
+            assert best <= sum(c.dkl for c in allocate(one, target * n)[0].values()) + 1e-12
+    # the measured ΔKL orders an option's widths: more bits, less error (per method and group)
+    for cs in table.layers.values():
+        for m in ("gptq", "awq", "awq+gptq"):
+            d = [c.dkl for c in cs if c.option.method == m and c.option.params["group_size"] == 64]
+            assert d == sorted(d, reverse=True), (m, d)
+    from llmpress.sweep.mixed import compress_to_target
+
+    out = tmp_path / "o"
+    res = compress_to_target(str(tiny_llama_dir), out, target_bpw=4.0, menu="best", progress=False, **kw)
+    a = res["allocation"]
+    assert a["menu"] == "best" and a["bpw"] <= 4.0 and res["bpw"] <= 4.0 + 1e-9
+    from safetensors.torch import load_file
+
+    from llmpress.io.folder import read_manifest
+    from llmpress.tensor import CompressedTensor
+
+    recipe = Recipe.from_yaml(out / "recipe.yaml")
+    tensors = load_file(str(out / "model.safetensors"))
+    entries = read_manifest(out)["tensors"]
+    methods = set()
+    for name, cs in table.layers.items():
+        rule = recipe.rule_for(name)
+        c = next(c for c in cs if c.option.method == rule.method and c.option.params == rule.params)
+        e = entries[f"{name}.weight"]
+        ct = CompressedTensor.from_state(f"{name}.weight", tensors, json.dumps({"codec": e["codec"], **e["meta"]}))
+        assert ct.nbits() == c.bits, name  # stored as measured
+        assert ("in_scale" in e["keys"]) == rule.method.startswith("awq"), name
+        methods.add(rule.method)
+    assert len(methods) > 1, methods  # the layers chose among methods
+    assert a["layer_bytes"] * 8 == sum(c.bits for c in (next(c for c in table.layers[n] if c.option.method ==
+                                       recipe.rule_for(n).method and c.option.params == recipe.rule_for(n).params)
+                                       for n in table.layers))

@@ -314,6 +314,145 @@ def test_rotated_sweep_point(tiny_llama_dir, tmp_path, monkeypatch) -> None:
     assert point.key("ctx") != quant("rtn", 4, 32).key("ctx")
     limit(str(tiny_llama_dir), tmp_path / "r", points=[point], ctx=64, tokens=256, samples=2, seq_len=32, threads=1,
           mixed_bpw=None)
-    assert seen == [{"mlp": True}]
+    assert seen == [{"mlp": True, "keep_head": True}]
     (row,) = read_results(tmp_path / "r" / "results.jsonl")
-    assert row["label"] == "rtn-w4-g32+rot+mlp" and "--rotate-mlp" in row["command"]
+    assert row["label"] == "rtn-w4-g32+rot+mlp+keep" and "--rotate-mlp --rotate-keep-head" in row["command"]
+
+
+# ---- keep_head: the stream rotated online at its ends, embedding and head as stored ---------------
+
+def _stored(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+@pytest.mark.parametrize("name,spec", [("llama3", {"keep_head": True}), ("qwen3", {"keep_head": True, "mlp": True}),
+                                       ("gemma", {"keep_head": True}), ("llama48", {"keep_head": True, "mlp": True}),
+                                       ("llama52", {"keep_head": True})])
+def test_keep_head_rotation_is_exact(models, name: str, spec: dict, tmp_path) -> None:
+    """``keep_head``: the embedding, final norm and (tied or not) head are the original's tensors,
+    a tied model stays tied, and the rotation of the stream is applied online (a forward hook on the
+    embedding, a pre-hook on the final norm) by llmpress.load and from_pretrained: the logits are the
+    original's, and not without the hooks; dequantize() and the dense export fold it back into a
+    plain model of the original's architecture."""
+    orig = models[name]
+    out = tmp_path / "rot"
+    res = llmpress.compress(orig, KEEP_ALL, out, rotate=spec, progress=False)
+    rec = res["rotation"]
+    assert rec["stream"] == {"after": "model.embed_tokens", "before": "model.norm"} and not rec["untied_head"]
+    cfg_in, cfg_out = (json.loads((p / "config.json").read_text()) for p in (orig, out))
+    assert cfg_out.get("tie_word_embeddings", False) == cfg_in.get("tie_word_embeddings", False)
+    assert cfg_out["quantization_config"]["rotation"] == rec
+    before, after = _stored(orig), _stored(out)
+    for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert (k in before) == (k in after) and (k not in before or torch.equal(before[k], after[k])), k
+    ref = _logits(_hf(orig))
+    tol = 1e-4 * ref.abs().max().item()
+    loaded = llmpress.load(out)
+    for model in (loaded, _hf(out)):
+        assert (_logits(model) - ref).abs().max().item() < tol
+    loaded.model.embed_tokens._forward_hooks.clear()
+    loaded.model.norm._forward_pre_hooks.clear()
+    assert (_logits(loaded) - ref).abs().max().item() > 100 * tol  # the hooks are what make it exact
+    hf = _hf(out)
+    hf.dequantize()
+    assert not hf.model.embed_tokens._forward_hooks and not hf.model.norm._forward_pre_hooks
+    assert (_logits(hf) - ref).abs().max().item() < tol
+    dense = tmp_path / "dense"
+    llmpress.export(out, dense, format="dense")
+    assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+    assert (_logits(_hf(dense)) - ref).abs().max().item() < tol
+
+
+def test_keep_head_gptq(models, tmp_path) -> None:
+    """GPTQ with ``keep_head`` on a tied model: statistics gathered on the rotated stream (the
+    quantized model stays close to the original), the same stored bits as without the rotation
+    (the head stays tied: nothing is added), block linears rotated (they differ from the unrotated
+    GPTQ's); GGUF and compressed-tensors refuse the folder before writing anything."""
+    from llmpress.targets.api import ExportRefused
+
+    orig = models["llama3"]
+    opts = dict(method="gptq", bits=8, group_size=32, samples=4, seq_len=32, progress=False)
+    plain = llmpress.quantize(orig, tmp_path / "plain", **opts)
+    rot = llmpress.quantize(orig, tmp_path / "rot", rotate={"keep_head": True}, **opts)
+    assert json.loads((tmp_path / "rot" / "config.json").read_text())["tie_word_embeddings"]
+    assert rot["bpw"] == plain["bpw"] and rot["linear_params"] == plain["linear_params"]
+    a, b = _stored(tmp_path / "plain"), _stored(tmp_path / "rot")
+    assert sorted(a) == sorted(b) and sum(t.nbytes for t in a.values()) == sum(t.nbytes for t in b.values())
+    assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    ref = _logits(_hf(orig))
+    got = _logits(llmpress.load(tmp_path / "rot"))
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl.item() < 1e-3
+    for fmt, dest in (("gguf", tmp_path / "m.gguf"), ("compressed-tensors", tmp_path / "ct")):
+        with pytest.raises(ExportRefused, match="residual stream after model.embed_tokens"):
+            llmpress.export(tmp_path / "rot", dest, format=fmt)
+        assert not dest.exists()
+
+
+def test_keep_head_cli_and_refusals(models, tmp_path) -> None:
+    """``--rotate-keep-head`` passes keep_head (with --rotate-mlp both); a record whose stream names a
+    module the model lacks is refused by the loader."""
+    from typer.testing import CliRunner
+
+    from llmpress.cli import _load_commands, app
+
+    _load_commands()
+    out = tmp_path / "a"
+    res = CliRunner().invoke(app, ["quantize", str(models["qwen3"]), "-o", str(out), "--method", "rtn", "--bits", "8",
+                                   "--group-size", "32", "--rotate-keep-head", "--rotate-mlp"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "llmpress.json").read_text())["rotation"]
+    assert rec["stream"]["before"] == "model.norm" and "mlp.down_proj" in rec["online"]
+    man = json.loads((out / "llmpress.json").read_text())
+    man["rotation"]["stream"]["after"] = "model.nothing"
+    (out / "llmpress.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="no module 'model.nothing'"):
+        llmpress.load(out)
+
+
+def test_decode_once_keeps_the_online_rotation(models, tmp_path) -> None:
+    """The sweep's judge decodes quantized linears once (``decode_once`` replaces the modules): an
+    online rotation's pre-hook on down_proj goes with the module, so the logits do not change."""
+    from llmpress.quant.linear import decode_once
+
+    out = tmp_path / "q"
+    llmpress.quantize(models["llama3"], out, method="rtn", bits=4, group_size=32, rotate={"mlp": True, "keep_head": True},
+                      progress=False)
+    model = llmpress.load(out)
+    before = _logits(model)
+    assert decode_once(model) > 0
+    assert all(layer.mlp.down_proj._forward_pre_hooks for layer in model.model.layers)
+    assert (_logits(model) - before).abs().max().item() < 1e-4 * before.abs().max().item()
+
+
+def test_recovery_keeps_the_online_rotation(models, tmp_path) -> None:
+    """Recovery training swaps each quantized linear for a trainable stand-in: the online rotation's
+    hooks go with it, so the student starts where the loaded folder is."""
+    from llmpress.io.folder import read_manifest
+    from llmpress.recovery.api import make_trainable, read_compressed
+
+    out = tmp_path / "q"
+    llmpress.quantize(models["llama3"], out, method="rtn", bits=4, group_size=32, rotate={"mlp": True, "keep_head": True},
+                      progress=False)
+    model = llmpress.load(out)
+    before = _logits(model)
+    make_trainable(model, *read_compressed(out, read_manifest(out)))
+    assert all(layer.mlp.down_proj._forward_pre_hooks for layer in model.model.layers)
+    assert (_logits(model) - before).abs().max().item() < 1e-3 * before.abs().max().item()
+
+
+def test_full_budget_has_the_rotated_point() -> None:
+    """The full sweep measures GPTQ 3-bit g64 on the rotated model, with the embedding and head as
+    stored (the same bytes as the unrotated point it is compared with)."""
+    from llmpress.sweep.points import budget
+
+    (p,) = [p for p in budget("full") if p.params.get("rotate")]
+    assert p.label == "gptq-w3-g64+rot+mlp+keep" and p.calib
+    assert p.params["rotate"] == {"mlp": True, "keep_head": True}
+    assert p.command.endswith("--method gptq --bits 3 --group-size 64 --rotate-mlp --rotate-keep-head")

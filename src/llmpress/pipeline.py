@@ -214,11 +214,13 @@ def compress(
             cfg.tie_word_embeddings = out_config["tie_word_embeddings"] = False
             skel = sk.build_meta(cfg)
     plan = _plan(skel, recipe, keep_all_ok=rotation is not None)
-    if rotation is not None and rotation.online:
-        _check_online(plan, rotation.online)
+    if rotation is not None and (rotation.online or rotation.stream):
+        if rotation.online:
+            _check_online(plan, rotation.online)
         from .quant.rotate import install_online
 
-        install_online(skel, rotation.online)  # statistics see the rotated input, as the loaders will give it
+        # statistics see the rotated inputs, as the loaders will give them
+        install_online(skel, rotation.online, rotation.stream)
     if trial_blocks is not None and (trial_blocks < 1 or not plan.needs_stats):
         raise InputError("trial blocks: give N ≥ 1, with a method that calibrates block by block (gptq, awq); "
                          "the others stream tensor by tensor")

@@ -93,6 +93,19 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(get_module(model, parent), child, new)
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` with ``old``'s forward hooks (an online rotation of its input, ``quant/rotate.py``, is
+    one), for a module that stands in for ``old`` and computes the same; returns ``new``. The hooks'
+    handles still name ``old``'s dicts: they no longer remove them."""
+    for hooks in _HOOK_DICTS:
+        getattr(new, hooks).update(getattr(old, hooks))
+    return new
+
+
 def fill(module: nn.Module, prefix: str, get: Callable[[str], torch.Tensor], dtype: torch.dtype | None = None) -> None:
     """Assign every parameter and persistent buffer of ``module`` from ``get(prefix + name)``."""
     sd = {}

@@ -94,6 +94,12 @@ SEQ_LEN_OPT = typer.Option(512, "--seq-len", help="Tokens per calibration window
 DEVICE_OPT = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (cuda when available, else cpu).")
 
 
+def rotate_option(rotate: bool, mlp: bool, keep_head: bool) -> bool | dict[str, bool]:
+    """``rotate=`` of compress from --rotate, --rotate-mlp and --rotate-keep-head (each of the last two implies --rotate)."""
+    spec = {k: True for k, on in (("mlp", mlp), ("keep_head", keep_head)) if on}
+    return spec or rotate
+
+
 @app.callback()
 def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging (-v, -vv).")) -> None:
     _verbosity["level"] = verbose

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, fail, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, rotate_option, fail, kv_table
 
 
 @app.command()
@@ -17,7 +17,7 @@ def compress(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe: ordered rules {match, method, params}, first match wins."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Allocate the menu's options per layer to this many stored bits per linear weight."),
     target_bytes: Optional[int] = typer.Option(None, "--target-bytes", help="Allocate to this output size in bytes (gguf menu: the file `export --format gguf --type KEPT` writes)."),
-    menu: str = typer.Option("gptq", "--menu", help="Options per layer for --target-*: gptq | awq | rtn | gguf."),
+    menu: str = typer.Option("gptq", "--menu", help="Options per layer for --target-*: gptq | awq | rtn | best (GPTQ, AWQ, AWQ+GPTQ and RTN: each layer chooses its method too) | best-quick | gguf."),
     method: Optional[str] = typer.Option(None, "--method", help="gguf menu: the method choosing codes on llama.cpp's types (default gptq)."),
     kept_type: str = typer.Option("q8_0", "--kept-type", help="gguf menu with --target-bytes: the export's --type for the kept embeddings."),
     calib: Optional[str] = CALIB_OPT,
@@ -29,6 +29,8 @@ def compress(
     rotate: bool = typer.Option(False, "--rotate", help="Rotate the residual stream by a fused orthogonal matrix first."),
     rotate_mlp: bool = typer.Option(False, "--rotate-mlp", help="--rotate, and an online Hadamard before down_proj "
                                                                "(see quantize --rotate-mlp)."),
+    rotate_keep_head: bool = typer.Option(False, "--rotate-keep-head", help="--rotate, the embedding and head as "
+                                                                           "stored (see quantize --rotate-keep-head)."),
 ) -> None:
     """Compress MODEL by a recipe, or by the per-layer allocation that fits a target size, into OUT."""
     from ..pipeline import compress as run
@@ -37,8 +39,7 @@ def compress(
     given = [x for x in (recipe, target_bpw, target_bytes) if x is not None]
     if len(given) != 1:
         fail("give exactly one of --recipe, --target-bpw, --target-bytes")
-    if rotate_mlp:
-        rotate = {"mlp": True}  # type: ignore[assignment]
+    rotate = rotate_option(rotate, rotate_mlp, rotate_keep_head)  # type: ignore[assignment]
     if rotate and recipe is None:
         fail("--rotate goes with --recipe (the allocation measures its sensitivities on the model as stored)")
     if recipe is not None:

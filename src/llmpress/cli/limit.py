@@ -24,7 +24,7 @@ def limit_cmd(
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (default: the calibration mix)."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default: 16 quick, 64 full)."),
     mixed_bpw: Optional[list[float]] = typer.Option(None, "--mixed-bpw", help="Target bpw of a mixed-precision point (repeat for several; 0: none; default: the budget's)."),
-    mixed_menu: Optional[str] = typer.Option(None, "--mixed-menu", help="Menu the mixed points allocate from: gptq | gptq-quick | awq | rtn | gguf (default: gptq-quick in quick, gptq in full)."),
+    mixed_menu: Optional[str] = typer.Option(None, "--mixed-menu", help="Menu the mixed points allocate from: gptq | gptq-quick | awq | rtn | best | best-quick | gguf (default: gptq-quick in quick, gptq in full)."),
     workers: int = typer.Option(1, "--workers", help="Points in parallel (Ray); 1 runs them in this process."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per point (fixed, so results repeat)."),

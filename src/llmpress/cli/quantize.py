@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, kv_table
+from .app import CALIB_OPT, DEVICE_OPT, FORCE_OPT, JSON_OPT, SAMPLES_OPT, SEQ_LEN_OPT, app, console, emit, rotate_option, kv_table
 
 
 def _show(res: dict[str, Any]) -> None:
@@ -61,6 +61,11 @@ def quantize(
                                                                "fused). Recorded in llmpress.json; llmpress's loaders "
                                                                "and from_pretrained apply it, the dense export folds "
                                                                "it back, GGUF and compressed-tensors exports refuse it."),
+    rotate_keep_head: bool = typer.Option(False, "--rotate-keep-head",
+                                          help="--rotate, with the embedding, final norm and head as stored (a tied "
+                                               "head stays tied: no extra bytes): the residual stream is rotated "
+                                               "online after the embedding and back before the final norm. Stated, "
+                                               "applied and exported like --rotate-mlp (combine the two freely)."),
     as_json: bool = JSON_OPT,
     workers: int = typer.Option(1, "--workers", help="A mixture of experts: encode its experts in Ray tasks, N CPUs "
                                                      "(the same output as one process)."),
@@ -74,6 +79,6 @@ def quantize(
     res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
               samples=samples, seq_len=seq_len, force=force, trial_blocks=trial_blocks, device=device,
               workers=workers, address=address, gguf_mix=gguf_mix,
-              rotate={"mlp": True} if rotate_mlp else rotate, **opts)
+              rotate=rotate_option(rotate, rotate_mlp, rotate_keep_head), **opts)
     res.pop("layers", None)
     emit(res, as_json, _show)

@@ -51,7 +51,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..errors import InputError
 from ..io.folder import FORMAT_VERSION, compressed_module, dense_linear, module_state_names, read_manifest
 from ..moe import unfuse
-from ..quant.rotate import fold_online, install_online, online_modules, online_of
+from ..quant.rotate import apply_steps, install_online, online_of, stream_of, unrotation
 from ..skeleton import is_linear, set_module
 from ..tensor import CompressedTensor, get_codec
 
@@ -136,8 +136,8 @@ class LlmpressQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.layouts: dict[str, Layout] = {}
         self.root: Path | None = None
-        self.online: dict[str, Any] = {}        # module -> the Orthogonal its input is rotated by online
-        self.online_hooks: dict[str, Any] = {}  # module -> that pre-hook's handle
+        self.unrotate: dict[str, Any] = {}      # state key -> the steps folding an online rotation back
+        self.online_hooks: dict[str, Any] = {}  # module -> its online rotation's hook handle
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> nn.Module:
@@ -191,10 +191,11 @@ class LlmpressQuantizer(HfQuantizer):
                 raise InputError(f"{self.root}: {name}: the stored tensors do not make a {lay.codec} module "
                                  f"({e})") from e
             set_module(model, name, module.to(next(iter(data.values())).device))
-        try:  # an online rotation the weights were made for (quant/rotate.py): a pre-hook on its modules
-            rec = online_of(getattr(self.quantization_config, "rotation", None))
-            self.online = online_modules(model, rec)
-            self.online_hooks = install_online(model, rec)
+        try:  # an online rotation the weights were made for (quant/rotate.py): hooks on its modules
+            rec = getattr(self.quantization_config, "rotation", None)
+            blocks, stream = online_of(rec), stream_of(rec)
+            self.unrotate = unrotation(model, blocks, stream)
+            self.online_hooks = install_online(model, blocks, stream)
         except InputError as e:
             raise InputError(f"{self.root}: {e}") from None
         return model
@@ -234,17 +235,20 @@ class LlmpressQuantizer(HfQuantizer):
             data = {k.removeprefix("weight."): t for k, t in st.items()}
             ct = CompressedTensor(codec=lay.codec, data=data, meta=lay.meta)
             w = get_codec(lay.codec).decode(ct)  # (out, in) float32
-            if name in self.online:  # read the input unrotated: W H Hᵀ
-                w = fold_online(w, self.online[name])
-                self.online_hooks.pop(name).remove()
+            if f"{name}.weight" in self.unrotate:  # read the inputs unrotated: W H Hᵀ, W Q Qᵀ, Q Qᵀ W
+                w = apply_steps(w, self.unrotate.pop(f"{name}.weight"))
+            if bias is not None and f"{name}.bias" in self.unrotate:
+                bias = apply_steps(bias, self.unrotate.pop(f"{name}.bias"))
             w = w.to(dtype) if dtype is not None else w
             set_module(model, name, dense_linear(w, None if bias is None else bias.to(w.dtype)))
         self.layouts = {}
-        if self.online_hooks:  # a rotated linear kept dense in the folder: fold it too
-            for name in list(self.online_hooks):
-                lin = model.get_submodule(name)
-                lin.weight.data = fold_online(lin.weight.data, self.online[name])
-                self.online_hooks.pop(name).remove()
+        for key, steps in self.unrotate.items():  # a rotated linear kept dense in the folder: fold it too
+            p = model.get_parameter(key)
+            p.data = apply_steps(p.data, steps)
+        self.unrotate = {}
+        for handle in self.online_hooks.values():
+            handle.remove()
+        self.online_hooks = {}
         return model
 
     def is_serializable(self) -> bool:

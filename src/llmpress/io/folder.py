@@ -146,6 +146,8 @@ class FolderWriter:
         if source_folder is not None:
             copy_side_files(source_folder, self.root)
         if config is not None:
+            from ..quant.rotate import is_online
+
             cfg = dict(config)
             cfg["quantization_config"] = {
                 "quant_method": "llmpress",
@@ -156,7 +158,7 @@ class FolderWriter:
                 # meta and stored keys (its tensors are "<module>.weight.<key>")
                 "modules": {param.removesuffix(".weight"): entry for param, entry in self.compressed.items()},
                 # an online rotation (quant/rotate.py) the weights were made for: loaders apply it
-                **({"rotation": manifest["rotation"]} if manifest.get("rotation", {}).get("online") else {}),
+                **({"rotation": manifest["rotation"]} if is_online(manifest.get("rotation")) else {}),
             }
             (self.root / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         manifest = {
@@ -269,12 +271,13 @@ def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torc
     their inference modules."""
     from ..skeleton import build_meta, folder_config, materialize_nonpersistent, set_module, tie
 
-    from ..quant.rotate import install_online, online_of
+    from ..quant.rotate import install_online, online_of, stream_of
 
     root = Path(path)
     man = read_manifest(root)
     try:
         online = online_of(man.get("rotation"))  # an online rotation the weights were made for
+        stream = stream_of(man.get("rotation"))
     except InputError as e:
         raise CorruptFileError(f"{root / MANIFEST}: {e}") from None
     shards = _Shards(root, man["files"], verify, man["tensors"])
@@ -318,7 +321,7 @@ def load_folder(path: str | Path, verify: bool = True, dtype: torch.dtype = torc
     if left:
         raise CorruptFileError(f"{root}: tensors missing from the folder: {', '.join(left[:5])}")
     try:
-        install_online(model, online)
+        install_online(model, online, stream)
     except InputError as e:
         raise CorruptFileError(f"{root / MANIFEST}: {e}") from None
     return model.eval()

@@ -145,14 +145,20 @@ class Orthogonal:
             raise InputError(f"rotation record {rec!r}: this llmpress builds order {n} as {o.construction}")
         return o
 
-    def right(self, x: torch.Tensor) -> torch.Tensor:
-        """x Q for x (..., n), in x's dtype and device: a randomized Hadamard as (x ⊙ s) reshaped
-        (..., a, b), Aᵀ X B (two small products, O(n (a + b)) a row), else one product with Q."""
+    def right(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """x Q (``inverse``: x Qᵀ) for x (..., n), in x's dtype and device: a randomized Hadamard
+        as (x ⊙ s) reshaped (..., a, b), Aᵀ X B (two small products, O(n (a + b)) a row; the
+        inverse A X Bᵀ, then ⊙ s), else one product with Q (Qᵀ)."""
         n = self.matrix.shape[0]
         if self.factors is None or self.signs is None:
-            return x @ self.matrix.to(x.device, x.dtype)
+            m = self.matrix.to(x.device, x.dtype)
+            return x @ (m.T if inverse else m)
         a, b = (f.to(x.device, x.dtype) for f in self.factors)
-        y = (x * self.signs.to(x.device, x.dtype)).reshape(*x.shape[:-1], a.shape[0], b.shape[0])  # (..., a, b)
+        s = self.signs.to(x.device, x.dtype)
+        if inverse:  # x Qᵀ = x (A ⊗ B)ᵀ diag(s) / √n
+            y = torch.matmul(a, x.reshape(*x.shape[:-1], a.shape[0], b.shape[0])) @ b.T  # (..., a, b)
+            return y.reshape(x.shape) * s * (1.0 / n ** 0.5)
+        y = (x * s).reshape(*x.shape[:-1], a.shape[0], b.shape[0])  # (..., a, b)
         y = torch.matmul(a.T, y) @ b  # (..., a, b)
         return y.reshape(x.shape) * (1.0 / n ** 0.5)
 

@@ -201,11 +201,14 @@ class Decoded(nn.Module):
 
 def decode_once(model: nn.Module) -> int:
     """Replace every QuantLinear of ``model`` by its :class:`Decoded` form (memory: the dense
-    weights); returns how many. For a judge that runs the model over many batches."""
+    weights); returns how many. For a judge that runs the model over many batches. The hooks on
+    a replaced module go with it (an online rotation of its input, ``quant/rotate.py``, is one)."""
     n = 0
     for name, m in list(model.named_modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, QuantLinear):
-                setattr(m, child_name, Decoded(child))
+                from ..skeleton import carry_hooks
+
+                setattr(m, child_name, carry_hooks(child, Decoded(child)))
                 n += 1
     return n

@@ -77,12 +77,16 @@ REFUSED: dict[str, str] = {"gpt2": _LAYERNORM, "opt": _LAYERNORM, "gemma2": _SAN
 class RotateSpec:
     """What ``--rotate`` asks for: the residual rotation, with ``heads`` the per-head V→O one, with
     ``mlp`` an online rotation of the MLP's hidden width before down_proj (not fusable: stated in
-    the folder, applied by llmpress's loaders, refused by the exports that cannot express it)."""
+    the folder, applied by llmpress's loaders, refused by the exports that cannot express it); with
+    ``keep_head`` the embedding, the final norm and the head stay as stored (a tied head stays tied,
+    the same bytes as unrotated) and the stream is rotated online instead: h ← h Q after the
+    embedding, h ← h Qᵀ before the final norm (stated and applied like ``mlp``'s)."""
 
     seed: int = 0
     kind: str = "auto"   # auto (Hadamard where a construction exists) | hadamard | random
     heads: bool = True
     mlp: bool = False
+    keep_head: bool = False  # embedding, final norm and head as stored; the stream rotated online at its ends
 
     @classmethod
     def of(cls, value: bool | dict | RotateSpec | None) -> RotateSpec | None:
@@ -93,9 +97,9 @@ class RotateSpec:
         if isinstance(value, RotateSpec):
             return value
         if isinstance(value, dict):
-            unknown = set(value) - {"seed", "kind", "heads", "mlp"}
+            unknown = set(value) - {"seed", "kind", "heads", "mlp", "keep_head"}
             if unknown:
-                raise InputError(f"rotate: unknown option(s) {sorted(unknown)} (seed, kind, heads, mlp)")
+                raise InputError(f"rotate: unknown option(s) {sorted(unknown)} (seed, kind, heads, mlp, keep_head)")
             return cls(**value)
         raise InputError(f"rotate: give True, a dict or a RotateSpec, got {value!r}")
 
@@ -174,6 +178,25 @@ def apply_steps(t: Tensor, steps: list[Step]) -> Tensor:
 
 # ---- the plan --------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Stream:
+    """The residual rotation Q applied online at the stream's ends (``keep_head``): the output of
+    ``embedding`` ← · Q, the input of ``final_norm`` ← · Qᵀ (full module names); between them
+    every block's readers and writers hold it fused."""
+
+    embedding: str
+    final_norm: str
+    q: Orthogonal
+
+    def record(self) -> dict[str, str]:
+        return {"after": self.embedding, "before": self.final_norm}
+
+
+def is_online(record: Any) -> bool:
+    """Whether a folder's ``rotation`` record asks its loaders for an online rotation."""
+    return isinstance(record, dict) and bool(record.get("online") or record.get("stream"))
+
+
 @dataclass
 class Rotation:
     """The rotation of one model: the steps of each stored tensor it changes."""
@@ -184,12 +207,15 @@ class Rotation:
     sources: dict[str, str] = field(default_factory=dict)       # key not stored -> the stored key it comes from
     untie: bool = False
     online: dict[str, Orthogonal] = field(default_factory=dict)  # module in every block -> its input's rotation
+    stream: Stream | None = None  # keep_head: the residual rotation applied online at the stream's ends
 
     def record(self) -> dict[str, Any]:
         rec = {"residual": self.q.record(), "heads": None if self.r is None else self.r.record(),
                "untied_head": self.untie}
         if self.online:
             rec["online"] = {m: o.record() for m, o in self.online.items()}
+        if self.stream is not None:
+            rec["stream"] = self.stream.record()
         return rec
 
     def wrap(self, store: Any) -> RotatedStore:
@@ -303,7 +329,10 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
     def scale_of(key: str, offset: float) -> Tensor:
         return store.get(key).to(torch.float64) + offset
 
-    add(f"{emb}.weight", ("right", {"m": Q}))
+    if spec.keep_head:
+        rot.stream = Stream(emb, fam.final_norm, q)
+    else:
+        add(f"{emb}.weight", ("right", {"m": Q}))
     for i, block in enumerate(blocks):
         bp = f"{blocks_name}.{i}."
         mods = dict(block.named_modules())
@@ -328,22 +357,32 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
             add(f"{bp}{o}.weight", ("head_cols", {"r": R}))
         for m, h in rot.online.items():  # y = x Wᵀ = (x H)(W H)ᵀ: the stored W H reads the input rotated online
             add(f"{bp}{m}.weight", ("right", {"m": h.matrix}))
-    offset = next((p.offset for p in norms), 0.0)
-    g_final = scale_of(f"{fam.final_norm}.weight", offset)
-    add(f"{fam.final_norm}.weight", ("constant", {"value": 1.0 - offset}))
+    if spec.keep_head:  # the final norm reads the stream un-rotated (online): it, the head and the embedding stay
+        log.info("rotate: the embedding, final norm and head as stored; the stream rotated online after %s, "
+                 "back before %s", emb, fam.final_norm)
+    else:
+        _fold_head(rot, store, cfg, fam, emb, head, next((p.offset for p in norms), 0.0))
+    log.info("rotate: residual %s%s%s%s", q.record(), "" if r is None else f", heads {r.record()}",
+             "".join(f", online before {m} {h.record()}" for m, h in rot.online.items()),
+             "" if rot.stream is None else ", online at the stream's ends")
+    return rot
+
+
+def _fold_head(rot: Rotation, store: Any, cfg: Any, fam: Residual, emb: str, head: str, offset: float) -> None:
+    """The final norm's scale folded into the head, which reads the rotated stream: W diag(γ) Q; a
+    tied head is untied unless γ = 1 (E Q then serves both)."""
+    g_final = store.get(f"{fam.final_norm}.weight").to(torch.float64) + offset
+    rot.steps.setdefault(f"{fam.final_norm}.weight", []).append(("constant", {"value": 1.0 - offset}))
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     if tied and bool((g_final == 1).all()):
         log.info("rotate: the final norm's scale is 1: the tied embedding E Q serves the head too")
-    else:
-        if tied:
-            rot.untie = True
-            log.info("rotate: the head reads E diag(γ_final) Q, the embedding E Q: the head is untied (its own tensor)")
-        if f"{head}.weight" not in store.where:
-            rot.sources[f"{head}.weight"] = f"{emb}.weight"
-        add(f"{head}.weight", ("reader", {"q": Q, "scale": g_final}))
-    log.info("rotate: residual %s%s%s", q.record(), "" if r is None else f", heads {r.record()}",
-             "".join(f", online before {m} {h.record()}" for m, h in rot.online.items()))
-    return rot
+        return
+    if tied:
+        rot.untie = True
+        log.info("rotate: the head reads E diag(γ_final) Q, the embedding E Q: the head is untied (its own tensor)")
+    if f"{head}.weight" not in store.where:
+        rot.sources[f"{head}.weight"] = f"{emb}.weight"
+    rot.steps.setdefault(f"{head}.weight", []).append(("reader", {"q": rot.q.matrix, "scale": g_final}))
 
 
 # ---- online rotations: what a loader applies ---------------------------------------------------
@@ -383,22 +422,95 @@ def online_modules(model: nn.Module, online: dict[str, Orthogonal]) -> dict[str,
     return out
 
 
-def install_online(model: nn.Module, online: dict[str, Orthogonal]) -> dict[str, Any]:
+def stream_of(record: Any) -> Stream | None:
+    """The online rotation at the stream's ends (``keep_head``) of a folder's ``rotation`` record,
+    or None; refuses a malformed one."""
+    if not isinstance(record, dict) or not record.get("stream"):
+        return None
+    st = record["stream"]
+    if not isinstance(st, dict) or not all(isinstance(st.get(k), str) for k in ("after", "before")) \
+            or not isinstance(record.get("residual"), dict):
+        raise InputError(f"rotation record: 'stream' must name the modules 'after' and 'before' which the residual "
+                         f"rotation is applied, beside a 'residual' rotation; got {st!r}")
+    return Stream(st["after"], st["before"], Orthogonal.of_record(record["residual"]))
+
+
+def _check_stream(model: nn.Module, stream: Stream) -> None:
+    names = dict(model.named_modules())
+    n = stream.q.matrix.shape[0]
+    for m in (stream.embedding, stream.final_norm):
+        if m not in names:
+            raise InputError(f"online rotation: the model has no module {m!r}")
+    if model.get_input_embeddings() is not names[stream.embedding]:
+        raise InputError(f"online rotation: {stream.embedding} is not the model's input embedding")
+    width = model.get_input_embeddings().weight.shape[-1]
+    if width != n:
+        raise InputError(f"online rotation: the stream is {width} wide, the rotation has order {n}")
+
+
+def install_online(model: nn.Module, online: dict[str, Orthogonal], stream: Stream | None = None) -> dict[str, Any]:
     """Rotate the input of each block's module named in ``online`` (x ← x H) by a forward
-    pre-hook that runs before any other; returns {full module name: its hook's handle}.
-    Everything is checked (:func:`online_modules`) before any hook is added."""
+    pre-hook that runs before any other; with ``stream`` the embedding's output (h ← h Q, a forward
+    hook) and the final norm's input (h ← h Qᵀ, a pre-hook). Returns {full module name: its hook's
+    handle}. Everything is checked (:func:`online_modules`) before any hook is added."""
     targets = online_modules(model, online)
+    if stream is not None:
+        _check_stream(model, stream)
 
     def hook(h: Orthogonal) -> Callable[..., tuple]:
         return lambda _mod, args: (h.right(args[0]), *args[1:])
 
-    return {n: model.get_submodule(n).register_forward_pre_hook(hook(h), prepend=True) for n, h in targets.items()}
+    handles = {n: model.get_submodule(n).register_forward_pre_hook(hook(h), prepend=True) for n, h in targets.items()}
+    if stream is not None:
+        q = stream.q
+        handles[stream.embedding] = model.get_submodule(stream.embedding).register_forward_hook(
+            lambda _mod, _args, out: q.right(out), prepend=True)
+        handles[stream.final_norm] = model.get_submodule(stream.final_norm).register_forward_pre_hook(
+            lambda _mod, args: (q.right(args[0], inverse=True), *args[1:]), prepend=True)
+    return handles
 
 
-def fold_online(w: Tensor, h: Orthogonal) -> Tensor:
-    """The (out, in) weight W H of a linear reading x H, as the weight of one reading x: W H Hᵀ = W."""
-    return (w.to(torch.float64) @ h.matrix.T.to(w.device)).to(w.dtype)
+def _stream_linears(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(readers, writers) of the residual stream: full module names over every block."""
+    from .. import skeleton as sk
+
+    fam = RESIDUAL[model.config.model_type]
+    norms = [p for p in patterns_for(model.config) if p.kind == "norm"]
+    blocks_name, blocks = sk.blocks_of(model)
+    readers = [f"{blocks_name}.{i}.{c}" for i in range(len(blocks)) for p in norms for c in p.consumers]
+    writers = [f"{blocks_name}.{i}.{w}" for i in range(len(blocks)) for w in fam.writers]
+    return readers, writers
 
 
-ONLINE_NOTE = ("an online rotation (the input of {modules} is multiplied by a Hadamard matrix in the forward), "
+def unrotation(model: nn.Module, online: dict[str, Orthogonal], stream: Stream | None = None) -> dict[str, list[Step]]:
+    """{state key: the steps that fold the online rotations back into that stored tensor}, so that
+    the model reads plain inputs with no hook: a linear reading x H stores W H, which becomes
+    W H Hᵀ; with ``stream`` every reader of the stream W Q → W Q Qᵀ and every writer Qᵀ W → Q Qᵀ W
+    (its bias b Q → b Q Qᵀ), which leaves the fused rotations (heads) and the folded norm scales in
+    place: a plain model of the same architecture, embedding and head as stored."""
+    steps: dict[str, list[Step]] = {}
+    for n, h in online_modules(model, online).items():
+        steps.setdefault(f"{n}.weight", []).append(("right", {"m": h.matrix.T}))
+    if stream is not None:
+        _check_stream(model, stream)
+        qt = stream.q.matrix.T
+        readers, writers = _stream_linears(model)
+        for n in readers:
+            steps.setdefault(f"{n}.weight", []).append(("right", {"m": qt}))
+        for n in writers:
+            steps.setdefault(f"{n}.weight", []).append(("writer", {"q": qt}))
+            if getattr(model.get_submodule(n), "bias", None) is not None:
+                steps.setdefault(f"{n}.bias", []).append(("writer", {"q": qt}))
+    return steps
+
+
+ONLINE_NOTE = ("an online rotation ({where} multiplied by a Hadamard matrix in the forward), "
                "which this format cannot express")
+
+
+def online_where(online: dict[str, Orthogonal], stream: Stream | None) -> str:
+    """Where a model's online rotations act, in words (for :data:`ONLINE_NOTE`)."""
+    parts = [f"the input of {', '.join(sorted({n.rpartition('.')[2] for n in online}))}"] if online else []
+    if stream is not None:
+        parts.append(f"the residual stream after {stream.embedding} and before {stream.final_norm}")
+    return "; ".join(parts)

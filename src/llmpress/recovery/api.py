@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import InputError, MissingInputError
 from ..io.atomic import atomic_dir, check_output
 from ..io.folder import FolderWriter, is_folder, load_folder, read_manifest
-from ..skeleton import set_module
+from ..skeleton import carry_hooks, set_module
 from ..tensor import CompressedTensor, get_codec
 from .data import check_overlap, train_windows
 from .distill import NEEDS_TEACHER
@@ -117,7 +117,7 @@ def make_trainable(model: nn.Module, cts: dict[str, CompressedTensor], rest: dic
             continue
         bias = rest.get(f"{mod_name}.bias")
         mod = ADAPTERS[kind][1](ct, bias)
-        set_module(model, mod_name, mod)
+        set_module(model, mod_name, carry_hooks(model.get_submodule(mod_name), mod))  # an online rotation stays
         trainables[mod_name] = mod
     if frozen:
         log.warning("no recovery training for %d layers (composite codecs or grids QAT does not handle; kept as they are): %s",

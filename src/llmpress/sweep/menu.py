@@ -5,13 +5,26 @@ the options it offers for a layer of a given shape and method:
 
 * ``gptq`` / ``awq`` / ``rtn``: the method at 2, 3, 4 bits with groups of 64 and 128, 5 and 6 bits
   with groups of 128, and RTN at 8 bits, groups of 128 (the cheap fallback where the methods no
-  longer differ); ``gptq-quick`` (the quick sweep's): GPTQ at 2, 3, 4 bits, groups of 64, and RTN 8-bit;
+  longer differ);
+* ``best``: the methods together, so each layer also chooses its method: GPTQ, AWQ and AWQ+GPTQ
+  at 2, 3, 4 bits with groups of 64 and 128, GPTQ and RTN at 5 and 6 bits with groups of 128, RTN at
+  2, 3, 4 bits too (the cheap fallback: it wins where the calibration misleads) and RTN 8-bit;
+  ``best-quick``: a third of its encodings — GPTQ and AWQ+GPTQ at 2, 3, 4 bits with groups of 64,
+  RTN at 4 and 8 bits with groups of 128;
+* ``gptq-quick`` (the quick sweep's): GPTQ at 2, 3, 4 bits, groups of 64, and RTN 8-bit;
   ``near-lossless`` (the near-lossless search's mixed ladder, :mod:`.search`): GPTQ at 5 and 6 bits,
   groups of 128, and RTN 8-bit — the widths between which a mean KL of ~0.01 is crossed;
 * ``gguf``: llama.cpp's types q2_k … q6_k and q8_0 as ``grid: gguf:<type>`` with the chosen
   method (GPTQ by default), each replaced by llama.cpp's fallback where the row width is not a
   multiple of its block (:mod:`llmpress.quant.gguf_mix`); fallbacks that make two options the
   same type leave one.
+
+AWQ options are **unfolded** (``fold: false``): each layer searches and stores its own input
+scale (``in_scale``, float16, counted in its cost). A folded scale is shared by the linears that
+read one input (q/k/v, gate/up; :mod:`llmpress.quant.fold`) and searched for all of them at
+once, so it exists only when the whole group is AWQ and its error depends on the group's
+choices: it is not a per-layer option. Unfolded, what the sensitivity table measures for a layer
+(:func:`.sensitivity.measure` encodes it alone) is what ``compress`` writes for it.
 
 An option's **cost** is the bits its layer takes as stored: for a ``gguf`` type the bytes the
 GGUF export writes for the tensor (its blocks, padded to the file's 32-byte alignment), for the
@@ -83,15 +96,30 @@ def gguf_tensor_bytes(gguf_type: str, shape: tuple[int, int]) -> int:
     return -(-n // GGUF_ALIGN) * GGUF_ALIGN
 
 
+# the parameters a method's options carry besides bits and group size (see the docstring: AWQ unfolded)
+METHOD_PARAMS: dict[str, dict[str, Any]] = {"awq": {"fold": False}, "awq+gptq": {"fold": False}}
+
+
+def _opts(method: str, bits: tuple[int, ...], groups: tuple[int, ...]) -> list[Option]:
+    return [Option.of(method, bits=b, group_size=g, **METHOD_PARAMS.get(method, {})) for b in bits for g in groups]
+
+
 def _grid_menu(method: str, groups: tuple[int, ...] = (64, 128), high: tuple[int, ...] = (5, 6),
                low: tuple[int, ...] = (2, 3, 4)) -> Callable[[tuple[int, int], str | None], list[Option]]:
     def options(shape: tuple[int, int], _method: str | None) -> list[Option]:
-        opts = [Option.of(method, bits=b, group_size=g) for b in low for g in groups]
-        opts += [Option.of(method, bits=b, group_size=128) for b in high]
-        opts.append(Option.of("rtn", bits=8, group_size=128))
-        return opts
+        return _opts(method, low, groups) + _opts(method, high, (128,)) + _opts("rtn", (8,), (128,))
 
     return options
+
+
+def _best_menu(shape: tuple[int, int], _method: str | None) -> list[Option]:
+    low, groups, high = (2, 3, 4), (64, 128), (5, 6)
+    opts = [o for m in ("gptq", "awq", "awq+gptq", "rtn") for o in _opts(m, low, groups)]
+    return opts + [o for m in ("gptq", "rtn") for o in _opts(m, high, (128,))] + _opts("rtn", (8,), (128,))
+
+
+def _best_quick_menu(shape: tuple[int, int], _method: str | None) -> list[Option]:
+    return [o for m in ("gptq", "awq+gptq") for o in _opts(m, (2, 3, 4), (64,))] + _opts("rtn", (4, 8), (128,))
 
 
 def _gguf_menu(shape: tuple[int, int], method: str | None) -> list[Option]:
@@ -111,6 +139,8 @@ MENUS: dict[str, Callable[[tuple[int, int], str | None], list[Option]]] = {
     "rtn": _grid_menu("rtn"),
     "gptq-quick": _grid_menu("gptq", groups=(64,), high=()),  # the quick sweep's: a third of the encodings
     "near-lossless": _grid_menu("gptq", groups=(128,), low=()),
+    "best": _best_menu,  # every method per layer
+    "best-quick": _best_quick_menu,  # the quick sweep's size of it
     "gguf": _gguf_menu,
 }
 # menus whose options carry the method the user picks (--method)

@@ -34,7 +34,7 @@ class Target:
     fallbacks: tuple[str, ...] = ("dense",)
     # the result is a folder (a file for GGUF)
     output_is_dir: bool = True
-    # it can fold an online rotation (``rotate mlp``) back into the weights; the others refuse such a folder
+    # it can fold an online rotation (``rotate mlp``, ``keep_head``) back into the weights; the others refuse such a folder
     folds_online: bool = False
 
     def why_not(self, ct: CompressedTensor, **opts: Any) -> str | None:

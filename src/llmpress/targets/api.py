@@ -64,13 +64,13 @@ def export(model: str | Path, out: str | Path, *, format: str = "dense", fallbac
     target = get_target(format)
     out = Path(out)
     with ExportSource(model, verify=verify) as src:
-        if src.online and not target.folds_online:
-            from ..quant.rotate import ONLINE_NOTE
+        if (src.online or src.stream) and not target.folds_online:
+            from ..quant.rotate import ONLINE_NOTE, online_where
 
-            mods = sorted({n.rpartition(".")[2] for n in src.online})
-            raise ExportRefused(f"{model}: its weights were made for " + ONLINE_NOTE.format(modules=", ".join(mods))
+            raise ExportRefused(f"{model}: its weights were made for "
+                                + ONLINE_NOTE.format(where=online_where(src.online, src.stream))
                                 + f" as {target.name}; export it dense (the rotation folded back into the weights), "
-                                "or quantize again with the residual rotation alone (no online MLP rotation)")
+                                "or quantize again with the fused rotation alone (no online rotation)")
         actions, reasons = plan_actions(src, target, fallback, **opts)
         dest = target.output_path(out)
         opener = atomic_dir if target.output_is_dir else atomic_file

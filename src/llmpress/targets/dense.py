@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InputError
 from ..io.folder import FolderWriter, copy_side_files
-from ..quant.rotate import fold_online
+from ..quant.rotate import apply_steps
 from ..tensor import CompressedTensor
 from . import ExportSource, Target, register_target
 
@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @register_target("dense")
 class Dense(Target):
     fallbacks = ()  # every layer is representable: there is nothing to fall back from
-    folds_online = True  # an online rotation before a linear goes back into its weight: W H Hᵀ
+    folds_online = True  # an online rotation goes back into the weights (quant/rotate.py unrotation: W H Hᵀ)
 
     def why_not(self, ct: CompressedTensor, **opts: Any) -> str | None:
         return None
@@ -41,8 +41,8 @@ class Dense(Target):
         max_err = 0.0
         for e in src.entries():
             t = e.tensor()
-            if e.module in src.online and e.name.endswith(".weight"):
-                t = fold_online(t, src.online[e.module])
+            if e.name in src.unrotate:
+                t = apply_steps(t, src.unrotate[e.name])
             if e.ct is not None:
                 cast = t.to(to)
                 max_err = max(max_err, float((cast.float() - t).abs().max()) if t.numel() else 0.0)

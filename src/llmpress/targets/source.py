@@ -111,7 +111,7 @@ class ExportSource:
             self._open_folder(p)
         else:
             self._open_original(self.model)
-        self.module_types, self.online = self._module_types()
+        self.module_types, self.online, self.stream, self.unrotate = self._module_types()
         self._conv1d = {n for n, t in self.module_types.items() if t == "Conv1D"}
         return self
 
@@ -150,21 +150,23 @@ class ExportSource:
         self._kept = dict.fromkeys(store.keys())
         self._get = store.get
 
-    def _module_types(self) -> tuple[dict[str, str], dict[str, Any]]:
+    def _module_types(self) -> tuple[dict[str, str], dict[str, Any], Any, dict[str, Any]]:
         """Each module's class name, by module name, from the model built on the meta device
         (GPT-2's ``Conv1D`` stores its weight as (in, out); a target may store only ``Linear``),
         and {module: the ``Orthogonal`` its input is rotated by online} of a folder made with
-        ``rotate mlp`` (``quant/rotate.py``; empty otherwise)."""
-        from ..quant.rotate import online_modules, online_of
+        ``rotate mlp`` (``quant/rotate.py``; empty otherwise), the ``Stream`` of one made with
+        ``keep_head`` (else None), and {state key: the steps folding them back} (``unrotation``)."""
+        from ..quant.rotate import online_modules, online_of, stream_of, unrotation
         from ..skeleton import build_meta, folder_config
 
         skel = build_meta(folder_config(self.root))
         rec = None if self.manifest is None else self.manifest.get("rotation")
         try:
-            online = online_modules(skel, online_of(rec))
+            blocks, stream = online_of(rec), stream_of(rec)
+            online, unrotate = online_modules(skel, blocks), unrotation(skel, blocks, stream)
         except InputError as e:
             raise InputError(f"{self.root}: {e}") from None
-        return {n: type(m).__name__ for n, m in skel.named_modules() if n}, online
+        return {n: type(m).__name__ for n, m in skel.named_modules() if n}, online, stream, unrotate
 
     # ------------------------------------------------------------------ reading
     @property
