@@ -75,14 +75,17 @@ def frontier(path: Path, data: dict[str, Any]) -> list[str]:
         cmds = sorted({r["command"] for r in rows if r.get("command")})
         for c in cmds:
             lines.append(f"- command: `{c}`")
-        uniform = sorted({r["label"].split("-", 1)[1].replace("w", "").replace("-g", ":") for r in rows
-                          if r["label"].startswith("gptq-")})
-        targets = sorted({r["label"].rsplit("-", 1)[1] for r in rows if r["label"].startswith("mixed-")}, key=float)
-        if any(not r.get("command") for r in rows):
+        old = [r for r in rows if not r.get("command")]
+        mixed = [mt for r in old if (mt := _menu_target(r["label"]))]
+        points = [r["label"].split("-") for r in old if r.get("bpw") is not None and not _menu_target(r["label"])]
+        uniform = sorted({f"{b[1:]}:{g[1:]}" for _, b, g in points})
+        if old:
             lines.append(f"- rows marked {UNRECORDED}: measured before the bench recorded its provenance; to measure "
-                         f"them again, remove bench/out/frontier/results.json and run `python bench/frontier.py --model {p.get('model')} --samples {p.get('samples')} --seq-len "
-                         f"{p.get('seq_len')} --ctx {p.get('ctx')} --tokens {p.get('tokens')} --uniform {','.join(uniform)} "
-                         f"--targets {','.join(targets)}`")
+                         f"them again, remove them from bench/out/frontier/results.json and run `python bench/frontier.py "
+                         f"--model {p.get('model')} --samples {p.get('samples')} --seq-len {p.get('seq_len')} --ctx "
+                         f"{p.get('ctx')} --tokens {p.get('tokens')} --menus {','.join(sorted({m for m, _ in mixed}))} "
+                         f"--uniform-methods {','.join(sorted({m for m, _, _ in points}))} --uniform {','.join(uniform)} "
+                         f"--targets {','.join(sorted({f'{t:g}' for _, t in mixed}, key=float))}`")
         lines.append("")
         points = [r for r in rows if r.get("bpw") is not None]
         head = ["point", "bpw", *[f"KL {t}" for t in texts], "KL mean", "predicted ΔKL", "time s", "peak RSS GiB", "commit, date"]
@@ -244,14 +247,15 @@ def lossless_gguf(path: Path, data: dict[str, Any]) -> list[str]:
               "BF16 input's (same tool and threads; by wall time and by the process's CPU time):", ""]
     lines += _table(["file", "llmpress ratio", "bound"], [[f, _f(ratio.get(f), ".4f"), _f(g.get("bound_ratio"), ".4f")]
                                                        for f, g in files.items()]) + _dec_vs_bf16(data)
-    fields = list(dict.fromkeys(k for g in files.values() for t in g.get("types", {}).values() for k in t.get("packed_bpw", {})))
+    fields = sorted(dict.fromkeys(k for g in files.values() for t in g.get("types", {}).values() for k in t.get("packed_bpw", {})),
+                    key=lambda k: k == "codes")  # scales first, codes last
     lines += ["Per block type: bits a weight as stored, and each field's bits a weight packed (its bound in brackets); "
               "a field a type lacks is —.", ""]
     body = []
     for f, g in files.items():
         for name, t in g.get("types", {}).items():
             packed, bound = t.get("packed_bpw", {}), t.get("bound_bpw", {})
-            body.append([f, name, _f(t.get("weights"), ","), _f(t.get("bits_per_weight"), ".4g"),
+            body.append([f, name, _f(t.get("weights"), ","), _f(t.get("bits_per_weight"), ".5g"),
                          *[f"{_f(packed[k], '.3f')} ({_f(bound.get(k), '.3f')})" if k in packed else "—" for k in fields],
                          _f(sum(packed.values()), ".3f"), _f(sum(packed.values()) / t["bits_per_weight"], ".4f")
                          if t.get("bits_per_weight") else "—"])
@@ -291,8 +295,9 @@ def rotate(path: Path, data: dict[str, Any]) -> list[str]:
     lines = _prov(data, path) + [
         f"Protocol `{data.get('protocol')}`; rotation seed {data.get('seed')}, kind `{data.get('kind')}`"
         + (f"; options {', '.join(f'{k}={v}' for k, v in opts.items())}" if opts else "")
-        + ". KL in nats per token; × unrotated = KL mean / the same case's unrotated KL mean; calibration loss: "
-        "the quantizer's own (mean over layers); peak RSS of the run's process.", ""]
+        + ". KL in nats per token; × unrotated = KL mean / the same case's unrotated KL mean; calibration loss: the "
+        "geometric mean over the layers of each layer's relative output error on the calibration tokens; time and "
+        "peak RSS of the quantization as `llmpress.quantize` reports them.", ""]
     rows = data.get("rows", {})
     texts = list(dict.fromkeys(t for r in rows.values() for t in r.get("kl", {})))
     body = []
@@ -310,7 +315,8 @@ def finetune(path: Path, data: dict[str, Any]) -> list[str]:
     rows = [r for r in data.get("results", []) if isinstance(r, dict)]
     lines = [f"- command: `{c}`" for c in dict.fromkeys(r.get("command") or UNRECORDED for r in rows)]
     lines += ["- commit and date: per row", "", f"Model `{data.get('model')}`; recovered = the share of the KL gap "
-              "won back; time s: the whole case (training, evaluations and the reference), peak RSS of its process.", ""]
+              "won back, (KL before − KL after) / KL before; time s: the whole case, wall (training, evaluations and the reference "
+              "model); peak RSS: the bench process's high-water mark up to the end of the case.", ""]
     body = [[r.get("case", ""), _f(r.get("bpw_after"), ".3f"), _f(r.get("minutes"), ".0f"), _f(r.get("steps")),
              _f(r.get("tokens_trained"), ","), f"{_f(r.get('kl_before'), '.4f')} → {_f(r.get('kl_after'), '.4f')}",
              _f(r.get("recovered"), ".1%"), f"{_f(r.get('ppl_before'), '.2f')} → {_f(r.get('ppl_after'), '.2f')} "
@@ -455,8 +461,9 @@ class Bench:
 
 
 BENCHES = [
-    Bench("frontier/results.json", "Allocation against uniform GPTQ (SmolLM2-135M)",
-          "Mixed-precision allocation (`compress --target-bpw`, gptq menu) beside uniform GPTQ points, same calibration. "
+    Bench("frontier/results.json", "Allocation against uniform GPTQ and AWQ (SmolLM2-135M)",
+          "Mixed-precision allocation (`compress --target-bpw`, one row per menu and target: `mixed-MENU-TARGET`) beside "
+          "uniform GPTQ and AWQ points, same calibration. "
           "Peak RSS is the bench process's high-water mark up to that point (the sensitivity pass included).",
           "python bench/frontier.py --targets 3.0,3.5,4.0", frontier),
     Bench("gguf.json", "llama.cpp's K-quant mixes: llama.cpp against llmpress",
