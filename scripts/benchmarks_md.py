@@ -83,9 +83,11 @@ def frontier(path: Path, data: dict[str, Any]) -> list[str]:
             lines.append(f"- rows marked {UNRECORDED}: measured before the bench recorded its provenance; to measure "
                          f"them again, remove them from bench/out/frontier/results.json and run `python bench/frontier.py "
                          f"--model {p.get('model')} --samples {p.get('samples')} --seq-len {p.get('seq_len')} --ctx "
-                         f"{p.get('ctx')} --tokens {p.get('tokens')} --menus {','.join(sorted({m for m, _ in mixed}))} "
-                         f"--uniform-methods {','.join(sorted({m for m, _, _ in points}))} --uniform {','.join(uniform)} "
-                         f"--targets {','.join(sorted({f'{t:g}' for _, t in mixed}, key=float))}`")
+                         f"{p.get('ctx')} --tokens {p.get('tokens')}"
+                         + (f" --menus {','.join(sorted({m for m, _ in mixed}))} --targets "
+                            f"{','.join(sorted({f'{t:g}' for _, t in mixed}, key=float))}" if mixed else "")
+                         + (f" --uniform-methods {','.join(sorted({m for m, _, _ in points}))} --uniform {','.join(uniform)}"
+                            if points else "") + "`")
         lines.append("")
         points = [r for r in rows if r.get("bpw") is not None]
         head = ["point", "bpw", *[f"KL {t}" for t in texts], "KL mean", "predicted ΔKL", "time s", "peak RSS GiB", "commit, date"]
