@@ -75,24 +75,78 @@ def frontier(path: Path, data: dict[str, Any]) -> list[str]:
         cmds = sorted({r["command"] for r in rows if r.get("command")})
         for c in cmds:
             lines.append(f"- command: `{c}`")
-        uniform = sorted({r["label"].split("-", 1)[1].replace("w", "").replace("-g", ":") for r in rows
-                          if r["label"].startswith("gptq-")})
-        targets = sorted({r["label"].rsplit("-", 1)[1] for r in rows if r["label"].startswith("mixed-")}, key=float)
-        if any(not r.get("command") for r in rows):
+        old = [r for r in rows if not r.get("command")]
+        mixed = [mt for r in old if (mt := _menu_target(r["label"]))]
+        points = [r["label"].split("-") for r in old if r.get("bpw") is not None and not _menu_target(r["label"])]
+        uniform = sorted({f"{b[1:]}:{g[1:]}" for _, b, g in points})
+        if old:
             lines.append(f"- rows marked {UNRECORDED}: measured before the bench recorded its provenance; to measure "
-                         f"them again, remove bench/out/frontier/results.json and run `python bench/frontier.py --model {p.get('model')} --samples {p.get('samples')} --seq-len "
-                         f"{p.get('seq_len')} --ctx {p.get('ctx')} --tokens {p.get('tokens')} --uniform {','.join(uniform)} "
-                         f"--targets {','.join(targets)}`")
+                         f"them again, remove them from bench/out/frontier/results.json and run `python bench/frontier.py "
+                         f"--model {p.get('model')} --samples {p.get('samples')} --seq-len {p.get('seq_len')} --ctx "
+                         f"{p.get('ctx')} --tokens {p.get('tokens')}"
+                         + (f" --menus {','.join(sorted({m for m, _ in mixed}))} --targets "
+                            f"{','.join(sorted({f'{t:g}' for _, t in mixed}, key=float))}" if mixed else "")
+                         + (f" --uniform-methods {','.join(sorted({m for m, _, _ in points}))} --uniform {','.join(uniform)}"
+                            if points else "") + "`")
         lines.append("")
+        points = [r for r in rows if r.get("bpw") is not None]
         head = ["point", "bpw", *[f"KL {t}" for t in texts], "KL mean", "predicted ΔKL", "time s", "peak RSS GiB", "commit, date"]
         body = []
-        for r in sorted(rows, key=lambda r: r["bpw"]):
+        for r in sorted(points, key=lambda r: r["bpw"]):
             a = r.get("alloc") or {}
             body.append([f"`{r['label']}`", _f(r["bpw"], ".3f"), *[_f(r.get(f"kl:{t}"), ".4f") for t in texts],
                          _f(r.get("kl"), ".4f"), _f(a.get("predicted_dkl"), ".4f"), _f(r.get("seconds"), ".0f"),
                          _gib(r.get("peak_rss_bytes")), _cell_prov(r)])
-        lines += _table(head, body)
+        lines += _table(head, body) + _frontier_menus(rows)
     return lines
+
+
+def _menu_target(label: str) -> tuple[str, float] | None:
+    """``mixed-<menu>-<target>`` → (menu, target); None for any other label."""
+    if not label.startswith("mixed-"):
+        return None
+    menu, target = label[len("mixed-"):].rsplit("-", 1)
+    return menu, float(target)
+
+
+def _frontier_menus(rows: list[dict[str, Any]]) -> list[str]:
+    """Each menu's mixed point beside the best uniform point at equal or lower bpw (ratio of mean KLs; ✓ at ≤ 0.85),
+    the sensitivity tables measured, and the targets a menu cannot reach."""
+    uniform = [r for r in rows if r.get("bpw") is not None and r.get("kl") is not None
+               and not r["label"].startswith(("mixed-", "sensitivity-"))]
+    mixed: dict[float, dict[str, dict]] = {}
+    for r in rows:
+        mt = _menu_target(r["label"])
+        if mt:
+            mixed.setdefault(mt[1], {})[mt[0]] = r
+    menus = sorted({m for by in mixed.values() for m in by})
+    lines: list[str] = []
+    if menus and uniform:
+        lines += [f"Each menu's mixed point against the best uniform point ({', '.join(sorted({r['label'].split('-', 1)[0] for r in uniform}))}) "
+                  "at equal or lower bpw: bpw, KL mean (KL / the uniform point's KL; ✓ at ≤ 0.85).", ""]
+        body = []
+        for t, by in sorted(mixed.items()):
+            cells = []
+            for m in menus:
+                r = by.get(m)
+                if r is None:
+                    cells.append("—")
+                elif "infeasible" in r or r.get("kl") is None:
+                    cells.append("not reachable" if "infeasible" in r else "—")
+                else:
+                    u = min((x for x in uniform if x["bpw"] <= r["bpw"] + 1e-9), key=lambda x: x["kl"], default=None)
+                    ratio = r["kl"] / u["kl"] if u else None
+                    mark = "" if ratio is None else (" ✓" if ratio <= 0.85 else " ✗")
+                    cells.append(f"{_f(r['bpw'], '.3f')}, {_f(r['kl'], '.4f')} ({_f(ratio, '.2f')}{mark}) vs `{u['label'] if u else '—'}`")
+            body.append([f"{t:g}", *cells])
+        lines += _table(["target bpw", *[f"menu `{m}`" for m in menus]], body)
+    sens = [r for r in rows if r["label"].startswith("sensitivity-")]
+    if sens:
+        lines += _table(["sensitivity table", "options measured", "time s", "peak RSS GiB", "commit, date"],
+                        [[f"`{r['label'][len('sensitivity-'):]}`", _f(r.get("options")), _f(r.get("seconds"), ".0f"),
+                          _gib(r.get("peak_rss_bytes")), _cell_prov(r)] for r in sorted(sens, key=lambda r: r["label"])])
+    lines += [f"- `{r['label']}`: not reachable: {r['infeasible']}" for r in rows if "infeasible" in r]
+    return lines + ([""] if lines and lines[-1] != "" else [])
 
 
 def gguf(path: Path, data: dict[str, Any]) -> list[str]:
@@ -173,11 +227,106 @@ def lossless_fp8(path: Path, data: dict[str, Any]) -> list[str]:
         lines += ["Entropy bound of each FP8 input (chunk-adaptive, fraction of the file), and its decode MB/s over the BF16 "
                   "input's (same tool and threads; by wall time and by the process's CPU time):", ""]
         body = [[label, _f(b.get("bound_chunk_ratio"), ".4f")] for label, b in bounds.items()]
-        lines += _table(["file", "bound"], body)
-        body = [[r["file"], r["tool"], _f(r["threads"]), _f(r.get("dec_vs_BF16"), ".2f"), _f(r.get("dec_cpu_vs_BF16"), ".2f")]
-                for r in data.get("rows", []) if r.get("dec_vs_BF16")]
-        lines += _table(["file", "tool", "threads", "decode / BF16, wall", "decode / BF16, CPU"], body)
+        lines += _table(["file", "bound"], body) + _dec_vs_bf16(data)
     return lines
+
+
+def _dec_vs_bf16(data: dict[str, Any]) -> list[str]:
+    body = [[r["file"], r["tool"], _f(r["threads"]), _f(r.get("dec_vs_BF16"), ".2f"), _f(r.get("dec_cpu_vs_BF16"), ".2f")]
+            for r in data.get("rows", []) if r.get("dec_vs_BF16")]
+    return _table(["file", "tool", "threads", "decode / BF16, wall", "decode / BF16, CPU"], body) if body else []
+
+
+def lossless_gguf(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/lossless.py on GGUF files: ratio beside the entropy bound, decode speed against the BF16 input's, and
+    each block type's fields (scales, mins, codes) packed against their bound."""
+    lines = lossless(path, data)
+    files = data.get("gguf") or {}
+    if not files:
+        return lines
+    ratio = {r["file"]: r["ratio"] for r in data.get("rows", []) if r["tool"].startswith("llmpress")}
+    lines += ["Entropy bound of each GGUF file (fraction of the file) beside llmpress's ratio, and decode MB/s over the "
+              "BF16 input's (same tool and threads; by wall time and by the process's CPU time):", ""]
+    lines += _table(["file", "llmpress ratio", "bound"], [[f, _f(ratio.get(f), ".4f"), _f(g.get("bound_ratio"), ".4f")]
+                                                       for f, g in files.items()]) + _dec_vs_bf16(data)
+    fields = sorted(dict.fromkeys(k for g in files.values() for t in g.get("types", {}).values() for k in t.get("packed_bpw", {})),
+                    key=lambda k: k == "codes")  # scales first, codes last
+    lines += ["Per block type: bits a weight as stored, and each field's bits a weight packed (its bound in brackets); "
+              "a field a type lacks is —.", ""]
+    body = []
+    for f, g in files.items():
+        for name, t in g.get("types", {}).items():
+            packed, bound = t.get("packed_bpw", {}), t.get("bound_bpw", {})
+            body.append([f, name, _f(t.get("weights"), ","), _f(t.get("bits_per_weight"), ".5g"),
+                         *[f"{_f(packed[k], '.3f')} ({_f(bound.get(k), '.3f')})" if k in packed else "—" for k in fields],
+                         _f(sum(packed.values()), ".3f"), _f(sum(packed.values()) / t["bits_per_weight"], ".4f")
+                         if t.get("bits_per_weight") else "—"])
+    return lines + _table(["file", "type", "weights", "stored bits", *fields, "packed bits", "packed / stored"], body)
+
+
+def delta(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/delta.py: a fine-tuned checkpoint packed alone and against its base (``pack --base``)."""
+    lines = _prov(data, path) + [
+        f"{data.get('threads')} threads; ratio = .llmp / the checkpoint's bytes; × smaller = alone / with the base; "
+        "shares: of the chunks, coded alone, as the XOR with the base, as the difference from it; MB/s of the original "
+        "bytes; decode × plain = decode MB/s with the base over without.", ""]
+    rows = data.get("rows", [])
+    body = []
+    for r in rows:
+        sh = r.get("share", {})
+        body.append([r["case"], _f(r.get("bytes_in"), ","), _f(r.get("alone_bytes"), ","), _f(r.get("alone_ratio"), ".4f"),
+                     _f(r.get("delta_bytes"), ","), _f(r.get("delta_ratio"), ".4f"), _f(r.get("x_smaller"), ".2f"),
+                     _f(r.get("alone_bits_per_param"), ".2f"), _f(r.get("delta_bits_per_param"), ".2f"),
+                     " / ".join(_f(sh.get(k), ".0%") for k in ("alone", "xor", "diff")),
+                     f"{_f(r.get('encode_mbs_alone'), '.0f')} / {_f(r.get('encode_mbs_delta'), '.0f')}",
+                     f"{_f(r.get('decode_mbs_alone'), '.0f')} / {_f(r.get('decode_mbs_delta'), '.0f')}",
+                     _f(r.get("decode_vs_plain"), ".2f")])
+    lines += _table(["case", "bytes", "pack", "ratio", "pack --base", "ratio", "× smaller", "bits/param", "bits/param --base",
+                     "shares alone / xor / diff", "enc MB/s plain / --base", "dec MB/s plain / --base", "dec × plain"], body)
+    train = [[r["case"], _f(t.get("steps")), _f(t.get("lr"), ".0e"), f"{t.get('batch')}×{t.get('seq')}", str(t.get("corpus")),
+              _f(t.get("seconds"), ".0f"), f"`{t.get('commit', UNRECORDED)}`"] for r in rows if (t := r.get("training"))]
+    if train:
+        lines += ["The fine-tunes (AdamW, FP32 master weights, from the base):", ""]
+        lines += _table(["case", "steps", "lr", "batch×seq", "corpus", "train s", "trained at commit"], train)
+    return lines
+
+
+def rotate(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/rotate.py: each case quantized unrotated and under each rotation variant, judged by KL."""
+    opts = data.get("options") or {}
+    lines = _prov(data, path) + [
+        f"Protocol `{data.get('protocol')}`; rotation seed {data.get('seed')}, kind `{data.get('kind')}`"
+        + (f"; options {', '.join(f'{k}={v}' for k, v in opts.items())}" if opts else "")
+        + ". KL in nats per token; × unrotated = KL mean / the same case's unrotated KL mean; calibration loss: the "
+        "geometric mean over the layers of each layer's relative output error on the calibration tokens; time and "
+        "peak RSS of the quantization as `llmpress.quantize` reports them.", ""]
+    rows = data.get("rows", {})
+    texts = list(dict.fromkeys(t for r in rows.values() for t in r.get("kl", {})))
+    body = []
+    for key, r in rows.items():
+        case, *_, variant = key.split("|")
+        body.append([case, variant, _f(r.get("bpw"), ".3f"), *[_f(r.get("kl", {}).get(t), ".4f") for t in texts],
+                     _f(r.get("kl_mean"), ".4f"), _f(r.get("ratio_to_unrotated"), ".3f"), _f(r.get("calib_loss"), ".5f"),
+                     _f(r.get("seconds"), ".0f"), _gib(r.get("peak_rss_bytes"))])
+    return lines + _table(["case", "rotation", "bpw", *[f"KL {t}" for t in texts], "KL mean", "× unrotated",
+                           "calibration loss", "time s", "peak RSS GiB"], body)
+
+
+def finetune(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/finetune.py: each case's KL, PPL and top-1 before and after recovery training, with its cost."""
+    rows = [r for r in data.get("results", []) if isinstance(r, dict)]
+    lines = [f"- command: `{c}`" for c in dict.fromkeys(r.get("command") or UNRECORDED for r in rows)]
+    lines += ["- commit and date: per row", "", f"Model `{data.get('model')}`; recovered = the share of the KL gap "
+              "won back, (KL before − KL after) / KL before; time s: the whole case, wall (training, evaluations and the reference "
+              "model); peak RSS: the bench process's high-water mark up to the end of the case.", ""]
+    body = [[r.get("case", ""), _f(r.get("bpw_after"), ".3f"), _f(r.get("minutes"), ".0f"), _f(r.get("steps")),
+             _f(r.get("tokens_trained"), ","), f"{_f(r.get('kl_before'), '.4f')} → {_f(r.get('kl_after'), '.4f')}",
+             _f(r.get("recovered"), ".1%"), f"{_f(r.get('ppl_before'), '.2f')} → {_f(r.get('ppl_after'), '.2f')} "
+             f"({_f(r.get('ref_ppl'), '.2f')})", f"{_f(r.get('top1_before'), '.3f')} → {_f(r.get('top1_after'), '.3f')}",
+             _f(r.get("threads")), str(r.get("clock", "—")), _f(r.get("seconds"), ".0f"), _gib(r.get("peak_rss_bytes")),
+             _cell_prov(r)] for r in rows]
+    return lines + _table(["case", "bpw", "budget min", "steps", "tokens", "KL", "recovered", "PPL (original)", "top-1",
+                           "threads", "clock", "time s", "peak RSS GiB", "commit, date"], body)
 
 
 def lossless_quantized(path: Path, data: dict[str, Any]) -> list[str]:
@@ -314,8 +463,9 @@ class Bench:
 
 
 BENCHES = [
-    Bench("frontier/results.json", "Allocation against uniform GPTQ (SmolLM2-135M)",
-          "Mixed-precision allocation (`compress --target-bpw`, gptq menu) beside uniform GPTQ points, same calibration. "
+    Bench("frontier/results.json", "Allocation against uniform GPTQ and AWQ (SmolLM2-135M)",
+          "Mixed-precision allocation (`compress --target-bpw`, one row per menu and target: `mixed-MENU-TARGET`) beside "
+          "uniform GPTQ and AWQ points, same calibration. "
           "Peak RSS is the bench process's high-water mark up to that point (the sensitivity pass included).",
           "python bench/frontier.py --targets 3.0,3.5,4.0", frontier),
     Bench("gguf.json", "llama.cpp's K-quant mixes: llama.cpp against llmpress",
@@ -337,6 +487,14 @@ BENCHES = [
           "An llmpress GPTQ 4-bit g128 SmolLM2-135M folder (unquantized tensors FP32 as written, and in BF16 as a release "
           "ships them) and its compressed-tensors export, packed with their codes against their zero points (format 6).",
           "python bench/lossless.py --folders GPTQ-4b-g128 GPTQ-4b-g128-BF16 CT-4b-g128 --reps 3", lossless_quantized),
+    Bench("lossless-gguf.json", "Lossless: GGUF files",
+          "The embedded SmolLM2-135M as GGUF Q4_1 and Q4_K_M files packed by llmpress (each block type's fields as "
+          "streams of their own) and by zstd, beside the BF16 MiniLM; the entropy bound per file and per field.",
+          "python bench/lossless.py --files BF16 GGUF-Q4_1 GGUF-Q4_K_M --tools 'llmpress (rans)' 'zstd -3' --reps 2 "
+          "--out lossless-gguf.json", lossless_gguf),
+    Bench("delta.json", "Lossless: fine-tunes against their base (`pack --base`)",
+          "SmolLM2-135M fine-tuned for a few steps, packed alone and as a delta against the original checkpoint.",
+          "python bench/delta.py", delta),
     Bench("grid.json", "Lossless: a checkpoint dequantized from a GGUF grid",
           "The embedded SmolLM2-135M (Q4_1 linears and a Q8_0 embedding widened to FP32) packed with its grids found "
           "and without, bit for bit.", "python bench/grid.py --reps 2 --threads 1 2", grid),
@@ -362,10 +520,16 @@ BENCHES = [
     Bench("lowrank.json", "Low-rank factorization",
           "Plain, randomized, activation-aware and whitened SVD at 10/20/40 % of linear parameters removed; GPTQ ± a "
           "low-rank error correction.", "python bench/lowrank.py --tokens 1024", lowrank),
+    Bench("rotate-table.json", "Rotations before quantization",
+          "GPTQ of SmolLM2-135M unrotated and under Hadamard rotations (the residual stream with the head kept, and "
+          "an online rotation before `mlp.down_proj`), same calibration.",
+          "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,keep,keep+mlp", rotate),
+    Bench("rotate-table-gridnf.json", "Rotations before quantization, on the NF grid",
+          "The same comparison with GPTQ on the normal-float grid (`grid=nf`).",
+          "python bench/rotate.py --cases gptq3-g64 --variants none,keep+mlp --opts grid=nf", rotate),
     Bench("finetune.json", "Recovery training",
           "How much of the KL gap a fixed CPU budget of distillation wins back.",
-          "OMP_NUM_THREADS=1 python bench/finetune.py --cases gptq2-asym whiten40 --minutes 20 --threads 1 --seq-len 128 "
-          "--batch-size 2 --eval-tokens 4096"),
+          "python bench/finetune.py --cases gptq2 --minutes 20 --threads 1", finetune),
     Bench("generate.json", "Generation speed", "Tokens/s and resident memory of packed kernels against the dense model.",
           "python bench/generate.py"),
     Bench("export.json", "Exports run in their engines", "Each export in its engine; llama.cpp's KL beside llmpress's.",

@@ -73,3 +73,36 @@ def test_readme_test_command_is_what_ci_runs():
     ci = [l.strip() for l in (REPO / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith(("#", "set ", "cd "))]
     assert ci == ["make test"]
     assert "\nmake test " in (REPO / "README.md").read_text()
+
+
+def test_benchmarks_md_frontier_menus_and_new_renderers(tmp_path):
+    """frontier rows without a point (a sensitivity table, a target the menu cannot reach) do not break the page;
+    each menu's mixed point stands beside the best uniform point at equal or lower bpw; the rotate and delta
+    renderers show their rows."""
+    md = _script("benchmarks_md")
+    out = tmp_path / "out"
+    (out / "frontier").mkdir(parents=True)
+    proto = {"model": "m", "samples": 4, "seq_len": 64, "ctx": 64, "tokens": 128, "texts": ["a"]}
+    rec = {"command": "python bench/frontier.py --menus best-quick", "commit": "abc1234", "date": "2026-12-07T10:00:00+00:00"}
+    rows = {"gptq-w3-g64": {"bpw": 3.5, "kl": 0.4, "kl:a": 0.4},
+            "gptq-w2-g64": {"bpw": 2.5, "kl": 2.0, "kl:a": 2.0},
+            "awq-w3-g64": {**rec, "bpw": 3.5, "kl": 0.5, "kl:a": 0.5},
+            "mixed-best-quick-4": {**rec, "bpw": 3.99, "kl": 0.2, "kl:a": 0.2, "alloc": {"predicted_dkl": 0.1}},
+            "mixed-best-quick-2.5": {**rec, "infeasible": "below the menu's cheapest", "seconds": 0.1},
+            "sensitivity-best-quick": {**rec, "options": 12, "seconds": 30.0, "peak_rss_bytes": None}}
+    (out / "frontier" / "results.json").write_text(json.dumps(
+        {json.dumps({"label": k, **proto}, sort_keys=True): {"label": k, **v} for k, v in rows.items()}))
+    rot = {"command": "python bench/rotate.py", "commit": "abc1234", "date": "2026-12-07", "protocol": "p", "seed": 0,
+           "rows": {"c|none": {"bpw": 3.5, "kl": {"a": 0.5}, "kl_mean": 0.5, "ratio_to_unrotated": 1.0, "seconds": 9.0},
+                    "c|keep": {"bpw": 3.5, "kl": {"a": 0.4}, "kl_mean": 0.4, "ratio_to_unrotated": 0.8, "seconds": 9.0}}}
+    (out / "rotate-table.json").write_text(json.dumps(rot))
+    (out / "delta.json").write_text(json.dumps({**rec, "command": "python bench/delta.py", "threads": 2, "rows": [
+        {"case": "ft", "bytes_in": 100, "alone_bytes": 60, "alone_ratio": 0.6, "delta_bytes": 10, "delta_ratio": 0.1,
+         "x_smaller": 6.0, "share": {"alone": 0.0, "xor": 0.25, "diff": 0.75}, "decode_vs_plain": 0.5}]}))
+    text = md.render(out)
+    assert "| 4 | 3.990, 0.2000 (0.50 ✓) vs `gptq-w3-g64` |" in text
+    assert "| 2.5 | not reachable |" in text and "below the menu's cheapest" in text
+    assert "| `best-quick` | 12 | 30 | — | `abc1234`" in text
+    assert "| c | keep | 3.500 | 0.4000 | 0.4000 | 0.800 |" in text
+    assert "| ft | 100 | 60 | 0.6000 | 10 | 0.1000 | 6.00 |" in text and "0% / 25% / 75%" in text
+    assert "--menus best-quick" not in text.split("rows marked", 1)[1].split("\n", 1)[0]  # the rerun line: old rows only
