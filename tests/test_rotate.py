@@ -456,3 +456,16 @@ def test_full_budget_has_the_rotated_point() -> None:
     assert p.label == "gptq-w3-g64+rot+mlp+keep" and p.calib
     assert p.params["rotate"] == {"mlp": True, "keep_head": True}
     assert p.command.endswith("--method gptq --bits 3 --group-size 64 --rotate-mlp --rotate-keep-head")
+
+
+def test_full_budget_has_gptq_on_the_nf_grid() -> None:
+    """The full sweep measures 3-bit g64 GPTQ on the NF grid too; its label, recipe and command
+    agree, and the command's flags are ones quantize accepts."""
+    from llmpress.sweep.points import budget
+
+    (p,) = [p for p in budget("full") if p.label == "gptq-w3-g64-nf"]
+    rule = p.recipe["rules"][-1]
+    assert p.calib and rule["method"] == "gptq" and rule["grid"] == "nf"
+    assert p.command.endswith("--method gptq --bits 3 --group-size 64 --grid nf")
+    assert not [q for q in budget("full") if q.label == "gptq-w3-g64" and "grid" in q.recipe["rules"][-1]]
+

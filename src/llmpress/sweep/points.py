@@ -52,11 +52,14 @@ def lossless() -> Point:
     return Point("lossless", "lossless", None, "llmpress pack {model} -o {out}.llmp")
 
 
-def quant(method: str, bits: int, group: int, calib: bool = False) -> Point:
-    r = Recipe.uniform(method, bits=bits, group_size=group)
+def quant(method: str, bits: int, group: int, calib: bool = False, grid: str | None = None) -> Point:
+    """Uniform ``method`` on every linear; ``grid``: another grid than the method's default (a
+    ``--grid`` name, e.g. ``nf``), named in the label."""
+    r = Recipe.uniform(method, bits=bits, group_size=group, grid=grid)
     return Point(
-        f"{method}-w{bits}-g{group}", method, r.to_dict(),
-        f"llmpress quantize {{model}} -o {{out}} --method {method} --bits {bits} --group-size {group}",
+        f"{method}-w{bits}-g{group}" + (f"-{grid}" if grid else ""), method, r.to_dict(),
+        f"llmpress quantize {{model}} -o {{out}} --method {method} --bits {bits} --group-size {group}"
+        + (f" --grid {grid}" if grid else ""),
         calib=calib,
     )
 
@@ -201,6 +204,9 @@ def _full() -> list[Point]:
     # GPTQ on the rotated model where it measured below the unrotated point at the same bytes (3-bit g64;
     # at 2-bit g64 it measured above: bench/rotate.py)
     pts.append(quant_rotated("gptq", 3, 64, "rot+mlp+keep"))
+    # GPTQ on the normal-float grid (no zero point: fewer bytes a group), which measured below the
+    # default integer-zero-point grid at 3-bit g64 (bench/rotate.py --opts grid=nf)
+    pts.append(quant("gptq", 3, 64, calib=True, grid="nf"))
     for ratio in (0.95, 0.9, 0.8, 0.6):
         pts.append(lowrank("whiten", ratio))
     pts.append(lowrank_quant(0.9, 4, 64))
