@@ -445,6 +445,21 @@ def float_kernels(E: int, M: int, k: int, widths: tuple[int, ...]):
     return split, merge
 
 
+@njit(inline="always", **_JIT)
+def _add_at(x, n, b, mask, z):  # x: (n,) uint8 bit-packed codes, in place
+    """The code at bit ``b`` of the LSB-first stream in ``x`` (``mask`` = 2^width − 1; it spans at
+    most two bytes) becomes (code + z) mod 2^width; the other bits stay as they are."""
+    j = b >> 3
+    v = np.int64(x[j])
+    if j + 1 < n:
+        v |= np.int64(x[j + 1]) << 8
+    s = b & 7
+    v = (v & ~(mask << s)) | ((((v >> s) + z) & mask) << s)
+    x[j] = v & 0xFF
+    if j + 1 < n:
+        x[j + 1] = (v >> 8) & 0xFF
+
+
 @njit(**_JIT)
 def add_codes(x, width, z):  # x: (L,) uint8 bit-packed codes, in place; z: (m,) uint8, m ≥ codes in x
     """Code i of the LSB-first stream of ``width``-bit codes in ``x`` becomes (code + z[i]) mod
@@ -468,17 +483,7 @@ def add_codes(x, width, z):  # x: (L,) uint8 bit-packed codes, in place; z: (m,)
             x[i] = r
         return
     for i in range(8 * n // width):
-        b = i * width
-        j = b >> 3
-        v = np.int64(x[j])
-        if j + 1 < n:
-            v |= np.int64(x[j + 1]) << 8
-        s = b & 7
-        c = (((v >> s) + np.int64(z[i])) & mask) << s
-        v = (v & ~(mask << s)) | c
-        x[j] = v & 0xFF
-        if j + 1 < n:
-            x[j + 1] = (v >> 8) & 0xFF
+        _add_at(x, n, i * width, mask, np.int64(z[i]))
 
 
 @njit(**_JIT)
@@ -539,16 +544,7 @@ def add_zero_runs(x, width, table, row, group, first):  # x: (L,) uint8 bit-pack
                 x[q] = (v & 0xF0) | ((v + z) & 15)
         elif z != 0:
             for t in range(j, end):
-                b = t * width
-                p = b >> 3
-                v = np.int64(x[p])
-                if p + 1 < n:
-                    v |= np.int64(x[p + 1]) << 8
-                s = b & 7
-                v = (v & ~(mask << s)) | ((((v >> s) + z) & mask) << s)
-                x[p] = v & 0xFF
-                if p + 1 < n:
-                    x[p + 1] = (v >> 8) & 0xFF
+                _add_at(x, n, t * width, mask, z)
         j = end
         c += run
         left -= run
