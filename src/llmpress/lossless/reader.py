@@ -25,6 +25,7 @@ on ``unpack``/``verify`` (which can skip it: the chunk checksums already cover e
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -177,7 +178,7 @@ class Packed:
                                            f"version {self.version} file")
                     continue
                 for s in f["segments"]:
-                    where = f"{self.path}: file {f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}")
+                    where = _Where(self.path, f, s)  # the message's place, formatted only for an error
                     if type(s["offset"]) is not int or type(s["length"]) is not int or not isinstance(s["dtype"], str):
                         raise CorruptError(f"{where}: offset, length and dtype must be integers and a name")
                     if s["offset"] != pos or s["dtype"] not in ITEMSIZE and s["dtype"] != "bytes":
@@ -189,7 +190,7 @@ class Packed:
                     if s["kind"] == "tensor":
                         shape = s["shape"]
                         if len(shape) > MAX_NDIM or any(not isinstance(d, int) or d < 0 for d in shape) or \
-                                int(np.prod(shape, dtype=object)) * ITEMSIZE[s["dtype"]] != s["length"]:
+                                math.prod(shape) * ITEMSIZE[s["dtype"]] != s["length"]:
                             raise CorruptError(f"{where}: shape {shape} does not match {s['length']} bytes")
                     if "grid" in s:
                         self._grids[id(s)] = self._check_grid(where, s)
@@ -198,10 +199,11 @@ class Packed:
                     if "base" in s:
                         self._check_base(where, s)
                     total = 0
+                    end = self.data_end
                     for i, (o, ln, raw, crc) in enumerate(s["chunks"]):
-                        if not all(type(v) is int for v in (o, ln, raw, crc)):
+                        if not (type(o) is int and type(ln) is int and type(raw) is int and type(crc) is int):
                             raise CorruptError(f"{where}, chunk {i}: offsets, sizes and checksum must be integers")
-                        if not (12 <= o and 0 <= ln and o + ln <= self.data_end and 0 < raw <= MAX_CHUNK_BYTES):
+                        if not (12 <= o and 0 <= ln and o + ln <= end and 0 < raw <= MAX_CHUNK_BYTES):
                             raise CorruptError(f"{where}, chunk {i}: lies outside the file or is too large")
                         total += raw
                     if total != s["length"]:
@@ -227,7 +229,7 @@ class Packed:
         for s in f["segments"]:
             if "zero" not in s:
                 continue
-            where = f"{self.path}: file {f['path']}, tensor {s.get('name')!r}"
+            where = _Where(self.path, f, s)
             try:
                 ref = ZeroRef.from_index(s["zero"])
             except ValueError as e:
@@ -269,7 +271,7 @@ class Packed:
 
         return ChunkZeros(table, ref, starts[i], _zero_scratch(CODES[s["codes"]].symbols(s["chunks"][i][2])))
 
-    def _check_grid(self, where: str, s: dict) -> Grid:
+    def _check_grid(self, where: str | _Where, s: dict) -> Grid:
         """A segment's grid, checked against the version, its dtype, shape and chunks."""
         try:
             g = Grid.from_index(s["grid"])
@@ -283,7 +285,7 @@ class Packed:
             raise CorruptError(f"{where}: a chunk does not hold whole blocks of {g.block}")
         return g
 
-    def _check_gguf(self, where: str, s: dict) -> None:
+    def _check_gguf(self, where: str | _Where, s: dict) -> None:
         """A GGUF block segment: a known block type, a U8 tensor of [blocks, block bytes] whose
         chunks hold whole blocks, in a version 9 file."""
         bt = BLOCKS.get(s["gguf"]) if isinstance(s["gguf"], str) else None
@@ -294,7 +296,7 @@ class Packed:
             raise CorruptError(f"{where}: shape {s['shape']} is not [blocks, {bt.block_bytes}] of {bt.name}")
         if any(c[2] % bt.block_bytes for c in s["chunks"]):
             raise CorruptError(f"{where}: a chunk does not hold whole {bt.name} blocks")
-    def _check_base(self, where: str, s: dict) -> None:
+    def _check_base(self, where: str | _Where, s: dict) -> None:
         """A segment coded against the base: a float tensor, the base tensor's sha256, no grid."""
         h = s["base"]
         if self.version < DELTA_VERSION or s["kind"] != "tensor" or not can_delta(s["dtype"]) or "grid" in s:
@@ -488,6 +490,19 @@ class Packed:
 
 
 _scratch = threading.local()
+
+
+class _Where:
+    """Where in the index a check is: the file and segment, as an error message names them."""
+
+    __slots__ = ("path", "f", "s")
+
+    def __init__(self, path: Path, f: dict, s: dict):
+        self.path, self.f, self.s = path, f, s
+
+    def __str__(self) -> str:
+        s = self.s
+        return f"{self.path}: file {self.f['path']}, " + (f"tensor {s['name']!r}" if s["kind"] == "tensor" else f"bytes at {s['offset']}")
 
 
 def _zero_scratch(m: int) -> np.ndarray:
