@@ -13,8 +13,9 @@ import torch
 import zstandard
 
 import llmpress
-from llmpress.lossless.chunk import decode_chunk, encode_chunk
+from llmpress.lossless.chunk import _decode_codes, decode_chunk, encode_chunk
 from llmpress.lossless.container import pack, unpack, verify
+from llmpress.lossless.delta import COMPILED
 from llmpress.lossless.fields import CODES
 from llmpress.lossless.quantized import quantized_of
 from llmpress.lossless.reader import FOOTER, ZEROS_VERSION, CorruptError, Packed, crc32
@@ -135,6 +136,34 @@ def test_chunk_modes_round_trip_any_codes():
         assert buf[0] == (1 if bits == 3 else 3)
         back = decode_chunk(memoryview(buf), "U8", len(raw), codes=bits, zeros=ChunkZeros(lambda: zb.reshape(1, -1), ZeroRef("z", len(zb), 1, "value"), 0))
         assert np.array_equal(back, raw)
+
+
+@pytest.mark.parametrize("bits", range(1, 8))
+def test_compiled_codes_chunks_match_the_generic_path(bits):
+    """codes_kernel.decode_codes (one compiled call) gives the generic path's bytes for every
+    width, with zero points (both modes, a chunk starting mid-row and mid-group, a table smaller
+    than the segment) and without (format 2), on byte counts that end mid-code, and under every
+    policy (zstd streams fall back to the generic path)."""
+    g = np.random.default_rng(bits)
+    mask = (1 << bits) - 1
+    table = g.integers(0, 1 << bits, (5, 4)).astype(np.uint8)  # (rows, groups)
+    ref = ZeroRef("z", 50, 16, "value")  # rows of 50 codes: groups of 16, 16, 16, 2
+    for nbytes in (1, 7, 123, 4001):
+        m = -(-8 * nbytes // bits)
+        first = 37
+        z = chunk_zeros(table, ref, first, m)
+        for codes in ((z.astype(np.int64) + g.integers(-1, 2, m)) & mask, g.integers(0, 1 << bits, m)):
+            raw = CODES[bits].merge([codes.astype(np.uint8)], nbytes)
+            for policy in ("rans", "zstd"):
+                for zeros in (z, None):
+                    buf, _ = encode_chunk(raw, "U8", policy, codes=bits, zeros=zeros)
+                    cz = (lambda: ChunkZeros(lambda: table, ref, first)) if zeros is not None else (lambda: None)
+                    fast = decode_chunk(memoryview(buf), "U8", nbytes, codes=bits, zeros=cz())
+                    slow = decode_chunk(memoryview(buf), "U8", nbytes, codes=bits, zeros=cz(), compiled=False)
+                    assert np.array_equal(fast, raw) and np.array_equal(slow, raw), (nbytes, policy, zeros is None)
+                    if buf[2 if zeros is not None else 1] in COMPILED:  # the compiled call itself decodes it
+                        out = np.empty(nbytes, np.uint8)
+                        assert _decode_codes(memoryview(buf), bits, m, out, cz()) == 0 and np.array_equal(out, raw)
 
 
 def test_zero_points_that_are_not_integers_are_not_used():

@@ -226,6 +226,7 @@ def _scratch_fields(lay: FloatLayout, n: int) -> list[np.ndarray]:
 
 
 CK = Kernels("chunk_kernel")
+CDK = Kernels("codes_kernel")  # decode_codes: a codes chunk in one call
 K = Kernels("kernels")  # add_codes: format 6's codes given back their zero points  # decode_fields: the AOT build's where there is one (compiled.py)
 
 
@@ -246,6 +247,11 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     n = lay.symbols(nbytes)  # in each field's stream
     if out is not None and out.shape != (nbytes,):
         raise InputError(f"output holds {out.shape} bytes, the chunk {nbytes}")
+    if codes and grid is None and compiled:  # formats 2 and 6: one compiled call (codes_kernel.py)
+        if out is None:
+            out = np.empty(nbytes, np.uint8)
+        if _decode_codes(buf, codes, n, out, zeros) == 0:
+            return out
     if zeros is not None:  # format 6: a mode byte (LESS_ZEROS, AS_BYTES), then one field
         if not codes or len(buf) < 1 or buf[0] > 3:
             raise InputError("codes chunk with zero points: bad mode byte")
@@ -283,6 +289,28 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
             return out
     parts = _decode_fields(buf, lay.fields, [n] * len(lay.fields), fields)
     return lay.merge(parts, nbytes // lay.itemsize, out)
+
+
+_NO_ZEROS = np.zeros((1, 1), np.uint8)  # the zero-point table of codes without zero points (unread)
+
+
+def _decode_codes(buf: memoryview, bits: int, n: int, out: np.ndarray, zeros: ChunkZeros | None) -> int:
+    """A codes chunk of ``n`` symbols into ``out`` in one compiled call (codes_kernel.decode_codes);
+    nonzero where the generic path must run. The zero points are asked for only where the mode
+    byte says the codes are less them."""
+    b = np.frombuffer(buf, np.uint8)
+    table, row, group, first = _NO_ZEROS, 1, 1, 0
+    if zeros is not None and len(b) and b[0] & LESS_ZEROS and b[0] <= LESS_ZEROS | AS_BYTES:
+        table, row, group, first = np.ascontiguousarray(zeros.table(), np.uint8), zeros.ref.row, zeros.ref.group, zeros.first
+    sym = _NO_SYMBOLS
+    if zeros is None or len(b) and not b[0] & AS_BYTES:  # one symbol a code: decoded into this thread's array
+        sym = getattr(_scratch, "codes", _NO_SYMBOLS)
+        if len(sym) < n:
+            sym = _scratch.codes = np.empty(n, np.uint8)
+    return CDK.decode_codes(b, bits, int(zeros is not None), table, row, group, first, out, sym)
+
+
+_NO_SYMBOLS = np.zeros(0, np.uint8)
 
 
 def _decode_gguf(buf: memoryview, bt: GG.BlockType, nbytes: int, out: np.ndarray) -> np.ndarray:

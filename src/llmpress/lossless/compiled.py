@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 MODULE = "_llmpress_lossless_aot"
 # the kernel sources an AOT build compiles (any change to them is a new key)
 SOURCES = ("kernels.py", "rans32.py", "freq_model.py", "chunk_kernel.py", "grid_kernel.py", "gguf_kernel.py", "delta_kernel.py", "fields.py",
-           "compiled.py")
+           "compiled.py", "codes_kernel.py")
 # LLMPRESS_AOT=0: never load the ahead-of-time build (the JIT kernels only; tests compare both)
 ENV = "LLMPRESS_AOT"
 PACKAGE = __name__.rsplit(".", 1)[0]
@@ -63,6 +63,7 @@ AOT: dict[str, dict[str, tuple[str, ...]]] = {
     "freq_model": {"write_model": ("u1[::1](i8[::1], i8)",), "read_model": ("UniTuple(i8, 2)(u1[::1], i8, i8[::1])",)},
     "rans32": {"encode": ("u1[::1](u1[::1], i8[::1], i8)", "u1[::1](u2[::1], i8[::1], i8)"),
                "decode_stream": ("i8(u1[::1], i8, u1[::1])", "i8(u1[::1], i8, u2[::1])")},
+    "codes_kernel": {"decode_codes": ("i8(u1[::1], i8, i8, u1[:, ::1], i8, i8, i8, u1[::1], u1[::1])",)},
     "chunk_kernel": {"decode_fields": tuple(f"i8(u1[::1], i8, i8[::1], {h}[::1], u1[::1], u1[::1], u1[::1])"
                                             for h in ("u1", "u2"))},
     "grid_kernel": {"block_minmax": ("void(f4[:, ::1], f4[::1], f4[::1])",),

@@ -1,0 +1,128 @@
+"""A codes chunk (formats 2 and 6) decoded in one compiled call: its field, its zero points, its bytes.
+
+chunk.decode_chunk's generic path decodes a codes chunk in steps, each a Python call: the field's
+header parsed, the stream decoded into a fresh symbol array, the zero points added (a pass over
+the output, or a per-code array of them), the symbols packed into a fresh array and copied out.
+A quantized folder's codes are hundreds of small chunks (a 576 × 576 4-bit matrix is 166 KB), so
+those steps cost as much as a fifth of the decode. Here one call without the GIL decodes the field
+(chunk_kernel's parser and backends) straight into the output (bytes of codes: ``AS_BYTES``) or
+into a reused symbol array, adds each code's zero point by runs of one group, and packs the codes
+into the output words. Anything it does not handle (a zstd stream) or that does not decode returns
+a nonzero code, and the caller takes the generic path, which names the problem.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from . import kernels as K
+from .chunk_kernel import _field
+
+LESS_ZEROS, AS_BYTES = 1, 2  # a format-6 chunk's mode bits (chunk.py)
+_JIT = dict(nogil=True, cache=True, boundscheck=False)
+
+
+@njit(**_JIT)
+def _add_zero_syms(sym, width, table, row, group, first):  # sym: (m,) uint8, one code each, in place
+    """Code ``first + j`` (sym[j]) plus its zero point mod 2^width, a run of one group at a time
+    (zeros.py's layout: row ``i // row``, group ``(i % row) // group``; 0 past the table)."""
+    m = sym.shape[0]
+    mask = (1 << width) - 1
+    nr, ng = table.shape[0], table.shape[1]
+    r = first // row
+    c = first - r * row
+    j = 0
+    while j < m:
+        g = c // group
+        run = min(group - c % group, row - c, m - j)
+        z = np.uint8(table[r, g]) if r < nr and g < ng else np.uint8(0)
+        if z != 0:
+            y = sym[j : j + run]  # a view: the loop vectorises
+            for k in range(run):
+                y[k] = (y[k] + z) & mask
+        j += run
+        c += run
+        if c == row:
+            c = 0
+            r += 1
+
+
+@njit(**_JIT)
+def _pack_into(sym, width, out):  # sym: (m,) uint8 codes; out: (n,) uint8 <- the first 8n bits of their stream
+    """kernels.pack_bits(sym, width)[:n] written into ``out`` (no array of its own)."""
+    n = out.shape[0]
+    m = sym.shape[0]
+    if width == 4:  # two codes a byte
+        h = min(n, m // 2)
+        for k in range(h):
+            out[k] = sym[2 * k] | (sym[2 * k + 1] << 4)
+        if h < n:
+            out[h] = sym[2 * h] & 15 if 2 * h < m else 0
+        return
+    g = 8
+    while g % 2 == 0 and (g // 2) * width % 8 == 0:
+        g //= 2
+    nb = g * width // 8  # whole groups of g codes fill nb bytes
+    ng = min(m // g, n // nb)
+    for q in range(ng):
+        acc = np.int64(0)
+        for j in range(g):
+            acc |= np.int64(sym[q * g + j]) << (j * width)
+        for b in range(nb):
+            out[q * nb + b] = (acc >> (8 * b)) & 0xFF
+    acc = np.int64(0)
+    nbits = 0
+    o = ng * nb
+    for i in range(ng * g, m):
+        acc |= np.int64(sym[i]) << nbits
+        nbits += width
+        while nbits >= 8 and o < n:
+            out[o] = acc & 0xFF
+            acc >>= 8
+            nbits -= 8
+            o += 1
+    while o < n:  # the last byte's bits past the codes are 0
+        out[o] = acc & 0xFF
+        acc >>= 8
+        o += 1
+
+
+@njit(**_JIT)
+def decode_codes(buf, width, zeros, table, row, group, first, out, sym):
+    """A codes chunk's payload ``buf`` (uint8) into ``out`` ((n,) uint8, the chunk's bytes):
+    ``zeros`` 1 for a segment with zero points (a mode byte first: chunk.py's LESS_ZEROS, AS_BYTES),
+    0 for format 2's (one field of ``width``-bit symbols); ``table`` (R, G) uint8 the zero points
+    with ``row``, ``group`` and the chunk's ``first`` code (zeros.py); ``sym`` a scratch of at least
+    ⌈8n/width⌉ bytes. 0 on success, nonzero where the generic path must run."""
+    n = out.shape[0]
+    m = (8 * n + width - 1) // width
+    mode = 0
+    pos = 0
+    if zeros:
+        if buf.shape[0] < 1 or buf[0] > LESS_ZEROS + AS_BYTES:
+            return -1
+        mode = np.int64(buf[0])
+        pos = 1
+    if buf.shape[0] < pos + 1 or buf[pos] != 1:
+        return -1
+    if mode & AS_BYTES:
+        rc, end = _field(buf, pos + 1, 8, out)
+        if rc != 0:
+            return rc
+        if end != buf.shape[0]:
+            return -1
+        if mode & LESS_ZEROS:
+            K.add_zero_runs(out, width, table, row, group, first)
+        return 0
+    if sym.shape[0] < m:
+        return -1
+    s = sym[:m]
+    rc, end = _field(buf, pos + 1, width, s)
+    if rc != 0:
+        return rc
+    if end != buf.shape[0]:
+        return -1
+    if mode & LESS_ZEROS:
+        _add_zero_syms(s, width, table, row, group, first)
+    _pack_into(s, width, out)
+    return 0
