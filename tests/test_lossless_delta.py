@@ -148,15 +148,22 @@ def test_the_compiled_backends_are_chunk_kernels():
     assert D.COMPILED == {CKM.RAW, CKM.RANS4, CKM.SPLIT, CKM.RANS}
 
 
-def test_a_skewed_plane_takes_zstd_and_decodes():
-    """Weights that barely moved: plane 1 is almost all zeros and goes to zstd (decoded apart from the
-    compiled planes), and the chunk still decodes byte for byte on both paths."""
+def test_a_skewed_plane_takes_rans_and_a_zstd_plane_still_decodes():
+    """Weights that barely moved: plane 1 is almost all zeros and goes to rANS, decoded by the
+    compiled kernel (its last words as vectors too); a chunk whose planes are zstd (the ``zstd``
+    policy, or an earlier writer's skewed planes) decodes on both paths, byte for byte."""
     rng = np.random.default_rng(2)
     b = (rng.standard_normal(1 << 17).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     x = b + (rng.random(len(b)) < 0.3).astype(np.uint16)
     x[::997] ^= 0x8000  # a few sign flips: large distances
     parts, st = D.encode_delta_parts(x.view(np.uint8), b.view(np.uint8), "BF16")
-    assert st.delta == D.DIFF and st.streams.get("zstd", 0) > 0
+    assert st.delta == D.DIFF and st.streams.get("zstd", 0) == 0 and st.streams.get("rans", 0) > 0
+    buf = memoryview(b"".join(bytes(p) for p in parts))
+    assert D._compiled_backends(buf[1:], 2)
+    for compiled in (True, False):
+        assert np.array_equal(D.decode_delta_chunk(buf, "BF16", x.nbytes, b.view(np.uint8), compiled=compiled), x.view(np.uint8))
+    parts, st = D.encode_delta_parts(x.view(np.uint8), b.view(np.uint8), "BF16", policy="zstd")
+    assert st.streams.get("zstd", 0) > 0
     buf = memoryview(b"".join(bytes(p) for p in parts))
     assert not D._compiled_backends(buf[1:], 2)
     for compiled in (True, False):

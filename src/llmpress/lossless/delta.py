@@ -72,18 +72,13 @@ def encode_delta_parts(raw: np.ndarray, base: np.ndarray, dtype: str, policy: st
     return [bytes([mode]), *_code_planes(list(planes), hists, policy, st)], st
 
 
-SKEWED_BITS = 1.0  # a plane below this many bits a symbol may take zstd (see _code_planes)
-ZSTD_SLACK = 1 / 16  # ... when zstd costs at most this many bits a symbol more than the smallest
-
-
 def _code_planes(planes: list[np.ndarray], hists: list[np.ndarray], policy: str, st: ChunkStats) -> list:
     """``u8 P`` and each plane's ``u8 backend | u32 length | stream``, as buffers: under the
     ``rans`` policy the smaller of raw and our rANS (no ``split``: a plane's statistics do not
-    drift along a chunk as a tail's do, and it would code each plane several times), except that a
-    skewed plane (a high byte almost always 0) takes zstd where that is within
-    :data:`ZSTD_SLACK` bits a symbol of it: our rANS decodes a stream that skewed several times
-    slower than a typical one (99.5 % zeros: ~7× zstd's time), and such a plane is a few KB.
-    Other policies: as chunk.py codes a tail piece."""
+    drift along a chunk as a tail's do, and it would code each plane several times). A skewed plane
+    (a high byte almost always 0) stays rANS too: half zstd's bytes there, and since rans32 decodes
+    a stream's last words as vectors too, as fast a symbol as any other stream (zstd: slower). Other
+    policies: as chunk.py codes a tail piece."""
     if policy != "rans":
         return _code_fields(PLANES[len(planes)], planes, hists, policy, {}, st)
     out = [struct.pack("<B", len(planes))]
@@ -91,10 +86,6 @@ def _code_planes(planes: list[np.ndarray], hists: list[np.ndarray], policy: str,
         n = len(sym)
         h = entropy_bits(None, 8, hist)
         bid, payload = encode_stream(sym, 8, ("rans",), h, hist, view=True)
-        if n and h < SKEWED_BITS * n:
-            zid, z = encode_stream(sym, 8, ("zstd",), h, hist)
-            if BY_ID[zid].name == "zstd" and len(z) <= len(payload) + n * ZSTD_SLACK / 8:
-                bid, payload = zid, z
         out += [struct.pack("<BI", bid, len(payload)), payload]
         st.bound_bits += min(h, 8.0 * n)
         st.streams[BY_ID[bid].name] = st.streams.get(BY_ID[bid].name, 0) + len(payload)

@@ -295,6 +295,17 @@ def _make_decode(vector: bool, permute: bool):
                 _dec_steps_permd(xs, io, buf, wo, EXPAND, dsym, dinfo, out, st, total - LANES, pb)
             else:
                 _dec_steps_portable(xs, io, buf, wo, EXPAND, dsym, dinfo, out, st, total - LANES, pb)
+        if vector and io[1] < st:  # the last words, copied with room after them: whole steps stay vectors
+            p0 = io[0]
+            left = total - p0  # ≥ 0; a skewed stream's last 32 words can hold thousands of steps
+            pad = np.zeros(2 * (left + 2 * LANES), np.uint8)
+            pad[: 2 * left] = buf[wo + 2 * p0 : wo + 2 * total]
+            io[0] = 0
+            if permute:
+                _dec_steps_permd(xs, io, pad, 0, EXPAND, dsym, dinfo, out, st, left + LANES, pb)
+            else:
+                _dec_steps_portable(xs, io, pad, 0, EXPAND, dsym, dinfo, out, st, left + LANES, pb)
+            io[0] += p0  # past ``total`` only for a bad stream (it read the zeros after): caught below
         pos = io[0]
         mask = (1 << pb) - 1
         for i in range(io[1] * LANES, n):
