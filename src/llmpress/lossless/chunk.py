@@ -110,29 +110,37 @@ AS_BYTES = 2  # one field of the chunk's bytes (8-bit symbols: 8/b codes each), 
 CODE_BYTES = (Field("codes", 8),)  # that field: coded by the policy's codes backends (rANS), not as bytes (zstd)
 
 
-def _encode_codes_vs_zeros(raw: np.ndarray, bits: int, zeros: np.ndarray, policy: str) -> tuple[list, ChunkStats]:
-    """A codes chunk of a segment with zero points: mode byte, then one field. The codes less their
-    zero points where that field's order-0 entropy (per code) is below the codes' own; as bytes
-    where whole codes fill a byte (b = 1, 2, 4: the same or less entropy than the codes one by one,
-    each symbol two to eight codes, so a quarter to half the rANS steps a decoded byte)."""
+def codes_field(raw: np.ndarray, bits: int, zeros: np.ndarray | None) -> tuple[int, tuple[Field, ...], np.ndarray, np.ndarray]:
+    """How pack codes a chunk of ``bits``-bit codes: (mode byte, fields, symbols, their counts).
+    Without zero points (format 2): mode 0 and one ``bits``-bit symbol a code. With them (format 6):
+    the codes less their zero points where that field's order-0 entropy (per code) is below the
+    codes' own (LESS_ZEROS); as bytes where whole codes fill a byte (AS_BYTES; b = 1, 2, 4: the same
+    or less entropy than the codes one by one, each symbol two to eight codes, so a quarter to half
+    the rANS steps a decoded byte)."""
     lay = CODES[bits]
     mask = (1 << bits) - 1
     q = lay.codes(raw)  # (m,)
+    hq = np.bincount(q, minlength=1 << bits).astype(np.int64)
+    if zeros is None:
+        return 0, lay.fields, q, hq
     if len(zeros) != len(q):
         raise ValueError(f"{len(zeros)} zero points for {len(q)} codes")
     d = (q - zeros) & mask
-    hq, hd = (np.bincount(x, minlength=1 << bits).astype(np.int64) for x in (q, d))
+    hd = np.bincount(d, minlength=1 << bits).astype(np.int64)
     less = entropy_bits(None, bits, hd) < entropy_bits(None, bits, hq)
-    st = ChunkStats()
     if 8 % bits:
-        x, h = (d, hd) if less else (q, hq)
-        return [bytes([LESS_ZEROS if less else 0]), *_code_fields(lay.fields, [x], [h], policy, {}, st)], st
+        return (LESS_ZEROS if less else 0), lay.fields, *((d, hd) if less else (q, hq))
     x = raw.copy()
     if less:
         K.add_codes(x, bits, (-zeros.astype(np.int64) & mask).astype(np.uint8))  # (q − z) mod 2^b, in place
-    h = np.bincount(x, minlength=256).astype(np.int64)
-    return [bytes([AS_BYTES | (LESS_ZEROS if less else 0)]),
-            *_code_fields(CODE_BYTES, [x], [h], policy, {}, st)], st
+    return AS_BYTES | (LESS_ZEROS if less else 0), CODE_BYTES, x, np.bincount(x, minlength=256).astype(np.int64)
+
+
+def _encode_codes_vs_zeros(raw: np.ndarray, bits: int, zeros: np.ndarray, policy: str) -> tuple[list, ChunkStats]:
+    """A codes chunk of a segment with zero points: mode byte, then one field (:func:`codes_field`)."""
+    mode, fields, x, h = codes_field(raw, bits, zeros)
+    st = ChunkStats()
+    return [bytes([mode]), *_code_fields(fields, [x], [h], policy, {}, st)], st
 
 
 def _code_fields(fields: tuple[Field, ...], parts: list[np.ndarray], hists: list[np.ndarray], policy: str,
