@@ -247,3 +247,36 @@ def test_zero_table_bf16_and_ints():
                           np.array([[1], [2], [15]], np.uint8))
     bf = torch.tensor([[3.0, 7.0]], dtype=torch.bfloat16).view(torch.uint16).numpy().view(np.uint8).reshape(-1)
     assert np.array_equal(zero_table(bf, "BF16", (1, 2), "value", 3), np.array([[3, 7]], np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["asymz", "ct"])
+def test_info_reports_the_codes_bound(kind, request, tmp_path):
+    """`info` on a quantized folder and on its .llmp: the codes' chunk bound in bits a code (below
+    their 4 stored bits, the same from the folder as from what pack recorded; pack lands just above
+    it), counted in the file's bound; the CLI prints it."""
+    from typer.testing import CliRunner
+
+    import llmpress.cli
+    from llmpress.cli import app
+
+    llmpress.cli._load_commands()
+    from llmpress.lossless.bounds import info
+
+    folder = request.getfixturevalue(kind)
+    r = info(folder)
+    c = r["codes"]
+    found = quantized_of(folder)
+    assert c["tensors"] == len(found) and c["bits"] == [4] and c["bits_per_code"] == 4.0
+    assert 0 < c["bits_per_code_bound"] < 4 and c["ratio_bound"] == pytest.approx(c["bits_per_code_bound"] / 4)
+    rows = [r["tensors"][n] for n in found]
+    assert all(x["codes"] == 4 and x["bound_chunk_bytes"] < x["bytes"] for x in rows)
+    assert r["bound_chunk_bytes"] < r["bytes"] - sum(x["bytes"] for x in rows) + c["bound_chunk_bytes"] + 1
+    out = tmp_path / "x.llmp"
+    pack(folder, out, threads=2)
+    p = info(out)
+    assert p["codes"]["bits_per_code_bound"] == pytest.approx(c["bits_per_code_bound"], abs=1e-3)
+    packed = sum(p["tensors"][n]["packed_bytes"] for n in found)
+    assert c["bound_chunk_bytes"] <= packed < 1.1 * c["bound_chunk_bytes"] + 2000 * len(found)
+    res = CliRunner().invoke(app, ["info", str(out)])
+    assert res.exit_code == 0 and "bits/code" in res.output, res.output
+    assert info(tmp_path / "x.llmp")["codes"] == p["codes"]

@@ -139,7 +139,8 @@ def _show_info(r: dict[str, Any]) -> None:
         t.add_column(c, justify="left" if c in ("tensor", "dtype", "grid / GGUF") else "right")
     for name, row in r["tensors"].items():
         h = row["exp_entropy"]
-        t.add_row(name, row["dtype"], row.get("grid") or row.get("gguf") or ("delta" if row.get("delta") else "-"), f"{row['params']:,}", f"{row['bytes']:,}", "-" if h is None else f"{h:.3f}",
+        kind = row.get("grid") or row.get("gguf") or (f"codes {row['codes']}b" if row.get("codes") else None)
+        t.add_row(name, row["dtype"], kind or ("delta" if row.get("delta") else "-"), f"{row['params']:,}", f"{row['bytes']:,}", "-" if h is None else f"{h:.3f}",
                   f"{row['bound_order0_bytes']:,.0f}", f"{row['bound_chunk_bytes']:,.0f}",
                   f"{row['packed_bytes']:,}" if "packed_bytes" in row else "-")
     h = r["exp_entropy"]
@@ -155,6 +156,11 @@ def _show_info(r: dict[str, Any]) -> None:
         fields = ", ".join(f"{k} {v:.3f}" for k, v in g["field_bound_bits_per_weight"].items())
         console.print(f"GGUF {name}: {g['tensors']} tensors, {g['params']:,} weights, {g['bits_per_weight']:.3f} bits/weight "
                       f"stored; chunk bound {g['bound_bits_per_weight']:.3f} bits/weight ({fields})")
+    c = r.get("codes")
+    if c:
+        console.print(f"codes ({'/'.join(map(str, c['bits']))} bits): {c['tensors']} tensors, {c['codes']:,} codes, "
+                      f"{c['bits_per_code']:.3f} bits/code stored; chunk bound {c['bits_per_code_bound']:.3f} bits/code "
+                      f"({c['ratio_bound']:.4f} of their bytes)")
     console.print(f"chunk bound: {r['bits_per_param_bound_chunk']:.3f} bits/param")
     b = r.get("base")
     if b is not None:
@@ -172,7 +178,8 @@ def info(
     """Per tensor and in total: params, dtype, bytes, exponent entropy and the lossless bounds; the
     block grid a float tensor was found on (e.g. GGUF Q4_1 dequantized to FP32) and the bound it gives;
     a GGUF file's block type per tensor and each field's bound (codes, scales, mins, parameters);
-    for a delta file, the base model it needs."""
+    a quantized folder's bit-packed codes and their bound in bits a code; for a delta file, the base
+    model it needs."""
     from ..lossless.bounds import info as do_info
 
     total = 0 if str(src).endswith(".llmp") else _source_bytes(src)

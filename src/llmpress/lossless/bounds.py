@@ -15,6 +15,9 @@ Non-float tensors count at their raw size in both bounds, except a GGUF tensor o
 the codes at the smaller of one model and a model per class), reported per field. A float tensor found on a block grid
 (grid.py: a checkpoint dequantized from GGUF blocks) has its chunk-adaptive bound taken over the
 grid's fields (codes, parameters) for the chunks that reproduce bit for bit; its row names the grid.
+A quantized folder's bit-packed codes (quantized.py: llmpress's and compressed-tensors' folders) have
+theirs taken over the codes as pack codes them (chunk.codes_field: one symbol a code, or bytes of
+whole codes, less their group's zero point where that measures smaller), reported in bits a code.
 """
 from __future__ import annotations
 
@@ -25,13 +28,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .chunk import _group
+from .chunk import _group, codes_field
 from .entropy import entropy_bits
 from . import gguf as GG
 from . import grid as G
-from .fields import FloatLayout, layout
+from .fields import CODES, FloatLayout, layout
+from .quantized import CodesSpec, quantized_of
 from .reader import CHUNK_BYTES, Packed
 from .segments import chunks_of, plan_file
+from .zeros import chunk_zeros
 
 
 def _h(hist: np.ndarray | list[int]) -> float:
@@ -54,6 +59,14 @@ def chunk_bound_bits(raw: np.ndarray, dtype: str, grid: G.Grid | None = None) ->
     return bits, hist
 
 
+def codes_chunk_bits(raw: np.ndarray, bits: int, zeros: np.ndarray | None = None) -> float:
+    """Chunk-adaptive bound bits of one chunk of ``bits``-bit codes (with each code's zero point,
+    ``zeros`` (codes,) uint8, where the segment has them): its field as pack codes it, at
+    min(n·H0, n·width)."""
+    _, (f,), x, h = codes_field(raw, bits, zeros)
+    return min(entropy_bits(None, f.width, h), float(len(x) * f.width))
+
+
 def gguf_chunk_bits(bt: GG.BlockType, raw: np.ndarray) -> dict[str, float]:
     """{field: chunk-adaptive bound bits} of one chunk of GGUF blocks: each field (a parameter's
     float fields summed) at min(n·H0, n·width); the codes at the smaller of one model and a model
@@ -73,10 +86,16 @@ def gguf_chunk_bits(bt: GG.BlockType, raw: np.ndarray) -> dict[str, float]:
 
 
 def tensor_row(dtype: str, shape: list[int], nbytes: int, bound_bits: float, hist: Any,
-               grid: G.Grid | None = None, gguf: str = "", field_bits: dict[str, float] | None = None) -> dict[str, Any]:
+               grid: G.Grid | None = None, gguf: str = "", field_bits: dict[str, float] | None = None,
+               codes: int = 0) -> dict[str, Any]:
     lay = layout(dtype)
     row: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "params": math.prod(shape), "bytes": nbytes,
                            "grid": grid.short() if grid is not None else None}
+    if codes:  # bit-packed codes: their count, and the bound over them
+        n = 8 * nbytes // codes
+        row.update(codes=codes, n_codes=n, exp_entropy=None, bound_order0_bytes=float(nbytes),
+                   bound_chunk_bytes=bound_bits / 8, bits_per_code_bound=bound_bits / max(n, 1))
+        return row
     if gguf:  # a GGUF tensor's blocks: its weights, the type, the bound by field
         bt = GG.BLOCKS[gguf]
         row.update(gguf=gguf, params=nbytes // bt.block_bytes * bt.weights, exp_entropy=None,
@@ -94,14 +113,24 @@ def tensor_row(dtype: str, shape: list[int], nbytes: int, bound_bits: float, his
     return row
 
 
-def _scan(path: Path, chunk_bytes: int, progress: Callable[[int], None] | None) -> dict[str, dict[str, Any]]:
+def _scan(path: Path, chunk_bytes: int, progress: Callable[[int], None] | None,
+          found: dict[str, CodesSpec] | None = None) -> dict[str, dict[str, Any]]:
+    """Rows of one file's tensors; ``found``: the folder's codes tensors (quantized.quantized_of)."""
+    from .container import _zero_tables
+
     rows = {}
+    found = found or {}
     with open(path, "rb") as f:
-        for seg in plan_file(path):
+        plan = plan_file(path, {k: v.bits for k, v in found.items()})
+        tables = _zero_tables(f, plan, {k: v.zero for k, v in found.items() if v.zero is not None}, path)
+        for seg in plan:
             if seg.kind != "tensor":
                 continue
             if seg.gguf:
                 rows[seg.name] = _scan_gguf(f, seg, chunk_bytes, progress)
+                continue
+            if seg.codes:
+                rows[seg.name] = _scan_codes(f, seg, tables.get(seg.name), chunk_bytes, progress)
                 continue
             bits, hist = 0.0, None
             grid = G.detect_segment(f, seg.offset, seg.dtype, seg.shape, seg.length)
@@ -115,6 +144,34 @@ def _scan(path: Path, chunk_bytes: int, progress: Callable[[int], None] | None) 
                     progress(len(raw))
             rows[seg.name] = tensor_row(seg.dtype, list(seg.shape), seg.length, bits, hist, grid)
     return rows
+
+
+def _scan_codes(f: Any, seg: Any, table: Any, chunk_bytes: int, progress: Callable[[int], None] | None) -> dict[str, Any]:
+    """The row of a codes tensor, read chunk by chunk as pack cuts it; ``table``: (ZeroRef, zero
+    points) where its zero points read, else None."""
+    from .container import _chunks_of
+
+    bits = 0.0
+    f.seek(seg.offset)
+    for co, ln in _chunks_of(seg, chunk_bytes):
+        raw = np.frombuffer(f.read(ln), np.uint8)
+        zeros = None if table is None else chunk_zeros(table[1], table[0], 8 * co // seg.codes, CODES[seg.codes].symbols(ln))
+        bits += codes_chunk_bits(raw, seg.codes, zeros)
+        if progress:
+            progress(len(raw))
+    return tensor_row(seg.dtype, list(seg.shape), seg.length, bits, None, codes=seg.codes)
+
+
+def _codes(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Over the codes tensors: tensors, codes, their widths, bytes, the chunk bound (bytes, bits a
+    code, and its ratio to the codes' bytes); {} where there are none."""
+    rs = [r for r in rows.values() if r.get("codes")]
+    if not rs:
+        return {}
+    n, nbytes, bound = sum(r["n_codes"] for r in rs), sum(r["bytes"] for r in rs), sum(r["bound_chunk_bytes"] for r in rs)
+    return {"tensors": len(rs), "codes": n, "bits": sorted({r["codes"] for r in rs}), "bytes": nbytes,
+            "bits_per_code": 8 * nbytes / max(n, 1), "bound_chunk_bytes": bound,
+            "bits_per_code_bound": 8 * bound / max(n, 1), "ratio_bound": bound / max(nbytes, 1)}
 
 
 def _scan_gguf(f: Any, seg: Any, chunk_bytes: int, progress: Callable[[int], None] | None) -> dict[str, Any]:
@@ -185,7 +242,7 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
                     hist = full
                 rows[s["name"]] = tensor_row(s["dtype"], s["shape"], s["length"], st.get("bound_bits", 0.0), hist,
                                              G.Grid.from_index(s["grid"]) if "grid" in s else None,
-                                             s.get("gguf", ""), st.get("field_bits"))
+                                             s.get("gguf", ""), st.get("field_bits"), s.get("codes", 0))
                 rows[s["name"]]["delta"] = "base" in s  # coded against the base model (its bound: the delta's)
                 packed[s["name"]] = sum(c[1] for c in s["chunks"])
             base = pk.base_summary()
@@ -196,8 +253,14 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
 
         rows = {}
         # a GGUF file as itself (its blocks by field), not as the folder resolve dequantizes it into
-        for f in [p] if p.is_file() and GG.is_gguf(p) else safetensors_files(resolve(src)):
-            rows.update(_scan(f, chunk_bytes, progress))
+        if p.is_file() and GG.is_gguf(p):
+            files, found = [p], {}
+        else:
+            source = resolve(src)
+            files = safetensors_files(source)
+            found = quantized_of(source.path) if source.path.is_dir() else {}  # a quantized folder's codes
+        for f in files:
+            rows.update(_scan(f, chunk_bytes, progress, found))
         total_in, total_out = None, None
     tot = {k: sum(r[k] for r in rows.values()) for k in ("params", "bytes", "bound_order0_bytes", "bound_chunk_bytes")}
     fl = [r for r in rows.values() if r["exp_entropy"] is not None]
@@ -210,6 +273,7 @@ def info(src: str | os.PathLike, *, progress: Callable[[int], None] | None = Non
         "bits_per_param_bound_chunk": 8 * tot["bound_chunk_bytes"] / max(tot["params"], 1),
         "grids": _grids(rows),
         "gguf": _gguf_types(rows),
+        "codes": _codes(rows),
     }
     if base is not None:  # a delta file: the base it needs (its name as given to pack, tensors and files used)
         out["base"] = base
