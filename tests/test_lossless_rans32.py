@@ -101,6 +101,42 @@ def test_a_skewed_streams_last_words_decode_as_the_reference():
     assert S.decode_scalar(good, n, dsym, dinfo, 12, np.empty(n, np.uint8)) == 0
 
 
+def test_two_streams_decode_together_as_each_alone():
+    """rans8.decode2 (two streams in one loop, packed tables): for good streams of different
+    lengths and skews, truncations and flips, each stream's code and symbols are the scalar
+    reference's; decode_streams2 reads the models too (and falls back to rans32 past 2**12 slots)."""
+    from llmpress.lossless import rans8 as R8
+
+    rng = np.random.default_rng(11)
+    streams = []
+    for n, p in ((70_001, 0.3), (50_000, 0.003), (31, 0.5), (4_000, 0.9)):
+        sym = ((rng.random(n) < p) * rng.integers(1, 200, n)).astype(np.uint8)
+        f = K.normalize_freqs(np.bincount(sym, minlength=256).astype(np.int64), 12)
+        streams.append((sym, f, S.encode(sym, f, 12)))
+    cases = []
+    for sym, f, good in streams:
+        cases.append((sym, f, good))
+        cases.append((sym, f, good[: len(good) - 2 * int(rng.integers(1, 40))].copy()))
+        bad = good.copy()
+        bad[rng.integers(0, len(bad))] ^= np.uint8(1 << int(rng.integers(0, 8)))
+        cases.append((sym, f, bad))
+    for (sa, fa, ba), (sb, fb, bb) in zip(cases, cases[3:] + cases[:3]):
+        refs = []
+        for s, f, b in ((sa, fa, ba), (sb, fb, bb)):
+            dsym, dinfo = K.decode_table(f, 12)
+            r = np.zeros(len(s), np.uint8)
+            refs.append((S.decode_scalar(b, len(s), dsym, dinfo, 12, r), r))
+        for dec in (R8.decode2, R8.decode2_portable):
+            oa, ob = np.zeros(len(sa), np.uint8), np.zeros(len(sb), np.uint8)
+            rc = dec(ba, len(sa), R8.decode_table8(fa, 12), 12, oa, bb, len(sb), R8.decode_table8(fb, 12), 12, ob)
+            assert rc == (refs[0][0], refs[1][0]) and (oa == refs[0][1]).all() and (ob == refs[1][1]).all()
+    (sa, _, _), (sb, _, _) = streams[0], streams[1]
+    pa, pb = Rans.encode(sa, 8, precision=12), Rans.encode(sb, 8, precision=13)  # 2**13 slots: rans32's decoder
+    oa, ob = np.zeros(len(sa), np.uint8), np.zeros(len(sb), np.uint8)
+    assert R8.decode_streams2(np.frombuffer(pa, np.uint8), np.frombuffer(pb, np.uint8), 256, oa, ob) == 0
+    assert (oa == sa).all() and (ob == sb).all() and pb[0] == 13
+
+
 def test_rans_backend_round_trip_and_short_streams():
     sym = _skewed(200_000, 10, 1)
     payload = Rans.encode(sym, 10)

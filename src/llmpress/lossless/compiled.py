@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 MODULE = "_llmpress_lossless_aot"
 # the kernel sources an AOT build compiles (any change to them is a new key)
 SOURCES = ("kernels.py", "rans32.py", "freq_model.py", "chunk_kernel.py", "grid_kernel.py", "gguf_kernel.py", "delta_kernel.py", "fields.py",
-           "compiled.py", "codes_kernel.py")
+           "compiled.py", "codes_kernel.py", "rans8.py")
 # LLMPRESS_AOT=0: never load the ahead-of-time build (the JIT kernels only; tests compare both)
 ENV = "LLMPRESS_AOT"
 PACKAGE = __name__.rsplit(".", 1)[0]

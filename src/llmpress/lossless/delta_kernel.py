@@ -15,13 +15,17 @@ symbols. Both are bijections on every bit pattern (NaN payloads, −0, infinitie
 counts both transforms' plane histograms in one pass (:func:`delta_hists`) to choose, then
 writes the chosen one's planes (:func:`delta_planes`); the decoder decodes the planes' streams
 and merges them against the base in one call without the GIL (:func:`decode_delta`).
+
+numba's cache keys these functions on this file alone: what they call from chunk_kernel.py or
+rans32.py takes effect in a process whose cache predates it only once this file changes too.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from .chunk_kernel import _field
+from . import rans8 as R8
+from .chunk_kernel import RANS, _field, _u32
 
 XOR, DIFF = 1, 2
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
@@ -149,22 +153,42 @@ def merge_planes(planes, b, mode, out):  # planes (P, n) uint8, b (n,) base word
 
 
 @njit(**_JIT)
+def _plane(p, p0, p1, p2, p3):
+    return p0 if p == 0 else p1 if p == 1 else p2 if p == 2 else p3
+
+
+@njit(**_JIT)
 def decode_delta(buf, mode, b, out, p0, p1, p2, p3):
     """A delta payload ``u8 P | P × (u8 backend | u32 length | stream)`` (after the chunk's mode
     byte) decoded into the planes p0.. ((n,) uint8; those past P unused) and merged against the
-    base words b into out ((n,) words); 0 on success, nonzero where the generic path must run."""
+    base words b into out ((n,) words); 0 on success, nonzero where the generic path must run.
+    Two planes in a row coded ``rans`` decode together (rans8.decode_streams2: two chains in flight)."""
     n = b.shape[0]
     P = out.itemsize
     if buf.shape[0] < 1 or buf[0] != P or (mode != XOR and mode != DIFF):
         return -1
+    m = buf.shape[0]
     pos = 1
-    rc = 0
-    for p in range(P):
-        dst = p0 if p == 0 else p1 if p == 1 else p2 if p == 2 else p3
-        rc, pos = _field(buf, pos, 8, dst[:n])
+    p = 0
+    while p < P:
+        if p + 1 < P and n >= R8.LANES and pos + 5 <= m:
+            la = _u32(buf, pos + 1)
+            q = pos + 5 + la
+            if buf[pos] == RANS and q + 5 <= m and buf[q] == RANS:
+                lb = _u32(buf, q + 1)
+                if q + 5 + lb <= m:
+                    rc = R8.decode_streams2(buf[pos + 5 : q], buf[q + 5 : q + 5 + lb], 256,
+                                            _plane(p, p0, p1, p2, p3)[:n], _plane(p + 1, p0, p1, p2, p3)[:n])
+                    if rc != 0:
+                        return rc
+                    pos = q + 5 + lb
+                    p += 2
+                    continue
+        rc, pos = _field(buf, pos, 8, _plane(p, p0, p1, p2, p3)[:n])
         if rc != 0:
             return rc
-    if pos != buf.shape[0]:
+        p += 1
+    if pos != m:
         return -1
     _merge(p0[:n], p1[:n], p2[:n], p3[:n], b, mode, out)
     return 0
