@@ -76,8 +76,9 @@ def _code_planes(planes: list[np.ndarray], hists: list[np.ndarray], policy: str,
     """``u8 P`` and each plane's ``u8 backend | u32 length | stream``, as buffers: under the
     ``rans`` policy the smaller of raw and our rANS (no ``split``: a plane's statistics do not
     drift along a chunk as a tail's do, and it would code each plane several times). A skewed plane
-    (a high byte almost always 0) stays rANS too: half zstd's bytes there, and since rans32 decodes
-    a stream's last words as vectors too, as fast a symbol as any other stream (zstd: slower). Other
+    (a high byte almost always 0) stays rANS too: since rans32 decodes a stream's last words as
+    vectors, such a stream decodes as fast a symbol as any other, faster than zstd, for about the
+    same bytes (zstd's runs win a little on the most skewed planes: ``bench/delta.py``). Other
     policies: as chunk.py codes a tail piece."""
     if policy != "rans":
         return _code_fields(PLANES[len(planes)], planes, hists, policy, {}, st)
