@@ -126,3 +126,16 @@ def decode_codes(buf, width, zeros, table, row, group, first, out, sym):
         _add_zero_syms(s, width, table, row, group, first)
     _pack_into(s, width, out)
     return 0
+
+
+@njit(**_JIT)
+def half_table(words, lut, out):  # words: (R, G) uint16 half floats; lut: (65536,) uint8 -> out (R, G); the largest
+    """A zero-point tensor of 16-bit floats as its integers (zeros._half_codes' look-up table: 255
+    for a word that is not one), and the largest, in one pass (zeros.zero_table)."""
+    top = 0
+    for r in range(words.shape[0]):
+        for g in range(words.shape[1]):
+            v = lut[words[r, g]]
+            out[r, g] = v
+            top = max(top, np.int64(v))
+    return top

@@ -63,7 +63,8 @@ AOT: dict[str, dict[str, tuple[str, ...]]] = {
     "freq_model": {"write_model": ("u1[::1](i8[::1], i8)",), "read_model": ("UniTuple(i8, 2)(u1[::1], i8, i8[::1])",)},
     "rans32": {"encode": ("u1[::1](u1[::1], i8[::1], i8)", "u1[::1](u2[::1], i8[::1], i8)"),
                "decode_stream": ("i8(u1[::1], i8, u1[::1])", "i8(u1[::1], i8, u2[::1])")},
-    "codes_kernel": {"decode_codes": ("i8(u1[::1], i8, i8, u1[:, ::1], i8, i8, i8, u1[::1], u1[::1])",)},
+    "codes_kernel": {"decode_codes": ("i8(u1[::1], i8, i8, u1[:, ::1], i8, i8, i8, u1[::1], u1[::1])",),
+                     "half_table": ("i8(u2[:, ::1], u1[::1], u1[:, ::1])",)},
     "chunk_kernel": {"decode_fields": tuple(f"i8(u1[::1], i8, i8[::1], {h}[::1], u1[::1], u1[::1], u1[::1])"
                                             for h in ("u1", "u2"))},
     "grid_kernel": {"block_minmax": ("void(f4[:, ::1], f4[::1], f4[::1])",),
