@@ -285,14 +285,44 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
     return lay.merge(parts, nbytes // lay.itemsize, out)
 
 
+GK = Kernels("gguf_kernel")  # decode_chunk: a GGUF chunk in one call (the AOT build's where there is one)
+
+
+def _fused_args(bt: GG.BlockType, nb: int) -> tuple:
+    """gguf_kernel.decode_chunk's arguments after ``buf`` for ``nb`` blocks of ``bt`` but ``out``:
+    the type's description and this thread's scratch arrays (reused chunk after chunk, as
+    :func:`_scratch_fields`)."""
+    kind, bits = GG.FUSED[bt.name]
+    desc = _scratch.__dict__.setdefault("gguf_desc", {})
+    d = desc.get(bt.name)
+    if d is None:
+        d = desc[bt.name] = (np.array([f.width for f in bt.fields], np.int64), np.array(bt.counts, np.int64))
+    widths, counts = d
+    # parameter and scale fields, codes in chunk order, codes by class, a class a unit: bytes each
+    sizes = (int(counts[:-1].sum()) * nb, bt.weights * nb, bt.weights * nb, bt.weights * nb // bt.unit)
+    have = getattr(_scratch, "gguf", None)
+    if have is None or any(len(a) < n for a, n in zip(have, sizes)):
+        have = _scratch.gguf = tuple(np.empty(max(n, 0 if have is None else len(a)), np.uint8)
+                                     for a, n in zip(have or sizes, sizes))
+    return (kind, bits, bt.unit, bt.nclasses, widths, counts), tuple(a[:n] for a, n in zip(have, sizes))
+
+
 def _decode_gguf(buf: memoryview, bt: GG.BlockType, nbytes: int, out: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_encode_gguf` into ``out`` ((nbytes,) uint8)."""
+    """Inverse of :func:`_encode_gguf` into ``out`` ((nbytes,) uint8): in one compiled call
+    (gguf_kernel.decode_chunk) for the types of :data:`gguf.FUSED`; a chunk it leaves (a zstd
+    stream, a type it does not cover, a stream that does not decode) takes the numpy path below,
+    which names any problem."""
     if nbytes % bt.block_bytes:
         raise InputError(f"{nbytes} bytes is not whole {bt.name} blocks of {bt.block_bytes}")
     if out.shape != (nbytes,):
         raise InputError(f"output holds {out.shape} bytes, the chunk {nbytes}")
     if len(buf) < 2 or buf[0] > 1:
         raise InputError("GGUF chunk: bad mode byte")
+    if bt.name in GG.FUSED:
+        nb = nbytes // bt.block_bytes
+        desc, scratch = _fused_args(bt, nb)
+        if GK.decode_chunk(np.frombuffer(buf, np.uint8), *desc, out.reshape(nb, bt.block_bytes), *scratch) == 0:
+            return out
     counts = bt.symbols(nbytes // bt.block_bytes)
     if buf[0] == 0:
         parts = _decode_fields(buf[1:], bt.fields, counts)

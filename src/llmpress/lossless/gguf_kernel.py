@@ -3,7 +3,12 @@ weight order, packed back into ggml's block bytes. Each is the exact inverse of 
 split (tests/test_lossless_gguf.py)."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from numba import njit
+
+from .chunk_kernel import _field
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
 
@@ -59,3 +64,231 @@ def q6k_merge(codes, out):  # codes (nb·256,) u1, out (nb, 210) u1
                 out[b, 64 * n + l] = (c0 & 15) | ((c2 & 15) << 4)
                 out[b, 64 * n + 32 + l] = (c1 & 15) | ((c3 & 15) << 4)
                 out[b, 128 + 32 * n + l] = ((c0 >> 4) & 3) | (((c1 >> 4) & 3) << 2) | (((c2 >> 4) & 3) << 4) | (((c3 >> 4) & 3) << 6)
+
+
+# ---------------------------------------------------------------- a whole chunk in one call
+#
+# decode_chunk decodes a chunk of GGUF blocks (chunk.py's _encode_gguf: ``u8 mode | u8 nfields |
+# fields``) and writes the blocks' bytes: the parameter and scale streams into a scratch, the
+# codes' classes from them (mode 1) with the float64 arithmetic of gguf.py's numpy ``classes``,
+# the class streams, then every block's bytes. One call, no GIL, no array a field.
+
+# block kinds (gguf.py's FUSED maps the types onto them)
+LEGACY_SCALE, LEGACY_AFFINE, KQ2, KQ3, KQ45, KQ6 = 0, 1, 2, 3, 4, 5
+SCALE_CLASSES = 8  # gguf.SCALE_CLASSES
+_NUMPY = dict(_JIT, error_model="numpy")  # x / 0 is ±inf or NaN, as in numpy (Python's model raises)
+
+
+@njit(inline="always", **_JIT)
+def _f16_word(h, t):  # F16's float fields (fields.py, E=5 M=10 k=3: head = exponent ‖ 3 top mantissa bits,
+    """tail = sign ‖ 7 low mantissa bits) -> the u16 word."""
+    t = np.int64(t)
+    return ((t >> 7) << 15) | (np.int64(h) << 7) | (t & 0x7F)
+
+
+@njit(inline="always", **_JIT)
+def _f16_value(w):  # u16 word -> its value, float64 (exact)
+    e = (w >> 10) & 31
+    m = w & 1023
+    if e == 31:
+        v = np.inf if m == 0 else np.nan
+    elif e == 0:
+        v = np.float64(m) * 2.0 ** -24
+    else:
+        v = np.float64(m + 1024) * 2.0 ** (e - 25)
+    return -v if w >> 15 else v
+
+
+@njit(inline="always", **_JIT)
+def _param(ps, a, nb, b):  # the F16 parameter whose head field starts at ps[a] (its tail at a + nb), block b
+    return _f16_word(ps[a + b], ps[a + nb + b])
+
+
+@njit(inline="always", **_JIT)
+def _put16(out, b, o, w):
+    out[b, o] = w & 0xFF
+    out[b, o + 1] = (w >> 8) & 0xFF
+
+
+@njit(inline="always", **_NUMPY)
+def _affine(d, m, top):  # gguf._affine_class of one unit: rint(m / d) clipped to [0, top], 0 where not finite
+    z = np.rint(m / d)
+    if not np.isfinite(z):
+        return 0
+    return np.int64(min(max(z, 0.0), np.float64(top)))
+
+
+@njit(inline="always", **_JIT)
+def _octave(v):  # frexp's exponent of |v| (0 where v is 0 or not finite)
+    if not np.isfinite(v) or v == 0:
+        return 0
+    return math.frexp(abs(v))[1]
+
+
+@njit(**_JIT)
+def _scale_classes(e, cls):  # e (n,) int64 octaves -> cls (n,) u1: gguf._scale_class
+    n = e.shape[0]
+    if n == 0:
+        return
+    lo, hi = e[0], e[0]
+    for i in range(n):
+        lo = min(lo, e[i])
+        hi = max(hi, e[i])
+    h = np.zeros(hi - lo + 1, np.int64)
+    for i in range(n):
+        h[e[i] - lo] += 1
+    mode = lo + np.argmax(h)
+    for i in range(n):
+        cls[i] = min(max(e[i] - mode + SCALE_CLASSES // 2, 0), SCALE_CLASSES - 1)
+
+
+@njit(**_NUMPY)
+def _classes(kind, bits, nb, ps, cls):  # the class of each code unit from the parameter fields ps
+    """gguf.py's ``classes``: ps holds the fields before the codes, one after another (each
+    ``counts[i]·nb`` symbols), cls (units,) u1 gets the classes."""
+    top = (1 << bits) - 1
+    if kind == LEGACY_AFFINE:  # x = d·q − m (m stored negated): centred on rint(m / d)
+        for b in range(nb):
+            cls[b] = _affine(_f16_value(_param(ps, 0, nb, b)), -_f16_value(_param(ps, 2 * nb, nb, b)), top)
+        return
+    if kind == KQ2 or kind == KQ45:  # 16 (Q2_K) or 8 sub-blocks: d·sc, dmin·mn
+        S = 16 if kind == KQ2 else 8
+        for b in range(nb):
+            d = _f16_value(_param(ps, 0, nb, b))
+            dm = _f16_value(_param(ps, 2 * nb, nb, b))
+            for j in range(S):
+                cls[b * S + j] = _affine(d * np.float64(ps[4 * nb + b * S + j]),
+                                         dm * np.float64(ps[4 * nb + S * nb + b * S + j]), top)
+        return
+    S = 1 if kind == LEGACY_SCALE else 16
+    e = np.empty(nb * S, np.int64)
+    for b in range(nb):
+        d = _f16_value(_param(ps, 0, nb, b))
+        if kind == LEGACY_SCALE:
+            e[b] = _octave(d)
+        else:
+            for j in range(16):
+                s = np.int64(ps[2 * nb + b * 16 + j])
+                s = s - 32 if kind == KQ3 else (s - 256 if s > 127 else s)  # Q3_K: scale + 32; Q6_K: int8
+                e[b * 16 + j] = _octave(d * np.float64(s))
+    _scale_classes(e, cls)
+
+
+@njit(**_JIT)
+def _assemble(kind, bits, nb, ps, codes, out):  # the blocks' bytes out (nb, block bytes) from the fields
+    if kind == LEGACY_SCALE or kind == LEGACY_AFFINE:
+        npar = 1 if kind == LEGACY_SCALE else 2
+        for b in range(nb):
+            for i in range(npar):
+                _put16(out, b, 2 * i, _param(ps, 2 * i * nb, nb, b))
+        qh = 4 if bits == 5 else 0
+        if bits == 8:
+            for b in range(nb):
+                for j in range(32):
+                    out[b, 2 * npar + j] = codes[b * 32 + j]
+        else:
+            legacy_merge(codes, out, 2 * npar + qh, 2 * npar if qh else -1)
+    elif kind == KQ45:
+        for b in range(nb):
+            _put16(out, b, 0, _param(ps, 0, nb, b))
+            _put16(out, b, 2, _param(ps, 2 * nb, nb, b))
+            sc = 4 * nb + 8 * b
+            mn = 12 * nb + 8 * b
+            for j in range(4):  # gguf._k_scales_pack
+                out[b, 4 + j] = (ps[sc + j] & 63) | ((ps[sc + 4 + j] >> 4) << 6)
+                out[b, 8 + j] = (ps[mn + j] & 63) | ((ps[mn + 4 + j] >> 4) << 6)
+                out[b, 12 + j] = (ps[sc + 4 + j] & 15) | ((ps[mn + 4 + j] & 15) << 4)
+        qh = 32 if bits == 5 else 0
+        q4k_merge(codes, out, 16 + qh, 16 if qh else -1)
+    elif kind == KQ2:
+        for b in range(nb):
+            _put16(out, b, 80, _param(ps, 0, nb, b))
+            _put16(out, b, 82, _param(ps, 2 * nb, nb, b))
+            for j in range(16):
+                out[b, j] = (ps[4 * nb + 16 * b + j] & 15) | ((ps[20 * nb + 16 * b + j] & 15) << 4)
+            for n in range(2):  # weight 128n + 32j + l: bits 2j of qs[32n + l]
+                for l in range(32):
+                    v = 0
+                    for j in range(4):
+                        v |= (codes[256 * b + 128 * n + 32 * j + l] & 3) << (2 * j)
+                    out[b, 16 + 32 * n + l] = v
+    elif kind == KQ3:
+        for b in range(nb):
+            _put16(out, b, 108, _param(ps, 0, nb, b))
+            sc = 2 * nb + 16 * b
+            for j in range(8):
+                out[b, 96 + j] = (ps[sc + j] & 15) | ((ps[sc + 8 + j] & 15) << 4)
+            for k in range(4):  # scale 4i + k's top two bits: bits 2i of byte 104 + k (gguf._q3k_split)
+                v = 0
+                for i in range(4):
+                    v |= ((ps[sc + 4 * i + k] >> 4) & 3) << (2 * i)
+                out[b, 104 + k] = v
+            for l in range(32):
+                out[b, l] = 0
+            for n in range(2):  # weight 128n + 32j + l: bits 2j of qs[32n + l], bit 4n + j of hmask[l]
+                for l in range(32):
+                    v = 0
+                    for j in range(4):
+                        c = codes[256 * b + 128 * n + 32 * j + l]
+                        v |= (c & 3) << (2 * j)
+                        out[b, l] |= ((c >> 2) & 1) << (4 * n + j)
+                    out[b, 32 + 32 * n + l] = v
+    else:  # KQ6
+        for b in range(nb):
+            _put16(out, b, 208, _param(ps, 0, nb, b))
+            for j in range(16):
+                out[b, 192 + j] = ps[2 * nb + 16 * b + j]
+        q6k_merge(codes, out)
+
+
+@njit(**_JIT)
+def decode_chunk(buf, kind, bits, unit, ncls, widths, counts, out, ps, codes, grouped, cls):
+    """A chunk's payload ``buf`` (u1) decoded into its blocks ``out`` (nb, block bytes); 0 on
+    success, nonzero where the caller must take the generic path (a backend decoded elsewhere,
+    zstd; or a stream that does not decode, which that path names). ``widths``/``counts`` (i8):
+    the block type's fields' bits and symbols a block, the codes last; scratch: ``ps`` (Σ
+    counts[:-1]·nb,), ``codes`` and ``grouped`` (nb·weights,), ``cls`` (units,), all u1."""
+    nb = out.shape[0]
+    m = buf.shape[0]
+    F = counts.shape[0]
+    if m < 2 or buf[0] > 1:
+        return -1
+    mode = buf[0]
+    if buf[1] != (F if mode == 0 else F - 1 + ncls):
+        return -1
+    pos = 2
+    at = 0
+    for i in range(F - 1):
+        n = counts[i] * nb
+        rc, pos = _field(buf, pos, widths[i], ps[at : at + n])
+        if rc != 0:
+            return rc
+        at += n
+    nc = counts[F - 1] * nb
+    cb = widths[F - 1]
+    if mode == 0:
+        rc, pos = _field(buf, pos, cb, codes[:nc])
+        if rc != 0:
+            return rc
+    else:
+        nu = nc // unit
+        _classes(kind, bits, nb, ps, cls[:nu])
+        start = np.zeros(ncls + 1, np.int64)  # first unit of each class in the grouped codes
+        for k in range(nu):
+            start[cls[k] + 1] += 1
+        for c in range(ncls):
+            start[c + 1] += start[c]
+        for c in range(ncls):
+            rc, pos = _field(buf, pos, cb, grouped[start[c] * unit : start[c + 1] * unit])
+            if rc != 0:
+                return rc
+        for k in range(nu):  # unit k of the chunk: the next unit of its class (a stable sort's order)
+            c = cls[k]
+            s = start[c] * unit
+            start[c] += 1
+            for j in range(unit):
+                codes[k * unit + j] = grouped[s + j]
+    if pos != m:
+        return -1
+    _assemble(kind, bits, nb, ps, codes, out)
+    return 0
