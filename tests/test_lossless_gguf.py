@@ -145,11 +145,11 @@ def test_the_compiled_decode_is_the_numpy_one(name: str, mode: int, monkeypatch:
         parts, _ = _encode_gguf(raw, bt, "nozstd", (mode,))
         buf = np.frombuffer(b"".join(bytes(p) for p in parts), np.uint8)
         nb = len(raw) // bt.block_bytes
-        out = np.zeros((nb, bt.block_bytes), np.uint8)
+        out = np.zeros(len(raw), np.uint8)
         desc, scratch = _fused_args(bt, nb)
-        assert GK.decode_chunk(buf, *desc, out, *scratch) == 0
-        assert np.array_equal(out.reshape(-1), raw)
-        assert GK.decode_chunk(buf[:-1], *desc, out, *scratch) != 0  # truncated: left to the numpy path
+        assert GK.decode_chunk(buf, *desc, nb, out, *scratch) == 0
+        assert np.array_equal(out, raw)
+        assert GK.decode_chunk(buf[:-1], *desc, nb, out, *scratch) != 0  # truncated: left to the numpy path
 
 
 def test_pack_restores_a_gguf_byte_for_byte(tmp_path: Path) -> None:

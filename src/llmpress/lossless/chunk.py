@@ -298,12 +298,13 @@ def _fused_args(bt: GG.BlockType, nb: int) -> tuple:
     if d is None:
         d = desc[bt.name] = (np.array([f.width for f in bt.fields], np.int64), np.array(bt.counts, np.int64))
     widths, counts = d
-    # parameter and scale fields, codes in chunk order, codes by class, a class a unit: bytes each
-    sizes = (int(counts[:-1].sum()) * nb, bt.weights * nb, bt.weights * nb, bt.weights * nb // bt.unit)
+    # parameter and scale fields (u1), codes (u1), a class a unit (u1), where each unit's codes are (i8)
+    nu = bt.weights * nb // bt.unit
+    sizes = (int(counts[:-1].sum()) * nb, bt.weights * nb, nu, nu)
     have = getattr(_scratch, "gguf", None)
     if have is None or any(len(a) < n for a, n in zip(have, sizes)):
-        have = _scratch.gguf = tuple(np.empty(max(n, 0 if have is None else len(a)), np.uint8)
-                                     for a, n in zip(have or sizes, sizes))
+        have = _scratch.gguf = tuple(np.empty(max(n, 0 if have is None else len(a)), dt)
+                                     for a, n, dt in zip(have or sizes, sizes, (np.uint8,) * 3 + (np.int64,)))
     return (kind, bits, bt.unit, bt.nclasses, widths, counts), tuple(a[:n] for a, n in zip(have, sizes))
 
 
@@ -321,7 +322,7 @@ def _decode_gguf(buf: memoryview, bt: GG.BlockType, nbytes: int, out: np.ndarray
     if bt.name in GG.FUSED:
         nb = nbytes // bt.block_bytes
         desc, scratch = _fused_args(bt, nb)
-        if GK.decode_chunk(np.frombuffer(buf, np.uint8), *desc, out.reshape(nb, bt.block_bytes), *scratch) == 0:
+        if GK.decode_chunk(np.frombuffer(buf, np.uint8), *desc, nb, out, *scratch) == 0:
             return out
     counts = bt.symbols(nbytes // bt.block_bytes)
     if buf[0] == 0:

@@ -71,12 +71,15 @@ def q6k_merge(codes, out):  # codes (nb·256,) u1, out (nb, 210) u1
 # decode_chunk decodes a chunk of GGUF blocks (chunk.py's _encode_gguf: ``u8 mode | u8 nfields |
 # fields``) and writes the blocks' bytes: the parameter and scale streams into a scratch, the
 # codes' classes from them (mode 1) with the float64 arithmetic of gguf.py's numpy ``classes``,
-# the class streams, then every block's bytes. One call, no GIL, no array a field.
+# the class streams, then every block's bytes, each code unit read where its class's stream put
+# it (no reordered copy of the codes). One call, no GIL, no array a field.
 
 # block kinds (gguf.py's FUSED maps the types onto them)
 LEGACY_SCALE, LEGACY_AFFINE, KQ2, KQ3, KQ45, KQ6 = 0, 1, 2, 3, 4, 5
 SCALE_CLASSES = 8  # gguf.SCALE_CLASSES
 _NUMPY = dict(_JIT, error_model="numpy")  # x / 0 is ±inf or NaN, as in numpy (Python's model raises)
+# 2^(e − 25) for an F16 exponent field e (2^−24 for e = 0, the subnormals): value = significand · _POW[e]
+_POW = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)])
 
 
 @njit(inline="always", **_JIT)
@@ -92,10 +95,8 @@ def _f16_value(w):  # u16 word -> its value, float64 (exact)
     m = w & 1023
     if e == 31:
         v = np.inf if m == 0 else np.nan
-    elif e == 0:
-        v = np.float64(m) * 2.0 ** -24
     else:
-        v = np.float64(m + 1024) * 2.0 ** (e - 25)
+        v = np.float64(m + (1024 if e else 0)) * _POW[e]
     return -v if w >> 15 else v
 
 
@@ -105,9 +106,9 @@ def _param(ps, a, nb, b):  # the F16 parameter whose head field starts at ps[a] 
 
 
 @njit(inline="always", **_JIT)
-def _put16(out, b, o, w):
-    out[b, o] = w & 0xFF
-    out[b, o + 1] = (w >> 8) & 0xFF
+def _put16(out, o, w):
+    out[o] = w & 0xFF
+    out[o + 1] = (w >> 8) & 0xFF
 
 
 @njit(inline="always", **_NUMPY)
@@ -143,9 +144,9 @@ def _scale_classes(e, cls):  # e (n,) int64 octaves -> cls (n,) u1: gguf._scale_
 
 
 @njit(**_NUMPY)
-def _classes(kind, bits, nb, ps, cls):  # the class of each code unit from the parameter fields ps
+def _classes(kind, bits, nb, ps, cls, e):  # the class of each code unit from the parameter fields ps
     """gguf.py's ``classes``: ps holds the fields before the codes, one after another (each
-    ``counts[i]·nb`` symbols), cls (units,) u1 gets the classes."""
+    ``counts[i]·nb`` symbols), cls (units,) u1 gets the classes; e (units,) int64: scratch."""
     top = (1 << bits) - 1
     if kind == LEGACY_AFFINE:  # x = d·q − m (m stored negated): centred on rint(m / d)
         for b in range(nb):
@@ -160,8 +161,6 @@ def _classes(kind, bits, nb, ps, cls):  # the class of each code unit from the p
                 cls[b * S + j] = _affine(d * np.float64(ps[4 * nb + b * S + j]),
                                          dm * np.float64(ps[4 * nb + S * nb + b * S + j]), top)
         return
-    S = 1 if kind == LEGACY_SCALE else 16
-    e = np.empty(nb * S, np.int64)
     for b in range(nb):
         d = _f16_value(_param(ps, 0, nb, b))
         if kind == LEGACY_SCALE:
@@ -171,84 +170,123 @@ def _classes(kind, bits, nb, ps, cls):  # the class of each code unit from the p
                 s = np.int64(ps[2 * nb + b * 16 + j])
                 s = s - 32 if kind == KQ3 else (s - 256 if s > 127 else s)  # Q3_K: scale + 32; Q6_K: int8
                 e[b * 16 + j] = _octave(d * np.float64(s))
-    _scale_classes(e, cls)
+    _scale_classes(e[: cls.shape[0]], cls)
+
+
+@njit(inline="always", **_JIT)
+def _gather(g, src, b, unit, c):  # block b's 256 codes into c: unit j of the block at g[src[per·b + j]]
+    per = 256 // unit
+    for j in range(per):
+        s = src[per * b + j]
+        for i in range(unit):
+            c[unit * j + i] = g[s + i]
 
 
 @njit(**_JIT)
-def _assemble(kind, bits, nb, ps, codes, out):  # the blocks' bytes out (nb, block bytes) from the fields
+def _assemble(kind, bits, nb, ps, g, src, out):  # the blocks' bytes out (nb·block bytes,) from the fields
+    """Block b's codes: unit k (``unit`` codes in weight order) of the chunk at g[src[k]]."""
+    bb = out.shape[0] // nb if nb else 0
     if kind == LEGACY_SCALE or kind == LEGACY_AFFINE:
         npar = 1 if kind == LEGACY_SCALE else 2
-        for b in range(nb):
-            for i in range(npar):
-                _put16(out, b, 2 * i, _param(ps, 2 * i * nb, nb, b))
         qh = 4 if bits == 5 else 0
-        if bits == 8:
-            for b in range(nb):
-                for j in range(32):
-                    out[b, 2 * npar + j] = codes[b * 32 + j]
-        else:
-            legacy_merge(codes, out, 2 * npar + qh, 2 * npar if qh else -1)
-    elif kind == KQ45:
+        qs = 2 * npar + qh
         for b in range(nb):
-            _put16(out, b, 0, _param(ps, 0, nb, b))
-            _put16(out, b, 2, _param(ps, 2 * nb, nb, b))
+            o = b * bb
+            for i in range(npar):
+                _put16(out, o + 2 * i, _param(ps, 2 * i * nb, nb, b))
+            s = src[b]
+            if bits == 8:
+                for j in range(32):
+                    out[o + qs + j] = g[s + j]
+                continue
+            for j in range(16):  # weight j: the low nibble of qs[j], j + 16 the high one
+                out[o + qs + j] = (g[s + j] & 15) | ((g[s + 16 + j] & 15) << 4)
+            if qh:  # a Q5 code's fifth bit: bit j of the little-endian u32 at 2·npar
+                h = np.uint32(0)
+                for j in range(32):
+                    h |= np.uint32((g[s + j] >> 4) & 1) << np.uint32(j)
+                for i in range(4):
+                    out[o + 2 * npar + i] = (h >> np.uint32(8 * i)) & 0xFF
+        return
+    c = np.empty(256, np.uint8)  # one block's codes in weight order
+    unit = 32 if kind == KQ45 else 16
+    for b in range(nb):
+        o = b * bb
+        _gather(g, src, b, unit, c)
+        if kind == KQ45:  # Q4_K (144 B) / Q5_K (176 B: qh[32] before qs)
+            _put16(out, o, _param(ps, 0, nb, b))
+            _put16(out, o + 2, _param(ps, 2 * nb, nb, b))
             sc = 4 * nb + 8 * b
             mn = 12 * nb + 8 * b
             for j in range(4):  # gguf._k_scales_pack
-                out[b, 4 + j] = (ps[sc + j] & 63) | ((ps[sc + 4 + j] >> 4) << 6)
-                out[b, 8 + j] = (ps[mn + j] & 63) | ((ps[mn + 4 + j] >> 4) << 6)
-                out[b, 12 + j] = (ps[sc + 4 + j] & 15) | ((ps[mn + 4 + j] & 15) << 4)
-        qh = 32 if bits == 5 else 0
-        q4k_merge(codes, out, 16 + qh, 16 if qh else -1)
-    elif kind == KQ2:
-        for b in range(nb):
-            _put16(out, b, 80, _param(ps, 0, nb, b))
-            _put16(out, b, 82, _param(ps, 2 * nb, nb, b))
+                out[o + 4 + j] = (ps[sc + j] & 63) | ((ps[sc + 4 + j] >> 4) << 6)
+                out[o + 8 + j] = (ps[mn + j] & 63) | ((ps[mn + 4 + j] >> 4) << 6)
+                out[o + 12 + j] = (ps[sc + 4 + j] & 15) | ((ps[mn + 4 + j] & 15) << 4)
+            qh = 32 if bits == 5 else 0
+            for l in range(32):  # weight 64j + l: low nibble of qs[32j + l], 64j + 32 + l the high one
+                h = 0
+                for j in range(4):
+                    c0 = c[64 * j + l]
+                    c1 = c[64 * j + 32 + l]
+                    out[o + 16 + qh + 32 * j + l] = (c0 & 15) | ((c1 & 15) << 4)
+                    h |= (((c0 >> 4) & 1) << (2 * j)) | (((c1 >> 4) & 1) << (2 * j + 1))
+                if qh:  # the fifth bit: bit 2j (2j + 1) of qh[l]
+                    out[o + 16 + l] = h
+        elif kind == KQ2:
+            _put16(out, o + 80, _param(ps, 0, nb, b))
+            _put16(out, o + 82, _param(ps, 2 * nb, nb, b))
             for j in range(16):
-                out[b, j] = (ps[4 * nb + 16 * b + j] & 15) | ((ps[20 * nb + 16 * b + j] & 15) << 4)
+                out[o + j] = (ps[4 * nb + 16 * b + j] & 15) | ((ps[20 * nb + 16 * b + j] & 15) << 4)
             for n in range(2):  # weight 128n + 32j + l: bits 2j of qs[32n + l]
                 for l in range(32):
                     v = 0
                     for j in range(4):
-                        v |= (codes[256 * b + 128 * n + 32 * j + l] & 3) << (2 * j)
-                    out[b, 16 + 32 * n + l] = v
-    elif kind == KQ3:
-        for b in range(nb):
-            _put16(out, b, 108, _param(ps, 0, nb, b))
+                        v |= (c[128 * n + 32 * j + l] & 3) << (2 * j)
+                    out[o + 16 + 32 * n + l] = v
+        elif kind == KQ3:
+            _put16(out, o + 108, _param(ps, 0, nb, b))
             sc = 2 * nb + 16 * b
             for j in range(8):
-                out[b, 96 + j] = (ps[sc + j] & 15) | ((ps[sc + 8 + j] & 15) << 4)
+                out[o + 96 + j] = (ps[sc + j] & 15) | ((ps[sc + 8 + j] & 15) << 4)
             for k in range(4):  # scale 4i + k's top two bits: bits 2i of byte 104 + k (gguf._q3k_split)
                 v = 0
                 for i in range(4):
                     v |= ((ps[sc + 4 * i + k] >> 4) & 3) << (2 * i)
-                out[b, 104 + k] = v
-            for l in range(32):
-                out[b, l] = 0
-            for n in range(2):  # weight 128n + 32j + l: bits 2j of qs[32n + l], bit 4n + j of hmask[l]
-                for l in range(32):
+                out[o + 104 + k] = v
+            for l in range(32):  # weight 128n + 32j + l: bits 2j of qs[32n + l], bit 4n + j of hmask[l]
+                hm = 0
+                for n in range(2):
                     v = 0
                     for j in range(4):
-                        c = codes[256 * b + 128 * n + 32 * j + l]
-                        v |= (c & 3) << (2 * j)
-                        out[b, l] |= ((c >> 2) & 1) << (4 * n + j)
-                    out[b, 32 + 32 * n + l] = v
-    else:  # KQ6
-        for b in range(nb):
-            _put16(out, b, 208, _param(ps, 0, nb, b))
+                        x = c[128 * n + 32 * j + l]
+                        v |= (x & 3) << (2 * j)
+                        hm |= ((x >> 2) & 1) << (4 * n + j)
+                    out[o + 32 + 32 * n + l] = v
+                out[o + l] = hm
+        else:  # KQ6: weight 128n + 32k + l: nibble k >> 1 of ql[64n + 32(k & 1) + l], bits 2k of qh[32n + l]
+            _put16(out, o + 208, _param(ps, 0, nb, b))
             for j in range(16):
-                out[b, 192 + j] = ps[2 * nb + 16 * b + j]
-        q6k_merge(codes, out)
+                out[o + 192 + j] = ps[2 * nb + 16 * b + j]
+            for n in range(2):
+                for l in range(32):
+                    c0 = c[128 * n + l]
+                    c1 = c[128 * n + 32 + l]
+                    c2 = c[128 * n + 64 + l]
+                    c3 = c[128 * n + 96 + l]
+                    out[o + 64 * n + l] = (c0 & 15) | ((c2 & 15) << 4)
+                    out[o + 64 * n + 32 + l] = (c1 & 15) | ((c3 & 15) << 4)
+                    out[o + 128 + 32 * n + l] = (((c0 >> 4) & 3) | (((c1 >> 4) & 3) << 2) | (((c2 >> 4) & 3) << 4)
+                                                 | (((c3 >> 4) & 3) << 6))
 
 
 @njit(**_JIT)
-def decode_chunk(buf, kind, bits, unit, ncls, widths, counts, out, ps, codes, grouped, cls):
-    """A chunk's payload ``buf`` (u1) decoded into its blocks ``out`` (nb, block bytes); 0 on
-    success, nonzero where the caller must take the generic path (a backend decoded elsewhere,
-    zstd; or a stream that does not decode, which that path names). ``widths``/``counts`` (i8):
-    the block type's fields' bits and symbols a block, the codes last; scratch: ``ps`` (Σ
-    counts[:-1]·nb,), ``codes`` and ``grouped`` (nb·weights,), ``cls`` (units,), all u1."""
-    nb = out.shape[0]
+def decode_chunk(buf, kind, bits, unit, ncls, widths, counts, nb, out, ps, g, cls, src):
+    """A chunk's payload ``buf`` (u1) decoded into its ``nb`` blocks ``out`` (nb·block bytes,)
+    u1; 0 on success, nonzero where the caller must take the generic path (a backend decoded
+    elsewhere, zstd; or a stream that does not decode, which that path names). ``widths`` /
+    ``counts`` (i8): the block type's fields' bits and symbols a block, the codes last.
+    Scratch: ``ps`` (Σ counts[:-1]·nb,) u1, ``g`` (nb·weights,) u1, ``cls`` (units,) u1,
+    ``src`` (units,) i8."""
     m = buf.shape[0]
     F = counts.shape[0]
     if m < 2 or buf[0] > 1:
@@ -265,30 +303,30 @@ def decode_chunk(buf, kind, bits, unit, ncls, widths, counts, out, ps, codes, gr
             return rc
         at += n
     nc = counts[F - 1] * nb
+    nu = nc // unit
     cb = widths[F - 1]
     if mode == 0:
-        rc, pos = _field(buf, pos, cb, codes[:nc])
+        rc, pos = _field(buf, pos, cb, g[:nc])
         if rc != 0:
             return rc
+        for k in range(nu):
+            src[k] = k * unit
     else:
-        nu = nc // unit
-        _classes(kind, bits, nb, ps, cls[:nu])
+        _classes(kind, bits, nb, ps, cls[:nu], src)
         start = np.zeros(ncls + 1, np.int64)  # first unit of each class in the grouped codes
         for k in range(nu):
             start[cls[k] + 1] += 1
         for c in range(ncls):
             start[c + 1] += start[c]
         for c in range(ncls):
-            rc, pos = _field(buf, pos, cb, grouped[start[c] * unit : start[c + 1] * unit])
+            rc, pos = _field(buf, pos, cb, g[start[c] * unit : start[c + 1] * unit])
             if rc != 0:
                 return rc
         for k in range(nu):  # unit k of the chunk: the next unit of its class (a stable sort's order)
             c = cls[k]
-            s = start[c] * unit
+            src[k] = start[c] * unit
             start[c] += 1
-            for j in range(unit):
-                codes[k * unit + j] = grouped[s + j]
     if pos != m:
         return -1
-    _assemble(kind, bits, nb, ps, codes, out)
+    _assemble(kind, bits, nb, ps, g, src, out)
     return 0
