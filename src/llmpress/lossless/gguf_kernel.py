@@ -182,31 +182,57 @@ def _gather(g, src, b, unit, c):  # block b's 256 codes into c: unit j of the bl
             c[unit * j + i] = g[s + i]
 
 
+_LOW = np.uint64(0x0F0F0F0F0F0F0F0F)
+_BIT4 = np.uint64(0x0101010101010101)
+_GATHER8 = np.uint64(0x0102040810204080)  # x (bytes 0 or 1) × this: byte i lands on bit 56 + i (no carries)
+
+
+@njit(inline="always", **_JIT)
+def _store64(out, o, x):  # x's eight bytes, little-endian, at out[o] (no alignment needed)
+    out[o : o + 8].view(np.uint64)[0] = x
+
+
+@njit(inline="always", **_JIT)
+def _bits8(x):  # bit 0 of each of x's eight bytes (each 0 or 1), byte i -> bit i
+    return (x * _GATHER8) >> np.uint64(56)
+
+
+@njit(**_JIT)
+def _legacy(npar, bits, nb, bb, ps, g, src, out):
+    """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: ``npar`` F16 parameters, then (Q5) the fifth bits as a u32,
+    then the codes: 32 bytes (Q8_0), or weight j < 16 in the low nibble of byte j and j + 16 in
+    its high one. Eight codes at a time (g's units start at multiples of 32 bytes: u64 reads)."""
+    g8 = g[: g.shape[0] // 8 * 8].view(np.uint64)
+    qh = 4 if bits == 5 else 0
+    qs = 2 * npar + qh
+    for b in range(nb):
+        o = b * bb
+        for i in range(npar):
+            _put16(out, o + 2 * i, _param(ps, 2 * i * nb, nb, b))
+        s = src[b] >> 3
+        a0, a1, a2, a3 = g8[s], g8[s + 1], g8[s + 2], g8[s + 3]  # weights 0-7, 8-15, 16-23, 24-31
+        if bits == 8:
+            _store64(out, o + qs, a0)
+            _store64(out, o + qs + 8, a1)
+            _store64(out, o + qs + 16, a2)
+            _store64(out, o + qs + 24, a3)
+            continue
+        _store64(out, o + qs, (a0 & _LOW) | ((a2 & _LOW) << np.uint64(4)))
+        _store64(out, o + qs + 8, (a1 & _LOW) | ((a3 & _LOW) << np.uint64(4)))
+        if qh:  # a code's fifth bit: bit j of the little-endian u32 before the codes
+            f = np.uint64(4)
+            out[o + 2 * npar] = _bits8((a0 >> f) & _BIT4)
+            out[o + 2 * npar + 1] = _bits8((a1 >> f) & _BIT4)
+            out[o + 2 * npar + 2] = _bits8((a2 >> f) & _BIT4)
+            out[o + 2 * npar + 3] = _bits8((a3 >> f) & _BIT4)
+
+
 @njit(**_JIT)
 def _assemble(kind, bits, nb, ps, g, src, out):  # the blocks' bytes out (nb·block bytes,) from the fields
     """Block b's codes: unit k (``unit`` codes in weight order) of the chunk at g[src[k]]."""
     bb = out.shape[0] // nb if nb else 0
     if kind == LEGACY_SCALE or kind == LEGACY_AFFINE:
-        npar = 1 if kind == LEGACY_SCALE else 2
-        qh = 4 if bits == 5 else 0
-        qs = 2 * npar + qh
-        for b in range(nb):
-            o = b * bb
-            for i in range(npar):
-                _put16(out, o + 2 * i, _param(ps, 2 * i * nb, nb, b))
-            s = src[b]
-            if bits == 8:
-                for j in range(32):
-                    out[o + qs + j] = g[s + j]
-                continue
-            for j in range(16):  # weight j: the low nibble of qs[j], j + 16 the high one
-                out[o + qs + j] = (g[s + j] & 15) | ((g[s + 16 + j] & 15) << 4)
-            if qh:  # a Q5 code's fifth bit: bit j of the little-endian u32 at 2·npar
-                h = np.uint32(0)
-                for j in range(32):
-                    h |= np.uint32((g[s + j] >> 4) & 1) << np.uint32(j)
-                for i in range(4):
-                    out[o + 2 * npar + i] = (h >> np.uint32(8 * i)) & 0xFF
+        _legacy(npar=1 if kind == LEGACY_SCALE else 2, bits=bits, nb=nb, bb=bb, ps=ps, g=g, src=src, out=out)
         return
     c = np.empty(256, np.uint8)  # one block's codes in weight order
     unit = 32 if kind == KQ45 else 16
