@@ -187,14 +187,19 @@ _BIT4 = np.uint64(0x0101010101010101)
 _GATHER8 = np.uint64(0x0102040810204080)  # x (bytes 0 or 1) × this: byte i lands on bit 56 + i (no carries)
 
 
+_U = np.uint64  # indices: numba checks a signed index for wraparound at every access, which keeps
+# LLVM from merging the byte stores below into one; an unsigned one it does not
+
+
 @njit(inline="always", **_JIT)
-def _store64(out, o, x):  # x's eight bytes, little-endian, at out[o] (no alignment needed)
-    out[o : o + 8].view(np.uint64)[0] = x
+def _store64(out, o, x):  # x's eight bytes, little-endian, at out[o] (o: u64; LLVM makes it one store)
+    for i in range(8):
+        out[o + _U(i)] = (x >> _U(8 * i)) & _U(0xFF)
 
 
 @njit(inline="always", **_JIT)
 def _bits8(x):  # bit 0 of each of x's eight bytes (each 0 or 1), byte i -> bit i
-    return (x * _GATHER8) >> np.uint64(56)
+    return (x * _GATHER8) >> _U(56)
 
 
 @njit(**_JIT)
@@ -203,28 +208,34 @@ def _legacy(npar, bits, nb, bb, ps, g, src, out):
     then the codes: 32 bytes (Q8_0), or weight j < 16 in the low nibble of byte j and j + 16 in
     its high one. Eight codes at a time (g's units start at multiples of 32 bytes: u64 reads)."""
     g8 = g[: g.shape[0] // 8 * 8].view(np.uint64)
-    qh = 4 if bits == 5 else 0
-    qs = 2 * npar + qh
+    qh = _U(4 if bits == 5 else 0)
+    qs = _U(2 * npar) + qh
+    unb = _U(nb)
+    f = _U(4)
     for b in range(nb):
-        o = b * bb
+        ub = _U(b)
+        o = ub * _U(bb)
         for i in range(npar):
-            _put16(out, o + 2 * i, _param(ps, 2 * i * nb, nb, b))
-        s = src[b] >> 3
-        a0, a1, a2, a3 = g8[s], g8[s + 1], g8[s + 2], g8[s + 3]  # weights 0-7, 8-15, 16-23, 24-31
+            a = _U(2 * i) * unb + ub
+            w = _f16_word(ps[a], ps[a + unb])
+            out[o + _U(2 * i)] = w & 0xFF
+            out[o + _U(2 * i + 1)] = (w >> 8) & 0xFF
+        s = _U(src[b]) >> _U(3)
+        a0, a1, a2, a3 = g8[s], g8[s + _U(1)], g8[s + _U(2)], g8[s + _U(3)]  # weights 0-7, 8-15, 16-23, 24-31
         if bits == 8:
             _store64(out, o + qs, a0)
-            _store64(out, o + qs + 8, a1)
-            _store64(out, o + qs + 16, a2)
-            _store64(out, o + qs + 24, a3)
+            _store64(out, o + qs + _U(8), a1)
+            _store64(out, o + qs + _U(16), a2)
+            _store64(out, o + qs + _U(24), a3)
             continue
-        _store64(out, o + qs, (a0 & _LOW) | ((a2 & _LOW) << np.uint64(4)))
-        _store64(out, o + qs + 8, (a1 & _LOW) | ((a3 & _LOW) << np.uint64(4)))
+        _store64(out, o + qs, (a0 & _LOW) | ((a2 & _LOW) << f))
+        _store64(out, o + qs + _U(8), (a1 & _LOW) | ((a3 & _LOW) << f))
         if qh:  # a code's fifth bit: bit j of the little-endian u32 before the codes
-            f = np.uint64(4)
-            out[o + 2 * npar] = _bits8((a0 >> f) & _BIT4)
-            out[o + 2 * npar + 1] = _bits8((a1 >> f) & _BIT4)
-            out[o + 2 * npar + 2] = _bits8((a2 >> f) & _BIT4)
-            out[o + 2 * npar + 3] = _bits8((a3 >> f) & _BIT4)
+            q = o + _U(2 * npar)
+            out[q] = _bits8((a0 >> f) & _BIT4)
+            out[q + _U(1)] = _bits8((a1 >> f) & _BIT4)
+            out[q + _U(2)] = _bits8((a2 >> f) & _BIT4)
+            out[q + _U(3)] = _bits8((a3 >> f) & _BIT4)
 
 
 @njit(**_JIT)
