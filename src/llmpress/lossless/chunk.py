@@ -14,10 +14,11 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+import zstandard
 
 from ..errors import InputError
 from .compiled import Kernels
-from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
+from .entropy import BACKENDS, BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from . import grid as G
 from . import gguf as GG
 from .fields import CODES, Field, FloatLayout, exponent, layout
@@ -308,6 +309,29 @@ def _fused_args(bt: GG.BlockType, nb: int) -> tuple:
     return (kind, bits, bt.unit, bt.nclasses, widths, counts), tuple(a[:n] for a, n in zip(have, sizes))
 
 
+_NO_BYTES = np.zeros(0, np.uint8)
+_ZSTD = BACKENDS["zstd"].id
+
+
+def _zstd_fields(buf: memoryview, most: int) -> np.ndarray | None:
+    """The zstd streams of a GGUF chunk's fields (``u8 mode | u8 nfields | fields``), decoded one
+    after another (gguf_kernel.decode_chunk copies them where they go; each at most ``most``
+    symbols); None where the header does not parse (the numpy path names the problem)."""
+    pos, out = 2, []
+    for _ in range(buf[1]):
+        if pos + 5 > len(buf):
+            return None
+        bid, ln = struct.unpack_from("<BI", buf, pos)
+        pos += 5
+        if bid == _ZSTD:
+            try:
+                out.append(zstandard.ZstdDecompressor().decompress(bytes(buf[pos : pos + ln]), max_output_size=most))
+            except zstandard.ZstdError:
+                return None
+        pos += ln
+    return np.frombuffer(b"".join(out), np.uint8) if out else _NO_BYTES
+
+
 def _decode_gguf(buf: memoryview, bt: GG.BlockType, nbytes: int, out: np.ndarray) -> np.ndarray:
     """Inverse of :func:`_encode_gguf` into ``out`` ((nbytes,) uint8): in one compiled call
     (gguf_kernel.decode_chunk) for the types of :data:`gguf.FUSED`; a chunk it leaves (a zstd
@@ -322,7 +346,8 @@ def _decode_gguf(buf: memoryview, bt: GG.BlockType, nbytes: int, out: np.ndarray
     if bt.name in GG.FUSED:
         nb = nbytes // bt.block_bytes
         desc, scratch = _fused_args(bt, nb)
-        if GK.decode_chunk(np.frombuffer(buf, np.uint8), *desc, nb, out, *scratch) == 0:
+        side = _zstd_fields(buf, bt.weights * nb)
+        if side is not None and GK.decode_chunk(np.frombuffer(buf, np.uint8), *desc, nb, out, *scratch, side) == 0:
             return out
     counts = bt.symbols(nbytes // bt.block_bytes)
     if buf[0] == 0:

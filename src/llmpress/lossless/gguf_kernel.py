@@ -8,7 +8,9 @@ import math
 import numpy as np
 from numba import njit
 
-from .chunk_kernel import _field
+from . import rans32 as R32
+from .chunk_kernel import RANS, RANS4, RAW, SPLIT, _rans4, _u32
+from .kernels import unpack_bits
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
 
@@ -316,14 +318,80 @@ def _assemble(kind, bits, nb, ps, g, src, out):  # the blocks' bytes out (nb·bl
                                                  | (((c3 >> 4) & 3) << 6))
 
 
+ZSTD = 2  # entropy.py's id: decoded by the caller (zstandard) into ``side``, copied here in field order
+
+
 @njit(**_JIT)
-def decode_chunk(buf, kind, bits, unit, ncls, widths, counts, nb, out, ps, g, cls, src):
+def _stream(bid, p, width, dst, side, sp):  # chunk_kernel._stream for u1 symbols, zstd from ``side``
+    n = dst.shape[0]
+    if bid == RAW:
+        if p.shape[0] != (n * width + 7) // 8:
+            return -1
+        if width == 8:
+            dst[:] = p
+        else:
+            unpack_bits(p, width, dst)
+        return 0
+    if n == 0 and p.shape[0] == 0 and (bid == RANS or bid == RANS4):
+        return 0
+    if bid == RANS:
+        return R32.decode_stream_u8(p, 1 << width, dst)
+    if bid == RANS4:
+        return _rans4(p, 1 << width, dst)
+    if bid == ZSTD:  # the caller decoded it: its next n bytes
+        if sp[0] + n > side.shape[0]:
+            return -1
+        dst[:] = side[sp[0] : sp[0] + n]
+        sp[0] += n
+        return 0
+    return 1
+
+
+@njit(**_JIT)
+def _field(buf, pos, width, dst, side, sp):  # chunk_kernel._field (split included) -> (code, next pos)
+    m = buf.shape[0]
+    if pos + 5 > m:
+        return -1, pos
+    bid = buf[pos]
+    ln = _u32(buf, pos + 1)
+    pos += 5
+    if pos + ln > m:
+        return -1, pos
+    p = buf[pos : pos + ln]
+    if bid != SPLIT:
+        return _stream(bid, p, width, dst, side, sp), pos + ln
+    n = dst.shape[0]  # entropy.Split: u8 k | k × (u8 id | u32 length) | payloads
+    if ln < 1:
+        return -1, pos
+    k = np.int64(p[0])
+    if k < 1 or ln < 1 + 5 * k:
+        return -1, pos
+    step = (n + k - 1) // k
+    if (k - 1) * step >= n:
+        return -1, pos
+    q = 1 + 5 * k
+    for i in range(k):
+        b = p[1 + 5 * i]
+        pl = _u32(p, 2 + 5 * i)
+        if b == SPLIT or b == ZSTD or q + pl > ln:
+            return -1, pos
+        rc = _stream(b, p[q : q + pl], width, dst[i * step : min(i * step + step, n)], side, sp)
+        if rc != 0:
+            return rc, pos
+        q += pl
+    return (0 if q == ln else -1), pos + ln
+
+
+@njit(**_JIT)
+def decode_chunk(buf, kind, bits, unit, ncls, widths, counts, nb, out, ps, g, cls, src, side):
     """A chunk's payload ``buf`` (u1) decoded into its ``nb`` blocks ``out`` (nb·block bytes,)
     u1; 0 on success, nonzero where the caller must take the generic path (a backend decoded
     elsewhere, zstd; or a stream that does not decode, which that path names). ``widths`` /
     ``counts`` (i8): the block type's fields' bits and symbols a block, the codes last.
     Scratch: ``ps`` (Σ counts[:-1]·nb,) u1, ``g`` (nb·weights,) u1, ``cls`` (units,) u1,
-    ``src`` (units,) i8."""
+    ``src`` (units,) i8. ``side``: the chunk's zstd streams, decoded by the caller, one after
+    another in field order (empty where it has none)."""
+    sp = np.zeros(1, np.int64)  # the next byte of side
     m = buf.shape[0]
     F = counts.shape[0]
     if m < 2 or buf[0] > 1:
@@ -335,7 +403,7 @@ def decode_chunk(buf, kind, bits, unit, ncls, widths, counts, nb, out, ps, g, cl
     at = 0
     for i in range(F - 1):
         n = counts[i] * nb
-        rc, pos = _field(buf, pos, widths[i], ps[at : at + n])
+        rc, pos = _field(buf, pos, widths[i], ps[at : at + n], side, sp)
         if rc != 0:
             return rc
         at += n
@@ -343,7 +411,7 @@ def decode_chunk(buf, kind, bits, unit, ncls, widths, counts, nb, out, ps, g, cl
     nu = nc // unit
     cb = widths[F - 1]
     if mode == 0:
-        rc, pos = _field(buf, pos, cb, g[:nc])
+        rc, pos = _field(buf, pos, cb, g[:nc], side, sp)
         if rc != 0:
             return rc
         for k in range(nu):
@@ -356,14 +424,14 @@ def decode_chunk(buf, kind, bits, unit, ncls, widths, counts, nb, out, ps, g, cl
         for c in range(ncls):
             start[c + 1] += start[c]
         for c in range(ncls):
-            rc, pos = _field(buf, pos, cb, g[start[c] * unit : start[c + 1] * unit])
+            rc, pos = _field(buf, pos, cb, g[start[c] * unit : start[c + 1] * unit], side, sp)
             if rc != 0:
                 return rc
         for k in range(nu):  # unit k of the chunk: the next unit of its class (a stable sort's order)
             c = cls[k]
             src[k] = start[c] * unit
             start[c] += 1
-    if pos != m:
+    if pos != m or sp[0] != side.shape[0]:
         return -1
     _assemble(kind, bits, nb, ps, g, src, out)
     return 0
