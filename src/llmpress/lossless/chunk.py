@@ -324,8 +324,11 @@ def _zstd_fields(buf: memoryview, most: int) -> np.ndarray | None:
         bid, ln = struct.unpack_from("<BI", buf, pos)
         pos += 5
         if bid == _ZSTD:
+            z = getattr(_scratch, "zstd", None)
+            if z is None:  # one a thread (a decompressor is not thread-safe; making one costs ~0.1 ms)
+                z = _scratch.zstd = zstandard.ZstdDecompressor()
             try:
-                out.append(zstandard.ZstdDecompressor().decompress(bytes(buf[pos : pos + ln]), max_output_size=most))
+                out.append(z.decompress(bytes(buf[pos : pos + ln]), max_output_size=most))
             except zstandard.ZstdError:
                 return None
         pos += ln
