@@ -335,7 +335,7 @@ def _stream(bid, p, width, dst, side, sp):  # chunk_kernel._stream for u1 symbol
     if n == 0 and p.shape[0] == 0 and (bid == RANS or bid == RANS4):
         return 0
     if bid == RANS:
-        return R32.decode_stream_u8(p, 1 << width, dst)
+        return R32.decode_stream(p, 1 << width, dst)
     if bid == RANS4:
         return _rans4(p, 1 << width, dst)
     if bid == ZSTD:  # the caller decoded it: its next n bytes

@@ -179,10 +179,7 @@ def _close_loop(builder, blocks, phis, nexts, go, pxs):
 # ------------------------------------------------------------------------------ decoder
 
 
-def _make_dec_steps(permute: bool, packed: bool = False):
-    """``packed``: one table, ``dinfo`` (2**pb,) uint32 = freq | (slot − start) << 12 | symbol << 24
-    (:func:`decode_table_packed`; ``dsym`` unused), and uint8 symbols stored eight at a time."""
-
+def _make_dec_steps(permute: bool):
     @intrinsic
     def dec_steps(typingctx, xs, io, buf, wo, expand, dsym, dinfo, out, nsteps, limit, pb):
         """Decoding steps ``io[1] ..`` of all lanes while fewer than ``nsteps`` are done and the
@@ -218,21 +215,11 @@ def _make_dec_steps(permute: bool, packed: bool = False):
                 for k in range(_V):  # table loads as scalars (beat vpgatherdd on Zen 3), symbols stored as such
                     sk = builder.extract_element(slot, ir.Constant(_i32, k))
                     d = builder.insert_element(d, builder.load(builder.gep(pdinfo, [sk])), ir.Constant(_i32, k))
-                    if packed:
-                        continue
                     s = builder.load(builder.gep(pdsym, [sk]))
                     s = builder.trunc(s, ot) if s.type.width > ot.width else s
                     builder.store(s, builder.gep(pout, [builder.add(base, ir.Constant(_i64, g * _V + k))]))
-                if packed:  # the eight symbols from the table words' top bytes, in one store
-                    syms = builder.trunc(builder.lshr(d, _splat(24)), ir.VectorType(_i8, _V))
-                    po = builder.gep(pout, [builder.add(base, ir.Constant(_i64, g * _V))])
-                    builder.store(syms, builder.bitcast(po, ir.VectorType(_i8, _V).as_pointer()), align=1)
-                    f = builder.and_(d, _splat(0xFFF))
-                    r = builder.and_(builder.lshr(d, _splat(12)), _splat(0xFFF))
-                else:
-                    f = builder.and_(d, _splat(0xFFFF))
-                    r = builder.lshr(d, _splat(16))
-                x = builder.add(builder.mul(f, builder.lshr(x, pbs)), r)
+                f = builder.and_(d, _splat(0xFFFF))
+                x = builder.add(builder.mul(f, builder.lshr(x, pbs)), builder.lshr(d, _splat(16)))
                 renorm = builder.icmp_unsigned("<", x, _splat(RANS_L))  # <8 x i1>
                 m8 = builder.bitcast(renorm, _i8)
                 perm = builder.load(vptr(plut, builder.mul(builder.zext(m8, _i64), ir.Constant(_i64, _V)), _v32), align=4)
@@ -278,45 +265,11 @@ def _dec1(x, dsym, dinfo, mask, pb, buf, wo, pos, total, out, i):
     return x, pos
 
 
-@njit(inline="always", **_JIT)
-def _dec1p(x, dinfo, mask, pb, buf, wo, pos, total, out, i):
-    """:func:`_dec1` with the packed table (:func:`decode_table_packed`)."""
-    d = np.int64(dinfo[x & mask])
-    out[i] = d >> 24
-    x = (d & 0xFFF) * (x >> pb) + ((d >> 12) & 0xFFF)
-    if x < RANS_L:
-        w = np.int64(0)
-        if pos < total:
-            q = wo + 2 * pos
-            w = np.int64(buf[q]) | (np.int64(buf[q + 1]) << 8)
-        x = (x << 16) | w
-        pos += 1
-    return x, pos
-
-
-@njit(**_JIT)
-def decode_table_packed(freq, pb):  # freq: (A,) int64, A ≤ 256, every count < 4096 -> (2**pb,) uint32
-    """Slot → ``freq | (slot − start) << 12 | symbol << 24``: the two tables of
-    kernels.decode_table in one word (one load a decoded symbol, the symbol in its top byte)."""
-    T = 1 << pb
-    t = np.empty(T, np.uint32)
-    slot = 0
-    for s in range(freq.shape[0]):
-        f = freq[s]
-        v = np.uint32(f | (s << 24))
-        for r in range(f):
-            t[slot] = v | np.uint32(r << 12)
-            slot += 1
-    return t
-
-
 _dec_steps_permd = _make_dec_steps(True)
 _dec_steps_portable = _make_dec_steps(False)
-_dec_steps_permd_packed = _make_dec_steps(True, True)
-_dec_steps_portable_packed = _make_dec_steps(False, True)
 
 
-def _make_decode(vector: bool, permute: bool, packed: bool = False):
+def _make_decode(vector: bool, permute: bool):
     # the closure holds only these flags: numba keys its cache on the closure's values, and a
     # captured intrinsic or dispatcher pickles differently in every process (a new compile each
     # time); the branch on a constant flag is pruned, so vpermd is never compiled where absent
@@ -338,11 +291,7 @@ def _make_decode(vector: bool, permute: bool, packed: bool = False):
         st = n // LANES
         io = np.zeros(2, np.int64)  # word position, steps done
         if vector and st > 0 and total >= LANES:
-            if packed and permute:
-                _dec_steps_permd_packed(xs, io, buf, wo, EXPAND, dsym, dinfo, out, st, total - LANES, pb)
-            elif packed:
-                _dec_steps_portable_packed(xs, io, buf, wo, EXPAND, dsym, dinfo, out, st, total - LANES, pb)
-            elif permute:
+            if permute:
                 _dec_steps_permd(xs, io, buf, wo, EXPAND, dsym, dinfo, out, st, total - LANES, pb)
             else:
                 _dec_steps_portable(xs, io, buf, wo, EXPAND, dsym, dinfo, out, st, total - LANES, pb)
@@ -350,10 +299,7 @@ def _make_decode(vector: bool, permute: bool, packed: bool = False):
         mask = (1 << pb) - 1
         for i in range(io[1] * LANES, n):
             j = i % LANES
-            if packed:
-                x, pos = _dec1p(np.int64(xs[j]), dinfo, mask, pb, buf, wo, pos, total, out, i)
-            else:
-                x, pos = _dec1(np.int64(xs[j]), dsym, dinfo, mask, pb, buf, wo, pos, total, out, i)
+            x, pos = _dec1(np.int64(xs[j]), dsym, dinfo, mask, pb, buf, wo, pos, total, out, i)
             xs[j] = x
         if pos != total:
             return -4
@@ -368,10 +314,6 @@ def _make_decode(vector: bool, permute: bool, packed: bool = False):
 decode = _make_decode(True, PERMUTE)
 decode_portable = _make_decode(True, False)  # the vector loop without vpermd (tested against)
 decode_scalar = _make_decode(False, False)  # one lane at a time: the reference
-# the same stream decoded with one packed table (uint8 symbols, models of at most 2**12 slots; ``dsym``
-# unused): one table load a symbol instead of two, the eight symbols of a vector in one store
-decode_packed = _make_decode(True, PERMUTE, True)
-decode_packed_portable = _make_decode(True, False, True)
 
 
 @njit(**_JIT)
@@ -384,20 +326,6 @@ def decode_stream(buf, A, out):  # buf: (m,) uint8 = model bytes ‖ states ‖ 
         return pb
     dsym, dinfo = decode_table(f, pb)
     return decode(buf[used:], out.shape[0], dsym, dinfo, pb, out)
-
-
-@njit(**_JIT)
-def decode_stream_u8(buf, A, out):  # decode_stream for out (n,) uint8, A ≤ 256
-    """:func:`decode_stream` through the packed table (:func:`decode_packed`) where the model
-    fits it (at most 2**12 slots, so every count and offset fits 12 bits), else the two tables."""
-    f = np.zeros(A, np.int64)
-    pb, used = read_model_or_fill(buf, A, f, out)
-    if pb <= 0:
-        return pb
-    if pb > 12 or A > 256:
-        dsym, dinfo = decode_table(f, pb)
-        return decode(buf[used:], out.shape[0], dsym, dinfo, pb, out)
-    return decode_packed(buf[used:], out.shape[0], EXPAND[0], decode_table_packed(f, pb), pb, out)
 
 
 # ------------------------------------------------------------------------------ encoder
