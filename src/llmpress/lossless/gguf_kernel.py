@@ -241,37 +241,94 @@ def _legacy(npar, bits, nb, bb, ps, g, src, out):
 
 
 @njit(**_JIT)
+def _kq45(bits, nb, bb, ps, g, src, out):
+    """Q4_K (144 B: d, dmin, scales[12], qs[128]) and Q5_K (176 B: qh[32] before qs): weight
+    64j + l is the low nibble of qs[32j + l], 64j + 32 + l the high one; a Q5_K code's fifth bit
+    is bit 2j (2j + 1) of qh[l]. Eight codes at a time (units of 32 codes: u64 reads)."""
+    g8 = g[: g.shape[0] // 8 * 8].view(np.uint64)
+    qh = _U(32 if bits == 5 else 0)
+    f = _U(4)
+    for b in range(nb):
+        o = _U(b) * _U(bb)
+        _put16(out, o, _param(ps, 0, nb, b))
+        _put16(out, o + _U(2), _param(ps, 2 * nb, nb, b))
+        sc = _U(4 * nb + 8 * b)
+        mn = _U(12 * nb + 8 * b)
+        for j in range(4):  # gguf._k_scales_pack
+            uj = _U(j)
+            s0, s4, m0, m4 = ps[sc + uj], ps[sc + uj + _U(4)], ps[mn + uj], ps[mn + uj + _U(4)]
+            out[o + _U(4) + uj] = (s0 & 63) | ((s4 >> 4) << 6)
+            out[o + _U(8) + uj] = (m0 & 63) | ((m4 >> 4) << 6)
+            out[o + _U(12) + uj] = (s4 & 15) | ((m4 & 15) << 4)
+        h0 = h1 = h2 = h3 = _U(0)
+        for j in range(4):
+            a = _U(src[8 * b + 2 * j]) >> _U(3)  # weights 64j .. 64j + 31
+            c = _U(src[8 * b + 2 * j + 1]) >> _U(3)  # 64j + 32 .. 64j + 63
+            q = o + _U(16) + qh + _U(32 * j)
+            for w in range(4):
+                uw = _U(w)
+                _store64(out, q + _U(8 * w), (g8[a + uw] & _LOW) | ((g8[c + uw] & _LOW) << f))
+            if qh:
+                sj = _U(2 * j)
+                h0 |= (((g8[a] >> f) & _BIT4) << sj) | (((g8[c] >> f) & _BIT4) << (sj + _U(1)))
+                h1 |= (((g8[a + _U(1)] >> f) & _BIT4) << sj) | (((g8[c + _U(1)] >> f) & _BIT4) << (sj + _U(1)))
+                h2 |= (((g8[a + _U(2)] >> f) & _BIT4) << sj) | (((g8[c + _U(2)] >> f) & _BIT4) << (sj + _U(1)))
+                h3 |= (((g8[a + _U(3)] >> f) & _BIT4) << sj) | (((g8[c + _U(3)] >> f) & _BIT4) << (sj + _U(1)))
+        if qh:
+            _store64(out, o + _U(16), h0)
+            _store64(out, o + _U(24), h1)
+            _store64(out, o + _U(32), h2)
+            _store64(out, o + _U(40), h3)
+
+
+_TWO = np.uint64(0x0303030303030303)
+
+
+@njit(**_JIT)
+def _kq6(nb, bb, ps, g, src, out):
+    """Q6_K (210 B: ql[128], qh[64], scales[16], d): weight 128n + 32k + l is nibble k >> 1 of
+    ql[64n + 32(k & 1) + l] and bits 2k of qh[32n + l]. Eight codes at a time (units of 16)."""
+    g8 = g[: g.shape[0] // 8 * 8].view(np.uint64)
+    f = _U(4)
+    for b in range(nb):
+        o = _U(b) * _U(bb)
+        _put16(out, o + _U(208), _param(ps, 0, nb, b))
+        for j in range(16):
+            out[o + _U(192 + j)] = ps[2 * nb + 16 * b + j]
+        for n in range(2):
+            for w in range(4):  # l = 8w .. 8w + 7: units 16b + 8n + 2k + (w >> 1), word w & 1
+                u = 16 * b + 8 * n + (w >> 1)
+                e = _U(w & 1)
+                v0 = g8[(_U(src[u]) >> _U(3)) + e]
+                v1 = g8[(_U(src[u + 2]) >> _U(3)) + e]
+                v2 = g8[(_U(src[u + 4]) >> _U(3)) + e]
+                v3 = g8[(_U(src[u + 6]) >> _U(3)) + e]
+                q = o + _U(64 * n + 8 * w)
+                _store64(out, q, (v0 & _LOW) | ((v2 & _LOW) << f))
+                _store64(out, q + _U(32), (v1 & _LOW) | ((v3 & _LOW) << f))
+                _store64(out, o + _U(128 + 32 * n + 8 * w), ((v0 >> f) & _TWO) | (((v1 >> f) & _TWO) << _U(2))
+                         | (((v2 >> f) & _TWO) << f) | (((v3 >> f) & _TWO) << _U(6)))
+
+
+@njit(**_JIT)
 def _assemble(kind, bits, nb, ps, g, src, out):  # the blocks' bytes out (nb·block bytes,) from the fields
     """Block b's codes: unit k (``unit`` codes in weight order) of the chunk at g[src[k]]."""
     bb = out.shape[0] // nb if nb else 0
     if kind == LEGACY_SCALE or kind == LEGACY_AFFINE:
         _legacy(npar=1 if kind == LEGACY_SCALE else 2, bits=bits, nb=nb, bb=bb, ps=ps, g=g, src=src, out=out)
         return
+    if kind == KQ45:
+        _kq45(bits, nb, bb, ps, g, src, out)
+        return
+    if kind == KQ6:
+        _kq6(nb, bb, ps, g, src, out)
+        return
     c = np.empty(256, np.uint8)  # one block's codes in weight order
-    unit = 32 if kind == KQ45 else 16
+    unit = 16
     for b in range(nb):
         o = b * bb
         _gather(g, src, b, unit, c)
-        if kind == KQ45:  # Q4_K (144 B) / Q5_K (176 B: qh[32] before qs)
-            _put16(out, o, _param(ps, 0, nb, b))
-            _put16(out, o + 2, _param(ps, 2 * nb, nb, b))
-            sc = 4 * nb + 8 * b
-            mn = 12 * nb + 8 * b
-            for j in range(4):  # gguf._k_scales_pack
-                out[o + 4 + j] = (ps[sc + j] & 63) | ((ps[sc + 4 + j] >> 4) << 6)
-                out[o + 8 + j] = (ps[mn + j] & 63) | ((ps[mn + 4 + j] >> 4) << 6)
-                out[o + 12 + j] = (ps[sc + 4 + j] & 15) | ((ps[mn + 4 + j] & 15) << 4)
-            qh = 32 if bits == 5 else 0
-            for l in range(32):  # weight 64j + l: low nibble of qs[32j + l], 64j + 32 + l the high one
-                h = 0
-                for j in range(4):
-                    c0 = c[64 * j + l]
-                    c1 = c[64 * j + 32 + l]
-                    out[o + 16 + qh + 32 * j + l] = (c0 & 15) | ((c1 & 15) << 4)
-                    h |= (((c0 >> 4) & 1) << (2 * j)) | (((c1 >> 4) & 1) << (2 * j + 1))
-                if qh:  # the fifth bit: bit 2j (2j + 1) of qh[l]
-                    out[o + 16 + l] = h
-        elif kind == KQ2:
+        if kind == KQ2:
             _put16(out, o + 80, _param(ps, 0, nb, b))
             _put16(out, o + 82, _param(ps, 2 * nb, nb, b))
             for j in range(16):
@@ -302,20 +359,6 @@ def _assemble(kind, bits, nb, ps, g, src, out):  # the blocks' bytes out (nb·bl
                         hm |= ((x >> 2) & 1) << (4 * n + j)
                     out[o + 32 + 32 * n + l] = v
                 out[o + l] = hm
-        else:  # KQ6: weight 128n + 32k + l: nibble k >> 1 of ql[64n + 32(k & 1) + l], bits 2k of qh[32n + l]
-            _put16(out, o + 208, _param(ps, 0, nb, b))
-            for j in range(16):
-                out[o + 192 + j] = ps[2 * nb + 16 * b + j]
-            for n in range(2):
-                for l in range(32):
-                    c0 = c[128 * n + l]
-                    c1 = c[128 * n + 32 + l]
-                    c2 = c[128 * n + 64 + l]
-                    c3 = c[128 * n + 96 + l]
-                    out[o + 64 * n + l] = (c0 & 15) | ((c2 & 15) << 4)
-                    out[o + 64 * n + 32 + l] = (c1 & 15) | ((c3 & 15) << 4)
-                    out[o + 128 + 32 * n + l] = (((c0 >> 4) & 3) | (((c1 >> 4) & 3) << 2) | (((c2 >> 4) & 3) << 4)
-                                                 | (((c3 >> 4) & 3) << 6))
 
 
 ZSTD = 2  # entropy.py's id: decoded by the caller (zstandard) into ``side``, copied here in field order
