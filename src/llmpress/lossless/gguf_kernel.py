@@ -1,6 +1,12 @@
 """Compiled loops of gguf.py's merges (numba, ``nogil``): a chunk's codes, one a weight in
 weight order, packed back into ggml's block bytes. Each is the exact inverse of gguf.py's numpy
-split (tests/test_lossless_gguf.py)."""
+split (tests/test_lossless_gguf.py). :func:`decode_chunk` decodes a whole chunk of GGUF blocks in
+one call (streams, classes, blocks' bytes), the same bytes as chunk.py's numpy path.
+
+numba's cache keys these functions on this file alone: a change to a kernel they call from
+chunk_kernel.py, kernels.py, rans32.py or freq_model.py reaches a process whose cache predates it
+only once this file changes too (or the cache is cleared); the AOT build (compiled.py) is keyed on
+all of them."""
 from __future__ import annotations
 
 import math
