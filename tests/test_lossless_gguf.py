@@ -120,6 +120,43 @@ def test_every_block_pattern_round_trips(name: str, mode: int) -> None:
     assert np.array_equal(decode_chunk(memoryview(buf), "U8", len(raw), gguf=name), raw)
 
 
+@pytest.mark.parametrize("name", sorted(GG.FUSED))
+@pytest.mark.parametrize("mode", [0, 1])
+def test_the_compiled_decode_is_the_numpy_one(name: str, mode: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gguf_kernel.decode_chunk decodes every covered type by itself (no fall back to the numpy
+    path) to the same bytes: random blocks (NaN, infinite and zero parameters, so every class
+    rule's edge), gguf-py's quantized ones, and repeated blocks (whose streams zstd codes best:
+    decoded by the caller, copied in by the kernel), each coded with and without zstd; a
+    truncated chunk is handed back to the numpy path."""
+    from llmpress.lossless import gguf_kernel
+    from llmpress.lossless.chunk import GK, POLICIES, _fused_args, _zstd_fields
+
+    assert [gguf_kernel.LEGACY_SCALE, gguf_kernel.LEGACY_AFFINE, gguf_kernel.KQ2, gguf_kernel.KQ3,
+            gguf_kernel.KQ45, gguf_kernel.KQ6] == list(range(6))
+    assert gguf_kernel.SCALE_CLASSES == GG.SCALE_CLASSES
+    monkeypatch.setitem(POLICIES, "nozstd", {k: tuple(b for b in v if b != "zstd") for k, v in POLICIES["rans"].items()})
+    bt = GG.BLOCKS[name]
+    rng = np.random.default_rng(7)
+    blocks = [rng.integers(0, 256, 300 * bt.block_bytes, dtype=np.uint8)]
+    blocks.append(np.ascontiguousarray(quants.quantize(_weights(rng, 64, 512), getattr(T, name))).reshape(-1)
+                  if name in QUANTIZED else random_blocks(rng, name, 300).reshape(-1))
+    blocks.append(np.tile(blocks[1][: 3 * bt.block_bytes], 200))
+    zstd = 0
+    for raw in blocks:
+        for policy in ("nozstd", "rans"):
+            parts, _ = _encode_gguf(raw, bt, policy, (mode,))
+            buf = np.frombuffer(b"".join(bytes(p) for p in parts), np.uint8)
+            nb = len(raw) // bt.block_bytes
+            out = np.zeros(len(raw), np.uint8)
+            desc, scratch = _fused_args(bt, nb)
+            side = _zstd_fields(memoryview(buf), len(raw) * 2)
+            zstd += len(side)
+            assert GK.decode_chunk(buf, *desc, nb, out, *scratch, side) == 0
+            assert np.array_equal(out, raw)
+            assert GK.decode_chunk(buf[:-1], *desc, nb, out, *scratch, side) != 0
+    assert zstd  # the repeated blocks' codes took zstd
+
+
 def test_pack_restores_a_gguf_byte_for_byte(tmp_path: Path) -> None:
     src = fixture_file(tmp_path, np.random.default_rng(0))
     out = tmp_path / "m.llmp"

@@ -203,3 +203,30 @@ def test_aot_codes_kernels_match_jit(aot, bits, monkeypatch):
             assert isinstance(chunk.K.add_codes, compiled._Dispatch)
             assert all(isinstance(getattr(zeros.K, k), compiled._Dispatch) for k in ("add_zero_runs", "fill_zeros"))
     assert out[0] == out[1]
+
+
+def test_aot_gguf_unpack_imports_no_numba(tmp_path, aot):
+    """A packed GGUF file's chunks decode through the build's gguf_kernel.decode_chunk (its
+    signature matches the call): unpack and verify never import numba, and restore the file."""
+    from gguf import GGMLQuantizationType as T, GGUFWriter, quants
+
+    import llmpress
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "m.gguf"
+    w = GGUFWriter(str(src), "llama")
+    for qt in (T.Q4_1, T.Q5_0, T.Q8_0):
+        w.add_tensor(qt.name, quants.quantize((rng.standard_normal((64, 512)) * 0.02).astype(np.float32), qt), raw_dtype=qt)
+    q6 = rng.integers(0, 256, (64, 210), dtype=np.uint8)
+    q6[:, 208:210] = np.abs(rng.standard_normal(64) * 1e-3).astype(np.float16).view(np.uint8).reshape(64, 2)
+    w.add_tensor("Q6_K", q6, raw_dtype=T.Q6_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    packed, back = tmp_path / "m.llmp", tmp_path / "back.gguf"
+    llmpress.pack(src, packed, chunk_bytes=1 << 14)
+    for args in (["unpack", str(packed), "-o", str(back)], ["verify", str(packed)]):
+        code = CLI.format(args=args) + "\nassert '_llmpress_lossless_aot' in sys.modules"
+        assert _fresh(code, tmp_path, HEAVY + ("numba",)) == [], args
+    assert back.read_bytes() == src.read_bytes()

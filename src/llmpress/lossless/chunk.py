@@ -14,10 +14,11 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+import zstandard
 
 from ..errors import InputError
 from .compiled import Kernels
-from .entropy import BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
+from .entropy import BACKENDS, BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from . import grid as G
 from . import gguf as GG
 from .fields import CODES, Field, FloatLayout, exponent, layout
@@ -321,14 +322,72 @@ def _decode_codes(buf: memoryview, bits: int, n: int, out: np.ndarray, zeros: Ch
 _NO_SYMBOLS = np.zeros(0, np.uint8)
 
 
+GK = Kernels("gguf_kernel")  # decode_chunk: a GGUF chunk in one call (the AOT build's where there is one)
+
+
+def _fused_args(bt: GG.BlockType, nb: int) -> tuple:
+    """gguf_kernel.decode_chunk's arguments after ``buf`` for ``nb`` blocks of ``bt`` but ``out``:
+    the type's description and this thread's scratch arrays (reused chunk after chunk, as
+    :func:`_scratch_fields`)."""
+    kind, bits = GG.FUSED[bt.name]
+    desc = _scratch.__dict__.setdefault("gguf_desc", {})
+    d = desc.get(bt.name)
+    if d is None:
+        d = desc[bt.name] = (np.array([f.width for f in bt.fields], np.int64), np.array(bt.counts, np.int64))
+    widths, counts = d
+    # parameter and scale fields (u1), codes (u1), a class a unit (u1), where each unit's codes are (i8)
+    nu = bt.weights * nb // bt.unit
+    sizes = (int(counts[:-1].sum()) * nb, bt.weights * nb, nu, nu)
+    have = getattr(_scratch, "gguf", None)
+    if have is None or any(len(a) < n for a, n in zip(have, sizes)):
+        have = _scratch.gguf = tuple(np.empty(max(n, 0 if have is None else len(a)), dt)
+                                     for a, n, dt in zip(have or sizes, sizes, (np.uint8,) * 3 + (np.int64,)))
+    return (kind, bits, bt.unit, bt.nclasses, widths, counts), tuple(a[:n] for a, n in zip(have, sizes))
+
+
+_NO_BYTES = np.zeros(0, np.uint8)
+_ZSTD = BACKENDS["zstd"].id
+
+
+def _zstd_fields(buf: memoryview, most: int) -> np.ndarray | None:
+    """The zstd streams of a GGUF chunk's fields (``u8 mode | u8 nfields | fields``), decoded one
+    after another (gguf_kernel.decode_chunk copies them where they go; each at most ``most``
+    symbols); None where the header does not parse (the numpy path names the problem)."""
+    pos, out = 2, []
+    for _ in range(buf[1]):
+        if pos + 5 > len(buf):
+            return None
+        bid, ln = struct.unpack_from("<BI", buf, pos)
+        pos += 5
+        if bid == _ZSTD:
+            z = getattr(_scratch, "zstd", None)
+            if z is None:  # one a thread (a decompressor is not thread-safe; making one costs ~0.1 ms)
+                z = _scratch.zstd = zstandard.ZstdDecompressor()
+            try:
+                out.append(z.decompress(bytes(buf[pos : pos + ln]), max_output_size=most))
+            except zstandard.ZstdError:
+                return None
+        pos += ln
+    return np.frombuffer(b"".join(out), np.uint8) if out else _NO_BYTES
+
+
 def _decode_gguf(buf: memoryview, bt: GG.BlockType, nbytes: int, out: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_encode_gguf` into ``out`` ((nbytes,) uint8)."""
+    """Inverse of :func:`_encode_gguf` into ``out`` ((nbytes,) uint8): in one compiled call
+    (gguf_kernel.decode_chunk) for the types of :data:`gguf.FUSED`; a chunk it leaves (a zstd
+    stream, a type it does not cover, a stream that does not decode) takes the numpy path below,
+    which names any problem."""
     if nbytes % bt.block_bytes:
         raise InputError(f"{nbytes} bytes is not whole {bt.name} blocks of {bt.block_bytes}")
     if out.shape != (nbytes,):
         raise InputError(f"output holds {out.shape} bytes, the chunk {nbytes}")
     if len(buf) < 2 or buf[0] > 1:
         raise InputError("GGUF chunk: bad mode byte")
+    if bt.name in GG.FUSED:
+        nb = nbytes // bt.block_bytes
+        desc, scratch = _fused_args(bt, nb)
+        side = _zstd_fields(buf, bt.weights * nb)
+        if side is not None and GK.decode_chunk(np.frombuffer(buf, np.uint8), *desc, nb, out, *scratch, side) == 0:
+            return out
     counts = bt.symbols(nbytes // bt.block_bytes)
     if buf[0] == 0:
         parts = _decode_fields(buf[1:], bt.fields, counts)

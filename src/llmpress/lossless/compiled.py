@@ -72,7 +72,10 @@ AOT: dict[str, dict[str, tuple[str, ...]]] = {
                     "scale_gcd": ("void(u4[:, ::1], i8[::1], i8[::1], i8[:, ::1], i8[::1], i8[::1], i8[::1])",)},
     "gguf_kernel": {"legacy_merge": ("void(u1[::1], u1[:, ::1], i8, i8)",),
                     "q4k_merge": ("void(u1[::1], u1[:, ::1], i8, i8)",),
-                    "q6k_merge": ("void(u1[::1], u1[:, ::1])",)},
+                    "q6k_merge": ("void(u1[::1], u1[:, ::1])",),
+                    # a GGUF chunk: buf, kind, bits, unit, classes, widths, counts, blocks, out, scratch, zstd streams
+                    "decode_chunk": ("i8(u1[::1], i8, i8, i8, i8, i8[::1], i8[::1], i8, u1[::1], u1[::1], u1[::1], "
+                                     "u1[::1], i8[::1], u1[::1])",)},
     # a delta chunk's words against its base's (u1: FP8, u2: BF16/F16, u4: F32)
     "delta_kernel": {"delta_hists": tuple(f"void({w}[::1], {w}[::1], i8[:, ::1], i8[:, ::1])" for w in ("u1", "u2", "u4")),
                      "delta_planes": tuple(f"void({w}[::1], {w}[::1], i8, u1[:, ::1])" for w in ("u1", "u2", "u4")),

@@ -549,6 +549,15 @@ BLOCKS: dict[str, BlockType] = {
 }
 
 
+# the types gguf_kernel.decode_chunk decodes in one call -> (its kind of block, code bits); the kinds'
+# numbers are gguf_kernel's (tests/test_lossless_gguf.py checks them). Q8_K (an F32 parameter,
+# 16-bit bsums) takes the numpy path.
+FUSED: dict[str, tuple[int, int]] = {
+    "Q4_0": (0, 4), "Q5_0": (0, 5), "Q8_0": (0, 8), "Q4_1": (1, 4), "Q5_1": (1, 5),
+    "Q2_K": (2, 2), "Q3_K": (3, 3), "Q4_K": (4, 4), "Q5_K": (4, 5), "Q6_K": (5, 6),
+}
+
+
 def classes(bt: BlockType, parts: list[np.ndarray]) -> np.ndarray:
     """(units,) class of each code unit, from a chunk's parameter fields ``parts`` (all but the
     codes): float64 arithmetic on exact values, the same in the coder and the decoder."""
