@@ -166,6 +166,24 @@ def test_compiled_codes_chunks_match_the_generic_path(bits):
                         assert _decode_codes(memoryview(buf), bits, m, out, cz()) == 0 and np.array_equal(out, raw)
 
 
+def test_compiled_bytes_chunks_match_the_generic_path():
+    """A chunk of raw bytes (compressed-tensors' packed zero points: I32) decodes in one compiled
+    call (codes_kernel.decode_bytes) to the generic path's bytes, under every policy."""
+    from llmpress.lossless.chunk import CDK
+
+    g = np.random.default_rng(3)
+    for dtype, raw in (("I32", g.integers(0, 1 << 31, 3001).astype("<i4").view(np.uint8)),
+                       ("U8", (g.random(20_000) < 0.02).astype(np.uint8))):
+        for policy in ("rans", "zstd"):
+            buf, _ = encode_chunk(raw, dtype, policy)
+            fast = decode_chunk(memoryview(buf), dtype, len(raw))
+            slow = decode_chunk(memoryview(buf), dtype, len(raw), compiled=False)
+            assert np.array_equal(fast, raw) and np.array_equal(slow, raw)
+            if buf[1] in COMPILED:
+                out = np.empty(len(raw), np.uint8)
+                assert CDK.decode_bytes(np.frombuffer(buf, np.uint8), out) == 0 and np.array_equal(out, raw)
+
+
 def test_zero_points_that_are_not_integers_are_not_used():
     """A float zero point (not an integer 0..2^b−1) is no context: zero_table refuses it (and the
     writer, container._zero_tables, then codes those codes without zero points)."""

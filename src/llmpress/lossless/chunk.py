@@ -21,7 +21,7 @@ from .compiled import Kernels
 from .entropy import BACKENDS, BY_ID, RANS_PB, decode_stream, encode_stream, entropy_bits
 from . import grid as G
 from . import gguf as GG
-from .fields import CODES, Field, FloatLayout, exponent, layout
+from .fields import CODES, RAW, Field, FloatLayout, exponent, layout
 from .grid import Grid
 from .zeros import ChunkZeros
 
@@ -289,6 +289,8 @@ def decode_chunk(buf: memoryview, dtype: str, nbytes: int, out: np.ndarray | Non
         raise InputError("chunk header: wrong number of fields")
     if out is None:
         out = np.empty(nbytes, np.uint8)
+    if compiled and lay is RAW and CDK.decode_bytes(np.frombuffer(buf, np.uint8), out) == 0:  # bytes: one call
+        return out
     # raw bytes decode in place; codes (n symbols ≠ nbytes) into a fresh array, then merge
     fields = _scratch_fields(lay, n) if isinstance(lay, FloatLayout) else [out if n == nbytes else None]
     if compiled and isinstance(lay, FloatLayout):

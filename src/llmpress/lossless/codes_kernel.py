@@ -139,3 +139,15 @@ def half_table(words, lut, out):  # words: (R, G) uint16 half floats; lut: (6553
             out[r, g] = v
             top = max(top, np.int64(v))
     return top
+
+
+@njit(**_JIT)
+def decode_bytes(buf, out):  # buf: a one-field chunk payload of 8-bit symbols; out: (n,) uint8
+    """A chunk of raw bytes (an integer tensor: compressed-tensors' packed zero points, say; a
+    file's bytes) into ``out`` in one call; 0, or nonzero where the generic path must run."""
+    if buf.shape[0] < 1 or buf[0] != 1:
+        return -1
+    rc, end = _field(buf, 1, 8, out)
+    if rc != 0:
+        return rc
+    return 0 if end == buf.shape[0] else -1

@@ -64,7 +64,8 @@ AOT: dict[str, dict[str, tuple[str, ...]]] = {
     "rans32": {"encode": ("u1[::1](u1[::1], i8[::1], i8)", "u1[::1](u2[::1], i8[::1], i8)"),
                "decode_stream": ("i8(u1[::1], i8, u1[::1])", "i8(u1[::1], i8, u2[::1])")},
     "codes_kernel": {"decode_codes": ("i8(u1[::1], i8, i8, u1[:, ::1], i8, i8, i8, u1[::1], u1[::1])",),
-                     "half_table": ("i8(u2[:, ::1], u1[::1], u1[:, ::1])",)},
+                     "half_table": ("i8(u2[:, ::1], u1[::1], u1[:, ::1])",),
+                     "decode_bytes": ("i8(u1[::1], u1[::1])",)},
     "chunk_kernel": {"decode_fields": tuple(f"i8(u1[::1], i8, i8[::1], {h}[::1], u1[::1], u1[::1], u1[::1])"
                                             for h in ("u1", "u2"))},
     "grid_kernel": {"block_minmax": ("void(f4[:, ::1], f4[::1], f4[::1])",),
