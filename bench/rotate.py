@@ -38,6 +38,10 @@ from _record import record  # noqa: E402
 CASES: dict[str, dict] = {
     "gptq3-g64": {"method": "gptq", "bits": 3, "group_size": 64},
     "gptq2-g64": {"method": "gptq", "bits": 2, "group_size": 64},
+    "gptq3-g128": {"method": "gptq", "bits": 3, "group_size": 128},
+    "gptq2-g128": {"method": "gptq", "bits": 2, "group_size": 128},
+    "gptq3-pc": {"method": "gptq", "bits": 3, "group_size": -1},
+    "gptq2-pc": {"method": "gptq", "bits": 2, "group_size": -1},
     "gptq-q3_k_m": {"method": "gptq", "gguf_mix": "q3_k_m"},
     "rtn3-g64": {"method": "rtn", "bits": 3, "group_size": 64},
 }
@@ -96,6 +100,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0, help="the rotation's seed")
     ap.add_argument("--kind", default="auto", help="the rotation's matrices: auto (randomized Hadamard) | random")
+    ap.add_argument("--label", default="", help="names the row cache bench/out/rotate-LABEL.json and the table "
+                    "bench/out/rotate-table-LABEL….json (default: rotate.json, rotate-table….json)")
     a = ap.parse_args()
 
     import torch
@@ -105,7 +111,7 @@ def main() -> int:
     cases, variants, texts = a.cases.split(","), a.variants.split(","), a.texts.split(",")
     extra = _options(a.opts)
     tag = "".join(f"|{k}={v}" for k, v in sorted(extra.items()))
-    cache_file = HERE / "out" / "rotate.json"
+    cache_file = HERE / "out" / (f"rotate-{a.label}.json" if a.label else "rotate.json")
     cache_file.parent.mkdir(exist_ok=True)
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     protocol = f"{a.model}|s{a.samples}|l{a.seq_len}|t{a.tokens}|threads{torch.get_num_threads()}"
@@ -157,7 +163,7 @@ def main() -> int:
             if base:
                 r["ratio_to_unrotated"] = r["kl_mean"] / (sum(base["kl"][t] for t in texts) / len(texts))
     table = {**rec, "protocol": protocol, "options": extra, "seed": a.seed, "kind": a.kind, "rows": rows}
-    name = "rotate-table" + "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (f"-seed{a.seed}" if a.seed else "") \
+    name = "rotate-table" + (f"-{a.label}" if a.label else "") + "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (f"-seed{a.seed}" if a.seed else "") \
         + (f"-{a.kind}" if a.kind != "auto" else "")
     tmp_table = HERE / "out" / f"{name}.tmp"
     tmp_table.write_text(json.dumps(table, indent=1))
