@@ -10,7 +10,9 @@ online Hadamard before down_proj, ``--rotate-mlp``), ``keep`` / ``keep+mlp`` (th
 embedding, final norm and tied head as stored and the stream rotated online at its ends,
 ``--rotate-keep-head``) — and judged by ``llmpress.evaluate`` (KL to the original, cached reference)
 on each held-out text (debian-handbook, linux-doc). ``--opts k=v,...`` adds codec options to every
-case (e.g. ``damp=0.01``, ``act_order=false``); ``--seed`` is the rotation's.
+case (e.g. ``damp=0.01``, ``act_order=false``); ``--seed`` is the rotation's. Cases: GPTQ at 3 and 2 bits with
+groups of 64 (``gptq3-g64``), 128 (``-g128``) or per channel (``-pc``), llama.cpp's Q3_K_M mix, RTN 3-bit g64.
+``--label L`` keeps the rows in ``bench/out/rotate-L.json`` and the table in ``rotate-table-L….json``.
 
 Prints one table: case, variant, bpw of the linears (the runner's), bpw of every stored byte
 (8 × the folder's tensor bytes / the original's parameters, a tied table once), KL per text,
