@@ -556,6 +556,12 @@ BENCHES = [
           "by the errors before it (`static_groups=false`), as QuaRot's GPTQ does.",
           "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,keep+mlp --opts static_groups=false "
           "--label h16rot", rotate),
+    Bench("rotate-table-h16rot-act_orderFalse-static_groupsFalse.json",
+          "Rotations before quantization, groups fitted as GPTQ goes, natural column order",
+          "The same with the columns in their natural order (`act_order=false`): groups stay consecutive columns, "
+          "no group index stored (QuaRot's GPTQ setting).",
+          "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,keep+mlp "
+          "--opts static_groups=false,act_order=false --label h16rot", rotate),
     Bench("rotate-floor-h16rot.json", "What a rotation can give through the grid",
           "Weight-space error of GPTQ's grid on SmolLM2-135M's linears, unrotated, rotated and i.i.d. Gaussian.",
           "python bench/rotate_floor.py --every 6 --label h16rot", rotate_floor),
