@@ -12,7 +12,8 @@ embedding, final norm and tied head as stored and the stream rotated online at i
 on each held-out text (debian-handbook, linux-doc). ``--opts k=v,...`` adds codec options to every
 case (e.g. ``damp=0.01``, ``act_order=false``); ``--seed`` is the rotation's. Cases: GPTQ at 3 and 2 bits with
 groups of 64 (``gptq3-g64``), 128 (``-g128``) or per channel (``-pc``), llama.cpp's Q3_K_M mix, RTN 3-bit g64.
-``--label L`` keeps the rows in ``bench/out/rotate-L.json`` and the table in ``rotate-table-L….json``.
+``keep+mlp+dyn``: ``keep+mlp`` with each group's range fitted as GPTQ reaches it (``static_groups=false``,
+better on the rotated model, worse on the unrotated one), against the plain unrotated row. ``--label L`` keeps the rows in ``bench/out/rotate-L.json`` and the table in ``rotate-table-L….json``.
 
 Prints one table: case, variant, bpw of the linears (the runner's), bpw of every stored byte
 (8 × the folder's tensor bytes / the original's parameters, a tied table once), KL per text,
@@ -49,7 +50,11 @@ CASES: dict[str, dict] = {
 }
 VARIANTS: dict[str, object] = {"none": False, "residual": {"heads": False}, "full": True, "full+mlp": {"mlp": True},
                                "keep": {"keep_head": True}, "keep+mlp": {"keep_head": True, "mlp": True}}
-FLAGS = {"none": "", "residual": " --rotate (heads=False: API)", "full": " --rotate", "full+mlp": " --rotate-mlp",
+# variants that also change the codec's options (the rotated model's own best settings), compared with the
+# case's plain unrotated row: keep+mlp+dyn fits each group's range as GPTQ reaches it (static_groups false)
+VARIANTS["keep+mlp+dyn"] = VARIANTS["keep+mlp"]
+VARIANT_OPTS: dict[str, dict[str, object]] = {"keep+mlp+dyn": {"static_groups": False}}
+FLAGS = {"keep+mlp+dyn": " --rotate-keep-head --rotate-mlp", "none": "", "residual": " --rotate (heads=False: API)", "full": " --rotate", "full+mlp": " --rotate-mlp",
          "keep": " --rotate-keep-head", "keep+mlp": " --rotate-keep-head --rotate-mlp"}
 
 
@@ -136,7 +141,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory(dir=HERE / "out") as tmp:
                 out = Path(tmp) / "q"
                 res = llmpress.quantize(a.model, out, samples=a.samples, seq_len=a.seq_len, rotate=rot, progress=False,
-                                        **CASES[c], **extra)
+                                        **CASES[c], **extra, **VARIANT_OPTS.get(v, {}))
                 tensor_bytes = _tensor_bytes(out)
                 # decode_once: the same figures, each quantized linear decoded once instead of at every forward
                 kl = {t: llmpress.evaluate(out, a.model, t, tokens=a.tokens, decode_once=True)["kl_mean"] for t in texts}
@@ -146,7 +151,7 @@ def main() -> int:
                    "calib_loss": math.exp(sum(math.log(max(e, 1e-30)) for e in errs) / len(errs)) if errs else None,
                    "params": params, "bytes_out": res["bytes_out"], "seconds": res["seconds"],
                    "peak_rss_bytes": res["peak_rss_bytes"], "kl": kl,
-                   "command": _command(a.model, {**CASES[c], **extra}, v, a.seed)
+                   "command": _command(a.model, {**CASES[c], **extra, **VARIANT_OPTS.get(v, {})}, v, a.seed)
                    + (f" (kind {a.kind})" if a.kind != "auto" and v != "none" else ""), "rotation": res.get("rotation"),
                    **{k: rec[k] for k in ("commit", "date")}}
             cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}  # another run may have added rows
