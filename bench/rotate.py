@@ -109,6 +109,7 @@ def main() -> int:
     ap.add_argument("--kind", default="auto", help="the rotation's matrices: auto (randomized Hadamard) | random")
     ap.add_argument("--label", default="", help="names the row cache bench/out/rotate-LABEL.json and the table "
                     "bench/out/rotate-table-LABEL….json (default: rotate.json, rotate-table….json)")
+    ap.add_argument("--table", default=None, help="names the table bench/out/rotate-table-TABLE….json (default: the label)")
     a = ap.parse_args()
 
     import torch
@@ -170,7 +171,8 @@ def main() -> int:
             if base:
                 r["ratio_to_unrotated"] = r["kl_mean"] / (sum(base["kl"][t] for t in texts) / len(texts))
     table = {**rec, "protocol": protocol, "options": extra, "seed": a.seed, "kind": a.kind, "rows": rows}
-    name = "rotate-table" + (f"-{a.label}" if a.label else "") + "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (f"-seed{a.seed}" if a.seed else "") \
+    table_label = a.label if a.table is None else a.table
+    name = "rotate-table" + (f"-{table_label}" if table_label else "") + "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (f"-seed{a.seed}" if a.seed else "") \
         + (f"-{a.kind}" if a.kind != "auto" else "")
     tmp_table = HERE / "out" / f"{name}.tmp"
     tmp_table.write_text(json.dumps(table, indent=1))

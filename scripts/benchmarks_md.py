@@ -551,6 +551,12 @@ BENCHES = [
           "at 3-bit g64: where the rotation's gain lies.",
           "python bench/rotate.py --cases gptq3-g64,gptq2-g64,gptq3-g128,gptq2-g128,gptq3-pc,gptq2-pc,rtn3-g64 "
           "--variants none,keep+mlp --label h16rot", rotate),
+    Bench("rotate-table-h16rot-best.json", "Rotations before quantization, each with its best GPTQ groups",
+          "GPTQ at g64: unrotated (static groups, the default), rotated (`keep+mlp`) with static groups, and rotated "
+          "with each group fitted as GPTQ reaches it (`keep+mlp+dyn`, `static_groups=false`: better on the rotated "
+          "model, worse on the unrotated one); × unrotated against the default unrotated row.",
+          "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,keep+mlp,keep+mlp+dyn --label h16rot "
+          "--table h16rot-best", rotate),
     Bench("rotate-table-h16rot-static_groupsFalse.json", "Rotations before quantization, groups fitted as GPTQ goes",
           "The same comparison at g64 with each group's range fitted when GPTQ reaches it, from the weights as updated "
           "by the errors before it (`static_groups=false`), as QuaRot's GPTQ does.",
