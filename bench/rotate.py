@@ -10,7 +10,10 @@ online Hadamard before down_proj, ``--rotate-mlp``), ``keep`` / ``keep+mlp`` (th
 embedding, final norm and tied head as stored and the stream rotated online at its ends,
 ``--rotate-keep-head``) — and judged by ``llmpress.evaluate`` (KL to the original, cached reference)
 on each held-out text (debian-handbook, linux-doc). ``--opts k=v,...`` adds codec options to every
-case (e.g. ``damp=0.01``, ``act_order=false``); ``--seed`` is the rotation's.
+case (e.g. ``damp=0.01``, ``act_order=false``); ``--seed`` is the rotation's. Cases: GPTQ at 3 and 2 bits with
+groups of 64 (``gptq3-g64``), 128 (``-g128``) or per channel (``-pc``), llama.cpp's Q3_K_M mix, RTN 3-bit g64.
+``keep+mlp+dyn``: ``keep+mlp`` with each group's range fitted as GPTQ reaches it (``static_groups=false``,
+better on the rotated model, worse on the unrotated one), against the plain unrotated row. ``--label L`` keeps the rows in ``bench/out/rotate-L.json`` and the table in ``rotate-table-L….json``.
 
 Prints one table: case, variant, bpw of the linears (the runner's), bpw of every stored byte
 (8 × the folder's tensor bytes / the original's parameters, a tied table once), KL per text,
@@ -38,12 +41,20 @@ from _record import record  # noqa: E402
 CASES: dict[str, dict] = {
     "gptq3-g64": {"method": "gptq", "bits": 3, "group_size": 64},
     "gptq2-g64": {"method": "gptq", "bits": 2, "group_size": 64},
+    "gptq3-g128": {"method": "gptq", "bits": 3, "group_size": 128},
+    "gptq2-g128": {"method": "gptq", "bits": 2, "group_size": 128},
+    "gptq3-pc": {"method": "gptq", "bits": 3, "group_size": -1},
+    "gptq2-pc": {"method": "gptq", "bits": 2, "group_size": -1},
     "gptq-q3_k_m": {"method": "gptq", "gguf_mix": "q3_k_m"},
     "rtn3-g64": {"method": "rtn", "bits": 3, "group_size": 64},
 }
 VARIANTS: dict[str, object] = {"none": False, "residual": {"heads": False}, "full": True, "full+mlp": {"mlp": True},
                                "keep": {"keep_head": True}, "keep+mlp": {"keep_head": True, "mlp": True}}
-FLAGS = {"none": "", "residual": " --rotate (heads=False: API)", "full": " --rotate", "full+mlp": " --rotate-mlp",
+# variants that also change the codec's options (the rotated model's own best settings), compared with the
+# case's plain unrotated row: keep+mlp+dyn fits each group's range as GPTQ reaches it (static_groups false)
+VARIANTS["keep+mlp+dyn"] = VARIANTS["keep+mlp"]
+VARIANT_OPTS: dict[str, dict[str, object]] = {"keep+mlp+dyn": {"static_groups": False}}
+FLAGS = {"keep+mlp+dyn": " --rotate-keep-head --rotate-mlp", "none": "", "residual": " --rotate (heads=False: API)", "full": " --rotate", "full+mlp": " --rotate-mlp",
          "keep": " --rotate-keep-head", "keep+mlp": " --rotate-keep-head --rotate-mlp"}
 
 
@@ -96,6 +107,9 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0, help="the rotation's seed")
     ap.add_argument("--kind", default="auto", help="the rotation's matrices: auto (randomized Hadamard) | random")
+    ap.add_argument("--label", default="", help="names the row cache bench/out/rotate-LABEL.json and the table "
+                    "bench/out/rotate-table-LABEL….json (default: rotate.json, rotate-table….json)")
+    ap.add_argument("--table", default=None, help="names the table bench/out/rotate-table-TABLE….json (default: the label)")
     a = ap.parse_args()
 
     import torch
@@ -105,7 +119,7 @@ def main() -> int:
     cases, variants, texts = a.cases.split(","), a.variants.split(","), a.texts.split(",")
     extra = _options(a.opts)
     tag = "".join(f"|{k}={v}" for k, v in sorted(extra.items()))
-    cache_file = HERE / "out" / "rotate.json"
+    cache_file = HERE / "out" / (f"rotate-{a.label}.json" if a.label else "rotate.json")
     cache_file.parent.mkdir(exist_ok=True)
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     protocol = f"{a.model}|s{a.samples}|l{a.seq_len}|t{a.tokens}|threads{torch.get_num_threads()}"
@@ -128,7 +142,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory(dir=HERE / "out") as tmp:
                 out = Path(tmp) / "q"
                 res = llmpress.quantize(a.model, out, samples=a.samples, seq_len=a.seq_len, rotate=rot, progress=False,
-                                        **CASES[c], **extra)
+                                        **CASES[c], **extra, **VARIANT_OPTS.get(v, {}))
                 tensor_bytes = _tensor_bytes(out)
                 # decode_once: the same figures, each quantized linear decoded once instead of at every forward
                 kl = {t: llmpress.evaluate(out, a.model, t, tokens=a.tokens, decode_once=True)["kl_mean"] for t in texts}
@@ -138,7 +152,7 @@ def main() -> int:
                    "calib_loss": math.exp(sum(math.log(max(e, 1e-30)) for e in errs) / len(errs)) if errs else None,
                    "params": params, "bytes_out": res["bytes_out"], "seconds": res["seconds"],
                    "peak_rss_bytes": res["peak_rss_bytes"], "kl": kl,
-                   "command": _command(a.model, {**CASES[c], **extra}, v, a.seed)
+                   "command": _command(a.model, {**CASES[c], **extra, **VARIANT_OPTS.get(v, {})}, v, a.seed)
                    + (f" (kind {a.kind})" if a.kind != "auto" and v != "none" else ""), "rotation": res.get("rotation"),
                    **{k: rec[k] for k in ("commit", "date")}}
             cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}  # another run may have added rows
@@ -157,7 +171,8 @@ def main() -> int:
             if base:
                 r["ratio_to_unrotated"] = r["kl_mean"] / (sum(base["kl"][t] for t in texts) / len(texts))
     table = {**rec, "protocol": protocol, "options": extra, "seed": a.seed, "kind": a.kind, "rows": rows}
-    name = "rotate-table" + "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (f"-seed{a.seed}" if a.seed else "") \
+    table_label = a.label if a.table is None else a.table
+    name = "rotate-table" + (f"-{table_label}" if table_label else "") + "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (f"-seed{a.seed}" if a.seed else "") \
         + (f"-{a.kind}" if a.kind != "auto" else "")
     tmp_table = HERE / "out" / f"{name}.tmp"
     tmp_table.write_text(json.dumps(table, indent=1))

@@ -312,6 +312,25 @@ def rotate(path: Path, data: dict[str, Any]) -> list[str]:
                            "calibration loss", "time s", "peak RSS GiB"], body)
 
 
+def rotate_floor(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/rotate_floor.py: the grid's weight-space error, unrotated / rotated / i.i.d. Gaussian."""
+    lines = _prov(data, path) + [
+        f"Model `{data.get('model')}`, {data.get('linears')} block linears (every {data.get('every')}-th block); rotation "
+        f"`keep+mlp`, seed {data.get('seed')}. Relative error ‖Ŵ − W‖²/‖W‖² of round-to-nearest on GPTQ's default grid "
+        "(asymz, clipping search), geometric mean over the linears; i.i.d. Gaussian: weights of the same shapes and "
+        "per-row variance (what a rotation that made every group Gaussian reaches).", ""]
+    shape = data.get("shape", {})
+    lines += _table(["weights", "excess kurtosis", "group-64 max/rms"],
+                    [[v, _f(r.get("excess_kurtosis"), ".2f"), _f(r.get("group64_max_over_rms"), ".2f")]
+                     for v, r in shape.items()])
+    body = [[_f(r["bits"]), "per channel" if r["group_size"] == -1 else _f(r["group_size"]),
+             *[_f(r["rel_err"].get(v), ".5f") for v in ("unrotated", "rotated", "gaussian")],
+             _f(r.get("rotated_over_unrotated"), ".3f"), _f(r.get("gaussian_over_unrotated"), ".3f")]
+            for r in data.get("rows", [])]
+    return lines + _table(["bits", "group", "unrotated", "rotated", "i.i.d. Gaussian", "rotated / unrotated",
+                           "Gaussian / unrotated"], body)
+
+
 def finetune(path: Path, data: dict[str, Any]) -> list[str]:
     """bench/finetune.py: each case's KL, PPL and top-1 before and after recovery training, with its cost."""
     rows = [r for r in data.get("results", []) if isinstance(r, dict)]
@@ -527,6 +546,31 @@ BENCHES = [
     Bench("rotate-table-gridnf.json", "Rotations before quantization, on the NF grid",
           "The same comparison with GPTQ on the normal-float grid (`grid=nf`).",
           "python bench/rotate.py --cases gptq3-g64 --variants none,keep+mlp --opts grid=nf", rotate),
+    Bench("rotate-table-h16rot.json", "Rotations before quantization, by group size",
+          "GPTQ unrotated and rotated (`keep+mlp`) at 3 and 2 bits with groups of 64, 128 and per channel, and RTN "
+          "at 3-bit g64: where the rotation's gain lies.",
+          "python bench/rotate.py --cases gptq3-g64,gptq2-g64,gptq3-g128,gptq2-g128,gptq3-pc,gptq2-pc,rtn3-g64 "
+          "--variants none,keep+mlp --label h16rot", rotate),
+    Bench("rotate-table-h16rot-best.json", "Rotations before quantization, each with its best GPTQ groups",
+          "GPTQ at g64: unrotated (static groups, the default), rotated (`keep+mlp`) with static groups, and rotated "
+          "with each group fitted as GPTQ reaches it (`keep+mlp+dyn`, `static_groups=false`: better on the rotated "
+          "model, worse on the unrotated one); × unrotated against the default unrotated row.",
+          "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,keep+mlp,keep+mlp+dyn --label h16rot "
+          "--table h16rot-best", rotate),
+    Bench("rotate-table-h16rot-static_groupsFalse.json", "Rotations before quantization, groups fitted as GPTQ goes",
+          "The same comparison at g64 with each group's range fitted when GPTQ reaches it, from the weights as updated "
+          "by the errors before it (`static_groups=false`), as QuaRot's GPTQ does.",
+          "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,keep+mlp --opts static_groups=false "
+          "--label h16rot", rotate),
+    Bench("rotate-table-h16rot-act_orderFalse-static_groupsFalse.json",
+          "Rotations before quantization, groups fitted as GPTQ goes, natural column order",
+          "The same with the columns in their natural order (`act_order=false`): groups stay consecutive columns, "
+          "no group index stored (QuaRot's GPTQ setting).",
+          "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,keep+mlp "
+          "--opts static_groups=false,act_order=false --label h16rot", rotate),
+    Bench("rotate-floor-h16rot.json", "What a rotation can give through the grid",
+          "Weight-space error of GPTQ's grid on SmolLM2-135M's linears, unrotated, rotated and i.i.d. Gaussian.",
+          "python bench/rotate_floor.py --every 6 --label h16rot", rotate_floor),
     Bench("finetune.json", "Recovery training",
           "How much of the KL gap a fixed CPU budget of distillation wins back.",
           "python bench/finetune.py --cases gptq2 --minutes 20 --threads 1", finetune),

@@ -96,6 +96,11 @@ def test_benchmarks_md_frontier_menus_and_new_renderers(tmp_path):
            "rows": {"c|none": {"bpw": 3.5, "kl": {"a": 0.5}, "kl_mean": 0.5, "ratio_to_unrotated": 1.0, "seconds": 9.0},
                     "c|keep": {"bpw": 3.5, "kl": {"a": 0.4}, "kl_mean": 0.4, "ratio_to_unrotated": 0.8, "seconds": 9.0}}}
     (out / "rotate-table.json").write_text(json.dumps(rot))
+    (out / "rotate-floor-h16rot.json").write_text(json.dumps({
+        **rec, "command": "python bench/rotate_floor.py", "model": "m", "linears": 7, "every": 6, "seed": 0,
+        "shape": {"unrotated": {"excess_kurtosis": 2.4, "group64_max_over_rms": 2.75}},
+        "rows": [{"bits": 3, "group_size": -1, "rel_err": {"unrotated": 0.04, "rotated": 0.03, "gaussian": 0.031},
+                  "rotated_over_unrotated": 0.75, "gaussian_over_unrotated": 0.775}]}))
     (out / "delta.json").write_text(json.dumps({**rec, "command": "python bench/delta.py", "threads": 2, "rows": [
         {"case": "ft", "bytes_in": 100, "alone_bytes": 60, "alone_ratio": 0.6, "delta_bytes": 10, "delta_ratio": 0.1,
          "x_smaller": 6.0, "share": {"alone": 0.0, "xor": 0.25, "diff": 0.75}, "decode_vs_plain": 0.5}]}))
@@ -104,5 +109,6 @@ def test_benchmarks_md_frontier_menus_and_new_renderers(tmp_path):
     assert "| 2.5 | not reachable |" in text and "below the menu's cheapest" in text
     assert "| `best-quick` | 12 | 30 | — | `abc1234`" in text
     assert "| c | keep | 3.500 | 0.4000 | 0.4000 | 0.800 |" in text
+    assert "| unrotated | 2.40 | 2.75 |" in text and "| 3 | per channel | 0.04000 | 0.03000 | 0.03100 | 0.750 | 0.775 |" in text
     assert "| ft | 100 | 60 | 0.6000 | 10 | 0.1000 | 6.00 |" in text and "0% / 25% / 75%" in text
     assert "--menus best-quick" not in text.split("rows marked", 1)[1].split("\n", 1)[0]  # the rerun line: old rows only

@@ -319,6 +319,20 @@ def test_rotated_sweep_point(tiny_llama_dir, tmp_path, monkeypatch) -> None:
     assert row["label"] == "rtn-w4-g32+rot+mlp+keep" and "--rotate-mlp --rotate-keep-head" in row["command"]
 
 
+def test_rotated_sweep_point_codec_options() -> None:
+    """A point's codec options reach its recipe's rule, its label and its key; its command is the recipe's."""
+    from llmpress.recipe import Recipe
+    from llmpress.sweep.points import RECIPE_COMMAND, quant_rotated
+
+    plain = quant_rotated("gptq", 3, 64)
+    point = quant_rotated("gptq", 3, 64, options={"static_groups": False})
+    assert point.label == "gptq-w3-g64-static_groups=false+rot+mlp+keep" and point.key("c") != plain.key("c")
+    assert point.command.startswith(RECIPE_COMMAND) and point.command.endswith("--rotate-mlp --rotate-keep-head")
+    rule = Recipe.from_dict(point.recipe).rules[-1]
+    assert rule.method == "gptq" and rule.params["static_groups"] is False and rule.params["bits"] == 3
+    assert "static_groups" not in Recipe.from_dict(plain.recipe).rules[-1].params
+
+
 # ---- keep_head: the stream rotated online at its ends, embedding and head as stored ---------------
 
 def _stored(folder: Path) -> dict[str, torch.Tensor]:
@@ -449,13 +463,17 @@ def test_recovery_keeps_the_online_rotation(models, tmp_path) -> None:
 
 def test_full_budget_has_the_rotated_point() -> None:
     """The full sweep measures GPTQ 3-bit g64 on the rotated model, with the embedding and head as
-    stored (the same bytes as the unrotated point it is compared with)."""
-    from llmpress.sweep.points import budget
+    stored (the bytes of the unrotated point it is compared with, and the group index of groups fitted
+    as GPTQ goes)."""
+    from llmpress.recipe import Recipe
+    from llmpress.sweep.points import RECIPE_COMMAND, budget
 
     (p,) = [p for p in budget("full") if p.params.get("rotate")]
-    assert p.label == "gptq-w3-g64+rot+mlp+keep" and p.calib
+    assert p.label == "gptq-w3-g64-static_groups=false+rot+mlp+keep" and p.calib
     assert p.params["rotate"] == {"mlp": True, "keep_head": True}
-    assert p.command.endswith("--method gptq --bits 3 --group-size 64 --rotate-mlp --rotate-keep-head")
+    assert p.command == f"{RECIPE_COMMAND} --rotate-mlp --rotate-keep-head"
+    rule = Recipe.from_dict(p.recipe).rules[-1]
+    assert (rule.method, rule.params["bits"], rule.params["group_size"], rule.params["static_groups"]) == ("gptq", 3, 64, False)
 
 
 def test_full_budget_has_gptq_on_the_nf_grid() -> None:

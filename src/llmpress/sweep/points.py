@@ -52,14 +52,20 @@ def lossless() -> Point:
     return Point("lossless", "lossless", None, "llmpress pack {model} -o {out}.llmp")
 
 
-def quant(method: str, bits: int, group: int, calib: bool = False, grid: str | None = None) -> Point:
+def quant(method: str, bits: int, group: int, calib: bool = False, grid: str | None = None,
+          options: dict[str, Any] | None = None) -> Point:
     """Uniform ``method`` on every linear; ``grid``: another grid than the method's default (a
-    ``--grid`` name, e.g. ``nf``), named in the label."""
-    r = Recipe.uniform(method, bits=bits, group_size=group, grid=grid)
+    ``--grid`` name, e.g. ``nf``), named in the label; ``options``: the codec's own options (e.g.
+    GPTQ's ``static_groups``), named in the label, the point then reproduced from its recipe (no flags
+    for them)."""
+    options = dict(options or {})
+    r = Recipe.uniform(method, bits=bits, group_size=group, grid=grid, **options)
+    command = (RECIPE_COMMAND if options else
+               f"llmpress quantize {{model}} -o {{out}} --method {method} --bits {bits} --group-size {group}"
+               + (f" --grid {grid}" if grid else ""))
     return Point(
-        f"{method}-w{bits}-g{group}" + (f"-{grid}" if grid else ""), method, r.to_dict(),
-        f"llmpress quantize {{model}} -o {{out}} --method {method} --bits {bits} --group-size {group}"
-        + (f" --grid {grid}" if grid else ""),
+        f"{method}-w{bits}-g{group}" + (f"-{grid}" if grid else "")
+        + "".join(f"-{k}={json.dumps(v)}" for k, v in sorted(options.items())), method, r.to_dict(), command,
         calib=calib,
     )
 
@@ -74,9 +80,11 @@ ROTATIONS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-def quant_rotated(method: str, bits: int, group: int, rotation: str = "rot+mlp+keep", calib: bool = True) -> Point:
-    """:func:`quant` on the rotated model (``quant/rotate.py``; ``rotation`` a key of ``ROTATIONS``)."""
-    q = quant(method, bits, group, calib)
+def quant_rotated(method: str, bits: int, group: int, rotation: str = "rot+mlp+keep", calib: bool = True,
+                  options: dict[str, Any] | None = None) -> Point:
+    """:func:`quant` on the rotated model (``quant/rotate.py``; ``rotation`` a key of ``ROTATIONS``;
+    ``options`` the codec's, as :func:`quant`'s)."""
+    q = quant(method, bits, group, calib, options=options)
     spec, flag = ROTATIONS[rotation]
     return Point(f"{q.label}+{rotation}", f"{method}+{rotation}", q.recipe, f"{q.command} {flag}", calib=calib,
                  params={"rotate": {**spec}})
@@ -201,9 +209,11 @@ def _full() -> list[Point]:
     for bits, g in ((8, 128), (4, 64), (3, 64), (2, 64)):
         pts.append(quant_pack("rtn", bits, g))
     pts.append(quant_pack("gptq", 3, 64, calib=True))
-    # GPTQ on the rotated model where it measured below the unrotated point at the same bytes (3-bit g64;
-    # at 2-bit g64 it measured above: bench/rotate.py)
-    pts.append(quant_rotated("gptq", 3, 64, "rot+mlp+keep"))
+    # GPTQ on the rotated model where it measured below the unrotated point (3-bit g64; at 2-bit g64 it
+    # measured above: bench/rotate.py), its groups fitted as GPTQ reaches them (static_groups false), which
+    # measured below static groups on the rotated model, above them on the unrotated one (bench/rotate.py
+    # --opts static_groups=false)
+    pts.append(quant_rotated("gptq", 3, 64, "rot+mlp+keep", options={"static_groups": False}))
     # GPTQ on the normal-float grid (no zero point: fewer bytes a group), which measured below the
     # default integer-zero-point grid at 3-bit g64 (bench/rotate.py --opts grid=nf)
     pts.append(quant("gptq", 3, 64, calib=True, grid="nf"))
