@@ -325,6 +325,11 @@ def unpack_bits(buf, width, out):  # buf: (ceil(n*width/8),) uint8 -> out: (n,) 
             out[4 * q + 1] = (a >> 6) | ((b & 15) << 2)
             out[4 * q + 2] = (b >> 4) | ((c & 3) << 4)
             out[4 * q + 3] = c >> 2
+    elif width == 4:  # nibbles (codes stored raw), unrolled so that it vectorises
+        for q in range(ng):
+            v = buf[q]
+            out[2 * q] = v & 15
+            out[2 * q + 1] = v >> 4
     elif width == 1:  # FP8's sign field, unrolled (the generic loop does not vectorise for one bit)
         for q in range(ng):
             v = np.int64(buf[q])
