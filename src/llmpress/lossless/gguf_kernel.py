@@ -14,9 +14,8 @@ import math
 import numpy as np
 from numba import njit
 
-from . import rans32 as R32
-from .chunk_kernel import RANS, RANS4, RAW, SPLIT, _rans4, _u32
-from .kernels import unpack_bits
+from . import chunk_kernel as CK
+from .chunk_kernel import SPLIT, _u32
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
 
@@ -371,33 +370,19 @@ ZSTD = 2  # entropy.py's id: decoded by the caller (zstandard) into ``side``, co
 
 
 @njit(**_JIT)
-def _stream(bid, p, width, dst, side, sp):  # chunk_kernel._stream for u1 symbols, zstd from ``side``
-    n = dst.shape[0]
-    if bid == RAW:
-        if p.shape[0] != (n * width + 7) // 8:
-            return -1
-        if width == 8:
-            dst[:] = p
-        else:
-            unpack_bits(p, width, dst)
-        return 0
-    if n == 0 and p.shape[0] == 0 and (bid == RANS or bid == RANS4):
-        return 0
-    if bid == RANS:
-        return R32.decode_stream(p, 1 << width, dst)
-    if bid == RANS4:
-        return _rans4(p, 1 << width, dst)
-    if bid == ZSTD:  # the caller decoded it: its next n bytes
-        if sp[0] + n > side.shape[0]:
-            return -1
-        dst[:] = side[sp[0] : sp[0] + n]
-        sp[0] += n
-        return 0
-    return 1
+def _stream(bid, p, width, dst, side, sp):  # chunk_kernel._stream, a zstd stream from ``side``
+    if bid != ZSTD:
+        return CK._stream(bid, p, width, dst)
+    n = dst.shape[0]  # the caller decoded it: its next n bytes
+    if sp[0] + n > side.shape[0]:
+        return -1
+    dst[:] = side[sp[0] : sp[0] + n]
+    sp[0] += n
+    return 0
 
 
 @njit(**_JIT)
-def _field(buf, pos, width, dst, side, sp):  # chunk_kernel._field (split included) -> (code, next pos)
+def _field(buf, pos, width, dst, side, sp):  # chunk_kernel._field, zstd from ``side`` -> (code, next pos)
     m = buf.shape[0]
     if pos + 5 > m:
         return -1, pos
@@ -406,29 +391,9 @@ def _field(buf, pos, width, dst, side, sp):  # chunk_kernel._field (split includ
     pos += 5
     if pos + ln > m:
         return -1, pos
-    p = buf[pos : pos + ln]
-    if bid != SPLIT:
-        return _stream(bid, p, width, dst, side, sp), pos + ln
-    n = dst.shape[0]  # entropy.Split: u8 k | k × (u8 id | u32 length) | payloads
-    if ln < 1:
-        return -1, pos
-    k = np.int64(p[0])
-    if k < 1 or ln < 1 + 5 * k:
-        return -1, pos
-    step = (n + k - 1) // k
-    if (k - 1) * step >= n:
-        return -1, pos
-    q = 1 + 5 * k
-    for i in range(k):
-        b = p[1 + 5 * i]
-        pl = _u32(p, 2 + 5 * i)
-        if b == SPLIT or b == ZSTD or q + pl > ln:
-            return -1, pos
-        rc = _stream(b, p[q : q + pl], width, dst[i * step : min(i * step + step, n)], side, sp)
-        if rc != 0:
-            return rc, pos
-        q += pl
-    return (0 if q == ln else -1), pos + ln
+    p = buf[pos : pos + ln]  # a split's pieces are never zstd (the writer's split codes raw or rans)
+    rc = CK._split(p, width, dst) if bid == SPLIT else _stream(bid, p, width, dst, side, sp)
+    return rc, pos + ln
 
 
 @njit(**_JIT)
