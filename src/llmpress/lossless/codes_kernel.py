@@ -48,46 +48,6 @@ def _add_zero_syms(sym, width, table, row, group, first):  # sym: (m,) uint8, on
 
 
 @njit(**_JIT)
-def _pack_into(sym, width, out):  # sym: (m,) uint8 codes; out: (n,) uint8 <- the first 8n bits of their stream
-    """kernels.pack_bits(sym, width)[:n] written into ``out`` (no array of its own)."""
-    n = out.shape[0]
-    m = sym.shape[0]
-    if width == 4:  # two codes a byte
-        h = min(n, m // 2)
-        for k in range(h):
-            out[k] = sym[2 * k] | (sym[2 * k + 1] << 4)
-        if h < n:
-            out[h] = sym[2 * h] & 15 if 2 * h < m else 0
-        return
-    g = 8
-    while g % 2 == 0 and (g // 2) * width % 8 == 0:
-        g //= 2
-    nb = g * width // 8  # whole groups of g codes fill nb bytes
-    ng = min(m // g, n // nb)
-    for q in range(ng):
-        acc = np.int64(0)
-        for j in range(g):
-            acc |= np.int64(sym[q * g + j]) << (j * width)
-        for b in range(nb):
-            out[q * nb + b] = (acc >> (8 * b)) & 0xFF
-    acc = np.int64(0)
-    nbits = 0
-    o = ng * nb
-    for i in range(ng * g, m):
-        acc |= np.int64(sym[i]) << nbits
-        nbits += width
-        while nbits >= 8 and o < n:
-            out[o] = acc & 0xFF
-            acc >>= 8
-            nbits -= 8
-            o += 1
-    while o < n:  # the last byte's bits past the codes are 0
-        out[o] = acc & 0xFF
-        acc >>= 8
-        o += 1
-
-
-@njit(**_JIT)
 def decode_codes(buf, width, zeros, table, row, group, first, out, sym):
     """A codes chunk's payload ``buf`` (uint8) into ``out`` ((n,) uint8, the chunk's bytes):
     ``zeros`` 1 for a segment with zero points (a mode byte first: chunk.py's LESS_ZEROS, AS_BYTES),
@@ -124,7 +84,7 @@ def decode_codes(buf, width, zeros, table, row, group, first, out, sym):
         return -1
     if mode & LESS_ZEROS:
         _add_zero_syms(s, width, table, row, group, first)
-    _pack_into(s, width, out)
+    K.pack_into(s, width, out)
     return 0
 
 

@@ -257,16 +257,24 @@ def rans_decode(words, n, dsym, dinfo, pb, out):  # words: (m,) uint16 (see rans
 
 @njit(**_JIT)
 def pack_bits(sym, width):  # sym: (n,) uint, width <= 8 -> (ceil(n*width/8),) uint8, LSB-first bit stream
-    """Whole groups of g = 8/gcd(8, width) symbols fill nb = g·width/8 bytes exactly, so the
-    groups pack independently; the last partial group goes bit by bit."""
+    out = np.empty((sym.shape[0] * width + 7) // 8, np.uint8)
+    pack_into(sym, width, out)
+    return out
+
+
+@njit(**_JIT)
+def pack_into(sym, width, out):  # sym: (n,) uint, width <= 8; out: (k,) uint8 <- the stream's first k bytes
+    """:func:`pack_bits` into ``out`` (bytes past the symbols' bits are 0). Whole groups of
+    g = 8/gcd(8, width) symbols fill nb = g·width/8 bytes exactly, so the groups pack
+    independently; the last partial group goes bit by bit."""
     n = sym.shape[0]
-    out = np.zeros((n * width + 7) // 8, np.uint8)
+    k = out.shape[0]
     mask = (1 << width) - 1
     g = 8
     while g % 2 == 0 and (g // 2) * width % 8 == 0:
         g //= 2
     nb = g * width // 8
-    ng = n // g
+    ng = min(n // g, k // nb)
     if width == 6:  # the tail of BF16 and the top tail piece of F32: 4 symbols in 3 bytes
         for q in range(ng):
             a = np.int64(sym[4 * q]) & 63
@@ -276,6 +284,9 @@ def pack_bits(sym, width):  # sym: (n,) uint, width <= 8 -> (ceil(n*width/8),) u
             out[3 * q] = a | (b << 6) & 0xFF
             out[3 * q + 1] = (b >> 2) | (c << 4) & 0xFF
             out[3 * q + 2] = (c >> 4) | (d << 2)
+    elif width == 4:  # quantized codes: two a byte
+        for q in range(ng):
+            out[q] = (sym[2 * q] & 15) | ((sym[2 * q + 1] & 15) << 4)
     elif width == 1:  # FP8's sign field: 8 symbols a byte, unrolled (the generic loop does not vectorise)
         for q in range(ng):
             o8 = 8 * q
@@ -295,14 +306,15 @@ def pack_bits(sym, width):  # sym: (n,) uint, width <= 8 -> (ceil(n*width/8),) u
     for i in range(ng * g, n):
         acc |= (np.int64(sym[i]) & mask) << nbits
         nbits += width
-        while nbits >= 8:
+        while nbits >= 8 and o < k:
             out[o] = acc & 0xFF
             acc >>= 8
             nbits -= 8
             o += 1
-    if nbits > 0:
+    while o < k:
         out[o] = acc & 0xFF
-    return out
+        acc >>= 8
+        o += 1
 
 
 @njit(**_JIT)
