@@ -2,6 +2,7 @@
 restored byte for byte; lying headers refused; a corrupted chunk caught."""
 from __future__ import annotations
 
+import itertools
 import struct
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from gguf import GGMLQuantizationType as T, GGUFWriter, quants
 
 import llmpress
 from llmpress.errors import CorruptFileError
-from llmpress.lossless import gguf as GG
+from llmpress.lossless import chunk, gguf as GG
+from llmpress.lossless.entropy import BY_ID
 from llmpress.lossless.chunk import _encode_gguf, decode_chunk
 from llmpress.lossless.reader import Packed
 
@@ -142,19 +144,59 @@ def test_the_compiled_decode_is_the_numpy_one(name: str, mode: int, monkeypatch:
                   if name in QUANTIZED else random_blocks(rng, name, 300).reshape(-1))
     blocks.append(np.tile(blocks[1][: 3 * bt.block_bytes], 200))
     zstd = 0
-    for raw in blocks:
-        for policy in ("nozstd", "rans"):
-            parts, _ = _encode_gguf(raw, bt, policy, (mode,))
-            buf = np.frombuffer(b"".join(bytes(p) for p in parts), np.uint8)
-            nb = len(raw) // bt.block_bytes
-            out = np.zeros(len(raw), np.uint8)
-            desc, scratch = _fused_args(bt, nb)
-            side = _zstd_fields(memoryview(buf), len(raw) * 2)
-            zstd += len(side)
-            assert GK.decode_chunk(buf, *desc, nb, out, *scratch, side) == 0
-            assert np.array_equal(out, raw)
-            assert GK.decode_chunk(buf[:-1], *desc, nb, out, *scratch, side) != 0
+    for raw, policy, saving in itertools.product(blocks, ("nozstd", "rans"), (0.0, chunk.GGUF_MIN_SAVING)):
+        monkeypatch.setattr(chunk, "GGUF_MIN_SAVING", saving)  # 0: every stream that saves a byte coded
+        parts, _ = _encode_gguf(raw, bt, policy, (mode,))
+        buf = np.frombuffer(b"".join(bytes(p) for p in parts), np.uint8)
+        nb = len(raw) // bt.block_bytes
+        out = np.zeros(len(raw), np.uint8)
+        desc, scratch = _fused_args(bt, nb)
+        side = _zstd_fields(memoryview(buf), len(raw) * 2)
+        zstd += len(side)
+        assert GK.decode_chunk(buf, *desc, nb, out, *scratch, side) == 0
+        assert np.array_equal(out, raw)
+        assert GK.decode_chunk(buf[:-1], *desc, nb, out, *scratch, side) != 0
     assert zstd  # the repeated blocks' codes took zstd
+
+
+def _backends(parts: list) -> list[str]:
+    """The backend of each field of a mode-0/1 GGUF chunk (``u8 mode | u8 nfields | fields``)."""
+    buf, pos, out = b"".join(bytes(p) for p in parts), 2, []
+    for _ in range(buf[1]):
+        bid, ln = struct.unpack_from("<BI", buf, pos)
+        out.append(BY_ID[bid].name)
+        pos += 5 + ln
+    return out
+
+
+def test_codes_that_save_little_are_stored_raw() -> None:
+    """A Q4_0 chunk's codes are rANS-coded where they save GGUF_MIN_SAVING bits a code or more
+    (a peaked distribution) and stored raw where they save less (near uniform; decoding them
+    would cost far more time than the bytes are worth), the scales coded either way; grouping
+    by class is kept only where it saves as much again; both decode to the same bytes."""
+    bt = GG.BLOCKS["Q4_0"]
+    rng = np.random.default_rng(3)
+    nb = 4000
+    d = (np.abs(rng.standard_normal(nb)) * 1e-3).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    for p, want in (([0.02] * 2 + [0.08] * 12 + [0.02] * 2, "raw"), ([0.01] * 6 + [0.3, 0.34] + [0.01] * 8, "rans")):
+        q = rng.choice(16, size=(nb, 32), p=np.array(p) / sum(p)).astype(np.uint8)
+        raw = np.concatenate([d, q[:, :16] | (q[:, 16:] << 4)], axis=1).reshape(-1)
+        h = np.bincount(q.reshape(-1), minlength=16) / q.size
+        saving = 4 + float((h[h > 0] * np.log2(h[h > 0])).sum())  # bits a code order-0 coding saves
+        assert (saving < chunk.GGUF_MIN_SAVING) == (want == "raw")
+        parts, _ = _encode_gguf(raw, bt, "rans")
+        assert bytes(parts[0]) == b"\x00"  # codes independent of their scale's class: grouping saves nothing
+        *params, codes = _backends(parts)  # d's head and tail, the codes
+        assert codes == want and all(b.startswith("rans") for b in params)
+        assert np.array_equal(decode_chunk(memoryview(b"".join(bytes(x) for x in parts)), "U8", len(raw), gguf="Q4_0"), raw)
+    # blocks of two scale octaves, the small-scaled ones' codes all but constant: one model per class saves
+    small = np.arange(nb) % 2 == 0
+    d2 = np.where(small, 1e-4, 1e-1).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    q = np.where(small[:, None], np.where(rng.random((nb, 32)) < 0.97, 8, 9), rng.integers(0, 16, (nb, 32))).astype(np.uint8)
+    raw = np.concatenate([d2, q[:, :16] | (q[:, 16:] << 4)], axis=1).reshape(-1)
+    parts, _ = _encode_gguf(raw, bt, "rans")
+    assert bytes(parts[0]) == b"\x01"
+    assert np.array_equal(decode_chunk(memoryview(b"".join(bytes(x) for x in parts)), "U8", len(raw), gguf="Q4_0"), raw)
 
 
 def test_pack_restores_a_gguf_byte_for_byte(tmp_path: Path) -> None:

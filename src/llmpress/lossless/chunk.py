@@ -32,6 +32,12 @@ POLICIES: dict[str, dict[str, tuple[str, ...]]] = {
     "ans": {"head": ("ans",), "tail": ("ans",), "bytes": ("zstd",), "codes": ("ans", "zstd")},
     "zstd": {"head": ("zstd",), "tail": ("zstd",), "bytes": ("zstd",), "codes": ("zstd",)},
 }
+# bits a code a GGUF chunk's code streams (codes, K-quant scales and mins) must save over raw to
+# be coded (entropy.encode_stream's min_saving), and its codes cut by class (mode 1) must save over
+# one model. A coded symbol costs about a nanosecond to decode whatever it saves, a raw one next to
+# nothing; the 4- and 5-bit codes of Q4_*/Q5_* blocks save 0.1-0.3 bits each, which halved the
+# decode speed for 2-3 % of the file. Measured: bench/lossless.py's GGUF rows.
+GGUF_MIN_SAVING = 0.3
 
 
 @dataclass
@@ -145,14 +151,16 @@ def _encode_codes_vs_zeros(raw: np.ndarray, bits: int, zeros: np.ndarray, policy
 
 
 def _code_fields(fields: tuple[Field, ...], parts: list[np.ndarray], hists: list[np.ndarray], policy: str,
-                 precision: dict[str, int], st: ChunkStats) -> list:
-    """``u8 nfields`` and each field's ``u8 backend | u32 length | stream``, as buffers."""
+                 precision: dict[str, int], st: ChunkStats, min_saving: float = 0.0) -> list:
+    """``u8 nfields`` and each field's ``u8 backend | u32 length | stream``, as buffers; a codes
+    field coded only where that saves ``min_saving`` bits a symbol."""
     pol = POLICIES[policy]
     out = [struct.pack("<B", len(parts))]
     for f, sym, hist in zip(fields, parts, hists):
         h = entropy_bits(None, f.width, hist)
-        bid, payload = encode_stream(sym, f.width, pol[_kind(f.name)], h, hist, view=True,
-                                     precision=precision.get(f.name, RANS_PB))
+        kind = _kind(f.name)
+        bid, payload = encode_stream(sym, f.width, pol[kind], h, hist, view=True, precision=precision.get(f.name, RANS_PB),
+                                     min_saving=min_saving if kind == "codes" else 0.0)
         out.append(struct.pack("<BI", bid, len(payload)))
         out.append(payload)
         b = min(h, float(len(sym) * f.width))
@@ -180,11 +188,12 @@ def _grouped_fields(bt: GG.BlockType) -> tuple[Field, ...]:
 def _encode_gguf(raw: np.ndarray, bt: GG.BlockType, policy: str, modes: tuple[int, ...] = (0, 1)) -> tuple[list, ChunkStats]:
     """A chunk of whole GGUF blocks: ``u8 mode`` then the fields. Mode 0: the block type's fields
     (:data:`gguf.BLOCKS`); mode 1: the same with the codes cut by the class of their unit (block
-    or sub-block, :func:`_group`), one field per class with its own model. The smaller is kept."""
+    or sub-block, :func:`_group`), one field per class with its own model, kept where it saves
+    :data:`GGUF_MIN_SAVING` bits a code over mode 0 (``modes``: the modes tried; one forces it)."""
     parts = GG.split(bt, raw)
     hists = [np.bincount(p, minlength=1 << f.width).astype(np.int64) for f, p in zip(bt.fields, parts)]
     st = ChunkStats(field_bits={}, field_bytes={})
-    plain = _code_fields(bt.fields, parts, hists, policy, {}, st)
+    plain = _code_fields(bt.fields, parts, hists, policy, {}, st, GGUF_MIN_SAVING)
     best, mode = plain, 0
     grouped_bits = None
     if bt.nclasses > 1 and len(parts[-1]):
@@ -194,9 +203,11 @@ def _encode_gguf(raw: np.ndarray, bt: GG.BlockType, policy: str, modes: tuple[in
         cparts = np.split(codes, cuts)
         chists = [np.bincount(p, minlength=1 << bt.code_bits).astype(np.int64) for p in cparts]
         gst = ChunkStats(field_bits={}, field_bytes={})
-        grouped = _code_fields(_grouped_fields(bt), parts[:-1] + cparts, hists[:-1] + chists, policy, {}, gst)
+        grouped = _code_fields(_grouped_fields(bt), parts[:-1] + cparts, hists[:-1] + chists, policy, {}, gst,
+                               GGUF_MIN_SAVING)
         grouped_bits = gst.field_bits.get("codes", 0.0)
-        if modes == (1,) or 0 in modes and 1 in modes and sum(len(b) for b in grouped) < sum(len(b) for b in plain):
+        gain = sum(len(b) for b in plain) - sum(len(b) for b in grouped)  # bytes grouping saves
+        if modes == (1,) or 0 in modes and 1 in modes and gain > GGUF_MIN_SAVING * len(parts[-1]) / 8:
             best, mode, st = grouped, 1, gst
     if grouped_bits is not None:  # the codes' bound: the smaller of one model and a model per class
         st.field_bits["codes"] = min(st.field_bits["codes"], grouped_bits)

@@ -11,7 +11,8 @@ process would compile it again).
 numba's cache keys these functions on this file alone: a kernel they call from kernels.py or
 rans32.py (``unpack_bits``'s unrolled 1-bit path for FP8's sign field, say) takes effect in a
 process whose cache predates it only once this file changes too (or the cache is cleared); so
-did rans32's vector tail (a skewed stream's last words), which this line's change brings in.
+did rans32's vector tail (a skewed stream's last words) and unpack_bits' 3- and 5-bit
+branches (GGUF codes stored raw), which this line's change brings in.
 
 Handled: the backends a float chunk is written with (``raw`` up to 8 bits, ``rans`` (rans32.py),
 ``rans4`` (the four-lane coder of kernels.py), ``split`` of those). Anything else, and

@@ -288,7 +288,7 @@ OVERHEAD = {"rans": 4 * 32 + 8, "rans4": 32, "ans": 16}  # bytes beyond the entr
 
 def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
                   est_bits: float | None = None, hist: np.ndarray | None = None,
-                  view: bool = False, precision: int = RANS_PB) -> tuple[int, bytes]:
+                  view: bool = False, precision: int = RANS_PB, min_saving: float = 0.0) -> tuple[int, bytes]:
     """Smallest payload among ``raw`` and the candidates worth trying: (backend id, payload).
 
     ``ans``/``rans`` are skipped when the order-0 entropy (``est_bits``, computed if not given)
@@ -296,21 +296,27 @@ def encode_stream(sym: np.ndarray, width: int, candidates: tuple[str, ...],
     can beat order-0 on repeats); ``split`` codes the stream in pieces. ``hist`` (the stream's
     symbol counts, if the caller has them) spares a pass; ``precision``: the rANS model's bits.
     ``view``: a raw 8-bit stream comes back as a memoryview of ``sym`` (no copy).
+
+    ``min_saving`` (bits a symbol): a coded payload is kept only where it is at least that much
+    smaller than raw per symbol. Decoding a coded symbol costs about the same whatever it saves,
+    and a raw one next to nothing, so a stream that saves a few hundredths of its bits (the 4-
+    and 5-bit codes of a GGUF, near uniform within their range) is not worth its decoding time.
     """
-    raw_len = (len(sym) * width + 7) // 8
+    n = len(sym)
+    raw_len = (n * width + 7) // 8
     best: tuple[int, bytes | None] = (0, None)
-    size = raw_len
-    if len(sym):
+    size = raw_len - int(min_saving * n / 8)  # what a coded payload must come under
+    if n:
         for name in candidates:
-            if name == "rans" and len(sym) < WIDE_MIN:
+            if name == "rans" and n < WIDE_MIN:
                 name = "rans4"
             if name == "ans" or name.startswith("rans"):
                 est = entropy_bits(sym, width) if est_bits is None else est_bits
-                if est / 8 + OVERHEAD[name] > 0.99 * raw_len:
+                if est / 8 + OVERHEAD[name] > min(0.99 * raw_len, size):
                     continue
             cls = BACKENDS[name]
             if name == "split":
-                payload = cls.encode(sym, width, size, est_bits)
+                payload = cls.encode(sym, width, size, est_bits, min_saving)
             elif name.startswith("rans"):
                 payload = cls.encode(sym, width, hist, precision)
             else:
@@ -339,18 +345,20 @@ class Split:
     MIN_PIECE = 4096
 
     @staticmethod
-    def _est(h: np.ndarray, lens: np.ndarray, width: int) -> float:
+    def _est(h: np.ndarray, lens: np.ndarray, width: int, min_saving: float = 0.0) -> float:
         """Bytes pieces of ``lens`` symbols with counts ``h`` (k, 2**width) should cost: each
         raw, or its order-0 entropy plus the coder's fixed cost and ~1.3 bytes a present symbol
-        of model."""
+        of model where that saves ``min_saving`` bits a symbol (:func:`encode_stream`)."""
         hf = h.astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             ent = -np.nansum(hf * np.log2(hf / lens[:, None]), axis=1) / 8
         fixed = np.where(lens >= WIDE_MIN, OVERHEAD["rans"], OVERHEAD["rans4"]) + 1.3 * np.count_nonzero(h, axis=1)
-        return float(np.minimum(ent + fixed, (lens * width + 7) / 8).sum())
+        raw = (lens * width + 7) / 8
+        return float(np.where(ent + fixed < raw - min_saving * lens / 8, ent + fixed, raw).sum())
 
     @classmethod
-    def encode(cls, sym: np.ndarray, width: int, beat: int, est_bits: float | None = None) -> bytes | None:
+    def encode(cls, sym: np.ndarray, width: int, beat: int, est_bits: float | None = None,
+               min_saving: float = 0.0) -> bytes | None:
         """The split payload, or None when no piece count is estimated to beat ``beat`` bytes
         (from the pieces' histograms, before any coding). Skipped when the whole stream's
         order-0 entropy ``est_bits`` is within 0.5 % of raw: a part that differs from the rest
@@ -369,7 +377,7 @@ class Split:
         lens = np.array([min(step, n - i) for i in range(0, n, step)], np.int64)
         best, best_k = beat - 1 - 5 * k, 0
         while len(hists) >= 2:
-            e = cls._est(hists, lens, width) + 1 + 5 * len(hists)
+            e = cls._est(hists, lens, width, min_saving) + 1 + 5 * len(hists)
             if e < best:
                 best, best_k = e, len(hists)
             if len(hists) % 2:
@@ -380,7 +388,7 @@ class Split:
             return None
         step = -(-n // best_k)
         pieces = [sym[i : i + step] for i in range(0, n, step)]
-        coded = [encode_stream(p, width, ("rans",)) for p in pieces]
+        coded = [encode_stream(p, width, ("rans",), min_saving=min_saving) for p in pieces]
         head = struct.pack("<B", len(coded)) + b"".join(struct.pack("<BI", b, len(c)) for b, c in coded)
         return head + b"".join(c for _, c in coded)
 

@@ -6,7 +6,7 @@ one call (streams, classes, blocks' bytes), the same bytes as chunk.py's numpy p
 numba's cache keys these functions on this file alone: a change to a kernel they call from
 chunk_kernel.py, kernels.py, rans32.py or freq_model.py reaches a process whose cache predates it
 only once this file changes too (or the cache is cleared); the AOT build (compiled.py) is keyed on
-all of them."""
+all of them. (Changed with kernels.unpack_bits' 3- and 5-bit branches.)"""
 from __future__ import annotations
 
 import math

@@ -342,6 +342,36 @@ def unpack_bits(buf, width, out):  # buf: (ceil(n*width/8),) uint8 -> out: (n,) 
             v = buf[q]
             out[2 * q] = v & 15
             out[2 * q + 1] = v >> 4
+    elif width == 5:  # Q5_0/Q5_1/Q5_K codes stored raw: eight in five bytes, unrolled so that it vectorises
+        for q in range(ng):
+            a = np.int64(buf[5 * q])
+            b = np.int64(buf[5 * q + 1])
+            c = np.int64(buf[5 * q + 2])
+            d = np.int64(buf[5 * q + 3])
+            e = np.int64(buf[5 * q + 4])
+            o8 = 8 * q
+            out[o8] = a & 31
+            out[o8 + 1] = (a >> 5) | ((b & 3) << 3)
+            out[o8 + 2] = (b >> 2) & 31
+            out[o8 + 3] = (b >> 7) | ((c & 15) << 1)
+            out[o8 + 4] = (c >> 4) | ((d & 1) << 4)
+            out[o8 + 5] = (d >> 1) & 31
+            out[o8 + 6] = (d >> 6) | ((e & 7) << 2)
+            out[o8 + 7] = e >> 3
+    elif width == 3:  # Q3_K codes stored raw: eight in three bytes
+        for q in range(ng):
+            a = np.int64(buf[3 * q])
+            b = np.int64(buf[3 * q + 1])
+            c = np.int64(buf[3 * q + 2])
+            o8 = 8 * q
+            out[o8] = a & 7
+            out[o8 + 1] = (a >> 3) & 7
+            out[o8 + 2] = (a >> 6) | ((b & 1) << 2)
+            out[o8 + 3] = (b >> 1) & 7
+            out[o8 + 4] = (b >> 4) & 7
+            out[o8 + 5] = (b >> 7) | ((c & 3) << 1)
+            out[o8 + 6] = (c >> 2) & 7
+            out[o8 + 7] = c >> 5
     elif width == 1:  # FP8's sign field, unrolled (the generic loop does not vectorise for one bit)
         for q in range(ng):
             v = np.int64(buf[q])
