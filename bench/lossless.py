@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/lossless.py [--reps 3]
     .venv/bin/python bench/lossless.py --files BF16 FP8 SmolLM2-FP8 --tools "llmpress (rans)" "zstd -3" --out lossless-fp8.json
-    .venv/bin/python bench/lossless.py --files BF16 GGUF-Q4_1 GGUF-Q4_K_M --tools "llmpress (rans)" "zstd -3" --out lossless-gguf.json
+    .venv/bin/python bench/lossless.py --files BF16 GGUF-Q4_1 GGUF-Q4_K_M --tools "llmpress (rans)" "llmpress (smallest)" "zstd -3" --out lossless-gguf.json
     .venv/bin/python bench/lossless.py --kernel   # the head streams' rANS decode alone, ns/symbol
     .venv/bin/python bench/lossless.py --stages   # each encode/decode stage on BF16, ms and ns/word
     .venv/bin/python bench/lossless.py --folders GPTQ-4b-g128 GPTQ-4b-g128-BF16 CT-4b-g128 --reps 2
@@ -676,6 +676,7 @@ def main() -> None:
                 "llmpress (rans)": lambda p=path: run_llmpress(p, th, 1, "rans"),
                 "llmpress (ans)": lambda p=path: run_llmpress(p, th, 1, "ans"),
                 "llmpress (zstd)": lambda p=path: run_llmpress(p, th, 1, "zstd"),
+                "llmpress (smallest)": lambda p=path: run_llmpress(p, th, 1, "smallest"),
                 "zipnn": lambda p=path, lb=label: run_zipnn(zpy, p, INPUTS[lb][1], th, 1),
                 "zstd -3": lambda p=path: run_zstd(p, th, 1),
             }
@@ -727,11 +728,11 @@ def main() -> None:
                   f"{sum(t['packed_bpw'].values()):.3f}: {parts}")
     print("dec cpu: MB per second of the process's CPU time; dec/BF16: this input's decode MB/s over the BF16 "
           "input's (same tool, threads), wall and cpu")
-    print(f"\n{'file':11s} {'tool':16s} {'thr':>3s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'dec+sha':>8s} "
+    print(f"\n{'file':11s} {'tool':19s} {'thr':>3s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'dec+sha':>8s} "
           f"{'dec cpu':>8s} {'dec/BF16 wall  cpu':>18s}")
     for r in rows:
         f = lambda k, w=8, p=1: f"{r[k]:{w}.{p}f}" if r.get(k) else " " * w  # noqa: E731
-        print(f"{r['file']:11s} {r['tool']:16s} {r['threads']:3d} {r['ratio']:7.4f} {r['enc_MBps']:9.1f} "
+        print(f"{r['file']:11s} {r['tool']:19s} {r['threads']:3d} {r['ratio']:7.4f} {r['enc_MBps']:9.1f} "
               f"{r['dec_MBps']:9.1f} {f('dec_sha_MBps')} {f('dec_cpu_MBps')} {f('dec_vs_BF16', 13, 2)} {f('dec_cpu_vs_BF16', 5, 2)}")
     print(f"\nwrote {out}")
 

@@ -508,8 +508,10 @@ BENCHES = [
           "python bench/lossless.py --folders GPTQ-4b-g128 GPTQ-4b-g128-BF16 CT-4b-g128 --reps 3", lossless_quantized),
     Bench("lossless-gguf.json", "Lossless: GGUF files",
           "The embedded SmolLM2-135M as GGUF Q4_1 and Q4_K_M files packed by llmpress (each block type's fields as "
-          "streams of their own) and by zstd, beside the BF16 MiniLM; the entropy bound per file and per field.",
-          "python bench/lossless.py --files BF16 GGUF-Q4_1 GGUF-Q4_K_M --tools 'llmpress (rans)' 'zstd -3' --reps 2 "
+          "streams of their own; `smallest`: the near-uniform codes rANS-coded too) and by zstd, beside the BF16 "
+          "MiniLM; the entropy bound per file and per field.",
+          "python bench/lossless.py --files BF16 GGUF-Q4_1 GGUF-Q4_K_M --tools 'llmpress (rans)' 'llmpress (smallest)' "
+          "'zstd -3' --reps 3 "
           "--out lossless-gguf.json", lossless_gguf),
     Bench("delta.json", "Lossless: fine-tunes against their base (`pack --base`)",
           "SmolLM2-135M fine-tuned for a few steps, packed alone and as a delta against the original checkpoint.",

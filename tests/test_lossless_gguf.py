@@ -144,8 +144,7 @@ def test_the_compiled_decode_is_the_numpy_one(name: str, mode: int, monkeypatch:
                   if name in QUANTIZED else random_blocks(rng, name, 300).reshape(-1))
     blocks.append(np.tile(blocks[1][: 3 * bt.block_bytes], 200))
     zstd = 0
-    for raw, policy, saving in itertools.product(blocks, ("nozstd", "rans"), (0.0, chunk.GGUF_MIN_SAVING)):
-        monkeypatch.setattr(chunk, "GGUF_MIN_SAVING", saving)  # 0: every stream that saves a byte coded
+    for raw, policy in itertools.product(blocks, ("nozstd", "rans", "smallest")):  # smallest: every stream coded that saves a byte
         parts, _ = _encode_gguf(raw, bt, policy, (mode,))
         buf = np.frombuffer(b"".join(bytes(p) for p in parts), np.uint8)
         nb = len(raw) // bt.block_bytes
@@ -172,8 +171,9 @@ def _backends(parts: list) -> list[str]:
 def test_codes_that_save_little_are_stored_raw() -> None:
     """A Q4_0 chunk's codes are rANS-coded where they save GGUF_MIN_SAVING bits a code or more
     (a peaked distribution) and stored raw where they save less (near uniform; decoding them
-    would cost far more time than the bytes are worth), the scales coded either way; grouping
-    by class is kept only where it saves as much again; both decode to the same bytes."""
+    would cost far more time than the bytes are worth; the ``smallest`` policy codes them), the
+    scales coded either way; grouping by class is kept only where it saves as much again; every
+    chunk decodes to its bytes."""
     bt = GG.BLOCKS["Q4_0"]
     rng = np.random.default_rng(3)
     nb = 4000
@@ -184,11 +184,12 @@ def test_codes_that_save_little_are_stored_raw() -> None:
         h = np.bincount(q.reshape(-1), minlength=16) / q.size
         saving = 4 + float((h[h > 0] * np.log2(h[h > 0])).sum())  # bits a code order-0 coding saves
         assert (saving < chunk.GGUF_MIN_SAVING) == (want == "raw")
-        parts, _ = _encode_gguf(raw, bt, "rans")
-        assert bytes(parts[0]) == b"\x00"  # codes independent of their scale's class: grouping saves nothing
-        *params, codes = _backends(parts)  # d's head and tail, the codes
-        assert codes == want and all(b.startswith("rans") for b in params)
-        assert np.array_equal(decode_chunk(memoryview(b"".join(bytes(x) for x in parts)), "U8", len(raw), gguf="Q4_0"), raw)
+        for policy in ("rans", "smallest"):
+            parts, _ = _encode_gguf(raw, bt, policy)
+            assert bytes(parts[0]) == b"\x00"  # codes independent of their scale's class: grouping saves nothing
+            *params, codes = _backends(parts)  # d's head and tail, the codes
+            assert codes == (want if policy == "rans" else "rans") and all(b.startswith("rans") for b in params)
+            assert np.array_equal(decode_chunk(memoryview(b"".join(bytes(x) for x in parts)), "U8", len(raw), gguf="Q4_0"), raw)
     # blocks of two scale octaves, the small-scaled ones' codes all but constant: one model per class saves
     small = np.arange(nb) % 2 == 0
     d2 = np.where(small, 1e-4, 1e-1).astype(np.float16).view(np.uint8).reshape(nb, 2)
@@ -197,6 +198,14 @@ def test_codes_that_save_little_are_stored_raw() -> None:
     parts, _ = _encode_gguf(raw, bt, "rans")
     assert bytes(parts[0]) == b"\x01"
     assert np.array_equal(decode_chunk(memoryview(b"".join(bytes(x) for x in parts)), "U8", len(raw), gguf="Q4_0"), raw)
+    # the same with the small-scaled blocks' codes only a little peaked: grouping saves under 0.3 bits a code
+    p = np.array([0.04] * 4 + [0.09] * 8 + [0.04] * 4)
+    q[small] = rng.choice(16, size=(int(small.sum()), 32), p=p / p.sum())
+    raw = np.concatenate([d2, q[:, :16] | (q[:, 16:] << 4)], axis=1).reshape(-1)
+    for policy, mode in (("rans", 0), ("smallest", 1)):
+        parts, _ = _encode_gguf(raw, bt, policy)
+        assert bytes(parts[0]) == bytes((mode,))
+        assert np.array_equal(decode_chunk(memoryview(b"".join(bytes(x) for x in parts)), "U8", len(raw), gguf="Q4_0"), raw)
 
 
 def test_pack_restores_a_gguf_byte_for_byte(tmp_path: Path) -> None:

@@ -32,12 +32,14 @@ POLICIES: dict[str, dict[str, tuple[str, ...]]] = {
     "ans": {"head": ("ans",), "tail": ("ans",), "bytes": ("zstd",), "codes": ("ans", "zstd")},
     "zstd": {"head": ("zstd",), "tail": ("zstd",), "bytes": ("zstd",), "codes": ("zstd",)},
 }
+POLICIES["smallest"] = POLICIES["rans"]  # and every GGUF stream coded that saves a byte (GGUF_MIN_SAVING)
 # bits a code a GGUF chunk's code streams (codes, K-quant scales and mins) must save over raw to
 # be coded (entropy.encode_stream's min_saving), and its codes cut by class (mode 1) must save over
 # one model. A coded symbol costs about a nanosecond to decode whatever it saves, a raw one next to
 # nothing; the 4- and 5-bit codes of Q4_*/Q5_* blocks save 0.1-0.3 bits each, which halved the
 # decode speed for 2-3 % of the file. Measured: bench/lossless.py's GGUF rows.
 GGUF_MIN_SAVING = 0.3
+MIN_SAVING = {"smallest": 0.0}  # policy -> its own (for a link slower than the decoder: ~3 % smaller files)
 
 
 @dataclass
@@ -189,11 +191,13 @@ def _encode_gguf(raw: np.ndarray, bt: GG.BlockType, policy: str, modes: tuple[in
     """A chunk of whole GGUF blocks: ``u8 mode`` then the fields. Mode 0: the block type's fields
     (:data:`gguf.BLOCKS`); mode 1: the same with the codes cut by the class of their unit (block
     or sub-block, :func:`_group`), one field per class with its own model, kept where it saves
-    :data:`GGUF_MIN_SAVING` bits a code over mode 0 (``modes``: the modes tried; one forces it)."""
+    :data:`GGUF_MIN_SAVING` bits a code over mode 0, or the policy's own :data:`MIN_SAVING`
+    (``modes``: the modes tried; one forces it)."""
     parts = GG.split(bt, raw)
     hists = [np.bincount(p, minlength=1 << f.width).astype(np.int64) for f, p in zip(bt.fields, parts)]
     st = ChunkStats(field_bits={}, field_bytes={})
-    plain = _code_fields(bt.fields, parts, hists, policy, {}, st, GGUF_MIN_SAVING)
+    saving = MIN_SAVING.get(policy, GGUF_MIN_SAVING)
+    plain = _code_fields(bt.fields, parts, hists, policy, {}, st, saving)
     best, mode = plain, 0
     grouped_bits = None
     if bt.nclasses > 1 and len(parts[-1]):
@@ -203,11 +207,10 @@ def _encode_gguf(raw: np.ndarray, bt: GG.BlockType, policy: str, modes: tuple[in
         cparts = np.split(codes, cuts)
         chists = [np.bincount(p, minlength=1 << bt.code_bits).astype(np.int64) for p in cparts]
         gst = ChunkStats(field_bits={}, field_bytes={})
-        grouped = _code_fields(_grouped_fields(bt), parts[:-1] + cparts, hists[:-1] + chists, policy, {}, gst,
-                               GGUF_MIN_SAVING)
+        grouped = _code_fields(_grouped_fields(bt), parts[:-1] + cparts, hists[:-1] + chists, policy, {}, gst, saving)
         grouped_bits = gst.field_bits.get("codes", 0.0)
         gain = sum(len(b) for b in plain) - sum(len(b) for b in grouped)  # bytes grouping saves
-        if modes == (1,) or 0 in modes and 1 in modes and gain > GGUF_MIN_SAVING * len(parts[-1]) / 8:
+        if modes == (1,) or 0 in modes and 1 in modes and gain > saving * len(parts[-1]) / 8:
             best, mode, st = grouped, 1, gst
     if grouped_bits is not None:  # the codes' bound: the smaller of one model and a model per class
         st.field_bits["codes"] = min(st.field_bits["codes"], grouped_bits)
