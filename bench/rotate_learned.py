@@ -149,10 +149,11 @@ def learn(lr: Learner, windows: Tensor, refs: list[Tensor], a: argparse.Namespac
 
     def full_loss(r: Tensor) -> float:
         with torch.no_grad():
-            return sum(float(lr.loss(r.float(), w[None], ref, a.bits, a.group_size)) for w, ref in zip(windows, refs)) / len(windows)
+            return sum(float(lr.loss(r.float(), w[None], ref, a.train_bits, a.group_size))
+                       for w, ref in zip(windows, refs)) / len(windows)
 
     log = {"start": full_loss(r0), "curve": []}
-    print(f"# fake-quant KL at R0 (all {len(windows)} windows): {log['start']:.4f}", flush=True)
+    print(f"# fake-quant ({a.train_bits}-bit) KL at R0 (all {len(windows)} windows): {log['start']:.4f}", flush=True)
     t0 = time.perf_counter()
     for s in range(a.steps):
         i = s % len(windows)
@@ -161,7 +162,7 @@ def learn(lr: Learner, windows: Tensor, refs: list[Tensor], a: argparse.Namespac
         loss.backward()
         opt.step()
         sched.step()
-        log["curve"].append(float(loss))
+        log["curve"].append(loss.item())
         if s % 10 == 0 or s == a.steps - 1:
             print(f"# step {s} window {i} loss {float(loss):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     log["seconds"] = time.perf_counter() - t0
@@ -280,7 +281,7 @@ def main() -> int:
 
     base = rows.get("none")
     print(f"\n| case | R1 | static groups | {' | '.join(f'KL {t}' for t in a.texts.split(','))} | KL mean | × unrotated "
-          f"| fake-quant KL R0 → R1 (calib) | learning s | GPTQ s |")
+          f"| fake-quant KL R0 → R1 (calibration, train bits) | learning s | GPTQ s |")
     print(f"|---|---|---|{'---|' * len(a.texts.split(','))}---|---|---|---|---|")
     for row, r in rows.items():
         ratio = f"{r['kl_mean'] / base['kl_mean']:.3f}" if base else "—"
