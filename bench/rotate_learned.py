@@ -205,6 +205,7 @@ def gptq_row(model: str, r: Tensor | None, seed: int, case: dict, a: argparse.Na
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="smollm2-135m")
+    ap.add_argument("--method", default="gptq", choices=("gptq", "rtn"), help="the codec of the judged rows")
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--train-bits", type=int, default=None, help="bits of the fake quantization learned on (default "
@@ -236,7 +237,7 @@ def main() -> int:
     cache_file = HERE / "out" / f"{name}.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     protocol = f"{a.model}|s{a.samples}|l{a.seq_len}|t{a.tokens}|threads{threads}"
-    case = {"method": "gptq", "bits": a.bits, "group_size": a.group_size}
+    case = {"method": a.method, "bits": a.bits, "group_size": a.group_size}
     learn_tag = f"tb{a.train_bits}|steps{a.steps}|lr{a.lr}|w{a.train_windows}x{a.train_len}|seed{a.seed}"
 
     def save() -> None:
@@ -247,8 +248,8 @@ def main() -> int:
     rows = {}
     r_learned = None
     for row in a.rows.split(","):
-        dyn = a.dyn and row != "none"
-        key = f"gptq{a.bits}-g{a.group_size}|{row}|{protocol}" + ("|dyn" if dyn else "") \
+        dyn = a.dyn and row != "none" and a.method == "gptq"
+        key = f"{a.method}{a.bits}-g{a.group_size}|{row}|{protocol}" + ("|dyn" if dyn else "") \
             + (f"|seed{a.seed}" if row == "hadamard" else f"|{learn_tag}" if row == "learned" else "")
         if key in cache:
             rows[row] = cache[key]
@@ -260,15 +261,22 @@ def main() -> int:
 
             r = rot.orthogonal(Learner_hidden(a.model), a.seed).matrix
         elif row == "learned":
-            lr = Learner(a.model, a.seed)
-            src = resolve(a.model)
-            ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(None),
-                            a.samples, a.seq_len)[: a.train_windows, : a.train_len]  # (windows, len): GPTQ's windows
-            with torch.no_grad():
-                refs = [torch.log_softmax(lr.original(w[None], use_cache=False).logits[0].float(), -1) for w in ids]
-            r_learned, extra = learn(lr, ids, refs, a)
-            del lr, refs
-            torch.save(r_learned, HERE / "out" / f"{name}-b{a.bits}-g{a.group_size}-s{a.steps}.pt")
+            # the learned R1 depends on the learning's settings alone (not on the judged codec): kept and reused
+            r_file = HERE / "out" / f"{name}-g{a.group_size}-{learn_tag.replace('|', '-')}.pt"
+            if r_file.exists():
+                saved = torch.load(r_file)
+                r_learned, extra = saved["r"], saved["log"]
+            else:
+                lr = Learner(a.model, a.seed)
+                src = resolve(a.model)
+                ids = calib_ids(load_tokenizer(src.name if src.kind == "embedded" else src.folder), _calib_text(None),
+                                a.samples, a.seq_len)[: a.train_windows, : a.train_len]  # (windows, len): GPTQ's windows
+                with torch.no_grad():
+                    refs = [torch.log_softmax(lr.original(w[None], use_cache=False).logits[0].float(), -1) for w in ids]
+                r_learned, extra = learn(lr, ids, refs, a)
+                del lr, refs
+                torch.save({"r": r_learned, "log": extra}, r_file.with_suffix(".tmp"))
+                r_file.with_suffix(".tmp").replace(r_file)
             r = r_learned
         t0 = time.perf_counter()
         res = gptq_row(a.model, r, a.seed, {**case, **({"static_groups": False} if dyn else {})}, a)
@@ -287,11 +295,11 @@ def main() -> int:
         ratio = f"{r['kl_mean'] / base['kl_mean']:.3f}" if base else "—"
         lrn = r.get("learning") or {}
         fq = f"{lrn['start']:.4f} → {lrn['end']:.4f}" if lrn else "—"
-        print(f"| gptq{a.bits}-g{a.group_size} | {row} | {'false' if r['dyn'] else 'true'} | "
+        print(f"| {a.method}{a.bits}-g{a.group_size} | {row} | {'false' if r['dyn'] else 'true'} | "
               f"{' | '.join(f'{v:.4f}' for v in r['kl'].values())} | {r['kl_mean']:.4f} | {ratio} | {fq} | "
               f"{lrn.get('seconds', 0):.0f} | {r['seconds']:.0f} |")
     table = {**rec, "protocol": protocol, "learn": learn_tag, "rows": rows}
-    tmp = HERE / "out" / f"{name}-table-b{a.bits}-g{a.group_size}.tmp"
+    tmp = HERE / "out" / f"{name}-table-{a.method}{a.bits}-g{a.group_size}.tmp"
     tmp.write_text(json.dumps(table, indent=1))
     tmp.replace(tmp.with_suffix(".json"))
     return 0
