@@ -205,7 +205,8 @@ def gptq_row(model: str, r: Tensor | None, seed: int, case: dict, a: argparse.Na
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="smollm2-135m")
-    ap.add_argument("--method", default="gptq", choices=("gptq", "rtn"), help="the codec of the judged rows")
+    ap.add_argument("--method", default="gptq", choices=("gptq", "rtn", "keep"),
+                    help="the codec of the judged rows (keep: none, the rotation alone: a check that the fused model is the original)")
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--train-bits", type=int, default=None, help="bits of the fake quantization learned on (default "
@@ -237,7 +238,7 @@ def main() -> int:
     cache_file = HERE / "out" / f"{name}.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     protocol = f"{a.model}|s{a.samples}|l{a.seq_len}|t{a.tokens}|threads{threads}"
-    case = {"method": a.method, "bits": a.bits, "group_size": a.group_size}
+    case = {"method": a.method, **({"bits": a.bits, "group_size": a.group_size} if a.method != "keep" else {})}
     learn_tag = f"tb{a.train_bits}|steps{a.steps}|lr{a.lr}|w{a.train_windows}x{a.train_len}|seed{a.seed}"
 
     def save() -> None:
