@@ -251,7 +251,7 @@ def main() -> int:
     for row in a.rows.split(","):
         dyn = a.dyn and row != "none" and a.method == "gptq"
         key = f"{a.method}{a.bits}-g{a.group_size}|{row}|{protocol}" + ("|dyn" if dyn else "") \
-            + (f"|seed{a.seed}" if row == "hadamard" else f"|{learn_tag}" if row == "learned" else "")
+            + (f"|seed{a.seed}" if row in ("hadamard", "identity") else f"|{learn_tag}" if row == "learned" else "")
         if key in cache:
             rows[row] = cache[key]
             continue
@@ -261,6 +261,8 @@ def main() -> int:
             import llmpress.quant.rotate as rot
 
             r = rot.orthogonal(Learner_hidden(a.model), a.seed).matrix
+        elif row == "identity":  # R1 = I: the norm scales folded, heads' and down_proj's Hadamards, the stream as is
+            r = torch.eye(Learner_hidden(a.model), dtype=torch.float64)
         elif row == "learned":
             # the learned R1 depends on the learning's settings alone (not on the judged codec): kept and reused
             r_file = HERE / "out" / f"{name}-g{a.group_size}-{learn_tag.replace('|', '-')}.pt"
