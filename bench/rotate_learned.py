@@ -23,9 +23,13 @@ stored with the stream rotated online at its ends); only R1 changes:
   ``llmpress.evaluate`` judges it on the held-out texts (debian-handbook, linux-doc), as
   ``bench/rotate.py`` does.
 
-Rows: ``none`` (GPTQ unrotated, the codec's defaults), ``hadamard`` (this script's path with
+Rows: ``none`` (unrotated, the codec's defaults), ``hadamard`` (this script's path with
 0 steps: R1 = R0; with ``static_groups=false`` it is ``bench/rotate.py``'s ``keep+mlp+dyn``), ``learned``
-(R1 after ``--steps``). ``--dyn`` (default on) gives the rotated rows ``static_groups=false``, as
+(R1 after ``--steps``), ``identity`` (R1 = I: the norm scales folded into the readers and the heads' and
+down_proj's Hadamards alone, a diagnostic). The fake quantization learned on is RTN at ``--train-bits``
+(default ``--bits`` + 1: RTN min–max at 3 bits leaves SmolLM2-135M at KL ≈ 5, GPTQ at 3 bits ≈ 0.4, near
+RTN's at 4). ``--method rtn`` judges the rows with RTN instead (the learning's own kind of codec),
+``--method keep`` with none (the rotation alone: KL ≈ 0 checks that the learned R1 is fused exactly). ``--dyn`` (default on) gives the rotated rows ``static_groups=false``, as
 ``keep+mlp+dyn``. Also printed: the fake-quantized (RTN) KL on the calibration windows at R0 and at the
 learned R1, and the optimisation's seconds. Writes ``bench/out/rotate-learned[-LABEL].json`` (rows cached,
 a re-run resumes) with command, commit and date; the learned matrix goes to
