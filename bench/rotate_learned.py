@@ -75,6 +75,16 @@ def kl(ref_logp: Tensor, logits: Tensor) -> Tensor:
     return (ref_logp.exp() * (ref_logp - logq)).sum(-1).mean()
 
 
+def norm_readers(cfg) -> dict[str, list[str]]:
+    """{a block norm's weight key: the full names of the linears reading it} (``fold.FOLDS``' norm patterns)."""
+    from llmpress import skeleton as sk
+    from llmpress.quant.fold import patterns_for
+
+    blocks_name, blocks = sk.blocks_of(sk.build_meta(cfg))
+    return {f"{blocks_name}.{i}.{p.producer}.weight": [f"{blocks_name}.{i}.{c}" for c in p.consumers]
+            for i in range(len(blocks)) for p in patterns_for(cfg) if p.kind == "norm"}
+
+
 class Learner:
     """The keep+mlp rotated model with R1 left open: its block linears as read with R1 = I (norm scales
     folded, heads' and down_proj's Hadamards fused), the online hooks, and the stream's ends rotated by
@@ -106,6 +116,8 @@ class Learner:
         self.readers, self.writers = rot._stream_linears(self.model)
         self.w0 = {n: self.model.get_submodule(n).weight.detach().clone() for n in self.readers + self.writers}
         self.r: Tensor | None = None  # the current R1 (float32), read by the stream hooks
+        self.norms = norm_readers(cfg)  # norm key -> its readers
+        self.reader_norm = {n: k for k, ns in self.norms.items() for n in ns}
         emb, norm = self.plan.stream.embedding, self.plan.stream.final_norm
         self.model.get_submodule(emb).register_forward_hook(lambda _m, _a, out: out @ self.r)
         self.model.get_submodule(norm).register_forward_pre_hook(lambda _m, a: (a[0] @ self.r.T, *a[1:]), prepend=True)
@@ -124,36 +136,46 @@ class Learner:
             p.requires_grad_(False)
         return m.eval()
 
-    def params(self, r: Tensor, bits: int, group: int) -> dict[str, Tensor]:
-        """{weight name: fake-quantized rotated weight} for R1 = ``r`` (float32)."""
-        out = {}
+    def params(self, r: Tensor, bits: int, group: int, scales: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """{weight name: fake-quantized rotated weight} for R1 = ``r`` (float32); with ``scales`` each block
+        norm's weight s (its readers W diag(γ) R1 diag(1/s))."""
+        out = dict(scales or {})
         for n in self.readers:
-            out[f"{n}.weight"] = fake_quant(self.w0[n] @ r, bits, group)
+            w = self.w0[n] @ r
+            out[f"{n}.weight"] = fake_quant(w if scales is None else w / scales[self.reader_norm[n]], bits, group)
         for n in self.writers:
             out[f"{n}.weight"] = fake_quant(r.T @ self.w0[n], bits, group)
         return out
 
-    def loss(self, r: Tensor, ids: Tensor, ref: Tensor, bits: int, group: int) -> Tensor:
+    def loss(self, r: Tensor, ids: Tensor, ref: Tensor, bits: int, group: int,
+             scales: dict[str, Tensor] | None = None) -> Tensor:
         self.r = r
-        logits = torch.func.functional_call(self.model, self.params(r, bits, group), (ids,),
+        logits = torch.func.functional_call(self.model, self.params(r, bits, group, scales), (ids,),
                                             {"use_cache": False}, strict=False).logits
         return kl(ref, logits.reshape(-1, logits.shape[-1]))
 
 
-def learn(lr: Learner, windows: Tensor, refs: list[Tensor], a: argparse.Namespace) -> tuple[Tensor, dict]:
-    """R1 after ``a.steps`` Adam steps on A (R1 = R0 exp(A − Aᵀ)), one window a step, in turn."""
+def learn(lr: Learner, windows: Tensor, refs: list[Tensor], a: argparse.Namespace
+          ) -> tuple[Tensor, dict[str, Tensor] | None, dict]:
+    """R1 after ``a.steps`` Adam steps on A (R1 = R0 exp(A − Aᵀ)), one window a step, in turn; with
+    ``a.learn_scales`` each block norm's weight s = exp(σ) too (σ from 0, rate ``a.scale_lr``)."""
     n = lr.hidden
     A = torch.zeros(n, n, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([A], lr=a.lr)
+    sigma = {k: torch.zeros(n, requires_grad=True) for k in lr.norms} if a.learn_scales else {}
+    opt = torch.optim.Adam([{"params": [A], "lr": a.lr}] + ([{"params": list(sigma.values()), "lr": a.scale_lr}]
+                                                             if sigma else []))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, a.steps))))
     r0 = lr.r0
 
     def rot() -> Tensor:
         return r0 @ torch.linalg.matrix_exp(A - A.T)
 
-    def full_loss(r: Tensor) -> float:
+    def scales() -> dict[str, Tensor] | None:
+        return {k: v.exp() for k, v in sigma.items()} if sigma else None
+
+    def full_loss(r: Tensor, sc: dict[str, Tensor] | None = None) -> float:
         with torch.no_grad():
-            return sum(float(lr.loss(r.float(), w[None], ref, a.train_bits, a.group_size))
+            return sum(float(lr.loss(r.float(), w[None], ref, a.train_bits, a.group_size, sc))
                        for w, ref in zip(windows, refs)) / len(windows)
 
     log = {"start": full_loss(r0), "curve": []}
@@ -161,7 +183,7 @@ def learn(lr: Learner, windows: Tensor, refs: list[Tensor], a: argparse.Namespac
     t0 = time.perf_counter()
     for s in range(a.steps):
         i = s % len(windows)
-        loss = lr.loss(rot().float(), windows[i][None], refs[i], a.train_bits, a.group_size)
+        loss = lr.loss(rot().float(), windows[i][None], refs[i], a.train_bits, a.group_size, scales())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -172,20 +194,51 @@ def learn(lr: Learner, windows: Tensor, refs: list[Tensor], a: argparse.Namespac
     log["seconds"] = time.perf_counter() - t0
     with torch.no_grad():
         r = rot().detach()
-    log["end"] = full_loss(r) if a.steps else log["start"]
+        sc = {k: v.detach() for k, v in scales().items()} if sigma else None
+    log["end"] = full_loss(r, sc) if a.steps else log["start"]
+    if sc:
+        log["scale_range"] = [min(float(v.min()) for v in sc.values()), max(float(v.max()) for v in sc.values())]
     log["orthogonality"] = float((r @ r.T - torch.eye(n, dtype=r.dtype)).abs().max())
     print(f"# fake-quant KL at the learned R1: {log['end']:.4f} ({log['seconds']:.0f} s)", flush=True)
-    return r, log
+    return r, sc, log
 
 
-def gptq_row(model: str, r: Tensor | None, seed: int, case: dict, a: argparse.Namespace) -> dict:
-    """GPTQ (``case``) of ``model`` rotated keep+mlp with R1 = ``r`` (None: unrotated), judged on the texts."""
+def _mul(t: Tensor, v: Tensor) -> Tensor:
+    """t ⊙ v over the last axis: a weight's columns, or a norm's scale."""
+    return t * v
+
+
+def _with_scales(orig_plan, scales: dict[str, Tensor], readers: dict[str, list[str]]):
+    """``rotate.plan`` whose block norms keep the scales s (as stored: s rounded to the norm's dtype first)
+    and whose readers take diag(1/s) on the right: (x̂ R1 diag(s)) (W diag(γ) R1 diag(1/s))ᵀ = x̂ diag(γ) Wᵀ."""
+    def plan(skel, store, spec):
+        p = orig_plan(skel, store, spec)
+        for key, s in scales.items():
+            s = s.to(store.get(key).dtype).to(torch.float64)
+            p.steps[key].append(("mul", {"v": s}))
+            for n in readers[key]:
+                p.steps[f"{n}.weight"].append(("mul", {"v": 1 / s}))
+        return p
+    return plan
+
+
+def gptq_row(model: str, r: Tensor | None, seed: int, case: dict, a: argparse.Namespace,
+             scales: dict[str, Tensor] | None = None) -> dict:
+    """GPTQ (``case``) of ``model`` rotated keep+mlp with R1 = ``r`` (None: unrotated), judged on the texts;
+    ``scales``: the block norms' weights kept (their readers divided)."""
     import llmpress
     import llmpress.quant.hadamard as had
     import llmpress.quant.rotate as rot
     from llmpress.quant.hadamard import Orthogonal
 
-    orig_rot, orig_had = rot.orthogonal, had.orthogonal
+    orig_rot, orig_had, orig_plan = rot.orthogonal, had.orthogonal, rot.plan
+    if scales:
+        from llmpress import skeleton as sk
+        from llmpress.models import resolve
+
+        rot.STEPS["mul"] = _mul
+        rot.ROW_WISE.add("mul")
+        rot.plan = _with_scales(orig_plan, scales, norm_readers(sk.folder_config(resolve(model).folder)))
     if r is not None:
         learned = Orthogonal(r, "random", "learned", seed)
 
@@ -201,7 +254,7 @@ def gptq_row(model: str, r: Tensor | None, seed: int, case: dict, a: argparse.Na
                                     **case)
             kls = {t: llmpress.evaluate(out, model, t, tokens=a.tokens, decode_once=True)["kl_mean"] for t in a.texts.split(",")}
     finally:
-        rot.orthogonal, had.orthogonal = orig_rot, orig_had
+        rot.orthogonal, had.orthogonal, rot.plan = orig_rot, orig_had, orig_plan
     return {"bpw": res["bpw"], "seconds": res["seconds"], "kl": kls, "kl_mean": sum(kls.values()) / len(kls),
             "rotation": res.get("rotation")}
 
@@ -217,6 +270,9 @@ def main() -> int:
                     "--bits + 1: GPTQ's error at b bits is near RTN's at b + 1, where RTN at b leaves the model broken)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=2e-3, help="Adam's rate on A (cosine-decayed to 0)")
+    ap.add_argument("--learn-scales", action="store_true", help="learn each block norm's weight too (kept in the "
+                    "norm, its readers divided by it: still a plain model)")
+    ap.add_argument("--scale-lr", type=float, default=5e-3, help="Adam's rate on the scales' logarithms")
     ap.add_argument("--train-windows", type=int, default=8, help="calibration windows used for learning (of --samples)")
     ap.add_argument("--train-len", type=int, default=256, help="tokens of each window used for learning")
     ap.add_argument("--samples", type=int, default=8, help="calibration windows (GPTQ's; bench/rotate.py's protocol)")
@@ -243,7 +299,7 @@ def main() -> int:
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     protocol = f"{a.model}|s{a.samples}|l{a.seq_len}|t{a.tokens}|threads{threads}"
     case = {"method": a.method, **({"bits": a.bits, "group_size": a.group_size} if a.method != "keep" else {})}
-    learn_tag = f"tb{a.train_bits}|steps{a.steps}|lr{a.lr}|w{a.train_windows}x{a.train_len}|seed{a.seed}"
+    learn_tag = f"tb{a.train_bits}|steps{a.steps}|lr{a.lr}|" + (f"scales{a.scale_lr}|" if a.learn_scales else "") + f"w{a.train_windows}x{a.train_len}|seed{a.seed}"
 
     def save() -> None:
         tmp = cache_file.with_suffix(".tmp")
@@ -260,7 +316,7 @@ def main() -> int:
             rows[row] = cache[key]
             continue
         extra: dict = {}
-        r = None
+        r = sc = None
         if row == "hadamard":
             import llmpress.quant.rotate as rot
 
@@ -272,7 +328,7 @@ def main() -> int:
             r_file = HERE / "out" / f"{name}-g{a.group_size}-{learn_tag.replace('|', '-')}.pt"
             if r_file.exists():
                 saved = torch.load(r_file)
-                r_learned, extra = saved["r"], saved["log"]
+                r_learned, sc, extra = saved["r"], saved.get("scales"), saved["log"]
             else:
                 lr = Learner(a.model, a.seed)
                 src = resolve(a.model)
@@ -280,13 +336,13 @@ def main() -> int:
                                 a.samples, a.seq_len)[: a.train_windows, : a.train_len]  # (windows, len): GPTQ's windows
                 with torch.no_grad():
                     refs = [torch.log_softmax(lr.original(w[None], use_cache=False).logits[0].float(), -1) for w in ids]
-                r_learned, extra = learn(lr, ids, refs, a)
+                r_learned, sc, extra = learn(lr, ids, refs, a)
                 del lr, refs
-                torch.save({"r": r_learned, "log": extra}, r_file.with_suffix(".tmp"))
+                torch.save({"r": r_learned, "scales": sc, "log": extra}, r_file.with_suffix(".tmp"))
                 r_file.with_suffix(".tmp").replace(r_file)
             r = r_learned
         t0 = time.perf_counter()
-        res = gptq_row(a.model, r, a.seed, {**case, **({"static_groups": False} if dyn else {})}, a)
+        res = gptq_row(a.model, r, a.seed, {**case, **({"static_groups": False} if dyn else {})}, a, sc)
         res.update(learning=extra or None, dyn=dyn, eval_seconds=time.perf_counter() - t0, commit=rec["commit"], date=rec["date"],
                    command=rec["command"])
         cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
