@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -302,7 +303,7 @@ def main() -> int:
     learn_tag = f"tb{a.train_bits}|steps{a.steps}|lr{a.lr}|" + (f"scales{a.scale_lr}|" if a.learn_scales else "") + f"w{a.train_windows}x{a.train_len}|seed{a.seed}"
 
     def save() -> None:
-        tmp = cache_file.with_suffix(".tmp")
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache, indent=1))
         tmp.replace(cache_file)
 
@@ -350,19 +351,31 @@ def main() -> int:
         save()
         print(f"# done {row}: {res['kl']}", flush=True)
 
-    base = rows.get("none")
-    print(f"\n| case | R1 | static groups | {' | '.join(f'KL {t}' for t in a.texts.split(','))} | KL mean | × unrotated "
-          f"| fake-quant KL R0 → R1 (calibration, train bits) | learning s | GPTQ s |")
-    print(f"|---|---|---|{'---|' * len(a.texts.split(','))}---|---|---|---|---|")
-    for row, r in rows.items():
-        ratio = f"{r['kl_mean'] / base['kl_mean']:.3f}" if base else "—"
+    # the table: every row of this case and protocol in the cache (each learning's settings its own row)
+    case_name = f"{a.method}{a.bits}-g{a.group_size}"
+    every = {}
+    for key, r in cache.items():
+        c, row, rest = key.split("|", 2)
+        if c == case_name and rest.startswith(protocol):
+            every[f"{row} ({rest[len(protocol):].strip('|').replace('|', ', ')})" if rest != protocol else row] = r
+    base = every.get("none")
+    texts = a.texts.split(",")
+    print(f"\n| case | R1 | {' | '.join(f'KL {t}' for t in texts)} | KL mean | × unrotated "
+          f"| fake-quant KL R0 → R1 (calibration, bits learned on) | learning s | quantization s |")
+    print(f"|---|---|{'---|' * len(texts)}---|---|---|---|---|")
+    for row, r in every.items():
+        if base:
+            r["ratio_to_unrotated"] = r["kl_mean"] / base["kl_mean"]
         lrn = r.get("learning") or {}
         fq = f"{lrn['start']:.4f} → {lrn['end']:.4f}" if lrn else "—"
-        print(f"| {a.method}{a.bits}-g{a.group_size} | {row} | {'false' if r['dyn'] else 'true'} | "
-              f"{' | '.join(f'{v:.4f}' for v in r['kl'].values())} | {r['kl_mean']:.4f} | {ratio} | {fq} | "
-              f"{lrn.get('seconds', 0):.0f} | {r['seconds']:.0f} |")
-    table = {**rec, "protocol": protocol, "learn": learn_tag, "rows": rows}
-    tmp = HERE / "out" / f"{name}-table-{a.method}{a.bits}-g{a.group_size}.tmp"
+        kls = " | ".join(f"{r['kl'][t]:.4f}" for t in texts)
+        print(f"| {case_name} | {row} | {kls} | {r['kl_mean']:.4f} | "
+              f"{r.get('ratio_to_unrotated', float('nan')):.3f} | {fq} | {lrn.get('seconds', 0):.0f} | {r['seconds']:.0f} |")
+    print("\nR1: none (unrotated); identity / hadamard / learned: keep+mlp (per-head V→O and down_proj's Hadamards, "
+          "embedding and head as stored) with R1 = I, the randomized Hadamard R0, or R0 exp(A − Aᵀ) learned; dyn: "
+          "static_groups=false; tb: the bits of the fake quantization learned on; scales: block norms' weights learned too.")
+    table = {**rec, "protocol": protocol, "case": case_name, "rows": every}
+    tmp = HERE / "out" / f"{name}-table-{case_name}.tmp"
     tmp.write_text(json.dumps(table, indent=1))
     tmp.replace(tmp.with_suffix(".json"))
     return 0
