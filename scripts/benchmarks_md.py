@@ -349,8 +349,10 @@ def rotate_learned(path: Path, data: dict[str, Any]) -> list[str]:
                      _f(r.get("kl_mean"), ".4f"), _f(r.get("ratio_to_unrotated"), ".3f"),
                      f"{lrn['start']:.4f} → {lrn['end']:.4f}" if lrn else "—", _f(lrn.get("seconds"), ".0f"),
                      _f(r.get("seconds"), ".0f")])
-    return lines + _table(["case", "R1", *[f"KL {t}" for t in texts], "KL mean", "× unrotated",
-                           "fake-quant KL R0 → R1", "learning s", "quantization s"], body)
+    lines += _table(["case", "R1", *[f"KL {t}" for t in texts], "KL mean", "× unrotated",
+                     "fake-quant KL R0 → R1", "learning s", "quantization s"], body)
+    made = [f"- {label}: `{r['command']}` at `{r.get('commit', UNRECORDED)}`" for label, r in rows.items() if r.get("command")]
+    return lines + (["Each row made by:", "", *made, ""] if made else [])
 
 
 def finetune(path: Path, data: dict[str, Any]) -> list[str]:
