@@ -128,11 +128,9 @@ class Learner:
         from llmpress import skeleton as sk
 
         m = sk.build_meta(cfg)
-        head = m.get_output_embeddings()
         emb_key = next(n for n, mod in m.named_modules() if mod is m.get_input_embeddings()) + ".weight"
         sk.fill(m, "", lambda k: store.get(k if k in store.where else emb_key), torch.float32)
         sk.tie(m)
-        del head
         for p in m.parameters():
             p.requires_grad_(False)
         return m.eval()
@@ -321,9 +319,9 @@ def main() -> int:
         if row == "hadamard":
             import llmpress.quant.rotate as rot
 
-            r = rot.orthogonal(Learner_hidden(a.model), a.seed).matrix
+            r = rot.orthogonal(hidden_of(a.model), a.seed).matrix
         elif row == "identity":  # R1 = I: the norm scales folded, heads' and down_proj's Hadamards, the stream as is
-            r = torch.eye(Learner_hidden(a.model), dtype=torch.float64)
+            r = torch.eye(hidden_of(a.model), dtype=torch.float64)
         elif row == "learned":
             # the learned R1 depends on the learning's settings alone (not on the judged codec): kept and reused
             r_file = HERE / "out" / f"{name}-g{a.group_size}-{learn_tag.replace('|', '-')}.pt"
@@ -381,7 +379,7 @@ def main() -> int:
     return 0
 
 
-def Learner_hidden(model: str) -> int:
+def hidden_of(model: str) -> int:
     from llmpress import skeleton as sk
     from llmpress.models import resolve
 
