@@ -331,6 +331,30 @@ def rotate_floor(path: Path, data: dict[str, Any]) -> list[str]:
                            "Gaussian / unrotated"], body)
 
 
+def rotate_learned(path: Path, data: dict[str, Any]) -> list[str]:
+    """bench/rotate_learned.py: one case unrotated, under the Hadamard R1 and under learned R1s, judged by KL."""
+    lines = _prov(data, path) + [
+        f"Protocol `{data.get('protocol')}`. Rotated rows are `keep+mlp` (per-head V→O and down_proj's Hadamards, "
+        "embedding and head as stored) with R1 = I (identity), the randomized Hadamard R0 (hadamard) or R0·exp(A − Aᵀ) "
+        "learned by Adam on the KL of the RTN-fake-quantized model on the calibration windows (learned; tb: the bits "
+        "learned on, scales: the block norms' weights learned too); dyn: `static_groups=false`. KL in nats per token; "
+        "× unrotated against the `none` row; fake-quant KL: the learning's objective on the calibration windows "
+        "at R0 and at the learned R1.", ""]
+    rows = data.get("rows", {})
+    texts = list(dict.fromkeys(t for r in rows.values() for t in r.get("kl", {})))
+    body = []
+    for label, r in rows.items():
+        lrn = r.get("learning") or {}
+        body.append([data.get("case", ""), label, *[_f(r.get("kl", {}).get(t), ".4f") for t in texts],
+                     _f(r.get("kl_mean"), ".4f"), _f(r.get("ratio_to_unrotated"), ".3f"),
+                     f"{lrn['start']:.4f} → {lrn['end']:.4f}" if lrn else "—", _f(lrn.get("seconds"), ".0f"),
+                     _f(r.get("seconds"), ".0f")])
+    lines += _table(["case", "R1", *[f"KL {t}" for t in texts], "KL mean", "× unrotated",
+                     "fake-quant KL R0 → R1", "learning s", "quantization s"], body)
+    made = [f"- {label}: `{r['command']}` at `{r.get('commit', UNRECORDED)}`" for label, r in rows.items() if r.get("command")]
+    return lines + (["Each row made by:", "", *made, ""] if made else [])
+
+
 def finetune(path: Path, data: dict[str, Any]) -> list[str]:
     """bench/finetune.py: each case's KL, PPL and top-1 before and after recovery training, with its cost."""
     rows = [r for r in data.get("results", []) if isinstance(r, dict)]
@@ -559,6 +583,19 @@ BENCHES = [
           "model, worse on the unrotated one); × unrotated against the default unrotated row.",
           "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,keep+mlp,keep+mlp+dyn --label h16rot "
           "--table h16rot-best", rotate),
+    Bench("rotate-learned-h16learn-table-gptq3-g64.json", "A learned residual rotation, 3-bit g64",
+          "GPTQ 3-bit g64 unrotated, under the randomized Hadamard R1 and under R1 learned SpinQuant-style (R0·exp(A − Aᵀ), "
+          "Adam on the KL of the RTN-fake-quantized model), the rest of the rotation `keep+mlp+dyn`; same calibration.",
+          "OMP_NUM_THREADS=1 python bench/rotate_learned.py --bits 3 --train-bits 3 --steps 80 --lr 1e-3 "
+          "--label h16learn", rotate_learned),
+    Bench("rotate-learned-h16learn-table-gptq2-g64.json", "A learned residual rotation, 2-bit g64",
+          "The same at 2-bit g64 (R1 learned on 3-bit RTN: RTN at 2 bits leaves nothing to learn from).",
+          "OMP_NUM_THREADS=1 python bench/rotate_learned.py --bits 2 --train-bits 3 --steps 80 --lr 1e-3 "
+          "--label h16learn", rotate_learned),
+    Bench("rotate-learned-h16learn-table-rtn4-g64.json", "A learned residual rotation, judged by RTN 4-bit g64",
+          "The learning's own kind of codec on the held-out texts: RTN 4-bit g64 with R1 learned on 4-bit RTN.",
+          "OMP_NUM_THREADS=1 python bench/rotate_learned.py --method rtn --bits 4 --train-bits 4 --steps 80 --lr 1e-3 "
+          "--label h16learn", rotate_learned),
     Bench("rotate-table-h16rot-static_groupsFalse.json", "Rotations before quantization, groups fitted as GPTQ goes",
           "The same comparison at g64 with each group's range fitted when GPTQ reaches it, from the weights as updated "
           "by the errors before it (`static_groups=false`), as QuaRot's GPTQ does.",

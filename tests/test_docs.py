@@ -112,3 +112,19 @@ def test_benchmarks_md_frontier_menus_and_new_renderers(tmp_path):
     assert "| unrotated | 2.40 | 2.75 |" in text and "| 3 | per channel | 0.04000 | 0.03000 | 0.03100 | 0.750 | 0.775 |" in text
     assert "| ft | 100 | 60 | 0.6000 | 10 | 0.1000 | 6.00 |" in text and "0% / 25% / 75%" in text
     assert "--menus best-quick" not in text.split("rows marked", 1)[1].split("\n", 1)[0]  # the rerun line: old rows only
+
+
+def test_benchmarks_md_rotate_learned_rows(tmp_path):
+    """bench/rotate_learned.py's table: every row with its KL, ratio, the learning's objective before → after,
+    and the command and commit that made it."""
+    md = _script("benchmarks_md")
+    rec = {"command": "python bench/rotate_learned.py --bits 3", "commit": "abc1234", "date": "2026-12-07T10:00:00+00:00"}
+    rows = {"none": {**rec, "kl": {"a": 0.5}, "kl_mean": 0.5, "ratio_to_unrotated": 1.0, "seconds": 10.0, "learning": None},
+            "learned (dyn, tb3)": {**rec, "commit": "def5678", "kl": {"a": 0.4}, "kl_mean": 0.4, "ratio_to_unrotated": 0.8,
+                                   "seconds": 12.0, "learning": {"start": 5.0, "end": 1.25, "seconds": 500.0}}}
+    path = tmp_path / "rotate-learned-x-table-gptq3-g64.json"
+    lines = md.rotate_learned(path, {**rec, "protocol": "m|s8", "case": "gptq3-g64", "rows": rows})
+    text = "\n".join(lines)
+    assert "| gptq3-g64 | learned (dyn, tb3) | 0.4000 | 0.4000 | 0.800 | 5.0000 → 1.2500 | 500 | 12 |" in text
+    assert "| gptq3-g64 | none | 0.5000 | 0.5000 | 1.000 | — | — | 10 |" in text
+    assert "- learned (dyn, tb3): `python bench/rotate_learned.py --bits 3` at `def5678`" in text
