@@ -13,7 +13,9 @@ on each held-out text (debian-handbook, linux-doc). ``--opts k=v,...`` adds code
 case (e.g. ``damp=0.01``, ``act_order=false``); ``--seed`` is the rotation's. Cases: GPTQ at 3 and 2 bits with
 groups of 64 (``gptq3-g64``), 128 (``-g128``) or per channel (``-pc``), llama.cpp's Q3_K_M mix, RTN 3-bit g64.
 ``keep+mlp+dyn``: ``keep+mlp`` with each group's range fitted as GPTQ reaches it (``static_groups=false``,
-better on the rotated model, worse on the unrotated one), against the plain unrotated row. ``--label L`` keeps the rows in ``bench/out/rotate-L.json`` and the table in ``rotate-table-L….json``.
+better on the rotated model, worse on the unrotated one), against the plain unrotated row. ``inputs``,
+``inputs+mlp``, ``inputs+mlp+dyn``: no residual rotation and no norm folded (``--rotate-inputs``): the
+linears reading each block norm's output read it rotated online; each head's V→O rotation fused as in ``full``. ``--label L`` keeps the rows in ``bench/out/rotate-L.json`` and the table in ``rotate-table-L….json``.
 
 Prints one table: case, variant, bpw of the linears (the runner's), bpw of every stored byte
 (8 × the folder's tensor bytes / the original's parameters, a tied table once), KL per text,
@@ -53,9 +55,13 @@ VARIANTS: dict[str, object] = {"none": False, "residual": {"heads": False}, "ful
 # variants that also change the codec's options (the rotated model's own best settings), compared with the
 # case's plain unrotated row: keep+mlp+dyn fits each group's range as GPTQ reaches it (static_groups false)
 VARIANTS["keep+mlp+dyn"] = VARIANTS["keep+mlp"]
-VARIANT_OPTS: dict[str, dict[str, object]] = {"keep+mlp+dyn": {"static_groups": False}}
+# no residual rotation and no norm folded: each block norm's readers read its output rotated online (--rotate-inputs)
+VARIANTS.update({"inputs": {"inputs": True}, "inputs+mlp": {"inputs": True, "mlp": True}})
+VARIANTS["inputs+mlp+dyn"] = VARIANTS["inputs+mlp"]
+VARIANT_OPTS: dict[str, dict[str, object]] = {"keep+mlp+dyn": {"static_groups": False}, "inputs+mlp+dyn": {"static_groups": False}}
 FLAGS = {"keep+mlp+dyn": " --rotate-keep-head --rotate-mlp", "none": "", "residual": " --rotate (heads=False: API)", "full": " --rotate", "full+mlp": " --rotate-mlp",
-         "keep": " --rotate-keep-head", "keep+mlp": " --rotate-keep-head --rotate-mlp"}
+         "keep": " --rotate-keep-head", "keep+mlp": " --rotate-keep-head --rotate-mlp", "inputs": " --rotate-inputs",
+         "inputs+mlp": " --rotate-inputs --rotate-mlp", "inputs+mlp+dyn": " --rotate-inputs --rotate-mlp"}
 
 
 def _value(s: str) -> object:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import llmpress
+from llmpress.errors import InputError
 from llmpress.quant import hadamard as hd
 from llmpress.recipe import Recipe
 
@@ -487,3 +488,73 @@ def test_full_budget_has_gptq_on_the_nf_grid() -> None:
     assert p.command.endswith("--method gptq --bits 3 --group-size 64 --grid nf")
     assert not [q for q in budget("full") if q.label == "gptq-w3-g64" and "grid" in q.recipe["rules"][-1]]
 
+
+
+# ---- no residual rotation: each block norm's readers read its output rotated online -------------
+
+READERS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"}
+
+
+@pytest.mark.parametrize("name,spec", [("llama3", {"inputs": True}), ("qwen3", {"inputs": True, "mlp": True}),
+                                       ("gemma", {"inputs": True}), ("llama48", {"inputs": True, "heads": False})])
+def test_input_rotation_is_exact(models, name: str, spec: dict, tmp_path) -> None:
+    """``inputs``: nothing folded, so the norms, the embedding and the head are the original's
+    tensors; q/k/v and gate/up store W H and read their input rotated online (one H a norm, from
+    the record, by llmpress.load and from_pretrained): the logits are the original's, and not
+    without the hooks; dequantize() and the dense export fold the rotations back."""
+    orig = models[name]
+    out = tmp_path / "rot"
+    res = llmpress.compress(orig, KEEP_ALL, out, rotate=spec, progress=False)
+    rec = res["rotation"]
+    assert rec["residual"] is None and "stream" not in rec and not rec["untied_head"]
+    assert READERS <= set(rec["online"]) and ("mlp.down_proj" in rec["online"]) == bool(spec.get("mlp"))
+    assert rec["online"]["self_attn.q_proj"] == rec["online"]["self_attn.v_proj"] != rec["online"]["mlp.up_proj"]
+    before, after = _stored(orig), _stored(out)
+    for k, t in before.items():
+        if "norm" in k or "embed" in k or "lm_head" in k:
+            assert torch.equal(t, after[k]), k
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    ref = _logits(_hf(orig))
+    tol = 1e-4 * ref.abs().max().item()
+    loaded = llmpress.load(out)
+    for model in (loaded, _hf(out)):
+        assert (_logits(model) - ref).abs().max().item() < tol
+    for layer in loaded.model.layers:
+        for m in READERS:
+            layer.get_submodule(m)._forward_pre_hooks.clear()
+    assert (_logits(loaded) - ref).abs().max().item() > 100 * tol  # the hooks are what make it exact
+    hf = _hf(out)
+    hf.dequantize()
+    assert (_logits(hf) - ref).abs().max().item() < tol
+    dense = tmp_path / "dense"
+    llmpress.export(out, dense, format="dense")
+    assert (_logits(_hf(dense)) - ref).abs().max().item() < tol
+
+
+def test_input_rotation_gptq_and_cli(models, tmp_path) -> None:
+    """GPTQ with ``--rotate-inputs``: its statistics gathered on the rotated inputs (the quantized
+    model stays close to the original), the same stored bytes as unrotated; keep_head with inputs
+    is refused (no stream to keep)."""
+    from typer.testing import CliRunner
+
+    from llmpress.cli import _load_commands, app
+
+    orig = models["llama3"]
+    opts = dict(method="gptq", bits=8, group_size=32, samples=4, seq_len=32, progress=False)
+    plain = llmpress.quantize(orig, tmp_path / "plain", **opts)
+    _load_commands()
+    out = tmp_path / "rot"
+    res = CliRunner().invoke(app, ["quantize", str(orig), "-o", str(out), "--method", "gptq", "--bits", "8",
+                                   "--group-size", "32", "--samples", "4", "--seq-len", "32", "--rotate-inputs"])
+    assert res.exit_code == 0, res.output
+    assert READERS <= set(json.loads((out / "llmpress.json").read_text())["rotation"]["online"])
+    a, b = _stored(tmp_path / "plain"), _stored(out)
+    assert sorted(a) == sorted(b) and sum(t.nbytes for t in a.values()) == sum(t.nbytes for t in b.values())
+    ref = _logits(_hf(orig))
+    got = _logits(llmpress.load(out))
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl.item() < 1e-3 and plain["bpw"] > 0
+    with pytest.raises(InputError, match="no stream to keep"):
+        llmpress.quantize(orig, tmp_path / "x", rotate={"inputs": True, "keep_head": True}, **opts)
+    res = CliRunner().invoke(app, ["quantize", str(orig), "-o", str(tmp_path / "y"), "--rotate-inputs", "--rotate-keep-head"])
+    assert res.exit_code != 0 and "no stream to keep" in res.output and not (tmp_path / "y").exists()

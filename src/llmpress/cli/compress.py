@@ -31,6 +31,9 @@ def compress(
                                                                "(see quantize --rotate-mlp)."),
     rotate_keep_head: bool = typer.Option(False, "--rotate-keep-head", help="--rotate, the embedding and head as "
                                                                            "stored (see quantize --rotate-keep-head)."),
+    rotate_inputs: bool = typer.Option(False, "--rotate-inputs", help="Rotate without folding the norms: each block "
+                                                                     "norm's readers read its output rotated online "
+                                                                     "(see quantize --rotate-inputs)."),
 ) -> None:
     """Compress MODEL by a recipe, or by the per-layer allocation that fits a target size, into OUT."""
     from ..pipeline import compress as run
@@ -39,7 +42,7 @@ def compress(
     given = [x for x in (recipe, target_bpw, target_bytes) if x is not None]
     if len(given) != 1:
         fail("give exactly one of --recipe, --target-bpw, --target-bytes")
-    rotate = rotate_option(rotate, rotate_mlp, rotate_keep_head)  # type: ignore[assignment]
+    rotate = rotate_option(rotate, rotate_mlp, rotate_keep_head, rotate_inputs)  # type: ignore[assignment]
     if rotate and recipe is None:
         fail("--rotate goes with --recipe (the allocation measures its sensitivities on the model as stored)")
     if recipe is not None:

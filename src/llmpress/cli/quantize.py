@@ -66,6 +66,12 @@ def quantize(
                                                "head stays tied: no extra bytes): the residual stream is rotated "
                                                "online after the embedding and back before the final norm. Stated, "
                                                "applied and exported like --rotate-mlp (combine the two freely)."),
+    rotate_inputs: bool = typer.Option(False, "--rotate-inputs",
+                                       help="Rotate without folding the norms: the residual stream and the norms stay "
+                                            "as they are, and the linears reading each block norm's output (q/k/v, "
+                                            "gate/up) read it rotated by an online randomized Hadamard (each head's "
+                                            "V→O rotation still fused). Stated, applied and exported like "
+                                            "--rotate-mlp (combine the two)."),
     as_json: bool = JSON_OPT,
     workers: int = typer.Option(1, "--workers", help="A mixture of experts: encode its experts in Ray tasks, N CPUs "
                                                      "(the same output as one process)."),
@@ -79,6 +85,6 @@ def quantize(
     res = run(model, out, method=method, bits=bits, group_size=group_size, recipe=recipe, calib=calib,
               samples=samples, seq_len=seq_len, force=force, trial_blocks=trial_blocks, device=device,
               workers=workers, address=address, gguf_mix=gguf_mix,
-              rotate=rotate_option(rotate, rotate_mlp, rotate_keep_head), **opts)
+              rotate=rotate_option(rotate, rotate_mlp, rotate_keep_head, rotate_inputs), **opts)
     res.pop("layers", None)
     emit(res, as_json, _show)

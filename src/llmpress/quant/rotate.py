@@ -27,6 +27,13 @@ stream (GPT-2, OPT: the mean subtraction needs QuaRot's centering), nor Gemma 2/
 blocks' outputs (they scale o_proj's and down_proj's outputs per channel before the residual
 add): those families are refused before any work.
 
+With ``inputs`` there is no residual rotation: folding γ into the readers puts the stream's massive
+channels (which a small γ damps) into every weight's quantization error, and on SmolLM2 that fold
+alone costs GPTQ more than the rotation wins back. Instead each linear reading a block norm's output
+reads it rotated online, x̂ diag(γ) H, and stores W H (one H a norm, shared by its readers): γ stays
+in the norm, the weights' outliers are still spread, and the online products are stated in the
+folder like ``mlp``'s (the dense export folds them back: W H Hᵀ).
+
 Every transform runs in float64 and is cast back to the stored dtype, one tensor at a time as the
 runner reads it (:class:`RotatedStore` wraps a ``TensorStore``): the rotated model is never
 materialized whole. Per-family knowledge is data: the norms and their readers come from
@@ -80,13 +87,20 @@ class RotateSpec:
     the folder, applied by llmpress's loaders, refused by the exports that cannot express it); with
     ``keep_head`` the embedding, the final norm and the head stay as stored (a tied head stays tied,
     the same bytes as unrotated) and the stream is rotated online instead: h ← h Q after the
-    embedding, h ← h Qᵀ before the final norm (stated and applied like ``mlp``'s)."""
+    embedding, h ← h Qᵀ before the final norm (stated and applied like ``mlp``'s). With ``inputs``
+    the stream is not rotated and no norm scale is folded: the linears reading each block norm's
+    output (q/k/v, gate/up) read it rotated online instead, one Hadamard a norm (stated and applied
+    like ``mlp``'s). Folding a norm's scales γ into its readers (what a fused residual rotation
+    needs) moves the stream's massive channels, which small γ damp, into the quantization error
+    of every weight; reading γ ⊙ x̂ rotated keeps them damped and still spreads the weights'
+    outliers (bench/rotate.py's ``inputs`` variants)."""
 
     seed: int = 0
     kind: str = "auto"   # auto (Hadamard where a construction exists) | hadamard | random
     heads: bool = True
     mlp: bool = False
     keep_head: bool = False  # embedding, final norm and head as stored; the stream rotated online at its ends
+    inputs: bool = False  # no residual rotation, no fold: each block norm's readers read its output rotated online
 
     @classmethod
     def of(cls, value: bool | dict | RotateSpec | None) -> RotateSpec | None:
@@ -97,9 +111,11 @@ class RotateSpec:
         if isinstance(value, RotateSpec):
             return value
         if isinstance(value, dict):
-            unknown = set(value) - {"seed", "kind", "heads", "mlp", "keep_head"}
+            unknown = set(value) - {"seed", "kind", "heads", "mlp", "keep_head", "inputs"}
             if unknown:
-                raise InputError(f"rotate: unknown option(s) {sorted(unknown)} (seed, kind, heads, mlp, keep_head)")
+                raise InputError(f"rotate: unknown option(s) {sorted(unknown)} (seed, kind, heads, mlp, keep_head, inputs)")
+            if value.get("inputs") and value.get("keep_head"):
+                raise InputError("rotate: inputs leaves the residual stream unrotated; keep_head has no stream to keep")
             return cls(**value)
         raise InputError(f"rotate: give True, a dict or a RotateSpec, got {value!r}")
 
@@ -201,7 +217,7 @@ def is_online(record: Any) -> bool:
 class Rotation:
     """The rotation of one model: the steps of each stored tensor it changes."""
 
-    q: Orthogonal
+    q: Orthogonal | None  # the residual rotation (None: the stream as it is, ``inputs``)
     r: Orthogonal | None
     steps: dict[str, list[Step]] = field(default_factory=dict)  # state key -> steps
     sources: dict[str, str] = field(default_factory=dict)       # key not stored -> the stored key it comes from
@@ -210,7 +226,7 @@ class Rotation:
     stream: Stream | None = None  # keep_head: the residual rotation applied online at the stream's ends
 
     def record(self) -> dict[str, Any]:
-        rec = {"residual": self.q.record(), "heads": None if self.r is None else self.r.record(),
+        rec = {"residual": None if self.q is None else self.q.record(), "heads": None if self.r is None else self.r.record(),
                "untied_head": self.untie}
         if self.online:
             rec["online"] = {m: o.record() for m, o in self.online.items()}
@@ -303,8 +319,7 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
     names = {m: n for n, m in skel.named_modules()}
     emb, head = names[skel.get_input_embeddings()], names[skel.get_output_embeddings()]
     hidden = skel.get_input_embeddings().weight.shape[1]
-    q = orthogonal(hidden, spec.seed, spec.kind)
-    Q = q.matrix
+    q = None if spec.inputs else orthogonal(hidden, spec.seed, spec.kind)
     pats = patterns_for(cfg)
     norms = [p for p in pats if p.kind == "norm"]
     attn_v = next((p for p in pats if p.kind == "attn_v"), None)
@@ -321,6 +336,10 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
             raise _unsupported(f"{cfg.model_type}: no linear reading the MLP's hidden width in the tables (give mlp=False)")
         inner = sk.linear_weight(dict(blocks[0].named_modules())[fam.hidden_reader]).shape[1]
         rot.online[fam.hidden_reader] = orthogonal(int(inner), spec.seed + 2, spec.kind)
+    if spec.inputs:  # one rotation a block norm, for every linear reading its output
+        for k, p in enumerate(norms):
+            for c in p.consumers:
+                rot.online[c] = orthogonal(hidden, spec.seed + 3 + k, spec.kind)
     steps = rot.steps
 
     def add(key: str, step: Step) -> None:
@@ -329,22 +348,22 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
     def scale_of(key: str, offset: float) -> Tensor:
         return store.get(key).to(torch.float64) + offset
 
-    if spec.keep_head:
+    if q is not None and spec.keep_head:
         rot.stream = Stream(emb, fam.final_norm, q)
-    else:
-        add(f"{emb}.weight", ("right", {"m": Q}))
+    elif q is not None:
+        add(f"{emb}.weight", ("right", {"m": q.matrix}))
     for i, block in enumerate(blocks):
         bp = f"{blocks_name}.{i}."
         mods = dict(block.named_modules())
-        for p in norms:
+        for p in norms if q is not None else ():
             gamma = scale_of(f"{bp}{p.producer}.weight", p.offset)
             add(f"{bp}{p.producer}.weight", ("constant", {"value": 1.0 - p.offset}))
             for c in p.consumers:
-                add(f"{bp}{c}.weight", ("reader", {"q": Q, "scale": gamma}))
-        for w in fam.writers:
-            add(f"{bp}{w}.weight", ("writer", {"q": Q}))
+                add(f"{bp}{c}.weight", ("reader", {"q": q.matrix, "scale": gamma}))
+        for w in fam.writers if q is not None else ():
+            add(f"{bp}{w}.weight", ("writer", {"q": q.matrix}))
             if getattr(mods[w], "bias", None) is not None:
-                add(f"{bp}{w}.bias", ("writer", {"q": Q}))
+                add(f"{bp}{w}.bias", ("writer", {"q": q.matrix}))
         if r is not None and attn_v is not None:
             R = r.matrix
             o = attn_v.consumers[0]
@@ -357,12 +376,14 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
             add(f"{bp}{o}.weight", ("head_cols", {"r": R}))
         for m, h in rot.online.items():  # y = x Wᵀ = (x H)(W H)ᵀ: the stored W H reads the input rotated online
             add(f"{bp}{m}.weight", ("right", {"m": h.matrix}))
-    if spec.keep_head:  # the final norm reads the stream un-rotated (online): it, the head and the embedding stay
+    if q is None:  # inputs: the stream, the norms, the embedding and the head as they are
+        pass
+    elif spec.keep_head:  # the final norm reads the stream un-rotated (online): it, the head and the embedding stay
         log.info("rotate: the embedding, final norm and head as stored; the stream rotated online after %s, "
                  "back before %s", emb, fam.final_norm)
     else:
         _fold_head(rot, store, cfg, fam, emb, head, next((p.offset for p in norms), 0.0))
-    log.info("rotate: residual %s%s%s%s", q.record(), "" if r is None else f", heads {r.record()}",
+    log.info("rotate: residual %s%s%s%s", None if q is None else q.record(), "" if r is None else f", heads {r.record()}",
              "".join(f", online before {m} {h.record()}" for m, h in rot.online.items()),
              "" if rot.stream is None else ", online at the stream's ends")
     return rot
