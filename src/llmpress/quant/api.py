@@ -67,10 +67,12 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", bits: i
     :func:`llmpress.pipeline.compress`). ``device``: cpu | cuda | auto (see :mod:`llmpress.device`).
     ``gguf_mix=q4_k_m|q3_k_m|q2_k``: llama.cpp's type per linear for that mix (see
     :mod:`llmpress.quant.gguf_mix`), ``method`` on each; excludes ``recipe``, ``bits``, ``group_size``, ``grid``.
-    ``rotate=True`` (or ``{"seed": 0, "kind": "auto", "heads": True, "mlp": False, "keep_head": False}``):
-    rotate the residual stream (and each attention head's V→O path) by a fused orthogonal matrix first
-    (:mod:`llmpress.quant.rotate`; ``mlp``: an online Hadamard before down_proj too; ``keep_head``: the
-    embedding and head as stored, the stream rotated online at its ends)."""
+    ``rotate=True`` (or ``{"seed": 0, "kind": "auto", "heads": True, "mlp": False, "keep_head": False,
+    "inputs": False}``): rotate the residual stream (and each attention head's V→O path) by a fused
+    orthogonal matrix first (:mod:`llmpress.quant.rotate`; ``mlp``: an online Hadamard before down_proj
+    too; ``keep_head``: the embedding and head as stored, the stream rotated online at its ends;
+    ``inputs``: no residual rotation and no norm folded, each block norm's readers reading its output
+    rotated online)."""
     from ..pipeline import compress
 
     if gguf_mix is not None:

@@ -77,6 +77,8 @@ ROTATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "rot+mlp": ({"mlp": True}, "--rotate-mlp"),
     "rot+keep": ({"keep_head": True}, "--rotate-keep-head"),
     "rot+mlp+keep": ({"mlp": True, "keep_head": True}, "--rotate-mlp --rotate-keep-head"),
+    # no residual rotation, no norm folded: each block norm's readers read its output rotated online
+    "rot+in+mlp": ({"inputs": True, "mlp": True}, "--rotate-inputs --rotate-mlp"),
 }
 
 
