@@ -596,6 +596,12 @@ BENCHES = [
           "The learning's own kind of codec on the held-out texts: RTN 4-bit g64 with R1 learned on 4-bit RTN.",
           "OMP_NUM_THREADS=1 python bench/rotate_learned.py --method rtn --bits 4 --train-bits 4 --steps 80 --lr 1e-3 "
           "--label h16learn", rotate_learned),
+    Bench("rotate-table-h16in.json", "Rotations before quantization, without folding the norms",
+          "GPTQ at g64 unrotated, under the fused rotation (`keep+mlp+dyn`) and under `--rotate-inputs --rotate-mlp` "
+          "(no residual rotation, no norm folded: each block norm's readers read its output rotated online), with "
+          "static groups and with groups fitted as GPTQ goes (`+dyn`); × unrotated against the default unrotated row.",
+          "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,keep+mlp+dyn,inputs+mlp,inputs+mlp+dyn "
+          "--label h16rot --table h16in", rotate),
     Bench("rotate-table-h16rot-static_groupsFalse.json", "Rotations before quantization, groups fitted as GPTQ goes",
           "The same comparison at g64 with each group's range fitted when GPTQ reaches it, from the weights as updated "
           "by the errors before it (`static_groups=false`), as QuaRot's GPTQ does.",

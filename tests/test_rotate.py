@@ -462,19 +462,20 @@ def test_recovery_keeps_the_online_rotation(models, tmp_path) -> None:
     assert (_logits(model) - before).abs().max().item() < 1e-3 * before.abs().max().item()
 
 
-def test_full_budget_has_the_rotated_point() -> None:
-    """The full sweep measures GPTQ 3-bit g64 on the rotated model, with the embedding and head as
-    stored (the bytes of the unrotated point it is compared with, and the group index of groups fitted
-    as GPTQ goes)."""
+def test_full_budget_has_the_rotated_points() -> None:
+    """The full sweep measures GPTQ 3- and 2-bit g64 on the model rotated without folding its norms
+    (the embedding and head as stored: the bytes of the unrotated points they are compared with, and
+    the group index of groups fitted as GPTQ goes)."""
     from llmpress.recipe import Recipe
     from llmpress.sweep.points import RECIPE_COMMAND, budget
 
-    (p,) = [p for p in budget("full") if p.params.get("rotate")]
-    assert p.label == "gptq-w3-g64-static_groups=false+rot+mlp+keep" and p.calib
-    assert p.params["rotate"] == {"mlp": True, "keep_head": True}
-    assert p.command == f"{RECIPE_COMMAND} --rotate-mlp --rotate-keep-head"
-    rule = Recipe.from_dict(p.recipe).rules[-1]
-    assert (rule.method, rule.params["bits"], rule.params["group_size"], rule.params["static_groups"]) == ("gptq", 3, 64, False)
+    pts = [p for p in budget("full") if p.params.get("rotate")]
+    assert [p.label for p in pts] == [f"gptq-w{b}-g64-static_groups=false+rot+in+mlp" for b in (3, 2)]
+    for p, bits in zip(pts, (3, 2)):
+        assert p.calib and p.params["rotate"] == {"inputs": True, "mlp": True}
+        assert p.command == f"{RECIPE_COMMAND} --rotate-inputs --rotate-mlp"
+        rule = Recipe.from_dict(p.recipe).rules[-1]
+        assert (rule.method, rule.params["bits"], rule.params["group_size"], rule.params["static_groups"]) == ("gptq", bits, 64, False)
 
 
 def test_full_budget_has_gptq_on_the_nf_grid() -> None:

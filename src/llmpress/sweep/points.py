@@ -211,11 +211,12 @@ def _full() -> list[Point]:
     for bits, g in ((8, 128), (4, 64), (3, 64), (2, 64)):
         pts.append(quant_pack("rtn", bits, g))
     pts.append(quant_pack("gptq", 3, 64, calib=True))
-    # GPTQ on the rotated model where it measured below the unrotated point (3-bit g64; at 2-bit g64 it
-    # measured above: bench/rotate.py), its groups fitted as GPTQ reaches them (static_groups false), which
-    # measured below static groups on the rotated model, above them on the unrotated one (bench/rotate.py
-    # --opts static_groups=false)
-    pts.append(quant_rotated("gptq", 3, 64, "rot+mlp+keep", options={"static_groups": False}))
+    # GPTQ on the rotated model, the norms not folded (each block norm's readers read its output rotated
+    # online: below the fused rotation at 3- and 2-bit g64, bench/rotate.py's inputs variants), its groups
+    # fitted as GPTQ reaches them (static_groups false: below static groups on the rotated model, above
+    # them on the unrotated one)
+    for bits in (3, 2):
+        pts.append(quant_rotated("gptq", bits, 64, "rot+in+mlp", options={"static_groups": False}))
     # GPTQ on the normal-float grid (no zero point: fewer bytes a group), which measured below the
     # default integer-zero-point grid at 3-bit g64 (bench/rotate.py --opts grid=nf)
     pts.append(quant("gptq", 3, 64, calib=True, grid="nf"))
