@@ -602,6 +602,10 @@ BENCHES = [
           "static groups and with groups fitted as GPTQ goes (`+dyn`); × unrotated against the default unrotated row.",
           "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,keep+mlp+dyn,inputs+mlp,inputs+mlp+dyn "
           "--label h16rot --table h16in", rotate),
+    Bench("rotate-table-h16in-s32.json", "Rotations before quantization, without folding the norms, 32 calibration windows",
+          "The 2-bit g64 rows of the table above with four times the calibration (32×512 tokens), both rows.",
+          "python bench/rotate.py --cases gptq2-g64 --variants none,inputs+mlp+dyn --samples 32 --label h16rot "
+          "--table h16in-s32", rotate),
     Bench("rotate-table-h16rot-static_groupsFalse.json", "Rotations before quantization, groups fitted as GPTQ goes",
           "The same comparison at g64 with each group's range fitted when GPTQ reaches it, from the weights as updated "
           "by the errors before it (`static_groups=false`), as QuaRot's GPTQ does.",
