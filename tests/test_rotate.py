@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -219,18 +221,13 @@ def test_online_mlp_rotation_is_exact(models, name: str, kind: str, tmp_path) ->
     online = res["rotation"]["online"]["mlp.down_proj"]
     assert online["kind"] == ("random" if kind == "random" else "hadamard")
     assert json.loads((out / "config.json").read_text())["quantization_config"]["rotation"] == res["rotation"]
-    ref = _logits(_hf(orig))
-    tol = 1e-4 * ref.abs().max().item()
-    loaded = llmpress.load(out)
-    for model in (loaded, _hf(out)):
-        assert (_logits(model) - ref).abs().max().item() < tol
-    for layer in loaded.model.layers:
-        layer.mlp.down_proj._forward_pre_hooks.clear()
-    assert (_logits(loaded) - ref).abs().max().item() > 100 * tol  # the hook is what makes it exact
-    hf = _hf(out)
-    hf.dequantize()
+
+    def unhook(model) -> None:
+        for layer in model.model.layers:
+            layer.mlp.down_proj._forward_pre_hooks.clear()
+
+    hf = _exact_online(orig, out, unhook)
     assert all(not layer.mlp.down_proj._forward_pre_hooks for layer in hf.model.layers)
-    assert (_logits(hf) - ref).abs().max().item() < tol
 
 
 def test_online_rotation_calibrates_on_the_rotated_input(models, tmp_path, monkeypatch) -> None:
@@ -346,6 +343,28 @@ def _stored(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _exact_online(orig: Path, out: Path, unhook: Callable[[Any], None], dense: Path | None = None):
+    """The rotated folder ``out`` gives ``orig``'s logits through llmpress.load and from_pretrained,
+    and not once ``unhook`` has taken the online rotations' hooks off the loaded model (the hooks are
+    what make it exact); from_pretrained's dequantize() folds them back (that model is returned for
+    the caller's checks), and so does the dense export into ``dense`` where given."""
+    ref = _logits(_hf(orig))
+    tol = 1e-4 * ref.abs().max().item()
+    loaded = llmpress.load(out)
+    for model in (loaded, _hf(out)):
+        assert (_logits(model) - ref).abs().max().item() < tol
+    unhook(loaded)
+    assert (_logits(loaded) - ref).abs().max().item() > 100 * tol
+    hf = _hf(out)
+    hf.dequantize()
+    assert (_logits(hf) - ref).abs().max().item() < tol
+    if dense is not None:
+        llmpress.export(out, dense, format="dense")
+        assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+        assert (_logits(_hf(dense)) - ref).abs().max().item() < tol
+    return hf
+
+
 @pytest.mark.parametrize("name,spec", [("llama3", {"keep_head": True}), ("qwen3", {"keep_head": True, "mlp": True}),
                                        ("gemma", {"keep_head": True}), ("llama48", {"keep_head": True, "mlp": True}),
                                        ("llama52", {"keep_head": True})])
@@ -366,22 +385,13 @@ def test_keep_head_rotation_is_exact(models, name: str, spec: dict, tmp_path) ->
     before, after = _stored(orig), _stored(out)
     for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert (k in before) == (k in after) and (k not in before or torch.equal(before[k], after[k])), k
-    ref = _logits(_hf(orig))
-    tol = 1e-4 * ref.abs().max().item()
-    loaded = llmpress.load(out)
-    for model in (loaded, _hf(out)):
-        assert (_logits(model) - ref).abs().max().item() < tol
-    loaded.model.embed_tokens._forward_hooks.clear()
-    loaded.model.norm._forward_pre_hooks.clear()
-    assert (_logits(loaded) - ref).abs().max().item() > 100 * tol  # the hooks are what make it exact
-    hf = _hf(out)
-    hf.dequantize()
+
+    def unhook(model) -> None:
+        model.model.embed_tokens._forward_hooks.clear()
+        model.model.norm._forward_pre_hooks.clear()
+
+    hf = _exact_online(orig, out, unhook, tmp_path / "dense")
     assert not hf.model.embed_tokens._forward_hooks and not hf.model.norm._forward_pre_hooks
-    assert (_logits(hf) - ref).abs().max().item() < tol
-    dense = tmp_path / "dense"
-    llmpress.export(out, dense, format="dense")
-    assert "quantization_config" not in json.loads((dense / "config.json").read_text())
-    assert (_logits(_hf(dense)) - ref).abs().max().item() < tol
 
 
 def test_keep_head_gptq(models, tmp_path) -> None:
@@ -515,21 +525,14 @@ def test_input_rotation_is_exact(models, name: str, spec: dict, tmp_path) -> Non
         if "norm" in k or "embed" in k or "lm_head" in k:
             assert torch.equal(t, after[k]), k
     assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
-    ref = _logits(_hf(orig))
-    tol = 1e-4 * ref.abs().max().item()
-    loaded = llmpress.load(out)
-    for model in (loaded, _hf(out)):
-        assert (_logits(model) - ref).abs().max().item() < tol
-    for layer in loaded.model.layers:
-        for m in READERS:
-            layer.get_submodule(m)._forward_pre_hooks.clear()
-    assert (_logits(loaded) - ref).abs().max().item() > 100 * tol  # the hooks are what make it exact
-    hf = _hf(out)
-    hf.dequantize()
-    assert (_logits(hf) - ref).abs().max().item() < tol
-    dense = tmp_path / "dense"
-    llmpress.export(out, dense, format="dense")
-    assert (_logits(_hf(dense)) - ref).abs().max().item() < tol
+
+    def unhook(model) -> None:
+        for layer in model.model.layers:
+            for m in READERS:
+                layer.get_submodule(m)._forward_pre_hooks.clear()
+
+    hf = _exact_online(orig, out, unhook, tmp_path / "dense")
+    assert all(not layer.get_submodule(m)._forward_pre_hooks for layer in hf.model.layers for m in READERS)
 
 
 def test_input_rotation_gptq_and_cli(models, tmp_path) -> None:
