@@ -97,8 +97,6 @@ DEVICE_OPT = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (c
 def rotate_option(rotate: bool, mlp: bool, keep_head: bool, inputs: bool = False) -> bool | dict[str, bool]:
     """``rotate=`` of compress from --rotate, --rotate-mlp, --rotate-keep-head and --rotate-inputs
     (each of the last three implies --rotate)."""
-    if keep_head and inputs:
-        fail("--rotate-inputs leaves the residual stream unrotated: --rotate-keep-head has no stream to keep")
     spec = {k: True for k, on in (("mlp", mlp), ("keep_head", keep_head), ("inputs", inputs)) if on}
     return spec or rotate
 

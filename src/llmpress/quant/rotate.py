@@ -90,10 +90,7 @@ class RotateSpec:
     embedding, h ← h Qᵀ before the final norm (stated and applied like ``mlp``'s). With ``inputs``
     the stream is not rotated and no norm scale is folded: the linears reading each block norm's
     output (q/k/v, gate/up) read it rotated online instead, one Hadamard a norm (stated and applied
-    like ``mlp``'s). Folding a norm's scales γ into its readers (what a fused residual rotation
-    needs) moves the stream's massive channels, which small γ damp, into the quantization error
-    of every weight; reading γ ⊙ x̂ rotated keeps them damped and still spreads the weights'
-    outliers (bench/rotate.py's ``inputs`` variants)."""
+    like ``mlp``'s; why: the module's docstring)."""
 
     seed: int = 0
     kind: str = "auto"   # auto (Hadamard where a construction exists) | hadamard | random
@@ -101,6 +98,10 @@ class RotateSpec:
     mlp: bool = False
     keep_head: bool = False  # embedding, final norm and head as stored; the stream rotated online at its ends
     inputs: bool = False  # no residual rotation, no fold: each block norm's readers read its output rotated online
+
+    def __post_init__(self) -> None:
+        if self.inputs and self.keep_head:
+            raise InputError("rotate: inputs leaves the residual stream unrotated; keep_head has no stream to keep")
 
     @classmethod
     def of(cls, value: bool | dict | RotateSpec | None) -> RotateSpec | None:
@@ -114,8 +115,6 @@ class RotateSpec:
             unknown = set(value) - {"seed", "kind", "heads", "mlp", "keep_head", "inputs"}
             if unknown:
                 raise InputError(f"rotate: unknown option(s) {sorted(unknown)} (seed, kind, heads, mlp, keep_head, inputs)")
-            if value.get("inputs") and value.get("keep_head"):
-                raise InputError("rotate: inputs leaves the residual stream unrotated; keep_head has no stream to keep")
             return cls(**value)
         raise InputError(f"rotate: give True, a dict or a RotateSpec, got {value!r}")
 
@@ -348,6 +347,17 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
     def scale_of(key: str, offset: float) -> Tensor:
         return store.get(key).to(torch.float64) + offset
 
+    def residual(bp: str, mods: dict[str, nn.Module], Q: Tensor) -> None:  # one block's fold and stream rotation
+        for p in norms:
+            gamma = scale_of(f"{bp}{p.producer}.weight", p.offset)
+            add(f"{bp}{p.producer}.weight", ("constant", {"value": 1.0 - p.offset}))
+            for c in p.consumers:
+                add(f"{bp}{c}.weight", ("reader", {"q": Q, "scale": gamma}))
+        for w in fam.writers:
+            add(f"{bp}{w}.weight", ("writer", {"q": Q}))
+            if getattr(mods[w], "bias", None) is not None:
+                add(f"{bp}{w}.bias", ("writer", {"q": Q}))
+
     if q is not None and spec.keep_head:
         rot.stream = Stream(emb, fam.final_norm, q)
     elif q is not None:
@@ -355,15 +365,8 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
     for i, block in enumerate(blocks):
         bp = f"{blocks_name}.{i}."
         mods = dict(block.named_modules())
-        for p in norms if q is not None else ():
-            gamma = scale_of(f"{bp}{p.producer}.weight", p.offset)
-            add(f"{bp}{p.producer}.weight", ("constant", {"value": 1.0 - p.offset}))
-            for c in p.consumers:
-                add(f"{bp}{c}.weight", ("reader", {"q": q.matrix, "scale": gamma}))
-        for w in fam.writers if q is not None else ():
-            add(f"{bp}{w}.weight", ("writer", {"q": q.matrix}))
-            if getattr(mods[w], "bias", None) is not None:
-                add(f"{bp}{w}.bias", ("writer", {"q": q.matrix}))
+        if q is not None:  # inputs: the stream, the norms, the embedding and the head as they are
+            residual(bp, mods, q.matrix)
         if r is not None and attn_v is not None:
             R = r.matrix
             o = attn_v.consumers[0]
@@ -376,12 +379,10 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
             add(f"{bp}{o}.weight", ("head_cols", {"r": R}))
         for m, h in rot.online.items():  # y = x Wᵀ = (x H)(W H)ᵀ: the stored W H reads the input rotated online
             add(f"{bp}{m}.weight", ("right", {"m": h.matrix}))
-    if q is None:  # inputs: the stream, the norms, the embedding and the head as they are
-        pass
-    elif spec.keep_head:  # the final norm reads the stream un-rotated (online): it, the head and the embedding stay
+    if q is not None and spec.keep_head:  # the final norm reads the stream un-rotated (online): it, the head and the embedding stay
         log.info("rotate: the embedding, final norm and head as stored; the stream rotated online after %s, "
                  "back before %s", emb, fam.final_norm)
-    else:
+    elif q is not None:
         _fold_head(rot, store, cfg, fam, emb, head, next((p.offset for p in norms), 0.0))
     log.info("rotate: residual %s%s%s%s", None if q is None else q.record(), "" if r is None else f", heads {r.record()}",
              "".join(f", online before {m} {h.record()}" for m, h in rot.online.items()),
