@@ -329,6 +329,9 @@ def test_rotated_sweep_point_codec_options() -> None:
     rule = Recipe.from_dict(point.recipe).rules[-1]
     assert rule.method == "gptq" and rule.params["static_groups"] is False and rule.params["bits"] == 3
     assert "static_groups" not in Recipe.from_dict(plain.recipe).rules[-1].params
+    gridded = quant_rotated("gptq", 2, 64, "rot+in+mlp", grid="asym", options={"static_groups": False})
+    assert gridded.label == "gptq-w2-g64-asym-static_groups=false+rot+in+mlp" and gridded.params == {"rotate": {"inputs": True, "mlp": True}}
+    assert Recipe.from_dict(gridded.recipe).rules[-1].params["grid"] == "asym"
 
 
 # ---- keep_head: the stream rotated online at its ends, embedding and head as stored ---------------
@@ -475,17 +478,18 @@ def test_recovery_keeps_the_online_rotation(models, tmp_path) -> None:
 def test_full_budget_has_the_rotated_points() -> None:
     """The full sweep measures GPTQ 3- and 2-bit g64 on the model rotated without folding its norms
     (the embedding and head as stored: the bytes of the unrotated points they are compared with, and
-    the group index of groups fitted as GPTQ goes)."""
+    the group index of groups fitted as GPTQ goes), on the float-offset grid."""
     from llmpress.recipe import Recipe
     from llmpress.sweep.points import RECIPE_COMMAND, budget
 
     pts = [p for p in budget("full") if p.params.get("rotate")]
-    assert [p.label for p in pts] == [f"gptq-w{b}-g64-static_groups=false+rot+in+mlp" for b in (3, 2)]
+    assert [p.label for p in pts] == [f"gptq-w{b}-g64-asym-static_groups=false+rot+in+mlp" for b in (3, 2)]
     for p, bits in zip(pts, (3, 2)):
         assert p.calib and p.params["rotate"] == {"inputs": True, "mlp": True}
         assert p.command == f"{RECIPE_COMMAND} --rotate-inputs --rotate-mlp"
         rule = Recipe.from_dict(p.recipe).rules[-1]
-        assert (rule.method, rule.params["bits"], rule.params["group_size"], rule.params["static_groups"]) == ("gptq", bits, 64, False)
+        assert (rule.method, rule.params["bits"], rule.params["group_size"], rule.params["static_groups"],
+                rule.params["grid"]) == ("gptq", bits, 64, False, "asym")
 
 
 def test_full_budget_has_gptq_on_the_nf_grid() -> None:

@@ -71,7 +71,8 @@ def quantize(
                                             "as they are, and the linears reading each block norm's output (q/k/v, "
                                             "gate/up) read it rotated by an online randomized Hadamard (each head's "
                                             "V→O rotation still fused). Stated, applied and exported like "
-                                            "--rotate-mlp (combine the two)."),
+                                            "--rotate-mlp (combine the two). Rotated weights are near Gaussian: "
+                                            "at 2-3 bits they want --grid asym (no level spent on an exact zero)."),
     as_json: bool = JSON_OPT,
     workers: int = typer.Option(1, "--workers", help="A mixture of experts: encode its experts in Ray tasks, N CPUs "
                                                      "(the same output as one process)."),

@@ -34,6 +34,13 @@ reads it rotated online, x̂ diag(γ) H, and stores W H (one H a norm, shared by
 in the norm, the weights' outliers are still spread, and the online products are stated in the
 folder like ``mlp``'s (the dense export folds them back: W H Hᵀ).
 
+The rotation changes which grid fits. A rotated group is close to a centred Gaussian, whose best
+few-level uniform quantizer has no level at 0 (at 2 bits: ±Δ/2, ±3Δ/2); GPTQ's default integer
+zero point puts 0 on the grid and so wastes a level, while the unrotated weights, peaked at 0 with
+heavy tails, want that level. The sweep's rotated points therefore use the float-offset grid
+(``grid: asym``) and the unrotated ones keep ``asymz`` (``bench/rotate.py`` measures both grids
+both ways).
+
 Every transform runs in float64 and is cast back to the stored dtype, one tensor at a time as the
 runner reads it (:class:`RotatedStore` wraps a ``TensorStore``): the rotated model is never
 materialized whole. Per-family knowledge is data: the norms and their readers come from

@@ -83,10 +83,10 @@ ROTATIONS: dict[str, tuple[dict[str, Any], str]] = {
 
 
 def quant_rotated(method: str, bits: int, group: int, rotation: str = "rot+mlp+keep", calib: bool = True,
-                  options: dict[str, Any] | None = None) -> Point:
+                  grid: str | None = None, options: dict[str, Any] | None = None) -> Point:
     """:func:`quant` on the rotated model (``quant/rotate.py``; ``rotation`` a key of ``ROTATIONS``;
-    ``options`` the codec's, as :func:`quant`'s)."""
-    q = quant(method, bits, group, calib, options=options)
+    ``grid`` and ``options`` the codec's, as :func:`quant`'s)."""
+    q = quant(method, bits, group, calib, grid=grid, options=options)
     spec, flag = ROTATIONS[rotation]
     return Point(f"{q.label}+{rotation}", f"{method}+{rotation}", q.recipe, f"{q.command} {flag}", calib=calib,
                  params={"rotate": {**spec}})
@@ -214,9 +214,10 @@ def _full() -> list[Point]:
     # GPTQ on the rotated model, the norms not folded (each block norm's readers read its output rotated
     # online: below the fused rotation at 3- and 2-bit g64, bench/rotate.py's inputs variants), its groups
     # fitted as GPTQ reaches them (static_groups false: below static groups on the rotated model, above
-    # them on the unrotated one)
+    # them on the unrotated one), on the float-offset grid (levels anywhere, no exact zero: the rotated
+    # weights are near Gaussian, and 0 on the grid costs them a level; the unrotated model wants the zero)
     for bits in (3, 2):
-        pts.append(quant_rotated("gptq", bits, 64, "rot+in+mlp", options={"static_groups": False}))
+        pts.append(quant_rotated("gptq", bits, 64, "rot+in+mlp", grid="asym", options={"static_groups": False}))
     # GPTQ on the normal-float grid (no zero point: fewer bytes a group), which measured below the
     # default integer-zero-point grid at 3-bit g64 (bench/rotate.py --opts grid=nf)
     pts.append(quant("gptq", 3, 64, calib=True, grid="nf"))
