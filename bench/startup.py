@@ -13,6 +13,11 @@ bench/lossless.py; ``--zipnn-python`` to use another) runs what its file scripts
 file, compress or decompress it (``bytearray_dtype="bfloat16"``, the same threads as llmpress),
 write the result; its "verify" decompresses in memory and checks the sha256, as llmpress's does.
 
+``--files BF16,GGUF-Q4_1,GGUF-Q4_K_M`` adds ``llmpress unpack`` alone on each of those inputs
+(bench/lossless.py's: the BF16 file, the packaged GGUF and llmpress's Q4_K_M export), each packed
+once with the default policy, then unpacked in fresh processes alternating over the files: the
+median, the output's MB/s, and the seconds per output MB against the first file's.
+
 ``--cold`` adds what a fresh installation pays once: ``llmpress warmup`` building the AOT kernels
 into an empty cache, and ``unpack`` with no AOT build and an empty numba cache (numba compiles at
 first use), then with no AOT build and numba's cache warm.
@@ -116,6 +121,32 @@ def cold(tools: Tools, reps: int) -> dict[str, list[float]]:
     return out
 
 
+def unpack_files(labels: list[str], tools: Tools, reps: int) -> dict[str, dict]:
+    """``llmpress unpack`` alone on each input, fresh processes alternating over the files (see the module)."""
+    from lossless import inputs
+
+    srcs = inputs(labels)
+    w = tools.work
+    cmds = {}
+    for k, src in srcs.items():
+        packed, out = w / f"file-{k}.llmp", w / f"file-{k}.out"
+        subprocess.run([sys.executable, "-c", CLI, "pack", str(src), "-o", str(packed), "--force"],
+                       env=tools.env("llmpress"), check=True, capture_output=True)
+        cmds[k] = [sys.executable, "-c", CLI, "unpack", str(packed), "-o", str(out), "--force", "--threads", str(tools.threads)]
+        _timed(cmds[k], tools.env("llmpress"))  # untimed first run
+    times: dict[str, list[float]] = {k: [] for k in srcs}
+    for rep in range(reps):
+        for k in labels[rep % len(labels):] + labels[: rep % len(labels)]:
+            times[k].append(_timed(cmds[k], tools.env("llmpress")))
+    out: dict[str, dict] = {}
+    for k, src in srcs.items():
+        n, med = src.stat().st_size, statistics.median(times[k])
+        restored = (w / f"file-{k}.out").read_bytes() == src.read_bytes()
+        out[k] = {"input": str(src), "bytes": n, "median_s": med, "mb_s": n / 1e6 / med, "s_per_mb": med / (n / 1e6),
+                  "times_s": times[k], "restored": restored}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5, help="fresh processes per (operation, tool); the median is reported")
@@ -123,6 +154,8 @@ def main() -> None:
     ap.add_argument("--zipnn-python", type=Path, default=None, help="a Python with zipnn (default: bench/.venvs/zipnn)")
     ap.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="threads for every tool")
     ap.add_argument("--cold", action="store_true", help="also time a fresh installation's first runs")
+    ap.add_argument("--files", default="", help="also time unpack alone on these bench/lossless.py inputs, "
+                    "e.g. BF16,GGUF-Q4_1,GGUF-Q4_K_M")
     a = ap.parse_args()
     from lossless import ensure_zipnn, inputs
 
@@ -167,6 +200,14 @@ def main() -> None:
             print(f"{op:<10}" + "".join(f"{med[op][c]:>16.2f}" for c in names)
                   + "".join(f"{med[op][c] / med[op]['zipnn']:>18.2f}" for c in names if c != "zipnn"))
         print(f"unpack restored the file byte for byte: {restored}", flush=True)
+        if a.files:
+            result["unpack_files"] = unpack_files(a.files.split(","), tools, a.reps)
+            first = next(iter(result["unpack_files"].values()))
+            for k, v in result["unpack_files"].items():
+                print(f"unpack {k} ({v['bytes'] / 1e6:.1f} MB): median {v['median_s']:.3f} s, {v['mb_s']:.0f} MB/s, "
+                      f"s per MB / {a.files.split(',')[0]}'s {v['s_per_mb'] / first['s_per_mb']:.2f}, "
+                      f"restored byte for byte: {v['restored']}")
+            (OUT / "startup.json").write_text(json.dumps(result, indent=1))
         if a.cold:
             result["cold_s"] = cold(tools, a.reps)
             for k, v in result["cold_s"].items():

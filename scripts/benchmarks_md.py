@@ -295,21 +295,28 @@ def rotate(path: Path, data: dict[str, Any]) -> list[str]:
     """bench/rotate.py: each case quantized unrotated and under each rotation variant, judged by KL."""
     opts = data.get("options") or {}
     lines = _prov(data, path) + [
-        f"Protocol `{data.get('protocol')}`; rotation seed {data.get('seed')}, kind `{data.get('kind')}`"
+        f"Protocol `{data.get('protocol')}`; rotation seed{'s' if len(data.get('seeds', [0])) > 1 else ''} "
+        f"{', '.join(map(str, data.get('seeds', [data.get('seed')])))}, kind `{data.get('kind')}`"
         + (f"; options {', '.join(f'{k}={v}' for k, v in opts.items())}" if opts else "")
         + ". KL in nats per token; × unrotated = KL mean / the same case's unrotated KL mean; calibration loss: the "
         "geometric mean over the layers of each layer's relative output error on the calibration tokens; time and "
-        "peak RSS of the quantization as `llmpress.quantize` reports them.", ""]
+        "peak RSS of the quantization as `llmpress.quantize` reports them"
+        + ("; with several seeds a rotated row is the mean over them, each seed's KL mean (× unrotated) beside it"
+           if len(data.get("seeds", [0])) > 1 else "") + ".", ""]
     rows = data.get("rows", {})
     texts = list(dict.fromkeys(t for r in rows.values() for t in r.get("kl", {})))
+    seeded = len(data.get("seeds", [0])) > 1
     body = []
     for key, r in rows.items():
         case, *_, variant = key.split("|")
+        base = rows.get(f"{case}|none", {}).get("kl_mean")
+        per = ", ".join(f"{s}: {k:.4f}" + (f" ({k / base:.3f})" if base else "") for s, k in r["per_seed"].items()) \
+            if seeded and len(r.get("per_seed", {})) > 1 else "—"
         body.append([case, variant, _f(r.get("bpw"), ".3f"), *[_f(r.get("kl", {}).get(t), ".4f") for t in texts],
-                     _f(r.get("kl_mean"), ".4f"), _f(r.get("ratio_to_unrotated"), ".3f"), _f(r.get("calib_loss"), ".5f"),
-                     _f(r.get("seconds"), ".0f"), _gib(r.get("peak_rss_bytes"))])
+                     _f(r.get("kl_mean"), ".4f"), _f(r.get("ratio_to_unrotated"), ".3f"), *([per] if seeded else []),
+                     _f(r.get("calib_loss"), ".5f"), _f(r.get("seconds"), ".0f"), _gib(r.get("peak_rss_bytes"))])
     return lines + _table(["case", "rotation", "bpw", *[f"KL {t}" for t in texts], "KL mean", "× unrotated",
-                           "calibration loss", "time s", "peak RSS GiB"], body)
+                           *(["per seed"] if seeded else []), "calibration loss", "time s", "peak RSS GiB"], body)
 
 
 def rotate_floor(path: Path, data: dict[str, Any]) -> list[str]:
@@ -453,7 +460,17 @@ def startup(path: Path, data: dict[str, Any]) -> list[str]:
     tools = list(dict.fromkeys(t for m in med.values() for t in m))
     body = [[op] + [_f(med[op].get(t), ".2f") for t in tools] + [_f(ratio.get(op, {}).get(t), ".2f") for t in tools if t != "zipnn"]
             for op in med]
-    return lines + _table(["operation"] + [f"{t} s" for t in tools] + [f"{t} / zipnn" for t in tools if t != "zipnn"], body)
+    lines += _table(["operation"] + [f"{t} s" for t in tools] + [f"{t} / zipnn" for t in tools if t != "zipnn"], body)
+    files = data.get("unpack_files") or {}
+    if files:
+        first = next(iter(files))
+        lines += [f"`llmpress unpack` alone on each input (`--files`), fresh processes alternating over the files, "
+                  f"median of {data.get('reps')}; s per MB against {first}'s.", ""]
+        lines += _table(["input", "bytes", "unpack s", "MB/s", f"s per MB / {first}", "restored"],
+                        [[k, _f(v.get("bytes"), ","), _f(v.get("median_s"), ".3f"), _f(v.get("mb_s"), ".0f"),
+                          _f(v["s_per_mb"] / files[first]["s_per_mb"], ".2f"), str(v.get("restored"))]
+                         for k, v in files.items()])
+    return lines
 
 
 def limit_rows(path: Path, data: Any) -> list[str]:
@@ -545,7 +562,7 @@ BENCHES = [
           "and without, bit for bit.", "python bench/grid.py --reps 2 --threads 1 2", grid),
     Bench("startup.json", "Lossless start-up: whole fresh processes against ZipNN",
           "`llmpress pack/unpack/verify` of the BF16 MiniLM file as a user runs them (a fresh process each) beside "
-          "ZipNN's, alternating.", "python bench/startup.py --reps 5 --baseline OTHER_CHECKOUT/src", startup),
+          "ZipNN's, alternating.", "python bench/startup.py --reps 5 --files BF16,GGUF-Q4_1,GGUF-Q4_K_M", startup),
     Bench("fuzz-*.json", "Malformed inputs (fuzzing the readers)",
           "Mutated `.llmp` files and output folders fed to the readers: each must be refused or read correctly, "
           "never crash, hang or return wrong bytes.",
@@ -606,6 +623,29 @@ BENCHES = [
           "The 2-bit g64 rows of the table above with four times the calibration (32×512 tokens), both rows.",
           "python bench/rotate.py --cases gptq2-g64 --variants none,inputs+mlp+dyn --samples 32 --label h16rot "
           "--table h16in-s32", rotate),
+    Bench("rotate-table-h16asym.json", "Rotations before quantization, on the float-offset grid",
+          "GPTQ at g64, unrotated and under `--rotate-inputs --rotate-mlp` (groups fitted as GPTQ goes), each on the "
+          "default integer-zero grid and on the float-offset grid (`--grid asym`: no level at 0); × unrotated "
+          "against the default unrotated row.",
+          "python bench/rotate.py --cases gptq3-g64,gptq2-g64 --variants none,none+asym,inputs+mlp+dyn,"
+          "inputs+mlp+dyn+asym --label h16rot --table h16asym", rotate),
+    Bench("rotate-table-h16asym-s32.json", "Rotations before quantization, on the float-offset grid, 32 calibration windows",
+          "The 2-bit g64 rows with four times the calibration (32×512 tokens), every row.",
+          "python bench/rotate.py --cases gptq2-g64 --variants none,inputs+mlp+dyn,inputs+mlp+dyn+asym --samples 32 "
+          "--label h16rot --table h16asym-s32", rotate),
+    Bench("rotate-table-h16rot-seed0_1_2.json", "Rotations before quantization, 2-bit on the float-offset grid, three seeds",
+          "The 2-bit g64 rotated row of the table above with rotation seeds 0, 1 and 2, against the same unrotated row.",
+          "python bench/rotate.py --cases gptq2-g64 --variants none,inputs+mlp+dyn+asym --seed 0,1,2 --label h16rot",
+          rotate),
+    Bench("rotate-table-h16s64-seed0_1_2.json", "Rotations before quantization, 2-bit, the full sweep's calibration, three seeds",
+          "The 2-bit float-offset rows with 64 calibration windows (the full budget's, `limit --budget full`) and "
+          "rotation seeds 0, 1 and 2.",
+          "python bench/rotate.py --cases gptq2-g64 --variants none,none+asym,inputs+mlp+dyn+asym "
+          "--seed 0,1,2 --samples 64 --label h16rot --table h16s64", rotate),
+    Bench("rotate-table-h16s64.json", "Rotations before quantization, 3-bit, the full sweep's calibration",
+          "The 3-bit float-offset rows with 64 calibration windows, rotation seed 0.",
+          "python bench/rotate.py --cases gptq3-g64 --variants none,none+asym,inputs+mlp+dyn+asym "
+          "--samples 64 --label h16rot --table h16s64", rotate),
     Bench("rotate-table-h16rot-static_groupsFalse.json", "Rotations before quantization, groups fitted as GPTQ goes",
           "The same comparison at g64 with each group's range fitted when GPTQ reaches it, from the weights as updated "
           "by the errors before it (`static_groups=false`), as QuaRot's GPTQ does.",
