@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmpress.errors import InputError
 from llmpress.quant import grids
 from llmpress.quant.grids import GridSpec
 from llmpress.quant.pack import pack, packed_bytes, unpack
@@ -119,7 +120,7 @@ def test_ragged_last_group_has_its_own_parameters():
 
 
 @pytest.mark.parametrize("grid", ["asym", "asymz", "sym", "nf", "seed", "seed_rtn"])
-@pytest.mark.parametrize("rng", ["minmax", "mse", "percentile"])
+@pytest.mark.parametrize("rng", ["minmax", "mse", "mse2", "percentile"])
 def test_grids_and_ranges_decode_consistently(grid, rng):
     w = torch.randn(6, 200) * 0.1
     spec = GridSpec(bits=4, group_size=64, grid=grid, range=rng).validate()
@@ -154,6 +155,45 @@ def test_mse_range_beats_minmax_on_heavy_tails():
     e = {r: (grids.fake_quantize(w, GridSpec(bits=3, group_size=128, range=r).validate()) - w).pow(2).mean()
          for r in ("minmax", "mse")}
     assert e["mse"] < 0.8 * e["minmax"]
+
+
+@pytest.mark.parametrize("grid", ["asym", "asymz"])
+def test_mse2_searches_each_end_on_its_own(grid):
+    """With as many factors per end as mse has, mse2's candidates hold mse's (p = q), so no group's
+    error is larger; on groups with one long tail it is smaller, the long side clipped harder."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 256, generator=g)
+    w[:, ::64] = w[:, ::64].abs() * 4 + 3  # one large positive weight a group: a long upper tail
+    wg = grids.group_weights(w, 64)
+    err = {}
+    for r in ("mse", "mse2"):
+        spec = GridSpec(bits=2, group_size=64, grid=grid, range=r, mse_steps=12, mse2_steps=12).validate()
+        p = grids.fit(wg, spec)
+        err[r] = (grids.dequantize(grids.quantize(wg, p, spec), p, spec) - wg).pow(2).sum(-1)  # (R, G)
+    assert bool((err["mse2"] <= err["mse"] * (1 + 1e-5) + 1e-6).all())
+    # the float-offset grid gains most (asymz's range is widened to hold 0 whatever the search says)
+    assert float(err["mse2"].sum()) < (0.97 if grid == "asym" else 1.0) * float(err["mse"].sum())
+    with pytest.raises(InputError, match="mse2_steps"):
+        GridSpec(range="mse2", mse2_steps=0).validate()
+
+
+def test_gptq_takes_mse2_with_static_and_dynamic_groups():
+    """GPTQ weighs mse2's search by the Hessian as it does mse's, static groups or dynamic: its
+    output error on the calibration inputs is no worse than with mse (2-bit, one long tail a group)."""
+    from llmpress.tensor import Stats
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(512, 128, generator=g)
+    w = torch.randn(32, 128, generator=g)
+    w[:, ::32] = w[:, ::32].abs() * 4 + 3
+    st = Stats(gram=(x.T @ x).double(), n=512)
+    codec = get_codec("gptq")
+    for static in (True, False):
+        out_err = {}
+        for r in ("mse", "mse2"):
+            ct = codec.encode(w, st, bits=2, group_size=32, grid="asym", range=r, static_groups=static)
+            out_err[r] = float(((codec.decode(ct) - w) @ x.T).pow(2).sum())
+        assert out_err["mse2"] < out_err["mse"], (static, out_err)
 
 
 def test_sym_stores_no_offset_and_bpw_counts_everything():

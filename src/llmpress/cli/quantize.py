@@ -37,7 +37,7 @@ def quantize(
                                                              "gguf:q2_k | gguf:q3_k | gguf:q4_k | gguf:q5_k | gguf:q6_k "
                                                              "(its K-quants: rows a multiple of 256), all exported "
                                                              "exactly by `export --format gguf`."),
-    range_: Optional[str] = typer.Option(None, "--range", help="Range choice: minmax | mse | percentile. "
+    range_: Optional[str] = typer.Option(None, "--range", help="Range choice: minmax | mse | mse2 (each end searched on its own) | percentile. "
                                                                 "Default: the method's (gptq: mse; others: minmax)."),
     gguf_mix: Optional[str] = typer.Option(None, "--gguf-mix", help="q4_k_m | q3_k_m | q2_k: llama.cpp's llama-quantize "
                                                                     "type for each linear (K-quants, its fallbacks for "

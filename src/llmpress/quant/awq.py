@@ -58,7 +58,7 @@ def search_scale(ws: list[Tensor], specs: list[GridSpec], H: Tensor, act: Tensor
     minimise Σ_l ‖(W_l − Q(W_l·diag(s))·diag(1/s)) X‖².  ws: each (out_l, in); H (in, in); act
     (in,) — or (k,) with ``expand`` (in,) mapping each input channel to its entry of act (a
     scale tied across channels, e.g. GQA heads). α = 0 (s = 1) is RTN. Returns (s (in,), α, error)."""
-    search = [GridSpec(**{**sp.__dict__, "range": "minmax" if sp.range == "mse" else sp.range}) for sp in specs]
+    search = [GridSpec(**{**sp.__dict__, "range": "minmax" if sp.searched else sp.range}) for sp in specs]
     best = (float("inf"), 0.0, torch.ones(H.shape[0], device=H.device))
     for alpha in (i / n_grid for i in range(n_grid)):
         s = channel_scale(act, alpha)
@@ -75,7 +75,7 @@ def clip_quantize(W: Tensor, H: Tensor, spec: GridSpec, s: Tensor | None, clip: 
     """Quantize W·diag(s) (W itself when s is None: already scaled), groups fitted by the
     Hessian-weighted clipping search (``clip``) or by ``spec.range``."""
     Ws = W if s is None else W * s
-    final = GridSpec(**{**spec.__dict__, "range": "mse"}) if clip else spec
+    final = GridSpec(**{**spec.__dict__, "range": spec.range if spec.searched else "mse"}) if clip else spec
     loss = grids.group_hessian_loss(H, spec.group_size, s) if clip else None
     wg = grids.group_weights(Ws, spec.group_size)
     p = grids.fit(wg, final, loss)
@@ -92,7 +92,7 @@ def gptq_codes(W: Tensor, stats: Stats, spec: GridSpec, s: Tensor | None, clip: 
     from .gptq import GPTQ, Hessian, gptq_quantize
 
     o = GPTQ.options
-    final = GridSpec(**{**spec.__dict__, "range": "mse"}) if clip else spec
+    final = GridSpec(**{**spec.__dict__, "range": spec.range if spec.searched else "mse"}) if clip else spec
     st = stats if s is None else scaled_stats(stats, s)
     hs = Hessian.of(st, float(o["damp"]), bool(o["act_order"]))
     q = gptq_quantize(W if s is None else W * s, hs, final, damp=o["damp"], act_order=o["act_order"],
@@ -119,7 +119,8 @@ def awq_quantize(W: Tensor, stats: Stats, spec: GridSpec, *, n_grid: int = 20, c
 @register("awq")
 class AWQ(QuantCodec):
     """``method: awq`` — params: the grid's plus ``n_grid`` (20 values of α), ``clip`` (true:
-    Hessian-weighted clipping search after the scale search; it replaces ``range``), ``fold``
+    Hessian-weighted clipping search after the scale search: ``range`` if it is a search (``mse2``),
+    else ``mse``), ``fold``
     (true: fold the scales into the preceding norm/linear where the block allows, see :mod:`.fold`)
     and ``gptq`` (true: after the scales, the codes are chosen by GPTQ's column loop with its error
     feedback, on the scaled weights against the Gram matrix of x/s, instead of rounded)."""

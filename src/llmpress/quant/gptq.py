@@ -221,10 +221,10 @@ def gptq_quantize(W: Tensor, H: Tensor | Hessian, spec: GridSpec, *, damp: float
     W[:, hs.dead] = 0.0  # inputs that were always zero: any value works, pick 0
 
     # Parameters fitted up front: per tensor, per channel, or static groups (original order).
-    # A clipping search (range: mse) weighs each group's error by its block of H: the output error.
+    # A clipping search (range: mse, mse2) weighs each group's error by its block of H: the output error.
     fixed = None
     if not grouped or static_groups:
-        loss = grids.group_hessian_loss(hs.H, gs) if spec.range == "mse" else None
+        loss = grids.group_hessian_loss(hs.H, gs) if spec.searched else None
         fixed = grids.fit(grids.group_weights(W, gs), spec, loss)  # (R, G, 1)
 
     perm = hs.perm
@@ -238,7 +238,7 @@ def gptq_quantize(W: Tensor, H: Tensor | Hessian, spec: GridSpec, *, damp: float
 
     Hinv = hs.Hinv  # (in, in) upper, float32
     Hfit = None  # dynamic groups' clipping search: H in the permuted order
-    if fixed is None and spec.range == "mse":
+    if fixed is None and spec.searched:
         Hfit = hs.H if perm is None else hs.H[perm][:, perm]
 
     codes = torch.zeros(out, cols, dtype=torch.float32, device=dev)

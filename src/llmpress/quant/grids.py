@@ -45,7 +45,10 @@ quantized with ``grid=seed`` is far worse than asymmetric round-to-nearest at th
 Range choice (``range=``): ``minmax``; ``percentile`` (clip at the ``percentile``-th percentile
 of each group, both tails); ``mse`` (shrink the min–max range by factors in
 [1 − mse_shrink, 1] and keep, per group, the one with least squared error — or least of a
-caller's loss, e.g. AWQ's Hessian-weighted error).
+caller's loss, e.g. AWQ's Hessian-weighted error); ``mse2`` (the same search with each end
+shrunk on its own: ``mse2_steps`` factors for lo times as many for hi, so a group whose tails
+differ is clipped harder on its longer one — at 2 bits, where four levels must cover the group,
+this is worth far more than at 4).
 """
 from __future__ import annotations
 
@@ -350,7 +353,7 @@ class GridSpec:
           sym: false         # asym (scale + offset) or sym (scale only)
           grid: null         # or asymz | nf | seed | seed_rtn | sym_signed | absmax (overrides sym),
                              # or a preset fixing bits/group/dtype too: gguf:q4_0 (see quant/presets.py)
-          range: minmax      # minmax | mse | percentile
+          range: minmax      # minmax | mse | mse2 | percentile
     """
 
     bits: int = 4
@@ -361,6 +364,7 @@ class GridSpec:
     percentile: float = 99.9
     mse_steps: int = 32
     mse_shrink: float = 0.6
+    mse2_steps: int = 8
     scale_dtype: str = "float16"
 
     @property
@@ -370,6 +374,11 @@ class GridSpec:
     @property
     def dtype(self) -> torch.dtype:
         return SCALE_DTYPES[self.scale_dtype]
+
+    @property
+    def searched(self) -> bool:
+        """Whether the range is chosen by a search over a loss (which a caller may supply)."""
+        return self.range in SEARCHED
 
     def validate(self) -> "GridSpec":
         if isinstance(self.bits, bool) or int(self.bits) != self.bits or self.bits not in BITS:
@@ -382,8 +391,8 @@ class GridSpec:
             raise InputError(f"unknown range {self.range!r}; known: {', '.join(RANGES)}")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise InputError(f"percentile must be in (50, 100]; got {self.percentile!r}")
-        if not (0.0 < float(self.mse_shrink) < 1.0 and int(self.mse_steps) >= 1):
-            raise InputError("mse_shrink must be in (0, 1) and mse_steps ≥ 1")
+        if not (0.0 < float(self.mse_shrink) < 1.0 and int(self.mse_steps) >= 1 and int(self.mse2_steps) >= 1):
+            raise InputError("mse_shrink must be in (0, 1) and mse_steps, mse2_steps ≥ 1")
         if self.scale_dtype not in SCALE_DTYPES:
             raise InputError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
         self.bits, self.group_size = int(self.bits), int(self.group_size)
@@ -432,6 +441,19 @@ def _range_percentile(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -
 
 def _range_mse(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[str, Tensor]:
     """Shrink [lo, hi] by p ∈ [1 − mse_shrink, 1]; keep per group the p of least loss."""
+    ps = torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse_steps)).tolist()
+    return _search(wg, spec, grid, loss, [(p, p) for p in ps])
+
+
+def _range_mse2(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[str, Tensor]:
+    """Shrink lo by p and hi by p', each ∈ [1 − mse_shrink, 1]; keep per group the pair of least loss."""
+    ps = torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse2_steps)).tolist()
+    return _search(wg, spec, grid, loss, [(p, q) for p in ps for q in ps])
+
+
+def _search(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss,
+            shrinks: list[tuple[float, float]]) -> dict[str, Tensor]:
+    """The parameters of [p·lo, q·hi] for each (p, q) of ``shrinks``; per group the least loss."""
     lo, hi = _nan_min_max(wg)
     wg = wg.contiguous()
     pad = torch.isnan(wg)
@@ -440,8 +462,8 @@ def _range_mse(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[
     compiled = grid.is_affine and host_kernels(wg)  # the compiled pass reads host memory
     buf = torch.empty(G, R, S) if compiled else None  # the affine grids' error, group-major (search_kernel)
     best_p, best_err = None, None
-    for p in torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse_steps)).tolist():
-        cand = grid.params(lo * p, hi * p, spec.bits, spec.dtype)
+    for p, q in shrinks:
+        cand = grid.params(lo * p, hi * q, spec.bits, spec.dtype)
         aff = grid.affine(cand, spec.bits) if compiled else None
         if aff is not None:  # one compiled pass
             a, s, z = (t[..., 0].to(torch.float32).contiguous().numpy() for t in aff)
@@ -463,8 +485,10 @@ def _range_mse(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[
 RANGES: dict[str, Callable[[Tensor, GridSpec, Grid, GroupLoss], dict[str, Tensor]]] = {
     "minmax": _range_minmax,
     "mse": _range_mse,
+    "mse2": _range_mse2,
     "percentile": _range_percentile,
 }
+SEARCHED = frozenset({"mse", "mse2"})  # the ranges chosen by a search over a (caller's) loss
 
 
 # ---------------------------------------------------------------------------- verbs
