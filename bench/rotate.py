@@ -1,6 +1,8 @@
 """Rotation before quantizing: KL to the original with and without it, side by side, every stored byte counted.
 
     OMP_NUM_THREADS=1 python bench/rotate.py --label h16rot  # SmolLM2-135M: GPTQ 3-bit g64 and 2-bit g64 (8×512 calibration)
+    OMP_NUM_THREADS=1 python bench/rotate.py --cases gptq2-g64 --variants none,inputs+mlp+dyn+asym --opts range=mse2 \
+        --seed 0,1,2 --label h16rot --table h16mse2     # issue 16's 2-bit row: both rows searched end by end, 3 seeds
     OMP_NUM_THREADS=2 python bench/rotate.py --cases gptq3-g64 --variants none,keep,keep+mlp --opts damp=0.01
 
 Each case is quantized once per variant — ``none`` (no rotation), ``residual`` (the residual

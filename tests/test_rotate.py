@@ -478,18 +478,18 @@ def test_recovery_keeps_the_online_rotation(models, tmp_path) -> None:
 def test_full_budget_has_the_rotated_points() -> None:
     """The full sweep measures GPTQ 3- and 2-bit g64 on the model rotated without folding its norms
     (the embedding and head as stored: the bytes of the unrotated points they are compared with, and
-    the group index of groups fitted as GPTQ goes), on the float-offset grid."""
+    the group index of groups fitted as GPTQ goes), on the float-offset grid searched end by end."""
     from llmpress.recipe import Recipe
     from llmpress.sweep.points import RECIPE_COMMAND, budget
 
     pts = [p for p in budget("full") if p.params.get("rotate")]
-    assert [p.label for p in pts] == [f"gptq-w{b}-g64-asym-static_groups=false+rot+in+mlp" for b in (3, 2)]
+    assert [p.label for p in pts] == [f"gptq-w{b}-g64-asym-range=mse2-static_groups=false+rot+in+mlp" for b in (3, 2)]
     for p, bits in zip(pts, (3, 2)):
         assert p.calib and p.params["rotate"] == {"inputs": True, "mlp": True}
         assert p.command == f"{RECIPE_COMMAND} --rotate-inputs --rotate-mlp"
         rule = Recipe.from_dict(p.recipe).rules[-1]
         assert (rule.method, rule.params["bits"], rule.params["group_size"], rule.params["static_groups"],
-                rule.params["grid"]) == ("gptq", bits, 64, False, "asym")
+                rule.params["grid"], rule.params["range"]) == ("gptq", bits, 64, False, "asym", "mse2")
 
 
 def test_full_budget_has_gptq_on_the_nf_grid() -> None:

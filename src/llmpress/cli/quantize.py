@@ -72,7 +72,8 @@ def quantize(
                                             "gate/up) read it rotated by an online randomized Hadamard (each head's "
                                             "V→O rotation still fused). Stated, applied and exported like "
                                             "--rotate-mlp (combine the two). Rotated weights are near Gaussian: "
-                                            "at 2-3 bits they want --grid asym (no level spent on an exact zero)."),
+                                            "at 2-3 bits they want --grid asym (no level spent on an exact zero) and, "
+                                            "with gptq, --range mse2."),
     as_json: bool = JSON_OPT,
     workers: int = typer.Option(1, "--workers", help="A mixture of experts: encode its experts in Ray tasks, N CPUs "
                                                      "(the same output as one process)."),

@@ -39,7 +39,8 @@ few-level uniform quantizer has no level at 0 (at 2 bits: ±Δ/2, ±3Δ/2); GPTQ
 zero point puts 0 on the grid and so wastes a level, while the unrotated weights, peaked at 0 with
 heavy tails, want that level. The sweep's rotated points therefore use the float-offset grid
 (``grid: asym``) and the unrotated ones keep ``asymz`` (``bench/rotate.py`` measures both grids
-both ways).
+both ways); with four levels a group's longer tail is best clipped harder than its shorter one,
+which ``range: mse2`` searches.
 
 Every transform runs in float64 and is cast back to the stored dtype, one tensor at a time as the
 runner reads it (:class:`RotatedStore` wraps a ``TensorStore``): the rotated model is never

@@ -65,7 +65,8 @@ def quant(method: str, bits: int, group: int, calib: bool = False, grid: str | N
                + (f" --grid {grid}" if grid else ""))
     return Point(
         f"{method}-w{bits}-g{group}" + (f"-{grid}" if grid else "")
-        + "".join(f"-{k}={json.dumps(v)}" for k, v in sorted(options.items())), method, r.to_dict(), command,
+        + "".join(f"-{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(options.items())),
+        method, r.to_dict(), command,
         calib=calib,
     )
 
@@ -215,9 +216,11 @@ def _full() -> list[Point]:
     # online: below the fused rotation at 3- and 2-bit g64, bench/rotate.py's inputs variants), its groups
     # fitted as GPTQ reaches them (static_groups false: below static groups on the rotated model, above
     # them on the unrotated one), on the float-offset grid (levels anywhere, no exact zero: the rotated
-    # weights are near Gaussian, and 0 on the grid costs them a level; the unrotated model wants the zero)
+    # weights are near Gaussian, and 0 on the grid costs them a level; the unrotated model wants the zero),
+    # each group's range searched end by end (range mse2: four levels leave a long tail no room)
     for bits in (3, 2):
-        pts.append(quant_rotated("gptq", bits, 64, "rot+in+mlp", grid="asym", options={"static_groups": False}))
+        pts.append(quant_rotated("gptq", bits, 64, "rot+in+mlp", grid="asym",
+                                 options={"static_groups": False, "range": "mse2"}))
     # GPTQ on the normal-float grid (no zero point: fewer bytes a group), which measured below the
     # default integer-zero-point grid at 3-bit g64 (bench/rotate.py --opts grid=nf)
     pts.append(quant("gptq", 3, 64, calib=True, grid="nf"))
