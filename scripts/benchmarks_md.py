@@ -646,6 +646,22 @@ BENCHES = [
           "The 3-bit float-offset rows with 64 calibration windows, rotation seed 0.",
           "python bench/rotate.py --cases gptq3-g64 --variants none,none+asym,inputs+mlp+dyn+asym "
           "--samples 64 --label h16rot --table h16s64", rotate),
+    Bench("rotate-table-h16mse2-rangemse2-seed0_1_2.json",
+          "Rotations before quantization, 2-bit, each group's range searched end by end, three seeds",
+          "GPTQ 2-bit g64 unrotated and under `--rotate-inputs --rotate-mlp --grid asym` (groups fitted as GPTQ goes), "
+          "both rows with the clipping search shrinking each end of a group's range on its own (`range=mse2`); "
+          "rotation seeds 0, 1 and 2.",
+          "python bench/rotate.py --cases gptq2-g64 --variants none,inputs+mlp+dyn+asym --opts range=mse2 --seed 0,1,2 "
+          "--label h16rot --table h16mse2", rotate),
+    Bench("rotate-table-h16mse2-rangemse2.json", "Rotations before quantization, 3-bit, ranges searched end by end",
+          "The same comparison at 3-bit g64 (the full budget's other rotated point), rotation seed 0.",
+          "python bench/rotate.py --cases gptq3-g64 --variants none,inputs+mlp+dyn+asym --opts range=mse2 "
+          "--label h16rot --table h16mse2", rotate),
+    Bench("rotate-table-h16s64-rangemse2-seed0_1_2.json",
+          "Rotations before quantization, 2-bit, ranges searched end by end, the full sweep's calibration, three seeds",
+          "The table above with 64 calibration windows (the full budget's).",
+          "python bench/rotate.py --cases gptq2-g64 --variants none,inputs+mlp+dyn+asym --opts range=mse2 --seed 0,1,2 "
+          "--samples 64 --label h16rot --table h16s64", rotate),
     Bench("rotate-table-h16rot-static_groupsFalse.json", "Rotations before quantization, groups fitted as GPTQ goes",
           "The same comparison at g64 with each group's range fitted when GPTQ reaches it, from the weights as updated "
           "by the errors before it (`static_groups=false`), as QuaRot's GPTQ does.",
