@@ -67,10 +67,16 @@ VARIANTS.update({"inputs+mlp+dyn+asym": VARIANTS["inputs+mlp"], "none+asym": Fal
 VARIANT_OPTS: dict[str, dict[str, object]] = {"keep+mlp+dyn": {"static_groups": False}, "inputs+mlp+dyn": {"static_groups": False},
                                               "inputs+mlp+dyn+asym": {"static_groups": False, "grid": "asym"},
                                               "none+asym": {"grid": "asym"}}
-FLAGS = {"keep+mlp+dyn": " --rotate-keep-head --rotate-mlp", "none": "", "residual": " --rotate (heads=False: API)", "full": " --rotate", "full+mlp": " --rotate-mlp",
-         "keep": " --rotate-keep-head", "keep+mlp": " --rotate-keep-head --rotate-mlp", "inputs": " --rotate-inputs",
-         "inputs+mlp": " --rotate-inputs --rotate-mlp", "inputs+mlp+dyn": " --rotate-inputs --rotate-mlp",
-         "inputs+mlp+dyn+asym": " --rotate-inputs --rotate-mlp", "none+asym": ""}
+# the CLI flags of a rotation (a variant's VARIANTS value), in the order the recorded commands use
+CLI_FLAGS = (("keep_head", "--rotate-keep-head"), ("inputs", "--rotate-inputs"), ("mlp", "--rotate-mlp"))
+
+
+def _flags(rot: object) -> str:
+    if not rot:
+        return ""
+    spec = rot if isinstance(rot, dict) else {}
+    flags = [f for k, f in CLI_FLAGS if spec.get(k)] or ["--rotate"]
+    return " " + " ".join(flags) + (" (heads=False: API)" if spec.get("heads") is False else "")
 
 
 def _value(s: str) -> object:
@@ -82,11 +88,11 @@ def _options(text: str) -> dict[str, object]:
 
 
 def _command(model: str, case: dict, variant: str, seed: int) -> str:
-    flags = ("method", "bits", "group_size", "gguf_mix", "grid")
+    flags = ("method", "bits", "group_size", "gguf_mix", "grid", "range")
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in case.items() if k in flags)
     extra = {k: v for k, v in case.items() if k not in flags}
     api = f" (API: {extra})" if extra else ""
-    return f"llmpress quantize {model} -o OUT {opts}{FLAGS[variant]}{f' (seed {seed})' if VARIANTS[variant] else ''}{api}"
+    return f"llmpress quantize {model} -o OUT {opts}{_flags(VARIANTS[variant])}{f' (seed {seed})' if VARIANTS[variant] else ''}{api}"
 
 
 def _params(model: str) -> int:
@@ -202,9 +208,9 @@ def main() -> int:
         base = rows.get(f"{c}{tag}|none")
         for v in variants:
             r = rows[f"{c}{tag}|{v}"]
-            r["kl_mean"] = sum(r["kl"][t] for t in texts) / len(texts)
+            r["kl_mean"] = mean([r["kl"][t] for t in texts])
             if base:
-                r["ratio_to_unrotated"] = r["kl_mean"] / (sum(base["kl"][t] for t in texts) / len(texts))
+                r["ratio_to_unrotated"] = r["kl_mean"] / mean([base["kl"][t] for t in texts])
     table = {**rec, "protocol": protocol, "options": extra, "seeds": seeds, "kind": a.kind, "rows": rows}
     table_label = a.label if a.table is None else a.table
     name = "rotate-table" + (f"-{table_label}" if table_label else "") + "".join(f"-{k}{v}" for k, v in sorted(extra.items())) + (f"-seed{a.seed.replace(',', '_')}" if a.seed != "0" else "") \

@@ -439,15 +439,19 @@ def _range_percentile(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -
     return grid.params(lo, hi, spec.bits, spec.dtype)
 
 
+def shrink_factors(spec: GridSpec, steps: int) -> list[float]:
+    """The clipping searches' factors: ``steps`` values from 1 down to 1 − mse_shrink."""
+    return torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(steps)).tolist()
+
+
 def _range_mse(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[str, Tensor]:
     """Shrink [lo, hi] by p ∈ [1 − mse_shrink, 1]; keep per group the p of least loss."""
-    ps = torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse_steps)).tolist()
-    return _search(wg, spec, grid, loss, [(p, p) for p in ps])
+    return _search(wg, spec, grid, loss, [(p, p) for p in shrink_factors(spec, spec.mse_steps)])
 
 
 def _range_mse2(wg: Tensor, spec: GridSpec, grid: Grid, loss: GroupLoss) -> dict[str, Tensor]:
     """Shrink lo by p and hi by p', each ∈ [1 − mse_shrink, 1]; keep per group the pair of least loss."""
-    ps = torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse2_steps)).tolist()
+    ps = shrink_factors(spec, spec.mse2_steps)
     return _search(wg, spec, grid, loss, [(p, q) for p in ps for q in ps])
 
 

@@ -45,7 +45,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..device import host_kernels
 from .search_kernel import affine_error
-from .grids import GRIDS, PRESETS, Grid, GridSpec, GroupLoss, _nan_min_max, squared_error
+from .grids import GRIDS, PRESETS, Grid, GridSpec, GroupLoss, _nan_min_max, shrink_factors, squared_error
 
 QK_K = 256
 _TINY = 2.0**-24  # the smallest positive float16: d never rounds to 0 (S = d·sc must not vanish)
@@ -233,8 +233,7 @@ class KGrid(Grid):
         if S != L.sub or G % L.per_super or bool(torch.isnan(wg).any()):
             raise InputError(f"{L.name}: groups of {L.sub} filling whole super-blocks of {QK_K} expected; "
                              f"got {G} groups of {S}")
-        steps = (torch.linspace(1.0, 1.0 - float(spec.mse_shrink), int(spec.mse_steps)).tolist()
-                 if spec.range == "mse" else [1.0])
+        steps = shrink_factors(spec, spec.mse_steps) if spec.range == "mse" else [1.0]
         s, m = self._fit_float(wg, loss, steps)  # (R, G, 1) each
         p = self._quantize_scales(s, m)
         return self._refine(wg, loss, p, joint=spec.range == "mse")

@@ -366,7 +366,7 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
             if getattr(mods[w], "bias", None) is not None:
                 add(f"{bp}{w}.bias", ("writer", {"q": Q}))
 
-    if q is not None and spec.keep_head:
+    if spec.keep_head:  # (RotateSpec refuses it with inputs: q is the residual rotation here)
         rot.stream = Stream(emb, fam.final_norm, q)
     elif q is not None:
         add(f"{emb}.weight", ("right", {"m": q.matrix}))
@@ -387,7 +387,7 @@ def plan(skel: nn.Module, store: Any, spec: RotateSpec) -> Rotation:
             add(f"{bp}{o}.weight", ("head_cols", {"r": R}))
         for m, h in rot.online.items():  # y = x Wᵀ = (x H)(W H)ᵀ: the stored W H reads the input rotated online
             add(f"{bp}{m}.weight", ("right", {"m": h.matrix}))
-    if q is not None and spec.keep_head:  # the final norm reads the stream un-rotated (online): it, the head and the embedding stay
+    if spec.keep_head:  # the final norm reads the stream un-rotated (online): it, the head and the embedding stay
         log.info("rotate: the embedding, final norm and head as stored; the stream rotated online after %s, "
                  "back before %s", emb, fam.final_norm)
     elif q is not None:
