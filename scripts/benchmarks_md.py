@@ -309,7 +309,7 @@ def rotate(path: Path, data: dict[str, Any]) -> list[str]:
     body = []
     for key, r in rows.items():
         case, *_, variant = key.split("|")
-        base = rows.get(f"{case}|none", {}).get("kl_mean")
+        base = rows.get(key.rsplit("|", 1)[0] + "|none", {}).get("kl_mean")  # the same case and options, unrotated
         per = ", ".join(f"{s}: {k:.4f}" + (f" ({k / base:.3f})" if base else "") for s, k in r["per_seed"].items()) \
             if seeded and len(r.get("per_seed", {})) > 1 else "—"
         body.append([case, variant, _f(r.get("bpw"), ".3f"), *[_f(r.get("kl", {}).get(t), ".4f") for t in texts],

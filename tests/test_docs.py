@@ -75,6 +75,29 @@ def test_readme_test_command_is_what_ci_runs():
     assert "\nmake test " in (REPO / "README.md").read_text()
 
 
+def test_benchmarks_md_rotation_seeds_and_startup_files(tmp_path):
+    """A rotate table over several seeds shows each seed's KL and its ratio to the unrotated row of the same
+    case and options; startup's per-file unpack rows are set against the first file's seconds per MB."""
+    md = _script("benchmarks_md")
+    out = tmp_path / "out"
+    out.mkdir()
+    rec = {"command": "python bench/rotate.py --seed 0,1", "commit": "abc1234", "date": "2026-12-08"}
+    (out / "rotate-table-h16mse2-rangemse2-seed0_1_2.json").write_text(json.dumps({
+        **rec, "protocol": "p", "seeds": [0, 1], "kind": "auto", "options": {"range": "mse2"},
+        "rows": {"c|range=mse2|none": {"bpw": 2.5, "kl": {"a": 2.0}, "kl_mean": 2.0, "ratio_to_unrotated": 1.0,
+                                       "per_seed": {"0": 2.0}},
+                 "c|range=mse2|rot": {"bpw": 2.5, "kl": {"a": 1.5}, "kl_mean": 1.5, "ratio_to_unrotated": 0.75,
+                                      "per_seed": {"0": 1.2, "1": 1.8}}}}))
+    (out / "startup.json").write_text(json.dumps({
+        **rec, "command": "python bench/startup.py --files A,B", "reps": 3, "median_s": {}, "ratio_to_zipnn": {},
+        "unpack_files": {"A": {"bytes": 1_000_000, "median_s": 0.5, "mb_s": 2.0, "s_per_mb": 0.5, "restored": True},
+                         "B": {"bytes": 2_000_000, "median_s": 0.6, "mb_s": 3.33, "s_per_mb": 0.3, "restored": True}}}))
+    text = md.render(out)
+    assert "| c | rot | 2.500 | 1.5000 | 1.5000 | 0.750 | 0: 1.2000 (0.600), 1: 1.8000 (0.900) |" in text
+    assert "rotation seeds 0, 1" in text
+    assert "| B | 2,000,000 | 0.600 | 3 | 0.60 | True |" in text
+
+
 def test_benchmarks_md_frontier_menus_and_new_renderers(tmp_path):
     """frontier rows without a point (a sensitivity table, a target the menu cannot reach) do not break the page;
     each menu's mixed point stands beside the best uniform point at equal or lower bpw; the rotate and delta
